@@ -1,0 +1,90 @@
+"""All configuration, read from environment variables in this one place."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Service settings. Every field has a ``MODELPRESS_<NAME>`` variable (``REDIS_URL`` for Redis)."""
+
+    redis_url: str | None = None  # unset: `make run` and the tests start an embedded redis-server
+    data_dir: Path = Path("var")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_port: int = 6390  # port of the embedded redis-server
+    max_upload_mb: int = 2048
+    job_timeout_s: int = 3600
+    job_memory_mb: int = 8192  # address-space limit of a job's process; torch alone maps ~3.3 GB
+    job_threads: int = 2
+    max_deliveries: int = 3  # deliveries of one job before it is failed instead of retried
+    worker_concurrency: int = 1
+    api_workers: int = 2
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        defaults = cls()
+
+        def number(name: str, default: int) -> int:
+            raw = env.get(f"MODELPRESS_{name}")
+            if raw is None or raw == "":
+                return default
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ValueError(f"MODELPRESS_{name} must be a whole number, got {raw!r}") from None
+            if value <= 0:
+                raise ValueError(f"MODELPRESS_{name} must be positive, got {value}")
+            return value
+
+        return cls(
+            redis_url=env.get("REDIS_URL") or env.get("MODELPRESS_REDIS_URL") or None,
+            data_dir=Path(env.get("MODELPRESS_DATA_DIR") or defaults.data_dir).absolute(),
+            host=env.get("MODELPRESS_HOST") or defaults.host,
+            port=number("PORT", defaults.port),
+            redis_port=number("REDIS_PORT", defaults.redis_port),
+            max_upload_mb=number("MAX_UPLOAD_MB", defaults.max_upload_mb),
+            job_timeout_s=number("JOB_TIMEOUT_S", defaults.job_timeout_s),
+            job_memory_mb=number("JOB_MEMORY_MB", defaults.job_memory_mb),
+            job_threads=number("JOB_THREADS", defaults.job_threads),
+            max_deliveries=number("MAX_DELIVERIES", defaults.max_deliveries),
+            worker_concurrency=number("WORKER_CONCURRENCY", defaults.worker_concurrency),
+            api_workers=number("API_WORKERS", defaults.api_workers),
+            log_level=(env.get("MODELPRESS_LOG_LEVEL") or defaults.log_level).upper(),
+        )
+
+    def with_changes(self, **changes: object) -> "Settings":
+        return replace(self, **changes)
+
+    def to_env(self) -> dict[str, str]:
+        """The variables that reproduce these settings in a child process."""
+        env = {
+            "MODELPRESS_DATA_DIR": str(self.data_dir),
+            "MODELPRESS_HOST": self.host,
+            "MODELPRESS_PORT": str(self.port),
+            "MODELPRESS_REDIS_PORT": str(self.redis_port),
+            "MODELPRESS_MAX_UPLOAD_MB": str(self.max_upload_mb),
+            "MODELPRESS_JOB_TIMEOUT_S": str(self.job_timeout_s),
+            "MODELPRESS_JOB_MEMORY_MB": str(self.job_memory_mb),
+            "MODELPRESS_JOB_THREADS": str(self.job_threads),
+            "MODELPRESS_MAX_DELIVERIES": str(self.max_deliveries),
+            "MODELPRESS_WORKER_CONCURRENCY": str(self.worker_concurrency),
+            "MODELPRESS_API_WORKERS": str(self.api_workers),
+            "MODELPRESS_LOG_LEVEL": self.log_level,
+        }
+        if self.redis_url:
+            env["REDIS_URL"] = self.redis_url
+        return env
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """How long Redis keeps a delivered, unacknowledged job before redelivering it.
+
+        Longer than the longest job, so a job still running is never handed to a second worker.
+        """
+        return self.job_timeout_s + 600

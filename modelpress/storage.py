@@ -1,0 +1,75 @@
+"""Where a job's files live: ``<data_dir>/jobs/<id>/{input/, spec.json, output/model.pt, report.json}``."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class JobFiles:
+    root: Path
+
+    @property
+    def input_model(self) -> Path:
+        return self.root / "input" / "model.pt"
+
+    @property
+    def input_data(self) -> Path:
+        return self.root / "input" / "data"
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "spec.json"
+
+    @property
+    def output_model(self) -> Path:
+        return self.root / "output" / "model.pt"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def process_log(self) -> Path:
+        return self.root / "process.log"
+
+
+class Storage:
+    """Local-disk storage; one directory per job. Writes go to a temp name, then rename."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.jobs_dir = self.data_dir / "jobs"
+        self.uploads_dir = self.data_dir / "uploads"  # same filesystem as jobs_dir, so uploads move by rename
+
+    def ensure(self) -> None:
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.uploads_dir.mkdir(parents=True, exist_ok=True)
+
+    def job(self, job_id: str) -> JobFiles:
+        return JobFiles(self.jobs_dir / job_id)
+
+    def delete(self, job_id: str) -> None:
+        shutil.rmtree(self.job(job_id).root, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(value, handle, indent=2, sort_keys=True)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as handle:
+        return json.load(handle)

@@ -1,0 +1,48 @@
+"""The HTTP API: an app factory in the style of Flask's own Celery example."""
+from __future__ import annotations
+
+import logging
+
+import redis
+from flask import Flask
+
+from modelpress.config import Settings
+from modelpress.jobs import JobStore
+from modelpress.storage import Storage
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the API from settings (environment variables when none are given). Nothing runs at import."""
+    from service import health, jobs_api
+    from service.openapi import ProblemApi
+    from service.queue import celery_init_app
+    from service.uploads import StreamingRequest
+
+    settings = settings or Settings.from_env()
+    app = Flask("modelpress")
+    app.request_class = StreamingRequest
+    app.config.update(
+        MAX_CONTENT_LENGTH=settings.max_upload_mb << 20,
+        API_TITLE="ModelPress",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        OPENAPI_SWAGGER_UI_PATH="/docs",
+        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        API_SPEC_OPTIONS={"info": {"description": "Model compression as a service: upload a TorchScript "
+                                   "model and a spec, poll the job, download the compressed model."}},
+    )
+    app.config.from_prefixed_env()
+    app.extensions["modelpress"] = settings
+    storage = Storage(settings.data_dir)
+    storage.ensure()
+    app.extensions["modelpress_storage"] = storage
+    app.extensions["modelpress_jobs"] = JobStore(redis.Redis.from_url(settings.redis_url, health_check_interval=30))
+    celery_init_app(app, settings)
+
+    api = ProblemApi(app)
+    api.register_blueprint(jobs_api.blp)
+    api.register_blueprint(health.blp)
+    logging.getLogger("modelpress").setLevel(settings.log_level)
+    return app

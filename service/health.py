@@ -1,0 +1,37 @@
+"""Liveness and readiness."""
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from service.problems import ApiProblem
+from service.schemas import HealthSchema
+
+blp = Blueprint("health", __name__, description="Liveness and readiness")
+
+
+@blp.route("/healthz")
+class Health(MethodView):
+    @blp.response(200, HealthSchema)
+    def get(self) -> dict[str, Any]:
+        """The API process is up."""
+        return {"status": "ok"}
+
+
+@blp.route("/readyz")
+class Ready(MethodView):
+    @blp.response(200, HealthSchema)
+    @blp.alt_response(503, description="Redis or every worker is unreachable")
+    def get(self) -> dict[str, Any]:
+        """Redis answers and at least one worker answers a ping."""
+        try:
+            current_app.extensions["modelpress_jobs"].redis.ping()
+        except Exception:
+            raise ApiProblem(503, "Service Unavailable", "Redis does not answer", headers={"Retry-After": "5"}) from None
+        replies = current_app.extensions["celery"].control.ping(timeout=1.0) or []
+        if not replies:
+            raise ApiProblem(503, "Service Unavailable", "no worker answered a ping", headers={"Retry-After": "5"})
+        return {"status": "ready", "redis": "ok", "workers": len(replies)}

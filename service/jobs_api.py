@@ -1,0 +1,203 @@
+"""The ``/v1/jobs`` resource: submit, poll, list, download, report, cancel and delete."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from flask import current_app, request, send_file, url_for
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from modelpress import jobs
+from modelpress.archive import ArchiveRejected, check_torchscript_archive
+from modelpress.jobs import JobStore, new_job_id, utc_now
+from modelpress.spec import MAX_SPEC_BYTES, SpecError, dump_spec, parse_spec
+from modelpress.storage import Storage, read_json, write_json_atomic
+from service.problems import ApiProblem
+from service.queue import enqueue_job
+from service.schemas import JobListArgsSchema, JobListSchema, JobSchema, JobSubmissionSchema, ProblemSchema
+from service.uploads import keep_upload, upload_is_empty
+
+blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Compression jobs")
+
+_JOB_ID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+_PROBLEM = {"content_type": "application/problem+json", "schema": ProblemSchema}
+
+
+@blp.route("")
+class Jobs(MethodView):
+    @blp.doc(requestBody={"required": True, "content": {"multipart/form-data": {"schema": JobSubmissionSchema}}})
+    @blp.response(202, JobSchema, description="Accepted; poll the Location header.")
+    @blp.alt_response(413, description="Upload too large", **_PROBLEM)
+    @blp.alt_response(415, description="Not multipart/form-data", **_PROBLEM)
+    @blp.alt_response(422, description="Invalid spec or files; `errors` names each field", **_PROBLEM)
+    def post(self) -> tuple[dict[str, Any], int, dict[str, str]]:
+        """Submit a model and a compression spec."""
+        if request.mimetype != "multipart/form-data":
+            raise ApiProblem(415, "Unsupported Media Type",
+                             "send multipart/form-data with a 'model' file part and a 'spec' JSON part")
+        model = request.files.get("model")
+        data = request.files.get("data")
+        errors: dict[str, list[str]] = {}
+        if model is None:
+            errors["model"] = ["required: the TorchScript file as the multipart part 'model'"]
+        elif upload_is_empty(model):
+            errors["model"] = ["the file is empty"]
+        if data is not None and upload_is_empty(data):
+            errors["data"] = ["the file is empty"]
+        spec: dict[str, Any] | None = None
+        raw_spec = _spec_text()
+        if raw_spec is None:
+            errors["spec"] = ["required: the compression spec as JSON, in the multipart part 'spec'"]
+        else:
+            try:
+                spec = parse_spec(raw_spec, has_data=data is not None)
+            except SpecError as error:
+                errors.update(error.errors)
+        if errors:
+            raise _invalid(errors)
+
+        storage = _storage()
+        job_id = new_job_id()
+        files = storage.job(job_id)
+        try:
+            model_info = keep_upload(model, files.input_model)
+            check_torchscript_archive(files.input_model)
+            data_info = keep_upload(data, files.input_data) if data is not None else None
+        except ArchiveRejected as rejected:
+            storage.delete(job_id)
+            raise _invalid({"model": [str(rejected)]}) from None
+        except BaseException:
+            storage.delete(job_id)
+            raise
+        write_json_atomic(files.spec, dump_spec(spec))
+        job = {
+            "id": job_id, "state": jobs.QUEUED, "progress": 0.0, "stage": "queued",
+            "created_at": utc_now(), "started_at": None, "finished_at": None,
+            "spec": dump_spec(spec), "input": model_info, "data": data_info,
+            "result": None, "error": None,
+        }
+        _store().create(job)
+        try:
+            enqueue_job(current_app, job_id)
+        except Exception:
+            # Not accepted after all: the client is told to retry, so nothing is kept.
+            _store().delete(job_id)
+            storage.delete(job_id)
+            raise ApiProblem(503, "Service Unavailable", "the job queue is unavailable; try again shortly",
+                             headers={"Retry-After": "5"}) from None
+        location = url_for("jobs.Job", job_id=job_id)
+        return _public(job), 202, {"Location": location}
+
+    @blp.arguments(JobListArgsSchema, location="query", as_kwargs=True)
+    @blp.response(200, JobListSchema)
+    def get(self, limit: int, state: str | None = None, cursor: str | None = None) -> dict[str, Any]:
+        """List jobs, newest first (cursor pagination, optional state filter)."""
+        page, next_cursor = _store().page(state=state, limit=limit, after=cursor)
+        return {"jobs": [_public(job) for job in page], "next_cursor": next_cursor}
+
+
+@blp.route("/<job_id>")
+class Job(MethodView):
+    @blp.response(200, JobSchema)
+    @blp.alt_response(404, description="No such job", **_PROBLEM)
+    def get(self, job_id: str) -> dict[str, Any]:
+        """Poll a job."""
+        return _public(_job_or_404(job_id))
+
+    @blp.response(202, JobSchema, description="Cancellation accepted (queued or running job).")
+    @blp.alt_response(204, description="A finished job and its files were deleted.")
+    @blp.alt_response(404, description="No such job", **_PROBLEM)
+    def delete(self, job_id: str) -> Any:
+        """Cancel a queued or running job, or delete a finished one with its files."""
+        job = _job_or_404(job_id)
+        store = _store()
+        if job["state"] == jobs.QUEUED:
+            if store.move(job_id, jobs.CANCELLED, finished_at=utc_now(), stage="cancelled") == jobs.CANCELLED:
+                return _public(store.get(job_id)), 202
+            job = _job_or_404(job_id)
+        if job["state"] == jobs.RUNNING:
+            store.update_if(job_id, [jobs.RUNNING], cancel_requested=True)
+            return _public(_job_or_404(job_id)), 202
+        store.delete(job_id)
+        _storage().delete(job_id)
+        return "", 204
+
+
+@blp.route("/<job_id>/model")
+class JobModel(MethodView):
+    @blp.response(200, description="The compressed TorchScript model.",
+                  content_type="application/octet-stream")
+    @blp.alt_response(404, description="No such job", **_PROBLEM)
+    @blp.alt_response(409, description="The job has not succeeded", **_PROBLEM)
+    def get(self, job_id: str) -> Any:
+        """Download the compressed model (ETag and X-Checksum-Sha256 are its SHA-256)."""
+        job = _succeeded_or_409(job_id)
+        path = _storage().job(job_id).output_model
+        stem = (job.get("input") or {}).get("filename", "model").rsplit(".", 1)[0] or "model"
+        response = send_file(path, mimetype="application/octet-stream", as_attachment=True,
+                             download_name=f"{stem}.{job['spec']['method']}.pt", etag=job["result"]["sha256"],
+                             conditional=True, max_age=0)
+        response.headers["X-Checksum-Sha256"] = job["result"]["sha256"]
+        return response
+
+
+@blp.route("/<job_id>/report")
+class JobReport(MethodView):
+    @blp.response(200, description="The compression report (sizes, latency, fidelity, what changed).")
+    @blp.alt_response(404, description="No such job", **_PROBLEM)
+    @blp.alt_response(409, description="The job has not succeeded", **_PROBLEM)
+    def get(self, job_id: str) -> Any:
+        """The job's report.json."""
+        _succeeded_or_409(job_id)
+        return read_json(_storage().job(job_id).report)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _public(job: dict[str, Any]) -> dict[str, Any]:
+    """The job resource: the record without internal fields, plus links."""
+    links = {"self": url_for("jobs.Job", job_id=job["id"])}
+    if job["state"] == jobs.SUCCEEDED:
+        links["model"] = url_for("jobs.JobModel", job_id=job["id"])
+        links["report"] = url_for("jobs.JobReport", job_id=job["id"])
+    hidden = {"process_pid", "deliveries"}
+    return {**{k: v for k, v in job.items() if k not in hidden}, "links": links}
+
+
+def _job_or_404(job_id: str) -> dict[str, Any]:
+    job = _store().get(job_id) if _JOB_ID.match(job_id) else None
+    if job is None:
+        raise ApiProblem(404, "Not Found", f"no job with id {job_id!r}")
+    return job
+
+
+def _succeeded_or_409(job_id: str) -> dict[str, Any]:
+    job = _job_or_404(job_id)
+    if job["state"] != jobs.SUCCEEDED:
+        raise ApiProblem(409, "Conflict", f"the job is {job['state']}; the model and report exist once it has succeeded",
+                         slug="job-not-succeeded")
+    return job
+
+
+def _spec_text() -> str | None:
+    if "spec" in request.form:
+        return request.form["spec"]
+    part = request.files.get("spec")
+    if part is not None:
+        return part.stream.read(MAX_SPEC_BYTES + 1).decode("utf-8", errors="replace")
+    return None
+
+
+def _invalid(errors: dict[str, list[str]]) -> ApiProblem:
+    detail = "; ".join(f"{field}: {' '.join(messages)}" for field, messages in errors.items())
+    return ApiProblem(422, "Unprocessable Content", detail, slug="validation-error", errors=errors)
+
+
+def _store() -> JobStore:
+    return current_app.extensions["modelpress_jobs"]
+
+
+def _storage() -> Storage:
+    return current_app.extensions["modelpress_storage"]

@@ -1,0 +1,28 @@
+"""flask-smorest's Api, answering every error as problem+json."""
+from __future__ import annotations
+
+import logging
+
+from flask_smorest import Api
+from werkzeug.exceptions import HTTPException, InternalServerError
+
+from service.problems import ApiProblem, from_api_problem, from_http_exception, problem_response
+
+log = logging.getLogger("modelpress.api")
+
+
+class ProblemApi(Api):
+    def _register_error_handlers(self) -> None:
+        self._app.register_error_handler(HTTPException, self.handle_http_exception)
+        self._app.register_error_handler(ApiProblem, from_api_problem)
+        self._app.register_error_handler(Exception, _unexpected)
+
+    def handle_http_exception(self, error: HTTPException):  # type: ignore[override]
+        if isinstance(error, InternalServerError):
+            return _unexpected(error.original_exception or error)
+        return from_http_exception(error)
+
+
+def _unexpected(error: BaseException):
+    log.exception("unexpected error", exc_info=error)
+    return problem_response(500, "Internal Server Error", "the service failed unexpectedly; the error was logged")

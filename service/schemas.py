@@ -1,0 +1,79 @@
+"""Response and query schemas of the API; the OpenAPI document is generated from them."""
+from __future__ import annotations
+
+from flask_smorest.fields import Upload
+from marshmallow import Schema, fields, validate
+
+from modelpress import jobs
+from modelpress.spec import CompressionSpec
+
+
+class FileInfoSchema(Schema):
+    filename = fields.String()
+    bytes = fields.Integer()
+    sha256 = fields.String()
+
+
+class ResultSchema(Schema):
+    bytes = fields.Integer(metadata={"description": "Size of the compressed model file."})
+    sha256 = fields.String()
+    size_ratio = fields.Float(metadata={"description": "Compressed bytes / original bytes."})
+    latency_ratio = fields.Float(allow_none=True, metadata={"description": "Compressed / original median latency."})
+    cosine_similarity = fields.Float(allow_none=True)
+    top1_agreement = fields.Float(allow_none=True)
+
+
+class ProblemSchema(Schema):
+    type = fields.String()
+    title = fields.String()
+    status = fields.Integer()
+    detail = fields.String()
+    errors = fields.Dict(keys=fields.String(), values=fields.List(fields.String()))
+
+
+class LinksSchema(Schema):
+    self = fields.String()
+    model = fields.String()
+    report = fields.String()
+
+
+class JobSchema(Schema):
+    id = fields.String()
+    state = fields.String(validate=validate.OneOf(jobs.STATES))
+    progress = fields.Float(metadata={"description": "0..1"})
+    stage = fields.String(allow_none=True)
+    created_at = fields.String()
+    started_at = fields.String(allow_none=True)
+    finished_at = fields.String(allow_none=True)
+    cancel_requested = fields.Boolean()
+    spec = fields.Nested(CompressionSpec)
+    input = fields.Nested(FileInfoSchema)
+    data = fields.Nested(FileInfoSchema, allow_none=True)
+    result = fields.Nested(ResultSchema, allow_none=True)
+    error = fields.Nested(ProblemSchema, allow_none=True)
+    links = fields.Nested(LinksSchema)
+
+
+class JobListSchema(Schema):
+    jobs = fields.List(fields.Nested(JobSchema))
+    next_cursor = fields.String(allow_none=True, metadata={"description": "Pass as ?cursor= for the next page."})
+
+
+class JobListArgsSchema(Schema):
+    state = fields.String(validate=validate.OneOf(jobs.STATES))
+    limit = fields.Integer(load_default=20, validate=validate.Range(1, 100))
+    cursor = fields.String(validate=validate.Regexp(r"^[0-9A-HJKMNP-TV-Z]{26}$", error="not a cursor from this API"))
+
+
+class JobSubmissionSchema(Schema):
+    """Documents the multipart body of POST /v1/jobs (the view parses it itself, to name each bad part)."""
+
+    model = Upload(required=True, metadata={"description": "The TorchScript model (torch.jit.save output)."})
+    spec = fields.String(required=True, metadata={"description": "The compression spec as JSON text (a form field or a file part)."})
+    data = Upload(metadata={"description": "Optional .npz or .safetensors with an 'inputs' array (and 'labels')."})
+
+
+class HealthSchema(Schema):
+    status = fields.String()
+    redis = fields.String()
+    workers = fields.Integer()

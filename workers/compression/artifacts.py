@@ -1,0 +1,75 @@
+"""Loading and saving TorchScript artifacts, with readable errors for bad files."""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .errors import InvalidModel
+from .torchscript import quiet_torchscript_warnings
+
+_EXPORT_HINT = (
+    "export TorchScript with torch.jit.script(model).save('model.pt') "
+    "(or torch.jit.trace(model, example).save('model.pt'))"
+)
+
+
+def load_model(path: str | os.PathLike) -> torch.jit.ScriptModule:
+    """Load a TorchScript file on the CPU in eval mode, or raise ``InvalidModel``."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise InvalidModel("the model file is empty")
+    if not zipfile.is_zipfile(path):
+        raise InvalidModel(
+            "the model file is not a TorchScript archive: it has no zip directory, so it is "
+            f"truncated or is not a TorchScript model at all; {_EXPORT_HINT}"
+        )
+    try:
+        with quiet_torchscript_warnings():
+            model = torch.jit.load(str(path), map_location="cpu")
+    except Exception as error:  # torch raises RuntimeError with C++ traces
+        raise InvalidModel(_explain_load_error(error)) from None
+    model.eval()
+    return model
+
+
+def save_model(model: torch.jit.ScriptModule, path: str | os.PathLike) -> int:
+    """Save atomically (temp name, then rename) so a reader never sees half a file; return bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+    os.close(fd)
+    try:
+        with quiet_torchscript_warnings():
+            torch.jit.save(model, temp_name)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+    return path.stat().st_size
+
+
+def serialized_bytes(model: torch.jit.ScriptModule) -> int:
+    """Size of the model as ``torch.jit.save`` writes it."""
+    buffer = io.BytesIO()
+    with quiet_torchscript_warnings():
+        torch.jit.save(model, buffer)
+    return buffer.getbuffer().nbytes
+
+
+def _explain_load_error(error: Exception) -> str:
+    message = str(error)
+    if "constants.pkl" in message:
+        return (
+            "the file is a zip archive without TorchScript code: probably a torch.save() "
+            f"checkpoint or state_dict rather than a TorchScript model; {_EXPORT_HINT}"
+        )
+    if "central directory" in message or "file not found" in message or "failed reading" in message:
+        return "the TorchScript archive is damaged or truncated; upload the complete file again"
+    first_line = next((line for line in message.splitlines() if line.strip()), "unknown error")
+    return f"the model could not be loaded as TorchScript: {first_line[:500]}"

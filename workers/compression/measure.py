@@ -1,0 +1,97 @@
+"""Measurements shared by every method: size, parameter count, latency, output fidelity."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Iterable
+
+import torch
+
+from .errors import InvalidInput
+from .torchscript import quiet_torchscript_warnings, tensor_constants
+
+
+def count_parameters(model: torch.jit.ScriptModule) -> int:
+    """Stored tensor elements: parameters and buffers, or the constants of a frozen model.
+
+    Freezing moves weights into graph constants (packed int8 weights among them), so
+    both forms are counted the same way to keep before/after comparable.
+    """
+    elements = sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+    if elements:
+        return elements
+    with quiet_torchscript_warnings():
+        graph = model.graph
+    seen: set[int] = set()
+    for _, tensor in tensor_constants(graph):
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            elements += tensor.numel()
+    for node in graph.findAllNodes("prim::Constant"):
+        value = node.output()
+        if "LinearPackedParamsBase" in str(value.type()):
+            weight, bias = torch.ops.quantized.linear_unpack(value.toIValue())
+            elements += weight.numel() + (bias.numel() if bias is not None else 0)
+    return elements
+
+
+def run_model(model: torch.jit.ScriptModule, batch: torch.Tensor) -> Any:
+    """Run once without gradients; turn a shape or dtype mismatch into ``InvalidInput``."""
+    try:
+        with torch.no_grad(), quiet_torchscript_warnings():
+            return model(batch)
+    except Exception as error:
+        first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise InvalidInput(
+            f"the model failed on an input of shape {list(batch.shape)} ({batch.dtype}): {first_line[:400]}"
+        ) from None
+
+
+def median_latency_ms(model: torch.jit.ScriptModule, batch: torch.Tensor, runs: int = 20, warmup: int = 3) -> float:
+    """Median wall time of ``runs`` forward passes after ``warmup`` (TorchScript optimises on early calls)."""
+    with torch.no_grad(), quiet_torchscript_warnings():
+        for _ in range(warmup):
+            model(batch)
+        timings = []
+        for _ in range(runs):
+            start = time.perf_counter()
+            model(batch)
+            timings.append((time.perf_counter() - start) * 1000.0)
+    return statistics.median(timings)
+
+
+def output_fidelity(reference: Iterable[Any], candidate: Iterable[Any]) -> dict[str, Any]:
+    """Compare outputs batch by batch: max |a-b|, cosine similarity, top-1 agreement of 2-D scores."""
+    ref_tensors, cand_tensors = [], []
+    for ref, cand in zip(reference, candidate):
+        ref_flat, cand_flat = _tensors(ref), _tensors(cand)
+        if len(ref_flat) != len(cand_flat) or any(a.shape != b.shape for a, b in zip(ref_flat, cand_flat)):
+            raise InvalidInput(
+                "the compressed model's outputs have different shapes from the original's: "
+                f"{[list(t.shape) for t in ref_flat]} vs {[list(t.shape) for t in cand_flat]}"
+            )
+        ref_tensors.append(ref_flat)
+        cand_tensors.append(cand_flat)
+    a = torch.cat([t.detach().float().flatten() for batch in ref_tensors for t in batch])
+    b = torch.cat([t.detach().float().flatten() for batch in cand_tensors for t in batch])
+    result: dict[str, Any] = {
+        "max_abs_error": float((a - b).abs().max()) if a.numel() else 0.0,
+        "cosine_similarity": float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12)) if a.numel() else 1.0,
+        "top1_agreement": None,
+    }
+    firsts = [(batch[0], other[0]) for batch, other in zip(ref_tensors, cand_tensors) if batch]
+    if firsts and all(r.dim() == 2 and r.shape[1] > 1 and r.is_floating_point() for r, _ in firsts):
+        agree = sum(int((r.argmax(1) == c.argmax(1)).sum()) for r, c in firsts)
+        total = sum(r.shape[0] for r, _ in firsts)
+        result["top1_agreement"] = agree / total
+    return result
+
+
+def _tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _tensors(item)]
+    if isinstance(output, dict):
+        return [t for key in sorted(output) for t in _tensors(output[key])]
+    return []
