@@ -95,8 +95,9 @@ def _memory_message() -> str:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error)
-    return next((line.strip() for line in text.splitlines() if line.strip()), type(error).__name__)[:500]
+    from workers.compression.errors import summarize_torch_error
+
+    return summarize_torch_error(error, limit=500)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InvalidModel
+from .errors import InvalidModel, summarize_torch_error
 from .torchscript import quiet_torchscript_warnings
 
 _EXPORT_HINT = (
@@ -71,5 +71,4 @@ def _explain_load_error(error: Exception) -> str:
         )
     if "central directory" in message or "file not found" in message or "failed reading" in message:
         return "the TorchScript archive is damaged or truncated; upload the complete file again"
-    first_line = next((line for line in message.splitlines() if line.strip()), "unknown error")
-    return f"the model could not be loaded as TorchScript: {first_line[:500]}"
+    return f"the model could not be loaded as TorchScript: {summarize_torch_error(error)}"

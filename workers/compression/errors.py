@@ -27,3 +27,18 @@ class UnsupportedModel(CompressionError):
 
     title = "Unsupported model"
     slug = "unsupported-model"
+
+
+def summarize_torch_error(error: BaseException, limit: int = 400) -> str:
+    """The line of a torch error a user can act on.
+
+    TorchScript wraps the real cause after a traceback ("The following operation failed
+    in the TorchScript interpreter ... RuntimeError: <cause>"): keep the cause.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    chosen = lines[-1] if lines[0].startswith("The following operation failed") else lines[0]
+    for prefix in ("RuntimeError: ", "builtins.RuntimeError: "):
+        chosen = chosen.removeprefix(prefix)
+    return chosen[:limit]

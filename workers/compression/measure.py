@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import InvalidInput
+from .errors import InvalidInput, summarize_torch_error
 from .torchscript import quiet_torchscript_warnings, tensor_constants
 
 
@@ -41,9 +41,8 @@ def run_model(model: torch.jit.ScriptModule, batch: torch.Tensor) -> Any:
         with torch.no_grad(), quiet_torchscript_warnings():
             return model(batch)
     except Exception as error:
-        first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise InvalidInput(
-            f"the model failed on an input of shape {list(batch.shape)} ({batch.dtype}): {first_line[:400]}"
+            f"the model failed on an input of shape {list(batch.shape)} ({batch.dtype}): {summarize_torch_error(error)}"
         ) from None
 
 

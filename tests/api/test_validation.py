@@ -1,0 +1,137 @@
+"""Every bad request gets a clear problem+json answer from the running API, never a 500."""
+from __future__ import annotations
+
+import http.client
+import json
+from pathlib import Path
+from urllib.parse import urlparse
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import ApiClient
+from tests.models import SmallConvNet, scripted_bytes
+
+GOOD_SPEC = {"method": "quantize", "input_shape": [1, 3, 8, 8]}
+
+
+@pytest.fixture(scope="module")
+def model_bytes() -> bytes:
+    torch.manual_seed(0)
+    return scripted_bytes(SmallConvNet())
+
+
+def _problem(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["Content-Type"] == "application/problem+json"
+    body = response.json()
+    assert body["status"] == status and body["title"] and body["detail"]
+    assert body["type"].startswith("https://")
+    return body
+
+
+def test_spec_that_is_not_json(api: ApiClient, model_bytes: bytes) -> None:
+    body = _problem(api.submit(model_bytes, "{method: quantize"), 422)
+    assert "not valid JSON" in body["errors"]["spec"][0]
+
+
+def test_unknown_field_is_named(api: ApiClient, model_bytes: bytes) -> None:
+    body = _problem(api.submit(model_bytes, {**GOOD_SPEC, "quantise": {}}), 422)
+    assert body["errors"] == {"spec.quantise": ["Unknown field."]}
+
+
+def test_unknown_nested_field_is_named(api: ApiClient, model_bytes: bytes) -> None:
+    body = _problem(api.submit(model_bytes, {**GOOD_SPEC, "quantize": {"bits": 4}}), 422)
+    assert body["errors"] == {"spec.quantize.bits": ["Unknown field."]}
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    ({**GOOD_SPEC, "quantize": {"dtype": "int4"}}, "spec.quantize.dtype"),
+    ({**GOOD_SPEC, "input_shape": [1, 0, 8]}, "spec.input_shape.1"),
+    ({**GOOD_SPEC, "evaluation": {"runs": 5000}}, "spec.evaluation.runs"),
+    ({**GOOD_SPEC, "method": "sharpen"}, "spec.method"),
+    ({"method": "quantize"}, "spec.input_shape"),
+    ({**GOOD_SPEC, "quantize": {"modules": ["Conv2d"]}}, "spec.quantize.modules.0"),
+])
+def test_out_of_range_values_are_named(api: ApiClient, model_bytes: bytes, spec: dict, field: str) -> None:
+    body = _problem(api.submit(model_bytes, spec), 422)
+    assert list(body["errors"]) == [field]
+    assert field in body["detail"]
+
+
+def test_missing_model(api: ApiClient) -> None:
+    response = api.session.post(api.url("/v1/jobs"), files={"other": ("x", b"x")}, data={"spec": json.dumps(GOOD_SPEC)})
+    body = _problem(response, 422)
+    assert "required" in body["errors"]["model"][0]
+
+
+def test_missing_spec(api: ApiClient, model_bytes: bytes) -> None:
+    response = api.session.post(api.url("/v1/jobs"), files={"model": ("m.pt", model_bytes)})
+    assert "required" in _problem(response, 422)["errors"]["spec"][0]
+
+
+def test_spec_may_come_as_a_file_part(api: ApiClient, model_bytes: bytes) -> None:
+    response = api.session.post(api.url("/v1/jobs"), files={
+        "model": ("m.pt", model_bytes), "spec": ("spec.json", json.dumps(GOOD_SPEC).encode())})
+    assert response.status_code == 202, response.text
+    assert response.json()["spec"]["input_shape"] == [1, 3, 8, 8]
+
+
+def test_empty_model_file(api: ApiClient) -> None:
+    body = _problem(api.submit(b"", GOOD_SPEC), 422)
+    assert body["errors"]["model"] == ["the file is empty"]
+
+
+def test_random_bytes(api: ApiClient) -> None:
+    body = _problem(api.submit(np.random.default_rng(1).bytes(10_000), GOOD_SPEC), 422)
+    assert "not a TorchScript archive" in body["errors"]["model"][0]
+
+
+def test_torch_save_pickle(api: ApiClient, tmp_path: Path) -> None:
+    torch.save(nn.Linear(3, 2).state_dict(), tmp_path / "ckpt.pt")
+    body = _problem(api.submit(tmp_path / "ckpt.pt", GOOD_SPEC), 422)
+    assert "torch.save() checkpoint" in body["errors"]["model"][0]
+    assert "torch.jit.script" in body["errors"]["model"][0]
+
+
+def test_truncated_archive(api: ApiClient, model_bytes: bytes) -> None:
+    body = _problem(api.submit(model_bytes[: len(model_bytes) // 2], GOOD_SPEC), 422)
+    assert "truncated" in body["errors"]["model"][0]
+
+
+def test_not_multipart(api: ApiClient) -> None:
+    _problem(api.session.post(api.url("/v1/jobs"), json=GOOD_SPEC), 415)
+
+
+def test_upload_over_the_limit_is_413_before_the_body_is_read(api: ApiClient, stack) -> None:
+    limit = stack.settings.max_upload_mb << 20
+    address = urlparse(api.base_url)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    connection.putrequest("POST", "/v1/jobs")
+    connection.putheader("Content-Type", "multipart/form-data; boundary=xyz")
+    connection.putheader("Content-Length", str(limit + 1))
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 413
+    assert response.getheader("Content-Type") == "application/problem+json"
+    assert "MODELPRESS_MAX_UPLOAD_MB" in json.loads(response.read())["detail"]
+    connection.close()
+
+
+def test_unknown_job_is_404(api: ApiClient) -> None:
+    for path in ("/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV", "/v1/jobs/not-an-id", "/v1/jobs/not-an-id/model"):
+        assert "no job" in _problem(api.session.get(api.url(path)), 404)["detail"]
+
+
+def test_bad_list_arguments(api: ApiClient) -> None:
+    body = _problem(api.session.get(api.url("/v1/jobs?state=sleeping")), 422)
+    assert "state" in body["errors"]
+    body = _problem(api.session.get(api.url("/v1/jobs?limit=0")), 422)
+    assert "limit" in body["errors"]
+
+
+def test_unknown_route_and_method(api: ApiClient) -> None:
+    _problem(api.session.get(api.url("/v2/nothing")), 404)
+    _problem(api.session.put(api.url("/v1/jobs")), 405)

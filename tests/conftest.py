@@ -1,0 +1,80 @@
+"""Shared fixtures: a real Redis, a real Celery worker and the real API, started like `make run` does."""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+
+from modelpress.config import Settings
+from modelpress.stack import Stack, free_port
+
+FINAL_STATES = {"succeeded", "failed", "cancelled"}
+
+
+class ApiClient:
+    """Just enough HTTP for the tests: submit, poll with a bound, download."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.session = requests.Session()
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def submit(self, model: Path | bytes, spec: dict[str, Any] | str, data: Path | None = None,
+               filename: str = "model.pt") -> requests.Response:
+        import json
+
+        body = model.read_bytes() if isinstance(model, Path) else model
+        files: dict[str, Any] = {"model": (filename, body, "application/octet-stream")}
+        if data is not None:
+            files["data"] = (data.name, data.read_bytes(), "application/octet-stream")
+        form = {"spec": spec if isinstance(spec, str) else json.dumps(spec)}
+        return self.session.post(self.url("/v1/jobs"), files=files, data=form, timeout=120)
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        response = self.session.get(self.url(f"/v1/jobs/{job_id}"), timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def wait(self, job_id: str, timeout: float = 300, until: set[str] | None = None) -> dict[str, Any]:
+        """Poll until the job reaches one of ``until`` (default: a final state), at most ``timeout`` seconds."""
+        until = until or FINAL_STATES
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if job["state"] in until:
+                return job
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} still {job['state']} ({job.get('stage')}) after {timeout} s")
+            time.sleep(0.2)
+
+
+def make_settings(tmp: Path, **changes: Any) -> Settings:
+    base = Settings.from_env(
+        {k: v for k, v in os.environ.items() if k in ("REDIS_URL",)}
+    )
+    return base.with_changes(
+        data_dir=tmp, port=free_port(), redis_port=free_port(), api_workers=2,
+        max_upload_mb=128, job_threads=2, **changes,
+    )
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("modelpress")
+    running = Stack(make_settings(root / "data"), log_dir=root / "logs")
+    try:
+        running.start()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def api(stack: Stack) -> ApiClient:
+    return ApiClient(stack.base_url)

@@ -1,0 +1,88 @@
+"""A dying or cancelled compression process fails or cancels its own job only."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from tests.conftest import ApiClient
+from tests.models import SlowModel, SmallConvNet, save_scripted
+
+# Many timed runs of a slow model: the job stays running until the test acts on it.
+SLOW_SPEC = {"method": "quantize", "input_shape": [8, 64], "evaluation": {"runs": 1000, "warmup": 0}}
+QUICK_SPEC = {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": {"runs": 2, "warmup": 0}}
+
+
+def _compression_process(job_id: str, timeout: float = 60) -> psutil.Process:
+    """The job's child process, found by its command line (``workers.job_process <job dir>``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = process.info["cmdline"] or []
+            if "workers.job_process" in cmdline and any(arg.endswith(job_id) for arg in cmdline):
+                return process
+        time.sleep(0.1)
+    raise AssertionError(f"no compression process for job {job_id} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_scripted(SlowModel(steps=5000), tmp_path_factory.mktemp("slow") / "slow.pt")
+
+
+@pytest.fixture(scope="module")
+def quick_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_scripted(SmallConvNet(), tmp_path_factory.mktemp("quick") / "conv.pt")
+
+
+def test_killed_compression_process_fails_its_job_and_the_worker_goes_on(api: ApiClient, slow_model: Path,
+                                                                         quick_model: Path) -> None:
+    victim = api.submit(slow_model, SLOW_SPEC).json()["id"]
+    api.wait(victim, until={"running"}, timeout=120)
+    process = _compression_process(victim)
+    os.kill(process.pid, signal.SIGKILL)
+
+    job = api.wait(victim, timeout=60)
+    assert job["state"] == "failed"
+    assert job["error"]["title"] == "Compression process died"
+    assert "SIGKILL" in job["error"]["detail"]
+
+    follower = api.wait(api.submit(quick_model, QUICK_SPEC).json()["id"], timeout=120)
+    assert follower["state"] == "succeeded", follower["error"]
+
+
+def test_cancelling_a_running_job_kills_its_process(api: ApiClient, slow_model: Path) -> None:
+    job_id = api.submit(slow_model, SLOW_SPEC).json()["id"]
+    api.wait(job_id, until={"running"}, timeout=120)
+    process = _compression_process(job_id)
+
+    answer = api.session.delete(api.url(f"/v1/jobs/{job_id}"))
+    assert answer.status_code == 202 and answer.json()["cancel_requested"] is True
+
+    job = api.wait(job_id, timeout=60)
+    assert job["state"] == "cancelled"
+    process.wait(timeout=30)
+    assert not process.is_running()
+    # A finished job can then be deleted with its files.
+    assert api.session.delete(api.url(f"/v1/jobs/{job_id}")).status_code == 204
+    assert api.session.get(api.url(f"/v1/jobs/{job_id}")).status_code == 404
+
+
+def test_cancelling_a_queued_job(api: ApiClient, slow_model: Path, quick_model: Path) -> None:
+    blocker = api.submit(slow_model, SLOW_SPEC).json()["id"]  # occupies the only worker slot
+    api.wait(blocker, until={"running"}, timeout=120)
+    queued = api.submit(quick_model, QUICK_SPEC).json()["id"]
+
+    answer = api.session.delete(api.url(f"/v1/jobs/{queued}"))
+    assert answer.status_code == 202 and answer.json()["state"] == "cancelled"
+    api.session.delete(api.url(f"/v1/jobs/{blocker}"))
+    assert api.wait(blocker, timeout=60)["state"] == "cancelled"
+    # Jobs are taken in order: once a later job has run, the worker has seen the cancelled one and skipped it.
+    assert api.wait(api.submit(quick_model, QUICK_SPEC).json()["id"], timeout=120)["state"] == "succeeded"
+    skipped = api.job(queued)
+    assert skipped["state"] == "cancelled" and skipped["started_at"] is None

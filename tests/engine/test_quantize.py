@@ -1,0 +1,127 @@
+"""The quantization engine on real TorchScript models, without the service."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from tests.models import LinearTransformer, Recurrent, SmallConvNet, save_scripted, transformer_encoder
+from workers.compression.artifacts import load_model
+from workers.compression.pipeline import compress
+
+
+def _spec(shape: list[int], **quantize: object) -> dict:
+    return {"method": "quantize", "input_shape": shape, "seed": 0,
+            "evaluation": {"runs": 3, "warmup": 1}, "quantize": {"mode": "dynamic", "dtype": "qint8",
+            "modules": ["Linear", "LSTM", "GRU"], "exclude": [], "per_channel": True, **quantize}}
+
+
+@pytest.fixture(scope="module")
+def small_transformer(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    return save_scripted(LinearTransformer(width=128, blocks=2), tmp_path_factory.mktemp("m") / "lt.pt")
+
+
+def test_linear_layers_get_int8_kernels_and_a_quarter_of_the_bytes(small_transformer: Path, tmp_path: Path) -> None:
+    report = compress(small_transformer, _spec([2, 8, 128]), tmp_path / "out.pt")
+
+    assert report["size"]["ratio"] < 0.30
+    assert report["fidelity"]["cosine_similarity"] > 0.999
+    assert report["fidelity"]["top1_agreement"] >= 0.75
+    kernels = {m["module"]: m["kernel"] for m in report["details"]["quantized_modules"]}
+    assert kernels["head"] == "dynamic" and kernels["ffn.0.fc1"] == "dynamic"
+    assert len(kernels) == 2 * 3 + 2 * 2 + 1
+    graph = str(load_model(tmp_path / "out.pt").graph)
+    assert graph.count("quantized::linear_dynamic") == len(kernels)
+    assert "aten::linear" not in graph
+
+
+def test_result_runs_on_other_batch_sizes_with_plain_jit_load(small_transformer: Path, tmp_path: Path) -> None:
+    compress(small_transformer, _spec([2, 8, 128]), tmp_path / "out.pt")
+    original, result = torch.jit.load(str(small_transformer)), torch.jit.load(str(tmp_path / "out.pt"))
+    for batch in (1, 5):
+        x = torch.randn(batch, 8, 128)
+        with torch.no_grad():
+            expected, actual = original(x), result(x)
+        assert actual.shape == expected.shape == (batch, 10)
+        assert torch.nn.functional.cosine_similarity(actual.flatten(), expected.flatten(), dim=0) > 0.999
+
+
+def test_excluded_modules_keep_their_float_weights(small_transformer: Path, tmp_path: Path) -> None:
+    report = compress(small_transformer, _spec([2, 8, 128], exclude=["ffn.0.*", "head"]), tmp_path / "out.pt")
+
+    quantized = {m["module"] for m in report["details"]["quantized_modules"]}
+    kept = {m["module"]: m["reason"] for m in report["details"]["kept_float"]}
+    assert "head" not in quantized and "ffn.0.fc1" not in quantized and "ffn.1.fc1" in quantized
+    assert kept["head"] == "excluded by pattern 'head'"
+    assert kept["ffn.0.fc2"] == "excluded by pattern 'ffn.0.*'"
+    graph = str(load_model(tmp_path / "out.pt").graph)
+    assert graph.count("aten::linear") == 3  # ffn.0.fc1, ffn.0.fc2 and head stay float
+
+
+def test_float16_halves_the_weights_and_is_nearly_exact(small_transformer: Path, tmp_path: Path) -> None:
+    report = compress(small_transformer, _spec([2, 8, 128], dtype="float16"), tmp_path / "out.pt")
+
+    assert 0.45 < report["size"]["ratio"] < 0.56
+    assert report["fidelity"]["cosine_similarity"] > 0.99999
+    assert report["details"]["counts"]["weight_only"] == 11
+
+
+def test_lstm_and_gru_weights_are_stored_in_int8(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = save_scripted(Recurrent(features=32, hidden=128), tmp_path / "rnn.pt")
+    report = compress(model, _spec([4, 12, 32]), tmp_path / "out.pt")
+
+    kernels = {m["module"]: m["kernel"] for m in report["details"]["quantized_modules"]}
+    assert kernels == {"lstm": "weight_only", "gru": "weight_only", "head": "dynamic"}
+    assert report["size"]["ratio"] < 0.35
+    assert report["fidelity"]["cosine_similarity"] > 0.999
+
+
+def test_transformer_encoder_is_compressed_without_graph_mode_passes(tmp_path: Path) -> None:
+    model = save_scripted(transformer_encoder(width=128, layers=2), tmp_path / "enc.pt")
+    report = compress(model, _spec([2, 10, 128]), tmp_path / "out.pt")
+
+    assert report["size"]["ratio"] < 0.55
+    assert report["fidelity"]["cosine_similarity"] > 0.99
+    kept = {m["module"]: m for m in report["details"]["kept_float"]}
+    assert kept["layers.0.self_attn"]["tensors"] == ["in_proj_weight", "in_proj_bias"]
+    assert "not selected" in kept["layers.0.self_attn"]["reason"]
+    fused = [m for m in report["details"]["quantized_modules"] if m["module"] == "layers.1.linear1"][0]
+    assert fused["kernel"] == "weight_only" and "_transformer_encoder_layer_fwd" in fused["why"]
+
+
+def test_model_without_selected_modules_comes_back_unchanged(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = save_scripted(SmallConvNet(), tmp_path / "conv.pt")
+    report = compress(model, _spec([2, 3, 16, 16]), tmp_path / "out.pt")
+
+    assert report["details"]["quantized_modules"] == []
+    assert "unchanged" in report["details"]["notes"][0]
+    assert report["fidelity"]["max_abs_error"] == 0.0
+    assert report["parameters"]["before"] == report["parameters"]["after"] == sum(
+        p.numel() for p in SmallConvNet().parameters())
+
+
+def test_report_measures_latency_and_parameters(small_transformer: Path, tmp_path: Path) -> None:
+    report = compress(small_transformer, _spec([2, 8, 128]), tmp_path / "out.pt")
+
+    latency = report["latency"]
+    assert latency["before_ms"] > 0 and latency["after_ms"] > 0
+    assert latency["ratio"] == pytest.approx(latency["after_ms"] / latency["before_ms"], rel=1e-2)
+    assert latency["batch_shape"] == [2, 8, 128] and latency["runs"] == 3
+    # Quantization keeps every weight; freezing stores identical constants (fresh LayerNorms) once.
+    assert 0.99 * report["parameters"]["before"] <= report["parameters"]["after"] <= report["parameters"]["before"]
+    assert report["size"]["bytes_after"] == (tmp_path / "out.pt").stat().st_size
+
+
+def test_progress_moves_forward_through_named_stages(small_transformer: Path, tmp_path: Path) -> None:
+    seen: list[tuple[str, float]] = []
+    compress(small_transformer, _spec([2, 8, 128]), tmp_path / "out.pt", progress=lambda s, f: seen.append((s, f)))
+
+    fractions = [f for _, f in seen]
+    assert fractions == sorted(fractions)
+    assert {"loading", "quantizing", "measuring latency"} <= {s for s, _ in seen}
+    assert 0.0 <= fractions[0] and fractions[-1] <= 1.0
