@@ -187,17 +187,26 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
         pass
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """``python -m modelpress.stack [all|api|worker]``: the whole service, or one part (Docker Compose)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m modelpress.stack", description=__doc__.splitlines()[0])
+    parser.add_argument("role", nargs="?", choices=("all", "api", "worker"), default="all")
+    role = parser.parse_args(argv).role
     settings = Settings.from_env()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if role != "all" and not settings.redis_url:
+        parser.error(f"the {role} role needs REDIS_URL (only 'all' starts an embedded Redis)")
     stack = Stack(settings)
     try:
-        stack.start()
+        stack.start(api=role in ("all", "api"), worker=role in ("all", "worker"))
     except BaseException:
         stack.stop()
         raise
-    log.info("ModelPress is up at %s (data in %s, Redis at %s). Ctrl-C stops it.",
-             stack.base_url, settings.data_dir, stack.settings.redis_url)
+    if role in ("all", "api"):
+        log.info("ModelPress %s is up at %s (data in %s, Redis at %s). Ctrl-C stops it.",
+                 role, stack.base_url, settings.data_dir, stack.settings.redis_url)
     return stack.run_forever()
 
 
