@@ -86,3 +86,34 @@ def test_cancelling_a_queued_job(api: ApiClient, slow_model: Path, quick_model: 
     assert api.wait(api.submit(quick_model, QUICK_SPEC).json()["id"], timeout=120)["state"] == "succeeded"
     skipped = api.job(queued)
     assert skipped["state"] == "cancelled" and skipped["started_at"] is None
+
+
+def _kill_pool_process(job_id: str) -> None:
+    """SIGKILL the Celery pool process running the job (the parent of its compression process)."""
+    child = _compression_process(job_id)
+    os.kill(child.ppid(), signal.SIGKILL)
+    child.wait(timeout=30)  # PR_SET_PDEATHSIG takes the compression process down with its supervisor
+
+
+def test_job_whose_worker_dies_once_is_run_again_and_succeeds(api: ApiClient, tmp_path: Path) -> None:
+    model = save_scripted(SlowModel(steps=2000), tmp_path / "medium.pt")
+    job_id = api.submit(model, {**SLOW_SPEC, "evaluation": {"runs": 30, "warmup": 0}}).json()["id"]
+    api.wait(job_id, until={"running"}, timeout=120)
+
+    _kill_pool_process(job_id)
+
+    job = api.wait(job_id, timeout=300)
+    assert job["state"] == "succeeded", job["error"]
+
+
+def test_job_that_keeps_killing_its_worker_fails_after_bounded_deliveries(api: ApiClient, stack, slow_model: Path) -> None:
+    job_id = api.submit(slow_model, SLOW_SPEC).json()["id"]
+    limit = stack.settings.max_deliveries
+    for _ in range(limit):
+        api.wait(job_id, until={"running"}, timeout=120)
+        _kill_pool_process(job_id)
+
+    job = api.wait(job_id, timeout=120)
+    assert job["state"] == "failed"
+    assert job["error"]["title"] == "Worker lost"
+    assert f"stopped {limit} times" in job["error"]["detail"]
