@@ -11,7 +11,8 @@ from typing import Any, Mapping
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-METHODS = ("quantize",)
+METHODS = ("quantize", "prune")
+PRUNABLE_MODULES = ("Conv2d", "Linear")
 QUANTIZABLE_MODULES = ("Linear", "LSTM", "GRU", "RNN", "MultiheadAttention")
 MAX_INPUT_ELEMENTS = 1 << 26  # 64M floats (256 MB): bigger example inputs are a mistake or an attack
 MAX_SPEC_BYTES = 64 * 1024
@@ -47,6 +48,43 @@ class QuantizeSpec(_Strict):
     )
 
 
+class FinetuneSpec(_Strict):
+    epochs = fields.Integer(load_default=3, strict=True, validate=validate.Range(1, 200),
+                            metadata={"description": "Passes over the data file (count)."})
+    lr = fields.Float(load_default=1e-3, validate=validate.Range(0, 1, min_inclusive=False),
+                      metadata={"description": "Adam learning rate."})
+    batch_size = fields.Integer(load_default=32, strict=True, validate=validate.Range(2, 4096),
+                                metadata={"description": "Samples per step (count)."})
+    seed = fields.Integer(load_default=0, strict=True, validate=validate.Range(0, 2**31 - 1),
+                          metadata={"description": "Seed of the shuffling."})
+
+
+class PruneSpec(_Strict):
+    amount = fields.Float(
+        load_default=0.5, validate=validate.Range(0, 1, min_inclusive=False, max_inclusive=False),
+        metadata={"description": "Fraction of weights (unstructured) or of channels per group (structured) to remove."},
+    )
+    structured = fields.Boolean(
+        load_default=False, metadata={"description": "false: zero single weights; true: remove whole output channels."}
+    )
+    criterion = fields.String(load_default="l1", validate=validate.OneOf(["l1", "l2"]),
+                              metadata={"description": "Norm that ranks channels (single weights rank by |w| either way)."})
+    scope = fields.String(load_default="global", validate=validate.OneOf(["global", "per_layer"]),
+                          metadata={"description": "Unstructured: one threshold for all layers, or amount per layer."})
+    modules = fields.List(
+        fields.String(validate=validate.OneOf(PRUNABLE_MODULES)), load_default=lambda: list(PRUNABLE_MODULES),
+        validate=validate.Length(min=1, max=len(PRUNABLE_MODULES)),
+        metadata={"description": "Module types to prune."},
+    )
+    exclude = fields.List(
+        fields.String(validate=validate.Length(min=1, max=200)), load_default=None, allow_none=True,
+        validate=validate.Length(max=200),
+        metadata={"description": "Qualified-name glob patterns of modules left whole; null: the final classifier."},
+    )
+    finetune = fields.Nested(FinetuneSpec, allow_none=True, load_default=None,
+                             metadata={"description": "Train after pruning; needs a data file."})
+
+
 class EvaluationSpec(_Strict):
     runs = fields.Integer(
         load_default=20, strict=True, validate=validate.Range(1, 1000),
@@ -61,6 +99,7 @@ class EvaluationSpec(_Strict):
 class CompressionSpec(_Strict):
     method = fields.String(required=True, validate=validate.OneOf(METHODS), metadata={"description": "Compression method."})
     quantize = fields.Nested(QuantizeSpec, metadata={"description": "Options of method 'quantize'."})
+    prune = fields.Nested(PruneSpec, metadata={"description": "Options of method 'prune'."})
     input_shape = fields.List(
         fields.Integer(strict=True, validate=validate.Range(1, 1 << 20)),
         validate=validate.Length(min=1, max=8),
@@ -118,6 +157,8 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False) -> 
         spec[method] = _SECTIONS[method]().load({})
     if not spec.get("input_shape") and not has_data:
         raise SpecError({"spec.input_shape": ["required when no data file is uploaded"]})
+    if method == "prune" and spec["prune"].get("finetune") and not has_data:
+        raise SpecError({"spec.prune.finetune": ["needs a data file (multipart part 'data') to train on"]})
     return spec
 
 
@@ -126,7 +167,7 @@ def dump_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     return CompressionSpec().dump(spec)
 
 
-_SECTIONS: dict[str, type[Schema]] = {"quantize": QuantizeSpec}
+_SECTIONS: dict[str, type[Schema]] = {"quantize": QuantizeSpec, "prune": PruneSpec}
 
 
 def _flatten(prefix: str, messages: Any) -> dict[str, list[str]]:

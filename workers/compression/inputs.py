@@ -22,6 +22,8 @@ class Dataset:
 
     inputs: torch.Tensor
     labels: torch.Tensor | None = None
+    synthetic: bool = False  # random inputs made from input_shape, not a user's data
+
 
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
@@ -68,6 +70,13 @@ def fidelity_batches(spec: Mapping[str, Any], data: Dataset | None) -> list[torc
     shape = list(spec["input_shape"])
     # A few independent random batches of the declared shape, seeded for reproducibility.
     return [_random_input(shape, spec.get("seed", 0) + offset) for offset in range(4)]
+
+
+def examples(spec: Mapping[str, Any], data: Dataset | None) -> Dataset:
+    """The data a method may use: the uploaded file, else random batches of ``input_shape``."""
+    if data is not None:
+        return data
+    return Dataset(inputs=torch.cat(fidelity_batches(spec, None)), synthetic=True)
 
 
 def _random_input(shape: list[int], seed: int) -> torch.Tensor:

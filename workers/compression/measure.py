@@ -35,6 +35,17 @@ def count_parameters(model: torch.jit.ScriptModule) -> int:
     return elements
 
 
+def count_macs(model: torch.jit.ScriptModule, batch: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on ``batch``: conv and matrix-multiply ops, as torch.profiler counts them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), quiet_torchscript_warnings(), profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+        model(batch)
+    flops = sum(event.flops for event in prof.key_averages()
+                if event.flops and ("conv" in event.key or "mm" in event.key or "linear" in event.key))
+    return int(flops // 2)
+
+
 def run_model(model: torch.jit.ScriptModule, batch: torch.Tensor) -> Any:
     """Run once without gradients; turn a shape or dtype mismatch into ``InvalidInput``."""
     try:

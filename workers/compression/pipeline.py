@@ -3,22 +3,25 @@ from __future__ import annotations
 
 import os
 import platform
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
-from . import quantize
+from . import prune, quantize
 from .artifacts import load_model, save_model
 from .errors import CompressionError, UnsupportedModel
-from .inputs import Dataset, example_batch, fidelity_batches, load_dataset
+from .inputs import Dataset, example_batch, examples, fidelity_batches, load_dataset
 from .measure import count_parameters, median_latency_ms, output_fidelity, run_model
+from .training import accuracy
 
 Progress = Callable[[str, float], None]
 Method = Callable[..., tuple[torch.jit.ScriptModule, dict[str, Any]]]
 
 METHODS: dict[str, Method] = {
     "quantize": quantize.quantize,
+    "prune": prune.prune,
 }
 
 
@@ -54,7 +57,9 @@ def compress(
     def method_progress(stage: str, fraction: float) -> None:
         progress(stage, 0.05 + 0.6 * min(max(fraction, 0.0), 1.0))
 
-    compressed, details = method(original, spec.get(method_name, {}), data, method_progress)
+    # Methods may change the model in place, so they get their own copy; `original` stays the reference.
+    working = load_model(model_path)
+    compressed, details = method(working, spec.get(method_name, {}), examples(spec, data), method_progress)
 
     progress("saving", 0.66)
     output_bytes = save_model(compressed, output_path)
@@ -70,12 +75,18 @@ def compress(
 
     input_bytes = Path(model_path).stat().st_size
     parameters_before, parameters_after = count_parameters(original), count_parameters(result)
+    report_accuracy = None
+    if data is not None and data.labels is not None:
+        report_accuracy = {"before": accuracy(original, data), "after": accuracy(result, data), "samples": len(data),
+                           "on": "the uploaded data (fine-tuning, if any, trained on it too)"}
     return {
         "method": method_name,
         "size": {
             "bytes_before": input_bytes,
             "bytes_after": output_bytes,
             "ratio": round(output_bytes / input_bytes, 4),
+            "deflate_bytes_before": _deflate_bytes(Path(model_path)),
+            "deflate_bytes_after": _deflate_bytes(Path(output_path)),
         },
         "parameters": {"before": parameters_before, "after": parameters_after},
         "latency": {
@@ -90,9 +101,20 @@ def compress(
         },
         "fidelity": {**fidelity, "samples": sum(int(b.shape[0]) if b.dim() else 1 for b in checks),
                      "inputs": "data file" if data is not None else "random normal of input_shape"},
+        "accuracy": report_accuracy,
         "details": details,
         "environment": {"torch": torch.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count()},
     }
+
+
+def _deflate_bytes(path: Path) -> int:
+    """Size after deflate (zlib level 6): what zeros from unstructured pruning save in transit and storage."""
+    compressor = zlib.compressobj(6)
+    total = 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            total += len(compressor.compress(chunk))
+    return total + len(compressor.flush())
 
 
 __all__ = ["compress", "METHODS", "CompressionError"]

@@ -15,7 +15,6 @@ constant is rewritten in one of two ways:
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -25,6 +24,7 @@ from .errors import UnsupportedModel
 from .torchscript import (
     ParameterOwner,
     freeze_forward,
+    matching_pattern,
     parameter_owners,
     quiet_torchscript_warnings,
     tensor_constants,
@@ -125,7 +125,7 @@ class _Plan:
     def classify(self, owner: ParameterOwner, selected: set[str], exclude: list[str]) -> None:
         if owner.module_type not in selected:
             return self._keep(owner, f"type {owner.module_type or 'unknown'} not selected")
-        pattern = next((p for p in exclude if _matches(owner.module, p)), None)
+        pattern = matching_pattern(owner.module, exclude)
         if pattern is not None:
             return self._keep(owner, f"excluded by pattern {pattern!r}")
         if "weight" in owner.name.rpartition(".")[2]:
@@ -202,12 +202,6 @@ def _selected_class_names(modules: list[str]) -> set[str]:
     for module in modules:
         names |= MODULE_TYPE_ALIASES.get(module, frozenset({module}))
     return names
-
-
-def _matches(module: str, pattern: str) -> bool:
-    """A pattern matches the module itself or any parent (``layers.0`` covers ``layers.0.fc``)."""
-    parts = module.split(".")
-    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
 
 
 def _reason_for_list(node: torch._C.Node) -> str:

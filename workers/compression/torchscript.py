@@ -7,6 +7,7 @@ torch.export touches few places.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -54,6 +55,13 @@ def parameter_owners(model: torch.jit.ScriptModule) -> dict[int, ParameterOwner]
 def module_types(model: torch.jit.ScriptModule) -> dict[str, str]:
     """Qualified submodule name -> Python class name."""
     return {name: _module_type(module) for name, module in model.named_modules()}
+
+
+def matching_pattern(module: str, patterns: list[str]) -> str | None:
+    """The first glob pattern naming ``module`` or one of its parents (``layers.0`` covers ``layers.0.fc``)."""
+    parts = module.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return next((p for p in patterns if any(fnmatch.fnmatchcase(prefix, p) for prefix in prefixes)), None)
 
 
 def freeze_forward(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
