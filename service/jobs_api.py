@@ -16,7 +16,7 @@ from modelpress.storage import Storage, read_json, write_json_atomic
 from service.problems import ApiProblem
 from service.queue import enqueue_job
 from service.schemas import JobListArgsSchema, JobListSchema, JobSchema, JobSubmissionSchema, ProblemSchema
-from service.uploads import keep_upload, upload_is_empty
+from service.uploads import gzip_copy, keep_upload, upload_is_empty
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Compression jobs")
 
@@ -131,14 +131,19 @@ class JobModel(MethodView):
     @blp.alt_response(404, description="No such job", **_PROBLEM)
     @blp.alt_response(409, description="The job has not succeeded", **_PROBLEM)
     def get(self, job_id: str) -> Any:
-        """Download the compressed model (ETag and X-Checksum-Sha256 are its SHA-256)."""
+        """Download the compressed model (ETag and X-Checksum-Sha256 are its SHA-256; gzip on request)."""
         job = _succeeded_or_409(job_id)
         path = _storage().job(job_id).output_model
+        digest = job["result"]["sha256"]
         stem = (job.get("input") or {}).get("filename", "model").rsplit(".", 1)[0] or "model"
-        response = send_file(path, mimetype="application/octet-stream", as_attachment=True,
-                             download_name=f"{stem}.{job['spec']['method']}.pt", etag=job["result"]["sha256"],
-                             conditional=True, max_age=0)
-        response.headers["X-Checksum-Sha256"] = job["result"]["sha256"]
+        gzipped = "gzip" in request.accept_encodings
+        response = send_file(gzip_copy(path) if gzipped else path, mimetype="application/octet-stream",
+                             as_attachment=True, download_name=f"{stem}.{job['spec']['method']}.pt",
+                             etag=f"{digest}-gzip" if gzipped else digest, conditional=True, max_age=0)
+        if gzipped:
+            response.headers["Content-Encoding"] = "gzip"
+        response.headers["Vary"] = "Accept-Encoding"
+        response.headers["X-Checksum-Sha256"] = digest  # of the model itself, after any decoding
         return response
 
 

@@ -1,7 +1,10 @@
-"""Uploads stream to disk as they arrive: never held whole in memory, hashed on the way."""
+"""Files in and out of the API: uploads stream to disk as they arrive (never held whole in memory,
+hashed on the way); downloads can be gzip-compressed once and kept."""
 from __future__ import annotations
 
+import gzip
 import hashlib
+import shutil
 import os
 import tempfile
 from pathlib import Path
@@ -67,3 +70,19 @@ def upload_is_empty(upload: FileStorage) -> bool:
     empty = stream.tell() == 0
     stream.seek(position)
     return empty
+
+
+def gzip_copy(path: Path) -> Path:
+    """``path`` + ``.gz``, made once (pruned weights compress well) and renamed into place when complete."""
+    target = path.with_name(path.name + ".gz")
+    if not target.exists():
+        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".gz.tmp")
+        try:
+            with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as packed, \
+                    open(path, "rb") as source:
+                shutil.copyfileobj(source, packed, 1 << 20)
+            os.replace(temp_name, target)
+        except BaseException:
+            Path(temp_name).unlink(missing_ok=True)
+            raise
+    return target

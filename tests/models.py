@@ -95,3 +95,94 @@ def scripted_bytes(model: nn.Module) -> bytes:
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(model.eval()), buffer)
     return buffer.getvalue()
+
+
+class ResidualNet(nn.Module):
+    """A stem and one residual block: the block's output and its input must keep matching channels."""
+
+    def __init__(self, width: int = 16, classes: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return self.fc(self.pool(torch.relu(x + y)).flatten(1))
+
+
+class ConcatNet(nn.Module):
+    """Two branches joined by torch.cat along channels, then a conv reading both."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.left = nn.Conv2d(3, 12, 3, padding=1)
+        self.right = nn.Conv2d(3, 20, 3, padding=1)
+        self.mix = nn.Conv2d(32, 16, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        joined = torch.cat([torch.relu(self.left(x)), torch.relu(self.right(x))], dim=1)
+        return self.fc(self.pool(torch.relu(self.mix(joined))).flatten(1))
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for scikit-learn's 8x8 digits."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.classifier = nn.Linear(4 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x).flatten(1))
+
+
+def digits_splits(seed: int = 0) -> dict[str, torch.Tensor]:
+    """scikit-learn's bundled digits as 1x8x8 images in [0, 1]: a stratified 75/25 train/test split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype("float32")[:, None]
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=0.25, random_state=seed, stratify=digits.target)
+    return {"x_train": torch.from_numpy(x_train), "y_train": torch.from_numpy(y_train).long(),
+            "x_test": torch.from_numpy(x_test), "y_test": torch.from_numpy(y_test).long()}
+
+
+def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 15,
+                     lr: float = 3e-3, batch_size: int = 64, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x))
+        for start in range(0, len(x), batch_size):
+            index = order[start:start + batch_size]
+            loss = nn.functional.cross_entropy(model(x[index]), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def test_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+test_accuracy.__test__ = False  # a helper, not a pytest test

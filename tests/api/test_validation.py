@@ -135,3 +135,22 @@ def test_bad_list_arguments(api: ApiClient) -> None:
 def test_unknown_route_and_method(api: ApiClient) -> None:
     _problem(api.session.get(api.url("/v2/nothing")), 404)
     _problem(api.session.put(api.url("/v1/jobs")), 405)
+
+
+@pytest.mark.parametrize("amount", [0, 1, 1.5, -0.2])
+def test_prune_amount_out_of_range(api: ApiClient, model_bytes: bytes, amount: float) -> None:
+    spec = {"method": "prune", "input_shape": [1, 3, 8, 8], "prune": {"amount": amount}}
+    body = _problem(api.submit(model_bytes, spec), 422)
+    assert list(body["errors"]) == ["spec.prune.amount"]
+
+
+def test_prune_finetune_without_data(api: ApiClient, model_bytes: bytes) -> None:
+    spec = {"method": "prune", "input_shape": [1, 3, 8, 8], "prune": {"finetune": {"epochs": 1}}}
+    body = _problem(api.submit(model_bytes, spec), 422)
+    assert body["errors"] == {"spec.prune.finetune": ["needs a data file (multipart part 'data') to train on"]}
+
+
+def test_section_for_another_method(api: ApiClient, model_bytes: bytes) -> None:
+    spec = {"method": "quantize", "input_shape": [1, 3, 8, 8], "prune": {"amount": 0.5}}
+    body = _problem(api.submit(model_bytes, spec), 422)
+    assert body["errors"] == {"spec.prune": ["only allowed when method is 'prune'"]}

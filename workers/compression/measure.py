@@ -39,7 +39,7 @@ def count_macs(model: torch.jit.ScriptModule, batch: torch.Tensor) -> int:
     """Multiply-accumulates of one forward pass on ``batch``: conv and matrix-multiply ops, as torch.profiler counts them."""
     from torch.profiler import ProfilerActivity, profile
 
-    with torch.no_grad(), quiet_torchscript_warnings(), profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
+    with torch.no_grad(), quiet_torchscript_warnings(), profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
         model(batch)
     flops = sum(event.flops for event in prof.key_averages()
                 if event.flops and ("conv" in event.key or "mm" in event.key or "linear" in event.key))

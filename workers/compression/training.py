@@ -60,7 +60,7 @@ def finetune(
                 optimizer.step()
                 if after_step is not None:
                     after_step()
-                total += float(loss) * index.numel()
+                total += float(loss.detach()) * index.numel()
                 count += index.numel()
                 progress(f"fine-tuning epoch {epoch + 1}/{epochs}", (epoch + (step + 1) / batches_per_epoch) / epochs)
             history.append({"epoch": epoch + 1, "train_loss": round(total / max(count, 1), 6)})
