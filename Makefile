@@ -25,6 +25,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) bench/quantize.py
+	$(VPY) bench/prune.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
