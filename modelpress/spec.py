@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-METHODS = ("quantize", "prune")
+METHODS = ("quantize", "prune", "distill")
 PRUNABLE_MODULES = ("Conv2d", "Linear")
 QUANTIZABLE_MODULES = ("Linear", "LSTM", "GRU", "RNN", "MultiheadAttention")
 MAX_INPUT_ELEMENTS = 1 << 26  # 64M floats (256 MB): bigger example inputs are a mistake or an attack
@@ -85,6 +85,52 @@ class PruneSpec(_Strict):
                              metadata={"description": "Train after pruning; needs a data file."})
 
 
+class StudentSpec(_Strict):
+    source = fields.String(
+        data_key="from", required=True, validate=validate.OneOf(["upload", "torchvision", "width"]),
+        metadata={"description": "upload: the multipart part 'student'; torchvision: a model by name; "
+                                 "width: the teacher with a fraction of its channels."},
+    )
+    arch = fields.String(validate=validate.Regexp(r"^[a-z][a-z0-9_]{1,63}$"),
+                         metadata={"description": "torchvision classification model name, e.g. resnet18 (from: torchvision)."})
+    width = fields.Float(validate=validate.Range(0, 1, min_inclusive=False, max_inclusive=False),
+                         metadata={"description": "Fraction of the teacher's channels kept (from: width); "
+                                                  "parameters shrink about as width squared."})
+
+    @validates_schema
+    def _options_match_source(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        needs = {"torchvision": "arch", "width": "width"}.get(data.get("source", ""))
+        if needs and needs not in data:
+            raise ValidationError(f"required when from is {data['source']!r}", needs)
+        for option in ("arch", "width"):
+            if option in data and option != needs:
+                raise ValidationError(f"only allowed when from is {'torchvision' if option == 'arch' else 'width'!r}", option)
+
+
+class DistillSpec(_Strict):
+    student = fields.Nested(StudentSpec, required=True, metadata={"description": "Where the student comes from."})
+    temperature = fields.Float(load_default=4.0, validate=validate.Range(0, 100, min_inclusive=False),
+                               metadata={"description": "Softmax temperature T of the soft targets."})
+    alpha = fields.Float(load_default=None, allow_none=True, validate=validate.Range(0, 1),
+                         metadata={"description": "Weight of the soft loss; null: 0.9 with labels, and 1.0 "
+                                                  "always without labels."})
+    epochs = fields.Integer(load_default=10, strict=True, validate=validate.Range(1, 500),
+                            metadata={"description": "Passes over the training split (count)."})
+    batch_size = fields.Integer(load_default=64, strict=True, validate=validate.Range(2, 4096),
+                                metadata={"description": "Samples per step (count)."})
+    lr = fields.Float(load_default=1e-3, validate=validate.Range(0, 1, min_inclusive=False),
+                      metadata={"description": "Learning rate."})
+    optimizer = fields.String(load_default="adam", validate=validate.OneOf(["adam", "sgd"]),
+                              metadata={"description": "adam, or sgd with momentum 0.9."})
+    val_fraction = fields.Float(load_default=0.1, validate=validate.Range(0, 0.5, min_inclusive=False),
+                                metadata={"description": "Share of the data held out for validation (fraction)."})
+    early_stopping_patience = fields.Integer(
+        load_default=None, allow_none=True, strict=True, validate=validate.Range(1, 500),
+        metadata={"description": "Stop after this many epochs without a better validation score; null: never."})
+    seed = fields.Integer(load_default=0, strict=True, validate=validate.Range(0, 2**31 - 1),
+                          metadata={"description": "Seed of the split and the shuffling."})
+
+
 class EvaluationSpec(_Strict):
     runs = fields.Integer(
         load_default=20, strict=True, validate=validate.Range(1, 1000),
@@ -100,6 +146,7 @@ class CompressionSpec(_Strict):
     method = fields.String(required=True, validate=validate.OneOf(METHODS), metadata={"description": "Compression method."})
     quantize = fields.Nested(QuantizeSpec, metadata={"description": "Options of method 'quantize'."})
     prune = fields.Nested(PruneSpec, metadata={"description": "Options of method 'prune'."})
+    distill = fields.Nested(DistillSpec, metadata={"description": "Options of method 'distill' (required for it)."})
     input_shape = fields.List(
         fields.Integer(strict=True, validate=validate.Range(1, 1 << 20)),
         validate=validate.Length(min=1, max=8),
@@ -134,10 +181,11 @@ class SpecError(ValueError):
         self.errors = errors
 
 
-def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False) -> dict[str, Any]:
+def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has_student: bool = False) -> dict[str, Any]:
     """Validate a spec (JSON text or mapping) and return it with every default filled in.
 
-    Raises ``SpecError`` whose keys are field paths such as ``spec.quantize.dtype``.
+    ``has_data`` and ``has_student`` say which optional files came with it. Raises ``SpecError``
+    whose keys are field paths such as ``spec.quantize.dtype`` (or the file part, ``student``).
     """
     if isinstance(raw, (str, bytes)):
         if len(raw) > MAX_SPEC_BYTES:
@@ -153,12 +201,21 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False) -> 
     except ValidationError as error:
         raise SpecError(_flatten("spec", error.messages)) from None
     method = spec["method"]
+    if method == "distill" and "distill" not in spec:
+        raise SpecError({"spec.distill": ["required when method is 'distill' (at least its 'student')"]})
     if method not in spec:
         spec[method] = _SECTIONS[method]().load({})
+    if method == "distill" and not has_data:
+        raise SpecError({"data": ["required for distillation: an .npz or .safetensors file with 'inputs'"]})
     if not spec.get("input_shape") and not has_data:
         raise SpecError({"spec.input_shape": ["required when no data file is uploaded"]})
     if method == "prune" and spec["prune"].get("finetune") and not has_data:
         raise SpecError({"spec.prune.finetune": ["needs a data file (multipart part 'data') to train on"]})
+    wants_student = method == "distill" and spec["distill"]["student"]["source"] == "upload"
+    if wants_student and not has_student:
+        raise SpecError({"student": ["required when spec.distill.student.from is 'upload': the TorchScript student"]})
+    if has_student and not wants_student:
+        raise SpecError({"student": ["only used when spec.distill.student.from is 'upload'"]})
     return spec
 
 
@@ -167,7 +224,7 @@ def dump_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     return CompressionSpec().dump(spec)
 
 
-_SECTIONS: dict[str, type[Schema]] = {"quantize": QuantizeSpec, "prune": PruneSpec}
+_SECTIONS: dict[str, type[Schema]] = {"quantize": QuantizeSpec, "prune": PruneSpec, "distill": DistillSpec}
 
 
 def _flatten(prefix: str, messages: Any) -> dict[str, list[str]]:

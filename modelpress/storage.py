@@ -23,6 +23,10 @@ class JobFiles:
         return self.root / "input" / "data"
 
     @property
+    def input_student(self) -> Path:
+        return self.root / "input" / "student.pt"
+
+    @property
     def spec(self) -> Path:
         return self.root / "spec.json"
 

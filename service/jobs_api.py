@@ -38,20 +38,20 @@ class Jobs(MethodView):
                              "send multipart/form-data with a 'model' file part and a 'spec' JSON part")
         model = request.files.get("model")
         data = request.files.get("data")
+        student = request.files.get("student")
         errors: dict[str, list[str]] = {}
         if model is None:
             errors["model"] = ["required: the TorchScript file as the multipart part 'model'"]
-        elif upload_is_empty(model):
-            errors["model"] = ["the file is empty"]
-        if data is not None and upload_is_empty(data):
-            errors["data"] = ["the file is empty"]
+        for name, part in (("model", model), ("data", data), ("student", student)):
+            if part is not None and upload_is_empty(part):
+                errors[name] = ["the file is empty"]
         spec: dict[str, Any] | None = None
         raw_spec = _spec_text()
         if raw_spec is None:
             errors["spec"] = ["required: the compression spec as JSON, in the multipart part 'spec'"]
         else:
             try:
-                spec = parse_spec(raw_spec, has_data=data is not None)
+                spec = parse_spec(raw_spec, has_data=data is not None, has_student=student is not None)
             except SpecError as error:
                 errors.update(error.errors)
         if errors:
@@ -60,13 +60,19 @@ class Jobs(MethodView):
         storage = _storage()
         job_id = new_job_id()
         files = storage.job(job_id)
+        part = "model"
         try:
             model_info = keep_upload(model, files.input_model)
             check_torchscript_archive(files.input_model)
+            student_info = None
+            if student is not None:
+                part = "student"
+                student_info = keep_upload(student, files.input_student)
+                check_torchscript_archive(files.input_student)
             data_info = keep_upload(data, files.input_data) if data is not None else None
         except ArchiveRejected as rejected:
             storage.delete(job_id)
-            raise _invalid({"model": [str(rejected)]}) from None
+            raise _invalid({part: [str(rejected)]}) from None
         except BaseException:
             storage.delete(job_id)
             raise
@@ -74,7 +80,7 @@ class Jobs(MethodView):
         job = {
             "id": job_id, "state": jobs.QUEUED, "progress": 0.0, "stage": "queued",
             "created_at": utc_now(), "started_at": None, "finished_at": None,
-            "spec": dump_spec(spec), "input": model_info, "data": data_info,
+            "spec": dump_spec(spec), "input": model_info, "data": data_info, "student": student_info,
             "result": None, "error": None,
         }
         _store().create(job)

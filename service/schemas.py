@@ -49,6 +49,7 @@ class JobSchema(Schema):
     spec = fields.Nested(CompressionSpec)
     input = fields.Nested(FileInfoSchema)
     data = fields.Nested(FileInfoSchema, allow_none=True)
+    student = fields.Nested(FileInfoSchema, allow_none=True)
     result = fields.Nested(ResultSchema, allow_none=True)
     error = fields.Nested(ProblemSchema, allow_none=True)
     links = fields.Nested(LinksSchema)
@@ -71,6 +72,7 @@ class JobSubmissionSchema(Schema):
     model = Upload(required=True, metadata={"description": "The TorchScript model (torch.jit.save output)."})
     spec = fields.String(required=True, metadata={"description": "The compression spec as JSON text (a form field or a file part)."})
     data = Upload(metadata={"description": "Optional .npz or .safetensors with an 'inputs' array (and 'labels')."})
+    student = Upload(metadata={"description": "TorchScript student, when spec.distill.student.from is 'upload'."})
 
 
 class HealthSchema(Schema):

@@ -26,13 +26,15 @@ class ApiClient:
         return self.base_url + path
 
     def submit(self, model: Path | bytes, spec: dict[str, Any] | str, data: Path | None = None,
-               filename: str = "model.pt") -> requests.Response:
+               filename: str = "model.pt", student: Path | None = None) -> requests.Response:
         import json
 
         body = model.read_bytes() if isinstance(model, Path) else model
         files: dict[str, Any] = {"model": (filename, body, "application/octet-stream")}
         if data is not None:
             files["data"] = (data.name, data.read_bytes(), "application/octet-stream")
+        if student is not None:
+            files["student"] = (student.name, student.read_bytes(), "application/octet-stream")
         form = {"spec": spec if isinstance(spec, str) else json.dumps(spec)}
         return self.session.post(self.url("/v1/jobs"), files=files, data=form, timeout=120)
 

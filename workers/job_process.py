@@ -41,8 +41,10 @@ def main(argv: list[str]) -> int:
         from workers.compression.pipeline import compress
 
         data_path = files.input_data if files.input_data.exists() else None
-        spec = parse_spec(read_json(files.spec), has_data=data_path is not None)
-        report = compress(files.input_model, spec, files.output_model, data_path=data_path, progress=progress)
+        student_path = files.input_student if files.input_student.exists() else None
+        spec = parse_spec(read_json(files.spec), has_data=data_path is not None, has_student=student_path is not None)
+        report = compress(files.input_model, spec, files.output_model, data_path=data_path, progress=progress,
+                          student_path=student_path)
         write_json_atomic(files.report, report)
         send("succeeded")
         return 0

@@ -154,3 +154,31 @@ def test_section_for_another_method(api: ApiClient, model_bytes: bytes) -> None:
     spec = {"method": "quantize", "input_shape": [1, 3, 8, 8], "prune": {"amount": 0.5}}
     body = _problem(api.submit(model_bytes, spec), 422)
     assert body["errors"] == {"spec.prune": ["only allowed when method is 'prune'"]}
+
+
+def test_distill_without_data(api: ApiClient, model_bytes: bytes) -> None:
+    spec = {"method": "distill", "distill": {"student": {"from": "width", "width": 0.5}}}
+    body = _problem(api.submit(model_bytes, spec), 422)
+    assert list(body["errors"]) == ["data"]
+
+
+def test_distill_upload_without_student_part(api: ApiClient, model_bytes: bytes, tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", inputs=np.zeros((4, 3, 8, 8), dtype=np.float32))
+    spec = {"method": "distill", "distill": {"student": {"from": "upload"}}}
+    body = _problem(api.submit(model_bytes, spec, data=tmp_path / "d.npz"), 422)
+    assert "required" in body["errors"]["student"][0]
+
+
+def test_student_part_that_is_not_torchscript(api: ApiClient, model_bytes: bytes, tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", inputs=np.zeros((4, 3, 8, 8), dtype=np.float32))
+    (tmp_path / "student.pt").write_bytes(b"not a model at all")
+    spec = {"method": "distill", "distill": {"student": {"from": "upload"}}}
+    body = _problem(api.submit(model_bytes, spec, data=tmp_path / "d.npz", student=tmp_path / "student.pt"), 422)
+    assert "not a TorchScript archive" in body["errors"]["student"][0]
+
+
+def test_width_student_needs_its_width(api: ApiClient, model_bytes: bytes, tmp_path: Path) -> None:
+    np.savez(tmp_path / "d.npz", inputs=np.zeros((4, 3, 8, 8), dtype=np.float32))
+    spec = {"method": "distill", "distill": {"student": {"from": "width"}}}
+    body = _problem(api.submit(model_bytes, spec, data=tmp_path / "d.npz"), 422)
+    assert body["errors"] == {"spec.distill.student.width": ["required when from is 'width'"]}

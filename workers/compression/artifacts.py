@@ -54,12 +54,14 @@ def save_model(model: torch.jit.ScriptModule, path: str | os.PathLike) -> int:
     return path.stat().st_size
 
 
-def serialized_bytes(model: torch.jit.ScriptModule) -> int:
-    """Size of the model as ``torch.jit.save`` writes it."""
+def clone_model(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """An independent copy. (copy.deepcopy of a ScriptModule yields non-leaf parameters that optimisers refuse.)"""
     buffer = io.BytesIO()
     with quiet_torchscript_warnings():
         torch.jit.save(model, buffer)
-    return buffer.getbuffer().nbytes
+        buffer.seek(0)
+        copy = torch.jit.load(buffer, map_location="cpu")
+    return copy.train(model.training)
 
 
 def _explain_load_error(error: Exception) -> str:

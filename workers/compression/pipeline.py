@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from . import prune, quantize
+from . import distill, prune, quantize
 from .artifacts import load_model, save_model
 from .errors import CompressionError, UnsupportedModel
 from .inputs import Dataset, example_batch, examples, fidelity_batches, load_dataset
@@ -22,6 +22,7 @@ Method = Callable[..., tuple[torch.jit.ScriptModule, dict[str, Any]]]
 METHODS: dict[str, Method] = {
     "quantize": quantize.quantize,
     "prune": prune.prune,
+    "distill": distill.distill,
 }
 
 
@@ -31,10 +32,12 @@ def compress(
     output_path: str | os.PathLike,
     data_path: str | os.PathLike | None = None,
     progress: Progress | None = None,
+    student_path: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Compress the model at ``model_path`` as ``spec`` says; write ``output_path``; return the report.
 
-    ``spec`` is a validated spec (defaults filled in). The saved artifact is loaded back
+    ``spec`` is a validated spec (defaults filled in); ``student_path`` is an uploaded student
+    for distillation. The saved artifact is loaded back
     and measured, so the report describes the file the user downloads.
     """
     progress = progress or (lambda stage, fraction: None)
@@ -59,7 +62,8 @@ def compress(
 
     # Methods may change the model in place, so they get their own copy; `original` stays the reference.
     working = load_model(model_path)
-    compressed, details = method(working, spec.get(method_name, {}), examples(spec, data), method_progress)
+    extras = {"student": load_model(student_path)} if student_path and method_name == "distill" else {}
+    compressed, details = method(working, spec.get(method_name, {}), examples(spec, data), method_progress, **extras)
 
     progress("saving", 0.66)
     output_bytes = save_model(compressed, output_path)

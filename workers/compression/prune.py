@@ -7,11 +7,11 @@ real, so the model gets smaller and faster: every tensor in a coupled group
 """
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable, Mapping
 
 import torch
 
+from .artifacts import clone_model
 from .channels import ChannelGroup, channel_groups
 from .errors import InvalidInput, UnsupportedModel
 from .inputs import Dataset
@@ -35,7 +35,7 @@ def prune(
     group's producing weights, each normalised by that tensor's mean slice norm.
     """
     progress = progress or (lambda stage, fraction: None)
-    teacher = copy.deepcopy(model) if spec.get("finetune") else None
+    teacher = clone_model(model) if spec.get("finetune") else None
     selected = set(spec.get("modules", PRUNABLE_TYPES))
     exclude, excluded_by_default = _exclusions(model, spec.get("exclude"))
     types = module_types(model)
