@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(VPY) bench/quantize.py
 	$(VPY) bench/prune.py
+	$(VPY) bench/distill.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -13,10 +13,11 @@ README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 def _field_paths(schema, prefix: str = "") -> list[str]:
     paths = []
     for name, field in schema.fields.items():
+        key = field.data_key or name  # the name clients write ("from", not "source")
         if isinstance(field, fields.Nested):
-            paths += _field_paths(field.schema, f"{prefix}{name}.")
+            paths += _field_paths(field.schema, f"{prefix}{key}.")
         else:
-            paths.append(prefix + name)
+            paths.append(prefix + key)
     return paths
 
 
