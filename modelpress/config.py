@@ -24,6 +24,11 @@ class Settings:
     worker_concurrency: int = 1
     api_workers: int = 2
     log_level: str = "INFO"
+    api_keys_file: Path | None = None  # unset: open service, loopback only
+    allow_open_network: bool = False  # let an open service bind beyond loopback (a container behind a proxy)
+    max_active_jobs: int = 20  # queued + running jobs per tenant
+    heartbeat_stale_s: int = 30  # a running job whose supervisor is silent this long is taken over
+    retention_hours: float = 168.0  # finished jobs and their files are removed after this
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -56,6 +61,11 @@ class Settings:
             worker_concurrency=number("WORKER_CONCURRENCY", defaults.worker_concurrency),
             api_workers=number("API_WORKERS", defaults.api_workers),
             log_level=(env.get("MODELPRESS_LOG_LEVEL") or defaults.log_level).upper(),
+            api_keys_file=Path(env["MODELPRESS_API_KEYS_FILE"]).absolute() if env.get("MODELPRESS_API_KEYS_FILE") else None,
+            allow_open_network=env.get("MODELPRESS_ALLOW_OPEN_NETWORK", "").lower() in ("1", "true", "yes"),
+            max_active_jobs=number("MAX_ACTIVE_JOBS", defaults.max_active_jobs),
+            heartbeat_stale_s=number("HEARTBEAT_STALE_S", defaults.heartbeat_stale_s),
+            retention_hours=float(env.get("MODELPRESS_RETENTION_HOURS") or defaults.retention_hours),
         )
 
     def with_changes(self, **changes: object) -> "Settings":
@@ -76,10 +86,22 @@ class Settings:
             "MODELPRESS_WORKER_CONCURRENCY": str(self.worker_concurrency),
             "MODELPRESS_API_WORKERS": str(self.api_workers),
             "MODELPRESS_LOG_LEVEL": self.log_level,
+            "MODELPRESS_ALLOW_OPEN_NETWORK": "1" if self.allow_open_network else "",
+            "MODELPRESS_MAX_ACTIVE_JOBS": str(self.max_active_jobs),
+            "MODELPRESS_HEARTBEAT_STALE_S": str(self.heartbeat_stale_s),
+            "MODELPRESS_RETENTION_HOURS": str(self.retention_hours),
         }
+        env["MODELPRESS_API_KEYS_FILE"] = str(self.api_keys_file) if self.api_keys_file else ""
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
         return env
+
+    @property
+    def bind_host(self) -> str:
+        """Where the API listens: an open service (no keys) stays on loopback unless explicitly allowed."""
+        if self.api_keys_file is None and not self.allow_open_network and self.host not in ("127.0.0.1", "localhost", "::1"):
+            return "127.0.0.1"
+        return self.host
 
     @property
     def visibility_timeout_s(self) -> int:

@@ -75,8 +75,11 @@ class Stack:
         ])
 
     def start_api(self) -> None:
+        if self.settings.bind_host != self.settings.host:
+            log.warning("no API keys configured: binding to %s instead of %s (set MODELPRESS_API_KEYS_FILE, "
+                        "or MODELPRESS_ALLOW_OPEN_NETWORK=1 behind a trusted proxy)", self.settings.bind_host, self.settings.host)
         self._spawn("api", [
-            sys.executable, "-m", "gunicorn", "--bind", f"{self.settings.host}:{self.settings.port}",
+            sys.executable, "-m", "gunicorn", "--bind", f"{self.settings.bind_host}:{self.settings.port}",
             "--workers", str(self.settings.api_workers), "--timeout", "600", "--graceful-timeout", "10",
             "--access-logfile", "-", "service:create_app()",
         ])
@@ -84,7 +87,7 @@ class Stack:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.settings.host}:{self.settings.port}"
+        return f"http://{self.settings.bind_host}:{self.settings.port}"
 
     # ------------------------------------------------------------------ stop
 

@@ -14,6 +14,7 @@ from modelpress.storage import Storage
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API from settings (environment variables when none are given). Nothing runs at import."""
     from service import health, jobs_api
+    from service.auth import auth_init_app
     from service.openapi import ProblemApi
     from service.queue import celery_init_app
     from service.uploads import StreamingRequest
@@ -30,8 +31,12 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/docs",
         OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
-        API_SPEC_OPTIONS={"info": {"description": "Model compression as a service: upload a TorchScript "
-                                   "model and a spec, poll the job, download the compressed model."}},
+        API_SPEC_OPTIONS={
+            "info": {"description": "Model compression as a service: upload a TorchScript model and a spec, "
+                                    "poll the job, download the compressed model. With API keys configured, "
+                                    "every /v1 route needs 'Authorization: Bearer <key>'."},
+            "components": {"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
+        },
     )
     app.config.from_prefixed_env()
     app.extensions["modelpress"] = settings
@@ -40,6 +45,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.extensions["modelpress_storage"] = storage
     app.extensions["modelpress_jobs"] = JobStore(redis.Redis.from_url(settings.redis_url, health_check_interval=30))
     celery_init_app(app, settings)
+    auth_init_app(app, settings)
 
     api = ProblemApi(app)
     api.register_blueprint(jobs_api.blp)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flask import current_app, request, send_file, url_for
+from flask import current_app, g, request, send_file, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
@@ -13,12 +13,14 @@ from modelpress.archive import ArchiveRejected, check_torchscript_archive
 from modelpress.jobs import JobStore, new_job_id, utc_now
 from modelpress.spec import MAX_SPEC_BYTES, SpecError, dump_spec, parse_spec
 from modelpress.storage import Storage, read_json, write_json_atomic
+from service.auth import require_tenant
 from service.problems import ApiProblem
 from service.queue import enqueue_job
 from service.schemas import JobListArgsSchema, JobListSchema, JobSchema, JobSubmissionSchema, ProblemSchema
 from service.uploads import gzip_copy, keep_upload, upload_is_empty
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Compression jobs")
+blp.before_request(require_tenant)
 
 _JOB_ID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 _PROBLEM = {"content_type": "application/problem+json", "schema": ProblemSchema}
@@ -31,6 +33,7 @@ class Jobs(MethodView):
     @blp.alt_response(413, description="Upload too large", **_PROBLEM)
     @blp.alt_response(415, description="Not multipart/form-data", **_PROBLEM)
     @blp.alt_response(422, description="Invalid spec or files; `errors` names each field", **_PROBLEM)
+    @blp.alt_response(429, description="Too many active jobs for this tenant", **_PROBLEM)
     def post(self) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Submit a model and a compression spec."""
         if request.mimetype != "multipart/form-data":
@@ -63,12 +66,12 @@ class Jobs(MethodView):
         part = "model"
         try:
             model_info = keep_upload(model, files.input_model)
-            check_torchscript_archive(files.input_model)
+            check_torchscript_archive(files.input_model, _max_expansion())
             student_info = None
             if student is not None:
                 part = "student"
                 student_info = keep_upload(student, files.input_student)
-                check_torchscript_archive(files.input_student)
+                check_torchscript_archive(files.input_student, _max_expansion())
             data_info = keep_upload(data, files.input_data) if data is not None else None
         except ArchiveRejected as rejected:
             storage.delete(job_id)
@@ -78,12 +81,17 @@ class Jobs(MethodView):
             raise
         write_json_atomic(files.spec, dump_spec(spec))
         job = {
-            "id": job_id, "state": jobs.QUEUED, "progress": 0.0, "stage": "queued",
+            "id": job_id, "tenant": g.tenant, "state": jobs.QUEUED, "progress": 0.0, "stage": "queued",
             "created_at": utc_now(), "started_at": None, "finished_at": None,
             "spec": dump_spec(spec), "input": model_info, "data": data_info, "student": student_info,
             "result": None, "error": None,
         }
-        _store().create(job)
+        settings = current_app.extensions["modelpress"]
+        if not _store().create(job, max_active=settings.max_active_jobs):
+            storage.delete(job_id)
+            raise ApiProblem(429, "Too Many Requests",
+                             f"at most {settings.max_active_jobs} queued or running jobs per tenant "
+                             "(MODELPRESS_MAX_ACTIVE_JOBS); wait for some to finish", headers={"Retry-After": "30"})
         try:
             enqueue_job(current_app, job_id)
         except Exception:
@@ -99,7 +107,7 @@ class Jobs(MethodView):
     @blp.response(200, JobListSchema)
     def get(self, limit: int, state: str | None = None, cursor: str | None = None) -> dict[str, Any]:
         """List jobs, newest first (cursor pagination, optional state filter)."""
-        page, next_cursor = _store().page(state=state, limit=limit, after=cursor)
+        page, next_cursor = _store().page(g.tenant, state=state, limit=limit, after=cursor)
         return {"jobs": [_public(job) for job in page], "next_cursor": next_cursor}
 
 
@@ -173,13 +181,14 @@ def _public(job: dict[str, Any]) -> dict[str, Any]:
     if job["state"] == jobs.SUCCEEDED:
         links["model"] = url_for("jobs.JobModel", job_id=job["id"])
         links["report"] = url_for("jobs.JobReport", job_id=job["id"])
-    hidden = {"process_pid", "deliveries"}
+    hidden = {"process_pid", "deliveries", "tenant"}
     return {**{k: v for k, v in job.items() if k not in hidden}, "links": links}
 
 
 def _job_or_404(job_id: str) -> dict[str, Any]:
+    """The caller's own job; another tenant's job is answered exactly like a missing one."""
     job = _store().get(job_id) if _JOB_ID.match(job_id) else None
-    if job is None:
+    if job is None or job.get("tenant", "public") != g.tenant:
         raise ApiProblem(404, "Not Found", f"no job with id {job_id!r}")
     return job
 
@@ -204,6 +213,11 @@ def _spec_text() -> str | None:
 def _invalid(errors: dict[str, list[str]]) -> ApiProblem:
     detail = "; ".join(f"{field}: {' '.join(messages)}" for field, messages in errors.items())
     return ApiProblem(422, "Unprocessable Content", detail, slug="validation-error", errors=errors)
+
+
+def _max_expansion() -> int:
+    """An archive may declare at most twice the upload limit (TorchScript entries are stored, not deflated)."""
+    return 2 * (current_app.extensions["modelpress"].max_upload_mb << 20)
 
 
 def _store() -> JobStore:

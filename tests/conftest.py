@@ -62,7 +62,7 @@ def make_settings(tmp: Path, **changes: Any) -> Settings:
     )
     return base.with_changes(
         data_dir=tmp, port=free_port(), redis_port=free_port(), api_workers=2,
-        max_upload_mb=128, job_threads=2, **changes,
+        max_upload_mb=128, job_threads=2, heartbeat_stale_s=4, **changes,
     )
 
 

@@ -30,7 +30,8 @@ from modelpress.storage import JobFiles, Storage, read_json
 log = logging.getLogger("modelpress.worker")
 
 POLL_INTERVAL_S = 0.25
-PROGRESS_WRITE_INTERVAL_S = 0.5
+PROGRESS_WRITE_INTERVAL_S = 0.5  # progress and heartbeat
+REDIS_RETRY_S = 300  # how long a final state waits for Redis to come back
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -53,6 +54,9 @@ class Supervisor:
             return "missing"
         if job["state"] in jobs.FINAL_STATES:
             return job["state"]
+        if job["state"] == jobs.RUNNING and not self._supervisor_gone(job_id):
+            log.info("job %s: another worker is still running it; skipping this delivery", job_id)
+            return jobs.RUNNING
         deliveries = self.store.count_delivery(job_id)
         if deliveries > self.settings.max_deliveries:
             return self._finish(job_id, jobs.FAILED, error=problem(
@@ -66,9 +70,26 @@ class Supervisor:
                 return state or "missing"
         else:
             log.warning("job %s: delivery %d after its worker stopped; running it again", job_id, deliveries)
+            self.store.beat(job_id)
             self.store.update_running(job_id, stage="restarting", progress=0.0)
         log.info("job %s: running (delivery %d)", job_id, deliveries)
         return self._run_child(job_id, self.storage.job(job_id))
+
+    def _supervisor_gone(self, job_id: str) -> bool:
+        """Wait until the job's heartbeat is stale (its supervisor died) or it leaves ``running``.
+
+        A job redelivered while ``running`` may still have a live supervisor (a requeue raced a
+        slow heartbeat); taking it over then would run it twice.
+        """
+        deadline = time.monotonic() + self.settings.heartbeat_stale_s + 5
+        while time.monotonic() < deadline:
+            last = self.store.last_beat(job_id)
+            if last is None:
+                return False  # no longer running
+            if time.time() - last >= self.settings.heartbeat_stale_s:
+                return True
+            time.sleep(1.0)
+        return False
 
     # ------------------------------------------------------------------ the child process
 
@@ -88,7 +109,7 @@ class Supervisor:
         os.close(write_fd)
         messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
         threading.Thread(target=_read_messages, args=(read_fd, messages), daemon=True).start()
-        self.store.update_running(job_id, process_pid=child.pid)
+        self._quietly(self.store.update_running, job_id, process_pid=child.pid)
 
         deadline = time.monotonic() + self.settings.job_timeout_s
         outcome: dict[str, Any] | None = None
@@ -108,10 +129,14 @@ class Supervisor:
             elif message.get("event") in ("succeeded", "failed"):
                 outcome = message
             now = time.monotonic()
-            if last_progress and now - last_write >= PROGRESS_WRITE_INTERVAL_S:
-                self.store.update_running(job_id, stage=last_progress["stage"], progress=last_progress["progress"])
-                last_write, last_progress = now, None
-            if self._cancel_requested(job_id):
+            if now - last_write >= PROGRESS_WRITE_INTERVAL_S:
+                # Redis may be restarting: the child goes on, progress is written once it is back.
+                if self._quietly(lambda: self.store.beat(job_id) or True, default=False) and last_progress:
+                    self._quietly(self.store.update_running, job_id, stage=last_progress["stage"],
+                                  progress=last_progress["progress"])
+                    last_progress = None
+                last_write = now
+            if self._quietly(self._cancel_requested, job_id, default=False):
                 stop_reason = "cancelled"
             elif now > deadline:
                 stop_reason = "timeout"
@@ -163,9 +188,27 @@ class Supervisor:
         return job is None or job.get("cancel_requested", False) or job["state"] == jobs.CANCELLED
 
     def _finish(self, job_id: str, state: str, **fields: Any) -> str:
-        final = self.store.move(job_id, state, finished_at=utc_now(), **fields)
+        """Record the final state, retrying while Redis is unreachable (a restart must not lose it)."""
+        deadline = time.monotonic() + REDIS_RETRY_S
+        while True:
+            try:
+                final = self.store.move(job_id, state, finished_at=utc_now(), **fields)
+                break
+            except (redis.ConnectionError, redis.TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
         log.info("job %s: %s", job_id, final)
         return final or "missing"
+
+    @staticmethod
+    def _quietly(call, *args: Any, default: Any = None, **kwargs: Any) -> Any:
+        """``call``, or ``default`` while Redis is unreachable."""
+        try:
+            return call(*args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as error:
+            log.warning("Redis unreachable (%s); the job goes on", error)
+            return default
 
 
 def problem(slug: str, title: str, detail: str) -> dict[str, Any]:

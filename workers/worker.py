@@ -1,5 +1,14 @@
 """Entry point of the worker process: ``celery -A workers.worker worker``."""
+from celery.signals import worker_ready
+
 from modelpress.config import Settings
 from workers.celery_app import make_celery
+from workers.reaper import Reaper
 
-celery = make_celery(Settings.from_env())
+settings = Settings.from_env()
+celery = make_celery(settings)
+
+
+@worker_ready.connect
+def _start_reaper(sender=None, **kwargs) -> None:
+    Reaper(settings, celery).start()
