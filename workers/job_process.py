@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     # Imported after the limits, so even torch's import runs inside them.
     from modelpress.spec import parse_spec
     from modelpress.storage import JobFiles, read_json, write_json_atomic
-    from workers.compression.errors import CompressionError
+    from workers.compression.errors import CompressionError, OutOfMemory
 
     def send(event: str, **fields: Any) -> None:
         channel.write(json.dumps({"event": event, **fields}) + "\n")
@@ -51,6 +51,8 @@ def main(argv: list[str]) -> int:
         write_json_atomic(files.report, report)
         send("succeeded")
         return 0
+    except OutOfMemory:
+        send("failed", slug="out-of-memory", title="Out of memory", detail=_memory_message())
     except CompressionError as error:
         send("failed", slug=error.slug, title=error.title, detail=str(error))
     except MemoryError:

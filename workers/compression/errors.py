@@ -22,6 +22,13 @@ class InvalidInput(CompressionError):
     slug = "invalid-input"
 
 
+class OutOfMemory(CompressionError):
+    """An allocation failed: the model needs more memory than the job may use."""
+
+    title = "Out of memory"
+    slug = "out-of-memory"
+
+
 class UnsupportedModel(CompressionError):
     """The model is valid but the requested method cannot be applied to it."""
 
