@@ -19,16 +19,20 @@ class Settings:
     max_upload_mb: int = 2048
     job_timeout_s: int = 3600
     job_memory_mb: int = 8192  # address-space limit of a job's process; torch alone maps ~3.3 GB
-    job_threads: int = 2
+    job_threads: int = 2  # from the environment: default cores / worker concurrency (see from_env)
     max_deliveries: int = 3  # deliveries of one job before it is failed instead of retried
     worker_concurrency: int = 1
     api_workers: int = 2
     log_level: str = "INFO"
+    log_format: str = "text"  # or "json": one object per line
     api_keys_file: Path | None = None  # unset: open service, loopback only
     allow_open_network: bool = False  # let an open service bind beyond loopback (a container behind a proxy)
     max_active_jobs: int = 20  # queued + running jobs per tenant
     heartbeat_stale_s: int = 30  # a running job whose supervisor is silent this long is taken over
     retention_hours: float = 168.0  # finished jobs and their files are removed after this
+    webhook_allow_private: bool = False  # allow callbacks to private, loopback and link-local addresses
+    webhook_backoff_s: float = 5.0  # first retry delay; doubles each attempt, with jitter
+    webhook_secret: str | None = None  # master secret; unset: one is made and kept in the data directory
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -56,16 +60,22 @@ class Settings:
             max_upload_mb=number("MAX_UPLOAD_MB", defaults.max_upload_mb),
             job_timeout_s=number("JOB_TIMEOUT_S", defaults.job_timeout_s),
             job_memory_mb=number("JOB_MEMORY_MB", defaults.job_memory_mb),
-            job_threads=number("JOB_THREADS", defaults.job_threads),
+            # Jobs running side by side must not oversubscribe the cores: OpenMP threads that spin on
+            # barriers slow small ops down tenfold when there are more threads than cores.
+            job_threads=number("JOB_THREADS", max(1, (os.cpu_count() or 2) // number("WORKER_CONCURRENCY", 1))),
             max_deliveries=number("MAX_DELIVERIES", defaults.max_deliveries),
             worker_concurrency=number("WORKER_CONCURRENCY", defaults.worker_concurrency),
             api_workers=number("API_WORKERS", defaults.api_workers),
             log_level=(env.get("MODELPRESS_LOG_LEVEL") or defaults.log_level).upper(),
+            log_format=(env.get("MODELPRESS_LOG_FORMAT") or defaults.log_format).lower(),
             api_keys_file=Path(env["MODELPRESS_API_KEYS_FILE"]).absolute() if env.get("MODELPRESS_API_KEYS_FILE") else None,
             allow_open_network=env.get("MODELPRESS_ALLOW_OPEN_NETWORK", "").lower() in ("1", "true", "yes"),
             max_active_jobs=number("MAX_ACTIVE_JOBS", defaults.max_active_jobs),
             heartbeat_stale_s=number("HEARTBEAT_STALE_S", defaults.heartbeat_stale_s),
             retention_hours=float(env.get("MODELPRESS_RETENTION_HOURS") or defaults.retention_hours),
+            webhook_allow_private=env.get("MODELPRESS_WEBHOOK_ALLOW_PRIVATE", "").lower() in ("1", "true", "yes"),
+            webhook_backoff_s=float(env.get("MODELPRESS_WEBHOOK_BACKOFF_S") or defaults.webhook_backoff_s),
+            webhook_secret=env.get("MODELPRESS_WEBHOOK_SECRET") or None,
         )
 
     def with_changes(self, **changes: object) -> "Settings":
@@ -86,12 +96,17 @@ class Settings:
             "MODELPRESS_WORKER_CONCURRENCY": str(self.worker_concurrency),
             "MODELPRESS_API_WORKERS": str(self.api_workers),
             "MODELPRESS_LOG_LEVEL": self.log_level,
+            "MODELPRESS_LOG_FORMAT": self.log_format,
             "MODELPRESS_ALLOW_OPEN_NETWORK": "1" if self.allow_open_network else "",
             "MODELPRESS_MAX_ACTIVE_JOBS": str(self.max_active_jobs),
             "MODELPRESS_HEARTBEAT_STALE_S": str(self.heartbeat_stale_s),
             "MODELPRESS_RETENTION_HOURS": str(self.retention_hours),
+            "MODELPRESS_WEBHOOK_ALLOW_PRIVATE": "1" if self.webhook_allow_private else "",
+            "MODELPRESS_WEBHOOK_BACKOFF_S": str(self.webhook_backoff_s),
         }
         env["MODELPRESS_API_KEYS_FILE"] = str(self.api_keys_file) if self.api_keys_file else ""
+        if self.webhook_secret:
+            env["MODELPRESS_WEBHOOK_SECRET"] = self.webhook_secret
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
         return env

@@ -15,7 +15,9 @@ server (not on Redis Cluster).
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import time
 from datetime import datetime, timezone
@@ -35,17 +37,21 @@ MOVES: dict[str, frozenset[str]] = {
     CANCELLED: frozenset(),
 }
 
+log = logging.getLogger("modelpress.jobs")
 _PREFIX = "modelpress:"
 _INDEX = _PREFIX + "jobs"
 _RUNNING = _PREFIX + "running"
 _FINISHED = _PREFIX + "finished"
 
 # KEYS[1] job, KEYS[2] global index. ARGV[1] id, ARGV[2] tenant, ARGV[3] active-job limit,
-# ARGV[4..] field, value pairs. Returns 1 when created, 0 when the tenant is at its limit.
+# ARGV[4] method, ARGV[5] bytes uploaded, ARGV[6..] field, value pairs.
+# Returns 1 when created, 0 when the tenant is at its limit.
 _CREATE_SCRIPT = """
 local active = 'modelpress:tenant:' .. ARGV[2] .. ':active'
 if redis.call('SCARD', active) >= tonumber(ARGV[3]) then return 0 end
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+for i = 6, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('HINCRBY', 'modelpress:metrics', 'submitted|' .. ARGV[4], 1)
+redis.call('HINCRBY', 'modelpress:metrics', 'bytes_uploaded', ARGV[5])
 redis.call('ZADD', KEYS[2], 0, ARGV[1])
 redis.call('ZADD', 'modelpress:tenant:' .. ARGV[2] .. ':jobs', 0, ARGV[1])
 redis.call('SADD', active, ARGV[1])
@@ -70,6 +76,17 @@ for allowed in string.gmatch(ARGV[3], '[^,]+') do
       redis.call('ZREM', 'modelpress:running', ARGV[1])
       redis.call('SREM', 'modelpress:tenant:' .. tenant .. ':active', ARGV[1])
       redis.call('ZADD', 'modelpress:finished', ARGV[4], ARGV[1])
+      local spec = redis.call('HGET', KEYS[1], 'spec')
+      local method = spec and cjson.decode(spec).method or 'unknown'
+      local metrics = 'modelpress:metrics'
+      redis.call('HINCRBY', metrics, 'finished|' .. target .. '|' .. method, 1)
+      local created = tonumber(redis.call('HGET', KEYS[1], 'created_epoch') or ARGV[4])
+      local duration = math.max(0, tonumber(ARGV[4]) - created)
+      for _, bound in ipairs({1, 5, 15, 60, 300, 900, 1800, 3600, 14400}) do
+        if duration <= bound then redis.call('HINCRBY', metrics, 'duration_bucket|' .. method .. '|' .. bound, 1) end
+      end
+      redis.call('HINCRBY', metrics, 'duration_count|' .. method, 1)
+      redis.call('HINCRBYFLOAT', metrics, 'duration_sum|' .. method, duration)
     end
     return target
   end
@@ -127,12 +144,23 @@ class JobStore:
         self._update_if = client.register_script(_UPDATE_IF_SCRIPT)
         self._delete = client.register_script(_DELETE_SCRIPT)
 
-    def create(self, job: dict[str, Any], max_active: int = 1 << 30) -> bool:
+    def create(self, job: dict[str, Any], max_active: int = 1 << 30, uploaded_bytes: int = 0) -> bool:
         """Store a new record (state ``queued``) and index it; False if its tenant has ``max_active`` jobs."""
-        args: list[Any] = [job["id"], job.get("tenant", "public"), max_active]
+        job = {**job, "created_epoch": time.time()}
+        args: list[Any] = [job["id"], job.get("tenant", "public"), max_active, job["spec"]["method"], int(uploaded_bytes)]
         for name, value in _encode(job).items():
             args += [name, value]
-        return bool(self._create(keys=[_key(job["id"]), _INDEX], args=args))
+        created = bool(self._create(keys=[_key(job["id"]), _INDEX], args=args))
+        if created:
+            log.info("job %s: %s", job["id"], QUEUED, extra={"job_id": job["id"], "state": QUEUED, "event": "transition"})
+        return created
+
+    def metrics(self) -> dict[str, str]:
+        """Counters kept by the scripts: submitted, finished, durations, bytes uploaded."""
+        return {_text(k): _text(v) for k, v in self.redis.hgetall(_PREFIX + "metrics").items()}
+
+    def running_count(self) -> int:
+        return int(self.redis.zcard(_RUNNING))
 
     def get(self, job_id: str) -> dict[str, Any] | None:
         raw = self.redis.hgetall(_key(job_id))
@@ -147,8 +175,10 @@ class JobStore:
         args: list[Any] = [job_id, to_state, ",".join(allowed), time.time()]
         for name, value in _encode(fields).items():
             args += [name, value]
-        result = self._move(keys=[_key(job_id)], args=args)
-        return _text(result) if result else None
+        result = _text(self._move(keys=[_key(job_id)], args=args) or b"") or None
+        if result == to_state:
+            log.info("job %s: %s", job_id, to_state, extra={"job_id": job_id, "state": to_state, "event": "transition"})
+        return result
 
     def update_running(self, job_id: str, **fields: Any) -> bool:
         """Set fields (progress, stage) only while the job is running."""
@@ -187,6 +217,20 @@ class JobStore:
     def finished_before(self, epoch_s: float) -> list[str]:
         return [_text(i) for i in self.redis.zrangebyscore(_FINISHED, "-inf", epoch_s)]
 
+    # ------------------------------------------------------------------ idempotency keys
+
+    def remember_request(self, tenant: str, key: str, fingerprint: str, job_id: str, ttl_s: int) -> dict[str, str] | None:
+        """Claim ``key`` for this request; if it was claimed before, return that claim instead."""
+        name = f"{_PREFIX}idempotency:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}"
+        claim = json.dumps({"fingerprint": fingerprint, "job_id": job_id})
+        if self.redis.set(name, claim, nx=True, ex=ttl_s):
+            return None
+        previous = self.redis.get(name)
+        return json.loads(previous) if previous else None
+
+    def forget_request(self, tenant: str, key: str) -> None:
+        self.redis.delete(f"{_PREFIX}idempotency:{tenant}:{hashlib.sha256(key.encode()).hexdigest()}")
+
     # ------------------------------------------------------------------ listing and deleting
 
     def delete(self, job_id: str) -> None:
@@ -221,6 +265,18 @@ class JobStore:
                 return jobs, None
         more = self.redis.zrevrangebylex(index, f"({cursor}", "-", start=0, num=1)
         return jobs, (cursor if more else None)
+
+
+_INTERNAL_FIELDS = frozenset({"process_pid", "deliveries", "tenant", "created_epoch"})
+
+
+def public_view(job: dict[str, Any]) -> dict[str, Any]:
+    """The job resource clients see (API answers and webhooks): no internal fields, plus links."""
+    base = f"/v1/jobs/{job['id']}"
+    links = {"self": base}
+    if job["state"] == SUCCEEDED:
+        links.update(model=f"{base}/model", report=f"{base}/report")
+    return {**{k: v for k, v in job.items() if k not in _INTERNAL_FIELDS}, "links": links}
 
 
 def _key(job_id: str) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from modelpress.config import Settings
+from modelpress.logs import configure_logging
 
 log = logging.getLogger("modelpress.stack")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +71,7 @@ class Stack:
         return self._spawn(name, [
             sys.executable, "-m", "celery", "-A", "workers.worker", "worker",
             "--loglevel", self.settings.log_level, "--concurrency", str(self.settings.worker_concurrency),
-            "--queues", "modelpress", "--hostname", f"{name}-{os.getpid()}@%h",
+            "--queues", "modelpress,modelpress-events", "--hostname", f"{name}-{os.getpid()}@%h",
             "--without-gossip", "--without-mingle",
         ])
 
@@ -198,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("role", nargs="?", choices=("all", "api", "worker"), default="all")
     role = parser.parse_args(argv).role
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     if role != "all" and not settings.redis_url:
         parser.error(f"the {role} role needs REDIS_URL (only 'all' starts an embedded Redis)")
     stack = Stack(settings)

@@ -1,13 +1,12 @@
 """The HTTP API: an app factory in the style of Flask's own Celery example."""
 from __future__ import annotations
 
-import logging
-
 import redis
 from flask import Flask
 
 from modelpress.config import Settings
 from modelpress.jobs import JobStore
+from modelpress.logs import configure_logging
 from modelpress.storage import Storage
 
 
@@ -49,6 +48,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     api = ProblemApi(app)
     api.register_blueprint(jobs_api.blp)
+    api.register_blueprint(jobs_api.webhooks_blp)
     api.register_blueprint(health.blp)
-    logging.getLogger("modelpress").setLevel(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     return app

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import current_app
+from flask import Response, current_app
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
+from modelpress.metrics import render
 from service.problems import ApiProblem
+from workers.celery_app import QUEUE
 from service.schemas import HealthSchema
 
 blp = Blueprint("health", __name__, description="Liveness and readiness")
@@ -35,3 +37,13 @@ class Ready(MethodView):
         if not replies:
             raise ApiProblem(503, "Service Unavailable", "no worker answered a ping", headers={"Retry-After": "5"})
         return {"status": "ready", "redis": "ok", "workers": len(replies)}
+
+
+@blp.route("/metrics")
+class Metrics(MethodView):
+    @blp.response(200, description="Prometheus text format", content_type="text/plain")
+    def get(self) -> Response:
+        """Job counters, duration histogram, queue depth and bytes uploaded (shared by all API processes)."""
+        store = current_app.extensions["modelpress_jobs"]
+        text = render(store.metrics(), queue_depth=int(store.redis.llen(QUEUE)), running=store.running_count())
+        return Response(text, mimetype="text/plain", headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})

@@ -1,6 +1,8 @@
 """The ``/v1/jobs`` resource: submit, poll, list, download, report, cancel and delete."""
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from typing import Any
 
@@ -10,25 +12,35 @@ from flask_smorest import Blueprint
 
 from modelpress import jobs
 from modelpress.archive import ArchiveRejected, check_torchscript_archive
-from modelpress.jobs import JobStore, new_job_id, utc_now
+from modelpress.jobs import JobStore, new_job_id, public_view, utc_now
 from modelpress.spec import MAX_SPEC_BYTES, SpecError, dump_spec, parse_spec
 from modelpress.storage import Storage, read_json, write_json_atomic
 from service.auth import require_tenant
 from service.problems import ApiProblem
+from modelpress.webhooks import CallbackRefused, check_callback_url, tenant_secret
 from service.queue import enqueue_job
-from service.schemas import JobListArgsSchema, JobListSchema, JobSchema, JobSubmissionSchema, ProblemSchema
+from workers.celery_app import announce_final
+from service.schemas import (JobListArgsSchema, JobListSchema, JobSchema, JobSubmissionSchema, ProblemSchema,
+                             WebhookSecretSchema)
 from service.uploads import gzip_copy, keep_upload, upload_is_empty
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Compression jobs")
 blp.before_request(require_tenant)
 
+POLL_AFTER_S = 2
+IDEMPOTENCY_TTL_S = 24 * 3600
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _JOB_ID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 _PROBLEM = {"content_type": "application/problem+json", "schema": ProblemSchema}
 
 
 @blp.route("")
 class Jobs(MethodView):
-    @blp.doc(requestBody={"required": True, "content": {"multipart/form-data": {"schema": JobSubmissionSchema}}})
+    @blp.doc(requestBody={"required": True, "content": {"multipart/form-data": {"schema": JobSubmissionSchema}}},
+             parameters=[{"in": "header", "name": "Idempotency-Key", "required": False, "schema": {"type": "string",
+                          "minLength": 1, "maxLength": 255},
+                          "description": "Per tenant, for 24 hours: the same key with the same request returns the "
+                                         "first job (header Idempotent-Replayed: true); with a different request, 422."}])
     @blp.response(202, JobSchema, description="Accepted; poll the Location header.")
     @blp.alt_response(413, description="Upload too large", **_PROBLEM)
     @blp.alt_response(415, description="Not multipart/form-data", **_PROBLEM)
@@ -48,6 +60,15 @@ class Jobs(MethodView):
         for name, part in (("model", model), ("data", data), ("student", student)):
             if part is not None and upload_is_empty(part):
                 errors[name] = ["the file is empty"]
+        callback_url = request.form.get("callback_url") or None
+        if callback_url is not None:
+            try:
+                check_callback_url(callback_url, current_app.extensions["modelpress"].webhook_allow_private)
+            except CallbackRefused as refused:
+                errors["callback_url"] = [str(refused)]
+        idempotency_key = request.headers.get("Idempotency-Key")
+        if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
+            errors["Idempotency-Key"] = ["1 to 255 printable ASCII characters"]
         spec: dict[str, Any] | None = None
         raw_spec = _spec_text()
         if raw_spec is None:
@@ -79,16 +100,33 @@ class Jobs(MethodView):
         except BaseException:
             storage.delete(job_id)
             raise
+        if idempotency_key is not None:
+            fingerprint = _fingerprint(spec, *[info and info["sha256"] for info in (model_info, data_info, student_info)],
+                                       callback_url)
+            previous = _store().remember_request(g.tenant, idempotency_key, fingerprint, job_id, IDEMPOTENCY_TTL_S)
+            if previous is not None:
+                storage.delete(job_id)
+                earlier = _store().get(previous["job_id"])
+                if previous["fingerprint"] != fingerprint:
+                    raise _invalid({"Idempotency-Key": ["already used with a different request (within 24 hours)"]})
+                if earlier is None:
+                    raise ApiProblem(409, "Conflict", "a request with this Idempotency-Key is still being "
+                                     "processed; retry shortly", headers={"Retry-After": "1"})
+                return public_view(earlier), 202, {"Location": url_for("jobs.Job", job_id=earlier["id"]),
+                                                   "Idempotent-Replayed": "true"}
         write_json_atomic(files.spec, dump_spec(spec))
         job = {
             "id": job_id, "tenant": g.tenant, "state": jobs.QUEUED, "progress": 0.0, "stage": "queued",
             "created_at": utc_now(), "started_at": None, "finished_at": None,
             "spec": dump_spec(spec), "input": model_info, "data": data_info, "student": student_info,
-            "result": None, "error": None,
+            "result": None, "error": None, "callback_url": callback_url,
         }
         settings = current_app.extensions["modelpress"]
-        if not _store().create(job, max_active=settings.max_active_jobs):
+        uploaded = sum(info["bytes"] for info in (model_info, data_info, student_info) if info)
+        if not _store().create(job, max_active=settings.max_active_jobs, uploaded_bytes=uploaded):
             storage.delete(job_id)
+            if idempotency_key is not None:
+                _store().forget_request(g.tenant, idempotency_key)
             raise ApiProblem(429, "Too Many Requests",
                              f"at most {settings.max_active_jobs} queued or running jobs per tenant "
                              "(MODELPRESS_MAX_ACTIVE_JOBS); wait for some to finish", headers={"Retry-After": "30"})
@@ -98,26 +136,33 @@ class Jobs(MethodView):
             # Not accepted after all: the client is told to retry, so nothing is kept.
             _store().delete(job_id)
             storage.delete(job_id)
+            if idempotency_key is not None:
+                _store().forget_request(g.tenant, idempotency_key)
             raise ApiProblem(503, "Service Unavailable", "the job queue is unavailable; try again shortly",
                              headers={"Retry-After": "5"}) from None
         location = url_for("jobs.Job", job_id=job_id)
-        return _public(job), 202, {"Location": location}
+        return public_view(job), 202, {"Location": location}
 
     @blp.arguments(JobListArgsSchema, location="query", as_kwargs=True)
     @blp.response(200, JobListSchema)
     def get(self, limit: int, state: str | None = None, cursor: str | None = None) -> dict[str, Any]:
         """List jobs, newest first (cursor pagination, optional state filter)."""
         page, next_cursor = _store().page(g.tenant, state=state, limit=limit, after=cursor)
-        return {"jobs": [_public(job) for job in page], "next_cursor": next_cursor}
+        return {"jobs": [public_view(job) for job in page], "next_cursor": next_cursor}
 
 
 @blp.route("/<job_id>")
 class Job(MethodView):
-    @blp.response(200, JobSchema)
+    @blp.etag
+    @blp.response(200, JobSchema, headers={"Retry-After": {"description": "Seconds until the next poll is useful "
+                                                                          "(unfinished jobs)", "schema": {"type": "integer"}}})
     @blp.alt_response(404, description="No such job", **_PROBLEM)
-    def get(self, job_id: str) -> dict[str, Any]:
-        """Poll a job."""
-        return _public(_job_or_404(job_id))
+    def get(self, job_id: str) -> Any:
+        """Poll a job. Send the ETag back as If-None-Match: an unchanged job answers 304 with no body."""
+        job = _job_or_404(job_id)
+        if job["state"] in jobs.FINAL_STATES:
+            return public_view(job)
+        return public_view(job), {"Retry-After": str(POLL_AFTER_S)}
 
     @blp.response(202, JobSchema, description="Cancellation accepted (queued or running job).")
     @blp.alt_response(204, description="A finished job and its files were deleted.")
@@ -128,11 +173,13 @@ class Job(MethodView):
         store = _store()
         if job["state"] == jobs.QUEUED:
             if store.move(job_id, jobs.CANCELLED, finished_at=utc_now(), stage="cancelled") == jobs.CANCELLED:
-                return _public(store.get(job_id)), 202
+                cancelled = store.get(job_id)
+                announce_final(current_app.extensions["celery"], cancelled)
+                return public_view(cancelled), 202
             job = _job_or_404(job_id)
         if job["state"] == jobs.RUNNING:
             store.update_if(job_id, [jobs.RUNNING], cancel_requested=True)
-            return _public(_job_or_404(job_id)), 202
+            return public_view(_job_or_404(job_id)), 202
         store.delete(job_id)
         _storage().delete(job_id)
         return "", 204
@@ -175,16 +222,6 @@ class JobReport(MethodView):
 # ---------------------------------------------------------------------------- helpers
 
 
-def _public(job: dict[str, Any]) -> dict[str, Any]:
-    """The job resource: the record without internal fields, plus links."""
-    links = {"self": url_for("jobs.Job", job_id=job["id"])}
-    if job["state"] == jobs.SUCCEEDED:
-        links["model"] = url_for("jobs.JobModel", job_id=job["id"])
-        links["report"] = url_for("jobs.JobReport", job_id=job["id"])
-    hidden = {"process_pid", "deliveries", "tenant"}
-    return {**{k: v for k, v in job.items() if k not in hidden}, "links": links}
-
-
 def _job_or_404(job_id: str) -> dict[str, Any]:
     """The caller's own job; another tenant's job is answered exactly like a missing one."""
     job = _store().get(job_id) if _JOB_ID.match(job_id) else None
@@ -199,6 +236,12 @@ def _succeeded_or_409(job_id: str) -> dict[str, Any]:
         raise ApiProblem(409, "Conflict", f"the job is {job['state']}; the model and report exist once it has succeeded",
                          slug="job-not-succeeded")
     return job
+
+
+def _fingerprint(spec: dict[str, Any], *parts: Any) -> str:
+    """What makes two submissions the same request: the accepted spec, the files' digests, the callback."""
+    canonical = json.dumps([dump_spec(spec), *parts], sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _spec_text() -> str | None:
@@ -226,3 +269,15 @@ def _store() -> JobStore:
 
 def _storage() -> Storage:
     return current_app.extensions["modelpress_storage"]
+
+
+webhooks_blp = Blueprint("webhooks", __name__, url_prefix="/v1/webhook-secret", description="Webhook signing")
+webhooks_blp.before_request(require_tenant)
+
+
+@webhooks_blp.route("")
+class WebhookSecret(MethodView):
+    @webhooks_blp.response(200, WebhookSecretSchema)
+    def get(self) -> dict[str, str]:
+        """Your tenant's secret for verifying webhook signatures (Standard Webhooks, HMAC-SHA256)."""
+        return {"secret": tenant_secret(current_app.extensions["modelpress"], g.tenant), "scheme": "standard-webhooks-v1"}

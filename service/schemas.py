@@ -52,6 +52,7 @@ class JobSchema(Schema):
     student = fields.Nested(FileInfoSchema, allow_none=True)
     result = fields.Nested(ResultSchema, allow_none=True)
     error = fields.Nested(ProblemSchema, allow_none=True)
+    callback_url = fields.String(allow_none=True)
     links = fields.Nested(LinksSchema)
 
 
@@ -73,9 +74,15 @@ class JobSubmissionSchema(Schema):
     spec = fields.String(required=True, metadata={"description": "The compression spec as JSON text (a form field or a file part)."})
     data = Upload(metadata={"description": "Optional .npz or .safetensors with an 'inputs' array (and 'labels')."})
     student = Upload(metadata={"description": "TorchScript student, when spec.distill.student.from is 'upload'."})
+    callback_url = fields.String(metadata={"description": "http(s) URL that gets the job, signed, on each final state."})
 
 
 class HealthSchema(Schema):
     status = fields.String()
     redis = fields.String()
     workers = fields.Integer()
+
+
+class WebhookSecretSchema(Schema):
+    secret = fields.String(metadata={"description": "whsec_<base64>; the HMAC key is the decoded part."})
+    scheme = fields.String()

@@ -60,10 +60,10 @@ def make_settings(tmp: Path, **changes: Any) -> Settings:
     base = Settings.from_env(
         {k: v for k, v in os.environ.items() if k in ("REDIS_URL",)}
     )
-    return base.with_changes(
-        data_dir=tmp, port=free_port(), redis_port=free_port(), api_workers=2,
-        max_upload_mb=128, job_threads=2, heartbeat_stale_s=4, **changes,
-    )
+    defaults = dict(data_dir=tmp, port=free_port(), redis_port=free_port(), api_workers=2, max_upload_mb=128,
+                    job_threads=2, heartbeat_stale_s=4, webhook_allow_private=True, webhook_backoff_s=0.5,
+                    log_format="json")
+    return base.with_changes(**{**defaults, **changes})
 
 
 @pytest.fixture(scope="session")

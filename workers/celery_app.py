@@ -6,7 +6,9 @@ from celery import Celery
 from modelpress.config import Settings
 
 RUN_JOB_TASK = "modelpress.run_job"
+DELIVER_WEBHOOK_TASK = "modelpress.deliver_webhook"
 QUEUE = "modelpress"
+EVENTS_QUEUE = "modelpress-events"  # webhooks: small, and never stuck behind a queue of jobs
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -20,7 +22,7 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
         task_default_queue=QUEUE,
-        task_routes={RUN_JOB_TASK: {"queue": QUEUE}},
+        task_routes={RUN_JOB_TASK: {"queue": QUEUE}, DELIVER_WEBHOOK_TASK: {"queue": EVENTS_QUEUE}},
         broker_connection_retry_on_startup=True,
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
         # The supervisor enforces the job's own limit; these only stop a supervisor that hangs itself.
@@ -33,3 +35,9 @@ def make_celery(settings: Settings) -> Celery:
     )
     app.conf.modelpress_settings = settings
     return app
+
+
+def announce_final(celery: Celery, job: dict) -> None:
+    """Queue the webhook of a job that just reached a final state, if it named a callback."""
+    if job.get("callback_url"):
+        celery.send_task(DELIVER_WEBHOOK_TASK, args=[job["id"]])

@@ -47,16 +47,17 @@ class Supervisor:
         client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
         return cls(settings, JobStore(client), Storage(settings.data_dir))
 
-    def run(self, job_id: str) -> str:
+    def run(self, job_id: str) -> tuple[str, bool]:
+        """Run the job to a final state; return that state and whether this call moved the job there."""
         job = self.store.get(job_id)
         if job is None:
             log.warning("job %s: no record (deleted before it ran); skipping", job_id)
-            return "missing"
+            return "missing", False
         if job["state"] in jobs.FINAL_STATES:
-            return job["state"]
+            return job["state"], False
         if job["state"] == jobs.RUNNING and not self._supervisor_gone(job_id):
             log.info("job %s: another worker is still running it; skipping this delivery", job_id)
-            return jobs.RUNNING
+            return jobs.RUNNING, False
         deliveries = self.store.count_delivery(job_id)
         if deliveries > self.settings.max_deliveries:
             return self._finish(job_id, jobs.FAILED, error=problem(
@@ -67,7 +68,7 @@ class Supervisor:
         if job["state"] == jobs.QUEUED:
             state = self.store.move(job_id, jobs.RUNNING, started_at=utc_now(), stage="starting", progress=0.0)
             if state != jobs.RUNNING:
-                return state or "missing"
+                return state or "missing", False
         else:
             log.warning("job %s: delivery %d after its worker stopped; running it again", job_id, deliveries)
             self.store.beat(job_id)
@@ -93,7 +94,7 @@ class Supervisor:
 
     # ------------------------------------------------------------------ the child process
 
-    def _run_child(self, job_id: str, files: JobFiles) -> str:
+    def _run_child(self, job_id: str, files: JobFiles) -> tuple[str, bool]:
         read_fd, write_fd = os.pipe()
         with open(files.process_log, "ab") as log_file:
             child = subprocess.Popen(
@@ -154,7 +155,8 @@ class Supervisor:
             ))
         return self._record_exit(job_id, files, child.returncode, outcome)
 
-    def _record_exit(self, job_id: str, files: JobFiles, returncode: int, outcome: dict[str, Any] | None) -> str:
+    def _record_exit(self, job_id: str, files: JobFiles, returncode: int,
+                     outcome: dict[str, Any] | None) -> tuple[str, bool]:
         if returncode == 0 and outcome and outcome["event"] == "succeeded" and files.output_model.exists():
             report = read_json(files.report)
             return self._finish(job_id, jobs.SUCCEEDED, result=_result_summary(files, report), progress=1.0, stage="done")
@@ -187,7 +189,7 @@ class Supervisor:
         job = self.store.get(job_id)
         return job is None or job.get("cancel_requested", False) or job["state"] == jobs.CANCELLED
 
-    def _finish(self, job_id: str, state: str, **fields: Any) -> str:
+    def _finish(self, job_id: str, state: str, **fields: Any) -> tuple[str, bool]:
         """Record the final state, retrying while Redis is unreachable (a restart must not lose it)."""
         deadline = time.monotonic() + REDIS_RETRY_S
         while True:
@@ -198,8 +200,7 @@ class Supervisor:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
-        log.info("job %s: %s", job_id, final)
-        return final or "missing"
+        return final or "missing", final == state
 
     @staticmethod
     def _quietly(call, *args: Any, default: Any = None, **kwargs: Any) -> Any:

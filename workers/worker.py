@@ -1,7 +1,8 @@
 """Entry point of the worker process: ``celery -A workers.worker worker``."""
-from celery.signals import worker_ready
+from celery.signals import after_setup_logger, worker_ready
 
 from modelpress.config import Settings
+from modelpress.logs import configure_logging
 from workers.celery_app import make_celery
 from workers.reaper import Reaper
 
@@ -12,3 +13,8 @@ celery = make_celery(settings)
 @worker_ready.connect
 def _start_reaper(sender=None, **kwargs) -> None:
     Reaper(settings, celery).start()
+
+
+@after_setup_logger.connect
+def _modelpress_logging(**kwargs) -> None:
+    configure_logging(settings.log_level, settings.log_format)

@@ -81,7 +81,7 @@ def test_openapi_document_describes_the_api(api: ApiClient) -> None:
     body = paths["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["$ref"].endswith("JobSubmission")
     schemas = document["components"]["schemas"]
-    assert set(schemas["JobSubmission"]["properties"]) == {"model", "spec", "data", "student"}
+    assert set(schemas["JobSubmission"]["properties"]) == {"model", "spec", "data", "student", "callback_url"}
     assert schemas["QuantizeSpec"]["properties"]["dtype"]["enum"] == ["qint8", "float16"]
     assert "422" in paths["/v1/jobs"]["post"]["responses"]
     assert api.session.get(api.url("/docs")).status_code == 200

@@ -42,7 +42,7 @@ def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hardened]:
     keys = {"alpha": "mp_alpha-secret-key", "beta": "mp_beta-secret-key"}
     (root / "keys").write_text("".join(f"{tenant} sha256:{hash_key(key)}\n" for tenant, key in keys.items()))
     settings = make_settings(root / "data", redis_url=None, api_keys_file=root / "keys", job_timeout_s=JOB_TIMEOUT_S,
-                             job_memory_mb=6144, max_active_jobs=60, worker_concurrency=2)
+                             job_memory_mb=6144, max_active_jobs=60, worker_concurrency=2, job_threads=1)
     stack = Stack(settings, log_dir=root / "logs")
     try:
         stack.start()

@@ -1,0 +1,222 @@
+"""The ``modelpress`` command: submit, watch, download and manage compression jobs.
+
+Exit status: 0 the job succeeded (or the command worked), 1 the job failed, 3 it was
+cancelled, 4 the service refused the request, 2 bad usage. Progress bars go to stderr and
+only when it is a terminal.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from modelpress.client import ChecksumMismatch, Client, ModelPressError
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_REFUSED = 0, 1, 2, 3, 4
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    client = Client(args.url, args.api_key)
+    try:
+        return args.run(client, args)
+    except ModelPressError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    except ChecksumMismatch as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def _submit(client: Client, args: argparse.Namespace) -> int:
+    spec = _spec_from(args)
+    bar = ProgressBar("upload", sys.stderr)
+    job = client.submit(args.model, spec, data=args.data, student=args.student, callback_url=args.callback_url,
+                        idempotency_key=args.idempotency_key, progress=bar.update)
+    bar.close()
+    if not args.wait:
+        _print_json(job)
+        return EXIT_OK
+    return _watch(client, job, args.timeout, args.out)
+
+
+def _status(client: Client, args: argparse.Namespace) -> int:
+    job = client.job(args.job)
+    _print_json(job)
+    return _exit_for(job)
+
+
+def _list(client: Client, args: argparse.Namespace) -> int:
+    for index, job in enumerate(client.jobs(state=args.state)):
+        if index >= args.limit:
+            break
+        print(f"{job['id']}  {job['state']:<9}  {job['spec']['method']:<8}  {job['created_at']}  "
+              f"{(job.get('input') or {}).get('filename', '')}")
+    return EXIT_OK
+
+
+def _download(client: Client, args: argparse.Namespace) -> int:
+    bar = ProgressBar("download", sys.stderr)
+    path = client.download(args.job, args.out, progress=bar.update)
+    bar.close()
+    print(f"saved {path} (sha256 verified)")
+    return EXIT_OK
+
+
+def _cancel(client: Client, args: argparse.Namespace) -> int:
+    job = client.cancel(args.job)
+    print("deleted" if job is None else f"{job['id']}: {job['state']}"
+          + (" (cancel requested)" if job and job.get("cancel_requested") else ""))
+    return EXIT_OK
+
+
+def _report(client: Client, args: argparse.Namespace) -> int:
+    _print_json(client.report(args.job))
+    return EXIT_OK
+
+
+def _watch(client: Client, job: dict[str, Any], timeout: float, out: str | None) -> int:
+    live = sys.stderr.isatty()
+
+    def show(current: dict[str, Any]) -> None:
+        if live:
+            percent = 100 * float(current.get("progress") or 0)
+            sys.stderr.write(f"\r{current['id']} {current['state']:<9} {percent:5.1f}%  {current.get('stage') or '':<40}")
+            sys.stderr.flush()
+
+    final = client.wait(job, timeout=timeout, on_update=show)
+    if live:
+        sys.stderr.write("\n")
+    status = _exit_for(final)
+    if status != EXIT_OK:
+        error = final.get("error") or {}
+        print(f"job {final['id']} {final['state']}: {error.get('title', '')}: {error.get('detail', '')}".rstrip(": "),
+              file=sys.stderr)
+        return status
+    result = final["result"]
+    print(f"job {final['id']} succeeded: {result['bytes']} bytes ({result['size_ratio']:.3f}x), "
+          f"latency {result['latency_ratio']}x, cosine {result['cosine_similarity']}")
+    if out:
+        bar = ProgressBar("download", sys.stderr)
+        client.download(final, out, progress=bar.update)
+        bar.close()
+        print(f"saved {out} (sha256 verified)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- spec from options
+
+
+def _spec_from(args: argparse.Namespace) -> dict[str, Any]:
+    chosen = [name for name in ("spec", "quantize", "prune", "distill") if getattr(args, name) is not None]
+    if len(chosen) != 1:
+        raise ValueError("give exactly one of --spec, --quantize, --prune or --distill")
+    if args.spec is not None:
+        spec = json.loads(Path(args.spec).read_text())
+    elif args.quantize is not None:
+        dtype = {"dynamic": "qint8", "int8": "qint8", "qint8": "qint8", "float16": "float16"}.get(args.quantize)
+        if dtype is None:
+            raise ValueError("--quantize takes dynamic (int8) or float16")
+        spec = {"method": "quantize", "quantize": {"mode": "dynamic", "dtype": dtype}}
+    elif args.prune is not None:
+        spec = {"method": "prune", "prune": {"amount": args.prune, "structured": args.structured}}
+    else:
+        kind, _, value = args.distill.partition("=")
+        student = {"width": lambda: {"from": "width", "width": float(value)},
+                   "torchvision": lambda: {"from": "torchvision", "arch": value},
+                   "upload": lambda: {"from": "upload"}}.get(kind)
+        if student is None:
+            raise ValueError("--distill takes width=FRACTION, torchvision=ARCH or upload")
+        spec = {"method": "distill", "distill": {"student": student()}}
+    if args.input_shape:
+        spec["input_shape"] = [int(n) for n in args.input_shape.split(",")]
+    return spec
+
+
+def _exit_for(job: dict[str, Any]) -> int:
+    return {"succeeded": EXIT_OK, "failed": EXIT_FAILED, "cancelled": EXIT_CANCELLED}.get(job["state"], EXIT_OK)
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+class ProgressBar:
+    """A byte progress bar on a terminal; silent when the stream is not one."""
+
+    def __init__(self, label: str, stream: TextIO, width: int = 30) -> None:
+        self.label, self.stream, self.width = label, stream, width
+        self.live = stream.isatty()
+        self._last = 0.0
+
+    def update(self, done: int, total: int) -> None:
+        if not self.live or (time.monotonic() - self._last < 0.1 and done < total):
+            return
+        self._last = time.monotonic()
+        fraction = done / total if total else 1.0
+        filled = int(self.width * fraction)
+        self.stream.write(f"\r{self.label:>8} [{'#' * filled}{'.' * (self.width - filled)}] "
+                          f"{100 * fraction:5.1f}% {done / 1e6:8.1f}/{total / 1e6:.1f} MB")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.live:
+            self.stream.write("\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelpress", description="Compress TorchScript models with a ModelPress service.")
+    parser.add_argument("--url", help="service address (default: $MODELPRESS_URL or http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", help="API key (default: $MODELPRESS_API_KEY)")
+    commands = parser.add_subparsers(dest="command")
+
+    submit = commands.add_parser("submit", help="upload a model and a spec")
+    submit.add_argument("model")
+    submit.add_argument("--spec", help="spec JSON file")
+    submit.add_argument("--quantize", metavar="dynamic|float16", help="dynamic quantization instead of --spec")
+    submit.add_argument("--prune", type=float, metavar="AMOUNT", help="pruning amount (0..1) instead of --spec")
+    submit.add_argument("--structured", action="store_true", help="with --prune: remove whole channels")
+    submit.add_argument("--distill", metavar="width=F|torchvision=ARCH|upload", help="distillation instead of --spec")
+    submit.add_argument("--input-shape", metavar="N,C,H,W", help="example input shape for inline specs")
+    submit.add_argument("--data", help=".npz or .safetensors with 'inputs' (and 'labels')")
+    submit.add_argument("--student", help="TorchScript student (with --distill upload)")
+    submit.add_argument("--callback-url", help="URL that gets the job on each final state")
+    submit.add_argument("--idempotency-key", help="repeat-safe submission key")
+    submit.add_argument("--wait", action="store_true", help="follow the job until it ends")
+    submit.add_argument("--timeout", type=float, default=3600, help="seconds --wait waits (default 3600)")
+    submit.add_argument("--out", help="with --wait: download the result here")
+    submit.set_defaults(run=_submit)
+
+    for name, run, help_text in (("status", _status, "show a job"), ("report", _report, "show a job's report")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("job")
+        command.set_defaults(run=run)
+    listing = commands.add_parser("list", help="list jobs, newest first")
+    listing.add_argument("--state", choices=("queued", "running", "succeeded", "failed", "cancelled"))
+    listing.add_argument("--limit", type=int, default=20)
+    listing.set_defaults(run=_list)
+    download = commands.add_parser("download", help="download a compressed model (sha256 verified)")
+    download.add_argument("job")
+    download.add_argument("--out", required=True)
+    download.set_defaults(run=_download)
+    cancel = commands.add_parser("cancel", help="cancel a queued or running job, or delete a finished one")
+    cancel.add_argument("job")
+    cancel.set_defaults(run=_cancel)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())
