@@ -56,6 +56,20 @@ class ApiClient:
             time.sleep(0.2)
 
 
+def compression_process(job_id: str, timeout: float = 60):
+    """The job's child process, found by its command line (``workers.job_process <job dir>``)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in psutil.process_iter(["cmdline"]):
+            cmdline = process.info["cmdline"] or []
+            if "workers.job_process" in cmdline and any(arg.endswith(job_id) for arg in cmdline):
+                return process
+        time.sleep(0.1)
+    raise AssertionError(f"no compression process for job {job_id} within {timeout} s")
+
+
 def make_settings(tmp: Path, **changes: Any) -> Settings:
     base = Settings.from_env(
         {k: v for k, v in os.environ.items() if k in ("REDIS_URL",)}

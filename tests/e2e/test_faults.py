@@ -3,31 +3,16 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
-import psutil
 import pytest
-import torch
 
-from tests.conftest import ApiClient
+from tests.conftest import ApiClient, compression_process
 from tests.models import SlowModel, SmallConvNet, save_scripted
 
 # Many timed runs of a slow model: the job stays running until the test acts on it.
 SLOW_SPEC = {"method": "quantize", "input_shape": [8, 64], "evaluation": {"runs": 1000, "warmup": 0}}
 QUICK_SPEC = {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": {"runs": 2, "warmup": 0}}
-
-
-def _compression_process(job_id: str, timeout: float = 60) -> psutil.Process:
-    """The job's child process, found by its command line (``workers.job_process <job dir>``)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for process in psutil.process_iter(["cmdline"]):
-            cmdline = process.info["cmdline"] or []
-            if "workers.job_process" in cmdline and any(arg.endswith(job_id) for arg in cmdline):
-                return process
-        time.sleep(0.1)
-    raise AssertionError(f"no compression process for job {job_id} within {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +29,7 @@ def test_killed_compression_process_fails_its_job_and_the_worker_goes_on(api: Ap
                                                                          quick_model: Path) -> None:
     victim = api.submit(slow_model, SLOW_SPEC).json()["id"]
     api.wait(victim, until={"running"}, timeout=120)
-    process = _compression_process(victim)
+    process = compression_process(victim)
     os.kill(process.pid, signal.SIGKILL)
 
     job = api.wait(victim, timeout=60)
@@ -59,7 +44,7 @@ def test_killed_compression_process_fails_its_job_and_the_worker_goes_on(api: Ap
 def test_cancelling_a_running_job_kills_its_process(api: ApiClient, slow_model: Path) -> None:
     job_id = api.submit(slow_model, SLOW_SPEC).json()["id"]
     api.wait(job_id, until={"running"}, timeout=120)
-    process = _compression_process(job_id)
+    process = compression_process(job_id)
 
     answer = api.session.delete(api.url(f"/v1/jobs/{job_id}"))
     assert answer.status_code == 202 and answer.json()["cancel_requested"] is True
@@ -90,7 +75,7 @@ def test_cancelling_a_queued_job(api: ApiClient, slow_model: Path, quick_model: 
 
 def _kill_pool_process(job_id: str) -> None:
     """SIGKILL the Celery pool process running the job (the parent of its compression process)."""
-    child = _compression_process(job_id)
+    child = compression_process(job_id)
     os.kill(child.ppid(), signal.SIGKILL)
     child.wait(timeout=30)  # PR_SET_PDEATHSIG takes the compression process down with its supervisor
 

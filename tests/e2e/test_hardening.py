@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import signal
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +18,7 @@ from torch import nn
 
 from modelpress.keys import hash_key
 from modelpress.stack import Stack
-from tests.conftest import ApiClient, make_settings
+from tests.conftest import ApiClient, compression_process, make_settings
 from tests.models import SlowModel, SmallConvNet, save_scripted, scripted_bytes
 
 QUICK = {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": {"runs": 1, "warmup": 0}}
@@ -62,17 +61,6 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"quick": save_scripted(SmallConvNet(), root / "quick.pt"),
             "slow": save_scripted(SlowModel(steps=5000), root / "slow.pt"),
             "medium": save_scripted(SlowModel(steps=1500), root / "medium.pt")}
-
-
-def _child_of(job_id: str, timeout: float = 60) -> psutil.Process:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for process in psutil.process_iter(["cmdline"]):
-            cmdline = process.info["cmdline"] or []
-            if "workers.job_process" in cmdline and any(arg.endswith(job_id) for arg in cmdline):
-                return process
-        time.sleep(0.1)
-    raise AssertionError(f"no compression process for job {job_id}")
 
 
 # ----------------------------------------------------------------------------- keys and tenants
@@ -190,7 +178,7 @@ def test_job_process_runs_without_network_or_secrets(hardened: Hardened, models:
 
 def test_hanging_compression_is_killed_at_the_time_limit(hardened: Hardened, models: dict[str, Path]) -> None:
     job_id = hardened.alpha.submit(models["slow"], SLOW).json()["id"]
-    child = _child_of(job_id)
+    child = compression_process(job_id)
 
     job = hardened.alpha.wait(job_id, timeout=JOB_TIMEOUT_S + 60)
     assert job["state"] == "failed"
@@ -222,7 +210,7 @@ def test_active_job_quota_answers_429(hardened: Hardened, models: dict[str, Path
 
 def test_worker_killed_mid_job_and_started_again_finishes_the_job(hardened: Hardened, models: dict[str, Path]) -> None:
     job_id = hardened.alpha.submit(models["medium"], MEDIUM).json()["id"]
-    child = _child_of(job_id)
+    child = compression_process(job_id)
 
     hardened.stack.kill_process("worker")
     child.wait(timeout=30)  # the compression process dies with its supervisor
@@ -236,7 +224,7 @@ def test_reaper_requeues_a_job_whose_worker_vanished(hardened: Hardened, models:
     hardened.stack.start_worker("worker2")
     try:
         job_id = hardened.alpha.submit(models["medium"], MEDIUM).json()["id"]
-        child = _child_of(job_id)
+        child = compression_process(job_id)
         worker_pid = psutil.Process(child.ppid()).ppid()
         vanished = next(name for name, p in hardened.stack.processes.items() if p.pid == worker_pid)
 
@@ -252,7 +240,7 @@ def test_reaper_requeues_a_job_whose_worker_vanished(hardened: Hardened, models:
 def test_redis_restart_mid_run_loses_no_job(hardened: Hardened, models: dict[str, Path]) -> None:
     ids = [hardened.alpha.submit(models["medium"], {**MEDIUM, "evaluation": {"runs": 10, "warmup": 0}}).json()["id"]
            for _ in range(4)]
-    _child_of(ids[0])
+    compression_process(ids[0])
 
     hardened.stack.stop_process("redis")
     time.sleep(2)  # Redis stays down a while (this is the fault being tested, not a wait for a result)

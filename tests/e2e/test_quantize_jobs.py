@@ -6,7 +6,6 @@ import io
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from tests.conftest import ApiClient

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.models import DigitsCNN, SmallConvNet, digits_splits, save_scripted, test_accuracy, train_classifier
+from tests.models import DigitsCNN, save_scripted, test_accuracy
 from workers.compression.errors import InvalidInput
 from workers.compression.pipeline import compress
 
@@ -21,21 +21,9 @@ def _spec(**distill: object) -> dict:
     return {"method": "distill", "seed": 0, "evaluation": {"runs": 2, "warmup": 1}, "distill": options}
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    torch.set_num_threads(2)
-    splits = digits_splits()
-    teacher = train_classifier(DigitsCNN(), splits["x_train"], splits["y_train"], epochs=15)
-    root = tmp_path_factory.mktemp("distill")
-    np.savez(root / "labelled.npz", inputs=splits["x_train"].numpy(), labels=splits["y_train"].numpy())
-    np.savez(root / "unlabelled.npz", inputs=splits["x_train"].numpy())
-    return {**splits, "teacher": save_scripted(teacher, root / "teacher.pt"), "root": root,
-            "accuracy": test_accuracy(teacher, splits["x_test"], splits["y_test"])}
-
-
 def test_width_student_with_labels_keeps_99_percent_of_the_teacher(digits: dict, tmp_path: Path) -> None:
     assert digits["accuracy"] >= 0.975
-    report = compress(digits["teacher"], _spec(), tmp_path / "student.pt", data_path=digits["root"] / "labelled.npz")
+    report = compress(digits["model"], _spec(), tmp_path / "student.pt", data_path=digits["labelled"])
 
     assert report["parameters"]["after"] <= report["parameters"]["before"] / 8
     student = torch.jit.load(str(tmp_path / "student.pt"))
@@ -49,7 +37,7 @@ def test_width_student_with_labels_keeps_99_percent_of_the_teacher(digits: dict,
 
 
 def test_width_student_without_labels_keeps_97_percent(digits: dict, tmp_path: Path) -> None:
-    report = compress(digits["teacher"], _spec(), tmp_path / "student.pt", data_path=digits["root"] / "unlabelled.npz")
+    report = compress(digits["model"], _spec(), tmp_path / "student.pt", data_path=digits["unlabelled"])
 
     student = torch.jit.load(str(tmp_path / "student.pt"))
     assert test_accuracy(student, digits["x_test"], digits["y_test"]) >= 0.97 * digits["accuracy"]
@@ -60,7 +48,7 @@ def test_width_student_without_labels_keeps_97_percent(digits: dict, tmp_path: P
 def test_uploaded_student_and_early_stopping(digits: dict, tmp_path: Path) -> None:
     student = save_scripted(DigitsCNN(width=8), tmp_path / "small.pt")
     spec = _spec(student={"source": "upload"}, epochs=40, early_stopping_patience=2, optimizer="sgd", lr=0.05)
-    report = compress(digits["teacher"], spec, tmp_path / "out.pt", data_path=digits["root"] / "labelled.npz",
+    report = compress(digits["model"], spec, tmp_path / "out.pt", data_path=digits["labelled"],
                       student_path=student)
 
     details = report["details"]
@@ -74,7 +62,7 @@ def test_uploaded_student_and_early_stopping(digits: dict, tmp_path: Path) -> No
 def test_data_that_does_not_fit_the_teacher_fails_before_training(digits: dict, tmp_path: Path) -> None:
     np.savez(tmp_path / "wrong.npz", inputs=np.zeros((20, 3, 8, 8), dtype=np.float32))
     with pytest.raises(InvalidInput, match=r"input of shape \[20, 3, 8, 8\].*to have 1 channels"):
-        compress(digits["teacher"], _spec(), tmp_path / "out.pt", data_path=tmp_path / "wrong.npz")
+        compress(digits["model"], _spec(), tmp_path / "out.pt", data_path=tmp_path / "wrong.npz")
 
 
 def test_student_with_another_output_shape_is_refused(digits: dict, tmp_path: Path) -> None:
@@ -88,11 +76,11 @@ def test_student_with_another_output_shape_is_refused(digits: dict, tmp_path: Pa
 
     student = save_scripted(SevenClasses(), tmp_path / "seven.pt")
     with pytest.raises(InvalidInput, match=r"student's output shape \[2, 7\] differs from the teacher's \[2, 10\]"):
-        compress(digits["teacher"], _spec(student={"source": "upload"}), tmp_path / "out.pt",
-                 data_path=digits["root"] / "labelled.npz", student_path=student)
+        compress(digits["model"], _spec(student={"source": "upload"}), tmp_path / "out.pt",
+                 data_path=digits["labelled"], student_path=student)
 
 
 def test_unknown_torchvision_architecture(digits: dict, tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="unknown torchvision classification model 'resnet7'"):
-        compress(digits["teacher"], _spec(student={"source": "torchvision", "arch": "resnet7"}), tmp_path / "out.pt",
-                 data_path=digits["root"] / "labelled.npz")
+        compress(digits["model"], _spec(student={"source": "torchvision", "arch": "resnet7"}), tmp_path / "out.pt",
+                 data_path=digits["labelled"])

@@ -1,8 +1,6 @@
 """Bad models and bad inputs become typed errors with readable messages."""
 from __future__ import annotations
 
-import io
-import zipfile
 from pathlib import Path
 
 import numpy as np

@@ -3,13 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from tests.models import (ConcatNet, DigitsCNN, Recurrent, ResidualNet, digits_splits, save_scripted,
-                          test_accuracy, train_classifier)
+from tests.models import (ConcatNet, Recurrent, ResidualNet, save_scripted,
+                          test_accuracy)
 from workers.compression.pipeline import compress
 
 
@@ -20,17 +18,6 @@ def _spec(shape: list[int] | None = None, **prune: object) -> dict:
     if shape:
         spec["input_shape"] = shape
     return spec
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    torch.set_num_threads(2)
-    splits = digits_splits()
-    model = train_classifier(DigitsCNN(), splits["x_train"], splits["y_train"], epochs=15)
-    root = tmp_path_factory.mktemp("digits")
-    np.savez(root / "train.npz", inputs=splits["x_train"].numpy(), labels=splits["y_train"].numpy())
-    return {**splits, "model": save_scripted(model, root / "digits.pt"), "train": root / "train.npz",
-            "accuracy": test_accuracy(model, splits["x_test"], splits["y_test"])}
 
 
 def _sparsity(path: Path, names: list[str]) -> float:
@@ -134,7 +121,7 @@ def test_mobilenet_v3_small_runs_and_names_what_was_left_whole(tmp_path: Path) -
 
 def test_digits_unstructured_80_percent_with_finetuning_keeps_accuracy(digits: dict, tmp_path: Path) -> None:
     spec = _spec(amount=0.8, finetune={"epochs": 4, "lr": 1e-3, "batch_size": 64, "seed": 0})
-    report = compress(digits["model"], spec, tmp_path / "out.pt", data_path=digits["train"])
+    report = compress(digits["model"], spec, tmp_path / "out.pt", data_path=digits["labelled"])
 
     pruned = torch.jit.load(str(tmp_path / "out.pt"))
     assert test_accuracy(pruned, digits["x_test"], digits["y_test"]) >= digits["accuracy"] - 0.01
@@ -147,7 +134,7 @@ def test_digits_unstructured_80_percent_with_finetuning_keeps_accuracy(digits: d
 
 def test_digits_structured_half_with_finetuning_keeps_accuracy(digits: dict, tmp_path: Path) -> None:
     spec = _spec(amount=0.5, structured=True, finetune={"epochs": 6, "lr": 1e-3, "batch_size": 64, "seed": 0})
-    report = compress(digits["model"], spec, tmp_path / "out.pt", data_path=digits["train"])
+    report = compress(digits["model"], spec, tmp_path / "out.pt", data_path=digits["labelled"])
 
     pruned = torch.jit.load(str(tmp_path / "out.pt"))
     assert test_accuracy(pruned, digits["x_test"], digits["y_test"]) >= digits["accuracy"] - 0.015
@@ -156,9 +143,8 @@ def test_digits_structured_half_with_finetuning_keeps_accuracy(digits: dict, tmp
 
 
 def test_self_distillation_without_labels(digits: dict, tmp_path: Path) -> None:
-    np.savez(tmp_path / "unlabelled.npz", inputs=digits["x_train"].numpy())
     spec = _spec(amount=0.5, structured=True, finetune={"epochs": 4, "lr": 1e-3, "batch_size": 64, "seed": 0})
-    compress(digits["model"], spec, tmp_path / "out.pt", data_path=tmp_path / "unlabelled.npz")
+    compress(digits["model"], spec, tmp_path / "out.pt", data_path=digits["unlabelled"])
 
     pruned = torch.jit.load(str(tmp_path / "out.pt"))
     assert test_accuracy(pruned, digits["x_test"], digits["y_test"]) >= digits["accuracy"] - 0.03

@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from tests.models import LinearTransformer, Recurrent, SmallConvNet, save_scripted, transformer_encoder
 from workers.compression.artifacts import load_model
