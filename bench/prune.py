@@ -78,6 +78,7 @@ def main() -> None:
             _print(rows[-1])
 
         splits = digits_splits()
+        torch.manual_seed(0)
         teacher = train_classifier(DigitsCNN(), splits["x_train"], splits["y_train"], epochs=15)
         digits = save_scripted(teacher, workdir / "digits.pt")
         np.savez(workdir / "train.npz", inputs=splits["x_train"].numpy(), labels=splits["y_train"].numpy())

@@ -54,13 +54,18 @@ def save_model(model: torch.jit.ScriptModule, path: str | os.PathLike) -> int:
     return path.stat().st_size
 
 
-def clone_model(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
-    """An independent copy. (copy.deepcopy of a ScriptModule yields non-leaf parameters that optimisers refuse.)"""
+def clone_model(model: torch.jit.ScriptModule, device: torch.device | str = "cpu") -> torch.jit.ScriptModule:
+    """An independent copy on ``device``.
+
+    Why not the obvious calls: copy.deepcopy of a ScriptModule yields non-leaf parameters that
+    optimisers refuse, and ScriptModule.to("cuda") left some weights on the CPU (torch 2.11, seen
+    on an H100); a reload with map_location moves every tensor.
+    """
     buffer = io.BytesIO()
     with quiet_torchscript_warnings():
         torch.jit.save(model, buffer)
         buffer.seek(0)
-        copy = torch.jit.load(buffer, map_location="cpu")
+        copy = torch.jit.load(buffer, map_location=device)
     return copy.train(model.training)
 
 

@@ -61,8 +61,8 @@ def distill(
     alpha = 1.0 if not labelled else (0.9 if spec.get("alpha") is None else float(spec["alpha"]))
     train, validation = _split(data, float(spec.get("val_fraction", 0.1)), int(spec.get("seed", 0)))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    curve, best_epoch, stopped_early = _train(teacher, student, train, validation, spec, alpha, device, progress)
-    final = _evaluate(teacher, student, validation, device)
+    student, curve, best_epoch, stopped_early = _train(teacher, student, train, validation, spec, alpha, device, progress)
+    final = _evaluate(teacher, student, validation, torch.device("cpu"))
     details = {
         "student": origin,
         "temperature": float(spec.get("temperature", 4.0)),
@@ -124,12 +124,13 @@ def _split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]
 
 
 def _train(teacher, student, train: Dataset, validation: Dataset, spec, alpha: float, device: torch.device,
-           progress: Progress) -> tuple[list[dict[str, Any]], int, bool]:
+           progress: Progress) -> tuple[torch.jit.ScriptModule, list[dict[str, Any]], int, bool]:
+    """Train a copy of ``student`` on ``device``; return it (on the CPU, best epoch's weights) and the curve."""
     epochs, batch_size = int(spec.get("epochs", 10)), int(spec.get("batch_size", 64))
     temperature = float(spec.get("temperature", 4.0))
     patience = spec.get("early_stopping_patience")
-    teacher.to(device).eval()
-    student.to(device)
+    teacher = clone_model(teacher, device).eval()
+    student = clone_model(student, device)
     parameters = [p for p in student.parameters() if p.is_floating_point()]
     for parameter in parameters:
         parameter.requires_grad_(True)
@@ -182,9 +183,7 @@ def _train(teacher, student, train: Dataset, validation: Dataset, spec, alpha: f
                 tensor.copy_(best_state[name])
     for parameter in parameters:
         parameter.requires_grad_(False)
-    teacher.cpu()
-    student.cpu().eval()
-    return curve, best_epoch, stopped_early
+    return clone_model(student, "cpu").eval(), curve, best_epoch, stopped_early
 
 
 def _evaluate(teacher, student, data: Dataset, device: torch.device) -> dict[str, float | None]:

@@ -88,15 +88,15 @@ def compress(
         "size": {
             "bytes_before": input_bytes,
             "bytes_after": output_bytes,
-            "ratio": round(output_bytes / input_bytes, 4),
+            "ratio": _significant(output_bytes / input_bytes),
             "deflate_bytes_before": _deflate_bytes(Path(model_path)),
             "deflate_bytes_after": _deflate_bytes(Path(output_path)),
         },
         "parameters": {"before": parameters_before, "after": parameters_after},
         "latency": {
-            "before_ms": round(latency_before, 3),
-            "after_ms": round(latency_after, 3),
-            "ratio": round(latency_after / latency_before, 4) if latency_before > 0 else None,
+            "before_ms": _significant(latency_before),
+            "after_ms": _significant(latency_after),
+            "ratio": _significant(latency_after / latency_before) if latency_before > 0 else None,
             "batch_shape": list(batch.shape),
             "runs": runs,
             "warmup": warmup,
@@ -109,6 +109,11 @@ def compress(
         "details": details,
         "environment": {"torch": torch.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count()},
     }
+
+
+def _significant(value: float, digits: int = 5) -> float:
+    """Round to significant digits, not decimals: a 0.0015 ratio keeps its precision."""
+    return float(f"{value:.{digits}g}")
 
 
 def _deflate_bytes(path: Path) -> int:
