@@ -108,7 +108,7 @@ def _watch(client: Client, job: dict[str, Any], timeout: float, out: str | None)
         return status
     result = final["result"]
     print(f"job {final['id']} succeeded: {result['bytes']} bytes ({result['size_ratio']:.3f}x), "
-          f"latency {result['latency_ratio']}x, cosine {result['cosine_similarity']}")
+          f"latency {_ratio(result.get('latency_ratio'))}, cosine {_number(result.get('cosine_similarity'))}")
     if out:
         bar = ProgressBar("download", sys.stderr)
         client.download(final, out, progress=bar.update)
@@ -144,6 +144,14 @@ def _spec_from(args: argparse.Namespace) -> dict[str, Any]:
     if args.input_shape:
         spec["input_shape"] = [int(n) for n in args.input_shape.split(",")]
     return spec
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.5f}"
 
 
 def _exit_for(job: dict[str, Any]) -> int:
