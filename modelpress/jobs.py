@@ -194,9 +194,6 @@ class JobStore:
         """Count one more delivery of the job to a worker; return the new count."""
         return int(self.redis.hincrby(_key(job_id), "deliveries_raw", 1))
 
-    def active_count(self, tenant: str) -> int:
-        return int(self.redis.scard(f"{_PREFIX}tenant:{tenant}:active"))
-
     # ------------------------------------------------------------------ heartbeats and the reaper
 
     def beat(self, job_id: str) -> None:

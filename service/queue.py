@@ -1,7 +1,11 @@
-"""Wires Celery to Flask, as in Flask's Celery example; the API only sends tasks by name."""
+"""Wires Celery to Flask (``celery_init_app``, as in Flask's Celery example).
+
+The API only sends tasks, by name; they run in the worker, which needs no Flask app, so there
+is no app-context Task class here.
+"""
 from __future__ import annotations
 
-from celery import Celery, Task
+from celery import Celery
 from flask import Flask
 
 from modelpress.config import Settings
@@ -9,13 +13,7 @@ from workers.celery_app import RUN_JOB_TASK, make_celery
 
 
 def celery_init_app(app: Flask, settings: Settings) -> Celery:
-    class FlaskTask(Task):
-        def __call__(self, *args: object, **kwargs: object) -> object:
-            with app.app_context():
-                return self.run(*args, **kwargs)
-
     celery = make_celery(settings)
-    celery.Task = FlaskTask
     app.extensions["celery"] = celery
     return celery
 

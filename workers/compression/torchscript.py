@@ -94,21 +94,5 @@ def tensor_list_constants(graph: torch._C.Graph) -> Iterator[tuple[torch._C.Node
             yield node, list(output.toIValue())
 
 
-def op_kinds(model: torch.jit.ScriptModule) -> set[str]:
-    """The op kinds in the model's inlined forward graph, nested blocks included."""
-    with quiet_torchscript_warnings():
-        graph = model.inlined_graph
-    return _block_kinds(graph)
-
-
-def _block_kinds(block: torch._C.Graph | torch._C.Block) -> set[str]:
-    kinds: set[str] = set()
-    for node in block.nodes():
-        kinds.add(node.kind())
-        for inner in node.blocks():
-            kinds |= _block_kinds(inner)
-    return kinds
-
-
 def _module_type(module: torch.nn.Module) -> str:
     return getattr(module, "original_name", type(module).__name__)
