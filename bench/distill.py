@@ -9,13 +9,9 @@ scratch on labels with cross-entropy for as many epochs. Accuracy is on the held
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.quantize import _cpu_name  # noqa: E402
+from bench.common import arguments, machine, prepare, write_results  # noqa: E402
 from tests.models import DigitsCNN, digits_splits, save_scripted, test_accuracy, train_classifier  # noqa: E402
 from workers.compression.artifacts import load_model  # noqa: E402
 from workers.compression.inputs import load_dataset  # noqa: E402
@@ -67,13 +63,10 @@ def scratch_student(teacher_path: Path, width: float, data_path: Path, epochs: i
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__, "distill")
     parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "distill.json")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    prepare(args)
     splits = digits_splits()
     rows = []
     with tempfile.TemporaryDirectory() as temp:
@@ -110,13 +103,9 @@ def main() -> None:
                   f"{row['distilled_no_labels']:20.4f} {row['scratch_labels']:14.4f} "
                   f"{100 * row['of_teacher_labels']:7.1f}/{100 * row['of_teacher_no_labels']:4.1f} "
                   f"{row['time_labels_s']:9.1f}", flush=True)
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-               "epochs": args.epochs}
-    result = {"machine": machine, "teacher": {"test_accuracy": teacher_accuracy, "parameters": teacher_parameters,
-                                              "train_time_s": teacher_time}, "students": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"machine: {machine}\nwrote {args.out}")
+    write_results(args, {"machine": machine(args, epochs=args.epochs), "students": rows,
+                         "teacher": {"test_accuracy": teacher_accuracy, "parameters": teacher_parameters,
+                                     "train_time_s": teacher_time}})
 
 
 if __name__ == "__main__":

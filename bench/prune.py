@@ -9,12 +9,8 @@ accuracy, measured here. Prints a table and writes JSON.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +19,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.quantize import _cpu_name  # noqa: E402
+from bench.common import arguments, machine, prepare, write_results  # noqa: E402
 from tests.models import DigitsCNN, digits_splits, save_scripted, test_accuracy, train_classifier  # noqa: E402
 from workers.compression.pipeline import compress  # noqa: E402
 
@@ -57,14 +53,11 @@ def row(model: str, structured: bool, amount: float, finetuned: bool, result: di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__, "prune")
     parser.add_argument("--runs", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--finetune-epochs", type=int, default=6)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "prune.json")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    prepare(args)
     rows = []
     with tempfile.TemporaryDirectory() as temp:
         workdir = Path(temp)
@@ -96,11 +89,8 @@ def main() -> None:
                 rows.append(row("digits-cnn", structured, amount, tuned is not None, result, accuracy))
                 _print(rows[-1])
 
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-               "runs": args.runs, "statistic": "median latency", "finetune_epochs": args.finetune_epochs}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
-    print(f"machine: {machine}\nwrote {args.out}")
+    write_results(args, {"machine": machine(args, runs=args.runs, statistic="median latency",
+                                            finetune_epochs=args.finetune_epochs), "results": rows})
 
 
 _HEADER_PRINTED = False

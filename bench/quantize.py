@@ -10,13 +10,8 @@ Prints a table and writes JSON.
 """
 from __future__ import annotations
 
-import argparse
 import io
-import json
-import os
-import platform
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +20,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import arguments, machine, prepare, write_results  # noqa: E402
 from tests.models import LinearTransformer, Recurrent, transformer_encoder  # noqa: E402  (the shared model zoo)
 from workers.compression.measure import median_latency_ms, output_fidelity  # noqa: E402
 from workers.compression.quantize import quantize  # noqa: E402
@@ -101,20 +97,15 @@ def bench_one(name: str, model: nn.Module, shape: tuple[int, ...], runs: int) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = arguments(__doc__, "quantize")
     parser.add_argument("--runs", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quantize.json")
     args = parser.parse_args()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
+    prepare(args)
 
     rows = [bench_one(name, model, shape, args.runs) for name, model, shape in models()]
-    machine = {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-               "python": platform.python_version(), "runs": args.runs, "statistic": "median"}
+    facts = machine(args, runs=args.runs, statistic="median")
 
     header = f"{'model':32} {'size mp':>8} {'size eager':>10} {'lat mp':>7} {'lat eager':>9} {'mp/eager':>8} {'cos mp':>8} {'cos eager':>9} {'top1 mp':>7}"
-    print(f"machine: {machine}")
     print(header)
     for row in rows:
         top1 = row["fidelity"]["modelpress"]["top1_agreement"]
@@ -125,9 +116,7 @@ def main() -> None:
               f"{_cell(eager_fidelity and eager_fidelity['cosine_similarity'], 9, 5)} {_cell(top1, 7, 3)}")
         if row["eager_baseline_error"]:
             print(f"  eager baseline failed: {row['eager_baseline_error'][:120]}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args, {"machine": facts, "results": rows})
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -136,16 +125,6 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
 
 def _cell(value: float | None, width: int, digits: int) -> str:
     return f"{'-':>{width}}" if value is None else f"{value:{width}.{digits}f}"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":
