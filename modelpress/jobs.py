@@ -190,6 +190,11 @@ class JobStore:
             args += [name, value]
         return bool(self._update_if(keys=[_key(job_id)], args=args))
 
+    def cancel_wanted(self, job_id: str) -> bool:
+        """True once a running job should stop: cancel requested, cancelled, or deleted (two fields, not the record)."""
+        state, requested = self.redis.hmget(_key(job_id), ["state", "cancel_requested"])
+        return state is None or json.loads(state) == CANCELLED or (requested is not None and json.loads(requested))
+
     def count_delivery(self, job_id: str) -> int:
         """Count one more delivery of the job to a worker; return the new count."""
         return int(self.redis.hincrby(_key(job_id), "deliveries_raw", 1))

@@ -137,9 +137,9 @@ class Supervisor:
                                   progress=last_progress["progress"])
                     last_progress = None
                 last_write = now
-            if self._quietly(self._cancel_requested, job_id, default=False):
-                stop_reason = "cancelled"
-            elif now > deadline:
+                if self._quietly(self.store.cancel_wanted, job_id, default=False):
+                    stop_reason = "cancelled"
+            if not stop_reason and now > deadline:
                 stop_reason = "timeout"
             if stop_reason:
                 _kill_group(child)
@@ -184,10 +184,6 @@ class Supervisor:
             if name in os.environ:
                 env[name] = os.environ[name]
         return env
-
-    def _cancel_requested(self, job_id: str) -> bool:
-        job = self.store.get(job_id)
-        return job is None or job.get("cancel_requested", False) or job["state"] == jobs.CANCELLED
 
     def _finish(self, job_id: str, state: str, **fields: Any) -> tuple[str, bool]:
         """Record the final state, retrying while Redis is unreachable (a restart must not lose it)."""

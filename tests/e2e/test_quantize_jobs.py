@@ -23,6 +23,16 @@ def _download(api: ApiClient, job: dict) -> tuple[torch.jit.ScriptModule, bytes]
     return torch.jit.load(io.BytesIO(body)), body
 
 
+def _compress(api: ApiClient, path: Path, spec: dict) -> tuple[dict, torch.jit.ScriptModule, bytes]:
+    """Submit, wait for success, download: the job, the loaded result and its bytes."""
+    submitted = api.submit(path, spec)
+    assert submitted.status_code == 202, submitted.text
+    job = api.wait(submitted.json()["id"], timeout=600)
+    assert job["state"] == "succeeded", job["error"]
+    model, body = _download(api, job)
+    return job, model, body
+
+
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 
@@ -33,13 +43,9 @@ def test_linear_heavy_transformer_end_to_end(api: ApiClient, tmp_path: Path) -> 
     path = save_scripted(original, tmp_path / "transformer.pt")
     spec = {"method": "quantize", "input_shape": [4, 32, 512], "evaluation": {"runs": 5, "warmup": 2}}
 
-    submitted = api.submit(path, spec)
-    assert submitted.status_code == 202, submitted.text
-    job = api.wait(submitted.json()["id"], timeout=600)
+    job, model, body = _compress(api, path, spec)
 
-    assert job["state"] == "succeeded", job["error"]
     assert job["progress"] == 1.0 and job["started_at"] and job["finished_at"]
-    model, body = _download(api, job)
     assert len(body) <= 0.27 * path.stat().st_size
     x = torch.randn(3, 20, 512)
     with torch.no_grad():
@@ -63,10 +69,8 @@ def test_scripted_transformer_encoder_is_compressed_and_says_what_stayed_float(a
     path = save_scripted(original, tmp_path / "encoder.pt")
     spec = {"method": "quantize", "input_shape": [2, 16, 512], "evaluation": {"runs": 3, "warmup": 1}}
 
-    job = api.wait(api.submit(path, spec).json()["id"], timeout=600)
+    job, model, body = _compress(api, path, spec)
 
-    assert job["state"] == "succeeded", job["error"]
-    model, body = _download(api, job)
     assert len(body) <= 0.55 * path.stat().st_size
     x = torch.randn(2, 16, 512)
     with torch.no_grad():
