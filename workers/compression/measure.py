@@ -36,14 +36,17 @@ def count_parameters(model: torch.jit.ScriptModule) -> int:
 
 
 def count_macs(model: torch.jit.ScriptModule, batch: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass on ``batch``: conv and matrix-multiply ops, as torch.profiler counts them."""
-    from torch.profiler import ProfilerActivity, profile
+    """Multiply-accumulates of one forward pass on ``batch``: convolutions and matrix multiplies (FLOPs / 2).
 
-    with torch.no_grad(), quiet_torchscript_warnings(), profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
+    Counted by a dispatch mode, not torch.profiler: starting the profiler initialises Kineto, which
+    probes for GPUs and prints "gpuGetDeviceCount failed" on machines with a CUDA build of torch and
+    no usable GPU.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), quiet_torchscript_warnings(), FlopCounterMode(display=False) as counter:
         model(batch)
-    flops = sum(event.flops for event in prof.key_averages()
-                if event.flops and ("conv" in event.key or "mm" in event.key or "linear" in event.key))
-    return int(flops // 2)
+    return int(counter.get_total_flops() // 2)
 
 
 def run_model(model: torch.jit.ScriptModule, batch: torch.Tensor) -> Any:

@@ -60,7 +60,7 @@ def prune(
             progress=lambda stage, fraction: progress(stage, 0.5 + 0.45 * fraction),
         )
     details["macs"] = {"before": macs_before, "after": count_macs(model, batch),
-                       "batch_shape": list(batch.shape), "counted": "conv2d and matrix multiplies (torch.profiler)"}
+                       "batch_shape": list(batch.shape), "counted": "convolutions and matrix multiplies (torch.utils.flop_counter, FLOPs / 2)"}
     if excluded_by_default:
         details["notes"].append(f"the final classifier {excluded_by_default!r} is excluded by default (set 'exclude' to change)")
     if spec.get("structured") is False and spec.get("criterion") == "l2":
