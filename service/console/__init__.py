@@ -102,7 +102,10 @@ def _problem(problem: ApiProblem) -> tuple[str, int]:
 @bp.app_context_processor
 def _template_globals() -> dict[str, Any]:
     return {"csrf_token": _csrf_token, "keys_on": current_app.extensions.get("modelpress_keys") is not None,
-            "tenant": g.get("tenant"), "number": format_number, "final_states": jobs.FINAL_STATES}
+            "tenant": g.get("tenant"), "final_states": jobs.FINAL_STATES}
+
+
+bp.add_app_template_global(format_number, "number")  # globals reach imported macros too
 
 
 def _csrf_token() -> str:
@@ -154,8 +157,10 @@ def new_job() -> Any:
         except ApiProblem as refused:
             errors, problem = refused.errors or {}, refused
     placed = spec_form.errors_by_control(errors, tree, FILE_PARTS + (spec_form.ADVANCED,))
-    return render_template("console/new.html", tree=tree, values=request.form, errors=placed, problem=problem), \
-        (problem.status if problem else 422)
+    problem = problem or invalid(errors)
+    # The page itself is fine (200): the refusal is its content. A 4xx document would make the browser log
+    # "Failed to load resource" as a console error for an ordinary typo.
+    return render_template("console/new.html", tree=tree, values=request.form, errors=placed, problem=problem)
 
 
 @bp.get("/jobs/<job_id>")
@@ -191,7 +196,7 @@ def sign_in_page() -> Any:
         if sign_in(request.form.get("key", "")) is not None:
             return redirect(target, code=303)
         failed = True
-    return render_template("console/sign_in.html", failed=failed, next=target), 401 if failed else 200
+    return render_template("console/sign_in.html", failed=failed, next=target)
 
 
 

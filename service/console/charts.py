@@ -34,15 +34,15 @@ def format_number(value: float | int | None) -> str:
         return f"{int(value):,}".replace(",", "\u2009")
     if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
         return f"{value:.3g}"
-    return f"{value:.4g}"
+    return f"{value:.5g}"  # 0.99997 stays 0.99997: fidelity lives in the last digits
 
 
 def before_after_bars(chart: str, title: str, unit: str, before: float, after: float,
-                      labels: tuple[str, str] = ("before", "after")) -> Markup:
+                      labels: tuple[str, str] = ("before", "after"), summary: str = "") -> Markup:
     """Before and after as two bars on one axis from zero; the after/before ratio in the description."""
     ratio = f"{after / before:.3g}x" if before else "n/a"
-    return bars(chart, title, unit, [(labels[0], before), (labels[1], after)],
-                summary=f"{labels[1]} / {labels[0]} = {ratio}")
+    return bars(chart, f"{title}: {ratio}" if before else title, unit, [(labels[0], before), (labels[1], after)],
+                summary=f"{labels[1]} / {labels[0]} = {ratio}" + (f"; {summary}" if summary else ""))
 
 
 def bars(chart: str, title: str, unit: str, values: Sequence[tuple[str, float]], scale_max: float | None = None,
@@ -67,7 +67,7 @@ def bars(chart: str, title: str, unit: str, values: Sequence[tuple[str, float]],
                      f'width="{length:.1f}" height="{bar}" fill="{fill}" stroke="#333"><title>{escape(series)}: '
                      f'{format_number(value)} {escape(unit)}</title></rect>')
         parts.append(f'<text x="{left + length + 6:.1f}" y="{y + bar / 2 + 5}">{format_number(value)} '
-                     f'{escape(unit)}</text>')
+                     f'{escape(unit.split(",")[0])}</text>')
     axis_y = top + len(values) * (bar + gap)
     parts.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + span}" y2="{axis_y}" stroke="#333"/>')
     for tick in _ticks(0, scale_max):

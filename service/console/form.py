@@ -89,7 +89,7 @@ def spec_from_form(form: MultiDict, tree: list[Control]) -> tuple[dict[str, Any]
     spec: dict[str, Any] = {}
     for control in tree:
         key = control.name.rsplit(".", 1)[1]
-        if control.kind == "section" and key != method:
+        if control.method is not None and control.method != method:
             continue
         value = _value(control, form, errors, top=True)
         if value is not _OMIT:

@@ -92,16 +92,17 @@ def _measurements(report: Mapping[str, Any]) -> dict[str, Any]:
                                               parameters["before"], parameters["after"]))
     latency = report.get("latency") or {}
     if _numbers(latency, "before_ms", "after_ms"):
-        how = ", ".join(f"{key} {_plain(latency[key])}" for key in ("statistic", "runs", "threads", "batch_shape")
+        how = ", ".join(f"{key.replace('_', ' ')} {_plain(latency[key])}" for key in ("threads", "batch_shape")
                         if latency.get(key) is not None)
-        drawn.append(charts.before_after_bars("latency", f"Latency per batch ({how})" if how else "Latency per batch",
-                                              "ms", latency["before_ms"], latency["after_ms"]))
+        title = f"Latency per batch, {latency.get('statistic', 'median')} of {_plain(latency.get('runs'))} runs"
+        drawn.append(charts.before_after_bars("latency", title, "ms", latency["before_ms"], latency["after_ms"],
+                                              summary=how))
     fidelity = report.get("fidelity") or {}
     scores = [(name.replace("_", " "), float(fidelity[name])) for name in ("cosine_similarity", "top1_agreement")
               if isinstance(fidelity.get(name), (int, float))]
     if scores:
-        drawn.append(charts.bars("fidelity", f"Fidelity to the original ({_plain(fidelity.get('samples'))} samples, "
-                                 f"{fidelity.get('inputs', 'inputs')})", "score, 0 to 1", scores, scale_max=1.0))
+        drawn.append(charts.bars("fidelity", f"Fidelity to the original, {_plain(fidelity.get('samples'))} samples",
+                                 "score, 0 to 1", scores, scale_max=1.0, summary=f"inputs: {fidelity.get('inputs')}"))
     accuracy = report.get("accuracy") or {}
     if _numbers(accuracy, "before", "after"):
         drawn.append(charts.before_after_bars("accuracy", f"Accuracy on {accuracy.get('on', 'the data')}",
