@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import secrets
 
 from flask import Flask, current_app, g, request, session
 
@@ -42,19 +43,39 @@ def require_tenant() -> None:
 
 
 def session_tenant() -> str | None:
-    """The tenant of the console's signed session cookie, None when not signed in (or the key was revoked)."""
+    """The tenant of the console's signed session cookie; None when not signed in, signed out, or the key revoked."""
     hashes = current_app.extensions["modelpress_keys"]
     if hashes is None:
         return OPEN_TENANT
-    digest = session.get("key_sha256")
-    return hashes.get(digest) if isinstance(digest, str) else None
+    digest, sid = session.get("key_sha256"), session.get("sid")
+    if not isinstance(digest, str) or not isinstance(sid, str) or digest not in hashes:
+        return None
+    if _redis().exists(_SIGNED_OUT + sid):
+        return None
+    return hashes[digest]
 
 
 def sign_in(key: str) -> str | None:
-    """Keep the key's hash (never the key) in the session; the tenant, or None for an unknown key."""
+    """Keep the key's hash (never the key) in a fresh session; the tenant, or None for an unknown key."""
     hashes = current_app.extensions["modelpress_keys"]
     tenant = tenant_for(key.strip(), hashes) if hashes is not None and key.strip() else None
     if tenant is not None:
         session.clear()
         session["key_sha256"] = hash_key(key.strip())
+        session["sid"] = secrets.token_urlsafe(18)
     return tenant
+
+
+def sign_out() -> None:
+    """Clear the session, and remember its id as signed out: a copy of the old cookie no longer signs in."""
+    sid = session.get("sid")
+    if isinstance(sid, str):
+        _redis().set(_SIGNED_OUT + sid, 1, ex=int(current_app.permanent_session_lifetime.total_seconds()))
+    session.clear()
+
+
+_SIGNED_OUT = "modelpress:console:signed-out:"
+
+
+def _redis():
+    return current_app.extensions["modelpress_jobs"].redis

@@ -22,7 +22,7 @@ from marshmallow import ValidationError
 from modelpress import jobs
 from modelpress.config import Settings, persistent_secret
 from service import jobs_api
-from service.auth import OPEN_TENANT, session_tenant, sign_in
+from service.auth import OPEN_TENANT, session_tenant, sign_in, sign_out
 from service.console import form as spec_form
 from service.console import report as report_view
 from service.console.charts import format_number
@@ -200,9 +200,9 @@ def sign_in_page() -> Any:
 
 
 
-@bp.post("/sign-out")
-def sign_out() -> Any:
-    session.clear()
+@bp.post("/sign-out", endpoint="sign_out")
+def sign_out_page() -> Any:
+    sign_out()
     return redirect(url_for("console.sign_in") if current_app.extensions.get("modelpress_keys") is not None
                     else url_for("console.jobs_list"), code=303)
 
