@@ -236,7 +236,10 @@ def _trial_method(trial: Mapping[str, Any]) -> str:
 def _refers(reference: Any, trial: Mapping[str, Any], index: int) -> bool:
     if isinstance(reference, Mapping):
         reference = reference.get("id", reference.get("trial", reference.get("index")))
-    return reference is not None and reference in (trial.get("id"), trial.get("trial"), index)
+    if reference is None:
+        return False
+    named = [trial[k] for k in ("id", "trial") if trial.get(k) is not None]
+    return reference in named if named else reference == index  # by name when trials have one, else by position
 
 
 def _on_front(report: Mapping[str, Any], trial: Mapping[str, Any], index: int) -> bool:
