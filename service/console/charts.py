@@ -42,12 +42,13 @@ def before_after_bars(chart: str, title: str, unit: str, before: float, after: f
     """Before and after as two bars on one axis from zero; the after/before ratio in the description."""
     ratio = f"{after / before:.3g}x" if before else "n/a"
     return bars(chart, f"{title}: {ratio}" if before else title, unit, [(labels[0], before), (labels[1], after)],
+                hatch_first=True,
                 summary=f"{labels[1]} / {labels[0]} = {ratio}" + (f"; {summary}" if summary else ""))
 
 
 def bars(chart: str, title: str, unit: str, values: Sequence[tuple[str, float]], scale_max: float | None = None,
-         summary: str = "") -> Markup:
-    """Horizontal bars from zero, labelled by name and value; the first bar hatched, the others solid."""
+         summary: str = "", hatch_first: bool = False) -> Markup:
+    """Horizontal bars from zero, labelled by name and value; with ``hatch_first`` the first ("before") is hatched."""
     uid = _uid(chart)
     top, bar, gap, left, right = 34, 24, 10, 150, 130
     height = top + len(values) * (bar + gap) + 40
@@ -61,7 +62,7 @@ def bars(chart: str, title: str, unit: str, values: Sequence[tuple[str, float]],
     for index, (series, value) in enumerate(values):
         y = top + index * (bar + gap)
         length = max(span * value / scale_max, 1) if value else 0
-        fill = f"url(#{uid}-hatch)" if index == 0 and len(values) == 2 else "#1f5fa8"
+        fill = f"url(#{uid}-hatch)" if index == 0 and hatch_first else "#1f5fa8"
         parts.append(f'<text x="{left - 8}" y="{y + bar / 2 + 5}" text-anchor="end">{escape(series)}</text>')
         parts.append(f'<rect class="bar" data-series="{escape(series)}" data-value="{value}" x="{left}" y="{y}" '
                      f'width="{length:.1f}" height="{bar}" fill="{fill}" stroke="#333"><title>{escape(series)}: '
