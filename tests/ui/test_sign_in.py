@@ -23,7 +23,8 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Redis and the API with keys on; no worker, so submitted jobs stay queued (nothing here needs them run)."""
     root = tmp_path_factory.mktemp("console-keys")
     (root / "keys").write_text("".join(f"{tenant} sha256:{hash_key(key)}\n" for tenant, key in KEYS.items()))
-    stack = Stack(make_settings(root / "data", redis_url=None, api_keys_file=root / "keys", api_workers=1),
+    stack = Stack(make_settings(root / "data", redis_url=None, api_keys_file=root / "keys", api_workers=1,
+                                max_active_jobs=40),
                   log_dir=root / "logs")
     try:
         stack.start(worker=False)
@@ -97,4 +98,27 @@ def test_sign_in_tenants_csrf_and_sign_out(browser, keyed: Stack, recorder, tmp_
         expect(replay_page).to_have_url(re.compile(r"/ui/sign-in"))
     finally:
         replay.close()
+    assert recorder.outside(keyed.base_url) == [] and recorder.errors == []
+
+
+def test_the_list_pages_newest_first(browser, keyed: Stack, recorder, tmp_path: Path) -> None:
+    model = save_scripted(SmallConvNet(), tmp_path / "conv.pt")
+    submitted = [submit_as(keyed, "beta", model) for _ in range(23)]
+    context, page = open_page(browser, keyed.base_url, recorder)
+    try:
+        page.goto("/ui/")
+        page.fill("#key", KEYS["beta"])
+        page.click("main button[type=submit]")
+        rows = page.locator("#job-rows tr[data-job-id]")
+        expect(rows).to_have_count(20)
+        first = [rows.nth(i).get_attribute("data-job-id") for i in range(20)]
+        page.click("a[rel=next]")
+        expect(page).to_have_url(re.compile(r"cursor="))
+        rest = [rows.nth(i).get_attribute("data-job-id") for i in range(rows.count())]
+        listed = first + rest
+        assert listed == sorted(listed, reverse=True) and set(submitted) <= set(listed)
+        assert len(listed) == len(set(listed))  # no job on two pages
+        expect(page.locator("a[rel=next]")).to_have_count(0)
+    finally:
+        context.close()
     assert recorder.outside(keyed.base_url) == [] and recorder.errors == []
