@@ -22,7 +22,7 @@ from marshmallow import ValidationError
 from modelpress import jobs
 from modelpress.config import Settings, persistent_secret
 from service import jobs_api
-from service.auth import OPEN_TENANT, session_tenant, sign_in, sign_out
+from service.auth import session_tenant, sign_in, sign_out
 from service.console import form as spec_form
 from service.console import report as report_view
 from service.console.charts import format_number
@@ -71,10 +71,10 @@ def _docs_asset(filename: str) -> Response:
 
 @bp.before_request
 def _guard() -> Any:
-    if request.endpoint in ("console.static", "console.sign_in"):
-        g.tenant = session_tenant()
-        return None
+    """Who is asking (the same tenant the API would see); not signed in: to the sign-in page. Forms need their token."""
     g.tenant = session_tenant()
+    if request.endpoint in ("console.static", "console.sign_in"):
+        return None
     if g.tenant is None:
         if request.endpoint in ("console.rows", "console.status"):
             abort(401)
@@ -241,4 +241,4 @@ def _safe_next(target: str | None) -> str:
     return url_for("console.jobs_list")
 
 
-__all__ = ["console_init_app", "OPEN_TENANT"]
+__all__ = ["console_init_app"]

@@ -7,10 +7,11 @@ function poll(region) {
   var url = region.getAttribute("data-live-url");
   function tick() {
     fetch(url, {credentials: "same-origin", headers: {"Accept": "text/html"}}).then(function (response) {
-      if (response.status === 401) { window.location.reload(); return null; }
+      if (response.status === 401 || response.status === 404) { window.location.reload(); return undefined; }
       return response.ok ? response.text() : null;
     }).then(function (html) {
-      if (html === null || html === undefined) { window.setTimeout(tick, every * 2); return; }
+      if (html === undefined) { return; }  // reloading: the page shows why (sign-in, or the job is gone)
+      if (html === null) { window.setTimeout(tick, every * 2); return; }
       if (region.innerHTML.trim() !== html.trim()) { region.innerHTML = html; }
       var finished = region.querySelector("[data-final]");
       if (finished && region.hasAttribute("data-reload-when-final")) { window.location.reload(); return; }
