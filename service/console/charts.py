@@ -81,9 +81,9 @@ def bars(chart: str, title: str, unit: str, values: Sequence[tuple[str, float]],
 
 
 def line_chart(chart: str, title: str, x_title: str, y_title: str,
-               series: dict[str, Sequence[tuple[float, float]]]) -> Markup:
+               series: dict[str, Sequence[tuple[float, float]]], y_range: tuple[float, float] | None = None) -> Markup:
     """Lines with markers per series (epochs on x); each series has its own marker and dash."""
-    return _xy_chart(chart, title, x_title, y_title, series, connect=True)
+    return _xy_chart(chart, title, x_title, y_title, series, y_range)
 
 
 def scatter_front(chart: str, title: str, x_title: str, y_title: str, points: Sequence[dict]) -> Markup:
@@ -145,13 +145,13 @@ def _open(uid: str, chart: str, title: str, desc: str, height: int) -> str:
 
 
 def _xy_chart(chart: str, title: str, x_title: str, y_title: str,
-              series: dict[str, Sequence[tuple[float, float]]], connect: bool) -> Markup:
+              series: dict[str, Sequence[tuple[float, float]]], y_range: tuple[float, float] | None) -> Markup:
     uid = _uid(chart)
     height, left, right, top, bottom = 300, 70, 20, 44, 52
     xs = [x for values in series.values() for x, _ in values] or [0.0]
     ys = [y for values in series.values() for _, y in values] or [0.0]
     x0, x1 = _bounds(xs, integer=True)
-    y0, y1 = _bounds(ys)
+    y0, y1 = y_range or _bounds(ys)
     sx = lambda v: left + (WIDTH - left - right) * (v - x0) / (x1 - x0)  # noqa: E731
     sy = lambda v: height - bottom - (height - top - bottom) * (v - y0) / (y1 - y0)  # noqa: E731
     desc = "; ".join(f"{name}: " + ", ".join(f"{format_number(x)}: {format_number(y)}" for x, y in values)
@@ -161,7 +161,7 @@ def _xy_chart(chart: str, title: str, x_title: str, y_title: str,
     for index, (name, values) in enumerate(series.items()):
         shape, dash, colour = _STYLES[index % len(_STYLES)]
         parts.append(f'<g class="series" data-series="{escape(name)}">')
-        if connect and len(values) > 1:
+        if len(values) > 1:
             path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in values)
             parts.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="2"'
                          + (f' stroke-dasharray="{dash}"' if dash else "") + "/>")

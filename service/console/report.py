@@ -79,7 +79,6 @@ def _section(id_: str, title: str, charts_: list[Markup] | None = None, tables: 
 
 def _measurements(report: Mapping[str, Any]) -> dict[str, Any]:
     drawn: list[Markup] = []
-    extra: dict[str, Any] = {}
     size = report.get("size") or {}
     if _numbers(size, "bytes_before", "bytes_after"):
         drawn.append(charts.before_after_bars("size", "Model file size", "bytes", size["bytes_before"], size["bytes_after"]))
@@ -109,7 +108,7 @@ def _measurements(report: Mapping[str, Any]) -> dict[str, Any]:
                                               "fraction correct", accuracy["before"], accuracy["after"]))
     table_rows = [[key.replace("_", " "), _plain(value)] for key, value in fidelity.items()]
     tables = [{"caption": "Fidelity", "columns": ["measure", "value"], "rows": table_rows}] if table_rows else []
-    return _section("measurements", "Before and after", drawn, tables, extra=extra or None)
+    return _section("measurements", "Before and after", drawn, tables)
 
 
 def _details(details: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -130,13 +129,31 @@ def _details(details: Mapping[str, Any]) -> list[dict[str, Any]]:
     if isinstance(macs, Mapping) and _numbers(macs, "before", "after"):
         drawn.append(charts.before_after_bars("macs", "Multiply-accumulates per batch", "MACs",
                                               macs["before"], macs["after"]))
-    counts = details.get("counts") if isinstance(details.get("counts"), Mapping) else None
     notes = [str(note) for note in details.get("notes") or []]
+    curves = _curves(details)
+    shown = {path for path, _ in curves} | {"layers", "macs", "notes"}
+    shown |= {f"{where}.{key}".strip(".") for key in _TABLES for where, _ in _find_lists(details, key)}
     out.append(_section("modules", "What changed, module by module", drawn, tables, notes,
-                        extra={"counts": counts} if counts else None))
-    for where, rows in _curves(details):
+                        extra=_rest(details, shown) or None))
+    for where, rows in curves:
         out.append(_curve_section(where, rows))
     return out
+
+
+def _rest(node: Mapping[str, Any], shown: set[str], where: str = "") -> dict[str, Any]:
+    """What the charts and tables did not show (temperature, best epoch, counts, a new method's keys)."""
+    rest = {}
+    for key, value in node.items():
+        path = f"{where}.{key}".strip(".")
+        if path in shown:
+            continue
+        if isinstance(value, Mapping):
+            inner = _rest(value, shown, path)
+            if inner:
+                rest[key] = inner
+        else:
+            rest[key] = value
+    return rest
 
 
 def _curve_section(where: str, rows: list[Mapping[str, Any]]) -> dict[str, Any]:
@@ -150,8 +167,11 @@ def _curve_section(where: str, rows: list[Mapping[str, Any]]) -> dict[str, Any]:
         drawn.append(charts.line_chart(f"curve-{where}-loss", f"Training loss per epoch ({name})", "epoch", "loss",
                                        {k.replace("_", " "): v for k, v in losses.items() if v}))
     if any(scores.values()):
+        fractions = all(0 <= y <= 1 for values in scores.values() for _, y in values)
         drawn.append(charts.line_chart(f"curve-{where}-scores", f"Validation scores per epoch ({name})", "epoch",
-                                       "fraction, 0 to 1", {k.replace("_", " "): v for k, v in scores.items() if v}))
+                                       "fraction, 0 to 1" if fractions else "score",
+                                       {k.replace("_", " "): v for k, v in scores.items() if v},
+                                       y_range=(0.0, 1.0) if fractions else None))
     return _section(f"curve-{where}", f"Training curve: {name}", drawn)
 
 
