@@ -47,6 +47,7 @@ def console_init_app(app: Flask, settings: Settings) -> None:
                       SESSION_COOKIE_SAMESITE="Strict")
     app.session_interface = _SessionInterface()
     app.register_blueprint(bp)
+    app.add_url_rule("/", "home", lambda: redirect(url_for("console.jobs_list")))
     app.add_url_rule("/docs/assets/<path:filename>", "docs_assets", _docs_asset)
     app.add_url_rule("/favicon.ico", "favicon", lambda: send_from_directory(Path(bp.static_folder), "favicon.svg",
                                                                             mimetype="image/svg+xml", max_age=86400))

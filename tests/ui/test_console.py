@@ -125,7 +125,8 @@ def test_list_updates_live_newest_first(page, api: ApiClient, files, finished_jo
     response = api.submit(files["medium"], {"method": "quantize", "input_shape": [1, 64],
                                             "evaluation": {"runs": 30, "warmup": 0}})
     new_id = response.json()["id"]
-    page.goto("/ui/")
+    page.goto("/")  # the service's root leads to the console
+    expect(page).to_have_url(re.compile(r"/ui/$"))
     rows = page.locator("#job-rows tr[data-job-id]")
     ids = [rows.nth(i).get_attribute("data-job-id") for i in range(rows.count())]
     assert ids[0] == new_id and finished_job["id"] in ids
