@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench clean chromium
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VPY) -m modelpress.stack
 
-test: $(STAMP)
+# The browser tests drive Debian's chromium: installed here when missing and possible, else a clear failure.
+chromium:
+	sh scripts/ensure-chromium.sh
+
+test: $(STAMP) chromium
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

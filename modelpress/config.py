@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
@@ -33,6 +35,7 @@ class Settings:
     webhook_allow_private: bool = False  # allow callbacks to private, loopback and link-local addresses
     webhook_backoff_s: float = 5.0  # first retry delay; doubles each attempt, with jitter
     webhook_secret: str | None = None  # master secret; unset: one is made and kept in the data directory
+    secret_key: str | None = None  # signs the console's session cookie; unset: made once, kept in the data directory
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -76,6 +79,7 @@ class Settings:
             webhook_allow_private=env.get("MODELPRESS_WEBHOOK_ALLOW_PRIVATE", "").lower() in ("1", "true", "yes"),
             webhook_backoff_s=float(env.get("MODELPRESS_WEBHOOK_BACKOFF_S") or defaults.webhook_backoff_s),
             webhook_secret=env.get("MODELPRESS_WEBHOOK_SECRET") or None,
+            secret_key=env.get("MODELPRESS_SECRET_KEY") or None,
         )
 
     def with_changes(self, **changes: object) -> "Settings":
@@ -107,6 +111,8 @@ class Settings:
         env["MODELPRESS_API_KEYS_FILE"] = str(self.api_keys_file) if self.api_keys_file else ""
         if self.webhook_secret:
             env["MODELPRESS_WEBHOOK_SECRET"] = self.webhook_secret
+        if self.secret_key:
+            env["MODELPRESS_SECRET_KEY"] = self.secret_key
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
         return env
@@ -125,3 +131,20 @@ class Settings:
         Longer than the longest job, so a job still running is never handed to a second worker.
         """
         return self.job_timeout_s + 600
+
+
+def persistent_secret(data_dir: Path, filename: str) -> str:
+    """A random secret made once and kept in the data directory, so every process reads the same one."""
+    path = Path(data_dir) / filename
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+        try:
+            os.link(temp_name, path)  # first writer wins; every process then reads the same secret
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(temp_name)
+    return path.read_text().strip()

@@ -10,14 +10,10 @@ import base64
 import hashlib
 import hmac
 import ipaddress
-import os
-import secrets
 import socket
-import tempfile
-from pathlib import Path
 from urllib.parse import urlparse
 
-from modelpress.config import Settings
+from modelpress.config import Settings, persistent_secret
 
 
 class CallbackRefused(ValueError):
@@ -61,16 +57,4 @@ def sign(secret: str, message_id: str, timestamp: int, body: bytes) -> str:
 def _master_secret(settings: Settings) -> bytes:
     if settings.webhook_secret:
         return settings.webhook_secret.encode()
-    path = Path(settings.data_dir) / "webhook-master.key"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".webhook-")
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))
-        try:
-            os.link(temp_name, path)  # first writer wins; every process then reads the same secret
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(temp_name)
-    return path.read_text().strip().encode()
+    return persistent_secret(settings.data_dir, "webhook-master.key").encode()

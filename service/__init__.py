@@ -14,6 +14,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the API from settings (environment variables when none are given). Nothing runs at import."""
     from service import health, jobs_api
     from service.auth import auth_init_app
+    from service.console import console_init_app
     from service.openapi import ProblemApi
     from service.queue import celery_init_app
     from service.uploads import StreamingRequest
@@ -29,7 +30,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        OPENAPI_SWAGGER_UI_URL="/docs/assets/",  # served from the swagger-ui-bundle wheel: no CDN
+        OPENAPI_SWAGGER_UI_CONFIG={"validatorUrl": None},  # no badge fetched from validator.swagger.io
         API_SPEC_OPTIONS={
             "info": {"description": "Model compression as a service: upload a TorchScript model and a spec, "
                                     "poll the job, download the compressed model. With API keys configured, "
@@ -50,5 +52,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     api.register_blueprint(jobs_api.blp)
     api.register_blueprint(jobs_api.webhooks_blp)
     api.register_blueprint(health.blp)
+    console_init_app(app, settings)
     configure_logging(settings.log_level, settings.log_format)
     return app

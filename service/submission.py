@@ -1,0 +1,153 @@
+"""The submission use case, shared by ``POST /v1/jobs`` and the console's form: validate, keep the
+uploads, check the archives, record the job (idempotency claim and quota), then send its message.
+
+One rollback path: until the job is recorded and its message sent, everything this request
+wrote is removed on any way out (``finally``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from werkzeug.datastructures import FileStorage
+
+from modelpress import jobs
+from modelpress.archive import ArchiveRejected, check_torchscript_archive
+from modelpress.config import Settings
+from modelpress.jobs import JobStore, new_job_id, utc_now
+from modelpress.spec import SpecError, dump_spec, parse_spec
+from modelpress.storage import Storage, write_json_atomic
+from modelpress.webhooks import CallbackRefused, check_callback_url
+from service.problems import ApiProblem
+from service.uploads import keep_upload, upload_is_empty
+
+IDEMPOTENCY_TTL_S = 24 * 3600
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a client sent, as the view found it in the request."""
+
+    tenant: str
+    model: FileStorage | None
+    data: FileStorage | None
+    student: FileStorage | None
+    spec_text: str | None
+    callback_url: str | None
+    idempotency_key: str | None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    job: dict[str, Any]
+    replayed: bool = False
+
+
+def submit(submission: Submission, settings: Settings, store: JobStore, storage: Storage,
+           enqueue: Callable[[str], None]) -> Accepted:
+    """Accept a job or raise ``ApiProblem`` (422, 409, 429, 503); see the module's docstring."""
+    spec = _validate(submission, settings)
+    job_id = new_job_id()
+    files = storage.job(job_id)
+    claimed = recorded = sent = False
+    try:
+        infos: dict[str, dict[str, Any] | None] = {}
+        for part, path in (("model", files.input_model), ("student", files.input_student), ("data", files.input_data)):
+            upload = getattr(submission, part)
+            infos[part] = keep_upload(upload, path) if upload is not None else None
+            if upload is not None and part != "data":
+                try:
+                    check_torchscript_archive(path, 2 * (settings.max_upload_mb << 20))
+                except ArchiveRejected as rejected:
+                    raise invalid({part: [str(rejected)]}) from None
+        if submission.idempotency_key is not None:
+            fingerprint = _fingerprint(spec, *[info and info["sha256"] for info in infos.values()],
+                                       submission.callback_url)
+            previous = store.remember_request(submission.tenant, submission.idempotency_key, fingerprint, job_id,
+                                              IDEMPOTENCY_TTL_S)
+            if previous is not None:
+                return _replay(store, previous, fingerprint)
+            claimed = True
+        write_json_atomic(files.spec, dump_spec(spec))
+        job = {
+            "id": job_id, "tenant": submission.tenant, "state": jobs.QUEUED, "progress": 0.0, "stage": "queued",
+            "created_at": utc_now(), "started_at": None, "finished_at": None,
+            "spec": dump_spec(spec), "input": infos["model"], "data": infos["data"], "student": infos["student"],
+            "result": None, "error": None, "callback_url": submission.callback_url,
+        }
+        uploaded = sum(info["bytes"] for info in infos.values() if info)
+        if not store.create(job, max_active=settings.max_active_jobs, uploaded_bytes=uploaded):
+            raise ApiProblem(429, "Too Many Requests",
+                             f"at most {settings.max_active_jobs} queued or running jobs per tenant "
+                             "(MODELPRESS_MAX_ACTIVE_JOBS); wait for some to finish", headers={"Retry-After": "30"})
+        recorded = True
+        try:
+            enqueue(job_id)
+        except Exception:
+            # Not accepted after all: the client is told to retry, so nothing is kept.
+            raise ApiProblem(503, "Service Unavailable", "the job queue is unavailable; try again shortly",
+                             headers={"Retry-After": "5"}) from None
+        sent = True
+        return Accepted(job)
+    finally:
+        if not sent:
+            if recorded:
+                store.delete(job_id)
+            if claimed:
+                store.forget_request(submission.tenant, submission.idempotency_key)
+            storage.delete(job_id)
+
+
+def invalid(errors: dict[str, list[str]]) -> ApiProblem:
+    detail = "; ".join(f"{field}: {' '.join(messages)}" for field, messages in errors.items())
+    return ApiProblem(422, "Unprocessable Content", detail, slug="validation-error", errors=errors)
+
+
+def _validate(submission: Submission, settings: Settings) -> dict[str, Any]:
+    errors: dict[str, list[str]] = {}
+    if submission.model is None:
+        errors["model"] = ["required: the TorchScript file as the multipart part 'model'"]
+    for name in ("model", "data", "student"):
+        part = getattr(submission, name)
+        if part is not None and upload_is_empty(part):
+            errors[name] = ["the file is empty"]
+    if submission.callback_url is not None:
+        try:
+            check_callback_url(submission.callback_url, settings.webhook_allow_private)
+        except CallbackRefused as refused:
+            errors["callback_url"] = [str(refused)]
+    if submission.idempotency_key is not None and not _IDEMPOTENCY_KEY.match(submission.idempotency_key):
+        errors["Idempotency-Key"] = ["1 to 255 printable ASCII characters"]
+    spec: dict[str, Any] | None = None
+    if submission.spec_text is None:
+        errors["spec"] = ["required: the compression spec as JSON, in the multipart part 'spec'"]
+    else:
+        try:
+            spec = parse_spec(submission.spec_text, has_data=submission.data is not None,
+                              has_student=submission.student is not None)
+        except SpecError as error:
+            errors.update(error.errors)
+    if errors:
+        raise invalid(errors)
+    return spec
+
+
+def _replay(store: JobStore, previous: dict[str, str], fingerprint: str) -> Accepted:
+    """A repeated Idempotency-Key: the first job for the same request, 422 for a different one."""
+    if previous["fingerprint"] != fingerprint:
+        raise invalid({"Idempotency-Key": ["already used with a different request (within 24 hours)"]})
+    earlier = store.get(previous["job_id"])
+    if earlier is None:
+        raise ApiProblem(409, "Conflict", "a request with this Idempotency-Key is still being "
+                         "processed; retry shortly", headers={"Retry-After": "1"})
+    return Accepted(earlier, replayed=True)
+
+
+def _fingerprint(spec: dict[str, Any], *parts: Any) -> str:
+    """What makes two submissions the same request: the accepted spec, the files' digests, the callback."""
+    canonical = json.dumps([dump_spec(spec), *parts], sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
