@@ -12,8 +12,9 @@ from flask_smorest import Blueprint
 
 from modelpress import jobs
 from modelpress.archive import ArchiveRejected, check_torchscript_archive
+from modelpress.datafile import DataFileError, disagreements, read_headers
 from modelpress.jobs import JobStore, new_job_id, public_view, utc_now
-from modelpress.spec import MAX_SPEC_BYTES, SpecError, dump_spec, parse_spec
+from modelpress.spec import MAX_SPEC_BYTES, SpecError, declared_inputs, dump_spec, parse_spec
 from modelpress.storage import Storage, read_json, write_json_atomic
 from service.auth import require_tenant
 from service.problems import ApiProblem
@@ -100,6 +101,11 @@ class Jobs(MethodView):
         except BaseException:
             storage.delete(job_id)
             raise
+        if data_info is not None:
+            conflicts = _data_conflicts(files.input_data, spec)
+            if conflicts:
+                storage.delete(job_id)
+                raise _invalid(conflicts)
         if idempotency_key is not None:
             fingerprint = _fingerprint(spec, *[info and info["sha256"] for info in (model_info, data_info, student_info)],
                                        callback_url)
@@ -119,7 +125,7 @@ class Jobs(MethodView):
             "id": job_id, "tenant": g.tenant, "state": jobs.QUEUED, "progress": 0.0, "stage": "queued",
             "created_at": utc_now(), "started_at": None, "finished_at": None,
             "spec": dump_spec(spec), "input": model_info, "data": data_info, "student": student_info,
-            "result": None, "error": None, "callback_url": callback_url,
+            "result": None, "error": None, "warnings": [], "callback_url": callback_url,
         }
         settings = current_app.extensions["modelpress"]
         uploaded = sum(info["bytes"] for info in (model_info, data_info, student_info) if info)
@@ -242,6 +248,15 @@ def _fingerprint(spec: dict[str, Any], *parts: Any) -> str:
     """What makes two submissions the same request: the accepted spec, the files' digests, the callback."""
     canonical = json.dumps([dump_spec(spec), *parts], sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _data_conflicts(path, spec: dict[str, Any]) -> dict[str, list[str]]:
+    """Where the data file contradicts the declared inputs, from its headers; a file whose headers
+    cannot be read is left to the job, which fails with the reason."""
+    try:
+        return disagreements(read_headers(path), declared_inputs(spec), from_input_shape=not spec.get("inputs"))
+    except DataFileError:
+        return {}
 
 
 def _spec_text() -> str | None:
