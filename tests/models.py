@@ -220,7 +220,7 @@ class ImageAndIds(nn.Module):
 
 
 class TupleHeads(nn.Module):
-    """Two outputs as a tuple: a feature vector first, then class scores."""
+    """Two outputs as a tuple: features [batch, 2, 3] first (not class scores), then class scores."""
 
     def __init__(self, features: int = 12, classes: int = 4) -> None:
         super().__init__()
@@ -230,7 +230,7 @@ class TupleHeads(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = torch.relu(self.body(x))
-        return self.embedding(hidden), self.scores(hidden)
+        return self.embedding(hidden).view(-1, 2, 3), self.scores(hidden)
 
 
 class DictHeads(TupleHeads):
