@@ -224,7 +224,9 @@ class CompressionSpec(_Strict):
     output = OutputChoice(
         load_default=None, allow_none=True,
         metadata={"description": "The output fine-tuning and distillation train on: an index into a tuple/list "
-                                 "output or a dict output's key; null: the first tensor."},
+                                 "output or a dict output's key; null: the first tensor.",
+                  "oneOf": [{"type": "integer", "minimum": 0, "maximum": 1023},
+                            {"type": "string", "minLength": 1, "maxLength": 200}]},
     )
     seed = fields.Integer(
         load_default=0, strict=True, validate=validate.Range(0, 2**31 - 1),
