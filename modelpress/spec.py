@@ -175,10 +175,16 @@ class InputSpec(_Strict):
 
     @post_load
     def _integer_defaults(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        if data["dtype"] in INT_DTYPES:
-            data["low"] = int(DEFAULT_INT_RANGE[0] if data["low"] is None else data["low"])
-            data["high"] = int(DEFAULT_INT_RANGE[1] if data["high"] is None else data["high"])
-        return data
+        return _input_defaults(data)
+
+
+def _input_defaults(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``inputs`` entry with its defaults: float32, and [0, 100) for integers."""
+    entry = {"dtype": "float32", "low": None, "high": None, **entry}
+    if entry["dtype"] in INT_DTYPES:
+        entry["low"] = int(DEFAULT_INT_RANGE[0] if entry["low"] is None else entry["low"])
+        entry["high"] = int(DEFAULT_INT_RANGE[1] if entry["high"] is None else entry["high"])
+    return entry
 
 
 class OutputChoice(fields.Field):
@@ -305,9 +311,12 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has
 
 
 def declared_inputs(spec: Mapping[str, Any]) -> list[dict[str, Any]] | None:
-    """The spec's example inputs as ``inputs`` entries (``input_shape`` is one float32 input), or None."""
+    """The spec's example inputs as ``inputs`` entries (``input_shape`` is one float32 input), or None.
+
+    Defaults are filled here too, for callers of the engine that pass a spec they did not load.
+    """
     if spec.get("inputs"):
-        return [dict(entry) for entry in spec["inputs"]]
+        return [_input_defaults(entry) for entry in spec["inputs"]]
     if spec.get("input_shape"):
         return [{"shape": list(spec["input_shape"]), "dtype": "float32", "low": None, "high": None}]
     return None

@@ -80,6 +80,14 @@ def test_cli_refused_request_exits_4_with_the_field(stack, model: Path) -> None:
     assert "spec.prune.amount" in done.stderr
 
 
+def test_cli_input_flags_become_the_spec_inputs(stack, model: Path) -> None:
+    done = _cli(stack, "submit", str(model), "--quantize", "dynamic", "--input", "1,3,8,8",
+                "--input", "1,16:int64:0:30000", "--input", "1,2:int8", "--output", "logits")
+    assert done.returncode == 4
+    assert "spec.inputs.2.dtype" in done.stderr  # the third flag reached the service as inputs[2]
+    assert "spec.inputs.1" not in done.stderr and "spec.output" not in done.stderr
+
+
 def test_python_client_round_trip(stack, model: Path, tmp_path: Path) -> None:
     client = Client(stack.base_url)
     sent: list[tuple[int, int]] = []

@@ -160,8 +160,9 @@ def integer_range_hint(spec: Mapping[str, Any], data: Dataset | None) -> str:
     """When random integer inputs may be out of the model's range, how to set it; else ''."""
     if data is not None:
         return ""
+    entries = declared_inputs(spec) if spec.get("inputs") else []
     ranges = [f"spec.inputs.{index} is random in [{entry['low']}, {entry['high']})"
-              for index, entry in enumerate(spec.get("inputs") or []) if entry["dtype"] in INT_DTYPES]
+              for index, entry in enumerate(entries) if entry["dtype"] in INT_DTYPES]
     if not ranges:
         return ""
     return (f" ({'; '.join(ranges)}: set low/high to the values the model accepts, e.g. high = vocabulary size, "
