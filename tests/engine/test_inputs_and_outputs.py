@@ -56,6 +56,12 @@ def test_random_token_ids_out_of_the_vocabulary_say_how_to_set_the_range(tmp_pat
         _compress(model, {"method": "quantize", "inputs": [{"shape": [2, 7], "dtype": "int64"}]}, tmp_path)
 
 
+def test_too_few_declared_inputs_name_the_model_parameters(tmp_path: Path) -> None:
+    model = save_scripted(ImageAndIds(), tmp_path / "two.pt")
+    with pytest.raises(InvalidInput, match=r"forward takes 2 input\(s\) \(image, ids\) but the spec declares 1"):
+        _compress(model, {"method": "quantize", "input_shape": [2, 3, 8, 8]}, tmp_path)
+
+
 def test_data_file_that_contradicts_the_spec_fails_before_compressing(tmp_path: Path) -> None:
     model = save_scripted(ImageAndIds(), tmp_path / "two.pt")
     np.savez(tmp_path / "d.npz", input_0=np.zeros((4, 3, 8, 8), np.float32), input_1=np.zeros((4, 6), np.int32))

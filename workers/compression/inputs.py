@@ -169,6 +169,22 @@ def integer_range_hint(spec: Mapping[str, Any], data: Dataset | None) -> str:
             "or upload a data file)")
 
 
+def check_input_count(model: torch.jit.ScriptModule, inputs: Inputs, from_data: bool) -> None:
+    """Refuse, with the parameter names, example inputs that do not match ``forward``'s positional inputs."""
+    try:
+        arguments = [a for a in model.forward.schema.arguments[1:] if not a.kwarg_only]  # [0] is self
+    except (AttributeError, RuntimeError):
+        return  # no schema to read: running the model will say what is wrong
+    required = [a for a in arguments if not a.has_default_value()]
+    if len(required) <= len(inputs) <= len(arguments):
+        return
+    given = (f"the data file has {len(inputs)} (inputs, or input_0, input_1, ...)" if from_data
+             else f"the spec declares {len(inputs)}")
+    raise InvalidInput(f"the model's forward takes {len(required)} input(s) "
+                       f"({', '.join(a.name for a in arguments)}) but {given}: give one per input, "
+                       "with spec.inputs or a data file's input_0, input_1, ...")
+
+
 def _declared_or_fail(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
     declared = declared_inputs(spec)
     if not declared:

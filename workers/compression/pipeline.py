@@ -12,7 +12,8 @@ import torch
 from . import distill, prune, quantize
 from .artifacts import load_model, save_model
 from .errors import CompressionError, InvalidInput, UnsupportedModel
-from .inputs import Dataset, check_declared, example_batch, examples, fidelity_batches, integer_range_hint, load_dataset
+from .inputs import (Dataset, check_declared, check_input_count, example_batch, examples, fidelity_batches,
+                     integer_range_hint, load_dataset)
 from .measure import count_parameters, median_latency_ms, output_fidelity, run_model
 from .outputs import select_output
 from .training import accuracy
@@ -56,6 +57,7 @@ def compress(
     if data is not None:
         check_declared(spec, data)  # the data file defines the inputs; a declared shape must agree with it
     batch = example_batch(spec, data)
+    check_input_count(original, batch, from_data=data is not None)
     checks = fidelity_batches(spec, data)
     progress("checking inputs", 0.02)
     try:
