@@ -96,7 +96,6 @@ def compress(
         report_accuracy = {"before": accuracy(original, example_data), "after": accuracy(result, example_data),
                            "samples": len(data), "on": "the uploaded data (fine-tuning, if any, trained on it too)"}
     warnings = warnings_for(method_name, spec.get(method_name, {}), details, fidelity, random_inputs=data is None)
-    details.pop("warnings", None)  # they are the report's own section
     return {
         "method": method_name,
         "size": {

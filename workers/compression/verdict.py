@@ -18,11 +18,13 @@ def warnings_for(method: str, method_spec: Mapping[str, Any], details: Mapping[s
                  fidelity: Mapping[str, Any], random_inputs: bool) -> list[str]:
     """Warnings about a finished compression, from what the method did and how the outputs compare."""
     warnings = [str(w) for w in details.get("warnings", [])]  # a method's own (e.g. random calibration data)
-    if method == "quantize" and not details.get("quantized_modules"):
+    # Other modes (static) judge their own outcome and say so in their details' warnings.
+    dynamic = method == "quantize" and method_spec.get("mode", "dynamic") == "dynamic"
+    if dynamic and "quantized_modules" in details and not details["quantized_modules"]:
         modules = ", ".join(method_spec.get("modules", [])) or "the selected types"
         warnings.append(f"nothing was quantized: the model has no weight of the selected module types ({modules}) "
                         "outside 'exclude', so the result computes exactly what the original does "
-                        "(for convolutional networks try prune with structured: true)")
+                        "(convolutional networks need static quantization or structured pruning)")
     if method == "prune" and details.get("structured") is False and not details.get("layers"):
         warnings.append("nothing was pruned: the model has no weight of the selected module types outside "
                         "'exclude', so the result is the original model")
