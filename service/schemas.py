@@ -52,6 +52,9 @@ class JobSchema(Schema):
     student = fields.Nested(FileInfoSchema, allow_none=True)
     result = fields.Nested(ResultSchema, allow_none=True)
     error = fields.Nested(ProblemSchema, allow_none=True)
+    warnings = fields.List(fields.String(), metadata={
+        "description": "Set when the job succeeded with a result that may not be what was wanted: nothing was "
+                       "compressed, or the outputs collapsed (see the README for the thresholds)."})
     callback_url = fields.String(allow_none=True)
     links = fields.Nested(LinksSchema)
 

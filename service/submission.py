@@ -17,8 +17,9 @@ from werkzeug.datastructures import FileStorage
 from modelpress import jobs
 from modelpress.archive import ArchiveRejected, check_torchscript_archive
 from modelpress.config import Settings
+from modelpress.datafile import DataFileError, disagreements, read_headers
 from modelpress.jobs import JobStore, new_job_id, utc_now
-from modelpress.spec import SpecError, dump_spec, parse_spec
+from modelpress.spec import SpecError, declared_inputs, dump_spec, parse_spec
 from modelpress.storage import Storage, write_json_atomic
 from modelpress.webhooks import CallbackRefused, check_callback_url
 from service.problems import ApiProblem
@@ -64,6 +65,10 @@ def submit(submission: Submission, settings: Settings, store: JobStore, storage:
                     check_torchscript_archive(path, 2 * (settings.max_upload_mb << 20))
                 except ArchiveRejected as rejected:
                     raise invalid({part: [str(rejected)]}) from None
+        if infos["data"] is not None:
+            conflicts = _data_conflicts(files.input_data, spec)
+            if conflicts:
+                raise invalid(conflicts)
         if submission.idempotency_key is not None:
             fingerprint = _fingerprint(spec, *[info and info["sha256"] for info in infos.values()],
                                        submission.callback_url)
@@ -77,7 +82,7 @@ def submit(submission: Submission, settings: Settings, store: JobStore, storage:
             "id": job_id, "tenant": submission.tenant, "state": jobs.QUEUED, "progress": 0.0, "stage": "queued",
             "created_at": utc_now(), "started_at": None, "finished_at": None,
             "spec": dump_spec(spec), "input": infos["model"], "data": infos["data"], "student": infos["student"],
-            "result": None, "error": None, "callback_url": submission.callback_url,
+            "result": None, "error": None, "warnings": [], "callback_url": submission.callback_url,
         }
         uploaded = sum(info["bytes"] for info in infos.values() if info)
         if not store.create(job, max_active=settings.max_active_jobs, uploaded_bytes=uploaded):
@@ -151,3 +156,12 @@ def _fingerprint(spec: dict[str, Any], *parts: Any) -> str:
     """What makes two submissions the same request: the accepted spec, the files' digests, the callback."""
     canonical = json.dumps([dump_spec(spec), *parts], sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _data_conflicts(path: Any, spec: dict[str, Any]) -> dict[str, list[str]]:
+    """Where the data file contradicts the declared inputs, from its headers; a file whose headers
+    cannot be read is left to the job, which fails with the reason."""
+    try:
+        return disagreements(read_headers(path), declared_inputs(spec), from_input_shape=not spec.get("inputs"))
+    except DataFileError:
+        return {}

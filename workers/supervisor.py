@@ -159,7 +159,8 @@ class Supervisor:
                      outcome: dict[str, Any] | None) -> tuple[str, bool]:
         if returncode == 0 and outcome and outcome["event"] == "succeeded" and files.output_model.exists():
             report = read_json(files.report)
-            return self._finish(job_id, jobs.SUCCEEDED, result=_result_summary(files, report), progress=1.0, stage="done")
+            return self._finish(job_id, jobs.SUCCEEDED, result=_result_summary(files, report), progress=1.0, stage="done",
+                                warnings=report.get("warnings", []))
         if outcome and outcome["event"] == "failed":
             return self._finish(job_id, jobs.FAILED, error=problem(outcome["slug"], outcome["title"], outcome["detail"]))
         return self._finish(job_id, jobs.FAILED, error=_died(returncode, self.settings))

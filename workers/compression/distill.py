@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 from .artifacts import clone_model
 from .errors import InvalidInput, UnsupportedModel
-from .inputs import Dataset
+from .inputs import Dataset, describe
 from .measure import run_model
+from .outputs import select_output
 from .prune import prune
 from .torchscript import quiet_torchscript_warnings
 
@@ -36,11 +37,11 @@ def distill(
     progress = progress or (lambda stage, fraction: None)
     if data.synthetic:
         raise InvalidInput("distillation needs a data file with an 'inputs' array to train on")
-    probe = data.inputs[:2]
-    teacher_out = run_model(teacher, probe)
-    if not isinstance(teacher_out, torch.Tensor) or teacher_out.dim() != 2:
-        shape = list(teacher_out.shape) if isinstance(teacher_out, torch.Tensor) else type(teacher_out).__name__
-        raise UnsupportedModel(f"distillation needs a teacher whose output is class scores [batch, classes]; got {shape}")
+    probe = data.head(2)
+    teacher_out = select_output(run_model(teacher, probe), data.target_output)
+    if teacher_out.dim() != 2 or not teacher_out.is_floating_point():
+        raise UnsupportedModel("distillation needs a teacher whose output (spec.output) is class scores "
+                               f"[batch, classes]; got {list(teacher_out.shape)} ({teacher_out.dtype})")
     classes = int(teacher_out.shape[1])
     if data.labels is not None and int(data.labels.max()) >= classes:
         raise InvalidInput(f"'labels' go up to {int(data.labels.max())} but the teacher scores {classes} classes")
@@ -49,13 +50,12 @@ def distill(
     student_spec = spec["student"]
     student, origin = _build_student(teacher, student_spec, student, classes, data)
     try:
-        student_out = run_model(student, probe)
+        student_out = select_output(run_model(student, probe), data.target_output)
     except InvalidInput as error:
         raise InvalidInput(f"the student cannot run on the data's inputs: {error}") from None
-    if not isinstance(student_out, torch.Tensor) or student_out.shape != teacher_out.shape:
-        got = list(student_out.shape) if isinstance(student_out, torch.Tensor) else type(student_out).__name__
-        raise InvalidInput(f"the student's output shape {got} differs from the teacher's {list(teacher_out.shape)} "
-                           f"on inputs of shape {list(probe.shape)}")
+    if student_out.shape != teacher_out.shape:
+        raise InvalidInput(f"the student's output shape {list(student_out.shape)} differs from the teacher's "
+                           f"{list(teacher_out.shape)} on {describe(probe)}")
 
     labelled = data.labels is not None
     alpha = 1.0 if not labelled else (0.9 if spec.get("alpha") is None else float(spec["alpha"]))
@@ -119,8 +119,7 @@ def _split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]
     if size < 1:
         raise InvalidInput(f"the data file has {len(data)} samples: too few to hold some out for validation")
     held, kept = order[:size], order[size:]
-    return (Dataset(data.inputs[kept], None if data.labels is None else data.labels[kept]),
-            Dataset(data.inputs[held], None if data.labels is None else data.labels[held]))
+    return data.subset(kept), data.subset(held)
 
 
 def _train(teacher, student, train: Dataset, validation: Dataset, spec, alpha: float, device: torch.device,
@@ -152,10 +151,10 @@ def _train(teacher, student, train: Dataset, validation: Dataset, spec, alpha: f
                 index = order[start:start + batch_size]
                 if index.numel() < 2:
                     continue  # a batch of one breaks BatchNorm in training mode
-                inputs = train.inputs[index].to(device)
+                inputs = tuple(tensor.to(device) for tensor in train.rows(index))
                 with torch.no_grad():
-                    soft_targets = F.softmax(teacher(inputs) / temperature, dim=1)
-                logits = student(inputs)
+                    soft_targets = F.softmax(select_output(teacher(*inputs), train.target_output) / temperature, dim=1)
+                logits = select_output(student(*inputs), train.target_output)
                 loss = alpha * temperature ** 2 * F.kl_div(
                     F.log_softmax(logits / temperature, dim=1), soft_targets, reduction="batchmean")
                 if alpha < 1.0 and train.labels is not None:
@@ -191,9 +190,9 @@ def _evaluate(teacher, student, data: Dataset, device: torch.device) -> dict[str
     agree, correct = 0, 0
     with torch.no_grad(), quiet_torchscript_warnings():
         for start in range(0, len(data), 256):
-            inputs = data.inputs[start:start + 256].to(device)
-            predicted = student(inputs).argmax(1)
-            agree += int((predicted == teacher(inputs).argmax(1)).sum())
+            inputs = tuple(tensor.to(device) for tensor in data.rows(slice(start, start + 256)))
+            predicted = select_output(student(*inputs), data.target_output).argmax(1)
+            agree += int((predicted == select_output(teacher(*inputs), data.target_output).argmax(1)).sum())
             if data.labels is not None:
                 correct += int((predicted.cpu() == data.labels[start:start + 256]).sum())
     return {"agreement": round(agree / len(data), 6),

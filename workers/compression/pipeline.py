@@ -11,10 +11,13 @@ import torch
 
 from . import distill, prune, quantize
 from .artifacts import load_model, save_model
-from .errors import CompressionError, UnsupportedModel
-from .inputs import Dataset, example_batch, examples, fidelity_batches, load_dataset
+from .errors import CompressionError, InvalidInput, UnsupportedModel
+from .inputs import (Dataset, check_declared, check_input_count, example_batch, examples, fidelity_batches,
+                     integer_range_hint, load_dataset)
 from .measure import count_parameters, median_latency_ms, output_fidelity, run_model
+from .outputs import select_output
 from .training import accuracy
+from .verdict import warnings_for
 
 Progress = Callable[[str, float], None]
 Method = Callable[..., tuple[torch.jit.ScriptModule, dict[str, Any]]]
@@ -51,11 +54,20 @@ def compress(
     progress("loading", 0.0)
     original = load_model(model_path)
     data: Dataset | None = load_dataset(data_path) if data_path else None
+    if data is not None:
+        check_declared(spec, data)  # the data file defines the inputs; a declared shape must agree with it
     batch = example_batch(spec, data)
+    check_input_count(original, batch, from_data=data is not None)
     checks = fidelity_batches(spec, data)
     progress("checking inputs", 0.02)
-    reference = [run_model(original, inputs) for inputs in checks]
-    run_model(original, batch)
+    try:
+        reference = [run_model(original, inputs) for inputs in checks]
+        run_model(original, batch)
+    except InvalidInput as error:
+        raise InvalidInput(f"{error}{integer_range_hint(spec, data)}") from None
+    if spec.get("output") is not None:
+        select_output(reference[0], spec["output"])  # a wrong choice fails now, not after the method ran
+    example_data = examples(spec, data)
 
     def method_progress(stage: str, fraction: float) -> None:
         progress(stage, 0.05 + 0.6 * min(max(fraction, 0.0), 1.0))
@@ -63,7 +75,7 @@ def compress(
     # Methods may change the model in place, so they get their own copy; `original` stays the reference.
     working = load_model(model_path)
     extras = {"student": load_model(student_path)} if student_path and method_name == "distill" else {}
-    compressed, details = method(working, spec.get(method_name, {}), examples(spec, data), method_progress, **extras)
+    compressed, details = method(working, spec.get(method_name, {}), example_data, method_progress, **extras)
 
     progress("saving", 0.66)
     output_bytes = save_model(compressed, output_path)
@@ -81,8 +93,9 @@ def compress(
     parameters_before, parameters_after = count_parameters(original), count_parameters(result)
     report_accuracy = None
     if data is not None and data.labels is not None:
-        report_accuracy = {"before": accuracy(original, data), "after": accuracy(result, data), "samples": len(data),
-                           "on": "the uploaded data (fine-tuning, if any, trained on it too)"}
+        report_accuracy = {"before": accuracy(original, example_data), "after": accuracy(result, example_data),
+                           "samples": len(data), "on": "the uploaded data (fine-tuning, if any, trained on it too)"}
+    warnings = warnings_for(method_name, spec.get(method_name, {}), details, fidelity, random_inputs=data is None)
     return {
         "method": method_name,
         "size": {
@@ -97,16 +110,18 @@ def compress(
             "before_ms": _significant(latency_before),
             "after_ms": _significant(latency_after),
             "ratio": _significant(latency_after / latency_before) if latency_before > 0 else None,
-            "batch_shape": list(batch.shape),
+            "batch_shape": list(batch[0].shape),
+            "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in batch],
             "runs": runs,
             "warmup": warmup,
             "threads": torch.get_num_threads(),
             "statistic": "median",
         },
-        "fidelity": {**fidelity, "samples": sum(int(b.shape[0]) if b.dim() else 1 for b in checks),
-                     "inputs": "data file" if data is not None else "random normal of input_shape"},
+        "fidelity": {**fidelity, "samples": sum(int(b[0].shape[0]) for b in checks),
+                     "inputs": "data file" if data is not None else "random, as input_shape or inputs declares"},
         "accuracy": report_accuracy,
         "details": details,
+        "warnings": warnings,
         "environment": {"torch": torch.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count()},
     }
 

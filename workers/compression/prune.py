@@ -39,7 +39,7 @@ def prune(
     selected = set(spec.get("modules", PRUNABLE_TYPES))
     exclude, excluded_by_default = _exclusions(model, spec.get("exclude"))
     types = module_types(model)
-    batch = data.inputs[: min(len(data), 8)]
+    batch = data.head(8)
     macs_before = count_macs(model, batch)
 
     progress("ranking", 0.05)
@@ -60,7 +60,7 @@ def prune(
             progress=lambda stage, fraction: progress(stage, 0.5 + 0.45 * fraction),
         )
     details["macs"] = {"before": macs_before, "after": count_macs(model, batch),
-                       "batch_shape": list(batch.shape), "counted": "convolutions and matrix multiplies (torch.utils.flop_counter, FLOPs / 2)"}
+                       "batch_shape": list(batch[0].shape), "counted": "convolutions and matrix multiplies (torch.utils.flop_counter, FLOPs / 2)"}
     if excluded_by_default:
         details["notes"].append(f"the final classifier {excluded_by_default!r} is excluded by default (set 'exclude' to change)")
     if spec.get("structured") is False and spec.get("criterion") == "l2":
@@ -242,14 +242,14 @@ def _tensors(model: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
-def _check_batches(data: Dataset) -> list[torch.Tensor]:
+def _check_batches(data: Dataset) -> list[tuple[torch.Tensor, ...]]:
     """A batch of one and a batch of eight: pruning must not break other batch sizes."""
-    first = data.inputs[:1]
-    eight = first.expand(8, *first.shape[1:]).contiguous() if len(data) < 8 else data.inputs[:8]
+    first = data.head(1)
+    eight = tuple(t.expand(8, *t.shape[1:]).contiguous() for t in first) if len(data) < 8 else data.head(8)
     return [first, eight]
 
 
-def _failure(model: torch.jit.ScriptModule, batches: list[torch.Tensor]) -> str | None:
+def _failure(model: torch.jit.ScriptModule, batches: list[tuple[torch.Tensor, ...]]) -> str | None:
     try:
         for batch in batches:
             run_model(model, batch)
