@@ -22,7 +22,7 @@ from service.queue import enqueue_job
 from workers.celery_app import announce_final
 from service.schemas import (JobListArgsSchema, JobListSchema, JobSchema, JobSubmissionSchema, ProblemSchema,
                              WebhookSecretSchema)
-from service.uploads import gzip_copy, keep_upload, upload_is_empty
+from service.uploads import gzip_copy, keep_upload, upload_is_empty, wants_gzip
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Compression jobs")
 blp.before_request(require_tenant)
@@ -87,12 +87,12 @@ class Jobs(MethodView):
         part = "model"
         try:
             model_info = keep_upload(model, files.input_model)
-            check_torchscript_archive(files.input_model, _max_expansion())
+            check_torchscript_archive(files.input_model, _max_expansion(), _checks_ops())
             student_info = None
             if student is not None:
                 part = "student"
                 student_info = keep_upload(student, files.input_student)
-                check_torchscript_archive(files.input_student, _max_expansion())
+                check_torchscript_archive(files.input_student, _max_expansion(), _checks_ops())
             data_info = keep_upload(data, files.input_data) if data is not None else None
         except ArchiveRejected as rejected:
             storage.delete(job_id)
@@ -197,7 +197,7 @@ class JobModel(MethodView):
         path = _storage().job(job_id).output_model
         digest = job["result"]["sha256"]
         stem = (job.get("input") or {}).get("filename", "model").rsplit(".", 1)[0] or "model"
-        gzipped = "gzip" in request.accept_encodings
+        gzipped = wants_gzip(request)
         response = send_file(gzip_copy(path) if gzipped else path, mimetype="application/octet-stream",
                              as_attachment=True, download_name=f"{stem}.{job['spec']['method']}.pt",
                              etag=f"{digest}-gzip" if gzipped else digest, conditional=True, max_age=0)
@@ -261,6 +261,10 @@ def _invalid(errors: dict[str, list[str]]) -> ApiProblem:
 def _max_expansion() -> int:
     """An archive may declare at most twice the upload limit (TorchScript entries are stored, not deflated)."""
     return 2 * (current_app.extensions["modelpress"].max_upload_mb << 20)
+
+
+def _checks_ops() -> bool:
+    return current_app.extensions["modelpress"].op_check == "on"
 
 
 def _store() -> JobStore:

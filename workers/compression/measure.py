@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import InvalidInput, OutOfMemory, summarize_torch_error
+from .errors import InvalidInput, OutOfMemory, is_out_of_memory, summarize_torch_error
 from .torchscript import quiet_torchscript_warnings, tensor_constants
 
 
@@ -52,7 +52,7 @@ def run_model(model: torch.jit.ScriptModule, batch: torch.Tensor) -> Any:
         with torch.no_grad(), quiet_torchscript_warnings():
             return model(batch)
     except Exception as error:
-        if isinstance(error, MemoryError) or "can't allocate memory" in str(error):
+        if is_out_of_memory(error):
             raise OutOfMemory(summarize_torch_error(error)) from None
         raise InvalidInput(
             f"the model failed on an input of shape {list(batch.shape)} ({batch.dtype}): {summarize_torch_error(error)}"
