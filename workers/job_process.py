@@ -87,8 +87,19 @@ def confinement_facts(job_dir: Path) -> dict[str, Any]:
             visible += [entry for entry in os.listdir(parent) if entry != child]
         except OSError:
             pass
+    network = f"not isolated: interfaces {', '.join(others)}" if others else "isolated"
+    probe = os.environ.get(protocol.NETWORK_PROBE)
+    if probe:
+        host, _, port = probe.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            network = f"not isolated: connected to {probe}"
+            probe_result = "connected"
+        except OSError as error:
+            probe_result = f"connection to {probe} failed ({error.strerror or error})"
     return {
-        "network": f"not isolated: interfaces {', '.join(others)}" if others else "isolated",
+        "network": network,
+        "network_probe": probe_result if probe else "not tried",
         "processes": sum(1 for entry in os.listdir("/proc") if entry.isdigit()),
         "data_dir_visible": bool(visible),
     }

@@ -14,12 +14,16 @@ import os
 import queue
 import signal
 from typing import IO, Any
+from urllib.parse import urlparse
 
 from modelpress.config import Settings
 from workers.compression.errors import CompressionError, is_out_of_memory, summarize_torch_error
 
 # Environment names the child reads.
 PROGRESS_FD = "MODELPRESS_PROGRESS_FD"
+# host:port of Redis (never its URL, which may hold a password): the child tries to connect to it,
+# and must fail, to prove from inside that it has no network.
+NETWORK_PROBE = "MODELPRESS_NETWORK_PROBE"
 # Events, in the order a child sends them.
 STARTED, PROGRESS, SUCCEEDED, FAILED = "started", "progress", "succeeded", "failed"
 FINAL_EVENTS = (SUCCEEDED, FAILED)
@@ -45,10 +49,18 @@ def child_environment(settings: Settings, progress_fd: int, pythonpath: str) -> 
         PROGRESS_FD: str(progress_fd),
         **{name: passed[name] for name in _CHILD_SETTINGS},
     }
+    env.update(network_probe(settings))
     for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # keep this machine's OpenBLAS workarounds
         if name in os.environ:
             env[name] = os.environ[name]
     return env
+
+
+def network_probe(settings: Settings) -> dict[str, str]:
+    redis_address = urlparse(settings.redis_url or "")
+    if not redis_address.hostname:
+        return {}
+    return {NETWORK_PROBE: f"{redis_address.hostname}:{redis_address.port or 6379}"}
 
 
 class Channel:

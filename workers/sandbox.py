@@ -32,6 +32,7 @@ from typing import Any
 
 from modelpress.config import Settings
 from modelpress.storage import JobFiles
+from workers.job_protocol import network_probe
 
 log = logging.getLogger("modelpress.sandbox")
 
@@ -109,7 +110,8 @@ def self_test(settings: Settings) -> SandboxStatus:
     with tempfile.TemporaryDirectory(dir=probe_parent) as directory:
         files = JobFiles(Path(directory))
         command = job_command(settings, files, [sys.executable, "-m", "workers.job_process", "--probe", str(files.root)])
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(PROJECT_ROOT), "PYTHONDONTWRITEBYTECODE": "1"}
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(PROJECT_ROOT), "PYTHONDONTWRITEBYTECODE": "1",
+               **network_probe(settings)}
         try:
             done = subprocess.run(command, env=env, cwd=directory, capture_output=True, text=True,
                                   timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
