@@ -46,7 +46,7 @@ def confined(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Confined]:
     data.mkdir()
     secret_file = data / "planted-secret.txt"
     secret_file.write_bytes(secret)
-    settings = make_settings(data, redis_url=None, api_keys_file=root / "keys", op_check="off",,
+    settings = make_settings(data, redis_url=None, api_keys_file=root / "keys", op_check="off",
                              webhook_secret=secret.decode(), job_timeout_s=120)
     stack = Stack(settings, log_dir=root / "logs")
     try:
