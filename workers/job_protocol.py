@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 from typing import IO, Any
 from urllib.parse import urlparse
@@ -27,6 +28,7 @@ NETWORK_PROBE = "MODELPRESS_NETWORK_PROBE"
 # Events, in the order a child sends them.
 STARTED, PROGRESS, SUCCEEDED, FAILED = "started", "progress", "succeeded", "failed"
 FINAL_EVENTS = (SUCCEEDED, FAILED)
+_FILE_SIZE = re.compile(r"size <\d+>")
 
 # Settings the child needs; read back there with Settings.from_env, so defaults live in config.py only.
 _CHILD_SETTINGS = ("MODELPRESS_JOB_THREADS", "MODELPRESS_JOB_MEMORY_MB", "MODELPRESS_JOB_TIMEOUT_S", "MODELPRESS_SANDBOX",
@@ -115,7 +117,9 @@ def failure_of(error: BaseException, settings: Settings) -> dict[str, str]:
         return {"slug": "out-of-memory", "title": "Out of memory", "detail": memory_message(settings)}
     if isinstance(error, CompressionError):
         return {"slug": error.slug, "title": error.title, "detail": str(error)}
-    summary = summarize_torch_error(error, limit=500)
+    # torch's file errors name sizes ("file <x> size <1234> is smaller than ..."): a model probing
+    # files must not learn them from its job's error.
+    summary = _FILE_SIZE.sub("size <...>", summarize_torch_error(error, limit=500))
     if not isinstance(error, RuntimeError):
         summary = f"{type(error).__name__}: {summary}"
     return {"slug": "compression-failed", "title": "Compression failed", "detail": summary}

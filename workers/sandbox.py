@@ -199,8 +199,8 @@ def _python_paths(settings: Settings) -> list[str]:
     for candidate in candidates:
         for path in {candidate, candidate.resolve()}:
             if not path.is_dir() or path == PROJECT_ROOT or path in (data_dir, *data_dir.parents) \
-                    or str(path).startswith(("/usr/", "/lib")):
-                continue
+                    or any(path == Path(system) or Path(system) in path.parents for system in _SYSTEM_DIRS):
+                continue  # the project root and the data directory's ancestors hold data; system dirs are bound already
             chosen.append(path)
     # Parents before children, so a child bind is not hidden by its parent's.
     return [str(path) for path in sorted(set(chosen), key=lambda p: len(p.parts))]
