@@ -73,7 +73,7 @@ def not_global_unicast(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str
         if ip.teredo is not None:
             return "a Teredo address"
     if not ip.is_global:
-        return "a private, shared, loopback, link-local, documentation or reserved address"
+        return "a private, loopback or link-local address (or a shared, documentation or reserved one)"
     return None
 
 

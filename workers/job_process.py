@@ -30,10 +30,10 @@ def main(argv: list[str]) -> int:
         return 0
     job_dir = Path(argv[1])
     channel = protocol.Channel.from_env()
+    channel.send(protocol.STARTED)  # first: from here on, an early end is this job's, not the sandbox's set-up
     settings = Settings.from_env()
     _die_with_parent(confined=settings.sandbox == "on")
     facts = confinement_facts(job_dir)
-    channel.send(protocol.STARTED)
     try:
         if settings.sandbox == "on":
             from workers.sandbox import confinement_gaps

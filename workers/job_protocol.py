@@ -134,13 +134,14 @@ def sandbox_unavailable(detail: str) -> dict[str, Any]:
 def died(returncode: int, settings: Settings, started: bool, setup_error: str | None) -> dict[str, Any]:
     """The problem of a child that ended without a final message.
 
-    ``started`` says whether it ever said so: a confined job that never started failed in the
-    sandbox's set-up (bubblewrap's own message, which no model code can have written, is shown).
+    ``started`` says whether it ever said so: a confined job that never started and was not killed
+    by a signal failed in the sandbox's set-up (bubblewrap's own message, which no model code can
+    have written, is shown).
     bubblewrap reports a child killed by signal N as exit status 128 + N.
     """
-    if not started and settings.sandbox == "on":
-        return sandbox_unavailable(setup_error or f"the sandbox exited with status {returncode} before the job started")
     signum = -returncode if returncode < 0 else returncode - 128 if settings.sandbox == "on" and returncode > 128 else 0
+    if settings.sandbox == "on" and not started and (setup_error or signum == 0):
+        return sandbox_unavailable(setup_error or f"the sandbox exited with status {returncode} before the job started")
     if signum > 0:
         name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else f"signal {signum}"
         if signum == signal.SIGSEGV:

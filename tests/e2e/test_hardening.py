@@ -43,7 +43,7 @@ def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hardened]:
     (root / "keys").write_text("".join(f"{tenant} sha256:{hash_key(key)}\n" for tenant, key in keys.items()))
     settings = make_settings(root / "data", redis_url=None, api_keys_file=root / "keys", job_timeout_s=JOB_TIMEOUT_S,
                              job_memory_mb=6144, max_active_jobs=60, worker_concurrency=2, job_threads=1,
-                             metrics_token=METRICS_TOKEN)
+                             metrics_token=METRICS_TOKEN, op_check="job")  # the in-job graph walk alone
     stack = Stack(settings, log_dir=root / "logs")
     try:
         stack.start()
@@ -175,6 +175,23 @@ def test_zip_bomb_is_refused_without_the_api_growing(hardened: Hardened, tmp_pat
     assert api_memory() - before < 50 << 20
 
 
+class _ReadsAFile(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.from_file("/etc/hostname", False, 1, dtype=torch.uint8).float().sum()
+
+
+def test_the_job_refuses_a_file_operator_before_forward_runs(hardened: Hardened, tmp_path: Path) -> None:
+    """This stack skips the submit-time scan (MODELPRESS_OP_CHECK=job): the job's graph walk must catch it."""
+    response = hardened.alpha.submit(save_scripted(_ReadsAFile(), tmp_path / "reader.pt"), QUICK)
+    assert response.status_code == 202
+
+    job = hardened.alpha.wait(response.json()["id"], timeout=120)
+
+    assert job["state"] == "failed"
+    assert job["error"]["type"].endswith("/unsafe-model")
+    assert "forward calls aten::from_file" in job["error"]["detail"]
+
+
 def test_zip_that_lies_about_its_entry_count_is_refused_without_the_api_growing(hardened: Hardened,
                                                                                tmp_path: Path) -> None:
     liar = tmp_path / "liar.pt"
@@ -195,7 +212,7 @@ def test_zip_that_lies_about_its_entry_count_is_refused_without_the_api_growing(
     before = api_memory()
     response = hardened.alpha.submit(bytes(body), QUICK)
     assert response.status_code == 422
-    assert "entries" in response.json()["errors"]["model"][0]
+    assert "directory declares" in response.json()["errors"]["model"][0]
     assert api_memory() - before < 60 << 20
 
 
@@ -222,7 +239,7 @@ def test_job_process_runs_without_network_or_secrets(hardened: Hardened, models:
     assert sandbox["network"] == "isolated"
     assert not {"REDIS_URL", "MODELPRESS_API_KEYS_FILE", "HOME"} & set(sandbox["environment"])
     assert all(name.startswith(("MODELPRESS_", "OMP_", "MKL_", "OPENBLAS_")) or name in
-               ("PATH", "LANG", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "LC_CTYPE")
+               ("PATH", "PWD", "LANG", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "LC_CTYPE")
                for name in sandbox["environment"])
 
 
