@@ -43,6 +43,13 @@ def _job_seconds(settings: Settings, files: JobFiles) -> float:
     return elapsed
 
 
+def _start_seconds(settings: Settings, files: JobFiles) -> float:
+    """Start-up alone: an empty interpreter, so the sandbox's own cost is not lost in the job's noise."""
+    start = time.perf_counter()
+    subprocess.run(sandbox.job_command(settings, files, [sys.executable, "-c", "pass"]), check=True)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = arguments(__doc__, "sandbox")
     parser.add_argument("--repeats", type=int, default=7)
@@ -56,17 +63,21 @@ def main() -> None:
         torch.jit.script(model).save(str(files.input_model))
         write_json_atomic(files.spec, SPEC)
         base = Settings(data_dir=data_dir, job_threads=args.threads)
-        timings: dict[str, list[float]] = {"off": [], "on": []}
+        timings: dict[str, list[float]] = {"job off": [], "job on": [], "start-up off": [], "start-up on": []}
         for _ in range(args.repeats):
             for mode in ("off", "on"):
-                timings[mode].append(_job_seconds(base.with_changes(sandbox=mode), files))
-    medians = {mode: statistics.median(values) for mode, values in timings.items()}
-    print(f"{'sandbox':<10}{'median s':>10}{'min s':>10}{'max s':>10}")
-    for mode, values in timings.items():
-        print(f"{mode:<10}{medians[mode]:>10.3f}{min(values):>10.3f}{max(values):>10.3f}")
-    print(f"difference (on - off): {medians['on'] - medians['off']:+.3f} s over {args.repeats} interleaved runs")
-    write_results(args, {"machine": machine(args), "spec": SPEC, "timings_s": timings, "median_s": medians,
-                         "difference_s": medians["on"] - medians["off"]})
+                settings = base.with_changes(sandbox=mode)
+                timings[f"job {mode}"].append(_job_seconds(settings, files))
+                timings[f"start-up {mode}"].append(_start_seconds(settings, files))
+    medians = {name: statistics.median(values) for name, values in timings.items()}
+    print(f"{'run':<16}{'median s':>10}{'min s':>10}{'max s':>10}")
+    for name, values in timings.items():
+        print(f"{name:<16}{medians[name]:>10.3f}{min(values):>10.3f}{max(values):>10.3f}")
+    difference = {what: medians[f"{what} on"] - medians[f"{what} off"] for what in ("job", "start-up")}
+    for what, seconds in difference.items():
+        print(f"{what}: sandbox on - off = {seconds:+.3f} s (medians of {args.repeats} interleaved runs)")
+    write_results(args, {"machine": machine(args, load_average=os.getloadavg()), "spec": SPEC, "timings_s": timings,
+                         "median_s": medians, "difference_s": difference})
 
 
 if __name__ == "__main__":
