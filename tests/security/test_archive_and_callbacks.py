@@ -139,3 +139,27 @@ def test_the_callback_goes_to_the_address_that_was_checked(monkeypatch: pytest.M
         server.shutdown()
     assert status == 302
     assert seen == [f"hooks.example:{server.server_port}"]
+
+
+def test_only_the_exact_word_off_turns_the_sandbox_off() -> None:
+    from modelpress.config import Settings
+
+    assert Settings.from_env({"MODELPRESS_SANDBOX": "OFF"}).sandbox == "off"
+    assert Settings.from_env({}).sandbox == "on"
+    for typo in ("of", "false", "0", "disabled"):
+        with pytest.raises(ValueError, match="MODELPRESS_SANDBOX"):
+            Settings.from_env({"MODELPRESS_SANDBOX": typo})
+
+
+def test_the_start_up_self_test_says_confined_unavailable_or_off(tmp_path: Path) -> None:
+    from modelpress.config import Settings
+    from workers.sandbox import self_test
+
+    settings = Settings(data_dir=tmp_path)
+    confined = self_test(settings)
+    missing = self_test(settings.with_changes(bwrap=str(tmp_path / "no-such-bwrap")))
+    off = self_test(settings.with_changes(sandbox="off"))
+
+    assert (confined.state, confined.ready) == ("confined", True), confined.detail
+    assert (missing.state, missing.ready) == ("unavailable", False) and "no-such-bwrap" in missing.detail
+    assert (off.state, off.ready) == ("off", True) and "unconfined" in off.detail
