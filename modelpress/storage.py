@@ -1,4 +1,7 @@
-"""Where a job's files live: ``<data_dir>/jobs/<id>/{input/, spec.json, output/model.pt, report.json}``."""
+"""Where a job's files live: ``<data_dir>/jobs/<id>/{input/, spec.json, output/{model.pt, report.json}}``.
+
+Everything the job's process writes is under ``output/``, the only place its sandbox may write.
+"""
 from __future__ import annotations
 
 import json
@@ -36,7 +39,7 @@ class JobFiles:
 
     @property
     def report(self) -> Path:
-        return self.root / "report.json"
+        return self.root / "output" / "report.json"
 
     @property
     def process_log(self) -> Path:

@@ -1,6 +1,7 @@
 """Bearer API keys and tenants for every /v1 route."""
 from __future__ import annotations
 
+import hmac
 import logging
 import secrets
 
@@ -79,3 +80,26 @@ _SIGNED_OUT = "modelpress:console:signed-out:"
 
 def _redis():
     return current_app.extensions["modelpress_jobs"].redis
+def may_see_operations() -> bool:
+    """Whether the caller may read /metrics and the details of /readyz (other tenants' counts, workers).
+
+    An open service shows them to anyone who can reach it; with keys, any valid API key or the
+    separate ``MODELPRESS_METRICS_TOKEN`` (for a Prometheus scraper that holds no tenant's key).
+    """
+    hashes = current_app.extensions["modelpress_keys"]
+    if hashes is None:
+        return True
+    scheme, _, key = request.headers.get("Authorization", "").partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        return False
+    token = current_app.extensions["modelpress"].metrics_token
+    if token and hmac.compare_digest(key.encode(), token.encode()):
+        return True
+    return tenant_for(key, hashes) is not None
+
+
+def require_operations_access() -> None:
+    if not may_see_operations():
+        raise ApiProblem(401, "Unauthorized", "send an API key or MODELPRESS_METRICS_TOKEN as 'Authorization: Bearer <key>'",
+                         headers={"WWW-Authenticate": 'Bearer realm="modelpress"'})

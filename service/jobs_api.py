@@ -20,7 +20,7 @@ from workers.celery_app import announce_final
 from service.schemas import (JobListArgsSchema, JobListSchema, JobSchema, JobSubmissionSchema, ProblemSchema,
                              WebhookSecretSchema)
 from service.submission import Submission, submit
-from service.uploads import gzip_copy
+from service.uploads import gzip_copy, wants_gzip
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Compression jobs")
 blp.before_request(require_tenant)
@@ -105,7 +105,7 @@ class JobModel(MethodView):
         path = _storage().job(job_id).output_model
         digest = job["result"]["sha256"]
         stem = (job.get("input") or {}).get("filename", "model").rsplit(".", 1)[0] or "model"
-        gzipped = "gzip" in request.accept_encodings
+        gzipped = wants_gzip(request)
         response = send_file(gzip_copy(path) if gzipped else path, mimetype="application/octet-stream",
                              as_attachment=True, download_name=f"{stem}.{job['spec']['method']}.pt",
                              etag=f"{digest}-gzip" if gzipped else digest, conditional=True, max_age=0)

@@ -84,6 +84,8 @@ class HealthSchema(Schema):
     status = fields.String()
     redis = fields.String()
     workers = fields.Integer()
+    sandbox = fields.Dict(keys=fields.String(), values=fields.String(),
+                          metadata={"description": "each worker's job sandbox: confined, or off (MODELPRESS_SANDBOX=off)"})
 
 
 class WebhookSecretSchema(Schema):

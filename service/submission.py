@@ -62,7 +62,7 @@ def submit(submission: Submission, settings: Settings, store: JobStore, storage:
             infos[part] = keep_upload(upload, path) if upload is not None else None
             if upload is not None and part != "data":
                 try:
-                    check_torchscript_archive(path, 2 * (settings.max_upload_mb << 20))
+                    check_torchscript_archive(path, 2 * (settings.max_upload_mb << 20), settings.op_check == "on")
                 except ArchiveRejected as rejected:
                     raise invalid({part: [str(rejected)]}) from None
         if infos["data"] is not None:

@@ -64,7 +64,9 @@ def compression_process(job_id: str, timeout: float = 60):
     while time.monotonic() < deadline:
         for process in psutil.process_iter(["cmdline"]):
             cmdline = process.info["cmdline"] or []
-            if "workers.job_process" in cmdline and any(arg.endswith(job_id) for arg in cmdline):
+            # The Python process itself, not the bubblewrap processes around it (whose command lines hold it too).
+            if "workers.job_process" in cmdline and any(arg.endswith(job_id) for arg in cmdline) \
+                    and not cmdline[0].endswith("bwrap"):
                 return process
         time.sleep(0.1)
     raise AssertionError(f"no compression process for job {job_id} within {timeout} s")

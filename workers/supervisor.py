@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -26,6 +25,9 @@ from modelpress import jobs
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, utc_now
 from modelpress.storage import JobFiles, Storage, read_json
+from workers import job_protocol as protocol
+from workers import sandbox
+from workers.job_protocol import problem
 
 log = logging.getLogger("modelpress.worker")
 
@@ -97,24 +99,22 @@ class Supervisor:
     def _run_child(self, job_id: str, files: JobFiles) -> tuple[str, bool]:
         read_fd, write_fd = os.pipe()
         with open(files.process_log, "ab") as log_file:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "workers.job_process", str(files.root)],
-                cwd=files.root,
-                env=self._child_env(write_fd),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                pass_fds=[write_fd],
-                start_new_session=True,  # its own process group, killed as a whole
-            )
+            try:
+                child = self._start_child(files, log_file, write_fd)
+            except OSError as error:  # bubblewrap (or Python) is missing: no unconfined fallback
+                os.close(write_fd)
+                os.close(read_fd)
+                return self._finish(job_id, jobs.FAILED, error=protocol.sandbox_unavailable(
+                    f"{self.settings.bwrap} could not be started ({error.strerror or error})"))
         os.close(write_fd)
         messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        threading.Thread(target=_read_messages, args=(read_fd, messages), daemon=True).start()
+        threading.Thread(target=protocol.read_messages, args=(read_fd, messages), daemon=True).start()
         self._quietly(self.store.update_running, job_id, process_pid=child.pid)
 
         deadline = time.monotonic() + self.settings.job_timeout_s
         outcome: dict[str, Any] | None = None
         last_progress: dict[str, Any] | None = None
+        started = False
         last_write = 0.0
         stop_reason: str | None = None
         while True:
@@ -125,9 +125,11 @@ class Supervisor:
             if message is None:  # pipe closed: the child has exited or is exiting
                 child.wait()
                 break
-            if message.get("event") == "progress":
+            if message.get("event") == protocol.STARTED:
+                started = True
+            elif message.get("event") == protocol.PROGRESS:
                 last_progress = message
-            elif message.get("event") in ("succeeded", "failed"):
+            elif message.get("event") in protocol.FINAL_EVENTS:
                 outcome = message
             now = time.monotonic()
             if now - last_write >= PROGRESS_WRITE_INTERVAL_S:
@@ -153,38 +155,33 @@ class Supervisor:
                 f"the compression did not finish within the job time limit of {self.settings.job_timeout_s} s "
                 "and was stopped",
             ))
-        return self._record_exit(job_id, files, child.returncode, outcome)
+        return self._record_exit(job_id, files, child.returncode, outcome, started)
+
+    def _start_child(self, files: JobFiles, log_file: Any, write_fd: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            sandbox.job_command(self.settings, files, [sys.executable, "-m", "workers.job_process", str(files.root)]),
+            cwd=files.root,
+            env=protocol.child_environment(self.settings, write_fd, str(PROJECT_ROOT)),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            pass_fds=[write_fd],
+            start_new_session=True,  # its own process group, killed as a whole
+        )
 
     def _record_exit(self, job_id: str, files: JobFiles, returncode: int,
-                     outcome: dict[str, Any] | None) -> tuple[str, bool]:
-        if returncode == 0 and outcome and outcome["event"] == "succeeded" and files.output_model.exists():
+                     outcome: dict[str, Any] | None, started: bool) -> tuple[str, bool]:
+        refused_output = sandbox.confirm_outputs(files)
+        if refused_output:
+            return self._finish(job_id, jobs.FAILED, error=problem("invalid-output", "Invalid output", refused_output))
+        if returncode == 0 and outcome and outcome["event"] == protocol.SUCCEEDED and files.output_model.exists():
             report = read_json(files.report)
             return self._finish(job_id, jobs.SUCCEEDED, result=_result_summary(files, report), progress=1.0, stage="done",
                                 warnings=report.get("warnings", []))
-        if outcome and outcome["event"] == "failed":
-            return self._finish(job_id, jobs.FAILED, error=problem(outcome["slug"], outcome["title"], outcome["detail"]))
-        return self._finish(job_id, jobs.FAILED, error=_died(returncode, self.settings))
-
-    def _child_env(self, progress_fd: int) -> dict[str, str]:
-        """A scrubbed environment: no Redis URL, keys or other secrets reach the model's process."""
-        threads = str(self.settings.job_threads)
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "LANG": "C.UTF-8",
-            "PYTHONPATH": str(PROJECT_ROOT),
-            "PYTHONUNBUFFERED": "1",
-            "OMP_NUM_THREADS": threads,
-            "MKL_NUM_THREADS": threads,
-            "OPENBLAS_NUM_THREADS": threads,
-            "MODELPRESS_JOB_THREADS": threads,
-            "MODELPRESS_JOB_MEMORY_MB": str(self.settings.job_memory_mb),
-            "MODELPRESS_JOB_TIMEOUT_S": str(self.settings.job_timeout_s),
-            "MODELPRESS_PROGRESS_FD": str(progress_fd),
-        }
-        for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # keep this machine's OpenBLAS workarounds
-            if name in os.environ:
-                env[name] = os.environ[name]
-        return env
+        if outcome and outcome["event"] == protocol.FAILED:
+            return self._finish(job_id, jobs.FAILED, error=protocol.outcome_problem(outcome))
+        return self._finish(job_id, jobs.FAILED, error=protocol.died(returncode, self.settings, started,
+                                                                     sandbox.setup_error_in(files.process_log)))
 
     def _finish(self, job_id: str, state: str, **fields: Any) -> tuple[str, bool]:
         """Record the final state, retrying while Redis is unreachable (a restart must not lose it)."""
@@ -209,28 +206,6 @@ class Supervisor:
             return default
 
 
-def problem(slug: str, title: str, detail: str) -> dict[str, Any]:
-    """A failed job's ``error``: the same shape as the API's problem+json bodies."""
-    return {"type": f"https://modelpress.dev/problems/{slug}", "title": title, "status": 422, "detail": detail}
-
-
-def _died(returncode: int, settings: Settings) -> dict[str, Any]:
-    if returncode < 0:
-        signum = -returncode
-        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else f"signal {signum}"
-        if signum == signal.SIGSEGV:
-            why = "it crashed with a segmentation fault (a native crash inside torch on this model)"
-        elif signum == signal.SIGKILL:
-            why = (f"it was killed with SIGKILL (out of memory under the {settings.job_memory_mb} MB limit, "
-                   "or stopped by an operator)")
-        else:
-            why = f"it was stopped by {name}"
-        detail = f"the compression process died: {why}"
-    else:
-        detail = f"the compression process exited with status {returncode} without reporting a result"
-    return problem("process-died", "Compression process died", detail)
-
-
 def _result_summary(files: JobFiles, report: dict[str, Any]) -> dict[str, Any]:
     digest = hashlib.sha256()
     with open(files.output_model, "rb") as handle:
@@ -244,18 +219,6 @@ def _result_summary(files: JobFiles, report: dict[str, Any]) -> dict[str, Any]:
         "cosine_similarity": report["fidelity"]["cosine_similarity"],
         "top1_agreement": report["fidelity"]["top1_agreement"],
     }
-
-
-def _read_messages(read_fd: int, messages: "queue.Queue[dict[str, Any] | None]") -> None:
-    with os.fdopen(read_fd, "r", errors="replace") as pipe:
-        for line in pipe:
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(message, dict):
-                messages.put(message)
-    messages.put(None)
 
 
 def _kill_group(child: subprocess.Popen) -> None:

@@ -1,28 +1,17 @@
 """One attempt at delivering a job's webhook."""
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import time
-import urllib.error
-import urllib.request
 
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, public_view
-from modelpress.webhooks import CallbackRefused, check_callback_url, sign, tenant_secret
+from modelpress.webhooks import CallbackRefused, send_pinned, sign, tenant_secret
 
 log = logging.getLogger("modelpress.webhooks")
 TIMEOUT_S = 10
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect could lead to an address the URL check refused: treat it as a failed attempt."""
-
-    def redirect_request(self, *args, **kwargs):  # noqa: ANN002, ANN003
-        return None
-
-
-_OPENER = urllib.request.build_opener(_NoRedirects)
 
 
 class DeliveryFailed(Exception):
@@ -35,27 +24,23 @@ def deliver(settings: Settings, store: JobStore, job_id: str, attempt: int) -> i
     if job is None or not job.get("callback_url"):
         return None
     url = job["callback_url"]
-    try:
-        check_callback_url(url, settings.webhook_allow_private)  # again: DNS may have changed since submit
-    except CallbackRefused as refused:
-        log.warning("job %s: webhook to %s refused: %s", job_id, url, refused, extra={"job_id": job_id})
-        return None
     body = json.dumps({"type": f"job.{job['state']}", "data": public_view(job)}, sort_keys=True).encode()
     message_id = f"msg_{job_id}_{job['state']}"  # the same across retries, so receivers can deduplicate
     timestamp = int(time.time())
-    request = urllib.request.Request(url, data=body, method="POST", headers={
+    headers = {
         "Content-Type": "application/json",
         "User-Agent": "ModelPress-Webhooks/1",
         "webhook-id": message_id,
         "webhook-timestamp": str(timestamp),
         "webhook-signature": sign(tenant_secret(settings, job.get("tenant", "public")), message_id, timestamp, body),
-    })
+    }
     try:
-        with _OPENER.open(request, timeout=TIMEOUT_S) as response:
-            status = response.status
-    except urllib.error.HTTPError as error:
-        status = error.code
-    except (urllib.error.URLError, OSError) as error:
+        # Checked again (DNS may have changed since submit) and sent to the very address checked.
+        status = send_pinned(url, body, headers, settings.webhook_allow_private, TIMEOUT_S)
+    except CallbackRefused as refused:
+        log.warning("job %s: webhook to %s refused: %s", job_id, url, refused, extra={"job_id": job_id})
+        return None
+    except (OSError, http.client.HTTPException) as error:
         log.warning("job %s: webhook attempt %d failed: %s", job_id, attempt, error, extra={"job_id": job_id})
         raise DeliveryFailed(str(error)) from None
     if not 200 <= status < 300:

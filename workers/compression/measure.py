@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import InvalidInput, OutOfMemory, summarize_torch_error
+from .errors import InvalidInput, OutOfMemory, is_out_of_memory, summarize_torch_error
 from .inputs import describe
 from .outputs import named_outputs
 from .torchscript import quiet_torchscript_warnings, tensor_constants
@@ -65,7 +65,7 @@ def run_model(model: torch.jit.ScriptModule, batch: Inputs) -> Any:
         with torch.no_grad(), quiet_torchscript_warnings():
             return model(*args)
     except Exception as error:
-        if isinstance(error, MemoryError) or "can't allocate memory" in str(error):
+        if is_out_of_memory(error):
             raise OutOfMemory(summarize_torch_error(error)) from None
         raise InvalidInput(f"the model failed on {describe(args)}: {summarize_torch_error(error)}") from None
 
