@@ -71,7 +71,7 @@ class Stack:
         return self._spawn(name, [
             sys.executable, "-m", "celery", "-A", "workers.worker", "worker",
             "--loglevel", self.settings.log_level, "--concurrency", str(self.settings.worker_concurrency),
-            "--queues", "modelpress,modelpress-events", "--hostname", f"{name}-{os.getpid()}@%h",
+            "--queues", "modelpress", "--hostname", f"{name}-{os.getpid()}@%h",
             "--without-gossip", "--without-mingle",
         ])
 

@@ -38,6 +38,14 @@ class JobFiles:
     def report(self) -> Path:
         return self.root / "report.json"
 
+    # What a succeeded job serves: the output of the attempt that recorded the success, under
+    # names only that attempt writes (see ``Supervisor._publish``).
+    def published_model(self, attempt: int) -> Path:
+        return self.root / "output" / f"model.attempt-{attempt}.pt"
+
+    def published_report(self, attempt: int) -> Path:
+        return self.root / f"report.attempt-{attempt}.json"
+
     @property
     def process_log(self) -> Path:
         return self.root / "process.log"
