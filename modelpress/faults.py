@@ -1,8 +1,10 @@
 """Pause points for fault tests: hold a process at a chosen moment so a test can strike there.
 
-``MODELPRESS_TEST_PAUSE=<point>:<seconds>[,<point>:<seconds>...]`` makes ``pause_point(point, job_id)``
-sleep that long, after writing ``<MODELPRESS_DATA_DIR>/pauses/<point>.<job_id>`` so the test knows
-the process reached it; ``<point>:raise`` raises ``InjectedFault`` there instead. Each point pauses once per job (a re-run goes straight through). Unset (production), a pause point costs one dictionary lookup.
+``MODELPRESS_TEST_PAUSE=<point>:<seconds>[,<point>:<seconds>...]`` names the points a process
+honours (``<point>:raise`` raises ``InjectedFault`` there instead of sleeping). A point acts only
+when armed: a test creates ``<MODELPRESS_DATA_DIR>/pauses/<point>.armed``; the first process to
+reach the point renames it to ``<point>.<job_id>`` (so the test learns which job, and that the
+moment has come) and pauses. Unset (production), a pause point costs one environment lookup.
 """
 from __future__ import annotations
 
@@ -20,13 +22,22 @@ def pause_point(point: str, job_id: str) -> None:
     if not setting:
         return
     for entry in setting.split(","):
-        name, _, seconds = entry.partition(":")
-        if name.strip() == point:
-            marker = Path(os.environ.get("MODELPRESS_DATA_DIR", "var")) / "pauses" / f"{point}.{job_id}"
-            if marker.exists():
-                return
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(str(os.getpid()))
-            if seconds == "raise":
-                raise InjectedFault(f"injected fault at {point} for job {job_id}")
-            time.sleep(float(seconds or 30))
+        name, _, action = entry.partition(":")
+        if name.strip() != point:
+            continue
+        folder = Path(os.environ.get("MODELPRESS_DATA_DIR", "var")) / "pauses"
+        try:
+            os.rename(folder / f"{point}.armed", folder / f"{point}.{job_id}")  # one process wins the arm
+        except FileNotFoundError:
+            return
+        if action == "raise":
+            raise InjectedFault(f"injected fault at {point} for job {job_id}")
+        time.sleep(float(action or 30))
+
+
+def arm(data_dir: Path, point: str) -> Path:
+    """Arm ``point`` once; returns the folder where the struck marker ``<point>.<job_id>`` will appear."""
+    folder = Path(data_dir) / "pauses"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{point}.armed").touch()
+    return folder
