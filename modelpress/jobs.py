@@ -436,11 +436,6 @@ class JobStore:
     def outbox_size(self) -> int:
         return int(self.redis.zcard(_OUTBOX))
 
-    # ------------------------------------------------------------------ idempotency keys
-
-    def forget_request(self, tenant: str, key: str) -> None:
-        self.redis.delete(_idempotency_key(tenant, key))
-
     # ------------------------------------------------------------------ listing and deleting
 
     def delete(self, job_id: str) -> None:

@@ -58,7 +58,6 @@ class Supervisor:
             log.info("job %s: delivery skipped (%s, job %s)", job_id, claim.outcome, claim.state,
                      extra={"job_id": job_id})
             return claim.state or "missing", False
-        pause_point("after-claim", job_id)
         if claim.deliveries > self.settings.max_deliveries:
             return self._finish(job_id, claim.attempt, jobs.FAILED, error=problem(
                 "worker-lost", "Worker lost",
@@ -204,7 +203,6 @@ class Supervisor:
         There is no cap: giving up would leave the job ``running`` to be taken over and run
         again, although its outcome is known. Meanwhile the message stays unacknowledged.
         """
-        pause_point("before-finish", job_id)
         final = self._until_redis(self.store.finish, job_id, state, attempt, finished_at=utc_now(), **fields)
         return final or "missing", final == state
 
