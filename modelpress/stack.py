@@ -27,7 +27,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # 30 s); CRASH_LIMIT crashes within CRASH_WINDOW_S stop the whole service with an error.
 RESTART_BACKOFF_S = 1.0
 CRASH_LIMIT = 5
-CRASH_WINDOW_S = 120
+CRASH_WINDOW_S = 30
 
 
 def redis_server_executable() -> str:
@@ -151,7 +151,7 @@ class Stack:
                 recent = [t for t in crashes.get(name, []) if now - t < CRASH_WINDOW_S] + [now]
                 crashes[name] = recent
                 if len(recent) >= CRASH_LIMIT:
-                    log.error("%s exited with status %s, its %d crash within %d s; giving up and stopping the "
+                    log.error("%s exited with status %s (crash %d within %d s); giving up and stopping the "
                               "service", name, process.returncode, len(recent), CRASH_WINDOW_S)
                     status, stopping = 1, True
                     break
