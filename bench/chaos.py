@@ -4,7 +4,8 @@ SIGKILLed at random moments; counts what a correct lifecycle must never do.
 Starts ``python -m modelpress.stack`` (what ``make run`` runs, which restarts dead children),
 submits ``--jobs`` small quantization jobs with a webhook each over the first part of
 ``--minutes``, kills a random child every ``--kill-every`` seconds (with jitter), then waits for
-every job to end. Prints jobs submitted, succeeded, lost (not final at the end: must be 0), run to
+every job to end (a job counts as lost if it is not final after the queue drained and nothing
+finished for five minutes). Prints jobs submitted, succeeded, lost (not final at the end: must be 0), run to
 completion more than once (compression completed by two attempts: must be 0), webhooks missing (no
 2xx for a final job: must be 0), and p50/p99 time from submission to final state, with the same
 figures for a baseline run without kills when ``--baseline`` is given. Writes bench/results/chaos.json.
@@ -40,6 +41,7 @@ from tests.models import SmallConvNet, save_scripted  # noqa: E402
 SPEC = {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": {"runs": 2, "warmup": 0}}
 FINAL = {"succeeded", "failed", "cancelled"}
 ROLES = {"worker": "celery", "redis": "redis-server", "api": "gunicorn"}
+STALL_S = 300
 
 
 class Receiver:
@@ -124,8 +126,9 @@ def run(jobs: int, minutes: float, kill_every: float, seed: int, workdir: Path, 
     threads[1].join()
     done.wait(timeout=max(0.0, end + 300 - time.monotonic()))
     final: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and len(final) < len(submitted):
+    last_seen: dict[str, Any] = {}
+    stalled_since = time.monotonic()  # lost means: not final although nothing has finished for STALL_S
+    while len(final) < len(submitted) and time.monotonic() - stalled_since < STALL_S:
         for job_id in list(submitted):
             if job_id in final:
                 continue
@@ -133,8 +136,10 @@ def run(jobs: int, minutes: float, kill_every: float, seed: int, workdir: Path, 
                 job = session.get(f"{base}/v1/jobs/{job_id}", timeout=10).json()
             except (requests.RequestException, ValueError):
                 continue
+            last_seen[job_id] = {key: job.get(key) for key in ("state", "stage", "deliveries")}
             if job.get("state") in FINAL:
                 final[job_id] = job
+                stalled_since = time.monotonic()
         time.sleep(1)
     time.sleep(5)  # let the last webhooks arrive
     stack.send_signal(signal.SIGTERM)
@@ -160,6 +165,7 @@ def run(jobs: int, minutes: float, kill_every: float, seed: int, workdir: Path, 
         "succeeded": sum(job["state"] == "succeeded" for job in final.values()),
         "failed": sum(job["state"] == "failed" for job in final.values()),
         "lost": len(submitted) - len(final),
+        "lost_jobs": {job_id: last_seen.get(job_id) for job_id in submitted if job_id not in final},
         "run_twice": sum(count > 1 for count in completions.values()),
         "final_state_written_twice": sum(count > 1 for count in transitions.values()),
         "taken_over": sum(job.get("deliveries", 0) > 1 for job in final.values()),

@@ -18,7 +18,7 @@ import requests
 from modelpress.stack import PROJECT_ROOT, free_port
 from tests.models import SlowModel, save_scripted
 
-MEDIUM = {"method": "quantize", "input_shape": [8, 64], "evaluation": {"runs": 20, "warmup": 0}}
+MEDIUM = {"method": "quantize", "input_shape": [8, 64], "evaluation": {"runs": 10, "warmup": 0}}
 ROLES = {"worker": "celery", "redis": "redis-server", "api": "gunicorn"}
 
 
@@ -50,7 +50,7 @@ def test_sigkilled_child_is_restarted_and_every_job_finishes(role: str, tmp_path
     port = free_port()
     env = {**os.environ, "MODELPRESS_DATA_DIR": str(tmp_path / "data"), "MODELPRESS_PORT": str(port),
            "MODELPRESS_REDIS_PORT": str(free_port()), "MODELPRESS_HEARTBEAT_STALE_S": "6",
-           "MODELPRESS_LOG_FORMAT": "json", "MODELPRESS_MAX_UPLOAD_MB": "64"}
+           "MODELPRESS_LOG_FORMAT": "json", "MODELPRESS_MAX_UPLOAD_MB": "64", "MODELPRESS_JOB_THREADS": "1"}
     env.pop("REDIS_URL", None)
     env.pop("MODELPRESS_TEST_PAUSE", None)
     log_path = tmp_path / "stack.log"
@@ -84,7 +84,7 @@ def test_sigkilled_child_is_restarted_and_every_job_finishes(role: str, tmp_path
             time.sleep(0.25)
         _child(stack, role, not_pid=victim.pid)  # a new one, started by the stack
         for job_id in job_ids:
-            deadline = time.monotonic() + 240
+            deadline = time.monotonic() + 300
             while (job := requests.get(f"{base}/v1/jobs/{job_id}", timeout=5).json())["state"] not in (
                     "succeeded", "failed", "cancelled"):
                 assert time.monotonic() < deadline, job
