@@ -39,12 +39,13 @@ class JobFiles:
         return self.root / "report.json"
 
     # What a succeeded job serves: the output of the attempt that recorded the success, under
-    # names only that attempt writes (see ``Supervisor._publish``).
-    def published_model(self, attempt: int) -> Path:
-        return self.root / "output" / f"model.attempt-{attempt}.pt"
+    # names only that attempt writes (see ``Supervisor._publish``). Records written before
+    # attempts existed (no attempt) serve the shared names.
+    def published_model(self, attempt: int | None) -> Path:
+        return self.root / "output" / f"model.attempt-{attempt}.pt" if attempt else self.output_model
 
-    def published_report(self, attempt: int) -> Path:
-        return self.root / f"report.attempt-{attempt}.json"
+    def published_report(self, attempt: int | None) -> Path:
+        return self.root / f"report.attempt-{attempt}.json" if attempt else self.report
 
     @property
     def process_log(self) -> Path:

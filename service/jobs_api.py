@@ -107,7 +107,7 @@ class JobModel(MethodView):
     def get(self, job_id: str) -> Any:
         """Download the compressed model (ETag and X-Checksum-Sha256 are its SHA-256; gzip on request)."""
         job = _succeeded_or_409(job_id)
-        path = _storage().job(job_id).published_model(job["attempt"])
+        path = _storage().job(job_id).published_model(job.get("attempt"))
         digest = job["result"]["sha256"]
         stem = (job.get("input") or {}).get("filename", "model").rsplit(".", 1)[0] or "model"
         gzipped = "gzip" in request.accept_encodings
@@ -129,7 +129,7 @@ class JobReport(MethodView):
     def get(self, job_id: str) -> Any:
         """The job's report.json."""
         job = _succeeded_or_409(job_id)
-        return read_json(_storage().job(job_id).published_report(job["attempt"]))
+        return read_json(_storage().job(job_id).published_report(job.get("attempt")))
 
 
 # ---------------------------------------------------------------------------- helpers
