@@ -111,9 +111,12 @@ def run(jobs: int, minutes: float, kill_every: float, seed: int, workdir: Path, 
         done.set()
 
     def kill_randomly() -> None:
+        bag: list[str] = []  # every role in a shuffled round, so a short run still kills each kind
         while time.monotonic() < end and kills:
             time.sleep(kill_every * rng.uniform(0.5, 1.5))
-            role = rng.choice(sorted(ROLES))
+            if not bag:
+                bag = rng.sample(sorted(ROLES), len(ROLES))
+            role = bag.pop()
             for child in psutil.Process(stack.pid).children():
                 if ROLES[role] in " ".join(child.cmdline()):
                     child.send_signal(signal.SIGKILL)
