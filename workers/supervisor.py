@@ -103,6 +103,12 @@ class Supervisor:
             except queue.Empty:
                 message = {}
             if message is None:  # pipe closed: the child has exited or is exiting
+                while child.poll() is None:  # tearing down a torch process can take a while: keep beating
+                    try:
+                        self._quietly(self.store.beat, job_id, attempt)
+                    except Superseded:
+                        break  # the final write will be refused; nothing to stop
+                    time.sleep(POLL_INTERVAL_S)
                 child.wait()
                 break
             if message.get("event") == "progress":
