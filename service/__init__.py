@@ -1,11 +1,10 @@
 """The HTTP API: an app factory in the style of Flask's own Celery example."""
 from __future__ import annotations
 
-import redis
 from flask import Flask
 
 from modelpress.config import Settings
-from modelpress.jobs import JobStore
+from modelpress.jobs import JobStore, connect
 from modelpress.logs import configure_logging
 from modelpress.storage import Storage
 
@@ -44,7 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     storage = Storage(settings.data_dir)
     storage.ensure()
     app.extensions["modelpress_storage"] = storage
-    app.extensions["modelpress_jobs"] = JobStore(redis.Redis.from_url(settings.redis_url, health_check_interval=30))
+    app.extensions["modelpress_jobs"] = JobStore(connect(settings.redis_url))
     celery_init_app(app, settings)
     auth_init_app(app, settings)
 

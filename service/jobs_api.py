@@ -16,7 +16,6 @@ from service.auth import require_tenant
 from service.problems import ApiProblem
 from modelpress.webhooks import tenant_secret
 from service.queue import enqueue_job
-from workers.celery_app import announce_final
 from service.schemas import (JobListArgsSchema, JobListSchema, JobSchema, JobSubmissionSchema, ProblemSchema,
                              WebhookSecretSchema)
 from service.submission import Submission, submit
@@ -53,7 +52,7 @@ class Jobs(MethodView):
             callback_url=request.form.get("callback_url") or None,
             idempotency_key=request.headers.get("Idempotency-Key"))
         accepted = submit(submission, current_app.extensions["modelpress"], _store(), _storage(),
-                          lambda job_id: enqueue_job(current_app, job_id))
+                          lambda job_id, generation: enqueue_job(current_app, job_id, generation))
         headers = {"Location": url_for("jobs.Job", job_id=accepted.job["id"])}
         if accepted.replayed:
             headers["Idempotent-Replayed"] = "true"
@@ -102,7 +101,7 @@ class JobModel(MethodView):
     def get(self, job_id: str) -> Any:
         """Download the compressed model (ETag and X-Checksum-Sha256 are its SHA-256; gzip on request)."""
         job = _succeeded_or_409(job_id)
-        path = _storage().job(job_id).output_model
+        path = _storage().job(job_id).published_model(job.get("attempt"))
         digest = job["result"]["sha256"]
         stem = (job.get("input") or {}).get("filename", "model").rsplit(".", 1)[0] or "model"
         gzipped = wants_gzip(request)
@@ -142,10 +141,9 @@ def cancel(job_id: str) -> dict[str, Any] | None:
     job = own_job(job_id)
     store = _store()
     if job["state"] == jobs.QUEUED:
-        if store.move(job_id, jobs.CANCELLED, finished_at=utc_now(), stage="cancelled") == jobs.CANCELLED:
-            cancelled = store.get(job_id)
-            announce_final(current_app.extensions["celery"], cancelled)
-            return cancelled
+        # The same fenced script as every final state: it also puts the webhook event in the outbox.
+        if store.finish(job_id, jobs.CANCELLED, None, finished_at=utc_now(), stage="cancelled") == jobs.CANCELLED:
+            return store.get(job_id)
         job = own_job(job_id)
     if job["state"] == jobs.RUNNING:
         store.update_if(job_id, [jobs.RUNNING], cancel_requested=True)
@@ -154,8 +152,8 @@ def cancel(job_id: str) -> dict[str, Any] | None:
 
 
 def report_of(job: dict[str, Any]) -> dict[str, Any]:
-    """The report.json of a succeeded job."""
-    return read_json(_storage().job(job["id"]).report)
+    """The report.json of a succeeded job: the one its winning attempt published."""
+    return read_json(_storage().job(job["id"]).published_report(job.get("attempt")))
 
 
 def _succeeded_or_409(job_id: str) -> dict[str, Any]:

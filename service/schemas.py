@@ -46,6 +46,8 @@ class JobSchema(Schema):
     started_at = fields.String(allow_none=True)
     finished_at = fields.String(allow_none=True)
     cancel_requested = fields.Boolean()
+    deliveries = fields.Integer(metadata={"description": "How many times a worker took the job (more than 1: it "
+                                                         "was taken over after its worker stopped)."})
     spec = fields.Nested(CompressionSpec)
     input = fields.Nested(FileInfoSchema)
     data = fields.Nested(FileInfoSchema, allow_none=True)

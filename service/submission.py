@@ -1,13 +1,16 @@
 """The submission use case, shared by ``POST /v1/jobs`` and the console's form: validate, keep the
-uploads, check the archives, record the job (idempotency claim and quota), then send its message.
+uploads, check the archives and the data file, record the job (with its idempotency claim and quota
+check, atomically), then send its message.
 
-One rollback path: until the job is recorded and its message sent, everything this request
-wrote is removed on any way out (``finally``).
+One rollback path: until the record exists, everything written belongs to this request and is
+removed on any failure (``finally``); once the record exists the job is accepted, and a lost
+message is the reconciler's to re-send (``workers/reaper.py``), so nothing is undone after it.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -18,6 +21,7 @@ from modelpress import jobs
 from modelpress.archive import ArchiveRejected, check_torchscript_archive
 from modelpress.config import Settings
 from modelpress.datafile import DataFileError, disagreements, read_headers
+from modelpress.faults import pause_point
 from modelpress.jobs import JobStore, new_job_id, utc_now
 from modelpress.spec import SpecError, declared_inputs, dump_spec, parse_spec
 from modelpress.storage import Storage, write_json_atomic
@@ -25,6 +29,7 @@ from modelpress.webhooks import CallbackRefused, check_callback_url
 from service.problems import ApiProblem
 from service.uploads import keep_upload, upload_is_empty
 
+log = logging.getLogger("modelpress.api")
 IDEMPOTENCY_TTL_S = 24 * 3600
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
@@ -49,18 +54,21 @@ class Accepted:
 
 
 def submit(submission: Submission, settings: Settings, store: JobStore, storage: Storage,
-           enqueue: Callable[[str], None]) -> Accepted:
-    """Accept a job or raise ``ApiProblem`` (422, 409, 429, 503); see the module's docstring."""
+           enqueue: Callable[[str, int], None]) -> Accepted:
+    """Accept a job or raise ``ApiProblem`` (422, 409, 429); see the module's docstring."""
     spec = _validate(submission, settings)
     job_id = new_job_id()
     files = storage.job(job_id)
-    claimed = recorded = sent = False
+    recorded = False
     try:
-        infos: dict[str, dict[str, Any] | None] = {}
+        infos = {}
         for part, path in (("model", files.input_model), ("student", files.input_student), ("data", files.input_data)):
             upload = getattr(submission, part)
-            infos[part] = keep_upload(upload, path) if upload is not None else None
-            if upload is not None and part != "data":
+            if upload is None:
+                infos[part] = None
+                continue
+            infos[part] = keep_upload(upload, path)
+            if part != "data":
                 try:
                     check_torchscript_archive(path, 2 * (settings.max_upload_mb << 20), settings.op_check == "on")
                 except ArchiveRejected as rejected:
@@ -69,14 +77,6 @@ def submit(submission: Submission, settings: Settings, store: JobStore, storage:
             conflicts = _data_conflicts(files.input_data, spec)
             if conflicts:
                 raise invalid(conflicts)
-        if submission.idempotency_key is not None:
-            fingerprint = _fingerprint(spec, *[info and info["sha256"] for info in infos.values()],
-                                       submission.callback_url)
-            previous = store.remember_request(submission.tenant, submission.idempotency_key, fingerprint, job_id,
-                                              IDEMPOTENCY_TTL_S)
-            if previous is not None:
-                return _replay(store, previous, fingerprint)
-            claimed = True
         write_json_atomic(files.spec, dump_spec(spec))
         job = {
             "id": job_id, "tenant": submission.tenant, "state": jobs.QUEUED, "progress": 0.0, "stage": "queued",
@@ -84,27 +84,31 @@ def submit(submission: Submission, settings: Settings, store: JobStore, storage:
             "spec": dump_spec(spec), "input": infos["model"], "data": infos["data"], "student": infos["student"],
             "result": None, "error": None, "warnings": [], "callback_url": submission.callback_url,
         }
+        idempotency = None
+        fingerprint = None
+        if submission.idempotency_key is not None:
+            fingerprint = _fingerprint(spec, *[info and info["sha256"] for info in infos.values()], submission.callback_url)
+            idempotency = (submission.tenant, submission.idempotency_key, fingerprint, IDEMPOTENCY_TTL_S)
         uploaded = sum(info["bytes"] for info in infos.values() if info)
-        if not store.create(job, max_active=settings.max_active_jobs, uploaded_bytes=uploaded):
-            raise ApiProblem(429, "Too Many Requests",
-                             f"at most {settings.max_active_jobs} queued or running jobs per tenant "
-                             "(MODELPRESS_MAX_ACTIVE_JOBS); wait for some to finish", headers={"Retry-After": "30"})
-        recorded = True
-        try:
-            enqueue(job_id)
-        except Exception:
-            # Not accepted after all: the client is told to retry, so nothing is kept.
-            raise ApiProblem(503, "Service Unavailable", "the job queue is unavailable; try again shortly",
-                             headers={"Retry-After": "5"}) from None
-        sent = True
-        return Accepted(job)
+        outcome, earlier = store.create(job, max_active=settings.max_active_jobs, uploaded_bytes=uploaded,
+                                        idempotency=idempotency)
+        recorded = outcome == "created"
     finally:
-        if not sent:
-            if recorded:
-                store.delete(job_id)
-            if claimed:
-                store.forget_request(submission.tenant, submission.idempotency_key)
-            storage.delete(job_id)
+        if not recorded:
+            storage.delete(job_id)  # the one rollback: this request's files, on every way out
+    if outcome == "replay":
+        return _replay(store, earlier, fingerprint)
+    if outcome == "quota":
+        raise ApiProblem(429, "Too Many Requests",
+                         f"at most {settings.max_active_jobs} queued or running jobs per tenant "
+                         "(MODELPRESS_MAX_ACTIVE_JOBS); wait for some to finish", headers={"Retry-After": "30"})
+    pause_point("after-record", job_id)
+    try:
+        enqueue(job_id, 1)
+    except Exception as error:  # accepted all the same: the record is durable and the reconciler re-sends
+        log.warning("job %s: message not sent (%s); the reconciler will send it", job_id, error,
+                    extra={"job_id": job_id})
+    return Accepted(store.get(job_id) or job)
 
 
 def invalid(errors: dict[str, list[str]]) -> ApiProblem:
@@ -141,15 +145,14 @@ def _validate(submission: Submission, settings: Settings) -> dict[str, Any]:
     return spec
 
 
-def _replay(store: JobStore, previous: dict[str, str], fingerprint: str) -> Accepted:
-    """A repeated Idempotency-Key: the first job for the same request, 422 for a different one."""
-    if previous["fingerprint"] != fingerprint:
+def _replay(store: JobStore, earlier: dict[str, str], fingerprint: str | None) -> Accepted:
+    if earlier["fingerprint"] != fingerprint:
         raise invalid({"Idempotency-Key": ["already used with a different request (within 24 hours)"]})
-    earlier = store.get(previous["job_id"])
-    if earlier is None:
-        raise ApiProblem(409, "Conflict", "a request with this Idempotency-Key is still being "
-                         "processed; retry shortly", headers={"Retry-After": "1"})
-    return Accepted(earlier, replayed=True)
+    job = store.get(earlier["job_id"])
+    if job is None:
+        raise ApiProblem(409, "Conflict", f"this Idempotency-Key was used for job {earlier['job_id']}, "
+                         "which has since been deleted; use a new key")
+    return Accepted(job, replayed=True)
 
 
 def _fingerprint(spec: dict[str, Any], *parts: Any) -> str:

@@ -5,18 +5,21 @@ import redis
 from celery.signals import after_setup_logger, worker_ready
 
 from modelpress.config import Settings
+from modelpress.jobs import JobStore, connect
 from modelpress.logs import configure_logging
 from workers.celery_app import make_celery
 from workers import sandbox
 from workers.reaper import Reaper
+from workers.webhook_delivery import Dispatcher
 
 settings = Settings.from_env()
 celery = make_celery(settings)
 
 
 @worker_ready.connect
-def _start_reaper(sender=None, **kwargs) -> None:
+def _start_housekeeping(sender=None, **kwargs) -> None:
     Reaper(settings, celery).start()
+    Dispatcher(settings, JobStore(connect(settings.redis_url))).start()
 
 
 @worker_ready.connect

@@ -1,6 +1,7 @@
 """A dying or cancelled compression process fails or cancels its own job only."""
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 from pathlib import Path
@@ -86,10 +87,13 @@ def test_job_whose_worker_dies_once_is_run_again_and_succeeds(api: ApiClient, tm
     job_id = api.submit(model, {**SLOW_SPEC, "evaluation": {"runs": 30, "warmup": 0}}).json()["id"]
     api.wait(job_id, until={"running"}, timeout=120)
 
-    _kill_pool_process(job_id)
+    _kill_pool_process(job_id)  # found by its compression process: the job was mid-run
 
     job = api.wait(job_id, timeout=300)
     assert job["state"] == "succeeded", job["error"]
+    assert job["deliveries"] == 2  # taken over once
+    served = api.session.get(api.url(job["links"]["model"]), headers={"Accept-Encoding": "identity"})
+    assert hashlib.sha256(served.content).hexdigest() == job["result"]["sha256"]
 
 
 def test_job_that_keeps_killing_its_worker_fails_after_bounded_deliveries(api: ApiClient, stack, slow_model: Path) -> None:
@@ -103,3 +107,4 @@ def test_job_that_keeps_killing_its_worker_fails_after_bounded_deliveries(api: A
     assert job["state"] == "failed"
     assert job["error"]["title"] == "Worker lost"
     assert f"stopped {limit} times" in job["error"]["detail"]
+    assert job["deliveries"] == limit + 1  # the delivery that found the limit spent took it, then failed it
