@@ -72,6 +72,12 @@ def compression_process(job_id: str, timeout: float = 60):
     raise AssertionError(f"no compression process for job {job_id} within {timeout} s")
 
 
+def supervisor_process(job_id: str, timeout: float = 60):
+    """The Celery pool process supervising the job: the compression process's first ancestor outside
+    the sandbox (bubblewrap's own processes sit between them)."""
+    return next(p for p in compression_process(job_id, timeout).parents() if not p.cmdline()[0].endswith("bwrap"))
+
+
 def make_settings(tmp: Path, **changes: Any) -> Settings:
     base = Settings.from_env(
         {k: v for k, v in os.environ.items() if k in ("REDIS_URL",)}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ApiClient, compression_process
+from tests.conftest import ApiClient, compression_process, supervisor_process
 from tests.models import SlowModel, SmallConvNet, save_scripted
 
 # Many timed runs of a slow model: the job stays running until the test acts on it.
@@ -77,8 +77,7 @@ def test_cancelling_a_queued_job(api: ApiClient, slow_model: Path, quick_model: 
 def _kill_pool_process(job_id: str) -> None:
     """SIGKILL the Celery pool process running the job (the parent of its compression process)."""
     child = compression_process(job_id)
-    pool = next(p for p in child.parents() if not p.cmdline()[0].endswith("bwrap"))  # past the sandbox's processes
-    os.kill(pool.pid, signal.SIGKILL)
+    os.kill(supervisor_process(job_id).pid, signal.SIGKILL)
     child.wait(timeout=30)  # PR_SET_PDEATHSIG takes the compression process down with its supervisor
 
 

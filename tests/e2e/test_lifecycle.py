@@ -14,7 +14,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
-import psutil
 import pytest
 import redis
 import requests
@@ -22,7 +21,7 @@ import requests
 from modelpress.faults import arm
 from modelpress.jobs import JobStore
 from modelpress.stack import Stack, free_port
-from tests.conftest import ApiClient, compression_process, make_settings
+from tests.conftest import ApiClient, compression_process, make_settings, supervisor_process
 from tests.models import SlowModel, SmallConvNet, save_scripted
 
 QUICK = {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": {"runs": 2, "warmup": 0}}
@@ -179,7 +178,7 @@ def test_two_workers_racing_for_a_stale_job_and_the_superseded_supervisor_writes
         life: Stack, api: ApiClient, medium_model: Path) -> None:
     job_id = api.submit(medium_model, MEDIUM).json()["id"]
     _wait_running(api, job_id)
-    supervisor = psutil.Process(compression_process(job_id).ppid())
+    supervisor = supervisor_process(job_id)
     supervisor.suspend()  # a supervisor cut off (as by a partition): no beats, its child goes on
     try:
         store = JobStore(_redis(life))
