@@ -83,8 +83,11 @@ def compress(
     if data is not None and data.labels is not None:
         report_accuracy = {"before": accuracy(original, data), "after": accuracy(result, data), "samples": len(data),
                            "on": "the uploaded data (fine-tuning, if any, trained on it too)"}
+    # Methods report what the user should not miss (e.g. calibration on random inputs) as details["warnings"].
+    warnings = list(details.pop("warnings", []))
     return {
         "method": method_name,
+        "warnings": warnings,
         "size": {
             "bytes_before": input_bytes,
             "bytes_after": output_bytes,

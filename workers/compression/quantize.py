@@ -95,11 +95,13 @@ def quantize(
             names = [owners.get(t.data_ptr()) for t in tensors]
             if any(owner is not None and owner.name in plan.targets for owner in names):
                 chosen = [owner is not None and owner.name in plan.targets for owner in names]
-                if all(chosen) and rewriter.rewrite_rnn(node, tensors):
+                reason = _reason_for_list(node)
+                every_weight = all(was_chosen for was_chosen, t in zip(chosen, tensors) if t.dim() >= 2)
+                if every_weight and rewriter.rewrite_rnn(node, tensors):
                     kernel, reason = "dynamic", None
                 else:
                     rewriter.rewrite_tensor_list(node, tensors, chosen)
-                    kernel, reason = "weight_only", _reason_for_list(node)
+                    kernel = "weight_only"
                 for owner, was_chosen in zip(names, chosen):
                     if owner is not None and was_chosen:
                         plan.record(owner, kernel, reason)
@@ -283,7 +285,7 @@ class _GraphRewriter:
         if any(bool(use.user.inputsAt(use.offset + 1).toIValue()) != has_biases for use in uses):
             return False
         per_cell = 4 if has_biases else 2
-        if len(tensors) % per_cell or any(t.dim() != 2 for i, t in enumerate(tensors) if i % per_cell < 2):
+        if len(tensors) % per_cell or any(t.dim() != (2 if i % per_cell < 2 else 1) for i, t in enumerate(tensors)):
             return False  # e.g. proj_size adds a third weight per cell
         cells = []
         for start in range(0, len(tensors), per_cell):
@@ -310,6 +312,9 @@ class _GraphRewriter:
     def _to_quantized_rnn(self, rnn: torch._C.Node, params_at: int, cells: torch._C.Value) -> None:
         inputs = list(rnn.inputs())
         inputs[params_at] = cells
+        with self.graph.insert_point_guard(rnn):
+            # The quantized kernels require biases; cells of a bias-free RNN carry zeros.
+            inputs[params_at + 1] = self.graph.insertConstant(True)
         quantized = self.graph.create(_RNN_KERNELS[rnn.kind()], inputs, len(list(rnn.outputs())))
         if rnn.kind() == "aten::lstm":
             with self.graph.insert_point_guard(rnn):
