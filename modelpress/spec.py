@@ -78,10 +78,10 @@ class QuantizeSpec(_Strict):
     def _fits_mode(self, data: Mapping[str, Any], **kwargs: Any) -> None:
         static = data.get("mode") == "static"
         allowed = STATIC_MODULES if static else QUANTIZABLE_MODULES
-        wrong = [name for name in data.get("modules") or [] if name not in allowed]
+        wrong = {index: [f"{name} cannot be quantized in mode {data.get('mode')!r}; choose from {', '.join(allowed)}"]
+                 for index, name in enumerate(data.get("modules") or []) if name not in allowed}
         if wrong:
-            raise ValidationError(f"{', '.join(wrong)} cannot be quantized in mode {data.get('mode')!r}; "
-                                  f"choose from {', '.join(allowed)}", "modules")
+            raise ValidationError({"modules": wrong})
         if static and data.get("dtype") == "float16":
             raise ValidationError("static quantization is int8 only: use qint8", "dtype")
         for option in STATIC_OPTIONS:
