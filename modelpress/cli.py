@@ -129,10 +129,11 @@ def _spec_from(args: argparse.Namespace) -> dict[str, Any]:
     if args.spec is not None:
         spec = json.loads(Path(args.spec).read_text())
     elif args.quantize is not None:
-        dtype = {"dynamic": "qint8", "int8": "qint8", "qint8": "qint8", "float16": "float16"}.get(args.quantize)
+        mode = "static" if args.quantize == "static" else "dynamic"
+        dtype = {"dynamic": "qint8", "int8": "qint8", "qint8": "qint8", "float16": "float16", "static": "qint8"}.get(args.quantize)
         if dtype is None:
-            raise ValueError("--quantize takes dynamic (int8) or float16")
-        spec = {"method": "quantize", "quantize": {"mode": "dynamic", "dtype": dtype}}
+            raise ValueError("--quantize takes dynamic (int8), float16 or static")
+        spec = {"method": "quantize", "quantize": {"mode": mode, "dtype": dtype}}
     elif args.prune is not None:
         spec = {"method": "prune", "prune": {"amount": args.prune, "structured": args.structured}}
     else:
@@ -214,7 +215,8 @@ def _parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="upload a model and a spec")
     submit.add_argument("model")
     submit.add_argument("--spec", help="spec JSON file")
-    submit.add_argument("--quantize", metavar="dynamic|float16", help="dynamic quantization instead of --spec")
+    submit.add_argument("--quantize", metavar="dynamic|float16|static",
+                        help="dynamic quantization, or static int8 (calibrated on --data) instead of --spec")
     submit.add_argument("--prune", type=float, metavar="AMOUNT", help="pruning amount (0..1) instead of --spec")
     submit.add_argument("--structured", action="store_true", help="with --prune: remove whole channels")
     submit.add_argument("--distill", metavar="width=F|torchvision=ARCH|upload", help="distillation instead of --spec")

@@ -31,20 +31,29 @@ class _Strict(Schema):
         unknown = RAISE
 
 
+DYNAMIC_MODULES = ("Linear", "LSTM", "GRU")  # the default selection of mode dynamic
+STATIC_MODULES = ("Conv1d", "Conv2d", "Conv3d", "Linear")  # what mode static can quantize (all by default)
+# Options of mode static and their defaults (refused in mode dynamic, where they would do nothing).
+STATIC_OPTIONS = {"observer": "histogram", "reduce_range": True, "calibration_batches": 8, "min_cosine": 0.99}
+
+
 class QuantizeSpec(_Strict):
     mode = fields.String(
-        load_default="dynamic", validate=validate.OneOf(["dynamic"]),
-        metadata={"description": "dynamic: int8 weights, activations quantized per batch at run time."},
+        load_default="dynamic", validate=validate.OneOf(["dynamic", "static"]),
+        metadata={"description": "dynamic: int8 weights, activations quantized per batch at run time; "
+                                 "static: int8 weights and activations of conv and linear layers, calibrated on the data."},
     )
     dtype = fields.String(
         load_default="qint8", validate=validate.OneOf(["qint8", "float16"]),
-        metadata={"description": "Weight type: qint8 (4x smaller, int8 kernels for Linear) or float16 (2x smaller)."},
+        metadata={"description": "Weight type: qint8 (4x smaller, int8 kernels for Linear) or float16 (2x smaller); "
+                                 "static needs qint8."},
     )
     modules = fields.List(
-        fields.String(validate=validate.OneOf(QUANTIZABLE_MODULES)),
-        load_default=lambda: ["Linear", "LSTM", "GRU"],
-        validate=validate.Length(min=1, max=len(QUANTIZABLE_MODULES)),
-        metadata={"description": "Module types whose weights are quantized."},
+        fields.String(validate=validate.OneOf(sorted(set(QUANTIZABLE_MODULES) | set(STATIC_MODULES)))),
+        load_default=None,
+        validate=validate.Length(min=1, max=len(QUANTIZABLE_MODULES) + len(STATIC_MODULES)),
+        metadata={"description": "Module types whose weights are quantized; default: Linear, LSTM, GRU (dynamic) "
+                                 "or Conv1d, Conv2d, Conv3d, Linear (static)."},
     )
     exclude = fields.List(
         fields.String(validate=validate.Length(min=1, max=200)),
@@ -54,6 +63,49 @@ class QuantizeSpec(_Strict):
     per_channel = fields.Boolean(
         load_default=True, metadata={"description": "One int8 scale per output channel (true) or per tensor."}
     )
+    observer = fields.String(
+        validate=validate.OneOf(["histogram", "minmax"]),
+        metadata={"description": "static: how activation ranges are calibrated: histogram (minimises the "
+                                 "quantization error, slower) or minmax (the observed range)."},
+    )
+    reduce_range = fields.Boolean(
+        metadata={"description": "static: 7-bit activations, which cannot saturate fbgemm's int16 "
+                                 "accumulation on CPUs without VNNI; false: full 8 bits."},
+    )
+    calibration_batches = fields.Integer(
+        strict=True, validate=validate.Range(1, 1000),
+        metadata={"description": "static: batches of 32 example rows run to calibrate the activation ranges (count)."},
+    )
+    min_cosine = fields.Float(
+        validate=validate.Range(0, 1),
+        metadata={"description": "static: fidelity floor; the layers whose quantization hurts the outputs most "
+                                 "stay float until the outputs' cosine to the float model's reaches it."},
+    )
+
+    @validates_schema
+    def _fits_mode(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        static = data.get("mode") == "static"
+        allowed = STATIC_MODULES if static else QUANTIZABLE_MODULES
+        wrong = {index: [f"{name} cannot be quantized in mode {data.get('mode')!r}; choose from {', '.join(allowed)}"]
+                 for index, name in enumerate(data.get("modules") or []) if name not in allowed}
+        if wrong:
+            raise ValidationError({"modules": wrong})
+        if static and data.get("dtype") == "float16":
+            raise ValidationError("static quantization is int8 only: use qint8", "dtype")
+        for option in STATIC_OPTIONS:
+            if option in data and not static:
+                raise ValidationError("only used when mode is 'static'", option)
+
+    @post_load
+    def _mode_defaults(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """Defaults that depend on the mode (static options exist only in mode static)."""
+        static = data.get("mode") == "static"
+        if data.get("modules") is None:
+            data["modules"] = list(STATIC_MODULES if static else DYNAMIC_MODULES)
+        if static:
+            for option, default in STATIC_OPTIONS.items():
+                data.setdefault(option, default)
+        return data
 
 
 class FinetuneSpec(_Strict):
