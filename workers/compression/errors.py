@@ -36,6 +36,13 @@ class UnsupportedModel(CompressionError):
     slug = "unsupported-model"
 
 
+class NothingToPrune(UnsupportedModel):
+    """Structured pruning found no channel group it could remove safely: the job fails rather than change nothing."""
+
+    title = "Nothing to prune"
+    slug = "nothing-to-prune"
+
+
 def summarize_torch_error(error: BaseException, limit: int = 400) -> str:
     """The line of a torch error a user can act on.
 
