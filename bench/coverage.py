@@ -297,6 +297,7 @@ def main() -> None:
     parser.add_argument("--amounts", default="0.3,0.5")
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--traced", default=",".join(TRACED), help="models also exported with torch.jit.trace")
     parser.add_argument("--merge", nargs="*", type=Path, help="join the JSON files of shards run apart")
     args = parser.parse_args()
     prepare(args)
@@ -314,7 +315,7 @@ def main() -> None:
     rows, baseline = [], []
     with tempfile.TemporaryDirectory() as temp:
         for name in names:
-            for traced in ([False, True] if name in TRACED else [False]):
+            for traced in ([False, True] if name in args.traced.split(",") else [False]):
                 for amount in amounts:
                     rows.append(modelpress_row(name, traced, amount, args.runs, Path(temp)))
                     print(json.dumps(rows[-1]), flush=True)

@@ -108,6 +108,7 @@ def test_nothing_prunable_unstructured_succeeds_unchanged_structured_fails(tmp_p
         compress(model, _spec([2, 5, 8], structured=True), tmp_path / "out2.pt")
     assert failure.value.slug == "nothing-to-prune"
     assert "head: model output" in str(failure.value) and "excluded by pattern 'head'" in str(failure.value)
+    assert "lstm (LSTM)" in str(failure.value) and "gru (GRU)" in str(failure.value)
     assert not (tmp_path / "out2.pt").exists()
 
 

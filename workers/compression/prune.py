@@ -44,7 +44,7 @@ def prune(
 
     progress("ranking", 0.05)
     if spec.get("structured", False):
-        model, details = _prune_channels(model, spec, selected, exclude, data, progress)
+        model, details = _prune_channels(model, spec, selected, exclude, types, data, progress)
         after_step = None
     else:
         details, masks = _prune_weights(model, spec, selected, exclude, types)
@@ -139,7 +139,7 @@ def _smallest(values: torch.Tensor, count: int) -> torch.Tensor:
 MASKED_TOLERANCE = 1e-4
 
 
-def _prune_channels(model, spec, selected, exclude, data: Dataset,
+def _prune_channels(model, spec, selected, exclude, types, data: Dataset,
                     progress: Progress) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     amount = float(spec["amount"])
     criterion = spec.get("criterion", "l1")
@@ -185,11 +185,17 @@ def _prune_channels(model, spec, selected, exclude, data: Dataset,
                                        "reason": f"put back: {problem}"})
                 progress("checking groups", 0.1 + 0.3 * (index + 1) / len(candidates))
     _materialize(model, originals, accepted)
+    # Weights no group indexes (an LSTM's, an op the analysis does not model): name their layers.
+    covered = {m.parameter for group in groups for m in group.members}
+    unmodelled = sorted({f"{layer_name(name)} ({types.get(layer_name(name)) or 'functional'})"
+                         for name, tensor in originals.items() if tensor.dim() >= 2 and name not in covered})
     if not accepted:
         reasons = "; ".join(f"{entry['group']}: {entry['reason']}" for entry in left_whole[:12])
         more = f" (and {len(left_whole) - 12} more groups)" if len(left_whole) > 12 else ""
+        layers = f" Layers the channel analysis does not model: {', '.join(unmodelled[:12])}." if unmodelled else ""
         raise NothingToPrune(f"structured pruning can remove no channel group of this model, so nothing would "
-                             f"change. Reasons per group: {reasons or 'the model has no conv or linear layers'}{more}"[:4000])
+                             f"change. Reasons per group: {reasons or 'no conv or linear layer makes channels'}{more}."
+                             f"{layers}"[:4000])
 
     pruned = [{"group": g.name, "channels_before": g.size, "channels_after": int(keep.numel()),
                "tensors": sorted({m.parameter for m in g.members})} for g, keep in accepted]
@@ -198,6 +204,7 @@ def _prune_channels(model, spec, selected, exclude, data: Dataset,
         "channels": {"before": sum(g.size for g, _ in accepted) + sum(e["channels"] for e in left_whole),
                      "after": sum(int(k.numel()) for _, k in accepted) + sum(e["channels"] for e in left_whole)},
         "verified": "each pruned group matches the original with the same channels zeroed, on the example inputs",
+        "layers_not_modelled": unmodelled,
         "notes": [],
     }
 
