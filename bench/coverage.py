@@ -302,8 +302,10 @@ def main() -> None:
     prepare(args)
     if args.merge:
         parts = [json.loads(p.read_text()) for p in args.merge]
-        payload = {"machine": parts[0]["machine"], "modelpress": [r for p in parts for r in p["modelpress"]],
-                   "torch_pruning": [r for p in parts for r in p["torch_pruning"]]}
+        # A later file's row replaces an earlier one for the same model, export and amount (a re-run shard).
+        ours = {(r["model"], r["export"], r["amount"]): r for p in parts for r in p["modelpress"]}
+        theirs = {(r["model"], r["amount"]): r for p in parts for r in p["torch_pruning"]}
+        payload = {"machine": parts[0]["machine"], "modelpress": list(ours.values()), "torch_pruning": list(theirs.values())}
         order = list(MODELS)
         payload["modelpress"].sort(key=lambda r: (order.index(r["model"]), r["export"], r["amount"]))
         print(table(payload["modelpress"], payload["torch_pruning"]))
