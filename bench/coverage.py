@@ -67,7 +67,9 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, width = x.shape
-        q, k, v = (f(x).view(batch, tokens, self.heads, -1).transpose(1, 2) for f in (self.query, self.key, self.value))
+        q = self.query(x).view(batch, tokens, self.heads, -1).transpose(1, 2)
+        k = self.key(x).view(batch, tokens, self.heads, -1).transpose(1, 2)
+        v = self.value(x).view(batch, tokens, self.heads, -1).transpose(1, 2)
         y = F.scaled_dot_product_attention(q, k, v)
         return self.out(y.transpose(1, 2).reshape(batch, tokens, width))
 
@@ -214,7 +216,7 @@ def modelpress_row(name: str, traced: bool, amount: float, runs: int, workdir: P
     pruned = torch.jit.load(str(output))  # plain torch.jit.load, as a user would
     inputs = _examples(name, shape, 3)
     with torch.no_grad():
-        shapes_kept = pruned(*inputs).shape == script(*inputs).shape
+        shapes_kept = _shapes(pruned(*inputs)) == _shapes(script(*inputs))
     details = report["details"]
     reasons = Counter(_short(entry["reason"]) for entry in details.get("left_whole", []))
     row.update(
@@ -252,6 +254,14 @@ def torch_pruning_row(name: str, amount: float, runs: int) -> dict[str, Any]:
     row.update(succeeded=True, parameters_ratio=_ratio(after_params, before_params),
                macs_ratio=_ratio(after_macs, before_macs), latency_ratio=_ratio(after_latency, before_latency))
     return row
+
+
+def _shapes(output: Any) -> list[tuple[int, ...]]:
+    if isinstance(output, torch.Tensor):
+        return [tuple(output.shape)]
+    if isinstance(output, (list, tuple)):
+        return [shape for item in output for shape in _shapes(item)]
+    return []
 
 
 def _parameters(model: nn.Module) -> int:
