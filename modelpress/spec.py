@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
 METHODS = ("quantize", "prune", "distill")
-PRUNABLE_MODULES = ("Conv2d", "Linear")
+PRUNABLE_MODULES = ("Conv2d", "Linear", "Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
 QUANTIZABLE_MODULES = ("Linear", "LSTM", "GRU", "RNN", "MultiheadAttention")
 MAX_INPUT_ELEMENTS = 1 << 26  # 64M floats (256 MB): bigger example inputs are a mistake or an attack
 MAX_SPEC_BYTES = 64 * 1024

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 
 from .artifacts import clone_model
-from .errors import InvalidInput, UnsupportedModel
+from .errors import InvalidInput, NothingToPrune, UnsupportedModel
 from .inputs import Dataset, describe
 from .measure import run_model
 from .outputs import select_output
-from .prune import prune
+from .prune import PRUNABLE_TYPES, prune
 from .torchscript import quiet_torchscript_warnings
 
 Progress = Callable[[str, float], None]
@@ -90,12 +90,12 @@ def _build_student(teacher, spec, uploaded, classes: int, data: Dataset) -> tupl
     if source == "torchvision":
         return _torchvision_student(spec["arch"], classes), {"from": "torchvision", "arch": spec["arch"]}
     width = float(spec["width"])
-    narrowed, details = prune(clone_model(teacher), {
-        "amount": 1.0 - width, "structured": True, "criterion": "l1", "modules": ["Conv2d", "Linear"],
-        "exclude": None, "finetune": None}, data)
-    if not details["groups"]:
-        reasons = "; ".join(sorted({entry["reason"] for entry in details["left_whole"]}))[:400]
-        raise UnsupportedModel(f"no channel group of the teacher can be narrowed for a width student ({reasons})")
+    try:
+        narrowed, details = prune(clone_model(teacher), {
+            "amount": 1.0 - width, "structured": True, "criterion": "l1", "modules": list(PRUNABLE_TYPES),
+            "exclude": None, "finetune": None}, data)
+    except NothingToPrune as error:
+        raise NothingToPrune(f"no channel group of the teacher can be narrowed for a width student: {error}") from None
     return narrowed, {"from": "width", "width": width, "groups": details["groups"], "left_whole": details["left_whole"]}
 
 

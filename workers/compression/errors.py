@@ -36,6 +36,13 @@ class UnsupportedModel(CompressionError):
     slug = "unsupported-model"
 
 
+class NothingToPrune(UnsupportedModel):
+    """Structured pruning found no channel group it could remove safely: the job fails rather than change nothing."""
+
+    title = "Nothing to prune"
+    slug = "nothing-to-prune"
+
+
 class UnsafeModel(CompressionError):
     """The model's code calls an operator that reaches outside the tensors it is given (files, processes)."""
 
