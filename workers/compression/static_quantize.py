@@ -66,12 +66,12 @@ def quantize_static(
     min_cosine = float(spec.get("min_cosine", 0.99))
     batches = _batches(data.inputs, CALIBRATION_ROWS)
     calibration = batches[: int(spec.get("calibration_batches", 8))]
-    evaluation = _batches(data.inputs[:EVALUATION_ROWS], CALIBRATION_ROWS)
+    evaluation = _batches(data.head(EVALUATION_ROWS), CALIBRATION_ROWS)
 
     progress("preparing", 0.02)
     model = model.eval()
     with torch.no_grad(), quiet_torchscript_warnings():
-        reference = [model(batch) for batch in evaluation]
+        reference = [_call(model, batch) for batch in evaluation]
     _specialize_for_inference(model)
     selected = set().union(*(STATIC_TYPES.get(name, frozenset({name})) for name in spec.get("modules", STATIC_TYPES)))
     exclude = list(spec.get("exclude", []))
@@ -97,7 +97,7 @@ def quantize_static(
         config: dict[str, Any] = {"": None, only: ranking_qconfig} if only else {"": qconfig, **names}
         quantized = _quantize(model, config, batches_)
         with torch.no_grad(), quiet_torchscript_warnings():
-            outputs = [quantized(batch) for batch in evaluation]
+            outputs = [_call(quantized, batch) for batch in evaluation]
         return _Try(quantized, _cosine(reference, outputs), float_layers)
 
     progress("calibrating", 0.1)
