@@ -68,9 +68,10 @@ def job_command(settings: Settings, files: JobFiles, argv: list[str]) -> list[st
         "--disable-userns",  # no nested user namespace from which to gain capabilities again
         "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--cap-drop", "ALL",
         "--die-with-parent", "--hostname", "modelpress-job",
-        *_runtime_mounts(settings),
+        # The private /tmp first: a runtime (a checkout with its venv) or a data directory under /tmp,
+        # as in CI and the tests, is then mounted on top of it instead of being hidden by it.
         "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-        # After /tmp: a data directory under /tmp (as in the tests) is mounted on top of the private tmp.
+        *_runtime_mounts(settings),
         "--ro-bind", root, root,
         "--bind", str(files.output_model.parent), str(files.output_model.parent),
         "--chdir", root,
