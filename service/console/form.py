@@ -129,7 +129,9 @@ def _control(name: str, schema_field: fields.Field) -> Control:
         always = schema_field.required or default is not None
         return Control(kind="section" if always else "group", children=children, **common)
     if isinstance(schema_field, fields.Boolean):
-        return Control(kind="checkbox", default=bool(default) if default is not None else False, **common)
+        if default is None:  # no fixed default (the schema decides from the rest of the spec): unset, true or false
+            return Control(kind="select", default=None, choices=["true", "false"], **common)
+        return Control(kind="checkbox", default=bool(default), **common)
     if isinstance(schema_field, fields.String):
         choices = _choices(schema_field)
         if choices:
@@ -149,7 +151,9 @@ def _control(name: str, schema_field: fields.Field) -> Control:
         inner = schema_field.inner
         choices = _choices(inner) if isinstance(inner, fields.String) else None
         if choices:
-            return Control(kind="checks", default=default or [], choices=choices, **common)
+            # No default in the schema means the schema fills one from the rest of the spec (quantize
+            # modules depend on the mode): left unticked, the field is then not sent at all.
+            return Control(kind="checks", default=default, choices=choices, **common)
         if isinstance(inner, fields.Integer):
             return Control(kind="shape", default=default, pattern=r"\s*\d+(\s*,\s*\d+)*\s*", **common)
         if isinstance(inner, fields.String):
@@ -192,8 +196,9 @@ def _value(control: Control, form: MultiDict, errors: dict[str, list[str]], top:
         return form.get(control.name) == "on"
     if control.kind == "checks":
         chosen = form.getlist(control.name)
-        # An untouched group sends its defaults; none ticked is a choice the schema judges.
-        return chosen
+        # An untouched group sends its defaults; none ticked is a choice the schema judges, unless
+        # the schema has no fixed default and fills one itself.
+        return chosen if chosen or control.default is not None else _OMIT
     raw = (form.get(control.name) or "").strip()
     if raw == "":
         return _OMIT

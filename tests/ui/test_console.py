@@ -145,7 +145,7 @@ def test_422_is_shown_next_to_its_field(page, files) -> None:
     page.click("#submit")
 
     error = page.locator("[data-error-for='spec.input_shape']")
-    expect(error).to_contain_text("required when no data file is uploaded")
+    expect(error).to_contain_text("when no data file is uploaded")
     field = page.locator("#f-spec-input_shape")
     expect(field).to_have_attribute("aria-invalid", "true")
     assert "f-spec-input_shape-error" in field.get_attribute("aria-describedby")
