@@ -88,8 +88,11 @@ def run(jobs: int, minutes: float, kill_every: float, seed: int, workdir: Path, 
 
     def kill_randomly() -> None:
         bag: list[str] = []  # every role in a shuffled round, so a short run still kills each kind
-        while time.monotonic() < end and kills:
-            time.sleep(kill_every * rng.uniform(0.5, 1.5))
+        while kills:
+            pause = kill_every * rng.uniform(0.5, 1.5)
+            if time.monotonic() + pause >= end:  # no kill after the end: the drain starts on time
+                break
+            time.sleep(pause)
             if not bag:
                 bag = rng.sample(sorted(ROLES), len(ROLES))
             role = bag.pop()
