@@ -76,6 +76,49 @@ def freeze_forward(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
         return wrap_cpp_module(torch._C._freeze_module(model._c))
 
 
+def fold_tensor_attributes(frozen: torch.jit.ScriptModule) -> int:
+    """Make the tensor attributes a frozen ``forward`` still reads into graph constants.
+
+    Freezing keeps an attribute when alias analysis cannot rule out a write to it, which
+    happens to ``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias`` (they flow into
+    the fast path's tuple of checked tensors). Nothing writes them in inference, so they become
+    constants like every other weight (same tensors, so the storage pointers still name their
+    parameters), and the attributes are emptied so the saved file does not carry a float copy.
+    Attributes the graph assigns (``prim::SetAttr``) are left alone. Returns how many were folded.
+    """
+    graph = frozen.graph
+    assigned = {node.s("name") for node in graph.findAllNodes("prim::SetAttr")}
+    owners: dict[torch._C.Value, torch._C.ScriptModule] = {next(graph.inputs()): frozen._c}
+    folded: dict[tuple[int, tuple[int, ...]], torch._C.Value] = {}  # one constant per tensor
+    emptied: list[tuple[torch._C.ScriptModule, str]] = []
+    first = next(iter(graph.nodes()), graph.return_node())
+    for node in _all_nodes(graph.block()):
+        if node.kind() != "prim::GetAttr" or node.inputsAt(0) not in owners:
+            continue
+        owner, name = owners[node.inputsAt(0)], node.s("name")
+        value = owner.getattr(name)
+        if isinstance(value, torch._C.ScriptModule):
+            owners[node.output()] = value
+        elif isinstance(value, torch.Tensor) and name not in assigned and value.numel():
+            key = (value.data_ptr(), tuple(value.shape))
+            if key not in folded:
+                with graph.insert_point_guard(first):
+                    folded[key] = graph.insertConstant(value.detach())  # same storage
+            node.output().replaceAllUsesWith(folded[key])
+            emptied.append((owner, name))
+    torch._C._jit_pass_dce(graph)
+    for owner, name in emptied:
+        owner.setattr(name, torch.empty(0))
+    return len(folded)
+
+
+def _all_nodes(block: torch._C.Block) -> Iterator[torch._C.Node]:
+    for node in list(block.nodes()):
+        yield node
+        for inner in node.blocks():
+            yield from _all_nodes(inner)
+
+
 def tensor_constants(graph: torch._C.Graph) -> Iterator[tuple[torch._C.Node, torch.Tensor]]:
     """Yield each ``prim::Constant`` node that holds a tensor, with the tensor."""
     for node in list(graph.findAllNodes("prim::Constant")):
