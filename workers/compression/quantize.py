@@ -7,11 +7,14 @@ Why a graph rewrite and not torch's own passes (facts measured on torch 2.14.1):
 
 So the model is frozen (weights become graph constants) and each selected weight
 constant is rewritten in one of two ways:
-- *dynamic*: every use is ``aten::linear`` -> ``quantized::linear_dynamic`` with a
-  prepacked int8 weight (int8 matmul, activations quantized per batch at run time);
-- *weight-only*: any other use (a fused transformer op, an RNN's flat weight list) ->
-  the constant is stored as int8 (or float16) and dequantized where it is read.
-  That shrinks the file as much but computes in float.
+- *dynamic*: its ``aten::linear`` uses -> ``quantized::linear_dynamic`` with a prepacked
+  int8 weight (int8 matmul, activations quantized per batch at run time); other reads of
+  the same weight unpack it where they happen (one stored copy). Fused attention ops
+  (``attention.py``) are first spelled out as linear calls so their projections qualify;
+  an LSTM/GRU's flat weight list becomes ``aten::quantized_lstm``/``quantized_gru`` cells;
+- *weight-only*: no linear use at all (or float16) -> the constant is stored as int8
+  (or float16) and dequantized where it is read: the file shrinks as much, the compute
+  stays float.
 """
 from __future__ import annotations
 
@@ -293,8 +296,8 @@ class _GraphRewriter:
                 if not self._fold_metadata(use, weight):
                     float_reads.add(use.user.kind())
                     self._read_dequantized(use, packed)
-            self.last_reason = (f"int8 kernel for its linear calls; read dequantized by {', '.join(sorted(float_reads))}"
-                                if float_reads else None)
+            self.last_reason = (f"int8 kernel for its linear calls; branches that pass it to "
+                                f"{', '.join(sorted(float_reads))} read it dequantized" if float_reads else None)
             return "dynamic"
         replacement = self._stored_small(node, weight)
         node.output().replaceAllUsesWith(replacement)
