@@ -180,6 +180,7 @@ def bench_static(name: str, model: nn.Module, shape: tuple[int, ...], runs: int,
         try:
             with torch.no_grad():
                 outputs = [variant.call(x) for x in fresh]  # also the first calls (compilation, optimisation)
+                accuracy = None if data is None else float((variant.call(data[1]).argmax(1) == data[2]).float().mean())
         except Exception as error:  # a baseline that fails on these inputs is a result too
             row["errors"][key] = f"failed: {type(error).__name__}: {str(error)[:160]}"
             continue
@@ -189,9 +190,8 @@ def bench_static(name: str, model: nn.Module, shape: tuple[int, ...], runs: int,
         if key != "float":
             fidelity = output_fidelity(reference, outputs)
             row["cosine"][key], row["top1_agreement"][key] = fidelity["cosine_similarity"], fidelity["top1_agreement"]
-        if data is not None:
-            with torch.no_grad():
-                row.setdefault("accuracy", {})[key] = float((variant.call(data[1]).argmax(1) == data[2]).float().mean())
+        if accuracy is not None:
+            row.setdefault("accuracy", {})[key] = accuracy
     row["latency_ms"] = interleaved_medians(ready, (batch,), runs=runs, warmup=2)
     row["size_ratio"] = {k: v / len(float_bytes) for k, v in row["bytes"].items() if k != "float"}
     row["latency_ratio"] = {k: v / row["latency_ms"]["float"] for k, v in row["latency_ms"].items() if k != "float"}
@@ -301,6 +301,8 @@ def main() -> None:
     parser.add_argument("--static-runs", type=int, default=15)
     parser.add_argument("--static-models", default="digits," + ",".join(STATIC_ARCHITECTURES),
                         help="comma-separated: digits and torchvision architectures")
+    parser.add_argument("--dynamic-models", default="",
+                        help="comma-separated words; only dynamic rows whose name contains one (default: all)")
     args = parser.parse_args()
     prepare(args)
     priority = raise_priority()
@@ -321,8 +323,10 @@ def main() -> None:
             print_static(static_rows[-1:])
             save()
     if args.only != "static":
+        wanted = [word for word in args.dynamic_models.split(",") if word]
         for name, model, shape in models():
-            rows.append(bench_one(name, model, shape, args.runs))
+            if not wanted or any(word in name for word in wanted):
+                rows.append(bench_one(name, model, shape, args.runs))
             save()
 
     header = f"{'model':32} {'size mp':>8} {'size eager':>10} {'lat mp':>7} {'lat eager':>9} {'mp/eager':>8} {'cos mp':>8} {'cos eager':>9} {'top1 mp':>7}"

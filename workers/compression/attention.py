@@ -16,7 +16,8 @@ variant, and those weights are read dequantized there.
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, Optional, Tuple
+from collections.abc import Callable
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +108,7 @@ def _expansion(kind: str) -> torch._C.Graph:
     return graph
 
 
-def expand_fused_attention(graph: torch._C.Graph, reads_target: Callable[[torch._C.Value], bool]) -> List[str]:
+def expand_fused_attention(graph: torch._C.Graph, reads_target: Callable[[torch._C.Value], bool]) -> list[str]:
     """Replace each fused attention node that reads a selected weight by its linear-based graph.
 
     ``reads_target(value)`` says whether a weight input is a constant chosen for int8. A
@@ -174,7 +175,7 @@ def _element_is_read(tuple_value: torch._C.Value, index: int, depth: int) -> boo
 
 
 def _clone_at(graph: torch._C.Graph, source: torch._C.Graph, node: torch._C.Node,
-              inputs: List[torch._C.Value]) -> List[torch._C.Value]:
+              inputs: list[torch._C.Value]) -> list[torch._C.Value]:
     """Copy ``source``'s nodes into ``graph`` before ``node``, its inputs bound to ``inputs``; return its outputs."""
     env = dict(zip(source.inputs(), inputs))
     with graph.insert_point_guard(node):
