@@ -89,9 +89,8 @@ def fold_tensor_attributes(frozen: torch.jit.ScriptModule) -> int:
     graph = frozen.graph
     assigned = {node.s("name") for node in graph.findAllNodes("prim::SetAttr")}
     owners: dict[torch._C.Value, torch._C.ScriptModule] = {next(graph.inputs()): frozen._c}
-    folded: dict[tuple[int, tuple[int, ...]], torch._C.Value] = {}  # one constant per tensor
-    emptied: list[tuple[torch._C.ScriptModule, str]] = []
-    first = next(iter(graph.nodes()), graph.return_node())
+    reads: dict[tuple[int, str], list[torch._C.Node]] = {}  # (tensor pointer, attribute) -> its reads
+    found: dict[tuple[int, str], tuple[torch._C.ScriptModule, torch.Tensor]] = {}
     for node in _all_nodes(graph.block()):
         if node.kind() != "prim::GetAttr" or node.inputsAt(0) not in owners:
             continue
@@ -100,16 +99,38 @@ def fold_tensor_attributes(frozen: torch.jit.ScriptModule) -> int:
         if isinstance(value, torch._C.ScriptModule):
             owners[node.output()] = value
         elif isinstance(value, torch.Tensor) and name not in assigned and value.numel():
-            key = (value.data_ptr(), tuple(value.shape))
-            if key not in folded:
-                with graph.insert_point_guard(first):
-                    folded[key] = graph.insertConstant(value.detach())  # same storage
-            node.output().replaceAllUsesWith(folded[key])
-            emptied.append((owner, name))
+            key = (value.data_ptr(), name)
+            reads.setdefault(key, []).append(node)
+            found[key] = (owner, value)
+    first = next(iter(graph.nodes()), graph.return_node())
+    constants: dict[tuple[int, tuple[int, ...]], torch._C.Value] = {}  # one constant per tensor
+    folded = 0
+    for key, nodes in reads.items():
+        if any(_may_write(use) for node in nodes for use in node.output().uses()):
+            continue  # written in place somewhere: it stays an attribute
+        owner, value = found[key]
+        shape_key = (value.data_ptr(), tuple(value.shape))
+        if shape_key not in constants:
+            with graph.insert_point_guard(first):
+                constants[shape_key] = graph.insertConstant(value.detach())  # same storage
+        for node in nodes:
+            node.output().replaceAllUsesWith(constants[shape_key])
+        owner.setattr(key[1], torch.empty(0))
+        folded += 1
     torch._C._jit_pass_dce(graph)
-    for owner, name in emptied:
-        owner.setattr(name, torch.empty(0))
-    return len(folded)
+    return folded
+
+
+def _may_write(use: torch._C.Use) -> bool:
+    """Whether a use may modify the value in place (``add_``, ``copy_``, an ``out=`` argument)."""
+    text = use.user.schema()
+    if text == "(no schema)":  # not an operator (a call, a list, an if): assume the worst
+        return use.user.kind() not in {"prim::ListConstruct", "prim::TupleConstruct", "prim::unchecked_cast"}
+    schema = torch._C.parse_schema(text)
+    if use.offset >= len(schema.arguments):
+        return True
+    alias = schema.arguments[use.offset].alias_info
+    return alias is not None and alias.is_write
 
 
 def _all_nodes(block: torch._C.Block) -> Iterator[torch._C.Node]:
