@@ -13,6 +13,7 @@ upload too) becomes visible only once complete. The report goes last.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -33,6 +34,24 @@ STREAM_CHUNK = 1 << 20
 
 class InputsMissing(Exception):
     """The job's inputs are not in the store (the job was deleted, or the bucket emptied)."""
+
+
+class StoreUnavailable(Exception):
+    """The object store did not answer, or refused (network, credentials, a missing bucket):
+    the API answers 503; a supervisor leaves the job to be taken over once the store is back."""
+
+
+def _translated(method):
+    """Turn botocore's errors (other than a missing key, which each method maps) into ``StoreUnavailable``."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            return method(self, *args, **kwargs)
+        except (BotoCoreError, ClientError) as error:
+            raise StoreUnavailable(f"object store s3://{self.bucket}: {error}") from error
+    return call
 
 
 @dataclass(frozen=True)
@@ -170,6 +189,7 @@ class S3Objects(ObjectStore):
 
     # ------------------------------------------------------------------ API: submit
 
+    @_translated
     def keep_inputs(self, job_id: str) -> None:
         files = self.storage.job(job_id)
         for path in self._inputs(files):
@@ -179,6 +199,7 @@ class S3Objects(ObjectStore):
 
     # ------------------------------------------------------------------ supervisor
 
+    @_translated
     def workspace(self, job_id: str, attempt: int) -> JobFiles:
         # Private to the attempt: a superseded attempt on this host (a partition) keeps its own files.
         files = JobFiles(self.storage.data_dir / "work" / str(attempt) / job_id)
@@ -196,6 +217,7 @@ class S3Objects(ObjectStore):
             self.client.download_file(self.bucket, key, str(target), Config=self.transfer)
         return files
 
+    @_translated
     def publish(self, job_id: str, attempt: int, files: JobFiles, report: dict[str, Any]) -> Path:
         # The workspace is this attempt's alone: nobody else writes its output while it is uploaded.
         canonical = self.storage.job(job_id)
@@ -206,6 +228,7 @@ class S3Objects(ObjectStore):
                                ContentType="application/json")
         return files.output_model
 
+    @_translated
     def withdraw(self, job_id: str, attempt: int) -> None:
         canonical = self.storage.job(job_id)
         self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [
@@ -222,6 +245,7 @@ class S3Objects(ObjectStore):
 
     # ------------------------------------------------------------------ API: download, report, delete
 
+    @_translated
     def model(self, job_id: str, attempt: int | None) -> RemoteObject:
         key = self.key(job_id, self.storage.job(job_id).published_model(attempt))
         try:
@@ -230,11 +254,13 @@ class S3Objects(ObjectStore):
             raise FileNotFoundError(key) from None
         return RemoteObject(key, int(answer["ContentLength"]), answer["Body"])
 
+    @_translated
     def presigned_url(self, key: str, download_name: str) -> str:
         return self.client.generate_presigned_url("get_object", ExpiresIn=self.presign_s, Params={
             "Bucket": self.bucket, "Key": key, "ResponseContentType": "application/octet-stream",
             "ResponseContentDisposition": f'attachment; filename="{download_name}"'})
 
+    @_translated
     def read_report(self, job_id: str, attempt: int | None) -> dict[str, Any]:
         key = self.key(job_id, self.storage.job(job_id).published_report(attempt))
         try:
@@ -242,6 +268,7 @@ class S3Objects(ObjectStore):
         except self.client.exceptions.NoSuchKey:
             raise FileNotFoundError(key) from None
 
+    @_translated
     def delete(self, job_id: str) -> None:
         self.storage.delete(job_id)  # a submission's spooled files on the API host
         prefix = f"{self.prefix}jobs/{job_id}/"
