@@ -24,6 +24,7 @@ from typing import Any, Iterator
 from urllib.parse import urlparse
 
 from modelpress.config import Settings
+from modelpress.faults import pause_point
 from modelpress.storage import JobFiles, Storage, read_json, write_json_atomic
 
 # Multipart from 16 MB in 16 MB parts, 8 at a time: at most ~128 MB of one transfer is in memory.
@@ -223,6 +224,7 @@ class S3Objects(ObjectStore):
         canonical = self.storage.job(job_id)
         self.client.upload_file(str(files.output_model), self.bucket, self.key(job_id, canonical.published_model(attempt)),
                                 ExtraArgs={"Metadata": {"sha256": file_sha256(files.output_model)}}, Config=self.transfer)
+        pause_point("mid-publish", job_id)  # fault tests: the model is up, the report not yet
         self.client.put_object(Bucket=self.bucket, Key=self.key(job_id, canonical.published_report(attempt)),
                                Body=json.dumps(report, indent=2, sort_keys=True).encode(),
                                ContentType="application/json")

@@ -61,10 +61,13 @@ class SeaweedServer:
         config = self.directory / "s3.json"
         config.write_text(json.dumps(identities))
         ports = {name: str(free_port()) for name in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-                                                     "filer.port", "filer.port.grpc", "s3.port.grpc", "metricsPort")}
+                                                     "filer.port", "filer.port.grpc", "s3.port.grpc", "metricsPort",
+                                                     "iam.port")}
         command = [weed_executable(), "server", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                    "-s3", f"-s3.port={self.s3_port}", f"-s3.config={config}", "-master.telemetry=false",
                    "-master.volumeSizeLimitMB=1024", "-volume.max=0",
+                   # Listeners we do not use, on fixed default ports that a second server would collide on.
+                   "-s3.port.iceberg=0", "-s3.port.lance=0",
                    *[f"-{name}={port}" for name, port in ports.items()]]
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ Progress comes back as JSON lines on a pipe; the child never talks to Redis.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import redis
 
@@ -71,7 +72,8 @@ class Supervisor:
             log.warning("job %s: delivery %d after its worker stopped; running it again", job_id, claim.deliveries)
         log.info("job %s: running (delivery %d)", job_id, claim.deliveries)
         try:
-            files = self.objects.workspace(job_id, claim.attempt)  # with S3: inputs staged into a private directory
+            with self._beating(job_id, claim.attempt):  # with S3: inputs staged into a private directory
+                files = self.objects.workspace(job_id, claim.attempt)
         except InputsMissing as missing:
             return self._finish(job_id, claim.attempt, jobs.FAILED, error=problem(
                 "inputs-missing", "Inputs missing", f"the job's uploaded files are gone from the object store ({missing})"))
@@ -195,13 +197,34 @@ class Supervisor:
             return jobs.RUNNING, False
         report = read_json(files.report)
         report["deliveries"] = deliveries
-        pause_point("before-publish", job_id)
-        published = self.objects.publish(job_id, attempt, files, report)
+        with self._beating(job_id, attempt):
+            published = self.objects.publish(job_id, attempt, files, report)
         state, won = self._finish(job_id, attempt, jobs.SUCCEEDED, result=_result_summary(published, report),
                                   progress=1.0, stage="done", warnings=report.get("warnings", []))
         if not won:
             self.objects.withdraw(job_id, attempt)
         return state, won
+
+    @contextlib.contextmanager
+    def _beating(self, job_id: str, attempt: int) -> Iterator[None]:
+        """Heartbeats while the supervisor itself works (staging inputs, uploading the output): a long
+        transfer to or from an object store is not a dead worker, and must not be taken over."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(PROGRESS_WRITE_INTERVAL_S):
+                try:
+                    self._quietly(self.store.beat, job_id, attempt)
+                except Superseded:
+                    return  # the fenced writes after the transfer are refused; nothing to do here
+
+        thread = threading.Thread(target=beat, name=f"beat-{job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _finish(self, job_id: str, attempt: int, state: str, **fields: Any) -> tuple[str, bool]:
         """Record the final state (fenced by ``attempt``), however long Redis takes to come back.

@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import io
 import os
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -18,6 +19,7 @@ import pytest
 import redis
 import torch
 
+from modelpress.faults import arm
 from modelpress.jobs import JobStore
 from modelpress.seaweed import SeaweedServer
 from modelpress.stack import Stack
@@ -66,8 +68,9 @@ class Hosts:
 def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
     root = tmp_path_factory.mktemp("many-hosts")
     s3 = SeaweedServer(root / "s3", log_path=root / "logs" / "weed.log").start()
-    saved = {name: os.environ.get(name) for name in s3.environment()}
-    os.environ.update(s3.environment())  # the standard AWS variables, inherited by every host's processes
+    variables = {**s3.environment(), "MODELPRESS_TEST_PAUSE": "mid-publish:120"}
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)  # the standard AWS variables (and a pause point), inherited by every host's processes
     running = None
     try:
         s3.create_bucket(BUCKET)
@@ -180,14 +183,48 @@ def test_worker_killed_mid_job_is_taken_over_by_the_other_host(hosts: Hosts, tmp
     hosts.workers[victim].start_worker()
 
 
+def test_worker_killed_mid_upload_leaves_nothing_a_client_sees(hosts: Hosts, tmp_path: Path) -> None:
+    api = hosts.client
+    folders = {name: arm(stack.settings.data_dir, "mid-publish") for name, stack in hosts.workers.items()}
+    job_id = api.submit(save_scripted(SmallConvNet(), tmp_path / "conv.pt"),
+                        {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": EVALUATION}).json()["id"]
+    victim = _struck(folders, "mid-publish", job_id)
+    for name, folder in folders.items():  # the other host must not pause when it takes over
+        (folder / "mid-publish.armed").unlink(missing_ok=True)
+    keys = hosts.objects()
+    assert f"{PREFIX}{job_id}/model.attempt-1.pt" in keys and f"{PREFIX}{job_id}/report.attempt-1.json" not in keys
+    assert api.job(job_id)["state"] == "running"
+    assert api.session.get(api.url(f"/v1/jobs/{job_id}/model")).status_code == 409  # nothing served yet
+
+    hosts.workers[victim].kill_process("worker")
+    job = api.wait(job_id, timeout=240)
+
+    assert job["deliveries"] == 2
+    assert hashlib.sha256(_verified(api, job)).hexdigest() == job["result"]["sha256"]
+    assert api.session.get(api.url(job["links"]["report"])).json()["deliveries"] == 2  # attempt 2's report
+    hosts.workers[victim].start_worker()
+
+
 def test_retention_empties_the_bucket(hosts: Hosts) -> None:
     assert hosts.objects()  # the jobs above left their files
     expiring = hosts.workers["a"].settings.with_changes(retention_hours=1e-9)
     _, expired = Reaper(expiring, make_celery(expiring)).sweep()
-    assert len(expired) == 4  # four methods (one already deleted) and the taken-over one
+    # Four methods (one already deleted), the two taken over (one with attempt 1's stray model).
+    assert len(expired) == 5
     assert hosts.objects() == []
     for job_id in expired:
         assert hosts.client.session.get(hosts.client.url(f"/v1/jobs/{job_id}")).status_code == 404
+
+
+def _struck(folders: dict[str, Path], point: str, job_id: str, timeout: float = 120) -> str:
+    """Which host's pause point struck for the job."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, folder in folders.items():
+            if (folder / f"{point}.{job_id}").exists():
+                return name
+        time.sleep(0.05)
+    raise AssertionError(f"pause point {point} not reached for job {job_id} within {timeout} s")
 
 
 def _job_log(stack: Stack, job_id: str) -> str:
