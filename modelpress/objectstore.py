@@ -173,8 +173,11 @@ class S3Objects(ObjectStore):
             aws_secret_access_key=settings.s3_secret_access_key or None,
             # SigV4 everywhere: presigned URLs otherwise fall back to SigV2, which AWS refuses in newer
             # regions and SeaweedFS refuses once response-content-disposition is signed.
+            # Checksums only where the API requires them: the SHA-256 is ours already (computed as the
+            # upload arrives, stored as metadata and in the record), and a CRC32 of every part costs CPU.
             config=Config(signature_version="s3v4", retries={"mode": "standard", "max_attempts": 5},
-                          connect_timeout=5, read_timeout=60,
+                          connect_timeout=5, read_timeout=60, request_checksum_calculation="when_required",
+                          response_checksum_validation="when_required",
                           s3={"addressing_style": "path"} if (settings.s3_endpoint_url or _env_endpoint()) else None),
         )
         self.transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
