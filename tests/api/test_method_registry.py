@@ -92,3 +92,9 @@ def test_the_engine_runs_a_registered_method_with_its_defaults(registered: None,
     assert report["details"] == {"factor": 0.5, "options": {"factor": 0.5}}
     original, scaled = torch.jit.load(str(path)), torch.jit.load(str(tmp_path / "out.pt"))
     assert torch.allclose(scaled.conv.weight, original.conv.weight * 0.5)
+
+
+def test_every_registered_method_names_a_readme_section() -> None:
+    readme = (Path(__file__).resolve().parent.parent.parent / "README.md").read_text()
+    headings = {line.lstrip("#").strip() for line in readme.splitlines() if line.startswith("#")}
+    assert {entry.readme_section for entry in spec_module.REGISTRY.values()} <= headings

@@ -84,7 +84,8 @@ def compress(
 
     # Methods may change the model in place, so they get their own copy; `original` stays the reference.
     steps = [step for _, step in method_steps(spec)]
-    compressed, step_reports = run_steps(load_model(model_path), steps, prepared, method_progress, student)
+    compressed, step_reports = run_steps(load_model(model_path), steps, prepared, method_progress, student,
+                                         file_name=Path(output_path).name)
     progress("saving", 0.66)
     if len(steps) == 1:
         details = step_reports[0]["details"]
@@ -98,7 +99,7 @@ def compress(
                                   random_inputs=prepared.data is None)
     report = {"method": spec["method"], **report, "details": details, "warnings": warnings}
     if len(steps) > 1:
-        report["steps"] = step_reports
+        report["steps"] = finish_sections(step_reports, report)
     return report
 
 
@@ -128,7 +129,8 @@ def prepare(model_path: str | os.PathLike, spec: Mapping[str, Any], data_path: s
 
 def run_steps(model: torch.jit.ScriptModule, steps: Sequence[Mapping[str, Any]], prepared: Prepared,
               progress: Progress, student: torch.jit.ScriptModule | None = None, data: Dataset | None = None,
-              check: StepCheck | None = None) -> tuple[torch.jit.ScriptModule, list[dict[str, Any]]]:
+              check: StepCheck | None = None, file_name: str = "model.pt",
+              ) -> tuple[torch.jit.ScriptModule, list[dict[str, Any]]]:
     """Run single-method steps in order, each on the model the one before saved (and loaded back).
 
     Every step trains and calibrates on ``data`` (default: the job's examples). Returns the last
@@ -147,9 +149,11 @@ def run_steps(model: torch.jit.ScriptModule, steps: Sequence[Mapping[str, Any]],
                 model, filled_options(name, step.get(name, {})), data,
                 lambda stage, fraction, i=index: progress(f"{label}{stage}", (i + min(max(fraction, 0.0), 1.0)) / len(steps)),
                 **extras)
-            if len(steps) > 1:
+            if index + 1 < len(steps):
                 # The next step gets what a user would download after this one: a saved, reloaded file.
-                path = Path(directory) / f"step{index}.pt"
+                # Named as the output will be: torch.jit.save stores the file's name inside the archive.
+                path = Path(directory) / f"step{index}" / file_name
+                path.parent.mkdir()
                 size = save_model(model, path)
                 model = load_model(path)
                 candidate = [run_model(model, inputs) for inputs in prepared.checks]
@@ -158,13 +162,21 @@ def run_steps(model: torch.jit.ScriptModule, steps: Sequence[Mapping[str, Any]],
                                  "parameters": count_parameters(model),
                                  "fidelity": output_fidelity(prepared.reference, candidate),
                                  "time_s": round(time.perf_counter() - started, 3), "details": details})
-            else:
-                sections.append({"method": name, "details": details, "time_s": round(time.perf_counter() - started, 3)})
+            else:  # the last step's file is the output, which the caller saves and measures (finish_sections)
+                sections.append({"method": name, name: dict(step.get(name, {})), "details": details,
+                                 "time_s": round(time.perf_counter() - started, 3)})
             reason = check(index, model) if check is not None else None
             if reason is not None:
                 sections[-1]["stopped"] = reason
                 break
     return model, sections
+
+
+def finish_sections(sections: list[dict[str, Any]], report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The last step's section takes its file's figures from the report of the output (the same file)."""
+    sections[-1].update({"bytes": report["size"]["bytes_after"], "size_ratio": report["size"]["ratio"],
+                         "parameters": report["parameters"]["after"], "fidelity": report["fidelity"]})
+    return sections
 
 
 def step_warnings(sections: Sequence[Mapping[str, Any]], prepared: Prepared) -> list[str]:
@@ -178,14 +190,17 @@ def step_warnings(sections: Sequence[Mapping[str, Any]], prepared: Prepared) -> 
     return warnings
 
 
-def measure_result(prepared: Prepared, compressed: torch.jit.ScriptModule, output_path: str | os.PathLike,
+def measure_result(prepared: Prepared, compressed: torch.jit.ScriptModule | None, output_path: str | os.PathLike,
                    progress: Progress, judged_on: Dataset | None = None) -> dict[str, Any]:
-    """Save ``compressed``, load it back and measure the file: size, parameters, latency, fidelity, accuracy.
+    """Save ``compressed`` (None: the file is already there), load it back and measure the file: size,
+    parameters, latency, fidelity, accuracy.
 
     Accuracy is measured on ``judged_on`` when given (a search's held-out rows), else on the data file.
     """
     progress("saving", 0.0)
-    output_bytes = save_model(compressed, output_path)
+    if compressed is not None:
+        save_model(compressed, output_path)
+    output_bytes = Path(output_path).stat().st_size
     result = load_model(output_path)
     original, batch, checks, data = prepared.original, prepared.batch, prepared.checks, prepared.data
     progress("measuring fidelity", 0.1)

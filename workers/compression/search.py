@@ -29,7 +29,7 @@ from .errors import CompressionError, InvalidInput, OutOfMemory
 from .inputs import Dataset
 from .measure import count_macs, median_latency_ms, output_fidelity, run_model
 from .outputs import select_output
-from .pipeline import Prepared, Progress, measure_result, run_steps, step_warnings
+from .pipeline import Prepared, Progress, finish_sections, measure_result, run_steps, step_warnings
 from .torchscript import module_types
 from .training import accuracy
 
@@ -120,8 +120,9 @@ def search(prepared: Prepared, spec: Mapping[str, Any], output_path: str | os.Pa
             if candidate.ladder in missed_ladders:
                 continue  # a milder rung of this ladder already missed the target
             number = len(trials) + 1
+            (Path(directory) / f"trial{number}").mkdir()
             trial = _try(candidate, number, max_trials, prepared, training, judge, student,
-                         Path(directory) / f"trial{number}.pt", progress)
+                         Path(directory) / f"trial{number}" / Path(output_path).name, progress)
             trials.append(trial)
             candidate.trial = trial
             if not trial["meets_target"]:
@@ -150,8 +151,7 @@ def search(prepared: Prepared, spec: Mapping[str, Any], output_path: str | os.Pa
     for trial in trials:
         trial.pop("_path", None)
     progress("measuring the chosen candidate", 0.9)
-    result = load_model(output_path)
-    report = measure_result(prepared, result, output_path, lambda stage, f: progress(stage, 0.9 + 0.09 * f),
+    report = measure_result(prepared, None, output_path, lambda stage, f: progress(stage, 0.9 + 0.09 * f),
                             judged_on=holdout)
     summary["achieved"] = chosen.trial["metric"]
     # With a target the job is judged by it, not by the generic collapse thresholds.
@@ -161,7 +161,7 @@ def search(prepared: Prepared, spec: Mapping[str, Any], output_path: str | os.Pa
             "details": {"chosen": chosen.label, "steps": [step["method"] for step in chosen.steps]},
             "target": summary, "search": search_facts, "chosen": chosen.trial["trial"],
             "trials": [{k: v for k, v in t.items() if k != "sections"} for t in trials], "pareto_front": front,
-            "steps": chosen.trial["sections"], "warnings": warnings}
+            "steps": finish_sections(chosen.trial["sections"], report), "warnings": warnings}
 
 
 def _try(candidate: _Candidate, number: int, max_trials: int, prepared: Prepared, training: Dataset, judge: _Judge,
@@ -187,7 +187,7 @@ def _try(candidate: _Candidate, number: int, max_trials: int, prepared: Prepared
 
     try:
         model, sections = run_steps(load_model(prepared.model_path), candidate.steps, prepared, step_progress,
-                                    student, data=training, check=check)
+                                    student, data=training, check=check, file_name=path.name)
     except OutOfMemory:
         raise
     except CompressionError as error:  # this candidate does not apply to the model; the search goes on
