@@ -435,8 +435,6 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has
             raise SpecError({"data": ["required with a target: the search holds out part of the data file to judge "
                                       "every candidate on"]})
         spec["search"] = spec.get("search") or SearchSpec().load({})
-    if not spec.get("input_shape") and not spec.get("inputs") and not has_data:
-        raise SpecError({"spec.input_shape": ["required (or spec.inputs) when no data file is uploaded"]})
     uploads = []  # where an uploaded student is wanted
     for path, step in method_steps(spec):
         if step["method"] == "distill" and "distill" not in step:
@@ -447,6 +445,8 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has
             raise SpecError({f"{path}.prune.finetune": ["needs a data file (multipart part 'data') to train on"]})
         if step["method"] == "distill" and step["distill"]["student"]["source"] == "upload":
             uploads.append(f"{path}.distill.student.from")
+    if not spec.get("input_shape") and not spec.get("inputs") and not has_data:
+        raise SpecError({"spec.input_shape": ["required (or spec.inputs) when no data file is uploaded"]})
     if len(uploads) > 1:
         raise SpecError({uploads[1]: ["only one step can use the uploaded student"]})
     if uploads and not has_student:
