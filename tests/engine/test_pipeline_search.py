@@ -10,7 +10,7 @@ import torch
 from modelpress.spec import parse_spec
 from tests.models import ResidualNet, save_scripted
 from workers.compression.pipeline import compress
-from workers.compression.search import TargetNotMet
+from workers.compression.errors import TargetNotMet
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ import torch
 from modelpress.spec import PIPELINE, StepSpec
 
 from .artifacts import load_model, save_model
-from .errors import CompressionError, InvalidInput, OutOfMemory
+from .errors import CompressionError, InvalidInput, OutOfMemory, TargetNotMet
 from .inputs import Dataset
 from .measure import count_macs, median_latency_ms, output_fidelity, run_model
 from .outputs import select_output
@@ -41,17 +41,6 @@ FINETUNE = {"epochs": 5, "lr": 2e-3, "batch_size": 64, "seed": 0}
 _DYNAMIC_TYPES = {"Linear", "LSTM", "GRU", "NonDynamicallyQuantizableLinear"}
 _STATIC_TYPES = {"Conv1d", "Conv2d", "Conv3d", "Linear"}
 _OBJECTIVE_KEYS = {"size": "bytes", "latency": "latency_ms", "macs": "macs"}
-
-
-class TargetNotMet(CompressionError):
-    """No candidate kept the metric the target asks for; ``report`` lists every trial."""
-
-    title = "Target not met"
-    slug = "target-not-met"
-
-    def __init__(self, message: str, report: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass
