@@ -24,8 +24,8 @@ import torch
 
 from modelpress.spec import PIPELINE, StepSpec
 
-from .artifacts import load_model, save_model
-from .errors import CompressionError, InvalidInput, OutOfMemory, TargetNotMet
+from .artifacts import clone_model, load_model, save_model
+from .errors import CompressionError, InvalidInput, TargetNotMet, is_out_of_memory, summarize_torch_error
 from .inputs import Dataset
 from .measure import count_macs, median_latency_ms, output_fidelity, run_model
 from .outputs import select_output
@@ -175,12 +175,16 @@ def _try(candidate: _Candidate, number: int, max_trials: int, prepared: Prepared
         return None
 
     try:
+        # Distillation trains an uploaded student in place: each trial starts from the upload.
         model, sections = run_steps(load_model(prepared.model_path), candidate.steps, prepared, step_progress,
-                                    student, data=training, check=check, file_name=path.name)
-    except OutOfMemory:
-        raise
-    except CompressionError as error:  # this candidate does not apply to the model; the search goes on
-        return {**trial, "error": f"{error.title}: {error}", "metric": None, "meets_target": False,
+                                    clone_model(student) if student is not None else None, data=training,
+                                    check=check, file_name=path.name)
+    except Exception as error:  # this candidate does not apply to the model; the search goes on
+        if is_out_of_memory(error):
+            raise  # the next candidate would run out too; the job fails with the memory message
+        reason = (f"{error.title}: {error}" if isinstance(error, CompressionError)
+                  else f"{type(error).__name__}: {summarize_torch_error(error)}")
+        return {**trial, "error": reason, "metric": None, "meets_target": False,
                 "time_s": round(time.perf_counter() - started, 3), "sections": []}
     completed = len(sections) == len(candidate.steps) and "stopped" not in sections[-1]
     size = save_model(model, path)
