@@ -124,7 +124,8 @@ def test_a_target_no_candidate_meets_fails_and_still_lists_the_trials(api: ApiCl
 
     assert job["state"] == "failed" and job["error"]["type"].endswith("/target-not-met"), job["error"]
     assert "no candidate kept cosine at or above 1.0000" in job["error"]["detail"]
-    response = api.session.get(api.url(f"/v1/jobs/{job['id']}/report"))
+    assert "model" not in job["links"]
+    response = api.session.get(api.url(job["links"]["report"]))
     assert response.status_code == 200, response.text
     report = response.json()
     assert report["chosen"] is None and len(report["trials"]) == 2
