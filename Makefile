@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(VPY) bench/quantize.py
 	$(VPY) bench/prune.py
 	$(VPY) bench/distill.py
+	$(VPY) bench/auto.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from modelpress.client import ChecksumMismatch, Client, ModelPressError
+from modelpress.spec import REGISTRY
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_REFUSED = 0, 1, 2, 3, 4
 
@@ -123,27 +124,15 @@ def _watch(client: Client, job: dict[str, Any], timeout: float, out: str | None)
 
 
 def _spec_from(args: argparse.Namespace) -> dict[str, Any]:
-    chosen = [name for name in ("spec", "quantize", "prune", "distill") if getattr(args, name) is not None]
+    flags = [name for name, entry in REGISTRY.items() if entry.cli is not None]
+    chosen = [name for name in ("spec", *flags) if getattr(args, name, None) is not None]
     if len(chosen) != 1:
-        raise ValueError("give exactly one of --spec, --quantize, --prune or --distill")
+        raise ValueError(f"give exactly one of {', '.join('--' + name for name in ('spec', *flags))}")
     if args.spec is not None:
         spec = json.loads(Path(args.spec).read_text())
-    elif args.quantize is not None:
-        mode = "static" if args.quantize == "static" else "dynamic"
-        dtype = {"dynamic": "qint8", "int8": "qint8", "qint8": "qint8", "float16": "float16", "static": "qint8"}.get(args.quantize)
-        if dtype is None:
-            raise ValueError("--quantize takes dynamic (int8), float16 or static")
-        spec = {"method": "quantize", "quantize": {"mode": mode, "dtype": dtype}}
-    elif args.prune is not None:
-        spec = {"method": "prune", "prune": {"amount": args.prune, "structured": args.structured}}
     else:
-        kind, _, value = args.distill.partition("=")
-        student = {"width": lambda: {"from": "width", "width": float(value)},
-                   "torchvision": lambda: {"from": "torchvision", "arch": value},
-                   "upload": lambda: {"from": "upload"}}.get(kind)
-        if student is None:
-            raise ValueError("--distill takes width=FRACTION, torchvision=ARCH or upload")
-        spec = {"method": "distill", "distill": {"student": student()}}
+        method = chosen[0]
+        spec = {"method": method, method: REGISTRY[method].cli.options(getattr(args, method), args)}
     if args.input_shape:
         spec["input_shape"] = [int(n) for n in args.input_shape.split(",")]
     if args.input:
@@ -215,11 +204,10 @@ def _parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="upload a model and a spec")
     submit.add_argument("model")
     submit.add_argument("--spec", help="spec JSON file")
-    submit.add_argument("--quantize", metavar="dynamic|float16|static",
-                        help="dynamic quantization, or static int8 (calibrated on --data) instead of --spec")
-    submit.add_argument("--prune", type=float, metavar="AMOUNT", help="pruning amount (0..1) instead of --spec")
+    for name, entry in REGISTRY.items():  # one flag per registered method
+        if entry.cli is not None:
+            submit.add_argument(f"--{name}", metavar=entry.cli.metavar, help=entry.cli.help)
     submit.add_argument("--structured", action="store_true", help="with --prune: remove whole channels")
-    submit.add_argument("--distill", metavar="width=F|torchvision=ARCH|upload", help="distillation instead of --spec")
     submit.add_argument("--input-shape", metavar="N,C,H,W", help="example input shape for inline specs")
     submit.add_argument("--input", action="append", metavar="SHAPE[:DTYPE[:LOW:HIGH]]",
                         help="one per positional input, in order, e.g. --input 8,3,32,32 --input 8,16:int64:0:30000")

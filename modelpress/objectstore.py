@@ -91,6 +91,10 @@ class ObjectStore(ABC):
         Returns a local file with the very bytes published (to hash for the job's result)."""
 
     @abstractmethod
+    def publish_report(self, job_id: str, attempt: int, report: dict[str, Any]) -> None:
+        """Supervisor: publish only a report, for a failed attempt that wrote one (a search's trials)."""
+
+    @abstractmethod
     def withdraw(self, job_id: str, attempt: int) -> None:
         """Supervisor: remove what ``publish`` wrote when the attempt then lost the final state."""
 
@@ -129,6 +133,9 @@ class LocalObjects(ObjectStore):
         model.hardlink_to(files.output_model)
         write_json_atomic(files.published_report(attempt), report)
         return model
+
+    def publish_report(self, job_id: str, attempt: int, report: dict[str, Any]) -> None:
+        write_json_atomic(self.storage.job(job_id).published_report(attempt), report)
 
     def withdraw(self, job_id: str, attempt: int) -> None:
         files = self.storage.job(job_id)
@@ -228,10 +235,14 @@ class S3Objects(ObjectStore):
         self.client.upload_file(str(files.output_model), self.bucket, self.key(job_id, canonical.published_model(attempt)),
                                 ExtraArgs={"Metadata": {"sha256": file_sha256(files.output_model)}}, Config=self.transfer)
         pause_point("mid-publish", job_id)  # fault tests: the model is up, the report not yet
-        self.client.put_object(Bucket=self.bucket, Key=self.key(job_id, canonical.published_report(attempt)),
+        self.publish_report(job_id, attempt, report)
+        return files.output_model
+
+    @_translated
+    def publish_report(self, job_id: str, attempt: int, report: dict[str, Any]) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self.key(job_id, self.storage.job(job_id).published_report(attempt)),
                                Body=json.dumps(report, indent=2, sort_keys=True).encode(),
                                ContentType="application/json")
-        return files.output_model
 
     @_translated
     def withdraw(self, job_id: str, attempt: int) -> None:

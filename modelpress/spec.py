@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
-METHODS = ("quantize", "prune", "distill")
+# Single methods (each with an options section of its name) are those in REGISTRY, at the end of this file.
+PIPELINE, AUTO = "pipeline", "auto"  # methods made of the single ones: ordered steps, or a search
+MAX_STEPS = 8
+TARGET_METRICS = ("accuracy", "top1_agreement", "cosine")
+TARGET_OBJECTIVES = ("size", "latency", "macs")
 PRUNABLE_MODULES = ("Conv2d", "Linear", "Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
 QUANTIZABLE_MODULES = ("Linear", "LSTM", "GRU", "RNN", "MultiheadAttention")
 MAX_INPUT_ELEMENTS = 1 << 26  # 64M floats (256 MB): bigger example inputs are a mistake or an attack
@@ -263,11 +268,72 @@ class EvaluationSpec(_Strict):
     )
 
 
+class StepSpec(_Strict):
+    """One step of a pipeline: a single method and its options, validated as a spec of that method would be."""
+
+    method = fields.String(required=True, metadata={"description": "This step's method."})  # choices: register_method
+
+    @validates_schema
+    def _section_matches_method(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        _check_sections(data)
+
+    @post_load
+    def _default_section(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        entry = REGISTRY[data["method"]]
+        if entry.name not in data and not entry.options_required:
+            data[entry.name] = entry.options().load({})
+        return data
+
+
+class TargetSpec(_Strict):
+    metric = fields.String(
+        required=True, validate=validate.OneOf(TARGET_METRICS),
+        metadata={"description": "What the target is about, measured on held-out rows of the data file: accuracy "
+                                 "(needs labels), top1_agreement or cosine (of the outputs to the original's)."},
+    )
+    max_drop = fields.Float(
+        validate=validate.Range(0, 1),
+        metadata={"description": "Largest allowed fall of the metric below the original model's (absolute; "
+                                 "0.01 = one point of accuracy). Give max_drop or min."},
+    )
+    min = fields.Float(validate=validate.Range(0, 1), metadata={"description": "Lowest allowed value of the metric."})
+    objective = fields.String(
+        load_default="size", validate=validate.OneOf(TARGET_OBJECTIVES),
+        metadata={"description": "What the best candidate that meets the target minimises: file size, median "
+                                 "latency or multiply-accumulates."},
+    )
+
+    @validates_schema
+    def _one_bound(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        if ("max_drop" in data) == ("min" in data):
+            raise ValidationError("give exactly one of max_drop or min", "max_drop" if "max_drop" in data else "_schema")
+
+
+class SearchSpec(_Strict):
+    max_trials = fields.Integer(load_default=8, strict=True, validate=validate.Range(1, 50),
+                                metadata={"description": "Candidates tried at most (count)."})
+    time_budget_s = fields.Integer(
+        load_default=900, strict=True, validate=validate.Range(10, 86400),
+        metadata={"description": "No new candidate is started after this many seconds of searching."})
+    holdout = fields.Float(
+        load_default=0.2, validate=validate.Range(0.05, 0.5),
+        metadata={"description": "Share of the data file's rows held out: no training or calibration sees them, "
+                                 "every candidate is judged on them (fraction)."})
+    seed = fields.Integer(load_default=0, strict=True, validate=validate.Range(0, 2**31 - 1),
+                          metadata={"description": "Seed of the hold-out split."})
+
+
 class CompressionSpec(_Strict):
-    method = fields.String(required=True, validate=validate.OneOf(METHODS), metadata={"description": "Compression method."})
-    quantize = fields.Nested(QuantizeSpec, metadata={"description": "Options of method 'quantize'."})
-    prune = fields.Nested(PruneSpec, metadata={"description": "Options of method 'prune'."})
-    distill = fields.Nested(DistillSpec, metadata={"description": "Options of method 'distill' (required for it)."})
+    method = fields.String(required=True, metadata={"description": "Compression method."})  # choices: register_method
+    steps = fields.List(
+        fields.Nested(StepSpec), validate=validate.Length(min=1, max=MAX_STEPS),
+        metadata={"description": "method pipeline: the steps in order, each {\"method\": ..., <method>: {...}}; "
+                                 "each step's output model is the next one's input."},
+    )
+    target = fields.Nested(TargetSpec, metadata={
+        "description": "methods auto (required) and pipeline: the result must keep this metric; the search returns "
+                       "the best candidate that does."})
+    search = fields.Nested(SearchSpec, metadata={"description": "How the search toward target runs (with target only)."})
     input_shape = fields.List(
         fields.Integer(strict=True, validate=validate.Range(1, 1 << 20)),
         validate=validate.Length(min=1, max=8),
@@ -297,10 +363,18 @@ class CompressionSpec(_Strict):
 
     @validates_schema
     def _sections_match_method(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        _check_sections(data)
         method = data.get("method")
-        for section in METHODS:
-            if section in data and section != method:
-                raise ValidationError(f"only allowed when method is {section!r}", section)
+        if method == PIPELINE and "steps" not in data:
+            raise ValidationError("required when method is 'pipeline': the steps in order", "steps")
+        if "steps" in data and method != PIPELINE:
+            raise ValidationError("only allowed when method is 'pipeline'", "steps")
+        if method == AUTO and "target" not in data:
+            raise ValidationError("required when method is 'auto': what the result must keep", "target")
+        if "target" in data and method not in (PIPELINE, AUTO):
+            raise ValidationError("only allowed when method is 'pipeline' or 'auto'", "target")
+        if "search" in data and "target" not in data:
+            raise ValidationError("only allowed with a target", "search")
         shape = data.get("input_shape")
         if shape and math.prod(shape) > MAX_INPUT_ELEMENTS:
             raise ValidationError(f"at most {MAX_INPUT_ELEMENTS} elements in all", "input_shape")
@@ -314,6 +388,13 @@ class CompressionSpec(_Strict):
             if len(batches) > 1:
                 raise ValidationError("every input's first axis is the batch axis, so they must agree: got "
                                       f"{', '.join(str(entry['shape'][0]) for entry in inputs)}", "inputs")
+
+
+def _check_sections(data: Mapping[str, Any]) -> None:
+    """Only the chosen single method's options section may appear."""
+    for section in REGISTRY:
+        if section in data and section != data.get("method"):
+            raise ValidationError(f"only allowed when method is {section!r}", section)
 
 
 class SpecError(ValueError):
@@ -344,22 +425,55 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has
     except ValidationError as error:
         raise SpecError(_flatten("spec", error.messages)) from None
     method = spec["method"]
-    if method == "distill" and "distill" not in spec:
-        raise SpecError({"spec.distill": ["required when method is 'distill' (at least its 'student')"]})
-    if method not in spec:
-        spec[method] = _SECTIONS[method]().load({})
-    if method == "distill" and not has_data:
-        raise SpecError({"data": ["required for distillation: an .npz or .safetensors file with 'inputs'"]})
+    if method in REGISTRY and method not in spec:
+        if REGISTRY[method].options_required:
+            raise SpecError({f"spec.{method}": [f"required when method is {method!r}"
+                                                + (" (at least its 'student')" if method == "distill" else "")]})
+        spec[method] = REGISTRY[method].options().load({})
+    if "target" in spec:
+        if not has_data:
+            raise SpecError({"data": ["required with a target: the search holds out part of the data file to judge "
+                                      "every candidate on"]})
+        spec["search"] = spec.get("search") or SearchSpec().load({})
+    uploads = []  # where an uploaded student is wanted
+    for path, step in method_steps(spec):
+        if step["method"] == "distill" and "distill" not in step:
+            raise SpecError({f"{path}.distill": ["required when method is 'distill' (at least its 'student')"]})
+        if step["method"] == "distill" and not has_data:
+            raise SpecError({"data": ["required for distillation: an .npz or .safetensors file with 'inputs'"]})
+        if step["method"] == "prune" and step["prune"].get("finetune") and not has_data:
+            raise SpecError({f"{path}.prune.finetune": ["needs a data file (multipart part 'data') to train on"]})
+        if step["method"] == "distill" and step["distill"]["student"]["source"] == "upload":
+            uploads.append(f"{path}.distill.student.from")
     if not spec.get("input_shape") and not spec.get("inputs") and not has_data:
         raise SpecError({"spec.input_shape": ["required (or spec.inputs) when no data file is uploaded"]})
-    if method == "prune" and spec["prune"].get("finetune") and not has_data:
-        raise SpecError({"spec.prune.finetune": ["needs a data file (multipart part 'data') to train on"]})
-    wants_student = method == "distill" and spec["distill"]["student"]["source"] == "upload"
-    if wants_student and not has_student:
-        raise SpecError({"student": ["required when spec.distill.student.from is 'upload': the TorchScript student"]})
-    if has_student and not wants_student:
+    if len(uploads) > 1:
+        raise SpecError({uploads[1]: ["only one step can use the uploaded student"]})
+    if uploads and not has_student:
+        raise SpecError({"student": [f"required when {uploads[0]} is 'upload': the TorchScript student"]})
+    if has_student and not uploads:
         raise SpecError({"student": ["only used when spec.distill.student.from is 'upload'"]})
     return spec
+
+
+def method_steps(spec: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """The single-method steps a spec runs, with the field path of each: the spec itself, or its pipeline's steps.
+
+    A step is ``{"method": name, name: {options}}``, as a single-method spec is.
+    """
+    if spec.get("method") == PIPELINE:
+        return [(f"spec.steps.{index}", step) for index, step in enumerate(spec.get("steps") or [])]
+    if spec.get("method") in REGISTRY:
+        return [("spec", spec)]
+    return []
+
+
+def target_conflicts(spec: Mapping[str, Any], has_labels: bool) -> dict[str, list[str]]:
+    """A target the data file cannot judge: accuracy without labels."""
+    if (spec.get("target") or {}).get("metric") == "accuracy" and not has_labels:
+        return {"spec.target.metric": ["accuracy needs a 'labels' array in the data file; use top1_agreement or "
+                                       "cosine to compare with the original's outputs instead"]}
+    return {}
 
 
 def declared_inputs(spec: Mapping[str, Any]) -> list[dict[str, Any]] | None:
@@ -379,7 +493,91 @@ def dump_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     return CompressionSpec().dump(spec)
 
 
-_SECTIONS: dict[str, type[Schema]] = {"quantize": QuantizeSpec, "prune": PruneSpec, "distill": DistillSpec}
+# ---------------------------------------------------------------------------- the method registry
+
+
+@dataclass(frozen=True)
+class CliFlag:
+    """``modelpress submit --<method> VALUE``: ``options`` turns the value (and the other arguments) into options."""
+
+    metavar: str
+    help: str
+    options: Callable[[str, Any], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """Everything that names a single method, in one place: the spec (its options section, validated here
+    and in pipeline steps), the engine's entry (``module:function``, imported by the worker only), the
+    command line's flag and the README section that documents it."""
+
+    name: str
+    options: type[Schema]
+    engine: str
+    readme_section: str
+    cli: CliFlag | None = None
+    options_required: bool = False  # no usable default options (distill needs its student)
+
+
+REGISTRY: dict[str, MethodEntry] = {}
+
+
+def register_method(entry: MethodEntry) -> None:
+    """Add a single method: its options section and its name join the spec schema (and thus the API's
+    validation, the OpenAPI document and the console's form), pipeline steps, the engine and the CLI."""
+    REGISTRY[entry.name] = entry
+    suffix = " (required for it)" if entry.options_required else ""
+    for schema, composite in ((StepSpec, ()), (CompressionSpec, (PIPELINE, AUTO))):
+        declared = dict(schema._declared_fields)
+        declared["method"] = fields.String(
+            required=True, validate=validate.OneOf((*REGISTRY, *composite)),
+            metadata={"description": "Compression method: a single one" + (
+                ", a pipeline of them (steps), or auto (a search toward target)." if composite else ".")})
+        declared[entry.name] = fields.Nested(
+            entry.options, metadata={"description": f"Options of method {entry.name!r}{suffix}."})
+        # Method sections right after the method (the order the form and the README show).
+        order = ["method", *REGISTRY, *(name for name in declared if name != "method" and name not in REGISTRY)]
+        schema._declared_fields = {name: declared[name] for name in order}
+
+
+def filled_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """A method's options with every default filled, also for callers of the engine that give only some."""
+    schema = REGISTRY[method].options()
+    return schema.load(schema.dump(options))
+
+
+def _quantize_flag(value: str, args: Any) -> dict[str, Any]:
+    dtype = {"dynamic": "qint8", "int8": "qint8", "qint8": "qint8", "float16": "float16", "static": "qint8"}.get(value)
+    if dtype is None:
+        raise ValueError("--quantize takes dynamic (int8), float16 or static")
+    return {"mode": "static" if value == "static" else "dynamic", "dtype": dtype}
+
+
+def _prune_flag(value: str, args: Any) -> dict[str, Any]:
+    return {"amount": float(value), "structured": bool(getattr(args, "structured", False))}
+
+
+def _distill_flag(value: str, args: Any) -> dict[str, Any]:
+    kind, _, rest = value.partition("=")
+    student = {"width": lambda: {"from": "width", "width": float(rest)},
+               "torchvision": lambda: {"from": "torchvision", "arch": rest},
+               "upload": lambda: {"from": "upload"}}.get(kind)
+    if student is None:
+        raise ValueError("--distill takes width=FRACTION, torchvision=ARCH or upload")
+    return {"student": student()}
+
+
+for _entry in (
+    MethodEntry("quantize", QuantizeSpec, "workers.compression.quantize:quantize", "Spec reference",
+                CliFlag("dynamic|float16|static", "dynamic quantization, or static int8 (calibrated on --data) instead of --spec",
+                        _quantize_flag)),
+    MethodEntry("prune", PruneSpec, "workers.compression.prune:prune", "Spec reference",
+                CliFlag("AMOUNT", "pruning amount (0..1) instead of --spec", _prune_flag)),
+    MethodEntry("distill", DistillSpec, "workers.compression.distill:distill", "Spec reference",
+                CliFlag("width=F|torchvision=ARCH|upload", "distillation instead of --spec", _distill_flag),
+                options_required=True),
+):
+    register_method(_entry)
 
 
 def _flatten(prefix: str, messages: Any) -> dict[str, list[str]]:

@@ -23,8 +23,8 @@ from modelpress.config import Settings
 from modelpress.datafile import DataFileError, disagreements, read_headers
 from modelpress.faults import pause_point
 from modelpress.jobs import JobStore, new_job_id, utc_now
-from modelpress.spec import SpecError, declared_inputs, dump_spec, parse_spec
 from modelpress.objectstore import ObjectStore
+from modelpress.spec import SpecError, declared_inputs, dump_spec, parse_spec, target_conflicts
 from modelpress.storage import write_json_atomic
 from modelpress.webhooks import CallbackRefused, check_callback_url
 from service.problems import ApiProblem
@@ -167,6 +167,8 @@ def _data_conflicts(path: Any, spec: dict[str, Any]) -> dict[str, list[str]]:
     """Where the data file contradicts the declared inputs, from its headers; a file whose headers
     cannot be read is left to the job, which fails with the reason."""
     try:
-        return disagreements(read_headers(path), declared_inputs(spec), from_input_shape=not spec.get("inputs"))
+        headers = read_headers(path)
+        return {**disagreements(headers, declared_inputs(spec), from_input_shape=not spec.get("inputs")),
+                **target_conflicts(spec, has_labels="labels" in headers)}
     except DataFileError:
         return {}

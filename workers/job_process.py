@@ -73,6 +73,8 @@ def _compress(job_dir: Path, settings: Settings, facts: dict[str, Any], channel:
         channel.send(protocol.SUCCEEDED)
         return 0
     except Exception as error:  # anything is still this job's failure, reported readably
+        if isinstance(getattr(error, "report", None), dict):  # a search that missed its target lists its trials
+            write_json_atomic(files.report, error.report)
         channel.fail(protocol.failure_of(error, settings))
     return 1
 

@@ -184,6 +184,8 @@ class Supervisor:
                      extra={"job_id": job_id, "event": "completed"})
             return self._publish(job_id, attempt, deliveries, files)
         if outcome and outcome["event"] == protocol.FAILED:
+            if files.report.exists():  # a failed search's report (its trials) stays readable
+                self.objects.publish_report(job_id, attempt, read_json(files.report))
             return self._finish(job_id, attempt, jobs.FAILED, error=protocol.outcome_problem(outcome))
         return self._finish(job_id, attempt, jobs.FAILED, error=protocol.died(returncode, self.settings, started,
                                                                               sandbox.setup_error_in(files.process_log)))

@@ -177,7 +177,7 @@ def test_worker_killed_mid_job_is_taken_over_by_the_other_host(hosts: Hosts, tmp
     job = api.wait(job_id, timeout=240)
     assert job["deliveries"] == 2
     _verified(api, job)
-    assert f"attempt 2 completed" in _job_log(hosts.workers[survivor], job_id)  # the other host ran it
+    assert "attempt 2 completed" in _job_log(hosts.workers[survivor], job_id)  # the other host ran it
     assert f"{PREFIX}{job_id}/model.attempt-2.pt" in hosts.objects()
     assert f"{PREFIX}{job_id}/model.attempt-1.pt" not in hosts.objects()  # the killed attempt published nothing
     hosts.workers[victim].start_worker()

@@ -50,6 +50,17 @@ class UnsafeModel(CompressionError):
     slug = "unsafe-model"
 
 
+class TargetNotMet(CompressionError):
+    """A search found no candidate that keeps the target's metric; ``report`` lists every trial."""
+
+    title = "Target not met"
+    slug = "target-not-met"
+
+    def __init__(self, message: str, report: dict) -> None:
+        super().__init__(message)
+        self.report = report
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """An allocation failure, however it surfaced: Python's MemoryError or torch's allocator message."""
     if isinstance(error, (MemoryError, OutOfMemory)):

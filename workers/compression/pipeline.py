@@ -1,32 +1,58 @@
-"""One compression run: load -> method -> save -> reload -> measure -> report."""
+"""One compression run: load -> method (or steps, or a search) -> save -> reload -> measure -> report."""
 from __future__ import annotations
 
+import importlib
 import os
 import platform
+import tempfile
+import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from . import distill, prune, quantize
+from modelpress.spec import AUTO, REGISTRY, filled_options, method_steps
+
 from .artifacts import load_model, save_model
 from .errors import CompressionError, InvalidInput, UnsupportedModel
-from .inputs import (Dataset, check_declared, check_input_count, example_batch, examples, fidelity_batches,
+from .inputs import (Dataset, Inputs, check_declared, check_input_count, example_batch, examples, fidelity_batches,
                      integer_range_hint, load_dataset)
 from .measure import count_parameters, median_latency_ms, output_fidelity, run_model
 from .outputs import select_output
 from .training import accuracy
-from .verdict import warnings_for
+from .verdict import collapse_warnings, warnings_for
 
 Progress = Callable[[str, float], None]
 Method = Callable[..., tuple[torch.jit.ScriptModule, dict[str, Any]]]
+# After each step of a pipeline: may stop the run (search: the target is already missed) by returning a reason.
+StepCheck = Callable[[int, torch.jit.ScriptModule], "str | None"]
 
-METHODS: dict[str, Method] = {
-    "quantize": quantize.quantize,
-    "prune": prune.prune,
-    "distill": distill.distill,
-}
+
+
+def method_function(name: str) -> Method:
+    """The engine entry a method registered (``modelpress.spec.REGISTRY``)."""
+    entry = REGISTRY.get(name)
+    if entry is None:
+        raise UnsupportedModel(f"method {name!r} is not available in this engine")
+    module, _, function = entry.engine.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+@dataclass
+class Prepared:
+    """The original model and the inputs every measurement of one job uses."""
+
+    model_path: Path
+    original: torch.jit.ScriptModule
+    data: Dataset | None  # the uploaded file, if any
+    batch: Inputs  # what latency is timed on
+    checks: list[Inputs]  # what fidelity is measured on
+    reference: list[Any]  # the original's outputs on ``checks``
+    examples: Dataset  # what methods train and calibrate on
+    runs: int
+    warmup: int
 
 
 def compress(
@@ -44,13 +70,43 @@ def compress(
     and measured, so the report describes the file the user downloads.
     """
     progress = progress or (lambda stage, fraction: None)
-    method_name = spec["method"]
-    method = METHODS.get(method_name)
-    if method is None:
-        raise UnsupportedModel(f"method {method_name!r} is not available in this engine")
-    evaluation = spec.get("evaluation", {})
-    runs, warmup = int(evaluation.get("runs", 20)), int(evaluation.get("warmup", 3))
+    for _, step in method_steps(spec):
+        method_function(step["method"])  # an unknown method fails before any work
+    prepared = prepare(model_path, spec, data_path, progress)
+    student = load_model(student_path) if student_path else None
+    if spec["method"] == AUTO or spec.get("target"):
+        from .search import search  # the search builds on this module
 
+        return search(prepared, spec, output_path, progress, student)
+
+    def method_progress(stage: str, fraction: float) -> None:
+        progress(stage, 0.05 + 0.6 * min(max(fraction, 0.0), 1.0))
+
+    # Methods may change the model in place, so they get their own copy; `original` stays the reference.
+    steps = [step for _, step in method_steps(spec)]
+    compressed, step_reports = run_steps(load_model(model_path), steps, prepared, method_progress, student,
+                                         file_name=Path(output_path).name)
+    progress("saving", 0.66)
+    if len(steps) == 1:
+        details = step_reports[0]["details"]
+        warnings = warnings_for(spec["method"], spec[spec["method"]], details, {}, random_inputs=prepared.data is None)
+    else:
+        details = {"steps": [step["method"] for step in steps]}
+        warnings = step_warnings(step_reports, prepared)
+    report = measure_result(prepared, compressed, output_path, lambda stage, f: progress(stage, 0.66 + 0.33 * f))
+    methods = [step["method"] for step in steps]
+    warnings += collapse_warnings("distill" if "distill" in methods else spec["method"], report["fidelity"],
+                                  random_inputs=prepared.data is None)
+    report = {"method": spec["method"], **report, "details": details, "warnings": warnings}
+    if len(steps) > 1:
+        report["steps"] = finish_sections(step_reports, report)
+    return report
+
+
+def prepare(model_path: str | os.PathLike, spec: Mapping[str, Any], data_path: str | os.PathLike | None,
+            progress: Progress) -> Prepared:
+    """Load the model and the data; check that the example inputs fit the model before any method runs."""
+    evaluation = spec.get("evaluation", {})
     progress("loading", 0.0)
     original = load_model(model_path)
     data: Dataset | None = load_dataset(data_path) if data_path else None
@@ -67,61 +123,127 @@ def compress(
         raise InvalidInput(f"{error}{integer_range_hint(spec, data)}") from None
     if spec.get("output") is not None:
         select_output(reference[0], spec["output"])  # a wrong choice fails now, not after the method ran
-    example_data = examples(spec, data)
+    return Prepared(Path(model_path), original, data, batch, checks, reference, examples(spec, data),
+                    int(evaluation.get("runs", 20)), int(evaluation.get("warmup", 3)))
 
-    def method_progress(stage: str, fraction: float) -> None:
-        progress(stage, 0.05 + 0.6 * min(max(fraction, 0.0), 1.0))
 
-    # Methods may change the model in place, so they get their own copy; `original` stays the reference.
-    working = load_model(model_path)
-    extras = {"student": load_model(student_path)} if student_path and method_name == "distill" else {}
-    compressed, details = method(working, spec.get(method_name, {}), example_data, method_progress, **extras)
+def run_steps(model: torch.jit.ScriptModule, steps: Sequence[Mapping[str, Any]], prepared: Prepared,
+              progress: Progress, student: torch.jit.ScriptModule | None = None, data: Dataset | None = None,
+              check: StepCheck | None = None, file_name: str = "model.pt",
+              ) -> tuple[torch.jit.ScriptModule, list[dict[str, Any]]]:
+    """Run single-method steps in order, each on the model the one before saved (and loaded back).
 
-    progress("saving", 0.66)
-    output_bytes = save_model(compressed, output_path)
+    Every step trains and calibrates on ``data`` (default: the job's examples). Returns the last
+    model and one report section per step; ``check`` may end the run after a step (the section
+    then says why, under ``stopped``).
+    """
+    data = data or prepared.examples
+    sections: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="modelpress-steps-") as directory:
+        for index, step in enumerate(steps):
+            name = step["method"]
+            label = f"step {index + 1}/{len(steps)} {name}: " if len(steps) > 1 else ""
+            started = time.perf_counter()
+            extras = {"student": student} if name == "distill" and student is not None else {}
+            model, details = method_function(name)(
+                model, filled_options(name, step.get(name, {})), data,
+                lambda stage, fraction, i=index: progress(f"{label}{stage}", (i + min(max(fraction, 0.0), 1.0)) / len(steps)),
+                **extras)
+            if index + 1 < len(steps):
+                # The next step gets what a user would download after this one: a saved, reloaded file.
+                # Named as the output will be: torch.jit.save stores the file's name inside the archive.
+                path = Path(directory) / f"step{index}" / file_name
+                path.parent.mkdir()
+                size = save_model(model, path)
+                model = load_model(path)
+                candidate = [run_model(model, inputs) for inputs in prepared.checks]
+                sections.append({"method": name, name: dict(step.get(name, {})), "bytes": size,
+                                 "size_ratio": _significant(size / prepared.model_path.stat().st_size),
+                                 "parameters": count_parameters(model),
+                                 "fidelity": output_fidelity(prepared.reference, candidate),
+                                 "time_s": round(time.perf_counter() - started, 3), "details": details})
+            else:  # the last step's file is the output, which the caller saves and measures (finish_sections)
+                sections.append({"method": name, name: dict(step.get(name, {})), "details": details,
+                                 "time_s": round(time.perf_counter() - started, 3)})
+            reason = check(index, model) if check is not None else None
+            if reason is not None:
+                sections[-1]["stopped"] = reason
+                break
+    return model, sections
+
+
+def finish_sections(sections: list[dict[str, Any]], report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The last step's section takes its file's figures from the report of the output (the same file)."""
+    sections[-1].update({"bytes": report["size"]["bytes_after"], "size_ratio": report["size"]["ratio"],
+                         "parameters": report["parameters"]["after"], "fidelity": report["fidelity"]})
+    return sections
+
+
+def step_warnings(sections: Sequence[Mapping[str, Any]], prepared: Prepared) -> list[str]:
+    """The methods' own warnings of each step, named by step (collapse is judged once, on the result)."""
+    warnings = []
+    for number, section in enumerate(sections, start=1):
+        name = section["method"]
+        for warning in warnings_for(name, section.get(name, {}), section["details"], {},
+                                    random_inputs=prepared.data is None):
+            warnings.append(f"step {number} ({name}): {warning}")
+    return warnings
+
+
+def measure_result(prepared: Prepared, compressed: torch.jit.ScriptModule | None, output_path: str | os.PathLike,
+                   progress: Progress, judged_on: Dataset | None = None) -> dict[str, Any]:
+    """Save ``compressed`` (None: the file is already there), load it back and measure the file: size,
+    parameters, latency, fidelity, accuracy.
+
+    Accuracy is measured on ``judged_on`` when given (a search's held-out rows), else on the data file.
+    """
+    progress("saving", 0.0)
+    if compressed is not None:
+        save_model(compressed, output_path)
+    output_bytes = Path(output_path).stat().st_size
     result = load_model(output_path)
-    progress("measuring fidelity", 0.7)
+    original, batch, checks, data = prepared.original, prepared.batch, prepared.checks, prepared.data
+    progress("measuring fidelity", 0.1)
     candidate = [run_model(result, inputs) for inputs in checks]
-    fidelity = output_fidelity(reference, candidate)
-    progress("measuring latency", 0.75)
-    latency_before = median_latency_ms(original, batch, runs=runs, warmup=warmup)
-    progress("measuring latency", 0.87)
-    latency_after = median_latency_ms(result, batch, runs=runs, warmup=warmup)
+    fidelity = output_fidelity(prepared.reference, candidate)
+    progress("measuring latency", 0.25)
+    latency_before = median_latency_ms(original, batch, runs=prepared.runs, warmup=prepared.warmup)
+    progress("measuring latency", 0.6)
+    latency_after = median_latency_ms(result, batch, runs=prepared.runs, warmup=prepared.warmup)
     progress("writing report", 0.99)
 
-    input_bytes = Path(model_path).stat().st_size
-    parameters_before, parameters_after = count_parameters(original), count_parameters(result)
+    model_path = prepared.model_path
+    input_bytes = model_path.stat().st_size
     report_accuracy = None
-    if data is not None and data.labels is not None:
-        report_accuracy = {"before": accuracy(original, example_data), "after": accuracy(result, example_data),
-                           "samples": len(data), "on": "the uploaded data (fine-tuning, if any, trained on it too)"}
-    warnings = warnings_for(method_name, spec.get(method_name, {}), details, fidelity, random_inputs=data is None)
+    judged = judged_on or prepared.examples
+    if data is not None and judged.labels is not None:
+        on = ("the held-out rows of the data file, which no training or calibration saw" if judged_on is not None
+              else "the uploaded data (fine-tuning, if any, trained on it too)")
+        report_accuracy = {"before": accuracy(original, judged), "after": accuracy(result, judged),
+                           "samples": len(judged), "on": on}
     return {
-        "method": method_name,
         "size": {
             "bytes_before": input_bytes,
             "bytes_after": output_bytes,
             "ratio": _significant(output_bytes / input_bytes),
-            "deflate_bytes_before": _deflate_bytes(Path(model_path)),
+            "deflate_bytes_before": _deflate_bytes(model_path),
             "deflate_bytes_after": _deflate_bytes(Path(output_path)),
         },
-        "parameters": {"before": parameters_before, "after": parameters_after},
+        "parameters": {"before": count_parameters(original), "after": count_parameters(result)},
         "latency": {
             "before_ms": _significant(latency_before),
             "after_ms": _significant(latency_after),
             "ratio": _significant(latency_after / latency_before) if latency_before > 0 else None,
             "batch_shape": list(batch[0].shape),
             "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in batch],
-            "runs": runs,
-            "warmup": warmup,
+            "runs": prepared.runs,
+            "warmup": prepared.warmup,
             "threads": torch.get_num_threads(),
             "statistic": "median",
         },
         "fidelity": {**fidelity, "samples": sum(int(b[0].shape[0]) for b in checks),
                      "inputs": "data file" if data is not None else "random, as input_shape or inputs declares"},
         "accuracy": report_accuracy,
-        "details": details,
-        "warnings": warnings,
         "environment": {"torch": torch.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count()},
     }
 
@@ -141,4 +263,4 @@ def _deflate_bytes(path: Path) -> int:
     return total + len(compressor.flush())
 
 
-__all__ = ["compress", "METHODS", "CompressionError"]
+__all__ = ["compress", "method_function", "CompressionError", "prepare", "run_steps", "measure_result"]

@@ -28,6 +28,12 @@ def warnings_for(method: str, method_spec: Mapping[str, Any], details: Mapping[s
     if method == "prune" and details.get("structured") is False and not details.get("layers"):
         warnings.append("nothing was pruned: the model has no weight of the selected module types outside "
                         "'exclude', so the result is the original model")
+    return warnings + collapse_warnings(method, fidelity, random_inputs)
+
+
+def collapse_warnings(method: str, fidelity: Mapping[str, Any], random_inputs: bool) -> list[str]:
+    """A warning per output whose agreement or cosine with the original's fell under the thresholds."""
+    warnings = []
     where = (" (measured on random inputs of the declared shape; upload a data file to measure on real inputs)"
              if random_inputs else "")
     for output in fidelity.get("outputs", []):
