@@ -36,7 +36,7 @@ class _Strict(Schema):
         unknown = RAISE
 
 
-DYNAMIC_MODULES = ("Linear", "LSTM", "GRU")  # the default selection of mode dynamic
+DYNAMIC_MODULES = ("Linear", "LSTM", "GRU", "MultiheadAttention")  # the default selection of mode dynamic
 STATIC_MODULES = ("Conv1d", "Conv2d", "Conv3d", "Linear")  # what mode static can quantize (all by default)
 # Options of mode static and their defaults (refused in mode dynamic, where they would do nothing).
 STATIC_OPTIONS = {"observer": "histogram", "reduce_range": True, "calibration_batches": 8, "min_cosine": 0.99}

@@ -23,6 +23,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from modelpress.spec import DYNAMIC_MODULES
+
 from .attention import expand_fused_attention
 from .errors import UnsupportedModel
 from .static_quantize import quantize_static
@@ -71,7 +73,7 @@ def quantize(
     if spec.get("mode", "dynamic") != "dynamic":
         raise UnsupportedModel(f"quantization mode {spec.get('mode')!r} is not available")
     dtype = spec.get("dtype", "qint8")
-    selected = _selected_class_names(spec.get("modules", ["Linear", "LSTM", "GRU"]))
+    selected = _selected_class_names(spec.get("modules", list(DYNAMIC_MODULES)))
     exclude = list(spec.get("exclude", []))
     per_channel = bool(spec.get("per_channel", True))
 
