@@ -11,6 +11,8 @@ import struct
 import zipfile
 from pathlib import Path
 
+from modelpress.formats import exported_program_problem, is_exported_program
+
 EXPORT_HINT = "export the model with torch.jit.script(model).save('model.pt')"
 MAX_ENTRIES = 20_000
 MAX_COMPRESSION_RATIO = 50  # torch.jit.save stores entries uncompressed; deflate bombs reach 1000x
@@ -51,6 +53,10 @@ def check_torchscript_archive(path: Path, max_uncompressed_bytes: int) -> None:
         raise ArchiveRejected(f"the archive declares {total} bytes uncompressed, more than the "
                               f"{max_uncompressed_bytes} accepted")
     names = [entry.filename for entry in entries]
+    if is_exported_program(names):  # a torch.export .pt2: its own layout and pickle checks
+        if (problem := exported_program_problem(path, names)) is not None:
+            raise ArchiveRejected(problem)
+        return
     roots = {name.split("/", 1)[0] for name in names}
     root = next(iter(roots)) if len(roots) == 1 else None
     if root is None or not all(f"{root}/{required}" in names for required in REQUIRED) \

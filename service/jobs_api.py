@@ -12,6 +12,7 @@ from flask_smorest import Blueprint
 
 from modelpress import jobs
 from modelpress.archive import ArchiveRejected, check_torchscript_archive
+from modelpress.formats import FILE_SUFFIX, TORCHSCRIPT, model_format
 from modelpress.jobs import JobStore, new_job_id, public_view, utc_now
 from modelpress.spec import MAX_SPEC_BYTES, SpecError, dump_spec, parse_spec
 from modelpress.storage import Storage, read_json, write_json_atomic
@@ -88,6 +89,7 @@ class Jobs(MethodView):
         try:
             model_info = keep_upload(model, files.input_model)
             check_torchscript_archive(files.input_model, _max_expansion())
+            model_info["format"] = model_format(files.input_model)
             student_info = None
             if student is not None:
                 part = "student"
@@ -197,9 +199,10 @@ class JobModel(MethodView):
         path = _storage().job(job_id).output_model
         digest = job["result"]["sha256"]
         stem = (job.get("input") or {}).get("filename", "model").rsplit(".", 1)[0] or "model"
+        suffix = FILE_SUFFIX.get(job["result"].get("format", TORCHSCRIPT), ".pt")  # .pt2 in, .pt2 out
         gzipped = "gzip" in request.accept_encodings
         response = send_file(gzip_copy(path) if gzipped else path, mimetype="application/octet-stream",
-                             as_attachment=True, download_name=f"{stem}.{job['spec']['method']}.pt",
+                             as_attachment=True, download_name=f"{stem}.{job['spec']['method']}{suffix}",
                              etag=f"{digest}-gzip" if gzipped else digest, conditional=True, max_age=0)
         if gzipped:
             response.headers["Content-Encoding"] = "gzip"

@@ -12,11 +12,13 @@ class FileInfoSchema(Schema):
     filename = fields.String()
     bytes = fields.Integer()
     sha256 = fields.String()
+    format = fields.String(metadata={"description": "torchscript or pt2 (a torch.export program), from the file's layout."})
 
 
 class ResultSchema(Schema):
     bytes = fields.Integer(metadata={"description": "Size of the compressed model file."})
     sha256 = fields.String()
+    format = fields.String(metadata={"description": "Format of the compressed model: the uploaded one (torchscript or pt2)."})
     size_ratio = fields.Float(metadata={"description": "Compressed bytes / original bytes."})
     latency_ratio = fields.Float(allow_none=True, metadata={"description": "Compressed / original median latency."})
     cosine_similarity = fields.Float(allow_none=True)

@@ -24,6 +24,7 @@ import redis
 
 from modelpress import jobs
 from modelpress.config import Settings
+from modelpress.formats import TORCHSCRIPT
 from modelpress.jobs import JobStore, utc_now
 from modelpress.storage import JobFiles, Storage, read_json
 
@@ -238,6 +239,7 @@ def _result_summary(files: JobFiles, report: dict[str, Any]) -> dict[str, Any]:
     return {
         "bytes": files.output_model.stat().st_size,
         "sha256": digest.hexdigest(),
+        "format": report.get("format", {}).get("output", TORCHSCRIPT),
         "size_ratio": report["size"]["ratio"],
         "latency_ratio": report["latency"]["ratio"],
         "cosine_similarity": report["fidelity"]["cosine_similarity"],

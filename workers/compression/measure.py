@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import statistics
 import time
+import zlib
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -97,6 +99,21 @@ def output_fidelity(reference: Iterable[Any], candidate: Iterable[Any]) -> dict[
         total = sum(r.shape[0] for r, _ in firsts)
         result["top1_agreement"] = agree / total
     return result
+
+
+def significant(value: float, digits: int = 5) -> float:
+    """Round to significant digits, not decimals: a 0.0015 ratio keeps its precision."""
+    return float(f"{value:.{digits}g}")
+
+
+def deflate_bytes(path: Path) -> int:
+    """Size after deflate (zlib level 6): what zeros from unstructured pruning save in transit and storage."""
+    compressor = zlib.compressobj(6)
+    total = 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            total += len(compressor.compress(chunk))
+    return total + len(compressor.flush())
 
 
 def _tensors(output: Any) -> list[torch.Tensor]:

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import os
 import platform
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
+from modelpress.formats import EXPORTED, TORCHSCRIPT, model_format
+
 from . import distill, prune, quantize
 from .artifacts import load_model, save_model
 from .errors import CompressionError, UnsupportedModel
+from .exported import compress_exported
 from .inputs import Dataset, example_batch, examples, fidelity_batches, load_dataset
 from .measure import count_parameters, median_latency_ms, output_fidelity, run_model
+from .measure import deflate_bytes as _deflate_bytes, significant as _significant
 from .training import accuracy
 
 Progress = Callable[[str, float], None]
@@ -40,6 +43,8 @@ def compress(
     for distillation. The saved artifact is loaded back
     and measured, so the report describes the file the user downloads.
     """
+    if model_format(Path(model_path)) == EXPORTED:  # a torch.export .pt2 in, a .pt2 out
+        return compress_exported(model_path, spec, output_path, data_path, progress, student_path)
     progress = progress or (lambda stage, fraction: None)
     method_name = spec["method"]
     method = METHODS.get(method_name)
@@ -85,6 +90,7 @@ def compress(
                            "on": "the uploaded data (fine-tuning, if any, trained on it too)"}
     return {
         "method": method_name,
+        "format": {"input": TORCHSCRIPT, "output": TORCHSCRIPT},
         "size": {
             "bytes_before": input_bytes,
             "bytes_after": output_bytes,
@@ -109,21 +115,6 @@ def compress(
         "details": details,
         "environment": {"torch": torch.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count()},
     }
-
-
-def _significant(value: float, digits: int = 5) -> float:
-    """Round to significant digits, not decimals: a 0.0015 ratio keeps its precision."""
-    return float(f"{value:.{digits}g}")
-
-
-def _deflate_bytes(path: Path) -> int:
-    """Size after deflate (zlib level 6): what zeros from unstructured pruning save in transit and storage."""
-    compressor = zlib.compressobj(6)
-    total = 0
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            total += len(compressor.compress(chunk))
-    return total + len(compressor.flush())
 
 
 __all__ = ["compress", "METHODS", "CompressionError"]
