@@ -1,0 +1,56 @@
+"""torch.export programs (.pt2) through the real service: a .pt2 in, a .pt2 out; crafted archives refused."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import torch
+
+from tests.conftest import ApiClient
+from tests.exported_archives import save_exported, with_payload_in_sample_inputs
+from tests.models import LinearTransformer
+
+
+def test_a_program_is_quantized_and_comes_back_as_a_program(api: ApiClient, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = LinearTransformer(width=256, blocks=2).eval()
+    path = save_exported(model, torch.randn(4, 16, 256), tmp_path / "transformer.pt2")
+    spec = {"method": "quantize", "input_shape": [4, 16, 256], "evaluation": {"runs": 3, "warmup": 1}}
+
+    submitted = api.submit(path, spec, filename="transformer.pt2")
+    assert submitted.status_code == 202, submitted.text
+    assert submitted.json()["input"]["format"] == "pt2"
+    job = api.wait(submitted.json()["id"], timeout=600)
+    assert job["state"] == "succeeded", job["error"]
+    assert job["result"]["format"] == "pt2"
+
+    response = api.session.get(api.url(job["links"]["model"]), headers={"Accept-Encoding": "identity"}, timeout=120)
+    assert response.status_code == 200
+    assert 'filename=transformer.quantize.pt2' in response.headers["Content-Disposition"]
+    assert len(response.content) <= 0.30 * path.stat().st_size
+    program = torch.export.load(io.BytesIO(response.content))
+    x = torch.randn(3, 16, 256)
+    with torch.no_grad():
+        got, expected = program.module()(x), model(x)
+    assert got.shape == expected.shape == (3, 10)
+    assert float(torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0)) >= 0.999
+    report = api.session.get(api.url(job["links"]["report"])).json()
+    assert report["format"] == {"input": "pt2", "output": "pt2"}
+    assert report["size"]["bytes_after"] == len(response.content)
+
+
+def test_a_program_carrying_a_pickle_payload_is_refused_at_submit_and_never_runs(api: ApiClient, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    genuine = save_exported(LinearTransformer(width=64, blocks=1).eval(), torch.randn(2, 8, 64), tmp_path / "g.pt2")
+    marker = tmp_path / "payload-ran"
+    before = [job["id"] for job in api.session.get(api.url("/v1/jobs?limit=100")).json()["jobs"]]
+
+    response = api.submit(with_payload_in_sample_inputs(genuine, marker), {"method": "quantize", "input_shape": [2, 8, 64]},
+                          filename="innocent.pt2")
+
+    assert response.status_code == 422, response.text
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert "pickle" in " ".join(response.json()["errors"]["model"])
+    after = [job["id"] for job in api.session.get(api.url("/v1/jobs?limit=100")).json()["jobs"]]
+    assert after == before  # nothing was queued
+    assert not marker.exists()
