@@ -72,7 +72,7 @@ class JobListArgsSchema(Schema):
 class JobSubmissionSchema(Schema):
     """Documents the multipart body of POST /v1/jobs (the view parses it itself, to name each bad part)."""
 
-    model = Upload(required=True, metadata={"description": "The TorchScript model (torch.jit.save output)."})
+    model = Upload(required=True, metadata={"description": "The model: TorchScript (torch.jit.save) or a torch.export program (torch.export.save, .pt2)."})
     spec = fields.String(required=True, metadata={"description": "The compression spec as JSON text (a form field or a file part)."})
     data = Upload(metadata={"description": "Optional .npz or .safetensors with an 'inputs' array (and 'labels')."})
     student = Upload(metadata={"description": "TorchScript student, when spec.distill.student.from is 'upload'."})
