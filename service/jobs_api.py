@@ -95,6 +95,8 @@ class Jobs(MethodView):
                 part = "student"
                 student_info = keep_upload(student, files.input_student)
                 check_torchscript_archive(files.input_student, _max_expansion())
+                if model_format(files.input_student) != TORCHSCRIPT:
+                    raise ArchiveRejected("a .pt2 student is not supported yet; upload the student as TorchScript")
             data_info = keep_upload(data, files.input_data) if data is not None else None
         except ArchiveRejected as rejected:
             storage.delete(job_id)

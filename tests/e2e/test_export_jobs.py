@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tests.conftest import ApiClient
@@ -54,3 +55,16 @@ def test_a_program_carrying_a_pickle_payload_is_refused_at_submit_and_never_runs
     after = [job["id"] for job in api.session.get(api.url("/v1/jobs?limit=100")).json()["jobs"]]
     assert after == before  # nothing was queued
     assert not marker.exists()
+
+
+def test_a_program_as_the_uploaded_student_is_refused_at_submit(api: ApiClient, tmp_path: Path) -> None:
+    from tests.models import save_scripted
+
+    teacher = save_scripted(LinearTransformer(width=64, blocks=1).eval(), tmp_path / "teacher.pt")
+    student = save_exported(LinearTransformer(width=32, blocks=1).eval(), torch.randn(2, 8, 32), tmp_path / "student.pt2")
+    data = tmp_path / "data.npz"
+    np.savez(data, inputs=np.random.default_rng(0).standard_normal((16, 8, 64)).astype(np.float32))
+    response = api.submit(teacher, {"method": "distill", "distill": {"student": {"from": "upload"}, "epochs": 1}},
+                          data=data, student=student)
+    assert response.status_code == 422, response.text
+    assert ".pt2 student" in " ".join(response.json()["errors"].get("student", [])), response.text
