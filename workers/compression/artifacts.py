@@ -6,6 +6,7 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -40,13 +41,21 @@ def load_model(path: str | os.PathLike) -> torch.jit.ScriptModule:
 
 def save_model(model: torch.jit.ScriptModule, path: str | os.PathLike) -> int:
     """Save atomically (temp name, then rename) so a reader never sees half a file; return bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-    os.close(fd)
-    try:
+    def write(temp_name: str) -> None:
         with quiet_torchscript_warnings():
             torch.jit.save(model, temp_name)
+
+    return save_atomically(path, write, suffix=".tmp")
+
+
+def save_atomically(path: str | os.PathLike, write: Callable[[str], None], suffix: str) -> int:
+    """``write(temp_name)`` next to ``path``, then rename it into place; return bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=suffix)
+    os.close(fd)
+    try:
+        write(temp_name)
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)

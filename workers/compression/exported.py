@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -19,6 +18,7 @@ from torch.export import Dim, ExportedProgram
 
 from modelpress.formats import EXPORTED, exported_program_problem, is_exported_program
 
+from .artifacts import save_atomically
 from .errors import InvalidModel, UnsupportedModel, summarize_torch_error
 from .inputs import Dataset, example_batch, fidelity_batches, load_dataset
 from .measure import count_parameters, deflate_bytes, median_latency_ms, output_fidelity, run_model, significant
@@ -57,18 +57,8 @@ def load_program(path: str | os.PathLike) -> ExportedProgram:
 
 
 def save_program(program: ExportedProgram, path: str | os.PathLike) -> int:
-    """Save atomically (temp name, then rename); return bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".pt2")
-    os.close(fd)
-    try:
-        torch.export.save(program, temp_name)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-    return path.stat().st_size
+    """Save atomically (temp name, then rename); return bytes. torch.export.save wants a name ending .pt2."""
+    return save_atomically(path, lambda temp_name: torch.export.save(program, temp_name), suffix=".pt2")
 
 
 def quantize_program(program: ExportedProgram, spec: Mapping[str, Any], batch: torch.Tensor,
