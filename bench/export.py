@@ -1,6 +1,6 @@
 """Benchmark of the two formats: the same models compressed as TorchScript (.pt) and as torch.export programs (.pt2).
 
-    .venv/bin/python bench/export.py [--runs 10] [--threads 2] [--out bench/results/export.json]
+    .venv/bin/python bench/export.py [--runs 5] [--threads 2] [--out bench/results/export.json]
 
 For each model and format, the job's own engine run (``workers.compression.pipeline.compress``,
 the file saved and loaded back as the service returns it): size ratio, median eager latency of
@@ -30,8 +30,8 @@ from workers.compression.pipeline import compress  # noqa: E402
 def models() -> list[tuple[str, nn.Module, list[int]]]:
     torch.manual_seed(0)
     return [
-        ("linear-transformer (4x d384)", LinearTransformer(width=384, blocks=4), [8, 32, 384]),
-        ("nn.TransformerEncoder (4x d384)", transformer_encoder(width=384, layers=4), [8, 32, 384]),
+        ("linear-transformer (2x d256)", LinearTransformer(width=256, blocks=2), [4, 16, 256]),
+        ("nn.TransformerEncoder (2x d256)", transformer_encoder(width=256, layers=2), [4, 16, 256]),
     ]
 
 
@@ -56,7 +56,7 @@ def bench_one(name: str, model: nn.Module, shape: list[int], method: dict, runs:
 
 def main() -> None:
     parser = arguments(__doc__, "export")
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
     prepare(args)
     print(f"{'model':34} {'method':9} {'format':12} {'float':>10} {'size':>8} {'float ms':>9} {'after ms':>9} "

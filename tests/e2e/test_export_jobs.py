@@ -1,12 +1,12 @@
 """torch.export programs (.pt2) through the real service: a .pt2 in, a .pt2 out; crafted archives refused."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from modelpress.client import Client
 from tests.conftest import ApiClient
 from tests.exported_archives import save_exported, with_payload_in_sample_inputs
 from tests.models import LinearTransformer
@@ -18,18 +18,20 @@ def test_a_program_is_quantized_and_comes_back_as_a_program(api: ApiClient, tmp_
     path = save_exported(model, torch.randn(4, 16, 256), tmp_path / "transformer.pt2")
     spec = {"method": "quantize", "input_shape": [4, 16, 256], "evaluation": {"runs": 3, "warmup": 1}}
 
-    submitted = api.submit(path, spec, filename="transformer.pt2")
-    assert submitted.status_code == 202, submitted.text
-    assert submitted.json()["input"]["format"] == "pt2"
-    job = api.wait(submitted.json()["id"], timeout=600)
+    client = Client(api.base_url)  # what the modelpress command uses: the file's bytes and its name
+    submitted = client.submit(path, spec)
+    assert submitted["input"]["format"] == "pt2" and submitted["input"]["filename"] == "transformer.pt2"
+    job = client.wait(submitted, timeout=600)
     assert job["state"] == "succeeded", job["error"]
     assert job["result"]["format"] == "pt2"
 
     response = api.session.get(api.url(job["links"]["model"]), headers={"Accept-Encoding": "identity"}, timeout=120)
     assert response.status_code == 200
     assert 'filename=transformer.quantize.pt2' in response.headers["Content-Disposition"]
+    downloaded = client.download(job, tmp_path / "transformer.quantize.pt2")  # checks the SHA-256
+    assert downloaded.read_bytes() == response.content
     assert len(response.content) <= 0.30 * path.stat().st_size
-    program = torch.export.load(io.BytesIO(response.content))
+    program = torch.export.load(downloaded)
     x = torch.randn(3, 16, 256)
     with torch.no_grad():
         got, expected = program.module()(x), model(x)
