@@ -8,6 +8,9 @@ unpickled and torch is not imported):
   from the ``torch``, ``_operator`` and ``math`` modules (``torch.os.system`` would resolve), so
   every target must be an operator of an allowed ``torch.ops`` namespace or a plain ``_operator``
   / ``math`` function; ``aten.from_file`` (reads any file) is refused.
+- Symbolic shapes (``expr_str``, e.g. ``Symbol('s77', positive=True, integer=True)``) are parsed
+  with ``sympy.sympify``, which evaluates Python: each must be made of symbol names, sympy
+  function names, numbers and arithmetic only.
 - ``data/weights/*`` and ``data/constants/*``: raw tensor bytes described by a JSON config, unless
   the config marks an entry ``use_pickle`` (tensor subclasses), which torch loads with
   ``torch.load(weights_only=False)``: arbitrary code. Refused.
@@ -25,6 +28,7 @@ import io
 import json
 import pickletools
 import re
+import tokenize
 import zipfile
 from pathlib import Path
 
@@ -50,6 +54,15 @@ _IMPORTING_OPCODES = frozenset({"STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "
 _OPERATOR_NAMESPACES = frozenset({"aten", "prims", "quantized", "quantized_decomposed", "higher_order"})
 _REFUSED_OPERATORS = frozenset({"from_file", "_nested_from_file"})
 _TARGET = re.compile(r"^(?:torch\.ops\.(?P<namespace>\w+)\.(?P<op>\w+)(?:\.\w+)?|_operator\.\w+|math\.\w+)$")
+# What sympy.sympify may be given: a symbol name (s0, u3), a sympy class or function (CamelCase:
+# Symbol, FloorDiv, Max, ...), a symbol assumption keyword, numbers and arithmetic. No attribute
+# access, subscripts, lambdas or lower-case callables (eval, __import__, lambdify).
+_SYMBOL_NAME = re.compile(r"^[a-z]{1,8}\d{1,9}$")
+_SYMPY_NAME = re.compile(r"^[A-Z][A-Za-z0-9]{0,40}$")
+_ASSUMPTIONS = frozenset({"positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite",
+                          "nonzero", "zero", "even", "odd", "commutative", "oo", "zoo", "nan", "evaluate"})
+_EXPRESSION_OPERATORS = frozenset({"(", ")", ",", "+", "-", "*", "/", "//", "%", "**", "=", "<", ">", "<=", ">=",
+                                   "==", "!=", "&", "|", "~"})
 _MAX_JSON_BYTES = 256 << 20
 _MAX_SAMPLE_INPUT_BYTES = 64 << 20
 
@@ -96,6 +109,8 @@ _ALLOWED_ENTRIES = re.compile(
 
 
 def _check_exported_program(archive: zipfile.ZipFile, names: list[str]) -> None:
+    if len(set(names)) != len(names):  # which copy torch's reader takes need not be the one checked here
+        raise _Refused("the .pt2 archive holds two entries with the same name: refused")
     root = names[0].split("/", 1)[0]
     inner = {name[len(root) + 1:] for name in names}
     if archive.read(f"{root}/archive_format")[:16].strip() != b"pt2":
@@ -112,7 +127,10 @@ def _check_exported_program(archive: zipfile.ZipFile, names: list[str]) -> None:
             raise _Refused(f"the .pt2 archive has no {config_name}: not the layout torch.export.save writes "
                            f"in torch 2.6 or later; {EXPORT_HINT}")
         _check_payload_config(_read_json(archive, f"{root}/{config_name}"), folder)
-    _check_graph(_read_json(archive, f"{root}/models/model.json"))
+    program = _read_json(archive, f"{root}/models/model.json")
+    _check_graph(program)
+    for expression in _values(program, "expr_str"):
+        _check_expression(expression)
     sample = f"{root}/data/sample_inputs/model.pt"
     if sample in names:
         _check_torch_save(archive, sample)
@@ -149,7 +167,7 @@ def _check_payload_config(config: object, folder: str) -> None:
 
 
 def _check_graph(program: object) -> None:
-    for target in _targets(program):
+    for target in _values(program, "target"):
         match = _TARGET.match(target)
         if match is None:
             raise _Refused(f"the program calls {target[:100]!r}, which is not a torch operator: refused")
@@ -160,14 +178,38 @@ def _check_graph(program: object) -> None:
             raise _Refused(f"the program calls {target!r}, which reads files on the server: refused")
 
 
-def _targets(node: object):
-    """Every call target in the serialized program, nested graphs included."""
+def _check_expression(expression: str) -> None:
+    """A symbolic-shape expression sympy may parse (it evaluates it as Python)."""
+    refused = _Refused(f"the program holds a shape expression {expression[:100]!r} that is not plain arithmetic "
+                       "on symbols (torch.export.load would evaluate it as Python): refused")
+    if len(expression) > 10_000 or "__" in expression:
+        raise refused
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(expression).readline))
+    except (tokenize.TokenError, SyntaxError):
+        raise refused from None
+    for token in tokens:
+        if token.type == tokenize.NAME:
+            ok = bool(_SYMBOL_NAME.match(token.string) or _SYMPY_NAME.match(token.string)) \
+                or token.string in _ASSUMPTIONS
+        elif token.type == tokenize.OP:
+            ok = token.string in _EXPRESSION_OPERATORS
+        elif token.type == tokenize.STRING:
+            ok = token.string[:1] in "'\"" and bool(_SYMBOL_NAME.match(token.string[1:-1]))
+        else:
+            ok = token.type in (tokenize.NUMBER, tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)
+        if not ok:
+            raise refused
+
+
+def _values(node: object, field: str):
+    """Every string under the key ``field`` in the serialized program, nested graphs included."""
     stack = [node]
     while stack:
         item = stack.pop()
         if isinstance(item, dict):
             for key, value in item.items():
-                if key == "target" and isinstance(value, str):
+                if key == field and isinstance(value, str):
                     yield value
                 elif isinstance(value, (dict, list)):
                     stack.append(value)

@@ -81,3 +81,15 @@ def with_graph_target(genuine: Path, target: str) -> bytes:
         program = json.loads(archive.read(f"{root}/models/model.json"))
     program["graph_module"]["graph"]["nodes"][0]["target"] = target
     return replace_entries(body, {"models/model.json": json.dumps(program).encode()})
+
+
+def with_shape_expression(genuine: Path, expression: str) -> bytes:
+    """The genuine .pt2 (with a dynamic axis) whose first symbolic-shape expression is ``expression``."""
+    body = genuine.read_bytes()
+    with zipfile.ZipFile(io.BytesIO(body)) as archive:
+        root = archive.namelist()[0].split("/", 1)[0]
+        text = archive.read(f"{root}/models/model.json").decode()
+    start = text.index('"expr_str": "') + len('"expr_str": "')
+    end = text.index('"', start)
+    text = text[:start] + json.dumps(expression)[1:-1] + text[end:]
+    return replace_entries(body, {"models/model.json": text.encode()})

@@ -10,7 +10,7 @@ import torch
 from modelpress.archive import ArchiveRejected, check_torchscript_archive
 from modelpress.formats import EXPORTED, TORCHSCRIPT, model_format
 from modelpress.spec import parse_spec
-from tests.exported_archives import (save_exported, with_graph_target, with_payload_in_sample_inputs,
+from tests.exported_archives import (save_exported, with_graph_target, with_payload_in_sample_inputs, with_shape_expression,
                                      with_pickled_weight)
 from tests.models import LinearTransformer, SmallConvNet, save_scripted
 from workers.compression.errors import InvalidModel, UnsupportedModel
@@ -137,3 +137,40 @@ def test_graphs_calling_outside_torch_operators_are_refused(target: str, reason:
         check_torchscript_archive(crafted, 1 << 30)
     with pytest.raises(InvalidModel, match=reason):
         load_program(crafted)
+
+
+@pytest.mark.parametrize("expression", ["__import__('os').system('touch {marker}')",
+                                        "eval(\"open('{marker}', 'w')\")"])
+def test_a_shape_expression_carrying_code_is_refused_and_never_runs(expression: str, transformer,
+                                                                     tmp_path: Path) -> None:
+    _, genuine = transformer
+    # The attack is real: torch.export.load hands shape expressions to sympy.sympify, which evaluates them.
+    proof = tmp_path / "proof"
+    proof_file = tmp_path / "proof.pt2"
+    proof_file.write_bytes(with_shape_expression(genuine, expression.format(marker=proof)))
+    with contextlib.suppress(Exception):
+        torch.export.load(proof_file)
+    assert proof.exists()
+
+    marker = tmp_path / "marker"
+    crafted = tmp_path / "crafted.pt2"
+    crafted.write_bytes(with_shape_expression(genuine, expression.format(marker=marker)))
+    with pytest.raises(ArchiveRejected, match="shape expression"):
+        check_torchscript_archive(crafted, 1 << 30)
+    with pytest.raises(InvalidModel, match="shape expression"):
+        load_program(crafted)
+    assert not marker.exists()
+
+
+def test_a_program_with_a_second_copy_of_an_entry_is_refused(transformer, tmp_path: Path) -> None:
+    import zipfile
+
+    _, genuine = transformer
+    crafted = tmp_path / "crafted.pt2"
+    crafted.write_bytes(genuine.read_bytes())
+    with zipfile.ZipFile(crafted, "a") as archive:
+        root = archive.namelist()[0].split("/", 1)[0]
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            archive.writestr(f"{root}/data/sample_inputs/model.pt", b"not checked by whoever reads the first copy")
+    with pytest.raises(ArchiveRejected, match="same name"):
+        check_torchscript_archive(crafted, 1 << 30)
