@@ -150,7 +150,7 @@ def _read_json(archive: zipfile.ZipFile, name: str) -> object:
         raise _Refused(f"{name.split('/', 1)[-1]} is larger than {_MAX_JSON_BYTES >> 20} MB")
     try:
         return json.loads(archive.read(name))
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:  # RecursionError: nesting deeper than the parser's stack
         raise _Refused(f"{name.split('/', 1)[-1]} is not valid JSON ({error})") from None
 
 

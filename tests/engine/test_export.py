@@ -174,3 +174,13 @@ def test_a_program_with_a_second_copy_of_an_entry_is_refused(transformer, tmp_pa
             archive.writestr(f"{root}/data/sample_inputs/model.pt", b"not checked by whoever reads the first copy")
     with pytest.raises(ArchiveRejected, match="same name"):
         check_torchscript_archive(crafted, 1 << 30)
+
+
+def test_a_program_graph_nested_too_deep_to_parse_is_refused_with_a_reason(transformer, tmp_path: Path) -> None:
+    from tests.exported_archives import replace_entries
+
+    _, genuine = transformer
+    crafted = tmp_path / "crafted.pt2"
+    crafted.write_bytes(replace_entries(genuine.read_bytes(), {"models/model.json": b"[" * 100_000 + b"]" * 100_000}))
+    with pytest.raises(ArchiveRejected, match="not valid JSON"):
+        check_torchscript_archive(crafted, 1 << 30)
