@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install bench clean
+.PHONY: run test install bench clean chromium sandbox
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +17,28 @@ $(STAMP): pyproject.toml | $(VPY)
 
 install: $(STAMP)
 
-run: $(STAMP)
+# Jobs run confined by bubblewrap (workers/sandbox.py). Install it when missing and we can (root with
+# apt-get); otherwise stop and say how. MODELPRESS_SANDBOX=off (jobs unconfined) needs no bubblewrap.
+sandbox:
+	@if [ "$$MODELPRESS_SANDBOX" != "off" ] && ! command -v "$${MODELPRESS_BWRAP:-bwrap}" >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing bubblewrap (the job sandbox) with apt-get"; \
+	    (apt-get install -y -qq bubblewrap || (apt-get update -qq && apt-get install -y -qq bubblewrap)) >/dev/null; \
+	  else \
+	    echo "bubblewrap (bwrap) is missing and cannot be installed here: run 'sudo apt-get install bubblewrap'" \
+	         "(or your distribution's package), or set MODELPRESS_SANDBOX=off to run jobs unconfined" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+run: $(STAMP) sandbox
 	$(VPY) -m modelpress.stack
 
-test: $(STAMP)
+# The browser tests drive Debian's chromium: installed here when missing and possible, else a clear failure.
+chromium:
+	sh scripts/ensure-chromium.sh
+
+test: $(STAMP) sandbox chromium
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

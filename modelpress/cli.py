@@ -109,6 +109,8 @@ def _watch(client: Client, job: dict[str, Any], timeout: float, out: str | None)
     result = final["result"]
     print(f"job {final['id']} succeeded: {result['bytes']} bytes ({result['size_ratio']:.3f}x), "
           f"latency {_ratio(result.get('latency_ratio'))}, cosine {_number(result.get('cosine_similarity'))}")
+    for warning in final.get("warnings") or []:
+        print(f"warning: {warning}")
     if out:
         bar = ProgressBar("download", sys.stderr)
         client.download(final, out, progress=bar.update)
@@ -127,10 +129,11 @@ def _spec_from(args: argparse.Namespace) -> dict[str, Any]:
     if args.spec is not None:
         spec = json.loads(Path(args.spec).read_text())
     elif args.quantize is not None:
-        dtype = {"dynamic": "qint8", "int8": "qint8", "qint8": "qint8", "float16": "float16"}.get(args.quantize)
+        mode = "static" if args.quantize == "static" else "dynamic"
+        dtype = {"dynamic": "qint8", "int8": "qint8", "qint8": "qint8", "float16": "float16", "static": "qint8"}.get(args.quantize)
         if dtype is None:
-            raise ValueError("--quantize takes dynamic (int8) or float16")
-        spec = {"method": "quantize", "quantize": {"mode": "dynamic", "dtype": dtype}}
+            raise ValueError("--quantize takes dynamic (int8), float16 or static")
+        spec = {"method": "quantize", "quantize": {"mode": mode, "dtype": dtype}}
     elif args.prune is not None:
         spec = {"method": "prune", "prune": {"amount": args.prune, "structured": args.structured}}
     else:
@@ -143,7 +146,25 @@ def _spec_from(args: argparse.Namespace) -> dict[str, Any]:
         spec = {"method": "distill", "distill": {"student": student()}}
     if args.input_shape:
         spec["input_shape"] = [int(n) for n in args.input_shape.split(",")]
+    if args.input:
+        spec["inputs"] = [_input_entry(text) for text in args.input]
+    if args.output is not None:
+        spec["output"] = int(args.output) if args.output.isdigit() else args.output
     return spec
+
+
+def _input_entry(text: str) -> dict[str, Any]:
+    """``8,3,32,32``, ``8,16:int64`` or ``8,16:int64:0:30000`` -> a spec ``inputs`` entry."""
+    shape, _, rest = text.partition(":")
+    entry: dict[str, Any] = {"shape": [int(n) for n in shape.split(",")]}
+    parts = rest.split(":") if rest else []
+    if parts:
+        entry["dtype"] = parts[0]
+    if len(parts) == 3:
+        entry["low"], entry["high"] = float(parts[1]), float(parts[2])
+    elif len(parts) not in (0, 1):
+        raise ValueError(f"--input {text!r}: write SHAPE[:DTYPE[:LOW:HIGH]], e.g. 8,16:int64:0:30000")
+    return entry
 
 
 def _ratio(value: float | None) -> str:
@@ -194,11 +215,15 @@ def _parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="upload a model and a spec")
     submit.add_argument("model")
     submit.add_argument("--spec", help="spec JSON file")
-    submit.add_argument("--quantize", metavar="dynamic|float16", help="dynamic quantization instead of --spec")
+    submit.add_argument("--quantize", metavar="dynamic|float16|static",
+                        help="dynamic quantization, or static int8 (calibrated on --data) instead of --spec")
     submit.add_argument("--prune", type=float, metavar="AMOUNT", help="pruning amount (0..1) instead of --spec")
     submit.add_argument("--structured", action="store_true", help="with --prune: remove whole channels")
     submit.add_argument("--distill", metavar="width=F|torchvision=ARCH|upload", help="distillation instead of --spec")
     submit.add_argument("--input-shape", metavar="N,C,H,W", help="example input shape for inline specs")
+    submit.add_argument("--input", action="append", metavar="SHAPE[:DTYPE[:LOW:HIGH]]",
+                        help="one per positional input, in order, e.g. --input 8,3,32,32 --input 8,16:int64:0:30000")
+    submit.add_argument("--output", metavar="INDEX|KEY", help="the output fine-tuning and distillation train on")
     submit.add_argument("--data", help=".npz or .safetensors with 'inputs' (and 'labels')")
     submit.add_argument("--student", help="TorchScript student (with --distill upload)")
     submit.add_argument("--callback-url", help="URL that gets the job on each final state")

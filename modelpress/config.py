@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
@@ -33,6 +35,13 @@ class Settings:
     webhook_allow_private: bool = False  # allow callbacks to private, loopback and link-local addresses
     webhook_backoff_s: float = 5.0  # first retry delay; doubles each attempt, with jitter
     webhook_secret: str | None = None  # master secret; unset: one is made and kept in the data directory
+    secret_key: str | None = None  # signs the console's session cookie; unset: made once, kept in the data directory
+    sandbox: str = "on"  # "on": every job runs confined by bubblewrap, or fails; "off": unconfined (explicit only)
+    bwrap: str = "bwrap"  # the bubblewrap binary (a name on PATH or a path)
+    # Operator checks: "on" (at submit and in the job), "job" (in the job only), "off". The last two
+    # exist so the tests can prove each layer alone (the sandbox without any op check); never in production.
+    op_check: str = "on"
+    metrics_token: str | None = None  # bearer token for /metrics and /readyz details besides the API keys
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -76,6 +85,12 @@ class Settings:
             webhook_allow_private=env.get("MODELPRESS_WEBHOOK_ALLOW_PRIVATE", "").lower() in ("1", "true", "yes"),
             webhook_backoff_s=float(env.get("MODELPRESS_WEBHOOK_BACKOFF_S") or defaults.webhook_backoff_s),
             webhook_secret=env.get("MODELPRESS_WEBHOOK_SECRET") or None,
+            secret_key=env.get("MODELPRESS_SECRET_KEY") or None,
+            # Only the exact word "off" turns confinement off: a typo must not run jobs unconfined.
+            sandbox=_choice("SANDBOX", env.get("MODELPRESS_SANDBOX") or defaults.sandbox, ("on", "off")),
+            bwrap=env.get("MODELPRESS_BWRAP") or defaults.bwrap,
+            op_check=_choice("OP_CHECK", env.get("MODELPRESS_OP_CHECK") or defaults.op_check, ("on", "job", "off")),
+            metrics_token=env.get("MODELPRESS_METRICS_TOKEN") or None,
         )
 
     def with_changes(self, **changes: object) -> "Settings":
@@ -103,10 +118,17 @@ class Settings:
             "MODELPRESS_RETENTION_HOURS": str(self.retention_hours),
             "MODELPRESS_WEBHOOK_ALLOW_PRIVATE": "1" if self.webhook_allow_private else "",
             "MODELPRESS_WEBHOOK_BACKOFF_S": str(self.webhook_backoff_s),
+            "MODELPRESS_SANDBOX": self.sandbox,
+            "MODELPRESS_BWRAP": self.bwrap,
+            "MODELPRESS_OP_CHECK": self.op_check,
         }
         env["MODELPRESS_API_KEYS_FILE"] = str(self.api_keys_file) if self.api_keys_file else ""
         if self.webhook_secret:
             env["MODELPRESS_WEBHOOK_SECRET"] = self.webhook_secret
+        if self.secret_key:
+            env["MODELPRESS_SECRET_KEY"] = self.secret_key
+        if self.metrics_token:
+            env["MODELPRESS_METRICS_TOKEN"] = self.metrics_token
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
         return env
@@ -125,3 +147,25 @@ class Settings:
         Longer than the longest job, so a job still running is never handed to a second worker.
         """
         return self.job_timeout_s + 600
+
+
+def persistent_secret(data_dir: Path, filename: str) -> str:
+    """A random secret made once and kept in the data directory, so every process reads the same one."""
+    path = Path(data_dir) / filename
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+        try:
+            os.link(temp_name, path)  # first writer wins; every process then reads the same secret
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(temp_name)
+    return path.read_text().strip()
+def _choice(name: str, raw: str, allowed: tuple[str, ...]) -> str:
+    value = raw.strip().lower()
+    if value not in allowed:
+        raise ValueError(f"MODELPRESS_{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return value

@@ -32,6 +32,8 @@ import tokenize
 import zipfile
 from pathlib import Path
 
+from workers.compression.program_check import refusal
+
 TORCHSCRIPT = "torchscript"
 EXPORTED = "pt2"
 FILE_SUFFIX = {TORCHSCRIPT: ".pt", EXPORTED: ".pt2"}
@@ -51,8 +53,7 @@ _SAFE_GLOBALS = frozenset({
 # strings from the stack, perhaps from the memo; EXT* from the copyreg registry). torch.save writes
 # protocol 2, which uses GLOBAL only, so refusing these refuses no genuine file.
 _IMPORTING_OPCODES = frozenset({"STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"})
-_OPERATOR_NAMESPACES = frozenset({"aten", "prims", "quantized", "quantized_decomposed", "higher_order"})
-_REFUSED_OPERATORS = frozenset({"from_file", "_nested_from_file"})
+_OPS_HINT = "models that read or write files, start processes or talk to other processes are refused"
 _TARGET = re.compile(r"^(?:torch\.ops\.(?P<namespace>\w+)\.(?P<op>\w+)(?:\.\w+)?|_operator\.\w+|math\.\w+)$")
 # What sympy.sympify may be given: a symbol name (s0, u3), a sympy class or function (CamelCase:
 # Symbol, FloorDiv, Max, ...), a symbol assumption keyword, numbers and arithmetic. No attribute
@@ -86,11 +87,15 @@ def model_format(path: Path) -> str:
         return TORCHSCRIPT
 
 
-def exported_program_problem(path: Path, names: list[str]) -> str | None:
-    """Why the .pt2 archive at ``path`` (entry ``names``, already bounded) is refused, or None if it is safe to load."""
+def exported_program_problem(path: Path, names: list[str], check_ops: bool = True) -> str | None:
+    """Why the .pt2 archive at ``path`` (entry ``names``, already bounded) is refused, or None if it is safe to load.
+
+    ``check_ops`` False (``MODELPRESS_OP_CHECK`` other than ``on``) leaves the operator policy to the
+    job; the layout, pickle and shape-expression checks always run: they guard the load itself.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
-            _check_exported_program(archive, names)
+            _check_exported_program(archive, names, check_ops)
     except _Refused as refused:
         return str(refused)
     except (zipfile.BadZipFile, KeyError, OSError, ValueError) as error:
@@ -108,7 +113,7 @@ _ALLOWED_ENTRIES = re.compile(
 )
 
 
-def _check_exported_program(archive: zipfile.ZipFile, names: list[str]) -> None:
+def _check_exported_program(archive: zipfile.ZipFile, names: list[str], check_ops: bool) -> None:
     if len(set(names)) != len(names):  # which copy torch's reader takes need not be the one checked here
         raise _Refused("the .pt2 archive holds two entries with the same name: refused")
     root = names[0].split("/", 1)[0]
@@ -128,7 +133,7 @@ def _check_exported_program(archive: zipfile.ZipFile, names: list[str]) -> None:
                            f"in torch 2.6 or later; {EXPORT_HINT}")
         _check_payload_config(_read_json(archive, f"{root}/{config_name}"), folder)
     program = _read_json(archive, f"{root}/models/model.json")
-    _check_graph(program)
+    _check_graph(program, check_ops)
     for expression in _values(program, "expr_str"):
         _check_expression(expression)
     sample = f"{root}/data/sample_inputs/model.pt"
@@ -166,16 +171,18 @@ def _check_payload_config(config: object, folder: str) -> None:
             raise _Refused(f"the .pt2 {folder} entry {str(fqn)[:100]!r} is not a plain tensor: refused")
 
 
-def _check_graph(program: object) -> None:
+def _check_graph(program: object, check_ops: bool) -> None:
+    """Targets resolve by attribute lookup on ``torch`` when loaded, so their form is always checked;
+    which operators may run is the TorchScript path's policy (``program_check.refusal``)."""
     for target in _values(program, "target"):
         match = _TARGET.match(target)
         if match is None:
             raise _Refused(f"the program calls {target[:100]!r}, which is not a torch operator: refused")
         namespace = match.group("namespace")
-        if namespace is not None and namespace not in _OPERATOR_NAMESPACES:
-            raise _Refused(f"the program calls operators of the namespace {namespace!r}, which is not accepted: refused")
-        if match.group("op") in _REFUSED_OPERATORS:
-            raise _Refused(f"the program calls {target!r}, which reads files on the server: refused")
+        if check_ops and namespace is not None and namespace != "higher_order":  # cond, map, while_loop
+            why = refusal(f"{namespace}::{match.group('op')}")
+            if why:
+                raise _Refused(f"the program calls {namespace}::{match.group('op')}: it {why}; {_OPS_HINT}")
 
 
 def _check_expression(expression: str) -> None:
@@ -222,6 +229,8 @@ def _check_torch_save(archive: zipfile.ZipFile, name: str) -> None:
     if archive.getinfo(name).file_size > _MAX_SAMPLE_INPUT_BYTES:
         raise _Refused(f"the .pt2 sample inputs are larger than {_MAX_SAMPLE_INPUT_BYTES >> 20} MB: refused")
     payload = archive.read(name)
+    if not payload:  # what torch.export.save writes for a program without example inputs
+        return
     if not zipfile.is_zipfile(io.BytesIO(payload)):
         raise _Refused("the .pt2 sample inputs are a bare pickle, not a torch.save archive: refused unread")
     with zipfile.ZipFile(io.BytesIO(payload)) as nested:

@@ -9,13 +9,21 @@ import json
 import math
 from typing import Any, Mapping
 
-from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
+from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
 METHODS = ("quantize", "prune", "distill")
-PRUNABLE_MODULES = ("Conv2d", "Linear")
+PRUNABLE_MODULES = ("Conv2d", "Linear", "Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
 QUANTIZABLE_MODULES = ("Linear", "LSTM", "GRU", "RNN", "MultiheadAttention")
 MAX_INPUT_ELEMENTS = 1 << 26  # 64M floats (256 MB): bigger example inputs are a mistake or an attack
 MAX_SPEC_BYTES = 64 * 1024
+INPUT_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
+FLOAT_DTYPES = ("float32", "float16", "bfloat16")
+INT_DTYPES = ("int64", "int32")
+# Random integer inputs (token ids, indices) are drawn from [low, high); a vocabulary of at least
+# 100 is the common case, and a model that needs another range says so when it fails.
+DEFAULT_INT_RANGE = (0, 100)
+MAX_INPUTS = 16
+MAX_INT_BOUND = 2**53  # int64 bounds exactly representable in JSON numbers and float64
 
 
 class _Strict(Schema):
@@ -23,20 +31,29 @@ class _Strict(Schema):
         unknown = RAISE
 
 
+DYNAMIC_MODULES = ("Linear", "LSTM", "GRU")  # the default selection of mode dynamic
+STATIC_MODULES = ("Conv1d", "Conv2d", "Conv3d", "Linear")  # what mode static can quantize (all by default)
+# Options of mode static and their defaults (refused in mode dynamic, where they would do nothing).
+STATIC_OPTIONS = {"observer": "histogram", "reduce_range": True, "calibration_batches": 8, "min_cosine": 0.99}
+
+
 class QuantizeSpec(_Strict):
     mode = fields.String(
-        load_default="dynamic", validate=validate.OneOf(["dynamic"]),
-        metadata={"description": "dynamic: int8 weights, activations quantized per batch at run time."},
+        load_default="dynamic", validate=validate.OneOf(["dynamic", "static"]),
+        metadata={"description": "dynamic: int8 weights, activations quantized per batch at run time; "
+                                 "static: int8 weights and activations of conv and linear layers, calibrated on the data."},
     )
     dtype = fields.String(
         load_default="qint8", validate=validate.OneOf(["qint8", "float16"]),
-        metadata={"description": "Weight type: qint8 (4x smaller, int8 kernels for Linear) or float16 (2x smaller)."},
+        metadata={"description": "Weight type: qint8 (4x smaller, int8 kernels for Linear) or float16 (2x smaller); "
+                                 "static needs qint8."},
     )
     modules = fields.List(
-        fields.String(validate=validate.OneOf(QUANTIZABLE_MODULES)),
-        load_default=lambda: ["Linear", "LSTM", "GRU"],
-        validate=validate.Length(min=1, max=len(QUANTIZABLE_MODULES)),
-        metadata={"description": "Module types whose weights are quantized."},
+        fields.String(validate=validate.OneOf(sorted(set(QUANTIZABLE_MODULES) | set(STATIC_MODULES)))),
+        load_default=None,
+        validate=validate.Length(min=1, max=len(QUANTIZABLE_MODULES) + len(STATIC_MODULES)),
+        metadata={"description": "Module types whose weights are quantized; default: Linear, LSTM, GRU (dynamic) "
+                                 "or Conv1d, Conv2d, Conv3d, Linear (static)."},
     )
     exclude = fields.List(
         fields.String(validate=validate.Length(min=1, max=200)),
@@ -46,6 +63,49 @@ class QuantizeSpec(_Strict):
     per_channel = fields.Boolean(
         load_default=True, metadata={"description": "One int8 scale per output channel (true) or per tensor."}
     )
+    observer = fields.String(
+        validate=validate.OneOf(["histogram", "minmax"]),
+        metadata={"description": "static: how activation ranges are calibrated: histogram (minimises the "
+                                 "quantization error, slower) or minmax (the observed range)."},
+    )
+    reduce_range = fields.Boolean(
+        metadata={"description": "static: 7-bit activations, which cannot saturate fbgemm's int16 "
+                                 "accumulation on CPUs without VNNI; false: full 8 bits."},
+    )
+    calibration_batches = fields.Integer(
+        strict=True, validate=validate.Range(1, 1000),
+        metadata={"description": "static: batches of 32 example rows run to calibrate the activation ranges (count)."},
+    )
+    min_cosine = fields.Float(
+        validate=validate.Range(0, 1),
+        metadata={"description": "static: fidelity floor; the layers whose quantization hurts the outputs most "
+                                 "stay float until the outputs' cosine to the float model's reaches it."},
+    )
+
+    @validates_schema
+    def _fits_mode(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        static = data.get("mode") == "static"
+        allowed = STATIC_MODULES if static else QUANTIZABLE_MODULES
+        wrong = {index: [f"{name} cannot be quantized in mode {data.get('mode')!r}; choose from {', '.join(allowed)}"]
+                 for index, name in enumerate(data.get("modules") or []) if name not in allowed}
+        if wrong:
+            raise ValidationError({"modules": wrong})
+        if static and data.get("dtype") == "float16":
+            raise ValidationError("static quantization is int8 only: use qint8", "dtype")
+        for option in STATIC_OPTIONS:
+            if option in data and not static:
+                raise ValidationError("only used when mode is 'static'", option)
+
+    @post_load
+    def _mode_defaults(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """Defaults that depend on the mode (static options exist only in mode static)."""
+        static = data.get("mode") == "static"
+        if data.get("modules") is None:
+            data["modules"] = list(STATIC_MODULES if static else DYNAMIC_MODULES)
+        if static:
+            for option, default in STATIC_OPTIONS.items():
+                data.setdefault(option, default)
+        return data
 
 
 class FinetuneSpec(_Strict):
@@ -131,6 +191,67 @@ class DistillSpec(_Strict):
                           metadata={"description": "Seed of the split and the shuffling."})
 
 
+class InputSpec(_Strict):
+    shape = fields.List(
+        fields.Integer(strict=True, validate=validate.Range(1, 1 << 20)), required=True,
+        validate=validate.Length(min=1, max=8),
+        metadata={"description": "Shape of this input's example batch, batch axis first."},
+    )
+    dtype = fields.String(load_default="float32", validate=validate.OneOf(INPUT_DTYPES),
+                          metadata={"description": "Element type of this input."})
+    low = fields.Float(load_default=None, allow_none=True,
+                       metadata={"description": "Random values from [low, high): floats uniform (default: standard "
+                                                "normal), integers default [0, 100); not for bool."})
+    high = fields.Float(load_default=None, allow_none=True,
+                        metadata={"description": "Upper bound (exclusive) of random values; see low."})
+
+    @validates_schema
+    def _range_fits_dtype(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        dtype, low, high = data.get("dtype", "float32"), data.get("low"), data.get("high")
+        given = [name for name in ("low", "high") if data.get(name) is not None]
+        if dtype == "bool":
+            if given:
+                raise ValidationError("not allowed for bool inputs (they are random True/False)", given[0])
+            return
+        if dtype in INT_DTYPES:
+            bound = 2**31 if dtype == "int32" else MAX_INT_BOUND
+            for name in given:
+                if not float(data[name]).is_integer() or abs(data[name]) > bound:
+                    raise ValidationError(f"must be a whole number within +-{bound} for {dtype} inputs", name)
+            low = DEFAULT_INT_RANGE[0] if low is None else low
+            high = DEFAULT_INT_RANGE[1] if high is None else high
+        elif len(given) == 1:
+            raise ValidationError("give both low and high (uniform), or neither (standard normal)", given[0])
+        if low is not None and high is not None and not low < high:
+            raise ValidationError(f"must be above low ({low:g})", "high")
+
+    @post_load
+    def _integer_defaults(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return _input_defaults(data)
+
+
+def _input_defaults(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """An ``inputs`` entry with its defaults: float32, and [0, 100) for integers."""
+    entry = {"dtype": "float32", "low": None, "high": None, **entry}
+    if entry["dtype"] in INT_DTYPES:
+        entry["low"] = int(DEFAULT_INT_RANGE[0] if entry["low"] is None else entry["low"])
+        entry["high"] = int(DEFAULT_INT_RANGE[1] if entry["high"] is None else entry["high"])
+    return entry
+
+
+class OutputChoice(fields.Field):
+    """Which model output training targets: an index into a tuple/list output or a key of a dict output."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> int | str:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValidationError("an output index (0, 1, ...) or a dict output's key")
+        if isinstance(value, int) and not 0 <= value < 1024:
+            raise ValidationError("an index from 0 to 1023")
+        if isinstance(value, str) and not 1 <= len(value) <= 200:
+            raise ValidationError("a key of 1 to 200 characters")
+        return value
+
+
 class EvaluationSpec(_Strict):
     runs = fields.Integer(
         load_default=20, strict=True, validate=validate.Range(1, 1000),
@@ -139,6 +260,13 @@ class EvaluationSpec(_Strict):
     warmup = fields.Integer(
         load_default=3, strict=True, validate=validate.Range(0, 100),
         metadata={"description": "Untimed passes before timing (count)."},
+    )
+    runtime = fields.String(
+        load_default="eager", validate=validate.OneOf(("eager", "compile", "aoti")),
+        metadata={"description": "How a torch.export (.pt2) program is run when timed: 'eager' "
+                                 "(ExportedProgram.module()), 'compile' (torch.compile of it) or 'aoti' (an "
+                                 "AOTInductor package; needs a C++ compiler on the worker). TorchScript models: "
+                                 "'eager' only."},
     )
 
 
@@ -152,6 +280,18 @@ class CompressionSpec(_Strict):
         validate=validate.Length(min=1, max=8),
         metadata={"description": "Shape of one example input batch, batch axis first, e.g. [1, 3, 224, 224]. "
                                  "Needed unless a data file is uploaded."},
+    )
+    inputs = fields.List(
+        fields.Nested(InputSpec), validate=validate.Length(min=1, max=MAX_INPUTS),
+        metadata={"description": "One entry per positional input of forward (instead of input_shape, which "
+                                 "means one float32 input)."},
+    )
+    output = OutputChoice(
+        load_default=None, allow_none=True,
+        metadata={"description": "The output fine-tuning and distillation train on: an index into a tuple/list "
+                                 "output or a dict output's key; null: the first tensor.",
+                  "oneOf": [{"type": "integer", "minimum": 0, "maximum": 1023},
+                            {"type": "string", "minLength": 1, "maxLength": 200}]},
     )
     seed = fields.Integer(
         load_default=0, strict=True, validate=validate.Range(0, 2**31 - 1),
@@ -171,6 +311,16 @@ class CompressionSpec(_Strict):
         shape = data.get("input_shape")
         if shape and math.prod(shape) > MAX_INPUT_ELEMENTS:
             raise ValidationError(f"at most {MAX_INPUT_ELEMENTS} elements in all", "input_shape")
+        inputs = data.get("inputs")
+        if inputs and shape:
+            raise ValidationError("give either input_shape (one float32 input) or inputs, not both", "inputs")
+        if inputs:
+            if sum(math.prod(entry["shape"]) for entry in inputs) > MAX_INPUT_ELEMENTS:
+                raise ValidationError(f"at most {MAX_INPUT_ELEMENTS} elements in all inputs together", "inputs")
+            batches = {entry["shape"][0] for entry in inputs}
+            if len(batches) > 1:
+                raise ValidationError("every input's first axis is the batch axis, so they must agree: got "
+                                      f"{', '.join(str(entry['shape'][0]) for entry in inputs)}", "inputs")
 
 
 class SpecError(ValueError):
@@ -207,8 +357,8 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has
         spec[method] = _SECTIONS[method]().load({})
     if method == "distill" and not has_data:
         raise SpecError({"data": ["required for distillation: an .npz or .safetensors file with 'inputs'"]})
-    if not spec.get("input_shape") and not has_data:
-        raise SpecError({"spec.input_shape": ["required when no data file is uploaded"]})
+    if not spec.get("input_shape") and not spec.get("inputs") and not has_data:
+        raise SpecError({"spec.input_shape": ["required (or spec.inputs) when no data file is uploaded"]})
     if method == "prune" and spec["prune"].get("finetune") and not has_data:
         raise SpecError({"spec.prune.finetune": ["needs a data file (multipart part 'data') to train on"]})
     wants_student = method == "distill" and spec["distill"]["student"]["source"] == "upload"
@@ -217,6 +367,18 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has
     if has_student and not wants_student:
         raise SpecError({"student": ["only used when spec.distill.student.from is 'upload'"]})
     return spec
+
+
+def declared_inputs(spec: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The spec's example inputs as ``inputs`` entries (``input_shape`` is one float32 input), or None.
+
+    Defaults are filled here too, for callers of the engine that pass a spec they did not load.
+    """
+    if spec.get("inputs"):
+        return [_input_defaults(entry) for entry in spec["inputs"]]
+    if spec.get("input_shape"):
+        return [{"shape": list(spec["input_shape"]), "dtype": "float32", "low": None, "high": None}]
+    return None
 
 
 def dump_spec(spec: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """Starts the whole service on one machine: embedded Redis (unless REDIS_URL is set), a worker, the API.
 
 ``python -m modelpress.stack`` is what ``make run`` runs; the tests start the same ``Stack``.
-Ctrl-C (SIGINT) or SIGTERM stops all three and leaves no process behind.
+It supervises them: one that dies is restarted with backoff (and logged); Ctrl-C (SIGINT) or
+SIGTERM stops all three and leaves no process behind.
 """
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ from modelpress.logs import configure_logging
 
 log = logging.getLogger("modelpress.stack")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# A child that dies is restarted after RESTART_BACKOFF_S, doubling for each recent crash (at most
+# 30 s); CRASH_LIMIT crashes within CRASH_WINDOW_S stop the whole service with an error.
+RESTART_BACKOFF_S = 1.0
+CRASH_LIMIT = 5
+CRASH_WINDOW_S = 30
 
 
 def redis_server_executable() -> str:
@@ -71,7 +77,7 @@ class Stack:
         return self._spawn(name, [
             sys.executable, "-m", "celery", "-A", "workers.worker", "worker",
             "--loglevel", self.settings.log_level, "--concurrency", str(self.settings.worker_concurrency),
-            "--queues", "modelpress,modelpress-events", "--hostname", f"{name}-{os.getpid()}@%h",
+            "--queues", "modelpress", "--hostname", f"{name}-{os.getpid()}@%h",
             "--without-gossip", "--without-mingle",
         ])
 
@@ -120,7 +126,11 @@ class Stack:
         self._logs.clear()
 
     def run_forever(self) -> int:
-        """Block until a signal or until a child dies; then stop everything."""
+        """Supervise the children until Ctrl-C or SIGTERM: restart one that dies, with backoff.
+
+        Returns 0 after a signal, or 1 when one child crashed ``CRASH_LIMIT`` times within
+        ``CRASH_WINDOW_S`` (something is wrong that a restart will not fix; the log names it).
+        """
         stopping = False
 
         def request_stop(signum: int, frame: object) -> None:
@@ -130,16 +140,47 @@ class Stack:
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
         status = 0
+        crashes: dict[str, list[float]] = {}
+        restart_at: dict[str, float] = {}
         while not stopping:
-            for name, process in self.processes.items():
-                if process.poll() is not None:
-                    log.error("%s exited with status %s; stopping the service", name, process.returncode)
+            now = time.monotonic()
+            for name, process in list(self.processes.items()):
+                if name in restart_at or process.poll() is None:
+                    continue
+                _signal_group(process, signal.SIGKILL)  # whatever it left behind in its group
+                recent = [t for t in crashes.get(name, []) if now - t < CRASH_WINDOW_S] + [now]
+                crashes[name] = recent
+                if len(recent) >= CRASH_LIMIT:
+                    log.error("%s exited with status %s (crash %d within %d s); giving up and stopping the "
+                              "service", name, process.returncode, len(recent), CRASH_WINDOW_S)
                     status, stopping = 1, True
                     break
+                delay = min(RESTART_BACKOFF_S * 2 ** (len(recent) - 1), 30.0)
+                log.error("%s exited with status %s; restarting it in %.1f s", name, process.returncode, delay)
+                restart_at[name] = now + delay
+            for name, when in list(restart_at.items()):
+                if stopping or time.monotonic() < when:
+                    continue
+                del restart_at[name]
+                try:
+                    self.restart(name)
+                    log.warning("%s restarted", name)
+                except RuntimeError as error:  # it died while starting: counted as a crash next round
+                    log.error("%s failed to restart: %s", name, error)
             time.sleep(0.2)
         log.info("stopping")
         self.stop()
         return status
+
+    def restart(self, name: str) -> None:
+        """Start the named child again, as it was started (same ports, same settings)."""
+        self.processes.pop(name, None)
+        if name == "redis":
+            self.start_redis()
+        elif name == "api":
+            self.start_api()
+        else:
+            self.start_worker(name)
 
     # ------------------------------------------------------------------ helpers
 

@@ -1,4 +1,7 @@
-"""Where a job's files live: ``<data_dir>/jobs/<id>/{input/, spec.json, output/model.pt, report.json}``."""
+"""Where a job's files live: ``<data_dir>/jobs/<id>/{input/, spec.json, output/{model.pt, report.json}}``.
+
+Everything the job's process writes is under ``output/``, the only place its sandbox may write.
+"""
 from __future__ import annotations
 
 import json
@@ -36,7 +39,17 @@ class JobFiles:
 
     @property
     def report(self) -> Path:
-        return self.root / "report.json"
+        return self.root / "output" / "report.json"
+
+    # What a succeeded job serves: the output of the attempt that recorded the success, under
+    # names only that attempt writes (see ``Supervisor._publish``), outside ``output/`` (the one
+    # folder a confined job process may write, and which each attempt's supervisor tidies).
+    # Records written before attempts existed (no attempt) serve the shared names.
+    def published_model(self, attempt: int | None) -> Path:
+        return self.root / f"model.attempt-{attempt}.pt" if attempt else self.output_model
+
+    def published_report(self, attempt: int | None) -> Path:
+        return self.root / f"report.attempt-{attempt}.json" if attempt else self.report
 
     @property
     def process_log(self) -> Path:

@@ -1,11 +1,10 @@
 """The HTTP API: an app factory in the style of Flask's own Celery example."""
 from __future__ import annotations
 
-import redis
 from flask import Flask
 
 from modelpress.config import Settings
-from modelpress.jobs import JobStore
+from modelpress.jobs import JobStore, connect
 from modelpress.logs import configure_logging
 from modelpress.storage import Storage
 
@@ -14,6 +13,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     """Build the API from settings (environment variables when none are given). Nothing runs at import."""
     from service import health, jobs_api
     from service.auth import auth_init_app
+    from service.console import console_init_app
     from service.openapi import ProblemApi
     from service.queue import celery_init_app
     from service.uploads import StreamingRequest
@@ -29,7 +29,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_URL_PREFIX="/",
         OPENAPI_JSON_PATH="openapi.json",
         OPENAPI_SWAGGER_UI_PATH="/docs",
-        OPENAPI_SWAGGER_UI_URL="https://cdn.jsdelivr.net/npm/swagger-ui-dist/",
+        OPENAPI_SWAGGER_UI_URL="/docs/assets/",  # served from the swagger-ui-bundle wheel: no CDN
+        OPENAPI_SWAGGER_UI_CONFIG={"validatorUrl": None},  # no badge fetched from validator.swagger.io
         API_SPEC_OPTIONS={
             "info": {"description": "Model compression as a service: upload a TorchScript model and a spec, "
                                     "poll the job, download the compressed model. With API keys configured, "
@@ -42,7 +43,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     storage = Storage(settings.data_dir)
     storage.ensure()
     app.extensions["modelpress_storage"] = storage
-    app.extensions["modelpress_jobs"] = JobStore(redis.Redis.from_url(settings.redis_url, health_check_interval=30))
+    app.extensions["modelpress_jobs"] = JobStore(connect(settings.redis_url))
     celery_init_app(app, settings)
     auth_init_app(app, settings)
 
@@ -50,5 +51,6 @@ def create_app(settings: Settings | None = None) -> Flask:
     api.register_blueprint(jobs_api.blp)
     api.register_blueprint(jobs_api.webhooks_blp)
     api.register_blueprint(health.blp)
+    console_init_app(app, settings)
     configure_logging(settings.log_level, settings.log_format)
     return app

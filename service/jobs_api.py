@@ -1,8 +1,6 @@
 """The ``/v1/jobs`` resource: submit, poll, list, download, report, cancel and delete."""
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from typing import Any
 
@@ -11,26 +9,23 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from modelpress import jobs
-from modelpress.archive import ArchiveRejected, check_torchscript_archive
-from modelpress.formats import FILE_SUFFIX, TORCHSCRIPT, model_format
-from modelpress.jobs import JobStore, new_job_id, public_view, utc_now
-from modelpress.spec import MAX_SPEC_BYTES, SpecError, dump_spec, parse_spec
-from modelpress.storage import Storage, read_json, write_json_atomic
+from modelpress.formats import FILE_SUFFIX, TORCHSCRIPT
+from modelpress.jobs import JobStore, public_view, utc_now
+from modelpress.spec import MAX_SPEC_BYTES
+from modelpress.storage import Storage, read_json
 from service.auth import require_tenant
 from service.problems import ApiProblem
-from modelpress.webhooks import CallbackRefused, check_callback_url, tenant_secret
+from modelpress.webhooks import tenant_secret
 from service.queue import enqueue_job
-from workers.celery_app import announce_final
 from service.schemas import (JobListArgsSchema, JobListSchema, JobSchema, JobSubmissionSchema, ProblemSchema,
                              WebhookSecretSchema)
-from service.uploads import gzip_copy, keep_upload, upload_is_empty
+from service.submission import Submission, submit
+from service.uploads import gzip_copy, wants_gzip
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Compression jobs")
 blp.before_request(require_tenant)
 
 POLL_AFTER_S = 2
-IDEMPOTENCY_TTL_S = 24 * 3600
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 _JOB_ID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
 _PROBLEM = {"content_type": "application/problem+json", "schema": ProblemSchema}
 
@@ -52,100 +47,17 @@ class Jobs(MethodView):
         if request.mimetype != "multipart/form-data":
             raise ApiProblem(415, "Unsupported Media Type",
                              "send multipart/form-data with a 'model' file part and a 'spec' JSON part")
-        model = request.files.get("model")
-        data = request.files.get("data")
-        student = request.files.get("student")
-        errors: dict[str, list[str]] = {}
-        if model is None:
-            errors["model"] = ["required: the TorchScript file as the multipart part 'model'"]
-        for name, part in (("model", model), ("data", data), ("student", student)):
-            if part is not None and upload_is_empty(part):
-                errors[name] = ["the file is empty"]
-        callback_url = request.form.get("callback_url") or None
-        if callback_url is not None:
-            try:
-                check_callback_url(callback_url, current_app.extensions["modelpress"].webhook_allow_private)
-            except CallbackRefused as refused:
-                errors["callback_url"] = [str(refused)]
-        idempotency_key = request.headers.get("Idempotency-Key")
-        if idempotency_key is not None and not _IDEMPOTENCY_KEY.match(idempotency_key):
-            errors["Idempotency-Key"] = ["1 to 255 printable ASCII characters"]
-        spec: dict[str, Any] | None = None
-        raw_spec = _spec_text()
-        if raw_spec is None:
-            errors["spec"] = ["required: the compression spec as JSON, in the multipart part 'spec'"]
-        else:
-            try:
-                spec = parse_spec(raw_spec, has_data=data is not None, has_student=student is not None)
-            except SpecError as error:
-                errors.update(error.errors)
-        if errors:
-            raise _invalid(errors)
-
-        storage = _storage()
-        job_id = new_job_id()
-        files = storage.job(job_id)
-        part = "model"
-        try:
-            model_info = keep_upload(model, files.input_model)
-            check_torchscript_archive(files.input_model, _max_expansion())
-            model_info["format"] = model_format(files.input_model)
-            student_info = None
-            if student is not None:
-                part = "student"
-                student_info = keep_upload(student, files.input_student)
-                check_torchscript_archive(files.input_student, _max_expansion())
-                if model_format(files.input_student) != TORCHSCRIPT:
-                    raise ArchiveRejected("a .pt2 student is not supported yet; upload the student as TorchScript")
-            data_info = keep_upload(data, files.input_data) if data is not None else None
-        except ArchiveRejected as rejected:
-            storage.delete(job_id)
-            raise _invalid({part: [str(rejected)]}) from None
-        except BaseException:
-            storage.delete(job_id)
-            raise
-        if idempotency_key is not None:
-            fingerprint = _fingerprint(spec, *[info and info["sha256"] for info in (model_info, data_info, student_info)],
-                                       callback_url)
-            previous = _store().remember_request(g.tenant, idempotency_key, fingerprint, job_id, IDEMPOTENCY_TTL_S)
-            if previous is not None:
-                storage.delete(job_id)
-                earlier = _store().get(previous["job_id"])
-                if previous["fingerprint"] != fingerprint:
-                    raise _invalid({"Idempotency-Key": ["already used with a different request (within 24 hours)"]})
-                if earlier is None:
-                    raise ApiProblem(409, "Conflict", "a request with this Idempotency-Key is still being "
-                                     "processed; retry shortly", headers={"Retry-After": "1"})
-                return public_view(earlier), 202, {"Location": url_for("jobs.Job", job_id=earlier["id"]),
-                                                   "Idempotent-Replayed": "true"}
-        write_json_atomic(files.spec, dump_spec(spec))
-        job = {
-            "id": job_id, "tenant": g.tenant, "state": jobs.QUEUED, "progress": 0.0, "stage": "queued",
-            "created_at": utc_now(), "started_at": None, "finished_at": None,
-            "spec": dump_spec(spec), "input": model_info, "data": data_info, "student": student_info,
-            "result": None, "error": None, "callback_url": callback_url,
-        }
-        settings = current_app.extensions["modelpress"]
-        uploaded = sum(info["bytes"] for info in (model_info, data_info, student_info) if info)
-        if not _store().create(job, max_active=settings.max_active_jobs, uploaded_bytes=uploaded):
-            storage.delete(job_id)
-            if idempotency_key is not None:
-                _store().forget_request(g.tenant, idempotency_key)
-            raise ApiProblem(429, "Too Many Requests",
-                             f"at most {settings.max_active_jobs} queued or running jobs per tenant "
-                             "(MODELPRESS_MAX_ACTIVE_JOBS); wait for some to finish", headers={"Retry-After": "30"})
-        try:
-            enqueue_job(current_app, job_id)
-        except Exception:
-            # Not accepted after all: the client is told to retry, so nothing is kept.
-            _store().delete(job_id)
-            storage.delete(job_id)
-            if idempotency_key is not None:
-                _store().forget_request(g.tenant, idempotency_key)
-            raise ApiProblem(503, "Service Unavailable", "the job queue is unavailable; try again shortly",
-                             headers={"Retry-After": "5"}) from None
-        location = url_for("jobs.Job", job_id=job_id)
-        return public_view(job), 202, {"Location": location}
+        submission = Submission(
+            tenant=g.tenant, model=request.files.get("model"), data=request.files.get("data"),
+            student=request.files.get("student"), spec_text=_spec_text(),
+            callback_url=request.form.get("callback_url") or None,
+            idempotency_key=request.headers.get("Idempotency-Key"))
+        accepted = submit(submission, current_app.extensions["modelpress"], _store(), _storage(),
+                          lambda job_id, generation: enqueue_job(current_app, job_id, generation))
+        headers = {"Location": url_for("jobs.Job", job_id=accepted.job["id"])}
+        if accepted.replayed:
+            headers["Idempotent-Replayed"] = "true"
+        return public_view(accepted.job), 202, headers
 
     @blp.arguments(JobListArgsSchema, location="query", as_kwargs=True)
     @blp.response(200, JobListSchema)
@@ -163,7 +75,7 @@ class Job(MethodView):
     @blp.alt_response(404, description="No such job", **_PROBLEM)
     def get(self, job_id: str) -> Any:
         """Poll a job. Send the ETag back as If-None-Match: an unchanged job answers 304 with no body."""
-        job = _job_or_404(job_id)
+        job = own_job(job_id)
         if job["state"] in jobs.FINAL_STATES:
             return public_view(job)
         return public_view(job), {"Retry-After": str(POLL_AFTER_S)}
@@ -173,18 +85,10 @@ class Job(MethodView):
     @blp.alt_response(404, description="No such job", **_PROBLEM)
     def delete(self, job_id: str) -> Any:
         """Cancel a queued or running job, or delete a finished one with its files."""
-        job = _job_or_404(job_id)
-        store = _store()
-        if job["state"] == jobs.QUEUED:
-            if store.move(job_id, jobs.CANCELLED, finished_at=utc_now(), stage="cancelled") == jobs.CANCELLED:
-                cancelled = store.get(job_id)
-                announce_final(current_app.extensions["celery"], cancelled)
-                return public_view(cancelled), 202
-            job = _job_or_404(job_id)
-        if job["state"] == jobs.RUNNING:
-            store.update_if(job_id, [jobs.RUNNING], cancel_requested=True)
-            return public_view(_job_or_404(job_id)), 202
-        store.delete(job_id)
+        cancelled = cancel(job_id)
+        if cancelled is not None:
+            return public_view(cancelled), 202
+        _store().delete(job_id)
         _storage().delete(job_id)
         return "", 204
 
@@ -198,11 +102,11 @@ class JobModel(MethodView):
     def get(self, job_id: str) -> Any:
         """Download the compressed model (ETag and X-Checksum-Sha256 are its SHA-256; gzip on request)."""
         job = _succeeded_or_409(job_id)
-        path = _storage().job(job_id).output_model
+        path = _storage().job(job_id).published_model(job.get("attempt"))
         digest = job["result"]["sha256"]
         stem = (job.get("input") or {}).get("filename", "model").rsplit(".", 1)[0] or "model"
         suffix = FILE_SUFFIX.get(job["result"].get("format", TORCHSCRIPT), ".pt")  # .pt2 in, .pt2 out
-        gzipped = "gzip" in request.accept_encodings
+        gzipped = wants_gzip(request)
         response = send_file(gzip_copy(path) if gzipped else path, mimetype="application/octet-stream",
                              as_attachment=True, download_name=f"{stem}.{job['spec']['method']}{suffix}",
                              etag=f"{digest}-gzip" if gzipped else digest, conditional=True, max_age=0)
@@ -220,14 +124,13 @@ class JobReport(MethodView):
     @blp.alt_response(409, description="The job has not succeeded", **_PROBLEM)
     def get(self, job_id: str) -> Any:
         """The job's report.json."""
-        _succeeded_or_409(job_id)
-        return read_json(_storage().job(job_id).report)
+        return report_of(_succeeded_or_409(job_id))
 
 
 # ---------------------------------------------------------------------------- helpers
 
 
-def _job_or_404(job_id: str) -> dict[str, Any]:
+def own_job(job_id: str) -> dict[str, Any]:
     """The caller's own job; another tenant's job is answered exactly like a missing one."""
     job = _store().get(job_id) if _JOB_ID.match(job_id) else None
     if job is None or job.get("tenant", "public") != g.tenant:
@@ -235,18 +138,32 @@ def _job_or_404(job_id: str) -> dict[str, Any]:
     return job
 
 
+def cancel(job_id: str) -> dict[str, Any] | None:
+    """Cancel the caller's queued or running job and return it; None when it has already finished."""
+    job = own_job(job_id)
+    store = _store()
+    if job["state"] == jobs.QUEUED:
+        # The same fenced script as every final state: it also puts the webhook event in the outbox.
+        if store.finish(job_id, jobs.CANCELLED, None, finished_at=utc_now(), stage="cancelled") == jobs.CANCELLED:
+            return store.get(job_id)
+        job = own_job(job_id)
+    if job["state"] == jobs.RUNNING:
+        store.update_if(job_id, [jobs.RUNNING], cancel_requested=True)
+        return own_job(job_id)
+    return None
+
+
+def report_of(job: dict[str, Any]) -> dict[str, Any]:
+    """The report.json of a succeeded job: the one its winning attempt published."""
+    return read_json(_storage().job(job["id"]).published_report(job.get("attempt")))
+
+
 def _succeeded_or_409(job_id: str) -> dict[str, Any]:
-    job = _job_or_404(job_id)
+    job = own_job(job_id)
     if job["state"] != jobs.SUCCEEDED:
         raise ApiProblem(409, "Conflict", f"the job is {job['state']}; the model and report exist once it has succeeded",
                          slug="job-not-succeeded")
     return job
-
-
-def _fingerprint(spec: dict[str, Any], *parts: Any) -> str:
-    """What makes two submissions the same request: the accepted spec, the files' digests, the callback."""
-    canonical = json.dumps([dump_spec(spec), *parts], sort_keys=True, default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _spec_text() -> str | None:
@@ -256,16 +173,6 @@ def _spec_text() -> str | None:
     if part is not None:
         return part.stream.read(MAX_SPEC_BYTES + 1).decode("utf-8", errors="replace")
     return None
-
-
-def _invalid(errors: dict[str, list[str]]) -> ApiProblem:
-    detail = "; ".join(f"{field}: {' '.join(messages)}" for field, messages in errors.items())
-    return ApiProblem(422, "Unprocessable Content", detail, slug="validation-error", errors=errors)
-
-
-def _max_expansion() -> int:
-    """An archive may declare at most twice the upload limit (TorchScript entries are stored, not deflated)."""
-    return 2 * (current_app.extensions["modelpress"].max_upload_mb << 20)
 
 
 def _store() -> JobStore:

@@ -9,7 +9,7 @@ from celery import Celery
 from flask import Flask
 
 from modelpress.config import Settings
-from workers.celery_app import RUN_JOB_TASK, make_celery
+from workers.celery_app import make_celery, send_job
 
 
 def celery_init_app(app: Flask, settings: Settings) -> Celery:
@@ -18,5 +18,5 @@ def celery_init_app(app: Flask, settings: Settings) -> Celery:
     return celery
 
 
-def enqueue_job(app: Flask, job_id: str) -> None:
-    app.extensions["celery"].send_task(RUN_JOB_TASK, args=[job_id])
+def enqueue_job(app: Flask, job_id: str, generation: int = 1) -> None:
+    send_job(app.extensions["celery"], job_id, generation)

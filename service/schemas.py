@@ -48,12 +48,17 @@ class JobSchema(Schema):
     started_at = fields.String(allow_none=True)
     finished_at = fields.String(allow_none=True)
     cancel_requested = fields.Boolean()
+    deliveries = fields.Integer(metadata={"description": "How many times a worker took the job (more than 1: it "
+                                                         "was taken over after its worker stopped)."})
     spec = fields.Nested(CompressionSpec)
     input = fields.Nested(FileInfoSchema)
     data = fields.Nested(FileInfoSchema, allow_none=True)
     student = fields.Nested(FileInfoSchema, allow_none=True)
     result = fields.Nested(ResultSchema, allow_none=True)
     error = fields.Nested(ProblemSchema, allow_none=True)
+    warnings = fields.List(fields.String(), metadata={
+        "description": "Set when the job succeeded with a result that may not be what was wanted: nothing was "
+                       "compressed, or the outputs collapsed (see the README for the thresholds)."})
     callback_url = fields.String(allow_none=True)
     links = fields.Nested(LinksSchema)
 
@@ -83,6 +88,8 @@ class HealthSchema(Schema):
     status = fields.String()
     redis = fields.String()
     workers = fields.Integer()
+    sandbox = fields.Dict(keys=fields.String(), values=fields.String(),
+                          metadata={"description": "each worker's job sandbox: confined, or off (MODELPRESS_SANDBOX=off)"})
 
 
 class WebhookSecretSchema(Schema):

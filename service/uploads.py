@@ -72,6 +72,11 @@ def upload_is_empty(upload: FileStorage) -> bool:
     return empty
 
 
+def wants_gzip(request: Request) -> bool:
+    """Whether Accept-Encoding allows gzip: ``gzip;q=0`` (or ``*;q=0`` with no gzip entry) refuses it."""
+    return request.accept_encodings["gzip"] > 0
+
+
 def gzip_copy(path: Path) -> Path:
     """``path`` + ``.gz``, made once (pruned weights compress well) and renamed into place when complete."""
     target = path.with_name(path.name + ".gz")

@@ -64,10 +64,18 @@ def compression_process(job_id: str, timeout: float = 60):
     while time.monotonic() < deadline:
         for process in psutil.process_iter(["cmdline"]):
             cmdline = process.info["cmdline"] or []
-            if "workers.job_process" in cmdline and any(arg.endswith(job_id) for arg in cmdline):
+            # The Python process itself, not the bubblewrap processes around it (whose command lines hold it too).
+            if "workers.job_process" in cmdline and any(arg.endswith(job_id) for arg in cmdline) \
+                    and not cmdline[0].endswith("bwrap"):
                 return process
         time.sleep(0.1)
     raise AssertionError(f"no compression process for job {job_id} within {timeout} s")
+
+
+def supervisor_process(job_id: str, timeout: float = 60):
+    """The Celery pool process supervising the job: the compression process's first ancestor outside
+    the sandbox (bubblewrap's own processes sit between them)."""
+    return next(p for p in compression_process(job_id, timeout).parents() if not p.cmdline()[0].endswith("bwrap"))
 
 
 def make_settings(tmp: Path, **changes: Any) -> Settings:

@@ -186,3 +186,56 @@ def test_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 test_accuracy.__test__ = False  # a helper, not a pytest test
+
+
+class TokenLSTM(nn.Module):
+    """A token model: int64 ids -> embedding -> LSTM -> next-token scores."""
+
+    def __init__(self, vocab: int = 50, width: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.lstm = nn.LSTM(width, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        states, _ = self.lstm(self.embed(ids))
+        return self.head(states[:, -1])
+
+
+class ImageAndIds(nn.Module):
+    """Two inputs: a float image and int64 ids (a caption), joined before the classifier."""
+
+    def __init__(self, vocab: int = 100, classes: int = 5) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.embed = nn.Embedding(vocab, 8)
+        self.mix = nn.Linear(16, 32)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, image: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        seen = self.pool(torch.relu(self.conv(image))).flatten(1)
+        read = self.embed(ids).mean(1)
+        return self.head(torch.relu(self.mix(torch.cat([seen, read], 1))))
+
+
+class TupleHeads(nn.Module):
+    """Two outputs as a tuple: features [batch, 2, 3] first (not class scores), then class scores."""
+
+    def __init__(self, features: int = 12, classes: int = 4) -> None:
+        super().__init__()
+        self.body = nn.Linear(features, 32)
+        self.embedding = nn.Linear(32, 6)
+        self.scores = nn.Linear(32, classes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = torch.relu(self.body(x))
+        return self.embedding(hidden).view(-1, 2, 3), self.scores(hidden)
+
+
+class DictHeads(TupleHeads):
+    """The same two outputs as a dict."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        hidden = torch.relu(self.body(x))
+        return {"embedding": self.embedding(hidden), "scores": self.scores(hidden)}

@@ -4,11 +4,10 @@ from __future__ import annotations
 from celery import Celery
 
 from modelpress.config import Settings
+from modelpress.jobs import REDIS_TIMEOUTS
 
 RUN_JOB_TASK = "modelpress.run_job"
-DELIVER_WEBHOOK_TASK = "modelpress.deliver_webhook"
 QUEUE = "modelpress"
-EVENTS_QUEUE = "modelpress-events"  # webhooks: small, and never stuck behind a queue of jobs
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -22,12 +21,13 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_ignore_result=True,
         task_default_queue=QUEUE,
-        task_routes={RUN_JOB_TASK: {"queue": QUEUE}, DELIVER_WEBHOOK_TASK: {"queue": EVENTS_QUEUE}},
+        task_routes={RUN_JOB_TASK: {"queue": QUEUE}},
         broker_connection_retry_on_startup=True,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
-        # The supervisor enforces the job's own limit; these only stop a supervisor that hangs itself.
-        task_soft_time_limit=settings.job_timeout_s + 120,
-        task_time_limit=settings.job_timeout_s + 300,
+        broker_connection_max_retries=None,  # a worker waits for Redis however long it is away
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s, **REDIS_TIMEOUTS},
+        # No Celery time limits: the supervisor enforces the job's own limit, and a supervisor
+        # waiting for Redis to come back to record a final state must not be killed (the job
+        # would run again). Socket timeouts keep it from hanging on a dead connection.
         worker_concurrency=settings.worker_concurrency,
         worker_max_tasks_per_child=100,
         task_serializer="json",
@@ -37,7 +37,6 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-def announce_final(celery: Celery, job: dict) -> None:
-    """Queue the webhook of a job that just reached a final state, if it named a callback."""
-    if job.get("callback_url"):
-        celery.send_task(DELIVER_WEBHOOK_TASK, args=[job["id"]])
+def send_job(celery: Celery, job_id: str, generation: int) -> None:
+    """Send the job's message; ``generation`` lets a delivery tell a current message from a superseded one."""
+    celery.send_task(RUN_JOB_TASK, args=[job_id, generation])

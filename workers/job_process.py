@@ -1,8 +1,12 @@
 """The per-job child process: ``python -m workers.job_process <job dir>``.
 
-It limits itself before it touches the upload, runs the engine, writes the output
-model and ``report.json``, and tells its supervisor what happened as JSON lines on the
-file descriptor ``MODELPRESS_PROGRESS_FD``. Exit status 0 means success.
+It runs inside the job's sandbox (``workers.sandbox``), checks from inside that it is confined,
+limits itself before it touches the upload, refuses models that call file or foreign operators,
+runs the engine, writes the output model and its report under ``output/``, and tells its
+supervisor what happened (``workers.job_protocol``). Exit status 0 means success.
+
+``python -m workers.job_process --probe <dir>`` prints what the process can see (the worker's
+start-up self-test of the sandbox) and exits.
 """
 from __future__ import annotations
 
@@ -11,75 +15,119 @@ import json
 import os
 import resource
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
+from modelpress.config import Settings
+from workers import job_protocol as protocol
+
 
 def main(argv: list[str]) -> int:
+    if argv[1] == "--probe":
+        print(json.dumps(confinement_facts(Path(argv[2]))))
+        return 0
     job_dir = Path(argv[1])
-    channel = os.fdopen(int(os.environ["MODELPRESS_PROGRESS_FD"]), "w", buffering=1)
-    _die_with_parent()
-    network = _leave_network()
-    _limit_resources()
+    channel = protocol.Channel.from_env()
+    channel.send(protocol.STARTED)  # first: from here on, an early end is this job's, not the sandbox's set-up
+    settings = Settings.from_env()
+    _die_with_parent(confined=settings.sandbox == "on")
+    facts = confinement_facts(job_dir)
+    try:
+        if settings.sandbox == "on":
+            from workers.sandbox import confinement_gaps
 
+            gaps = confinement_gaps(facts, settings)
+            if gaps:
+                channel.fail(protocol.sandbox_unavailable("; ".join(gaps)))
+                return 1
+        _limit_resources(settings)
+        return _compress(job_dir, settings, facts, channel)
+    finally:
+        channel.close()
+
+
+def _compress(job_dir: Path, settings: Settings, facts: dict[str, Any], channel: protocol.Channel) -> int:
     # Imported after the limits, so even torch's import runs inside them.
     from modelpress.spec import parse_spec
     from modelpress.storage import JobFiles, read_json, write_json_atomic
-    from workers.compression.errors import CompressionError, OutOfMemory
-
-    def send(event: str, **fields: Any) -> None:
-        channel.write(json.dumps({"event": event, **fields}) + "\n")
-
-    def progress(stage: str, fraction: float) -> None:
-        send("progress", stage=stage, progress=round(min(max(fraction, 0.0), 1.0), 4))
 
     files = JobFiles(job_dir)
     try:
         import torch
 
-        torch.set_num_threads(int(os.environ.get("MODELPRESS_JOB_THREADS", "2")))
+        torch.set_num_threads(settings.job_threads)
         from workers.compression.pipeline import compress
 
         data_path = files.input_data if files.input_data.exists() else None
         student_path = files.input_student if files.input_student.exists() else None
         spec = parse_spec(read_json(files.spec), has_data=data_path is not None, has_student=student_path is not None)
-        report = compress(files.input_model, spec, files.output_model, data_path=data_path, progress=progress,
+        if settings.op_check != "off":
+            _check_programs([files.input_model, student_path])
+        report = compress(files.input_model, spec, files.output_model, data_path=data_path, progress=channel.progress,
                           student_path=student_path)
-        report["sandbox"] = {"network": network, "environment": sorted(os.environ),
-                             "limits": {"address_space_mb": int(os.environ.get("MODELPRESS_JOB_MEMORY_MB", "8192"))}}
+        report["sandbox"] = {"mode": settings.sandbox, **facts, "environment": sorted(os.environ),
+                             "limits": {"address_space_mb": settings.job_memory_mb}}
         write_json_atomic(files.report, report)
-        send("succeeded")
+        channel.send(protocol.SUCCEEDED)
         return 0
-    except OutOfMemory:
-        send("failed", slug="out-of-memory", title="Out of memory", detail=_memory_message())
-    except CompressionError as error:
-        send("failed", slug=error.slug, title=error.title, detail=str(error))
-    except MemoryError:
-        send("failed", slug="out-of-memory", title="Out of memory", detail=_memory_message())
-    except RuntimeError as error:
-        if "can't allocate memory" in str(error) or "not enough memory" in str(error):
-            send("failed", slug="out-of-memory", title="Out of memory", detail=_memory_message())
-        else:
-            send("failed", slug="compression-failed", title="Compression failed", detail=_first_line(error))
-    except Exception as error:  # anything else is still this job's failure, reported readably
-        send("failed", slug="compression-failed", title="Compression failed",
-             detail=f"{type(error).__name__}: {_first_line(error)}")
-    finally:
-        channel.flush()
+    except Exception as error:  # anything is still this job's failure, reported readably
+        channel.fail(protocol.failure_of(error, settings))
     return 1
 
 
-def _limit_resources() -> None:
+def confinement_facts(job_dir: Path) -> dict[str, Any]:
+    """What this process can reach, seen from inside: the network, other processes, the data directory."""
+    interfaces = sorted(name for _, name in socket.if_nameindex())
+    others = [name for name in interfaces if name != "lo"]
+    visible = []  # what the job directory's two parents (``jobs/`` and the data directory) hold besides it
+    for parent, child in ((job_dir.parent, job_dir.name), (job_dir.parent.parent, job_dir.parent.name)):
+        try:
+            visible += [entry for entry in os.listdir(parent) if entry != child]
+        except OSError:
+            pass
+    network = f"not isolated: interfaces {', '.join(others)}" if others else "isolated"
+    probe = os.environ.get(protocol.NETWORK_PROBE)
+    if probe:
+        host, _, port = probe.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            network = f"not isolated: connected to {probe}"
+            probe_result = "connected"
+        except OSError as error:
+            probe_result = f"connection to {probe} failed ({error.strerror or error})"
+    return {
+        "network": network,
+        "network_probe": probe_result if probe else "not tried",
+        "processes": sum(1 for entry in os.listdir("/proc") if entry.isdigit()),
+        "data_dir_visible": bool(visible),
+    }
+
+
+def _check_programs(paths: list[Path | None]) -> None:
+    """Walk every method graph of each uploaded model before any of its code runs on inputs.
+
+    A ``.pt2`` program is checked by ``exported.load_program`` (its layout, pickles and operators,
+    from the archive's JSON graph) every time it is loaded, before torch reads it."""
+    from modelpress.formats import EXPORTED, model_format
+    from workers.compression.artifacts import load_model
+    from workers.compression.program_check import check_module
+
+    for path in paths:
+        if path is not None and model_format(path) != EXPORTED:
+            check_module(load_model(path))
+
+
+def _limit_resources(settings: Settings) -> None:
     """Address space, CPU seconds, file size and processes: a runaway model fails its own job only.
 
     RLIMIT_NPROC counts every process and thread of this user, so the cap is what the user
     runs now plus room for torch's threads (root ignores it; a service user does not).
     """
-    memory = int(os.environ.get("MODELPRESS_JOB_MEMORY_MB", "8192")) << 20
-    cpu_seconds = int(os.environ.get("MODELPRESS_JOB_TIMEOUT_S", "3600")) * int(os.environ.get("MODELPRESS_JOB_THREADS", "2")) + 60
+    cpu_seconds = settings.job_timeout_s * settings.job_threads + 60
     for limit, value in (
-        (resource.RLIMIT_AS, memory),
+        (resource.RLIMIT_AS, settings.job_memory_mb << 20),
         (resource.RLIMIT_CPU, cpu_seconds),
         (resource.RLIMIT_FSIZE, 16 << 30),
         (resource.RLIMIT_NPROC, _user_tasks() + 256),
@@ -88,31 +136,6 @@ def _limit_resources() -> None:
         if hard != resource.RLIM_INFINITY:
             value = min(value, hard)
         resource.setrlimit(limit, (value, hard))
-
-
-def _leave_network() -> str:
-    """Move into a new, empty network namespace (only a downed loopback), where the kernel allows it.
-
-    Root can create one directly; other users need an unprivileged user namespace first, in which
-    this process is mapped to its own uid so its files stay reachable.
-    """
-    clone_newnet, clone_newuser = 0x40000000, 0x10000000
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    except OSError as error:
-        return f"not isolated: {error}"
-    if libc.unshare(clone_newnet) == 0:
-        return "isolated"
-    uid, gid = os.getuid(), os.getgid()
-    if libc.unshare(clone_newuser | clone_newnet) == 0:
-        try:
-            Path("/proc/self/setgroups").write_text("deny")
-            Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
-            Path("/proc/self/gid_map").write_text(f"{gid} {gid} 1")
-        except OSError:
-            pass
-        return "isolated"
-    return f"not isolated: unshare refused ({os.strerror(ctypes.get_errno())})"
 
 
 def _user_tasks() -> int:
@@ -128,26 +151,18 @@ def _user_tasks() -> int:
     return count
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to kill this process if its supervisor dies (PR_SET_PDEATHSIG)."""
+def _die_with_parent(confined: bool) -> None:
+    """Ask Linux to kill this process if its parent dies (PR_SET_PDEATHSIG).
+
+    In the sandbox the parent is bubblewrap's PID 1 (started with --die-with-parent).
+    """
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL, 0, 0, 0)
     except OSError:
         pass
-    if os.getppid() == 1:  # the supervisor died before the request took effect
+    if not confined and os.getppid() == 1:  # the supervisor died before the request took effect
         os._exit(1)
-
-
-def _memory_message() -> str:
-    limit = os.environ.get("MODELPRESS_JOB_MEMORY_MB", "?")
-    return f"the model needs more memory than the job's limit of {limit} MB (MODELPRESS_JOB_MEMORY_MB)"
-
-
-def _first_line(error: BaseException) -> str:
-    from workers.compression.errors import summarize_torch_error
-
-    return summarize_torch_error(error, limit=500)
 
 
 if __name__ == "__main__":

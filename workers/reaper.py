@@ -1,14 +1,21 @@
-"""Housekeeping that runs in every worker's main process: requeue orphaned jobs, remove expired ones.
+"""Housekeeping that runs in every worker's main process: re-send jobs whose message is gone,
+remove expired ones.
 
-- A ``running`` job whose supervisor stopped beating (its worker was killed, its machine died)
-  is sent to the queue again; the next supervisor takes it over and counts a delivery, so a job
-  that keeps killing workers still ends ``failed``.
-- Finished jobs older than ``MODELPRESS_RETENTION_HOURS`` lose their record and files.
-Several workers may run this at once: a Redis key lets one requeue per job and stale period.
+- The reconciler: a job that needs a message (``queued``, or ``running`` with a supervisor that
+  stopped beating) but has none waiting in the queue, and was last sent more than
+  ``MODELPRESS_HEARTBEAT_STALE_S`` ago, is sent again. Causes: the API died between record and
+  enqueue, Redis lost the last second of its append-only file, the supervisor raised before
+  taking the job, a worker was killed. The re-send is a compare-and-set on the job's enqueue
+  generation, so of several workers exactly one re-sends per loss, and an older message that
+  turns up later is dropped by the claim. The next supervisor counts a delivery, so a job that
+  keeps killing workers still ends ``failed``.
+- Retention: finished jobs older than ``MODELPRESS_RETENTION_HOURS`` lose their record, then
+  their files (a download in between answers 404, never 500).
 """
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
@@ -16,18 +23,19 @@ import redis
 from celery import Celery
 
 from modelpress.config import Settings
-from modelpress.jobs import JobStore
+from modelpress.jobs import JobStore, connect
 from modelpress.storage import Storage
-from workers.celery_app import RUN_JOB_TASK
+from workers.celery_app import QUEUE, send_job
 
 log = logging.getLogger("modelpress.reaper")
+_JOB_ID = re.compile(rb"[0-9A-HJKMNP-TV-Z]{26}")
 
 
 class Reaper:
     def __init__(self, settings: Settings, celery: Celery) -> None:
         self.settings = settings
         self.celery = celery
-        self.store = JobStore(redis.Redis.from_url(settings.redis_url, health_check_interval=30))
+        self.store = JobStore(connect(settings.redis_url))
         self.storage = Storage(settings.data_dir)
         self.interval_s = max(1.0, settings.heartbeat_stale_s / 3)
         self._stop = threading.Event()
@@ -41,19 +49,37 @@ class Reaper:
         self._stop.set()
 
     def sweep(self) -> tuple[list[str], list[str]]:
-        """One pass; returns (requeued job ids, expired job ids)."""
-        requeued = []
-        for job_id in self.store.stale_running(self.settings.heartbeat_stale_s):
-            if self.store.reserve_requeue(job_id, self.settings.heartbeat_stale_s):
-                self.celery.send_task(RUN_JOB_TASK, args=[job_id])
-                requeued.append(job_id)
-                log.warning("job %s: its worker stopped beating; requeued", job_id)
+        """One pass; returns (re-sent job ids, expired job ids)."""
+        resent = self.reconcile()
         expired = self.store.finished_before(time.time() - self.settings.retention_hours * 3600)
         for job_id in expired:
+            self.store.delete(job_id)  # the record first: from now on the API answers 404
             self.storage.delete(job_id)
-            self.store.delete(job_id)
-            log.info("job %s: removed after %d hours of retention", job_id, self.settings.retention_hours)
-        return requeued, expired
+            log.info("job %s: removed after %s hours of retention", job_id, self.settings.retention_hours)
+        return resent, expired
+
+    def reconcile(self) -> list[str]:
+        stale_s = self.settings.heartbeat_stale_s
+        waiting = self._ids_waiting_in_queue()
+        resent = []
+        for job_id, generation in self.store.unsettled(stale_s):
+            if job_id in waiting:
+                continue  # its message is live; a backlog is not a loss
+            new_generation = self.store.resend(job_id, generation, bound_s=stale_s, stale_s=stale_s)
+            if new_generation:
+                send_job(self.celery, job_id, new_generation)
+                resent.append(job_id)
+                log.warning("job %s: no live message (worker or message lost); re-sent as generation %d",
+                            job_id, new_generation, extra={"job_id": job_id})
+        return resent
+
+    def _ids_waiting_in_queue(self) -> set[str]:
+        """Job ids named by messages still waiting in the broker's queue (Celery's headers carry the
+        arguments in clear, ``argsrepr``)."""
+        found: set[str] = set()
+        for raw in self.store.redis.lrange(QUEUE, 0, -1):
+            found.update(match.decode() for match in _JOB_ID.findall(raw))
+        return found
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval_s):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import os
 import queue
@@ -24,15 +23,18 @@ import redis
 
 from modelpress import jobs
 from modelpress.config import Settings
+from modelpress.faults import pause_point
 from modelpress.formats import TORCHSCRIPT
-from modelpress.jobs import JobStore, utc_now
-from modelpress.storage import JobFiles, Storage, read_json
+from modelpress.jobs import JobStore, Superseded, connect, utc_now
+from modelpress.storage import JobFiles, Storage, read_json, write_json_atomic
+from workers import job_protocol as protocol
+from workers import sandbox
+from workers.job_protocol import problem
 
 log = logging.getLogger("modelpress.worker")
 
 POLL_INTERVAL_S = 0.25
 PROGRESS_WRITE_INTERVAL_S = 0.5  # progress and heartbeat
-REDIS_RETRY_S = 300  # how long a final state waits for Redis to come back
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -45,159 +47,181 @@ class Supervisor:
     @classmethod
     @functools.lru_cache(maxsize=4)
     def from_settings(cls, settings: Settings) -> "Supervisor":
-        client = redis.Redis.from_url(settings.redis_url, health_check_interval=30)
-        return cls(settings, JobStore(client), Storage(settings.data_dir))
+        return cls(settings, JobStore(connect(settings.redis_url)), Storage(settings.data_dir))
 
-    def run(self, job_id: str) -> tuple[str, bool]:
-        """Run the job to a final state; return that state and whether this call moved the job there."""
-        job = self.store.get(job_id)
-        if job is None:
-            log.warning("job %s: no record (deleted before it ran); skipping", job_id)
-            return "missing", False
-        if job["state"] in jobs.FINAL_STATES:
-            return job["state"], False
-        if job["state"] == jobs.RUNNING and not self._supervisor_gone(job_id):
-            log.info("job %s: another worker is still running it; skipping this delivery", job_id)
-            return jobs.RUNNING, False
-        deliveries = self.store.count_delivery(job_id)
-        if deliveries > self.settings.max_deliveries:
-            return self._finish(job_id, jobs.FAILED, error=problem(
+    def run(self, job_id: str, generation: int | None = None) -> tuple[str, bool]:
+        """Run the job to a final state; return that state and whether this call moved the job there.
+
+        ``generation`` is the message's enqueue generation: a message superseded by a re-send
+        is dropped. The claim is one atomic step; from then on every write carries its attempt.
+        """
+        pause_point("before-claim", job_id)
+        claim = self.store.claim(job_id, generation, self.settings.heartbeat_stale_s)
+        if claim.outcome != "claimed":
+            log.info("job %s: delivery skipped (%s, job %s)", job_id, claim.outcome, claim.state,
+                     extra={"job_id": job_id})
+            return claim.state or "missing", False
+        if claim.deliveries > self.settings.max_deliveries:
+            return self._finish(job_id, claim.attempt, jobs.FAILED, error=problem(
                 "worker-lost", "Worker lost",
-                f"the job's worker stopped {deliveries - 1} times while running it "
+                f"the job's worker stopped {claim.deliveries - 1} times while running it "
                 f"(limit {self.settings.max_deliveries}); it is not retried again",
             ))
-        if job["state"] == jobs.QUEUED:
-            state = self.store.move(job_id, jobs.RUNNING, started_at=utc_now(), stage="starting", progress=0.0)
-            if state != jobs.RUNNING:
-                return state or "missing", False
-        else:
-            log.warning("job %s: delivery %d after its worker stopped; running it again", job_id, deliveries)
-            self.store.beat(job_id)
-            self.store.update_running(job_id, stage="restarting", progress=0.0)
-        log.info("job %s: running (delivery %d)", job_id, deliveries)
-        return self._run_child(job_id, self.storage.job(job_id))
-
-    def _supervisor_gone(self, job_id: str) -> bool:
-        """Wait until the job's heartbeat is stale (its supervisor died) or it leaves ``running``.
-
-        A job redelivered while ``running`` may still have a live supervisor (a requeue raced a
-        slow heartbeat); taking it over then would run it twice.
-        """
-        deadline = time.monotonic() + self.settings.heartbeat_stale_s + 5
-        while time.monotonic() < deadline:
-            last = self.store.last_beat(job_id)
-            if last is None:
-                return False  # no longer running
-            if time.time() - last >= self.settings.heartbeat_stale_s:
-                return True
-            time.sleep(1.0)
-        return False
+        if claim.deliveries > 1:
+            log.warning("job %s: delivery %d after its worker stopped; running it again", job_id, claim.deliveries)
+        log.info("job %s: running (delivery %d)", job_id, claim.deliveries)
+        return self._run_child(job_id, claim.attempt, claim.deliveries, self.storage.job(job_id))
 
     # ------------------------------------------------------------------ the child process
 
-    def _run_child(self, job_id: str, files: JobFiles) -> tuple[str, bool]:
+    def _run_child(self, job_id: str, attempt: int, deliveries: int, files: JobFiles) -> tuple[str, bool]:
         read_fd, write_fd = os.pipe()
         with open(files.process_log, "ab") as log_file:
-            child = subprocess.Popen(
-                [sys.executable, "-m", "workers.job_process", str(files.root)],
-                cwd=files.root,
-                env=self._child_env(write_fd),
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                pass_fds=[write_fd],
-                start_new_session=True,  # its own process group, killed as a whole
-            )
+            try:
+                child = self._start_child(files, log_file, write_fd)
+            except OSError as error:  # bubblewrap (or Python) is missing: no unconfined fallback
+                os.close(write_fd)
+                os.close(read_fd)
+                return self._finish(job_id, attempt, jobs.FAILED, error=protocol.sandbox_unavailable(
+                    f"{self.settings.bwrap} could not be started ({error.strerror or error})"))
         os.close(write_fd)
         messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        threading.Thread(target=_read_messages, args=(read_fd, messages), daemon=True).start()
-        self._quietly(self.store.update_running, job_id, process_pid=child.pid)
+        threading.Thread(target=protocol.read_messages, args=(read_fd, messages), daemon=True).start()
+        stop_reason: str | None = None
+        try:
+            self._quietly(self.store.beat, job_id, attempt, process_pid=child.pid)
+        except Superseded:
+            stop_reason = "superseded"
 
         deadline = time.monotonic() + self.settings.job_timeout_s
         outcome: dict[str, Any] | None = None
         last_progress: dict[str, Any] | None = None
+        started = False
         last_write = 0.0
-        stop_reason: str | None = None
-        while True:
+        while not stop_reason:
             try:
                 message = messages.get(timeout=POLL_INTERVAL_S)
             except queue.Empty:
                 message = {}
             if message is None:  # pipe closed: the child has exited or is exiting
+                while child.poll() is None:  # tearing down a torch process can take a while: keep beating
+                    try:
+                        self._quietly(self.store.beat, job_id, attempt)
+                    except Superseded:
+                        break  # the final write will be refused; nothing to stop
+                    time.sleep(POLL_INTERVAL_S)
                 child.wait()
                 break
-            if message.get("event") == "progress":
+            if message.get("event") == protocol.STARTED:
+                started = True
+            elif message.get("event") == protocol.PROGRESS:
                 last_progress = message
-            elif message.get("event") in ("succeeded", "failed"):
+            elif message.get("event") in protocol.FINAL_EVENTS:
                 outcome = message
             now = time.monotonic()
             if now - last_write >= PROGRESS_WRITE_INTERVAL_S:
                 # Redis may be restarting: the child goes on, progress is written once it is back.
-                if self._quietly(lambda: self.store.beat(job_id) or True, default=False) and last_progress:
-                    self._quietly(self.store.update_running, job_id, stage=last_progress["stage"],
-                                  progress=last_progress["progress"])
+                progress = {"stage": last_progress["stage"], "progress": last_progress["progress"]} if last_progress else {}
+                try:
+                    if self._quietly(self.store.beat, job_id, attempt, default=False, **progress):
+                        stop_reason = "cancelled"
                     last_progress = None
+                except Superseded:
+                    stop_reason = "superseded"
                 last_write = now
-                if self._quietly(self.store.cancel_wanted, job_id, default=False):
-                    stop_reason = "cancelled"
             if not stop_reason and now > deadline:
                 stop_reason = "timeout"
             if stop_reason:
                 _kill_group(child)
                 break
 
+        if stop_reason == "superseded":
+            _kill_group(child)
+            log.warning("job %s: attempt %d was superseded (taken over, cancelled or deleted); its child is "
+                        "stopped and it writes nothing", job_id, attempt, extra={"job_id": job_id})
+            return jobs.RUNNING, False
         if stop_reason == "cancelled":
-            return self._finish(job_id, jobs.CANCELLED)
+            return self._finish(job_id, attempt, jobs.CANCELLED)
         if stop_reason == "timeout":
-            return self._finish(job_id, jobs.FAILED, error=problem(
+            return self._finish(job_id, attempt, jobs.FAILED, error=problem(
                 "job-timeout", "Time limit exceeded",
                 f"the compression did not finish within the job time limit of {self.settings.job_timeout_s} s "
                 "and was stopped",
             ))
-        return self._record_exit(job_id, files, child.returncode, outcome)
+        return self._record_exit(job_id, attempt, deliveries, files, child.returncode, outcome, started)
 
-    def _record_exit(self, job_id: str, files: JobFiles, returncode: int,
-                     outcome: dict[str, Any] | None) -> tuple[str, bool]:
-        if returncode == 0 and outcome and outcome["event"] == "succeeded" and files.output_model.exists():
-            report = read_json(files.report)
-            return self._finish(job_id, jobs.SUCCEEDED, result=_result_summary(files, report), progress=1.0, stage="done")
-        if outcome and outcome["event"] == "failed":
-            return self._finish(job_id, jobs.FAILED, error=problem(outcome["slug"], outcome["title"], outcome["detail"]))
-        return self._finish(job_id, jobs.FAILED, error=_died(returncode, self.settings))
+    def _start_child(self, files: JobFiles, log_file: Any, write_fd: int) -> subprocess.Popen:
+        return subprocess.Popen(
+            sandbox.job_command(self.settings, files, [sys.executable, "-m", "workers.job_process", str(files.root)]),
+            cwd=files.root,
+            env=protocol.child_environment(self.settings, write_fd, str(PROJECT_ROOT)),
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            pass_fds=[write_fd],
+            start_new_session=True,  # its own process group, killed as a whole
+        )
 
-    def _child_env(self, progress_fd: int) -> dict[str, str]:
-        """A scrubbed environment: no Redis URL, keys or other secrets reach the model's process."""
-        threads = str(self.settings.job_threads)
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "LANG": "C.UTF-8",
-            "PYTHONPATH": str(PROJECT_ROOT),
-            "PYTHONUNBUFFERED": "1",
-            "OMP_NUM_THREADS": threads,
-            "MKL_NUM_THREADS": threads,
-            "OPENBLAS_NUM_THREADS": threads,
-            "MODELPRESS_JOB_THREADS": threads,
-            "MODELPRESS_JOB_MEMORY_MB": str(self.settings.job_memory_mb),
-            "MODELPRESS_JOB_TIMEOUT_S": str(self.settings.job_timeout_s),
-            "MODELPRESS_PROGRESS_FD": str(progress_fd),
-        }
-        for name in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):  # keep this machine's OpenBLAS workarounds
-            if name in os.environ:
-                env[name] = os.environ[name]
-        return env
+    def _record_exit(self, job_id: str, attempt: int, deliveries: int, files: JobFiles, returncode: int,
+                     outcome: dict[str, Any] | None, started: bool) -> tuple[str, bool]:
+        refused_output = sandbox.confirm_outputs(files)
+        if refused_output:
+            return self._finish(job_id, attempt, jobs.FAILED, error=problem("invalid-output", "Invalid output",
+                                                                            refused_output))
+        if returncode == 0 and outcome and outcome["event"] == protocol.SUCCEEDED and files.output_model.exists():
+            # bench/chaos.py counts these: a job whose compression completes twice ran twice.
+            log.info("job %s: attempt %d completed its compression", job_id, attempt,
+                     extra={"job_id": job_id, "event": "completed"})
+            return self._publish(job_id, attempt, deliveries, files)
+        if outcome and outcome["event"] == protocol.FAILED:
+            return self._finish(job_id, attempt, jobs.FAILED, error=protocol.outcome_problem(outcome))
+        return self._finish(job_id, attempt, jobs.FAILED, error=protocol.died(returncode, self.settings, started,
+                                                                              sandbox.setup_error_in(files.process_log)))
 
-    def _finish(self, job_id: str, state: str, **fields: Any) -> tuple[str, bool]:
-        """Record the final state, retrying while Redis is unreachable (a restart must not lose it)."""
-        deadline = time.monotonic() + REDIS_RETRY_S
+    def _publish(self, job_id: str, attempt: int, deliveries: int, files: JobFiles) -> tuple[str, bool]:
+        """Publish this attempt's output under attempt-specific names, then record success (fenced).
+
+        The child writes ``output/model.pt`` by rename, so a hard link names one complete file
+        that nobody writes again: the digest recorded is the digest of the file served, even if
+        a superseded child (still alive during a partition) renames another file over the shared name.
+        """
+        try:
+            self._until_redis(self.store.beat, job_id, attempt)  # still ours? (raises Superseded)
+        except Superseded:
+            return jobs.RUNNING, False
+        model, report_path = files.published_model(attempt), files.published_report(attempt)
+        model.unlink(missing_ok=True)
+        os.link(files.output_model, model)
+        report = read_json(files.report)
+        report["deliveries"] = deliveries
+        write_json_atomic(report_path, report)
+        state, won = self._finish(job_id, attempt, jobs.SUCCEEDED, result=_result_summary(model, report),
+                                  progress=1.0, stage="done", warnings=report.get("warnings", []))
+        if not won:
+            model.unlink(missing_ok=True)
+            report_path.unlink(missing_ok=True)
+        return state, won
+
+    def _finish(self, job_id: str, attempt: int, state: str, **fields: Any) -> tuple[str, bool]:
+        """Record the final state (fenced by ``attempt``), however long Redis takes to come back.
+
+        There is no cap: giving up would leave the job ``running`` to be taken over and run
+        again, although its outcome is known. Meanwhile the message stays unacknowledged.
+        """
+        final = self._until_redis(self.store.finish, job_id, state, attempt, finished_at=utc_now(), **fields)
+        return final or "missing", final == state
+
+    @staticmethod
+    def _until_redis(call, *args: Any, **kwargs: Any) -> Any:
+        """``call``, retried while Redis is unreachable (back-off up to 5 s)."""
+        delay = 0.5
         while True:
             try:
-                final = self.store.move(job_id, state, finished_at=utc_now(), **fields)
-                break
-            except (redis.ConnectionError, redis.TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(1.0)
-        return final or "missing", final == state
+                return call(*args, **kwargs)
+            except (redis.ConnectionError, redis.TimeoutError) as error:
+                log.warning("Redis unreachable (%s); retrying in %.1f s", error, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     @staticmethod
     def _quietly(call, *args: Any, default: Any = None, **kwargs: Any) -> Any:
@@ -209,35 +233,13 @@ class Supervisor:
             return default
 
 
-def problem(slug: str, title: str, detail: str) -> dict[str, Any]:
-    """A failed job's ``error``: the same shape as the API's problem+json bodies."""
-    return {"type": f"https://modelpress.dev/problems/{slug}", "title": title, "status": 422, "detail": detail}
-
-
-def _died(returncode: int, settings: Settings) -> dict[str, Any]:
-    if returncode < 0:
-        signum = -returncode
-        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else f"signal {signum}"
-        if signum == signal.SIGSEGV:
-            why = "it crashed with a segmentation fault (a native crash inside torch on this model)"
-        elif signum == signal.SIGKILL:
-            why = (f"it was killed with SIGKILL (out of memory under the {settings.job_memory_mb} MB limit, "
-                   "or stopped by an operator)")
-        else:
-            why = f"it was stopped by {name}"
-        detail = f"the compression process died: {why}"
-    else:
-        detail = f"the compression process exited with status {returncode} without reporting a result"
-    return problem("process-died", "Compression process died", detail)
-
-
-def _result_summary(files: JobFiles, report: dict[str, Any]) -> dict[str, Any]:
+def _result_summary(model: Path, report: dict[str, Any]) -> dict[str, Any]:
     digest = hashlib.sha256()
-    with open(files.output_model, "rb") as handle:
+    with open(model, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return {
-        "bytes": files.output_model.stat().st_size,
+        "bytes": model.stat().st_size,
         "sha256": digest.hexdigest(),
         "format": report.get("format", {}).get("output", TORCHSCRIPT),
         "size_ratio": report["size"]["ratio"],
@@ -245,18 +247,6 @@ def _result_summary(files: JobFiles, report: dict[str, Any]) -> dict[str, Any]:
         "cosine_similarity": report["fidelity"]["cosine_similarity"],
         "top1_agreement": report["fidelity"]["top1_agreement"],
     }
-
-
-def _read_messages(read_fd: int, messages: "queue.Queue[dict[str, Any] | None]") -> None:
-    with os.fdopen(read_fd, "r", errors="replace") as pipe:
-        for line in pipe:
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(message, dict):
-                messages.put(message)
-    messages.put(None)
 
 
 def _kill_group(child: subprocess.Popen) -> None:

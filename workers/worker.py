@@ -1,18 +1,34 @@
 """Entry point of the worker process: ``celery -A workers.worker worker``."""
+import logging
+
+import redis
 from celery.signals import after_setup_logger, worker_ready
 
 from modelpress.config import Settings
+from modelpress.jobs import JobStore, connect
 from modelpress.logs import configure_logging
 from workers.celery_app import make_celery
+from workers import sandbox
 from workers.reaper import Reaper
+from workers.webhook_delivery import Dispatcher
 
 settings = Settings.from_env()
 celery = make_celery(settings)
 
 
 @worker_ready.connect
-def _start_reaper(sender=None, **kwargs) -> None:
+def _start_housekeeping(sender=None, **kwargs) -> None:
     Reaper(settings, celery).start()
+    Dispatcher(settings, JobStore(connect(settings.redis_url))).start()
+
+
+@worker_ready.connect
+def _test_sandbox(sender=None, **kwargs) -> None:
+    """Try the job sandbox once and publish the result for /readyz (a worker that cannot confine jobs is unready)."""
+    status = sandbox.self_test(settings)
+    level = logging.INFO if status.state == "confined" else logging.WARNING if status.state == "off" else logging.ERROR
+    logging.getLogger("modelpress.sandbox").log(level, "job sandbox %s: %s", status.state, status.detail)
+    sandbox.publish(redis.Redis.from_url(settings.redis_url), sender.hostname, status)
 
 
 @after_setup_logger.connect

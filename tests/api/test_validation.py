@@ -182,3 +182,34 @@ def test_width_student_needs_its_width(api: ApiClient, model_bytes: bytes, tmp_p
     spec = {"method": "distill", "distill": {"student": {"from": "width"}}}
     body = _problem(api.submit(model_bytes, spec, data=tmp_path / "d.npz"), 422)
     assert body["errors"] == {"spec.distill.student.width": ["required when from is 'width'"]}
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    ({"method": "quantize", "inputs": [{"shape": [2, 5], "dtype": "int8"}]}, "spec.inputs.0.dtype"),
+    ({"method": "quantize", "inputs": [{"shape": [2, 5]}, {"shape": [2, 5], "dtype": "bool", "low": 0}]},
+     "spec.inputs.1.low"),
+    ({"method": "quantize", "inputs": [{"shape": [2, 5], "dtype": "int64", "low": 9, "high": 3}]}, "spec.inputs.0.high"),
+    ({"method": "quantize", "inputs": [{"shape": [2, 5]}, {"shape": [3, 5]}]}, "spec.inputs"),
+    ({"method": "quantize", "inputs": [{"shape": [2, 5]}], "input_shape": [2, 5]}, "spec.inputs"),
+    ({**GOOD_SPEC, "output": -1}, "spec.output"),
+])
+def test_bad_inputs_and_output_are_named(api: ApiClient, model_bytes: bytes, spec: dict, field: str) -> None:
+    body = _problem(api.submit(model_bytes, spec), 422)
+    assert list(body["errors"]) == [field]
+
+
+def test_data_file_that_contradicts_the_declared_inputs_is_refused_at_submit(api: ApiClient, model_bytes: bytes,
+                                                                              tmp_path: Path) -> None:
+    np.savez(tmp_path / "two.npz", input_0=np.zeros((4, 3, 8, 8), dtype=np.float32),
+             input_1=np.zeros((4, 16), dtype=np.int64))
+    before = len(api.session.get(api.url("/v1/jobs?limit=100")).json()["jobs"])
+    declared = {"method": "quantize", "inputs": [{"shape": [2, 3, 8, 8]}, {"shape": [2, 12], "dtype": "int32"}]}
+
+    body = _problem(api.submit(model_bytes, declared, data=tmp_path / "two.npz"), 422)
+    assert body["errors"] == {
+        "spec.inputs.1.shape": ["samples of shape [12] declared, but the data file's 'input_1' has samples of shape "
+                                "[16] (array shape [4, 16]); only the batch axis may differ"],
+        "spec.inputs.1.dtype": ["int32 declared, but the data file's 'input_1' holds int64"]}
+    body = _problem(api.submit(model_bytes, GOOD_SPEC, data=tmp_path / "two.npz"), 422)
+    assert body["errors"] == {"spec.input_shape": ["declares 1 input(s) but the data file has 2 (input_0, input_1)"]}
+    assert len(api.session.get(api.url("/v1/jobs?limit=100")).json()["jobs"]) == before  # nothing was queued

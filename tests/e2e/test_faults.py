@@ -1,13 +1,14 @@
 """A dying or cancelled compression process fails or cancels its own job only."""
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ApiClient, compression_process
+from tests.conftest import ApiClient, compression_process, supervisor_process
 from tests.models import SlowModel, SmallConvNet, save_scripted
 
 # Many timed runs of a slow model: the job stays running until the test acts on it.
@@ -76,7 +77,7 @@ def test_cancelling_a_queued_job(api: ApiClient, slow_model: Path, quick_model: 
 def _kill_pool_process(job_id: str) -> None:
     """SIGKILL the Celery pool process running the job (the parent of its compression process)."""
     child = compression_process(job_id)
-    os.kill(child.ppid(), signal.SIGKILL)
+    os.kill(supervisor_process(job_id).pid, signal.SIGKILL)
     child.wait(timeout=30)  # PR_SET_PDEATHSIG takes the compression process down with its supervisor
 
 
@@ -85,10 +86,13 @@ def test_job_whose_worker_dies_once_is_run_again_and_succeeds(api: ApiClient, tm
     job_id = api.submit(model, {**SLOW_SPEC, "evaluation": {"runs": 30, "warmup": 0}}).json()["id"]
     api.wait(job_id, until={"running"}, timeout=120)
 
-    _kill_pool_process(job_id)
+    _kill_pool_process(job_id)  # found by its compression process: the job was mid-run
 
     job = api.wait(job_id, timeout=300)
     assert job["state"] == "succeeded", job["error"]
+    assert job["deliveries"] == 2  # taken over once
+    served = api.session.get(api.url(job["links"]["model"]), headers={"Accept-Encoding": "identity"})
+    assert hashlib.sha256(served.content).hexdigest() == job["result"]["sha256"]
 
 
 def test_job_that_keeps_killing_its_worker_fails_after_bounded_deliveries(api: ApiClient, stack, slow_model: Path) -> None:
@@ -102,3 +106,4 @@ def test_job_that_keeps_killing_its_worker_fails_after_bounded_deliveries(api: A
     assert job["state"] == "failed"
     assert job["error"]["title"] == "Worker lost"
     assert f"stopped {limit} times" in job["error"]["detail"]
+    assert job["deliveries"] == limit + 1  # the delivery that found the limit spent took it, then failed it

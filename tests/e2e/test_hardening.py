@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import io
-import os
 import pickle
+import struct
 import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +25,7 @@ QUICK = {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": {"runs
 SLOW = {"method": "quantize", "input_shape": [8, 64], "evaluation": {"runs": 1000, "warmup": 0}}
 MEDIUM = {"method": "quantize", "input_shape": [8, 64], "evaluation": {"runs": 40, "warmup": 0}}
 JOB_TIMEOUT_S = 20
+METRICS_TOKEN = "mp-metrics-scraper-token"
 
 
 @dataclass
@@ -41,7 +42,8 @@ def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hardened]:
     keys = {"alpha": "mp_alpha-secret-key", "beta": "mp_beta-secret-key"}
     (root / "keys").write_text("".join(f"{tenant} sha256:{hash_key(key)}\n" for tenant, key in keys.items()))
     settings = make_settings(root / "data", redis_url=None, api_keys_file=root / "keys", job_timeout_s=JOB_TIMEOUT_S,
-                             job_memory_mb=6144, max_active_jobs=60, worker_concurrency=2, job_threads=1)
+                             job_memory_mb=6144, max_active_jobs=60, worker_concurrency=2, job_threads=1,
+                             metrics_token=METRICS_TOKEN, op_check="job")  # the in-job graph walk alone
     stack = Stack(settings, log_dir=root / "logs")
     try:
         stack.start()
@@ -89,6 +91,32 @@ def test_a_tenant_cannot_see_another_tenants_job(hardened: Hardened, models: dic
         assert "no job" in response.json()["detail"]
     assert job["id"] not in {j["id"] for j in beta.session.get(beta.url("/v1/jobs?limit=100")).json()["jobs"]}
     assert hardened.alpha.job(job["id"])["state"] == "succeeded"  # the refused DELETE changed nothing
+
+
+def test_metrics_and_readiness_details_need_a_key_or_the_metrics_token(hardened: Hardened) -> None:
+    session = hardened.anonymous.session
+    metrics, ready = hardened.anonymous.url("/metrics"), hardened.anonymous.url("/readyz")
+
+    assert session.get(metrics).status_code == 401
+    assert session.get(metrics, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert "modelpress_jobs" in session.get(metrics, headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
+    assert hardened.alpha.session.get(metrics).status_code == 200
+    assert session.get(ready).json() == {"status": "ready"}  # whether, not why: no workers, no sandbox details
+    detailed = session.get(ready, headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).json()
+    assert detailed["workers"] >= 1 and set(detailed["sandbox"].values()) == {"confined"}
+    assert session.get(hardened.anonymous.url("/healthz")).status_code == 200
+
+
+def test_gzip_refused_with_q_0_is_not_sent(hardened: Hardened, models: dict[str, Path]) -> None:
+    job = hardened.alpha.wait(hardened.alpha.submit(models["quick"], QUICK).json()["id"], timeout=120)
+    url = hardened.alpha.url(job["links"]["model"])
+
+    refused = hardened.alpha.session.get(url, headers={"Accept-Encoding": "gzip;q=0"})
+    wanted = hardened.alpha.session.get(url, headers={"Accept-Encoding": "gzip"}, stream=True)
+
+    assert "Content-Encoding" not in refused.headers
+    assert torch.jit.load(io.BytesIO(refused.content)) is not None
+    assert wanted.headers["Content-Encoding"] == "gzip"
 
 
 # ----------------------------------------------------------------------------- untrusted files
@@ -147,6 +175,47 @@ def test_zip_bomb_is_refused_without_the_api_growing(hardened: Hardened, tmp_pat
     assert api_memory() - before < 50 << 20
 
 
+class _ReadsAFile(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + torch.from_file("/etc/hostname", False, 1, dtype=torch.uint8).float().sum()
+
+
+def test_the_job_refuses_a_file_operator_before_forward_runs(hardened: Hardened, tmp_path: Path) -> None:
+    """This stack skips the submit-time scan (MODELPRESS_OP_CHECK=job): the job's graph walk must catch it."""
+    response = hardened.alpha.submit(save_scripted(_ReadsAFile(), tmp_path / "reader.pt"), QUICK)
+    assert response.status_code == 202
+
+    job = hardened.alpha.wait(response.json()["id"], timeout=120)
+
+    assert job["state"] == "failed"
+    assert job["error"]["type"].endswith("/unsafe-model")
+    assert "forward calls aten::from_file" in job["error"]["detail"]
+
+
+def test_zip_that_lies_about_its_entry_count_is_refused_without_the_api_growing(hardened: Hardened,
+                                                                               tmp_path: Path) -> None:
+    liar = tmp_path / "liar.pt"
+    with zipfile.ZipFile(liar, "w") as archive:
+        for name in ("m/data.pkl", "m/constants.pkl", "m/version", "m/code/m.py"):
+            archive.writestr(name, b"x")
+        for index in range(200_000):
+            archive.writestr(f"m/data/{index}", b"")
+    body = bytearray(liar.read_bytes())
+    end = body.rfind(b"PK\x05\x06")
+    struct.pack_into("<HH", body, end + 8, 3, 3)  # the end record now says 3 entries
+    assert len(zipfile.ZipFile(io.BytesIO(bytes(body))).infolist()) == 200_004  # zipfile parses them all anyway
+    api_process = psutil.Process(hardened.stack.processes["api"].pid)
+
+    def api_memory() -> int:
+        return sum(p.memory_info().rss for p in [api_process, *api_process.children(recursive=True)])
+
+    before = api_memory()
+    response = hardened.alpha.submit(bytes(body), QUICK)
+    assert response.status_code == 422
+    assert "directory declares" in response.json()["errors"]["model"][0]
+    assert api_memory() - before < 60 << 20
+
+
 def test_model_that_allocates_beyond_the_limit_fails_and_the_worker_goes_on(hardened: Hardened, tmp_path: Path,
                                                                            models: dict[str, Path]) -> None:
     class Greedy(nn.Module):
@@ -167,10 +236,11 @@ def test_job_process_runs_without_network_or_secrets(hardened: Hardened, models:
     job = hardened.alpha.wait(hardened.alpha.submit(models["quick"], QUICK).json()["id"], timeout=120)
     sandbox = hardened.alpha.session.get(hardened.alpha.url(job["links"]["report"])).json()["sandbox"]
 
-    assert os.geteuid() != 0 or sandbox["network"] == "isolated"
+    assert sandbox["network"] == "isolated"
     assert not {"REDIS_URL", "MODELPRESS_API_KEYS_FILE", "HOME"} & set(sandbox["environment"])
     assert all(name.startswith(("MODELPRESS_", "OMP_", "MKL_", "OPENBLAS_")) or name in
-               ("PATH", "LANG", "PYTHONPATH", "PYTHONUNBUFFERED", "LC_CTYPE") for name in sandbox["environment"])
+               ("PATH", "PWD", "LANG", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "LC_CTYPE")
+               for name in sandbox["environment"])
 
 
 # ----------------------------------------------------------------------------- limits
@@ -225,8 +295,8 @@ def test_reaper_requeues_a_job_whose_worker_vanished(hardened: Hardened, models:
     try:
         job_id = hardened.alpha.submit(models["medium"], MEDIUM).json()["id"]
         child = compression_process(job_id)
-        worker_pid = psutil.Process(child.ppid()).ppid()
-        vanished = next(name for name, p in hardened.stack.processes.items() if p.pid == worker_pid)
+        stack_pids = {p.pid: name for name, p in hardened.stack.processes.items()}
+        vanished = next(stack_pids[p.pid] for p in child.parents() if p.pid in stack_pids)  # through bwrap's processes
 
         hardened.stack.kill_process(vanished)  # never started again: the other worker must take over
 

@@ -48,12 +48,15 @@ def test_cli_submit_wait_download_matches_the_reported_sha256(stack, api: ApiCli
 
     assert done.returncode == 0, done.stderr
     assert "succeeded" in done.stdout and "sha256 verified" in done.stdout
+    # The model is conv-only: dynamic quantization has nothing to do, and the job says so.
+    assert "warning: nothing was quantized: the model has no weight of the selected module types" in done.stdout
     assert "[" not in done.stderr  # no progress bars when stderr is not a terminal
     job_id = done.stdout.split()[1]
     assert hashlib.sha256(out.read_bytes()).hexdigest() == api.job(job_id)["result"]["sha256"]
 
     status = _cli(stack, "status", job_id)
     assert status.returncode == 0 and json.loads(status.stdout)["state"] == "succeeded"
+    assert json.loads(status.stdout)["warnings"][0].startswith("nothing was quantized")
     listed = _cli(stack, "list", "--state", "succeeded", "--limit", "500")
     assert job_id in listed.stdout
     report = _cli(stack, "report", job_id)
@@ -75,6 +78,14 @@ def test_cli_refused_request_exits_4_with_the_field(stack, model: Path) -> None:
     done = _cli(stack, "submit", str(model), "--prune", "1.5", "--input-shape", "1,3,8,8")
     assert done.returncode == 4
     assert "spec.prune.amount" in done.stderr
+
+
+def test_cli_input_flags_become_the_spec_inputs(stack, model: Path) -> None:
+    done = _cli(stack, "submit", str(model), "--quantize", "dynamic", "--input", "1,3,8,8",
+                "--input", "1,16:int64:0:30000", "--input", "1,2:int8", "--output", "logits")
+    assert done.returncode == 4
+    assert "spec.inputs.2.dtype" in done.stderr  # the third flag reached the service as inputs[2]
+    assert "spec.inputs.1" not in done.stderr and "spec.output" not in done.stderr
 
 
 def test_python_client_round_trip(stack, model: Path, tmp_path: Path) -> None:

@@ -21,13 +21,21 @@ def _spec(**distill: object) -> dict:
     return {"method": "distill", "seed": 0, "evaluation": {"runs": 2, "warmup": 1}, "distill": options}
 
 
-def test_width_student_with_labels_keeps_99_percent_of_the_teacher(digits: dict, tmp_path: Path) -> None:
-    assert digits["accuracy"] >= 0.975
+# Floors, set from `bench/spread.py` (5 seeds x native and portable CPU kernels; README "Tests"): the
+# worst run less a margin of several test images (one image is 0.22 points), and still above the same
+# student trained from scratch on labels (0.9356 in bench/distill.py). The 99% claims live in the benchmark.
+TEACHER_FLOOR = 0.95
+DISTILLED_WITH_LABELS_FLOOR = 0.955
+DISTILLED_WITHOUT_LABELS_FLOOR = 0.95
+
+
+def test_width_student_with_labels_keeps_the_teachers_accuracy(digits: dict, tmp_path: Path) -> None:
+    assert digits["accuracy"] >= TEACHER_FLOOR
     report = compress(digits["model"], _spec(), tmp_path / "student.pt", data_path=digits["labelled"])
 
     assert report["parameters"]["after"] <= report["parameters"]["before"] / 8
     student = torch.jit.load(str(tmp_path / "student.pt"))
-    assert test_accuracy(student, digits["x_test"], digits["y_test"]) >= 0.99 * digits["accuracy"]
+    assert test_accuracy(student, digits["x_test"], digits["y_test"]) >= DISTILLED_WITH_LABELS_FLOOR
     details = report["details"]
     assert details["student"]["from"] == "width" and details["alpha"] == 0.9
     assert [e["epoch"] for e in details["epochs"]] == list(range(1, 16))
@@ -36,11 +44,11 @@ def test_width_student_with_labels_keeps_99_percent_of_the_teacher(digits: dict,
     assert details["samples"] == {"train": 1212, "validation": 135}  # round(0.1 * 1347)
 
 
-def test_width_student_without_labels_keeps_97_percent(digits: dict, tmp_path: Path) -> None:
+def test_width_student_without_labels_learns_from_the_teacher_alone(digits: dict, tmp_path: Path) -> None:
     report = compress(digits["model"], _spec(), tmp_path / "student.pt", data_path=digits["unlabelled"])
 
     student = torch.jit.load(str(tmp_path / "student.pt"))
-    assert test_accuracy(student, digits["x_test"], digits["y_test"]) >= 0.97 * digits["accuracy"]
+    assert test_accuracy(student, digits["x_test"], digits["y_test"]) >= DISTILLED_WITHOUT_LABELS_FLOOR
     assert report["details"]["alpha"] == 1.0
     assert all(e["accuracy"] is None for e in report["details"]["epochs"])
 

@@ -46,7 +46,7 @@ def test_dynamic_int8_program_is_small_close_and_keeps_its_dynamic_batch(transfo
     assert output.stat().st_size <= 0.30 * path.stat().st_size
     assert report["size"]["bytes_after"] == output.stat().st_size
     assert len(report["details"]["quantized"]) == 2 * 5 + 1
-    program = torch.export.load(output)  # plain torch, nothing of ModelPress
+    program = torch.export.load(output)  # torch.export.load (torchao, imported here, registers the int8 ops)
     x = torch.randn(7, 16, 256)  # a batch size the example never had: the dynamic axis survived
     with torch.no_grad():
         got, expected = program.module()(x), model(x)
@@ -85,7 +85,7 @@ def test_unstructured_pruning_zeros_half_the_conv_and_linear_weights(tmp_path: P
         assert program.module()(x).shape == model(x).shape == (5, 10)
 
 
-def test_methods_not_yet_on_programs_fail_with_a_reason(transformer, tmp_path: Path) -> None:
+def test_structured_pruning_of_programs_fails_with_a_reason(transformer, tmp_path: Path) -> None:
     _, path = transformer
     with pytest.raises(UnsupportedModel, match="structured"):
         compress(path, _spec({"method": "prune", "prune": {"amount": 0.5, "structured": True},
@@ -127,7 +127,8 @@ def test_a_pickle_payload_is_refused_and_never_runs(craft: str, transformer, tmp
 
 
 @pytest.mark.parametrize("target, reason", [("torch.os.system", "not a torch operator"),
-                                            ("torch.ops.aten.from_file.default", "reads files")])
+                                            ("torch.ops.aten.from_file.default", "aten::from_file: it reads a file"),
+                                            ("torch.ops.mylib.run.default", "outside torch's own operator namespaces")])
 def test_graphs_calling_outside_torch_operators_are_refused(target: str, reason: str, transformer,
                                                             tmp_path: Path) -> None:
     _, genuine = transformer
@@ -184,3 +185,52 @@ def test_a_program_graph_nested_too_deep_to_parse_is_refused_with_a_reason(trans
     crafted.write_bytes(replace_entries(genuine.read_bytes(), {"models/model.json": b"[" * 100_000 + b"]" * 100_000}))
     with pytest.raises(ArchiveRejected, match="not valid JSON"):
         check_torchscript_archive(crafted, 1 << 30)
+
+
+class _SharedReluBlockNet(torch.nn.Module):
+    """resnet's BasicBlock pattern: one ReLU module called twice, an in-place residual add."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1, bias=False),
+                                        torch.nn.BatchNorm2d(width), torch.nn.ReLU())
+        self.conv1, self.bn1 = torch.nn.Conv2d(width, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = torch.nn.Conv2d(width, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(width, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.stem(x)
+        out = self.relu(self.bn1(self.conv1(identity)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.head(self.relu(out))
+
+
+def test_static_int8_program_quantizes_convs_with_a_shared_relu_and_keeps_shapes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _SharedReluBlockNet().train()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for _ in range(3):
+            model(torch.randn(8, 3, 16, 16))
+    model.eval()
+    path = save_exported(model, torch.randn(2, 3, 16, 16), tmp_path / "net.pt2")
+    output = tmp_path / "int8.pt2"
+    report = compress(path, _spec({"method": "quantize", "quantize": {"mode": "static"}, "input_shape": [8, 3, 16, 16]}),
+                      output)
+
+    details = report["details"]
+    assert details["mode"] == "static" and {entry["type"] for entry in details["quantized"]} == {"Conv2d", "Linear"}
+    assert len(details["quantized"]) == 4  # three convs and the classifier
+    program = torch.export.load(output)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "quantized_decomposed.quantize_per_tensor.default" in targets  # activations are int8 too
+    stored = [*program.state_dict.values(), *program.constants.values()]
+    conv_weights = [t for t in stored if isinstance(t, torch.Tensor) and t.dim() == 4]
+    assert len(conv_weights) == 3 and all(t.dtype == torch.int8 for t in conv_weights)
+    x = torch.randn(5, 3, 16, 16)  # dynamic batch kept
+    with torch.no_grad():
+        got, expected = program.module()(x), model(x)
+    assert got.shape == expected.shape == (5, 10)
+    assert _cosine(got, expected) >= 0.98
+    assert report["fidelity"]["cosine_similarity"] >= 0.98

@@ -8,6 +8,7 @@ import torch
 
 from tests.models import (ConcatNet, Recurrent, ResidualNet, save_scripted,
                           test_accuracy)
+from workers.compression.errors import NothingToPrune
 from workers.compression.pipeline import compress
 
 
@@ -94,17 +95,24 @@ def _kept_rows(full: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
     return torch.tensor([next(i for i in range(full.shape[0]) if torch.equal(full[i], row)) for row in kept])
 
 
-def test_nothing_prunable_succeeds_unchanged(tmp_path: Path) -> None:
+def test_nothing_prunable_unstructured_succeeds_unchanged_structured_fails(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = save_scripted(Recurrent(features=8, hidden=16), tmp_path / "rnn.pt")
-    for structured in (False, True):
-        report = compress(model, _spec([2, 5, 8], structured=structured), tmp_path / "out.pt")
-        assert report["details"]["notes"][0].startswith("nothing prunable")
-        assert report["fidelity"]["max_abs_error"] == 0.0
-        assert report["parameters"]["after"] == report["parameters"]["before"]
+    report = compress(model, _spec([2, 5, 8], structured=False), tmp_path / "out.pt")
+    assert report["details"]["notes"][0].startswith("nothing prunable")
+    assert report["fidelity"]["max_abs_error"] == 0.0
+    assert report["parameters"]["after"] == report["parameters"]["before"]
+
+    # A structured job that can remove nothing is not a success: it fails, naming each group's reason.
+    with pytest.raises(NothingToPrune) as failure:
+        compress(model, _spec([2, 5, 8], structured=True), tmp_path / "out2.pt")
+    assert failure.value.slug == "nothing-to-prune"
+    assert "head: model output" in str(failure.value) and "excluded by pattern 'head'" in str(failure.value)
+    assert "lstm (LSTM)" in str(failure.value) and "gru (GRU)" in str(failure.value)
+    assert not (tmp_path / "out2.pt").exists()
 
 
-def test_mobilenet_v3_small_runs_and_names_what_was_left_whole(tmp_path: Path) -> None:
+def test_mobilenet_v3_small_prunes_depthwise_and_se_groups(tmp_path: Path) -> None:
     import torchvision
 
     torch.manual_seed(0)
@@ -112,8 +120,8 @@ def test_mobilenet_v3_small_runs_and_names_what_was_left_whole(tmp_path: Path) -
     report = compress(model, _spec([1, 3, 64, 64], structured=True), tmp_path / "out.pt")
 
     left = report["details"]["left_whole"]
-    assert any("depthwise" in entry["reason"] for entry in left)
-    assert report["parameters"]["after"] < report["parameters"]["before"]
+    assert [entry["group"] for entry in left] == ["classifier.3"]  # only the excluded classifier
+    assert report["parameters"]["after"] < 0.6 * report["parameters"]["before"]
     result = torch.jit.load(str(tmp_path / "out.pt"))
     for batch in (1, 8):
         assert result(torch.randn(batch, 3, 64, 64)).shape == (batch, 10)

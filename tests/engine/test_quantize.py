@@ -68,14 +68,35 @@ def test_float16_halves_the_weights_and_is_nearly_exact(small_transformer: Path,
     assert report["details"]["counts"]["weight_only"] == 11
 
 
-def test_lstm_and_gru_weights_are_stored_in_int8(tmp_path: Path) -> None:
+def test_lstm_and_gru_run_the_quantized_recurrent_kernels(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = save_scripted(Recurrent(features=32, hidden=128), tmp_path / "rnn.pt")
     report = compress(model, _spec([4, 12, 32]), tmp_path / "out.pt")
 
     kernels = {m["module"]: m["kernel"] for m in report["details"]["quantized_modules"]}
-    assert kernels == {"lstm": "weight_only", "gru": "weight_only", "head": "dynamic"}
+    assert kernels == {"lstm": "dynamic", "gru": "dynamic", "head": "dynamic"}
+    graph = str(torch.jit.load(str(tmp_path / "out.pt")).graph)  # the file a user downloads
+    assert "aten::quantized_lstm" in graph and "aten::quantized_gru" in graph
+    assert "aten::lstm(" not in graph and "aten::gru(" not in graph and "aten::dequantize" not in graph
     assert report["size"]["ratio"] < 0.35
+    assert report["fidelity"]["cosine_similarity"] > 0.999
+
+
+def test_bias_free_bidirectional_lstm_gets_the_quantized_kernel_too(tmp_path: Path) -> None:
+    class BiLSTM(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = torch.nn.LSTM(16, 32, bidirectional=True, bias=False, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lstm(x)[0]
+
+    torch.manual_seed(0)
+    model = save_scripted(BiLSTM(), tmp_path / "bi.pt")
+    report = compress(model, _spec([3, 7, 16]), tmp_path / "out.pt")
+
+    assert "aten::quantized_lstm" in str(torch.jit.load(str(tmp_path / "out.pt")).graph)
+    assert report["details"]["quantized_modules"][0]["kernel"] == "dynamic"
     assert report["fidelity"]["cosine_similarity"] > 0.999
 
 

@@ -1,6 +1,7 @@
 """Loading and saving TorchScript artifacts, with readable errors for bad files."""
 from __future__ import annotations
 
+import copy
 import io
 import os
 import tempfile
@@ -70,12 +71,23 @@ def clone_model(model: torch.jit.ScriptModule, device: torch.device | str = "cpu
     optimisers refuse, and ScriptModule.to("cuda") left some weights on the CPU (torch 2.11, seen
     on an H100); a reload with map_location moves every tensor.
     """
+    if not isinstance(model, torch.jit.ScriptModule):  # an eager module, or an exported program's module
+        return set_training(copy.deepcopy(model).to(device), model.training)
     buffer = io.BytesIO()
     with quiet_torchscript_warnings():
         torch.jit.save(model, buffer)
         buffer.seek(0)
-        copy = torch.jit.load(buffer, map_location=device)
-    return copy.train(model.training)
+        copied = torch.jit.load(buffer, map_location=device)
+    return copied.train(model.training)
+
+
+def set_training(model: torch.nn.Module, mode: bool) -> torch.nn.Module:
+    """``model.train(mode)``; an exported program's module refuses it (its graph is fixed to the mode it
+    was exported in, eval for uploads: BatchNorm statistics stay, dropout is off) and is left as it is."""
+    try:
+        return model.train(mode)
+    except NotImplementedError:
+        return model
 
 
 def _explain_load_error(error: Exception) -> str:

@@ -12,11 +12,12 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from .artifacts import clone_model
-from .errors import InvalidInput, UnsupportedModel
-from .inputs import Dataset
+from .artifacts import clone_model, set_training
+from .errors import InvalidInput, NothingToPrune, UnsupportedModel
+from .inputs import Dataset, describe
 from .measure import run_model
-from .prune import prune
+from .outputs import select_output
+from .prune import PRUNABLE_TYPES, prune
 from .torchscript import quiet_torchscript_warnings
 
 Progress = Callable[[str, float], None]
@@ -28,6 +29,7 @@ def distill(
     data: Dataset,
     progress: Progress | None = None,
     student: torch.jit.ScriptModule | None = None,
+    scripted: bool = True,
 ) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     """Train a student on ``data``; return the best epoch's student and the training curve.
 
@@ -36,26 +38,25 @@ def distill(
     progress = progress or (lambda stage, fraction: None)
     if data.synthetic:
         raise InvalidInput("distillation needs a data file with an 'inputs' array to train on")
-    probe = data.inputs[:2]
-    teacher_out = run_model(teacher, probe)
-    if not isinstance(teacher_out, torch.Tensor) or teacher_out.dim() != 2:
-        shape = list(teacher_out.shape) if isinstance(teacher_out, torch.Tensor) else type(teacher_out).__name__
-        raise UnsupportedModel(f"distillation needs a teacher whose output is class scores [batch, classes]; got {shape}")
+    probe = data.head(2)
+    teacher_out = select_output(run_model(teacher, probe), data.target_output)
+    if teacher_out.dim() != 2 or not teacher_out.is_floating_point():
+        raise UnsupportedModel("distillation needs a teacher whose output (spec.output) is class scores "
+                               f"[batch, classes]; got {list(teacher_out.shape)} ({teacher_out.dtype})")
     classes = int(teacher_out.shape[1])
     if data.labels is not None and int(data.labels.max()) >= classes:
         raise InvalidInput(f"'labels' go up to {int(data.labels.max())} but the teacher scores {classes} classes")
 
     progress("building the student", 0.02)
     student_spec = spec["student"]
-    student, origin = _build_student(teacher, student_spec, student, classes, data)
+    student, origin = _build_student(teacher, student_spec, student, classes, data, scripted)
     try:
-        student_out = run_model(student, probe)
+        student_out = select_output(run_model(student, probe), data.target_output)
     except InvalidInput as error:
         raise InvalidInput(f"the student cannot run on the data's inputs: {error}") from None
-    if not isinstance(student_out, torch.Tensor) or student_out.shape != teacher_out.shape:
-        got = list(student_out.shape) if isinstance(student_out, torch.Tensor) else type(student_out).__name__
-        raise InvalidInput(f"the student's output shape {got} differs from the teacher's {list(teacher_out.shape)} "
-                           f"on inputs of shape {list(probe.shape)}")
+    if student_out.shape != teacher_out.shape:
+        raise InvalidInput(f"the student's output shape {list(student_out.shape)} differs from the teacher's "
+                           f"{list(teacher_out.shape)} on {describe(probe)}")
 
     labelled = data.labels is not None
     alpha = 1.0 if not labelled else (0.9 if spec.get("alpha") is None else float(spec["alpha"]))
@@ -81,31 +82,34 @@ def distill(
 # ---------------------------------------------------------------------------- students
 
 
-def _build_student(teacher, spec, uploaded, classes: int, data: Dataset) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+def _build_student(teacher, spec, uploaded, classes: int, data: Dataset,
+                   scripted: bool) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     source = spec["source"]  # "from" in JSON
     if source == "upload":
         if uploaded is None:
             raise InvalidInput("student.from is 'upload' but no student model was uploaded")
         return uploaded, {"from": "upload"}
     if source == "torchvision":
-        return _torchvision_student(spec["arch"], classes), {"from": "torchvision", "arch": spec["arch"]}
+        return _torchvision_student(spec["arch"], classes, scripted), {"from": "torchvision", "arch": spec["arch"]}
     width = float(spec["width"])
-    narrowed, details = prune(clone_model(teacher), {
-        "amount": 1.0 - width, "structured": True, "criterion": "l1", "modules": ["Conv2d", "Linear"],
-        "exclude": None, "finetune": None}, data)
-    if not details["groups"]:
-        reasons = "; ".join(sorted({entry["reason"] for entry in details["left_whole"]}))[:400]
-        raise UnsupportedModel(f"no channel group of the teacher can be narrowed for a width student ({reasons})")
+    try:
+        narrowed, details = prune(clone_model(teacher), {
+            "amount": 1.0 - width, "structured": True, "criterion": "l1", "modules": list(PRUNABLE_TYPES),
+            "exclude": None, "finetune": None}, data)
+    except NothingToPrune as error:
+        raise NothingToPrune(f"no channel group of the teacher can be narrowed for a width student: {error}") from None
     return narrowed, {"from": "width", "width": width, "groups": details["groups"], "left_whole": details["left_whole"]}
 
 
-def _torchvision_student(arch: str, classes: int) -> torch.jit.ScriptModule:
+def _torchvision_student(arch: str, classes: int, scripted: bool) -> torch.jit.ScriptModule | torch.nn.Module:
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
     if arch not in available:
         raise InvalidInput(f"unknown torchvision classification model {arch!r}; choose one of: {', '.join(available)}")
     model = torchvision.models.get_model(arch, weights=None, num_classes=classes)
+    if not scripted:  # for a .pt2 teacher: trained eagerly, then exported
+        return model.eval()
     with quiet_torchscript_warnings():
         return torch.jit.script(model.eval())
 
@@ -119,8 +123,7 @@ def _split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]
     if size < 1:
         raise InvalidInput(f"the data file has {len(data)} samples: too few to hold some out for validation")
     held, kept = order[:size], order[size:]
-    return (Dataset(data.inputs[kept], None if data.labels is None else data.labels[kept]),
-            Dataset(data.inputs[held], None if data.labels is None else data.labels[held]))
+    return data.subset(kept), data.subset(held)
 
 
 def _train(teacher, student, train: Dataset, validation: Dataset, spec, alpha: float, device: torch.device,
@@ -129,7 +132,7 @@ def _train(teacher, student, train: Dataset, validation: Dataset, spec, alpha: f
     epochs, batch_size = int(spec.get("epochs", 10)), int(spec.get("batch_size", 64))
     temperature = float(spec.get("temperature", 4.0))
     patience = spec.get("early_stopping_patience")
-    teacher = clone_model(teacher, device).eval()
+    teacher = set_training(clone_model(teacher, device), False)
     student = clone_model(student, device)
     parameters = [p for p in student.parameters() if p.is_floating_point()]
     for parameter in parameters:
@@ -145,17 +148,17 @@ def _train(teacher, student, train: Dataset, validation: Dataset, spec, alpha: f
     stopped_early = False
     with quiet_torchscript_warnings():
         for epoch in range(1, epochs + 1):
-            student.train()
+            set_training(student, True)
             order = torch.randperm(len(train), generator=generator)
             total, count = 0.0, 0
             for step, start in enumerate(range(0, len(train), batch_size)):
                 index = order[start:start + batch_size]
                 if index.numel() < 2:
                     continue  # a batch of one breaks BatchNorm in training mode
-                inputs = train.inputs[index].to(device)
+                inputs = tuple(tensor.to(device) for tensor in train.rows(index))
                 with torch.no_grad():
-                    soft_targets = F.softmax(teacher(inputs) / temperature, dim=1)
-                logits = student(inputs)
+                    soft_targets = F.softmax(select_output(teacher(*inputs), train.target_output) / temperature, dim=1)
+                logits = select_output(student(*inputs), train.target_output)
                 loss = alpha * temperature ** 2 * F.kl_div(
                     F.log_softmax(logits / temperature, dim=1), soft_targets, reduction="batchmean")
                 if alpha < 1.0 and train.labels is not None:
@@ -183,17 +186,17 @@ def _train(teacher, student, train: Dataset, validation: Dataset, spec, alpha: f
                 tensor.copy_(best_state[name])
     for parameter in parameters:
         parameter.requires_grad_(False)
-    return clone_model(student, "cpu").eval(), curve, best_epoch, stopped_early
+    return set_training(clone_model(student, "cpu"), False), curve, best_epoch, stopped_early
 
 
 def _evaluate(teacher, student, data: Dataset, device: torch.device) -> dict[str, float | None]:
-    student.eval()
+    set_training(student, False)
     agree, correct = 0, 0
     with torch.no_grad(), quiet_torchscript_warnings():
         for start in range(0, len(data), 256):
-            inputs = data.inputs[start:start + 256].to(device)
-            predicted = student(inputs).argmax(1)
-            agree += int((predicted == teacher(inputs).argmax(1)).sum())
+            inputs = tuple(tensor.to(device) for tensor in data.rows(slice(start, start + 256)))
+            predicted = select_output(student(*inputs), data.target_output).argmax(1)
+            agree += int((predicted == select_output(teacher(*inputs), data.target_output).argmax(1)).sum())
             if data.labels is not None:
                 correct += int((predicted.cpu() == data.labels[start:start + 256]).sum())
     return {"agreement": round(agree / len(data), 6),

@@ -36,6 +36,28 @@ class UnsupportedModel(CompressionError):
     slug = "unsupported-model"
 
 
+class NothingToPrune(UnsupportedModel):
+    """Structured pruning found no channel group it could remove safely: the job fails rather than change nothing."""
+
+    title = "Nothing to prune"
+    slug = "nothing-to-prune"
+
+
+class UnsafeModel(CompressionError):
+    """The model's code calls an operator that reaches outside the tensors it is given (files, processes)."""
+
+    title = "Unsafe model"
+    slug = "unsafe-model"
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """An allocation failure, however it surfaced: Python's MemoryError or torch's allocator message."""
+    if isinstance(error, (MemoryError, OutOfMemory)):
+        return True
+    message = str(error)
+    return "can't allocate memory" in message or "not enough memory" in message
+
+
 def summarize_torch_error(error: BaseException, limit: int = 400) -> str:
     """The line of a torch error a user can act on.
 

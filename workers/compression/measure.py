@@ -9,8 +9,12 @@ from typing import Any, Iterable
 
 import torch
 
-from .errors import InvalidInput, OutOfMemory, summarize_torch_error
+from .errors import InvalidInput, OutOfMemory, is_out_of_memory, summarize_torch_error
+from .inputs import describe
+from .outputs import named_outputs
 from .torchscript import quiet_torchscript_warnings, tensor_constants
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]  # one tensor, or one per positional input
 
 
 def count_parameters(model: torch.jit.ScriptModule) -> int:
@@ -37,68 +41,99 @@ def count_parameters(model: torch.jit.ScriptModule) -> int:
     return elements
 
 
-def count_macs(model: torch.jit.ScriptModule, batch: torch.Tensor) -> int:
-    """Multiply-accumulates of one forward pass on ``batch``: conv and matrix-multiply ops, as torch.profiler counts them."""
-    from torch.profiler import ProfilerActivity, profile
+def count_macs(model: torch.jit.ScriptModule, batch: Inputs) -> int:
+    """Multiply-accumulates of one forward pass on ``batch``: convolutions and matrix multiplies (FLOPs / 2).
 
-    with torch.no_grad(), quiet_torchscript_warnings(), profile(activities=[ProfilerActivity.CPU], with_flops=True, record_shapes=True) as prof:
-        model(batch)
-    flops = sum(event.flops for event in prof.key_averages()
-                if event.flops and ("conv" in event.key or "mm" in event.key or "linear" in event.key))
-    return int(flops // 2)
+    Counted by a dispatch mode, not torch.profiler: starting the profiler initialises Kineto, which
+    probes for GPUs and prints "gpuGetDeviceCount failed" on machines with a CUDA build of torch and
+    no usable GPU.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), quiet_torchscript_warnings(), FlopCounterMode(display=False) as counter:
+        model(*as_args(batch))
+    return int(counter.get_total_flops() // 2)
 
 
-def run_model(model: torch.jit.ScriptModule, batch: torch.Tensor) -> Any:
+def as_args(batch: Inputs) -> tuple[torch.Tensor, ...]:
+    """Positional arguments of forward: a lone tensor is one input."""
+    return (batch,) if isinstance(batch, torch.Tensor) else tuple(batch)
+
+
+def run_model(model: torch.jit.ScriptModule, batch: Inputs) -> Any:
     """Run once without gradients; turn a shape or dtype mismatch into ``InvalidInput``."""
+    args = as_args(batch)
     try:
         with torch.no_grad(), quiet_torchscript_warnings():
-            return model(batch)
+            return model(*args)
     except Exception as error:
-        if isinstance(error, MemoryError) or "can't allocate memory" in str(error):
+        if is_out_of_memory(error):
             raise OutOfMemory(summarize_torch_error(error)) from None
-        raise InvalidInput(
-            f"the model failed on an input of shape {list(batch.shape)} ({batch.dtype}): {summarize_torch_error(error)}"
-        ) from None
+        raise InvalidInput(f"the model failed on {describe(args)}: {summarize_torch_error(error)}") from None
 
 
-def median_latency_ms(model: torch.jit.ScriptModule, batch: torch.Tensor, runs: int = 20, warmup: int = 3) -> float:
+def median_latency_ms(model: torch.jit.ScriptModule, batch: Inputs, runs: int = 20, warmup: int = 3) -> float:
     """Median wall time of ``runs`` forward passes after ``warmup`` (TorchScript optimises on early calls)."""
+    args = as_args(batch)
     with torch.no_grad(), quiet_torchscript_warnings():
         for _ in range(warmup):
-            model(batch)
+            model(*args)
         timings = []
         for _ in range(runs):
             start = time.perf_counter()
-            model(batch)
+            model(*args)
             timings.append((time.perf_counter() - start) * 1000.0)
     return statistics.median(timings)
 
 
 def output_fidelity(reference: Iterable[Any], candidate: Iterable[Any]) -> dict[str, Any]:
-    """Compare outputs batch by batch: max |a-b|, cosine similarity, top-1 agreement of 2-D scores."""
-    ref_tensors, cand_tensors = [], []
+    """Compare outputs batch by batch, overall and per output: max |a-b|, cosine similarity, and
+    top-1 agreement of 2-D float scores.
+
+    Outputs are tensors, or tuples, lists and dicts of them (``outputs.py`` names them). The
+    overall figures treat all outputs as one vector; ``top1_agreement`` is the first output's.
+    """
+    names: list[str] | None = None
+    per_output: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for ref, cand in zip(reference, candidate):
-        ref_flat, cand_flat = _tensors(ref), _tensors(cand)
-        if len(ref_flat) != len(cand_flat) or any(a.shape != b.shape for a, b in zip(ref_flat, cand_flat)):
+        ref_named, cand_named = named_outputs(ref), named_outputs(cand)
+        if [n for n, _ in ref_named] != [n for n, _ in cand_named] or any(
+                a.shape != b.shape for (_, a), (_, b) in zip(ref_named, cand_named)):
             raise InvalidInput(
                 "the compressed model's outputs have different shapes from the original's: "
-                f"{[list(t.shape) for t in ref_flat]} vs {[list(t.shape) for t in cand_flat]}"
+                f"{_shapes(ref_named)} vs {_shapes(cand_named)}"
             )
-        ref_tensors.append(ref_flat)
-        cand_tensors.append(cand_flat)
-    a = torch.cat([t.detach().float().flatten() for batch in ref_tensors for t in batch])
-    b = torch.cat([t.detach().float().flatten() for batch in cand_tensors for t in batch])
-    result: dict[str, Any] = {
+        names = names or [name for name, _ in ref_named]
+        for (name, a), (_, b) in zip(ref_named, cand_named):
+            per_output.setdefault(name, ([], []))
+            per_output[name][0].append(a.detach())
+            per_output[name][1].append(b.detach())
+    outputs = [{"name": name, "shape": list(refs[0].shape), "dtype": str(refs[0].dtype).removeprefix("torch."),
+                **_compare(refs, cands)} for name, (refs, cands) in per_output.items()]
+    a = torch.cat([t.float().flatten() for refs, _ in per_output.values() for t in refs]) if per_output else torch.zeros(0)
+    b = torch.cat([t.float().flatten() for _, cands in per_output.values() for t in cands]) if per_output else torch.zeros(0)
+    return {
+        **_similarity(a, b),
+        "top1_agreement": outputs[0]["top1_agreement"] if outputs else None,
+        "outputs": outputs,
+    }
+
+
+def _compare(refs: list[torch.Tensor], cands: list[torch.Tensor]) -> dict[str, Any]:
+    a = torch.cat([t.float().flatten() for t in refs])
+    b = torch.cat([t.float().flatten() for t in cands])
+    top1 = None
+    if all(r.dim() == 2 and r.shape[1] > 1 and r.is_floating_point() for r in refs):
+        agree = sum(int((r.argmax(1) == c.argmax(1)).sum()) for r, c in zip(refs, cands))
+        top1 = agree / sum(r.shape[0] for r in refs)
+    return {**_similarity(a, b), "top1_agreement": top1}
+
+
+def _similarity(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
+    return {
         "max_abs_error": float((a - b).abs().max()) if a.numel() else 0.0,
         "cosine_similarity": float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12)) if a.numel() else 1.0,
-        "top1_agreement": None,
     }
-    firsts = [(batch[0], other[0]) for batch, other in zip(ref_tensors, cand_tensors) if batch]
-    if firsts and all(r.dim() == 2 and r.shape[1] > 1 and r.is_floating_point() for r, _ in firsts):
-        agree = sum(int((r.argmax(1) == c.argmax(1)).sum()) for r, c in firsts)
-        total = sum(r.shape[0] for r, _ in firsts)
-        result["top1_agreement"] = agree / total
-    return result
 
 
 def significant(value: float, digits: int = 5) -> float:
@@ -116,11 +151,5 @@ def deflate_bytes(path: Path) -> int:
     return total + len(compressor.flush())
 
 
-def _tensors(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, (list, tuple)):
-        return [t for item in output for t in _tensors(item)]
-    if isinstance(output, dict):
-        return [t for key in sorted(output) for t in _tensors(output[key])]
-    return []
+def _shapes(named: list[tuple[str, torch.Tensor]]) -> list[list[int]]:
+    return [list(t.shape) for _, t in named]

@@ -12,15 +12,15 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .artifacts import clone_model
-from .channels import ChannelGroup, channel_groups
-from .errors import InvalidInput, UnsupportedModel
+from .channels import ChannelGroup, Member, channel_groups, layer_name
+from .errors import InvalidInput, NothingToPrune, summarize_torch_error
 from .inputs import Dataset
-from .measure import count_macs, run_model
-from .torchscript import matching_pattern, module_types, quiet_torchscript_warnings
+from .measure import count_macs
+from .torchscript import derive_conv_groups, matching_pattern, module_types, quiet_torchscript_warnings
 from .training import finetune
 
 Progress = Callable[[str, float], None]
-PRUNABLE_TYPES = ("Conv2d", "Linear")
+PRUNABLE_TYPES = ("Conv2d", "Linear", "Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
 
 
 def prune(
@@ -39,12 +39,12 @@ def prune(
     selected = set(spec.get("modules", PRUNABLE_TYPES))
     exclude, excluded_by_default = _exclusions(model, spec.get("exclude"))
     types = module_types(model)
-    batch = data.inputs[: min(len(data), 8)]
+    batch = data.head(8)
     macs_before = count_macs(model, batch)
 
     progress("ranking", 0.05)
     if spec.get("structured", False):
-        details = _prune_channels(model, spec, selected, exclude, types, data, progress)
+        model, details = _prune_channels(model, spec, selected, exclude, types, data, progress)
         after_step = None
     else:
         details, masks = _prune_weights(model, spec, selected, exclude, types)
@@ -60,7 +60,7 @@ def prune(
             progress=lambda stage, fraction: progress(stage, 0.5 + 0.45 * fraction),
         )
     details["macs"] = {"before": macs_before, "after": count_macs(model, batch),
-                       "batch_shape": list(batch.shape), "counted": "conv2d and matrix multiplies (torch.profiler)"}
+                       "batch_shape": list(batch[0].shape), "counted": "convolutions and matrix multiplies (torch.utils.flop_counter, FLOPs / 2)"}
     if excluded_by_default:
         details["notes"].append(f"the final classifier {excluded_by_default!r} is excluded by default (set 'exclude' to change)")
     if spec.get("structured") is False and spec.get("criterion") == "l2":
@@ -134,98 +134,188 @@ def _smallest(values: torch.Tensor, count: int) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- structured
 
+# A pruned model must match the original with the same channels zeroed to this relative tolerance
+# (of the largest output magnitude): float sums in another order differ by about 1e-6.
+MASKED_TOLERANCE = 1e-4
 
-def _prune_channels(model, spec, selected, exclude, types, data: Dataset, progress: Progress) -> dict[str, Any]:
+
+def _prune_channels(model, spec, selected, exclude, types, data: Dataset,
+                    progress: Progress) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     amount = float(spec["amount"])
     criterion = spec.get("criterion", "l1")
     originals = {name: t.detach().clone() for name, t in _tensors(model).items()}
-    groups = channel_groups(model, {name: t.shape for name, t in originals.items()})
+    groups = channel_groups(model, {name: t.shape for name, t in originals.items()}, _rows(data, 2))
     candidates: list[tuple[ChannelGroup, torch.Tensor]] = []
     left_whole = []
     for group in groups:
-        producer_modules = sorted({m.parameter.rpartition(".")[0] for m in group.members if m.producer})
         reasons = list(group.blocked)
-        for module in producer_modules:
-            module_type = types.get(module, "")
-            if module_type not in selected:
-                reasons.append(f"{module} is a {module_type}, not a selected type")
-            elif (pattern := matching_pattern(module, exclude)) is not None:
-                reasons.append(f"{module} is excluded by pattern {pattern!r}")
-        keep_count = max(1, int(round(group.size * (1.0 - amount))))
-        if not reasons and keep_count >= group.size:
-            reasons.append(f"{group.size} channels are too few to prune at amount {amount}")
+        for layer, kind in sorted({(layer_name(m.parameter), m.kind) for m in group.producers}):
+            if kind not in selected:
+                reasons.append(f"{layer} is a {kind}, not a selected type")
+            elif (pattern := matching_pattern(layer, exclude)) is not None:
+                reasons.append(f"{layer} is excluded by pattern {pattern!r}")
+        units = group.size // group.unit
+        keep_units = max(1, int(round(units * (1.0 - amount))))
+        if not reasons and keep_units >= units:
+            what = f"{units} groups of {group.unit} channels" if group.unit > 1 else f"{group.size} channels"
+            reasons.append(f"{what} are too few to prune at amount {amount}")
         if reasons:
             left_whole.append({"group": group.name, "channels": group.size, "reason": "; ".join(reasons)})
             continue
-        scores = _channel_importance(group, originals, criterion)
-        keep = torch.topk(scores, keep_count).indices.sort().values
+        scores = _channel_importance(group, originals, criterion).view(units, group.unit).sum(1)
+        kept_units = torch.topk(scores, keep_units).indices.sort().values
+        keep = (kept_units[:, None] * group.unit + torch.arange(group.unit)).flatten()
         candidates.append((group, keep))
 
+    if any(_reads_grouped_conv(group, originals) for group, _ in candidates) and derive_conv_groups(model):
+        model = clone_model(model)  # reloaded: the rewritten graphs take effect
     checks = _check_batches(data)
     accepted: list[tuple[ChannelGroup, torch.Tensor]] = []
     if candidates:
-        _materialize(model, originals, candidates)
-        failure = _failure(model, checks)
-        if failure is None:
-            accepted = candidates
+        progress("checking groups", 0.1)
+        if _mismatch(model, originals, candidates, checks) is None:
+            accepted = list(candidates)
         else:  # find the groups that break the model, one at a time
             for index, candidate in enumerate(candidates):
-                _materialize(model, originals, accepted + [candidate])
-                failure = _failure(model, checks)
-                if failure is None:
+                problem = _mismatch(model, originals, accepted + [candidate], checks)
+                if problem is None:
                     accepted.append(candidate)
                 else:
                     left_whole.append({"group": candidate[0].name, "channels": candidate[0].size,
-                                       "reason": f"the model failed after slicing it: {failure}"})
+                                       "reason": f"put back: {problem}"})
                 progress("checking groups", 0.1 + 0.3 * (index + 1) / len(candidates))
-            _materialize(model, originals, accepted)
-    if _failure(model, checks) is not None:  # never hand back a model that fails on its own inputs
-        _materialize(model, originals, [])
-        raise UnsupportedModel("channel pruning produced a model that does not run; no group could be pruned safely")
+    _materialize(model, originals, accepted)
+    # Weights no group indexes (an LSTM's, an op the analysis does not model): name their layers.
+    covered = {m.parameter for group in groups for m in group.members}
+    unmodelled = sorted({f"{layer_name(name)} ({types.get(layer_name(name)) or 'functional'})"
+                         for name, tensor in originals.items() if tensor.dim() >= 2 and name not in covered})
+    if not accepted:
+        reasons = "; ".join(f"{entry['group']}: {entry['reason']}" for entry in left_whole[:12])
+        more = f" (and {len(left_whole) - 12} more groups)" if len(left_whole) > 12 else ""
+        layers = f" Layers the channel analysis does not model: {', '.join(unmodelled[:12])}." if unmodelled else ""
+        raise NothingToPrune(f"structured pruning can remove no channel group of this model, so nothing would "
+                             f"change. Reasons per group: {reasons or 'no conv or linear layer makes channels'}{more}."
+                             f"{layers}"[:4000])
 
     pruned = [{"group": g.name, "channels_before": g.size, "channels_after": int(keep.numel()),
                "tensors": sorted({m.parameter for m in g.members})} for g, keep in accepted]
-    notes = []
-    if not pruned:
-        notes.append("nothing prunable: every channel group had to be left whole, so the model is returned unchanged")
-    return {"structured": True, "criterion": criterion, "groups": pruned, "left_whole": left_whole,
-            "channels": {"before": sum(g.size for g, _ in accepted) + sum(e["channels"] for e in left_whole),
-                         "after": sum(int(k.numel()) for _, k in accepted) + sum(e["channels"] for e in left_whole)},
-            "notes": notes}
+    return model, {
+        "structured": True, "criterion": criterion, "groups": pruned, "left_whole": left_whole,
+        "channels": {"before": sum(g.size for g, _ in accepted) + sum(e["channels"] for e in left_whole),
+                     "after": sum(int(k.numel()) for _, k in accepted) + sum(e["channels"] for e in left_whole)},
+        "verified": "each pruned group matches the original with the same channels zeroed, on the example inputs",
+        "layers_not_modelled": unmodelled,
+        "notes": [],
+    }
+
+
+def _reads_grouped_conv(group: ChannelGroup, tensors: dict[str, torch.Tensor]) -> bool:
+    """A conv weight sliced along its output rows without producing the channels: a grouped conv's rows."""
+    return any(not m.producer and m.dim == 0 and tensors[m.parameter].dim() >= 3 for m in group.members)
 
 
 def _channel_importance(group: ChannelGroup, tensors: dict[str, torch.Tensor], criterion: str) -> torch.Tensor:
     score = torch.zeros(group.size)
-    for member in group.members:
+    for member in group.producers:
         tensor = tensors[member.parameter]
-        if not member.producer or tensor.dim() < 2:
+        if tensor.dim() < 2:
             continue
         rows = tensor.detach().float().narrow(member.dim, member.offset, member.length).transpose(0, member.dim)
-        rows = rows.reshape(member.length, -1)
+        rows = rows.reshape(group.size, -1)
         norms = rows.abs().sum(1) if criterion == "l1" else rows.pow(2).sum(1).sqrt()
         score += norms / norms.mean().clamp(min=1e-12)
     return score
 
 
-def _materialize(model: torch.jit.ScriptModule, originals: dict[str, torch.Tensor],
-                 chosen: list[tuple[ChannelGroup, torch.Tensor]]) -> None:
-    """Set every tensor to its original sliced by the kept channels of the chosen groups."""
+def _entries(member: Member, channels: torch.Tensor) -> torch.Tensor:
+    """Indices along ``member.dim`` of the given channels (each owns ``scale`` consecutive entries)."""
+    return member.offset + (channels[:, None] * member.scale + torch.arange(member.scale)).flatten()
+
+
+def _dropped(chosen: list[tuple[ChannelGroup, torch.Tensor]],
+             originals: dict[str, torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
+    """(tensor, dim) -> boolean mask of the entries kept along dim."""
     keep_masks: dict[tuple[str, int], torch.Tensor] = {}
     for group, keep in chosen:
         dropped = torch.ones(group.size, dtype=torch.bool)
         dropped[keep] = False
+        channels = torch.nonzero(dropped).flatten()
         for member in group.members:
             key = (member.parameter, member.dim)
-            mask = keep_masks.setdefault(key, torch.ones(originals[member.parameter].shape[member.dim], dtype=torch.bool))
-            mask[member.offset + torch.nonzero(dropped).flatten()] = False
-    sliced: dict[str, torch.Tensor] = {}
-    for (name, dim), mask in sorted(keep_masks.items()):
-        base = sliced.get(name, originals[name])
-        sliced[name] = base.index_select(dim, torch.nonzero(mask).flatten())
+            size = originals[member.parameter].shape[member.dim]
+            keep_masks.setdefault(key, torch.ones(size, dtype=torch.bool))[_entries(member, channels)] = False
+    return keep_masks
+
+
+def _slice(tensor: torch.Tensor, dim: int, kept: torch.Tensor) -> torch.Tensor:
+    """The kept entries of ``tensor`` along ``dim`` (the one place a pruned tensor is cut)."""
+    return tensor.index_select(dim, kept)
+
+
+def _materialize(model: torch.jit.ScriptModule, originals: dict[str, torch.Tensor],
+                 chosen: list[tuple[ChannelGroup, torch.Tensor]], masked: bool = False) -> None:
+    """Set every tensor to its original sliced by the kept channels of the chosen groups.
+
+    ``masked``: keep the shapes and zero the dropped entries instead: the reference a slicing must match.
+    """
+    changed: dict[str, torch.Tensor] = {}
+    for (name, dim), mask in sorted(_dropped(chosen, originals).items()):
+        base = changed.get(name, originals[name])
+        if masked:
+            changed[name] = base.index_fill(dim, torch.nonzero(~mask).flatten(), 0)
+        else:
+            changed[name] = _slice(base, dim, torch.nonzero(mask).flatten())
     current = _tensors(model)
     for name, original in originals.items():
-        if name in sliced or current[name].shape != original.shape:
-            _set_tensor(model, name, sliced.get(name, original).clone())
+        value = changed.get(name, original)
+        if current[name].shape != value.shape or not torch.equal(current[name], value):
+            _set_tensor(model, name, value.clone())
+
+
+def _mismatch(model: torch.jit.ScriptModule, originals: dict[str, torch.Tensor],
+              chosen: list[tuple[ChannelGroup, torch.Tensor]], batches: list[tuple[torch.Tensor, ...]]) -> str | None:
+    """Why slicing ``chosen`` is wrong, or None: the sliced model must run and match the masked reference."""
+    _materialize(model, originals, chosen, masked=True)
+    reference = [_run(model, batch) for batch in batches]
+    _materialize(model, originals, chosen)
+    for batch, expected in zip(batches, reference):
+        got = _run(model, batch)
+        if isinstance(got, str):
+            return f"the model failed after slicing it: {got}"
+        if isinstance(expected, str):
+            return f"the masked reference failed: {expected}"
+        want, have = _output_tensors(expected), _output_tensors(got)
+        if len(want) != len(have) or any(a.shape != b.shape for a, b in zip(want, have)):
+            return "slicing changed the shape of the model's outputs"
+        for a, b in zip(want, have):
+            if not a.is_floating_point():
+                if not torch.equal(a, b):
+                    return "slicing changed an integer output of the model"
+                continue
+            scale = float(a.abs().max()) if a.numel() else 0.0
+            error = float((a - b).abs().max()) if a.numel() else 0.0
+            if not error <= MASKED_TOLERANCE * max(scale, 1.0):
+                return (f"the pruned model does not match the original with the same channels zeroed "
+                        f"(max difference {error:.3g} on outputs up to {scale:.3g})")
+    return None
+
+
+def _run(model: torch.jit.ScriptModule, batch: tuple[torch.Tensor, ...]) -> Any:
+    try:
+        with torch.no_grad(), quiet_torchscript_warnings():
+            return model(*batch)
+    except Exception as error:  # any failure of a sliced model is a reason to put the group back
+        return summarize_torch_error(error)
+
+
+def _output_tensors(output: Any) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _output_tensors(item)]
+    if isinstance(output, dict):
+        return [t for key in sorted(output) for t in _output_tensors(output[key])]
+    return []
 
 
 def _set_tensor(model: torch.jit.ScriptModule, name: str, value: torch.Tensor) -> None:
@@ -242,20 +332,21 @@ def _tensors(model: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
-def _check_batches(data: Dataset) -> list[torch.Tensor]:
+def _rows(data: Dataset, count: int) -> tuple[torch.Tensor, ...]:
+    """The first ``count`` rows of each input (repeated when the data has fewer)."""
+    inputs = data.inputs if isinstance(data.inputs, (tuple, list)) else (data.inputs,)
+    rows = []
+    for tensor in inputs:
+        part = tensor[:count]
+        if part.shape[0] < count:
+            part = part[:1].expand(count, *part.shape[1:]).contiguous()
+        rows.append(part)
+    return tuple(rows)
+
+
+def _check_batches(data: Dataset) -> list[tuple[torch.Tensor, ...]]:
     """A batch of one and a batch of eight: pruning must not break other batch sizes."""
-    first = data.inputs[:1]
-    eight = first.expand(8, *first.shape[1:]).contiguous() if len(data) < 8 else data.inputs[:8]
-    return [first, eight]
-
-
-def _failure(model: torch.jit.ScriptModule, batches: list[torch.Tensor]) -> str | None:
-    try:
-        for batch in batches:
-            run_model(model, batch)
-    except InvalidInput as error:
-        return str(error)
-    return None
+    return [_rows(data, 1), _rows(data, 8)]
 
 
 # ---------------------------------------------------------------------------- exclusions

@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .errors import UnsupportedModel
+from .static_quantize import quantize_static
 from .torchscript import (
     ParameterOwner,
     freeze_forward,
@@ -43,6 +44,7 @@ MODULE_TYPE_ALIASES: dict[str, frozenset[str]] = {
 }
 
 _FLOAT32 = 6  # TorchScript's integer code for torch.float32
+_RNN_KERNELS = {"aten::lstm": "aten::quantized_lstm", "aten::gru": "aten::quantized_gru"}
 
 
 def quantize(
@@ -56,8 +58,11 @@ def quantize(
     ``w_q = round(w / s_c)`` with one symmetric scale ``s_c = max|w_c| / 127`` per output
     channel (or per tensor), int8; float16 casts the weights instead.
     """
-    del data  # dynamic quantization needs no calibration data
     progress = progress or (lambda stage, fraction: None)
+    if spec.get("mode", "dynamic") == "static":
+        if data is None:
+            raise UnsupportedModel("static quantization needs example inputs to calibrate on")
+        return quantize_static(model, spec, data, progress)
     if spec.get("mode", "dynamic") != "dynamic":
         raise UnsupportedModel(f"quantization mode {spec.get('mode')!r} is not available")
     dtype = spec.get("dtype", "qint8")
@@ -90,10 +95,16 @@ def quantize(
             names = [owners.get(t.data_ptr()) for t in tensors]
             if any(owner is not None and owner.name in plan.targets for owner in names):
                 chosen = [owner is not None and owner.name in plan.targets for owner in names]
-                rewriter.rewrite_tensor_list(node, tensors, chosen)
+                reason = _reason_for_list(node)
+                every_weight = all(was_chosen for was_chosen, t in zip(chosen, tensors) if t.dim() >= 2)
+                if every_weight and rewriter.rewrite_rnn(node, tensors):
+                    kernel, reason = "dynamic", None
+                else:
+                    rewriter.rewrite_tensor_list(node, tensors, chosen)
+                    kernel = "weight_only"
                 for owner, was_chosen in zip(names, chosen):
                     if owner is not None and was_chosen:
-                        plan.record(owner, "weight_only", _reason_for_list(node))
+                        plan.record(owner, kernel, reason)
         torch._C._jit_pass_dce(graph)
         torch._C._jit_pass_lint(graph)
     plan.match_pooled(dict(model.named_parameters()))
@@ -252,6 +263,69 @@ class _GraphRewriter:
             new_list.output().setType(node.output().type())
             self.graph.insertNode(new_list)
         node.output().replaceAllUsesWith(new_list.output())
+
+    def rewrite_rnn(self, node: torch._C.Node, tensors: list[torch.Tensor]) -> bool:
+        """Swap ``aten::lstm`` / ``aten::gru`` reading this flat weight list for the int8 kernels.
+
+        The replacement is what eager ``quantize_dynamic`` runs: ``aten::quantized_lstm`` /
+        ``aten::quantized_gru`` over one ``CellParamsBase`` per layer and direction, built by
+        ``quantized::make_quantized_cell_params_dynamic`` from prepacked int8 ``w_ih``/``w_hh``.
+        Returns False (nothing changed) for what it does not cover: float16, projections
+        (``proj_size``), a weight list read by anything else.
+        """
+        uses = list(node.output().uses())
+        if self.dtype != "qint8" or not uses:
+            return False
+        for use in uses:
+            if use.user.kind() not in _RNN_KERNELS or use.offset not in (2, 3):
+                return False
+            if use.user.inputsAt(use.offset + 1).toIValue() is None:  # has_biases must be a constant
+                return False
+        has_biases = bool(uses[0].user.inputsAt(uses[0].offset + 1).toIValue())
+        if any(bool(use.user.inputsAt(use.offset + 1).toIValue()) != has_biases for use in uses):
+            return False
+        per_cell = 4 if has_biases else 2
+        if len(tensors) % per_cell or any(t.dim() != (2 if i % per_cell < 2 else 1) for i, t in enumerate(tensors)):
+            return False  # e.g. proj_size adds a third weight per cell
+        cells = []
+        for start in range(0, len(tensors), per_cell):
+            w_ih, w_hh = tensors[start], tensors[start + 1]
+            if w_ih.shape[0] != w_hh.shape[0] or w_hh.shape[1] * (w_ih.shape[0] // w_hh.shape[1]) != w_ih.shape[0]:
+                return False
+            if has_biases:
+                b_ih, b_hh = tensors[start + 2].detach().float(), tensors[start + 3].detach().float()
+            else:
+                b_ih = b_hh = torch.zeros(w_ih.shape[0])
+            packed_ih = torch.ops.quantized.linear_prepack(self._quantize_int8(w_ih), b_ih)
+            packed_hh = torch.ops.quantized.linear_prepack(self._quantize_int8(w_hh), b_hh)
+            # reduce_range=True, as for linear_dynamic above (and as eager quantize_dynamic does).
+            cells.append(torch.ops.quantized.make_quantized_cell_params_dynamic(packed_ih, packed_hh, b_ih, b_hh, True))
+        with self.graph.insert_point_guard(self._after_constants()):
+            values = [self.graph.insertConstant(cell) for cell in cells]
+            cell_list = self.graph.create("prim::ListConstruct", values)
+            cell_list.output().setType(torch._C.ListType(values[0].type()))
+            self.graph.insertNode(cell_list)
+        for use in uses:
+            self._to_quantized_rnn(use.user, use.offset, cell_list.output())
+        return True
+
+    def _to_quantized_rnn(self, rnn: torch._C.Node, params_at: int, cells: torch._C.Value) -> None:
+        inputs = list(rnn.inputs())
+        inputs[params_at] = cells
+        with self.graph.insert_point_guard(rnn):
+            # The quantized kernels require biases; cells of a bias-free RNN carry zeros.
+            inputs[params_at + 1] = self.graph.insertConstant(True)
+        quantized = self.graph.create(_RNN_KERNELS[rnn.kind()], inputs, len(list(rnn.outputs())))
+        if rnn.kind() == "aten::lstm":
+            with self.graph.insert_point_guard(rnn):
+                # The keyword-only arguments of quantized_lstm: int8 weights, dynamic activations.
+                quantized.addInput(self.graph.insertConstant(torch.qint8))
+                quantized.addInput(self.graph.insertConstant(True))
+        quantized.insertBefore(rnn)
+        for old, new in zip(rnn.outputs(), quantized.outputs()):
+            new.setType(old.type())
+            old.replaceAllUsesWith(new)
+        rnn.destroy()
 
     @staticmethod
     def _is_linear_weight(use: torch._C.Use) -> bool:

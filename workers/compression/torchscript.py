@@ -96,3 +96,113 @@ def tensor_list_constants(graph: torch._C.Graph) -> Iterator[tuple[torch._C.Node
 
 def _module_type(module: torch.nn.Module) -> str:
     return getattr(module, "original_name", type(module).__name__)
+
+
+# ---------------------------------------------------------------------------- canonical graphs
+
+
+def canonical_graph(model: torch.jit.ScriptModule) -> torch._C.Graph:
+    """A copy of ``forward``, inlined, with module attributes of plain types made constants and dead branches gone.
+
+    Scripting inlines functional calls with their option checks (``F.relu``'s ``if inplace:``),
+    and modules branch on their own flags (``if self.use_res_connect:``, ``if self.training:``).
+    Both are constants for a given model, so folding them makes functional code look like module
+    code and leaves only real branches. Tensor attributes stay ``prim::GetAttr`` nodes so every
+    weight keeps its qualified name.
+    """
+    with quiet_torchscript_warnings():
+        graph = model.inlined_graph
+    owners: dict[torch._C.Value, object] = {next(graph.inputs()): model}
+    for node in list(graph.nodes()):
+        _fold_node(graph, node, owners)
+    torch._C._jit_pass_constant_propagation_immutable_types(graph)
+    torch._C._jit_pass_dce(graph)
+    return graph
+
+
+def _fold_node(graph: torch._C.Graph, node: torch._C.Node, owners: dict) -> None:
+    if node.kind() == "prim::GetAttr":
+        owner = owners.get(node.inputsAt(0))
+        if owner is not None:
+            value = getattr(owner, node.s("name"), None)
+            if isinstance(value, torch.nn.Module):
+                owners[node.output()] = value
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                constant = graph.insertConstant(value)
+                constant.node().moveBefore(node)
+                node.output().replaceAllUsesWith(constant)
+    for block in node.blocks():
+        for inner in list(block.nodes()):
+            _fold_node(graph, inner, owners)
+
+
+def value_shapes(model: torch.jit.ScriptModule, graph: torch._C.Graph,
+                 inputs: tuple[torch.Tensor, ...]) -> dict[torch._C.Value, tuple[int, ...]]:
+    """Shapes of the top-level tensor values of ``graph`` (a canonical graph of ``model``) on ``inputs``.
+
+    A copy of the graph returns every tensor it computes, and runs once: this is how the
+    analysis learns ranks and the sizes a flatten merges into channels. Values inside real
+    branches are not reported. An empty map if the graph does not run.
+    """
+    copy = graph.copy()
+    originals = [v for node in graph.nodes() for v in node.outputs()]
+    copies = [v for node in copy.nodes() for v in node.outputs()]
+    chosen = [(o, c) for o, c in zip(originals, copies) if c.type().kind() == "TensorType"]
+    if not chosen:
+        return {}
+    while len(list(copy.outputs())):
+        copy.eraseOutput(0)
+    values = [c for _, c in chosen]
+    pack = copy.create("prim::TupleConstruct", values)
+    copy.appendNode(pack)
+    pack.output().setType(torch._C.TupleType([v.type() for v in values]))
+    copy.registerOutput(pack.output())
+    try:
+        with torch.no_grad(), quiet_torchscript_warnings():
+            function = torch._C._create_function_from_graph("canonical_shapes", copy)
+            results = function(model._c, *inputs)
+    except Exception:  # a model that runs only through its methods: the analysis works without shapes
+        return {}
+    return {o: tuple(t.shape) for (o, _), t in zip(chosen, results) if isinstance(t, torch.Tensor)}
+
+
+# Convolution ops and the position of their ``groups`` argument.
+CONVOLUTION_GROUPS_ARGUMENT = {
+    "aten::conv1d": 6, "aten::conv2d": 6, "aten::conv3d": 6,
+    "aten::_convolution": 8, "aten::convolution": 8,
+}
+
+
+def derive_conv_groups(model: torch.jit.ScriptModule) -> bool:
+    """Make grouped convolutions of ``model`` compute ``groups`` as ``input.size(1) // weight.size(1)``.
+
+    ``nn.Conv2d`` compiles ``groups`` into the graph as a constant, and modules of one type share
+    one graph, so a depthwise conv cannot get a smaller constant when its channels are removed.
+    The expression is what ``groups`` means for any conv, so it is exact before pruning and stays
+    right after removing whole groups. Returns whether a graph changed: the caller must then
+    reload the model (save and load) so no cached execution plan keeps the constant.
+    """
+    rewritten = False
+    for _, module in model.named_modules():
+        for method_name in module._c._method_names():
+            graph = module._c._get_method(method_name).graph
+            for kind, position in CONVOLUTION_GROUPS_ARGUMENT.items():
+                for node in graph.findAllNodes(kind):
+                    groups = node.inputsAt(position)
+                    if groups.node().kind() != "prim::Constant" or groups.toIValue() == 1:
+                        continue
+                    if position == 8 and node.inputsAt(6).toIValue():
+                        continue  # transposed: groups is not input channels / weight.size(1)
+                    with graph.insert_point_guard(node):
+                        one = graph.insertConstant(1)
+                        channels = _insert(graph, "aten::size", [node.inputsAt(0), one])
+                        per_group = _insert(graph, "aten::size", [node.inputsAt(1), one])
+                        derived = _insert(graph, "aten::floordiv", [channels, per_group])
+                    node.replaceInput(position, derived)
+                    rewritten = True
+    return rewritten
+
+
+def _insert(graph: torch._C.Graph, kind: str, inputs: list[torch._C.Value]) -> torch._C.Value:
+    node = graph.insertNode(graph.create(kind, inputs))
+    return node.output().setType(torch._C.IntType.get())

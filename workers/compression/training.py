@@ -6,7 +6,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .errors import InvalidInput
 from .inputs import Dataset
+from .outputs import select_output
 from .torchscript import quiet_torchscript_warnings
 
 Progress = Callable[[str, float], None]
@@ -26,8 +28,8 @@ def finetune(
     """Adam on cross-entropy when ``data`` has labels, else on agreement with ``teacher`` (self-distillation).
 
     Self-distillation loss: ``KL(softmax(teacher) || softmax(student))`` for 2-D scores, mean squared error
-    otherwise. ``after_step`` runs after each optimiser step (it re-applies pruning masks). Returns the
-    mean training loss of each epoch.
+    otherwise. Both apply to the output ``data.target_output`` selects (spec ``output``). ``after_step``
+    runs after each optimiser step (it re-applies pruning masks). Returns the mean training loss of each epoch.
     """
     progress = progress or (lambda stage, fraction: None)
     generator = torch.Generator().manual_seed(seed)
@@ -47,13 +49,13 @@ def finetune(
                 index = order[start:start + batch_size]
                 if index.numel() < 2 and len(data) >= 2:
                     continue  # a batch of one breaks BatchNorm in training mode
-                inputs = data.inputs[index]
-                outputs = model(inputs)
+                inputs = data.rows(index)
+                outputs = trainable_output(model(*inputs), data)
                 if data.labels is not None:
                     loss = F.cross_entropy(outputs, data.labels[index])
                 else:
                     with torch.no_grad():
-                        targets = teacher(inputs)
+                        targets = select_output(teacher(*inputs), data.target_output)
                     loss = _agreement_loss(outputs, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -77,11 +79,23 @@ def accuracy(model: torch.jit.ScriptModule, data: Dataset, batch_size: int = 256
     correct = 0
     with torch.no_grad(), quiet_torchscript_warnings():
         for start in range(0, len(data), batch_size):
-            outputs = model(data.inputs[start:start + batch_size])
-            if not isinstance(outputs, torch.Tensor) or outputs.dim() != 2:
+            outputs = select_output(model(*data.rows(slice(start, start + batch_size))), data.target_output)
+            if outputs.dim() != 2:
                 return None
             correct += int((outputs.argmax(1) == data.labels[start:start + batch_size]).sum())
     return correct / len(data)
+
+
+def trainable_output(output: object, data: Dataset) -> torch.Tensor:
+    """The output the loss applies to (spec ``output``): a float tensor, [batch, classes] when labels are given."""
+    chosen = select_output(output, data.target_output)
+    if not chosen.is_floating_point():
+        raise InvalidInput(f"the output training uses holds {chosen.dtype} values, which carry no gradient; "
+                           "choose a float output with spec.output")
+    if data.labels is not None and chosen.dim() != 2:
+        raise InvalidInput(f"'labels' need class scores [batch, classes] to train on, but the output training uses "
+                           f"has shape {list(chosen.shape)}; choose another with spec.output or drop the labels")
+    return chosen
 
 
 def _agreement_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,176 @@
+"""The submission use case, shared by ``POST /v1/jobs`` and the console's form: validate, keep the
+uploads, check the archives and the data file, record the job (with its idempotency claim and quota
+check, atomically), then send its message.
+
+One rollback path: until the record exists, everything written belongs to this request and is
+removed on any failure (``finally``); once the record exists the job is accepted, and a lost
+message is the reconciler's to re-send (``workers/reaper.py``), so nothing is undone after it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from werkzeug.datastructures import FileStorage
+
+from modelpress import jobs
+from modelpress.archive import ArchiveRejected, check_torchscript_archive
+from modelpress.config import Settings
+from modelpress.datafile import DataFileError, disagreements, read_headers
+from modelpress.faults import pause_point
+from modelpress.formats import model_format
+from modelpress.jobs import JobStore, new_job_id, utc_now
+from modelpress.spec import SpecError, declared_inputs, dump_spec, parse_spec
+from modelpress.storage import Storage, write_json_atomic
+from modelpress.webhooks import CallbackRefused, check_callback_url
+from service.problems import ApiProblem
+from service.uploads import keep_upload, upload_is_empty
+
+log = logging.getLogger("modelpress.api")
+IDEMPOTENCY_TTL_S = 24 * 3600
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a client sent, as the view found it in the request."""
+
+    tenant: str
+    model: FileStorage | None
+    data: FileStorage | None
+    student: FileStorage | None
+    spec_text: str | None
+    callback_url: str | None
+    idempotency_key: str | None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    job: dict[str, Any]
+    replayed: bool = False
+
+
+def submit(submission: Submission, settings: Settings, store: JobStore, storage: Storage,
+           enqueue: Callable[[str, int], None]) -> Accepted:
+    """Accept a job or raise ``ApiProblem`` (422, 409, 429); see the module's docstring."""
+    spec = _validate(submission, settings)
+    job_id = new_job_id()
+    files = storage.job(job_id)
+    recorded = False
+    try:
+        infos = {}
+        for part, path in (("model", files.input_model), ("student", files.input_student), ("data", files.input_data)):
+            upload = getattr(submission, part)
+            if upload is None:
+                infos[part] = None
+                continue
+            infos[part] = keep_upload(upload, path)
+            if part != "data":
+                try:
+                    check_torchscript_archive(path, 2 * (settings.max_upload_mb << 20), settings.op_check == "on")
+                except ArchiveRejected as rejected:
+                    raise invalid({part: [str(rejected)]}) from None
+                infos[part]["format"] = model_format(path)  # the job, its report and the download say it
+        if infos["student"] is not None and infos["student"]["format"] != infos["model"]["format"]:
+            raise invalid({"student": [f"the student is a {infos['student']['format']} model and the teacher a "
+                                       f"{infos['model']['format']} one: upload both in the same format (a .pt2 "
+                                       "teacher trains a .pt2 student, which comes back as a .pt2)"]})
+        if infos["data"] is not None:
+            conflicts = _data_conflicts(files.input_data, spec)
+            if conflicts:
+                raise invalid(conflicts)
+        write_json_atomic(files.spec, dump_spec(spec))
+        job = {
+            "id": job_id, "tenant": submission.tenant, "state": jobs.QUEUED, "progress": 0.0, "stage": "queued",
+            "created_at": utc_now(), "started_at": None, "finished_at": None,
+            "spec": dump_spec(spec), "input": infos["model"], "data": infos["data"], "student": infos["student"],
+            "result": None, "error": None, "warnings": [], "callback_url": submission.callback_url,
+        }
+        idempotency = None
+        fingerprint = None
+        if submission.idempotency_key is not None:
+            fingerprint = _fingerprint(spec, *[info and info["sha256"] for info in infos.values()], submission.callback_url)
+            idempotency = (submission.tenant, submission.idempotency_key, fingerprint, IDEMPOTENCY_TTL_S)
+        uploaded = sum(info["bytes"] for info in infos.values() if info)
+        outcome, earlier = store.create(job, max_active=settings.max_active_jobs, uploaded_bytes=uploaded,
+                                        idempotency=idempotency)
+        recorded = outcome == "created"
+    finally:
+        if not recorded:
+            storage.delete(job_id)  # the one rollback: this request's files, on every way out
+    if outcome == "replay":
+        return _replay(store, earlier, fingerprint)
+    if outcome == "quota":
+        raise ApiProblem(429, "Too Many Requests",
+                         f"at most {settings.max_active_jobs} queued or running jobs per tenant "
+                         "(MODELPRESS_MAX_ACTIVE_JOBS); wait for some to finish", headers={"Retry-After": "30"})
+    pause_point("after-record", job_id)
+    try:
+        enqueue(job_id, 1)
+    except Exception as error:  # accepted all the same: the record is durable and the reconciler re-sends
+        log.warning("job %s: message not sent (%s); the reconciler will send it", job_id, error,
+                    extra={"job_id": job_id})
+    return Accepted(store.get(job_id) or job)
+
+
+def invalid(errors: dict[str, list[str]]) -> ApiProblem:
+    detail = "; ".join(f"{field}: {' '.join(messages)}" for field, messages in errors.items())
+    return ApiProblem(422, "Unprocessable Content", detail, slug="validation-error", errors=errors)
+
+
+def _validate(submission: Submission, settings: Settings) -> dict[str, Any]:
+    errors: dict[str, list[str]] = {}
+    if submission.model is None:
+        errors["model"] = ["required: the TorchScript or torch.export (.pt2) file as the multipart part 'model'"]
+    for name in ("model", "data", "student"):
+        part = getattr(submission, name)
+        if part is not None and upload_is_empty(part):
+            errors[name] = ["the file is empty"]
+    if submission.callback_url is not None:
+        try:
+            check_callback_url(submission.callback_url, settings.webhook_allow_private)
+        except CallbackRefused as refused:
+            errors["callback_url"] = [str(refused)]
+    if submission.idempotency_key is not None and not _IDEMPOTENCY_KEY.match(submission.idempotency_key):
+        errors["Idempotency-Key"] = ["1 to 255 printable ASCII characters"]
+    spec: dict[str, Any] | None = None
+    if submission.spec_text is None:
+        errors["spec"] = ["required: the compression spec as JSON, in the multipart part 'spec'"]
+    else:
+        try:
+            spec = parse_spec(submission.spec_text, has_data=submission.data is not None,
+                              has_student=submission.student is not None)
+        except SpecError as error:
+            errors.update(error.errors)
+    if errors:
+        raise invalid(errors)
+    return spec
+
+
+def _replay(store: JobStore, earlier: dict[str, str], fingerprint: str | None) -> Accepted:
+    if earlier["fingerprint"] != fingerprint:
+        raise invalid({"Idempotency-Key": ["already used with a different request (within 24 hours)"]})
+    job = store.get(earlier["job_id"])
+    if job is None:
+        raise ApiProblem(409, "Conflict", f"this Idempotency-Key was used for job {earlier['job_id']}, "
+                         "which has since been deleted; use a new key")
+    return Accepted(job, replayed=True)
+
+
+def _fingerprint(spec: dict[str, Any], *parts: Any) -> str:
+    """What makes two submissions the same request: the accepted spec, the files' digests, the callback."""
+    canonical = json.dumps([dump_spec(spec), *parts], sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _data_conflicts(path: Any, spec: dict[str, Any]) -> dict[str, list[str]]:
+    """Where the data file contradicts the declared inputs, from its headers; a file whose headers
+    cannot be read is left to the job, which fails with the reason."""
+    try:
+        return disagreements(read_headers(path), declared_inputs(spec), from_input_shape=not spec.get("inputs"))
+    except DataFileError:
+        return {}

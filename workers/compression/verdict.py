@@ -1,0 +1,44 @@
+"""Every job judges its own result: warnings for results that succeeded but may not be what was wanted.
+
+A job whose method changed nothing, or whose outputs no longer resemble the original's, still
+succeeds (the file is valid), but says so in ``report["warnings"]``, which the service copies
+into the job resource and the command line prints.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+# Outputs count as collapsed below these (per output): a classifier that agrees with the original
+# on fewer than half the inputs, or outputs pointing elsewhere (cosine 0.9 is about 26 degrees).
+COLLAPSE_TOP1 = 0.5
+COLLAPSE_COSINE = 0.9
+
+
+def warnings_for(method: str, method_spec: Mapping[str, Any], details: Mapping[str, Any],
+                 fidelity: Mapping[str, Any], random_inputs: bool) -> list[str]:
+    """Warnings about a finished compression, from what the method did and how the outputs compare."""
+    warnings = [str(w) for w in details.get("warnings", [])]  # a method's own (e.g. random calibration data)
+    # Other modes (static) judge their own outcome and say so in their details' warnings.
+    dynamic = method == "quantize" and method_spec.get("mode", "dynamic") == "dynamic"
+    if dynamic and "quantized_modules" in details and not details["quantized_modules"]:
+        modules = ", ".join(method_spec.get("modules", [])) or "the selected types"
+        warnings.append(f"nothing was quantized: the model has no weight of the selected module types ({modules}) "
+                        "outside 'exclude', so the result computes exactly what the original does "
+                        "(convolutional networks need static quantization or structured pruning)")
+    if method == "prune" and details.get("structured") is False and not details.get("layers"):
+        warnings.append("nothing was pruned: the model has no weight of the selected module types outside "
+                        "'exclude', so the result is the original model")
+    where = (" (measured on random inputs of the declared shape; upload a data file to measure on real inputs)"
+             if random_inputs else "")
+    for output in fidelity.get("outputs", []):
+        reasons = []
+        if output.get("top1_agreement") is not None and output["top1_agreement"] < COLLAPSE_TOP1:
+            reasons.append(f"top-1 agreement {output['top1_agreement']:.3f} (under {COLLAPSE_TOP1})")
+        # A distilled student learns softened scores, so its logits' scale differs by design: only
+        # agreement counts for it.
+        if method != "distill" and output["cosine_similarity"] < COLLAPSE_COSINE:
+            reasons.append(f"cosine similarity {output['cosine_similarity']:.3f} (under {COLLAPSE_COSINE})")
+        if reasons:
+            warnings.append(f"outputs collapsed: output '{output['name']}' has {' and '.join(reasons)} "
+                            f"against the original{where}; use a smaller amount, fine-tuning or another method")
+    return warnings
