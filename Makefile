@@ -42,6 +42,7 @@ test: $(STAMP) sandbox chromium
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	$(VPY) -m pip install --quiet -e '.[test,bench]'  # the baselines the benchmarks compare with
 	$(VPY) bench/quantize.py
 	$(VPY) bench/prune.py
 	$(VPY) bench/distill.py

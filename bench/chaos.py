@@ -24,7 +24,6 @@ import threading
 import time
 import uuid
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import arguments, machine, prepare, write_results  # noqa: E402
 from modelpress.stack import free_port  # noqa: E402
 from tests.models import SmallConvNet, save_scripted  # noqa: E402
+from tests.webhooks import WebhookReceiver  # noqa: E402
 
 SPEC = {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": {"runs": 2, "warmup": 0}}
 FINAL = {"succeeded", "failed", "cancelled"}
@@ -44,34 +44,10 @@ ROLES = {"worker": "celery", "redis": "redis-server", "api": "gunicorn"}
 STALL_S = 300
 
 
-class Receiver:
-    """Counts webhook tries per webhook-id; answers 200."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.ok: dict[str, int] = {}
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                self.rfile.read(int(self.headers["Content-Length"]))
-                with receiver.lock:
-                    receiver.ok[self.headers["webhook-id"]] = receiver.ok.get(self.headers["webhook-id"], 0) + 1
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 def run(jobs: int, minutes: float, kill_every: float, seed: int, workdir: Path, kills: bool) -> dict[str, Any]:
     rng = random.Random(seed)
     model = save_scripted(SmallConvNet(), workdir / "model.pt").read_bytes()
-    receiver = Receiver()
+    receiver = WebhookReceiver()
     port = free_port()
     env = {**os.environ, "MODELPRESS_DATA_DIR": str(workdir / "data"), "MODELPRESS_PORT": str(port),
            "MODELPRESS_REDIS_PORT": str(free_port()), "MODELPRESS_HEARTBEAT_STALE_S": "10",
@@ -112,8 +88,11 @@ def run(jobs: int, minutes: float, kill_every: float, seed: int, workdir: Path, 
 
     def kill_randomly() -> None:
         bag: list[str] = []  # every role in a shuffled round, so a short run still kills each kind
-        while time.monotonic() < end and kills:
-            time.sleep(kill_every * rng.uniform(0.5, 1.5))
+        while kills:
+            pause = kill_every * rng.uniform(0.5, 1.5)
+            if time.monotonic() + pause >= end:  # no kill after the end: the drain starts on time
+                break
+            time.sleep(pause)
             if not bag:
                 bag = rng.sample(sorted(ROLES), len(ROLES))
             role = bag.pop()
@@ -161,8 +140,10 @@ def run(jobs: int, minutes: float, kill_every: float, seed: int, workdir: Path, 
             completions[entry["job_id"]] = completions.get(entry["job_id"], 0) + 1
         if entry.get("event") == "transition" and entry.get("state") in FINAL:
             transitions[entry["job_id"]] = transitions.get(entry["job_id"], 0) + 1
+    receiver.close()
+    accepted = receiver.accepted()
     durations = sorted(_seconds(job["finished_at"]) - _seconds(job["created_at"]) for job in final.values())
-    missing = [job_id for job_id, job in final.items() if not receiver.ok.get(f"msg_{job_id}_{job['state']}")]
+    missing = [job_id for job_id, job in final.items() if not accepted.get(f"msg_{job_id}_{job['state']}")]
     return {
         "kills": len(killed), "killed": killed, "submitted": len(submitted),
         "succeeded": sum(job["state"] == "succeeded" for job in final.values()),
@@ -172,7 +153,7 @@ def run(jobs: int, minutes: float, kill_every: float, seed: int, workdir: Path, 
         "run_twice": sum(count > 1 for count in completions.values()),
         "final_state_written_twice": sum(count > 1 for count in transitions.values()),
         "taken_over": sum(job.get("deliveries", 0) > 1 for job in final.values()),
-        "webhooks_missing": len(missing), "webhooks_duplicated": sum(n > 1 for n in receiver.ok.values()),
+        "webhooks_missing": len(missing), "webhooks_duplicated": sum(n > 1 for n in accepted.values()),
         "p50_s": round(statistics.median(durations), 2) if durations else None,
         "p99_s": round(durations[min(len(durations) - 1, int(len(durations) * 0.99))], 2) if durations else None,
     }

@@ -42,6 +42,16 @@ class Settings:
     # exist so the tests can prove each layer alone (the sandbox without any op check); never in production.
     op_check: str = "on"
     metrics_token: str | None = None  # bearer token for /metrics and /readyz details besides the API keys
+    # Object storage (docs/decisions.md, "Object storage"): unset keeps every job file in data_dir.
+    # "s3://bucket/prefix": inputs and outputs live in the bucket, each host's data_dir is private.
+    storage_url: str | None = None
+    # MODELPRESS_S3_* override boto3's own chain (AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, keys, profile).
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    s3_profile: str | None = None
+    s3_presign_s: int = 0  # >0: model downloads redirect to a presigned URL valid this long
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -91,6 +101,13 @@ class Settings:
             bwrap=env.get("MODELPRESS_BWRAP") or defaults.bwrap,
             op_check=_choice("OP_CHECK", env.get("MODELPRESS_OP_CHECK") or defaults.op_check, ("on", "job", "off")),
             metrics_token=env.get("MODELPRESS_METRICS_TOKEN") or None,
+            storage_url=env.get("MODELPRESS_STORAGE_URL") or None,
+            s3_endpoint_url=env.get("MODELPRESS_S3_ENDPOINT_URL") or None,
+            s3_region=env.get("MODELPRESS_S3_REGION") or None,
+            s3_access_key_id=env.get("MODELPRESS_S3_ACCESS_KEY_ID") or None,
+            s3_secret_access_key=env.get("MODELPRESS_S3_SECRET_ACCESS_KEY") or None,
+            s3_profile=env.get("MODELPRESS_S3_PROFILE") or None,
+            s3_presign_s=number("S3_PRESIGN_S", 1) if env.get("MODELPRESS_S3_PRESIGN_S", "0") not in ("", "0") else 0,
         )
 
     def with_changes(self, **changes: object) -> "Settings":
@@ -131,6 +148,12 @@ class Settings:
             env["MODELPRESS_METRICS_TOKEN"] = self.metrics_token
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
+        for name in ("storage_url", "s3_endpoint_url", "s3_region", "s3_access_key_id", "s3_secret_access_key",
+                     "s3_profile"):
+            if getattr(self, name):
+                env[f"MODELPRESS_{name.upper()}"] = getattr(self, name)
+        if self.s3_presign_s:
+            env["MODELPRESS_S3_PRESIGN_S"] = str(self.s3_presign_s)
         return env
 
     @property

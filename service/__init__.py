@@ -6,6 +6,7 @@ from flask import Flask
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
 from modelpress.logs import configure_logging
+from modelpress.objectstore import open_object_store
 from modelpress.storage import Storage
 
 
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     storage = Storage(settings.data_dir)
     storage.ensure()
     app.extensions["modelpress_storage"] = storage
+    app.extensions["modelpress_objects"] = open_object_store(settings, storage)
     app.extensions["modelpress_jobs"] = JobStore(connect(settings.redis_url))
     celery_init_app(app, settings)
     auth_init_app(app, settings)

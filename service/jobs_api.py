@@ -12,7 +12,7 @@ from modelpress import jobs
 from modelpress.formats import FILE_SUFFIX, TORCHSCRIPT
 from modelpress.jobs import JobStore, public_view, utc_now
 from modelpress.spec import MAX_SPEC_BYTES
-from modelpress.storage import Storage, read_json
+from modelpress.objectstore import LocalObjects, ObjectStore
 from service.auth import require_tenant
 from service.problems import ApiProblem
 from modelpress.webhooks import tenant_secret
@@ -20,6 +20,7 @@ from service.queue import enqueue_job
 from service.schemas import (JobListArgsSchema, JobListSchema, JobSchema, JobSubmissionSchema, ProblemSchema,
                              WebhookSecretSchema)
 from service.submission import Submission, submit
+from service.downloads import remote_model_response
 from service.uploads import gzip_copy, wants_gzip
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Compression jobs")
@@ -52,7 +53,7 @@ class Jobs(MethodView):
             student=request.files.get("student"), spec_text=_spec_text(),
             callback_url=request.form.get("callback_url") or None,
             idempotency_key=request.headers.get("Idempotency-Key"))
-        accepted = submit(submission, current_app.extensions["modelpress"], _store(), _storage(),
+        accepted = submit(submission, current_app.extensions["modelpress"], _store(), _objects(),
                           lambda job_id, generation: enqueue_job(current_app, job_id, generation))
         headers = {"Location": url_for("jobs.Job", job_id=accepted.job["id"])}
         if accepted.replayed:
@@ -89,7 +90,7 @@ class Job(MethodView):
         if cancelled is not None:
             return public_view(cancelled), 202
         _store().delete(job_id)
-        _storage().delete(job_id)
+        _objects().delete(job_id)
         return "", 204
 
 
@@ -102,13 +103,17 @@ class JobModel(MethodView):
     def get(self, job_id: str) -> Any:
         """Download the compressed model (ETag and X-Checksum-Sha256 are its SHA-256; gzip on request)."""
         job = _succeeded_or_409(job_id)
-        path = _storage().job(job_id).published_model(job.get("attempt"))
         digest = job["result"]["sha256"]
         stem = (job.get("input") or {}).get("filename", "model").rsplit(".", 1)[0] or "model"
         suffix = FILE_SUFFIX.get(job["result"].get("format", TORCHSCRIPT), ".pt")  # .pt2 in, .pt2 out
+        download_name = f"{stem}.{job['spec']['method']}{suffix}"
         gzipped = wants_gzip(request)
+        objects = _objects()
+        if not isinstance(objects, LocalObjects):  # an object store: streamed, or a presigned redirect
+            return remote_model_response(objects, job_id, job.get("attempt"), digest, download_name, gzipped)
+        path = objects.model(job_id, job.get("attempt"))
         response = send_file(gzip_copy(path) if gzipped else path, mimetype="application/octet-stream",
-                             as_attachment=True, download_name=f"{stem}.{job['spec']['method']}{suffix}",
+                             as_attachment=True, download_name=download_name,
                              etag=f"{digest}-gzip" if gzipped else digest, conditional=True, max_age=0)
         if gzipped:
             response.headers["Content-Encoding"] = "gzip"
@@ -155,7 +160,7 @@ def cancel(job_id: str) -> dict[str, Any] | None:
 
 def report_of(job: dict[str, Any]) -> dict[str, Any]:
     """The report.json of a succeeded job: the one its winning attempt published."""
-    return read_json(_storage().job(job["id"]).published_report(job.get("attempt")))
+    return _objects().read_report(job["id"], job.get("attempt"))
 
 
 def _succeeded_or_409(job_id: str) -> dict[str, Any]:
@@ -179,8 +184,8 @@ def _store() -> JobStore:
     return current_app.extensions["modelpress_jobs"]
 
 
-def _storage() -> Storage:
-    return current_app.extensions["modelpress_storage"]
+def _objects() -> ObjectStore:
+    return current_app.extensions["modelpress_objects"]
 
 
 webhooks_blp = Blueprint("webhooks", __name__, url_prefix="/v1/webhook-secret", description="Webhook signing")

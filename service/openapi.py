@@ -7,6 +7,7 @@ import redis
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException, InternalServerError
 
+from modelpress.objectstore import StoreUnavailable
 from service.problems import ApiProblem, from_api_problem, from_http_exception, problem_response
 
 log = logging.getLogger("modelpress.api")
@@ -18,6 +19,7 @@ class ProblemApi(Api):
         self._app.register_error_handler(ApiProblem, from_api_problem)
         self._app.register_error_handler(redis.ConnectionError, _redis_away)
         self._app.register_error_handler(redis.TimeoutError, _redis_away)
+        self._app.register_error_handler(StoreUnavailable, _store_away)
         self._app.register_error_handler(Exception, _unexpected)
 
     def handle_http_exception(self, error: HTTPException):  # type: ignore[override]
@@ -36,3 +38,10 @@ def _redis_away(error: BaseException):
     log.warning("Redis unreachable: %s", error)
     return problem_response(503, "Service Unavailable", "the job store is unreachable (restarting?); retry shortly",
                             headers={"Retry-After": "2"})
+
+
+def _store_away(error: BaseException):
+    """The object store unreachable or refusing: retry; a submission was not accepted."""
+    log.warning("object store unavailable: %s", error)
+    return problem_response(503, "Service Unavailable", "the object store is unreachable; retry shortly",
+                            headers={"Retry-After": "5"})

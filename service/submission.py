@@ -25,7 +25,8 @@ from modelpress.faults import pause_point
 from modelpress.formats import model_format
 from modelpress.jobs import JobStore, new_job_id, utc_now
 from modelpress.spec import SpecError, declared_inputs, dump_spec, parse_spec
-from modelpress.storage import Storage, write_json_atomic
+from modelpress.objectstore import ObjectStore
+from modelpress.storage import write_json_atomic
 from modelpress.webhooks import CallbackRefused, check_callback_url
 from service.problems import ApiProblem
 from service.uploads import keep_upload, upload_is_empty
@@ -54,12 +55,12 @@ class Accepted:
     replayed: bool = False
 
 
-def submit(submission: Submission, settings: Settings, store: JobStore, storage: Storage,
+def submit(submission: Submission, settings: Settings, store: JobStore, objects: ObjectStore,
            enqueue: Callable[[str, int], None]) -> Accepted:
     """Accept a job or raise ``ApiProblem`` (422, 409, 429); see the module's docstring."""
     spec = _validate(submission, settings)
     job_id = new_job_id()
-    files = storage.job(job_id)
+    files = objects.storage.job(job_id)  # the request's files, local until kept (see ObjectStore.keep_inputs)
     recorded = False
     try:
         infos = {}
@@ -84,6 +85,7 @@ def submit(submission: Submission, settings: Settings, store: JobStore, storage:
             if conflicts:
                 raise invalid(conflicts)
         write_json_atomic(files.spec, dump_spec(spec))
+        objects.keep_inputs(job_id)
         job = {
             "id": job_id, "tenant": submission.tenant, "state": jobs.QUEUED, "progress": 0.0, "stage": "queued",
             "created_at": utc_now(), "started_at": None, "finished_at": None,
@@ -101,7 +103,7 @@ def submit(submission: Submission, settings: Settings, store: JobStore, storage:
         recorded = outcome == "created"
     finally:
         if not recorded:
-            storage.delete(job_id)  # the one rollback: this request's files, on every way out
+            objects.delete(job_id)  # the one rollback: this request's files, on every way out
     if outcome == "replay":
         return _replay(store, earlier, fingerprint)
     if outcome == "quota":

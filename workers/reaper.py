@@ -10,7 +10,7 @@ remove expired ones.
   turns up later is dropped by the claim. The next supervisor counts a delivery, so a job that
   keeps killing workers still ends ``failed``.
 - Retention: finished jobs older than ``MODELPRESS_RETENTION_HOURS`` lose their record, then
-  their files (a download in between answers 404, never 500).
+  their files, local or in the object store (a download in between answers 404, never 500).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from celery import Celery
 
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
-from modelpress.storage import Storage
+from modelpress.objectstore import open_object_store
 from workers.celery_app import QUEUE, send_job
 
 log = logging.getLogger("modelpress.reaper")
@@ -36,7 +36,7 @@ class Reaper:
         self.settings = settings
         self.celery = celery
         self.store = JobStore(connect(settings.redis_url))
-        self.storage = Storage(settings.data_dir)
+        self.objects = open_object_store(settings)  # the data directory, or the bucket
         self.interval_s = max(1.0, settings.heartbeat_stale_s / 3)
         self._stop = threading.Event()
 
@@ -54,7 +54,7 @@ class Reaper:
         expired = self.store.finished_before(time.time() - self.settings.retention_hours * 3600)
         for job_id in expired:
             self.store.delete(job_id)  # the record first: from now on the API answers 404
-            self.storage.delete(job_id)
+            self.objects.delete(job_id)
             log.info("job %s: removed after %s hours of retention", job_id, self.settings.retention_hours)
         return resent, expired
 

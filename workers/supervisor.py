@@ -6,8 +6,8 @@ Progress comes back as JSON lines on a pipe; the child never talks to Redis.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-import hashlib
 import logging
 import os
 import queue
@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import redis
 
@@ -26,7 +26,8 @@ from modelpress.config import Settings
 from modelpress.faults import pause_point
 from modelpress.formats import TORCHSCRIPT
 from modelpress.jobs import JobStore, Superseded, connect, utc_now
-from modelpress.storage import JobFiles, Storage, read_json, write_json_atomic
+from modelpress.objectstore import InputsMissing, ObjectStore, file_sha256, open_object_store
+from modelpress.storage import JobFiles, Storage, read_json
 from workers import job_protocol as protocol
 from workers import sandbox
 from workers.job_protocol import problem
@@ -39,10 +40,11 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, store: JobStore, storage: Storage) -> None:
+    def __init__(self, settings: Settings, store: JobStore, storage: Storage, objects: ObjectStore | None = None) -> None:
         self.settings = settings
         self.store = store
         self.storage = storage
+        self.objects = objects or open_object_store(settings, storage)
 
     @classmethod
     @functools.lru_cache(maxsize=4)
@@ -70,7 +72,16 @@ class Supervisor:
         if claim.deliveries > 1:
             log.warning("job %s: delivery %d after its worker stopped; running it again", job_id, claim.deliveries)
         log.info("job %s: running (delivery %d)", job_id, claim.deliveries)
-        return self._run_child(job_id, claim.attempt, claim.deliveries, self.storage.job(job_id))
+        try:
+            with self._beating(job_id, claim.attempt):  # with S3: inputs staged into a private directory
+                files = self.objects.workspace(job_id, claim.attempt)
+        except InputsMissing as missing:
+            return self._finish(job_id, claim.attempt, jobs.FAILED, error=problem(
+                "inputs-missing", "Inputs missing", f"the job's uploaded files are gone from the object store ({missing})"))
+        try:
+            return self._run_child(job_id, claim.attempt, claim.deliveries, files)
+        finally:
+            self.objects.release(job_id, claim.attempt)
 
     # ------------------------------------------------------------------ the child process
 
@@ -179,28 +190,42 @@ class Supervisor:
                                                                               sandbox.setup_error_in(files.process_log)))
 
     def _publish(self, job_id: str, attempt: int, deliveries: int, files: JobFiles) -> tuple[str, bool]:
-        """Publish this attempt's output under attempt-specific names, then record success (fenced).
-
-        The child writes ``output/model.pt`` by rename, so a hard link names one complete file
-        that nobody writes again: the digest recorded is the digest of the file served, even if
-        a superseded child (still alive during a partition) renames another file over the shared name.
-        """
+        """Publish this attempt's output under attempt-specific names (``ObjectStore.publish``), then
+        record success (fenced); the digest recorded is that of the file published."""
         try:
             self._until_redis(self.store.beat, job_id, attempt)  # still ours? (raises Superseded)
         except Superseded:
             return jobs.RUNNING, False
-        model, report_path = files.published_model(attempt), files.published_report(attempt)
-        model.unlink(missing_ok=True)
-        os.link(files.output_model, model)
         report = read_json(files.report)
         report["deliveries"] = deliveries
-        write_json_atomic(report_path, report)
-        state, won = self._finish(job_id, attempt, jobs.SUCCEEDED, result=_result_summary(model, report),
+        with self._beating(job_id, attempt):
+            published = self.objects.publish(job_id, attempt, files, report)
+        state, won = self._finish(job_id, attempt, jobs.SUCCEEDED, result=_result_summary(published, report),
                                   progress=1.0, stage="done", warnings=report.get("warnings", []))
         if not won:
-            model.unlink(missing_ok=True)
-            report_path.unlink(missing_ok=True)
+            self.objects.withdraw(job_id, attempt)
         return state, won
+
+    @contextlib.contextmanager
+    def _beating(self, job_id: str, attempt: int) -> Iterator[None]:
+        """Heartbeats while the supervisor itself works (staging inputs, uploading the output): a long
+        transfer to or from an object store is not a dead worker, and must not be taken over."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(PROGRESS_WRITE_INTERVAL_S):
+                try:
+                    self._quietly(self.store.beat, job_id, attempt)
+                except Superseded:
+                    return  # the fenced writes after the transfer are refused; nothing to do here
+
+        thread = threading.Thread(target=beat, name=f"beat-{job_id}", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def _finish(self, job_id: str, attempt: int, state: str, **fields: Any) -> tuple[str, bool]:
         """Record the final state (fenced by ``attempt``), however long Redis takes to come back.
@@ -234,13 +259,9 @@ class Supervisor:
 
 
 def _result_summary(model: Path, report: dict[str, Any]) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with open(model, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
     return {
         "bytes": model.stat().st_size,
-        "sha256": digest.hexdigest(),
+        "sha256": file_sha256(model),
         "format": report.get("format", {}).get("output", TORCHSCRIPT),
         "size_ratio": report["size"]["ratio"],
         "latency_ratio": report["latency"]["ratio"],

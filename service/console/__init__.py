@@ -153,7 +153,7 @@ def new_job() -> Any:
                            spec_text=spec if isinstance(spec, str) else json.dumps(spec),
                            callback_url=(request.form.get("callback_url") or "").strip() or None, idempotency_key=None),
                 current_app.extensions["modelpress"], current_app.extensions["modelpress_jobs"],
-                current_app.extensions["modelpress_storage"], lambda job_id, *rest: enqueue_job(current_app, job_id, *rest))
+                current_app.extensions["modelpress_objects"], lambda job_id, *rest: enqueue_job(current_app, job_id, *rest))
             return redirect(url_for("console.job_page", job_id=accepted.job["id"]), code=303)
         except ApiProblem as refused:
             errors, problem = refused.errors or {}, refused

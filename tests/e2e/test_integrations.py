@@ -8,9 +8,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
@@ -18,9 +16,9 @@ import pytest
 import torch
 
 from modelpress.client import Client, ModelPressError
-from modelpress.stack import free_port
 from tests.conftest import ApiClient
 from tests.models import SmallConvNet, save_scripted
+from tests.webhooks import WebhookReceiver
 
 QUICK = {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": {"runs": 1, "warmup": 0}}
 
@@ -141,55 +139,31 @@ def test_idempotency_key_returns_the_first_job_and_refuses_a_different_request(a
 # ----------------------------------------------------------------------------- webhooks
 
 
-class _Receiver:
-    """A real HTTP server that answers 500 to the first delivery and 200 after."""
-
-    def __init__(self) -> None:
-        self.deliveries: list[tuple[dict[str, str], bytes, int]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                status = 500 if not receiver.deliveries else 200
-                receiver.deliveries.append(({k.lower(): v for k, v in self.headers.items()}, body, status))
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture
-def receiver() -> Iterator[_Receiver]:
-    running = _Receiver()
-    yield running
-    running.server.shutdown()
+def receiver() -> Iterator[WebhookReceiver]:
+    with WebhookReceiver(answer=lambda tries: 500 if not tries else 200) as running:
+        yield running
 
 
-def test_webhook_is_signed_and_retried_after_a_500(api: ApiClient, model: Path, receiver: _Receiver) -> None:
+def test_webhook_is_signed_and_retried_after_a_500(api: ApiClient, model: Path, receiver: WebhookReceiver) -> None:
     job = api.session.post(api.url("/v1/jobs"), files={"model": ("m.pt", model.read_bytes())},
                            data={"spec": json.dumps(QUICK), "callback_url": receiver.url}).json()
     assert job["callback_url"] == receiver.url
     assert api.wait(job["id"])["state"] == "succeeded"
     deadline = time.monotonic() + 60
-    while len(receiver.deliveries) < 2 and time.monotonic() < deadline:
+    while len(receiver.tries) < 2 and time.monotonic() < deadline:
         time.sleep(0.1)
 
-    assert [status for _, _, status in receiver.deliveries] == [500, 200]
+    assert [one.status for one in receiver.tries] == [500, 200]
     secret = api.session.get(api.url("/v1/webhook-secret")).json()["secret"]
-    for headers, body, _ in receiver.deliveries:
+    for headers, body in ((one.headers, one.body) for one in receiver.tries):
         signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
         expected = base64.b64encode(hmac.new(base64.b64decode(secret.removeprefix("whsec_")), signed,
                                              hashlib.sha256).digest()).decode()
         assert headers["webhook-signature"] == f"v1,{expected}"
         payload = json.loads(body)
         assert payload["type"] == "job.succeeded" and payload["data"]["id"] == job["id"]
-    assert receiver.deliveries[0][0]["webhook-id"] == receiver.deliveries[1][0]["webhook-id"]
+    assert receiver.tries[0].webhook_id == receiver.tries[1].webhook_id
 
 
 def test_private_callback_is_refused_unless_allowed(api: ApiClient, model: Path) -> None:

@@ -10,7 +10,6 @@ import json
 import os
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -20,9 +19,10 @@ import requests
 
 from modelpress.faults import arm
 from modelpress.jobs import JobStore
-from modelpress.stack import Stack, free_port
+from modelpress.stack import Stack
 from tests.conftest import ApiClient, compression_process, make_settings, supervisor_process
 from tests.models import SlowModel, SmallConvNet, save_scripted
+from tests.webhooks import WebhookReceiver
 
 QUICK = {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": {"runs": 2, "warmup": 0}}
 # A few seconds of timed runs of a slow model: long enough to strike while it runs.
@@ -221,57 +221,29 @@ def test_two_workers_racing_for_a_stale_job_and_the_superseded_supervisor_writes
 # ----------------------------------------------------------------------------- webhooks
 
 
-class _Receiver:
-    """A real HTTP server; while ``down`` it answers 503."""
-
-    def __init__(self) -> None:
-        self.down = True
-        self.tries: list[tuple[str, int, dict[str, Any]]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status = 503 if receiver.down else 200
-                receiver.tries.append((self.headers["webhook-id"], status, body))
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 def test_webhook_receiver_down_across_a_worker_crash(life: Stack, api: ApiClient, quick_model: Path) -> None:
-    receiver = _Receiver()
-    try:
+    with WebhookReceiver(answer=lambda tries: 503) as receiver:  # down until the worker crashed
         job = api.session.post(api.url("/v1/jobs"), files={"model": ("m.pt", quick_model.read_bytes())},
                                data={"spec": json.dumps(QUICK), "callback_url": receiver.url}).json()
         assert api.wait(job["id"])["state"] == "succeeded"
         deadline = time.monotonic() + 60
         while not receiver.tries and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert receiver.tries and receiver.tries[0][1] == 503  # the receiver was down when the job ended
+        assert receiver.tries and receiver.tries[0].status == 503  # the receiver was down when the job ended
 
         life.kill_process("worker")  # the dispatcher dies with its worker, the event stays in the outbox
         assert _redis(life).zcard("modelpress:outbox") == 1
-        receiver.down = False
+        receiver.answer = lambda tries: 200
         life.start_worker()
 
         deadline = time.monotonic() + 120
-        while not any(status == 200 for _, status, _ in receiver.tries) and time.monotonic() < deadline:
+        while not receiver.accepted() and time.monotonic() < deadline:
             time.sleep(0.2)
         time.sleep(1)
-        ids = {webhook_id for webhook_id, _, _ in receiver.tries}
-        assert ids == {f"msg_{job['id']}_succeeded"}  # the same webhook-id on every try
-        assert [status for _, status, _ in receiver.tries].count(200) == 1
-        assert receiver.tries[-1][2]["data"]["state"] == "succeeded"
+        assert {one.webhook_id for one in receiver.tries} == {f"msg_{job['id']}_succeeded"}  # same id every try
+        assert receiver.accepted() == {f"msg_{job['id']}_succeeded": 1}
+        assert json.loads(receiver.tries[-1].body)["data"]["state"] == "succeeded"
         assert _redis(life).zcard("modelpress:outbox") == 0
-    finally:
-        receiver.server.shutdown()
 
 
 def _quietly_submit(api: ApiClient, model: Path) -> None:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.models import LinearTransformer, Recurrent, SmallConvNet, save_scripted, transformer_encoder
 from workers.compression.artifacts import load_model
@@ -100,7 +101,7 @@ def test_bias_free_bidirectional_lstm_gets_the_quantized_kernel_too(tmp_path: Pa
     assert report["fidelity"]["cosine_similarity"] > 0.999
 
 
-def test_transformer_encoder_is_compressed_without_graph_mode_passes(tmp_path: Path) -> None:
+def test_transformer_encoder_feed_forward_runs_int8_when_attention_is_not_selected(tmp_path: Path) -> None:
     model = save_scripted(transformer_encoder(width=128, layers=2), tmp_path / "enc.pt")
     report = compress(model, _spec([2, 10, 128]), tmp_path / "out.pt")
 
@@ -109,8 +110,50 @@ def test_transformer_encoder_is_compressed_without_graph_mode_passes(tmp_path: P
     kept = {m["module"]: m for m in report["details"]["kept_float"]}
     assert kept["layers.0.self_attn"]["tensors"] == ["in_proj_weight", "in_proj_bias"]
     assert "not selected" in kept["layers.0.self_attn"]["reason"]
-    fused = [m for m in report["details"]["quantized_modules"] if m["module"] == "layers.1.linear1"][0]
-    assert fused["kernel"] == "weight_only" and "_transformer_encoder_layer_fwd" in fused["why"]
+    kernels = {m["module"]: m["kernel"] for m in report["details"]["quantized_modules"]}
+    assert kernels["layers.1.linear1"] == kernels["layers.1.self_attn.out_proj"] == "dynamic"
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the operators a forward pass really dispatches (TorchScript's calls included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        name = str(func.overloadpacket)
+        self.calls[name] = self.calls.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_transformer_encoder_attention_projections_run_int8(tmp_path: Path) -> None:
+    width, layers = 256, 2
+    model = save_scripted(transformer_encoder(width=width, layers=layers), tmp_path / "enc.pt")
+    report = compress(model, _spec([2, 10, width], modules=["Linear", "MultiheadAttention"]), tmp_path / "out.pt")
+
+    assert report["size"]["ratio"] <= 0.30
+    assert report["fidelity"]["cosine_similarity"] >= 0.999
+    kernels = {m["module"]: m["kernel"] for m in report["details"]["quantized_modules"]}
+    assert kernels["layers.0.self_attn"] == kernels["layers.1.self_attn.out_proj"] == "dynamic"
+    result = torch.jit.load(str(tmp_path / "out.pt"))  # the file a user downloads, plain torch
+    packed_shapes = sorted({tuple(torch.ops.quantized.linear_unpack(node.inputsAt(1).toIValue())[0].shape)
+                            for node in result.graph.findAllNodes("quantized::linear_dynamic")})
+    assert packed_shapes == [(width, width), (width, 4 * width), (3 * width, width), (4 * width, width)]
+
+    original = torch.jit.load(str(model))
+    x = torch.randn(3, 7, width)
+    for grad in (False, True):  # inference fast path (fused ops in the float model) and the module path
+        with torch.set_grad_enabled(grad):
+            expected = original(x)
+            result(x)  # the first call optimises the graph
+            with _OpCounter() as counter:
+                actual = result(x)
+        assert torch.nn.functional.cosine_similarity(actual.flatten(), expected.flatten(), dim=0) > 0.999
+        # in_proj, out_proj and the two feed-forward layers of each layer, nothing left in float
+        assert counter.calls.get("quantized.linear_dynamic") == 4 * layers
+        assert not {"aten.linear", "aten.addmm", "aten.mm", "aten._transformer_encoder_layer_fwd",
+                    "aten._native_multi_head_attention"} & set(counter.calls)
 
 
 def test_model_without_selected_modules_comes_back_unchanged(tmp_path: Path) -> None:

@@ -105,3 +105,22 @@ def test_traced_model_with_functional_ops_and_random_calibration_warns(tmp_path:
     buffer = io.BytesIO()
     torch.jit.save(result, buffer)
     assert len(buffer.getvalue()) < path.stat().st_size
+
+
+def test_every_stochastic_depth_of_efficientnet_folds_away_before_quantization() -> None:
+    # 16 block classes share torchvision's StochasticDepth; each method graph must see training=False.
+    import torchvision
+
+    from workers.compression.inputs import Dataset
+    from workers.compression.quantize import quantize
+
+    torch.manual_seed(0)
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(torchvision.models.efficientnet_b0(weights=None).eval()), buffer)
+    buffer.seek(0)
+    spec = {**_spec()["quantize"], "observer": "minmax", "calibration_batches": 1, "min_cosine": 0.0}
+
+    result, details = quantize(torch.jit.load(buffer), spec, Dataset(inputs=torch.randn(2, 3, 32, 32)))
+
+    assert details["counts"]["static"] == 82  # every conv and the classifier
+    assert quantized_op_counts(result).get("quantized::conv2d", 0) > 0

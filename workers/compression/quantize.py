@@ -7,23 +7,28 @@ Why a graph rewrite and not torch's own passes (facts measured on torch 2.14.1):
 
 So the model is frozen (weights become graph constants) and each selected weight
 constant is rewritten in one of two ways:
-- *dynamic*: every use is ``aten::linear`` -> ``quantized::linear_dynamic`` with a
-  prepacked int8 weight (int8 matmul, activations quantized per batch at run time);
-- *weight-only*: any other use (a fused transformer op, an RNN's flat weight list) ->
-  the constant is stored as int8 (or float16) and dequantized where it is read.
-  That shrinks the file as much but computes in float.
+- *dynamic*: its ``aten::linear`` uses -> ``quantized::linear_dynamic`` with a prepacked
+  int8 weight (int8 matmul, activations quantized per batch at run time); other reads of
+  the same weight unpack it where they happen (one stored copy). Fused attention ops
+  (``attention.py``) are first spelled out as linear calls so their projections qualify;
+  an LSTM/GRU's flat weight list becomes ``aten::quantized_lstm``/``quantized_gru`` cells;
+- *weight-only*: no linear use at all (or float16) -> the constant is stored as int8
+  (or float16) and dequantized where it is read: the file shrinks as much, the compute
+  stays float.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
+from .attention import expand_fused_attention
 from .errors import UnsupportedModel
 from .static_quantize import quantize_static
 from .torchscript import (
     ParameterOwner,
+    fold_tensor_attributes,
     freeze_forward,
     matching_pattern,
     parameter_owners,
@@ -84,6 +89,12 @@ def quantize(
     graph = frozen.graph
     rewriter = _GraphRewriter(graph, dtype=dtype, per_channel=per_channel)
     with quiet_torchscript_warnings():
+        fold_tensor_attributes(frozen)
+        if dtype == "qint8":
+            chosen = {tensor.data_ptr() for tensor in model.parameters()
+                      if (owner := owners.get(tensor.data_ptr())) is not None and owner.name in plan.targets}
+            expanded = expand_fused_attention(graph, lambda value: _constant_pointer(value) in chosen)
+            plan.expanded = len(expanded)
         constants = [(node, tensor) for node, tensor in tensor_constants(graph)]
         for index, (node, tensor) in enumerate(constants):
             owner = owners.get(tensor.data_ptr())
@@ -99,6 +110,7 @@ def quantize(
                 every_weight = all(was_chosen for was_chosen, t in zip(chosen, tensors) if t.dim() >= 2)
                 if every_weight and rewriter.rewrite_rnn(node, tensors):
                     kernel, reason = "dynamic", None
+                    plan.recurrent += 1
                 else:
                     rewriter.rewrite_tensor_list(node, tensors, chosen)
                     kernel = "weight_only"
@@ -132,6 +144,8 @@ class _Plan:
         self.reached: set[str] = set()
         self.done: dict[str, _ModuleRecord] = {}
         self.kept: dict[str, _ModuleRecord] = {}
+        self.expanded = 0  # fused attention ops spelled out as linear calls
+        self.recurrent = 0  # LSTM/GRU weight lists given the quantized recurrent kernels
 
     def classify(self, owner: ParameterOwner, selected: set[str], exclude: list[str]) -> None:
         if owner.module_type not in selected:
@@ -186,6 +200,14 @@ class _Plan:
                 "the model was frozen: only forward() is kept, attributes became constants, "
                 "and training-only code paths were dropped"
             )
+        if self.expanded:
+            notes.append(
+                f"{self.expanded} fused attention op(s) (torch's inference fast path) were rewritten as the same "
+                "computation with separate linear projections, so those run int8"
+            )
+        if self.recurrent:
+            notes.append("LSTM/GRU cells use per-tensor int8 weights whatever per_channel says, as eager "
+                         "quantize_dynamic does: on their small per-step matrices it is the faster kernel")
         if any(r["kernel"] == "weight_only" for r in quantized):
             notes.append(
                 "weight-only modules store int8/float16 weights and dequantize them when read: "
@@ -215,6 +237,30 @@ def _selected_class_names(modules: list[str]) -> set[str]:
     return names
 
 
+def _constant_source(value: torch._C.Value) -> torch._C.Node | None:
+    """The ``prim::Constant`` a value is, looking through ``prim::unchecked_cast`` (Optional weights)."""
+    node = value.node()
+    while node.kind() == "prim::unchecked_cast":
+        node = node.inputsAt(0).node()
+    return node if node.kind() == "prim::Constant" else None
+
+
+def _constant_pointer(value: torch._C.Value) -> int | None:
+    """Storage pointer of the tensor constant behind ``value``, if it is one."""
+    node = _constant_source(value)
+    tensor = node.output().toIValue() if node is not None else None
+    return tensor.data_ptr() if isinstance(tensor, torch.Tensor) else None
+
+
+def _leaf_uses(value: torch._C.Value) -> Iterator[torch._C.Use]:
+    """Uses of a value, with ``prim::unchecked_cast`` nodes looked through."""
+    for use in list(value.uses()):
+        if use.user.kind() == "prim::unchecked_cast":
+            yield from _leaf_uses(use.user.output())
+        else:
+            yield use
+
+
 def _reason_for_list(node: torch._C.Node) -> str:
     users = sorted({use.user.kind() for use in node.output().uses()})
     return f"read by {', '.join(users)}, which has no int8 kernel here"
@@ -232,14 +278,31 @@ class _GraphRewriter:
         self.per_channel = per_channel
         self.last_reason: str | None = None
         self._packed: dict[tuple[int, int | None], torch._C.Value] = {}
+        self._packed_for: dict[int, torch._C.Value] = {}  # weight pointer -> one of its packed constants
 
     def rewrite_tensor(self, node: torch._C.Node, weight: torch.Tensor) -> str:
-        """Rewrite one weight constant; return ``'dynamic'`` or ``'weight_only'``."""
-        uses = list(node.output().uses())
-        if self.dtype == "qint8" and uses and all(self._is_linear_weight(use) for use in uses):
-            for use in uses:
-                self._to_dynamic_linear(use.user, weight)
-            self.last_reason = None
+        """Rewrite one weight constant; return ``'dynamic'`` or ``'weight_only'``.
+
+        With at least one ``aten::linear`` use (qint8), the weight is stored once, prepacked:
+        linears become ``quantized::linear_dynamic``; checks of its metadata (dtype, device,
+        ``requires_grad``: torch's fast-path conditions) become constants; any other read (a
+        slice for cross-attention, a fused op on nested inputs) unpacks and dequantizes it
+        where it is read, so that costs only on the branch that runs it.
+        """
+        uses = list(_leaf_uses(node.output()))
+        linears = [use.user for use in uses if self._is_linear_weight(use)]
+        if self.dtype == "qint8" and linears:
+            others = [use for use in uses if not self._is_linear_weight(use)]  # before the linears are replaced
+            for linear in linears:
+                self._to_dynamic_linear(linear, weight)
+            packed = self._packed_for[weight.data_ptr()]
+            float_reads = set()
+            for use in others:
+                if not self._fold_metadata(use, weight):
+                    float_reads.add(use.user.kind())
+                    self._read_dequantized(use, packed)
+            self.last_reason = (f"int8 kernel for its linear calls; branches that pass it to "
+                                f"{', '.join(sorted(float_reads))} read it dequantized" if float_reads else None)
             return "dynamic"
         replacement = self._stored_small(node, weight)
         node.output().replaceAllUsesWith(replacement)
@@ -249,6 +312,27 @@ class _GraphRewriter:
         else:
             self.last_reason = f"also read by {', '.join(other)}, which has no int8 kernel here"
         return "weight_only"
+
+    def _fold_metadata(self, use: torch._C.Use, weight: torch.Tensor) -> bool:
+        """Replace a read of the weight's metadata by its value; False if ``use`` is not one."""
+        user = use.user
+        facts = {"prim::dtype": weight.dtype, "prim::device": weight.device, "prim::requires_grad": False,
+                 "prim::is_nested": False, "aten::dim": weight.dim(), "aten::is_floating_point": True}
+        if user.kind() not in facts or len(list(user.inputs())) != 1 or len(list(user.outputs())) != 1:
+            return False
+        with self.graph.insert_point_guard(user):
+            user.output().replaceAllUsesWith(self.graph.insertConstant(facts[user.kind()]))
+        user.destroy()
+        return True
+
+    def _read_dequantized(self, use: torch._C.Use, packed: torch._C.Value) -> None:
+        with self.graph.insert_point_guard(use.user):
+            unpacked = self.graph.create("quantized::linear_unpack", [packed], 2)
+            self.graph.insertNode(unpacked)
+            unpacked.outputsAt(0).setType(torch._C.TensorType.get())
+            unpacked.outputsAt(1).setType(torch._C.OptionalType(torch._C.TensorType.get()))
+            weight = self.graph.insert("aten::dequantize", [unpacked.outputsAt(0)])
+        use.user.replaceInput(use.offset, weight)
 
     def rewrite_tensor_list(self, node: torch._C.Node, tensors: list[torch.Tensor], chosen: list[bool]) -> None:
         """Replace a constant list of tensors (an RNN's flat weights) by a list of dequantized ones."""
@@ -296,8 +380,11 @@ class _GraphRewriter:
                 b_ih, b_hh = tensors[start + 2].detach().float(), tensors[start + 3].detach().float()
             else:
                 b_ih = b_hh = torch.zeros(w_ih.shape[0])
-            packed_ih = torch.ops.quantized.linear_prepack(self._quantize_int8(w_ih), b_ih)
-            packed_hh = torch.ops.quantized.linear_prepack(self._quantize_int8(w_hh), b_hh)
+            # Per tensor, as eager quantize_dynamic does: fbgemm's per-channel output stage costs
+            # more than it gains on the small per-step matrices (LSTM+GRU 2x256, batch 8: per
+            # channel 1.07x the eager model's time, per tensor 0.93x; cosine 0.9998 either way).
+            packed_ih = torch.ops.quantized.linear_prepack(self._quantize_int8(w_ih, per_channel=False), b_ih)
+            packed_hh = torch.ops.quantized.linear_prepack(self._quantize_int8(w_hh, per_channel=False), b_hh)
             # reduce_range=True, as for linear_dynamic above (and as eager quantize_dynamic does).
             cells.append(torch.ops.quantized.make_quantized_cell_params_dynamic(packed_ih, packed_hh, b_ih, b_hh, True))
         with self.graph.insert_point_guard(self._after_constants()):
@@ -332,11 +419,10 @@ class _GraphRewriter:
         user = use.user
         if user.kind() != "aten::linear" or use.offset != 1:
             return False
-        bias = user.inputsAt(2)
-        return bias.node().kind() == "prim::Constant"
+        return _constant_source(user.inputsAt(2)) is not None
 
     def _to_dynamic_linear(self, linear: torch._C.Node, weight: torch.Tensor) -> None:
-        bias_value = linear.inputsAt(2).toIValue()
+        bias_value = _constant_source(linear.inputsAt(2)).output().toIValue()
         key = (weight.data_ptr(), bias_value.data_ptr() if isinstance(bias_value, torch.Tensor) else None)
         packed = self._packed.get(key)
         if packed is None:
@@ -345,6 +431,7 @@ class _GraphRewriter:
             with self.graph.insert_point_guard(self.graph.findNode("prim::Constant")):
                 packed = self.graph.insertConstant(torch.ops.quantized.linear_prepack(qweight, bias))
             self._packed[key] = packed
+            self._packed_for.setdefault(weight.data_ptr(), packed)
         with self.graph.insert_point_guard(linear):
             # reduce_range=True: fbgemm's int8 dot products can saturate with full-range activations.
             reduce_range = self.graph.insertConstant(True)
@@ -364,9 +451,9 @@ class _GraphRewriter:
         stored = self.graph.insertConstant(self._quantize_int8(weight))
         return self.graph.insert("aten::dequantize", [stored])
 
-    def _quantize_int8(self, weight: torch.Tensor) -> torch.Tensor:
+    def _quantize_int8(self, weight: torch.Tensor, per_channel: bool | None = None) -> torch.Tensor:
         weight = weight.detach().float().contiguous()
-        if self.per_channel and weight.dim() >= 2:
+        if (self.per_channel if per_channel is None else per_channel) and weight.dim() >= 2:
             max_abs = weight.abs().reshape(weight.shape[0], -1).amax(dim=1)
             scales = (max_abs / 127.0).clamp(min=1e-12).double()
             zero_points = torch.zeros(weight.shape[0], dtype=torch.long)

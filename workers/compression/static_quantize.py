@@ -202,13 +202,16 @@ def _specialize_for_inference(model: torch.jit.ScriptModule) -> None:
     submodules is not inlined (inlining would erase the module boundaries graph-mode
     quantization keys its per-layer settings on); its own ``training`` reads still fold.
     """
-    seen: set[int] = set()
+    seen: set[tuple[str, str]] = set()
     for _, module in model.named_modules():
         for method in module._c._method_names():
-            graph = module._c._get_method(method).graph
-            if id(graph) in seen:
+            # Keyed by compiled type, not id(graph): each `.graph` is a fresh Python wrapper,
+            # freed at once, so ids repeat and whole classes of modules were skipped.
+            key = (module._c._type().qualified_name(), method)
+            if key in seen:
                 continue
-            seen.add(id(graph))
+            seen.add(key)
+            graph = module._c._get_method(method).graph
             if graph.findNode("prim::CallFunction") is not None and graph.findNode("prim::CallMethod") is None:
                 torch._C._jit_pass_inline(graph)
             for node in list(graph.findAllNodes("prim::GetAttr")):

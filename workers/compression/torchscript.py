@@ -76,6 +76,70 @@ def freeze_forward(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
         return wrap_cpp_module(torch._C._freeze_module(model._c))
 
 
+def fold_tensor_attributes(frozen: torch.jit.ScriptModule) -> int:
+    """Make the tensor attributes a frozen ``forward`` still reads into graph constants.
+
+    Freezing keeps an attribute when alias analysis cannot rule out a write to it, which
+    happens to ``nn.MultiheadAttention``'s ``in_proj_weight`` / ``in_proj_bias`` (they flow into
+    the fast path's tuple of checked tensors). Nothing writes them in inference, so they become
+    constants like every other weight (same tensors, so the storage pointers still name their
+    parameters), and the attributes are emptied so the saved file does not carry a float copy.
+    Attributes the graph assigns (``prim::SetAttr``) are left alone. Returns how many were folded.
+    """
+    graph = frozen.graph
+    assigned = {node.s("name") for node in graph.findAllNodes("prim::SetAttr")}
+    owners: dict[torch._C.Value, torch._C.ScriptModule] = {next(graph.inputs()): frozen._c}
+    reads: dict[tuple[int, str], list[torch._C.Node]] = {}  # (tensor pointer, attribute) -> its reads
+    found: dict[tuple[int, str], tuple[torch._C.ScriptModule, torch.Tensor]] = {}
+    for node in _all_nodes(graph.block()):
+        if node.kind() != "prim::GetAttr" or node.inputsAt(0) not in owners:
+            continue
+        owner, name = owners[node.inputsAt(0)], node.s("name")
+        value = owner.getattr(name)
+        if isinstance(value, torch._C.ScriptModule):
+            owners[node.output()] = value
+        elif isinstance(value, torch.Tensor) and name not in assigned and value.numel():
+            key = (value.data_ptr(), name)
+            reads.setdefault(key, []).append(node)
+            found[key] = (owner, value)
+    first = next(iter(graph.nodes()), graph.return_node())
+    constants: dict[tuple[int, tuple[int, ...]], torch._C.Value] = {}  # one constant per tensor
+    folded = 0
+    for key, nodes in reads.items():
+        if any(_may_write(use) for node in nodes for use in node.output().uses()):
+            continue  # written in place somewhere: it stays an attribute
+        owner, value = found[key]
+        shape_key = (value.data_ptr(), tuple(value.shape))
+        if shape_key not in constants:
+            with graph.insert_point_guard(first):
+                constants[shape_key] = graph.insertConstant(value.detach())  # same storage
+        for node in nodes:
+            node.output().replaceAllUsesWith(constants[shape_key])
+        owner.setattr(key[1], torch.empty(0))
+        folded += 1
+    torch._C._jit_pass_dce(graph)
+    return folded
+
+
+def _may_write(use: torch._C.Use) -> bool:
+    """Whether a use may modify the value in place (``add_``, ``copy_``, an ``out=`` argument)."""
+    text = use.user.schema()
+    if text == "(no schema)":  # not an operator (a call, a list, an if): assume the worst
+        return use.user.kind() not in {"prim::ListConstruct", "prim::TupleConstruct", "prim::unchecked_cast"}
+    schema = torch._C.parse_schema(text)
+    if use.offset >= len(schema.arguments):
+        return True
+    alias = schema.arguments[use.offset].alias_info
+    return alias is not None and alias.is_write
+
+
+def _all_nodes(block: torch._C.Block) -> Iterator[torch._C.Node]:
+    for node in list(block.nodes()):
+        yield node
+        for inner in node.blocks():
+            yield from _all_nodes(inner)
+
+
 def tensor_constants(graph: torch._C.Graph) -> Iterator[tuple[torch._C.Node, torch.Tensor]]:
     """Yield each ``prim::Constant`` node that holds a tensor, with the tensor."""
     for node in list(graph.findAllNodes("prim::Constant")):

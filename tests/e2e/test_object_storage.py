@@ -1,0 +1,244 @@
+"""Many hosts, nothing shared but Redis and an S3 bucket: the API and two workers, each with its own
+data directory, against a real SeaweedFS S3 server (``modelpress.seaweed``) started for this module.
+
+Every method succeeds and downloads verify; a worker killed mid-job is taken over by the other;
+DELETE and retention remove the objects (the bucket ends empty).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import redis
+import torch
+
+from modelpress.faults import arm
+from modelpress.jobs import JobStore
+from modelpress.seaweed import SeaweedServer
+from modelpress.stack import Stack, free_port
+from service import create_app
+from tests.conftest import ApiClient, compression_process, make_settings
+from tests.e2e.test_distill_jobs import TinyColorNet
+from tests.models import ResidualNet, SlowModel, SmallConvNet, save_scripted
+from workers.celery_app import make_celery
+from workers.reaper import Reaper
+
+BUCKET = "modelpress-e2e"
+STORAGE_URL = f"s3://{BUCKET}/many-hosts"
+PREFIX = "many-hosts/jobs/"
+EVALUATION = {"runs": 2, "warmup": 0}
+SLOW = {"method": "quantize", "input_shape": [8, 64], "evaluation": {"runs": 20, "warmup": 0}}
+
+
+class Hosts:
+    """Three "hosts": the API's (with Redis), worker a's and worker b's, each its own data directory."""
+
+    def __init__(self, root: Path, s3: SeaweedServer) -> None:
+        self.s3 = s3
+        common = dict(storage_url=STORAGE_URL, job_threads=1, webhook_secret="shared-across-hosts")
+        self.api = Stack(make_settings(root / "api-host", redis_url=None, **common), log_dir=root / "logs" / "api")
+        self.api.start(worker=False)
+        redis_url = self.api.settings.redis_url
+        self.workers = {name: Stack(make_settings(root / f"{name}-host", redis_url=redis_url, **common),
+                                    log_dir=root / "logs" / name) for name in ("a", "b")}
+        for worker in self.workers.values():
+            worker.start(api=False)
+        self.client = ApiClient(self.api.base_url)
+
+    def stop(self) -> None:
+        for stack in (*self.workers.values(), self.api):
+            stack.stop()
+
+    def objects(self) -> list[str]:
+        listing = self.s3.client().list_objects_v2(Bucket=BUCKET, Prefix=PREFIX)
+        return [item["Key"] for item in listing.get("Contents", [])]
+
+    def record(self, job_id: str) -> dict[str, Any]:
+        return JobStore(redis.Redis.from_url(self.api.settings.redis_url)).get(job_id) or {}
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
+    root = tmp_path_factory.mktemp("many-hosts")
+    s3 = SeaweedServer(root / "s3", log_path=root / "logs" / "weed.log").start()
+    variables = {**s3.environment(), "MODELPRESS_TEST_PAUSE": "mid-publish:120"}
+    saved = {name: os.environ.get(name) for name in variables}
+    os.environ.update(variables)  # the standard AWS variables (and a pause point), inherited by every host's processes
+    running = None
+    try:
+        s3.create_bucket(BUCKET)
+        running = Hosts(root, s3)
+        yield running
+    finally:
+        if running is not None:
+            running.stop()
+        s3.stop(bound=3)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _verified(api: ApiClient, job: dict[str, Any]) -> bytes:
+    assert job["state"] == "succeeded", job["error"]
+    plain = api.session.get(api.url(job["links"]["model"]), headers={"Accept-Encoding": "identity"})
+    assert plain.status_code == 200
+    assert plain.headers["ETag"] == f'"{job["result"]["sha256"]}"'
+    assert hashlib.sha256(plain.content).hexdigest() == job["result"]["sha256"] == plain.headers["X-Checksum-Sha256"]
+    assert len(plain.content) == job["result"]["bytes"]
+    again = api.session.get(api.url(job["links"]["model"]), headers={"If-None-Match": plain.headers["ETag"],
+                                                                      "Accept-Encoding": "identity"})
+    assert again.status_code == 304
+    packed = api.session.get(api.url(job["links"]["model"]), headers={"Accept-Encoding": "gzip"}, stream=True)
+    assert packed.headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(packed.raw.read()) == plain.content
+    report = api.session.get(api.url(job["links"]["report"]))
+    assert report.status_code == 200 and report.json()["deliveries"] == job["deliveries"]
+    return plain.content
+
+
+def test_every_method_runs_on_workers_that_share_no_disk(hosts: Hosts, tmp_path: Path) -> None:
+    api = hosts.client
+    torch.manual_seed(0)
+    residual = ResidualNet(width=8, classes=4).train()
+    with torch.no_grad():
+        for _ in range(3):
+            residual(torch.randn(8, 3, 16, 16))
+    residual_path = save_scripted(residual, tmp_path / "residual.pt")
+    np.savez(tmp_path / "images.npz", inputs=np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32))
+    colour = torch.randn(32, 3, 32, 32)
+    np.savez(tmp_path / "colour.npz", inputs=colour.numpy(), labels=np.arange(32) % 5)
+    submissions = {
+        "dynamic": (save_scripted(SmallConvNet(), tmp_path / "conv.pt"),
+                    {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": EVALUATION}, {}),
+        "static": (residual_path, {"method": "quantize", "evaluation": EVALUATION,
+                                   "quantize": {"mode": "static", "observer": "minmax", "calibration_batches": 1}},
+                   {"data": tmp_path / "images.npz"}),
+        "prune": (residual_path, {"method": "prune", "input_shape": [2, 3, 16, 16], "evaluation": EVALUATION}, {}),
+        "distill": (save_scripted(TinyColorNet(), tmp_path / "teacher.pt"),
+                    {"method": "distill", "evaluation": EVALUATION,
+                     "distill": {"epochs": 1, "batch_size": 16, "student": {"from": "upload"}}},
+                    {"data": tmp_path / "colour.npz", "student": save_scripted(TinyColorNet(width=4), tmp_path / "s.pt")}),
+    }
+    ids = {}
+    for name, (model, spec, extra) in submissions.items():
+        response = api.submit(model, spec, **extra)
+        assert response.status_code == 202, response.text
+        ids[name] = response.json()["id"]
+    # The API host keeps nothing of an accepted job: its inputs are in the bucket.
+    assert list((hosts.api.settings.data_dir / "jobs").iterdir()) == []
+    assert f"{PREFIX}{ids['distill']}/input/student.pt" in hosts.objects()
+
+    done = {name: api.wait(job_id, timeout=300) for name, job_id in ids.items()}
+    served = {name: _verified(api, job) for name, job in done.items()}
+    assert torch.jit.load(io.BytesIO(served["static"])).graph.findNode("quantized::conv2d") is not None
+    keys = hosts.objects()
+    for job in done.values():
+        assert f"{PREFIX}{job['id']}/model.attempt-1.pt" in keys and f"{PREFIX}{job['id']}/report.attempt-1.json" in keys
+    for worker in hosts.workers.values():  # each worker's staged copies went with the attempt
+        work = worker.settings.data_dir / "work"
+        assert not work.exists() or list(work.rglob("*.pt")) == []
+
+    # With presigned downloads on, the API answers with a redirect to the same bytes, ETag unchanged.
+    job = done["prune"]
+    app = create_app(hosts.api.settings.with_changes(s3_presign_s=60))
+    answer = app.test_client().get(f"/v1/jobs/{job['id']}/model", headers={"Accept-Encoding": "identity"})
+    assert answer.status_code == 307 and answer.headers["ETag"] == f'"{job["result"]["sha256"]}"'
+    fetched = api.session.get(answer.headers["Location"], timeout=30)
+    assert fetched.status_code == 200 and fetched.content == served["prune"]
+
+    # DELETE removes the job's objects.
+    gone = done["dynamic"]["id"]
+    assert api.session.delete(api.url(f"/v1/jobs/{gone}")).status_code == 204
+    assert [key for key in hosts.objects() if gone in key] == []
+    assert api.session.get(api.url(f"/v1/jobs/{gone}/model")).status_code == 404
+
+
+def test_worker_killed_mid_job_is_taken_over_by_the_other_host(hosts: Hosts, tmp_path: Path) -> None:
+    api = hosts.client
+    job_id = api.submit(save_scripted(SlowModel(steps=2000), tmp_path / "slow.pt"), SLOW).json()["id"]
+    api.wait(job_id, until={"running"}, timeout=120)
+    child = compression_process(job_id)  # the job's process exists: it is really mid-run
+    workspace = next(arg for arg in child.cmdline() if arg.endswith(job_id))
+    victim = next(name for name, stack in hosts.workers.items() if workspace.startswith(str(stack.settings.data_dir)))
+    survivor = next(name for name in hosts.workers if name != victim)
+
+    hosts.workers[victim].kill_process("worker")  # the whole host's worker: Celery, supervisor, job process
+    assert hosts.record(job_id)["state"] == "running" and hosts.record(job_id)["attempt"] == 1
+
+    job = api.wait(job_id, timeout=240)
+    assert job["deliveries"] == 2
+    _verified(api, job)
+    assert f"attempt 2 completed" in _job_log(hosts.workers[survivor], job_id)  # the other host ran it
+    assert f"{PREFIX}{job_id}/model.attempt-2.pt" in hosts.objects()
+    assert f"{PREFIX}{job_id}/model.attempt-1.pt" not in hosts.objects()  # the killed attempt published nothing
+    hosts.workers[victim].start_worker()
+
+
+def test_worker_killed_mid_upload_leaves_nothing_a_client_sees(hosts: Hosts, tmp_path: Path) -> None:
+    api = hosts.client
+    folders = {name: arm(stack.settings.data_dir, "mid-publish") for name, stack in hosts.workers.items()}
+    job_id = api.submit(save_scripted(SmallConvNet(), tmp_path / "conv.pt"),
+                        {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": EVALUATION}).json()["id"]
+    victim = _struck(folders, "mid-publish", job_id)
+    for name, folder in folders.items():  # the other host must not pause when it takes over
+        (folder / "mid-publish.armed").unlink(missing_ok=True)
+    keys = hosts.objects()
+    assert f"{PREFIX}{job_id}/model.attempt-1.pt" in keys and f"{PREFIX}{job_id}/report.attempt-1.json" not in keys
+    assert api.job(job_id)["state"] == "running"
+    assert api.session.get(api.url(f"/v1/jobs/{job_id}/model")).status_code == 409  # nothing served yet
+
+    hosts.workers[victim].kill_process("worker")
+    job = api.wait(job_id, timeout=240)
+
+    assert job["deliveries"] == 2
+    assert hashlib.sha256(_verified(api, job)).hexdigest() == job["result"]["sha256"]
+    assert api.session.get(api.url(job["links"]["report"])).json()["deliveries"] == 2  # attempt 2's report
+    hosts.workers[victim].start_worker()
+
+
+def test_retention_empties_the_bucket(hosts: Hosts) -> None:
+    assert hosts.objects()  # the jobs above left their files
+    expiring = hosts.workers["a"].settings.with_changes(retention_hours=1e-9)
+    _, expired = Reaper(expiring, make_celery(expiring)).sweep()
+    # Four methods (one already deleted), the two taken over (one with attempt 1's stray model).
+    assert len(expired) == 5
+    assert hosts.objects() == []
+    for job_id in expired:
+        assert hosts.client.session.get(hosts.client.url(f"/v1/jobs/{job_id}")).status_code == 404
+
+
+def _struck(folders: dict[str, Path], point: str, job_id: str, timeout: float = 120) -> str:
+    """Which host's pause point struck for the job."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name, folder in folders.items():
+            if (folder / f"{point}.{job_id}").exists():
+                return name
+        time.sleep(0.05)
+    raise AssertionError(f"pause point {point} not reached for job {job_id} within {timeout} s")
+
+
+def _job_log(stack: Stack, job_id: str) -> str:
+    return "\n".join(line for line in (stack.log_dir / "worker.log").read_text().splitlines() if job_id in line)
+
+
+def test_submission_while_the_store_is_unreachable_is_a_503_and_leaves_nothing(tmp_path: Path) -> None:
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    settings = make_settings(tmp_path / "api-host", redis_url="redis://127.0.0.1:1/0", storage_url=STORAGE_URL,
+                             s3_endpoint_url=closed, s3_access_key_id="k", s3_secret_access_key="s", s3_region="us-east-1")
+    client = create_app(settings).test_client()
+    model = save_scripted(SmallConvNet(), tmp_path / "conv.pt")
+    answer = client.post("/v1/jobs", data={"spec": '{"method": "quantize", "input_shape": [1, 3, 8, 8]}',
+                                           "model": (io.BytesIO(model.read_bytes()), "conv.pt")})
+    assert answer.status_code == 503, answer.get_data(as_text=True)
+    assert answer.mimetype == "application/problem+json" and "object store" in answer.get_json()["detail"]
+    assert list((settings.data_dir / "jobs").iterdir()) == []  # the request's files were removed
