@@ -7,7 +7,8 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 WORKDIR /app
 # bubblewrap confines each job's process (workers/sandbox.py); the worker container must be allowed to
 # create user namespaces (docker-compose.yml: security_opt seccomp/apparmor unconfined, see the README).
-RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap && rm -rf /var/lib/apt/lists/*
+# g++ lets torch.compile / AOTInductor build their kernels (.pt2 jobs with evaluation.runtime compile or aoti).
+RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap g++ && rm -rf /var/lib/apt/lists/*
 # torch first, from the CPU wheel index: the default wheel carries CUDA (several GB) that a CPU worker never uses.
 RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.14.1 torchvision==0.29.1
 COPY pyproject.toml README.md ./

@@ -11,6 +11,9 @@ What is accepted is what ``torch.jit.load`` accepts (caffe2/serialize/inline_con
 archive's root folder is the folder of its first entry; the version record is ``<root>/.data/version``
 (written when an op carries a newer dynamic format version) or ``<root>/version``; TorchScript then
 reads ``<root>/data.pkl``, ``<root>/constants.pkl`` and compiles ``<root>/code/``.
+
+A ``torch.export.save`` archive (``.pt2``) is told apart by its layout, after the same bounds, and
+checked by ``modelpress.formats`` (layout allow-list, no pickles, allowed operators only).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from modelpress.formats import exported_program_problem, is_exported_program
 from workers.compression.program_check import scan_source, unsafe_detail
 
 EXPORT_HINT = "export the model with torch.jit.script(model).save('model.pt')"
@@ -63,6 +67,11 @@ def check_torchscript_archive(path: Path, max_uncompressed_bytes: int, check_ops
     if total > max_uncompressed_bytes:
         raise ArchiveRejected(f"the archive declares {total} bytes uncompressed, more than the "
                               f"{max_uncompressed_bytes} accepted")
+    names = [entry.name for entry in entries]
+    if is_exported_program(names):  # a torch.export .pt2: its own layout, pickle and operator checks
+        if (problem := exported_program_problem(path, names, check_ops)) is not None:
+            raise ArchiveRejected(problem)
+        return
     root = _torchscript_root(entries)
     if check_ops:
         _check_code(path, root, entries)
@@ -170,7 +179,9 @@ def _torchscript_root(entries: list[Entry]) -> str:
     names = {entry.name for entry in entries}
     root = first.split("/", 1)[0] if "/" in first else None
     if root and f"{root}/models/model.json" in names:
-        raise ArchiveRejected("the file is a torch.export (.pt2) archive, not TorchScript; " + EXPORT_HINT)
+        raise ArchiveRejected("the file looks like a torch.export (.pt2) archive but lacks the layout "
+                              "torch.export.save writes (one folder with archive_format and models/model.json); "
+                              "save it with torch.export.save, or " + EXPORT_HINT)
     if root is None or not any(f"{root}/{record}" in names for record in VERSION_RECORDS) \
             or not all(f"{root}/{required}" in names for required in REQUIRED) \
             or not any(name.startswith(f"{root}/code/") and name.endswith(".py") for name in names):

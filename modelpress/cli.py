@@ -196,7 +196,7 @@ class ProgressBar:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelpress", description="Compress TorchScript models with a ModelPress service.")
+    parser = argparse.ArgumentParser(prog="modelpress", description="Compress TorchScript or torch.export (.pt2) models with a ModelPress service.")
     parser.add_argument("--url", help="service address (default: $MODELPRESS_URL or http://127.0.0.1:8000)")
     parser.add_argument("--api-key", help="API key (default: $MODELPRESS_API_KEY)")
     commands = parser.add_subparsers(dest="command")

@@ -266,6 +266,13 @@ class EvaluationSpec(_Strict):
         load_default=3, strict=True, validate=validate.Range(0, 100),
         metadata={"description": "Untimed passes before timing (count)."},
     )
+    runtime = fields.String(
+        load_default="eager", validate=validate.OneOf(("eager", "compile", "aoti")),
+        metadata={"description": "How a torch.export (.pt2) program is run when timed: 'eager' "
+                                 "(ExportedProgram.module()), 'compile' (torch.compile of it) or 'aoti' (an "
+                                 "AOTInductor package; needs a C++ compiler on the worker). TorchScript models: "
+                                 "'eager' only."},
+    )
 
 
 class StepSpec(_Strict):

@@ -9,6 +9,7 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from modelpress import jobs
+from modelpress.formats import FILE_SUFFIX, TORCHSCRIPT
 from modelpress.jobs import JobStore, public_view, utc_now
 from modelpress.spec import MAX_SPEC_BYTES
 from modelpress.objectstore import LocalObjects, ObjectStore
@@ -104,7 +105,8 @@ class JobModel(MethodView):
         job = _succeeded_or_409(job_id)
         digest = job["result"]["sha256"]
         stem = (job.get("input") or {}).get("filename", "model").rsplit(".", 1)[0] or "model"
-        download_name = f"{stem}.{job['spec']['method']}.pt"
+        suffix = FILE_SUFFIX.get(job["result"].get("format", TORCHSCRIPT), ".pt")  # .pt2 in, .pt2 out
+        download_name = f"{stem}.{job['spec']['method']}{suffix}"
         gzipped = wants_gzip(request)
         objects = _objects()
         if not isinstance(objects, LocalObjects):  # an object store: streamed, or a presigned redirect

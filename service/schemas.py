@@ -12,11 +12,13 @@ class FileInfoSchema(Schema):
     filename = fields.String()
     bytes = fields.Integer()
     sha256 = fields.String()
+    format = fields.String(metadata={"description": "torchscript or pt2 (a torch.export program), from the file's layout."})
 
 
 class ResultSchema(Schema):
     bytes = fields.Integer(metadata={"description": "Size of the compressed model file."})
     sha256 = fields.String()
+    format = fields.String(metadata={"description": "Format of the compressed model: the uploaded one (torchscript or pt2)."})
     size_ratio = fields.Float(metadata={"description": "Compressed bytes / original bytes."})
     latency_ratio = fields.Float(allow_none=True, metadata={"description": "Compressed / original median latency."})
     cosine_similarity = fields.Float(allow_none=True)
@@ -75,7 +77,7 @@ class JobListArgsSchema(Schema):
 class JobSubmissionSchema(Schema):
     """Documents the multipart body of POST /v1/jobs (the view parses it itself, to name each bad part)."""
 
-    model = Upload(required=True, metadata={"description": "The TorchScript model (torch.jit.save output)."})
+    model = Upload(required=True, metadata={"description": "The model: TorchScript (torch.jit.save) or a torch.export program (torch.export.save, .pt2)."})
     spec = fields.String(required=True, metadata={"description": "The compression spec as JSON text (a form field or a file part)."})
     data = Upload(metadata={"description": "Optional .npz or .safetensors with an 'inputs' array (and 'labels')."})
     student = Upload(metadata={"description": "TorchScript student, when spec.distill.student.from is 'upload'."})

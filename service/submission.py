@@ -22,6 +22,7 @@ from modelpress.archive import ArchiveRejected, check_torchscript_archive
 from modelpress.config import Settings
 from modelpress.datafile import DataFileError, disagreements, read_headers
 from modelpress.faults import pause_point
+from modelpress.formats import model_format
 from modelpress.jobs import JobStore, new_job_id, utc_now
 from modelpress.objectstore import ObjectStore
 from modelpress.spec import SpecError, declared_inputs, dump_spec, parse_spec, target_conflicts
@@ -74,6 +75,11 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
                     check_torchscript_archive(path, 2 * (settings.max_upload_mb << 20), settings.op_check == "on")
                 except ArchiveRejected as rejected:
                     raise invalid({part: [str(rejected)]}) from None
+                infos[part]["format"] = model_format(path)  # the job, its report and the download say it
+        if infos["student"] is not None and infos["student"]["format"] != infos["model"]["format"]:
+            raise invalid({"student": [f"the student is a {infos['student']['format']} model and the teacher a "
+                                       f"{infos['model']['format']} one: upload both in the same format (a .pt2 "
+                                       "teacher trains a .pt2 student, which comes back as a .pt2)"]})
         if infos["data"] is not None:
             conflicts = _data_conflicts(files.input_data, spec)
             if conflicts:
@@ -121,7 +127,7 @@ def invalid(errors: dict[str, list[str]]) -> ApiProblem:
 def _validate(submission: Submission, settings: Settings) -> dict[str, Any]:
     errors: dict[str, list[str]] = {}
     if submission.model is None:
-        errors["model"] = ["required: the TorchScript file as the multipart part 'model'"]
+        errors["model"] = ["required: the TorchScript or torch.export (.pt2) file as the multipart part 'model'"]
     for name in ("model", "data", "student"):
         part = getattr(submission, name)
         if part is not None and upload_is_empty(part):

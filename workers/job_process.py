@@ -108,12 +108,16 @@ def confinement_facts(job_dir: Path) -> dict[str, Any]:
 
 
 def _check_programs(paths: list[Path | None]) -> None:
-    """Walk every method graph of each uploaded model before any of its code runs on inputs."""
+    """Walk every method graph of each uploaded model before any of its code runs on inputs.
+
+    A ``.pt2`` program is checked by ``exported.load_program`` (its layout, pickles and operators,
+    from the archive's JSON graph) every time it is loaded, before torch reads it."""
+    from modelpress.formats import EXPORTED, model_format
     from workers.compression.artifacts import load_model
     from workers.compression.program_check import check_module
 
     for path in paths:
-        if path is not None:
+        if path is not None and model_format(path) != EXPORTED:
             check_module(load_model(path))
 
 

@@ -24,6 +24,7 @@ import redis
 from modelpress import jobs
 from modelpress.config import Settings
 from modelpress.faults import pause_point
+from modelpress.formats import TORCHSCRIPT
 from modelpress.jobs import JobStore, Superseded, connect, utc_now
 from modelpress.objectstore import InputsMissing, ObjectStore, file_sha256, open_object_store
 from modelpress.storage import JobFiles, Storage, read_json
@@ -263,6 +264,7 @@ def _result_summary(model: Path, report: dict[str, Any]) -> dict[str, Any]:
     return {
         "bytes": model.stat().st_size,
         "sha256": file_sha256(model),
+        "format": report.get("format", {}).get("output", TORCHSCRIPT),
         "size_ratio": report["size"]["ratio"],
         "latency_ratio": report["latency"]["ratio"],
         "cosine_similarity": report["fidelity"]["cosine_similarity"],

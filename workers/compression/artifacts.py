@@ -1,11 +1,13 @@
 """Loading and saving TorchScript artifacts, with readable errors for bad files."""
 from __future__ import annotations
 
+import copy
 import io
 import os
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -40,13 +42,21 @@ def load_model(path: str | os.PathLike) -> torch.jit.ScriptModule:
 
 def save_model(model: torch.jit.ScriptModule, path: str | os.PathLike) -> int:
     """Save atomically (temp name, then rename) so a reader never sees half a file; return bytes."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
-    os.close(fd)
-    try:
+    def write(temp_name: str) -> None:
         with quiet_torchscript_warnings():
             torch.jit.save(model, temp_name)
+
+    return save_atomically(path, write, suffix=".tmp")
+
+
+def save_atomically(path: str | os.PathLike, write: Callable[[str], None], suffix: str) -> int:
+    """``write(temp_name)`` next to ``path``, then rename it into place; return bytes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=suffix)
+    os.close(fd)
+    try:
+        write(temp_name)
         os.replace(temp_name, path)
     except BaseException:
         Path(temp_name).unlink(missing_ok=True)
@@ -61,12 +71,23 @@ def clone_model(model: torch.jit.ScriptModule, device: torch.device | str = "cpu
     optimisers refuse, and ScriptModule.to("cuda") left some weights on the CPU (torch 2.11, seen
     on an H100); a reload with map_location moves every tensor.
     """
+    if not isinstance(model, torch.jit.ScriptModule):  # an eager module, or an exported program's module
+        return set_training(copy.deepcopy(model).to(device), model.training)
     buffer = io.BytesIO()
     with quiet_torchscript_warnings():
         torch.jit.save(model, buffer)
         buffer.seek(0)
-        copy = torch.jit.load(buffer, map_location=device)
-    return copy.train(model.training)
+        copied = torch.jit.load(buffer, map_location=device)
+    return copied.train(model.training)
+
+
+def set_training(model: torch.nn.Module, mode: bool) -> torch.nn.Module:
+    """``model.train(mode)``; an exported program's module refuses it (its graph is fixed to the mode it
+    was exported in, eval for uploads: BatchNorm statistics stay, dropout is off) and is left as it is."""
+    try:
+        return model.train(mode)
+    except NotImplementedError:
+        return model
 
 
 def _explain_load_error(error: Exception) -> str:

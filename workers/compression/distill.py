@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from .artifacts import clone_model
+from .artifacts import clone_model, set_training
 from .errors import InvalidInput, NothingToPrune, UnsupportedModel
 from .inputs import Dataset, describe
 from .measure import run_model
@@ -29,6 +29,7 @@ def distill(
     data: Dataset,
     progress: Progress | None = None,
     student: torch.jit.ScriptModule | None = None,
+    scripted: bool = True,
 ) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     """Train a student on ``data``; return the best epoch's student and the training curve.
 
@@ -48,7 +49,7 @@ def distill(
 
     progress("building the student", 0.02)
     student_spec = spec["student"]
-    student, origin = _build_student(teacher, student_spec, student, classes, data)
+    student, origin = _build_student(teacher, student_spec, student, classes, data, scripted)
     try:
         student_out = select_output(run_model(student, probe), data.target_output)
     except InvalidInput as error:
@@ -81,14 +82,15 @@ def distill(
 # ---------------------------------------------------------------------------- students
 
 
-def _build_student(teacher, spec, uploaded, classes: int, data: Dataset) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+def _build_student(teacher, spec, uploaded, classes: int, data: Dataset,
+                   scripted: bool) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     source = spec["source"]  # "from" in JSON
     if source == "upload":
         if uploaded is None:
             raise InvalidInput("student.from is 'upload' but no student model was uploaded")
         return uploaded, {"from": "upload"}
     if source == "torchvision":
-        return _torchvision_student(spec["arch"], classes), {"from": "torchvision", "arch": spec["arch"]}
+        return _torchvision_student(spec["arch"], classes, scripted), {"from": "torchvision", "arch": spec["arch"]}
     width = float(spec["width"])
     try:
         narrowed, details = prune(clone_model(teacher), {
@@ -99,13 +101,15 @@ def _build_student(teacher, spec, uploaded, classes: int, data: Dataset) -> tupl
     return narrowed, {"from": "width", "width": width, "groups": details["groups"], "left_whole": details["left_whole"]}
 
 
-def _torchvision_student(arch: str, classes: int) -> torch.jit.ScriptModule:
+def _torchvision_student(arch: str, classes: int, scripted: bool) -> torch.jit.ScriptModule | torch.nn.Module:
     import torchvision
 
     available = torchvision.models.list_models(module=torchvision.models)
     if arch not in available:
         raise InvalidInput(f"unknown torchvision classification model {arch!r}; choose one of: {', '.join(available)}")
     model = torchvision.models.get_model(arch, weights=None, num_classes=classes)
+    if not scripted:  # for a .pt2 teacher: trained eagerly, then exported
+        return model.eval()
     with quiet_torchscript_warnings():
         return torch.jit.script(model.eval())
 
@@ -128,7 +132,7 @@ def _train(teacher, student, train: Dataset, validation: Dataset, spec, alpha: f
     epochs, batch_size = int(spec.get("epochs", 10)), int(spec.get("batch_size", 64))
     temperature = float(spec.get("temperature", 4.0))
     patience = spec.get("early_stopping_patience")
-    teacher = clone_model(teacher, device).eval()
+    teacher = set_training(clone_model(teacher, device), False)
     student = clone_model(student, device)
     parameters = [p for p in student.parameters() if p.is_floating_point()]
     for parameter in parameters:
@@ -144,7 +148,7 @@ def _train(teacher, student, train: Dataset, validation: Dataset, spec, alpha: f
     stopped_early = False
     with quiet_torchscript_warnings():
         for epoch in range(1, epochs + 1):
-            student.train()
+            set_training(student, True)
             order = torch.randperm(len(train), generator=generator)
             total, count = 0.0, 0
             for step, start in enumerate(range(0, len(train), batch_size)):
@@ -182,11 +186,11 @@ def _train(teacher, student, train: Dataset, validation: Dataset, spec, alpha: f
                 tensor.copy_(best_state[name])
     for parameter in parameters:
         parameter.requires_grad_(False)
-    return clone_model(student, "cpu").eval(), curve, best_epoch, stopped_early
+    return set_training(clone_model(student, "cpu"), False), curve, best_epoch, stopped_early
 
 
 def _evaluate(teacher, student, data: Dataset, device: torch.device) -> dict[str, float | None]:
-    student.eval()
+    set_training(student, False)
     agree, correct = 0, 0
     with torch.no_grad(), quiet_torchscript_warnings():
         for start in range(0, len(data), 256):

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import statistics
 import time
+import zlib
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -132,6 +134,21 @@ def _similarity(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
         "max_abs_error": float((a - b).abs().max()) if a.numel() else 0.0,
         "cosine_similarity": float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12)) if a.numel() else 1.0,
     }
+
+
+def significant(value: float, digits: int = 5) -> float:
+    """Round to significant digits, not decimals: a 0.0015 ratio keeps its precision."""
+    return float(f"{value:.{digits}g}")
+
+
+def deflate_bytes(path: Path) -> int:
+    """Size after deflate (zlib level 6): what zeros from unstructured pruning save in transit and storage."""
+    compressor = zlib.compressobj(6)
+    total = 0
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            total += len(compressor.compress(chunk))
+    return total + len(compressor.flush())
 
 
 def _shapes(named: list[tuple[str, torch.Tensor]]) -> list[list[int]]:

@@ -6,29 +6,29 @@ import os
 import platform
 import tempfile
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from modelpress.formats import EXPORTED, TORCHSCRIPT, model_format
 from modelpress.spec import AUTO, REGISTRY, filled_options, method_steps
 
+from . import exported
 from .artifacts import load_model, save_model
 from .errors import CompressionError, InvalidInput, UnsupportedModel
 from .inputs import (Dataset, Inputs, check_declared, check_input_count, example_batch, examples, fidelity_batches,
                      integer_range_hint, load_dataset)
-from .measure import count_parameters, median_latency_ms, output_fidelity, run_model
+from .measure import count_parameters, deflate_bytes, median_latency_ms, output_fidelity, run_model, significant
 from .outputs import select_output
 from .training import accuracy
 from .verdict import collapse_warnings, warnings_for
 
 Progress = Callable[[str, float], None]
-Method = Callable[..., tuple[torch.jit.ScriptModule, dict[str, Any]]]
+Method = Callable[..., tuple[Any, dict[str, Any]]]
 # After each step of a pipeline: may stop the run (search: the target is already missed) by returning a reason.
-StepCheck = Callable[[int, torch.jit.ScriptModule], "str | None"]
-
+StepCheck = Callable[[int, Any], "str | None"]
 
 
 def method_function(name: str) -> Method:
@@ -40,12 +40,53 @@ def method_function(name: str) -> Method:
     return getattr(importlib.import_module(module), function)
 
 
+@dataclass(frozen=True)
+class ModelFormat:
+    """How the engine handles one file format: what a method works on, what runs, how it is saved.
+
+    ``load`` gives the form a method takes (a ScriptModule, or an ``ExportedProgram``); ``runnable``
+    turns it into what is called on inputs. A method's result is saved in the format it came in.
+    ``method`` finds a method's entry for this format (TorchScript: the registry).
+    """
+
+    name: str
+    load: Callable[[str | os.PathLike], Any]
+    runnable: Callable[[Any], Any]
+    save: Callable[[Any, str | os.PathLike], int]
+    method: Callable[[str], Method]
+    timed: Callable[[Any, str, Any], Any]  # (runnable, evaluation.runtime, batch) -> what the latency run calls
+
+
+def _torchscript_timed(model: Any, runtime: str, batch: Any) -> Any:
+    if runtime != "eager":
+        raise UnsupportedModel(f"evaluation.runtime {runtime!r} applies to torch.export (.pt2) programs; "
+                               "a TorchScript model runs in its own interpreter: use 'eager'")
+    return model
+
+
+def _exported_method(name: str) -> Method:
+    method = exported.METHODS.get(name)
+    if method is None:
+        raise UnsupportedModel(f"method {name!r} is not available for torch.export (.pt2) programs yet; "
+                               "upload the model as TorchScript for it")
+    return method
+
+
+FORMATS = {
+    TORCHSCRIPT: ModelFormat(TORCHSCRIPT, load_model, lambda model: model, save_model, method_function,
+                             _torchscript_timed),
+    EXPORTED: ModelFormat(EXPORTED, exported.load_program, lambda program: program.module(), exported.save_program,
+                          _exported_method, exported.timed_runner),
+}
+
+
 @dataclass
 class Prepared:
     """The original model and the inputs every measurement of one job uses."""
 
     model_path: Path
-    original: torch.jit.ScriptModule
+    form: ModelFormat
+    original: Any  # what runs (a ScriptModule, or an exported program's module)
     data: Dataset | None  # the uploaded file, if any
     batch: Inputs  # what latency is timed on
     checks: list[Inputs]  # what fidelity is measured on
@@ -53,6 +94,7 @@ class Prepared:
     examples: Dataset  # what methods train and calibrate on
     runs: int
     warmup: int
+    runtime: str  # evaluation.runtime: how latency is measured (eager, compile, aoti)
 
 
 def compress(
@@ -70,11 +112,16 @@ def compress(
     and measured, so the report describes the file the user downloads.
     """
     progress = progress or (lambda stage, fraction: None)
+    form = FORMATS[model_format(Path(model_path))]  # told by layout; a .pt2 in gives a .pt2 out
+    searching = spec["method"] == AUTO or bool(spec.get("target"))
+    if searching and form.name != TORCHSCRIPT:
+        raise UnsupportedModel("a search toward a target takes TorchScript models for now; "
+                               "give the .pt2 program a single method or a pipeline")
     for _, step in method_steps(spec):
-        method_function(step["method"])  # an unknown method fails before any work
+        form.method(step["method"])  # an unknown method fails before any work
     prepared = prepare(model_path, spec, data_path, progress)
-    student = load_model(student_path) if student_path else None
-    if spec["method"] == AUTO or spec.get("target"):
+    student = _load_student(student_path, form) if student_path else None
+    if searching:
         from .search import search  # the search builds on this module
 
         return search(prepared, spec, output_path, progress, student)
@@ -84,7 +131,7 @@ def compress(
 
     # Methods may change the model in place, so they get their own copy; `original` stays the reference.
     steps = [step for _, step in method_steps(spec)]
-    compressed, step_reports = run_steps(load_model(model_path), steps, prepared, method_progress, student,
+    compressed, step_reports = run_steps(form.load(model_path), steps, prepared, method_progress, student,
                                          file_name=Path(output_path).name)
     progress("saving", 0.66)
     if len(steps) == 1:
@@ -107,8 +154,9 @@ def prepare(model_path: str | os.PathLike, spec: Mapping[str, Any], data_path: s
             progress: Progress) -> Prepared:
     """Load the model and the data; check that the example inputs fit the model before any method runs."""
     evaluation = spec.get("evaluation", {})
+    form = FORMATS[model_format(Path(model_path))]
     progress("loading", 0.0)
-    original = load_model(model_path)
+    original = form.runnable(form.load(model_path))
     data: Dataset | None = load_dataset(data_path) if data_path else None
     if data is not None:
         check_declared(spec, data)  # the data file defines the inputs; a declared shape must agree with it
@@ -123,14 +171,15 @@ def prepare(model_path: str | os.PathLike, spec: Mapping[str, Any], data_path: s
         raise InvalidInput(f"{error}{integer_range_hint(spec, data)}") from None
     if spec.get("output") is not None:
         select_output(reference[0], spec["output"])  # a wrong choice fails now, not after the method ran
-    return Prepared(Path(model_path), original, data, batch, checks, reference, examples(spec, data),
-                    int(evaluation.get("runs", 20)), int(evaluation.get("warmup", 3)))
+    return Prepared(Path(model_path), form, original, data, batch, checks, reference, examples(spec, data),
+                    int(evaluation.get("runs", 20)), int(evaluation.get("warmup", 3)),
+                    evaluation.get("runtime", "eager"))
 
 
-def run_steps(model: torch.jit.ScriptModule, steps: Sequence[Mapping[str, Any]], prepared: Prepared,
-              progress: Progress, student: torch.jit.ScriptModule | None = None, data: Dataset | None = None,
+def run_steps(model: Any, steps: Sequence[Mapping[str, Any]], prepared: Prepared,
+              progress: Progress, student: Any | None = None, data: Dataset | None = None,
               check: StepCheck | None = None, file_name: str = "model.pt",
-              ) -> tuple[torch.jit.ScriptModule, list[dict[str, Any]]]:
+              ) -> tuple[Any, list[dict[str, Any]]]:
     """Run single-method steps in order, each on the model the one before saved (and loaded back).
 
     Every step trains and calibrates on ``data`` (default: the job's examples). Returns the last
@@ -138,6 +187,7 @@ def run_steps(model: torch.jit.ScriptModule, steps: Sequence[Mapping[str, Any]],
     then says why, under ``stopped``).
     """
     data = data or prepared.examples
+    form = prepared.form
     sections: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="modelpress-steps-") as directory:
         for index, step in enumerate(steps):
@@ -145,7 +195,7 @@ def run_steps(model: torch.jit.ScriptModule, steps: Sequence[Mapping[str, Any]],
             label = f"step {index + 1}/{len(steps)} {name}: " if len(steps) > 1 else ""
             started = time.perf_counter()
             extras = {"student": student} if name == "distill" and student is not None else {}
-            model, details = method_function(name)(
+            model, details = form.method(name)(
                 model, filled_options(name, step.get(name, {})), data,
                 lambda stage, fraction, i=index: progress(f"{label}{stage}", (i + min(max(fraction, 0.0), 1.0)) / len(steps)),
                 **extras)
@@ -154,12 +204,13 @@ def run_steps(model: torch.jit.ScriptModule, steps: Sequence[Mapping[str, Any]],
                 # Named as the output will be: torch.jit.save stores the file's name inside the archive.
                 path = Path(directory) / f"step{index}" / file_name
                 path.parent.mkdir()
-                size = save_model(model, path)
-                model = load_model(path)
-                candidate = [run_model(model, inputs) for inputs in prepared.checks]
+                size = form.save(model, path)
+                model = form.load(path)
+                runnable = form.runnable(model)
+                candidate = [run_model(runnable, inputs) for inputs in prepared.checks]
                 sections.append({"method": name, name: dict(step.get(name, {})), "bytes": size,
-                                 "size_ratio": _significant(size / prepared.model_path.stat().st_size),
-                                 "parameters": count_parameters(model),
+                                 "size_ratio": significant(size / prepared.model_path.stat().st_size),
+                                 "parameters": count_parameters(runnable),
                                  "fidelity": output_fidelity(prepared.reference, candidate),
                                  "time_s": round(time.perf_counter() - started, 3), "details": details})
             else:  # the last step's file is the output, which the caller saves and measures (finish_sections)
@@ -190,7 +241,7 @@ def step_warnings(sections: Sequence[Mapping[str, Any]], prepared: Prepared) -> 
     return warnings
 
 
-def measure_result(prepared: Prepared, compressed: torch.jit.ScriptModule | None, output_path: str | os.PathLike,
+def measure_result(prepared: Prepared, compressed: Any | None, output_path: str | os.PathLike,
                    progress: Progress, judged_on: Dataset | None = None) -> dict[str, Any]:
     """Save ``compressed`` (None: the file is already there), load it back and measure the file: size,
     parameters, latency, fidelity, accuracy.
@@ -198,18 +249,21 @@ def measure_result(prepared: Prepared, compressed: torch.jit.ScriptModule | None
     Accuracy is measured on ``judged_on`` when given (a search's held-out rows), else on the data file.
     """
     progress("saving", 0.0)
+    form = prepared.form
     if compressed is not None:
-        save_model(compressed, output_path)
+        form.save(compressed, output_path)
     output_bytes = Path(output_path).stat().st_size
-    result = load_model(output_path)
+    result = form.runnable(form.load(output_path))
     original, batch, checks, data = prepared.original, prepared.batch, prepared.checks, prepared.data
     progress("measuring fidelity", 0.1)
     candidate = [run_model(result, inputs) for inputs in checks]
     fidelity = output_fidelity(prepared.reference, candidate)
     progress("measuring latency", 0.25)
-    latency_before = median_latency_ms(original, batch, runs=prepared.runs, warmup=prepared.warmup)
+    latency_before = median_latency_ms(form.timed(original, prepared.runtime, batch), batch, runs=prepared.runs,
+                                       warmup=prepared.warmup)
     progress("measuring latency", 0.6)
-    latency_after = median_latency_ms(result, batch, runs=prepared.runs, warmup=prepared.warmup)
+    latency_after = median_latency_ms(form.timed(result, prepared.runtime, batch), batch, runs=prepared.runs,
+                                      warmup=prepared.warmup)
     progress("writing report", 0.99)
 
     model_path = prepared.model_path
@@ -222,18 +276,20 @@ def measure_result(prepared: Prepared, compressed: torch.jit.ScriptModule | None
         report_accuracy = {"before": accuracy(original, judged), "after": accuracy(result, judged),
                            "samples": len(judged), "on": on}
     return {
+        "format": {"input": form.name, "output": form.name},
         "size": {
             "bytes_before": input_bytes,
             "bytes_after": output_bytes,
-            "ratio": _significant(output_bytes / input_bytes),
-            "deflate_bytes_before": _deflate_bytes(model_path),
-            "deflate_bytes_after": _deflate_bytes(Path(output_path)),
+            "ratio": significant(output_bytes / input_bytes),
+            "deflate_bytes_before": deflate_bytes(model_path),
+            "deflate_bytes_after": deflate_bytes(Path(output_path)),
         },
         "parameters": {"before": count_parameters(original), "after": count_parameters(result)},
         "latency": {
-            "before_ms": _significant(latency_before),
-            "after_ms": _significant(latency_after),
-            "ratio": _significant(latency_after / latency_before) if latency_before > 0 else None,
+            "before_ms": significant(latency_before),
+            "after_ms": significant(latency_after),
+            "ratio": significant(latency_after / latency_before) if latency_before > 0 else None,
+            "runtime": prepared.runtime,
             "batch_shape": list(batch[0].shape),
             "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in batch],
             "runs": prepared.runs,
@@ -248,19 +304,13 @@ def measure_result(prepared: Prepared, compressed: torch.jit.ScriptModule | None
     }
 
 
-def _significant(value: float, digits: int = 5) -> float:
-    """Round to significant digits, not decimals: a 0.0015 ratio keeps its precision."""
-    return float(f"{value:.{digits}g}")
+def _load_student(path: str | os.PathLike, teacher: ModelFormat) -> Any:
+    """An uploaded student, in the form the teacher's format trains (a .pt2 teacher trains a .pt2 student)."""
+    student = FORMATS[model_format(Path(path))]
+    if student.name != teacher.name:
+        raise InvalidInput(f"the student is a {student.name} model and the teacher a {teacher.name} one: "
+                           "upload both in the same format")
+    return student.runnable(student.load(path))
 
 
-def _deflate_bytes(path: Path) -> int:
-    """Size after deflate (zlib level 6): what zeros from unstructured pruning save in transit and storage."""
-    compressor = zlib.compressobj(6)
-    total = 0
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            total += len(compressor.compress(chunk))
-    return total + len(compressor.flush())
-
-
-__all__ = ["compress", "method_function", "CompressionError", "prepare", "run_steps", "measure_result"]
+__all__ = ["compress", "method_function", "FORMATS", "CompressionError", "prepare", "run_steps", "measure_result"]

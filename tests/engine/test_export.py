@@ -1,0 +1,236 @@
+"""torch.export programs (.pt2) through the engine: quantize, prune, and crafted archives refused unloaded."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from modelpress.archive import ArchiveRejected, check_torchscript_archive
+from modelpress.formats import EXPORTED, TORCHSCRIPT, model_format
+from modelpress.spec import parse_spec
+from tests.exported_archives import (save_exported, with_graph_target, with_payload_in_sample_inputs, with_shape_expression,
+                                     with_pickled_weight)
+from tests.models import LinearTransformer, SmallConvNet, save_scripted
+from workers.compression.errors import InvalidModel, UnsupportedModel
+from workers.compression.exported import load_program
+from workers.compression.pipeline import compress
+
+
+def _spec(body: dict) -> dict:
+    import json
+
+    return parse_spec(json.dumps({"evaluation": {"runs": 2, "warmup": 1}, **body}), has_data=False, has_student=False)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+@pytest.fixture(scope="module")
+def transformer(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    torch.manual_seed(0)
+    model = LinearTransformer(width=256, blocks=2).eval()
+    path = save_exported(model, torch.randn(4, 16, 256), tmp_path_factory.mktemp("export") / "transformer.pt2")
+    return model, path
+
+
+def test_dynamic_int8_program_is_small_close_and_keeps_its_dynamic_batch(transformer, tmp_path: Path) -> None:
+    model, path = transformer
+    output = tmp_path / "out.pt2"
+    report = compress(path, _spec({"method": "quantize", "input_shape": [4, 16, 256]}), output)
+
+    assert model_format(path) == EXPORTED and model_format(output) == EXPORTED
+    assert report["format"] == {"input": "pt2", "output": "pt2"}
+    assert output.stat().st_size <= 0.30 * path.stat().st_size
+    assert report["size"]["bytes_after"] == output.stat().st_size
+    assert len(report["details"]["quantized"]) == 2 * 5 + 1
+    program = torch.export.load(output)  # torch.export.load (torchao, imported here, registers the int8 ops)
+    x = torch.randn(7, 16, 256)  # a batch size the example never had: the dynamic axis survived
+    with torch.no_grad():
+        got, expected = program.module()(x), model(x)
+    assert got.shape == expected.shape == (7, 10)
+    assert _cosine(got, expected) >= 0.999
+    assert report["fidelity"]["cosine_similarity"] >= 0.999
+
+
+def test_float16_weights_halve_the_program(transformer, tmp_path: Path) -> None:
+    model, path = transformer
+    output = tmp_path / "out.pt2"
+    compress(path, _spec({"method": "quantize", "quantize": {"dtype": "float16"}, "input_shape": [4, 16, 256]}), output)
+    assert output.stat().st_size <= 0.55 * path.stat().st_size
+    x = torch.randn(4, 16, 256)
+    with torch.no_grad():
+        assert _cosine(torch.export.load(output).module()(x), model(x)) >= 0.9999
+
+
+def test_unstructured_pruning_zeros_half_the_conv_and_linear_weights(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 256),
+                                torch.nn.ReLU(), torch.nn.Linear(256, 10)).eval()
+    path = save_exported(model, torch.randn(2, 3, 32, 32), tmp_path / "conv.pt2")
+    output = tmp_path / "pruned.pt2"
+    report = compress(path, _spec({"method": "prune", "prune": {"amount": 0.5}, "input_shape": [2, 3, 32, 32]}), output)
+
+    program = torch.export.load(output)
+    weights = [program.state_dict[entry["weight"]] for entry in report["details"]["layers"]]
+    assert len(weights) == sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert 0.49 <= zeros <= 0.51 and report["details"]["sparsity"] == pytest.approx(zeros, abs=1e-4)
+    assert report["size"]["deflate_bytes_after"] < 0.75 * report["size"]["deflate_bytes_before"]
+    x = torch.randn(5, 3, 32, 32)
+    with torch.no_grad():
+        assert program.module()(x).shape == model(x).shape == (5, 10)
+
+
+def test_structured_pruning_of_programs_fails_with_a_reason(transformer, tmp_path: Path) -> None:
+    _, path = transformer
+    with pytest.raises(UnsupportedModel, match="structured"):
+        compress(path, _spec({"method": "prune", "prune": {"amount": 0.5, "structured": True},
+                              "input_shape": [4, 16, 256]}), tmp_path / "out.pt2")
+
+
+def test_torchscript_and_programs_are_told_apart_by_layout_not_name(transformer, tmp_path: Path) -> None:
+    _, path = transformer
+    renamed = tmp_path / "model.pt"
+    renamed.write_bytes(path.read_bytes())
+    scripted = save_scripted(SmallConvNet().eval(), tmp_path / "model.pt2")
+    assert model_format(renamed) == EXPORTED and model_format(scripted) == TORCHSCRIPT
+    check_torchscript_archive(renamed, 1 << 30)
+    check_torchscript_archive(scripted, 1 << 30)
+
+
+@pytest.mark.parametrize("craft", ["sample_inputs", "pickled_weight"])
+def test_a_pickle_payload_is_refused_and_never_runs(craft: str, transformer, tmp_path: Path) -> None:
+    _, genuine = transformer
+    build = {"sample_inputs": with_payload_in_sample_inputs, "pickled_weight": with_pickled_weight}[craft]
+    # The attack is real: plain torch.export.load of the crafted file runs the payload.
+    proof = tmp_path / "proof"
+    proof_file = tmp_path / "proof.pt2"
+    proof_file.write_bytes(build(genuine, proof))
+    with contextlib.suppress(Exception):  # it fails after the payload ran
+        torch.export.load(proof_file)
+    assert proof.exists()
+
+    marker = tmp_path / "marker"
+    crafted = tmp_path / "crafted.pt2"
+    crafted.write_bytes(build(genuine, marker))
+    with pytest.raises(ArchiveRejected, match="pickle"):
+        check_torchscript_archive(crafted, 1 << 30)
+    with pytest.raises(InvalidModel, match="pickle"):
+        load_program(crafted)
+    with pytest.raises(InvalidModel):
+        compress(crafted, _spec({"method": "quantize", "input_shape": [4, 16, 256]}), tmp_path / "out.pt2")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("target, reason", [("torch.os.system", "not a torch operator"),
+                                            ("torch.ops.aten.from_file.default", "aten::from_file: it reads a file"),
+                                            ("torch.ops.mylib.run.default", "outside torch's own operator namespaces")])
+def test_graphs_calling_outside_torch_operators_are_refused(target: str, reason: str, transformer,
+                                                            tmp_path: Path) -> None:
+    _, genuine = transformer
+    crafted = tmp_path / "crafted.pt2"
+    crafted.write_bytes(with_graph_target(genuine, target))
+    with pytest.raises(ArchiveRejected, match=reason):
+        check_torchscript_archive(crafted, 1 << 30)
+    with pytest.raises(InvalidModel, match=reason):
+        load_program(crafted)
+
+
+@pytest.mark.parametrize("expression", ["__import__('os').system('touch {marker}')",
+                                        "eval(\"open('{marker}', 'w')\")"])
+def test_a_shape_expression_carrying_code_is_refused_and_never_runs(expression: str, transformer,
+                                                                     tmp_path: Path) -> None:
+    _, genuine = transformer
+    # The attack is real: torch.export.load hands shape expressions to sympy.sympify, which evaluates them.
+    proof = tmp_path / "proof"
+    proof_file = tmp_path / "proof.pt2"
+    proof_file.write_bytes(with_shape_expression(genuine, expression.format(marker=proof)))
+    with contextlib.suppress(Exception):
+        torch.export.load(proof_file)
+    assert proof.exists()
+
+    marker = tmp_path / "marker"
+    crafted = tmp_path / "crafted.pt2"
+    crafted.write_bytes(with_shape_expression(genuine, expression.format(marker=marker)))
+    with pytest.raises(ArchiveRejected, match="shape expression"):
+        check_torchscript_archive(crafted, 1 << 30)
+    with pytest.raises(InvalidModel, match="shape expression"):
+        load_program(crafted)
+    assert not marker.exists()
+
+
+def test_a_program_with_a_second_copy_of_an_entry_is_refused(transformer, tmp_path: Path) -> None:
+    import zipfile
+
+    _, genuine = transformer
+    crafted = tmp_path / "crafted.pt2"
+    crafted.write_bytes(genuine.read_bytes())
+    with zipfile.ZipFile(crafted, "a") as archive:
+        root = archive.namelist()[0].split("/", 1)[0]
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            archive.writestr(f"{root}/data/sample_inputs/model.pt", b"not checked by whoever reads the first copy")
+    with pytest.raises(ArchiveRejected, match="same name"):
+        check_torchscript_archive(crafted, 1 << 30)
+
+
+def test_a_program_graph_nested_too_deep_to_parse_is_refused_with_a_reason(transformer, tmp_path: Path) -> None:
+    from tests.exported_archives import replace_entries
+
+    _, genuine = transformer
+    crafted = tmp_path / "crafted.pt2"
+    crafted.write_bytes(replace_entries(genuine.read_bytes(), {"models/model.json": b"[" * 100_000 + b"]" * 100_000}))
+    with pytest.raises(ArchiveRejected, match="not valid JSON"):
+        check_torchscript_archive(crafted, 1 << 30)
+
+
+class _SharedReluBlockNet(torch.nn.Module):
+    """resnet's BasicBlock pattern: one ReLU module called twice, an in-place residual add."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1, bias=False),
+                                        torch.nn.BatchNorm2d(width), torch.nn.ReLU())
+        self.conv1, self.bn1 = torch.nn.Conv2d(width, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width)
+        self.conv2, self.bn2 = torch.nn.Conv2d(width, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.head = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(width, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = self.stem(x)
+        out = self.relu(self.bn1(self.conv1(identity)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.head(self.relu(out))
+
+
+def test_static_int8_program_quantizes_convs_with_a_shared_relu_and_keeps_shapes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _SharedReluBlockNet().train()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for _ in range(3):
+            model(torch.randn(8, 3, 16, 16))
+    model.eval()
+    path = save_exported(model, torch.randn(2, 3, 16, 16), tmp_path / "net.pt2")
+    output = tmp_path / "int8.pt2"
+    report = compress(path, _spec({"method": "quantize", "quantize": {"mode": "static"}, "input_shape": [8, 3, 16, 16]}),
+                      output)
+
+    details = report["details"]
+    assert details["mode"] == "static" and {entry["type"] for entry in details["quantized"]} == {"Conv2d", "Linear"}
+    assert len(details["quantized"]) == 4  # three convs and the classifier
+    program = torch.export.load(output)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert "quantized_decomposed.quantize_per_tensor.default" in targets  # activations are int8 too
+    stored = [*program.state_dict.values(), *program.constants.values()]
+    conv_weights = [t for t in stored if isinstance(t, torch.Tensor) and t.dim() == 4]
+    assert len(conv_weights) == 3 and all(t.dtype == torch.int8 for t in conv_weights)
+    x = torch.randn(5, 3, 16, 16)  # dynamic batch kept
+    with torch.no_grad():
+        got, expected = program.module()(x), model(x)
+    assert got.shape == expected.shape == (5, 10)
+    assert _cosine(got, expected) >= 0.98
+    assert report["fidelity"]["cosine_similarity"] >= 0.98

@@ -1,0 +1,405 @@
+"""torch.export programs (``.pt2``): load, save, quantize, prune, and the job's run and report.
+
+The program is compressed as a program: weights are rewritten in the exported state dict or in
+the unlifted graph (``ExportedProgram.module()``), and the result is re-exported so plain
+``torch.export.load`` runs it. The dynamic dimensions of the uploaded program are kept.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch.export import Dim, ExportedProgram
+
+from modelpress.formats import EXPORTED, exported_program_problem, is_exported_program
+
+from .artifacts import save_atomically
+from .errors import InvalidModel, UnsupportedModel, summarize_torch_error
+from .inputs import Dataset
+from .measure import run_model
+from .static_quantize import SYNTHETIC_WARNING
+from .torchscript import matching_pattern
+
+Progress = Callable[[str, float], None]
+
+# Smallest weight worth quantizing: below this the int8 copy plus its scales saves almost nothing.
+MIN_QUANTIZED_ELEMENTS = 1024
+_LINEAR = torch.ops.aten.linear.default
+_PT2E_TYPES = {torch.ops.aten.linear.default: "Linear", torch.ops.aten.conv2d.default: "Conv2d"}
+CALIBRATION_ROWS = 32
+CALIBRATION_LIMIT = 256  # rows run through the observers
+_PRUNABLE_OPS = {  # op -> the module type it stands for in spec.prune.modules
+    torch.ops.aten.linear.default: "Linear",
+    torch.ops.aten.conv2d.default: "Conv2d",
+    torch.ops.aten.convolution.default: "Conv2d",
+}
+
+
+def load_program(path: str | os.PathLike) -> ExportedProgram:
+    """Check the archive again (this process may be the first to see the file), then ``torch.export.load``."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        raise InvalidModel("the model file is not a .pt2 archive: it has no readable zip directory") from None
+    problem = exported_program_problem(path, names) if is_exported_program(names) else "not a torch.export archive"
+    if problem is not None:
+        raise InvalidModel(problem)
+    _register_quantized_operators()
+    try:
+        # The check above refuses every pickle torch would load with weights_only=False; forcing
+        # weights_only keeps a second lock on torch.load should a later torch read more pickles.
+        with _weights_only_loads(), open(path, "rb") as handle:
+            return torch.export.load(handle)
+    except Exception as error:
+        raise InvalidModel(f"the .pt2 program could not be loaded: {summarize_torch_error(error)}") from None
+
+
+def save_program(program: ExportedProgram, path: str | os.PathLike) -> int:
+    """Save atomically (temp name, then rename); return bytes. torch.export.save wants a name ending .pt2."""
+    return save_atomically(path, lambda temp_name: torch.export.save(program, temp_name), suffix=".pt2")
+
+
+def quantize_program(program: ExportedProgram, spec: Mapping[str, Any], data: Dataset,
+                     progress: Progress) -> tuple[ExportedProgram, dict[str, Any]]:
+    """int8 through PT2E (torchao's x86 quantizer): ``dynamic`` quantizes Linear weights and, per
+    batch at run time, their inputs; ``static`` quantizes conv and linear weights and activations
+    with ranges calibrated on the examples. ``dtype: float16`` stores Linear weights as float16.
+
+    The converted graph holds int8 weights with ``quantized_decomposed`` (de)quantize ops around
+    float ``aten`` ops: eagerly it dequantizes on every call; ``torch.compile`` / AOTInductor fuse
+    the patterns into int8 kernels.
+    """
+    if spec.get("dtype", "qint8") == "float16":
+        if spec.get("mode", "dynamic") == "static":
+            raise UnsupportedModel("static quantization is int8; drop dtype float16 or use mode dynamic")
+        return _float16_weights(program, spec, progress)
+    static = spec.get("mode", "dynamic") == "static"
+    modules = set(spec.get("modules") or (["Conv2d", "Linear"] if static else ["Linear"]))
+    if not modules & set(_PT2E_TYPES.values()):
+        raise UnsupportedModel(f"on .pt2 programs int8 covers {', '.join(sorted(set(_PT2E_TYPES.values())))} layers; "
+                               "add one of them to quantize.modules")
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    module = program.module()
+    quantizer, chosen, skipped = _x86_quantizer(module, modules, list(spec.get("exclude") or []), static)
+    if not chosen:
+        raise UnsupportedModel("no layer of the program can be quantized (" + (", ".join(sorted(
+            {s["reason"] for s in skipped})) or f"the program has no {' or '.join(sorted(modules))} op") + ")")
+    progress("preparing", 0.1)
+    _split_source_partitions(module)
+    try:
+        prepared = prepare_pt2e(module, quantizer)
+    except Exception as error:
+        raise UnsupportedModel(f"the x86 quantizer could not annotate the program: {summarize_torch_error(error)}") \
+            from None
+    batches = [data.rows(slice(start, start + CALIBRATION_ROWS))
+               for start in range(0, min(len(data), CALIBRATION_LIMIT), CALIBRATION_ROWS)]
+    for index, batch in enumerate(batches if static else batches[:1]):
+        run_model(prepared, batch)
+        progress("calibrating" if static else "tracing", 0.1 + 0.6 * (index + 1) / len(batches))
+    converted = convert_pt2e(prepared)
+    _drop_unused_state(converted)
+    exported = _reexport(converted, program, data.head(2))
+    progress("quantizing", 1.0)
+    details = {"format": EXPORTED, "mode": "static" if static else "dynamic", "route": "PT2E, torchao X86InductorQuantizer",
+               "quantized": chosen, "left_float": skipped,
+               "calibration": {"batches": len(batches), "rows": sum(int(b[0].shape[0]) for b in batches)} if static
+               else None,
+               "notes": ["int8 weights (per output channel) with quantize/dequantize ops in the graph; run it with "
+                         "torch.compile or AOTInductor for int8 kernels (evaluation.runtime), eagerly it dequantizes "
+                         "on every call", "loading the program needs `import torchao` first (it registers the "
+                         "quantized_decomposed operators)"]}
+    if static and data.synthetic:
+        details["warnings"] = [SYNTHETIC_WARNING]
+    return exported, details
+
+
+def _float16_weights(program: ExportedProgram, spec: Mapping[str, Any],
+                     progress: Progress) -> tuple[ExportedProgram, dict[str, Any]]:
+    """Store the weight of every ``aten.linear`` as float16, cast back to float inside the program."""
+    exclude = list(spec.get("exclude") or [])
+    if "Linear" not in (spec.get("modules") or ["Linear"]):
+        raise UnsupportedModel("on .pt2 programs float16 weights cover Linear layers; add 'Linear' to quantize.modules")
+    module = program.module()
+    graph = module.graph
+    quantized, skipped = [], []
+    replaced: set[str] = set()
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not _LINEAR:
+            continue
+        weight_node = node.args[1]
+        if not isinstance(weight_node, torch.fx.Node) or weight_node.op != "get_attr":
+            skipped.append({"op": node.name, "reason": "the weight is computed in the graph, not stored"})
+            continue
+        name = weight_node.target
+        if name in replaced:
+            continue
+        weight = _attribute(module, name)
+        owner = name.rpartition(".")[0]
+        reason = _quantize_skip_reason(weight, owner, exclude)
+        if reason:
+            skipped.append({"module": owner, "weight": name, "reason": reason})
+            continue
+        stored = "_mp_" + name.replace(".", "_") + "_fp16"
+        module.register_buffer(stored, weight.detach().to(torch.float16))
+        with graph.inserting_before(weight_node):
+            cast = graph.call_function(torch.ops.aten._to_copy.default, (graph.get_attr(stored),), {"dtype": weight.dtype})
+        weight_node.replace_all_uses_with(cast)
+        graph.erase_node(weight_node)
+        _delete_attribute(module, name)
+        replaced.add(name)
+        quantized.append({"module": owner, "weight": name, "dtype": "float16", "shape": list(weight.shape)})
+    if not quantized:
+        raise UnsupportedModel("no Linear weight of the program could be stored as float16 (" +
+                               (", ".join(sorted({s["reason"] for s in skipped})) or "the program has no aten.linear")
+                               + ")")
+    graph.lint()
+    module.recompile()
+    progress("quantizing", 1.0)
+    return _reexport(module, program, None), {"format": EXPORTED, "mode": "weight-only", "quantized": quantized,
+                                              "left_float": skipped, "notes": ["weights are stored in float16"]}
+
+
+def prune_program(program: ExportedProgram, spec: Mapping[str, Any], data: Dataset,
+                  progress: Progress) -> tuple[ExportedProgram, dict[str, Any]]:
+    """Zero the smallest-magnitude weights of Linear / Conv2d ops in the program's state dict.
+
+    |w| below the ``amount`` quantile (of all chosen weights with scope ``global``, of each layer's
+    with ``per_layer``) becomes 0. The graph is unchanged; zeros shrink the file once compressed.
+    """
+    if spec.get("structured"):
+        raise UnsupportedModel("structured (channel) pruning of .pt2 programs is not available yet; "
+                               "use structured: false, or upload the model as TorchScript")
+    if spec.get("finetune"):
+        raise UnsupportedModel("fine-tuning after pruning is not available for .pt2 programs yet; drop 'finetune'")
+    amount = float(spec["amount"])
+    modules, exclude = set(spec.get("modules") or _PRUNABLE_OPS.values()), list(spec.get("exclude") or [])
+    weights: dict[str, torch.Tensor] = {}
+    for node in program.graph.nodes:
+        kind = _PRUNABLE_OPS.get(node.target) if node.op == "call_function" else None
+        if kind is None or kind not in modules or not isinstance(node.args[1], torch.fx.Node):
+            continue
+        name = program.graph_signature.inputs_to_parameters.get(node.args[1].name)
+        if name is not None and not matching_pattern(name.rpartition(".")[0], exclude):
+            weights[name] = program.state_dict[name]
+    if not weights:
+        raise UnsupportedModel(f"the program has no {' or '.join(sorted(modules))} weight to prune")
+    if spec.get("scope", "global") == "global":
+        threshold = _magnitude_quantile(torch.cat([w.detach().abs().flatten() for w in weights.values()]), amount)
+        thresholds = dict.fromkeys(weights, threshold)
+    else:
+        thresholds = {name: _magnitude_quantile(w.detach().abs().flatten(), amount) for name, w in weights.items()}
+    layers = []
+    with torch.no_grad():
+        for name, weight in weights.items():
+            weight.mul_(weight.abs() > thresholds[name])
+            layers.append({"weight": name, "sparsity": round(float((weight == 0).float().mean()), 5)})
+    progress("pruning", 1.0)
+    total = sum(w.numel() for w in weights.values())
+    zeros = sum(int((w == 0).sum()) for w in weights.values())
+    return program, {"format": EXPORTED, "structured": False, "sparsity": round(zeros / total, 5), "layers": layers,
+                     "notes": ["zeros are stored as such: the file shrinks once compressed (see deflate_bytes)"]}
+
+
+def distill_program(program: ExportedProgram, spec: Mapping[str, Any], data: Dataset, progress: Progress,
+                    student: torch.nn.Module | None = None) -> tuple[ExportedProgram, dict[str, Any]]:
+    """Distil the program into a student (an uploaded ``.pt2``'s module, or a torchvision model) and
+    export the trained student with the teacher's dynamic axes: a ``.pt2`` in, a ``.pt2`` out.
+
+    Exported graphs are fixed to the mode they were exported in (eval: BatchNorm uses its running
+    statistics, dropout is off), so an uploaded ``.pt2`` student trains its weights in that mode."""
+    from .distill import distill
+
+    if spec["student"]["source"] == "width":
+        raise UnsupportedModel("a width student is cut from the teacher by structured pruning, which is not "
+                               "available for .pt2 programs yet: use student.from 'upload' (a .pt2) or 'torchvision'")
+    trained, details = distill(program.module(), spec, data, progress, student=student, scripted=False)
+    details["format"] = EXPORTED
+    return _reexport(trained, program, data.head(2)), details
+
+
+METHODS = {"quantize": quantize_program, "prune": prune_program, "distill": distill_program}
+
+
+def timed_runner(module: torch.nn.Module, runtime: str, batch: tuple[torch.Tensor, ...]) -> Callable[..., Any]:
+    """What the latency run calls: the program's module eagerly, through ``torch.compile`` (inductor,
+    with freezing so int8 patterns become int8 kernels), or as a compiled AOTInductor package."""
+    if runtime == "eager":
+        return module
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # constant weights: prepacked (and int8) kernels
+    inductor_config.compile_threads = 1  # no compile worker pool inside the job's limits
+    if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
+        # Inductor writes C++ kernels for the CPU and compiles them, for torch.compile and AOTInductor alike.
+        raise UnsupportedModel(f"evaluation.runtime {runtime!r} needs a C++ compiler (g++) on the worker, and none "
+                               "is installed; use 'eager', or install g++ in the worker's image")
+    if runtime == "compile":
+        return torch.compile(module)
+    try:
+        exported = torch.export.export(module, tuple(batch))
+        package = Path(tempfile.mkdtemp(prefix="mp-aoti-")) / "model.pt2"
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(package))
+        return torch._inductor.aoti_load_package(str(package))
+    except Exception as error:
+        raise UnsupportedModel(f"AOTInductor could not compile the program: {summarize_torch_error(error)}") from None
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _register_quantized_operators() -> None:
+    """PT2E-quantized programs call ``quantized_decomposed`` operators, which torch 2.14 no longer
+    defines: torchao registers them on import (a program loads only once they exist)."""
+    import torchao.quantization.pt2e.quantize_pt2e  # noqa: F401
+
+
+@contextlib.contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
+
+
+def _quantize_skip_reason(weight: torch.Tensor, owner: str, exclude: list[str]) -> str | None:
+    pattern = matching_pattern(owner, exclude)
+    if pattern:
+        return f"excluded by {pattern!r}"
+    if not weight.is_floating_point() or weight.dim() != 2:
+        return "not a 2-D float weight"
+    if weight.numel() < MIN_QUANTIZED_ELEMENTS:
+        return f"fewer than {MIN_QUANTIZED_ELEMENTS} weights"
+    return None
+
+
+def _example_like(fake: torch.Tensor) -> torch.Tensor:
+    """A real tensor of a placeholder's dtype and shape (symbolic sizes at their hint, 2 if none)."""
+    shape = [size if isinstance(size, int) else (size.node.hint or 2) for size in fake.shape]
+    if fake.is_floating_point():
+        return torch.randn(shape, dtype=fake.dtype)
+    return torch.zeros(shape, dtype=fake.dtype)
+
+
+def _x86_quantizer(module: torch.nn.Module, modules: set[str], exclude: list[str], static: bool):
+    """The x86 quantizer set for ``modules`` (by op) minus ``exclude`` (by module path); what it covers."""
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
+
+    config = x86.get_default_x86_inductor_quantization_config(is_dynamic=not static)
+    quantizer = x86.X86InductorQuantizer()
+    chosen, skipped, excluded = [], [], set()
+    for node in module.graph.nodes:
+        kind = _PT2E_TYPES.get(node.target) if node.op == "call_function" else None
+        if kind is None:
+            continue
+        owner = _module_path(node)
+        pattern = matching_pattern(owner, exclude)
+        if kind not in modules or (not static and kind != "Linear"):
+            skipped.append({"op": node.name, "module": owner, "reason": f"{kind} not selected" if kind not in modules
+                            else "dynamic int8 covers Linear (use mode static for convolutions)"})
+        elif pattern:
+            skipped.append({"op": node.name, "module": owner, "reason": f"excluded by {pattern!r}"})
+            excluded.add(owner)
+        else:
+            chosen.append({"op": node.name, "module": owner, "type": kind})
+    if static and modules >= {"Conv2d", "Linear"}:
+        quantizer.set_global(config)
+    else:
+        for kind, op in (("Linear", torch.nn.functional.linear), ("Conv2d", torch.nn.functional.conv2d)):
+            if kind in modules and (static or kind == "Linear"):
+                quantizer.set_function_type_qconfig(op, config)
+    for owner in excluded:
+        quantizer.set_module_name_qconfig(owner, None)
+    return quantizer, chosen, skipped
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""
+
+
+def _split_source_partitions(module: torch.fx.GraphModule) -> None:
+    """Give each op its own source partition before the x86 quantizer annotates.
+
+    Exported graphs carry no ``source_fn_stack``; partitions then fall back to the module path, so
+    a module called twice (resnet's shared ``relu``) makes one partition with two outputs and the
+    quantizer fails ("Input partition has more than one output node"). One partition per op, typed
+    by the module that made it, is what the quantizer's patterns expect."""
+    for node in module.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or node.meta.get("source_fn_stack") or not stack:
+            continue
+        path, kind = list(stack.values())[-1]
+        if isinstance(kind, str):
+            owner, _, name = kind.rpartition(".")
+            kind = getattr(sys.modules.get(owner), name, None)
+        if isinstance(kind, type):
+            node.meta["source_fn_stack"] = [(f"{path}#{node.name}", kind)]
+
+
+def _drop_unused_state(module: torch.fx.GraphModule) -> None:
+    """Delete parameters and buffers the graph no longer reads (the float weights that int8 copies
+    replaced): export saves every registered tensor, used or not."""
+    module.graph.eliminate_dead_code()
+    used = {node.target for node in module.graph.nodes if node.op == "get_attr"}
+    for name, _ in [*module.named_parameters(), *module.named_buffers()]:
+        if name not in used:
+            _delete_attribute(module, name)
+    module.recompile()
+
+
+def _attribute(module: torch.nn.Module, name: str) -> torch.Tensor:
+    owner, _, leaf = name.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, leaf)
+
+
+def _delete_attribute(module: torch.nn.Module, name: str) -> None:
+    owner, _, leaf = name.rpartition(".")
+    delattr(module.get_submodule(owner) if owner else module, leaf)
+
+
+def _reexport(module: torch.nn.Module, original: ExportedProgram, batch: tuple[torch.Tensor, ...] | None
+              ) -> ExportedProgram:
+    """Export the rewritten module again, keeping the dimensions the original program left dynamic.
+
+    ``batch`` None: the original's own example values (its placeholders' shapes, as fakes show them)."""
+    inputs = [node for node in original.graph.nodes if node.op == "placeholder"
+              and node.name in original.graph_signature.user_inputs]
+    dynamic = tuple({axis: Dim.DYNAMIC for axis, size in enumerate(node.meta["val"].shape)
+                     if isinstance(size, torch.SymInt)} or None for node in inputs)
+    if batch is None:
+        batch = tuple(_example_like(node.meta["val"]) for node in inputs)
+    try:
+        exported = torch.export.export(module, tuple(batch), dynamic_shapes=dynamic if any(dynamic) else None)
+    except Exception as error:
+        raise UnsupportedModel(f"the compressed program could not be exported again: {summarize_torch_error(error)}") \
+            from None
+    # Otherwise saved as data/sample_inputs: rows of the user's data in every download, and a
+    # quarter of a small program's file.
+    exported.example_inputs = None
+    return exported
+
+
+def _magnitude_quantile(magnitudes: torch.Tensor, amount: float) -> float:
+    """The magnitude below which ``amount`` of the values lie (kthvalue: exact, no sort of a copy)."""
+    k = int(round(amount * magnitudes.numel()))
+    if k <= 0:
+        return -1.0
+    return float(magnitudes.kthvalue(k).values)
+
+
+__all__ = ["load_program", "save_program", "quantize_program", "prune_program", "distill_program", "timed_runner"]
