@@ -261,6 +261,12 @@ class EvaluationSpec(_Strict):
         load_default=3, strict=True, validate=validate.Range(0, 100),
         metadata={"description": "Untimed passes before timing (count)."},
     )
+    max_seconds = fields.Float(
+        load_default=30.0, validate=validate.Range(min=0.1, max=3600),
+        metadata={"description": "Time budget of the latency measurement of each model (seconds): warmup and timed "
+                                 "passes stop once it is spent, after at least one timed pass; the report says how "
+                                 "many ran."},
+    )
 
 
 class CompressionSpec(_Strict):

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from werkzeug.datastructures import FileStorage
 
-from modelpress import jobs
+from modelpress import capacity, jobs
 from modelpress.archive import ArchiveRejected, check_torchscript_archive
 from modelpress.config import Settings
 from modelpress.datafile import DataFileError, disagreements, read_headers
@@ -73,6 +73,10 @@ def submit(submission: Submission, settings: Settings, store: JobStore, storage:
                     check_torchscript_archive(path, 2 * (settings.max_upload_mb << 20), settings.op_check == "on")
                 except ArchiveRejected as rejected:
                     raise invalid({part: [str(rejected)]}) from None
+        extra = sum(infos[part]["bytes"] for part in ("student", "data") if infos[part])
+        too_big = infos["model"] and capacity.refusal(spec, infos["model"]["bytes"], extra, settings.job_memory_mb)
+        if too_big:
+            raise invalid({"model": [too_big]})
         if infos["data"] is not None:
             conflicts = _data_conflicts(files.input_data, spec)
             if conflicts:

@@ -72,16 +72,31 @@ def run_model(model: torch.jit.ScriptModule, batch: Inputs) -> Any:
 
 def median_latency_ms(model: torch.jit.ScriptModule, batch: Inputs, runs: int = 20, warmup: int = 3) -> float:
     """Median wall time of ``runs`` forward passes after ``warmup`` (TorchScript optimises on early calls)."""
+    return statistics.median(latency_samples_ms(model, batch, runs=runs, warmup=warmup))
+
+
+def latency_samples_ms(model: torch.jit.ScriptModule, batch: Inputs, runs: int = 20, warmup: int = 3,
+                       max_seconds: float | None = None) -> list[float]:
+    """Wall times of up to ``runs`` forward passes after up to ``warmup`` untimed ones.
+
+    With ``max_seconds`` the whole measurement stops once that much time is spent (a 2 GB model
+    takes about a second a pass on two cores), after at least one timed pass.
+    """
     args = as_args(batch)
+    deadline = time.perf_counter() + max_seconds if max_seconds is not None else float("inf")
     with torch.no_grad(), quiet_torchscript_warnings():
         for _ in range(warmup):
+            if time.perf_counter() >= deadline:
+                break
             model(*args)
-        timings = []
+        timings: list[float] = []
         for _ in range(runs):
             start = time.perf_counter()
             model(*args)
             timings.append((time.perf_counter() - start) * 1000.0)
-    return statistics.median(timings)
+            if time.perf_counter() >= deadline:
+                break
+    return timings
 
 
 def output_fidelity(reference: Iterable[Any], candidate: Iterable[Any]) -> dict[str, Any]:
