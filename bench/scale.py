@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -44,7 +43,8 @@ SPECS = {
     "prune": {"method": "prune", "input_shape": INPUT_SHAPE, "prune": {"amount": 0.5}},
 }
 
-# Runs in a fresh interpreter: builds the model (and saves it scripted, or runs the eager baseline).
+# Runs in a fresh interpreter from a file (TorchScript reads the source): builds the model, then saves
+# it scripted or runs the eager baseline.
 WORKER = r'''
 import json, resource, sys, time, warnings
 warnings.filterwarnings("ignore")
@@ -97,13 +97,13 @@ print(json.dumps({"peak_resident_mb": peak(), "after_build_mb": built, "transfor
 '''
 
 
-def build(blocks: int, path: Path, threads: int) -> None:
-    subprocess.run([sys.executable, "-c", WORKER, "save", str(blocks), str(D), str(threads), str(path)], check=True,
+def build(worker: Path, blocks: int, path: Path, threads: int) -> None:
+    subprocess.run([sys.executable, str(worker), "save", str(blocks), str(D), str(threads), str(path)], check=True,
                    capture_output=True)
 
 
-def baseline(method: str, blocks: int, threads: int) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-c", WORKER, method, str(blocks), str(D), str(threads)], check=True,
+def baseline(worker: Path, method: str, blocks: int, threads: int) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, str(worker), method, str(blocks), str(D), str(threads)], check=True,
                           capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -139,7 +139,7 @@ def run_job(client: Client, model: Path, method: str) -> dict[str, Any]:
     start = time.monotonic()
     job = client.submit(model, SPECS[method])
     uploaded = time.monotonic()
-    sampler = TreePeak(job.id)
+    sampler = TreePeak(job["id"])
     final = client.wait(job, timeout=3600)
     tree_peak = sampler.stop()
     end = time.monotonic()
@@ -148,7 +148,7 @@ def run_job(client: Client, model: Path, method: str) -> dict[str, Any]:
     if final["state"] != "succeeded":
         row["error"] = final.get("error")
         return row
-    report = client.session.get(client.url + f"/v1/jobs/{job.id}/report", timeout=60).json()
+    report = client.session.get(client.url + f"/v1/jobs/{job['id']}/report", timeout=60).json()
     row.update({
         "peak_resident_mb": report["resources"]["peak_resident_mb"],
         "memory_limit_mb": report["resources"]["memory_limit_mb"],
@@ -170,9 +170,12 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true")
     args = parser.parse_args()
     prepare(args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the clean-up below: stop the stack
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="modelpress-scale-") as directory:
         workdir = Path(directory)
+        worker = workdir / "build_model.py"
+        worker.write_text(WORKER)
         port = free_port()
         env = {**os.environ, "MODELPRESS_DATA_DIR": str(workdir / "data"), "MODELPRESS_PORT": str(port),
                "MODELPRESS_REDIS_PORT": str(free_port())}
@@ -193,23 +196,28 @@ def main() -> None:
             for size in args.sizes:
                 blocks = max(1, round(size * 1e6 / BLOCK_BYTES))
                 model = workdir / f"stack-{blocks}.pt"
-                build(blocks, model, args.threads)
+                build(worker, blocks, model, args.threads)
                 model_mb = model.stat().st_size / 1e6
                 for method in args.methods:
                     row = {"size_mb": round(model_mb), "blocks": blocks, "method": method,
                            **run_job(client, model, method)}
                     if not args.no_baseline:
-                        row["baseline"] = baseline(method, blocks, args.threads)
+                        row["baseline"] = baseline(worker, method, blocks, args.threads)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
+                    _write(args, rows)  # after every job: a long run interrupted keeps what it measured
                 model.unlink()
-        finally:
+        finally:  # also on Ctrl-C / SIGTERM of this script (see the handler in main)
             os.killpg(stack.pid, signal.SIGTERM)
             stack.wait(timeout=120)
     _table(rows)
+    _write(args, rows)
+
+
+def _write(args: Any, rows: list[dict[str, Any]]) -> None:
     write_results(args, {"machine": machine(args, d=D, input_shape=INPUT_SHAPE, defaults="make run (upload 2048 MB, "
                                             "job memory 8192 MB resident, 1 worker)",
-                                            bench_peak_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10),
+                                            load_average=os.getloadavg()[0]),
                          "rows": rows})
 
 
