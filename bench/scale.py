@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import arguments, machine, prepare, write_results  # noqa: E402
 from modelpress.client import Client  # noqa: E402
 from modelpress.stack import free_port  # noqa: E402
+from workers.memory import MemoryWatch  # noqa: E402
 
 D = 1024
 BLOCK_BYTES = (2 * 4 * D * D + 4 * D + D + 2 * D) * 4  # two Linear layers and a LayerNorm, float32
@@ -102,10 +103,17 @@ def build(worker: Path, blocks: int, path: Path, threads: int) -> None:
                    capture_output=True)
 
 
-def baseline(worker: Path, method: str, blocks: int, threads: int) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, str(worker), method, str(blocks), str(D), str(threads)], check=True,
-                          capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def baseline(worker: Path, method: str, blocks: int, threads: int, cap_mb: int) -> dict[str, Any]:
+    """The eager baseline in a fresh process, stopped once it holds more than ``cap_mb`` resident
+    (eager global pruning of a 2 GB model passed 10 GB here: the machine is shared)."""
+    process = subprocess.Popen([sys.executable, str(worker), method, str(blocks), str(D), str(threads)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    watch = MemoryWatch(process.pid, cap_mb << 20, process.kill).start()
+    output, _ = process.communicate()
+    watch.stop()
+    if watch.exceeded:
+        return {"peak_resident_mb": f"> {cap_mb}", "transform_s": "stopped"}
+    return json.loads(output.strip().splitlines()[-1])
 
 
 class TreePeak:
@@ -168,10 +176,13 @@ def main() -> None:
                         help="model sizes in MB (rounded to whole blocks of 33.6 MB)")
     parser.add_argument("--methods", nargs="+", default=list(SPECS), choices=list(SPECS))
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--baseline-cap-mb", type=int, default=6144,
+                        help="stop a baseline that holds more resident memory than this (the machine is shared)")
+    parser.add_argument("--append", action="store_true", help="add to the rows already in --out")
     args = parser.parse_args()
     prepare(args)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the clean-up below: stop the stack
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = json.loads(args.out.read_text())["rows"] if args.append and args.out.exists() else []
     with tempfile.TemporaryDirectory(prefix="modelpress-scale-") as directory:
         workdir = Path(directory)
         worker = workdir / "build_model.py"
@@ -202,7 +213,7 @@ def main() -> None:
                     row = {"size_mb": round(model_mb), "blocks": blocks, "method": method,
                            **run_job(client, model, method)}
                     if not args.no_baseline:
-                        row["baseline"] = baseline(worker, method, blocks, args.threads)
+                        row["baseline"] = baseline(worker, method, blocks, args.threads, args.baseline_cap_mb)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                     _write(args, rows)  # after every job: a long run interrupted keeps what it measured
