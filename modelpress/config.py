@@ -20,7 +20,7 @@ class Settings:
     redis_port: int = 6390  # port of the embedded redis-server
     max_upload_mb: int = 2048
     job_timeout_s: int = 3600
-    job_memory_mb: int = 8192  # address-space limit of a job's process; torch alone maps ~3.3 GB
+    job_memory_mb: int = 8192  # resident memory of a job's processes (the supervisor stops the job above it)
     job_threads: int = 2  # from the environment: default cores / worker concurrency (see from_env)
     max_deliveries: int = 3  # deliveries of one job before it is failed instead of retried
     worker_concurrency: int = 1
@@ -162,6 +162,15 @@ class Settings:
         if self.api_keys_file is None and not self.allow_open_network and self.host not in ("127.0.0.1", "localhost", "::1"):
             return "127.0.0.1"
         return self.host
+
+    @property
+    def job_address_space_mb(self) -> int:
+        """The job process's address-space cap: a backstop above the resident limit, not the limit.
+
+        Importing torch maps about 3.3 GB it never touches and OpenBLAS aborts under 3 GB, so the
+        cap leaves that much room besides twice the resident limit (allocator slack, thread stacks).
+        """
+        return 2 * self.job_memory_mb + 4096
 
     @property
     def visibility_timeout_s(self) -> int:

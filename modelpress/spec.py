@@ -273,6 +273,12 @@ class EvaluationSpec(_Strict):
                                  "AOTInductor package; needs a C++ compiler on the worker). TorchScript models: "
                                  "'eager' only."},
     )
+    max_seconds = fields.Float(
+        load_default=30.0, validate=validate.Range(min=0.1, max=3600),
+        metadata={"description": "Time budget of the latency measurement of each model (seconds): warmup and timed "
+                                 "passes stop once it is spent, after at least one timed pass; the report says how "
+                                 "many ran."},
+    )
 
 
 class StepSpec(_Strict):

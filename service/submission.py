@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from werkzeug.datastructures import FileStorage
 
-from modelpress import jobs
+from modelpress import capacity, jobs
 from modelpress.archive import ArchiveRejected, check_torchscript_archive
 from modelpress.config import Settings
 from modelpress.datafile import DataFileError, disagreements, read_headers
@@ -80,6 +80,10 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
             raise invalid({"student": [f"the student is a {infos['student']['format']} model and the teacher a "
                                        f"{infos['model']['format']} one: upload both in the same format (a .pt2 "
                                        "teacher trains a .pt2 student, which comes back as a .pt2)"]})
+        extra = sum(infos[part]["bytes"] for part in ("student", "data") if infos[part])
+        too_big = infos["model"] and capacity.refusal(spec, infos["model"]["bytes"], extra, settings.job_memory_mb)
+        if too_big:
+            raise invalid({"model": [too_big]})
         if infos["data"] is not None:
             conflicts = _data_conflicts(files.input_data, spec)
             if conflicts:

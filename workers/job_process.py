@@ -68,7 +68,11 @@ def _compress(job_dir: Path, settings: Settings, facts: dict[str, Any], channel:
         report = compress(files.input_model, spec, files.output_model, data_path=data_path, progress=channel.progress,
                           student_path=student_path)
         report["sandbox"] = {"mode": settings.sandbox, **facts, "environment": sorted(os.environ),
-                             "limits": {"address_space_mb": settings.job_memory_mb}}
+                             "limits": {"resident_mb": settings.job_memory_mb,
+                                        "address_space_mb": settings.job_address_space_mb}}
+        # The peak of this process (the supervisor's limit counts the whole tree; bubblewrap adds ~2 MB).
+        report["resources"] = {"peak_resident_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
+                               "memory_limit_mb": settings.job_memory_mb}
         write_json_atomic(files.report, report)
         channel.send(protocol.SUCCEEDED)
         return 0
@@ -124,12 +128,15 @@ def _check_programs(paths: list[Path | None]) -> None:
 def _limit_resources(settings: Settings) -> None:
     """Address space, CPU seconds, file size and processes: a runaway model fails its own job only.
 
+    The memory limit proper is on resident memory, enforced by the supervisor (``workers.memory``);
+    the address-space cap here is a loose backstop that fails one huge allocation at once.
+
     RLIMIT_NPROC counts every process and thread of this user, so the cap is what the user
     runs now plus room for torch's threads (root ignores it; a service user does not).
     """
     cpu_seconds = settings.job_timeout_s * settings.job_threads + 60
     for limit, value in (
-        (resource.RLIMIT_AS, settings.job_memory_mb << 20),
+        (resource.RLIMIT_AS, settings.job_address_space_mb << 20),
         (resource.RLIMIT_CPU, cpu_seconds),
         (resource.RLIMIT_FSIZE, 16 << 30),
         (resource.RLIMIT_NPROC, _user_tasks() + 256),

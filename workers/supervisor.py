@@ -31,6 +31,7 @@ from modelpress.storage import JobFiles, Storage, read_json
 from workers import job_protocol as protocol
 from workers import sandbox
 from workers.job_protocol import problem
+from workers.memory import MemoryWatch
 
 log = logging.getLogger("modelpress.worker")
 
@@ -96,6 +97,14 @@ class Supervisor:
                 return self._finish(job_id, attempt, jobs.FAILED, error=protocol.sandbox_unavailable(
                     f"{self.settings.bwrap} could not be started ({error.strerror or error})"))
         os.close(write_fd)
+        memory = MemoryWatch(child.pid, self.settings.job_memory_mb << 20, functools.partial(_signal_group, child)).start()
+        try:
+            return self._watch_child(job_id, attempt, deliveries, files, child, read_fd, memory)
+        finally:
+            memory.stop()
+
+    def _watch_child(self, job_id: str, attempt: int, deliveries: int, files: JobFiles, child: subprocess.Popen,
+                     read_fd: int, memory: MemoryWatch) -> tuple[str, bool]:
         messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
         threading.Thread(target=protocol.read_messages, args=(read_fd, messages), daemon=True).start()
         stop_reason: str | None = None
@@ -159,6 +168,11 @@ class Supervisor:
                 f"the compression did not finish within the job time limit of {self.settings.job_timeout_s} s "
                 "and was stopped",
             ))
+        if memory.exceeded:
+            return self._finish(job_id, attempt, jobs.FAILED, error=problem(
+                "out-of-memory", "Out of memory",
+                f"{protocol.memory_message(self.settings)}: its processes reached {memory.peak_bytes >> 20} MB "
+                "resident and were stopped"))
         return self._record_exit(job_id, attempt, deliveries, files, child.returncode, outcome, started)
 
     def _start_child(self, files: JobFiles, log_file: Any, write_fd: int) -> subprocess.Popen:
@@ -273,8 +287,13 @@ def _result_summary(model: Path, report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _kill_group(child: subprocess.Popen) -> None:
+    _signal_group(child)
+    child.wait()
+
+
+def _signal_group(child: subprocess.Popen) -> None:
+    """SIGKILL the child's process group (from any thread; the supervisor's loop reaps it)."""
     try:
         os.killpg(child.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-    child.wait()

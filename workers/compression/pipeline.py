@@ -1,14 +1,17 @@
 """One compression run: load -> method (or steps, or a search) -> save -> reload -> measure -> report."""
 from __future__ import annotations
 
+import contextlib
+import gc
 import importlib
 import os
 import platform
+import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -20,7 +23,8 @@ from .artifacts import load_model, save_model
 from .errors import CompressionError, InvalidInput, UnsupportedModel
 from .inputs import (Dataset, Inputs, check_declared, check_input_count, example_batch, examples, fidelity_batches,
                      integer_range_hint, load_dataset)
-from .measure import count_parameters, deflate_bytes, median_latency_ms, output_fidelity, run_model, significant
+from .measure import (DEFLATE_SAMPLE_CHUNKS, count_parameters, deflate_bytes, latency_samples_ms, output_fidelity,
+                      run_model, significant)
 from .outputs import select_output
 from .training import accuracy
 from .verdict import collapse_warnings, warnings_for
@@ -80,13 +84,33 @@ FORMATS = {
 }
 
 
+class StageClock:
+    """Wall seconds spent per stage (load, transform, save, measure), summed over the stage's visits."""
+
+    def __init__(self) -> None:
+        self._totals: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._totals[stage] = self._totals.get(stage, 0.0) + time.perf_counter() - start
+
+    def totals(self) -> dict[str, float]:
+        return {stage: round(seconds, 3) for stage, seconds in self._totals.items()}
+
+
 @dataclass
 class Prepared:
-    """The original model and the inputs every measurement of one job uses."""
+    """The original model, the inputs every measurement of one job uses, and what was measured on
+    the original before any method ran (so a single run can hand the original itself to the method:
+    one copy of a big model in memory, not two)."""
 
     model_path: Path
     form: ModelFormat
-    original: Any  # what runs (a ScriptModule, or an exported program's module)
+    original: Any  # what runs (a ScriptModule, or an exported program's module); None once handed over
     data: Dataset | None  # the uploaded file, if any
     batch: Inputs  # what latency is timed on
     checks: list[Inputs]  # what fidelity is measured on
@@ -95,6 +119,20 @@ class Prepared:
     runs: int
     warmup: int
     runtime: str  # evaluation.runtime: how latency is measured (eager, compile, aoti)
+    max_seconds: float | None  # evaluation.max_seconds: the time budget of each latency measurement
+    latency_before: list[float] = field(default_factory=list)  # ms per timed pass of the original
+    parameters_before: int = 0
+    accuracy_before: float | None = None  # on the examples, when they have labels
+    clock: StageClock = field(default_factory=StageClock)
+
+    def hand_over(self) -> Any:
+        """What a single run's method transforms. A TorchScript original is handed over itself (it was
+        measured already); a .pt2 program is loaded again (the runnable module is not the program)."""
+        if self.form.name != TORCHSCRIPT:
+            with self.clock("load"):
+                return self.form.load(self.model_path)
+        model, self.original = self.original, None
+        return model
 
 
 def compress(
@@ -129,22 +167,32 @@ def compress(
     def method_progress(stage: str, fraction: float) -> None:
         progress(stage, 0.05 + 0.6 * min(max(fraction, 0.0), 1.0))
 
-    # Methods may change the model in place, so they get their own copy; `original` stays the reference.
+    # Memory: one full copy of the model at a time, plus what the method adds (docs/decisions.md,
+    # "Memory for big models"): the original was measured in `prepare`, the method transforms it
+    # itself, and it is dropped before the saved result is loaded back.
     steps = [step for _, step in method_steps(spec)]
-    compressed, step_reports = run_steps(form.load(model_path), steps, prepared, method_progress, student,
-                                         file_name=Path(output_path).name)
+    clock = prepared.clock
+    working = prepared.hand_over()
+    with clock("transform"):
+        compressed, step_reports = run_steps(working, steps, prepared, method_progress, student,
+                                             file_name=Path(output_path).name)
     progress("saving", 0.66)
+    with clock("save"):
+        form.save(compressed, output_path)
+    del working, compressed, student
+    gc.collect()  # the float model's memory goes back before the result is loaded
     if len(steps) == 1:
         details = step_reports[0]["details"]
         warnings = warnings_for(spec["method"], spec[spec["method"]], details, {}, random_inputs=prepared.data is None)
     else:
         details = {"steps": [step["method"] for step in steps]}
         warnings = step_warnings(step_reports, prepared)
-    report = measure_result(prepared, compressed, output_path, lambda stage, f: progress(stage, 0.66 + 0.33 * f))
+    report = measure_result(prepared, None, output_path, lambda stage, f: progress(stage, 0.66 + 0.33 * f))
     methods = [step["method"] for step in steps]
     warnings += collapse_warnings("distill" if "distill" in methods else spec["method"], report["fidelity"],
                                   random_inputs=prepared.data is None)
-    report = {"method": spec["method"], **report, "details": details, "warnings": warnings}
+    report = {"method": spec["method"], **report, "details": details, "warnings": warnings,
+              "timings_s": clock.totals()}
     if len(steps) > 1:
         report["steps"] = finish_sections(step_reports, report)
     return report
@@ -155,25 +203,39 @@ def prepare(model_path: str | os.PathLike, spec: Mapping[str, Any], data_path: s
     """Load the model and the data; check that the example inputs fit the model before any method runs."""
     evaluation = spec.get("evaluation", {})
     form = FORMATS[model_format(Path(model_path))]
+    clock = StageClock()
     progress("loading", 0.0)
-    original = form.runnable(form.load(model_path))
-    data: Dataset | None = load_dataset(data_path) if data_path else None
+    with clock("load"):
+        original = form.runnable(form.load(model_path))
+        data: Dataset | None = load_dataset(data_path) if data_path else None
     if data is not None:
         check_declared(spec, data)  # the data file defines the inputs; a declared shape must agree with it
     batch = example_batch(spec, data)
     check_input_count(original, batch, from_data=data is not None)
     checks = fidelity_batches(spec, data)
     progress("checking inputs", 0.02)
-    try:
-        reference = [run_model(original, inputs) for inputs in checks]
-        run_model(original, batch)
-    except InvalidInput as error:
-        raise InvalidInput(f"{error}{integer_range_hint(spec, data)}") from None
-    if spec.get("output") is not None:
-        select_output(reference[0], spec["output"])  # a wrong choice fails now, not after the method ran
-    return Prepared(Path(model_path), form, original, data, batch, checks, reference, examples(spec, data),
-                    int(evaluation.get("runs", 20)), int(evaluation.get("warmup", 3)),
-                    evaluation.get("runtime", "eager"))
+    with clock("measure"):
+        try:
+            reference = [run_model(original, inputs) for inputs in checks]
+            run_model(original, batch)
+        except InvalidInput as error:
+            raise InvalidInput(f"{error}{integer_range_hint(spec, data)}") from None
+        if spec.get("output") is not None:
+            select_output(reference[0], spec["output"])  # a wrong choice fails now, not after the method ran
+        prepared = Prepared(Path(model_path), form, original, data, batch, checks, reference, examples(spec, data),
+                            int(evaluation.get("runs", 20)), int(evaluation.get("warmup", 3)),
+                            evaluation.get("runtime", "eager"), evaluation.get("max_seconds"), clock=clock)
+        progress("measuring latency", 0.03)
+        prepared.latency_before = _latency(prepared, original)
+        prepared.parameters_before = count_parameters(original)
+        if data is not None and prepared.examples.labels is not None:
+            prepared.accuracy_before = accuracy(original, prepared.examples)
+    return prepared
+
+
+def _latency(prepared: Prepared, model: Any) -> list[float]:
+    return latency_samples_ms(prepared.form.timed(model, prepared.runtime, prepared.batch), prepared.batch,
+                              runs=prepared.runs, warmup=prepared.warmup, max_seconds=prepared.max_seconds)
 
 
 def run_steps(model: Any, steps: Sequence[Mapping[str, Any]], prepared: Prepared,
@@ -249,22 +311,24 @@ def measure_result(prepared: Prepared, compressed: Any | None, output_path: str 
     Accuracy is measured on ``judged_on`` when given (a search's held-out rows), else on the data file.
     """
     progress("saving", 0.0)
-    form = prepared.form
+    form, clock = prepared.form, prepared.clock
     if compressed is not None:
-        form.save(compressed, output_path)
+        with clock("save"):
+            form.save(compressed, output_path)
     output_bytes = Path(output_path).stat().st_size
-    result = form.runnable(form.load(output_path))
-    original, batch, checks, data = prepared.original, prepared.batch, prepared.checks, prepared.data
-    progress("measuring fidelity", 0.1)
-    candidate = [run_model(result, inputs) for inputs in checks]
-    fidelity = output_fidelity(prepared.reference, candidate)
-    progress("measuring latency", 0.25)
-    latency_before = median_latency_ms(form.timed(original, prepared.runtime, batch), batch, runs=prepared.runs,
-                                       warmup=prepared.warmup)
-    progress("measuring latency", 0.6)
-    latency_after = median_latency_ms(form.timed(result, prepared.runtime, batch), batch, runs=prepared.runs,
-                                      warmup=prepared.warmup)
-    progress("writing report", 0.99)
+    with clock("load"):
+        result = form.runnable(form.load(output_path))
+    batch, checks, data = prepared.batch, prepared.checks, prepared.data
+    with clock("measure"):
+        progress("measuring fidelity", 0.1)
+        candidate = [run_model(result, inputs) for inputs in checks]
+        fidelity = output_fidelity(prepared.reference, candidate)
+        progress("measuring latency", 0.4)
+        latency_after = _latency(prepared, result)
+        parameters_after = count_parameters(result)
+        progress("writing report", 0.8)
+        (deflate_before, sampled_before), (deflate_after, sampled_after) = (
+            deflate_bytes(prepared.model_path), deflate_bytes(Path(output_path)))
 
     model_path = prepared.model_path
     input_bytes = model_path.stat().st_size
@@ -273,26 +337,32 @@ def measure_result(prepared: Prepared, compressed: Any | None, output_path: str 
     if data is not None and judged.labels is not None:
         on = ("the held-out rows of the data file, which no training or calibration saw" if judged_on is not None
               else "the uploaded data (fine-tuning, if any, trained on it too)")
-        report_accuracy = {"before": accuracy(original, judged), "after": accuracy(result, judged),
-                           "samples": len(judged), "on": on}
+        # A search keeps the original (it judges every candidate against it); a single run measured it in `prepare`.
+        before = accuracy(prepared.original, judged) if judged_on is not None else prepared.accuracy_before
+        report_accuracy = {"before": before, "after": accuracy(result, judged), "samples": len(judged), "on": on}
+    median_before, median_after = statistics.median(prepared.latency_before), statistics.median(latency_after)
     return {
         "format": {"input": form.name, "output": form.name},
         "size": {
             "bytes_before": input_bytes,
             "bytes_after": output_bytes,
             "ratio": significant(output_bytes / input_bytes),
-            "deflate_bytes_before": deflate_bytes(model_path),
-            "deflate_bytes_after": deflate_bytes(Path(output_path)),
+            "deflate_bytes_before": deflate_before,
+            "deflate_bytes_after": deflate_after,
+            **({"deflate_estimated_from": f"{DEFLATE_SAMPLE_CHUNKS} evenly spaced 1 MB chunks of each file"}
+               if sampled_before or sampled_after else {}),
         },
-        "parameters": {"before": count_parameters(original), "after": count_parameters(result)},
+        "parameters": {"before": prepared.parameters_before, "after": parameters_after},
         "latency": {
-            "before_ms": significant(latency_before),
-            "after_ms": significant(latency_after),
-            "ratio": significant(latency_after / latency_before) if latency_before > 0 else None,
+            "before_ms": significant(median_before),
+            "after_ms": significant(median_after),
+            "ratio": significant(median_after / median_before) if median_before > 0 else None,
             "runtime": prepared.runtime,
             "batch_shape": list(batch[0].shape),
             "inputs": [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in batch],
             "runs": prepared.runs,
+            "runs_timed": {"before": len(prepared.latency_before), "after": len(latency_after)},
+            "max_seconds": prepared.max_seconds,
             "warmup": prepared.warmup,
             "threads": torch.get_num_threads(),
             "statistic": "median",

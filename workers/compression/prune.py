@@ -7,7 +7,7 @@ real, so the model gets smaller and faster: every tensor in a coupled group
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -92,24 +92,21 @@ def _prune_weights(model, spec, selected, exclude, types) -> tuple[dict[str, Any
         return {"structured": False, "layers": [], "left_whole": skipped, "notes": notes, "sparsity": 0.0}, {}
 
     masks: dict[str, torch.Tensor] = {}
+    # Memory: thresholds are found by counting, tensor by tensor, and each mask is applied as soon
+    # as it is made; the masks are kept (one byte per weight) only when fine-tuning re-applies them.
     with torch.no_grad():
         if spec.get("scope", "global") == "global":
-            magnitudes = torch.cat([p.detach().abs().flatten() for p in targets.values()])
-            drop = _smallest(magnitudes, round(amount * magnitudes.numel()))
-            keep_flat = torch.ones(magnitudes.numel(), dtype=torch.bool)
-            keep_flat[drop] = False
-            start = 0
-            for name, parameter in targets.items():
-                masks[name] = keep_flat[start:start + parameter.numel()].view_as(parameter)
-                start += parameter.numel()
+            groups = [list(targets.items())]
         else:
-            for name, parameter in targets.items():
-                keep = torch.ones(parameter.numel(), dtype=torch.bool)
-                keep[_smallest(parameter.detach().abs().flatten(), round(amount * parameter.numel()))] = False
-                masks[name] = keep.view_as(parameter)
-        _apply_masks(model, masks)
+            groups = [[item] for item in targets.items()]
+        for group in groups:
+            count = round(amount * sum(parameter.numel() for _, parameter in group))
+            for name, keep in _keep_masks(group, count):
+                targets[name].mul_(keep)
+                if spec.get("finetune"):
+                    masks[name] = keep
     layers = [
-        {"parameter": name, "elements": p.numel(), "sparsity": round(float((p == 0).float().mean()), 6)}
+        {"parameter": name, "elements": p.numel(), "sparsity": round(int((p == 0).sum()) / p.numel(), 6)}
         for name, p in targets.items()
     ]
     total = sum(layer["elements"] for layer in layers)
@@ -125,11 +122,51 @@ def _apply_masks(model: torch.jit.ScriptModule, masks: dict[str, torch.Tensor]) 
             parameters[name].mul_(mask)
 
 
-def _smallest(values: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of the ``count`` smallest values (exactly ``count``, ties broken by position)."""
-    if count <= 0:
-        return torch.empty(0, dtype=torch.long)
-    return torch.argsort(values, stable=True)[:count]
+def _keep_masks(named: list[tuple[str, torch.Tensor]], count: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """For each tensor, in order, the mask that drops the ``count`` smallest magnitudes of them all.
+
+    Exactly ``count`` are dropped, ties at the threshold broken by position (earlier first), as a
+    stable sort of all magnitudes would. Found without concatenating or sorting: the threshold is
+    selected by counting (``_magnitude_threshold``), so extra memory is one tensor's worth.
+    """
+    threshold, ties = _magnitude_threshold([tensor for _, tensor in named], count) if count > 0 else (-1, 0)
+    for name, tensor in named:
+        bits = _magnitude_bits(tensor)
+        drop = bits < threshold
+        if ties > 0:
+            equal = bits == threshold
+            if equal.any():
+                at_threshold = torch.nonzero(equal).flatten()[:ties]
+                drop[at_threshold] = True
+                ties -= int(at_threshold.numel())
+        yield name, (~drop).view_as(tensor)
+
+
+def _magnitude_threshold(tensors: list[torch.Tensor], count: int) -> tuple[int, int]:
+    """The bit pattern of the ``count``-th smallest |w| over ``tensors``, and how many values equal to
+    it are among the ``count`` smallest.
+
+    A two-pass radix select on the int32 bit patterns of |w| (for non-negative floats the integer
+    order is the value order): count the high 16 bits, pick the bucket that holds the count-th
+    value, then count the low 16 bits inside it.
+    """
+    high_counts = sum(torch.bincount(_magnitude_bits(t) >> 16, minlength=1 << 15) for t in tensors)
+    cumulative = high_counts.cumsum(0)
+    high = int(torch.searchsorted(cumulative, count))
+    below = int(cumulative[high - 1]) if high else 0
+    low_counts = torch.zeros(1 << 16, dtype=torch.long)
+    for tensor in tensors:
+        bits = _magnitude_bits(tensor)
+        low_counts += torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=1 << 16)
+    cumulative = low_counts.cumsum(0)
+    low = int(torch.searchsorted(cumulative, count - below))
+    below += int(cumulative[low - 1]) if low else 0
+    return (high << 16) | low, count - below
+
+
+def _magnitude_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """|w| as int32 bit patterns of float32, flat (a NaN sorts above every number and is never dropped)."""
+    return tensor.detach().float().abs().flatten().view(torch.int32)
 
 
 # ---------------------------------------------------------------------------- structured
