@@ -209,10 +209,10 @@ def _prune_channels(model, spec, selected, exclude, types, data: Dataset,
                **({"layer_norms_renormalised": len(g.norms)} if g.norms else {})} for g, keep in accepted]
     notes = []
     if renormalised := [g.name for g, _ in accepted if g.norms]:
-        notes.append(f"{len(renormalised)} pruned groups are normalised by a layer_norm ({', '.join(renormalised[:6])}"
-                     f"{', ...' if len(renormalised) > 6 else ''}): its mean and variance now cover the kept channels "
-                     "only, so outputs move further from the original than zeroing alone would (see fidelity); "
-                     "fine-tuning recovers it")
+        notes.append(f"pruned groups normalised by a layer_norm: {len(renormalised)} ({', '.join(renormalised[:6])}"
+                     f"{', ...' if len(renormalised) > 6 else ''}); those norms' mean and variance now cover the kept "
+                     "channels only, so outputs move further from the original than zeroing alone would (see "
+                     "fidelity); fine-tuning recovers it")
     return model, {
         "structured": True, "criterion": criterion, "groups": pruned, "left_whole": left_whole,
         "channels": {"before": sum(g.size for g, _ in accepted) + sum(e["channels"] for e in left_whole),
