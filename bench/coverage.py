@@ -4,7 +4,8 @@
     .venv/bin/python bench/coverage.py --merge bench/results/coverage-*.json   # join shards run apart
 
 Each model has random weights (BatchNorm statistics set by three train-mode passes) and is saved
-as TorchScript, then pruned through the engine (``compress``) with ``input_shape`` inputs. For
+as TorchScript, then pruned through the engine (``compress``) with ``input_shape`` inputs (the
+spec's ``inputs`` entries for the two-input model). For
 each amount the row says: accepted (the submit-time archive check), succeeded, parameter ratio
 (parameters only, on the saved and reloaded file), MACs ratio (the engine's report), latency ratio
 (median, batch 4), output shapes kept, and the reasons groups were left whole. In the same run,
@@ -202,7 +203,11 @@ def modelpress_row(name: str, traced: bool, amount: float, runs: int, workdir: P
         row["accepted"] = True
     except ArchiveRejected as error:  # still pruned below: the engine loads it with torch.jit.load
         row.update(accepted=False, rejected_because=str(error)[:200])
-    spec = {"method": "prune", "seed": 0, "input_shape": [4, *shape[1:]], "evaluation": {"runs": runs, "warmup": 1},
+    # One float input is ``input_shape``; several are the spec's ``inputs`` entries, one per argument.
+    examples = _examples(name, shape, 4)
+    described = ({"input_shape": list(examples[0].shape)} if len(examples) == 1
+                 else {"inputs": [{"shape": list(t.shape), "dtype": "float32"} for t in examples]})
+    spec = {"method": "prune", "seed": 0, **described, "evaluation": {"runs": runs, "warmup": 1},
             "prune": {"amount": amount, "structured": True, "criterion": "l1", "scope": "global",
                       "modules": ["Conv2d", "Linear"], "exclude": None, "finetune": None}}
     output = workdir / f"{name}-{traced}-{amount}-out.pt"
@@ -238,7 +243,7 @@ def torch_pruning_row(name: str, amount: float, runs: int) -> dict[str, Any]:
     batch = _examples(name, shape, 4)
     row: dict[str, Any] = {"model": name, "amount": amount}
     try:
-        before_latency = median_latency_ms(lambda _: model(*batch), None, runs=runs)
+        before_latency = median_latency_ms(model, batch, runs=runs)
         before_macs, before_params = tp.utils.count_ops_and_params(model, example)
         pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
                                       pruning_ratio=amount, ignored_layers=[model.get_submodule(classifier)])
@@ -246,7 +251,7 @@ def torch_pruning_row(name: str, amount: float, runs: int) -> dict[str, Any]:
         after_macs, after_params = tp.utils.count_ops_and_params(model, example)
         with torch.no_grad():
             model(*batch)
-        after_latency = median_latency_ms(lambda _: model(*batch), None, runs=runs)
+        after_latency = median_latency_ms(model, batch, runs=runs)
     except Exception as error:
         row.update(succeeded=False, error=f"{type(error).__name__}: {str(error)[:300]}")
         traceback.print_exc(limit=1)

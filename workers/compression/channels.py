@@ -15,6 +15,12 @@ come from one run of the graph on the example inputs. A space that reaches an op
 does not model, the model's inputs or outputs, or a reshape that splits channels is *blocked*:
 it is left whole, with the reason kept for the report. Torch-Pruning's dependency graph
 (VainF/Torch-Pruning) is the reference for which ops couple what.
+
+A ``layer_norm`` over the channel dimension couples its weight and bias like a BatchNorm, but
+it also computes statistics over the channels: removing some changes the mean and variance of
+the rest. Such a space records the norm (its ordinal among the graph's ``aten::layer_norm``
+nodes, ``Norm``) so the check after slicing can build a reference whose statistics cover the
+kept channels only (``prune.py``), and the report can say the group was renormalised.
 """
 from __future__ import annotations
 
@@ -73,6 +79,17 @@ class Member:
     kind: str = ""  # for producers: the layer type the op stands for (Conv2d, Linear, ...)
 
 
+@dataclass(frozen=True)
+class Norm:
+    """The ``index``-th ``aten::layer_norm`` of the canonical graph normalises this space's channels.
+
+    Channel ``c`` owns the ``scale`` consecutive entries from ``c * scale`` of its last dimension.
+    """
+
+    index: int
+    scale: int = 1
+
+
 @dataclass
 class ChannelSpace:
     ident: int
@@ -82,6 +99,7 @@ class ChannelSpace:
     blocked: list[str] = field(default_factory=list)
     parts: list["ChannelSpace"] | None = None  # set for a concatenation
     parent: "ChannelSpace | None" = None
+    norms: list[Norm] = field(default_factory=list)
 
     def root(self) -> "ChannelSpace":
         space = self
@@ -108,6 +126,7 @@ class ChannelGroup:
     members: list[Member]
     blocked: list[str]
     unit: int = 1
+    norms: list[Norm] = field(default_factory=list)  # layer_norms whose statistics change when it shrinks
 
     @property
     def prunable(self) -> bool:
@@ -126,9 +145,14 @@ def channel_groups(model: torch.jit.ScriptModule, shapes: dict[str, torch.Size],
     """
     graph = canonical_graph(model)
     values = value_shapes(model, graph, example) if example is not None else {}
-    analysis = _Analysis(shapes, values)
+    analysis = _Analysis(shapes, values, layer_norm_nodes(graph))
     analysis.run(graph)
     return analysis.groups()
+
+
+def layer_norm_nodes(graph: torch._C.Graph) -> list[torch._C.Node]:
+    """Every ``aten::layer_norm`` of ``graph``, nested blocks included, in one fixed order: ``Norm.index``."""
+    return [node for node in _nested_nodes(graph.block()) if node.kind() == "aten::layer_norm"]
 
 
 def layer_name(parameter: str) -> str:
@@ -137,9 +161,11 @@ def layer_name(parameter: str) -> str:
 
 
 class _Analysis:
-    def __init__(self, shapes: dict[str, torch.Size], values: dict[torch._C.Value, tuple[int, ...]]) -> None:
+    def __init__(self, shapes: dict[str, torch.Size], values: dict[torch._C.Value, tuple[int, ...]],
+                 layer_norms: list[torch._C.Node]) -> None:
         self.shapes = shapes
         self.values = values
+        self.layer_norm_index = {node: index for index, node in enumerate(layer_norms)}
         self.spaces: list[ChannelSpace] = []
         self.axis_of: dict[torch._C.Value, _Axis] = {}
         self.attribute_of: dict[torch._C.Value, str] = {}
@@ -308,8 +334,12 @@ class _Analysis:
         axis = self._input_axis(inputs[0], "layer_norm", dim=-1)
         if axis is None or not isinstance(normalized, list) or len(normalized) != 1:
             return self._opaque(node, "layer_norm over more than the channel dimension")
-        # Removing channels changes the mean and variance of the rest: not the same as zeroing them.
-        self._block(axis.space, "layer_norm normalises over these channels (removing some changes the statistics)")
+        space = axis.space.root()
+        if space.parts is not None or axis.scale is None:
+            return self._opaque(node, "layer_norm over concatenated or flattened channels")
+        # Removing channels changes the mean and variance of the rest: the check after slicing
+        # compares with a reference whose statistics cover the kept channels only.
+        space.norms.append(Norm(self.layer_norm_index[node], axis.scale))
         for value in inputs[2:4]:
             self._attach(axis, self.attribute_of.get(value), dim=0)
         self._set(node.output(), axis)
@@ -587,8 +617,9 @@ class _Analysis:
         left.size = left.size if left.size is not None else right.size
         left.unit = math.lcm(left.unit, right.unit)
         left.members.extend(right.members)
+        left.norms.extend(right.norms)
         left.blocked.extend(r for r in right.blocked if r not in left.blocked)
-        right.members, right.blocked = [], []
+        right.members, right.blocked, right.norms = [], [], []
         return left
 
     def _block(self, space: ChannelSpace, reason: str) -> None:
@@ -622,7 +653,7 @@ class _Analysis:
             if space.size % space.unit:
                 blocked.append(f"{space.size} channels do not split into groups of {space.unit}")
             found.append(ChannelGroup(name=layer_name(producers[0].parameter), size=space.size,
-                                      members=space.members, blocked=blocked, unit=space.unit))
+                                      members=space.members, blocked=blocked, unit=space.unit, norms=space.norms))
         return found
 
 

@@ -12,11 +12,12 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 
 from .artifacts import clone_model
-from .channels import ChannelGroup, Member, channel_groups, layer_name
+from .channels import ChannelGroup, Member, channel_groups, layer_name, layer_norm_nodes
 from .errors import InvalidInput, NothingToPrune, summarize_torch_error
 from .inputs import Dataset
 from .measure import count_macs
-from .torchscript import derive_conv_groups, matching_pattern, module_types, quiet_torchscript_warnings
+from .torchscript import (derive_conv_groups, derive_layer_norm_shapes, matching_pattern, module_types,
+                          quiet_torchscript_warnings, with_masked_layer_norms)
 from .training import finetune
 
 Progress = Callable[[str, float], None]
@@ -204,7 +205,13 @@ def _prune_channels(model, spec, selected, exclude, types, data: Dataset,
         keep = (kept_units[:, None] * group.unit + torch.arange(group.unit)).flatten()
         candidates.append((group, keep))
 
-    if any(_reads_grouped_conv(group, originals) for group, _ in candidates) and derive_conv_groups(model):
+    # Sizes compiled into graphs become expressions of the input (exact before and after slicing).
+    rewritten = False
+    if any(_reads_grouped_conv(group, originals) for group, _ in candidates):
+        rewritten |= derive_conv_groups(model)
+    if any(group.norms for group, _ in candidates):
+        rewritten |= derive_layer_norm_shapes(model)
+    if rewritten:
         model = clone_model(model)  # reloaded: the rewritten graphs take effect
     checks = _check_batches(data)
     accepted: list[tuple[ChannelGroup, torch.Tensor]] = []
@@ -235,14 +242,22 @@ def _prune_channels(model, spec, selected, exclude, types, data: Dataset,
                              f"{layers}"[:4000])
 
     pruned = [{"group": g.name, "channels_before": g.size, "channels_after": int(keep.numel()),
-               "tensors": sorted({m.parameter for m in g.members})} for g, keep in accepted]
+               "tensors": sorted({m.parameter for m in g.members}),
+               **({"layer_norms_renormalised": len(g.norms)} if g.norms else {})} for g, keep in accepted]
+    notes = []
+    if renormalised := [g.name for g, _ in accepted if g.norms]:
+        notes.append(f"pruned groups normalised by a layer_norm: {len(renormalised)} ({', '.join(renormalised[:6])}"
+                     f"{', ...' if len(renormalised) > 6 else ''}); those norms' mean and variance now cover the kept "
+                     "channels only, so outputs move further from the original than zeroing alone would (see "
+                     "fidelity); fine-tuning recovers it")
     return model, {
         "structured": True, "criterion": criterion, "groups": pruned, "left_whole": left_whole,
         "channels": {"before": sum(g.size for g, _ in accepted) + sum(e["channels"] for e in left_whole),
                      "after": sum(int(k.numel()) for _, k in accepted) + sum(e["channels"] for e in left_whole)},
-        "verified": "each pruned group matches the original with the same channels zeroed, on the example inputs",
+        "verified": "each pruned group matches the original with the same channels zeroed (and layer_norm "
+                    "statistics over the kept channels), on the example inputs",
         "layers_not_modelled": unmodelled,
-        "notes": [],
+        "notes": notes,
     }
 
 
@@ -311,9 +326,21 @@ def _materialize(model: torch.jit.ScriptModule, originals: dict[str, torch.Tenso
 
 def _mismatch(model: torch.jit.ScriptModule, originals: dict[str, torch.Tensor],
               chosen: list[tuple[ChannelGroup, torch.Tensor]], batches: list[tuple[torch.Tensor, ...]]) -> str | None:
-    """Why slicing ``chosen`` is wrong, or None: the sliced model must run and match the masked reference."""
+    """Why slicing ``chosen`` is wrong, or None: the sliced model must run and match the masked reference.
+
+    The reference is the model with the dropped entries zeroed; where a chosen group passes
+    through a layer_norm, that norm's statistics cover the kept channels only (zeroing alone
+    would still count the dropped ones), so the reference is exact and a wrong slice still shows.
+    """
     _materialize(model, originals, chosen, masked=True)
-    reference = [_run(model, batch) for batch in batches]
+    reference_model: Callable[..., Any] = model
+    if norms := _kept_norm_entries(chosen):
+        try:
+            with quiet_torchscript_warnings():
+                reference_model = with_masked_layer_norms(model, norms, layer_norm_nodes)
+        except Exception as error:  # a graph this rewrite cannot run: the group cannot be proven, so it stays
+            return f"no exact reference for its layer_norm statistics: {summarize_torch_error(error)}"
+    reference = [_run(reference_model, batch) for batch in batches]
     _materialize(model, originals, chosen)
     for batch, expected in zip(batches, reference):
         got = _run(model, batch)
@@ -337,7 +364,18 @@ def _mismatch(model: torch.jit.ScriptModule, originals: dict[str, torch.Tensor],
     return None
 
 
-def _run(model: torch.jit.ScriptModule, batch: tuple[torch.Tensor, ...]) -> Any:
+def _kept_norm_entries(chosen: list[tuple[ChannelGroup, torch.Tensor]]) -> dict[int, torch.Tensor]:
+    """For each layer_norm of the chosen groups, a 0/1 mask of its last dimension: 1 where a channel is kept."""
+    masks = {}
+    for group, keep in chosen:
+        kept = torch.zeros(group.size)
+        kept[keep] = 1.0
+        for norm in group.norms:
+            masks[norm.index] = kept.repeat_interleave(norm.scale)
+    return masks
+
+
+def _run(model: Callable[..., Any], batch: tuple[torch.Tensor, ...]) -> Any:
     try:
         with torch.no_grad(), quiet_torchscript_warnings():
             return model(*batch)

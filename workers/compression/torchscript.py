@@ -7,10 +7,11 @@ torch.export touches few places.
 from __future__ import annotations
 
 import contextlib
+import functools
 import fnmatch
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch.jit._recursive import wrap_cpp_module
@@ -191,13 +192,25 @@ def _fold_node(graph: torch._C.Graph, node: torch._C.Node, owners: dict) -> None
             value = getattr(owner, node.s("name"), None)
             if isinstance(value, torch.nn.Module):
                 owners[node.output()] = value
-            elif value is None or isinstance(value, (bool, int, float, str)):
+            elif value is None or isinstance(value, (bool, int, float, str)) or _fixed_sequence(node, value):
                 constant = graph.insertConstant(value)
                 constant.node().moveBefore(node)
                 node.output().replaceAllUsesWith(constant)
     for block in node.blocks():
         for inner in list(block.nodes()):
             _fold_node(graph, inner, owners)
+
+
+# List ops that change a list in place: a list attribute they touch is state, not a constant.
+_LIST_MUTATIONS = {"aten::append", "aten::insert", "aten::pop", "aten::clear", "aten::extend", "aten::remove",
+                   "aten::_set_item", "aten::reverse", "aten::sort", "aten::add_"}
+
+
+def _fixed_sequence(node: torch._C.Node, value: object) -> bool:
+    """A list or tuple of numbers that ``forward`` only reads (``Permute``'s ``dims``, a norm's shape)."""
+    if not isinstance(value, (list, tuple)) or not all(isinstance(item, (bool, int, float)) for item in value):
+        return False
+    return not any(use.user.kind() in _LIST_MUTATIONS for use in node.output().uses())
 
 
 def value_shapes(model: torch.jit.ScriptModule, graph: torch._C.Graph,
@@ -270,3 +283,89 @@ def derive_conv_groups(model: torch.jit.ScriptModule) -> bool:
 def _insert(graph: torch._C.Graph, kind: str, inputs: list[torch._C.Value]) -> torch._C.Value:
     node = graph.insertNode(graph.create(kind, inputs))
     return node.output().setType(torch._C.IntType.get())
+
+
+def derive_layer_norm_shapes(model: torch.jit.ScriptModule) -> bool:
+    """Make one-dimensional layer norms of ``model`` normalise ``[input.size(-1)]`` instead of a constant.
+
+    ``nn.LayerNorm`` compiles ``normalized_shape`` into the graph (``__constants__``), shared by
+    every module of its type, as ``groups`` is for convs. ``[input.size(-1)]`` is what a
+    one-dimensional ``normalized_shape`` must equal, so it is exact before pruning and after.
+    The module's graph calls ``F.layer_norm`` (``prim::CallFunction``); a traced one calls
+    ``aten::layer_norm``. Returns whether a graph changed: the caller must then reload the model.
+    """
+    rewritten = False
+    for _, module in model.named_modules():
+        for method_name in module._c._method_names():
+            graph = module._c._get_method(method_name).graph
+            for node in [*graph.findAllNodes("aten::layer_norm"), *graph.findAllNodes("prim::CallFunction")]:
+                first = 0 if node.kind() == "aten::layer_norm" else 1
+                if first and _called_function(node) != "layer_norm":
+                    continue
+                shape = node.inputsAt(first + 1)
+                if not _one_constant_int(shape):
+                    continue
+                with graph.insert_point_guard(node):
+                    last = _insert(graph, "aten::size", [node.inputsAt(first), graph.insertConstant(-1)])
+                    derived = graph.insertNode(graph.create("prim::ListConstruct", [last])).output()
+                    derived.setType(torch._C.ListType.ofInts())
+                node.replaceInput(first + 1, derived)
+                rewritten = True
+    return rewritten
+
+
+def _called_function(node: torch._C.Node) -> str | None:
+    callee = node.inputsAt(0).node()
+    return callee.s("name") if callee.kind() == "prim::Constant" and callee.hasAttribute("name") else None
+
+
+def _one_constant_int(value: torch._C.Value) -> bool:
+    """A list value that is always ``[n]`` for a constant ``n``."""
+    node = value.node()
+    if node.kind() == "prim::Constant":
+        constant = value.toIValue()
+        return isinstance(constant, (list, tuple)) and len(constant) == 1 and isinstance(constant[0], int)
+    return (node.kind() == "prim::ListConstruct" and len(list(node.inputs())) == 1
+            and node.inputsAt(0).node().kind() == "prim::Constant" and isinstance(node.inputsAt(0).toIValue(), int))
+
+
+def _masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | None,
+                       bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``layer_norm`` over the last dimension with mean and variance taken over the kept entries only."""
+    count = keep.sum()
+    mean = (x * keep).sum(-1, keepdim=True) / count
+    centred = (x - mean) * keep
+    y = centred * torch.rsqrt((centred * centred).sum(-1, keepdim=True) / count + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+@functools.cache
+def _masked_layer_norm_graph() -> torch._C.Graph:
+    with quiet_torchscript_warnings():  # compiled on first use, not when the engine is imported
+        return torch.jit.script(_masked_layer_norm).graph
+
+
+def with_masked_layer_norms(model: torch.jit.ScriptModule, keep: dict[int, torch.Tensor],
+                            layer_norms: Callable[[torch._C.Graph], list[torch._C.Node]]) -> Callable[..., object]:
+    """``forward`` of ``model`` (its canonical graph) with some layer norms' statistics over kept entries only.
+
+    ``keep`` maps an index into ``layer_norms(graph)`` to a 0/1 mask of its last dimension. With
+    the dropped entries' parameters zeroed, this computes exactly what the model computes once
+    those entries are sliced away: the reference a slicing through a layer norm must match.
+    """
+    graph = canonical_graph(model)
+    nodes = layer_norms(graph)
+    for index, mask in keep.items():
+        node = nodes[index]
+        with graph.insert_point_guard(node):
+            arguments = [node.inputsAt(0), graph.insertConstant(mask), node.inputsAt(2), node.inputsAt(3),
+                         node.inputsAt(4)]
+            (masked,) = graph.insertGraph(_masked_layer_norm_graph(), arguments)
+        node.output().replaceAllUsesWith(masked)
+        node.destroy()
+    function = torch._C._create_function_from_graph("masked_layer_norms", graph)
+    return lambda *inputs: function(model._c, *inputs)
