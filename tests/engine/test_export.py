@@ -234,3 +234,36 @@ def test_static_int8_program_quantizes_convs_with_a_shared_relu_and_keeps_shapes
     assert got.shape == expected.shape == (5, 10)
     assert _cosine(got, expected) >= 0.98
     assert report["fidelity"]["cosine_similarity"] >= 0.98
+
+
+class _ImageAndIds(torch.nn.Module):
+    """Two inputs, exported the common way: without dynamic_shapes, so the batch is fixed at 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.embed = torch.nn.Embedding(50, 8)
+        self.head = torch.nn.Linear(16, 4)
+
+    def forward(self, image: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.conv(image).mean((2, 3)), self.embed(ids).mean(1)], 1))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_a_program_with_a_fixed_batch_is_quantized_in_batches_it_accepts(mode: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _ImageAndIds().eval()
+    example = (torch.randn(2, 3, 16, 16), torch.randint(0, 50, (2, 5)))
+    path = tmp_path / "two.pt2"
+    torch.export.save(torch.export.export(model, example), path)
+    spec = _spec({"method": "quantize", "quantize": {"mode": mode},
+                  "inputs": [{"shape": [2, 3, 16, 16]}, {"shape": [2, 5], "dtype": "int64", "low": 0, "high": 50}]})
+
+    report = compress(path, spec, tmp_path / "out.pt2")
+
+    assert report["latency"]["batch_shape"] == [2, 3, 16, 16]
+    if mode == "static":
+        assert report["details"]["calibration"]["rows"] % 2 == 0 and report["details"]["calibration"]["batches"] >= 1
+    program = torch.export.load(tmp_path / "out.pt2")
+    with torch.no_grad():
+        assert _cosine(program.module()(*example), model(*example)) > 0.99

@@ -17,11 +17,12 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch.export import Dim, ExportedProgram
+from torch.export.graph_signature import InputKind
 
 from modelpress.formats import EXPORTED, exported_program_problem, is_exported_program
 
 from .artifacts import save_atomically
-from .errors import InvalidModel, UnsupportedModel, summarize_torch_error
+from .errors import InvalidInput, InvalidModel, UnsupportedModel, summarize_torch_error
 from .inputs import Dataset
 from .measure import run_model
 from .static_quantize import SYNTHETIC_WARNING
@@ -101,14 +102,19 @@ def quantize_program(program: ExportedProgram, spec: Mapping[str, Any], data: Da
     except Exception as error:
         raise UnsupportedModel(f"the x86 quantizer could not annotate the program: {summarize_torch_error(error)}") \
             from None
-    batches = [data.rows(slice(start, start + CALIBRATION_ROWS))
-               for start in range(0, min(len(data), CALIBRATION_LIMIT), CALIBRATION_ROWS)]
+    fixed = fixed_batch(program)
+    rows = fixed or CALIBRATION_ROWS  # a program exported with a fixed batch accepts only that many rows
+    limit = min(len(data), CALIBRATION_LIMIT)
+    batches = [data.rows(slice(start, start + rows)) for start in range(0, limit - rows + 1 if fixed else limit, rows)]
+    if not batches:
+        raise InvalidInput(f"the program was exported for batches of exactly {fixed} rows and the data has "
+                           f"{len(data)}: upload at least {fixed} rows")
     for index, batch in enumerate(batches if static else batches[:1]):
         run_model(prepared, batch)
         progress("calibrating" if static else "tracing", 0.1 + 0.6 * (index + 1) / len(batches))
     converted = convert_pt2e(prepared)
     _drop_unused_state(converted)
-    exported = _reexport(converted, program, data.head(2))
+    exported = _reexport(converted, program, data.head(fixed or 2))
     progress("quantizing", 1.0)
     details = {"format": EXPORTED, "mode": "static" if static else "dynamic", "route": "PT2E, torchao X86InductorQuantizer",
                "quantized": chosen, "left_float": skipped,
@@ -224,7 +230,7 @@ def distill_program(program: ExportedProgram, spec: Mapping[str, Any], data: Dat
                                "available for .pt2 programs yet: use student.from 'upload' (a .pt2) or 'torchvision'")
     trained, details = distill(program.module(), spec, data, progress, student=student, scripted=False)
     details["format"] = EXPORTED
-    return _reexport(trained, program, data.head(2)), details
+    return _reexport(trained, program, data.head(fixed_batch(program) or 2)), details
 
 
 METHODS = {"quantize": quantize_program, "prune": prune_program, "distill": distill_program}
@@ -370,6 +376,17 @@ def _attribute(module: torch.nn.Module, name: str) -> torch.Tensor:
 def _delete_attribute(module: torch.nn.Module, name: str) -> None:
     owner, _, leaf = name.rpartition(".")
     delattr(module.get_submodule(owner) if owner else module, leaf)
+
+
+def fixed_batch(program: ExportedProgram) -> int | None:
+    """The batch size a program was exported for, when its first input's first dimension is a
+    constant (``torch.export`` without ``dynamic_shapes``); None when that dimension is symbolic."""
+    for spec in program.graph_signature.input_specs:
+        if spec.kind == InputKind.USER_INPUT:
+            value = program.graph.find_nodes(op="placeholder", target=spec.arg.name)[0].meta.get("val")
+            shape = getattr(value, "shape", None)
+            return shape[0] if shape and isinstance(shape[0], int) else None
+    return None
 
 
 def _reexport(module: torch.nn.Module, original: ExportedProgram, batch: tuple[torch.Tensor, ...] | None
