@@ -86,6 +86,17 @@ class SlowModel(nn.Module):
         return x
 
 
+def settle_batchnorm(model: nn.Module, shape: tuple[int, ...], seed: int | None = None) -> nn.Module:
+    """BatchNorm statistics from a few train-mode passes, so eval outputs are not degenerate; the model in eval mode."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(*shape))
+    return model.eval()
+
+
 def save_scripted(model: nn.Module, path: Path) -> Path:
     torch.jit.script(model.eval()).save(str(path))
     return path

@@ -8,18 +8,13 @@ import numpy as np
 import torch
 
 from tests.conftest import ApiClient
-from tests.models import ResidualNet, save_scripted
+from tests.models import ResidualNet, save_scripted, settle_batchnorm
 
 
 def _model_and_data(tmp_path: Path, rows: int = 160) -> tuple[torch.nn.Module, Path, Path, torch.Tensor]:
     """A small residual CNN and a data file labelled with its own answers (so its accuracy is 1.0)."""
     torch.manual_seed(0)
-    model = ResidualNet(width=8, classes=4)
-    model.train()
-    with torch.no_grad():  # BatchNorm statistics that are not the identity
-        for _ in range(3):
-            model(torch.randn(32, 3, 8, 8))
-    model.eval()
+    model = settle_batchnorm(ResidualNet(width=8, classes=4), (32, 3, 8, 8))
     inputs = torch.randn(rows, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         labels = model(inputs).argmax(1)

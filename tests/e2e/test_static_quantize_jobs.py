@@ -8,17 +8,12 @@ import numpy as np
 import torch
 
 from tests.conftest import ApiClient
-from tests.models import ResidualNet, save_scripted
+from tests.models import ResidualNet, save_scripted, settle_batchnorm
 
 
 def test_static_job_with_a_data_file_returns_an_int8_model(api: ApiClient, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    original = ResidualNet(width=16, classes=4)
-    original.train()
-    with torch.no_grad():  # BatchNorm statistics that are not the identity
-        for _ in range(3):
-            original(torch.randn(16, 3, 16, 16))
-    original.eval()
+    original = settle_batchnorm(ResidualNet(width=16, classes=4), (16, 3, 16, 16))
     path = save_scripted(original, tmp_path / "residual.pt")
     inputs = np.random.default_rng(0).standard_normal((96, 3, 16, 16)).astype(np.float32)
     np.savez(tmp_path / "data.npz", inputs=inputs)

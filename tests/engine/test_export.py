@@ -12,7 +12,7 @@ from modelpress.formats import EXPORTED, TORCHSCRIPT, model_format
 from modelpress.spec import parse_spec
 from tests.exported_archives import (save_exported, with_graph_target, with_payload_in_sample_inputs, with_shape_expression,
                                      with_pickled_weight)
-from tests.models import LinearTransformer, SmallConvNet, save_scripted
+from tests.models import LinearTransformer, SmallConvNet, save_scripted, settle_batchnorm
 from workers.compression.errors import InvalidModel, UnsupportedModel
 from workers.compression.exported import load_program
 from workers.compression.pipeline import compress
@@ -85,11 +85,42 @@ def test_unstructured_pruning_zeros_half_the_conv_and_linear_weights(tmp_path: P
         assert program.module()(x).shape == model(x).shape == (5, 10)
 
 
-def test_structured_pruning_of_programs_fails_with_a_reason(transformer, tmp_path: Path) -> None:
-    _, path = transformer
-    with pytest.raises(UnsupportedModel, match="structured"):
-        compress(path, _spec({"method": "prune", "prune": {"amount": 0.5, "structured": True},
-                              "input_shape": [4, 16, 256]}), tmp_path / "out.pt2")
+@pytest.mark.parametrize("dynamic_batch", [True, False])
+def test_structured_pruning_removes_channels_of_a_program(dynamic_batch: bool, tmp_path: Path) -> None:
+    model = settle_batchnorm(_SharedReluBlockNet(), (8, 3, 16, 16), seed=0)
+    batch = 2 if dynamic_batch else 4
+    path = save_exported(model, torch.randn(batch, 3, 16, 16), tmp_path / "net.pt2", dynamic_batch=dynamic_batch)
+    output = tmp_path / "pruned.pt2"
+    report = compress(path, _spec({"method": "prune", "prune": {"amount": 0.5, "structured": True},
+                                   "input_shape": [batch, 3, 16, 16]}), output)
+
+    assert model_format(output) == EXPORTED and report["format"] == {"input": "pt2", "output": "pt2"}
+    before, program = torch.export.load(path), torch.export.load(output)
+    assert sum(t.numel() for t in program.state_dict.values()) <= 0.35 * sum(t.numel() for t in before.state_dict.values())
+    # Both groups (the residual width the stem, conv2 and the head share, and conv1's rows) are halved.
+    assert program.state_dict["conv1.weight"].shape == (16, 16, 3, 3)
+    assert program.state_dict["head.2.weight"].shape == (10, 16)
+    assert report["details"]["macs"]["after"] < 0.4 * report["details"]["macs"]["before"]
+    rows = 5 if dynamic_batch else batch  # a batch size the example never had, where the program allows it
+    x = torch.randn(rows, 3, 16, 16)
+    with torch.no_grad():
+        assert program.module()(x).shape == model(x).shape == (rows, 10)
+    if not dynamic_batch:
+        with pytest.raises(Exception):  # the fixed batch stayed fixed
+            program.module()(torch.randn(5, 3, 16, 16))
+
+
+def test_structured_pruning_of_a_program_narrows_transformer_feed_forward_layers(transformer, tmp_path: Path) -> None:
+    model, path = transformer
+    output = tmp_path / "out.pt2"
+    report = compress(path, _spec({"method": "prune", "prune": {"amount": 0.5, "structured": True},
+                                   "input_shape": [4, 16, 256]}), output)
+    # The MLP hidden width is pruned; the residual width is read by attention's matmuls and stays.
+    assert {(g["group"], g["channels_after"]) for g in report["details"]["groups"]} == {("ffn.0.fc1", 512), ("ffn.1.fc1", 512)}
+    program = torch.export.load(output)
+    assert program.state_dict["ffn.0.fc1.weight"].shape == (512, 256)
+    with torch.no_grad():
+        assert program.module()(torch.randn(3, 16, 256)).shape == (3, 10)
 
 
 def test_torchscript_and_programs_are_told_apart_by_layout_not_name(transformer, tmp_path: Path) -> None:
@@ -209,11 +240,7 @@ class _SharedReluBlockNet(torch.nn.Module):
 
 def test_static_int8_program_quantizes_convs_with_a_shared_relu_and_keeps_shapes(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = _SharedReluBlockNet().train()
-    with torch.no_grad():  # BatchNorm statistics that are not the identity
-        for _ in range(3):
-            model(torch.randn(8, 3, 16, 16))
-    model.eval()
+    model = settle_batchnorm(_SharedReluBlockNet(), (8, 3, 16, 16))
     path = save_exported(model, torch.randn(2, 3, 16, 16), tmp_path / "net.pt2")
     output = tmp_path / "int8.pt2"
     report = compress(path, _spec({"method": "quantize", "quantize": {"mode": "static"}, "input_shape": [8, 3, 16, 16]}),
@@ -267,3 +294,61 @@ def test_a_program_with_a_fixed_batch_is_quantized_in_batches_it_accepts(mode: s
     program = torch.export.load(tmp_path / "out.pt2")
     with torch.no_grad():
         assert _cosine(program.module()(*example), model(*example)) > 0.99
+
+
+def test_a_search_toward_a_target_runs_on_a_program_and_returns_a_program(tmp_path: Path) -> None:
+    import numpy as np
+
+    model = settle_batchnorm(_SharedReluBlockNet(width=16), (8, 3, 16, 16), seed=0)
+    path = save_exported(model, torch.randn(2, 3, 16, 16), tmp_path / "net.pt2")
+    np.savez(tmp_path / "data.npz", inputs=torch.randn(60, 3, 16, 16, generator=torch.Generator().manual_seed(1)).numpy())
+    spec = parse_spec({"method": "auto", "evaluation": {"runs": 1, "warmup": 0},
+                       "target": {"metric": "cosine", "max_drop": 0.2, "objective": "size"},
+                       "search": {"max_trials": 2}}, has_data=True)
+    output = tmp_path / "out.pt2"
+
+    report = compress(path, spec, output, data_path=tmp_path / "data.npz")
+
+    trials = report["trials"]
+    # The ladders a TorchScript model of these layers gets, cheapest first: dynamic int8 (the Linear head), static.
+    assert [t["label"] for t in trials] == ["quantize dynamic", "quantize static"]
+    assert all("error" not in t for t in trials), trials
+    chosen = trials[report["chosen"] - 1]
+    assert chosen["meets_target"] and chosen["bytes"] == output.stat().st_size
+    assert model_format(output) == EXPORTED and report["format"] == {"input": "pt2", "output": "pt2"}
+    with torch.no_grad():
+        assert torch.export.load(output).module()(torch.randn(3, 3, 16, 16)).shape == (3, 10)
+
+
+def test_a_fixed_batch_program_teaches_a_width_student_on_data_of_any_length(tmp_path: Path) -> None:
+    import numpy as np
+
+    model = settle_batchnorm(_SharedReluBlockNet(), (8, 3, 16, 16), seed=0)
+    path = save_exported(model, torch.randn(4, 3, 16, 16), tmp_path / "teacher.pt2", dynamic_batch=False)
+    np.savez(tmp_path / "data.npz", inputs=torch.randn(42, 3, 16, 16).numpy())  # 42 rows: not a multiple of 4
+    spec = parse_spec({"method": "distill", "evaluation": {"runs": 1, "warmup": 0},
+                       "distill": {"student": {"from": "width", "width": 0.5}, "epochs": 2, "batch_size": 16,
+                                   "val_fraction": 0.25}}, has_data=True)
+    output = tmp_path / "student.pt2"
+
+    report = compress(path, spec, output, data_path=tmp_path / "data.npz")
+
+    assert report["details"]["student"]["from"] == "width"
+    assert {g["channels_after"] for g in report["details"]["student"]["groups"]} == {16}
+    program = torch.export.load(output)
+    assert program.state_dict["conv1.weight"].shape == (16, 16, 3, 3)
+    assert report["fidelity"]["samples"] > 4  # measured on more rows than one batch of the program
+    with torch.no_grad():
+        assert program.module()(torch.randn(4, 3, 16, 16)).shape == (4, 10)
+
+
+def test_fine_tuning_a_pruned_fixed_batch_program_is_refused_with_a_reason(tmp_path: Path) -> None:
+    path = save_exported(settle_batchnorm(_SharedReluBlockNet(), (8, 3, 16, 16), seed=0), torch.randn(4, 3, 16, 16),
+                         tmp_path / "net.pt2", dynamic_batch=False)
+    import numpy as np
+
+    np.savez(tmp_path / "data.npz", inputs=torch.randn(32, 3, 16, 16).numpy(), labels=np.arange(32) % 10)
+    spec = parse_spec({"method": "prune", "evaluation": {"runs": 1, "warmup": 0},
+                       "prune": {"amount": 0.5, "structured": True, "finetune": {"epochs": 1}}}, has_data=True)
+    with pytest.raises(UnsupportedModel, match="exactly 4 rows"):
+        compress(path, spec, tmp_path / "out.pt2", data_path=tmp_path / "data.npz")

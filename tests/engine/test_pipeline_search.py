@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modelpress.spec import parse_spec
-from tests.models import ResidualNet, save_scripted
+from tests.models import ResidualNet, save_scripted, settle_batchnorm
 from workers.compression.pipeline import compress
 from workers.compression.errors import TargetNotMet
 
@@ -16,11 +16,7 @@ from workers.compression.errors import TargetNotMet
 @pytest.fixture
 def residual(tmp_path: Path) -> tuple[Path, Path]:
     torch.manual_seed(0)
-    model = ResidualNet(width=8, classes=4)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(32, 3, 8, 8))
+    model = settle_batchnorm(ResidualNet(width=8, classes=4), (32, 3, 8, 8))
     inputs = torch.randn(120, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     np.savez(tmp_path / "data.npz", inputs=inputs.numpy())
     return save_scripted(model, tmp_path / "residual.pt"), tmp_path / "data.npz"

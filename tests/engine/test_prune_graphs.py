@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.models import digits_splits, save_scripted, test_accuracy, train_classifier
+from tests.models import digits_splits, save_scripted, settle_batchnorm, test_accuracy, train_classifier
 from workers.compression import prune as prune_module
 from workers.compression.pipeline import compress
 
@@ -23,16 +23,6 @@ def _spec(shape: list[int], amount: float = 0.5, **prune: object) -> dict:
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in torch.jit.load(str(path)).named_parameters()}
-
-
-def _settle(model: nn.Module, shape: tuple[int, ...]) -> nn.Module:
-    """BatchNorm statistics from a few train-mode passes, so eval outputs are not degenerate."""
-    torch.manual_seed(0)
-    model.train()
-    with torch.no_grad():
-        for _ in range(3):
-            model(torch.randn(*shape))
-    return model.eval()
 
 
 class FunctionalCNN(nn.Module):
@@ -82,7 +72,7 @@ class SmallCNN(nn.Module):
 
 
 def test_traced_cnn_prunes_aten_convolution(tmp_path: Path) -> None:
-    model = _settle(SmallCNN(), (4, 3, 12, 12))
+    model = settle_batchnorm(SmallCNN(), (4, 3, 12, 12), seed=0)
     traced = torch.jit.trace(model, torch.randn(1, 3, 12, 12))
     assert traced.inlined_graph.findNode("aten::_convolution") is not None  # what trace records
     traced.save(str(tmp_path / "traced.pt"))
@@ -113,7 +103,7 @@ class DepthwiseBlock(nn.Module):
 
 
 def test_depthwise_conv_shrinks_with_the_channels_that_feed_it(tmp_path: Path) -> None:
-    model = save_scripted(_settle(DepthwiseBlock(), (4, 8, 10, 10)), tmp_path / "dw.pt")
+    model = save_scripted(settle_batchnorm(DepthwiseBlock(), (4, 8, 10, 10), seed=0), tmp_path / "dw.pt")
     report = compress(model, _spec([2, 8, 10, 10]), tmp_path / "out.pt")
 
     group = next(g for g in report["details"]["groups"] if g["group"] == "expand")
@@ -232,7 +222,7 @@ class DenseNetLike(nn.Module):
 
 
 def test_appended_feature_lists_slice_each_segment(tmp_path: Path) -> None:
-    model = save_scripted(_settle(DenseNetLike(), (4, 3, 8, 8)), tmp_path / "dense.pt")
+    model = save_scripted(settle_batchnorm(DenseNetLike(), (4, 3, 8, 8), seed=0), tmp_path / "dense.pt")
     report = compress(model, _spec([2, 3, 8, 8]), tmp_path / "out.pt")
 
     assert {g["group"] for g in report["details"]["groups"]} == {"stem", "layers.0", "layers.1"}
@@ -266,7 +256,7 @@ def test_transformer_mlp_hidden_dimension_is_pruned_and_the_normed_stream_is_not
 
 
 def test_a_slice_that_computes_the_wrong_thing_is_put_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    model = save_scripted(_settle(SmallCNN(), (4, 3, 12, 12)), tmp_path / "cnn.pt")
+    model = save_scripted(settle_batchnorm(SmallCNN(), (4, 3, 12, 12), seed=0), tmp_path / "cnn.pt")
     real_slice = prune_module._slice
     broken = []
 

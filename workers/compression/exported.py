@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -22,11 +23,11 @@ from torch.export.graph_signature import InputKind
 from modelpress.formats import EXPORTED, exported_program_problem, is_exported_program
 
 from .artifacts import save_atomically
-from .errors import InvalidInput, InvalidModel, UnsupportedModel, summarize_torch_error
+from .errors import InvalidInput, InvalidModel, NothingToPrune, UnsupportedModel, summarize_torch_error
 from .inputs import Dataset
-from .measure import run_model
+from .measure import count_macs, run_model
 from .static_quantize import SYNTHETIC_WARNING
-from .torchscript import matching_pattern
+from .torchscript import matching_pattern, quiet_torchscript_warnings
 
 Progress = Callable[[str, float], None]
 
@@ -183,8 +184,7 @@ def prune_program(program: ExportedProgram, spec: Mapping[str, Any], data: Datas
     with ``per_layer``) becomes 0. The graph is unchanged; zeros shrink the file once compressed.
     """
     if spec.get("structured"):
-        raise UnsupportedModel("structured (channel) pruning of .pt2 programs is not available yet; "
-                               "use structured: false, or upload the model as TorchScript")
+        return _prune_channels(program, spec, data, progress)
     if spec.get("finetune"):
         raise UnsupportedModel("fine-tuning after pruning is not available for .pt2 programs yet; drop 'finetune'")
     amount = float(spec["amount"])
@@ -216,6 +216,58 @@ def prune_program(program: ExportedProgram, spec: Mapping[str, Any], data: Datas
                      "notes": ["zeros are stored as such: the file shrinks once compressed (see deflate_bytes)"]}
 
 
+def _prune_channels(program: ExportedProgram, spec: Mapping[str, Any], data: Dataset,
+                    progress: Progress) -> tuple[ExportedProgram, dict[str, Any]]:
+    """Structured pruning of a program: the TorchScript path's channel analysis on a trace of the
+    unlifted module, then the sliced (and fine-tuned) tensors copied back by name and re-exported.
+
+    The trace keeps every tensor under its name in ``ExportedProgram.module()`` and sees the same
+    aten calls, so each slicing is proven there against the masked reference (``prune.prune``);
+    the re-exported program is then checked against the proven trace on the same rows."""
+    from .prune import check_batches, prune
+
+    fixed = fixed_batch(program)
+    if fixed and spec.get("finetune"):
+        raise UnsupportedModel(f"the program was exported for batches of exactly {fixed} rows, and fine-tuning "
+                               "trains in batches of other sizes: export it with a dynamic batch "
+                               "(dynamic_shapes), or drop 'finetune'")
+    module = program.module()
+    example = data.exactly(fixed or 2)
+    try:
+        with quiet_torchscript_warnings():
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # the guards become constants
+            traced = torch.jit.trace(module, example, check_trace=False, strict=False)
+    except Exception as error:
+        raise UnsupportedModel("structured pruning analyses a trace of the program, and tracing it failed: "
+                               f"{summarize_torch_error(error)}") from None
+    traced, details = prune(traced, spec, data, progress, fixed_batch=fixed)
+    with torch.no_grad():
+        for name, tensor in traced.state_dict().items():
+            current = _attribute(module, name)
+            value = tensor.detach().clone()
+            _set_attribute(module, name, torch.nn.Parameter(value, requires_grad=current.requires_grad)
+                           if isinstance(current, torch.nn.Parameter) else value)
+    exported = _reexport(module, program, example)
+    for rows in check_batches(data, fixed):
+        with torch.no_grad(), quiet_torchscript_warnings():
+            expected, got = _flat_tensors(traced(*rows)), _flat_tensors(exported.module()(*rows))
+        scale = max((float(t.abs().max()) for t in expected if t.numel()), default=0.0) or 1.0
+        if len(expected) != len(got) or any(e.shape != g.shape or float((e - g).abs().max()) > 1e-4 * scale
+                                            for e, g in zip(expected, got)):
+            raise UnsupportedModel("the pruned program, exported again, does not compute what the pruned trace "
+                                   "computes (a size the trace could not follow is fixed in the graph); upload "
+                                   "the model as TorchScript to prune its channels")
+    if "macs" not in details:  # counted on the programs themselves when the trace refused the counter
+        batch = data.exactly(fixed or 8)
+        details["macs"] = {"before": count_macs(program.module(), batch), "after": count_macs(exported.module(), batch),
+                           "batch_shape": list(batch[0].shape), "counted": "convolutions and matrix multiplies "
+                           "(torch.utils.flop_counter, FLOPs / 2)"}
+        details["notes"] = [note for note in details["notes"] if not note.startswith("multiply-accumulates not counted")]
+    details["format"] = EXPORTED
+    details["route"] = "channel analysis on a torch.jit.trace of ExportedProgram.module(), tensors copied back, re-exported"
+    return exported, details
+
+
 def distill_program(program: ExportedProgram, spec: Mapping[str, Any], data: Dataset, progress: Progress,
                     student: torch.nn.Module | None = None) -> tuple[ExportedProgram, dict[str, Any]]:
     """Distil the program into a student (an uploaded ``.pt2``'s module, or a torchvision model) and
@@ -224,13 +276,26 @@ def distill_program(program: ExportedProgram, spec: Mapping[str, Any], data: Dat
     Exported graphs are fixed to the mode they were exported in (eval: BatchNorm uses its running
     statistics, dropout is off), so an uploaded ``.pt2`` student trains its weights in that mode."""
     from .distill import distill
+    from .prune import PRUNABLE_TYPES
 
-    if spec["student"]["source"] == "width":
-        raise UnsupportedModel("a width student is cut from the teacher by structured pruning, which is not "
-                               "available for .pt2 programs yet: use student.from 'upload' (a .pt2) or 'torchvision'")
-    trained, details = distill(program.module(), spec, data, progress, student=student, scripted=False)
+    origin = None
+    if spec["student"]["source"] == "width":  # cut from the teacher by structured pruning, as for TorchScript
+        width = float(spec["student"]["width"])
+        try:
+            narrowed, pruned = _prune_channels(program, {
+                "amount": 1.0 - width, "structured": True, "criterion": "l1", "modules": list(PRUNABLE_TYPES),
+                "exclude": None, "finetune": None}, data, lambda stage, fraction: None)
+        except NothingToPrune as error:
+            raise NothingToPrune(f"no channel group of the teacher can be narrowed for a width student: {error}") \
+                from None
+        student = runnable(narrowed)
+        spec = {**spec, "student": {**spec["student"], "source": "upload"}}
+        origin = {"from": "width", "width": width, "groups": pruned["groups"], "left_whole": pruned["left_whole"]}
+    trained, details = distill(runnable(program), spec, data, progress, student=student, scripted=False)
     details["format"] = EXPORTED
-    return _reexport(trained, program, data.head(fixed_batch(program) or 2)), details
+    if origin is not None:
+        details["student"] = origin
+    return _reexport(_unwrapped(trained), program, data.exactly(fixed_batch(program) or 2)), details
 
 
 METHODS = {"quantize": quantize_program, "prune": prune_program, "distill": distill_program}
@@ -373,9 +438,72 @@ def _attribute(module: torch.nn.Module, name: str) -> torch.Tensor:
     return getattr(module.get_submodule(owner) if owner else module, leaf)
 
 
+def _set_attribute(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, leaf, value)
+
+
+def _flat_tensors(output: Any) -> list[torch.Tensor]:
+    return [leaf for leaf in torch.utils._pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
 def _delete_attribute(module: torch.nn.Module, name: str) -> None:
     owner, _, leaf = name.rpartition(".")
     delattr(module.get_submodule(owner) if owner else module, leaf)
+
+
+class FixedBatch(torch.nn.Module):
+    """A program exported for batches of exactly ``size`` rows, callable on any number of rows: the
+    batch is cut into ``size``-row chunks (the last padded with copies of its first row), and the
+    chunks' outputs are concatenated with the padding dropped. Measuring, fidelity, accuracy and
+    distillation then work on the user's data as it comes; gradients flow through the chunks."""
+
+    def __init__(self, module: torch.nn.Module, size: int) -> None:
+        super().__init__()
+        self.module, self.size = module, size
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        rows = int(inputs[0].shape[0])
+        if rows == self.size:
+            return self.module(*inputs)
+        outputs, spec = [], None
+        for start in range(0, rows, self.size):
+            chunk = [t[start:start + self.size] for t in inputs]
+            kept = int(chunk[0].shape[0])
+            if kept < self.size:
+                chunk = [torch.cat([t, t[:1].expand(self.size - kept, *t.shape[1:])]) for t in chunk]
+            leaves, spec = torch.utils._pytree.tree_flatten(self.module(*chunk))
+            outputs.append([leaf[:kept] if isinstance(leaf, torch.Tensor) and leaf.dim() else leaf for leaf in leaves])
+        joined = [torch.cat(column) if isinstance(column[0], torch.Tensor) and column[0].dim() else column[0]
+                  for column in zip(*outputs)]
+        return torch.utils._pytree.tree_unflatten(joined, spec)
+
+
+def runnable(program: ExportedProgram) -> torch.nn.Module:
+    """What the engine calls on inputs: the unlifted module, adapted to any batch size when the
+    program was exported for one batch size only."""
+    size = fixed_batch(program)
+    return FixedBatch(program.module(), size) if size else program.module()
+
+
+def layer_types(module: torch.nn.Module) -> set[str]:
+    """The layer types a program's module calls, by the module class that made each op
+    (``nn_module_stack``), and by op for graphs without it (``aten.linear`` is a Linear)."""
+    types = set()
+    for node in _unwrapped(module).graph.nodes:
+        if node.op != "call_function":
+            continue
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            kind = list(stack.values())[-1][1]
+            types.add((kind if isinstance(kind, str) else kind.__qualname__).rpartition(".")[2])
+        if node.target in _PRUNABLE_OPS:
+            types.add(_PRUNABLE_OPS[node.target])
+    return types
+
+
+def _unwrapped(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if isinstance(module, FixedBatch) else module
 
 
 def fixed_batch(program: ExportedProgram) -> int | None:

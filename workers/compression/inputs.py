@@ -56,6 +56,11 @@ class Dataset:
     def head(self, count: int) -> Inputs:
         return self.rows(slice(0, count))
 
+    def exactly(self, count: int) -> Inputs:
+        """A batch of ``count`` rows: the first rows, the first one repeated when there are fewer."""
+        return tuple(t if t.shape[0] >= count else t[:1].expand(count, *t.shape[1:]).contiguous()
+                     for t in self.head(count))
+
     def subset(self, index: torch.Tensor) -> "Dataset":
         return Dataset(self.rows(index), None if self.labels is None else self.labels[index], self.synthetic,
                        self.target_output)

@@ -26,6 +26,7 @@ from .inputs import (Dataset, Inputs, check_declared, check_input_count, example
 from .measure import (DEFLATE_SAMPLE_CHUNKS, count_parameters, deflate_bytes, latency_samples_ms, output_fidelity,
                       run_model, significant)
 from .outputs import select_output
+from .torchscript import module_types
 from .training import accuracy
 from .verdict import collapse_warnings, warnings_for
 
@@ -59,6 +60,7 @@ class ModelFormat:
     save: Callable[[Any, str | os.PathLike], int]
     method: Callable[[str], Method]
     timed: Callable[[Any, str, Any], Any]  # (runnable, evaluation.runtime, batch) -> what the latency run calls
+    layer_types: Callable[[Any], set[str]]  # the layer types a runnable holds ('Linear', 'Conv2d', 'LSTM', ...)
 
 
 def _torchscript_timed(model: Any, runtime: str, batch: Any) -> Any:
@@ -78,9 +80,9 @@ def _exported_method(name: str) -> Method:
 
 FORMATS = {
     TORCHSCRIPT: ModelFormat(TORCHSCRIPT, load_model, lambda model: model, save_model, method_function,
-                             _torchscript_timed),
-    EXPORTED: ModelFormat(EXPORTED, exported.load_program, lambda program: program.module(), exported.save_program,
-                          _exported_method, exported.timed_runner),
+                             _torchscript_timed, lambda model: set(module_types(model).values())),
+    EXPORTED: ModelFormat(EXPORTED, exported.load_program, exported.runnable, exported.save_program,
+                          _exported_method, exported.timed_runner, exported.layer_types),
 }
 
 
@@ -152,9 +154,6 @@ def compress(
     progress = progress or (lambda stage, fraction: None)
     form = FORMATS[model_format(Path(model_path))]  # told by layout; a .pt2 in gives a .pt2 out
     searching = spec["method"] == AUTO or bool(spec.get("target"))
-    if searching and form.name != TORCHSCRIPT:
-        raise UnsupportedModel("a search toward a target takes TorchScript models for now; "
-                               "give the .pt2 program a single method or a pipeline")
     for _, step in method_steps(spec):
         form.method(step["method"])  # an unknown method fails before any work
     prepared = prepare(model_path, spec, data_path, progress)

@@ -29,8 +29,12 @@ def prune(
     spec: Mapping[str, Any],
     data: Dataset,
     progress: Progress | None = None,
+    fixed_batch: int | None = None,
 ) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     """Prune ``model`` in place as ``spec`` says; return it and what was done.
+
+    ``fixed_batch``: the model accepts only batches of that many rows (a program exported without
+    a dynamic batch); the analysis and the proof of each slicing then run at that size alone.
 
     Importance of a weight is ``|w|``; of a channel, the L1 (or L2) norm of its slices in the
     group's producing weights, each normalised by that tensor's mean slice norm.
@@ -41,11 +45,11 @@ def prune(
     exclude, excluded_by_default = _exclusions(model, spec.get("exclude"))
     types = module_types(model)
     batch = data.head(8)
-    macs_before = count_macs(model, batch)
+    macs_before = _counted_macs(model, batch)
 
     progress("ranking", 0.05)
     if spec.get("structured", False):
-        model, details = _prune_channels(model, spec, selected, exclude, types, data, progress)
+        model, details = _prune_channels(model, spec, selected, exclude, types, data, progress, fixed_batch)
         after_step = None
     else:
         details, masks = _prune_weights(model, spec, selected, exclude, types)
@@ -60,14 +64,28 @@ def prune(
             seed=options.get("seed", 0), after_step=after_step,
             progress=lambda stage, fraction: progress(stage, 0.5 + 0.45 * fraction),
         )
-    details["macs"] = {"before": macs_before, "after": count_macs(model, batch),
-                       "batch_shape": list(batch[0].shape), "counted": "convolutions and matrix multiplies (torch.utils.flop_counter, FLOPs / 2)"}
+    macs_after = _counted_macs(model, batch)
+    if isinstance(macs_before, int) and isinstance(macs_after, int):
+        details["macs"] = {"before": macs_before, "after": macs_after, "batch_shape": list(batch[0].shape),
+                           "counted": "convolutions and matrix multiplies (torch.utils.flop_counter, FLOPs / 2)"}
+    else:
+        details["notes"].append(f"multiply-accumulates not counted: {macs_before if isinstance(macs_before, str) else macs_after}")
     if excluded_by_default:
         details["notes"].append(f"the final classifier {excluded_by_default!r} is excluded by default (set 'exclude' to change)")
     if spec.get("structured") is False and spec.get("criterion") == "l2":
         details["notes"].append("for single weights l1 and l2 rank alike (|w| vs w^2)")
     progress("pruned", 0.95)
     return model, details
+
+
+def _counted_macs(model: torch.jit.ScriptModule, batch: tuple[torch.Tensor, ...]) -> int | str:
+    """The MACs of one batch, or why they could not be counted (the flop counter's dispatch mode
+    refuses some traced graphs, e.g. a scalar recorded as a 0-dim double constant): a report
+    figure, never a reason to fail the job."""
+    try:
+        return count_macs(model, batch)
+    except Exception as error:
+        return summarize_torch_error(error)
 
 
 # ---------------------------------------------------------------------------- unstructured
@@ -177,12 +195,12 @@ def _magnitude_bits(tensor: torch.Tensor) -> torch.Tensor:
 MASKED_TOLERANCE = 1e-4
 
 
-def _prune_channels(model, spec, selected, exclude, types, data: Dataset,
-                    progress: Progress) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+def _prune_channels(model, spec, selected, exclude, types, data: Dataset, progress: Progress,
+                    fixed_batch: int | None = None) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     amount = float(spec["amount"])
     criterion = spec.get("criterion", "l1")
     originals = {name: t.detach().clone() for name, t in _tensors(model).items()}
-    groups = channel_groups(model, {name: t.shape for name, t in originals.items()}, _rows(data, 2))
+    groups = channel_groups(model, {name: t.shape for name, t in originals.items()}, data.exactly(fixed_batch or 2))
     candidates: list[tuple[ChannelGroup, torch.Tensor]] = []
     left_whole = []
     for group in groups:
@@ -213,7 +231,7 @@ def _prune_channels(model, spec, selected, exclude, types, data: Dataset,
         rewritten |= derive_layer_norm_shapes(model)
     if rewritten:
         model = clone_model(model)  # reloaded: the rewritten graphs take effect
-    checks = _check_batches(data)
+    checks = check_batches(data, fixed_batch)
     accepted: list[tuple[ChannelGroup, torch.Tensor]] = []
     if candidates:
         progress("checking groups", 0.1)
@@ -407,21 +425,10 @@ def _tensors(model: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
     return {**dict(model.named_parameters()), **dict(model.named_buffers())}
 
 
-def _rows(data: Dataset, count: int) -> tuple[torch.Tensor, ...]:
-    """The first ``count`` rows of each input (repeated when the data has fewer)."""
-    inputs = data.inputs if isinstance(data.inputs, (tuple, list)) else (data.inputs,)
-    rows = []
-    for tensor in inputs:
-        part = tensor[:count]
-        if part.shape[0] < count:
-            part = part[:1].expand(count, *part.shape[1:]).contiguous()
-        rows.append(part)
-    return tuple(rows)
-
-
-def _check_batches(data: Dataset) -> list[tuple[torch.Tensor, ...]]:
-    """A batch of one and a batch of eight: pruning must not break other batch sizes."""
-    return [_rows(data, 1), _rows(data, 8)]
+def check_batches(data: Dataset, fixed_batch: int | None = None) -> list[tuple[torch.Tensor, ...]]:
+    """A batch of one and a batch of eight: pruning must not break other batch sizes (a model that
+    takes only ``fixed_batch`` rows is checked at that size)."""
+    return [data.exactly(fixed_batch)] if fixed_batch else [data.exactly(1), data.exactly(8)]
 
 
 # ---------------------------------------------------------------------------- exclusions

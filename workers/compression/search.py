@@ -24,13 +24,12 @@ import torch
 
 from modelpress.spec import PIPELINE, StepSpec
 
-from .artifacts import clone_model, load_model, save_model
+from .artifacts import clone_model
 from .errors import CompressionError, InvalidInput, TargetNotMet, is_out_of_memory, summarize_torch_error
 from .inputs import Dataset
 from .measure import count_macs, median_latency_ms, output_fidelity, run_model
 from .outputs import select_output
 from .pipeline import Prepared, Progress, finish_sections, measure_result, run_steps, step_warnings
-from .torchscript import module_types
 from .training import accuracy
 
 MIN_HOLDOUT_ROWS = 10
@@ -91,7 +90,7 @@ def search(prepared: Prepared, spec: Mapping[str, Any], output_path: str | os.Pa
     training, holdout = _split(prepared.examples, float(options["holdout"]), int(options["seed"]))
     judge = _judge(prepared, target, holdout)
     objective = _OBJECTIVE_KEYS[target["objective"]]
-    ladders = list(_candidates(spec, prepared.original, training))
+    ladders = list(_candidates(spec, prepared.form.layer_types(prepared.original), training))
     max_trials, budget = int(options["max_trials"]), float(options["time_budget_s"])
     trials: list[dict[str, Any]] = []
     missed_ladders: set[str] = set()
@@ -161,6 +160,7 @@ def _try(candidate: _Candidate, number: int, max_trials: int, prepared: Prepared
                              "spec": {"method": PIPELINE, "steps": candidate.steps} if len(candidate.steps) > 1
                              else candidate.steps[0]}
     base = (number - 1) / max_trials
+    form = prepared.form  # TorchScript or .pt2: each trial loads, saves and runs the model in its format
 
     def step_progress(stage: str, fraction: float) -> None:
         progress(f"trial {number}/{max_trials} ({candidate.label}): {stage}", 0.05 + 0.85 * (base + fraction / max_trials))
@@ -168,7 +168,7 @@ def _try(candidate: _Candidate, number: int, max_trials: int, prepared: Prepared
     scores: list[float] = []
 
     def check(index: int, model: torch.jit.ScriptModule) -> str | None:
-        scores.append(judge.score(model))
+        scores.append(judge.score(form.runnable(model)))
         if scores[-1] < judge.threshold and index + 1 < len(candidate.steps):
             return (f"{judge.metric} {scores[-1]:.4f} after this step is already under {judge.threshold:.4f}; "
                     "the later steps were not run")
@@ -176,7 +176,7 @@ def _try(candidate: _Candidate, number: int, max_trials: int, prepared: Prepared
 
     try:
         # Distillation trains an uploaded student in place: each trial starts from the upload.
-        model, sections = run_steps(load_model(prepared.model_path), candidate.steps, prepared, step_progress,
+        model, sections = run_steps(form.load(prepared.model_path), candidate.steps, prepared, step_progress,
                                     clone_model(student) if student is not None else None, data=training,
                                     check=check, file_name=path.name)
     except Exception as error:  # this candidate does not apply to the model; the search goes on
@@ -187,13 +187,14 @@ def _try(candidate: _Candidate, number: int, max_trials: int, prepared: Prepared
         return {**trial, "error": reason, "metric": None, "meets_target": False,
                 "time_s": round(time.perf_counter() - started, 3), "sections": []}
     completed = len(sections) == len(candidate.steps) and "stopped" not in sections[-1]
-    size = save_model(model, path)
-    reloaded = load_model(path)
+    size = form.save(model, path)
+    reloaded = form.runnable(form.load(path))
     metric = judge.score(reloaded) if completed else scores[-1]
     trial.update({
         "bytes": size,
         "size_ratio": round(size / prepared.model_path.stat().st_size, 5),
-        "latency_ms": round(median_latency_ms(reloaded, prepared.batch, runs=prepared.runs, warmup=prepared.warmup), 4),
+        "latency_ms": round(median_latency_ms(form.timed(reloaded, prepared.runtime, prepared.batch), prepared.batch,
+                                              runs=prepared.runs, warmup=prepared.warmup), 4),
         "macs": count_macs(reloaded, prepared.batch),
         "metric": metric,
         "metric_after_step": scores,
@@ -210,12 +211,11 @@ def _try(candidate: _Candidate, number: int, max_trials: int, prepared: Prepared
 # ---------------------------------------------------------------------------- candidates
 
 
-def _candidates(spec: Mapping[str, Any], original: torch.jit.ScriptModule, training: Dataset) -> Iterator[_Candidate]:
-    """Candidates cheapest first; within a ladder, milder first."""
+def _candidates(spec: Mapping[str, Any], types: set[str], training: Dataset) -> Iterator[_Candidate]:
+    """Candidates cheapest first; within a ladder, milder first. ``types``: the model's layer types."""
     if spec["method"] == PIPELINE:
         yield from _tuned_pipeline(spec["steps"])
         return
-    types = set(module_types(original).values())
     finetune = dict(FINETUNE)
     if types & _DYNAMIC_TYPES:
         yield _Candidate("quantize dynamic", [_step("quantize", {"mode": "dynamic"})], "dynamic")
