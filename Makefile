@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install bench clean chromium sandbox
+.PHONY: run test install bench clean chromium sandbox compiler
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,20 @@ run: $(STAMP) sandbox
 chromium:
 	sh scripts/ensure-chromium.sh
 
-test: $(STAMP) sandbox chromium
+# The .pt2 runtimes `compile` and `aoti` (inductor) compile C++ kernels: the tests of them need g++.
+compiler:
+	@if ! command -v "$${CXX:-g++}" >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing g++ (inductor's C++ kernels for the .pt2 runtimes) with apt-get"; \
+	    (apt-get install -y -qq g++ || (apt-get update -qq && apt-get install -y -qq g++)) >/dev/null; \
+	  else \
+	    echo "g++ is missing and cannot be installed here: run 'sudo apt-get install g++' (the tests of" \
+	         "evaluation.runtime compile/aoti need it)" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+test: $(STAMP) sandbox chromium compiler
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
