@@ -36,7 +36,8 @@ from workers.compression.program_check import refusal
 
 TORCHSCRIPT = "torchscript"
 EXPORTED = "pt2"
-FILE_SUFFIX = {TORCHSCRIPT: ".pt", EXPORTED: ".pt2"}
+AOTI_PACKAGE = "aoti"  # an output only: a .pt2 program compiled by AOTInductor (spec.package "aoti")
+FILE_SUFFIX = {TORCHSCRIPT: ".pt", EXPORTED: ".pt2", AOTI_PACKAGE: ".aoti.pt2"}
 
 EXPORT_HINT = "save the program with torch.export.save(torch.export.export(model, example_inputs), 'model.pt2')"
 

@@ -17,6 +17,7 @@ PIPELINE, AUTO = "pipeline", "auto"  # methods made of the single ones: ordered 
 MAX_STEPS = 8
 TARGET_METRICS = ("accuracy", "top1_agreement", "cosine")
 TARGET_OBJECTIVES = ("size", "latency", "macs")
+PACKAGES = ("program", "aoti")
 PRUNABLE_MODULES = ("Conv2d", "Linear", "Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
 QUANTIZABLE_MODULES = ("Linear", "LSTM", "GRU", "RNN", "MultiheadAttention")
 MAX_INPUT_ELEMENTS = 1 << 26  # 64M floats (256 MB): bigger example inputs are a mistake or an attack
@@ -372,6 +373,13 @@ class CompressionSpec(_Strict):
     evaluation = fields.Nested(
         EvaluationSpec, load_default=lambda: EvaluationSpec().load({}),
         metadata={"description": "How latency is measured."},
+    )
+    package = fields.String(
+        load_default="program", validate=validate.OneOf(PACKAGES),
+        metadata={"description": "What a .pt2 upload's download holds: 'program' (a torch.export program; "
+                                 "torch.export.load) or 'aoti' (the result compiled ahead of time by AOTInductor on "
+                                 "the worker, for the worker's CPU: torch._inductor.aoti_load_package; needs a C++ "
+                                 "compiler on the worker). TorchScript uploads: 'program' only."},
     )
 
     @validates_schema

@@ -22,7 +22,7 @@ from modelpress.archive import ArchiveRejected, check_torchscript_archive
 from modelpress.config import Settings
 from modelpress.datafile import DataFileError, disagreements, read_headers
 from modelpress.faults import pause_point
-from modelpress.formats import model_format
+from modelpress.formats import EXPORTED, model_format
 from modelpress.jobs import JobStore, new_job_id, utc_now
 from modelpress.objectstore import ObjectStore
 from modelpress.spec import SpecError, declared_inputs, dump_spec, parse_spec, target_conflicts
@@ -76,6 +76,12 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
                 except ArchiveRejected as rejected:
                     raise invalid({part: [str(rejected)]}) from None
                 infos[part]["format"] = model_format(path)  # the job, its report and the download say it
+        if infos["model"]["format"] != EXPORTED:
+            for field, value, allowed in (("spec.package", spec.get("package", "program"), "program"),
+                                          ("spec.evaluation.runtime", spec["evaluation"]["runtime"], "eager")):
+                if value != allowed:
+                    raise invalid({field: [f"{value!r} applies to torch.export (.pt2) programs; a TorchScript "
+                                           f"model takes {allowed!r} (or leave it out)"]})
         if infos["student"] is not None and infos["student"]["format"] != infos["model"]["format"]:
             raise invalid({"student": [f"the student is a {infos['student']['format']} model and the teacher a "
                                        f"{infos['model']['format']} one: upload both in the same format (a .pt2 "

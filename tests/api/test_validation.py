@@ -198,6 +198,16 @@ def test_bad_inputs_and_output_are_named(api: ApiClient, model_bytes: bytes, spe
     assert list(body["errors"]) == [field]
 
 
+@pytest.mark.parametrize(("spec", "field"), [
+    ({**GOOD_SPEC, "package": "aoti"}, "spec.package"),
+    ({**GOOD_SPEC, "evaluation": {"runtime": "compile"}}, "spec.evaluation.runtime"),
+])
+def test_program_only_options_on_a_torchscript_model_are_named(api: ApiClient, model_bytes: bytes, spec: dict,
+                                                               field: str) -> None:
+    body = _problem(api.submit(model_bytes, spec), 422)
+    assert list(body["errors"]) == [field] and ".pt2" in body["errors"][field][0]
+
+
 def test_data_file_that_contradicts_the_declared_inputs_is_refused_at_submit(api: ApiClient, model_bytes: bytes,
                                                                               tmp_path: Path) -> None:
     np.savez(tmp_path / "two.npz", input_0=np.zeros((4, 3, 8, 8), dtype=np.float32),

@@ -110,3 +110,27 @@ def test_a_program_teacher_distils_into_a_program_student_through_the_api(api: A
     assert report["format"] == {"input": "pt2", "output": "pt2"}
     assert [entry["epoch"] for entry in report["details"]["epochs"]] == [1, 2, 3]
     assert report["parameters"]["after"] == sum(p.numel() for p in student_model.parameters())
+
+
+def test_a_job_can_return_an_aoti_package_of_its_result(api: ApiClient, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 4)).eval()
+    path = save_exported(model, torch.randn(4, 32), tmp_path / "mlp.pt2")
+    spec = {"method": "quantize", "quantize": {"dtype": "float16"}, "input_shape": [4, 32], "package": "aoti",
+            "evaluation": {"runs": 2, "warmup": 1}}
+
+    response = api.submit(path, spec, filename="mlp.pt2")
+    assert response.status_code == 202, response.text
+    job = api.wait(response.json()["id"], timeout=600)
+    assert job["state"] == "succeeded", job["error"]
+    assert job["result"]["format"] == "aoti"
+
+    download = api.session.get(api.url(job["links"]["model"]), headers={"Accept-Encoding": "identity"}, timeout=120)
+    assert 'filename=mlp.quantize.aoti.pt2' in download.headers["Content-Disposition"]
+    (tmp_path / "mlp.quantize.aoti.pt2").write_bytes(download.content)
+    compiled = torch._inductor.aoti_load_package(str(tmp_path / "mlp.quantize.aoti.pt2"))
+    x = torch.randn(6, 32)
+    with torch.no_grad():
+        got, expected = compiled(x), model(x)
+    assert got.shape == expected.shape == (6, 4)
+    assert float(torch.nn.functional.cosine_similarity(got.flatten(), expected.flatten(), dim=0)) >= 0.999

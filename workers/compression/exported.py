@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import shutil
 import sys
 import tempfile
+import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -306,19 +308,8 @@ def timed_runner(module: torch.nn.Module, runtime: str, batch: tuple[torch.Tenso
     with freezing so int8 patterns become int8 kernels), or as a compiled AOTInductor package."""
     if runtime == "eager":
         return module
-    import torch._inductor.config as inductor_config
-
-    # torchao registers inductor's int8 fusion passes (dequantize-linear-quantize into oneDNN qlinear)
-    # on import of its x86 quantizer; they must exist before the first compile of the process (the
-    # float program's, timed first), else the int8 program compiles to decomposed float ops (2.3x slower).
-    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
-
-    inductor_config.freezing = True  # constant weights: prepacked (and int8) kernels
-    inductor_config.compile_threads = 1  # no compile worker pool inside the job's limits
-    if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
-        # Inductor writes C++ kernels for the CPU and compiles them, for torch.compile and AOTInductor alike.
-        raise UnsupportedModel(f"evaluation.runtime {runtime!r} needs a C++ compiler (g++) on the worker, and none "
-                               "is installed; use 'eager', or install g++ in the worker's image")
+    _require_compiler(f"evaluation.runtime {runtime!r}")
+    _register_inductor_passes()
     if runtime == "compile":
         return torch.compile(module)
     try:
@@ -333,7 +324,82 @@ def timed_runner(module: torch.nn.Module, runtime: str, batch: tuple[torch.Tenso
         raise UnsupportedModel(f"AOTInductor could not compile the program: {summarize_torch_error(error)}") from None
 
 
+def package_aoti(path: str | os.PathLike, checks: list[tuple[torch.Tensor, ...]]) -> dict[str, Any]:
+    """Compile the program at ``path`` with AOTInductor and put the package in its place.
+
+    The package keeps the program's dynamic dimensions, holds kernels built for this machine's CPU
+    (instruction set included), and is loaded with ``torch._inductor.aoti_load_package``. Before it
+    replaces the program, it is run on the check batches and compared with the program."""
+    _require_compiler("package 'aoti'")
+    _register_inductor_passes()
+    program = load_program(path)
+    size = fixed_batch(program)
+    if program.example_inputs is None:  # re-exported results are saved without them; AOTInductor wants some
+        program.example_inputs = (tuple(_example_like(node.meta["val"]) for node in _user_inputs(program)), {})
+    package = Path(tempfile.mkdtemp(prefix=".aoti-", dir=Path(path).parent)) / "model.pt2"  # renamed into place
+    started = time.perf_counter()
+    try:
+        with torch.no_grad():  # frozen weights: prepacked (and int8) kernels
+            torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+        compiled = torch._inductor.aoti_load_package(str(package))
+    except Exception as error:
+        shutil.rmtree(package.parent, ignore_errors=True)
+        raise UnsupportedModel(f"AOTInductor could not compile the program: {summarize_torch_error(error)}") from None
+    seconds = time.perf_counter() - started
+    reference, packaged = runnable(program), _Callable(compiled)
+    if size:
+        packaged = FixedBatch(packaged, size)
+    with torch.no_grad():
+        expected = [_flat_tensors(reference(*rows)) for rows in checks]
+        got = [_flat_tensors(packaged(*rows)) for rows in checks]
+    worst = max((float((e - g).abs().max()) / (float(e.abs().max()) or 1.0)
+                 for es, gs in zip(expected, got) for e, g in zip(es, gs) if e.numel()), default=0.0)
+    if any(len(es) != len(gs) or any(e.shape != g.shape for e, g in zip(es, gs)) for es, gs in zip(expected, got)):
+        shutil.rmtree(package.parent, ignore_errors=True)
+        raise UnsupportedModel("the AOTInductor package's outputs do not have the program's shapes; download the "
+                               "program instead (package 'program')")
+    os.replace(package, path)
+    shutil.rmtree(package.parent, ignore_errors=True)
+    return {"format": "AOTInductor package (torch._inductor.aoti_compile_and_package)",
+            "bytes": Path(path).stat().st_size, "compile_s": round(seconds, 2),
+            "max_relative_error_to_program": worst, "batches_checked": len(checks),
+            "load": "torch._inductor.aoti_load_package(path)(*inputs)",
+            "built_for": f"{platform.machine()} CPU of the worker (torch {torch.__version__}); the kernels use its "
+                         "instruction set, so run it on a CPU of the same kind and the same torch version",
+            "notes": ["the report's size, latency and fidelity are the program's, measured before packaging; "
+                      "the package's own outputs were compared with the program's on the check batches"]}
+
+
+class _Callable(torch.nn.Module):
+    """A loaded AOTInductor package as a module (so ``FixedBatch`` can hold it)."""
+
+    def __init__(self, function: Callable[..., Any]) -> None:
+        super().__init__()
+        self.function = function
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.function(*inputs)
+
+
 # ---------------------------------------------------------------------------- helpers
+
+
+def _require_compiler(what: str) -> None:
+    if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
+        # Inductor writes C++ kernels for the CPU and compiles them, for torch.compile and AOTInductor alike.
+        raise UnsupportedModel(f"{what} needs a C++ compiler (g++) on the worker, and none is installed; "
+                               "install g++ in the worker's image")
+
+
+def _register_inductor_passes() -> None:
+    """torchao registers inductor's int8 fusion passes (dequantize-linear-quantize into oneDNN qlinear)
+    on import of its x86 quantizer; they must exist before the first compile of the process (the
+    float program's, timed first), else int8 programs compile to decomposed float ops."""
+    import torch._inductor.config as inductor_config
+    import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
+
+    inductor_config.freezing = True  # constant weights: prepacked (and int8) kernels
+    inductor_config.compile_threads = 1  # no compile worker pool inside the job's limits
 
 
 def _register_quantized_operators() -> None:
@@ -530,8 +596,7 @@ def _reexport(module: torch.nn.Module, original: ExportedProgram, batch: tuple[t
     """Export the rewritten module again, keeping the dimensions the original program left dynamic.
 
     ``batch`` None: the original's own example values (its placeholders' shapes, as fakes show them)."""
-    inputs = [node for node in original.graph.nodes if node.op == "placeholder"
-              and node.name in original.graph_signature.user_inputs]
+    inputs = _user_inputs(original)
     dynamic = tuple({axis: Dim.DYNAMIC for axis, size in enumerate(node.meta["val"].shape)
                      if isinstance(size, torch.SymInt)} or None for node in inputs)
     if batch is None:
@@ -545,6 +610,11 @@ def _reexport(module: torch.nn.Module, original: ExportedProgram, batch: tuple[t
     # quarter of a small program's file.
     exported.example_inputs = None
     return exported
+
+
+def _user_inputs(program: ExportedProgram) -> list[torch.fx.Node]:
+    return [node for node in program.graph.nodes if node.op == "placeholder"
+            and node.name in program.graph_signature.user_inputs]
 
 
 def _magnitude_quantile(magnitudes: torch.Tensor, amount: float) -> float:

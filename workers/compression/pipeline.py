@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from modelpress.formats import EXPORTED, TORCHSCRIPT, model_format
+from modelpress.formats import AOTI_PACKAGE, EXPORTED, TORCHSCRIPT, model_format
 from modelpress.spec import AUTO, REGISTRY, filled_options, method_steps
 
 from . import exported
@@ -161,7 +161,7 @@ def compress(
     if searching:
         from .search import search  # the search builds on this module
 
-        return search(prepared, spec, output_path, progress, student)
+        return _packaged(search(prepared, spec, output_path, progress, student), spec, output_path, prepared)
 
     def method_progress(stage: str, fraction: float) -> None:
         progress(stage, 0.05 + 0.6 * min(max(fraction, 0.0), 1.0))
@@ -194,6 +194,25 @@ def compress(
               "timings_s": clock.totals()}
     if len(steps) > 1:
         report["steps"] = finish_sections(step_reports, report)
+    return _packaged(report, spec, output_path, prepared)
+
+
+def _packaged(report: dict[str, Any], spec: Mapping[str, Any], output_path: str | os.PathLike,
+              prepared: Prepared) -> dict[str, Any]:
+    """With ``package: aoti`` the measured program is compiled by AOTInductor into the output file."""
+    if spec.get("package", "program") == "program":
+        return report
+    if prepared.form.name != EXPORTED:
+        raise UnsupportedModel("package 'aoti' compiles torch.export (.pt2) programs; a TorchScript model is "
+                               "returned as TorchScript (drop 'package')")
+    with prepared.clock("package"):
+        report["package"] = package = exported.package_aoti(output_path, prepared.checks)
+    if package["max_relative_error_to_program"] > 1e-2:
+        report["warnings"] = [*report.get("warnings", []), (
+            f"the AOTInductor package's outputs differ from the program's by up to "
+            f"{package['max_relative_error_to_program']:.2%} of the largest output on the check batches")]
+    report["format"]["output"] = AOTI_PACKAGE
+    report["timings_s"] = prepared.clock.totals()
     return report
 
 
