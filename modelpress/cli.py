@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from modelpress.client import ChecksumMismatch, Client, ModelPressError
-from modelpress.spec import REGISTRY
+from modelpress.spec import PACKAGES, REGISTRY
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_REFUSED = 0, 1, 2, 3, 4
 
@@ -139,6 +139,10 @@ def _spec_from(args: argparse.Namespace) -> dict[str, Any]:
         spec["inputs"] = [_input_entry(text) for text in args.input]
     if args.output is not None:
         spec["output"] = int(args.output) if args.output.isdigit() else args.output
+    if args.runtime is not None:
+        spec["evaluation"] = {**spec.get("evaluation", {}), "runtime": args.runtime}
+    if args.package is not None:
+        spec["package"] = args.package
     return spec
 
 
@@ -212,6 +216,10 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--input", action="append", metavar="SHAPE[:DTYPE[:LOW:HIGH]]",
                         help="one per positional input, in order, e.g. --input 8,3,32,32 --input 8,16:int64:0:30000")
     submit.add_argument("--output", metavar="INDEX|KEY", help="the output fine-tuning and distillation train on")
+    submit.add_argument("--runtime", choices=("eager", "compile", "aoti"),
+                        help="how a .pt2 program is timed (evaluation.runtime; compile/aoti need g++ on the worker)")
+    submit.add_argument("--package", choices=PACKAGES,
+                        help="a .pt2 upload's download: the program (default) or an AOTInductor package (aoti)")
     submit.add_argument("--data", help=".npz or .safetensors with 'inputs' (and 'labels')")
     submit.add_argument("--student", help="TorchScript student (with --distill upload)")
     submit.add_argument("--callback-url", help="URL that gets the job on each final state")
