@@ -391,3 +391,40 @@ def test_package_aoti_returns_a_compiled_package_that_computes_what_the_program_
         got, expected = compiled(x), torch.export.load(tmp_path / "program.pt2").module()(x)
     assert got.shape == expected.shape == (7, 10)
     assert torch.allclose(got, expected, atol=1e-5)
+
+
+class _DepthwiseNormBlock(torch.nn.Module):
+    """ConvNeXt's pattern: a depthwise conv, a LayerNorm over channels-last activations, a residual."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, width, 3, padding=1)
+        self.depthwise = torch.nn.Conv2d(width, width, 3, padding=1, groups=width)
+        self.norm = torch.nn.LayerNorm(width)
+        self.up, self.down = torch.nn.Linear(width, 4 * width), torch.nn.Linear(4 * width, width)
+        self.head = torch.nn.Linear(width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.norm(self.depthwise(x).permute(0, 2, 3, 1))
+        x = x + self.down(torch.nn.functional.gelu(self.up(y))).permute(0, 3, 1, 2)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_structured_pruning_of_a_program_rewrites_conv_groups_and_layer_norm_shapes(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _DepthwiseNormBlock().eval()
+    path = save_exported(model, torch.randn(2, 3, 12, 12), tmp_path / "block.pt2")
+    output = tmp_path / "pruned.pt2"
+    report = compress(path, _spec({"method": "prune", "prune": {"amount": 0.5, "structured": True},
+                                   "input_shape": [2, 3, 12, 12]}), output)
+
+    program = torch.export.load(output)
+    assert program.state_dict["depthwise.weight"].shape == (8, 1, 3, 3) and program.state_dict["norm.weight"].shape == (8,)
+    convs = [n for n in program.graph.nodes if n.target == torch.ops.aten.conv2d.default and n.args[1].name.endswith("depthwise_weight")]
+    assert convs and convs[0].args[6] == 8  # groups followed the removed channels
+    norms = [n for n in program.graph.nodes if n.target == torch.ops.aten.layer_norm.default]
+    assert norms and list(norms[0].args[1]) == [8]
+    assert any(g.get("layer_norms_renormalised") for g in report["details"]["groups"])
+    with torch.no_grad():
+        assert program.module()(torch.randn(5, 3, 12, 12)).shape == (5, 10)

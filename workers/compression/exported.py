@@ -243,12 +243,14 @@ def _prune_channels(program: ExportedProgram, spec: Mapping[str, Any], data: Dat
         raise UnsupportedModel("structured pruning analyses a trace of the program, and tracing it failed: "
                                f"{summarize_torch_error(error)}") from None
     traced, details = prune(traced, spec, data, progress, fixed_batch=fixed)
+    shapes_before = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
     with torch.no_grad():
         for name, tensor in traced.state_dict().items():
             current = _attribute(module, name)
             value = tensor.detach().clone()
             _set_attribute(module, name, torch.nn.Parameter(value, requires_grad=current.requires_grad)
                            if isinstance(current, torch.nn.Parameter) else value)
+    _follow_sliced_sizes(module, shapes_before)
     exported = _reexport(module, program, example)
     for rows in check_batches(data, fixed):
         with torch.no_grad(), quiet_torchscript_warnings():
@@ -268,6 +270,43 @@ def _prune_channels(program: ExportedProgram, spec: Mapping[str, Any], data: Dat
     details["format"] = EXPORTED
     details["route"] = "channel analysis on a torch.jit.trace of ExportedProgram.module(), tensors copied back, re-exported"
     return exported, details
+
+
+# Where a size that must follow sliced weights sits in an op's arguments.
+_CONV_GROUPS = {torch.ops.aten.conv1d.default: 6, torch.ops.aten.conv2d.default: 6, torch.ops.aten.conv3d.default: 6,
+                torch.ops.aten.convolution.default: 8}
+_LAYER_NORM = torch.ops.aten.layer_norm.default
+
+
+def _follow_sliced_sizes(module: torch.fx.GraphModule, shapes_before: dict[str, tuple[int, ...]]) -> None:
+    """Rewrite the sizes the graph holds as numbers to fit the sliced weights, as the TorchScript path
+    does with expressions (``derive_conv_groups``, ``derive_layer_norm_shapes``): a grouped conv
+    whose whole groups were removed gets ``groups * new rows // old rows`` (its weight's first axis
+    is groups x per-group channels, transposed or not); a ``layer_norm`` over sliced channels gets
+    its weight's new shape as ``normalized_shape``."""
+    changed = False
+    for node in module.graph.nodes:
+        if node.op != "call_function":
+            continue
+        position = _CONV_GROUPS.get(node.target)
+        if position is not None and len(node.args) > position and isinstance(node.args[position], int) \
+                and node.args[position] > 1 and _is_attribute(node.args[1]):
+            old_rows, new_rows = shapes_before[node.args[1].target][0], _attribute(module, node.args[1].target).shape[0]
+            if new_rows != old_rows:
+                groups = node.args[position]
+                node.update_arg(position, groups * new_rows // old_rows)
+                changed = True
+        elif node.target == _LAYER_NORM and len(node.args) > 2 and _is_attribute(node.args[2]):
+            shape = list(_attribute(module, node.args[2].target).shape)
+            if list(node.args[1]) != shape:
+                node.update_arg(1, shape)
+                changed = True
+    if changed:
+        module.recompile()
+
+
+def _is_attribute(value: Any) -> bool:
+    return isinstance(value, torch.fx.Node) and value.op == "get_attr"
 
 
 def distill_program(program: ExportedProgram, spec: Mapping[str, Any], data: Dataset, progress: Progress,
