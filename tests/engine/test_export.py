@@ -428,3 +428,21 @@ def test_structured_pruning_of_a_program_rewrites_conv_groups_and_layer_norm_sha
     assert any(g.get("layer_norms_renormalised") for g in report["details"]["groups"])
     with torch.no_grad():
         assert program.module()(torch.randn(5, 3, 12, 12)).shape == (5, 10)
+
+
+def test_recurrent_layers_of_a_program_get_float16_weights_and_int8_says_it_leaves_them(tmp_path: Path) -> None:
+    from tests.models import Recurrent
+
+    torch.manual_seed(0)
+    model = Recurrent().eval()
+    path = save_exported(model, torch.randn(4, 12, 32), tmp_path / "rnn.pt2")
+    half = compress(path, _spec({"method": "quantize", "quantize": {"dtype": "float16"}, "input_shape": [4, 12, 32]}),
+                    tmp_path / "fp16.pt2")
+    assert {entry["type"] for entry in half["details"]["quantized"]} == {"LSTM", "GRU"}  # the head is too small
+    assert half["size"]["ratio"] <= 0.6 and half["fidelity"]["cosine_similarity"] >= 0.999
+    with torch.no_grad():
+        assert torch.export.load(tmp_path / "fp16.pt2").module()(torch.randn(3, 12, 32)).shape == (3, 5)
+
+    int8 = compress(path, _spec({"method": "quantize", "input_shape": [4, 12, 32]}), tmp_path / "int8.pt2")
+    assert {entry["type"] for entry in int8["details"]["left_float"]} == {"LSTM", "GRU"}
+    assert any("recurrent layers (lstm, gru" in warning for warning in int8["warnings"])  # not a silent no-op

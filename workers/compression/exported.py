@@ -95,6 +95,8 @@ def quantize_program(program: ExportedProgram, spec: Mapping[str, Any], data: Da
 
     module = program.module()
     quantizer, chosen, skipped = _x86_quantizer(module, modules, list(spec.get("exclude") or []), static)
+    recurrent = [layer for layer in _recurrent_layers(module) if layer["type"] in modules or not spec.get("modules")]
+    skipped += recurrent
     if not chosen:
         raise UnsupportedModel("no layer of the program can be quantized (" + (", ".join(sorted(
             {s["reason"] for s in skipped})) or f"the program has no {' or '.join(sorted(modules))} op") + ")")
@@ -129,34 +131,38 @@ def quantize_program(program: ExportedProgram, spec: Mapping[str, Any], data: Da
                          "quantized_decomposed operators)"]}
     if static and data.synthetic:
         details["warnings"] = [SYNTHETIC_WARNING]
+    float_weights = sum(layer["weights"] for layer in recurrent)
+    int8_weights = sum(entry["weights"] or 0 for entry in chosen)
+    if float_weights > int8_weights:
+        details.setdefault("warnings", []).append(
+            f"most weights stay float: the recurrent layers ({', '.join(layer['module'] or layer['op'] for layer in recurrent)}; "
+            f"{float_weights} weights) have no int8 kernel in an exported program, against {int8_weights} int8 "
+            "weights; use quantize.dtype float16 to halve them, or upload TorchScript for int8 LSTM/GRU")
     return exported, details
 
 
 def _float16_weights(program: ExportedProgram, spec: Mapping[str, Any],
                      progress: Progress) -> tuple[ExportedProgram, dict[str, Any]]:
-    """Store the weight of every ``aten.linear`` as float16, cast back to float inside the program."""
+    """Store the weights of every ``aten.linear`` and recurrent op (LSTM, GRU, RNN) as float16, cast
+    back to float inside the program."""
     exclude = list(spec.get("exclude") or [])
-    if "Linear" not in (spec.get("modules") or ["Linear"]):
-        raise UnsupportedModel("on .pt2 programs float16 weights cover Linear layers; add 'Linear' to quantize.modules")
+    modules = set(spec.get("modules") or DYNAMIC_DEFAULT)
+    if not modules & {"Linear", *_RECURRENT_OPS.values()}:
+        raise UnsupportedModel("on .pt2 programs float16 weights cover Linear, LSTM, GRU and RNN layers; add one "
+                               "of them to quantize.modules")
     module = program.module()
     graph = module.graph
     quantized, skipped = [], []
     replaced: set[str] = set()
-    for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not _LINEAR:
-            continue
-        weight_node = node.args[1]
-        if not isinstance(weight_node, torch.fx.Node) or weight_node.op != "get_attr":
-            skipped.append({"op": node.name, "reason": "the weight is computed in the graph, not stored"})
-            continue
+    for kind, weight_node in _stored_weights(graph, skipped):
         name = weight_node.target
         if name in replaced:
             continue
         weight = _attribute(module, name)
         owner = name.rpartition(".")[0]
-        reason = _quantize_skip_reason(weight, owner, exclude)
+        reason = (f"{kind} not selected" if kind not in modules else _quantize_skip_reason(weight, owner, exclude))
         if reason:
-            skipped.append({"module": owner, "weight": name, "reason": reason})
+            skipped.append({"module": owner, "weight": name, "type": kind, "reason": reason})
             continue
         stored = "_mp_" + name.replace(".", "_") + "_fp16"
         module.register_buffer(stored, weight.detach().to(torch.float16))
@@ -166,16 +172,51 @@ def _float16_weights(program: ExportedProgram, spec: Mapping[str, Any],
         graph.erase_node(weight_node)
         _delete_attribute(module, name)
         replaced.add(name)
-        quantized.append({"module": owner, "weight": name, "dtype": "float16", "shape": list(weight.shape)})
+        quantized.append({"module": owner, "weight": name, "type": kind, "dtype": "float16", "shape": list(weight.shape)})
     if not quantized:
-        raise UnsupportedModel("no Linear weight of the program could be stored as float16 (" +
-                               (", ".join(sorted({s["reason"] for s in skipped})) or "the program has no aten.linear")
-                               + ")")
+        raise UnsupportedModel("no weight of the program could be stored as float16 (" +
+                               (", ".join(sorted({s["reason"] for s in skipped}))
+                                or "the program has no aten.linear or recurrent op") + ")")
     graph.lint()
     module.recompile()
     progress("quantizing", 1.0)
     return _reexport(module, program, None), {"format": EXPORTED, "mode": "weight-only", "quantized": quantized,
                                               "left_float": skipped, "notes": ["weights are stored in float16"]}
+
+
+_RECURRENT_OPS = {torch.ops.aten.lstm.input: "LSTM", torch.ops.aten.gru.input: "GRU",
+                  torch.ops.aten.rnn_tanh.input: "RNN", torch.ops.aten.rnn_relu.input: "RNN"}
+DYNAMIC_DEFAULT = ("Linear", "LSTM", "GRU")
+
+
+def _stored_weights(graph: torch.fx.Graph, skipped: list[dict[str, Any]]) -> Iterator[tuple[str, torch.fx.Node]]:
+    """(layer type, get_attr node) of each weight matrix a linear or recurrent op reads from the module;
+    a weight computed in the graph goes to ``skipped``."""
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        if node.target is _LINEAR:
+            candidates, kind = [node.args[1]], "Linear"
+        elif node.target in _RECURRENT_OPS:
+            candidates, kind = list(node.args[2]), _RECURRENT_OPS[node.target]  # the flat parameter list
+        else:
+            continue
+        for weight_node in candidates:
+            if not isinstance(weight_node, torch.fx.Node) or weight_node.op != "get_attr":
+                skipped.append({"op": node.name, "type": kind, "reason": "the weight is computed in the graph, not stored"})
+            elif weight_node.meta.get("val") is None or weight_node.meta["val"].dim() == 2:  # matrices, not biases
+                yield kind, weight_node
+
+
+def _recurrent_layers(module: torch.fx.GraphModule) -> list[dict[str, Any]]:
+    """The recurrent ops of a program's module, named by their module, with their weight counts
+    (what dynamic int8 leaves float)."""
+    return [{"op": node.name, "module": _module_path(node), "type": _RECURRENT_OPS[node.target],
+             "weights": sum(_attribute(module, w.target).numel() for w in node.args[2]
+                            if isinstance(w, torch.fx.Node) and w.op == "get_attr"),
+             "reason": "no int8 kernel runs an exported recurrent op; use dtype float16 for them (2x smaller), "
+                       "or upload TorchScript for int8 LSTM/GRU"}
+            for node in module.graph.nodes if node.op == "call_function" and node.target in _RECURRENT_OPS]
 
 
 def prune_program(program: ExportedProgram, spec: Mapping[str, Any], data: Dataset,
@@ -499,7 +540,9 @@ def _x86_quantizer(module: torch.nn.Module, modules: set[str], exclude: list[str
             skipped.append({"op": node.name, "module": owner, "reason": f"excluded by {pattern!r}"})
             excluded.add(owner)
         else:
-            chosen.append({"op": node.name, "module": owner, "type": kind})
+            weight = node.args[1].target if _is_attribute(node.args[1]) else None
+            chosen.append({"op": node.name, "module": owner, "type": kind,
+                           "weights": _attribute(module, weight).numel() if weight else None})
     if static and modules >= {"Conv2d", "Linear"}:
         quantizer.set_global(config)
     else:
