@@ -446,3 +446,28 @@ def test_recurrent_layers_of_a_program_get_float16_weights_and_int8_says_it_leav
     int8 = compress(path, _spec({"method": "quantize", "input_shape": [4, 12, 32]}), tmp_path / "int8.pt2")
     assert {entry["type"] for entry in int8["details"]["left_float"]} == {"LSTM", "GRU"}
     assert any("recurrent layers (lstm, gru" in warning for warning in int8["warnings"])  # not a silent no-op
+
+
+class _SizeReadingNet(torch.nn.Module):
+    """Reads the batch size in forward (a flatten written with x.size(0)), as many hand-written models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.adaptive_avg_pool2d(self.conv2(torch.relu(self.conv1(x))), 4)
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_structured_pruning_of_a_program_that_reads_its_batch_size(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _SizeReadingNet().eval()
+    path = save_exported(model, torch.randn(2, 3, 8, 8), tmp_path / "net.pt2")
+    report = compress(path, _spec({"method": "prune", "prune": {"amount": 0.5, "structured": True},
+                                   "input_shape": [2, 3, 8, 8]}), tmp_path / "out.pt2")
+    # The trace must follow the batch size, or every slicing fails its check at batches of 1 and 8.
+    assert [(g["group"], g["channels_after"]) for g in report["details"]["groups"]] == [("conv1", 8), ("conv2", 4)]
+    with torch.no_grad():
+        assert torch.export.load(tmp_path / "out.pt2").module()(torch.randn(5, 3, 8, 8)).shape == (5, 10)

@@ -275,6 +275,7 @@ def _prune_channels(program: ExportedProgram, spec: Mapping[str, Any], data: Dat
                                "trains in batches of other sizes: export it with a dynamic batch "
                                "(dynamic_shapes), or drop 'finetune'")
     module = program.module()
+    _sizes_as_methods(module)
     example = data.exactly(fixed or 2)
     try:
         with quiet_torchscript_warnings():
@@ -317,6 +318,28 @@ def _prune_channels(program: ExportedProgram, spec: Mapping[str, Any], data: Dat
 _CONV_GROUPS = {torch.ops.aten.conv1d.default: 6, torch.ops.aten.conv2d.default: 6, torch.ops.aten.conv3d.default: 6,
                 torch.ops.aten.convolution.default: 8}
 _LAYER_NORM = torch.ops.aten.layer_norm.default
+
+
+def _sizes_as_methods(module: torch.fx.GraphModule) -> None:
+    """``aten.sym_size.int(x, d)`` becomes ``x.size(d)``, ``aten.view(x, shape)`` ``x.view(shape)``
+    (and reshape, expand): the same values, but the tracer records the methods with the sizes they
+    read, and the op calls with the numbers they got, which would fix the batch size of every
+    ``view(x, [batch, ...])`` in the trace (a channel shuffle, a flatten written with ``x.size(0)``)
+    and fail each slicing's check at other batch sizes."""
+    changed = False
+    for node in module.graph.nodes:
+        method = _AS_METHOD.get(node.target) if node.op == "call_function" else None
+        if method is not None and not node.kwargs:
+            node.op, node.target = "call_method", method
+            changed = True
+    if changed:
+        module.recompile()
+
+
+# Ops that take or give sizes, called as the tensor methods the tracer follows (an op overload
+# called from Python gets the traced size as a plain number).
+_AS_METHOD = {torch.ops.aten.sym_size.int: "size", torch.ops.aten.view.default: "view",
+              torch.ops.aten.reshape.default: "reshape", torch.ops.aten.expand.default: "expand"}
 
 
 def _follow_sliced_sizes(module: torch.fx.GraphModule, shapes_before: dict[str, tuple[int, ...]]) -> None:
