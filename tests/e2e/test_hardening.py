@@ -24,7 +24,7 @@ from tests.models import SlowModel, SmallConvNet, save_scripted, scripted_bytes
 QUICK = {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": {"runs": 1, "warmup": 0}}
 SLOW = {"method": "quantize", "input_shape": [8, 64], "evaluation": {"runs": 1000, "warmup": 0}}
 MEDIUM = {"method": "quantize", "input_shape": [8, 64], "evaluation": {"runs": 40, "warmup": 0}}
-JOB_TIMEOUT_S = 20
+JOB_TIMEOUT_S = 40  # a quick job takes seconds alone; 40 s leaves room for a loaded machine
 METRICS_TOKEN = "mp-metrics-scraper-token"
 
 
