@@ -16,8 +16,11 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import shutil
+import threading
 from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +34,12 @@ from modelpress.storage import JobFiles, Storage, read_json, write_json_atomic
 PART_BYTES = 16 << 20
 TRANSFER_THREADS = 8
 STREAM_CHUNK = 1 << 20
+# An upload streamed as the request arrives (``PartStream``): at most this many parts in flight,
+# plus the one filling, so a 16 MB part size holds at most 80 MB of one upload in memory.
+PARTS_IN_FLIGHT = 4
+MAX_PARTS = 10_000  # S3's limit per multipart upload
+
+log = logging.getLogger("modelpress.objectstore")
 
 
 class InputsMissing(Exception):
@@ -75,6 +84,16 @@ class ObjectStore(ABC):
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage  # the local data directory: uploads spool here, jobs run here
+
+    def stream_writer(self, job_id: str, path: Path) -> "PartStream | None":
+        """API, when a file part of a submission starts: where to send its bytes as they arrive, on top
+        of the local spool (``path`` is the file's local name in the job's directory). None: the spool
+        is all (the local store keeps it where it is)."""
+        return None
+
+    def drop_streams(self, job_id: str) -> None:
+        """API, when the request ends (and before ``delete``): abort what ``stream_writer`` started
+        for the job and ``keep_inputs`` did not complete."""
 
     @abstractmethod
     def keep_inputs(self, job_id: str) -> None:
@@ -155,6 +174,109 @@ class LocalObjects(ObjectStore):
         self.storage.delete(job_id)
 
 
+class PartStream:
+    """One uploaded file on its way to its object while the request is still arriving: ``write`` (from
+    the request's thread) collects bytes, and every ``part_bytes`` goes to an S3 multipart upload from
+    a shared thread pool. At most ``PARTS_IN_FLIGHT`` parts are in flight: when the store is slower
+    than the client, ``write`` waits, so the request is read more slowly instead of filling memory.
+
+    Nothing is visible in the bucket until ``complete``; ``abort`` (a refused request) first waits for
+    the parts in flight, since a part that lands after the abort would keep taking space. A file
+    smaller than one part never starts a multipart upload: ``complete`` sends it from the spool. A
+    store error stops the streaming (the request still spools locally) and ``complete`` raises it.
+    """
+
+    def __init__(self, client: Any, bucket: str, key: str, part_bytes: int, pool: ThreadPoolExecutor) -> None:
+        self.client, self.bucket, self.key = client, bucket, key
+        self.part_bytes = part_bytes
+        self._pool = pool
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._slots = threading.BoundedSemaphore(PARTS_IN_FLIGHT)
+        self._parts: list[Future] = []
+        self.upload_id: str | None = None
+        self.bytes = 0
+        self.error: BaseException | None = None
+        self.ended = False  # the request's part is complete: the last part is sent
+        self.state = "open"  # then "completed" or "aborted"
+
+    def write(self, chunk: bytes) -> None:
+        if self.ended or self.state != "open":
+            raise ValueError(f"{self.key}: written after its end")
+        self.bytes += len(chunk)
+        if self.error is not None:
+            return  # already failed: the spool still takes the bytes, complete() raises
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered >= self.part_bytes:
+            self._send()
+
+    def end(self) -> None:
+        """The file part is over: send what is left as the last part (a multipart upload only; a small
+        file waits for ``complete``, which sends it whole from the spool)."""
+        if self.ended:
+            return
+        self.ended = True
+        if self.upload_id is not None and self._buffered and self.error is None:
+            self._send()
+        self._chunks, self._buffered = [], 0
+
+    def _send(self) -> None:
+        body = b"".join(self._chunks)
+        self._chunks, self._buffered = [], 0
+        try:
+            if self.upload_id is None:
+                self.upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"]
+            if len(self._parts) >= MAX_PARTS:
+                raise ValueError(f"{self.key}: more than {MAX_PARTS} parts; raise MODELPRESS_S3_PART_MB")
+        except Exception as error:
+            self.error = error
+            return
+        self._slots.acquire()  # backpressure: wait while PARTS_IN_FLIGHT parts are on their way
+        if self.state != "open":  # aborted from another thread meanwhile
+            self._slots.release()
+            return
+        self._parts.append(self._pool.submit(self._upload_part, len(self._parts) + 1, body))
+
+    def _upload_part(self, number: int, body: bytes) -> dict[str, Any]:
+        try:
+            if self.error is not None or self.state != "open":
+                raise RuntimeError("skipped: the upload already failed or was aborted")
+            answer = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                             PartNumber=number, Body=body)
+            return {"PartNumber": number, "ETag": answer["ETag"]}
+        except Exception as error:
+            if self.error is None:
+                self.error = error
+            raise
+        finally:
+            self._slots.release()
+
+    def complete(self, path: Path, transfer: Any) -> None:
+        """Publish the object; ``path`` is the local spool of the same bytes (it sends a small file whole)."""
+        self.end()
+        wait(self._parts)
+        if self.error is not None:
+            raise self.error
+        if self.upload_id is None:
+            self.client.upload_file(str(path), self.bucket, self.key, Config=transfer)
+        else:
+            if self.bytes != path.stat().st_size:  # every byte of the spool went to a part
+                raise RuntimeError(f"{self.key}: streamed {self.bytes} bytes, the spool holds {path.stat().st_size}")
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                MultipartUpload={"Parts": [part.result() for part in self._parts]})
+        self.state = "completed"
+
+    def abort(self) -> None:
+        if self.state != "open":
+            return
+        self.state = "aborted"
+        wait(self._parts)  # parts in flight finish (or fail) first; later ones are skipped
+        if self.upload_id is not None:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+
+
 class S3Objects(ObjectStore):
     """An S3-compatible bucket through boto3; see docs/decisions.md, "Object storage"."""
 
@@ -189,6 +311,10 @@ class S3Objects(ObjectStore):
         )
         self.transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
                                        max_concurrency=TRANSFER_THREADS, use_threads=True)
+        self.stream_part_bytes = settings.s3_part_mb << 20
+        self._streams: dict[str, dict[str, PartStream]] = {}  # job id -> key -> this process's streamed uploads
+        self._streams_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # made on first use: gunicorn forks after create_app
 
     def key(self, job_id: str, path: Path) -> str:
         """The object key of one of the job's files, from its local path (one naming for both stores)."""
@@ -200,13 +326,41 @@ class S3Objects(ObjectStore):
 
     # ------------------------------------------------------------------ API: submit
 
+    def stream_writer(self, job_id: str, path: Path) -> PartStream:
+        with self._streams_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="s3-parts")
+            writer = PartStream(self.client, self.bucket, self.key(job_id, path), self.stream_part_bytes, self._pool)
+            self._streams.setdefault(job_id, {})[writer.key] = writer
+        return writer
+
     @_translated
     def keep_inputs(self, job_id: str) -> None:
         files = self.storage.job(job_id)
+        with self._streams_lock:
+            streams = dict(self._streams.get(job_id, {}))
         for path in self._inputs(files):
-            if path.exists():
-                self.client.upload_file(str(path), self.bucket, self.key(job_id, path), Config=self.transfer)
+            key = self.key(job_id, path)
+            writer = streams.get(key)
+            if writer is not None and path.exists():
+                writer.complete(path, self.transfer)  # streamed as the request arrived: only the last part is left
+            elif writer is not None:
+                writer.abort()  # a part the submission did not keep
+            elif path.exists():  # the spec; or a file that arrived other than through the request's parser
+                self.client.upload_file(str(path), self.bucket, key, Config=self.transfer)
         shutil.rmtree(files.root, ignore_errors=True)  # the API host keeps nothing of the job
+
+    def drop_streams(self, job_id: str) -> None:
+        with self._streams_lock:
+            streams = self._streams.pop(job_id, {})
+        failures = []
+        for writer in streams.values():
+            try:
+                writer.abort()
+            except Exception as error:  # the others are still aborted; delete's sweep retries this one
+                failures.append(error)
+        if failures:
+            raise StoreUnavailable(f"object store s3://{self.bucket}: {failures[0]}") from failures[0]
 
     # ------------------------------------------------------------------ supervisor
 
@@ -286,6 +440,7 @@ class S3Objects(ObjectStore):
 
     @_translated
     def delete(self, job_id: str) -> None:
+        self.drop_streams(job_id)  # a refused submission: its uploads in flight stop before the sweep below
         self.storage.delete(job_id)  # a submission's spooled files on the API host
         for workspace in (self.storage.data_dir / "work").glob(f"*/{job_id}"):  # left by a worker killed here
             shutil.rmtree(workspace, ignore_errors=True)

@@ -52,7 +52,8 @@ class Jobs(MethodView):
             tenant=g.tenant, model=request.files.get("model"), data=request.files.get("data"),
             student=request.files.get("student"), spec_text=_spec_text(),
             callback_url=request.form.get("callback_url") or None,
-            idempotency_key=request.headers.get("Idempotency-Key"))
+            idempotency_key=request.headers.get("Idempotency-Key"),
+            job_id=request.upload_job_id)  # after the parts above: reading them parses the body
         accepted = submit(submission, current_app.extensions["modelpress"], _store(), _objects(),
                           lambda job_id, generation: enqueue_job(current_app, job_id, generation))
         headers = {"Location": url_for("jobs.Job", job_id=accepted.job["id"])}
