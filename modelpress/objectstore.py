@@ -23,12 +23,15 @@ from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlparse
 
 from modelpress.config import Settings
 from modelpress.faults import pause_point
 from modelpress.storage import JobFiles, Storage, read_json, write_json_atomic
+
+if TYPE_CHECKING:
+    from modelpress.jobs import JobStore
 
 # Multipart from 16 MB in 16 MB parts, 8 at a time: at most ~128 MB of one transfer is in memory.
 PART_BYTES = 16 << 20
@@ -94,6 +97,10 @@ class ObjectStore(ABC):
     def drop_streams(self, job_id: str) -> None:
         """API, when the request ends (and before ``delete``): abort what ``stream_writer`` started
         for the job and ``keep_inputs`` did not complete."""
+
+    def unavailable(self) -> str | None:
+        """/readyz: why the store cannot take jobs' files now, or None."""
+        return None  # the data directory: the API could not have started without it
 
     @abstractmethod
     def keep_inputs(self, job_id: str) -> None:
@@ -296,25 +303,34 @@ class S3Objects(ObjectStore):
         # Unset overrides leave boto3's own chain: AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, the key
         # variables, AWS_PROFILE and ~/.aws, instance roles.
         session = boto3.session.Session(profile_name=settings.s3_profile or None)
-        self.client = session.client(
-            "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region or None,
-            aws_access_key_id=settings.s3_access_key_id or None,
-            aws_secret_access_key=settings.s3_secret_access_key or None,
-            # SigV4 everywhere: presigned URLs otherwise fall back to SigV2, which AWS refuses in newer
-            # regions and SeaweedFS refuses once response-content-disposition is signed.
-            # Checksums only where the API requires them: the SHA-256 is ours already (computed as the
-            # upload arrives, stored as metadata and in the record), and a CRC32 of every part costs CPU.
-            config=Config(signature_version="s3v4", retries={"mode": "standard", "max_attempts": 5},
-                          connect_timeout=5, read_timeout=60, request_checksum_calculation="when_required",
-                          response_checksum_validation="when_required",
-                          s3={"addressing_style": "path"} if (settings.s3_endpoint_url or _env_endpoint()) else None),
-        )
+        # SigV4 everywhere: presigned URLs otherwise fall back to SigV2, which AWS refuses in newer
+        # regions and SeaweedFS refuses once response-content-disposition is signed.
+        # Checksums only where the API requires them: the SHA-256 is ours already (computed as the
+        # upload arrives, stored as metadata and in the record), and a CRC32 of every part costs CPU.
+        config = Config(signature_version="s3v4", retries={"mode": "standard", "max_attempts": 5},
+                        connect_timeout=5, read_timeout=60, request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required",
+                        s3={"addressing_style": "path"} if (settings.s3_endpoint_url or _env_endpoint()) else None)
+        client = functools.partial(
+            session.client, "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region or None,
+            aws_access_key_id=settings.s3_access_key_id or None, aws_secret_access_key=settings.s3_secret_access_key or None)
+        self.client = client(config=config)
+        self._probe = client(config=config.merge(Config(retries={"mode": "standard", "max_attempts": 1},
+                                                        connect_timeout=2, read_timeout=5)))
         self.transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
                                        max_concurrency=TRANSFER_THREADS, use_threads=True)
         self.stream_part_bytes = settings.s3_part_mb << 20
         self._streams: dict[str, dict[str, PartStream]] = {}  # job id -> key -> this process's streamed uploads
         self._streams_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None  # made on first use: gunicorn forks after create_app
+
+    def unavailable(self) -> str | None:
+        # One quick try, not the transfers' five with back-off: a readiness probe must answer fast.
+        try:
+            self._probe.head_bucket(Bucket=self.bucket)
+        except Exception as error:
+            return f"object store s3://{self.bucket} does not answer: {error}"
+        return None
 
     def key(self, job_id: str, path: Path) -> str:
         """The object key of one of the job's files, from its local path (one naming for both stores)."""
@@ -461,6 +477,35 @@ class S3Objects(ObjectStore):
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             names.update(item["Key"] for item in page.get("Contents", []))
         return names
+
+
+def remove_job(store: "JobStore", objects: ObjectStore, job_id: str) -> bool:
+    """DELETE and retention: the record first (from then on the API answers 404, never a 500 on a
+    half-removed job), then the files. A store that does not answer leaves the job's id for the
+    reaper to retry (``remove_files_left``); returns whether the files went."""
+    store.delete(job_id)
+    return _remove_files(store, objects, job_id)
+
+
+def remove_files_left(store: "JobStore", objects: ObjectStore) -> list[str]:
+    """Reaper: retry the files of deleted jobs that the store did not remove; the ids removed now."""
+    removed = []
+    for job_id in store.jobs_with_files_left():
+        if not _remove_files(store, objects, job_id):
+            break  # still down: the next sweep tries again
+        removed.append(job_id)
+    return removed
+
+
+def _remove_files(store: "JobStore", objects: ObjectStore, job_id: str) -> bool:
+    try:
+        objects.delete(job_id)
+    except StoreUnavailable as error:
+        store.files_left(job_id)
+        log.warning("job %s: files not removed (%s); the reaper retries", job_id, error, extra={"job_id": job_id})
+        return False
+    store.files_left(job_id, removed=True)
+    return True
 
 
 def open_object_store(settings: Settings, storage: Storage | None = None) -> ObjectStore:

@@ -12,7 +12,7 @@ from modelpress import jobs
 from modelpress.formats import FILE_SUFFIX, TORCHSCRIPT
 from modelpress.jobs import JobStore, public_view, utc_now
 from modelpress.spec import MAX_SPEC_BYTES
-from modelpress.objectstore import LocalObjects, ObjectStore
+from modelpress.objectstore import LocalObjects, ObjectStore, remove_job
 from service.auth import require_tenant
 from service.problems import ApiProblem
 from modelpress.webhooks import tenant_secret
@@ -90,8 +90,7 @@ class Job(MethodView):
         cancelled = cancel(job_id)
         if cancelled is not None:
             return public_view(cancelled), 202
-        _store().delete(job_id)
-        _objects().delete(job_id)
+        remove_job(_store(), _objects(), job_id)  # a store away: the reaper removes the files later
         return "", 204
 
 

@@ -375,3 +375,31 @@ def test_a_client_that_disconnects_mid_upload_leaves_nothing_in_the_bucket(hosts
     assert hosts.unfinished_uploads() == before
     assert set(hosts.objects()) == objects
     assert hosts.client.session.get(hosts.client.url("/healthz")).status_code == 200  # the API carries on
+
+
+def test_readyz_checks_the_object_store(hosts: Hosts) -> None:
+    reachable = create_app(hosts.api.settings).test_client().get("/readyz")
+    assert reachable.status_code == 200, reachable.get_data(as_text=True)
+    # The same API pointed at an endpoint where no store answers (Redis and the workers are still up).
+    away = hosts.api.settings.with_changes(s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+    answer = create_app(away).test_client().get("/readyz")
+    assert answer.status_code == 503
+    assert f"object store s3://{BUCKET} does not answer" in answer.get_json()["detail"]
+
+
+def test_files_the_store_did_not_remove_are_removed_by_a_later_sweep(hosts: Hosts, tmp_path: Path) -> None:
+    job = hosts.client.wait(hosts.client.submit(save_scripted(SmallConvNet(), tmp_path / "conv.pt"), {
+        "method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": EVALUATION}).json()["id"], timeout=120)
+    assert job["state"] == "succeeded", job["error"]
+    expiring = hosts.workers["a"].settings.with_changes(retention_hours=1e-9)
+    away = expiring.with_changes(s3_endpoint_url=f"http://127.0.0.1:{free_port()}")  # no store answers there
+    _, expired = Reaper(away, make_celery(away)).sweep()
+
+    assert expired == [job["id"]] and hosts.record(job["id"]) == {}  # the record went
+    assert any(job["id"] in key for key in hosts.objects())  # the files could not
+    store = JobStore(redis.Redis.from_url(hosts.api.settings.redis_url))
+    assert store.jobs_with_files_left() == [job["id"]]
+
+    Reaper(expiring, make_celery(expiring)).sweep()  # the store is back
+    assert [key for key in hosts.objects() if job["id"] in key] == []
+    assert store.jobs_with_files_left() == []
