@@ -320,6 +320,9 @@ class S3Objects(ObjectStore):
         self.transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
                                        max_concurrency=TRANSFER_THREADS, use_threads=True)
         self.stream_part_bytes = settings.s3_part_mb << 20
+        if settings.max_upload_mb > settings.s3_part_mb * MAX_PARTS:
+            raise ValueError(f"MODELPRESS_MAX_UPLOAD_MB={settings.max_upload_mb} needs more than S3's {MAX_PARTS} parts "
+                             f"of MODELPRESS_S3_PART_MB={settings.s3_part_mb}: raise the part size")
         self._streams: dict[str, dict[str, PartStream]] = {}  # job id -> key -> this process's streamed uploads
         self._streams_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None  # made on first use: gunicorn forks after create_app

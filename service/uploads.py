@@ -68,7 +68,11 @@ class StreamingRequest(Request):
     (``upload_job_id``, which ``submit`` then uses). When the request ends, whatever ``keep_inputs``
     did not complete is aborted: a refused, failed or disconnected request leaves nothing in the bucket."""
 
-    upload_job_id: str | None = None
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.upload_job_id: str | None = None
+        self._objects: ObjectStore | None = None
+        self._fields_started: set[str] = set()
 
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):  # type: ignore[override]
         return HashingSpoolFile(current_app.extensions["modelpress_storage"].uploads_dir)
@@ -80,23 +84,19 @@ class StreamingRequest(Request):
 
     def _file_part_started(self, field: str, spool: IO[bytes]) -> None:
         objects: ObjectStore = current_app.extensions["modelpress_objects"]
-        if field not in UPLOAD_FIELDS or not isinstance(spool, HashingSpoolFile) or field in self._streamed_fields:
+        if field not in UPLOAD_FIELDS or not isinstance(spool, HashingSpoolFile) or field in self._fields_started:
             return  # only the first part of a name is the submission's (``request.files.get``)
-        self._streamed_fields.add(field)
+        self._fields_started.add(field)
         job_id = self.upload_job_id or new_job_id()
         spool.writer = objects.stream_writer(job_id, upload_path(objects.storage.job(job_id), field))
         if spool.writer is not None:
             self.upload_job_id, self._objects = job_id, objects
 
-    @property
-    def _streamed_fields(self) -> set[str]:
-        return self.__dict__.setdefault("_fields_seen", set())
-
     def close(self) -> None:
         try:
-            if self.upload_job_id is not None:
+            if self._objects is not None:
                 self._objects.drop_streams(self.upload_job_id)
-        except Exception as error:  # the response is decided; delete's sweep (or a lifecycle rule) gets the rest
+        except Exception as error:  # the response is decided; a lifecycle rule on the bucket gets the rest
             log.warning("upload of job %s: unfinished parts not aborted (%s)", self.upload_job_id, error)
         finally:
             super().close()
