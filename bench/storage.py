@@ -110,29 +110,47 @@ def settings_for(data_dir: Path, **changes: Any) -> Settings:
                     job_memory_mb=16384, job_timeout_s=1800, api_workers=2).with_changes(**changes)
 
 
-def upload(session: requests.Session, base_url: str, model: Path, sha_in: str) -> tuple[dict[str, Any], float]:
+def cpu_seconds() -> dict[str, float]:
+    """CPU time so far of the API's processes (gunicorn) and of the S3 server (weed) this bench started."""
+    seconds = {"api": 0.0, "store": 0.0}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            command, times = " ".join(child.cmdline()), child.cpu_times()
+        except psutil.Error:
+            continue  # exited meanwhile
+        role = "api" if "gunicorn" in command else "store" if "weed" in command else None
+        if role:
+            seconds[role] += times.user + times.system
+    return seconds
+
+
+def upload(session: requests.Session, base_url: str, model: Path, sha_in: str) -> tuple[dict[str, Any], dict[str, float]]:
+    """Submit the model; the job and the upload's figures: time, throughput, CPU seconds of the API and the store."""
     body = MultipartFile(model, SPEC)
+    cpu_before = cpu_seconds()
     started = time.perf_counter()
     answer = session.post(f"{base_url}/v1/jobs", data=body, timeout=1800,
                           headers={"Content-Type": f"multipart/form-data; boundary={body.boundary}"})
     upload_s = time.perf_counter() - started
+    cpu_after = cpu_seconds()
     assert answer.status_code == 202, answer.text
     assert answer.json()["input"]["sha256"] == sha_in
-    return answer.json(), upload_s
+    return answer.json(), {"upload_s": upload_s, "upload_mb_s": model.stat().st_size / 2**20 / upload_s,
+                           **{f"upload_{role}_cpu_s": cpu_after[role] - cpu_before[role] for role in cpu_after}}
 
 
 def measure_upload(base_url: str, model: Path, sha_in: str) -> dict[str, Any]:
     """Upload only (no worker runs): the job stays queued, then is cancelled and deleted."""
     session = requests.Session()
-    job, upload_s = upload(session, base_url, model, sha_in)
+    job, figures = upload(session, base_url, model, sha_in)
     assert session.delete(f"{base_url}/v1/jobs/{job['id']}", timeout=600).status_code == 202  # cancelled
     assert session.delete(f"{base_url}/v1/jobs/{job['id']}", timeout=600).status_code == 204  # files removed
-    return {"upload_s": upload_s, "upload_mb_s": model.stat().st_size / 2**20 / upload_s}
+    return figures
 
 
 def measure(base_url: str, model: Path, sha_in: str) -> dict[str, Any]:
     session = requests.Session()
-    job, upload_s = upload(session, base_url, model, sha_in)
+    job, figures = upload(session, base_url, model, sha_in)
     while job["state"] not in ("succeeded", "failed", "cancelled"):
         time.sleep(0.1)
         job = session.get(f"{base_url}/v1/jobs/{job['id']}", timeout=30).json()
@@ -147,8 +165,7 @@ def measure(base_url: str, model: Path, sha_in: str) -> dict[str, Any]:
     download_s = time.perf_counter() - started
     assert digest.hexdigest() == job["result"]["sha256"]
     session.delete(f"{base_url}/v1/jobs/{job['id']}", timeout=600)  # frees the disk (and the bucket) for the next
-    return {"upload_s": upload_s, "upload_mb_s": model.stat().st_size / 2**20 / upload_s,
-            "job_s": _seconds(job["finished_at"]) - _seconds(job["created_at"]),
+    return {**figures, "job_s": _seconds(job["finished_at"]) - _seconds(job["created_at"]),
             "download_s": download_s, "download_mb_s": size / 2**20 / download_s, "output_mb": size / 2**20}
 
 
@@ -180,8 +197,8 @@ def run_layout(layout: str, root: Path, models: dict[int, Path], digests: dict[i
             results[megabytes] = [measure_upload(api.base_url, models[megabytes], digests[megabytes])
                                   for _ in range(reps[megabytes])]
             for row in results[megabytes]:
-                print(f"{layout:>6} {megabytes:>6} MB  upload {row['upload_s']:7.2f} s ({row['upload_mb_s']:7.1f} MB/s)",
-                      flush=True)
+                print(f"{layout:>6} {megabytes:>6} MB  upload {row['upload_s']:7.2f} s ({row['upload_mb_s']:7.1f} MB/s; "
+                      f"CPU s: API {row['upload_api_cpu_s']:.1f}, store {row['upload_store_cpu_s']:.1f})", flush=True)
         if layout == "local":
             api.start_worker()
         else:
@@ -194,7 +211,8 @@ def run_layout(layout: str, root: Path, models: dict[int, Path], digests: dict[i
             for _ in range(reps[megabytes]):
                 row = measure(api.base_url, models[megabytes], digests[megabytes])
                 results[megabytes].append(row)
-                print(f"{layout:>6} {megabytes:>6} MB  upload {row['upload_s']:7.2f} s ({row['upload_mb_s']:7.1f} MB/s)  "
+                print(f"{layout:>6} {megabytes:>6} MB  upload {row['upload_s']:7.2f} s ({row['upload_mb_s']:7.1f} MB/s; "
+                      f"CPU s: API {row['upload_api_cpu_s']:.1f}, store {row['upload_store_cpu_s']:.1f})  "
                       f"job {row['job_s']:7.2f} s  download {row['download_s']:6.2f} s ({row['download_mb_s']:7.1f} MB/s)",
                       flush=True)
         return results
@@ -236,14 +254,16 @@ def main() -> None:
         finally:
             s3.stop()
     summary = {}
-    print(f"\n{'size':>8} {'layout':>6} {'upload MB/s':>12} {'job s':>8} {'download MB/s':>14}")
+    print(f"\n{'size':>8} {'layout':>6} {'upload MB/s':>12} {'API CPU s':>10} {'store CPU s':>12} {'job s':>8} "
+          f"{'download MB/s':>14}")
     for megabytes in sizes:
         for layout in ("local", "s3"):
             rows = runs[layout][megabytes]
             summary.setdefault(str(megabytes), {})[layout] = {
                 key: statistics.median(row[key] for row in rows) for key in rows[0]}
             figures = summary[str(megabytes)][layout]
-            print(f"{megabytes:>6}MB {layout:>6} {figures['upload_mb_s']:12.1f} {_or_dash(figures, 'job_s', '8.2f')} "
+            print(f"{megabytes:>6}MB {layout:>6} {figures['upload_mb_s']:12.1f} {figures['upload_api_cpu_s']:10.1f} "
+                  f"{figures['upload_store_cpu_s']:12.1f} {_or_dash(figures, 'job_s', '8.2f')} "
                   f"{_or_dash(figures, 'download_mb_s', '14.1f')}")
         local, remote = summary[str(megabytes)]["local"], summary[str(megabytes)]["s3"]
         ratios = {"upload_local_over_s3": local["upload_mb_s"] / remote["upload_mb_s"]}
