@@ -270,7 +270,7 @@ class RawSubmission:
     """A POST /v1/jobs sent by hand in pieces, so a test can look at the bucket while the body is
     still arriving, then finish the request or drop the connection."""
 
-    def __init__(self, base_url: str, parts: list[tuple[str, bytes, str | None]]) -> None:
+    def __init__(self, base_url: str, parts: list[tuple[str, bytes, str | None]], **headers: str) -> None:
         boundary = uuid.uuid4().hex
         self.body = b"".join(
             f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
@@ -281,6 +281,8 @@ class RawSubmission:
         self.connection.putrequest("POST", "/v1/jobs")
         self.connection.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
         self.connection.putheader("Content-Length", str(len(self.body)))
+        for name, value in headers.items():
+            self.connection.putheader(name.replace("_", "-"), value)
         self.connection.endheaders()
         self.sent = 0
 
@@ -359,6 +361,25 @@ def test_a_request_refused_after_its_model_streamed_leaves_nothing_in_the_bucket
     assert hosts.unfinished_uploads() == before  # the streamed upload was aborted
     assert set(hosts.objects()) == objects
     assert hosts.s3.client().list_objects_v2(Bucket=BUCKET, Prefix=key.rsplit("/input/", 1)[0]).get("KeyCount") == 0
+
+
+def test_an_idempotent_replay_keeps_only_the_first_jobs_upload(hosts: Hosts, ballast: bytes) -> None:
+    key = f"replay-{uuid.uuid4().hex}"
+    parts = [("spec", json.dumps(BALLAST_SPEC).encode(), None), ("model", ballast, "ballast.pt")]
+    status, first = RawSubmission(hosts.api.base_url, parts, Idempotency_Key=key).finish()
+    assert status == 202, first
+    before = hosts.unfinished_uploads()
+    replay = RawSubmission(hosts.api.base_url, parts, Idempotency_Key=key)
+    replay.send(len(replay.body) - (1 << 20))
+    _, streamed = _new_upload(hosts, before)  # the replay's own upload, under a job id of its own
+    status, job = replay.finish()
+
+    assert status == 202 and job["id"] == first["id"], job
+    assert streamed != f"{PREFIX}{first['id']}/input/model.pt"
+    assert hosts.unfinished_uploads() == before  # the replay's upload was aborted
+    assert not any(name.startswith(streamed.rsplit("/input/", 1)[0]) for name in hosts.objects())
+    hosts.client.wait(first["id"], timeout=300)
+    assert hosts.client.session.delete(hosts.client.url(f"/v1/jobs/{first['id']}")).status_code == 204
 
 
 def test_a_client_that_disconnects_mid_upload_leaves_nothing_in_the_bucket(hosts: Hosts, ballast: bytes) -> None:
