@@ -52,6 +52,7 @@ class Settings:
     s3_secret_access_key: str | None = None
     s3_profile: str | None = None
     s3_presign_s: int = 0  # >0: model downloads redirect to a presigned URL valid this long
+    s3_part_mb: int = 16  # uploads stream to the bucket in parts of this size (S3's minimum is 5)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
@@ -108,6 +109,7 @@ class Settings:
             s3_secret_access_key=env.get("MODELPRESS_S3_SECRET_ACCESS_KEY") or None,
             s3_profile=env.get("MODELPRESS_S3_PROFILE") or None,
             s3_presign_s=number("S3_PRESIGN_S", 1) if env.get("MODELPRESS_S3_PRESIGN_S", "0") not in ("", "0") else 0,
+            s3_part_mb=_at_least("S3_PART_MB", number("S3_PART_MB", defaults.s3_part_mb), 5),
         )
 
     def with_changes(self, **changes: object) -> "Settings":
@@ -154,6 +156,7 @@ class Settings:
                 env[f"MODELPRESS_{name.upper()}"] = getattr(self, name)
         if self.s3_presign_s:
             env["MODELPRESS_S3_PRESIGN_S"] = str(self.s3_presign_s)
+        env["MODELPRESS_S3_PART_MB"] = str(self.s3_part_mb)
         return env
 
     @property
@@ -200,4 +203,10 @@ def _choice(name: str, raw: str, allowed: tuple[str, ...]) -> str:
     value = raw.strip().lower()
     if value not in allowed:
         raise ValueError(f"MODELPRESS_{name} must be one of {', '.join(allowed)}, got {raw!r}")
+    return value
+
+
+def _at_least(name: str, value: int, least: int) -> int:
+    if value < least:
+        raise ValueError(f"MODELPRESS_{name} must be at least {least}, got {value}")
     return value

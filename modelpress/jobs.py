@@ -62,6 +62,7 @@ _QUEUED = _PREFIX + "queued"
 _FINISHED = _PREFIX + "finished"
 _OUTBOX = _PREFIX + "outbox"  # webhook events: sorted set scored by when each is due
 _OUTBOX_EVENTS = _PREFIX + "outbox:events"  # event id -> JSON
+_FILES_LEFT = _PREFIX + "files-left"  # ids of deleted jobs whose files the store did not remove (the reaper retries)
 
 # Every script reads the clock of the Redis server, not of the caller, so heartbeats written by
 # one machine and judged by another compare like with like.
@@ -440,6 +441,13 @@ class JobStore:
 
     def delete(self, job_id: str) -> None:
         self._delete(keys=[_key(job_id)], args=[job_id])
+
+    def files_left(self, job_id: str, removed: bool = False) -> None:
+        """Note (or, ``removed``, clear) a deleted job whose files are still to be removed."""
+        (self.redis.srem if removed else self.redis.sadd)(_FILES_LEFT, job_id)
+
+    def jobs_with_files_left(self) -> list[str]:
+        return sorted(_text(i) for i in self.redis.smembers(_FILES_LEFT))
 
     def page(self, tenant: str, state: str | None = None, limit: int = 20,
              after: str | None = None) -> tuple[list[dict[str, Any]], str | None]:

@@ -16,21 +16,33 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import shutil
+import threading
 from abc import ABC, abstractmethod
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlparse
 
 from modelpress.config import Settings
 from modelpress.faults import pause_point
 from modelpress.storage import JobFiles, Storage, read_json, write_json_atomic
 
+if TYPE_CHECKING:
+    from modelpress.jobs import JobStore
+
 # Multipart from 16 MB in 16 MB parts, 8 at a time: at most ~128 MB of one transfer is in memory.
 PART_BYTES = 16 << 20
 TRANSFER_THREADS = 8
 STREAM_CHUNK = 1 << 20
+# An upload streamed as the request arrives (``PartStream``): at most this many parts in flight,
+# plus the one filling, so a 16 MB part size holds at most 80 MB of one upload in memory.
+PARTS_IN_FLIGHT = 4
+MAX_PARTS = 10_000  # S3's limit per multipart upload
+
+log = logging.getLogger("modelpress.objectstore")
 
 
 class InputsMissing(Exception):
@@ -75,6 +87,20 @@ class ObjectStore(ABC):
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage  # the local data directory: uploads spool here, jobs run here
+
+    def stream_writer(self, job_id: str, path: Path) -> "PartStream | None":
+        """API, when a file part of a submission starts: where to send its bytes as they arrive, on top
+        of the local spool (``path`` is the file's local name in the job's directory). None: the spool
+        is all (the local store keeps it where it is)."""
+        return None
+
+    def drop_streams(self, job_id: str) -> None:
+        """API, when the request ends (and before ``delete``): abort what ``stream_writer`` started
+        for the job and ``keep_inputs`` did not complete."""
+
+    def unavailable(self) -> str | None:
+        """/readyz: why the store cannot take jobs' files now, or None."""
+        return None  # the data directory: the API could not have started without it
 
     @abstractmethod
     def keep_inputs(self, job_id: str) -> None:
@@ -155,6 +181,109 @@ class LocalObjects(ObjectStore):
         self.storage.delete(job_id)
 
 
+class PartStream:
+    """One uploaded file on its way to its object while the request is still arriving: ``write`` (from
+    the request's thread) collects bytes, and every ``part_bytes`` goes to an S3 multipart upload from
+    a shared thread pool. At most ``PARTS_IN_FLIGHT`` parts are in flight: when the store is slower
+    than the client, ``write`` waits, so the request is read more slowly instead of filling memory.
+
+    Nothing is visible in the bucket until ``complete``; ``abort`` (a refused request) first waits for
+    the parts in flight, since a part that lands after the abort would keep taking space. A file
+    smaller than one part never starts a multipart upload: ``complete`` sends it from the spool. A
+    store error stops the streaming (the request still spools locally) and ``complete`` raises it.
+    """
+
+    def __init__(self, client: Any, bucket: str, key: str, part_bytes: int, pool: ThreadPoolExecutor) -> None:
+        self.client, self.bucket, self.key = client, bucket, key
+        self.part_bytes = part_bytes
+        self._pool = pool
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._slots = threading.BoundedSemaphore(PARTS_IN_FLIGHT)
+        self._parts: list[Future] = []
+        self.upload_id: str | None = None
+        self.bytes = 0
+        self.error: BaseException | None = None
+        self.ended = False  # the request's part is complete: the last part is sent
+        self.state = "open"  # then "completed" or "aborted"
+
+    def write(self, chunk: bytes) -> None:
+        if self.ended or self.state != "open":
+            raise ValueError(f"{self.key}: written after its end")
+        self.bytes += len(chunk)
+        if self.error is not None:
+            return  # already failed: the spool still takes the bytes, complete() raises
+        self._chunks.append(chunk)
+        self._buffered += len(chunk)
+        if self._buffered >= self.part_bytes:
+            self._send()
+
+    def end(self) -> None:
+        """The file part is over: send what is left as the last part (a multipart upload only; a small
+        file waits for ``complete``, which sends it whole from the spool)."""
+        if self.ended:
+            return
+        self.ended = True
+        if self.upload_id is not None and self._buffered and self.error is None:
+            self._send()
+        self._chunks, self._buffered = [], 0
+
+    def _send(self) -> None:
+        body = b"".join(self._chunks)
+        self._chunks, self._buffered = [], 0
+        try:
+            if self.upload_id is None:
+                self.upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"]
+            if len(self._parts) >= MAX_PARTS:
+                raise ValueError(f"{self.key}: more than {MAX_PARTS} parts; raise MODELPRESS_S3_PART_MB")
+        except Exception as error:
+            self.error = error
+            return
+        self._slots.acquire()  # backpressure: wait while PARTS_IN_FLIGHT parts are on their way
+        if self.state != "open":  # aborted from another thread meanwhile
+            self._slots.release()
+            return
+        self._parts.append(self._pool.submit(self._upload_part, len(self._parts) + 1, body))
+
+    def _upload_part(self, number: int, body: bytes) -> dict[str, Any]:
+        try:
+            if self.error is not None or self.state != "open":
+                raise RuntimeError("skipped: the upload already failed or was aborted")
+            answer = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                                             PartNumber=number, Body=body)
+            return {"PartNumber": number, "ETag": answer["ETag"]}
+        except Exception as error:
+            if self.error is None:
+                self.error = error
+            raise
+        finally:
+            self._slots.release()
+
+    def complete(self, path: Path, transfer: Any) -> None:
+        """Publish the object; ``path`` is the local spool of the same bytes (it sends a small file whole)."""
+        self.end()
+        wait(self._parts)
+        if self.error is not None:
+            raise self.error
+        if self.upload_id is None:
+            self.client.upload_file(str(path), self.bucket, self.key, Config=transfer)
+        else:
+            if self.bytes != path.stat().st_size:  # every byte of the spool went to a part
+                raise RuntimeError(f"{self.key}: streamed {self.bytes} bytes, the spool holds {path.stat().st_size}")
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                MultipartUpload={"Parts": [part.result() for part in self._parts]})
+        self.state = "completed"
+
+    def abort(self) -> None:
+        if self.state != "open":
+            return
+        self.state = "aborted"
+        wait(self._parts)  # parts in flight finish (or fail) first; later ones are skipped
+        if self.upload_id is not None:
+            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+
+
 class S3Objects(ObjectStore):
     """An S3-compatible bucket through boto3; see docs/decisions.md, "Object storage"."""
 
@@ -174,21 +303,37 @@ class S3Objects(ObjectStore):
         # Unset overrides leave boto3's own chain: AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, the key
         # variables, AWS_PROFILE and ~/.aws, instance roles.
         session = boto3.session.Session(profile_name=settings.s3_profile or None)
-        self.client = session.client(
-            "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region or None,
-            aws_access_key_id=settings.s3_access_key_id or None,
-            aws_secret_access_key=settings.s3_secret_access_key or None,
-            # SigV4 everywhere: presigned URLs otherwise fall back to SigV2, which AWS refuses in newer
-            # regions and SeaweedFS refuses once response-content-disposition is signed.
-            # Checksums only where the API requires them: the SHA-256 is ours already (computed as the
-            # upload arrives, stored as metadata and in the record), and a CRC32 of every part costs CPU.
-            config=Config(signature_version="s3v4", retries={"mode": "standard", "max_attempts": 5},
-                          connect_timeout=5, read_timeout=60, request_checksum_calculation="when_required",
-                          response_checksum_validation="when_required",
-                          s3={"addressing_style": "path"} if (settings.s3_endpoint_url or _env_endpoint()) else None),
-        )
+        # SigV4 everywhere: presigned URLs otherwise fall back to SigV2, which AWS refuses in newer
+        # regions and SeaweedFS refuses once response-content-disposition is signed.
+        # Checksums only where the API requires them: the SHA-256 is ours already (computed as the
+        # upload arrives, stored as metadata and in the record), and a CRC32 of every part costs CPU.
+        config = Config(signature_version="s3v4", retries={"mode": "standard", "max_attempts": 5},
+                        connect_timeout=5, read_timeout=60, request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required",
+                        s3={"addressing_style": "path"} if (settings.s3_endpoint_url or _env_endpoint()) else None)
+        client = functools.partial(
+            session.client, "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region or None,
+            aws_access_key_id=settings.s3_access_key_id or None, aws_secret_access_key=settings.s3_secret_access_key or None)
+        self.client = client(config=config)
+        self._probe = client(config=config.merge(Config(retries={"mode": "standard", "max_attempts": 1},
+                                                        connect_timeout=2, read_timeout=5)))
         self.transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
                                        max_concurrency=TRANSFER_THREADS, use_threads=True)
+        self.stream_part_bytes = settings.s3_part_mb << 20
+        if settings.max_upload_mb > settings.s3_part_mb * MAX_PARTS:
+            raise ValueError(f"MODELPRESS_MAX_UPLOAD_MB={settings.max_upload_mb} needs more than S3's {MAX_PARTS} parts "
+                             f"of MODELPRESS_S3_PART_MB={settings.s3_part_mb}: raise the part size")
+        self._streams: dict[str, dict[str, PartStream]] = {}  # job id -> key -> this process's streamed uploads
+        self._streams_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None  # made on first use: gunicorn forks after create_app
+
+    def unavailable(self) -> str | None:
+        # One quick try, not the transfers' five with back-off: a readiness probe must answer fast.
+        try:
+            self._probe.head_bucket(Bucket=self.bucket)
+        except Exception as error:
+            return f"object store s3://{self.bucket} does not answer: {error}"
+        return None
 
     def key(self, job_id: str, path: Path) -> str:
         """The object key of one of the job's files, from its local path (one naming for both stores)."""
@@ -200,13 +345,41 @@ class S3Objects(ObjectStore):
 
     # ------------------------------------------------------------------ API: submit
 
+    def stream_writer(self, job_id: str, path: Path) -> PartStream:
+        with self._streams_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="s3-parts")
+            writer = PartStream(self.client, self.bucket, self.key(job_id, path), self.stream_part_bytes, self._pool)
+            self._streams.setdefault(job_id, {})[writer.key] = writer
+        return writer
+
     @_translated
     def keep_inputs(self, job_id: str) -> None:
         files = self.storage.job(job_id)
+        with self._streams_lock:
+            streams = dict(self._streams.get(job_id, {}))
         for path in self._inputs(files):
-            if path.exists():
-                self.client.upload_file(str(path), self.bucket, self.key(job_id, path), Config=self.transfer)
+            key = self.key(job_id, path)
+            writer = streams.get(key)
+            if writer is not None and path.exists():
+                writer.complete(path, self.transfer)  # streamed as the request arrived: only the last part is left
+            elif writer is not None:
+                writer.abort()  # a part the submission did not keep
+            elif path.exists():  # the spec; or a file that arrived other than through the request's parser
+                self.client.upload_file(str(path), self.bucket, key, Config=self.transfer)
         shutil.rmtree(files.root, ignore_errors=True)  # the API host keeps nothing of the job
+
+    def drop_streams(self, job_id: str) -> None:
+        with self._streams_lock:
+            streams = self._streams.pop(job_id, {})
+        failures = []
+        for writer in streams.values():
+            try:
+                writer.abort()
+            except Exception as error:  # the others are still aborted; delete's sweep retries this one
+                failures.append(error)
+        if failures:
+            raise StoreUnavailable(f"object store s3://{self.bucket}: {failures[0]}") from failures[0]
 
     # ------------------------------------------------------------------ supervisor
 
@@ -286,6 +459,7 @@ class S3Objects(ObjectStore):
 
     @_translated
     def delete(self, job_id: str) -> None:
+        self.drop_streams(job_id)  # a refused submission: its uploads in flight stop before the sweep below
         self.storage.delete(job_id)  # a submission's spooled files on the API host
         for workspace in (self.storage.data_dir / "work").glob(f"*/{job_id}"):  # left by a worker killed here
             shutil.rmtree(workspace, ignore_errors=True)
@@ -306,6 +480,35 @@ class S3Objects(ObjectStore):
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             names.update(item["Key"] for item in page.get("Contents", []))
         return names
+
+
+def remove_job(store: "JobStore", objects: ObjectStore, job_id: str) -> bool:
+    """DELETE and retention: the record first (from then on the API answers 404, never a 500 on a
+    half-removed job), then the files. A store that does not answer leaves the job's id for the
+    reaper to retry (``remove_files_left``); returns whether the files went."""
+    store.delete(job_id)
+    return _remove_files(store, objects, job_id)
+
+
+def remove_files_left(store: "JobStore", objects: ObjectStore) -> list[str]:
+    """Reaper: retry the files of deleted jobs that the store did not remove; the ids removed now."""
+    removed = []
+    for job_id in store.jobs_with_files_left():
+        if not _remove_files(store, objects, job_id):
+            break  # still down: the next sweep tries again
+        removed.append(job_id)
+    return removed
+
+
+def _remove_files(store: "JobStore", objects: ObjectStore, job_id: str) -> bool:
+    try:
+        objects.delete(job_id)
+    except StoreUnavailable as error:
+        store.files_left(job_id)
+        log.warning("job %s: files not removed (%s); the reaper retries", job_id, error, extra={"job_id": job_id})
+        return False
+    store.files_left(job_id, removed=True)
+    return True
 
 
 def open_object_store(settings: Settings, storage: Storage | None = None) -> ObjectStore:

@@ -32,9 +32,11 @@ class Health(MethodView):
 @blp.route("/readyz")
 class Ready(MethodView):
     @blp.response(200, HealthSchema)
-    @blp.alt_response(503, description="Redis or every worker is unreachable, or a worker cannot confine jobs")
+    @blp.alt_response(503, description="Redis, the object store or every worker is unreachable, or a worker cannot "
+                                       "confine jobs")
     def get(self) -> dict[str, Any]:
-        """Redis answers, at least one worker answers a ping, and no answering worker lacks its job sandbox."""
+        """Redis (and the object store, if one is set) answers, at least one worker answers a ping, and no
+        answering worker lacks its job sandbox."""
         detailed = may_see_operations()
         readiness = _readiness()
         if readiness["status"] != "ready":
@@ -61,6 +63,9 @@ def _readiness() -> dict[str, Any]:
         client.ping()
     except Exception:
         return {"status": "unready", "detail": "Redis does not answer"}
+    store_down = current_app.extensions["modelpress_objects"].unavailable()
+    if store_down:
+        return {"status": "unready", "detail": store_down}
     replies = current_app.extensions["celery"].control.ping(timeout=1.0) or []
     names = sorted(name for reply in replies for name in reply)
     if not names:

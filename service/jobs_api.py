@@ -12,7 +12,7 @@ from modelpress import jobs
 from modelpress.formats import FILE_SUFFIX, TORCHSCRIPT
 from modelpress.jobs import JobStore, public_view, utc_now
 from modelpress.spec import MAX_SPEC_BYTES
-from modelpress.objectstore import LocalObjects, ObjectStore
+from modelpress.objectstore import LocalObjects, ObjectStore, remove_job
 from service.auth import require_tenant
 from service.problems import ApiProblem
 from modelpress.webhooks import tenant_secret
@@ -52,7 +52,8 @@ class Jobs(MethodView):
             tenant=g.tenant, model=request.files.get("model"), data=request.files.get("data"),
             student=request.files.get("student"), spec_text=_spec_text(),
             callback_url=request.form.get("callback_url") or None,
-            idempotency_key=request.headers.get("Idempotency-Key"))
+            idempotency_key=request.headers.get("Idempotency-Key"),
+            job_id=request.upload_job_id)  # after the parts above: reading them parses the body
         accepted = submit(submission, current_app.extensions["modelpress"], _store(), _objects(),
                           lambda job_id, generation: enqueue_job(current_app, job_id, generation))
         headers = {"Location": url_for("jobs.Job", job_id=accepted.job["id"])}
@@ -89,8 +90,7 @@ class Job(MethodView):
         cancelled = cancel(job_id)
         if cancelled is not None:
             return public_view(cancelled), 202
-        _store().delete(job_id)
-        _objects().delete(job_id)
+        remove_job(_store(), _objects(), job_id)  # a store away: the reaper removes the files later
         return "", 204
 
 

@@ -29,7 +29,7 @@ from modelpress.spec import SpecError, declared_inputs, dump_spec, parse_spec, t
 from modelpress.storage import write_json_atomic
 from modelpress.webhooks import CallbackRefused, check_callback_url
 from service.problems import ApiProblem
-from service.uploads import keep_upload, upload_is_empty
+from service.uploads import UPLOAD_FIELDS, keep_upload, upload_is_empty, upload_path
 
 log = logging.getLogger("modelpress.api")
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -47,6 +47,7 @@ class Submission:
     spec_text: str | None
     callback_url: str | None
     idempotency_key: str | None
+    job_id: str | None = None  # made when the files started streaming to the object store (``StreamingRequest``)
 
 
 @dataclass(frozen=True)
@@ -58,13 +59,14 @@ class Accepted:
 def submit(submission: Submission, settings: Settings, store: JobStore, objects: ObjectStore,
            enqueue: Callable[[str, int], None]) -> Accepted:
     """Accept a job or raise ``ApiProblem`` (422, 409, 429); see the module's docstring."""
-    spec = _validate(submission, settings)
-    job_id = new_job_id()
+    job_id = submission.job_id or new_job_id()
     files = objects.storage.job(job_id)  # the request's files, local until kept (see ObjectStore.keep_inputs)
     recorded = False
     try:
+        spec = _validate(submission, settings)
         infos = {}
-        for part, path in (("model", files.input_model), ("student", files.input_student), ("data", files.input_data)):
+        for part in UPLOAD_FIELDS:
+            path = upload_path(files, part)
             upload = getattr(submission, part)
             if upload is None:
                 infos[part] = None

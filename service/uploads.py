@@ -1,26 +1,44 @@
 """Files in and out of the API: uploads stream to disk as they arrive (never held whole in memory,
-hashed on the way); downloads can be gzip-compressed once and kept."""
+hashed on the way, and with an object store also sent to the bucket part by part); downloads can be
+gzip-compressed once and kept."""
 from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import shutil
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 from flask import Request, current_app
 from werkzeug.datastructures import FileStorage
+from werkzeug.formparser import FormDataParser, MultiPartParser
+
+from modelpress.jobs import new_job_id
+from modelpress.objectstore import ObjectStore, PartStream
+from modelpress.storage import JobFiles
+
+# The file parts a submission keeps, and the job file each becomes.
+UPLOAD_FIELDS = {"model": "input_model", "student": "input_student", "data": "input_data"}
+
+
+def upload_path(files: JobFiles, field: str) -> Path:
+    return getattr(files, UPLOAD_FIELDS[field])
+
+log = logging.getLogger("modelpress.api")
 
 
 class HashingSpoolFile:
-    """A named temp file in the data directory that counts bytes and computes SHA-256 as it is written."""
+    """A named temp file in the data directory that counts bytes and computes SHA-256 as it is written,
+    and feeds ``writer`` (the object store's, when there is one) the same bytes."""
 
     def __init__(self, directory: Path) -> None:
         self._file: IO[bytes] = tempfile.NamedTemporaryFile(dir=directory, prefix="upload-", delete=True)
         self.sha256 = hashlib.sha256()
         self.bytes = 0
+        self.writer: PartStream | None = None
 
     @property
     def name(self) -> str:
@@ -29,15 +47,89 @@ class HashingSpoolFile:
     def write(self, chunk: bytes) -> int:
         self.sha256.update(chunk)
         self.bytes += len(chunk)
+        if self.writer is not None:
+            self.writer.write(chunk)
         return self._file.write(chunk)
+
+    def seek(self, *args: Any) -> int:
+        # werkzeug rewinds each file part once it is complete: its last bytes can go to the store now,
+        # while the submission checks the archive.
+        if self.writer is not None:
+            self.writer.end()
+        return self._file.seek(*args)
 
     def __getattr__(self, attribute: str) -> Any:  # read, seek, tell, flush, close ...
         return getattr(self._file, attribute)
 
 
 class StreamingRequest(Request):
+    """Spools file parts (``HashingSpoolFile``); with an object store, streams the submission's file
+    parts to their objects as they arrive, under a job id made when the first of them starts
+    (``upload_job_id``, which ``submit`` then uses). When the request ends, whatever ``keep_inputs``
+    did not complete is aborted: a refused, failed or disconnected request leaves nothing in the bucket."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.upload_job_id: str | None = None
+        self._objects: ObjectStore | None = None
+        self._fields_started: set[str] = set()
+
     def _get_file_stream(self, total_content_length, content_type, filename=None, content_length=None):  # type: ignore[override]
         return HashingSpoolFile(current_app.extensions["modelpress_storage"].uploads_dir)
+
+    def make_form_data_parser(self) -> FormDataParser:
+        return _FieldAwareFormDataParser(
+            self._file_part_started, stream_factory=self._get_file_stream, max_form_memory_size=self.max_form_memory_size,
+            max_content_length=self.max_content_length, max_form_parts=self.max_form_parts, cls=self.parameter_storage_class)
+
+    def _file_part_started(self, field: str, spool: IO[bytes]) -> None:
+        objects: ObjectStore = current_app.extensions["modelpress_objects"]
+        if field not in UPLOAD_FIELDS or not isinstance(spool, HashingSpoolFile) or field in self._fields_started:
+            return  # only the first part of a name is the submission's (``request.files.get``)
+        self._fields_started.add(field)
+        job_id = self.upload_job_id or new_job_id()
+        spool.writer = objects.stream_writer(job_id, upload_path(objects.storage.job(job_id), field))
+        if spool.writer is not None:
+            self.upload_job_id, self._objects = job_id, objects
+
+    def close(self) -> None:
+        try:
+            if self._objects is not None:
+                self._objects.drop_streams(self.upload_job_id)
+        except Exception as error:  # the response is decided; a lifecycle rule on the bucket gets the rest
+            log.warning("upload of job %s: unfinished parts not aborted (%s)", self.upload_job_id, error)
+        finally:
+            super().close()
+
+
+class _FieldAwareFormDataParser(FormDataParser):
+    """werkzeug's parser, telling ``file_part_started`` each file part's field name as the part starts
+    (werkzeug's stream factory is not given it)."""
+
+    def __init__(self, file_part_started: Callable[[str, IO[bytes]], None], **options: Any) -> None:
+        super().__init__(**options)
+        self.file_part_started = file_part_started
+
+    def _parse_multipart(self, stream, mimetype, content_length, options):  # type: ignore[override]
+        boundary = options.get("boundary", "").encode("ascii")
+        if not boundary:
+            raise ValueError("Missing boundary")
+        parser = _FieldAwareMultiPartParser(self.file_part_started, stream_factory=self.stream_factory,
+                                            max_form_memory_size=self.max_form_memory_size,
+                                            max_form_parts=self.max_form_parts, cls=self.cls)
+        form, files = parser.parse(stream, boundary, content_length)
+        return stream, form, files
+
+
+class _FieldAwareMultiPartParser(MultiPartParser):
+    def __init__(self, file_part_started: Callable[[str, IO[bytes]], None], **options: Any) -> None:
+        super().__init__(**options)
+        self.file_part_started = file_part_started
+
+    def start_file_streaming(self, event, total_content_length):  # type: ignore[override]
+        container = super().start_file_streaming(event, total_content_length)
+        self.file_part_started(event.name, container)
+        return container
 
 
 def keep_upload(upload: FileStorage, destination: Path) -> dict[str, Any]:

@@ -10,7 +10,9 @@ remove expired ones.
   turns up later is dropped by the claim. The next supervisor counts a delivery, so a job that
   keeps killing workers still ends ``failed``.
 - Retention: finished jobs older than ``MODELPRESS_RETENTION_HOURS`` lose their record, then
-  their files, local or in the object store (a download in between answers 404, never 500).
+  their files, local or in the object store (a download in between answers 404, never 500). Files
+  the object store did not remove (it was away, for this or for a ``DELETE``) are retried at each
+  sweep (``modelpress.objectstore.remove_files_left``).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from celery import Celery
 
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
-from modelpress.objectstore import open_object_store
+from modelpress.objectstore import open_object_store, remove_files_left, remove_job
 from workers.celery_app import QUEUE, send_job
 
 log = logging.getLogger("modelpress.reaper")
@@ -51,10 +53,11 @@ class Reaper:
     def sweep(self) -> tuple[list[str], list[str]]:
         """One pass; returns (re-sent job ids, expired job ids)."""
         resent = self.reconcile()
+        remove_files_left(self.store, self.objects)  # of jobs deleted while the object store was away
         expired = self.store.finished_before(time.time() - self.settings.retention_hours * 3600)
         for job_id in expired:
-            self.store.delete(job_id)  # the record first: from now on the API answers 404
-            self.objects.delete(job_id)
+            if not remove_job(self.store, self.objects, job_id):
+                break  # the store is away: the other jobs keep their records and expire at a later sweep
             log.info("job %s: removed after %s hours of retention", job_id, self.settings.retention_hours)
         return resent, expired
 

@@ -151,7 +151,8 @@ def new_job() -> Any:
             accepted = submit(
                 Submission(tenant=g.tenant, model=_file("model"), data=_file("data"), student=_file("student"),
                            spec_text=spec if isinstance(spec, str) else json.dumps(spec),
-                           callback_url=(request.form.get("callback_url") or "").strip() or None, idempotency_key=None),
+                           callback_url=(request.form.get("callback_url") or "").strip() or None, idempotency_key=None,
+                           job_id=request.upload_job_id),  # the body is parsed: the files streamed under it
                 current_app.extensions["modelpress"], current_app.extensions["modelpress_jobs"],
                 current_app.extensions["modelpress_objects"], lambda job_id, *rest: enqueue_job(current_app, job_id, *rest))
             return redirect(url_for("console.job_page", job_id=accepted.job["id"]), code=303)

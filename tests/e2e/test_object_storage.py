@@ -2,15 +2,19 @@
 data directory, against a real SeaweedFS S3 server (``modelpress.seaweed``) started for this module.
 
 Every method succeeds and downloads verify; a worker killed mid-job is taken over by the other;
-DELETE and retention remove the objects (the bucket ends empty).
+DELETE and retention remove the objects (the bucket ends empty). Uploads stream to the bucket in
+parts while the request arrives; a refused or abandoned request leaves nothing there.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
+import http.client
 import io
+import json
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -35,6 +39,7 @@ STORAGE_URL = f"s3://{BUCKET}/many-hosts"
 PREFIX = "many-hosts/jobs/"
 EVALUATION = {"runs": 2, "warmup": 0}
 SLOW = {"method": "quantize", "input_shape": [8, 64], "evaluation": {"runs": 20, "warmup": 0}}
+PART_MB = 5  # the smallest part S3 allows: a 12 MB model streams in three parts
 
 
 class Hosts:
@@ -42,7 +47,7 @@ class Hosts:
 
     def __init__(self, root: Path, s3: SeaweedServer) -> None:
         self.s3 = s3
-        common = dict(storage_url=STORAGE_URL, job_threads=1, webhook_secret="shared-across-hosts")
+        common = dict(storage_url=STORAGE_URL, job_threads=1, webhook_secret="shared-across-hosts", s3_part_mb=PART_MB)
         self.api = Stack(make_settings(root / "api-host", redis_url=None, **common), log_dir=root / "logs" / "api")
         self.api.start(worker=False)
         redis_url = self.api.settings.redis_url
@@ -59,6 +64,11 @@ class Hosts:
     def objects(self) -> list[str]:
         listing = self.s3.client().list_objects_v2(Bucket=BUCKET, Prefix=PREFIX)
         return [item["Key"] for item in listing.get("Contents", [])]
+
+    def unfinished_uploads(self) -> dict[str, str]:
+        """Multipart uploads started and neither completed nor aborted: upload id -> key."""
+        listing = self.s3.client().list_multipart_uploads(Bucket=BUCKET, Prefix=PREFIX)
+        return {upload["UploadId"]: upload["Key"] for upload in listing.get("Uploads", [])}
 
     def record(self, job_id: str) -> dict[str, Any]:
         return JobStore(redis.Redis.from_url(self.api.settings.redis_url)).get(job_id) or {}
@@ -242,3 +252,175 @@ def test_submission_while_the_store_is_unreachable_is_a_503_and_leaves_nothing(t
     assert answer.status_code == 503, answer.get_data(as_text=True)
     assert answer.mimetype == "application/problem+json" and "object store" in answer.get_json()["detail"]
     assert list((settings.data_dir / "jobs").iterdir()) == []  # the request's files were removed
+
+
+class Ballast(torch.nn.Module):
+    """A Linear layer the job quantizes and a float table of ``megabytes`` it keeps."""
+
+    def __init__(self, megabytes: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(64, 64)
+        self.table = torch.nn.Parameter(torch.randn(megabytes * (1 << 18)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + self.table[:64]
+
+
+class RawSubmission:
+    """A POST /v1/jobs sent by hand in pieces, so a test can look at the bucket while the body is
+    still arriving, then finish the request or drop the connection."""
+
+    def __init__(self, base_url: str, parts: list[tuple[str, bytes, str | None]], **headers: str) -> None:
+        boundary = uuid.uuid4().hex
+        self.body = b"".join(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
+            + (f'; filename="{filename}"\r\nContent-Type: application/octet-stream'.encode() if filename else b"")
+            + b"\r\n\r\n" + content + b"\r\n" for name, content, filename in parts) + f"--{boundary}--\r\n".encode()
+        host, port = base_url.split("//")[1].split(":")
+        self.connection = http.client.HTTPConnection(host, int(port), timeout=120)
+        self.connection.putrequest("POST", "/v1/jobs")
+        self.connection.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
+        self.connection.putheader("Content-Length", str(len(self.body)))
+        for name, value in headers.items():
+            self.connection.putheader(name.replace("_", "-"), value)
+        self.connection.endheaders()
+        self.sent = 0
+
+    def send(self, upto: int) -> None:
+        self.connection.send(self.body[self.sent:upto])
+        self.sent = upto
+
+    def finish(self) -> tuple[int, dict[str, Any]]:
+        self.send(len(self.body))
+        answer = self.connection.getresponse()
+        return answer.status, json.loads(answer.read())
+
+
+def _new_upload(hosts: Hosts, before: dict[str, str], timeout: float = 60) -> tuple[str, str]:
+    """The multipart upload the request in progress started, once it has at least one part in the bucket."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for upload_id, key in hosts.unfinished_uploads().items():
+            if upload_id not in before and hosts.s3.client().list_parts(
+                    Bucket=BUCKET, Key=key, UploadId=upload_id).get("Parts"):
+                return upload_id, key
+        time.sleep(0.1)
+    raise AssertionError(f"no multipart upload with a part appeared within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def ballast(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    path = tmp_path_factory.mktemp("ballast") / "ballast.pt"
+    torch.manual_seed(0)
+    torch.jit.script(Ballast(12).eval()).save(str(path))
+    return path.read_bytes()
+
+
+BALLAST_SPEC = {"method": "quantize", "input_shape": [1, 64], "evaluation": EVALUATION}
+
+
+def test_a_large_upload_streams_to_the_bucket_in_parts_while_it_arrives(hosts: Hosts, ballast: bytes) -> None:
+    before = hosts.unfinished_uploads()
+    request = RawSubmission(hosts.api.base_url, [("spec", json.dumps(BALLAST_SPEC).encode(), None),
+                                                 ("model", ballast, "ballast.pt")])
+    request.send(len(request.body) - (PART_MB << 20))  # a part in, two still to come
+    upload_id, key = _new_upload(hosts, before)
+    assert key.startswith(PREFIX) and key.endswith("/input/model.pt")
+    status, job = request.finish()
+
+    assert status == 202, job
+    assert key == f"{PREFIX}{job['id']}/input/model.pt"  # the job's own input, under the id made as it streamed
+    assert job["input"]["sha256"] == hashlib.sha256(ballast).hexdigest()
+    assert upload_id not in hosts.unfinished_uploads()  # completed
+    stored = hosts.s3.client().get_object(Bucket=BUCKET, Key=key)
+    assert stored["ETag"].strip('"').endswith("-3")  # 12 MB in three parts of 5, 5 and 2 MB
+    assert hashlib.sha256(stored["Body"].read()).hexdigest() == job["input"]["sha256"]
+    done = hosts.client.wait(job["id"], timeout=300)
+    torch.jit.load(io.BytesIO(_verified(hosts.client, done)))
+    assert hosts.client.session.delete(hosts.client.url(f"/v1/jobs/{job['id']}")).status_code == 204
+
+
+@pytest.mark.parametrize("after, refusal", [
+    (("spec", json.dumps({"method": "shrink"}).encode()), (422, "spec.method")),  # refused by submit
+    # Refused by the form parser (above Flask's 500 kB per field) before the view runs: only the
+    # request's end aborts the streamed upload.
+    (("callback_url", b"x" * 600_000), (413, None)),
+], ids=["bad-spec", "oversized-field"])
+def test_a_request_refused_after_its_model_streamed_leaves_nothing_in_the_bucket(
+        hosts: Hosts, ballast: bytes, after: tuple[str, bytes], refusal: tuple[int, str | None]) -> None:
+    objects, before = set(hosts.objects()), hosts.unfinished_uploads()
+    # The refused field comes after the model: it is read only once the model is in the store's parts.
+    request = RawSubmission(hosts.api.base_url, [("model", ballast, "ballast.pt"), (*after, None),
+                                                 ("spec", json.dumps(BALLAST_SPEC).encode(), None)])
+    request.send(len(ballast) - (1 << 20))
+    upload_id, key = _new_upload(hosts, before)
+    status, problem = request.finish()
+
+    assert status == refusal[0], problem
+    assert refusal[1] is None or refusal[1] in problem["errors"], problem
+    assert hosts.unfinished_uploads() == before  # the streamed upload was aborted
+    assert set(hosts.objects()) == objects
+    assert hosts.s3.client().list_objects_v2(Bucket=BUCKET, Prefix=key.rsplit("/input/", 1)[0]).get("KeyCount") == 0
+
+
+def test_an_idempotent_replay_keeps_only_the_first_jobs_upload(hosts: Hosts, ballast: bytes) -> None:
+    key = f"replay-{uuid.uuid4().hex}"
+    parts = [("spec", json.dumps(BALLAST_SPEC).encode(), None), ("model", ballast, "ballast.pt")]
+    status, first = RawSubmission(hosts.api.base_url, parts, Idempotency_Key=key).finish()
+    assert status == 202, first
+    before = hosts.unfinished_uploads()
+    replay = RawSubmission(hosts.api.base_url, parts, Idempotency_Key=key)
+    replay.send(len(replay.body) - (1 << 20))
+    _, streamed = _new_upload(hosts, before)  # the replay's own upload, under a job id of its own
+    status, job = replay.finish()
+
+    assert status == 202 and job["id"] == first["id"], job
+    assert streamed != f"{PREFIX}{first['id']}/input/model.pt"
+    assert hosts.unfinished_uploads() == before  # the replay's upload was aborted
+    assert not any(name.startswith(streamed.rsplit("/input/", 1)[0]) for name in hosts.objects())
+    hosts.client.wait(first["id"], timeout=300)
+    assert hosts.client.session.delete(hosts.client.url(f"/v1/jobs/{first['id']}")).status_code == 204
+
+
+def test_a_client_that_disconnects_mid_upload_leaves_nothing_in_the_bucket(hosts: Hosts, ballast: bytes) -> None:
+    objects, before = set(hosts.objects()), hosts.unfinished_uploads()
+    request = RawSubmission(hosts.api.base_url, [("spec", json.dumps(BALLAST_SPEC).encode(), None),
+                                                 ("model", ballast, "ballast.pt")])
+    request.send(len(ballast) - (1 << 20))
+    upload_id, _ = _new_upload(hosts, before)
+    request.connection.close()  # a megabyte short of the Content-Length it announced
+
+    deadline = time.monotonic() + 60
+    while upload_id in hosts.unfinished_uploads() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert hosts.unfinished_uploads() == before
+    assert set(hosts.objects()) == objects
+    assert hosts.client.session.get(hosts.client.url("/healthz")).status_code == 200  # the API carries on
+
+
+def test_readyz_checks_the_object_store(hosts: Hosts) -> None:
+    reachable = create_app(hosts.api.settings).test_client().get("/readyz")
+    assert reachable.status_code == 200, reachable.get_data(as_text=True)
+    # The same API pointed at an endpoint where no store answers (Redis and the workers are still up).
+    away = hosts.api.settings.with_changes(s3_endpoint_url=f"http://127.0.0.1:{free_port()}")
+    answer = create_app(away).test_client().get("/readyz")
+    assert answer.status_code == 503
+    assert f"object store s3://{BUCKET} does not answer" in answer.get_json()["detail"]
+
+
+def test_files_the_store_did_not_remove_are_removed_by_a_later_sweep(hosts: Hosts, tmp_path: Path) -> None:
+    job = hosts.client.wait(hosts.client.submit(save_scripted(SmallConvNet(), tmp_path / "conv.pt"), {
+        "method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": EVALUATION}).json()["id"], timeout=120)
+    assert job["state"] == "succeeded", job["error"]
+    expiring = hosts.workers["a"].settings.with_changes(retention_hours=1e-9)
+    away = expiring.with_changes(s3_endpoint_url=f"http://127.0.0.1:{free_port()}")  # no store answers there
+    _, expired = Reaper(away, make_celery(away)).sweep()
+
+    assert expired == [job["id"]] and hosts.record(job["id"]) == {}  # the record went
+    assert any(job["id"] in key for key in hosts.objects())  # the files could not
+    store = JobStore(redis.Redis.from_url(hosts.api.settings.redis_url))
+    assert store.jobs_with_files_left() == [job["id"]]
+
+    Reaper(expiring, make_celery(expiring)).sweep()  # the store is back
+    assert [key for key in hosts.objects() if job["id"] in key] == []
+    assert store.jobs_with_files_left() == []
