@@ -190,7 +190,17 @@ def _sample(text: str, series: str) -> float:
     return 0.0
 
 
+def _wait_until_idle(api: ApiClient, timeout: float = 300) -> None:
+    """No queued or running job left by earlier tests (one finishing later would move the counters)."""
+    deadline = time.monotonic() + timeout
+    while any(api.session.get(api.url(f"/v1/jobs?state={state}&limit=100")).json()["jobs"]
+              for state in ("queued", "running")):
+        assert time.monotonic() < deadline, "jobs of earlier tests are still queued or running"
+        time.sleep(0.2)
+
+
 def test_metrics_count_the_jobs_this_test_ran(stack, api: ApiClient, model: Path) -> None:
+    _wait_until_idle(api)
     before = api.session.get(api.url("/metrics")).text
     ok = [api.submit(model, QUICK).json() for _ in range(3)]
     bad = api.submit(model, {**QUICK, "input_shape": [1, 9, 8, 8]}).json()
