@@ -373,24 +373,28 @@ def test_an_int8_program_is_timed_as_int8_kernels_under_inductor(runtime: str, t
 
 
 def test_package_aoti_returns_a_compiled_package_that_computes_what_the_program_does(tmp_path: Path) -> None:
+    """An int8 program compiled by AOTInductor must compute what the program does: full-range int8
+    activations saturate oneDNN's kernels on CPUs without VNNI (16% of the largest output here)."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).eval()
-    path = save_exported(model, torch.randn(4, 64), tmp_path / "mlp.pt2")
-    spec = {"method": "prune", "prune": {"amount": 0.5}, "input_shape": [4, 64]}
+    model = torch.nn.Sequential(torch.nn.Linear(512, 2048), torch.nn.ReLU(), torch.nn.Linear(2048, 10)).eval()
+    path = save_exported(model, torch.randn(8, 512), tmp_path / "mlp.pt2")
+    spec = {"method": "quantize", "input_shape": [8, 512]}
     compress(path, _spec(spec), tmp_path / "program.pt2")
     output = tmp_path / "out.pt2"
     report = compress(path, _spec({**spec, "package": "aoti"}), output)
 
-    assert report["format"] == {"input": "pt2", "output": "aoti"}
-    assert report["package"]["bytes"] == output.stat().st_size and report["package"]["max_relative_error_to_program"] < 1e-4
+    assert report["format"] == {"input": "pt2", "output": "aoti"} and report["details"]["reduce_range"] is True
+    assert report["package"]["bytes"] == output.stat().st_size and report["package"]["max_relative_error_to_program"] < 1e-2
+    assert not report["warnings"]
     with pytest.raises(Exception):
         torch.export.load(output)  # not a program any more: a package of compiled kernels
     compiled = torch._inductor.aoti_load_package(str(output))
-    x = torch.randn(7, 64)  # the program's dynamic batch survived compilation
+    x = torch.randn(7, 512)  # the program's dynamic batch survived compilation
     with torch.no_grad():
         got, expected = compiled(x), torch.export.load(tmp_path / "program.pt2").module()(x)
     assert got.shape == expected.shape == (7, 10)
-    assert torch.allclose(got, expected, atol=1e-5)
+    assert float((got - expected).abs().max()) <= 1e-2 * float(expected.abs().max())
+
 
 
 class _DepthwiseNormBlock(torch.nn.Module):
