@@ -32,6 +32,9 @@ class Settings:
     max_active_jobs: int = 20  # queued + running jobs per tenant
     heartbeat_stale_s: int = 30  # a running job whose supervisor is silent this long is taken over
     retention_hours: float = 168.0  # finished jobs and their files are removed after this
+    # Files that no job record names (an API process killed mid-upload) are removed once this old;
+    # it must exceed the longest request (gunicorn ends one after 600 s).
+    orphan_after_s: int = 3600
     webhook_allow_private: bool = False  # allow callbacks to private, loopback and link-local addresses
     webhook_backoff_s: float = 5.0  # first retry delay; doubles each attempt, with jitter
     webhook_secret: str | None = None  # master secret; unset: one is made and kept in the data directory
@@ -93,6 +96,7 @@ class Settings:
             max_active_jobs=number("MAX_ACTIVE_JOBS", defaults.max_active_jobs),
             heartbeat_stale_s=number("HEARTBEAT_STALE_S", defaults.heartbeat_stale_s),
             retention_hours=float(env.get("MODELPRESS_RETENTION_HOURS") or defaults.retention_hours),
+            orphan_after_s=_at_least("ORPHAN_AFTER_S", number("ORPHAN_AFTER_S", defaults.orphan_after_s), 900),
             webhook_allow_private=env.get("MODELPRESS_WEBHOOK_ALLOW_PRIVATE", "").lower() in ("1", "true", "yes"),
             webhook_backoff_s=float(env.get("MODELPRESS_WEBHOOK_BACKOFF_S") or defaults.webhook_backoff_s),
             webhook_secret=env.get("MODELPRESS_WEBHOOK_SECRET") or None,
@@ -135,6 +139,7 @@ class Settings:
             "MODELPRESS_MAX_ACTIVE_JOBS": str(self.max_active_jobs),
             "MODELPRESS_HEARTBEAT_STALE_S": str(self.heartbeat_stale_s),
             "MODELPRESS_RETENTION_HOURS": str(self.retention_hours),
+            "MODELPRESS_ORPHAN_AFTER_S": str(self.orphan_after_s),
             "MODELPRESS_WEBHOOK_ALLOW_PRIVATE": "1" if self.webhook_allow_private else "",
             "MODELPRESS_WEBHOOK_BACKOFF_S": str(self.webhook_backoff_s),
             "MODELPRESS_SANDBOX": self.sandbox,

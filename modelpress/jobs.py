@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from datetime import datetime, timezone
 from typing import Any, Iterable, NamedTuple
@@ -63,6 +64,7 @@ _FINISHED = _PREFIX + "finished"
 _OUTBOX = _PREFIX + "outbox"  # webhook events: sorted set scored by when each is due
 _OUTBOX_EVENTS = _PREFIX + "outbox:events"  # event id -> JSON
 _FILES_LEFT = _PREFIX + "files-left"  # ids of deleted jobs whose files the store did not remove (the reaper retries)
+_UPLOADING = _PREFIX + "uploading"  # ids of jobs whose upload began, scored by when: settled by record or rollback
 
 # Every script reads the clock of the Redis server, not of the caller, so heartbeats written by
 # one machine and judged by another compare like with like.
@@ -275,6 +277,20 @@ def new_job_id(now: float | None = None) -> str:
     return "".join(alphabet[(value >> shift) & 31] for shift in range(125, -1, -5))
 
 
+_ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
+
+
+def job_id_time(job_id: str) -> float | None:
+    """When ``new_job_id`` made this id (epoch seconds), or None for a name that is not one of its ids."""
+    if not _ULID.match(job_id):
+        return None
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+    value = 0
+    for letter in job_id[:10]:  # the first 50 bits: 2 zero bits, then the 48-bit millisecond time
+        value = value * 32 + alphabet.index(letter)
+    return value / 1000
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -448,6 +464,28 @@ class JobStore:
 
     def jobs_with_files_left(self) -> list[str]:
         return sorted(_text(i) for i in self.redis.smembers(_FILES_LEFT))
+
+    # ------------------------------------------------------------------ uploads not yet settled
+
+    def upload_started(self, job_id: str) -> None:
+        """A request began to write files for this job id (kept from the first call)."""
+        self.redis.zadd(_UPLOADING, {job_id: time.time()}, nx=True)
+
+    def upload_settled(self, job_id: str) -> None:
+        """The request recorded the job, or removed what it wrote."""
+        self.redis.zrem(_UPLOADING, job_id)
+
+    def uploads_started_before(self, epoch_s: float) -> list[str]:
+        return [_text(i) for i in self.redis.zrangebyscore(_UPLOADING, "-inf", epoch_s)]
+
+    def states(self, job_ids: Iterable[str]) -> dict[str, str | None]:
+        """Each job's state, None for a job with no record (never recorded, or deleted)."""
+        ids = list(job_ids)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(_key(job_id), "state")
+            found = pipe.execute()
+        return {job_id: None if state is None else json.loads(state) for job_id, state in zip(ids, found)}
 
     def page(self, tenant: str, state: str | None = None, limit: int = 20,
              after: str | None = None) -> tuple[list[dict[str, Any]], str | None]:

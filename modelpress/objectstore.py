@@ -19,6 +19,7 @@ import json
 import logging
 import shutil
 import threading
+import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from urllib.parse import urlparse
 
 from modelpress.config import Settings
 from modelpress.faults import pause_point
+from modelpress.jobs import FINAL_STATES, job_id_time
 from modelpress.storage import JobFiles, Storage, read_json, write_json_atomic
 
 if TYPE_CHECKING:
@@ -47,6 +49,10 @@ log = logging.getLogger("modelpress.objectstore")
 
 class InputsMissing(Exception):
     """The job's inputs are not in the store (the job was deleted, or the bucket emptied)."""
+
+
+class InputsCorrupt(Exception):
+    """A staged input's bytes are not the ones uploaded (their SHA-256 differs from the record's)."""
 
 
 class StoreUnavailable(Exception):
@@ -88,6 +94,8 @@ class ObjectStore(ABC):
     def __init__(self, storage: Storage) -> None:
         self.storage = storage  # the local data directory: uploads spool here, jobs run here
 
+    streams_to_store = False  # whether ``stream_writer`` sends uploads anywhere beyond the local spool
+
     def stream_writer(self, job_id: str, path: Path) -> "PartStream | None":
         """API, when a file part of a submission starts: where to send its bytes as they arrive, on top
         of the local spool (``path`` is the file's local name in the job's directory). None: the spool
@@ -102,14 +110,25 @@ class ObjectStore(ABC):
         """/readyz: why the store cannot take jobs' files now, or None."""
         return None  # the data directory: the API could not have started without it
 
+    def stale_host_files(self, before_epoch_s: float) -> list[Path]:
+        """Orphan sweep: this host's files of requests that began before ``before_epoch_s`` and died
+        without settling them (an API process killed mid-upload): spool files last written then."""
+        return self.storage.spools_before(before_epoch_s)
+
+    def workspaces(self) -> list[tuple[str, int]]:
+        """Orphan sweep: (job id, attempt) of the attempt workspaces on this host."""
+        return []
+
     @abstractmethod
     def keep_inputs(self, job_id: str) -> None:
         """API, after the checks and before the record: make the inputs and spec reachable by any worker."""
 
     @abstractmethod
-    def workspace(self, job_id: str, attempt: int) -> JobFiles:
+    def workspace(self, job_id: str, attempt: int, digests: dict[str, str] | None = None) -> JobFiles:
         """Supervisor: the local directory where this attempt's process runs, inputs in place.
-        Raises ``InputsMissing`` when the inputs are gone."""
+        Raises ``InputsMissing`` when the inputs are gone. ``digests`` (``JobFiles`` attribute, such
+        as ``input_model``, to the SHA-256 the API computed as the upload arrived): inputs that
+        travelled through a store are checked against them (``InputsCorrupt``)."""
 
     @abstractmethod
     def publish(self, job_id: str, attempt: int, files: JobFiles, report: dict[str, Any]) -> Path:
@@ -147,8 +166,8 @@ class LocalObjects(ObjectStore):
     def keep_inputs(self, job_id: str) -> None:
         pass  # the upload is already in the job's directory, which every worker sees
 
-    def workspace(self, job_id: str, attempt: int) -> JobFiles:
-        return self.storage.job(job_id)
+    def workspace(self, job_id: str, attempt: int, digests: dict[str, str] | None = None) -> JobFiles:
+        return self.storage.job(job_id)  # the uploaded files themselves: nothing travelled
 
     def publish(self, job_id: str, attempt: int, files: JobFiles, report: dict[str, Any]) -> Path:
         # The child writes ``output/model.pt`` by rename, so a hard link names one complete file that
@@ -287,6 +306,8 @@ class PartStream:
 class S3Objects(ObjectStore):
     """An S3-compatible bucket through boto3; see docs/decisions.md, "Object storage"."""
 
+    streams_to_store = True
+
     def __init__(self, storage: Storage, settings: Settings) -> None:
         super().__init__(storage)
         import boto3
@@ -307,10 +328,15 @@ class S3Objects(ObjectStore):
         # regions and SeaweedFS refuses once response-content-disposition is signed.
         # Checksums only where the API requires them: the SHA-256 is ours already (computed as the
         # upload arrives, stored as metadata and in the record), and a CRC32 of every part costs CPU.
+        # No payload signatures either (botocore signs every body over http, a second SHA-256 of
+        # every byte: 1 CPU-second per GB on the API host): integrity is end to end instead, the
+        # worker checks each staged input against the record's digest, clients the download's.
+        s3 = {"payload_signing_enabled": False}
+        if settings.s3_endpoint_url or _env_endpoint():
+            s3["addressing_style"] = "path"
         config = Config(signature_version="s3v4", retries={"mode": "standard", "max_attempts": 5},
                         connect_timeout=5, read_timeout=60, request_checksum_calculation="when_required",
-                        response_checksum_validation="when_required",
-                        s3={"addressing_style": "path"} if (settings.s3_endpoint_url or _env_endpoint()) else None)
+                        response_checksum_validation="when_required", s3=s3)
         client = functools.partial(
             session.client, "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region or None,
             aws_access_key_id=settings.s3_access_key_id or None, aws_secret_access_key=settings.s3_secret_access_key or None)
@@ -335,13 +361,30 @@ class S3Objects(ObjectStore):
             return f"object store s3://{self.bucket} does not answer: {error}"
         return None
 
+    def stale_host_files(self, before_epoch_s: float) -> list[Path]:
+        # The API host keeps a job's folder only while its request runs (``keep_inputs`` removes it).
+        folders = [self.storage.job(job_id).root for job_id in self.storage.job_ids()
+                   if (job_id_time(job_id) or before_epoch_s) < before_epoch_s]
+        return super().stale_host_files(before_epoch_s) + folders
+
+    def workspaces(self) -> list[tuple[str, int]]:
+        found = []
+        for folder in (self.storage.data_dir / "work").glob("*/*"):
+            if folder.parent.name.isdigit() and folder.is_dir():
+                found.append((folder.name, int(folder.parent.name)))
+        return found
+
     def key(self, job_id: str, path: Path) -> str:
         """The object key of one of the job's files, from its local path (one naming for both stores)."""
         files = self.storage.job(job_id)
         return f"{self.prefix}jobs/{job_id}/{path.relative_to(files.root).as_posix()}"
 
     def _inputs(self, files: JobFiles) -> tuple[Path, ...]:
-        return files.input_model, files.input_student, files.input_data, files.spec
+        return tuple(path for _, path in self._inputs_named(files))
+
+    @staticmethod
+    def _inputs_named(files: JobFiles) -> tuple[tuple[str, Path], ...]:
+        return tuple((name, getattr(files, name)) for name in ("input_model", "input_student", "input_data", "spec"))
 
     # ------------------------------------------------------------------ API: submit
 
@@ -384,13 +427,13 @@ class S3Objects(ObjectStore):
     # ------------------------------------------------------------------ supervisor
 
     @_translated
-    def workspace(self, job_id: str, attempt: int) -> JobFiles:
+    def workspace(self, job_id: str, attempt: int, digests: dict[str, str] | None = None) -> JobFiles:
         # Private to the attempt: a superseded attempt on this host (a partition) keeps its own files.
         files = JobFiles(self.storage.data_dir / "work" / str(attempt) / job_id)
         shutil.rmtree(files.root, ignore_errors=True)
         named = self._names(job_id, f"{self.prefix}jobs/{job_id}/")
         canonical = self.storage.job(job_id)
-        for path in self._inputs(canonical):
+        for name, path in self._inputs_named(canonical):
             key = self.key(job_id, path)
             if key not in named:
                 if path in (canonical.input_model, canonical.spec):
@@ -399,6 +442,12 @@ class S3Objects(ObjectStore):
             target = files.root / path.relative_to(canonical.root)
             target.parent.mkdir(parents=True, exist_ok=True)
             self.client.download_file(self.bucket, key, str(target), Config=self.transfer)
+            # End to end: the parts travel without payload signatures (see ``S3Objects.__init__``), and a
+            # store or a network can corrupt bytes; the record's digest is the upload's own.
+            expected = (digests or {}).get(name)
+            if expected and file_sha256(target) != expected:
+                raise InputsCorrupt(f"{key} in bucket {self.bucket} does not match the upload (SHA-256 "
+                                    f"{file_sha256(target)} instead of {expected})")
         return files
 
     @_translated
@@ -498,6 +547,54 @@ def remove_files_left(store: "JobStore", objects: ObjectStore) -> list[str]:
             break  # still down: the next sweep tries again
         removed.append(job_id)
     return removed
+
+
+def remove_orphans(store: "JobStore", objects: ObjectStore, older_than_s: float) -> list[str]:
+    """Reaper (and, for this host's files only, the API's start): what no job needs any more and
+    nothing else would remove.
+
+    - Uploads that began more than ``older_than_s`` ago (longer than any request lasts) and were
+      never settled, neither recorded as a job nor rolled back: an API process was killed mid-
+      request. The API notes each upload as it begins (``JobStore.upload_started``); the files
+      of such a job (its folder, and with an object store its unfinished multipart uploads and
+      objects) are removed unless a record names it. Nothing the API did not note is touched, so
+      a Redis that lost its data (or another deployment's) never empties a bucket.
+    - This host's spool files and request folders of that age (``ObjectStore.stale_host_files``).
+    - Attempt workspaces on this host of jobs that ended or are gone (a worker killed mid-job,
+      whose job another host then finished).
+
+    Returns the ids of the unsettled uploads whose files were removed.
+    """
+    cutoff = time.time() - older_than_s
+    removed = []
+    unsettled = store.uploads_started_before(cutoff)
+    for job_id, state in store.states(unsettled).items():
+        if state is None:
+            try:
+                objects.delete(job_id)
+            except StoreUnavailable as error:
+                log.warning("upload of job %s: files not removed (%s); the next sweep retries", job_id, error)
+                break
+            removed.append(job_id)
+            log.warning("upload of job %s: removed its files, which no record names (its request was killed "
+                        "mid-upload)", job_id, extra={"job_id": job_id})
+        store.upload_settled(job_id)
+    remove_host_leftovers(objects, older_than_s)
+    workspaces = objects.workspaces()
+    states = store.states({job_id for job_id, _ in workspaces})
+    for job_id, attempt in workspaces:
+        if states[job_id] is None or states[job_id] in FINAL_STATES:
+            objects.release(job_id, attempt)
+    return removed
+
+
+def remove_host_leftovers(objects: ObjectStore, older_than_s: float) -> None:
+    """This host's files of requests killed more than ``older_than_s`` ago (see ``remove_orphans``)."""
+    for path in objects.stale_host_files(time.time() - older_than_s):
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _remove_files(store: "JobStore", objects: ObjectStore, job_id: str) -> bool:

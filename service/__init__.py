@@ -6,7 +6,7 @@ from flask import Flask
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
 from modelpress.logs import configure_logging
-from modelpress.objectstore import open_object_store
+from modelpress.objectstore import open_object_store, remove_host_leftovers
 from modelpress.storage import Storage
 
 
@@ -44,7 +44,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     storage = Storage(settings.data_dir)
     storage.ensure()
     app.extensions["modelpress_storage"] = storage
-    app.extensions["modelpress_objects"] = open_object_store(settings, storage)
+    app.extensions["modelpress_objects"] = objects = open_object_store(settings, storage)
+    remove_host_leftovers(objects, settings.orphan_after_s)  # of API processes killed mid-request
     app.extensions["modelpress_jobs"] = JobStore(connect(settings.redis_url))
     celery_init_app(app, settings)
     auth_init_app(app, settings)

@@ -29,7 +29,7 @@ from modelpress.spec import SpecError, declared_inputs, dump_spec, parse_spec, t
 from modelpress.storage import write_json_atomic
 from modelpress.webhooks import CallbackRefused, check_callback_url
 from service.problems import ApiProblem
-from service.uploads import UPLOAD_FIELDS, keep_upload, upload_is_empty, upload_path
+from service.uploads import UPLOAD_FIELDS, keep_upload, track_upload, upload_is_empty, upload_path
 
 log = logging.getLogger("modelpress.api")
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -62,6 +62,7 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
     job_id = submission.job_id or new_job_id()
     files = objects.storage.job(job_id)  # the request's files, local until kept (see ObjectStore.keep_inputs)
     recorded = False
+    track_upload(store, job_id, started=True)  # settled below; a request killed before is the reaper's
     try:
         spec = _validate(submission, settings)
         infos = {}
@@ -98,6 +99,7 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
                 raise invalid(conflicts)
         write_json_atomic(files.spec, dump_spec(spec))
         objects.keep_inputs(job_id)
+        pause_point("before-record", job_id)  # fault tests: the files are kept, the job not yet recorded
         job = {
             "id": job_id, "tenant": submission.tenant, "state": jobs.QUEUED, "progress": 0.0, "stage": "queued",
             "created_at": utc_now(), "started_at": None, "finished_at": None,
@@ -116,6 +118,7 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
     finally:
         if not recorded:
             objects.delete(job_id)  # the one rollback: this request's files, on every way out
+        track_upload(store, job_id, started=False)
     if outcome == "replay":
         return _replay(store, earlier, fingerprint)
     if outcome == "quota":

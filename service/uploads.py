@@ -12,11 +12,12 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
 
+import redis
 from flask import Request, current_app
 from werkzeug.datastructures import FileStorage
 from werkzeug.formparser import FormDataParser, MultiPartParser
 
-from modelpress.jobs import new_job_id
+from modelpress.jobs import JobStore, new_job_id
 from modelpress.objectstore import ObjectStore, PartStream
 from modelpress.storage import JobFiles
 
@@ -88,7 +89,10 @@ class StreamingRequest(Request):
             return  # only the first part of a name is the submission's (``request.files.get``)
         self._fields_started.add(field)
         job_id = self.upload_job_id or new_job_id()
-        spool.writer = objects.stream_writer(job_id, upload_path(objects.storage.job(job_id), field))
+        path = upload_path(objects.storage.job(job_id), field)
+        if objects.streams_to_store:
+            track_upload(current_app.extensions["modelpress_jobs"], job_id, started=True)  # before any part leaves
+        spool.writer = objects.stream_writer(job_id, path)
         if spool.writer is not None:
             self.upload_job_id, self._objects = job_id, objects
 
@@ -130,6 +134,17 @@ class _FieldAwareMultiPartParser(MultiPartParser):
         container = super().start_file_streaming(event, total_content_length)
         self.file_part_started(event.name, container)
         return container
+
+
+def track_upload(store: JobStore, job_id: str, started: bool) -> None:
+    """Note that a request begins writing files for ``job_id`` (``started``), or that it recorded the
+    job or removed them; the reaper removes the files of an upload noted and never settled (its API
+    process was killed mid-request, ``modelpress.objectstore.remove_orphans``). Best effort: with
+    Redis away the request cannot record a job anyway, and rolls its files back itself."""
+    try:
+        (store.upload_started if started else store.upload_settled)(job_id)
+    except redis.RedisError as error:
+        log.warning("upload of job %s: not %s in Redis (%s)", job_id, "noted" if started else "settled", error)
 
 
 def keep_upload(upload: FileStorage, destination: Path) -> dict[str, Any]:

@@ -13,6 +13,9 @@ remove expired ones.
   their files, local or in the object store (a download in between answers 404, never 500). Files
   the object store did not remove (it was away, for this or for a ``DELETE``) are retried at each
   sweep (``modelpress.objectstore.remove_files_left``).
+- Orphans: the files of uploads whose API process was killed mid-request (noted in Redis as they
+  began, never recorded nor rolled back) once older than ``MODELPRESS_ORPHAN_AFTER_S``, and this
+  host's workspaces of jobs that ended elsewhere (``modelpress.objectstore.remove_orphans``).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from celery import Celery
 
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
-from modelpress.objectstore import open_object_store, remove_files_left, remove_job
+from modelpress.objectstore import open_object_store, remove_files_left, remove_job, remove_orphans
 from workers.celery_app import QUEUE, send_job
 
 log = logging.getLogger("modelpress.reaper")
@@ -54,6 +57,7 @@ class Reaper:
         """One pass; returns (re-sent job ids, expired job ids)."""
         resent = self.reconcile()
         remove_files_left(self.store, self.objects)  # of jobs deleted while the object store was away
+        remove_orphans(self.store, self.objects, self.settings.orphan_after_s)  # of requests and workers killed
         expired = self.store.finished_before(time.time() - self.settings.retention_hours * 3600)
         for job_id in expired:
             if not remove_job(self.store, self.objects, job_id):

@@ -26,7 +26,7 @@ from modelpress.config import Settings
 from modelpress.faults import pause_point
 from modelpress.formats import TORCHSCRIPT
 from modelpress.jobs import JobStore, Superseded, connect, utc_now
-from modelpress.objectstore import InputsMissing, ObjectStore, file_sha256, open_object_store
+from modelpress.objectstore import InputsCorrupt, InputsMissing, ObjectStore, file_sha256, open_object_store
 from modelpress.storage import JobFiles, Storage, read_json
 from workers import job_protocol as protocol
 from workers import sandbox
@@ -75,10 +75,14 @@ class Supervisor:
         log.info("job %s: running (delivery %d)", job_id, claim.deliveries)
         try:
             with self._beating(job_id, claim.attempt):  # with S3: inputs staged into a private directory
-                files = self.objects.workspace(job_id, claim.attempt)
+                files = self.objects.workspace(job_id, claim.attempt, _input_digests(self.store.get(job_id) or {}))
         except InputsMissing as missing:
             return self._finish(job_id, claim.attempt, jobs.FAILED, error=problem(
                 "inputs-missing", "Inputs missing", f"the job's uploaded files are gone from the object store ({missing})"))
+        except InputsCorrupt as corrupt:
+            return self._finish(job_id, claim.attempt, jobs.FAILED, error=problem(
+                "inputs-corrupt", "Inputs corrupt", f"the job's uploaded files changed in the object store: {corrupt}; "
+                                                    "submit the job again"))
         try:
             return self._run_child(job_id, claim.attempt, claim.deliveries, files)
         finally:
@@ -297,3 +301,9 @@ def _signal_group(child: subprocess.Popen) -> None:
         os.killpg(child.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _input_digests(job: dict[str, Any]) -> dict[str, str]:
+    """The SHA-256 of each uploaded file as the API computed it on arrival, by ``JobFiles`` name."""
+    return {name: job[field]["sha256"] for field, name in (("input", "input_model"), ("student", "input_student"),
+                                                           ("data", "input_data")) if job.get(field)}

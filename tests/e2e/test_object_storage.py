@@ -424,3 +424,62 @@ def test_files_the_store_did_not_remove_are_removed_by_a_later_sweep(hosts: Host
     Reaper(expiring, make_celery(expiring)).sweep()  # the store is back
     assert [key for key in hosts.objects() if job["id"] in key] == []
     assert store.jobs_with_files_left() == []
+
+
+def test_an_api_killed_mid_upload_leaves_files_that_a_later_sweep_removes(hosts: Hosts, ballast: bytes) -> None:
+    objects, before = set(hosts.objects()), hosts.unfinished_uploads()
+    store = JobStore(redis.Redis.from_url(hosts.api.settings.redis_url))
+    uploads = hosts.api.settings.data_dir / "uploads"
+    request = RawSubmission(hosts.api.base_url, [("spec", json.dumps(BALLAST_SPEC).encode(), None),
+                                                 ("model", ballast, "ballast.pt")])
+    request.send(len(request.body) - (PART_MB << 20))
+    upload_id, key = _new_upload(hosts, before)  # mid-upload: a part is in the bucket, the rest still to come
+    job_id = key[len(PREFIX):].split("/", 1)[0]
+    spools = [path for path in uploads.iterdir() if path.stat().st_size > 0]
+    assert spools, "the request's spool file"
+    hosts.api.kill_process("api")  # gunicorn and the worker serving the request, SIGKILL
+    request.connection.close()
+
+    assert upload_id in hosts.unfinished_uploads() and all(path.exists() for path in spools)  # the kill left them
+    assert hosts.record(job_id) == {} and job_id in store.uploads_started_before(time.time())
+    worker = hosts.workers["a"].settings
+    Reaper(worker, make_celery(worker)).sweep()  # younger than MODELPRESS_ORPHAN_AFTER_S: it may still arrive
+    assert upload_id in hosts.unfinished_uploads()
+
+    aged = worker.with_changes(orphan_after_s=0)
+    Reaper(aged, make_celery(aged)).sweep()
+    assert upload_id not in hosts.unfinished_uploads() and hosts.unfinished_uploads() == before
+    assert set(hosts.objects()) == objects
+    assert job_id not in store.uploads_started_before(time.time())  # settled
+
+    # The spool is the API host's own: the API removes it when it starts again, once it is that old.
+    hosts.api.start_api()
+    assert all(path.exists() for path in spools)
+    create_app(hosts.api.settings.with_changes(orphan_after_s=0))
+    assert not any(path.exists() for path in spools)
+    assert hosts.client.session.get(hosts.client.url("/healthz")).status_code == 200
+
+
+def test_a_staged_input_that_changed_in_the_store_is_refused(hosts: Hosts) -> None:
+    from modelpress.jobs import new_job_id
+    from modelpress.objectstore import InputsCorrupt, S3Objects
+    from modelpress.storage import Storage
+
+    settings = hosts.workers["b"].settings
+    objects = S3Objects(Storage(settings.data_dir), settings)
+    job_id = new_job_id()
+    uploaded = b"the bytes the API hashed" * 1000
+    client = hosts.s3.client()
+    client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{job_id}/spec.json", Body=b"{}")
+    client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{job_id}/input/model.pt", Body=uploaded)
+    digest = hashlib.sha256(uploaded).hexdigest()
+    try:
+        staged = objects.workspace(job_id, 1, {"input_model": digest})
+        assert staged.input_model.read_bytes() == uploaded
+        client.put_object(Bucket=BUCKET, Key=f"{PREFIX}{job_id}/input/model.pt", Body=uploaded[:-1] + b"!")
+        with pytest.raises(InputsCorrupt, match=digest):
+            objects.workspace(job_id, 1, {"input_model": digest})
+    finally:
+        objects.release(job_id, 1)
+        objects.delete(job_id)
+    assert [key for key in hosts.objects() if job_id in key] == []
