@@ -396,6 +396,26 @@ def test_package_aoti_returns_a_compiled_package_that_computes_what_the_program_
     assert float((got - expected).abs().max()) <= 1e-2 * float(expected.abs().max())
 
 
+def test_timing_the_aoti_runtime_leaves_no_package_folder_behind(tmp_path: Path, monkeypatch) -> None:
+    """The package timed for evaluation.runtime aoti is compiled into an ``mp-aoti-*`` folder, which
+    must be gone once it is loaded (one was left per timed model per job); the loaded package runs on."""
+    import tempfile
+
+    from workers.compression.exported import runnable, timed_runner
+
+    made, mkdtemp = [], tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *args, **kwargs: made.append(mkdtemp(*args, **kwargs)) or made[-1])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).eval()
+    x = torch.randn(4, 64)
+    runner = timed_runner(runnable(load_program(save_exported(model, x, tmp_path / "mlp.pt2"))), "aoti", (x,))
+
+    folders = [Path(name) for name in made if Path(name).name.startswith("mp-aoti-")]
+    assert folders and not [folder for folder in folders if folder.exists()]
+    with torch.no_grad():
+        assert torch.allclose(runner(x), model(x), atol=1e-4)
+
+
 
 class _DepthwiseNormBlock(torch.nn.Module):
     """ConvNeXt's pattern: a depthwise conv, a LayerNorm over channels-last activations, a residual."""

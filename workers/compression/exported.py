@@ -27,7 +27,7 @@ from modelpress.formats import EXPORTED, exported_program_problem, is_exported_p
 from .artifacts import save_atomically
 from .errors import InvalidInput, InvalidModel, NothingToPrune, UnsupportedModel, summarize_torch_error
 from .inputs import Dataset
-from .measure import count_macs, run_model
+from .measure import count_macs, output_differences, run_model
 from .static_quantize import SYNTHETIC_WARNING
 from .torchscript import matching_pattern, quiet_torchscript_warnings
 
@@ -271,7 +271,7 @@ def _prune_channels(program: ExportedProgram, spec: Mapping[str, Any], data: Dat
     The trace keeps every tensor under its name in ``ExportedProgram.module()`` and sees the same
     aten calls, so each slicing is proven there against the masked reference (``prune.prune``);
     the re-exported program is then checked against the proven trace on the same rows."""
-    from .prune import check_batches, prune
+    from .prune import MASKED_TOLERANCE, check_batches, prune, set_tensor
 
     fixed = fixed_batch(program)
     if fixed and spec.get("finetune"):
@@ -292,18 +292,14 @@ def _prune_channels(program: ExportedProgram, spec: Mapping[str, Any], data: Dat
     shapes_before = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
     with torch.no_grad():
         for name, tensor in traced.state_dict().items():
-            current = _attribute(module, name)
-            value = tensor.detach().clone()
-            _set_attribute(module, name, torch.nn.Parameter(value, requires_grad=current.requires_grad)
-                           if isinstance(current, torch.nn.Parameter) else value)
+            set_tensor(module, name, tensor.detach().clone(), requires_grad=_attribute(module, name).requires_grad)
     _follow_sliced_sizes(module, shapes_before)
     exported = _reexport(module, program, example)
     for rows in check_batches(data, fixed):
         with torch.no_grad(), quiet_torchscript_warnings():
-            expected, got = _flat_tensors(traced(*rows)), _flat_tensors(exported.module()(*rows))
-        scale = max((float(t.abs().max()) for t in expected if t.numel()), default=0.0) or 1.0
-        if len(expected) != len(got) or any(e.shape != g.shape or float((e - g).abs().max()) > 1e-4 * scale
-                                            for e, g in zip(expected, got)):
+            pairs = output_differences(traced(*rows), exported.module()(*rows))
+        scale = max((largest for expected, _, _, largest in pairs or [] if expected.numel()), default=0.0) or 1.0
+        if pairs is None or any(error > MASKED_TOLERANCE * scale for _, _, error, _ in pairs):
             raise UnsupportedModel("the pruned program, exported again, does not compute what the pruned trace "
                                    "computes (a size the trace could not follow is fixed in the graph); upload "
                                    "the model as TorchScript to prune its channels")
@@ -424,11 +420,13 @@ def timed_runner(module: torch.nn.Module, runtime: str, batch: tuple[torch.Tenso
         # for a graph exported in inference; one exported with autograd on keeps float ops (2.3x slower).
         with torch.no_grad():
             exported = torch.export.export(module, tuple(batch))
-            package = Path(tempfile.mkdtemp(prefix="mp-aoti-")) / "model.pt2"
-            torch._inductor.aoti_compile_and_package(exported, package_path=str(package))
-        return torch._inductor.aoti_load_package(str(package))
     except Exception as error:
         raise UnsupportedModel(f"AOTInductor could not compile the program: {summarize_torch_error(error)}") from None
+    directory = Path(tempfile.mkdtemp(prefix="mp-aoti-"))
+    try:
+        return _aoti_package(exported, directory)[0]
+    finally:  # the loaded package runs from the loader's own extracted copy, not from this file
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def package_aoti(path: str | os.PathLike, checks: list[tuple[torch.Tensor, ...]]) -> dict[str, Any]:
@@ -443,30 +441,24 @@ def package_aoti(path: str | os.PathLike, checks: list[tuple[torch.Tensor, ...]]
     size = fixed_batch(program)
     if program.example_inputs is None:  # re-exported results are saved without them; AOTInductor wants some
         program.example_inputs = (tuple(_example_like(node.meta["val"]) for node in _user_inputs(program)), {})
-    package = Path(tempfile.mkdtemp(prefix=".aoti-", dir=Path(path).parent)) / "model.pt2"  # renamed into place
-    started = time.perf_counter()
+    directory = Path(tempfile.mkdtemp(prefix=".aoti-", dir=Path(path).parent))  # the package is renamed into place
     try:
-        with torch.no_grad():  # frozen weights: prepacked (and int8) kernels
-            torch._inductor.aoti_compile_and_package(program, package_path=str(package))
-        compiled = torch._inductor.aoti_load_package(str(package))
-    except Exception as error:
-        shutil.rmtree(package.parent, ignore_errors=True)
-        raise UnsupportedModel(f"AOTInductor could not compile the program: {summarize_torch_error(error)}") from None
-    seconds = time.perf_counter() - started
-    reference, packaged = runnable(program), _Callable(compiled)
-    if size:
-        packaged = FixedBatch(packaged, size)
-    with torch.no_grad():
-        expected = [_flat_tensors(reference(*rows)) for rows in checks]
-        got = [_flat_tensors(packaged(*rows)) for rows in checks]
-    worst = max((float((e - g).abs().max()) / (float(e.abs().max()) or 1.0)
-                 for es, gs in zip(expected, got) for e, g in zip(es, gs) if e.numel()), default=0.0)
-    if any(len(es) != len(gs) or any(e.shape != g.shape for e, g in zip(es, gs)) for es, gs in zip(expected, got)):
-        shutil.rmtree(package.parent, ignore_errors=True)
-        raise UnsupportedModel("the AOTInductor package's outputs do not have the program's shapes; download the "
-                               "program instead (package 'program')")
-    os.replace(package, path)
-    shutil.rmtree(package.parent, ignore_errors=True)
+        started = time.perf_counter()
+        compiled, package = _aoti_package(program, directory)
+        seconds = time.perf_counter() - started
+        reference, packaged = runnable(program), FixedBatch(compiled, size) if size else compiled
+        with torch.no_grad():
+            expected = [reference(*rows) for rows in checks]
+            got = [packaged(*rows) for rows in checks]
+        differences = [output_differences(e, g) for e, g in zip(expected, got)]
+        if any(pairs is None for pairs in differences):
+            raise UnsupportedModel("the AOTInductor package's outputs do not have the program's shapes; download the "
+                                   "program instead (package 'program')")
+        worst = max((error / (largest or 1.0) for pairs in differences for e, _, error, largest in pairs if e.numel()),
+                    default=0.0)
+        os.replace(package, path)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
     return {"format": "AOTInductor package (torch._inductor.aoti_compile_and_package)",
             "bytes": Path(path).stat().st_size, "compile_s": round(seconds, 2),
             "max_relative_error_to_program": worst, "batches_checked": len(checks),
@@ -477,15 +469,17 @@ def package_aoti(path: str | os.PathLike, checks: list[tuple[torch.Tensor, ...]]
                       "the package's own outputs were compared with the program's on the check batches"]}
 
 
-class _Callable(torch.nn.Module):
-    """A loaded AOTInductor package as a module (so ``FixedBatch`` can hold it)."""
-
-    def __init__(self, function: Callable[..., Any]) -> None:
-        super().__init__()
-        self.function = function
-
-    def forward(self, *inputs: torch.Tensor) -> Any:
-        return self.function(*inputs)
+def _aoti_package(program: ExportedProgram, directory: Path) -> tuple[Callable[..., Any], Path]:
+    """Compile ``program`` with AOTInductor into ``directory``/model.pt2 and load it: the loaded
+    package and its path. The loader extracts the package into a folder of its own (and removes it
+    when the package is freed), so the package runs on once its file and ``directory`` are gone."""
+    package = directory / "model.pt2"
+    try:
+        with torch.no_grad():  # frozen weights: prepacked (and int8) kernels
+            torch._inductor.aoti_compile_and_package(program, package_path=str(package))
+        return torch._inductor.aoti_load_package(str(package)), package
+    except Exception as error:
+        raise UnsupportedModel(f"AOTInductor could not compile the program: {summarize_torch_error(error)}") from None
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -621,15 +615,6 @@ def _attribute(module: torch.nn.Module, name: str) -> torch.Tensor:
     return getattr(module.get_submodule(owner) if owner else module, leaf)
 
 
-def _set_attribute(module: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    owner, _, leaf = name.rpartition(".")
-    setattr(module.get_submodule(owner) if owner else module, leaf, value)
-
-
-def _flat_tensors(output: Any) -> list[torch.Tensor]:
-    return [leaf for leaf in torch.utils._pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
-
-
 def _delete_attribute(module: torch.nn.Module, name: str) -> None:
     owner, _, leaf = name.rpartition(".")
     delattr(module.get_submodule(owner) if owner else module, leaf)
@@ -639,9 +624,10 @@ class FixedBatch(torch.nn.Module):
     """A program exported for batches of exactly ``size`` rows, callable on any number of rows: the
     batch is cut into ``size``-row chunks (the last padded with copies of its first row), and the
     chunks' outputs are concatenated with the padding dropped. Measuring, fidelity, accuracy and
-    distillation then work on the user's data as it comes; gradients flow through the chunks."""
+    distillation then work on the user's data as it comes; gradients flow through the chunks.
+    ``module`` may be any callable (a loaded AOTInductor package): only a module is a submodule."""
 
-    def __init__(self, module: torch.nn.Module, size: int) -> None:
+    def __init__(self, module: Callable[..., Any], size: int) -> None:
         super().__init__()
         self.module, self.size = module, size
 

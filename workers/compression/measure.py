@@ -1,4 +1,4 @@
-"""Measurements shared by every method: size, parameter count, latency, output fidelity."""
+"""Measurements shared by every method: size, parameter count, latency, output fidelity and comparison."""
 from __future__ import annotations
 
 import statistics
@@ -134,6 +134,30 @@ def output_fidelity(reference: Iterable[Any], candidate: Iterable[Any]) -> dict[
         "top1_agreement": outputs[0]["top1_agreement"] if outputs else None,
         "outputs": outputs,
     }
+
+
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """The tensors of a model's output in order: the tensor leaves of its pytree (tensors, and
+    tuples, lists, dicts and other registered containers of them; a dict in its own key order)."""
+    return [leaf for leaf in torch.utils._pytree.tree_leaves(output) if isinstance(leaf, torch.Tensor)]
+
+
+def output_differences(expected: Any, got: Any) -> list[tuple[torch.Tensor, torch.Tensor, float, float]] | None:
+    """The tensors of two outputs paired in order (``output_tensors``), each pair with max
+    |expected - got| and max |expected| (both 0.0 for empty tensors); None when the outputs differ
+    in the number or the shapes of their tensors. Callers choose the scale and the tolerance."""
+    want, have = output_tensors(expected), output_tensors(got)
+    if len(want) != len(have) or any(a.shape != b.shape for a, b in zip(want, have)):
+        return None
+    return [(a, b, *_largest_difference(a, b)) for a, b in zip(want, have)]
+
+
+def _largest_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    if not a.numel():
+        return 0.0, 0.0
+    if not (a.is_floating_point() or a.is_complex()):  # integers and bools: in float64, without wrapping around
+        a, b = a.double(), b.double()
+    return float((a - b).abs().max()), float(a.abs().max())
 
 
 def _compare(refs: list[torch.Tensor], cands: list[torch.Tensor]) -> dict[str, Any]:

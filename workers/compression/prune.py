@@ -15,7 +15,7 @@ from .artifacts import clone_model
 from .channels import ChannelGroup, Member, channel_groups, layer_name, layer_norm_nodes
 from .errors import InvalidInput, NothingToPrune, summarize_torch_error
 from .inputs import Dataset
-from .measure import count_macs
+from .measure import count_macs, output_differences
 from .torchscript import (derive_conv_groups, derive_layer_norm_shapes, matching_pattern, module_types,
                           quiet_torchscript_warnings, with_masked_layer_norms)
 from .training import finetune
@@ -339,7 +339,7 @@ def _materialize(model: torch.jit.ScriptModule, originals: dict[str, torch.Tenso
     for name, original in originals.items():
         value = changed.get(name, original)
         if current[name].shape != value.shape or not torch.equal(current[name], value):
-            _set_tensor(model, name, value.clone())
+            set_tensor(model, name, value.clone())
 
 
 def _mismatch(model: torch.jit.ScriptModule, originals: dict[str, torch.Tensor],
@@ -366,16 +366,14 @@ def _mismatch(model: torch.jit.ScriptModule, originals: dict[str, torch.Tensor],
             return f"the model failed after slicing it: {got}"
         if isinstance(expected, str):
             return f"the masked reference failed: {expected}"
-        want, have = _output_tensors(expected), _output_tensors(got)
-        if len(want) != len(have) or any(a.shape != b.shape for a, b in zip(want, have)):
+        pairs = output_differences(expected, got)
+        if pairs is None:
             return "slicing changed the shape of the model's outputs"
-        for a, b in zip(want, have):
+        for a, b, error, scale in pairs:
             if not a.is_floating_point():
                 if not torch.equal(a, b):
                     return "slicing changed an integer output of the model"
                 continue
-            scale = float(a.abs().max()) if a.numel() else 0.0
-            error = float((a - b).abs().max()) if a.numel() else 0.0
             if not error <= MASKED_TOLERANCE * max(scale, 1.0):
                 return (f"the pruned model does not match the original with the same channels zeroed "
                         f"(max difference {error:.3g} on outputs up to {scale:.3g})")
@@ -401,23 +399,15 @@ def _run(model: Callable[..., Any], batch: tuple[torch.Tensor, ...]) -> Any:
         return summarize_torch_error(error)
 
 
-def _output_tensors(output: Any) -> list[torch.Tensor]:
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if isinstance(output, (list, tuple)):
-        return [t for item in output for t in _output_tensors(item)]
-    if isinstance(output, dict):
-        return [t for key in sorted(output) for t in _output_tensors(output[key])]
-    return []
-
-
-def _set_tensor(model: torch.jit.ScriptModule, name: str, value: torch.Tensor) -> None:
+def set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor, requires_grad: bool = False) -> None:
+    """Set the tensor at the dotted path ``name`` (of a ScriptModule or a module) to ``value``; a
+    parameter stays a parameter, with ``requires_grad``."""
     path, _, attribute = name.rpartition(".")
     module = model
     for part in filter(None, path.split(".")):
         module = getattr(module, part)
     if attribute in dict(module.named_parameters(recurse=False)):
-        value = torch.nn.Parameter(value, requires_grad=False)
+        value = torch.nn.Parameter(value, requires_grad=requires_grad)
     setattr(module, attribute, value)
 
 
