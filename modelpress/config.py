@@ -25,6 +25,9 @@ class Settings:
     max_deliveries: int = 3  # deliveries of one job before it is failed instead of retried
     worker_concurrency: int = 1
     api_workers: int = 2
+    # Requests each API process serves at once (gunicorn gthread): a slow upload or download holds a
+    # thread, not the process. Each upload streaming to S3 holds up to 5 parts (80 MB) in memory.
+    api_threads: int = 4
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one object per line
     api_keys_file: Path | None = None  # unset: open service, loopback only
@@ -32,8 +35,8 @@ class Settings:
     max_active_jobs: int = 20  # queued + running jobs per tenant
     heartbeat_stale_s: int = 30  # a running job whose supervisor is silent this long is taken over
     retention_hours: float = 168.0  # finished jobs and their files are removed after this
-    # Files that no job record names (an API process killed mid-upload) are removed once this old;
-    # it must exceed the longest request (gunicorn ends one after 600 s).
+    # The files of an upload that no job record names and that has been idle this long (its API
+    # process was killed mid-request) are removed; longer than the checks of the largest upload take.
     orphan_after_s: int = 3600
     webhook_allow_private: bool = False  # allow callbacks to private, loopback and link-local addresses
     webhook_backoff_s: float = 5.0  # first retry delay; doubles each attempt, with jitter
@@ -89,6 +92,7 @@ class Settings:
             max_deliveries=number("MAX_DELIVERIES", defaults.max_deliveries),
             worker_concurrency=number("WORKER_CONCURRENCY", defaults.worker_concurrency),
             api_workers=number("API_WORKERS", defaults.api_workers),
+            api_threads=number("API_THREADS", defaults.api_threads),
             log_level=(env.get("MODELPRESS_LOG_LEVEL") or defaults.log_level).upper(),
             log_format=(env.get("MODELPRESS_LOG_FORMAT") or defaults.log_format).lower(),
             api_keys_file=Path(env["MODELPRESS_API_KEYS_FILE"]).absolute() if env.get("MODELPRESS_API_KEYS_FILE") else None,
@@ -133,6 +137,7 @@ class Settings:
             "MODELPRESS_MAX_DELIVERIES": str(self.max_deliveries),
             "MODELPRESS_WORKER_CONCURRENCY": str(self.worker_concurrency),
             "MODELPRESS_API_WORKERS": str(self.api_workers),
+            "MODELPRESS_API_THREADS": str(self.api_threads),
             "MODELPRESS_LOG_LEVEL": self.log_level,
             "MODELPRESS_LOG_FORMAT": self.log_format,
             "MODELPRESS_ALLOW_OPEN_NETWORK": "1" if self.allow_open_network else "",

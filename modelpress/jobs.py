@@ -64,7 +64,7 @@ _FINISHED = _PREFIX + "finished"
 _OUTBOX = _PREFIX + "outbox"  # webhook events: sorted set scored by when each is due
 _OUTBOX_EVENTS = _PREFIX + "outbox:events"  # event id -> JSON
 _FILES_LEFT = _PREFIX + "files-left"  # ids of deleted jobs whose files the store did not remove (the reaper retries)
-_UPLOADING = _PREFIX + "uploading"  # ids of jobs whose upload began, scored by when: settled by record or rollback
+_UPLOADING = _PREFIX + "uploading"  # ids of jobs whose upload is under way, scored by its last activity
 
 # Every script reads the clock of the Redis server, not of the caller, so heartbeats written by
 # one machine and judged by another compare like with like.
@@ -467,15 +467,16 @@ class JobStore:
 
     # ------------------------------------------------------------------ uploads not yet settled
 
-    def upload_started(self, job_id: str) -> None:
-        """A request began to write files for this job id (kept from the first call)."""
-        self.redis.zadd(_UPLOADING, {job_id: time.time()}, nx=True)
+    def upload_active(self, job_id: str) -> None:
+        """A request is writing files for this job id now (when it begins, and as its bytes arrive)."""
+        self.redis.zadd(_UPLOADING, {job_id: time.time()})
 
     def upload_settled(self, job_id: str) -> None:
         """The request recorded the job, or removed what it wrote."""
         self.redis.zrem(_UPLOADING, job_id)
 
-    def uploads_started_before(self, epoch_s: float) -> list[str]:
+    def uploads_idle_since(self, epoch_s: float) -> list[str]:
+        """Uploads neither settled nor active since ``epoch_s``."""
         return [_text(i) for i in self.redis.zrangebyscore(_UPLOADING, "-inf", epoch_s)]
 
     def states(self, job_ids: Iterable[str]) -> dict[str, str | None]:

@@ -553,12 +553,12 @@ def remove_orphans(store: "JobStore", objects: ObjectStore, older_than_s: float)
     """Reaper (and, for this host's files only, the API's start): what no job needs any more and
     nothing else would remove.
 
-    - Uploads that began more than ``older_than_s`` ago (longer than any request lasts) and were
-      never settled, neither recorded as a job nor rolled back: an API process was killed mid-
-      request. The API notes each upload as it begins (``JobStore.upload_started``); the files
-      of such a job (its folder, and with an object store its unfinished multipart uploads and
-      objects) are removed unless a record names it. Nothing the API did not note is touched, so
-      a Redis that lost its data (or another deployment's) never empties a bucket.
+    - Uploads never settled (neither recorded as a job nor rolled back) and idle for more than
+      ``older_than_s``: an API process was killed mid-request. The API notes each upload as it
+      begins and, streaming to a store, as its bytes arrive (``JobStore.upload_active``); the
+      files of such a job (its folder, and with an object store its unfinished multipart uploads
+      and objects) are removed unless a record names it. Nothing the API did not note is
+      touched, so a Redis that lost its data (or another deployment's) never empties a bucket.
     - This host's spool files and request folders of that age (``ObjectStore.stale_host_files``).
     - Attempt workspaces on this host of jobs that ended or are gone (a worker killed mid-job,
       whose job another host then finished).
@@ -567,7 +567,7 @@ def remove_orphans(store: "JobStore", objects: ObjectStore, older_than_s: float)
     """
     cutoff = time.time() - older_than_s
     removed = []
-    unsettled = store.uploads_started_before(cutoff)
+    unsettled = store.uploads_idle_since(cutoff)
     for job_id, state in store.states(unsettled).items():
         if state is None:
             try:

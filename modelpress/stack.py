@@ -87,7 +87,11 @@ class Stack:
                         "or MODELPRESS_ALLOW_OPEN_NETWORK=1 behind a trusted proxy)", self.settings.bind_host, self.settings.host)
         self._spawn("api", [
             sys.executable, "-m", "gunicorn", "--bind", f"{self.settings.bind_host}:{self.settings.port}",
-            "--workers", str(self.settings.api_workers), "--timeout", "600", "--graceful-timeout", "10",
+            # gthread: a request (a 2 GB upload on a slow link) may last longer than --timeout, which
+            # then only stops a process whose main loop is stuck; sync workers were killed mid-request
+            # after 600 s, and two slow clients held every process.
+            "--workers", str(self.settings.api_workers), "--worker-class", "gthread",
+            "--threads", str(self.settings.api_threads), "--timeout", "600", "--graceful-timeout", "10",
             "--access-logfile", "-", "service:create_app()",
         ])
         self._wait_for(self._api_answers, "api", 60)

@@ -62,7 +62,7 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
     job_id = submission.job_id or new_job_id()
     files = objects.storage.job(job_id)  # the request's files, local until kept (see ObjectStore.keep_inputs)
     recorded = False
-    track_upload(store, job_id, started=True)  # settled below; a request killed before is the reaper's
+    track_upload(store, job_id, active=True)  # settled below; a request killed before is the reaper's
     try:
         spec = _validate(submission, settings)
         infos = {}
@@ -118,7 +118,7 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
     finally:
         if not recorded:
             objects.delete(job_id)  # the one rollback: this request's files, on every way out
-        track_upload(store, job_id, started=False)
+        track_upload(store, job_id, active=False)
     if outcome == "replay":
         return _replay(store, earlier, fingerprint)
     if outcome == "quota":

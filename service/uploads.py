@@ -3,12 +3,14 @@ hashed on the way, and with an object store also sent to the bucket part by part
 gzip-compressed once and kept."""
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import logging
 import shutil
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -20,6 +22,8 @@ from werkzeug.formparser import FormDataParser, MultiPartParser
 from modelpress.jobs import JobStore, new_job_id
 from modelpress.objectstore import ObjectStore, PartStream
 from modelpress.storage import JobFiles
+
+ACTIVE_NOTE_S = 30.0  # how often a streaming upload tells Redis it is alive (see ``track_upload``)
 
 # The file parts a submission keeps, and the job file each becomes.
 UPLOAD_FIELDS = {"model": "input_model", "student": "input_student", "data": "input_data"}
@@ -40,6 +44,8 @@ class HashingSpoolFile:
         self.sha256 = hashlib.sha256()
         self.bytes = 0
         self.writer: PartStream | None = None
+        self.active: Callable[[], None] | None = None  # called at most every ACTIVE_NOTE_S while bytes arrive
+        self._noted = time.monotonic()
 
     @property
     def name(self) -> str:
@@ -50,6 +56,9 @@ class HashingSpoolFile:
         self.bytes += len(chunk)
         if self.writer is not None:
             self.writer.write(chunk)
+        if self.active is not None and time.monotonic() - self._noted > ACTIVE_NOTE_S:
+            self._noted = time.monotonic()
+            self.active()
         return self._file.write(chunk)
 
     def seek(self, *args: Any) -> int:
@@ -90,8 +99,9 @@ class StreamingRequest(Request):
         self._fields_started.add(field)
         job_id = self.upload_job_id or new_job_id()
         path = upload_path(objects.storage.job(job_id), field)
-        if objects.streams_to_store:
-            track_upload(current_app.extensions["modelpress_jobs"], job_id, started=True)  # before any part leaves
+        if objects.streams_to_store:  # noted before any part leaves, and again as the bytes arrive
+            spool.active = functools.partial(track_upload, current_app.extensions["modelpress_jobs"], job_id, True)
+            spool.active()
         spool.writer = objects.stream_writer(job_id, path)
         if spool.writer is not None:
             self.upload_job_id, self._objects = job_id, objects
@@ -136,15 +146,15 @@ class _FieldAwareMultiPartParser(MultiPartParser):
         return container
 
 
-def track_upload(store: JobStore, job_id: str, started: bool) -> None:
-    """Note that a request begins writing files for ``job_id`` (``started``), or that it recorded the
-    job or removed them; the reaper removes the files of an upload noted and never settled (its API
-    process was killed mid-request, ``modelpress.objectstore.remove_orphans``). Best effort: with
-    Redis away the request cannot record a job anyway, and rolls its files back itself."""
+def track_upload(store: JobStore, job_id: str, active: bool) -> None:
+    """Note that a request is writing files for ``job_id`` (``active``), or that it recorded the job
+    or removed them; the reaper removes the files of an upload noted, never settled and idle for
+    long (its API process was killed mid-request, ``modelpress.objectstore.remove_orphans``). Best
+    effort: with Redis away the request cannot record a job anyway, and rolls its files back itself."""
     try:
-        (store.upload_started if started else store.upload_settled)(job_id)
+        (store.upload_active if active else store.upload_settled)(job_id)
     except redis.RedisError as error:
-        log.warning("upload of job %s: not %s in Redis (%s)", job_id, "noted" if started else "settled", error)
+        log.warning("upload of job %s: not %s in Redis (%s)", job_id, "noted" if active else "settled", error)
 
 
 def keep_upload(upload: FileStorage, destination: Path) -> dict[str, Any]:

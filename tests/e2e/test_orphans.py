@@ -18,7 +18,7 @@ from modelpress.faults import arm
 from modelpress.jobs import JobStore, connect, new_job_id
 from modelpress.stack import Stack
 from service import create_app
-from tests.conftest import make_settings
+from tests.conftest import ApiClient, make_settings
 from tests.models import SmallConvNet, save_scripted
 from workers.celery_app import make_celery
 from workers.reaper import Reaper
@@ -52,14 +52,14 @@ def test_an_api_killed_before_the_record_leaves_files_that_a_later_sweep_removes
         stack.kill_process("api")
         posting.join(30)
 
-        assert job_id in store.uploads_started_before(time.time())  # noted, never settled
+        assert job_id in store.uploads_idle_since(time.time())  # noted, never settled
         Reaper(settings, make_celery(settings)).sweep()  # younger than the bound: the request might still be alive
         assert (jobs_dir / job_id / "input" / "model.pt").exists()
 
         aged = settings.with_changes(orphan_after_s=0)
         Reaper(aged, make_celery(aged)).sweep()
         assert not (jobs_dir / job_id).exists()
-        assert job_id not in store.uploads_started_before(time.time())
+        assert job_id not in store.uploads_idle_since(time.time())
         assert unnoted.exists()  # nothing the API did not note is touched (an emptied Redis deletes nothing)
     finally:
         stack.stop()
@@ -87,3 +87,29 @@ def _post_ignoring_the_kill(base_url: str, model: Path) -> None:
 
 def _struck(pauses: Path) -> list[Path]:
     return [path for path in pauses.glob("before-record.*") if path.suffix != ".armed"]
+
+
+def test_slow_uploads_on_every_api_process_do_not_hold_the_api(api: ApiClient, stack: Stack, tmp_path: Path) -> None:
+    from tests.e2e.test_object_storage import RawSubmission
+
+    job = api.wait(api.submit(save_scripted(SmallConvNet(), tmp_path / "conv.pt"), SPEC).json()["id"], timeout=120)
+    model = os.urandom(2 << 20)  # never completed, so never checked: only its first megabyte is sent
+    slow = [RawSubmission(stack.base_url, [("spec", json.dumps(SPEC).encode(), None), ("model", model, "conv.pt")])
+            for _ in range(stack.settings.api_workers)]
+    try:
+        for request in slow:
+            request.send(len(request.body) // 2)  # and then nothing: a client on a stalled link
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(_requests_in_flight(stack)) < len(slow):
+            time.sleep(0.1)
+        assert len(_requests_in_flight(stack)) >= len(slow), "every API process is reading a slow upload"
+        assert requests.get(f"{stack.base_url}/healthz", timeout=10).status_code == 200
+        assert api.session.get(api.url(f"/v1/jobs/{job['id']}"), timeout=10).json()["state"] == "succeeded"
+    finally:
+        for request in slow:
+            request.connection.close()
+
+
+def _requests_in_flight(stack: Stack) -> list[Path]:
+    """The spool files of uploads being read (one per slow request, in the stack's data directory)."""
+    return [path for path in (stack.settings.data_dir / "uploads").iterdir() if path.stat().st_size > 0]
