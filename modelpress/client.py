@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
 import requests
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 ByteProgress = Callable[[int, int], None]  # (bytes so far, total bytes)
@@ -42,6 +44,12 @@ class Client:
     def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0) -> None:
         self.url = (url or os.environ.get("MODELPRESS_URL") or "http://127.0.0.1:8000").rstrip("/")
         self.session = requests.Session()
+        # A kept-alive connection the server (or a proxy) closed while idle fails the next request
+        # sent on it; reads are safe to send again, a submission is not (use an Idempotency-Key).
+        retries = Retry(total=3, connect=3, read=3, status=0, backoff_factor=0.2,
+                        allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False)
+        for scheme in ("http://", "https://"):
+            self.session.mount(scheme, HTTPAdapter(max_retries=retries))
         key = api_key if api_key is not None else os.environ.get("MODELPRESS_API_KEY")
         if key:
             self.session.headers["Authorization"] = f"Bearer {key}"

@@ -92,6 +92,9 @@ class Stack:
             # after 600 s, and two slow clients held every process.
             "--workers", str(self.settings.api_workers), "--worker-class", "gthread",
             "--threads", str(self.settings.api_threads), "--timeout", "600", "--graceful-timeout", "10",
+            # No keep-alive, as with sync workers: clients polling every 2 s raced gthread's 2 s idle
+            # close and had requests fail on a connection closed under them.
+            "--keep-alive", "0",
             "--access-logfile", "-", "service:create_app()",
         ])
         self._wait_for(self._api_answers, "api", 60)
