@@ -27,7 +27,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from datetime import datetime, timezone
 from typing import Any, Iterable, NamedTuple
@@ -275,20 +274,6 @@ def new_job_id(now: float | None = None) -> str:
     milliseconds = int((time.time() if now is None else now) * 1000)
     value = (milliseconds << 80) | int.from_bytes(os.urandom(10), "big")
     return "".join(alphabet[(value >> shift) & 31] for shift in range(125, -1, -5))
-
-
-_ULID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
-
-
-def job_id_time(job_id: str) -> float | None:
-    """When ``new_job_id`` made this id (epoch seconds), or None for a name that is not one of its ids."""
-    if not _ULID.match(job_id):
-        return None
-    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-    value = 0
-    for letter in job_id[:10]:  # the first 50 bits: 2 zero bits, then the 48-bit millisecond time
-        value = value * 32 + alphabet.index(letter)
-    return value / 1000
 
 
 def utc_now() -> str:

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 from modelpress.config import Settings
 from modelpress.faults import pause_point
-from modelpress.jobs import FINAL_STATES, job_id_time
+from modelpress.jobs import FINAL_STATES
 from modelpress.storage import JobFiles, Storage, read_json, write_json_atomic
 
 if TYPE_CHECKING:
@@ -362,10 +362,9 @@ class S3Objects(ObjectStore):
         return None
 
     def stale_host_files(self, before_epoch_s: float) -> list[Path]:
-        # The API host keeps a job's folder only while its request runs (``keep_inputs`` removes it).
-        folders = [self.storage.job(job_id).root for job_id in self.storage.job_ids()
-                   if (job_id_time(job_id) or before_epoch_s) < before_epoch_s]
-        return super().stale_host_files(before_epoch_s) + folders
+        # The API host keeps a job's folder only while its request runs (``keep_inputs`` removes it),
+        # and writes into it all the while (inputs linked, then the spec).
+        return super().stale_host_files(before_epoch_s) + self.storage.job_folders_before(before_epoch_s)
 
     def workspaces(self) -> list[tuple[str, int]]:
         found = []
@@ -559,7 +558,7 @@ def remove_orphans(store: "JobStore", objects: ObjectStore, older_than_s: float)
       files of such a job (its folder, and with an object store its unfinished multipart uploads
       and objects) are removed unless a record names it. Nothing the API did not note is
       touched, so a Redis that lost its data (or another deployment's) never empties a bucket.
-    - This host's spool files and request folders of that age (``ObjectStore.stale_host_files``).
+    - This host's spool files and request folders not written for that long (``ObjectStore.stale_host_files``).
     - Attempt workspaces on this host of jobs that ended or are gone (a worker killed mid-job,
       whose job another host then finished).
 

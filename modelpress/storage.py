@@ -74,27 +74,28 @@ class Storage:
     def delete(self, job_id: str) -> None:
         shutil.rmtree(self.job(job_id).root, ignore_errors=True)
 
-    def job_ids(self) -> set[str]:
-        """The names of the job folders here (recorded jobs, and any a killed request left)."""
-        try:
-            return {entry.name for entry in os.scandir(self.jobs_dir) if entry.is_dir()}
-        except FileNotFoundError:
-            return set()
-
     def spools_before(self, epoch_s: float) -> list[Path]:
         """Upload spool files last written before ``epoch_s``: a request still arriving writes its
         spool all the time, so these belong to API processes that were killed mid-request."""
-        found = []
-        try:
-            for entry in os.scandir(self.uploads_dir):
-                try:
-                    if entry.is_file() and entry.stat().st_mtime < epoch_s:
-                        found.append(Path(entry.path))
-                except FileNotFoundError:
-                    continue  # its request ended meanwhile
-        except FileNotFoundError:
-            pass
-        return found
+        return _entries_before(self.uploads_dir, epoch_s, folders=False)
+
+    def job_folders_before(self, epoch_s: float) -> list[Path]:
+        """Job folders last written before ``epoch_s`` (see ``ObjectStore.stale_host_files``)."""
+        return _entries_before(self.jobs_dir, epoch_s, folders=True)
+
+
+def _entries_before(directory: Path, epoch_s: float, folders: bool) -> list[Path]:
+    found = []
+    try:
+        for entry in os.scandir(directory):
+            try:
+                if (entry.is_dir() if folders else entry.is_file()) and entry.stat().st_mtime < epoch_s:
+                    found.append(Path(entry.path))
+            except FileNotFoundError:
+                continue  # its request ended meanwhile
+    except FileNotFoundError:
+        pass
+    return found
 
 
 def write_json_atomic(path: Path, value: Any) -> None:

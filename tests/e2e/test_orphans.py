@@ -77,6 +77,22 @@ def test_spool_files_of_killed_requests_go_when_the_api_starts_once_they_are_old
     assert not old.exists() and fresh.exists()
 
 
+def test_request_folders_an_api_host_keeps_in_s3_mode_go_once_not_written_for_long(tmp_path: Path) -> None:
+    # In S3 mode a job's folder on the API host lives only while its request runs (keep_inputs removes it).
+    settings = make_settings(tmp_path / "api-host", redis_url="redis://127.0.0.1:1/0", storage_url="s3://bucket/p",
+                             s3_endpoint_url="http://127.0.0.1:1", s3_access_key_id="k", s3_secret_access_key="s",
+                             s3_region="us-east-1")
+    jobs_dir = settings.data_dir / "jobs"
+    killed, arriving = jobs_dir / new_job_id(time.time() - 7200), jobs_dir / new_job_id(time.time() - 7200)
+    for folder in (killed, arriving):
+        (folder / "input").mkdir(parents=True)
+        (folder / "input" / "model.pt").write_bytes(b"a model")
+    os.utime(killed, (time.time() - 2 * settings.orphan_after_s,) * 2)  # its request last wrote long ago
+    create_app(settings)
+    # The id of the other is as old, but its request is still writing: a slow upload is not an orphan.
+    assert not killed.exists() and (arriving / "input" / "model.pt").exists()
+
+
 def _post_ignoring_the_kill(base_url: str, model: Path) -> None:
     try:
         requests.post(f"{base_url}/v1/jobs", files={"model": ("conv.pt", model.read_bytes())},
