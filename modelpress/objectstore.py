@@ -378,11 +378,9 @@ class S3Objects(ObjectStore):
         files = self.storage.job(job_id)
         return f"{self.prefix}jobs/{job_id}/{path.relative_to(files.root).as_posix()}"
 
-    def _inputs(self, files: JobFiles) -> tuple[Path, ...]:
-        return tuple(path for _, path in self._inputs_named(files))
-
     @staticmethod
-    def _inputs_named(files: JobFiles) -> tuple[tuple[str, Path], ...]:
+    def _inputs(files: JobFiles) -> tuple[tuple[str, Path], ...]:
+        """The job's input files, each with its ``JobFiles`` name."""
         return tuple((name, getattr(files, name)) for name in ("input_model", "input_student", "input_data", "spec"))
 
     # ------------------------------------------------------------------ API: submit
@@ -400,7 +398,7 @@ class S3Objects(ObjectStore):
         files = self.storage.job(job_id)
         with self._streams_lock:
             streams = dict(self._streams.get(job_id, {}))
-        for path in self._inputs(files):
+        for _, path in self._inputs(files):
             key = self.key(job_id, path)
             writer = streams.get(key)
             if writer is not None and path.exists():
@@ -432,7 +430,7 @@ class S3Objects(ObjectStore):
         shutil.rmtree(files.root, ignore_errors=True)
         named = self._names(job_id, f"{self.prefix}jobs/{job_id}/")
         canonical = self.storage.job(job_id)
-        for name, path in self._inputs_named(canonical):
+        for name, path in self._inputs(canonical):
             key = self.key(job_id, path)
             if key not in named:
                 if path in (canonical.input_model, canonical.spec):
@@ -444,9 +442,9 @@ class S3Objects(ObjectStore):
             # End to end: the parts travel without payload signatures (see ``S3Objects.__init__``), and a
             # store or a network can corrupt bytes; the record's digest is the upload's own.
             expected = (digests or {}).get(name)
-            if expected and file_sha256(target) != expected:
+            if expected and (found := file_sha256(target)) != expected:
                 raise InputsCorrupt(f"{key} in bucket {self.bucket} does not match the upload (SHA-256 "
-                                    f"{file_sha256(target)} instead of {expected})")
+                                    f"{found} instead of {expected})")
         return files
 
     @_translated

@@ -7,6 +7,7 @@ The object-store layout (unfinished multipart uploads in the bucket) is in test_
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -52,14 +53,14 @@ def test_an_api_killed_before_the_record_leaves_files_that_a_later_sweep_removes
         stack.kill_process("api")
         posting.join(30)
 
-        assert job_id in store.uploads_idle_since(time.time())  # noted, never settled
+        assert job_id in store.uploads_idle_since(math.inf)  # noted, never settled
         Reaper(settings, make_celery(settings)).sweep()  # younger than the bound: the request might still be alive
         assert (jobs_dir / job_id / "input" / "model.pt").exists()
 
         aged = settings.with_changes(orphan_after_s=0)
         Reaper(aged, make_celery(aged)).sweep()
         assert not (jobs_dir / job_id).exists()
-        assert job_id not in store.uploads_idle_since(time.time())
+        assert job_id not in store.uploads_idle_since(math.inf)
         assert unnoted.exists()  # nothing the API did not note is touched (an emptied Redis deletes nothing)
     finally:
         stack.stop()
