@@ -31,8 +31,9 @@ def _job_seconds(settings: Settings, files: JobFiles) -> float:
     env = job_protocol.child_environment(settings, write_fd, str(sandbox.PROJECT_ROOT))
     argv = [sys.executable, "-m", "workers.job_process", str(files.root)]
     start = time.perf_counter()
-    child = subprocess.Popen(sandbox.job_command(settings, files, argv), cwd=files.root, env=env, pass_fds=[write_fd],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    with sandbox.confined(settings, files, argv) as (command, fds):
+        child = subprocess.Popen(command, cwd=files.root, env=env, pass_fds=[write_fd, *fds],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     os.close(write_fd)
     with os.fdopen(read_fd) as pipe:
         messages = pipe.read()
@@ -46,7 +47,8 @@ def _job_seconds(settings: Settings, files: JobFiles) -> float:
 def _start_seconds(settings: Settings, files: JobFiles) -> float:
     """Start-up alone: an empty interpreter, so the sandbox's own cost is not lost in the job's noise."""
     start = time.perf_counter()
-    subprocess.run(sandbox.job_command(settings, files, [sys.executable, "-c", "pass"]), check=True)
+    with sandbox.confined(settings, files, [sys.executable, "-c", "pass"]) as (command, fds):
+        subprocess.run(command, pass_fds=fds, check=True)
     return time.perf_counter() - start
 
 

@@ -67,6 +67,9 @@ def _compress(job_dir: Path, settings: Settings, facts: dict[str, Any], channel:
             _check_programs([files.input_model, student_path])
         report = compress(files.input_model, spec, files.output_model, data_path=data_path, progress=channel.progress,
                           student_path=student_path)
+        from workers.sandbox import device_facts
+
+        report["device"] = device_facts()
         report["sandbox"] = {"mode": settings.sandbox, **facts, "environment": sorted(os.environ),
                              "limits": {"resident_mb": settings.job_memory_mb,
                                         "address_space_mb": settings.job_address_space_mb}}
@@ -103,9 +106,12 @@ def confinement_facts(job_dir: Path) -> dict[str, Any]:
             probe_result = "connected"
         except OSError as error:
             probe_result = f"connection to {probe} failed ({error.strerror or error})"
+    from workers.seccomp import state_of_this_process
+
     return {
         "network": network,
         "network_probe": probe_result if probe else "not tried",
+        "seccomp": state_of_this_process(),
         "processes": sum(1 for entry in os.listdir("/proc") if entry.isdigit()),
         "data_dir_visible": bool(visible),
     }

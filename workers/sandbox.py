@@ -12,11 +12,15 @@ filesystem holds only what the job needs:
 
 Nothing else of the data directory (other jobs, uploads, the webhook master key, Redis' files),
 no API keys file, no other process. The network namespace holds only a loopback interface.
+A syscall filter (``workers.seccomp``) denies what a model never needs (ptrace, mounts, new
+namespaces, keyrings, BPF, kernel modules...). When the worker has a GPU, its device nodes are
+bound in (``gpu_devices``); the driver's libraries are under ``/usr``, which is bound already.
 Failure to set any of this up fails the job (``sandbox-unavailable``); only ``MODELPRESS_SANDBOX=off``
 runs jobs unconfined. See docs/decisions.md for why bubblewrap and what the host must allow.
 """
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -26,12 +30,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 from modelpress.config import Settings
 from modelpress.storage import JobFiles
+from workers import seccomp
 from workers.job_protocol import network_probe
 
 log = logging.getLogger("modelpress.sandbox")
@@ -43,6 +49,9 @@ SANDBOX_UID = 65534  # "nobody" inside the user namespace; mapped to the worker'
 _ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin")
 PROBE_TIMEOUT_S = 60
+# What the CUDA runtime opens (NVIDIA), and the ROCm / DRM nodes of other GPUs; bound when present.
+GPU_DEVICE_PATTERNS = ("/dev/nvidiactl", "/dev/nvidia[0-9]*", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools",
+                       "/dev/nvidia-modeset", "/dev/nvidia-caps", "/dev/kfd", "/dev/dri")
 
 
 @dataclass(frozen=True)
@@ -56,27 +65,63 @@ class SandboxStatus:
         return self.state != "unavailable"
 
 
-def job_command(settings: Settings, files: JobFiles, argv: list[str]) -> list[str]:
-    """The command line that runs ``argv`` for the job in ``files``: confined, or as is when the sandbox is off."""
+@contextmanager
+def confined(settings: Settings, files: JobFiles, argv: list[str]) -> Iterator[tuple[list[str], tuple[int, ...]]]:
+    """The command that runs ``argv`` for the job in ``files``, and the descriptors to pass to it.
+
+    The syscall filter travels to bubblewrap on a descriptor: start the command (``pass_fds``)
+    inside the ``with``; the descriptor is closed when it ends. Sandbox off: ``argv`` as is, none.
+    """
+    if settings.sandbox == "off":
+        yield argv, ()
+        return
+    program = seccomp.program_fd()
+    try:
+        yield job_command(settings, files, argv, seccomp_fd=program), (program,)
+    finally:
+        os.close(program)
+
+
+def job_command(settings: Settings, files: JobFiles, argv: list[str], seccomp_fd: int | None,
+                devices: Sequence[str] | None = None) -> list[str]:
+    """The bubblewrap command line (use ``confined``): ``seccomp_fd`` holds the filter (None: none),
+    ``devices`` are the device nodes bound in (None: this host's GPU, ``gpu_devices()``)."""
     if settings.sandbox == "off":
         return argv
     files.output_model.parent.mkdir(parents=True, exist_ok=True)
     root = str(files.root)
+    devices = gpu_devices() if devices is None else devices
     return [
         settings.bwrap,
         "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
         "--disable-userns",  # no nested user namespace from which to gain capabilities again
         "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--cap-drop", "ALL",
+        *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
         "--die-with-parent", "--hostname", "modelpress-job",
         # The private /tmp first: a runtime (a checkout with its venv) or a data directory under /tmp,
         # as in CI and the tests, is then mounted on top of it instead of being hidden by it.
         "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        *[argument for device in devices for argument in ("--dev-bind-try", device, device)],
         *_runtime_mounts(settings),
         "--ro-bind", root, root,
         "--bind", str(files.output_model.parent), str(files.output_model.parent),
         "--chdir", root,
         "--", *argv,
     ]
+
+
+def gpu_devices() -> list[str]:
+    """This host's GPU device nodes (``GPU_DEVICE_PATTERNS``) that exist; none on a machine without one."""
+    return sorted(path for pattern in GPU_DEVICE_PATTERNS for path in glob.glob(pattern))
+
+
+def device_facts() -> dict[str, Any]:
+    """Seen from inside the job: the GPU device nodes it has and whether torch can use CUDA on them."""
+    import torch
+
+    available = torch.cuda.is_available()
+    return {"gpu_device_nodes": gpu_devices(), "cuda_available": available,
+            "cuda_device": torch.cuda.get_device_name(0) if available else None}
 
 
 def confirm_outputs(files: JobFiles) -> str | None:
@@ -110,12 +155,13 @@ def self_test(settings: Settings) -> SandboxStatus:
     probe_parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=probe_parent) as directory:
         files = JobFiles(Path(directory))
-        command = job_command(settings, files, [sys.executable, "-m", "workers.job_process", "--probe", str(files.root)])
+        argv = [sys.executable, "-m", "workers.job_process", "--probe", str(files.root)]
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(PROJECT_ROOT), "PYTHONDONTWRITEBYTECODE": "1",
                **network_probe(settings)}
         try:
-            done = subprocess.run(command, env=env, cwd=directory, capture_output=True, text=True,
-                                  timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL)
+            with confined(settings, files, argv) as (command, fds):
+                done = subprocess.run(command, env=env, cwd=directory, capture_output=True, text=True,
+                                      timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL, pass_fds=fds)
         except (OSError, subprocess.TimeoutExpired) as error:
             return SandboxStatus("unavailable", f"{settings.bwrap} could not be run: {error}", now)
     if done.returncode != 0:
@@ -127,8 +173,8 @@ def self_test(settings: Settings) -> SandboxStatus:
     problems = confinement_gaps(facts, settings)
     if problems:
         return SandboxStatus("unavailable", "; ".join(problems), now)
-    return SandboxStatus("confined", "bubblewrap: own user, mount, PID, IPC and network namespaces; only the job "
-                         "directory and the read-only runtime are visible", now)
+    return SandboxStatus("confined", "bubblewrap: own user, mount, PID, IPC and network namespaces and a syscall "
+                         "filter; only the job directory and the read-only runtime are visible", now)
 
 
 def confinement_gaps(facts: dict[str, Any], settings: Settings) -> list[str]:
@@ -140,6 +186,8 @@ def confinement_gaps(facts: dict[str, Any], settings: Settings) -> list[str]:
         gaps.append("the job process sees the data directory")
     if facts.get("processes", 0) > 3:
         gaps.append(f"the job process sees {facts['processes']} processes (no own PID namespace)")
+    if facts.get("seccomp") != "filtered":
+        gaps.append(f"the job process has no syscall filter ({facts.get('seccomp')})")
     return gaps
 
 

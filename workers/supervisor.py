@@ -180,16 +180,18 @@ class Supervisor:
         return self._record_exit(job_id, attempt, deliveries, files, child.returncode, outcome, started)
 
     def _start_child(self, files: JobFiles, log_file: Any, write_fd: int) -> subprocess.Popen:
-        return subprocess.Popen(
-            sandbox.job_command(self.settings, files, [sys.executable, "-m", "workers.job_process", str(files.root)]),
-            cwd=files.root,
-            env=protocol.child_environment(self.settings, write_fd, str(PROJECT_ROOT)),
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            pass_fds=[write_fd],
-            start_new_session=True,  # its own process group, killed as a whole
-        )
+        argv = [sys.executable, "-m", "workers.job_process", str(files.root)]
+        with sandbox.confined(self.settings, files, argv) as (command, sandbox_fds):  # sandbox_fds: its syscall filter
+            return subprocess.Popen(
+                command,
+                cwd=files.root,
+                env=protocol.child_environment(self.settings, write_fd, str(PROJECT_ROOT)),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                pass_fds=[write_fd, *sandbox_fds],
+                start_new_session=True,  # its own process group, killed as a whole
+            )
 
     def _record_exit(self, job_id: str, attempt: int, deliveries: int, files: JobFiles, returncode: int,
                      outcome: dict[str, Any] | None, started: bool) -> tuple[str, bool]:
