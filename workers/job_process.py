@@ -40,7 +40,8 @@ def main(argv: list[str]) -> int:
 
             gaps = confinement_gaps(facts, settings)
             if gaps:
-                channel.fail(protocol.sandbox_unavailable("; ".join(gaps)))
+                unavailable = protocol.sandbox_unavailable("; ".join(gaps))  # a problem: its slug ends its type
+                channel.fail({**unavailable, "slug": unavailable["type"].rsplit("/", 1)[1]})
                 return 1
         _limit_resources(settings)
         return _compress(job_dir, settings, facts, channel)

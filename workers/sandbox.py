@@ -101,8 +101,8 @@ def job_command(settings: Settings, files: JobFiles, argv: list[str], seccomp_fd
         # The private /tmp first: a runtime (a checkout with its venv) or a data directory under /tmp,
         # as in CI and the tests, is then mounted on top of it instead of being hidden by it.
         "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
-        *[argument for device in devices for argument in ("--dev-bind-try", device, device)],
         *_runtime_mounts(settings),
+        *[argument for device in devices for argument in ("--dev-bind-try", device, device)],  # after --dev /dev
         "--ro-bind", root, root,
         "--bind", str(files.output_model.parent), str(files.output_model.parent),
         "--chdir", root,

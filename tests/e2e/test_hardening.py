@@ -284,12 +284,16 @@ def test_worker_killed_mid_job_and_started_again_finishes_the_job(hardened: Hard
     job_id = hardened.alpha.submit(models["medium"], MEDIUM).json()["id"]
     child = compression_process(job_id)
 
+    worker = hardened.stack.processes["worker"]
     hardened.stack.kill_process("worker")
     child.wait(timeout=30)  # the compression process dies with its supervisor
+    assert worker.poll() is not None and not child.is_running()  # the fault struck: both are gone
+    assert hardened.alpha.job(job_id)["state"] == "running"  # mid-job: it had not finished
     hardened.stack.start_worker()
 
     job = hardened.alpha.wait(job_id, timeout=180)
     assert job["state"] == "succeeded", job["error"]
+    assert job["deliveries"] == 2  # taken again after the kill, not finished by the killed worker
 
 
 def test_reaper_requeues_a_job_whose_worker_vanished(hardened: Hardened, models: dict[str, Path]) -> None:
@@ -301,9 +305,14 @@ def test_reaper_requeues_a_job_whose_worker_vanished(hardened: Hardened, models:
         vanished = next(stack_pids[p.pid] for p in child.parents() if p.pid in stack_pids)  # through bwrap's processes
 
         hardened.stack.kill_process(vanished)  # never started again: the other worker must take over
+        child.wait(timeout=30)
+        assert not child.is_running()  # the fault struck: the job's compression process died with its worker
+        survivor = "worker2" if vanished == "worker" else "worker"
 
         job = hardened.alpha.wait(job_id, timeout=180)
         assert job["state"] == "succeeded", job["error"]
+        assert job["deliveries"] == 2  # taken over ...
+        assert f"job {job_id}: running (attempt 2)" in (hardened.stack.log_dir / f"{survivor}.log").read_text()  # ... here
     finally:
         if "worker" not in hardened.stack.processes:
             hardened.stack.start_worker()
@@ -313,8 +322,14 @@ def test_redis_restart_mid_run_loses_no_job(hardened: Hardened, models: dict[str
     ids = [hardened.alpha.submit(models["medium"], {**MEDIUM, "evaluation": {"runs": 10, "warmup": 0}}).json()["id"]
            for _ in range(4)]
     compression_process(ids[0])
+    redis = hardened.stack.processes["redis"]
+    unfinished = [job_id for job_id in ids if hardened.alpha.job(job_id)["state"] in ("queued", "running")]
 
     hardened.stack.stop_process("redis")
+    assert redis.poll() is not None  # the fault struck: Redis is down ...
+    assert unfinished, "every job had finished before Redis stopped: nothing ran through the restart"
+    down = hardened.alpha.session.get(hardened.alpha.url(f"/v1/jobs/{ids[0]}"))
+    assert down.status_code == 503 and "job store is unreachable" in down.json()["detail"]  # ... and the service saw it
     time.sleep(2)  # Redis stays down a while (this is the fault being tested, not a wait for a result)
     hardened.stack.start_redis()
 

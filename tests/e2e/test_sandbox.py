@@ -10,7 +10,9 @@ import hashlib
 import io
 import os
 import secrets
+import shutil
 import socket
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from modelpress.keys import hash_key
 from modelpress.stack import Stack
 from tests.conftest import ApiClient, make_settings
 from tests.models import SmallConvNet, save_scripted
+from workers.sandbox import gpu_devices
 
 QUICK = {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": {"runs": 1, "warmup": 0}}
 KEY = "mp_sandbox-tenant-key"
@@ -81,6 +84,13 @@ def _run(confined: Confined, model: nn.Module, tmp_path: Path) -> dict:
     return confined.client.wait(response.json()["id"], timeout=180)
 
 
+def _assert_refused_as_absent(job: dict, path: str) -> None:
+    """The attack failed because the path does not exist in the sandbox, not for another reason."""
+    assert job["state"] == "failed", "the model read a file outside its job"
+    assert job["error"]["type"].endswith("/invalid-input"), job["error"]
+    assert "No such file or directory" in job["error"]["detail"] and path in job["error"]["detail"], job["error"]
+
+
 def _assert_nothing_leaked(confined: Confined, job: dict, needle: bytes) -> None:
     """Neither the job record, its error, report, model nor any file it produced holds ``needle``."""
     import json
@@ -95,6 +105,19 @@ def _assert_nothing_leaked(confined: Confined, job: dict, needle: bytes) -> None
             assert needle not in confined.client.session.get(confined.client.url(job["links"][link])).content
 
 
+def test_the_attacking_model_reads_what_it_may_read(confined: Confined, tmp_path: Path) -> None:
+    """The positive control of every attack below: the same model, reading its own input, succeeds
+    and carries the bytes it read out in its result, so a failure below is the sandbox's doing."""
+    upload = save_scripted(ReadFile("input/model.pt", 64), tmp_path / "attack.pt")  # relative to its job directory
+    job = _run(confined, ReadFile("input/model.pt", 64), tmp_path)
+
+    assert job["state"] == "succeeded", job["error"]
+    served = confined.client.session.get(confined.client.url(job["links"]["model"]),
+                                         headers={"Accept-Encoding": "identity"}).content
+    loot = torch.jit.load(io.BytesIO(served)).loot
+    assert bytes(loot.tolist()) == upload.read_bytes()[:64]  # the first 64 bytes of its own upload, read inside
+
+
 @pytest.mark.parametrize("how", ["absolute", "relative", "through /proc/<worker pid>/root"])
 def test_a_model_cannot_read_a_secret_of_the_service(confined: Confined, tmp_path: Path, how: str) -> None:
     worker_pid = confined.stack.processes["worker"].pid
@@ -106,7 +129,7 @@ def test_a_model_cannot_read_a_secret_of_the_service(confined: Confined, tmp_pat
     job = _run(confined, ReadFile(path, len(confined.secret)), tmp_path)
 
     _assert_nothing_leaked(confined, job, confined.secret)
-    assert job["state"] == "failed", "the model read a file outside its job"
+    _assert_refused_as_absent(job, path)
     assert f"<{len(confined.secret)}>" not in job["error"]["detail"]  # not even the file's size, as torch writes it
 
 
@@ -115,7 +138,7 @@ def test_a_model_cannot_read_the_api_keys_file(confined: Confined, tmp_path: Pat
     job = _run(confined, ReadFile(str(confined.stack.settings.api_keys_file), len(content)), tmp_path)
 
     _assert_nothing_leaked(confined, job, content.strip())
-    assert job["state"] == "failed"
+    _assert_refused_as_absent(job, str(confined.stack.settings.api_keys_file))
 
 
 def test_a_model_cannot_read_or_overwrite_another_jobs_files(confined: Confined, tmp_path: Path) -> None:
@@ -136,7 +159,8 @@ def test_a_model_cannot_read_or_overwrite_another_jobs_files(confined: Confined,
     _assert_nothing_leaked(confined, reader, marker)
     assert victim_input.read_bytes() == input_bytes
     assert victim_output.read_bytes() == output_bytes
-    assert reader["state"] == "failed" and writer["state"] == "failed"
+    _assert_refused_as_absent(reader, str(victim_input))
+    _assert_refused_as_absent(writer, str(victim_output))
     assert hashlib.sha256(output_bytes).hexdigest() == confined.client.job(victim["id"])["result"]["sha256"]
 
 
@@ -146,12 +170,17 @@ def test_the_job_process_has_no_network_and_no_secrets_in_its_environment(confin
 
     job = _run(confined, SmallConvNet(), tmp_path)
     assert job["state"] == "succeeded", job["error"]
-    sandbox = confined.client.session.get(confined.client.url(job["links"]["report"])).json()["sandbox"]
+    report = confined.client.session.get(confined.client.url(job["links"]["report"])).json()
+    sandbox = report["sandbox"]
 
     assert sandbox["network_probe"].startswith(f"connection to 127.0.0.1:{redis_port} failed")
     assert sandbox["network"] == "isolated"
     assert sandbox["mode"] == "on"
     assert sandbox["processes"] <= 3 and sandbox["data_dir_visible"] is False
+    assert sandbox["seccomp"] == "filtered"  # the syscall filter, seen from inside (tests/security/test_syscall_filter.py)
+    # The GPU device nodes the job sees are the host's (none here), and torch says whether CUDA ran.
+    assert report["device"]["gpu_device_nodes"] == gpu_devices()
+    assert report["device"]["cuda_available"] is torch.cuda.is_available()
     assert not {"REDIS_URL", "MODELPRESS_API_KEYS_FILE", "MODELPRESS_WEBHOOK_SECRET", "HOME"} & set(sandbox["environment"])
 
 
@@ -186,6 +215,28 @@ def test_a_job_fails_closed_when_the_sandbox_cannot_be_set_up(tmp_path: Path) ->
         assert ready.status_code == 503
         assert "sandbox-unavailable" in ready.json()["detail"]
         assert "job sandbox unavailable" in (tmp_path / "logs" / "worker.log").read_text()
+    finally:
+        stack.stop()
+
+
+def test_a_job_fails_closed_when_its_syscall_filter_is_missing(tmp_path: Path) -> None:
+    """bubblewrap that drops ``--seccomp``: the job sees no filter from inside and refuses to run."""
+    real = shutil.which("bwrap")
+    assert real
+    unfiltered = tmp_path / "bwrap"
+    unfiltered.write_text(f"#!{sys.executable}\nimport os, sys\nargs = sys.argv[1:]\nat = args.index('--seccomp')\n"
+                          f"del args[at:at + 2]\nos.execv({real!r}, [{real!r}, *args])\n")
+    unfiltered.chmod(0o755)
+    stack = Stack(make_settings(tmp_path / "data", redis_url=None, bwrap=str(unfiltered)), log_dir=tmp_path / "logs")
+    try:
+        stack.start()
+        client = ApiClient(stack.base_url)
+        job = client.wait(client.submit(save_scripted(SmallConvNet(), tmp_path / "m.pt"), QUICK).json()["id"], timeout=120)
+
+        assert job["state"] == "failed"
+        assert job["error"]["type"].endswith("/sandbox-unavailable")
+        assert "no syscall filter (not filtered: Seccomp mode 0)" in job["error"]["detail"]
+        assert "no syscall filter" in client.session.get(client.url("/readyz")).json()["detail"]
     finally:
         stack.stop()
 
