@@ -6,7 +6,7 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
 
 WORKDIR /app
 # bubblewrap confines each job's process (workers/sandbox.py); the worker container must be allowed to
-# create user namespaces (docker-compose.yml: security_opt seccomp/apparmor unconfined, see the README).
+# create user namespaces (docker-compose.yml: security_opt with deploy/seccomp-worker.json, see the README).
 # g++ lets torch.compile / AOTInductor build their kernels (.pt2 jobs with evaluation.runtime compile or aoti).
 RUN apt-get update && apt-get install -y --no-install-recommends bubblewrap g++ && rm -rf /var/lib/apt/lists/*
 # torch first, from the CPU wheel index: the default wheel carries CUDA (several GB) that a CPU worker never uses.

@@ -14,8 +14,8 @@ Only the native 64-bit ABI of x86_64 and aarch64 is allowed; a call through anot
 
 The syscall numbers are a table here (from the kernel's headers: ``asm/unistd_64.h`` for
 x86_64 and ``asm-generic/unistd.h`` for aarch64), checked against the headers where they are
-installed (tests/engine/test_seccomp.py). No libseccomp: one dependency less, and the whole
-program is about 240 instructions one can read in ``program()``.
+installed (tests/security/test_syscall_filter.py). No libseccomp: one dependency less, and the whole
+program is about 140 instructions one can read in ``program()``.
 """
 from __future__ import annotations
 

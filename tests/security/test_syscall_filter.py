@@ -144,3 +144,28 @@ def test_device_nodes_named_for_the_gpu_are_bound_into_the_sandbox_and_usable(tm
     assert json.loads(bound.stdout) == {"char_device": True, "opened": True}, bound.stderr
     assert json.loads(absent.stdout)["opened"] is False  # the positive control: not bound, not there
 
+
+
+# ----------------------------------------------------------------------------- the worker container's profile
+
+
+def test_the_compose_seccomp_profile_is_generated_and_keeps_a_filter() -> None:
+    """deploy/seccomp-worker.json (no Docker here to load it: checked as data) is what the generator
+    writes today, denies what the job filter denies but bubblewrap's own calls, and both compose
+    files use it instead of seccomp=unconfined."""
+    shipped = json.loads((sandbox.PROJECT_ROOT / "deploy" / "seccomp-worker.json").read_text())
+    assert shipped == json.loads(json.dumps(seccomp.container_profile(seccomp.known_syscalls())))
+
+    rules = {name: rule for rule in shipped["syscalls"] for name in rule["names"] if "args" not in rule}
+    assert shipped["defaultAction"] == "SCMP_ACT_ERRNO"  # an allow list: calls it does not name are refused
+    for name in ("mount", "umount2", "pivot_root", "unshare", "clone"):  # what bubblewrap needs
+        assert rules[name]["action"] == "SCMP_ACT_ALLOW", name
+    for name in ("ptrace", "keyctl", "bpf", "init_module", "kexec_load", "open_by_handle_at", "io_uring_setup",
+                 "setns", "perf_event_open", "userfaultfd", "process_vm_readv"):
+        assert (rules[name]["action"], rules[name]["errnoRet"]) == ("SCMP_ACT_ERRNO", errno.EPERM), name
+    assert rules["clone3"]["errnoRet"] == errno.ENOSYS and "modify_ldt" not in rules
+    assert {"read", "mmap", "futex", "execve", "openat", "socket", "epoll_wait"} <= {
+        name for name, rule in rules.items() if rule["action"] == "SCMP_ACT_ALLOW"}
+    for compose in ("docker-compose.yml", "docker-compose.worker.yml"):
+        text = (sandbox.PROJECT_ROOT / compose).read_text()
+        assert "seccomp=./deploy/seccomp-worker.json" in text and "seccomp=unconfined" not in text, compose
