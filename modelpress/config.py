@@ -28,6 +28,12 @@ class Settings:
     # Requests each API process serves at once (gunicorn gthread): a slow upload or download holds a
     # thread, not the process. Each upload streaming to S3 holds up to 5 parts (80 MB) in memory.
     api_threads: int = 4
+    # The API's server model (docs/decisions.md, "Slow clients"): "gevent", one greenlet per
+    # connection, so slow clients hold no thread; "gthread" is the former model, kept to measure against.
+    api_server: str = "gevent"
+    header_timeout_s: int = 20  # a request's line and headers must arrive within this, or 408 and close
+    body_timeout_s: int = 60  # a read or write of a request that moves no byte this long ends it
+    api_connections: int = 1000  # connections each API process serves at once (gevent); more wait in the backlog
     log_level: str = "INFO"
     log_format: str = "text"  # or "json": one object per line
     api_keys_file: Path | None = None  # unset: open service, loopback only
@@ -93,6 +99,10 @@ class Settings:
             worker_concurrency=number("WORKER_CONCURRENCY", defaults.worker_concurrency),
             api_workers=number("API_WORKERS", defaults.api_workers),
             api_threads=number("API_THREADS", defaults.api_threads),
+            api_server=_choice("API_SERVER", env.get("MODELPRESS_API_SERVER") or defaults.api_server, ("gevent", "gthread")),
+            header_timeout_s=number("HEADER_TIMEOUT_S", defaults.header_timeout_s),
+            body_timeout_s=number("BODY_TIMEOUT_S", defaults.body_timeout_s),
+            api_connections=number("API_CONNECTIONS", defaults.api_connections),
             log_level=(env.get("MODELPRESS_LOG_LEVEL") or defaults.log_level).upper(),
             log_format=(env.get("MODELPRESS_LOG_FORMAT") or defaults.log_format).lower(),
             api_keys_file=Path(env["MODELPRESS_API_KEYS_FILE"]).absolute() if env.get("MODELPRESS_API_KEYS_FILE") else None,
@@ -138,6 +148,10 @@ class Settings:
             "MODELPRESS_WORKER_CONCURRENCY": str(self.worker_concurrency),
             "MODELPRESS_API_WORKERS": str(self.api_workers),
             "MODELPRESS_API_THREADS": str(self.api_threads),
+            "MODELPRESS_API_SERVER": self.api_server,
+            "MODELPRESS_HEADER_TIMEOUT_S": str(self.header_timeout_s),
+            "MODELPRESS_BODY_TIMEOUT_S": str(self.body_timeout_s),
+            "MODELPRESS_API_CONNECTIONS": str(self.api_connections),
             "MODELPRESS_LOG_LEVEL": self.log_level,
             "MODELPRESS_LOG_FORMAT": self.log_format,
             "MODELPRESS_ALLOW_OPEN_NETWORK": "1" if self.allow_open_network else "",

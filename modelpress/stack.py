@@ -85,15 +85,24 @@ class Stack:
         if self.settings.bind_host != self.settings.host:
             log.warning("no API keys configured: binding to %s instead of %s (set MODELPRESS_API_KEYS_FILE, "
                         "or MODELPRESS_ALLOW_OPEN_NETWORK=1 behind a trusted proxy)", self.settings.bind_host, self.settings.host)
+        if self.settings.api_server == "gthread":
+            # The former model, kept to measure against (bench/slowclients.py): a request (a 2 GB upload
+            # on a slow link) holds one of --threads until it ends, and so does a client slow to send
+            # its headers; a few slow clients hold them all.
+            model = ["--worker-class", "gthread", "--threads", str(self.settings.api_threads)]
+        else:
+            # One greenlet per connection, with a deadline on the request head and an idle limit on
+            # every read and write after it (modelpress/apiserver.py; docs/decisions.md, "Slow clients").
+            model = ["--worker-class", "modelpress.apiserver.DeadlineWorker",
+                     "--worker-connections", str(self.settings.api_connections)]
         self._spawn("api", [
             sys.executable, "-m", "gunicorn", "--bind", f"{self.settings.bind_host}:{self.settings.port}",
-            # gthread: a request (a 2 GB upload on a slow link) may last longer than --timeout, which
-            # then only stops a process whose main loop is stuck; sync workers were killed mid-request
-            # after 600 s, and two slow clients held every process.
-            "--workers", str(self.settings.api_workers), "--worker-class", "gthread",
-            "--threads", str(self.settings.api_threads), "--timeout", "600", "--graceful-timeout", "10",
-            # No keep-alive, as with sync workers: clients polling every 2 s raced gthread's 2 s idle
-            # close and had requests fail on a connection closed under them.
+            "--workers", str(self.settings.api_workers), *model,
+            # --timeout only stops a process whose main loop is stuck, never a long request (a 2 GB
+            # upload may take longer); sync workers were killed mid-request after 600 s.
+            "--timeout", "600", "--graceful-timeout", "10",
+            # No keep-alive: clients polling every 2 s raced gthread's 2 s idle close and had requests
+            # fail on a connection closed under them; one request per connection keeps every deadline simple.
             "--keep-alive", "0",
             "--access-logfile", "-", "service:create_app()",
         ])
