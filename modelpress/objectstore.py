@@ -42,6 +42,11 @@ STREAM_CHUNK = 1 << 20
 # An upload streamed as the request arrives (``PartStream``): at most this many parts in flight,
 # plus the one filling, so a 16 MB part size holds at most 80 MB of one upload in memory.
 PARTS_IN_FLIGHT = 4
+# Uploads of one API process that stream while they arrive. An API process serves each connection
+# on a greenlet (modelpress/apiserver.py), so nothing else bounds how many uploads buffer parts at
+# once: past this, an upload only spools and is sent from the spool when the request completes,
+# which keeps an API process's part buffers under STREAMING_UPLOADS x 80 MB.
+STREAMING_UPLOADS = 8
 MAX_PARTS = 10_000  # S3's limit per multipart upload
 
 log = logging.getLogger("modelpress.objectstore")
@@ -212,8 +217,11 @@ class PartStream:
     store error stops the streaming (the request still spools locally) and ``complete`` raises it.
     """
 
-    def __init__(self, client: Any, bucket: str, key: str, part_bytes: int, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, client: Any, bucket: str, key: str, part_bytes: int, pool: ThreadPoolExecutor,
+                 streaming: threading.Semaphore | None = None) -> None:
         self.client, self.bucket, self.key = client, bucket, key
+        # Without one of the process's streaming slots the file only spools; ``complete`` sends it whole.
+        self._streaming = streaming if streaming is not None and streaming.acquire(blocking=False) else None
         self.part_bytes = part_bytes
         self._pool = pool
         self._chunks: list[bytes] = []
@@ -230,8 +238,8 @@ class PartStream:
         if self.ended or self.state != "open":
             raise ValueError(f"{self.key}: written after its end")
         self.bytes += len(chunk)
-        if self.error is not None:
-            return  # already failed: the spool still takes the bytes, complete() raises
+        if self.error is not None or self._streaming is None:
+            return  # already failed (the spool still takes the bytes, complete() raises), or spool only
         self._chunks.append(chunk)
         self._buffered += len(chunk)
         if self._buffered >= self.part_bytes:
@@ -293,14 +301,21 @@ class PartStream:
                 Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
                 MultipartUpload={"Parts": [part.result() for part in self._parts]})
         self.state = "completed"
+        self._release_slot()
 
     def abort(self) -> None:
         if self.state != "open":
             return
         self.state = "aborted"
         wait(self._parts)  # parts in flight finish (or fail) first; later ones are skipped
+        self._release_slot()
         if self.upload_id is not None:
             self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+
+    def _release_slot(self) -> None:
+        slot, self._streaming = self._streaming, None
+        if slot is not None:
+            slot.release()
 
 
 class S3Objects(ObjectStore):
@@ -351,6 +366,7 @@ class S3Objects(ObjectStore):
                              f"of MODELPRESS_S3_PART_MB={settings.s3_part_mb}: raise the part size")
         self._streams: dict[str, dict[str, PartStream]] = {}  # job id -> key -> this process's streamed uploads
         self._streams_lock = threading.Lock()
+        self._streaming = threading.BoundedSemaphore(STREAMING_UPLOADS)
         self._pool: ThreadPoolExecutor | None = None  # made on first use: gunicorn forks after create_app
 
     def unavailable(self) -> str | None:
@@ -389,7 +405,8 @@ class S3Objects(ObjectStore):
         with self._streams_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="s3-parts")
-            writer = PartStream(self.client, self.bucket, self.key(job_id, path), self.stream_part_bytes, self._pool)
+            writer = PartStream(self.client, self.bucket, self.key(job_id, path), self.stream_part_bytes, self._pool,
+                                self._streaming)
             self._streams.setdefault(job_id, {})[writer.key] = writer
         return writer
 

@@ -484,3 +484,47 @@ def test_a_staged_input_that_changed_in_the_store_is_refused(hosts: Hosts) -> No
         objects.release(job_id, 1)
         objects.delete(job_id)
     assert [key for key in hosts.objects() if job_id in key] == []
+
+
+def test_uploads_past_the_processs_streaming_slots_spool_and_still_arrive_whole(hosts: Hosts) -> None:
+    """An API process streams at most STREAMING_UPLOADS uploads at once (each may buffer 80 MB); the
+    next one only spools and is sent from its spool, so many fast uploads cannot fill the API's memory."""
+    from modelpress.jobs import new_job_id
+    from modelpress.objectstore import STREAMING_UPLOADS, S3Objects
+    from modelpress.storage import Storage
+
+    settings = hosts.api.settings
+    objects = S3Objects(Storage(settings.data_dir), settings)
+    part = objects.stream_part_bytes
+    body = os.urandom(part) + b"tail"  # more than one part: a streaming upload starts a multipart upload
+    streams = []
+    try:
+        for _ in range(STREAMING_UPLOADS + 1):
+            job_id = new_job_id()
+            spool = objects.storage.job(job_id).input_model
+            spool.parent.mkdir(parents=True, exist_ok=True)
+            spool.write_bytes(body)
+            writer = objects.stream_writer(job_id, spool)
+            writer.write(body)
+            streams.append((job_id, writer))
+        started = [writer.upload_id is not None for _, writer in streams]
+        assert started == [True] * STREAMING_UPLOADS + [False]  # the positive control streamed; the last did not
+        for job_id, _ in streams:
+            objects.keep_inputs(job_id)
+            stored = hosts.s3.client().get_object(Bucket=BUCKET, Key=f"{PREFIX}{job_id}/input/model.pt")["Body"].read()
+            assert stored == body
+        # Completed uploads give their slots back: the next upload streams again.
+        job_id = new_job_id()
+        spool = objects.storage.job(job_id).input_model
+        spool.parent.mkdir(parents=True, exist_ok=True)
+        spool.write_bytes(body)
+        writer = objects.stream_writer(job_id, spool)
+        writer.write(body)
+        streams.append((job_id, writer))
+        assert writer.upload_id is not None
+        objects.keep_inputs(job_id)
+    finally:
+        for job_id, _ in streams:
+            objects.drop_streams(job_id)
+            objects.delete(job_id)
+    assert not any(job_id in key for job_id, _ in streams for key in hosts.objects())
