@@ -63,6 +63,8 @@ _OPERATOR = re.compile(r"^torch\.ops\.(?P<namespace>[A-Za-z_]\w{0,99})\.(?P<op>[
 # aten's own dunder operators (``aten::__and__``); any other dunder reaches Python object internals.
 _DUNDER_OPS = frozenset(f"__{name}__" for name in ("and", "or", "xor", "lshift", "rshift", "iand", "ior", "ixor",
                                                      "ilshift", "irshift"))
+# Attributes of torch.ops itself: a "namespace" of these names resolves to a method or a set.
+_OPS_ATTRIBUTES = frozenset({"load_library", "import_module", "loaded_libraries", "_dir"})
 _IDENTIFIER = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]{0,199})?$")  # empty: an unnamed positional argument
 _ATTRIBUTE_PATH = re.compile(r"^(?:\w{1,200}(?:\.\w{1,200}){0,50})?$", re.ASCII)
 _SYMBOL_NAME = re.compile(r"^[a-z]{1,8}\d{1,9}$")
@@ -226,16 +228,19 @@ def check_operator(target: str, check_ops: bool, argument: bool = False) -> None
     if target in SYMBOLIC_TARGETS:
         return
     match = _OPERATOR.match(target)
-    if match is None or match.group("op").startswith("__") and match.group("op") not in _DUNDER_OPS:
+    if (match is None or match.group("namespace").startswith("__") or match.group("namespace") in _OPS_ATTRIBUTES
+            or match.group("op").startswith("__") and match.group("op") not in _DUNDER_OPS):
         raise Refused(f"the program {what} {target[:100]!r}, which is not a torch operator: refused")
     namespace, op = match.group("namespace"), match.group("op")
+    if not check_ops:
+        return
     if namespace == "higher_order":
         if op not in HIGHER_ORDER_OPS:
             raise Refused(f"the program {what} the higher-order op {op!r}: only control flow and subgraph wrappers "
                           f"({', '.join(sorted(HIGHER_ORDER_OPS))}) may run: refused")
         return
     why = refusal(f"{namespace}::{op}")
-    if why and check_ops:
+    if why:
         raise Refused(f"the program {what} {namespace}::{op}: it {why}; {OPS_HINT}")
 
 

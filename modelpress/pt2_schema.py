@@ -5,7 +5,7 @@ it does not know (forward compatibility). Here the opposite holds: every object 
 the dataclasses of ``torch/_export/serde/schema.py`` and a key that is not a field of its type, a
 union with a variant torch does not define, an enum value outside its enum or a value of the wrong
 JSON type is refused. The API never imports torch, so the field lists are copied here;
-``tests/security/test_pt2_code_paths.py`` regenerates them from the installed torch and fails when
+``tests/engine/test_pt2_code_paths.py`` regenerates them from the installed torch and fails when
 they drift (update the table from its message when torch is upgraded).
 
 Type expressions: ``str``, ``int``, ``float``, ``bool``, a type name of the tables below,
