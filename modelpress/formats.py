@@ -4,13 +4,10 @@ What ``torch.export.load`` (torch 2.14) deserialises from a ``.pt2`` archive, an
 module checks before any of it is loaded (read with ``zipfile`` and ``pickletools``; nothing is
 unpickled and torch is not imported):
 
-- ``<root>/models/<name>.json``: the graph as JSON. Call targets are resolved by attribute lookup
-  from the ``torch``, ``_operator`` and ``math`` modules (``torch.os.system`` would resolve), so
-  every target must be an operator of an allowed ``torch.ops`` namespace or a plain ``_operator``
-  / ``math`` function; ``aten.from_file`` (reads any file) is refused.
-- Symbolic shapes (``expr_str``, e.g. ``Symbol('s77', positive=True, integer=True)``) are parsed
-  with ``sympy.sympify``, which evaluates Python: each must be made of symbol names, sympy
-  function names, numbers and arithmetic only.
+- ``<root>/models/<name>.json``: the graph as JSON, checked by ``modelpress.pt2_program`` against
+  torch's export schema (unknown fields refused) and for every string torch turns into code or a
+  callable: call targets and callable arguments, names FX writes into the ``forward`` it generates,
+  shape expressions (sympy), guard code (exec'd by ``.module()``), pytree specs (module imports).
 - ``data/weights/*`` and ``data/constants/*``: raw tensor bytes described by a JSON config, unless
   the config marks an entry ``use_pickle`` (tensor subclasses), which torch loads with
   ``torch.load(weights_only=False)``: arbitrary code. Refused.
@@ -28,11 +25,10 @@ import io
 import json
 import pickletools
 import re
-import tokenize
 import zipfile
 from pathlib import Path
 
-from workers.compression.program_check import refusal
+from modelpress.pt2_program import Refused as _Refused, check_payload_config, check_program
 
 TORCHSCRIPT = "torchscript"
 EXPORTED = "pt2"
@@ -54,17 +50,6 @@ _SAFE_GLOBALS = frozenset({
 # strings from the stack, perhaps from the memo; EXT* from the copyreg registry). torch.save writes
 # protocol 2, which uses GLOBAL only, so refusing these refuses no genuine file.
 _IMPORTING_OPCODES = frozenset({"STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"})
-_OPS_HINT = "models that read or write files, start processes or talk to other processes are refused"
-_TARGET = re.compile(r"^(?:torch\.ops\.(?P<namespace>\w+)\.(?P<op>\w+)(?:\.\w+)?|_operator\.\w+|math\.\w+)$")
-# What sympy.sympify may be given: a symbol name (s0, u3), a sympy class or function (CamelCase:
-# Symbol, FloorDiv, Max, ...), a symbol assumption keyword, numbers and arithmetic. No attribute
-# access, subscripts, lambdas or lower-case callables (eval, __import__, lambdify).
-_SYMBOL_NAME = re.compile(r"^[a-z]{1,8}\d{1,9}$")
-_SYMPY_NAME = re.compile(r"^[A-Z][A-Za-z0-9]{0,40}$")
-_ASSUMPTIONS = frozenset({"positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite",
-                          "nonzero", "zero", "even", "odd", "commutative", "oo", "zoo", "nan", "evaluate"})
-_EXPRESSION_OPERATORS = frozenset({"(", ")", ",", "+", "-", "*", "/", "//", "%", "**", "=", "<", ">", "<=", ">=",
-                                   "==", "!=", "&", "|", "~"})
 _MAX_JSON_BYTES = 256 << 20
 _MAX_SAMPLE_INPUT_BYTES = 64 << 20
 
@@ -132,11 +117,8 @@ def _check_exported_program(archive: zipfile.ZipFile, names: list[str], check_op
         if config_name not in inner:
             raise _Refused(f"the .pt2 archive has no {config_name}: not the layout torch.export.save writes "
                            f"in torch 2.6 or later; {EXPORT_HINT}")
-        _check_payload_config(_read_json(archive, f"{root}/{config_name}"), folder)
-    program = _read_json(archive, f"{root}/models/model.json")
-    _check_graph(program, check_ops)
-    for expression in _values(program, "expr_str"):
-        _check_expression(expression)
+        check_payload_config(_read_json(archive, f"{root}/{config_name}"), folder)
+    check_program(_read_json(archive, f"{root}/models/model.json"), check_ops)
     sample = f"{root}/data/sample_inputs/model.pt"
     if sample in names:
         _check_torch_save(archive, sample)
@@ -160,69 +142,12 @@ def _read_json(archive: zipfile.ZipFile, name: str) -> object:
         raise _Refused(f"{name.split('/', 1)[-1]} is not valid JSON ({error})") from None
 
 
-def _check_payload_config(config: object, folder: str) -> None:
-    entries = config.get("config") if isinstance(config, dict) else None
-    if not isinstance(entries, dict):
-        raise _Refused(f"the .pt2 {folder} config is malformed")
-    for fqn, meta in entries.items():
-        if not isinstance(meta, dict) or meta.get("use_pickle") is not False:
-            raise _Refused(f"the .pt2 {folder} entry {str(fqn)[:100]!r} is stored as a pickle, which torch.export.load "
-                    "unpickles with weights_only=False (code from the file would run): refused; save plain tensors")
-        if not re.fullmatch(r"(weight|tensor)_\d+", str(meta.get("path_name", ""))):
-            raise _Refused(f"the .pt2 {folder} entry {str(fqn)[:100]!r} is not a plain tensor: refused")
 
 
-def _check_graph(program: object, check_ops: bool) -> None:
-    """Targets resolve by attribute lookup on ``torch`` when loaded, so their form is always checked;
-    which operators may run is the TorchScript path's policy (``program_check.refusal``)."""
-    for target in _values(program, "target"):
-        match = _TARGET.match(target)
-        if match is None:
-            raise _Refused(f"the program calls {target[:100]!r}, which is not a torch operator: refused")
-        namespace = match.group("namespace")
-        if check_ops and namespace is not None and namespace != "higher_order":  # cond, map, while_loop
-            why = refusal(f"{namespace}::{match.group('op')}")
-            if why:
-                raise _Refused(f"the program calls {namespace}::{match.group('op')}: it {why}; {_OPS_HINT}")
 
 
-def _check_expression(expression: str) -> None:
-    """A symbolic-shape expression sympy may parse (it evaluates it as Python)."""
-    refused = _Refused(f"the program holds a shape expression {expression[:100]!r} that is not plain arithmetic "
-                       "on symbols (torch.export.load would evaluate it as Python): refused")
-    if len(expression) > 10_000 or "__" in expression:
-        raise refused
-    try:
-        tokens = list(tokenize.generate_tokens(io.StringIO(expression).readline))
-    except (tokenize.TokenError, SyntaxError):
-        raise refused from None
-    for token in tokens:
-        if token.type == tokenize.NAME:
-            ok = bool(_SYMBOL_NAME.match(token.string) or _SYMPY_NAME.match(token.string)) \
-                or token.string in _ASSUMPTIONS
-        elif token.type == tokenize.OP:
-            ok = token.string in _EXPRESSION_OPERATORS
-        elif token.type == tokenize.STRING:
-            ok = token.string[:1] in "'\"" and bool(_SYMBOL_NAME.match(token.string[1:-1]))
-        else:
-            ok = token.type in (tokenize.NUMBER, tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)
-        if not ok:
-            raise refused
 
 
-def _values(node: object, field: str):
-    """Every string under the key ``field`` in the serialized program, nested graphs included."""
-    stack = [node]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for key, value in item.items():
-                if key == field and isinstance(value, str):
-                    yield value
-                elif isinstance(value, (dict, list)):
-                    stack.append(value)
-        elif isinstance(item, list):
-            stack.extend(value for value in item if isinstance(value, (dict, list)))
 
 
 def _check_torch_save(archive: zipfile.ZipFile, name: str) -> None:
@@ -257,7 +182,3 @@ def _check_pickle(data: bytes) -> None:
                                    "when torch.export.load unpickles it: refused unread")
     except ValueError as error:
         raise _Refused(f"the .pt2 sample inputs pickle is malformed ({str(error)[:200]}): refused") from None
-
-
-class _Refused(Exception):
-    """Internal: carries the reason out of the nested checks to ``exported_program_problem``."""

@@ -73,14 +73,69 @@ def with_pickled_weight(genuine: Path, marker: Path) -> bytes:
                                   f"data/weights/{first['path_name']}": torch_save_archive(code_pickle(marker))})
 
 
-def with_graph_target(genuine: Path, target: str) -> bytes:
-    """The genuine .pt2 whose first call in the graph is replaced by ``target`` (e.g. 'torch.os.system')."""
+def with_program(genuine: Path, change) -> bytes:
+    """The genuine .pt2 whose models/model.json, parsed, is passed to ``change`` (which edits it in place)."""
     body = genuine.read_bytes()
     with zipfile.ZipFile(io.BytesIO(body)) as archive:
         root = archive.namelist()[0].split("/", 1)[0]
         program = json.loads(archive.read(f"{root}/models/model.json"))
-    program["graph_module"]["graph"]["nodes"][0]["target"] = target
+    change(program)
     return replace_entries(body, {"models/model.json": json.dumps(program).encode()})
+
+
+def with_graph_target(genuine: Path, target: str) -> bytes:
+    """The genuine .pt2 whose first call in the graph is replaced by ``target`` (e.g. 'torch.os.system')."""
+    def change(program: dict) -> None:
+        program["graph_module"]["graph"]["nodes"][0]["target"] = target
+    return with_program(genuine, change)
+
+
+def with_guards_code(genuine: Path, guards: list[str]) -> bytes:
+    """The genuine .pt2 with ``guards``: ExportedProgram.module() pastes each into a function it execs."""
+    def change(program: dict) -> None:
+        program["guards_code"] = guards
+    return with_program(genuine, change)
+
+
+def with_higher_order_call(genuine: Path, operator: str, marker: Path, hop: str = "wrap") -> bytes:
+    """The genuine .pt2 whose first node becomes ``higher_order.<hop>(<operator>, marker, True, 16)``.
+
+    ``wrap`` calls its callable argument: with ``aten.from_file`` (shared) the call creates ``marker``.
+    The node keeps its output name, so the rest of the graph still reads it."""
+    def change(program: dict) -> None:
+        node = program["graph_module"]["graph"]["nodes"][0]
+        node["target"] = f"torch.ops.higher_order.{hop}"
+        node["is_hop_single_tensor_return"] = True
+        node["inputs"] = [{"name": "", "arg": {"as_operator": operator}, "kind": 1},
+                          {"name": "", "arg": {"as_string": str(marker)}, "kind": 1},
+                          {"name": "", "arg": {"as_bool": True}, "kind": 1},
+                          {"name": "", "arg": {"as_int": 16}, "kind": 1}]
+    return with_program(genuine, change)
+
+
+def with_renamed_input(genuine: Path, name: str) -> bytes:
+    """The genuine .pt2 whose user input is called ``name`` everywhere (FX writes it into generated code)."""
+    def change(program: dict) -> None:
+        specs = program["graph_module"]["signature"]["input_specs"]
+        old = next(spec["user_input"]["arg"]["as_tensor"]["name"] for spec in specs if "user_input" in spec)
+        stack = [program]
+        while stack:
+            item = stack.pop()
+            if item == {"name": old}:  # a TensorArgument: the value's uses, its placeholder, the signature
+                item["name"] = name
+                continue
+            stack.extend(value for value in (item.values() if isinstance(item, dict) else item)
+                         if isinstance(value, (dict, list)))
+            if isinstance(item, dict) and old in item:  # tensor_values, keyed by value name
+                item[name] = item.pop(old)
+    return with_program(genuine, change)
+
+
+def with_input_structure(genuine: Path, in_spec: list) -> bytes:
+    """The genuine .pt2 whose top-level pytree input spec is ``in_spec`` (torch.export.load parses it)."""
+    def change(program: dict) -> None:
+        program["graph_module"]["module_call_graph"][0]["signature"]["in_spec"] = json.dumps(in_spec)
+    return with_program(genuine, change)
 
 
 def with_shape_expression(genuine: Path, expression: str) -> bytes:
