@@ -13,6 +13,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from werkzeug.datastructures import FileStorage
@@ -75,10 +76,9 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
             infos[part] = keep_upload(upload, path)
             if part != "data":
                 try:
-                    check_torchscript_archive(path, 2 * (settings.max_upload_mb << 20), settings.op_check == "on")
+                    infos[part]["format"] = off_the_loop(_checked_format, path, settings)  # the job, its report and the download say it
                 except ArchiveRejected as rejected:
                     raise invalid({part: [str(rejected)]}) from None
-                infos[part]["format"] = model_format(path)  # the job, its report and the download say it
         if infos["model"]["format"] != EXPORTED:
             for field, value, allowed in (("spec.package", spec.get("package", "program"), "program"),
                                           ("spec.evaluation.runtime", spec["evaluation"]["runtime"], "eager")):
@@ -94,7 +94,7 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
         if too_big:
             raise invalid({"model": [too_big]})
         if infos["data"] is not None:
-            conflicts = _data_conflicts(files.input_data, spec)
+            conflicts = off_the_loop(_data_conflicts, files.input_data, spec)
             if conflicts:
                 raise invalid(conflicts)
         write_json_atomic(files.spec, dump_spec(spec))
@@ -182,6 +182,29 @@ def _fingerprint(spec: dict[str, Any], *parts: Any) -> str:
     """What makes two submissions the same request: the accepted spec, the files' digests, the callback."""
     canonical = json.dumps([dump_spec(spec), *parts], sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def off_the_loop(call: Callable[..., Any], *args: Any) -> Any:
+    """``call(*args)`` on a real OS thread when the API serves on gevent (modelpress/apiserver.py).
+
+    A greenlet is never preempted: reading a large archive's directory, walking a .pt2's JSON or
+    tokenizing a TorchScript model's code takes seconds, during which every other connection of
+    that API process would wait. On an OS thread the interpreter switches between it and the event
+    loop every few milliseconds, so the others are still served.
+    """
+    try:
+        from gevent import get_hub, monkey
+    except ImportError:
+        return call(*args)
+    if not monkey.is_module_patched("threading"):
+        return call(*args)
+    return get_hub().threadpool.apply(call, args)
+
+
+def _checked_format(path: Path, settings: Settings) -> str:
+    """The uploaded model's format, once its archive passed the checks (``ArchiveRejected`` otherwise)."""
+    check_torchscript_archive(path, 2 * (settings.max_upload_mb << 20), settings.op_check == "on")
+    return model_format(path)
 
 
 def _data_conflicts(path: Any, spec: dict[str, Any]) -> dict[str, list[str]]:
