@@ -139,3 +139,18 @@ def test_a_genuine_npz_passes_the_bounds_and_its_job_succeeds(api: ApiClient, mo
     assert response.status_code == 202, response.text
     job = api.wait(response.json()["id"], timeout=180)
     assert job["state"] == "succeeded", job["error"]  # the engine's own bounded read took it too
+
+
+def test_the_consoles_json_fields_refuse_deep_nesting_and_take_a_shallow_value() -> None:
+    from werkzeug.datastructures import MultiDict
+
+    from service.console import form as spec_form
+
+    tree = spec_form.controls()
+    deep = MultiDict({"spec.method": "quantize", "spec.inputs": "[" * DEEP + "]" * DEEP})
+    spec, errors = spec_form.spec_from_form(deep, tree)
+    assert errors == {"spec.inputs": ["not valid JSON: nested more than 32 levels deep"]}
+
+    shallow = MultiDict({"spec.method": "quantize", "spec.inputs": '[{"shape": [1, 3, 8, 8]}]'})
+    spec, errors = spec_form.spec_from_form(shallow, tree)
+    assert errors == {} and spec["inputs"] == [{"shape": [1, 3, 8, 8]}]
