@@ -132,8 +132,11 @@ def test_redis_refuses_a_client_without_the_password(running: RunningStack) -> N
     assert running.client().hget("mp:job:probe", "tenant") == b"alpha"  # the record was not rewritten
     # Positive control: the stack's own clients hold the password (the worker answered over Redis).
     assert _raw(running.redis_port, f"AUTH {running.password}".encode(), b"PING") == [b"+OK", b"+PONG"]
-    ready = requests.get(running.base + "/readyz", timeout=10)
-    assert ready.status_code == 200 and ready.json()["workers"] == 1, ready.text
+    deadline = time.monotonic() + 120  # the worker answers once it has started and tested its sandbox
+    while (ready := requests.get(running.base + "/readyz", timeout=10)).status_code != 200:
+        assert time.monotonic() < deadline, ready.text
+        time.sleep(0.5)
+    assert ready.json()["redis"] == "ok" and ready.json()["workers"] == 1, ready.text
 
 
 def test_administration_commands_are_refused_even_with_the_password(running: RunningStack, tmp_path: Path) -> None:
