@@ -12,6 +12,8 @@ archive's root folder is the folder of its first entry; the version record is ``
 (written when an op carries a newer dynamic format version) or ``<root>/version``; TorchScript then
 reads ``<root>/data.pkl``, ``<root>/constants.pkl`` and compiles ``<root>/code/``.
 
+The same bounds (``bounded_entries``) come first for every uploaded zip, the ``.npz`` data file included.
+
 A ``torch.export.save`` archive (``.pt2``) is told apart by its layout, after the same bounds, and
 checked by ``modelpress.formats`` (layout allow-list, no pickles, allowed operators only).
 """
@@ -55,6 +57,25 @@ class Entry:
 
 
 def check_torchscript_archive(path: Path, max_uncompressed_bytes: int, check_ops: bool = True) -> None:
+    entries = bounded_entries(path, max_uncompressed_bytes, "TorchScript stores tensors uncompressed")
+    names = [entry.name for entry in entries]
+    if is_exported_program(names):  # a torch.export .pt2: its own layout, pickle and operator checks
+        if (problem := exported_program_problem(path, names, check_ops)) is not None:
+            raise ArchiveRejected(problem)
+        return
+    root = _torchscript_root(entries)
+    if check_ops:
+        _check_code(path, root, entries)
+
+
+def bounded_entries(path: Path, max_uncompressed_bytes: int, stored_hint: str) -> list[Entry]:
+    """The entries of an uploaded zip (a model, a student, an ``.npz`` data file), once its directory
+    and what the entries declare are within bounds; only then may ``zipfile`` or ``np.load`` open it.
+
+    Bounds: the directory (``read_directory``), safe names, no entry expanding more than
+    ``MAX_COMPRESSION_RATIO`` times (``stored_hint`` says how a genuine file stores its entries),
+    at most ``max_uncompressed_bytes`` declared in all.
+    """
     entries = read_directory(path)
     total = 0
     for entry in entries:
@@ -65,18 +86,11 @@ def check_torchscript_archive(path: Path, max_uncompressed_bytes: int, check_ops
         if (entry.size > RATIO_CHECK_MIN_BYTES and entry.compressed > 0
                 and entry.size / entry.compressed > MAX_COMPRESSION_RATIO):
             raise ArchiveRejected(f"entry {name[:100]!r} expands {entry.size // entry.compressed}x: "
-                                  "refused as a zip bomb (TorchScript stores tensors uncompressed)")
+                                  f"refused as a zip bomb ({stored_hint})")
     if total > max_uncompressed_bytes:
         raise ArchiveRejected(f"the archive declares {total} bytes uncompressed, more than the "
                               f"{max_uncompressed_bytes} accepted")
-    names = [entry.name for entry in entries]
-    if is_exported_program(names):  # a torch.export .pt2: its own layout, pickle and operator checks
-        if (problem := exported_program_problem(path, names, check_ops)) is not None:
-            raise ArchiveRejected(problem)
-        return
-    root = _torchscript_root(entries)
-    if check_ops:
-        _check_code(path, root, entries)
+    return entries
 
 
 def read_directory(path: Path) -> list[Entry]:

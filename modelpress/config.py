@@ -209,11 +209,15 @@ class Settings:
 
 
 def persistent_secret(data_dir: Path, filename: str) -> str:
-    """A random secret made once and kept in the data directory, so every process reads the same one."""
+    """A random secret made once and kept in the data directory, so every process reads the same one.
+
+    The file is its owner's alone from its creation (``mkstemp`` makes it 0600 before a byte is
+    written, and it is linked into place complete); one an older version left wider is narrowed.
+    """
     path = Path(data_dir) / filename
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".secret-")
+        fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".secret-")  # mode 0600
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_hex(32))
         try:
@@ -222,7 +226,12 @@ def persistent_secret(data_dir: Path, filename: str) -> str:
             pass
         finally:
             os.unlink(temp_name)
+    status = path.stat()
+    if status.st_mode & 0o077 and status.st_uid == os.getuid():
+        os.chmod(path, 0o600)
     return path.read_text().strip()
+
+
 def _choice(name: str, raw: str, allowed: tuple[str, ...]) -> str:
     value = raw.strip().lower()
     if value not in allowed:

@@ -3,10 +3,13 @@
 The API uses this to refuse, at submit, a data file whose inputs contradict the declared ones;
 the engine uses the same naming rule when it loads the arrays. Headers only: an ``.npz`` member's
 ``.npy`` header (never its pickles) and a ``.safetensors`` file's JSON header.
+
+An ``.npz`` is a zip: before ``zipfile`` or ``np.load`` opens one, its directory and the sizes its
+entries declare pass the bounds every uploaded zip gets (``modelpress.archive.bounded_entries``), so a
+zip that lies about its entry count or expands a thousandfold is refused without being parsed.
 """
 from __future__ import annotations
 
-import json
 import re
 import struct
 import zipfile
@@ -16,7 +19,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from modelpress.archive import ArchiveRejected, bounded_entries
+from modelpress.untrusted_json import loads_bounded
+
 MAX_INPUTS = 16
+# What an .npz may declare uncompressed when the caller names no limit (the engine, whose job memory
+# limit is the real bound); the API passes twice the upload limit, as for models.
+MAX_NPZ_BYTES = 64 << 30
+NPZ_HINT = "np.savez stores arrays uncompressed; np.savez_compressed of real data compresses a few times"
 MAX_SAFETENSORS_HEADER = 16 << 20
 _NUMBERED = re.compile(r"^input_(\d{1,3})$")
 # numpy / safetensors element types under the names the spec uses; float64 is read as float32.
@@ -28,6 +38,10 @@ _SAFETENSORS_DTYPES = {"F64": "float32", "F32": "float32", "F16": "float16", "BF
 
 class DataFileError(ValueError):
     """The data file cannot be read or its arrays are not laid out as inputs; ``str()`` says why."""
+
+
+class DataFileRefused(DataFileError):
+    """The data file is a zip beyond the bounds (directory, entry count, declared sizes): refused unopened."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +76,21 @@ def dtype_name(dtype: Any) -> str:
     return _NUMPY_DTYPES.get(name, name)
 
 
-def read_headers(path: str | Path) -> dict[str, ArrayInfo]:
+def check_data_archive(path: str | Path, max_uncompressed_bytes: int = MAX_NPZ_BYTES) -> None:
+    """Raise ``DataFileRefused`` when the file is a zip (an ``.npz``) beyond the bounds; other files pass."""
+    if zipfile.is_zipfile(path):  # reads the end record only
+        try:
+            bounded_entries(Path(path), max_uncompressed_bytes, NPZ_HINT)
+        except ArchiveRejected as rejected:
+            raise DataFileRefused(f"the .npz data file is refused: {rejected}") from None
+
+
+def read_headers(path: str | Path, max_uncompressed_bytes: int = MAX_NPZ_BYTES) -> dict[str, ArrayInfo]:
     """Shapes and element types of every array in an ``.npz`` or ``.safetensors`` file, without reading the data."""
     path = Path(path)
     try:
         if zipfile.is_zipfile(path):
+            check_data_archive(path, max_uncompressed_bytes)  # before zipfile parses the directory
             return _npz_headers(path)
         return _safetensors_headers(path)
     except DataFileError:
@@ -128,7 +152,7 @@ def _safetensors_headers(path: Path) -> dict[str, ArrayInfo]:
         if not 2 <= length <= MAX_SAFETENSORS_HEADER:
             raise DataFileError("the data file is neither an .npz archive nor a .safetensors file")
         try:
-            header = json.loads(handle.read(length))
+            header = loads_bounded(handle.read(length), max_depth=8)
         except ValueError:
             raise DataFileError("the data file is neither an .npz archive nor a .safetensors file") from None
     if not isinstance(header, dict):

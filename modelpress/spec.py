@@ -5,12 +5,13 @@ the OpenAPI document are written from the same fields.
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
+
+from modelpress.untrusted_json import loads_bounded
 
 # Single methods (each with an options section of its name) are those in REGISTRY, at the end of this file.
 PIPELINE, AUTO = "pipeline", "auto"  # methods made of the single ones: ordered steps, or a search
@@ -436,7 +437,7 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has
         if len(raw) > MAX_SPEC_BYTES:
             raise SpecError({"spec": [f"at most {MAX_SPEC_BYTES} bytes"]})
         try:
-            raw = json.loads(raw)
+            raw = loads_bounded(raw)  # a 20,000-deep array is refused, not a RecursionError
         except (ValueError, UnicodeDecodeError) as error:
             raise SpecError({"spec": [f"not valid JSON: {error}"]}) from None
     if not isinstance(raw, Mapping):

@@ -6,6 +6,8 @@ SIGTERM stops all three and leaves no process behind.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
 import os
 import signal
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from modelpress.config import Settings
+from modelpress.config import Settings, persistent_secret
 from modelpress.logs import configure_logging
 
 log = logging.getLogger("modelpress.stack")
@@ -28,6 +30,16 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESTART_BACKOFF_S = 1.0
 CRASH_LIMIT = 5
 CRASH_WINDOW_S = 30
+REDIS_PASSWORD_FILE = "redis-password"
+# What the embedded Redis refuses to every client, the service included (docs/decisions.md, "Private
+# embedded Redis, held ports"): its administration (CONFIG, DEBUG, MODULE, SAVE, BGSAVE, SHUTDOWN, REPLICAOF,
+# MONITOR, ACL, CLIENT ...: the @admin category) and what wipes or moves data. Kombu, Celery and the
+# job store use none of them; INFO (the job store reads Redis' uptime) and KEYS stay.
+REDIS_DENIED = "-@admin -flushall -flushdb -swapdb -migrate -restore -restore-asking"
+
+
+class PortHeld(RuntimeError):
+    """A port the stack must listen on is already in use by another process; ``str()`` names the setting."""
 
 
 def redis_server_executable() -> str:
@@ -53,6 +65,9 @@ class Stack:
 
     def start(self, api: bool = True, worker: bool = True) -> "Stack":
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # Both ports are checked before anything starts: a held one stops the stack at once, by name.
+        if api:
+            refuse_held_port(self.settings.bind_host, self.settings.port, "MODELPRESS_PORT")
         if not self.settings.redis_url:
             self.start_redis()
         if worker:
@@ -62,16 +77,21 @@ class Stack:
         return self
 
     def start_redis(self) -> None:
-        redis_dir = self.settings.data_dir / "redis"
-        redis_dir.mkdir(parents=True, exist_ok=True)
+        """The embedded redis-server: private to this stack (a password, no administration commands,
+        files only its owner reads), on a port checked free first, and ready only once the server
+        answering there is the process just started (never a stranger that took the port)."""
         port = self.settings.redis_port
-        self._spawn("redis", [
-            redis_server_executable(), "--port", str(port), "--bind", "127.0.0.1",
-            "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(redis_dir),
-            "--save", "", "--daemonize", "no", "--loglevel", "warning",
-        ])
-        self.settings = self.settings.with_changes(redis_url=f"redis://127.0.0.1:{port}/0")
-        self._wait_for(lambda: _redis_answers(port), "redis", 20)
+        refuse_held_port("127.0.0.1", port, "MODELPRESS_REDIS_PORT")
+        password = persistent_secret(self.settings.data_dir, REDIS_PASSWORD_FILE)
+        redis_dir = self.settings.data_dir / "redis"
+        redis_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _owner_only(redis_dir)  # files an older version left readable to all (the append-only file was 0644)
+        config = redis_dir / "redis.conf"
+        _write_private(config, _redis_config(port, redis_dir, password))
+        # umask 077: the append-only file, its rewrites and any dump are created 0600.
+        process = self._spawn("redis", [redis_server_executable(), str(config)], umask=0o077)
+        self.settings = self.settings.with_changes(redis_url=f"redis://:{password}@127.0.0.1:{port}/0")
+        self._wait_for(lambda: redis_is_ours(port, password, process.pid), "redis", 20)
 
     def start_worker(self, name: str = "worker") -> subprocess.Popen:
         return self._spawn(name, [
@@ -181,6 +201,9 @@ class Stack:
                 try:
                     self.restart(name)
                     log.warning("%s restarted", name)
+                except PortHeld as held:  # another process took the port meanwhile: no restart can succeed
+                    log.error("%s cannot restart: %s; stopping the service", name, held)
+                    status, stopping = 1, True
                 except RuntimeError as error:  # it died while starting: counted as a crash next round
                     log.error("%s failed to restart: %s", name, error)
             time.sleep(0.2)
@@ -200,7 +223,7 @@ class Stack:
 
     # ------------------------------------------------------------------ helpers
 
-    def _spawn(self, name: str, command: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, command: list[str], umask: int = -1) -> subprocess.Popen:
         env = {**os.environ, **self.settings.to_env(), "PYTHONUNBUFFERED": "1"}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), os.environ.get("PYTHONPATH")]))
         output: IO[bytes] | None = None
@@ -209,7 +232,7 @@ class Stack:
             output = open(self.log_dir / f"{name}.log", "ab")
             self._logs.append(output)
         process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT if output else None,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                   stdin=subprocess.DEVNULL, start_new_session=True, umask=umask)
         self.processes[name] = process
         return process
 
@@ -232,13 +255,91 @@ class Stack:
         raise RuntimeError(f"{name} did not become ready within {timeout} s")
 
 
-def _redis_answers(port: int) -> bool:
+def refuse_held_port(host: str, port: int, setting: str) -> None:
+    """Raise ``PortHeld`` when another process listens on ``host:port`` (a bind test, as the server will bind)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as connection:
-            connection.sendall(b"PING\r\n")
-            return connection.recv(16).startswith(b"+PONG")
-    except OSError:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return  # an unresolvable host: the server itself says so
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            # As servers do: a closed connection lingering in TIME_WAIT does not hold the port, a listener does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                if error.errno != errno.EADDRINUSE:
+                    continue  # an address this host lacks (no IPv6, say): the server skips it too
+                raise PortHeld(f"port {port} on {host} is already in use by another process; stop that process or "
+                               f"choose a free port with {setting}") from None
+
+
+def redis_is_ours(port: int, password: str, pid: int) -> bool:
+    """Whether the Redis answering on ``port`` takes ``password`` and is the process ``pid``.
+
+    A server that merely answers PING may be another service's: its worker would take and break that
+    service's jobs. Redis reports its own process id. Spoken by hand (RESP): redis-py, given a
+    password, carries on when the server has none to check.
+    """
+    def command(*words: str) -> bytes:
+        return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w.encode()), w.encode()) for w in words)
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
+            reader = connection.makefile("rb")
+            connection.sendall(command("AUTH", password) + command("INFO", "server"))
+            if reader.readline() != b"+OK\r\n":
+                return False
+            header = reader.readline()
+            if not header.startswith(b"$"):
+                return False
+            info = reader.read(int(header[1:])).decode("ascii", errors="replace")
+    except (OSError, ValueError):
         return False
+    return f"process_id:{pid}\r\n" in info
+
+
+def masked_url(url: str | None) -> str | None:
+    """``url`` with its password replaced by ``***``, for logs."""
+    if not url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
+
+
+def _redis_config(port: int, redis_dir: Path, password: str) -> str:
+    """The embedded Redis' configuration: a file, so the password never appears in a command line (only
+    its SHA-256 is written, and the file is 0600)."""
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    return "\n".join([
+        f"port {port}", "bind 127.0.0.1", "protected-mode yes", "daemonize no", "loglevel warning",
+        f'dir "{redis_dir}"', "appendonly yes", "appendfsync everysec", 'save ""',
+        # The default user is the only one: it needs the password and may not run what REDIS_DENIED names.
+        f"user default on #{digest} ~* &* +@all {REDIS_DENIED}",
+    ]) + "\n"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``path`` (mode 0600 from its creation) by renaming a complete temp file into place."""
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a temp file a crashed start left keeps its mode through O_CREAT
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(temp, path)
+
+
+def _owner_only(directory: Path) -> None:
+    """Make ``directory`` 0700 and every file in it 0600."""
+    os.chmod(directory, 0o700)
+    for child in directory.iterdir():
+        if child.is_file() and not child.is_symlink():
+            os.chmod(child, 0o600)
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
@@ -262,12 +363,16 @@ def main(argv: list[str] | None = None) -> int:
     stack = Stack(settings)
     try:
         stack.start(api=role in ("all", "api"), worker=role in ("all", "worker"))
+    except PortHeld as held:
+        stack.stop()
+        log.error("cannot start: %s", held)
+        return 2
     except BaseException:
         stack.stop()
         raise
     if role in ("all", "api"):
         log.info("ModelPress %s is up at %s (data in %s, Redis at %s). Ctrl-C stops it.",
-                 role, stack.base_url, settings.data_dir, stack.settings.redis_url)
+                 role, stack.base_url, settings.data_dir, masked_url(stack.settings.redis_url))
     return stack.run_forever()
 
 

@@ -21,7 +21,7 @@ from service.schemas import (JobListArgsSchema, JobListSchema, JobSchema, JobSub
                              WebhookSecretSchema)
 from service.submission import Submission, submit
 from service.downloads import remote_model_response
-from service.uploads import gzip_copy, wants_gzip
+from service.uploads import client_filename, gzip_copy, wants_gzip
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Compression jobs")
 blp.before_request(require_tenant)
@@ -104,7 +104,8 @@ class JobModel(MethodView):
         """Download the compressed model (ETag and X-Checksum-Sha256 are its SHA-256; gzip on request)."""
         job = _succeeded_or_409(job_id)
         digest = job["result"]["sha256"]
-        stem = (job.get("input") or {}).get("filename", "model").rsplit(".", 1)[0] or "model"
+        # Sanitized again: a record kept before names were sanitized at submit may hold a CR or LF.
+        stem = client_filename((job.get("input") or {}).get("filename"), "model").rsplit(".", 1)[0] or "model"
         suffix = FILE_SUFFIX.get(job["result"].get("format", TORCHSCRIPT), ".pt")  # .pt2 in, .pt2 out
         download_name = f"{stem}.{job['spec']['method']}{suffix}"
         gzipped = wants_gzip(request)

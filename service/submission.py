@@ -21,7 +21,7 @@ from werkzeug.datastructures import FileStorage
 from modelpress import capacity, jobs
 from modelpress.archive import ArchiveRejected, check_torchscript_archive
 from modelpress.config import Settings
-from modelpress.datafile import DataFileError, disagreements, read_headers
+from modelpress.datafile import DataFileError, DataFileRefused, check_data_archive, disagreements, read_headers
 from modelpress.faults import pause_point
 from modelpress.formats import EXPORTED, model_format
 from modelpress.jobs import JobStore, new_job_id, utc_now
@@ -74,7 +74,12 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
                 infos[part] = None
                 continue
             infos[part] = keep_upload(upload, path)
-            if part != "data":
+            if part == "data":
+                try:  # an .npz is a zip: bounded like the model before anything parses its directory
+                    check_data_archive(path, 2 * (settings.max_upload_mb << 20))
+                except DataFileRefused as refused:
+                    raise invalid({"data": [str(refused)]}) from None
+            else:
                 try:
                     infos[part]["format"] = off_the_loop(_checked_format, path, settings)  # the job, its report and the download say it
                 except ArchiveRejected as rejected:

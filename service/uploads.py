@@ -9,8 +9,10 @@ import hashlib
 import logging
 import shutil
 import os
+import re
 import tempfile
 import time
+import unicodedata
 from pathlib import Path
 from typing import IO, Any, Callable
 
@@ -24,6 +26,7 @@ from modelpress.objectstore import ObjectStore, PartStream
 from modelpress.storage import JobFiles
 
 ACTIVE_NOTE_S = 30.0  # how often a streaming upload tells Redis it is alive (see ``track_upload``)
+MAX_FILENAME_CHARS = 200
 
 # The file parts a submission keeps, and the job file each becomes.
 UPLOAD_FIELDS = {"model": "input_model", "student": "input_student", "data": "input_data"}
@@ -167,7 +170,7 @@ def keep_upload(upload: FileStorage, destination: Path) -> dict[str, Any]:
     if isinstance(stream, HashingSpoolFile):
         stream.flush()
         os.link(stream.name, destination)
-        return {"filename": upload.filename or destination.name, "bytes": stream.bytes, "sha256": stream.sha256.hexdigest()}
+        return {"filename": client_filename(upload.filename, destination.name), "bytes": stream.bytes, "sha256": stream.sha256.hexdigest()}
     # Small parts can arrive in memory (werkzeug decides); copy them the same way.
     digest, size = hashlib.sha256(), 0
     with open(destination, "wb") as handle:
@@ -175,7 +178,26 @@ def keep_upload(upload: FileStorage, destination: Path) -> dict[str, Any]:
             digest.update(chunk)
             size += len(chunk)
             handle.write(chunk)
-    return {"filename": upload.filename or destination.name, "bytes": size, "sha256": digest.hexdigest()}
+    return {"filename": client_filename(upload.filename, destination.name), "bytes": size, "sha256": digest.hexdigest()}
+
+
+def client_filename(name: str | None, default: str) -> str:
+    """A client's file name as it is kept, shown and offered back in a download's Content-Disposition.
+
+    The name is the client's to choose (RFC 2231's ``filename*`` carries any byte, CR and LF
+    included), so only a readable name is kept: its last path component, without control, format
+    (bidirectional overrides) or line-separator characters, at most ``MAX_FILENAME_CHARS``;
+    ``default`` when nothing readable remains.
+    """
+    name = re.split(r"[/\\]", unicodedata.normalize("NFC", name or ""))[-1]
+    name = "".join(" " if unicodedata.category(char) == "Zs" else char for char in name
+                   if unicodedata.category(char)[0] not in "CZ" or unicodedata.category(char) == "Zs")
+    name = name.strip(" .")
+    if len(name) > MAX_FILENAME_CHARS:
+        stem, dot, suffix = name.rpartition(".")
+        name = (stem[:MAX_FILENAME_CHARS - len(suffix) - 1] + dot + suffix if dot and len(suffix) <= 16
+                else name[:MAX_FILENAME_CHARS])
+    return name or default
 
 
 def upload_is_empty(upload: FileStorage) -> bool:

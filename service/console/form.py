@@ -7,7 +7,6 @@ touching the console. Shapes the form cannot express (lists of objects, dicts) g
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
@@ -16,6 +15,7 @@ from marshmallow.utils import missing
 from werkzeug.datastructures import MultiDict
 
 from modelpress.spec import CompressionSpec
+from modelpress.untrusted_json import loads_bounded
 
 PREFIX = "spec"
 ADVANCED = "spec_json"  # a whole spec as JSON; when filled it is sent instead of the fields
@@ -218,7 +218,7 @@ def _value(control: Control, form: MultiDict, errors: dict[str, list[str]], top:
         return [part.strip() for part in raw.split(",") if part.strip()]
     if control.kind == "json":
         try:
-            return json.loads(raw)
+            return loads_bounded(raw)
         except ValueError as error:
             errors[control.name] = [f"not valid JSON: {error}"]
             return _OMIT

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from modelpress.datafile import ArrayInfo, DataFileError, disagreements, input_array_names
+from modelpress.datafile import ArrayInfo, DataFileError, check_data_archive, disagreements, input_array_names
 from modelpress.spec import INT_DTYPES, declared_inputs
 
 from .errors import InvalidInput
@@ -205,6 +205,7 @@ def _array_infos(data: Dataset) -> dict[str, ArrayInfo]:
 def _read_arrays(path: Path) -> dict[str, np.ndarray | torch.Tensor]:
     try:
         if zipfile.is_zipfile(path):
+            check_data_archive(path)  # np.load parses the whole zip directory, whatever it declares
             with np.load(path, allow_pickle=False) as archive:
                 return {key: archive[key] for key in archive.files}
         from safetensors.torch import load_file  # torch, not numpy: keeps bfloat16
@@ -215,6 +216,8 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray | torch.Tensor]:
             raise InvalidInput("the data file is neither an .npz archive nor a .safetensors file") from None
     except InvalidInput:
         raise
+    except DataFileError as error:  # refused by the zip bounds
+        raise InvalidInput(str(error)) from None
     except ValueError as error:
         if "pickle" in str(error).lower():
             raise InvalidInput("the data file holds pickled objects, which are refused; store plain numeric arrays") from None
