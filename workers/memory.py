@@ -51,7 +51,9 @@ class MemoryWatch:
         self._max_entries = output_entries
         self._kill = kill
         self._stop = threading.Event()
-        self._own_mounts = _mount_namespace("self")
+        # The host's own filesystems: while bubblewrap sets the sandbox up, its processes still see them
+        # through /proc/<pid>/root, and their usage is not the job's.
+        self._host_devices = {os.stat(path).st_dev for path in ("/", "/tmp", "/dev", "/dev/shm") if os.path.exists(path)}
         try:
             self._root: psutil.Process | None = psutil.Process(pid)
         except psutil.Error:
@@ -113,17 +115,15 @@ class MemoryWatch:
         files_seen: set[tuple[int, int]] = set()
         for process in processes:
             proc = f"/proc/{process.pid}"
-            namespace = _mount_namespace(process.pid)
-            if namespace is not None and namespace != self._own_mounts:  # inside the sandbox: its own mounts
-                for mount in _SANDBOX_MOUNTS:
-                    try:
-                        device = os.stat(f"{proc}/root/{mount}").st_dev
-                        if device not in mounts_seen:
-                            mounts_seen.add(device)
-                            usage = os.statvfs(f"{proc}/root/{mount}")
-                            total += (usage.f_blocks - usage.f_bfree) * usage.f_frsize
-                    except OSError:
-                        continue
+            for mount in _SANDBOX_MOUNTS:
+                try:
+                    device = os.stat(f"{proc}/root/{mount}").st_dev
+                    if device not in mounts_seen and device not in self._host_devices:
+                        mounts_seen.add(device)
+                        usage = os.statvfs(f"{proc}/root/{mount}")
+                        total += (usage.f_blocks - usage.f_bfree) * usage.f_frsize
+                except OSError:
+                    continue
             try:
                 descriptors = os.listdir(f"{proc}/fd")
             except OSError:
@@ -139,13 +139,6 @@ class MemoryWatch:
                     files_seen.add((found.st_dev, found.st_ino))
                     total += found.st_blocks * 512
         return total
-
-
-def _mount_namespace(pid: int | str) -> str | None:
-    try:
-        return os.readlink(f"/proc/{pid}/ns/mnt")
-    except OSError:
-        return None
 
 
 def _folder_size(folder: Path, max_entries: int) -> tuple[int, int]:

@@ -17,6 +17,7 @@ import functools
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -227,6 +228,7 @@ class Supervisor:
                 f"{protocol.memory_message(self.settings)}: its processes reached {watch.peak_bytes >> 20} MB "
                 "resident (memory plus the files in its /tmp and /dev and its memory files) and were stopped"))
         if watch.output_exceeded or watch.check_output():  # while running, or in the last moments before exit
+            shutil.rmtree(files.output_model.parent, ignore_errors=True)  # nothing of it is kept: the disk is the host's
             return self._finish(job_id, attempt, jobs.FAILED, error=protocol.output_too_large(
                 watch.output_limit_bytes, watch.output_bytes, watch.output_entries))
         return self._record_exit(job_id, attempt, deliveries, files, child.returncode, outcome, started)
