@@ -19,7 +19,8 @@ class Settings:
     port: int = 8000
     redis_port: int = 6390  # port of the embedded redis-server
     max_upload_mb: int = 2048
-    job_timeout_s: int = 3600
+    # A job's wall-clock limit: the default and the most a spec's ``time_limit_s`` may ask for.
+    job_timeout_s: int = 1200
     job_memory_mb: int = 8192  # resident memory of a job's processes (the supervisor stops the job above it)
     job_threads: int = 2  # from the environment: default cores / worker concurrency (see from_env)
     max_deliveries: int = 3  # deliveries of one job before it is failed instead of retried
@@ -39,6 +40,9 @@ class Settings:
     api_keys_file: Path | None = None  # unset: open service, loopback only
     allow_open_network: bool = False  # let an open service bind beyond loopback (a container behind a proxy)
     max_active_jobs: int = 20  # queued + running jobs per tenant
+    # Running jobs per tenant, over all workers; a tenant's further jobs wait queued. Default: the
+    # worker concurrency (see from_env), so one tenant alone still fills one worker.
+    max_running_jobs: int = 1
     heartbeat_stale_s: int = 30  # a running job whose supervisor is silent this long is taken over
     retention_hours: float = 168.0  # finished jobs and their files are removed after this
     # The files of an upload that no job record names and that has been idle this long (its API
@@ -108,6 +112,7 @@ class Settings:
             api_keys_file=Path(env["MODELPRESS_API_KEYS_FILE"]).absolute() if env.get("MODELPRESS_API_KEYS_FILE") else None,
             allow_open_network=env.get("MODELPRESS_ALLOW_OPEN_NETWORK", "").lower() in ("1", "true", "yes"),
             max_active_jobs=number("MAX_ACTIVE_JOBS", defaults.max_active_jobs),
+            max_running_jobs=number("MAX_RUNNING_JOBS", number("WORKER_CONCURRENCY", defaults.worker_concurrency)),
             heartbeat_stale_s=number("HEARTBEAT_STALE_S", defaults.heartbeat_stale_s),
             retention_hours=float(env.get("MODELPRESS_RETENTION_HOURS") or defaults.retention_hours),
             orphan_after_s=_at_least("ORPHAN_AFTER_S", number("ORPHAN_AFTER_S", defaults.orphan_after_s), 900),
@@ -156,6 +161,7 @@ class Settings:
             "MODELPRESS_LOG_FORMAT": self.log_format,
             "MODELPRESS_ALLOW_OPEN_NETWORK": "1" if self.allow_open_network else "",
             "MODELPRESS_MAX_ACTIVE_JOBS": str(self.max_active_jobs),
+            "MODELPRESS_MAX_RUNNING_JOBS": str(self.max_running_jobs),
             "MODELPRESS_HEARTBEAT_STALE_S": str(self.heartbeat_stale_s),
             "MODELPRESS_RETENTION_HOURS": str(self.retention_hours),
             "MODELPRESS_ORPHAN_AFTER_S": str(self.orphan_after_s),

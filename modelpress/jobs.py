@@ -7,6 +7,7 @@ goes through one Lua script, so a move and the indexes it touches are written at
 - ``modelpress:jobs`` and ``modelpress:tenant:<t>:jobs``: sorted sets, all scores 0, so
   members sort by id, and ULIDs sort by creation time (newest-first listing, id as cursor);
 - ``modelpress:tenant:<t>:active``: the tenant's queued and running jobs (quota);
+- ``modelpress:tenant:<t>:running``: the tenant's running jobs (the cap on running jobs);
 - ``modelpress:queued``: jobs not yet taken by a worker (the reconciler);
 - ``modelpress:running``: running jobs scored by their supervisor's last heartbeat (server clock);
 - ``modelpress:outbox`` and ``modelpress:outbox:events``: webhook events waiting to be delivered;
@@ -117,10 +118,13 @@ return {'created'}
 
 # A delivery takes the job: one atomic step, so of two deliveries that both find a stale job
 # exactly one wins. KEYS[1] job. ARGV[1] id, ARGV[2] the message's generation ('' = any),
-# ARGV[3] stale seconds, ARGV[4] when Redis started (server epoch), ARGV[5] started_at (JSON).
-# Returns {'claimed', attempt, deliveries} or {why not, state}.
+# ARGV[3] stale seconds, ARGV[4] when Redis started (server epoch), ARGV[5] started_at (JSON),
+# ARGV[6] the most running jobs of one tenant (0: no cap).
+# Returns {'claimed', attempt, deliveries} or {why not, state}. 'tenant-busy': the job's tenant
+# already runs its cap of jobs; the job stays queued, its deliveries untouched, and its enqueue
+# time is renewed (the caller sends it again shortly, so the reconciler must not).
 _CLAIM_SCRIPT = _NOW + _STALE + """
-local raw = redis.call('HMGET', KEYS[1], 'state', 'gen', 'deliveries', 'attempt')
+local raw = redis.call('HMGET', KEYS[1], 'state', 'gen', 'deliveries', 'attempt', 'tenant')
 if not raw[1] then return {'missing', 'missing'} end
 local state = cjson.decode(raw[1])
 if state ~= 'queued' and state ~= 'running' then return {'final', state} end
@@ -129,6 +133,19 @@ local now = server_now()
 if state == 'running' and not beat_is_stale(ARGV[1], now, tonumber(ARGV[3]), tonumber(ARGV[4])) then
   return {'busy', state}
 end
+local running = 'modelpress:tenant:' .. cjson.decode(raw[5] or '"public"') .. ':running'
+local cap = tonumber(ARGV[6])
+if state == 'queued' and cap > 0 and redis.call('SCARD', running) >= cap then
+  -- Count only records that are really running (a deleted or finished one frees its slot).
+  for _, member in ipairs(redis.call('SMEMBERS', running)) do
+    if redis.call('HGET', 'modelpress:job:' .. member, 'state') ~= '"running"' then redis.call('SREM', running, member) end
+  end
+  if redis.call('SCARD', running) >= cap then
+    redis.call('HSET', KEYS[1], 'enqueued_epoch', now)
+    return {'tenant-busy', state}
+  end
+end
+redis.call('SADD', running, ARGV[1])
 local deliveries = tonumber(raw[3] or '0') + 1
 local attempt = tonumber(raw[4] or '0') + 1
 redis.call('HSET', KEYS[1], 'deliveries', deliveries, 'attempt', attempt, 'state', '"running"',
@@ -170,6 +187,7 @@ local tenant = cjson.decode(raw[3] or '"public"')
 redis.call('ZREM', 'modelpress:running', ARGV[1])
 redis.call('SREM', 'modelpress:queued', ARGV[1])
 redis.call('SREM', 'modelpress:tenant:' .. tenant .. ':active', ARGV[1])
+redis.call('SREM', 'modelpress:tenant:' .. tenant .. ':running', ARGV[1])
 redis.call('ZADD', 'modelpress:finished', ARGV[4], ARGV[1])
 if raw[6] and raw[6] ~= 'null' then
   local event = 'msg_' .. ARGV[1] .. '_' .. target
@@ -232,6 +250,7 @@ redis.call('DEL', KEYS[1])
 redis.call('ZREM', 'modelpress:jobs', ARGV[1])
 redis.call('ZREM', 'modelpress:tenant:' .. tenant .. ':jobs', ARGV[1])
 redis.call('SREM', 'modelpress:tenant:' .. tenant .. ':active', ARGV[1])
+redis.call('SREM', 'modelpress:tenant:' .. tenant .. ':running', ARGV[1])
 redis.call('SREM', 'modelpress:queued', ARGV[1])
 redis.call('ZREM', 'modelpress:running', ARGV[1])
 redis.call('ZREM', 'modelpress:finished', ARGV[1])
@@ -281,7 +300,8 @@ def utc_now() -> str:
 
 
 class Claim(NamedTuple):
-    """What a delivery got: ``outcome`` is 'claimed', or why not ('missing', 'final', 'busy', 'stale-message')."""
+    """What a delivery got: ``outcome`` is 'claimed', or why not ('missing', 'final', 'busy', 'stale-message',
+    'tenant-busy')."""
 
     outcome: str
     state: str | None = None  # the job's state when not claimed
@@ -343,12 +363,15 @@ class JobStore:
 
     # ------------------------------------------------------------------ the lifecycle, fenced
 
-    def claim(self, job_id: str, generation: int | None, stale_s: float) -> Claim:
+    def claim(self, job_id: str, generation: int | None, stale_s: float, max_running: int = 0) -> Claim:
         """Take the job for one delivery: queued -> running, or a takeover of a running job whose
-        supervisor is gone. Atomic: of two deliveries that both see a stale job, one wins."""
+        supervisor is gone. Atomic: of two deliveries that both see a stale job, one wins.
+
+        ``max_running`` (0: none) caps the running jobs of the job's tenant: a queued job over the
+        cap is not taken ('tenant-busy') and stays queued for the caller to send again."""
         answer = self._claim(keys=[_key(job_id)], args=[
             job_id, "" if generation is None else int(generation), stale_s, self.redis_started(),
-            json.dumps(utc_now())])
+            json.dumps(utc_now()), int(max_running)])
         outcome = _text(answer[0])
         if outcome != "claimed":
             return Claim(outcome, _text(answer[1]))

@@ -375,6 +375,12 @@ class CompressionSpec(_Strict):
         EvaluationSpec, load_default=lambda: EvaluationSpec().load({}),
         metadata={"description": "How latency is measured."},
     )
+    time_limit_s = fields.Integer(
+        strict=True, validate=validate.Range(min=1),
+        metadata={"description": "The job's wall-clock limit, to lower the operator's (MODELPRESS_JOB_TIMEOUT_S, "
+                                 "also the default and the most a spec may ask for); the job fails job-timeout "
+                                 "when it is reached (seconds)."},
+    )
     package = fields.String(
         load_default="program", validate=validate.OneOf(PACKAGES),
         metadata={"description": "What a .pt2 upload's download holds: 'program' (a torch.export program; "
@@ -427,10 +433,12 @@ class SpecError(ValueError):
         self.errors = errors
 
 
-def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has_student: bool = False) -> dict[str, Any]:
+def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has_student: bool = False,
+               max_time_limit_s: int | None = None) -> dict[str, Any]:
     """Validate a spec (JSON text or mapping) and return it with every default filled in.
 
-    ``has_data`` and ``has_student`` say which optional files came with it. Raises ``SpecError``
+    ``has_data`` and ``has_student`` say which optional files came with it; ``max_time_limit_s``
+    is the operator's job time limit, above which ``time_limit_s`` is refused. Raises ``SpecError``
     whose keys are field paths such as ``spec.quantize.dtype`` (or the file part, ``student``).
     """
     if isinstance(raw, (str, bytes)):
@@ -446,6 +454,9 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has
         spec = CompressionSpec().load(raw)
     except ValidationError as error:
         raise SpecError(_flatten("spec", error.messages)) from None
+    if max_time_limit_s is not None and spec.get("time_limit_s", 0) > max_time_limit_s:
+        raise SpecError({"spec.time_limit_s": [f"at most {max_time_limit_s} (this service's job time limit, "
+                                               "MODELPRESS_JOB_TIMEOUT_S)"]})
     method = spec["method"]
     if method in REGISTRY and method not in spec:
         if REGISTRY[method].options_required:

@@ -165,7 +165,7 @@ def _validate(submission: Submission, settings: Settings) -> dict[str, Any]:
     else:
         try:
             spec = parse_spec(submission.spec_text, has_data=submission.data is not None,
-                              has_student=submission.student is not None)
+                              has_student=submission.student is not None, max_time_limit_s=settings.job_timeout_s)
         except SpecError as error:
             errors.update(error.errors)
     if errors:

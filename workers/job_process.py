@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from modelpress.config import Settings
+from modelpress.storage import JobFiles
 from workers import job_protocol as protocol
 
 
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> int:
                 unavailable = protocol.sandbox_unavailable("; ".join(gaps))  # a problem: its slug ends its type
                 channel.fail({**unavailable, "slug": unavailable["type"].rsplit("/", 1)[1]})
                 return 1
-        _limit_resources(settings)
+        _limit_resources(settings, job_dir)
         return _compress(job_dir, settings, facts, channel)
     finally:
         channel.close()
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> int:
 def _compress(job_dir: Path, settings: Settings, facts: dict[str, Any], channel: protocol.Channel) -> int:
     # Imported after the limits, so even torch's import runs inside them.
     from modelpress.spec import parse_spec
-    from modelpress.storage import JobFiles, read_json, write_json_atomic
+    from modelpress.storage import read_json, write_json_atomic
 
     files = JobFiles(job_dir)
     try:
@@ -132,8 +133,11 @@ def _check_programs(paths: list[Path | None]) -> None:
             check_module(load_model(path))
 
 
-def _limit_resources(settings: Settings) -> None:
+def _limit_resources(settings: Settings, job_dir: Path) -> None:
     """Address space, CPU seconds, file size and processes: a runaway model fails its own job only.
+
+    The file size cap is what ``output/`` may hold in all (``job_protocol.output_limit_bytes``);
+    the supervisor also bounds the folder's total, which several files could otherwise reach.
 
     The memory limit proper is on resident memory, enforced by the supervisor (``workers.memory``);
     the address-space cap here is a loose backstop that fails one huge allocation at once.
@@ -145,7 +149,7 @@ def _limit_resources(settings: Settings) -> None:
     for limit, value in (
         (resource.RLIMIT_AS, settings.job_address_space_mb << 20),
         (resource.RLIMIT_CPU, cpu_seconds),
-        (resource.RLIMIT_FSIZE, 16 << 30),
+        (resource.RLIMIT_FSIZE, protocol.output_limit_bytes(JobFiles(job_dir))),
         (resource.RLIMIT_NPROC, _user_tasks() + 256),
     ):
         soft, hard = resource.getrlimit(limit)

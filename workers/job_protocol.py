@@ -10,14 +10,17 @@ Whatever the child cannot say itself (it died, or never started) is turned into 
 from __future__ import annotations
 
 import json
+import math
 import os
 import queue
 import re
 import signal
-from typing import IO, Any
+from pathlib import Path
+from typing import IO, Any, Callable, NamedTuple
 from urllib.parse import urlparse
 
 from modelpress.config import Settings
+from modelpress.formats import AOTI_PACKAGE, EXPORTED, TORCHSCRIPT
 from workers.compression.errors import CompressionError, is_out_of_memory, summarize_torch_error
 
 # Environment names the child reads.
@@ -29,6 +32,26 @@ NETWORK_PROBE = "MODELPRESS_NETWORK_PROBE"
 STARTED, PROGRESS, SUCCEEDED, FAILED = "started", "progress", "succeeded", "failed"
 FINAL_EVENTS = (SUCCEEDED, FAILED)
 _FILE_SIZE = re.compile(r"size <\d+>")
+
+# Bounds on what the child may send or leave (the supervisor holds no more than these).
+MAX_LINE_BYTES = 64 << 10  # one message on the pipe
+_READ_CHUNK = 16 << 10
+MESSAGE_QUEUE_SIZE = 256  # messages read but not yet handled; a flooding child waits on its pipe
+MAX_STAGE_CHARS = 200
+MAX_TITLE_CHARS = 200
+MAX_DETAIL_CHARS = 4000
+MAX_REPORT_BYTES = 1 << 20  # output/report.json
+MAX_WARNINGS = 100
+MAX_WARNING_CHARS = 2000
+OUTPUT_FORMATS = (TORCHSCRIPT, EXPORTED, AOTI_PACKAGE)
+# The report's figures the supervisor copies into the job record (``Supervisor._result_summary``).
+_REPORT_FIGURES = (("size", "ratio"), ("latency", "ratio"), ("fidelity", "cosine_similarity"),
+                   ("fidelity", "top1_agreement"))
+# ``output/`` may hold this much: a compressed model is rarely larger than its input, an AOTInductor
+# package adds its compiled code. RLIMIT_FSIZE in the job and the supervisor's watch both apply it.
+OUTPUT_INPUT_FACTOR = 4
+OUTPUT_ALLOWANCE_BYTES = 64 << 20
+MAX_OUTPUT_ENTRIES = 64  # files and folders under output/ (the job writes two, plus temporary names)
 
 # Settings the child needs; read back there with Settings.from_env, so defaults live in config.py only.
 _CHILD_SETTINGS = ("MODELPRESS_JOB_THREADS", "MODELPRESS_JOB_MEMORY_MB", "MODELPRESS_JOB_TIMEOUT_S", "MODELPRESS_SANDBOX",
@@ -88,17 +111,181 @@ class Channel:
         self._stream.flush()
 
 
-def read_messages(read_fd: int, messages: "queue.Queue[dict[str, Any] | None]") -> None:
-    """The supervisor's end: put each message on ``messages``, then ``None`` when the pipe closes."""
-    with os.fdopen(read_fd, "r", errors="replace") as pipe:
-        for line in pipe:
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(message, dict):
+class Violation(NamedTuple):
+    """The child broke the protocol: what was wrong, in words that quote at most a few bytes of it."""
+
+    reason: str
+
+
+def read_messages(read_fd: int, messages: "queue.Queue[dict[str, Any] | Violation | None]") -> None:
+    """The supervisor's end: put each valid message on ``messages``, then ``None`` when the pipe closes.
+
+    The child is untrusted: the pipe is read in raw chunks and no more than ``MAX_LINE_BYTES`` of
+    one line is ever held, so a line without end costs the supervisor 64 KB, not the child's
+    output. The first line that is too long or breaks the schema (``parse_message``) is put as a
+    ``Violation`` and reading stops (the supervisor then kills the child). ``messages`` should be
+    bounded: a child that floods valid messages then blocks on its own pipe.
+    """
+    pending = bytearray()
+    count = 0
+    with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+        while True:
+            chunk = pipe.read(_READ_CHUNK)
+            if not chunk:
+                break
+            searched = len(pending)
+            pending += chunk
+            while (end := pending.find(b"\n", searched)) >= 0:
+                count += 1
+                message = parse_message(bytes(pending[:end]), count)
+                del pending[:end + 1]
+                searched = 0
                 messages.put(message)
+                if isinstance(message, Violation):
+                    return
+            if len(pending) > MAX_LINE_BYTES:
+                messages.put(Violation(f"message {count + 1} is longer than {MAX_LINE_BYTES} bytes "
+                                       f"(starts {_excerpt(bytes(pending))})"))
+                return
+    # A partial last line (the child was killed mid-write) is dropped: its exit status says what happened.
     messages.put(None)
+
+
+def parse_message(line: bytes, number: int = 1) -> dict[str, Any] | Violation:
+    """One line of the pipe, checked against the schema of its event; a ``Violation`` when it breaks it."""
+    try:
+        message = json.loads(line)
+    except (ValueError, RecursionError):
+        return Violation(f"message {number} is not JSON (starts {_excerpt(line)})")
+    if not isinstance(message, dict):
+        return Violation(f"message {number} is not a JSON object (starts {_excerpt(line)})")
+    event = message.get("event")
+    if event not in _EVENT_FIELDS:
+        return Violation(f"message {number} has an unknown event (starts {_excerpt(line)})")
+    expected = _EVENT_FIELDS[event]
+    unknown = set(message) - {"event", *expected}
+    if unknown:
+        return Violation(f"message {number} ({event}) has {len(unknown)} unknown field(s)")
+    for name, check in expected.items():
+        if name not in message:
+            return Violation(f"message {number} ({event}) has no {name!r}")
+        wrong = check(message[name])
+        if wrong:
+            return Violation(f"message {number} ({event}): {name!r} {wrong}")
+    return message
+
+
+def _text(limit: int, pattern: re.Pattern[str] | None = None) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str):
+            return "is not a string"
+        if not value or len(value) > limit:
+            return f"is not 1 to {limit} characters"
+        if pattern is not None and not pattern.fullmatch(value):
+            return f"does not match {pattern.pattern}"
+        if not value.isprintable():
+            return "holds control characters"
+        return None
+    return check
+
+
+def _fraction(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        return "is not a number from 0 to 1"
+    return None
+
+
+# Each event's fields and their checks (no other field is accepted). Stages are free text from the
+# engine (``trial 2/8 (prune 0.5): measuring latency``), so they are bounded, not enumerated.
+_EVENT_FIELDS: dict[str, dict[str, Callable[[Any], str | None]]] = {
+    STARTED: {},
+    PROGRESS: {"stage": _text(MAX_STAGE_CHARS), "progress": _fraction},
+    SUCCEEDED: {},
+    FAILED: {"slug": _text(64, re.compile(r"[a-z0-9-]{1,64}")), "title": _text(MAX_TITLE_CHARS),
+             "detail": lambda value: None if isinstance(value, str) and len(value) <= MAX_DETAIL_CHARS
+             else f"is not a string of at most {MAX_DETAIL_CHARS} characters"},
+}
+
+
+def _excerpt(data: bytes) -> str:
+    """The first few bytes of what the child sent, for the job's error: enough to recognise, never the payload."""
+    return repr(data[:16])[1:] + ("..." if len(data) > 16 else "")
+
+
+def protocol_violation(violation: Violation) -> dict[str, Any]:
+    return problem("protocol-violation", "Protocol violation",
+                   f"the compression process broke the supervisor's protocol and was stopped: {violation.reason}")
+
+
+# ---------------------------------------------------------------------------- the report
+
+
+class InvalidReport(ValueError):
+    """``output/report.json`` breaks the report's bounds or types; the message says which."""
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """The child's report, checked before anything of it is believed or stored.
+
+    At most ``MAX_REPORT_BYTES``; a JSON object; ``warnings`` a short list of short strings; every
+    figure the supervisor or the API reads a finite number or null. Figures the supervisor can
+    measure itself (the file sizes) are replaced by its own (``Supervisor._publish``).
+    """
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_REPORT_BYTES + 1)
+    except OSError as error:
+        raise InvalidReport(f"it could not be read ({error.strerror or error})") from None
+    if len(raw) > MAX_REPORT_BYTES:
+        raise InvalidReport(f"it is larger than {MAX_REPORT_BYTES >> 10} KB")
+    try:
+        report = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as error:
+        raise InvalidReport(f"it is not JSON ({type(error).__name__})") from None
+    if not isinstance(report, dict):
+        raise InvalidReport("it is not a JSON object")
+    warnings = report.get("warnings", [])
+    if not isinstance(warnings, list) or len(warnings) > MAX_WARNINGS:
+        raise InvalidReport(f"'warnings' is not a list of at most {MAX_WARNINGS} entries")
+    if not all(isinstance(warning, str) and len(warning) <= MAX_WARNING_CHARS for warning in warnings):
+        raise InvalidReport(f"a warning is not a string of at most {MAX_WARNING_CHARS} characters")
+    for section, name in _REPORT_FIGURES:
+        value = report.get(section, {}) if isinstance(report.get(section, {}), dict) else None
+        if value is None:
+            raise InvalidReport(f"{section!r} is not an object")
+        figure = value.get(name)
+        if figure is not None and (isinstance(figure, bool) or not isinstance(figure, (int, float))
+                                   or not math.isfinite(figure)):
+            raise InvalidReport(f"'{section}.{name}' is not a finite number or null")
+    output_format = report.get("format", {}).get("output") if isinstance(report.get("format"), dict) else None
+    if output_format is not None and output_format not in OUTPUT_FORMATS:
+        raise InvalidReport("'format.output' is not a known format")
+    return report
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def invalid_report(error: InvalidReport) -> dict[str, Any]:
+    return problem("invalid-report", "Invalid report",
+                   f"the compression process wrote a report that is refused: {error}")
+
+
+def output_limit_bytes(files: Any) -> int:
+    """How much ``output/`` may hold: ``OUTPUT_INPUT_FACTOR`` times the uploaded models plus an allowance."""
+    inputs = sum(path.stat().st_size for path in (files.input_model, files.input_student) if path.exists())
+    return OUTPUT_INPUT_FACTOR * inputs + OUTPUT_ALLOWANCE_BYTES
+
+
+def output_too_large(limit_bytes: int, seen_bytes: int, entries: int) -> dict[str, Any]:
+    if entries > MAX_OUTPUT_ENTRIES:
+        what = f"{entries} files and folders (at most {MAX_OUTPUT_ENTRIES})"
+    else:
+        what = f"at least {seen_bytes >> 20} MB (at most {limit_bytes >> 20} MB: {OUTPUT_INPUT_FACTOR} times the " \
+               f"uploaded model plus {OUTPUT_ALLOWANCE_BYTES >> 20} MB)"
+    return problem("output-too-large", "Output too large",
+                   f"the compression process wrote {what} under output/ and was stopped")
 
 
 def problem(slug: str, title: str, detail: str) -> dict[str, Any]:

@@ -100,7 +100,8 @@ def job_command(settings: Settings, files: JobFiles, argv: list[str], seccomp_fd
         "--die-with-parent", "--hostname", "modelpress-job",
         # The private /tmp first: a runtime (a checkout with its venv) or a data directory under /tmp,
         # as in CI and the tests, is then mounted on top of it instead of being hidden by it.
-        "--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp",
+        # /tmp holds at most the job's memory limit, and what it holds counts into that limit (workers/memory.py).
+        "--proc", "/proc", "--dev", "/dev", "--size", str(settings.job_memory_mb << 20), "--tmpfs", "/tmp",
         *_runtime_mounts(settings),
         *[argument for device in devices for argument in ("--dev-bind-try", device, device)],  # after --dev /dev
         "--ro-bind", root, root,

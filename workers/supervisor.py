@@ -3,6 +3,12 @@
 The child (``workers.job_process``) is a new interpreter per job, in its own process
 group, so a segfault, an out-of-memory kill or a runaway model ends that job only.
 Progress comes back as JSON lines on a pipe; the child never talks to Redis.
+
+The child runs the uploaded model, so it is an untrusted client: every line it sends is bounded
+and checked (``job_protocol.read_messages``), its report is bounded and type-checked and the
+figures the supervisor can measure are measured, not believed (``_publish``); its memory, its
+``/tmp``, its ``output/``, its printed output and its wall clock are bounded. Whatever goes wrong
+in the supervisor itself while a child runs kills the child and fails the job (``internal-error``).
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import functools
 import logging
 import os
 import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,25 +34,34 @@ from modelpress.faults import pause_point
 from modelpress.formats import TORCHSCRIPT
 from modelpress.jobs import JobStore, Superseded, connect, utc_now
 from modelpress.objectstore import InputsCorrupt, InputsMissing, ObjectStore, file_sha256, open_object_store
-from modelpress.storage import JobFiles, Storage, read_json
+from modelpress.storage import JobFiles, Storage
 from workers import job_protocol as protocol
 from workers import sandbox
-from workers.job_protocol import problem
+from workers.job_protocol import InvalidReport, Violation, problem
 from workers.memory import MemoryWatch
+from workers.process_log import ProcessLog
 
 log = logging.getLogger("modelpress.worker")
 
 POLL_INTERVAL_S = 0.25
 PROGRESS_WRITE_INTERVAL_S = 0.5  # progress and heartbeat
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+JOB_PROCESS = (sys.executable, "-m", "workers.job_process")  # the child's command; its job directory follows
+
+
+class TenantBusy(Exception):
+    """The job's tenant already runs its cap of jobs (``MODELPRESS_MAX_RUNNING_JOBS``); the job stays
+    queued and its delivery should be sent again shortly."""
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, store: JobStore, storage: Storage, objects: ObjectStore | None = None) -> None:
+    def __init__(self, settings: Settings, store: JobStore, storage: Storage, objects: ObjectStore | None = None,
+                 child_command: tuple[str, ...] = JOB_PROCESS) -> None:
         self.settings = settings
         self.store = store
         self.storage = storage
         self.objects = objects or open_object_store(settings, storage)
+        self.child_command = child_command
 
     @classmethod
     @functools.lru_cache(maxsize=4)
@@ -59,7 +75,11 @@ class Supervisor:
         is dropped. The claim is one atomic step; from then on every write carries its attempt.
         """
         pause_point("before-claim", job_id)
-        claim = self.store.claim(job_id, generation, self.settings.heartbeat_stale_s)
+        claim = self.store.claim(job_id, generation, self.settings.heartbeat_stale_s, self.settings.max_running_jobs)
+        if claim.outcome == "tenant-busy":
+            log.info("job %s: its tenant runs %d jobs already; it stays queued", job_id,
+                     self.settings.max_running_jobs, extra={"job_id": job_id})
+            raise TenantBusy(job_id)
         if claim.outcome != "claimed":
             log.info("job %s: delivery skipped (%s, job %s)", job_id, claim.outcome, claim.state,
                      extra={"job_id": job_id})
@@ -73,9 +93,10 @@ class Supervisor:
         if claim.deliveries > 1:
             log.warning("job %s: delivery %d after its worker stopped; running it again", job_id, claim.deliveries)
         log.info("job %s: running (delivery %d)", job_id, claim.deliveries)
+        job = self.store.get(job_id) or {}
         try:
             with self._beating(job_id, claim.attempt):  # with S3: inputs staged into a private directory
-                files = self.objects.workspace(job_id, claim.attempt, _input_digests(self.store.get(job_id) or {}))
+                files = self.objects.workspace(job_id, claim.attempt, _input_digests(job))
         except InputsMissing as missing:
             return self._finish(job_id, claim.attempt, jobs.FAILED, error=problem(
                 "inputs-missing", "Inputs missing", f"the job's uploaded files are gone from the object store ({missing})"))
@@ -84,32 +105,50 @@ class Supervisor:
                 "inputs-corrupt", "Inputs corrupt", f"the job's uploaded files changed in the object store: {corrupt}; "
                                                     "submit the job again"))
         try:
-            return self._run_child(job_id, claim.attempt, claim.deliveries, files)
+            return self._run_child(job_id, claim.attempt, claim.deliveries, files, self.time_limit_s(job))
         finally:
             self.objects.release(job_id, claim.attempt)
 
+    def time_limit_s(self, job: dict[str, Any]) -> int:
+        """The job's wall-clock limit: its spec's ``time_limit_s`` when lower, else the operator's."""
+        asked = (job.get("spec") or {}).get("time_limit_s")
+        limit = self.settings.job_timeout_s
+        return min(limit, asked) if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else limit
+
     # ------------------------------------------------------------------ the child process
 
-    def _run_child(self, job_id: str, attempt: int, deliveries: int, files: JobFiles) -> tuple[str, bool]:
+    def _run_child(self, job_id: str, attempt: int, deliveries: int, files: JobFiles,
+                   time_limit_s: int) -> tuple[str, bool]:
         read_fd, write_fd = os.pipe()
-        with open(files.process_log, "ab") as log_file:
-            try:
-                child = self._start_child(files, log_file, write_fd)
-            except OSError as error:  # bubblewrap (or Python) is missing: no unconfined fallback
-                os.close(write_fd)
-                os.close(read_fd)
-                return self._finish(job_id, attempt, jobs.FAILED, error=protocol.sandbox_unavailable(
-                    f"{self.settings.bwrap} could not be started ({error.strerror or error})"))
-        os.close(write_fd)
-        memory = MemoryWatch(child.pid, self.settings.job_memory_mb << 20, functools.partial(_signal_group, child)).start()
+        log_read, log_write = os.pipe()
         try:
-            return self._watch_child(job_id, attempt, deliveries, files, child, read_fd, memory)
+            child = self._start_child(files, log_write, write_fd)
+        except OSError as error:  # bubblewrap (or Python) is missing: no unconfined fallback
+            for fd in (read_fd, write_fd, log_read, log_write):
+                os.close(fd)
+            return self._finish(job_id, attempt, jobs.FAILED, error=protocol.sandbox_unavailable(
+                f"{self.settings.bwrap} could not be started ({error.strerror or error})"))
+        os.close(write_fd)
+        os.close(log_write)
+        output = ProcessLog(log_read, files.process_log).start()
+        watch = MemoryWatch(child.pid, self.settings.job_memory_mb << 20, functools.partial(_signal_group, child),
+                            files.output_model.parent, protocol.output_limit_bytes(files),
+                            protocol.MAX_OUTPUT_ENTRIES).start()
+        try:
+            return self._watch_child(job_id, attempt, deliveries, files, child, read_fd, watch, output, time_limit_s)
+        except Exception:  # a bug or an unforeseen input here must not leave a child running unwatched
+            log.exception("job %s: the supervisor failed; its child is stopped", job_id, extra={"job_id": job_id})
+            _kill_group(child)
+            return self._finish(job_id, attempt, jobs.FAILED, error=problem(
+                "internal-error", "Internal error",
+                "the worker failed while supervising the job; its process was stopped (the worker's log says why)"))
         finally:
-            memory.stop()
+            watch.stop()
+            output.finish()
 
     def _watch_child(self, job_id: str, attempt: int, deliveries: int, files: JobFiles, child: subprocess.Popen,
-                     read_fd: int, memory: MemoryWatch) -> tuple[str, bool]:
-        messages: queue.Queue[dict[str, Any] | None] = queue.Queue()
+                     read_fd: int, watch: MemoryWatch, output: ProcessLog, time_limit_s: int) -> tuple[str, bool]:
+        messages: queue.Queue[dict[str, Any] | Violation | None] = queue.Queue(protocol.MESSAGE_QUEUE_SIZE)
         threading.Thread(target=protocol.read_messages, args=(read_fd, messages), daemon=True).start()
         stop_reason: str | None = None
         try:
@@ -117,8 +156,9 @@ class Supervisor:
         except Superseded:
             stop_reason = "superseded"
 
-        deadline = time.monotonic() + self.settings.job_timeout_s
+        deadline = time.monotonic() + time_limit_s
         outcome: dict[str, Any] | None = None
+        violation: Violation | None = None
         last_progress: dict[str, Any] | None = None
         started = False
         last_write = 0.0
@@ -133,17 +173,24 @@ class Supervisor:
                         self._quietly(self.store.beat, job_id, attempt)
                     except Superseded:
                         break  # the final write will be refused; nothing to stop
+                    if time.monotonic() > deadline:
+                        break  # a child that closed its pipe still ends at its time limit
                     time.sleep(POLL_INTERVAL_S)
+                if child.poll() is None:
+                    stop_reason = "timeout"
+                    _kill_group(child)
                 child.wait()
                 break
-            if message.get("event") == protocol.STARTED:
+            if isinstance(message, Violation):
+                violation, stop_reason = message, "violation"
+            elif message.get("event") == protocol.STARTED:
                 started = True
             elif message.get("event") == protocol.PROGRESS:
                 last_progress = message
             elif message.get("event") in protocol.FINAL_EVENTS:
                 outcome = message
             now = time.monotonic()
-            if now - last_write >= PROGRESS_WRITE_INTERVAL_S:
+            if not stop_reason and now - last_write >= PROGRESS_WRITE_INTERVAL_S:
                 # Redis may be restarting: the child goes on, progress is written once it is back.
                 progress = {"stage": last_progress["stage"], "progress": last_progress["progress"]} if last_progress else {}
                 try:
@@ -158,6 +205,7 @@ class Supervisor:
             if stop_reason:
                 _kill_group(child)
                 break
+        output.finish()
 
         if stop_reason == "superseded":
             _kill_group(child)
@@ -166,28 +214,34 @@ class Supervisor:
             return jobs.RUNNING, False
         if stop_reason == "cancelled":
             return self._finish(job_id, attempt, jobs.CANCELLED)
+        if violation is not None:
+            log.warning("job %s: protocol violation: %s", job_id, violation.reason, extra={"job_id": job_id})
+            return self._finish(job_id, attempt, jobs.FAILED, error=protocol.protocol_violation(violation))
         if stop_reason == "timeout":
             return self._finish(job_id, attempt, jobs.FAILED, error=problem(
                 "job-timeout", "Time limit exceeded",
-                f"the compression did not finish within the job time limit of {self.settings.job_timeout_s} s "
-                "and was stopped",
+                f"the compression did not finish within the job time limit of {time_limit_s} s and was stopped",
             ))
-        if memory.exceeded:
+        if watch.exceeded:
             return self._finish(job_id, attempt, jobs.FAILED, error=problem(
                 "out-of-memory", "Out of memory",
-                f"{protocol.memory_message(self.settings)}: its processes reached {memory.peak_bytes >> 20} MB "
-                "resident and were stopped"))
+                f"{protocol.memory_message(self.settings)}: its processes reached {watch.peak_bytes >> 20} MB "
+                "resident (memory plus the files in its /tmp and /dev and its memory files) and were stopped"))
+        if watch.output_exceeded or watch.check_output():  # while running, or in the last moments before exit
+            shutil.rmtree(files.output_model.parent, ignore_errors=True)  # nothing of it is kept: the disk is the host's
+            return self._finish(job_id, attempt, jobs.FAILED, error=protocol.output_too_large(
+                watch.output_limit_bytes, watch.output_bytes, watch.output_entries))
         return self._record_exit(job_id, attempt, deliveries, files, child.returncode, outcome, started)
 
-    def _start_child(self, files: JobFiles, log_file: Any, write_fd: int) -> subprocess.Popen:
-        argv = [sys.executable, "-m", "workers.job_process", str(files.root)]
+    def _start_child(self, files: JobFiles, output_fd: int, write_fd: int) -> subprocess.Popen:
+        argv = [*self.child_command, str(files.root)]
         with sandbox.confined(self.settings, files, argv) as (command, sandbox_fds):  # sandbox_fds: its syscall filter
             return subprocess.Popen(
                 command,
                 cwd=files.root,
                 env=protocol.child_environment(self.settings, write_fd, str(PROJECT_ROOT)),
                 stdin=subprocess.DEVNULL,
-                stdout=log_file,
+                stdout=output_fd,  # a pipe: the supervisor keeps only the tail (workers/process_log.py)
                 stderr=subprocess.STDOUT,
                 pass_fds=[write_fd, *sandbox_fds],
                 start_new_session=True,  # its own process group, killed as a whole
@@ -206,7 +260,10 @@ class Supervisor:
             return self._publish(job_id, attempt, deliveries, files)
         if outcome and outcome["event"] == protocol.FAILED:
             if files.report.exists():  # a failed search's report (its trials) stays readable
-                self.objects.publish_report(job_id, attempt, read_json(files.report))
+                try:
+                    self.objects.publish_report(job_id, attempt, protocol.read_report(files.report))
+                except InvalidReport as refused:
+                    return self._finish(job_id, attempt, jobs.FAILED, error=protocol.invalid_report(refused))
             return self._finish(job_id, attempt, jobs.FAILED, error=protocol.outcome_problem(outcome))
         return self._finish(job_id, attempt, jobs.FAILED, error=protocol.died(returncode, self.settings, started,
                                                                               sandbox.setup_error_in(files.process_log)))
@@ -218,7 +275,11 @@ class Supervisor:
             self._until_redis(self.store.beat, job_id, attempt)  # still ours? (raises Superseded)
         except Superseded:
             return jobs.RUNNING, False
-        report = read_json(files.report)
+        try:
+            report = protocol.read_report(files.report)
+        except InvalidReport as refused:
+            return self._finish(job_id, attempt, jobs.FAILED, error=protocol.invalid_report(refused))
+        _measure_sizes(report, files)
         report["deliveries"] = deliveries
         with self._beating(job_id, attempt):
             published = self.objects.publish(job_id, attempt, files, report)
@@ -290,6 +351,16 @@ def _result_summary(model: Path, report: dict[str, Any]) -> dict[str, Any]:
         "cosine_similarity": report["fidelity"]["cosine_similarity"],
         "top1_agreement": report["fidelity"]["top1_agreement"],
     }
+
+
+def _measure_sizes(report: dict[str, Any], files: JobFiles) -> None:
+    """Replace the report's file sizes with the supervisor's own measure of the real files: a child
+    that forges its report cannot claim a size it did not reach. (Latency and fidelity are the
+    child's measures; checking them would mean running the model outside the sandbox.)"""
+    before, after = files.input_model.stat().st_size, files.output_model.stat().st_size
+    size = report["size"] if isinstance(report.get("size"), dict) else {}
+    size.update(bytes_before=before, bytes_after=after, ratio=float(f"{after / before:.5g}") if before else None)
+    report["size"] = size
 
 
 def _kill_group(child: subprocess.Popen) -> None:
