@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install bench clean chromium sandbox compiler
+.PHONY: run test install docs bench clean chromium sandbox compiler
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -12,7 +12,7 @@ $(VPY):
 # Reinstall when pyproject.toml changes.
 $(STAMP): pyproject.toml | $(VPY)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet -e '.[test]'
+	$(VPY) -m pip install --quiet -e '.[test,docs]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -51,15 +51,21 @@ compiler:
 	  fi; \
 	fi
 
-test: $(STAMP) sandbox chromium compiler
+# The documentation site (mkdocs.yml, docs/) into site/. --strict: a broken link or anchor, or a page
+# missing from the nav, fails the build. The spec and API reference pages are generated from the code
+# as it builds (scripts/reference_pages.py). Nothing is fetched: no web fonts, no analytics.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict --site-dir site
+
+test: $(STAMP) sandbox chromium compiler docs
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(VPY) -m pip install --quiet -e '.[test,bench]'  # the baselines the benchmarks compare with
+	$(VPY) -m pip install --quiet -e '.[test,docs,bench]'  # the baselines the benchmarks compare with
 	$(VPY) bench/quantize.py
 	$(VPY) bench/prune.py
 	$(VPY) bench/distill.py
 	$(VPY) bench/auto.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache site
