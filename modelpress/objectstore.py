@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlparse
 
 from modelpress.config import Settings
-from modelpress.faults import pause_point
+from modelpress.fault_injection import fault_point
 from modelpress.jobs import FINAL_STATES
 from modelpress.storage import JobFiles, Storage, read_json, write_json_atomic
 
@@ -470,7 +470,7 @@ class S3Objects(ObjectStore):
         canonical = self.storage.job(job_id)
         self.client.upload_file(str(files.output_model), self.bucket, self.key(job_id, canonical.published_model(attempt)),
                                 ExtraArgs={"Metadata": {"sha256": file_sha256(files.output_model)}}, Config=self.transfer)
-        pause_point("mid-publish", job_id)  # fault tests: the model is up, the report not yet
+        fault_point("mid-publish", job_id, self.storage.data_dir)  # fault tests: the model is up, the report not yet
         self.publish_report(job_id, attempt, report)
         return files.output_model
 
