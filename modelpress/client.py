@@ -20,6 +20,8 @@ import requests
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from modelpress.config import ClientSettings
+
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 ByteProgress = Callable[[int, int], None]  # (bytes so far, total bytes)
 Job = Mapping[str, Any]
@@ -42,7 +44,8 @@ class ChecksumMismatch(Exception):
 
 class Client:
     def __init__(self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0) -> None:
-        self.url = (url or os.environ.get("MODELPRESS_URL") or "http://127.0.0.1:8000").rstrip("/")
+        defaults = ClientSettings.from_env()
+        self.url = (url or defaults.url).rstrip("/")
         self.session = requests.Session()
         # A kept-alive connection the server (or a proxy) closed while idle fails the next request
         # sent on it; reads are safe to send again, a submission is not (use an Idempotency-Key).
@@ -50,7 +53,7 @@ class Client:
                         allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False)
         for scheme in ("http://", "https://"):
             self.session.mount(scheme, HTTPAdapter(max_retries=retries))
-        key = api_key if api_key is not None else os.environ.get("MODELPRESS_API_KEY")
+        key = api_key if api_key is not None else defaults.api_key
         if key:
             self.session.headers["Authorization"] = f"Bearer {key}"
         self.timeout = timeout

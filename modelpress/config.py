@@ -1,4 +1,9 @@
-"""All configuration, read from environment variables in this one place."""
+"""All configuration, read from environment variables in this one place.
+
+``Settings`` is the service's (API, worker, stack); ``ClientSettings`` the ``modelpress`` command's
+and ``Client``'s; ``boto3_endpoint_url`` peeks at one of boto3's own variables. The one variable read
+elsewhere is the fault tests' ``MODELPRESS_TEST_PAUSE`` (``modelpress.fault_injection``; why: docs/decisions.md, "Layers").
+"""
 from __future__ import annotations
 
 import os
@@ -212,6 +217,29 @@ class Settings:
         Longer than the longest job, so a job still running is never handed to a second worker.
         """
         return self.job_timeout_s + 600
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    """Where the ``modelpress`` command and ``Client`` find the service, when not told explicitly."""
+
+    url: str = "http://127.0.0.1:8000"  # MODELPRESS_URL
+    api_key: str | None = None  # MODELPRESS_API_KEY; unset: no Authorization header
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ClientSettings":
+        env = os.environ if environ is None else environ
+        return cls(url=env.get("MODELPRESS_URL") or cls.url, api_key=env.get("MODELPRESS_API_KEY") or None)
+
+
+def boto3_endpoint_url(environ: Mapping[str, str] | None = None) -> str | None:
+    """The S3 endpoint boto3 takes from its own variables (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL``).
+
+    Not a setting of ours: boto3 reads these itself. The object store only asks whether one is set
+    (a store other than AWS, addressed by path), so it is read when the store is opened, as boto3 does.
+    """
+    env = os.environ if environ is None else environ
+    return env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
 
 
 def persistent_secret(data_dir: Path, filename: str) -> str:

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 from urllib.parse import urlparse
 
-from modelpress.config import Settings
-from modelpress.faults import pause_point
+from modelpress.config import Settings, boto3_endpoint_url
+from modelpress.fault_injection import fault_point
 from modelpress.jobs import FINAL_STATES
 from modelpress.storage import JobFiles, Storage, read_json, write_json_atomic
 
@@ -347,7 +347,7 @@ class S3Objects(ObjectStore):
         # every byte: 1 CPU-second per GB on the API host): integrity is end to end instead, the
         # worker checks each staged input against the record's digest, clients the download's.
         s3 = {"payload_signing_enabled": False}
-        if settings.s3_endpoint_url or _env_endpoint():
+        if settings.s3_endpoint_url or boto3_endpoint_url():
             s3["addressing_style"] = "path"
         config = Config(signature_version="s3v4", retries={"mode": "standard", "max_attempts": 5},
                         connect_timeout=5, read_timeout=60, request_checksum_calculation="when_required",
@@ -470,7 +470,7 @@ class S3Objects(ObjectStore):
         canonical = self.storage.job(job_id)
         self.client.upload_file(str(files.output_model), self.bucket, self.key(job_id, canonical.published_model(attempt)),
                                 ExtraArgs={"Metadata": {"sha256": file_sha256(files.output_model)}}, Config=self.transfer)
-        pause_point("mid-publish", job_id)  # fault tests: the model is up, the report not yet
+        fault_point("mid-publish", job_id, self.storage.data_dir)  # fault tests: the model is up, the report not yet
         self.publish_report(job_id, attempt, report)
         return files.output_model
 
@@ -634,8 +634,3 @@ def file_sha256(path: Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()
 
-
-def _env_endpoint() -> str | None:
-    import os
-
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

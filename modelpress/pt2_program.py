@@ -8,7 +8,7 @@ string of the file becomes code or a callable, and what this module demands of e
 - ``Node.target`` and ``Argument.as_operator`` are resolved by ``getattr`` chains from ``torch``,
   ``_operator`` and ``math`` (``torch.os`` would resolve to the ``os`` module; ``#ns:op`` goes to
   an extension registry). Both must be a ``torch.ops.<namespace>.<op>[.<overload>]`` of an allowed
-  namespace (the TorchScript policy, ``program_check.refusal``), a higher-order op of an explicit
+  namespace (the TorchScript policy, ``operator_policy.refusal``), a higher-order op of an explicit
   allow-list (pure control flow and subgraph wrappers), or one of the symbolic-size functions
   torch's serializer writes (``_operator.add``, ``torch.sym_max``, ...). Subgraphs (``as_graph``)
   are walked like the main graph.
@@ -35,15 +35,13 @@ import json
 import re
 import tokenize
 
+from modelpress.operator_policy import HINT, refusal
 from modelpress.pt2_schema import ENUMS, FLOAT_WORDS, SCHEMA_MAJOR, STRUCTS, UNIONS
-from workers.compression.program_check import refusal
 
 
 class Refused(Exception):
     """Why the program is refused: a sentence for the user."""
 
-
-OPS_HINT = "models that read or write files, start processes or talk to other processes are refused"
 
 # Higher-order ops that only run subgraphs of the same program (control flow, grad / autocast
 # modes). Others call operators or objects named by argument (auto_functionalized, with_effects,
@@ -241,7 +239,7 @@ def check_operator(target: str, check_ops: bool, argument: bool = False) -> None
         return
     why = refusal(f"{namespace}::{op}")
     if why:
-        raise Refused(f"the program {what} {namespace}::{op}: it {why}; {OPS_HINT}")
+        raise Refused(f"the program {what} {namespace}::{op}: it {why}; {HINT}")
 
 
 # ------------------------------------------------------------------ shape expressions

@@ -12,10 +12,10 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from modelpress.metrics import render
+from modelpress.worker_status import published
 from service.auth import may_see_operations, require_operations_access
 from service.problems import ApiProblem
 from service.schemas import HealthSchema
-from workers import sandbox
 from workers.celery_app import QUEUE
 
 blp = Blueprint("health", __name__, description="Liveness and readiness")
@@ -70,7 +70,7 @@ def _readiness() -> dict[str, Any]:
     names = sorted(name for reply in replies for name in reply)
     if not names:
         return {"status": "unready", "detail": "no worker answered a ping"}
-    statuses = sandbox.published(client, names)
+    statuses = published(client, names)
     unready = [f"{name}: {status.detail if status else 'has not tested its job sandbox yet'}"
                for name, status in statuses.items() if status is None or not status.ready]
     if unready:

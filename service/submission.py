@@ -22,7 +22,7 @@ from modelpress import capacity, jobs
 from modelpress.archive import ArchiveRejected, check_torchscript_archive
 from modelpress.config import Settings
 from modelpress.datafile import DataFileError, DataFileRefused, check_data_archive, disagreements, read_headers
-from modelpress.faults import pause_point
+from modelpress.fault_injection import fault_point
 from modelpress.formats import EXPORTED, model_format
 from modelpress.jobs import JobStore, new_job_id, utc_now
 from modelpress.objectstore import ObjectStore
@@ -104,7 +104,7 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
                 raise invalid(conflicts)
         write_json_atomic(files.spec, dump_spec(spec))
         objects.keep_inputs(job_id)
-        pause_point("before-record", job_id)  # fault tests: the files are kept, the job not yet recorded
+        fault_point("before-record", job_id, settings.data_dir)  # fault tests: the files are kept, the job not yet recorded
         job = {
             "id": job_id, "tenant": submission.tenant, "state": jobs.QUEUED, "progress": 0.0, "stage": "queued",
             "created_at": utc_now(), "started_at": None, "finished_at": None,
@@ -130,7 +130,7 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
         raise ApiProblem(429, "Too Many Requests",
                          f"at most {settings.max_active_jobs} queued or running jobs per tenant "
                          "(MODELPRESS_MAX_ACTIVE_JOBS); wait for some to finish", headers={"Retry-After": "30"})
-    pause_point("after-record", job_id)
+    fault_point("after-record", job_id, settings.data_dir)
     try:
         enqueue(job_id, 1)
     except Exception as error:  # accepted all the same: the record is durable and the reconciler re-sends

@@ -31,12 +31,12 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from modelpress.config import Settings
 from modelpress.storage import JobFiles
+from modelpress.worker_status import SandboxStatus
 from workers import seccomp
 from workers.job_protocol import network_probe
 
@@ -44,7 +44,6 @@ log = logging.getLogger("modelpress.sandbox")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("modelpress", "workers")  # what the job process imports from the project, and nothing else of it
-STATUS_KEY = "modelpress:sandbox"  # Redis hash: worker hostname -> JSON of its SandboxStatus
 SANDBOX_UID = 65534  # "nobody" inside the user namespace; mapped to the worker's own uid outside
 _ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime")
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin")
@@ -52,17 +51,6 @@ PROBE_TIMEOUT_S = 60
 # What the CUDA runtime opens (NVIDIA), and the ROCm / DRM nodes of other GPUs; bound when present.
 GPU_DEVICE_PATTERNS = ("/dev/nvidiactl", "/dev/nvidia[0-9]*", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools",
                        "/dev/nvidia-modeset", "/dev/nvidia-caps", "/dev/kfd", "/dev/dri")
-
-
-@dataclass(frozen=True)
-class SandboxStatus:
-    state: str  # "confined", "unavailable" or "off"
-    detail: str
-    checked_at: float
-
-    @property
-    def ready(self) -> bool:
-        return self.state != "unavailable"
 
 
 @contextmanager
@@ -147,7 +135,9 @@ def confirm_outputs(files: JobFiles) -> str | None:
 
 
 def self_test(settings: Settings) -> SandboxStatus:
-    """Run the confined job process once in probe mode; it checks its own confinement from inside."""
+    """Run the confined job process once in probe mode; it checks its own confinement from inside.
+
+    The worker publishes the result (``modelpress.worker_status``) for the API's ``/readyz``."""
     now = time.time()
     if settings.sandbox == "off":
         return SandboxStatus("off", "MODELPRESS_SANDBOX=off: jobs run unconfined, with the worker's files and network",
@@ -206,18 +196,6 @@ def setup_error_in(process_log: Path) -> str | None:
             return setup_error(handle.read().decode("utf-8", errors="replace"))
     except OSError:
         return None
-
-
-def publish(redis_client: Any, hostname: str, status: SandboxStatus) -> None:
-    redis_client.hset(STATUS_KEY, hostname, json.dumps(asdict(status)))
-
-
-def published(redis_client: Any, hostnames: list[str]) -> dict[str, SandboxStatus | None]:
-    """The status each worker published at start-up (``None``: it published none)."""
-    if not hostnames:
-        return {}
-    raw = redis_client.hmget(STATUS_KEY, hostnames)
-    return {name: SandboxStatus(**json.loads(value)) if value else None for name, value in zip(hostnames, raw)}
 
 
 def _runtime_mounts(settings: Settings) -> list[str]:

@@ -30,7 +30,7 @@ import redis
 
 from modelpress import jobs
 from modelpress.config import Settings
-from modelpress.faults import pause_point
+from modelpress.fault_injection import fault_point
 from modelpress.formats import TORCHSCRIPT
 from modelpress.jobs import JobStore, Superseded, connect, utc_now
 from modelpress.objectstore import InputsCorrupt, InputsMissing, ObjectStore, file_sha256, open_object_store
@@ -74,7 +74,7 @@ class Supervisor:
         ``generation`` is the message's enqueue generation: a message superseded by a re-send
         is dropped. The claim is one atomic step; from then on every write carries its attempt.
         """
-        pause_point("before-claim", job_id)
+        fault_point("before-claim", job_id, self.settings.data_dir)
         claim = self.store.claim(job_id, generation, self.settings.heartbeat_stale_s, self.settings.max_running_jobs)
         if claim.outcome == "tenant-busy":
             log.info("job %s: its tenant runs %d jobs already; it stays queued", job_id,

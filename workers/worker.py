@@ -7,6 +7,7 @@ from celery.signals import after_setup_logger, worker_ready
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
 from modelpress.logs import configure_logging
+from modelpress.worker_status import publish
 from workers.celery_app import make_celery
 from workers import sandbox
 from workers.reaper import Reaper
@@ -28,7 +29,7 @@ def _test_sandbox(sender=None, **kwargs) -> None:
     status = sandbox.self_test(settings)
     level = logging.INFO if status.state == "confined" else logging.WARNING if status.state == "off" else logging.ERROR
     logging.getLogger("modelpress.sandbox").log(level, "job sandbox %s: %s", status.state, status.detail)
-    sandbox.publish(redis.Redis.from_url(settings.redis_url), sender.hostname, status)
+    publish(redis.Redis.from_url(settings.redis_url), sender.hostname, status)
 
 
 @after_setup_logger.connect

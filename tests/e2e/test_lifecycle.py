@@ -17,7 +17,7 @@ import pytest
 import redis
 import requests
 
-from modelpress.faults import arm
+from modelpress.fault_injection import arm
 from modelpress.jobs import JobStore
 from modelpress.stack import Stack
 from tests.conftest import ApiClient, compression_process, make_settings, supervisor_process

@@ -24,7 +24,7 @@ import pytest
 import redis
 import torch
 
-from modelpress.faults import arm
+from modelpress.fault_injection import arm
 from modelpress.jobs import JobStore
 from modelpress.seaweed import SeaweedServer
 from modelpress.stack import Stack, free_port

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import requests
 
-from modelpress.faults import arm
+from modelpress.fault_injection import arm
 from modelpress.jobs import JobStore, connect, new_job_id
 from modelpress.stack import Stack
 from service import create_app

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from modelpress.operator_policy import scan_source
 from workers.compression.artifacts import load_model
 from workers.compression.errors import UnsafeModel
-from workers.compression.program_check import check_module, scan_source
+from workers.compression.program_check import check_module
 from tests.models import SmallConvNet, save_scripted
 
 
