@@ -136,8 +136,11 @@ def _check_programs(paths: list[Path | None]) -> None:
 def _limit_resources(settings: Settings, job_dir: Path) -> None:
     """Address space, CPU seconds, file size and processes: a runaway model fails its own job only.
 
-    The file size cap is what ``output/`` may hold in all (``job_protocol.output_limit_bytes``);
-    the supervisor also bounds the folder's total, which several files could otherwise reach.
+    The file size cap is what ``output/`` may hold in all (``job_protocol.output_limit_bytes``) or,
+    when larger, the job's memory limit: files in ``/tmp`` are bounded by its size (the job's memory,
+    where they are counted), and the compiler that AOTInductor runs there writes files (a
+    precompiled header of torch's headers) larger than a small model's output bound. The supervisor
+    bounds ``output/``'s total, which several files could otherwise reach.
 
     The memory limit proper is on resident memory, enforced by the supervisor (``workers.memory``);
     the address-space cap here is a loose backstop that fails one huge allocation at once.
@@ -149,7 +152,7 @@ def _limit_resources(settings: Settings, job_dir: Path) -> None:
     for limit, value in (
         (resource.RLIMIT_AS, settings.job_address_space_mb << 20),
         (resource.RLIMIT_CPU, cpu_seconds),
-        (resource.RLIMIT_FSIZE, protocol.output_limit_bytes(JobFiles(job_dir))),
+        (resource.RLIMIT_FSIZE, max(protocol.output_limit_bytes(JobFiles(job_dir)), settings.job_memory_mb << 20)),
         (resource.RLIMIT_NPROC, _user_tasks() + 256),
     ):
         soft, hard = resource.getrlimit(limit)
