@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from modelpress.formats import exported_program_problem, is_exported_program
-from workers.compression.program_check import scan_source, unsafe_detail
+from workers.engine.formats.program_check import scan_source, unsafe_detail
 
 EXPORT_HINT = "export the model with torch.jit.script(model).save('model.pt')"
 MAX_ENTRIES = 20_000

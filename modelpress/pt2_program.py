@@ -36,7 +36,7 @@ import re
 import tokenize
 
 from modelpress.pt2_schema import ENUMS, FLOAT_WORDS, SCHEMA_MAJOR, STRUCTS, UNIONS
-from workers.compression.program_check import refusal
+from workers.engine.formats.program_check import refusal
 
 
 class Refused(Exception):

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from modelpress.config import Settings
 from modelpress.formats import AOTI_PACKAGE, EXPORTED, TORCHSCRIPT
-from workers.compression.errors import CompressionError, is_out_of_memory, summarize_torch_error
+from workers.engine.errors import CompressionError, is_out_of_memory, summarize_torch_error
 
 # Environment names the child reads.
 PROGRESS_FD = "MODELPRESS_PROGRESS_FD"

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from workers.compression.artifacts import load_model
-from workers.compression.errors import UnsafeModel
-from workers.compression.program_check import check_module, scan_source
+from workers.engine.formats.torchscript import load_model
+from workers.engine.errors import UnsafeModel
+from workers.engine.formats.program_check import check_module, scan_source
 from tests.models import SmallConvNet, save_scripted
 
 

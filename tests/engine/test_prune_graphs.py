@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.models import digits_splits, save_scripted, settle_batchnorm, test_accuracy, train_classifier
-from workers.compression import prune as prune_module
-from workers.compression.pipeline import compress
+from workers.engine.methods.prune import torchscript as prune_module
+from workers.engine.run.pipeline import compress
 
 
 def _spec(shape: list[int], amount: float = 0.5, **prune: object) -> dict:

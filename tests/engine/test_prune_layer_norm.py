@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.compression import prune as prune_module
-from workers.compression.pipeline import compress
+from workers.engine.methods.prune import torchscript as prune_module
+from workers.engine.run.pipeline import compress
 
 
 class LayerNorm2d(nn.LayerNorm):

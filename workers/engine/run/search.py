@@ -24,13 +24,13 @@ import torch
 
 from modelpress.spec import PIPELINE, StepSpec
 
-from .artifacts import clone_model
-from .errors import CompressionError, InvalidInput, TargetNotMet, is_out_of_memory, summarize_torch_error
-from .inputs import Dataset
-from .measure import count_macs, median_latency_ms, output_fidelity, run_model
-from .outputs import select_output
-from .pipeline import Prepared, Progress, finish_sections, measure_result, run_steps, step_warnings
-from .training import accuracy
+from workers.engine.formats.torchscript import clone_model
+from workers.engine.errors import CompressionError, InvalidInput, TargetNotMet, is_out_of_memory, summarize_torch_error
+from workers.engine.inputs import Dataset
+from workers.engine.measure import count_macs, median_latency_ms, output_fidelity, run_model
+from workers.engine.outputs import select_output
+from workers.engine.run.pipeline import Prepared, Progress, finish_sections, measure_result, run_steps, step_warnings
+from workers.engine.methods.training import accuracy
 
 MIN_HOLDOUT_ROWS = 10
 MIN_TRAINING_ROWS = 10

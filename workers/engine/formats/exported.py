@@ -24,12 +24,12 @@ from torch.export.graph_signature import InputKind
 
 from modelpress.formats import EXPORTED, exported_program_problem, is_exported_program
 
-from .artifacts import save_atomically
-from .errors import InvalidInput, InvalidModel, NothingToPrune, UnsupportedModel, summarize_torch_error
-from .inputs import Dataset
-from .measure import count_macs, output_differences, run_model
-from .static_quantize import SYNTHETIC_WARNING
-from .torchscript import matching_pattern, quiet_torchscript_warnings
+from workers.engine.formats.torchscript import save_atomically
+from workers.engine.errors import InvalidInput, InvalidModel, NothingToPrune, UnsupportedModel, summarize_torch_error
+from workers.engine.inputs import Dataset
+from workers.engine.measure import count_macs, output_differences, run_model
+from workers.engine.methods.quantize.static import SYNTHETIC_WARNING
+from workers.engine.analysis.torchscript_graph import matching_pattern, quiet_torchscript_warnings
 
 Progress = Callable[[str, float], None]
 
@@ -277,7 +277,7 @@ def _prune_channels(program: ExportedProgram, spec: Mapping[str, Any], data: Dat
     The trace keeps every tensor under its name in ``ExportedProgram.module()`` and sees the same
     aten calls, so each slicing is proven there against the masked reference (``prune.prune``);
     the re-exported program is then checked against the proven trace on the same rows."""
-    from .prune import MASKED_TOLERANCE, check_batches, prune, set_tensor
+    from workers.engine.methods.prune.torchscript import MASKED_TOLERANCE, check_batches, prune, set_tensor
 
     fixed = fixed_batch(program)
     if fixed and spec.get("finetune"):
@@ -386,8 +386,8 @@ def distill_program(program: ExportedProgram, spec: Mapping[str, Any], data: Dat
 
     Exported graphs are fixed to the mode they were exported in (eval: BatchNorm uses its running
     statistics, dropout is off), so an uploaded ``.pt2`` student trains its weights in that mode."""
-    from .distill import distill
-    from .prune import PRUNABLE_TYPES
+    from workers.engine.methods.distill.torchscript import distill
+    from workers.engine.methods.prune.torchscript import PRUNABLE_TYPES
 
     origin = None
     if spec["student"]["source"] == "width":  # cut from the teacher by structured pruning, as for TorchScript

@@ -11,14 +11,14 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from .artifacts import clone_model
-from .channels import ChannelGroup, Member, channel_groups, layer_name, layer_norm_nodes
-from .errors import InvalidInput, NothingToPrune, summarize_torch_error
-from .inputs import Dataset
-from .measure import count_macs, output_differences
-from .torchscript import (derive_conv_groups, derive_layer_norm_shapes, matching_pattern, module_types,
+from workers.engine.formats.torchscript import clone_model
+from workers.engine.analysis.channels import ChannelGroup, Member, channel_groups, layer_name, layer_norm_nodes
+from workers.engine.errors import InvalidInput, NothingToPrune, summarize_torch_error
+from workers.engine.inputs import Dataset
+from workers.engine.measure import count_macs, output_differences
+from workers.engine.analysis.torchscript_graph import (derive_conv_groups, derive_layer_norm_shapes, matching_pattern, module_types,
                           quiet_torchscript_warnings, with_masked_layer_norms)
-from .training import finetune
+from workers.engine.methods.training import finetune
 
 Progress = Callable[[str, float], None]
 PRUNABLE_TYPES = ("Conv2d", "Linear", "Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")

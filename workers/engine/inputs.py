@@ -18,7 +18,7 @@ import torch
 from modelpress.datafile import ArrayInfo, DataFileError, check_data_archive, disagreements, input_array_names
 from modelpress.spec import INT_DTYPES, declared_inputs
 
-from .errors import InvalidInput
+from workers.engine.errors import InvalidInput
 
 # Inputs used to compare outputs and time the model; enough for stable statistics, small enough for CPU.
 MAX_FIDELITY_ROWS = 256

@@ -25,10 +25,10 @@ import torch
 
 from modelpress.spec import DYNAMIC_MODULES
 
-from .attention import expand_fused_attention
-from .errors import UnsupportedModel
-from .static_quantize import quantize_static
-from .torchscript import (
+from workers.engine.methods.quantize.attention import expand_fused_attention
+from workers.engine.errors import UnsupportedModel
+from workers.engine.methods.quantize.static import quantize_static
+from workers.engine.analysis.torchscript_graph import (
     ParameterOwner,
     fold_tensor_attributes,
     freeze_forward,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from .errors import InvalidInput
+from workers.engine.errors import InvalidInput
 
 
 def named_outputs(output: Any) -> list[tuple[str, torch.Tensor]]:

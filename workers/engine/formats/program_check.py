@@ -20,7 +20,7 @@ import tokenize
 from collections import deque
 from typing import Any
 
-from .errors import UnsafeModel
+from workers.engine.errors import UnsafeModel
 
 # Operators of torch's own namespaces that touch files.
 REFUSED_OPS = {

@@ -30,7 +30,7 @@ from typing import Iterator
 
 import torch
 
-from .torchscript import canonical_graph, value_shapes
+from workers.engine.analysis.torchscript_graph import canonical_graph, value_shapes
 
 # Ops whose output has the same channels, at the same place, as their first input.
 _CHANNEL_PRESERVING = {

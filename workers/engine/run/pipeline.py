@@ -18,17 +18,17 @@ import torch
 from modelpress.formats import AOTI_PACKAGE, EXPORTED, TORCHSCRIPT, model_format
 from modelpress.spec import AUTO, REGISTRY, filled_options, method_steps
 
-from . import exported
-from .artifacts import load_model, save_model
-from .errors import CompressionError, InvalidInput, UnsupportedModel
-from .inputs import (Dataset, Inputs, check_declared, check_input_count, example_batch, examples, fidelity_batches,
+from workers.engine.formats import exported
+from workers.engine.formats.torchscript import load_model, save_model
+from workers.engine.errors import CompressionError, InvalidInput, UnsupportedModel
+from workers.engine.inputs import (Dataset, Inputs, check_declared, check_input_count, example_batch, examples, fidelity_batches,
                      integer_range_hint, load_dataset)
-from .measure import (DEFLATE_SAMPLE_CHUNKS, count_parameters, deflate_bytes, latency_samples_ms, output_fidelity,
+from workers.engine.measure import (DEFLATE_SAMPLE_CHUNKS, count_parameters, deflate_bytes, latency_samples_ms, output_fidelity,
                       run_model, significant)
-from .outputs import select_output
-from .torchscript import module_types
-from .training import accuracy
-from .verdict import collapse_warnings, warnings_for
+from workers.engine.outputs import select_output
+from workers.engine.analysis.torchscript_graph import module_types
+from workers.engine.methods.training import accuracy
+from workers.engine.run.verdict import collapse_warnings, warnings_for
 
 Progress = Callable[[str, float], None]
 Method = Callable[..., tuple[Any, dict[str, Any]]]
@@ -159,7 +159,7 @@ def compress(
     prepared = prepare(model_path, spec, data_path, progress)
     student = _load_student(student_path, form) if student_path else None
     if searching:
-        from .search import search  # the search builds on this module
+        from workers.engine.run.search import search  # the search builds on this module
 
         return _packaged(search(prepared, spec, output_path, progress, student), spec, output_path, prepared)
 
