@@ -30,7 +30,8 @@ from tests.exported_archives import save_exported  # noqa: E402
 from tests.models import LinearTransformer, save_scripted, transformer_encoder  # noqa: E402  (the shared model zoo)
 from workers.engine.errors import CompressionError  # noqa: E402
 from modelpress.formats import model_format  # noqa: E402
-from workers.engine.run.pipeline import FORMATS, compress  # noqa: E402
+from workers.engine.formats.registry import FORMATS  # noqa: E402
+from workers.engine.run.pipeline import compress  # noqa: E402
 
 
 def _resnet18() -> nn.Module:

@@ -29,7 +29,9 @@ from workers.engine.errors import CompressionError, InvalidInput, TargetNotMet, 
 from workers.engine.inputs import Dataset
 from workers.engine.measure import count_macs, median_latency_ms, output_fidelity, run_model
 from workers.engine.outputs import select_output
-from workers.engine.run.pipeline import Prepared, Progress, finish_sections, measure_result, run_steps, step_warnings
+from workers.engine.run.prepare import Prepared, Progress
+from workers.engine.run.report import measure_result
+from workers.engine.run.steps import finish_sections, run_steps, step_warnings
 from workers.engine.methods.training import accuracy
 
 MIN_HOLDOUT_ROWS = 10
