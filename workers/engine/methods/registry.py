@@ -20,9 +20,9 @@ Method = Callable[..., tuple[Any, dict[str, Any]]]
 
 # The .pt2 entry of each method that has one.
 PROGRAM_METHODS = {
-    "quantize": "workers.engine.formats.exported:quantize_program",
-    "prune": "workers.engine.formats.exported:prune_program",
-    "distill": "workers.engine.formats.exported:distill_program",
+    "quantize": "workers.engine.methods.quantize.exported:quantize_program",
+    "prune": "workers.engine.methods.prune.exported:prune_program",
+    "distill": "workers.engine.methods.distill.exported:distill_program",
 }
 
 

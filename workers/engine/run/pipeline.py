@@ -10,7 +10,7 @@ from modelpress.formats import AOTI_PACKAGE, EXPORTED, model_format
 from modelpress.spec import AUTO, method_steps
 
 from workers.engine.errors import CompressionError, UnsupportedModel
-from workers.engine.formats import exported
+from workers.engine.formats.aoti import package_aoti
 from workers.engine.formats.registry import FORMATS
 from workers.engine.methods.registry import method_entry
 from workers.engine.run.prepare import Prepared, Progress, load_student, prepare
@@ -87,7 +87,7 @@ def _packaged(report: dict[str, Any], spec: Mapping[str, Any], output_path: str 
         raise UnsupportedModel("package 'aoti' compiles torch.export (.pt2) programs; a TorchScript model is "
                                "returned as TorchScript (drop 'package')")
     with prepared.clock("package"):
-        report["package"] = package = exported.package_aoti(output_path, prepared.checks)
+        report["package"] = package = package_aoti(output_path, prepared.checks)
     if package["max_relative_error_to_program"] > 1e-2:
         report["warnings"] = [*report.get("warnings", []), (
             f"the AOTInductor package's outputs differ from the program's by up to "
