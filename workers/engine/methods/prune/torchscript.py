@@ -3,7 +3,8 @@
 Unstructured pruning zeroes the smallest-magnitude weights; the file stays dense (same bytes)
 but compresses well, and sparse kernels can use it. Structured pruning removes channels for
 real, so the model gets smaller and faster: every tensor in a coupled group
-(``channels.py``) is sliced by the same kept indices, in place on the ScriptModule.
+(``analysis/channels``) is sliced by the same kept indices (``analysis/slicing``, proven by
+``analysis/proof``), in place on the ScriptModule.
 """
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from workers.engine.formats.torchscript import clone_model
-from workers.engine.analysis.channels import ChannelGroup, Member, channel_groups, layer_name, layer_norm_nodes
+from workers.engine.analysis.channels import ChannelGroup, channel_groups, layer_name
+from workers.engine.analysis.proof import check_batches, mismatch
+from workers.engine.analysis.slicing import materialize, tensors
+from workers.engine.analysis.torchscript_graph import (derive_conv_groups, derive_layer_norm_shapes, matching_pattern,
+                                                       module_types, quiet_torchscript_warnings)
 from workers.engine.errors import InvalidInput, NothingToPrune, summarize_torch_error
+from workers.engine.formats.torchscript import clone_model
 from workers.engine.inputs import Dataset
-from workers.engine.measure import count_macs, output_differences
-from workers.engine.analysis.torchscript_graph import (derive_conv_groups, derive_layer_norm_shapes, matching_pattern, module_types,
-                          quiet_torchscript_warnings, with_masked_layer_norms)
+from workers.engine.measure import count_macs
 from workers.engine.methods.training import finetune
 
 Progress = Callable[[str, float], None]
@@ -190,16 +193,12 @@ def _magnitude_bits(tensor: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------- structured
 
-# A pruned model must match the original with the same channels zeroed to this relative tolerance
-# (of the largest output magnitude): float sums in another order differ by about 1e-6.
-MASKED_TOLERANCE = 1e-4
-
 
 def _prune_channels(model, spec, selected, exclude, types, data: Dataset, progress: Progress,
                     fixed_batch: int | None = None) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     amount = float(spec["amount"])
     criterion = spec.get("criterion", "l1")
-    originals = {name: t.detach().clone() for name, t in _tensors(model).items()}
+    originals = {name: t.detach().clone() for name, t in tensors(model).items()}
     groups = channel_groups(model, {name: t.shape for name, t in originals.items()}, data.exactly(fixed_batch or 2))
     candidates: list[tuple[ChannelGroup, torch.Tensor]] = []
     left_whole = []
@@ -235,18 +234,18 @@ def _prune_channels(model, spec, selected, exclude, types, data: Dataset, progre
     accepted: list[tuple[ChannelGroup, torch.Tensor]] = []
     if candidates:
         progress("checking groups", 0.1)
-        if _mismatch(model, originals, candidates, checks) is None:
+        if mismatch(model, originals, candidates, checks) is None:
             accepted = list(candidates)
         else:  # find the groups that break the model, one at a time
             for index, candidate in enumerate(candidates):
-                problem = _mismatch(model, originals, accepted + [candidate], checks)
+                problem = mismatch(model, originals, accepted + [candidate], checks)
                 if problem is None:
                     accepted.append(candidate)
                 else:
                     left_whole.append({"group": candidate[0].name, "channels": candidate[0].size,
                                        "reason": f"put back: {problem}"})
                 progress("checking groups", 0.1 + 0.3 * (index + 1) / len(candidates))
-    _materialize(model, originals, accepted)
+    materialize(model, originals, accepted)
     # Weights no group indexes (an LSTM's, an op the analysis does not model): name their layers.
     covered = {m.parameter for group in groups for m in group.members}
     unmodelled = sorted({f"{layer_name(name)} ({types.get(layer_name(name)) or 'functional'})"
@@ -295,130 +294,6 @@ def _channel_importance(group: ChannelGroup, tensors: dict[str, torch.Tensor], c
         norms = rows.abs().sum(1) if criterion == "l1" else rows.pow(2).sum(1).sqrt()
         score += norms / norms.mean().clamp(min=1e-12)
     return score
-
-
-def _entries(member: Member, channels: torch.Tensor) -> torch.Tensor:
-    """Indices along ``member.dim`` of the given channels (each owns ``scale`` consecutive entries)."""
-    return member.offset + (channels[:, None] * member.scale + torch.arange(member.scale)).flatten()
-
-
-def _dropped(chosen: list[tuple[ChannelGroup, torch.Tensor]],
-             originals: dict[str, torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
-    """(tensor, dim) -> boolean mask of the entries kept along dim."""
-    keep_masks: dict[tuple[str, int], torch.Tensor] = {}
-    for group, keep in chosen:
-        dropped = torch.ones(group.size, dtype=torch.bool)
-        dropped[keep] = False
-        channels = torch.nonzero(dropped).flatten()
-        for member in group.members:
-            key = (member.parameter, member.dim)
-            size = originals[member.parameter].shape[member.dim]
-            keep_masks.setdefault(key, torch.ones(size, dtype=torch.bool))[_entries(member, channels)] = False
-    return keep_masks
-
-
-def _slice(tensor: torch.Tensor, dim: int, kept: torch.Tensor) -> torch.Tensor:
-    """The kept entries of ``tensor`` along ``dim`` (the one place a pruned tensor is cut)."""
-    return tensor.index_select(dim, kept)
-
-
-def _materialize(model: torch.jit.ScriptModule, originals: dict[str, torch.Tensor],
-                 chosen: list[tuple[ChannelGroup, torch.Tensor]], masked: bool = False) -> None:
-    """Set every tensor to its original sliced by the kept channels of the chosen groups.
-
-    ``masked``: keep the shapes and zero the dropped entries instead: the reference a slicing must match.
-    """
-    changed: dict[str, torch.Tensor] = {}
-    for (name, dim), mask in sorted(_dropped(chosen, originals).items()):
-        base = changed.get(name, originals[name])
-        if masked:
-            changed[name] = base.index_fill(dim, torch.nonzero(~mask).flatten(), 0)
-        else:
-            changed[name] = _slice(base, dim, torch.nonzero(mask).flatten())
-    current = _tensors(model)
-    for name, original in originals.items():
-        value = changed.get(name, original)
-        if current[name].shape != value.shape or not torch.equal(current[name], value):
-            set_tensor(model, name, value.clone())
-
-
-def _mismatch(model: torch.jit.ScriptModule, originals: dict[str, torch.Tensor],
-              chosen: list[tuple[ChannelGroup, torch.Tensor]], batches: list[tuple[torch.Tensor, ...]]) -> str | None:
-    """Why slicing ``chosen`` is wrong, or None: the sliced model must run and match the masked reference.
-
-    The reference is the model with the dropped entries zeroed; where a chosen group passes
-    through a layer_norm, that norm's statistics cover the kept channels only (zeroing alone
-    would still count the dropped ones), so the reference is exact and a wrong slice still shows.
-    """
-    _materialize(model, originals, chosen, masked=True)
-    reference_model: Callable[..., Any] = model
-    if norms := _kept_norm_entries(chosen):
-        try:
-            with quiet_torchscript_warnings():
-                reference_model = with_masked_layer_norms(model, norms, layer_norm_nodes)
-        except Exception as error:  # a graph this rewrite cannot run: the group cannot be proven, so it stays
-            return f"no exact reference for its layer_norm statistics: {summarize_torch_error(error)}"
-    reference = [_run(reference_model, batch) for batch in batches]
-    _materialize(model, originals, chosen)
-    for batch, expected in zip(batches, reference):
-        got = _run(model, batch)
-        if isinstance(got, str):
-            return f"the model failed after slicing it: {got}"
-        if isinstance(expected, str):
-            return f"the masked reference failed: {expected}"
-        pairs = output_differences(expected, got)
-        if pairs is None:
-            return "slicing changed the shape of the model's outputs"
-        for a, b, error, scale in pairs:
-            if not a.is_floating_point():
-                if not torch.equal(a, b):
-                    return "slicing changed an integer output of the model"
-                continue
-            if not error <= MASKED_TOLERANCE * max(scale, 1.0):
-                return (f"the pruned model does not match the original with the same channels zeroed "
-                        f"(max difference {error:.3g} on outputs up to {scale:.3g})")
-    return None
-
-
-def _kept_norm_entries(chosen: list[tuple[ChannelGroup, torch.Tensor]]) -> dict[int, torch.Tensor]:
-    """For each layer_norm of the chosen groups, a 0/1 mask of its last dimension: 1 where a channel is kept."""
-    masks = {}
-    for group, keep in chosen:
-        kept = torch.zeros(group.size)
-        kept[keep] = 1.0
-        for norm in group.norms:
-            masks[norm.index] = kept.repeat_interleave(norm.scale)
-    return masks
-
-
-def _run(model: Callable[..., Any], batch: tuple[torch.Tensor, ...]) -> Any:
-    try:
-        with torch.no_grad(), quiet_torchscript_warnings():
-            return model(*batch)
-    except Exception as error:  # any failure of a sliced model is a reason to put the group back
-        return summarize_torch_error(error)
-
-
-def set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor, requires_grad: bool = False) -> None:
-    """Set the tensor at the dotted path ``name`` (of a ScriptModule or a module) to ``value``; a
-    parameter stays a parameter, with ``requires_grad``."""
-    path, _, attribute = name.rpartition(".")
-    module = model
-    for part in filter(None, path.split(".")):
-        module = getattr(module, part)
-    if attribute in dict(module.named_parameters(recurse=False)):
-        value = torch.nn.Parameter(value, requires_grad=requires_grad)
-    setattr(module, attribute, value)
-
-
-def _tensors(model: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
-    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
-
-
-def check_batches(data: Dataset, fixed_batch: int | None = None) -> list[tuple[torch.Tensor, ...]]:
-    """A batch of one and a batch of eight: pruning must not break other batch sizes (a model that
-    takes only ``fixed_batch`` rows is checked at that size)."""
-    return [data.exactly(fixed_batch)] if fixed_batch else [data.exactly(1), data.exactly(8)]
 
 
 # ---------------------------------------------------------------------------- exclusions
