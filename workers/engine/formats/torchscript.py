@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from workers.engine.errors import InvalidModel, summarize_torch_error
 from workers.engine.analysis.torchscript_graph import quiet_torchscript_warnings
+from workers.engine.errors import InvalidModel, summarize_torch_error
 
 _EXPORT_HINT = (
     "export TorchScript with torch.jit.script(model).save('model.pt') "

@@ -24,15 +24,15 @@ import torch
 
 from modelpress.spec import PIPELINE, StepSpec
 
-from workers.engine.formats.torchscript import clone_model
 from workers.engine.errors import CompressionError, InvalidInput, TargetNotMet, is_out_of_memory, summarize_torch_error
+from workers.engine.formats.torchscript import clone_model
 from workers.engine.inputs import Dataset
 from workers.engine.measure import count_macs, median_latency_ms, output_fidelity, run_model
+from workers.engine.methods.training import accuracy
 from workers.engine.outputs import select_output
 from workers.engine.run.prepare import Prepared, Progress
 from workers.engine.run.report import measure_result
 from workers.engine.run.steps import finish_sections, run_steps, step_warnings
-from workers.engine.methods.training import accuracy
 
 MIN_HOLDOUT_ROWS = 10
 MIN_TRAINING_ROWS = 10

@@ -34,8 +34,8 @@ from __future__ import annotations
 import torch
 
 from workers.engine.analysis.channels.spaces import ChannelGroup, Member, Norm, layer_name
-from workers.engine.analysis.channels.walk import ChannelAnalysis
 from workers.engine.analysis.channels.values import nested_nodes
+from workers.engine.analysis.channels.walk import ChannelAnalysis
 from workers.engine.analysis.torchscript_graph import canonical_graph, value_shapes
 
 
