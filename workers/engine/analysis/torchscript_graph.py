@@ -1,7 +1,7 @@
 """TorchScript graph plumbing shared by the methods.
 
 TorchScript is deprecated in torch 2.14 but still works; every direct use of its
-internals lives here (and in ``quantize.py``'s graph rewrite) so a port to
+internals lives here (and in ``methods/quantize/rewriter.py``'s graph rewrite) so a port to
 torch.export touches few places.
 """
 from __future__ import annotations

@@ -13,10 +13,7 @@ from typing import Any, Callable
 
 from modelpress.formats import EXPORTED, TORCHSCRIPT
 
-from workers.engine.analysis.torchscript_graph import module_types
-from workers.engine.errors import UnsupportedModel
-from workers.engine.formats import exported
-from workers.engine.formats.torchscript import load_model, save_model
+from workers.engine.formats import exported, torchscript
 
 
 @dataclass(frozen=True)
@@ -35,17 +32,9 @@ class ModelFormat:
     layer_types: Callable[[Any], set[str]]  # the layer types a runnable holds ('Linear', 'Conv2d', 'LSTM', ...)
 
 
-def _torchscript_timed(model: Any, runtime: str, batch: Any) -> Any:
-    if runtime != "eager":
-        raise UnsupportedModel(f"evaluation.runtime {runtime!r} applies to torch.export (.pt2) programs; "
-                               "a TorchScript model runs in its own interpreter: use 'eager'")
-    return model
-
-
-
 FORMATS = {
-    TORCHSCRIPT: ModelFormat(TORCHSCRIPT, load_model, lambda model: model, save_model,
-                             _torchscript_timed, lambda model: set(module_types(model).values())),
+    TORCHSCRIPT: ModelFormat(TORCHSCRIPT, torchscript.load_model, torchscript.runnable, torchscript.save_model,
+                             torchscript.timed_runner, torchscript.layer_types),
     EXPORTED: ModelFormat(EXPORTED, exported.load_program, exported.runnable, exported.save_program,
                           exported.timed_runner, exported.layer_types),
 }

@@ -1,4 +1,6 @@
-"""Loading and saving TorchScript artifacts, with readable errors for bad files."""
+"""TorchScript models (``.pt``): load (with readable errors for bad files), save atomically, copy, run and time.
+
+Their operator checks are in ``program_check``."""
 from __future__ import annotations
 
 import copy
@@ -7,12 +9,12 @@ import os
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
-from workers.engine.analysis.torchscript_graph import quiet_torchscript_warnings
-from workers.engine.errors import InvalidModel, summarize_torch_error
+from workers.engine.analysis.torchscript_graph import module_types, quiet_torchscript_warnings
+from workers.engine.errors import InvalidModel, UnsupportedModel, summarize_torch_error
 
 _EXPORT_HINT = (
     "export TorchScript with torch.jit.script(model).save('model.pt') "
@@ -47,6 +49,24 @@ def save_model(model: torch.jit.ScriptModule, path: str | os.PathLike) -> int:
             torch.jit.save(model, temp_name)
 
     return save_atomically(path, write, suffix=".tmp")
+
+
+def runnable(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
+    """What the engine calls on inputs: the ScriptModule itself."""
+    return model
+
+
+def timed_runner(model: Any, runtime: str, batch: Any) -> Any:
+    """What the latency run calls: the model itself (``eager``, the only runtime TorchScript has)."""
+    if runtime != "eager":
+        raise UnsupportedModel(f"evaluation.runtime {runtime!r} applies to torch.export (.pt2) programs; "
+                               "a TorchScript model runs in its own interpreter: use 'eager'")
+    return model
+
+
+def layer_types(model: torch.jit.ScriptModule) -> set[str]:
+    """The layer types a model holds ('Linear', 'Conv2d', 'LSTM', ...)."""
+    return set(module_types(model).values())
 
 
 def save_atomically(path: str | os.PathLike, write: Callable[[str], None], suffix: str) -> int:

@@ -69,7 +69,7 @@ def prune_channels(program: ExportedProgram, spec: Mapping[str, Any], data: Data
     unlifted module, then the sliced (and fine-tuned) tensors copied back by name and re-exported.
 
     The trace keeps every tensor under its name in ``ExportedProgram.module()`` and sees the same
-    aten calls, so each slicing is proven there against the masked reference (``prune.prune``);
+    aten calls, so each slicing is proven there against the masked reference (``methods.prune.torchscript.prune``);
     the re-exported program is then checked against the proven trace on the same rows."""
     fixed = fixed_batch(program)
     if fixed and spec.get("finetune"):
