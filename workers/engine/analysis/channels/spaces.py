@@ -6,7 +6,6 @@ import math
 from dataclasses import dataclass, field
 
 
-
 @dataclass(frozen=True)
 class Member:
     """``length`` entries of ``parameter`` along ``dim``, from ``offset``, index this space's channels.
