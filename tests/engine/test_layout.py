@@ -9,6 +9,9 @@ from pathlib import Path
 ENGINE = Path(__file__).resolve().parents[2] / "workers" / "engine"
 MAX_MODULE_LINES = 450
 MAX_CLASS_LINES = 150
+# Bottom to top: the modules at the engine's root, then each folder; a module imports only its own
+# level and the ones below (targets sit beside methods: both work on formats, the run uses both).
+LEVELS = {"": 0, "analysis": 1, "formats": 2, "methods": 3, "targets": 3, "run": 4}
 
 
 def _modules() -> dict[str, Path]:
@@ -51,6 +54,18 @@ def test_no_import_cycle_among_engine_modules() -> None:
 
     for name in graph:
         visit(name, [])
+
+
+def test_each_folder_imports_only_the_levels_below_it() -> None:
+    modules = _modules()
+
+    def level(name: str) -> int:
+        parts = name.split(".")
+        return LEVELS[parts[2] if len(parts) > 3 or (len(parts) == 3 and parts[2] in LEVELS) else ""]
+
+    upward = [f"{name} -> {imported}" for name, path in modules.items()
+              for imported in _engine_imports(path, modules) if level(imported) > level(name)]
+    assert not upward
 
 
 def test_modules_and_classes_stay_small() -> None:

@@ -2,10 +2,11 @@
 
 Read the folders bottom to top; each imports only from the ones before it (no cycles):
 
-- ``errors``, ``inputs``, ``outputs``, ``measure``: what every part shares: typed errors, the
-  job's data and example batches, picking a model output, and measuring a model.
-- ``analysis/``: reading TorchScript graphs (``torchscript_graph``) and the channel analysis that
-  structured pruning is built on: the graph walk, channel groups, slicing, and the proof of a slicing.
+- ``errors``, ``torchscript_graph``, ``inputs``, ``outputs``, ``measure``: what every part shares:
+  typed errors, TorchScript graph plumbing (freeze, canonicalise, rewrite), the job's data and
+  example batches, picking a model output, and measuring a model.
+- ``analysis/``: the channel analysis that structured pruning is built on (the graph walk and its
+  channel groups, slicing, and the proof of a slicing), and reading ``.pt2`` program graphs.
 - ``formats/``: one module per file format (TorchScript ``.pt``, torch.export ``.pt2``): each knows
   how to load, check, save and time itself; ``formats.registry`` is the table of them.
 - ``methods/``: one package per method (quantize, prune, distill): the TorchScript entry in

@@ -9,10 +9,10 @@ from typing import Any, Iterable
 
 import torch
 
-from workers.engine.analysis.torchscript_graph import quiet_torchscript_warnings, tensor_constants
 from workers.engine.errors import InvalidInput, OutOfMemory, is_out_of_memory, summarize_torch_error
 from workers.engine.inputs import describe
 from workers.engine.outputs import named_outputs
+from workers.engine.torchscript_graph import quiet_torchscript_warnings, tensor_constants
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]  # one tensor, or one per positional input
 

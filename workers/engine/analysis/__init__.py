@@ -1,6 +1,7 @@
-"""Graph analysis: reading a TorchScript graph and finding the channels that must be pruned together.
+"""Graph analysis: the channels that must be pruned together, and reading program graphs.
 
-``torchscript_graph`` freezes, canonicalises and rewrites TorchScript graphs (shared by the methods);
-the channel analysis builds channel groups from a canonical graph, ``slicing`` cuts the chosen
-channels out of every tensor of a group, and ``proof`` checks a slicing against a masked reference.
+``channels`` builds channel groups from a canonical TorchScript graph (``workers.engine.torchscript_graph``),
+``slicing`` cuts the chosen channels out of every tensor of a group, ``proof`` checks a slicing
+against a masked reference, and ``program_graph`` reads tensors and module paths of a ``.pt2``
+program's graph.
 """

@@ -8,10 +8,10 @@ import torch
 
 from workers.engine.analysis.channels import ChannelGroup, layer_norm_nodes
 from workers.engine.analysis.slicing import materialize
-from workers.engine.analysis.torchscript_graph import quiet_torchscript_warnings, with_masked_layer_norms
 from workers.engine.errors import summarize_torch_error
 from workers.engine.inputs import Dataset
 from workers.engine.measure import output_differences
+from workers.engine.torchscript_graph import quiet_torchscript_warnings, with_masked_layer_norms
 
 # A pruned model must match the original with the same channels zeroed to this relative tolerance
 # (of the largest output magnitude): float sums in another order differ by about 1e-6.

@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 import torch
 
-from workers.engine.analysis.torchscript_graph import module_types, quiet_torchscript_warnings
 from workers.engine.errors import InvalidModel, UnsupportedModel, summarize_torch_error
+from workers.engine.torchscript_graph import module_types, quiet_torchscript_warnings
 
 _EXPORT_HINT = (
     "export TorchScript with torch.jit.script(model).save('model.pt') "

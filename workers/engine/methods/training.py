@@ -6,10 +6,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from workers.engine.analysis.torchscript_graph import quiet_torchscript_warnings
 from workers.engine.errors import InvalidInput
 from workers.engine.inputs import Dataset
 from workers.engine.outputs import select_output
+from workers.engine.torchscript_graph import quiet_torchscript_warnings
 
 Progress = Callable[[str, float], None]
 

@@ -60,6 +60,7 @@ def prepare(model_path: str | os.PathLike, spec: Mapping[str, Any], data_path: s
 
 
 def latency_of(prepared: Prepared, model: Any) -> list[float]:
+    """Latency samples (ms per pass) of ``model``, timed as the job's evaluation settings say."""
     return latency_samples_ms(prepared.form.timed(model, prepared.runtime, prepared.batch), prepared.batch,
                               runs=prepared.runs, warmup=prepared.warmup, max_seconds=prepared.max_seconds)
 

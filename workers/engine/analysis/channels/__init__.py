@@ -36,7 +36,7 @@ import torch
 from workers.engine.analysis.channels.spaces import ChannelGroup, Member, Norm, layer_name
 from workers.engine.analysis.channels.values import nested_nodes
 from workers.engine.analysis.channels.walk import ChannelAnalysis
-from workers.engine.analysis.torchscript_graph import canonical_graph, value_shapes
+from workers.engine.torchscript_graph import canonical_graph, value_shapes
 
 
 def channel_groups(model: torch.jit.ScriptModule, shapes: dict[str, torch.Size],

@@ -12,13 +12,13 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from workers.engine.analysis.torchscript_graph import quiet_torchscript_warnings
 from workers.engine.errors import InvalidInput, NothingToPrune, UnsupportedModel
 from workers.engine.formats.torchscript import clone_model, set_training
 from workers.engine.inputs import Dataset, describe
 from workers.engine.measure import run_model
 from workers.engine.methods.prune.torchscript import PRUNABLE_TYPES, prune
 from workers.engine.outputs import select_output
+from workers.engine.torchscript_graph import quiet_torchscript_warnings
 
 Progress = Callable[[str, float], None]
 

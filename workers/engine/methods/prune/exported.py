@@ -13,12 +13,12 @@ from modelpress.formats import EXPORTED
 from workers.engine.analysis.program_graph import attribute, is_attribute
 from workers.engine.analysis.proof import MASKED_TOLERANCE, check_batches
 from workers.engine.analysis.slicing import set_tensor
-from workers.engine.analysis.torchscript_graph import matching_pattern, quiet_torchscript_warnings
 from workers.engine.errors import UnsupportedModel, summarize_torch_error
 from workers.engine.formats.exported import LAYER_OPS, fixed_batch, reexport
 from workers.engine.inputs import Dataset
 from workers.engine.measure import count_macs, output_differences
 from workers.engine.methods.prune.torchscript import prune
+from workers.engine.torchscript_graph import matching_pattern, quiet_torchscript_warnings
 
 Progress = Callable[[str, float], None]
 

@@ -15,13 +15,13 @@ import torch
 from workers.engine.analysis.channels import ChannelGroup, channel_groups, layer_name
 from workers.engine.analysis.proof import check_batches, mismatch
 from workers.engine.analysis.slicing import materialize, tensors
-from workers.engine.analysis.torchscript_graph import (derive_conv_groups, derive_layer_norm_shapes, matching_pattern,
-                                                       module_types, quiet_torchscript_warnings)
 from workers.engine.errors import InvalidInput, NothingToPrune, summarize_torch_error
 from workers.engine.formats.torchscript import clone_model
 from workers.engine.inputs import Dataset
 from workers.engine.measure import count_macs
 from workers.engine.methods.training import finetune
+from workers.engine.torchscript_graph import (derive_conv_groups, derive_layer_norm_shapes, matching_pattern,
+                                              module_types, quiet_torchscript_warnings)
 
 Progress = Callable[[str, float], None]
 PRUNABLE_TYPES = ("Conv2d", "Linear", "Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from workers.engine.analysis.torchscript_graph import quiet_torchscript_warnings
+from workers.engine.torchscript_graph import quiet_torchscript_warnings
 
 # Fused op -> the positions of its weight inputs (what makes the node worth expanding).
 FUSED_ATTENTION_WEIGHTS = {

@@ -14,12 +14,12 @@ from torch.export import ExportedProgram
 from modelpress.formats import EXPORTED
 
 from workers.engine.analysis.program_graph import attribute, delete_attribute, is_attribute, module_path
-from workers.engine.analysis.torchscript_graph import matching_pattern
 from workers.engine.errors import InvalidInput, UnsupportedModel, summarize_torch_error
 from workers.engine.formats.exported import fixed_batch, reexport
 from workers.engine.inputs import Dataset
 from workers.engine.measure import run_model
 from workers.engine.methods.quantize.static import SYNTHETIC_WARNING
+from workers.engine.torchscript_graph import matching_pattern
 
 
 Progress = Callable[[str, float], None]

@@ -23,9 +23,9 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from workers.engine.analysis.torchscript_graph import matching_pattern, module_types, quiet_torchscript_warnings
 from workers.engine.errors import UnsupportedModel, summarize_torch_error
 from workers.engine.inputs import Dataset
+from workers.engine.torchscript_graph import matching_pattern, module_types, quiet_torchscript_warnings
 
 Progress = Callable[[str, float], None]
 

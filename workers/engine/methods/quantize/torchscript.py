@@ -25,7 +25,11 @@ import torch
 
 from modelpress.spec import DYNAMIC_MODULES
 
-from workers.engine.analysis.torchscript_graph import (
+from workers.engine.errors import UnsupportedModel
+from workers.engine.methods.quantize.attention import expand_fused_attention
+from workers.engine.methods.quantize.rewriter import GraphRewriter, constant_source
+from workers.engine.methods.quantize.static import quantize_static
+from workers.engine.torchscript_graph import (
     ParameterOwner,
     fold_tensor_attributes,
     freeze_forward,
@@ -35,10 +39,6 @@ from workers.engine.analysis.torchscript_graph import (
     tensor_constants,
     tensor_list_constants,
 )
-from workers.engine.errors import UnsupportedModel
-from workers.engine.methods.quantize.attention import expand_fused_attention
-from workers.engine.methods.quantize.rewriter import GraphRewriter, constant_source
-from workers.engine.methods.quantize.static import quantize_static
 
 Progress = Callable[[str, float], None]
 
