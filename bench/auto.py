@@ -28,8 +28,8 @@ sys.path.insert(0, str(ROOT))
 from bench.common import arguments, machine, prepare, write_results  # noqa: E402
 from modelpress.spec import parse_spec  # noqa: E402
 from tests.models import DigitsCNN, digits_splits, save_scripted, test_accuracy, train_classifier  # noqa: E402
-from workers.compression.errors import CompressionError  # noqa: E402
-from workers.compression.pipeline import compress  # noqa: E402
+from workers.engine.errors import CompressionError  # noqa: E402
+from workers.engine.run.pipeline import compress  # noqa: E402
 
 FINETUNE = {"epochs": 5, "lr": 2e-3, "batch_size": 64}
 

@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import arguments, machine, prepare, write_results  # noqa: E402
 from modelpress.archive import ArchiveRejected, check_torchscript_archive  # noqa: E402
-from workers.compression.measure import median_latency_ms  # noqa: E402
-from workers.compression.pipeline import compress  # noqa: E402
+from workers.engine.measure import median_latency_ms  # noqa: E402
+from workers.engine.run.pipeline import compress  # noqa: E402
 
 IMAGE = [2, 3, 64, 64]
 SEQUENCE = [2, 12, 32]

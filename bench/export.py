@@ -3,7 +3,7 @@
     .venv/bin/python bench/export.py [--cases transformer,resnet18,encoder] [--runtimes eager,compile]
                                      [--runs 10] [--threads 2] [--out bench/results/export.json]
 
-For each case and format, the job's own engine run (``workers.compression.pipeline.compress``,
+For each case and format, the job's own engine run (``workers.engine.run.pipeline.compress``,
 the file saved and loaded back as the service returns it): size ratio, median latency of the
 float upload and of the result in the same run and under the same runtime, and cosine similarity
 of the outputs. TorchScript runs eagerly only; a .pt2 is timed under each runtime asked for
@@ -28,9 +28,10 @@ from bench.common import arguments, interleaved_medians, machine, prepare, raise
 from modelpress.spec import parse_spec  # noqa: E402
 from tests.exported_archives import save_exported  # noqa: E402
 from tests.models import LinearTransformer, save_scripted, transformer_encoder  # noqa: E402  (the shared model zoo)
-from workers.compression.errors import CompressionError  # noqa: E402
+from workers.engine.errors import CompressionError  # noqa: E402
 from modelpress.formats import model_format  # noqa: E402
-from workers.compression.pipeline import FORMATS, compress  # noqa: E402
+from workers.engine.formats.registry import FORMATS  # noqa: E402
+from workers.engine.run.pipeline import compress  # noqa: E402
 
 
 def _resnet18() -> nn.Module:

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import arguments, machine, prepare, write_results  # noqa: E402
 from tests.models import DigitsCNN, digits_splits, save_scripted, test_accuracy, train_classifier  # noqa: E402
-from workers.compression.pipeline import compress  # noqa: E402
+from workers.engine.run.pipeline import compress  # noqa: E402
 
 CONFIGS = [(True, 0.3), (True, 0.5), (True, 0.7), (False, 0.5), (False, 0.8), (False, 0.9)]
 

@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.common import arguments, interleaved_medians, machine, prepare, raise_priority, write_results  # noqa: E402
 from tests.models import LinearTransformer, Recurrent, transformer_encoder  # noqa: E402  (the shared model zoo)
-from workers.compression.measure import output_fidelity  # noqa: E402
-from workers.compression.inputs import Dataset  # noqa: E402
-from workers.compression.quantize import quantize  # noqa: E402
+from workers.engine.measure import output_fidelity  # noqa: E402
+from workers.engine.inputs import Dataset  # noqa: E402
+from workers.engine.methods.quantize.torchscript import quantize  # noqa: E402
 
 SPEC = {"mode": "dynamic", "dtype": "qint8", "modules": ["Linear", "LSTM", "GRU", "MultiheadAttention"], "exclude": [],
         "per_channel": True}

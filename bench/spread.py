@@ -84,7 +84,7 @@ def _one_seed(seed: int, threads: int) -> dict[str, float]:
 
     from bench.distill import distill_spec, scratch_student
     from tests.models import DigitsCNN, digits_splits, save_scripted, test_accuracy, train_classifier
-    from workers.compression.pipeline import compress
+    from workers.engine.run.pipeline import compress
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)

@@ -1,5 +1,5 @@
 """The API's HTTP server: gunicorn's gevent worker, with a deadline for a request's head and an idle
-limit for every read and write after it (docs/decisions.md, "Slow clients").
+limit for every read and write after it (docs/architecture.md, "Slow clients").
 
 With gthread every accepted connection took one of a few pool threads, which then sat blocked
 reading the headers: thirty clients sending their headers a byte at a time held every thread, and

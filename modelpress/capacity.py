@@ -2,7 +2,7 @@
 
 A job whose model cannot fit the job memory limit (``MODELPRESS_JOB_MEMORY_MB``, resident memory
 of the job's processes) is refused at submit with the reason, instead of failing "Out of memory"
-minutes later. The figures are what ``bench/scale.py`` measured (README, "Big models"), rounded up:
+minutes later. The figures are what ``bench/scale.py`` measured (docs/operations/scaling.md, "Big models"), rounded up:
 the job process's resident base (interpreter, torch, the evaluation batches) plus a multiple of
 the model's file size. Methods not measured at scale get a conservative multiple.
 """

@@ -2,7 +2,7 @@
 
 ``Settings`` is the service's (API, worker, stack); ``ClientSettings`` the ``modelpress`` command's
 and ``Client``'s; ``boto3_endpoint_url`` peeks at one of boto3's own variables. The one variable read
-elsewhere is the fault tests' ``MODELPRESS_TEST_PAUSE`` (``modelpress.fault_injection``; why: docs/decisions.md, "Layers").
+elsewhere is the fault tests' ``MODELPRESS_TEST_PAUSE`` (``modelpress.fault_injection``; why: docs/architecture.md, "Layers").
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ class Settings:
     # Requests each API process serves at once (gunicorn gthread): a slow upload or download holds a
     # thread, not the process. Each upload streaming to S3 holds up to 5 parts (80 MB) in memory.
     api_threads: int = 4
-    # The API's server model (docs/decisions.md, "Slow clients"): "gevent", one greenlet per
+    # The API's server model (docs/architecture.md, "Slow clients"): "gevent", one greenlet per
     # connection, so slow clients hold no thread; "gthread" is the former model, kept to measure against.
     api_server: str = "gevent"
     header_timeout_s: int = 20  # a request's line and headers must arrive within this, or 408 and close
@@ -63,7 +63,7 @@ class Settings:
     # exist so the tests can prove each layer alone (the sandbox without any op check); never in production.
     op_check: str = "on"
     metrics_token: str | None = None  # bearer token for /metrics and /readyz details besides the API keys
-    # Object storage (docs/decisions.md, "Object storage"): unset keeps every job file in data_dir.
+    # Object storage (docs/architecture.md, "Object storage"): unset keeps every job file in data_dir.
     # "s3://bucket/prefix": inputs and outputs live in the bucket, each host's data_dir is private.
     storage_url: str | None = None
     # MODELPRESS_S3_* override boto3's own chain (AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, keys, profile).

@@ -16,7 +16,7 @@ lookup and does nothing.
 ``MODELPRESS_TEST_PAUSE`` is the one variable read outside ``modelpress/config.py``, on purpose: it
 is no setting of the service (no operator sets it, ``Settings`` and its documentation do not list
 it), tests set it in their own environment for the processes they start to inherit, and it is read
-here only (docs/decisions.md, "Layers").
+here only (docs/architecture.md, "Layers").
 """
 from __future__ import annotations
 

@@ -319,7 +319,7 @@ class PartStream:
 
 
 class S3Objects(ObjectStore):
-    """An S3-compatible bucket through boto3; see docs/decisions.md, "Object storage"."""
+    """An S3-compatible bucket through boto3; see docs/architecture.md, "Object storage"."""
 
     streams_to_store = True
 

@@ -8,7 +8,7 @@ and operators of other namespaces (a custom ``torch.ops.foo.bar``, or torch's ow
 - ``scan_source`` (here): the archive's ``code/`` text (what ``torch.jit.load`` compiles), without
   torch; the API runs it at submit (``modelpress.archive``).
 - ``modelpress.pt2_program``: every operator a ``.pt2`` program's JSON graph names.
-- ``workers.compression.program_check.check_module``: every graph of every method of every
+- ``workers.engine.formats.program_check.check_module``: every graph of every method of every
   submodule of the loaded model, with calls inlined, before ``forward`` ever runs; the job
   process runs it.
 

@@ -601,12 +601,12 @@ def _distill_flag(value: str, args: Any) -> dict[str, Any]:
 
 
 for _entry in (
-    MethodEntry("quantize", QuantizeSpec, "workers.compression.quantize:quantize", "Spec reference",
+    MethodEntry("quantize", QuantizeSpec, "workers.engine.methods.quantize.torchscript:quantize", "Spec reference",
                 CliFlag("dynamic|float16|static", "dynamic quantization, or static int8 (calibrated on --data) instead of --spec",
                         _quantize_flag)),
-    MethodEntry("prune", PruneSpec, "workers.compression.prune:prune", "Spec reference",
+    MethodEntry("prune", PruneSpec, "workers.engine.methods.prune.torchscript:prune", "Spec reference",
                 CliFlag("AMOUNT", "pruning amount (0..1) instead of --spec", _prune_flag)),
-    MethodEntry("distill", DistillSpec, "workers.compression.distill:distill", "Spec reference",
+    MethodEntry("distill", DistillSpec, "workers.engine.methods.distill.torchscript:distill", "Spec reference",
                 CliFlag("width=F|torchvision=ARCH|upload", "distillation instead of --spec", _distill_flag),
                 options_required=True),
 ):

@@ -31,7 +31,7 @@ RESTART_BACKOFF_S = 1.0
 CRASH_LIMIT = 5
 CRASH_WINDOW_S = 30
 REDIS_PASSWORD_FILE = "redis-password"
-# What the embedded Redis refuses to every client, the service included (docs/decisions.md, "Private
+# What the embedded Redis refuses to every client, the service included (docs/architecture.md, "Private
 # embedded Redis, held ports"): its administration (CONFIG, DEBUG, MODULE, SAVE, BGSAVE, SHUTDOWN, REPLICAOF,
 # MONITOR, ACL, CLIENT ...: the @admin category) and what wipes or moves data. Kombu, Celery and the
 # job store use none of them; INFO (the job store reads Redis' uptime) and KEYS stay.
@@ -112,7 +112,7 @@ class Stack:
             model = ["--worker-class", "gthread", "--threads", str(self.settings.api_threads)]
         else:
             # One greenlet per connection, with a deadline on the request head and an idle limit on
-            # every read and write after it (modelpress/apiserver.py; docs/decisions.md, "Slow clients").
+            # every read and write after it (modelpress/apiserver.py; docs/architecture.md, "Slow clients").
             model = ["--worker-class", "modelpress.apiserver.DeadlineWorker",
                      "--worker-connections", str(self.settings.api_connections)]
         self._spawn("api", [

@@ -58,7 +58,7 @@ class JobSchema(Schema):
     error = fields.Nested(ProblemSchema, allow_none=True)
     warnings = fields.List(fields.String(), metadata={
         "description": "Set when the job succeeded with a result that may not be what was wanted: nothing was "
-                       "compressed, or the outputs collapsed (see the README for the thresholds)."})
+                       "compressed, or the outputs collapsed (see docs/api.md for the thresholds)."})
     callback_url = fields.String(allow_none=True)
     links = fields.Nested(LinksSchema)
 

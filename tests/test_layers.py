@@ -7,7 +7,7 @@
 - Settings are read from the environment in ``modelpress/config.py`` only, with the exceptions
   in ``ENVIRONMENT_READERS`` (none of them a setting).
 
-docs/decisions.md, "Layers", says why.
+docs/architecture.md, "Layers", says why.
 """
 from __future__ import annotations
 
@@ -23,9 +23,7 @@ PACKAGES = ("modelpress", "service", "workers")
 # imports only modelpress itself). Anything else (the sandbox, the supervisor) is asked through Redis.
 SERVICE_MAY_IMPORT = frozenset({"workers.celery_app"})
 # Cycles that exist today and are being removed; each entry is the set of modules in one cycle.
-KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset({
-    frozenset({"workers.compression.pipeline", "workers.compression.search"}),  # removed by the engine layout
-})
+KNOWN_CYCLES: frozenset[frozenset[str]] = frozenset()
 # Modules that touch os.environ without reading a setting (a prefix names a whole folder).
 ENVIRONMENT_READERS = {
     "modelpress/config.py": "every setting",
@@ -33,7 +31,7 @@ ENVIRONMENT_READERS = {
     "modelpress/stack.py": "passes its own environment on to the processes it starts",
     "workers/job_protocol.py": "the supervisor-to-job protocol (progress descriptor) and OpenBLAS workarounds passed on",
     "workers/job_process.py": "the job's end of that protocol (network probe address), and the variable names it reports",
-    "workers/compression/": "torch's own variables around AOTInductor (CXX, TORCH_FORCE_WEIGHTS_ONLY_LOAD)",
+    "workers/engine/": "torch's own variables around AOTInductor (CXX, TORCH_FORCE_WEIGHTS_ONLY_LOAD)",
 }
 
 

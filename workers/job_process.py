@@ -60,7 +60,7 @@ def _compress(job_dir: Path, settings: Settings, facts: dict[str, Any], channel:
         import torch
 
         torch.set_num_threads(settings.job_threads)
-        from workers.compression.pipeline import compress
+        from workers.engine.run.pipeline import compress
 
         data_path = files.input_data if files.input_data.exists() else None
         student_path = files.input_student if files.input_student.exists() else None
@@ -125,8 +125,8 @@ def _check_programs(paths: list[Path | None]) -> None:
     A ``.pt2`` program is checked by ``exported.load_program`` (its layout, pickles and operators,
     from the archive's JSON graph) every time it is loaded, before torch reads it."""
     from modelpress.formats import EXPORTED, model_format
-    from workers.compression.artifacts import load_model
-    from workers.compression.program_check import check_module
+    from workers.engine.formats.torchscript import load_model
+    from workers.engine.formats.program_check import check_module
 
     for path in paths:
         if path is not None and model_format(path) != EXPORTED:

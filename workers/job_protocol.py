@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from modelpress.config import Settings
 from modelpress.formats import AOTI_PACKAGE, EXPORTED, TORCHSCRIPT
-from workers.compression.errors import CompressionError, is_out_of_memory, summarize_torch_error
+from workers.engine.errors import CompressionError, is_out_of_memory, summarize_torch_error
 
 # Environment names the child reads.
 PROGRESS_FD = "MODELPRESS_PROGRESS_FD"
@@ -315,7 +315,7 @@ def failure_of(error: BaseException, settings: Settings) -> dict[str, str]:
 def sandbox_unavailable(detail: str) -> dict[str, Any]:
     return problem("sandbox-unavailable", "Sandbox unavailable",
                    f"the job was not run because its confinement could not be set up: {detail} "
-                   "(see the README's security section; MODELPRESS_SANDBOX=off runs jobs unconfined)")
+                   "(see docs/security.md; MODELPRESS_SANDBOX=off runs jobs unconfined)")
 
 
 def died(returncode: int, settings: Settings, started: bool, setup_error: str | None) -> dict[str, Any]:

@@ -7,7 +7,7 @@ set of every process of the job (bubblewrap and the job process inside it) every
 ``SAMPLE_INTERVAL_S`` and kills the job's process group the moment the sum exceeds the limit.
 The supervisor then fails the job with the out-of-memory reason. A cgroup would stop the
 allocation itself rather than a sample after it; this one works without cgroup delegation,
-which containers often lack (see docs/decisions.md, "Memory for big models"). The job process
+which containers often lack (see docs/architecture.md, "Memory for big models"). The job process
 keeps a loose address-space cap as a backstop against one huge allocation between two samples.
 
 Memory that is not resident in any process counts too: files in the sandbox's own tmpfs mounts

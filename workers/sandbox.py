@@ -16,7 +16,7 @@ A syscall filter (``workers.seccomp``) denies what a model never needs (ptrace, 
 namespaces, keyrings, BPF, kernel modules...). When the worker has a GPU, its device nodes are
 bound in (``gpu_devices``); the driver's libraries are under ``/usr``, which is bound already.
 Failure to set any of this up fails the job (``sandbox-unavailable``); only ``MODELPRESS_SANDBOX=off``
-runs jobs unconfined. See docs/decisions.md for why bubblewrap and what the host must allow.
+runs jobs unconfined. See docs/architecture.md for why bubblewrap and what the host must allow.
 """
 from __future__ import annotations
 

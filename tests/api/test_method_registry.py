@@ -82,7 +82,7 @@ def test_a_registered_method_has_a_cli_flag(registered: None) -> None:
 
 
 def test_the_engine_runs_a_registered_method_with_its_defaults(registered: None, tmp_path: Path) -> None:
-    from workers.compression.pipeline import compress
+    from workers.engine.run.pipeline import compress
 
     torch.manual_seed(0)
     path = save_scripted(SmallConvNet(), tmp_path / "small.pt")

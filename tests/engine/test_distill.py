@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from tests.models import DigitsCNN, save_scripted, test_accuracy
-from workers.compression.errors import InvalidInput
-from workers.compression.pipeline import compress
+from workers.engine.errors import InvalidInput
+from workers.engine.run.pipeline import compress
 
 
 def _spec(**distill: object) -> dict:

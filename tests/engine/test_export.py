@@ -13,9 +13,9 @@ from modelpress.spec import parse_spec
 from tests.exported_archives import (save_exported, with_graph_target, with_payload_in_sample_inputs, with_shape_expression,
                                      with_pickled_weight)
 from tests.models import LinearTransformer, SmallConvNet, save_scripted, settle_batchnorm
-from workers.compression.errors import InvalidModel, UnsupportedModel
-from workers.compression.exported import load_program
-from workers.compression.pipeline import compress
+from workers.engine.errors import InvalidModel, UnsupportedModel
+from workers.engine.formats.exported import load_program
+from workers.engine.run.pipeline import compress
 
 
 def _spec(body: dict) -> dict:
@@ -401,7 +401,7 @@ def test_timing_the_aoti_runtime_leaves_no_package_folder_behind(tmp_path: Path,
     must be gone once it is loaded (one was left per timed model per job); the loaded package runs on."""
     import tempfile
 
-    from workers.compression.exported import runnable, timed_runner
+    from workers.engine.formats.exported import runnable, timed_runner
 
     made, mkdtemp = [], tempfile.mkdtemp
     monkeypatch.setattr(tempfile, "mkdtemp", lambda *args, **kwargs: made.append(mkdtemp(*args, **kwargs)) or made[-1])

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from tests.models import SmallConvNet, save_scripted
-from workers.compression.artifacts import load_model
-from workers.compression.errors import InvalidInput, InvalidModel
-from workers.compression.inputs import load_dataset
-from workers.compression.pipeline import compress
+from workers.engine.formats.torchscript import load_model
+from workers.engine.errors import InvalidInput, InvalidModel
+from workers.engine.inputs import load_dataset
+from workers.engine.run.pipeline import compress
 
 SPEC = {"method": "quantize", "input_shape": [2, 3, 8, 8], "evaluation": {"runs": 1, "warmup": 0}, "quantize": {}}
 

@@ -9,9 +9,9 @@ import torch
 
 from modelpress.spec import parse_spec
 from tests.models import DictHeads, ImageAndIds, SmallConvNet, TokenLSTM, TupleHeads, save_scripted
-from workers.compression.errors import InvalidInput
-from workers.compression.inputs import load_dataset, random_inputs
-from workers.compression.pipeline import compress
+from workers.engine.errors import InvalidInput
+from workers.engine.inputs import load_dataset, random_inputs
+from workers.engine.run.pipeline import compress
 
 QUICK = {"evaluation": {"runs": 1, "warmup": 0}}
 

@@ -9,8 +9,8 @@ import torch
 
 from modelpress.spec import parse_spec
 from tests.models import ResidualNet, save_scripted, settle_batchnorm
-from workers.compression.pipeline import compress
-from workers.compression.errors import TargetNotMet
+from workers.engine.run.pipeline import compress
+from workers.engine.errors import TargetNotMet
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from modelpress.operator_policy import scan_source
-from workers.compression.artifacts import load_model
-from workers.compression.errors import UnsafeModel
-from workers.compression.program_check import check_module
+from workers.engine.errors import UnsafeModel
+from workers.engine.formats.program_check import check_module
+from workers.engine.formats.torchscript import load_model
 from tests.models import SmallConvNet, save_scripted
 
 

@@ -8,8 +8,8 @@ import torch
 
 from tests.models import (ConcatNet, Recurrent, ResidualNet, save_scripted,
                           test_accuracy)
-from workers.compression.errors import NothingToPrune
-from workers.compression.pipeline import compress
+from workers.engine.errors import NothingToPrune
+from workers.engine.run.pipeline import compress
 
 
 def _spec(shape: list[int] | None = None, **prune: object) -> dict:

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tests.models import digits_splits, save_scripted, settle_batchnorm, test_accuracy, train_classifier
-from workers.compression import prune as prune_module
-from workers.compression.pipeline import compress
+from workers.engine.analysis import slicing
+from workers.engine.run.pipeline import compress
 
 
 def _spec(shape: list[int], amount: float = 0.5, **prune: object) -> dict:
@@ -257,7 +257,7 @@ def test_transformer_mlp_hidden_dimension_is_pruned_and_the_normed_stream_is_not
 
 def test_a_slice_that_computes_the_wrong_thing_is_put_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = save_scripted(settle_batchnorm(SmallCNN(), (4, 3, 12, 12), seed=0), tmp_path / "cnn.pt")
-    real_slice = prune_module._slice
+    real_slice = slicing._slice
     broken = []
 
     def slice_badly(tensor: torch.Tensor, dim: int, kept: torch.Tensor) -> torch.Tensor:
@@ -266,7 +266,7 @@ def test_a_slice_that_computes_the_wrong_thing_is_put_back(tmp_path: Path, monke
             return real_slice(tensor, dim, torch.arange(kept.numel()).flip(0))
         return real_slice(tensor, dim, kept)
 
-    monkeypatch.setattr(prune_module, "_slice", slice_badly)
+    monkeypatch.setattr(slicing, "_slice", slice_badly)
     report = compress(model, _spec([2, 3, 12, 12]), tmp_path / "out.pt")
 
     assert broken  # the fault struck: conv2's rows were sliced wrongly at least once

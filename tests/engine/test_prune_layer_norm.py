@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from workers.compression import prune as prune_module
-from workers.compression.pipeline import compress
+from workers.engine.analysis import slicing
+from workers.engine.run.pipeline import compress
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -112,7 +112,7 @@ def test_layer_norm_residual_stream_shrinks(tmp_path: Path, export: str) -> None
 def test_a_wrong_slice_in_a_layer_norm_group_is_put_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = _model(tmp_path, "script")
     marker = dict(torch.jit.load(str(path)).named_parameters())["stage1.block.2.weight"].detach()
-    real_slice = prune_module._slice
+    real_slice = slicing._slice
     broken = []
 
     def slice_badly(tensor: torch.Tensor, dim: int, kept: torch.Tensor) -> torch.Tensor:
@@ -121,7 +121,7 @@ def test_a_wrong_slice_in_a_layer_norm_group_is_put_back(tmp_path: Path, monkeyp
             return real_slice(tensor, dim, torch.arange(kept.numel()).flip(0))
         return real_slice(tensor, dim, kept)
 
-    monkeypatch.setattr(prune_module, "_slice", slice_badly)
+    monkeypatch.setattr(slicing, "_slice", slice_badly)
     report = compress(path, _spec(), tmp_path / "out.pt")
 
     assert broken  # the fault struck: the LayerNorm's weight was sliced wrongly at least once

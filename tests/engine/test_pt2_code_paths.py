@@ -23,9 +23,9 @@ from modelpress.formats import exported_program_problem
 from modelpress.spec import parse_spec
 from tests.exported_archives import (save_exported, with_guards_code, with_higher_order_call, with_input_structure,
                                      with_program, with_renamed_input)
-from workers.compression.errors import InvalidModel
-from workers.compression.exported import load_program
-from workers.compression.pipeline import compress
+from workers.engine.errors import InvalidModel
+from workers.engine.formats.exported import load_program
+from workers.engine.run.pipeline import compress
 
 SPEC = {"method": "quantize", "input_shape": [4, 16]}
 

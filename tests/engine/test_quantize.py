@@ -8,8 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests.models import LinearTransformer, Recurrent, SmallConvNet, save_scripted, transformer_encoder
-from workers.compression.artifacts import load_model
-from workers.compression.pipeline import compress
+from workers.engine.formats.torchscript import load_model
+from workers.engine.run.pipeline import compress
 
 
 def _spec(shape: list[int], **quantize: object) -> dict:

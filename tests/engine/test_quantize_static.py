@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from tests.models import save_scripted, test_accuracy
-from workers.compression.pipeline import compress
-from workers.compression.static_quantize import quantized_op_counts
+from workers.engine.run.pipeline import compress
+from workers.engine.methods.quantize.static import quantized_op_counts
 
 
 def _spec(**quantize: object) -> dict:
@@ -111,8 +111,8 @@ def test_every_stochastic_depth_of_efficientnet_folds_away_before_quantization()
     # 16 block classes share torchvision's StochasticDepth; each method graph must see training=False.
     import torchvision
 
-    from workers.compression.inputs import Dataset
-    from workers.compression.quantize import quantize
+    from workers.engine.inputs import Dataset
+    from workers.engine.methods.quantize.torchscript import quantize
 
     torch.manual_seed(0)
     buffer = io.BytesIO()

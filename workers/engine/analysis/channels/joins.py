@@ -1,0 +1,77 @@
+"""Ops that tie channel spaces together: elementwise ops on two tensors (a residual addition, a
+per-channel scale) and concatenations (part of ``walk.ChannelAnalysis``)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from workers.engine.analysis.channels.spaces import Axis
+from workers.engine.analysis.channels.values import constant
+
+
+class Joins:
+    """Two or more tensors meet: their spaces become one, or one space of segments (a cat)."""
+
+    def _binary(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
+        left, right = self.axis_of.get(inputs[0]), self.axis_of.get(inputs[1])
+        out = node.output()
+        if left is not None and right is not None:
+            dims = self._dim(inputs[0], left), self._dim(inputs[1], right)
+            shapes = self.values.get(inputs[0]), self.values.get(inputs[1])
+            aligned = None not in dims and None not in shapes and (len(shapes[0]) - dims[0] == len(shapes[1]) - dims[1])
+            if left.scale != right.scale or not (aligned or left.dim == right.dim):
+                self._block(left.space, f"{node.kind()} joins channels at different places")
+                self._block(right.space, f"{node.kind()} joins channels at different places")
+            space = self._union(left.space, right.space)
+            winner = left if shapes[0] is None or shapes[1] is None or len(shapes[0]) >= len(shapes[1]) else right
+            self._set(out, Axis(space, winner.dim if winner is left else right.dim, left.scale))
+            return
+        axis = left or right
+        if axis is None:
+            return
+        operand = inputs[1] if left is not None else inputs[0]
+        own = inputs[0] if left is not None else inputs[1]
+        if operand.type().kind() == "TensorType":
+            self._broadcast(node, own, axis, operand)
+        self._set(out, axis)
+
+    def _broadcast(self, node: torch._C.Node, own: torch._C.Value, axis: Axis, operand: torch._C.Value) -> None:
+        """A tensor without channels of its own meets ours: a per-channel parameter is a member, a scalar is fine."""
+        shape, dim = self.values.get(own), self._dim(own, axis)
+        name = self.attribute_of.get(operand)
+        other = tuple(self.shapes[name]) if name in self.shapes else self.values.get(operand)
+        if other is not None and math.prod(other) == 1:
+            return
+        if shape is None or dim is None or other is None:
+            return self._block(axis.space, f"{node.kind()} with a tensor of unknown channels")
+        position = dim - (len(shape) - len(other))
+        if position < 0 or other[position] == 1:
+            return  # broadcast along the channels: the same value for each
+        if name is not None and axis.scale is not None and other[position] == shape[dim]:
+            return self._attach(axis, name, dim=position)
+        self._block(axis.space, f"{node.kind()} with a tensor of unknown channels")
+
+    def _cat(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
+        items = self.items_of.get(inputs[0])
+        dim = constant(inputs[1])
+        if not items or not isinstance(dim, int):
+            return self._opaque(node)
+        axes = [self.axis_of.get(v) for v in items]
+        shape = self.values.get(node.output())
+        if shape is not None:
+            dim %= len(shape)
+        dims = {self._dim(v, a) for v, a in zip(items, axes) if a is not None}
+        if any(a is None for a in axes) or len(dims) != 1 or None in dims:
+            return self._opaque(node, "aten::cat of tensors with unknown channels")
+        channel_dim = dims.pop()
+        if dim != channel_dim:  # joined along another dimension (tokens, say): the channels must agree
+            space = axes[0].space
+            for other in axes[1:]:
+                space = self._union(space, other.space)
+            return self._set(node.output(), Axis(space, channel_dim, axes[0].scale))
+        if any(a.scale != 1 for a in axes):
+            return self._opaque(node, "aten::cat of flattened channels")
+        space = self._new()
+        space.parts = [a.space.root() for a in axes]
+        self._set(node.output(), Axis(space, channel_dim))

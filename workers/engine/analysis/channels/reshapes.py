@@ -1,0 +1,96 @@
+"""Ops on one tensor that keep, move or merge its channel dimension: activations, softmax, slices,
+reductions, reshapes, transposes (part of ``walk.ChannelAnalysis``)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from workers.engine.analysis.channels.spaces import Axis
+from workers.engine.analysis.channels.values import constant
+
+
+class Reshapes:
+    """Where the channels of an op's output are, given its input's."""
+
+    def _preserve(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
+        axis = self.axis_of.get(inputs[0])
+        for value in inputs[1:]:
+            if value in self.axis_of:
+                self._block_value(value, f"second tensor operand of {node.kind()}")
+        if axis is None:
+            return
+        before, after = self.values.get(inputs[0]), self.values.get(node.output())
+        dim = self._dim(inputs[0], axis)
+        if before is not None and after is not None and (dim is None or len(before) != len(after)
+                                                         or before[dim] != after[dim]):
+            return self._opaque(node, f"{node.kind()} changes the channel dimension")
+        self._set(node.output(), axis)
+
+    def _along(self, node: torch._C.Node, inputs: list[torch._C.Value], reduces: bool) -> None:
+        """softmax / slice / select along one dimension: fine unless it is the channel dimension."""
+        axis = self.axis_of.get(inputs[0])
+        if axis is None:
+            return self._opaque(node)
+        dim, along = self._dim(inputs[0], axis), constant(inputs[1])
+        rank = len(self.values[inputs[0]]) if inputs[0] in self.values else None
+        if dim is None or not isinstance(along, int) or rank is None:
+            return self._opaque(node, f"{node.kind()} along an unknown dimension")
+        along %= rank
+        if along == dim:
+            return self._opaque(node, f"{node.kind()} across the channel dimension")
+        self._set(node.output(), Axis(axis.space, dim - (1 if reduces and along < dim else 0), axis.scale))
+
+    def _reduce(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
+        axis = self.axis_of.get(inputs[0])
+        dims = constant(inputs[1]) if len(inputs) > 1 else None
+        keep = constant(inputs[2]) if len(inputs) > 2 else False
+        shape = self.values.get(inputs[0])
+        if axis is None or shape is None or not isinstance(dims, list) or not dims:
+            return self._opaque(node, f"{node.kind()} over all or unknown dimensions")
+        dim = self._dim(inputs[0], axis)
+        dims = [d % len(shape) for d in dims]
+        if dim is None or dim in dims:
+            return self._opaque(node, f"{node.kind()} across the channel dimension")
+        self._set(node.output(), Axis(axis.space, dim if keep else dim - sum(d < dim for d in dims), axis.scale))
+
+    def _reshape(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
+        axis = self.axis_of.get(inputs[0])
+        if axis is None:
+            return self._opaque(node)
+        before, after = self.values.get(inputs[0]), self.values.get(node.output())
+        dim = self._dim(inputs[0], axis)
+        if before is None or after is None or dim is None:
+            if node.kind() == "aten::flatten" and constant(inputs[1]) == axis.dim and axis.dim >= 0:
+                return self._set(node.output(), Axis(axis.space, axis.dim, None))
+            return self._opaque(node, f"{node.kind()} of unknown shape")
+        prefix = math.prod(before[:dim])
+        inner = math.prod(before[dim + 1:])
+        for position in range(len(after)):
+            if math.prod(after[:position]) != prefix or after[position] % before[dim]:
+                continue
+            merged = after[position] // before[dim]
+            if inner % merged or math.prod(after[position + 1:]) != inner // merged:
+                continue
+            scale = None if axis.scale is None else axis.scale * merged
+            return self._set(node.output(), Axis(axis.space, position, scale))
+        self._opaque(node, f"{node.kind()} splits the channel dimension (e.g. a channel shuffle or attention heads)")
+
+    def _move(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
+        axis = self.axis_of.get(inputs[0])
+        shape = self.values.get(inputs[0])
+        if axis is None or shape is None or self._dim(inputs[0], axis) is None:
+            return self._opaque(node, f"{node.kind()} of unknown shape")
+        dim, rank = self._dim(inputs[0], axis), len(shape)
+        if node.kind() == "aten::permute":
+            order = constant(inputs[1])
+            if not isinstance(order, list):
+                return self._opaque(node)
+            new = [d % rank for d in order].index(dim)
+        else:
+            first, second = constant(inputs[1]), constant(inputs[2])
+            if not isinstance(first, int) or not isinstance(second, int):
+                return self._opaque(node)
+            first, second = first % rank, second % rank
+            new = second if dim == first else first if dim == second else dim
+        self._set(node.output(), Axis(axis.space, new, axis.scale))

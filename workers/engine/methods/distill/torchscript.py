@@ -1,0 +1,207 @@
+"""Knowledge distillation: train a small student to reproduce an uploaded teacher.
+
+The teacher supplies soft targets, so unlabelled inputs are enough; labels, when given, add a
+cross-entropy term. The student comes from an upload, from torchvision by name, or from the
+teacher itself with a fraction of its channels kept (the structured pruning engine).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from workers.engine.errors import InvalidInput, NothingToPrune, UnsupportedModel
+from workers.engine.formats.torchscript import clone_model, set_training
+from workers.engine.inputs import Dataset, describe
+from workers.engine.measure import run_model
+from workers.engine.methods.prune.torchscript import PRUNABLE_TYPES, prune
+from workers.engine.outputs import select_output
+from workers.engine.torchscript_graph import quiet_torchscript_warnings
+
+Progress = Callable[[str, float], None]
+
+
+def distill(
+    teacher: torch.jit.ScriptModule,
+    spec: Mapping[str, Any],
+    data: Dataset,
+    progress: Progress | None = None,
+    student: torch.jit.ScriptModule | None = None,
+    scripted: bool = True,
+) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """Train a student on ``data``; return the best epoch's student and the training curve.
+
+    Loss: ``alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, labels)``.
+    """
+    progress = progress or (lambda stage, fraction: None)
+    if data.synthetic:
+        raise InvalidInput("distillation needs a data file with an 'inputs' array to train on")
+    probe = data.head(2)
+    teacher_out = select_output(run_model(teacher, probe), data.target_output)
+    if teacher_out.dim() != 2 or not teacher_out.is_floating_point():
+        raise UnsupportedModel("distillation needs a teacher whose output (spec.output) is class scores "
+                               f"[batch, classes]; got {list(teacher_out.shape)} ({teacher_out.dtype})")
+    classes = int(teacher_out.shape[1])
+    if data.labels is not None and int(data.labels.max()) >= classes:
+        raise InvalidInput(f"'labels' go up to {int(data.labels.max())} but the teacher scores {classes} classes")
+
+    progress("building the student", 0.02)
+    student_spec = spec["student"]
+    student, origin = _build_student(teacher, student_spec, student, classes, data, scripted)
+    try:
+        student_out = select_output(run_model(student, probe), data.target_output)
+    except InvalidInput as error:
+        raise InvalidInput(f"the student cannot run on the data's inputs: {error}") from None
+    if student_out.shape != teacher_out.shape:
+        raise InvalidInput(f"the student's output shape {list(student_out.shape)} differs from the teacher's "
+                           f"{list(teacher_out.shape)} on {describe(probe)}")
+
+    labelled = data.labels is not None
+    alpha = 1.0 if not labelled else (0.9 if spec.get("alpha") is None else float(spec["alpha"]))
+    train, validation = _split(data, float(spec.get("val_fraction", 0.1)), int(spec.get("seed", 0)))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    student, curve, best_epoch, stopped_early = _train(teacher, student, train, validation, spec, alpha, device, progress)
+    final = _evaluate(teacher, student, validation, torch.device("cpu"))
+    details = {
+        "student": origin,
+        "temperature": float(spec.get("temperature", 4.0)),
+        "alpha": alpha,
+        "device": device.type,
+        "samples": {"train": len(train), "validation": len(validation)},
+        "epochs": curve,
+        "best_epoch": best_epoch,
+        "stopped_early": stopped_early,
+        "validation": final,
+        "notes": [] if labelled else ["no labels: the student learns from the teacher's soft targets alone (alpha 1.0)"],
+    }
+    return student, details
+
+
+# ---------------------------------------------------------------------------- students
+
+
+def _build_student(teacher, spec, uploaded, classes: int, data: Dataset,
+                   scripted: bool) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    source = spec["source"]  # "from" in JSON
+    if source == "upload":
+        if uploaded is None:
+            raise InvalidInput("student.from is 'upload' but no student model was uploaded")
+        return uploaded, {"from": "upload"}
+    if source == "torchvision":
+        return _torchvision_student(spec["arch"], classes, scripted), {"from": "torchvision", "arch": spec["arch"]}
+    width = float(spec["width"])
+    try:
+        narrowed, details = prune(clone_model(teacher), {
+            "amount": 1.0 - width, "structured": True, "criterion": "l1", "modules": list(PRUNABLE_TYPES),
+            "exclude": None, "finetune": None}, data)
+    except NothingToPrune as error:
+        raise NothingToPrune(f"no channel group of the teacher can be narrowed for a width student: {error}") from None
+    return narrowed, {"from": "width", "width": width, "groups": details["groups"], "left_whole": details["left_whole"]}
+
+
+def _torchvision_student(arch: str, classes: int, scripted: bool) -> torch.jit.ScriptModule | torch.nn.Module:
+    import torchvision
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if arch not in available:
+        raise InvalidInput(f"unknown torchvision classification model {arch!r}; choose one of: {', '.join(available)}")
+    model = torchvision.models.get_model(arch, weights=None, num_classes=classes)
+    if not scripted:  # for a .pt2 teacher: trained eagerly, then exported
+        return model.eval()
+    with quiet_torchscript_warnings():
+        return torch.jit.script(model.eval())
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def _split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    size = min(max(1, round(len(data) * fraction)), len(data) - 2)
+    if size < 1:
+        raise InvalidInput(f"the data file has {len(data)} samples: too few to hold some out for validation")
+    held, kept = order[:size], order[size:]
+    return data.subset(kept), data.subset(held)
+
+
+def _train(teacher, student, train: Dataset, validation: Dataset, spec, alpha: float, device: torch.device,
+           progress: Progress) -> tuple[torch.jit.ScriptModule, list[dict[str, Any]], int, bool]:
+    """Train a copy of ``student`` on ``device``; return it (on the CPU, best epoch's weights) and the curve."""
+    epochs, batch_size = int(spec.get("epochs", 10)), int(spec.get("batch_size", 64))
+    temperature = float(spec.get("temperature", 4.0))
+    patience = spec.get("early_stopping_patience")
+    teacher = set_training(clone_model(teacher, device), False)
+    student = clone_model(student, device)
+    parameters = [p for p in student.parameters() if p.is_floating_point()]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    if spec.get("optimizer", "adam") == "sgd":
+        optimizer = torch.optim.SGD(parameters, lr=float(spec.get("lr", 1e-3)), momentum=0.9)
+    else:
+        optimizer = torch.optim.Adam(parameters, lr=float(spec.get("lr", 1e-3)))
+    generator = torch.Generator().manual_seed(int(spec.get("seed", 0)))
+    steps = max(1, math.ceil(len(train) / batch_size))
+    curve: list[dict[str, Any]] = []
+    best_score, best_epoch, best_state, waited = -1.0, 0, None, 0
+    stopped_early = False
+    with quiet_torchscript_warnings():
+        for epoch in range(1, epochs + 1):
+            set_training(student, True)
+            order = torch.randperm(len(train), generator=generator)
+            total, count = 0.0, 0
+            for step, start in enumerate(range(0, len(train), batch_size)):
+                index = order[start:start + batch_size]
+                if index.numel() < 2:
+                    continue  # a batch of one breaks BatchNorm in training mode
+                inputs = tuple(tensor.to(device) for tensor in train.rows(index))
+                with torch.no_grad():
+                    soft_targets = F.softmax(select_output(teacher(*inputs), train.target_output) / temperature, dim=1)
+                logits = select_output(student(*inputs), train.target_output)
+                loss = alpha * temperature ** 2 * F.kl_div(
+                    F.log_softmax(logits / temperature, dim=1), soft_targets, reduction="batchmean")
+                if alpha < 1.0 and train.labels is not None:
+                    loss = loss + (1.0 - alpha) * F.cross_entropy(logits, train.labels[index].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * index.numel()
+                count += index.numel()
+                progress(f"epoch {epoch}/{epochs}", 0.05 + 0.9 * ((epoch - 1) + (step + 1) / steps) / epochs)
+            scores = _evaluate(teacher, student, validation, device)
+            curve.append({"epoch": epoch, "train_loss": round(total / max(count, 1), 6), **scores})
+            score = scores["accuracy"] if scores["accuracy"] is not None else scores["agreement"]
+            if score > best_score:
+                best_score, best_epoch, waited = score, epoch, 0
+                best_state = {name: t.detach().clone() for name, t in _state(student).items()}
+            else:
+                waited += 1
+                if patience and waited >= int(patience):
+                    stopped_early = True
+                    break
+    if best_state is not None:
+        with torch.no_grad():
+            for name, tensor in _state(student).items():
+                tensor.copy_(best_state[name])
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    return set_training(clone_model(student, "cpu"), False), curve, best_epoch, stopped_early
+
+
+def _evaluate(teacher, student, data: Dataset, device: torch.device) -> dict[str, float | None]:
+    set_training(student, False)
+    agree, correct = 0, 0
+    with torch.no_grad(), quiet_torchscript_warnings():
+        for start in range(0, len(data), 256):
+            inputs = tuple(tensor.to(device) for tensor in data.rows(slice(start, start + 256)))
+            predicted = select_output(student(*inputs), data.target_output).argmax(1)
+            agree += int((predicted == select_output(teacher(*inputs), data.target_output).argmax(1)).sum())
+            if data.labels is not None:
+                correct += int((predicted.cpu() == data.labels[start:start + 256]).sum())
+    return {"agreement": round(agree / len(data), 6),
+            "accuracy": round(correct / len(data), 6) if data.labels is not None else None}
+
+
+def _state(model: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}

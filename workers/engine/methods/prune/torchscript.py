@@ -1,0 +1,325 @@
+"""Pruning of a TorchScript model: individual weights (unstructured) or whole channels (structured).
+
+Unstructured pruning zeroes the smallest-magnitude weights; the file stays dense (same bytes)
+but compresses well, and sparse kernels can use it. Structured pruning removes channels for
+real, so the model gets smaller and faster: every tensor in a coupled group
+(``analysis/channels``) is sliced by the same kept indices (``analysis/slicing``, proven by
+``analysis/proof``), in place on the ScriptModule.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from workers.engine.analysis.channels import ChannelGroup, channel_groups, layer_name
+from workers.engine.analysis.proof import check_batches, mismatch
+from workers.engine.analysis.slicing import materialize, tensors
+from workers.engine.errors import InvalidInput, NothingToPrune, summarize_torch_error
+from workers.engine.formats.torchscript import clone_model
+from workers.engine.inputs import Dataset
+from workers.engine.measure import count_macs
+from workers.engine.methods.training import finetune
+from workers.engine.torchscript_graph import (derive_conv_groups, derive_layer_norm_shapes, matching_pattern,
+                                              module_types, quiet_torchscript_warnings)
+
+Progress = Callable[[str, float], None]
+PRUNABLE_TYPES = ("Conv2d", "Linear", "Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
+
+
+def prune(
+    model: torch.jit.ScriptModule,
+    spec: Mapping[str, Any],
+    data: Dataset,
+    progress: Progress | None = None,
+    fixed_batch: int | None = None,
+) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    """Prune ``model`` in place as ``spec`` says; return it and what was done.
+
+    ``fixed_batch``: the model accepts only batches of that many rows (a program exported without
+    a dynamic batch); the analysis and the proof of each slicing then run at that size alone.
+
+    Importance of a weight is ``|w|``; of a channel, the L1 (or L2) norm of its slices in the
+    group's producing weights, each normalised by that tensor's mean slice norm.
+    """
+    progress = progress or (lambda stage, fraction: None)
+    teacher = clone_model(model) if spec.get("finetune") else None
+    selected = set(spec.get("modules", PRUNABLE_TYPES))
+    exclude, excluded_by_default = _exclusions(model, spec.get("exclude"))
+    types = module_types(model)
+    batch = data.head(8)
+    macs_before = _counted_macs(model, batch)
+
+    progress("ranking", 0.05)
+    if spec.get("structured", False):
+        model, details = _prune_channels(model, spec, selected, exclude, types, data, progress, fixed_batch)
+        after_step = None
+    else:
+        details, masks = _prune_weights(model, spec, selected, exclude, types)
+        after_step = (lambda: _apply_masks(model, masks)) if masks else None
+
+    if spec.get("finetune"):
+        if data.synthetic:
+            raise InvalidInput("fine-tuning needs a data file; random inputs teach the model nothing")
+        options = spec["finetune"]
+        details["finetune"] = finetune(
+            model, data, teacher, epochs=options["epochs"], lr=options["lr"], batch_size=options["batch_size"],
+            seed=options.get("seed", 0), after_step=after_step,
+            progress=lambda stage, fraction: progress(stage, 0.5 + 0.45 * fraction),
+        )
+    macs_after = _counted_macs(model, batch)
+    if isinstance(macs_before, int) and isinstance(macs_after, int):
+        details["macs"] = {"before": macs_before, "after": macs_after, "batch_shape": list(batch[0].shape),
+                           "counted": "convolutions and matrix multiplies (torch.utils.flop_counter, FLOPs / 2)"}
+    else:
+        details["notes"].append(f"multiply-accumulates not counted: {macs_before if isinstance(macs_before, str) else macs_after}")
+    if excluded_by_default:
+        details["notes"].append(f"the final classifier {excluded_by_default!r} is excluded by default (set 'exclude' to change)")
+    if spec.get("structured") is False and spec.get("criterion") == "l2":
+        details["notes"].append("for single weights l1 and l2 rank alike (|w| vs w^2)")
+    progress("pruned", 0.95)
+    return model, details
+
+
+def _counted_macs(model: torch.jit.ScriptModule, batch: tuple[torch.Tensor, ...]) -> int | str:
+    """The MACs of one batch, or why they could not be counted (the flop counter's dispatch mode
+    refuses some traced graphs, e.g. a scalar recorded as a 0-dim double constant): a report
+    figure, never a reason to fail the job."""
+    try:
+        return count_macs(model, batch)
+    except Exception as error:
+        return summarize_torch_error(error)
+
+
+# ---------------------------------------------------------------------------- unstructured
+
+
+def _prune_weights(model, spec, selected, exclude, types) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    amount = float(spec["amount"])
+    targets, skipped = {}, []
+    for name, parameter in model.named_parameters():
+        module = name.rpartition(".")[0]
+        module_type = types.get(module, "")
+        if not name.endswith("weight") or parameter.dim() < 2:
+            continue
+        if module_type not in selected:
+            skipped.append({"module": module, "type": module_type, "reason": f"type {module_type} not selected"})
+        elif (pattern := matching_pattern(module, exclude)) is not None:
+            skipped.append({"module": module, "type": module_type, "reason": f"excluded by pattern {pattern!r}"})
+        else:
+            targets[name] = parameter
+    notes = ["zeros are stored densely: the file keeps its size but compresses well (see deflate bytes)"]
+    if not targets:
+        notes.insert(0, "nothing prunable: no weight of the selected module types, so the model is returned unchanged")
+        return {"structured": False, "layers": [], "left_whole": skipped, "notes": notes, "sparsity": 0.0}, {}
+
+    masks: dict[str, torch.Tensor] = {}
+    # Memory: thresholds are found by counting, tensor by tensor, and each mask is applied as soon
+    # as it is made; the masks are kept (one byte per weight) only when fine-tuning re-applies them.
+    with torch.no_grad():
+        if spec.get("scope", "global") == "global":
+            groups = [list(targets.items())]
+        else:
+            groups = [[item] for item in targets.items()]
+        for group in groups:
+            count = round(amount * sum(parameter.numel() for _, parameter in group))
+            for name, keep in _keep_masks(group, count):
+                targets[name].mul_(keep)
+                if spec.get("finetune"):
+                    masks[name] = keep
+    layers = [
+        {"parameter": name, "elements": p.numel(), "sparsity": round(int((p == 0).sum()) / p.numel(), 6)}
+        for name, p in targets.items()
+    ]
+    total = sum(layer["elements"] for layer in layers)
+    zeros = sum(int((p == 0).sum()) for p in targets.values())
+    return {"structured": False, "scope": spec.get("scope", "global"), "layers": layers,
+            "sparsity": round(zeros / total, 6), "left_whole": skipped, "notes": notes}, masks
+
+
+def _apply_masks(model: torch.jit.ScriptModule, masks: dict[str, torch.Tensor]) -> None:
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, mask in masks.items():
+            parameters[name].mul_(mask)
+
+
+def _keep_masks(named: list[tuple[str, torch.Tensor]], count: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """For each tensor, in order, the mask that drops the ``count`` smallest magnitudes of them all.
+
+    Exactly ``count`` are dropped, ties at the threshold broken by position (earlier first), as a
+    stable sort of all magnitudes would. Found without concatenating or sorting: the threshold is
+    selected by counting (``_magnitude_threshold``), so extra memory is one tensor's worth.
+    """
+    threshold, ties = _magnitude_threshold([tensor for _, tensor in named], count) if count > 0 else (-1, 0)
+    for name, tensor in named:
+        bits = _magnitude_bits(tensor)
+        drop = bits < threshold
+        if ties > 0:
+            equal = bits == threshold
+            if equal.any():
+                at_threshold = torch.nonzero(equal).flatten()[:ties]
+                drop[at_threshold] = True
+                ties -= int(at_threshold.numel())
+        yield name, (~drop).view_as(tensor)
+
+
+def _magnitude_threshold(tensors: list[torch.Tensor], count: int) -> tuple[int, int]:
+    """The bit pattern of the ``count``-th smallest |w| over ``tensors``, and how many values equal to
+    it are among the ``count`` smallest.
+
+    A two-pass radix select on the int32 bit patterns of |w| (for non-negative floats the integer
+    order is the value order): count the high 16 bits, pick the bucket that holds the count-th
+    value, then count the low 16 bits inside it.
+    """
+    high_counts = sum(torch.bincount(_magnitude_bits(t) >> 16, minlength=1 << 15) for t in tensors)
+    cumulative = high_counts.cumsum(0)
+    high = int(torch.searchsorted(cumulative, count))
+    below = int(cumulative[high - 1]) if high else 0
+    low_counts = torch.zeros(1 << 16, dtype=torch.long)
+    for tensor in tensors:
+        bits = _magnitude_bits(tensor)
+        low_counts += torch.bincount(bits[(bits >> 16) == high] & 0xFFFF, minlength=1 << 16)
+    cumulative = low_counts.cumsum(0)
+    low = int(torch.searchsorted(cumulative, count - below))
+    below += int(cumulative[low - 1]) if low else 0
+    return (high << 16) | low, count - below
+
+
+def _magnitude_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """|w| as int32 bit patterns of float32, flat (a NaN sorts above every number and is never dropped)."""
+    return tensor.detach().float().abs().flatten().view(torch.int32)
+
+
+# ---------------------------------------------------------------------------- structured
+
+
+def _prune_channels(model, spec, selected, exclude, types, data: Dataset, progress: Progress,
+                    fixed_batch: int | None = None) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+    amount = float(spec["amount"])
+    criterion = spec.get("criterion", "l1")
+    originals = {name: t.detach().clone() for name, t in tensors(model).items()}
+    groups = channel_groups(model, {name: t.shape for name, t in originals.items()}, data.exactly(fixed_batch or 2))
+    candidates: list[tuple[ChannelGroup, torch.Tensor]] = []
+    left_whole = []
+    for group in groups:
+        reasons = list(group.blocked)
+        for layer, kind in sorted({(layer_name(m.parameter), m.kind) for m in group.producers}):
+            if kind not in selected:
+                reasons.append(f"{layer} is a {kind}, not a selected type")
+            elif (pattern := matching_pattern(layer, exclude)) is not None:
+                reasons.append(f"{layer} is excluded by pattern {pattern!r}")
+        units = group.size // group.unit
+        keep_units = max(1, int(round(units * (1.0 - amount))))
+        if not reasons and keep_units >= units:
+            what = f"{units} groups of {group.unit} channels" if group.unit > 1 else f"{group.size} channels"
+            reasons.append(f"{what} are too few to prune at amount {amount}")
+        if reasons:
+            left_whole.append({"group": group.name, "channels": group.size, "reason": "; ".join(reasons)})
+            continue
+        scores = _channel_importance(group, originals, criterion).view(units, group.unit).sum(1)
+        kept_units = torch.topk(scores, keep_units).indices.sort().values
+        keep = (kept_units[:, None] * group.unit + torch.arange(group.unit)).flatten()
+        candidates.append((group, keep))
+
+    # Sizes compiled into graphs become expressions of the input (exact before and after slicing).
+    rewritten = False
+    if any(_reads_grouped_conv(group, originals) for group, _ in candidates):
+        rewritten |= derive_conv_groups(model)
+    if any(group.norms for group, _ in candidates):
+        rewritten |= derive_layer_norm_shapes(model)
+    if rewritten:
+        model = clone_model(model)  # reloaded: the rewritten graphs take effect
+    checks = check_batches(data, fixed_batch)
+    accepted: list[tuple[ChannelGroup, torch.Tensor]] = []
+    if candidates:
+        progress("checking groups", 0.1)
+        if mismatch(model, originals, candidates, checks) is None:
+            accepted = list(candidates)
+        else:  # find the groups that break the model, one at a time
+            for index, candidate in enumerate(candidates):
+                problem = mismatch(model, originals, accepted + [candidate], checks)
+                if problem is None:
+                    accepted.append(candidate)
+                else:
+                    left_whole.append({"group": candidate[0].name, "channels": candidate[0].size,
+                                       "reason": f"put back: {problem}"})
+                progress("checking groups", 0.1 + 0.3 * (index + 1) / len(candidates))
+    materialize(model, originals, accepted)
+    # Weights no group indexes (an LSTM's, an op the analysis does not model): name their layers.
+    covered = {m.parameter for group in groups for m in group.members}
+    unmodelled = sorted({f"{layer_name(name)} ({types.get(layer_name(name)) or 'functional'})"
+                         for name, tensor in originals.items() if tensor.dim() >= 2 and name not in covered})
+    if not accepted:
+        reasons = "; ".join(f"{entry['group']}: {entry['reason']}" for entry in left_whole[:12])
+        more = f" (and {len(left_whole) - 12} more groups)" if len(left_whole) > 12 else ""
+        layers = f" Layers the channel analysis does not model: {', '.join(unmodelled[:12])}." if unmodelled else ""
+        raise NothingToPrune(f"structured pruning can remove no channel group of this model, so nothing would "
+                             f"change. Reasons per group: {reasons or 'no conv or linear layer makes channels'}{more}."
+                             f"{layers}"[:4000])
+
+    pruned = [{"group": g.name, "channels_before": g.size, "channels_after": int(keep.numel()),
+               "tensors": sorted({m.parameter for m in g.members}),
+               **({"layer_norms_renormalised": len(g.norms)} if g.norms else {})} for g, keep in accepted]
+    notes = []
+    if renormalised := [g.name for g, _ in accepted if g.norms]:
+        notes.append(f"pruned groups normalised by a layer_norm: {len(renormalised)} ({', '.join(renormalised[:6])}"
+                     f"{', ...' if len(renormalised) > 6 else ''}); those norms' mean and variance now cover the kept "
+                     "channels only, so outputs move further from the original than zeroing alone would (see "
+                     "fidelity); fine-tuning recovers it")
+    return model, {
+        "structured": True, "criterion": criterion, "groups": pruned, "left_whole": left_whole,
+        "channels": {"before": sum(g.size for g, _ in accepted) + sum(e["channels"] for e in left_whole),
+                     "after": sum(int(k.numel()) for _, k in accepted) + sum(e["channels"] for e in left_whole)},
+        "verified": "each pruned group matches the original with the same channels zeroed (and layer_norm "
+                    "statistics over the kept channels), on the example inputs",
+        "layers_not_modelled": unmodelled,
+        "notes": notes,
+    }
+
+
+def _reads_grouped_conv(group: ChannelGroup, tensors: dict[str, torch.Tensor]) -> bool:
+    """A conv weight sliced along its output rows without producing the channels: a grouped conv's rows."""
+    return any(not m.producer and m.dim == 0 and tensors[m.parameter].dim() >= 3 for m in group.members)
+
+
+def _channel_importance(group: ChannelGroup, tensors: dict[str, torch.Tensor], criterion: str) -> torch.Tensor:
+    score = torch.zeros(group.size)
+    for member in group.producers:
+        tensor = tensors[member.parameter]
+        if tensor.dim() < 2:
+            continue
+        rows = tensor.detach().float().narrow(member.dim, member.offset, member.length).transpose(0, member.dim)
+        rows = rows.reshape(group.size, -1)
+        norms = rows.abs().sum(1) if criterion == "l1" else rows.pow(2).sum(1).sqrt()
+        score += norms / norms.mean().clamp(min=1e-12)
+    return score
+
+
+# ---------------------------------------------------------------------------- exclusions
+
+
+def _exclusions(model: torch.jit.ScriptModule, exclude: list[str] | None) -> tuple[list[str], str | None]:
+    """The user's patterns, or by default the final classifier: the last Linear that makes the output."""
+    if exclude is not None:
+        return list(exclude), None
+    classifier = _final_classifier(model)
+    return ([classifier] if classifier else []), classifier
+
+
+def _final_classifier(model: torch.jit.ScriptModule) -> str | None:
+    with quiet_torchscript_warnings():
+        graph = model.inlined_graph
+    linears = [node for node in graph.nodes() if node.kind() == "aten::linear"]
+    if not linears:
+        return None
+    outputs = set(graph.outputs())
+    last = linears[-1]
+    if last.output() not in outputs:
+        return None
+    weight = last.inputsAt(1).node()
+    names = []
+    while weight.kind() == "prim::GetAttr":
+        names.append(weight.s("name"))
+        weight = weight.inputsAt(0).node()
+    return ".".join(reversed(names[1:])) or None

@@ -1,0 +1,100 @@
+"""One compression run: load -> method (or steps, or a search) -> save -> reload -> measure -> report."""
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from modelpress.formats import AOTI_PACKAGE, EXPORTED, model_format
+from modelpress.spec import AUTO, method_steps
+
+from workers.engine.errors import CompressionError, UnsupportedModel
+from workers.engine.formats.aoti import package_aoti
+from workers.engine.formats.registry import FORMATS
+from workers.engine.methods.registry import method_entry
+from workers.engine.run.prepare import Prepared, Progress, load_student, prepare
+from workers.engine.run.report import measure_result
+from workers.engine.run.search import search
+from workers.engine.run.steps import finish_sections, run_steps, step_warnings
+from workers.engine.run.verdict import collapse_warnings, warnings_for
+
+
+def compress(
+    model_path: str | os.PathLike,
+    spec: Mapping[str, Any],
+    output_path: str | os.PathLike,
+    data_path: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+    student_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """Compress the model at ``model_path`` as ``spec`` says; write ``output_path``; return the report.
+
+    ``spec`` is a validated spec (defaults filled in); ``student_path`` is an uploaded student
+    for distillation. The saved artifact is loaded back
+    and measured, so the report describes the file the user downloads.
+    """
+    progress = progress or (lambda stage, fraction: None)
+    form = FORMATS[model_format(Path(model_path))]  # told by layout; a .pt2 in gives a .pt2 out
+    searching = spec["method"] == AUTO or bool(spec.get("target"))
+    for _, step in method_steps(spec):
+        method_entry(form.name, step["method"])  # an unknown method fails before any work
+    prepared = prepare(model_path, spec, data_path, progress)
+    student = load_student(student_path, form) if student_path else None
+    if searching:
+        return _packaged(search(prepared, spec, output_path, progress, student), spec, output_path, prepared)
+
+    def method_progress(stage: str, fraction: float) -> None:
+        progress(stage, 0.05 + 0.6 * min(max(fraction, 0.0), 1.0))
+
+    # Memory: one full copy of the model at a time, plus what the method adds (docs/architecture.md,
+    # "Memory for big models"): the original was measured in `prepare`, the method transforms it
+    # itself, and it is dropped before the saved result is loaded back.
+    steps = [step for _, step in method_steps(spec)]
+    clock = prepared.clock
+    working = prepared.hand_over()
+    with clock("transform"):
+        compressed, step_reports = run_steps(working, steps, prepared, method_progress, student,
+                                             file_name=Path(output_path).name)
+    progress("saving", 0.66)
+    with clock("save"):
+        form.save(compressed, output_path)
+    del working, compressed, student
+    gc.collect()  # the float model's memory goes back before the result is loaded
+    if len(steps) == 1:
+        details = step_reports[0]["details"]
+        warnings = warnings_for(spec["method"], spec[spec["method"]], details, {}, random_inputs=prepared.data is None)
+    else:
+        details = {"steps": [step["method"] for step in steps]}
+        warnings = step_warnings(step_reports, prepared)
+    report = measure_result(prepared, None, output_path, lambda stage, f: progress(stage, 0.66 + 0.33 * f))
+    methods = [step["method"] for step in steps]
+    warnings += collapse_warnings("distill" if "distill" in methods else spec["method"], report["fidelity"],
+                                  random_inputs=prepared.data is None)
+    report = {"method": spec["method"], **report, "details": details, "warnings": warnings,
+              "timings_s": clock.totals()}
+    if len(steps) > 1:
+        report["steps"] = finish_sections(step_reports, report)
+    return _packaged(report, spec, output_path, prepared)
+
+
+def _packaged(report: dict[str, Any], spec: Mapping[str, Any], output_path: str | os.PathLike,
+              prepared: Prepared) -> dict[str, Any]:
+    """With ``package: aoti`` the measured program is compiled by AOTInductor into the output file."""
+    if spec.get("package", "program") == "program":
+        return report
+    if prepared.form.name != EXPORTED:
+        raise UnsupportedModel("package 'aoti' compiles torch.export (.pt2) programs; a TorchScript model is "
+                               "returned as TorchScript (drop 'package')")
+    with prepared.clock("package"):
+        report["package"] = package = package_aoti(output_path, prepared.checks)
+    if package["max_relative_error_to_program"] > 1e-2:
+        report["warnings"] = [*report.get("warnings", []), (
+            f"the AOTInductor package's outputs differ from the program's by up to "
+            f"{package['max_relative_error_to_program']:.2%} of the largest output on the check batches")]
+    report["format"]["output"] = AOTI_PACKAGE
+    report["timings_s"] = prepared.clock.totals()
+    return report
+
+
+__all__ = ["compress", "CompressionError"]
