@@ -495,25 +495,11 @@ def test_uploads_past_the_processs_streaming_slots_spool_and_still_arrive_whole(
 
     settings = hosts.api.settings
     objects = S3Objects(Storage(settings.data_dir), settings)
-    part = objects.stream_part_bytes
-    body = os.urandom(part) + b"tail"  # more than one part: a streaming upload starts a multipart upload
+    body = os.urandom(objects.stream_part_bytes) + b"tail"  # over one part: a streaming upload starts a multipart upload
     streams = []
-    try:
-        for _ in range(STREAMING_UPLOADS + 1):
-            job_id = new_job_id()
-            spool = objects.storage.job(job_id).input_model
-            spool.parent.mkdir(parents=True, exist_ok=True)
-            spool.write_bytes(body)
-            writer = objects.stream_writer(job_id, spool)
-            writer.write(body)
-            streams.append((job_id, writer))
-        started = [writer.upload_id is not None for _, writer in streams]
-        assert started == [True] * STREAMING_UPLOADS + [False]  # the positive control streamed; the last did not
-        for job_id, _ in streams:
-            objects.keep_inputs(job_id)
-            stored = hosts.s3.client().get_object(Bucket=BUCKET, Key=f"{PREFIX}{job_id}/input/model.pt")["Body"].read()
-            assert stored == body
-        # Completed uploads give their slots back: the next upload streams again.
+
+    def upload() -> Any:
+        """One upload's file part arriving whole: spooled and handed to its stream writer."""
         job_id = new_job_id()
         spool = objects.storage.job(job_id).input_model
         spool.parent.mkdir(parents=True, exist_ok=True)
@@ -521,8 +507,18 @@ def test_uploads_past_the_processs_streaming_slots_spool_and_still_arrive_whole(
         writer = objects.stream_writer(job_id, spool)
         writer.write(body)
         streams.append((job_id, writer))
-        assert writer.upload_id is not None
-        objects.keep_inputs(job_id)
+        return writer
+
+    try:
+        started = [upload().upload_id is not None for _ in range(STREAMING_UPLOADS + 1)]
+        assert started == [True] * STREAMING_UPLOADS + [False]  # the positive control streamed; the last did not
+        for job_id, _ in streams:
+            objects.keep_inputs(job_id)
+            stored = hosts.s3.client().get_object(Bucket=BUCKET, Key=f"{PREFIX}{job_id}/input/model.pt")["Body"].read()
+            assert stored == body
+        # Completed uploads give their slots back: the next upload streams again.
+        assert upload().upload_id is not None
+        objects.keep_inputs(streams[-1][0])
     finally:
         for job_id, _ in streams:
             objects.drop_streams(job_id)
