@@ -19,35 +19,27 @@ import json
 import logging
 import shutil
 import threading
-import time
 from abc import ABC, abstractmethod
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 from urllib.parse import urlparse
 
 from modelpress.config import Settings, boto3_endpoint_url
 from modelpress.fault_injection import fault_point
-from modelpress.jobs import FINAL_STATES
+from modelpress.partstream import MAX_PARTS, PartStream
 from modelpress.storage import JobFiles, Storage, read_json, write_json_atomic
-
-if TYPE_CHECKING:
-    from modelpress.jobs import JobStore
 
 # Multipart from 16 MB in 16 MB parts, 8 at a time: at most ~128 MB of one transfer is in memory.
 PART_BYTES = 16 << 20
 TRANSFER_THREADS = 8
 STREAM_CHUNK = 1 << 20
-# An upload streamed as the request arrives (``PartStream``): at most this many parts in flight,
-# plus the one filling, so a 16 MB part size holds at most 80 MB of one upload in memory.
-PARTS_IN_FLIGHT = 4
 # Uploads of one API process that stream while they arrive. An API process serves each connection
 # on a greenlet (modelpress/apiserver.py), so nothing else bounds how many uploads buffer parts at
 # once: past this, an upload only spools and is sent from the spool when the request completes,
 # which keeps an API process's part buffers under STREAMING_UPLOADS x 80 MB.
 STREAMING_UPLOADS = 8
-MAX_PARTS = 10_000  # S3's limit per multipart upload
 
 log = logging.getLogger("modelpress.objectstore")
 
@@ -203,119 +195,6 @@ class LocalObjects(ObjectStore):
 
     def delete(self, job_id: str) -> None:
         self.storage.delete(job_id)
-
-
-class PartStream:
-    """One uploaded file on its way to its object while the request is still arriving: ``write`` (from
-    the request's thread) collects bytes, and every ``part_bytes`` goes to an S3 multipart upload from
-    a shared thread pool. At most ``PARTS_IN_FLIGHT`` parts are in flight: when the store is slower
-    than the client, ``write`` waits, so the request is read more slowly instead of filling memory.
-
-    Nothing is visible in the bucket until ``complete``; ``abort`` (a refused request) first waits for
-    the parts in flight, since a part that lands after the abort would keep taking space. A file
-    smaller than one part never starts a multipart upload: ``complete`` sends it from the spool. A
-    store error stops the streaming (the request still spools locally) and ``complete`` raises it.
-    """
-
-    def __init__(self, client: Any, bucket: str, key: str, part_bytes: int, pool: ThreadPoolExecutor,
-                 streaming: threading.Semaphore | None = None) -> None:
-        self.client, self.bucket, self.key = client, bucket, key
-        # Without one of the process's streaming slots the file only spools; ``complete`` sends it whole.
-        self._streaming = streaming if streaming is not None and streaming.acquire(blocking=False) else None
-        self.part_bytes = part_bytes
-        self._pool = pool
-        self._chunks: list[bytes] = []
-        self._buffered = 0
-        self._slots = threading.BoundedSemaphore(PARTS_IN_FLIGHT)
-        self._parts: list[Future] = []
-        self.upload_id: str | None = None
-        self.bytes = 0
-        self.error: BaseException | None = None
-        self.ended = False  # the request's part is complete: the last part is sent
-        self.state = "open"  # then "completed" or "aborted"
-
-    def write(self, chunk: bytes) -> None:
-        if self.ended or self.state != "open":
-            raise ValueError(f"{self.key}: written after its end")
-        self.bytes += len(chunk)
-        if self.error is not None or self._streaming is None:
-            return  # already failed (the spool still takes the bytes, complete() raises), or spool only
-        self._chunks.append(chunk)
-        self._buffered += len(chunk)
-        if self._buffered >= self.part_bytes:
-            self._send()
-
-    def end(self) -> None:
-        """The file part is over: send what is left as the last part (a multipart upload only; a small
-        file waits for ``complete``, which sends it whole from the spool)."""
-        if self.ended:
-            return
-        self.ended = True
-        if self.upload_id is not None and self._buffered and self.error is None:
-            self._send()
-        self._chunks, self._buffered = [], 0
-
-    def _send(self) -> None:
-        body = b"".join(self._chunks)
-        self._chunks, self._buffered = [], 0
-        try:
-            if self.upload_id is None:
-                self.upload_id = self.client.create_multipart_upload(Bucket=self.bucket, Key=self.key)["UploadId"]
-            if len(self._parts) >= MAX_PARTS:
-                raise ValueError(f"{self.key}: more than {MAX_PARTS} parts; raise MODELPRESS_S3_PART_MB")
-        except Exception as error:
-            self.error = error
-            return
-        self._slots.acquire()  # backpressure: wait while PARTS_IN_FLIGHT parts are on their way
-        if self.state != "open":  # aborted from another thread meanwhile
-            self._slots.release()
-            return
-        self._parts.append(self._pool.submit(self._upload_part, len(self._parts) + 1, body))
-
-    def _upload_part(self, number: int, body: bytes) -> dict[str, Any]:
-        try:
-            if self.error is not None or self.state != "open":
-                raise RuntimeError("skipped: the upload already failed or was aborted")
-            answer = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                                             PartNumber=number, Body=body)
-            return {"PartNumber": number, "ETag": answer["ETag"]}
-        except Exception as error:
-            if self.error is None:
-                self.error = error
-            raise
-        finally:
-            self._slots.release()
-
-    def complete(self, path: Path, transfer: Any) -> None:
-        """Publish the object; ``path`` is the local spool of the same bytes (it sends a small file whole)."""
-        self.end()
-        wait(self._parts)
-        if self.error is not None:
-            raise self.error
-        if self.upload_id is None:
-            self.client.upload_file(str(path), self.bucket, self.key, Config=transfer)
-        else:
-            if self.bytes != path.stat().st_size:  # every byte of the spool went to a part
-                raise RuntimeError(f"{self.key}: streamed {self.bytes} bytes, the spool holds {path.stat().st_size}")
-            self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                MultipartUpload={"Parts": [part.result() for part in self._parts]})
-        self.state = "completed"
-        self._release_slot()
-
-    def abort(self) -> None:
-        if self.state != "open":
-            return
-        self.state = "aborted"
-        wait(self._parts)  # parts in flight finish (or fail) first; later ones are skipped
-        self._release_slot()
-        if self.upload_id is not None:
-            self.client.abort_multipart_upload(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
-
-    def _release_slot(self) -> None:
-        slot, self._streaming = self._streaming, None
-        if slot is not None:
-            slot.release()
 
 
 class S3Objects(ObjectStore):
@@ -543,83 +422,6 @@ class S3Objects(ObjectStore):
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             names.update(item["Key"] for item in page.get("Contents", []))
         return names
-
-
-def remove_job(store: "JobStore", objects: ObjectStore, job_id: str) -> bool:
-    """DELETE and retention: the record first (from then on the API answers 404, never a 500 on a
-    half-removed job), then the files. A store that does not answer leaves the job's id for the
-    reaper to retry (``remove_files_left``); returns whether the files went."""
-    store.delete(job_id)
-    return _remove_files(store, objects, job_id)
-
-
-def remove_files_left(store: "JobStore", objects: ObjectStore) -> list[str]:
-    """Reaper: retry the files of deleted jobs that the store did not remove; the ids removed now."""
-    removed = []
-    for job_id in store.jobs_with_files_left():
-        if not _remove_files(store, objects, job_id):
-            break  # still down: the next sweep tries again
-        removed.append(job_id)
-    return removed
-
-
-def remove_orphans(store: "JobStore", objects: ObjectStore, older_than_s: float) -> list[str]:
-    """Reaper (and, for this host's files only, the API's start): what no job needs any more and
-    nothing else would remove.
-
-    - Uploads never settled (neither recorded as a job nor rolled back) and idle for more than
-      ``older_than_s``: an API process was killed mid-request. The API notes each upload as it
-      begins and, streaming to a store, as its bytes arrive (``JobStore.upload_active``); the
-      files of such a job (its folder, and with an object store its unfinished multipart uploads
-      and objects) are removed unless a record names it. Nothing the API did not note is
-      touched, so a Redis that lost its data (or another deployment's) never empties a bucket.
-    - This host's spool files and request folders not written for that long (``ObjectStore.stale_host_files``).
-    - Attempt workspaces on this host of jobs that ended or are gone (a worker killed mid-job,
-      whose job another host then finished).
-
-    Returns the ids of the unsettled uploads whose files were removed.
-    """
-    cutoff = time.time() - older_than_s
-    removed = []
-    unsettled = store.uploads_idle_since(cutoff)
-    for job_id, state in store.states(unsettled).items():
-        if state is None:
-            try:
-                objects.delete(job_id)
-            except StoreUnavailable as error:
-                log.warning("upload of job %s: files not removed (%s); the next sweep retries", job_id, error)
-                break
-            removed.append(job_id)
-            log.warning("upload of job %s: removed its files, which no record names (its request was killed "
-                        "mid-upload)", job_id, extra={"job_id": job_id})
-        store.upload_settled(job_id)
-    remove_host_leftovers(objects, older_than_s)
-    workspaces = objects.workspaces()
-    states = store.states({job_id for job_id, _ in workspaces})
-    for job_id, attempt in workspaces:
-        if states[job_id] is None or states[job_id] in FINAL_STATES:
-            objects.release(job_id, attempt)
-    return removed
-
-
-def remove_host_leftovers(objects: ObjectStore, older_than_s: float) -> None:
-    """This host's files of requests killed more than ``older_than_s`` ago (see ``remove_orphans``)."""
-    for path in objects.stale_host_files(time.time() - older_than_s):
-        if path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-
-
-def _remove_files(store: "JobStore", objects: ObjectStore, job_id: str) -> bool:
-    try:
-        objects.delete(job_id)
-    except StoreUnavailable as error:
-        store.files_left(job_id)
-        log.warning("job %s: files not removed (%s); the reaper retries", job_id, error, extra={"job_id": job_id})
-        return False
-    store.files_left(job_id, removed=True)
-    return True
 
 
 def open_object_store(settings: Settings, storage: Storage | None = None) -> ObjectStore:

@@ -9,8 +9,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
+from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
+from modelpress.method_specs import DistillSpec, PruneSpec, QuantizeSpec, Strict, distill_flag, prune_flag, quantize_flag
 from modelpress.untrusted_json import loads_bounded
 
 # Single methods (each with an options section of its name) are those in REGISTRY, at the end of this file.
@@ -19,8 +20,6 @@ MAX_STEPS = 8
 TARGET_METRICS = ("accuracy", "top1_agreement", "cosine")
 TARGET_OBJECTIVES = ("size", "latency", "macs")
 PACKAGES = ("program", "aoti")
-PRUNABLE_MODULES = ("Conv2d", "Linear", "Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
-QUANTIZABLE_MODULES = ("Linear", "LSTM", "GRU", "RNN", "MultiheadAttention")
 MAX_INPUT_ELEMENTS = 1 << 26  # 64M floats (256 MB): bigger example inputs are a mistake or an attack
 MAX_SPEC_BYTES = 64 * 1024
 INPUT_DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool")
@@ -33,172 +32,7 @@ MAX_INPUTS = 16
 MAX_INT_BOUND = 2**53  # int64 bounds exactly representable in JSON numbers and float64
 
 
-class _Strict(Schema):
-    class Meta:
-        unknown = RAISE
-
-
-DYNAMIC_MODULES = ("Linear", "LSTM", "GRU", "MultiheadAttention")  # the default selection of mode dynamic
-STATIC_MODULES = ("Conv1d", "Conv2d", "Conv3d", "Linear")  # what mode static can quantize (all by default)
-# Options of mode static and their defaults (refused in mode dynamic, where they would do nothing).
-STATIC_OPTIONS = {"observer": "histogram", "reduce_range": True, "calibration_batches": 8, "min_cosine": 0.99}
-
-
-class QuantizeSpec(_Strict):
-    mode = fields.String(
-        load_default="dynamic", validate=validate.OneOf(["dynamic", "static"]),
-        metadata={"description": "dynamic: int8 weights, activations quantized per batch at run time; "
-                                 "static: int8 weights and activations of conv and linear layers, calibrated on the data."},
-    )
-    dtype = fields.String(
-        load_default="qint8", validate=validate.OneOf(["qint8", "float16"]),
-        metadata={"description": "Weight type: qint8 (4x smaller, int8 kernels for Linear) or float16 (2x smaller); "
-                                 "static needs qint8."},
-    )
-    modules = fields.List(
-        fields.String(validate=validate.OneOf(sorted(set(QUANTIZABLE_MODULES) | set(STATIC_MODULES)))),
-        load_default=None,
-        validate=validate.Length(min=1, max=len(QUANTIZABLE_MODULES) + len(STATIC_MODULES)),
-        metadata={"description": "Module types whose weights are quantized; default: Linear, LSTM, GRU (dynamic) "
-                                 "or Conv1d, Conv2d, Conv3d, Linear (static)."},
-    )
-    exclude = fields.List(
-        fields.String(validate=validate.Length(min=1, max=200)),
-        load_default=list, validate=validate.Length(max=200),
-        metadata={"description": "Qualified-name glob patterns (fnmatch) of modules to keep in float, e.g. 'head' or 'layers.0.*'."},
-    )
-    per_channel = fields.Boolean(
-        load_default=True, metadata={"description": "One int8 scale per output channel (true) or per tensor."}
-    )
-    observer = fields.String(
-        validate=validate.OneOf(["histogram", "minmax"]),
-        metadata={"description": "static: how activation ranges are calibrated: histogram (minimises the "
-                                 "quantization error, slower) or minmax (the observed range)."},
-    )
-    reduce_range = fields.Boolean(
-        metadata={"description": "static: 7-bit activations, which cannot saturate fbgemm's int16 "
-                                 "accumulation on CPUs without VNNI; false: full 8 bits."},
-    )
-    calibration_batches = fields.Integer(
-        strict=True, validate=validate.Range(1, 1000),
-        metadata={"description": "static: batches of 32 example rows run to calibrate the activation ranges (count)."},
-    )
-    min_cosine = fields.Float(
-        validate=validate.Range(0, 1),
-        metadata={"description": "static: fidelity floor; the layers whose quantization hurts the outputs most "
-                                 "stay float until the outputs' cosine to the float model's reaches it."},
-    )
-
-    @validates_schema
-    def _fits_mode(self, data: Mapping[str, Any], **kwargs: Any) -> None:
-        static = data.get("mode") == "static"
-        allowed = STATIC_MODULES if static else QUANTIZABLE_MODULES
-        wrong = {index: [f"{name} cannot be quantized in mode {data.get('mode')!r}; choose from {', '.join(allowed)}"]
-                 for index, name in enumerate(data.get("modules") or []) if name not in allowed}
-        if wrong:
-            raise ValidationError({"modules": wrong})
-        if static and data.get("dtype") == "float16":
-            raise ValidationError("static quantization is int8 only: use qint8", "dtype")
-        for option in STATIC_OPTIONS:
-            if option in data and not static:
-                raise ValidationError("only used when mode is 'static'", option)
-
-    @post_load
-    def _mode_defaults(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
-        """Defaults that depend on the mode (static options exist only in mode static)."""
-        static = data.get("mode") == "static"
-        if data.get("modules") is None:
-            data["modules"] = list(STATIC_MODULES if static else DYNAMIC_MODULES)
-        if static:
-            for option, default in STATIC_OPTIONS.items():
-                data.setdefault(option, default)
-        return data
-
-
-class FinetuneSpec(_Strict):
-    epochs = fields.Integer(load_default=3, strict=True, validate=validate.Range(1, 200),
-                            metadata={"description": "Passes over the data file (count)."})
-    lr = fields.Float(load_default=1e-3, validate=validate.Range(0, 1, min_inclusive=False),
-                      metadata={"description": "Adam learning rate."})
-    batch_size = fields.Integer(load_default=32, strict=True, validate=validate.Range(2, 4096),
-                                metadata={"description": "Samples per step (count)."})
-    seed = fields.Integer(load_default=0, strict=True, validate=validate.Range(0, 2**31 - 1),
-                          metadata={"description": "Seed of the shuffling."})
-
-
-class PruneSpec(_Strict):
-    amount = fields.Float(
-        load_default=0.5, validate=validate.Range(0, 1, min_inclusive=False, max_inclusive=False),
-        metadata={"description": "Fraction of weights (unstructured) or of channels per group (structured) to remove."},
-    )
-    structured = fields.Boolean(
-        load_default=False, metadata={"description": "false: zero single weights; true: remove whole output channels."}
-    )
-    criterion = fields.String(load_default="l1", validate=validate.OneOf(["l1", "l2"]),
-                              metadata={"description": "Norm that ranks channels (single weights rank by |w| either way)."})
-    scope = fields.String(load_default="global", validate=validate.OneOf(["global", "per_layer"]),
-                          metadata={"description": "Unstructured: one threshold for all layers, or amount per layer."})
-    modules = fields.List(
-        fields.String(validate=validate.OneOf(PRUNABLE_MODULES)), load_default=lambda: list(PRUNABLE_MODULES),
-        validate=validate.Length(min=1, max=len(PRUNABLE_MODULES)),
-        metadata={"description": "Module types to prune."},
-    )
-    exclude = fields.List(
-        fields.String(validate=validate.Length(min=1, max=200)), load_default=None, allow_none=True,
-        validate=validate.Length(max=200),
-        metadata={"description": "Qualified-name glob patterns of modules left whole; null: the final classifier."},
-    )
-    finetune = fields.Nested(FinetuneSpec, allow_none=True, load_default=None,
-                             metadata={"description": "Train after pruning; needs a data file."})
-
-
-class StudentSpec(_Strict):
-    source = fields.String(
-        data_key="from", required=True, validate=validate.OneOf(["upload", "torchvision", "width"]),
-        metadata={"description": "upload: the multipart part 'student'; torchvision: a model by name; "
-                                 "width: the teacher with a fraction of its channels."},
-    )
-    arch = fields.String(validate=validate.Regexp(r"^[a-z][a-z0-9_]{1,63}$"),
-                         metadata={"description": "torchvision classification model name, e.g. resnet18 (from: torchvision)."})
-    width = fields.Float(validate=validate.Range(0, 1, min_inclusive=False, max_inclusive=False),
-                         metadata={"description": "Fraction of the teacher's channels kept (from: width); "
-                                                  "parameters shrink about as width squared."})
-
-    @validates_schema
-    def _options_match_source(self, data: Mapping[str, Any], **kwargs: Any) -> None:
-        needs = {"torchvision": "arch", "width": "width"}.get(data.get("source", ""))
-        if needs and needs not in data:
-            raise ValidationError(f"required when from is {data['source']!r}", needs)
-        for option in ("arch", "width"):
-            if option in data and option != needs:
-                raise ValidationError(f"only allowed when from is {'torchvision' if option == 'arch' else 'width'!r}", option)
-
-
-class DistillSpec(_Strict):
-    student = fields.Nested(StudentSpec, required=True, metadata={"description": "Where the student comes from."})
-    temperature = fields.Float(load_default=4.0, validate=validate.Range(0, 100, min_inclusive=False),
-                               metadata={"description": "Softmax temperature T of the soft targets."})
-    alpha = fields.Float(load_default=None, allow_none=True, validate=validate.Range(0, 1),
-                         metadata={"description": "Weight of the soft loss; null: 0.9 with labels, and 1.0 "
-                                                  "always without labels."})
-    epochs = fields.Integer(load_default=10, strict=True, validate=validate.Range(1, 500),
-                            metadata={"description": "Passes over the training split (count)."})
-    batch_size = fields.Integer(load_default=64, strict=True, validate=validate.Range(2, 4096),
-                                metadata={"description": "Samples per step (count)."})
-    lr = fields.Float(load_default=1e-3, validate=validate.Range(0, 1, min_inclusive=False),
-                      metadata={"description": "Learning rate."})
-    optimizer = fields.String(load_default="adam", validate=validate.OneOf(["adam", "sgd"]),
-                              metadata={"description": "adam, or sgd with momentum 0.9."})
-    val_fraction = fields.Float(load_default=0.1, validate=validate.Range(0, 0.5, min_inclusive=False),
-                                metadata={"description": "Share of the data held out for validation (fraction)."})
-    early_stopping_patience = fields.Integer(
-        load_default=None, allow_none=True, strict=True, validate=validate.Range(1, 500),
-        metadata={"description": "Stop after this many epochs without a better validation score; null: never."})
-    seed = fields.Integer(load_default=0, strict=True, validate=validate.Range(0, 2**31 - 1),
-                          metadata={"description": "Seed of the split and the shuffling."})
-
-
-class InputSpec(_Strict):
+class InputSpec(Strict):
     shape = fields.List(
         fields.Integer(strict=True, validate=validate.Range(1, 1 << 20)), required=True,
         validate=validate.Length(min=1, max=8),
@@ -259,7 +93,7 @@ class OutputChoice(fields.Field):
         return value
 
 
-class EvaluationSpec(_Strict):
+class EvaluationSpec(Strict):
     runs = fields.Integer(
         load_default=20, strict=True, validate=validate.Range(1, 1000),
         metadata={"description": "Timed forward passes per model; the report gives the median (count)."},
@@ -283,7 +117,7 @@ class EvaluationSpec(_Strict):
     )
 
 
-class StepSpec(_Strict):
+class StepSpec(Strict):
     """One step of a pipeline: a single method and its options, validated as a spec of that method would be."""
 
     method = fields.String(required=True, metadata={"description": "This step's method."})  # choices: register_method
@@ -300,7 +134,7 @@ class StepSpec(_Strict):
         return data
 
 
-class TargetSpec(_Strict):
+class TargetSpec(Strict):
     metric = fields.String(
         required=True, validate=validate.OneOf(TARGET_METRICS),
         metadata={"description": "What the target is about, measured on held-out rows of the data file: accuracy "
@@ -324,7 +158,7 @@ class TargetSpec(_Strict):
             raise ValidationError("give exactly one of max_drop or min", "max_drop" if "max_drop" in data else "_schema")
 
 
-class SearchSpec(_Strict):
+class SearchSpec(Strict):
     max_trials = fields.Integer(load_default=8, strict=True, validate=validate.Range(1, 50),
                                 metadata={"description": "Candidates tried at most (count)."})
     time_budget_s = fields.Integer(
@@ -338,7 +172,7 @@ class SearchSpec(_Strict):
                           metadata={"description": "Seed of the hold-out split."})
 
 
-class CompressionSpec(_Strict):
+class CompressionSpec(Strict):
     method = fields.String(required=True, metadata={"description": "Compression method."})  # choices: register_method
     steps = fields.List(
         fields.Nested(StepSpec), validate=validate.Length(min=1, max=MAX_STEPS),
@@ -579,35 +413,14 @@ def filled_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return schema.load(schema.dump(options))
 
 
-def _quantize_flag(value: str, args: Any) -> dict[str, Any]:
-    dtype = {"dynamic": "qint8", "int8": "qint8", "qint8": "qint8", "float16": "float16", "static": "qint8"}.get(value)
-    if dtype is None:
-        raise ValueError("--quantize takes dynamic (int8), float16 or static")
-    return {"mode": "static" if value == "static" else "dynamic", "dtype": dtype}
-
-
-def _prune_flag(value: str, args: Any) -> dict[str, Any]:
-    return {"amount": float(value), "structured": bool(getattr(args, "structured", False))}
-
-
-def _distill_flag(value: str, args: Any) -> dict[str, Any]:
-    kind, _, rest = value.partition("=")
-    student = {"width": lambda: {"from": "width", "width": float(rest)},
-               "torchvision": lambda: {"from": "torchvision", "arch": rest},
-               "upload": lambda: {"from": "upload"}}.get(kind)
-    if student is None:
-        raise ValueError("--distill takes width=FRACTION, torchvision=ARCH or upload")
-    return {"student": student()}
-
-
 for _entry in (
     MethodEntry("quantize", QuantizeSpec, "workers.engine.methods.quantize.torchscript:quantize", "Spec reference",
                 CliFlag("dynamic|float16|static", "dynamic quantization, or static int8 (calibrated on --data) instead of --spec",
-                        _quantize_flag)),
+                        quantize_flag)),
     MethodEntry("prune", PruneSpec, "workers.engine.methods.prune.torchscript:prune", "Spec reference",
-                CliFlag("AMOUNT", "pruning amount (0..1) instead of --spec", _prune_flag)),
+                CliFlag("AMOUNT", "pruning amount (0..1) instead of --spec", prune_flag)),
     MethodEntry("distill", DistillSpec, "workers.engine.methods.distill.torchscript:distill", "Spec reference",
-                CliFlag("width=F|torchvision=ARCH|upload", "distillation instead of --spec", _distill_flag),
+                CliFlag("width=F|torchvision=ARCH|upload", "distillation instead of --spec", distill_flag),
                 options_required=True),
 ):
     register_method(_entry)

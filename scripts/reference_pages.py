@@ -192,7 +192,7 @@ def _number(value: float) -> str:
 def _mode_defaults() -> dict[str, str]:
     """Defaults that depend on the quantize mode, filled by the schema after loading (its ``post_load``)
     rather than declared on the field: read from the same constants the schema uses."""
-    from modelpress.spec import DYNAMIC_MODULES, STATIC_MODULES, STATIC_OPTIONS
+    from modelpress.method_specs import DYNAMIC_MODULES, STATIC_MODULES, STATIC_OPTIONS
 
     notes = {"quantize.modules": f"`{json.dumps(list(DYNAMIC_MODULES))}` (dynamic), "
                                  f"`{json.dumps(list(STATIC_MODULES))}` (static)"}

@@ -6,7 +6,8 @@ from flask import Flask
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
 from modelpress.logs import configure_logging
-from modelpress.objectstore import open_object_store, remove_host_leftovers
+from modelpress.cleanup import remove_host_leftovers
+from modelpress.objectstore import open_object_store
 from modelpress.storage import Storage
 
 

@@ -12,7 +12,8 @@ from modelpress import jobs
 from modelpress.formats import FILE_SUFFIX, TORCHSCRIPT
 from modelpress.jobs import JobStore, public_view, utc_now
 from modelpress.spec import MAX_SPEC_BYTES
-from modelpress.objectstore import LocalObjects, ObjectStore, remove_job
+from modelpress.cleanup import remove_job
+from modelpress.objectstore import LocalObjects, ObjectStore
 from service.auth import require_tenant
 from service.problems import ApiProblem
 from modelpress.webhooks import tenant_secret

@@ -22,7 +22,8 @@ from werkzeug.datastructures import FileStorage
 from werkzeug.formparser import FormDataParser, MultiPartParser
 
 from modelpress.jobs import JobStore, new_job_id
-from modelpress.objectstore import ObjectStore, PartStream
+from modelpress.objectstore import ObjectStore
+from modelpress.partstream import PartStream
 from modelpress.storage import JobFiles
 
 ACTIVE_NOTE_S = 30.0  # how often a streaming upload tells Redis it is alive (see ``track_upload``)
@@ -152,7 +153,7 @@ class _FieldAwareMultiPartParser(MultiPartParser):
 def track_upload(store: JobStore, job_id: str, active: bool) -> None:
     """Note that a request is writing files for ``job_id`` (``active``), or that it recorded the job
     or removed them; the reaper removes the files of an upload noted, never settled and idle for
-    long (its API process was killed mid-request, ``modelpress.objectstore.remove_orphans``). Best
+    long (its API process was killed mid-request, ``modelpress.cleanup.remove_orphans``). Best
     effort: with Redis away the request cannot record a job anyway, and rolls its files back itself."""
     try:
         (store.upload_active if active else store.upload_settled)(job_id)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from marshmallow import fields
 
+from modelpress import method_specs
 from modelpress import spec as spec_module
 from modelpress.spec import CompressionSpec
 
@@ -63,7 +64,7 @@ def test_the_spec_reference_shows_defaults_ranges_and_descriptions_from_the_sche
                                           "(unstructured) or of channels per group (structured) to remove. |")
     assert "`upload`, `torchvision`, `width`" in _row(page, "distill.student.from")
     assert "| required |" in _row(page, "distill.student.from")
-    static_default = spec_module.STATIC_OPTIONS["calibration_batches"]
+    static_default = method_specs.STATIC_OPTIONS["calibration_batches"]
     assert f"`{static_default}` (static only)" in _row(page, "quantize.calibration_batches")
 
 
@@ -77,7 +78,7 @@ def test_changing_a_default_in_the_schema_changes_the_spec_reference(monkeypatch
 
 
 def test_a_schema_with_another_default_gives_another_page() -> None:
-    class WiderPrune(spec_module.PruneSpec):
+    class WiderPrune(method_specs.PruneSpec):
         amount = fields.Float(load_default=0.25, metadata={"description": "Another default."})
 
     row = _row(reference_pages.spec_reference(WiderPrune()), "amount")

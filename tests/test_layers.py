@@ -56,6 +56,14 @@ def test_no_import_cycle_besides_the_known_ones() -> None:
     assert [cycle for cycle in cycles if frozenset(cycle) not in KNOWN_CYCLES] == []
 
 
+def test_no_module_of_the_project_is_over_450_lines() -> None:
+    """A module a reader can hold in mind (tests and benchmarks aside); the engine's test also bounds classes."""
+    too_long = {str(path.relative_to(ROOT)): lines for package in PACKAGES + ("scripts",)
+                for path in sorted((ROOT / package).rglob("*.py"))
+                if (lines := len(path.read_text().splitlines())) > 450}
+    assert too_long == {}
+
+
 def test_settings_are_read_from_the_environment_in_config_only() -> None:
     assert environment_reads(ROOT) == []
 

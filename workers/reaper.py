@@ -12,10 +12,10 @@ remove expired ones.
 - Retention: finished jobs older than ``MODELPRESS_RETENTION_HOURS`` lose their record, then
   their files, local or in the object store (a download in between answers 404, never 500). Files
   the object store did not remove (it was away, for this or for a ``DELETE``) are retried at each
-  sweep (``modelpress.objectstore.remove_files_left``).
+  sweep (``modelpress.cleanup.remove_files_left``).
 - Orphans: the files of uploads whose API process was killed mid-request (noted in Redis as they
   began, never recorded nor rolled back) once older than ``MODELPRESS_ORPHAN_AFTER_S``, and this
-  host's workspaces of jobs that ended elsewhere (``modelpress.objectstore.remove_orphans``).
+  host's workspaces of jobs that ended elsewhere (``modelpress.cleanup.remove_orphans``).
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from celery import Celery
 
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
-from modelpress.objectstore import open_object_store, remove_files_left, remove_job, remove_orphans
+from modelpress.cleanup import remove_files_left, remove_job, remove_orphans
+from modelpress.objectstore import open_object_store
 from workers.celery_app import QUEUE, send_job
 
 log = logging.getLogger("modelpress.reaper")

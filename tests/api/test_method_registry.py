@@ -9,6 +9,7 @@ import pytest
 import torch
 from marshmallow import fields, validate
 
+from modelpress.method_specs import Strict
 from modelpress import spec as spec_module
 from modelpress.cli import _parser, _spec_from
 from modelpress.spec import CliFlag, MethodEntry, SpecError, parse_spec, register_method
@@ -16,7 +17,7 @@ from tests.conftest import make_settings
 from tests.models import SmallConvNet, save_scripted
 
 
-class ScaleSpec(spec_module._Strict):
+class ScaleSpec(Strict):
     factor = fields.Float(load_default=0.5, validate=validate.Range(0, 10, min_inclusive=False),
                           metadata={"description": "What every floating parameter is multiplied by."})
 

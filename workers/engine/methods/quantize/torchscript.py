@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from modelpress.spec import DYNAMIC_MODULES
+from modelpress.method_specs import DYNAMIC_MODULES
 
 from workers.engine.errors import UnsupportedModel
 from workers.engine.methods.quantize.attention import expand_fused_attention
