@@ -25,6 +25,7 @@ import io
 import json
 import pickletools
 import re
+import struct
 import zipfile
 from pathlib import Path
 
@@ -50,7 +51,9 @@ _SAFE_GLOBALS = frozenset({
 # strings from the stack, perhaps from the memo; EXT* from the copyreg registry). torch.save writes
 # protocol 2, which uses GLOBAL only, so refusing these refuses no genuine file.
 _IMPORTING_OPCODES = frozenset({"STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4"})
-_MAX_JSON_BYTES = 256 << 20
+# json.loads holds about 28x a file's size (a 24 MB model.json took the API 670 MB): a program's
+# graph is a few MB even for a large transformer (resnet50: 0.44 MB), weights are elsewhere.
+_MAX_JSON_BYTES = 16 << 20
 _MAX_SAMPLE_INPUT_BYTES = 64 << 20
 
 
@@ -159,6 +162,7 @@ def _check_torch_save(archive: zipfile.ZipFile, name: str) -> None:
         return
     if not zipfile.is_zipfile(io.BytesIO(payload)):
         raise _Refused("the .pt2 sample inputs are a bare pickle, not a torch.save archive: refused unread")
+    _bound_nested_directory(payload)
     with zipfile.ZipFile(io.BytesIO(payload)) as nested:
         pickles = [entry for entry in nested.namelist() if entry.endswith(".pkl")]
         if len(pickles) != 1 or not pickles[0].endswith("/data.pkl") or len(nested.namelist()) > 10_000:
@@ -166,6 +170,34 @@ def _check_torch_save(archive: zipfile.ZipFile, name: str) -> None:
         if nested.getinfo(pickles[0]).file_size > _MAX_SAMPLE_INPUT_BYTES:
             raise _Refused("the .pt2 sample inputs pickle is too large: refused")
         _check_pickle(nested.read(pickles[0]))
+
+
+_END = struct.Struct("<4s4H2LH")  # end of central directory record
+_END64_LOCATOR = struct.Struct("<4sLQL")
+_END64 = struct.Struct("<4sQ2H2L4Q")
+_MAX_NESTED_ENTRIES = 64  # torch.save of a few example tensors writes fewer than ten
+_MAX_NESTED_DIRECTORY = 64 << 10
+
+
+def _bound_nested_directory(payload: bytes) -> None:
+    """Before ``zipfile`` parses the nested archive's directory (all of it, whatever it declares),
+    bound what its end records declare: a directory of a million empty entries costs the API
+    hundreds of MB to parse."""
+    end = payload.rfind(b"PK\x05\x06", max(0, len(payload) - (1 << 16) - _END.size))
+    if end < 0 or len(payload) < end + _END.size:
+        raise _Refused("the .pt2 sample inputs archive has no readable zip directory: refused")
+    fields = _END.unpack_from(payload, end)
+    entries, directory = fields[4], fields[5]
+    locator = end - _END64_LOCATOR.size
+    if locator >= 0 and payload[locator:locator + 4] == b"PK\x06\x07":  # zip64: zipfile takes these values
+        record = locator - _END64.size
+        if record < 0 or payload[record:record + 4] != b"PK\x06\x06":
+            raise _Refused("the .pt2 sample inputs archive is damaged (zip64 end record): refused")
+        zip64 = _END64.unpack_from(payload, record)
+        entries, directory = max(entries, zip64[6], zip64[7]), max(directory, zip64[8])
+    if entries > _MAX_NESTED_ENTRIES or directory > _MAX_NESTED_DIRECTORY:
+        raise _Refused(f"the .pt2 sample inputs archive declares {entries} entries in {directory} bytes of directory "
+                       f"(torch.save of example inputs writes a few): refused")
 
 
 def _check_pickle(data: bytes) -> None:

@@ -70,6 +70,7 @@ _DEVICE = re.compile(r"^[a-z_]{1,32}$")
 _VERIFIERS = frozenset({"", "ATEN", "TRAINING"})
 _NODE_METADATA = frozenset({"stack_trace", "nn_module_stack", "source_fn_stack", "torch_fn", "custom", "from_node"})
 _GRAPH_METADATA = frozenset({"custom"})
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u2028\u2029]")
 _META_TARGET = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$", re.ASCII)
 
 # String fields by role: (type, field) -> what the string must be. Dict keys: (type, field, "key").
@@ -250,6 +251,8 @@ def check_operator(target: str, check_ops: bool, argument: bool = False) -> None
 _SYMPY_NAME = re.compile(r"^[A-Z][A-Za-z0-9]{0,40}$")
 _ASSUMPTIONS = frozenset({"positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite",
                           "nonzero", "zero", "even", "odd", "commutative", "oo", "zoo", "nan", "evaluate"})
+MAX_EXPONENT = 64
+MAX_POWERS = 3
 _EXPRESSION_OPERATORS = frozenset({"(", ")", ",", "+", "-", "*", "/", "//", "%", "**", "=", "<", ">", "<=", ">=",
                                    "==", "!=", "&", "|", "~"})
 
@@ -264,16 +267,26 @@ def check_expression(expression: str) -> None:
         tokens = list(tokenize.generate_tokens(io.StringIO(expression).readline))
     except (tokenize.TokenError, SyntaxError):
         raise refused from None
-    for token in tokens:
+    if expression.count("**") > MAX_POWERS:
+        raise refused
+    for token, after, then in zip(tokens, [*tokens[1:], None], [*tokens[2:], None, None]):
         if token.type == tokenize.NAME:
             ok = bool(_SYMBOL_NAME.match(token.string) or _SYMPY_NAME.match(token.string)) \
                 or token.string in _ASSUMPTIONS
+        elif token.type == tokenize.OP and token.string == "**":
+            # sympy computes integer powers when it parses: 9**9**9**9 would never finish. A power
+            # has a small literal exponent (s0**2), is never chained, and an expression holds a few
+            # (nested in parentheses, 3 powers of at most 64 reach 9**262144: computed at once).
+            ok = after is not None and after.type == tokenize.NUMBER and after.string.isdigit() \
+                and int(after.string) <= MAX_EXPONENT and (then is None or then.string != "**")
         elif token.type == tokenize.OP:
             ok = token.string in _EXPRESSION_OPERATORS
+        elif token.type == tokenize.NUMBER:
+            ok = len(token.string) <= 20
         elif token.type == tokenize.STRING:
             ok = token.string[:1] in "'\"" and bool(_SYMBOL_NAME.match(token.string[1:-1]))
         else:
-            ok = token.type in (tokenize.NUMBER, tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)
+            ok = token.type in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER)
         if not ok:
             raise refused
 
@@ -312,7 +325,8 @@ def check_guard(guard: str) -> None:
         if not isinstance(node, _GUARD_NODES):
             raise refused
         if isinstance(node, ast.Constant):
-            ok = type(node.value) in (int, float, bool) or isinstance(node.value, str) and _GUARD_KEY.match(node.value)
+            ok = type(node.value) in (int, float, bool) or isinstance(node.value, str) \
+                and bool(_GUARD_KEY.match(node.value)) and "__" not in node.value
         elif isinstance(node, ast.Name):
             ok = node.id == "L" or node.id in _GUARD_ATTRIBUTES or node.id in _GUARD_FUNCTIONS and id(node) in called
         elif isinstance(node, ast.Attribute):
@@ -392,6 +406,11 @@ def _check_context(context: object, refused: Refused) -> None:
 
 
 def _check_node_metadata(metadata: dict) -> None:
+    # A carriage return survives torch's split of a stack trace into lines, and FX pastes those
+    # lines into the code it prints: no control character besides newline and tab, in any of them.
+    for key, text in metadata.items():
+        if isinstance(text, str) and _CONTROL.search(text):
+            raise Refused(f"models/model.json holds node metadata {str(key)[:100]!r} with a control character: refused")
     extra = sorted(set(metadata) - _NODE_METADATA)
     if extra:
         raise Refused(f"models/model.json holds node metadata {str(extra[0])[:100]!r}, which torch.export.save never "

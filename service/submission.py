@@ -80,10 +80,10 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
                 except DataFileRefused as refused:
                     raise invalid({"data": [str(refused)]}) from None
             else:
-                try:
-                    infos[part]["format"] = off_the_loop(_checked_format, path, settings)  # the job, its report and the download say it
-                except ArchiveRejected as rejected:
-                    raise invalid({part: [str(rejected)]}) from None
+                model_format_or_refusal = off_the_loop(_checked_format, path, settings)
+                if isinstance(model_format_or_refusal, ArchiveRejected):
+                    raise invalid({part: [str(model_format_or_refusal)]})
+                infos[part]["format"] = model_format_or_refusal  # the job, its report and the download say it
         if infos["model"]["format"] != EXPORTED:
             for field, value, allowed in (("spec.package", spec.get("package", "program"), "program"),
                                           ("spec.evaluation.runtime", spec["evaluation"]["runtime"], "eager")):
@@ -206,9 +206,15 @@ def off_the_loop(call: Callable[..., Any], *args: Any) -> Any:
     return get_hub().threadpool.apply(call, args)
 
 
-def _checked_format(path: Path, settings: Settings) -> str:
-    """The uploaded model's format, once its archive passed the checks (``ArchiveRejected`` otherwise)."""
-    check_torchscript_archive(path, 2 * (settings.max_upload_mb << 20), settings.op_check == "on")
+def _checked_format(path: Path, settings: Settings) -> str | ArchiveRejected:
+    """The uploaded model's format once its archive passed the checks, or why it was refused.
+
+    The refusal is returned, not raised: gevent's thread pool prints every exception that leaves a
+    thread as a traceback, which would put one in the API's log for each refused upload."""
+    try:
+        check_torchscript_archive(path, 2 * (settings.max_upload_mb << 20), settings.op_check == "on")
+    except ArchiveRejected as rejected:
+        return rejected
     return model_format(path)
 
 

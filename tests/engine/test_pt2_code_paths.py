@@ -188,7 +188,38 @@ REFUSED = {
     "a guard calling a function": (_set(["guards_code"], ["L['input'].size()[0] == len('x')"]), "guard code"),
     "a guard reaching attributes": (_set(["guards_code"], ["L['input'].__class__ == 1"]), "guard code"),
     "a guard breaking out of its string": (_set(["guards_code"], ['L["input"].size()[0] > 1']), "guard code"),
+    "a guard subscript with a dunder key": (_set(["guards_code"], ["L['__builtins__'].size()[0] == 1"]), "guard code"),
+    "chained powers sympy would compute forever": (_set(["range_constraints", "9**9**9**9"], {"min_val": 0, "max_val": 1}),
+                                                   "shape expression"),
+    "a stack trace with a carriage return": (_set([*FIRST_NODE, "metadata", "stack_trace"], "x\rimport os"),
+                                             "control character"),
+    "a model.json over its size bound": (_set([*FIRST_NODE, "metadata", "custom"], {"pad": "x" * (17 << 20)}),
+                                         "larger than 16 MB"),
 }
+
+
+def test_sample_inputs_declaring_many_entries_are_refused_before_zipfile_reads_them(genuine: Path,
+                                                                                 tmp_path: Path) -> None:
+    """The nested torch.save archive gets zip bounds too: zipfile would parse its whole directory."""
+    import io
+
+    def with_sample_inputs(entries: int) -> bytes:
+        nested = io.BytesIO()
+        with zipfile.ZipFile(nested, "w") as archive:
+            archive.writestr("model/data.pkl", b"")
+            for index in range(entries):
+                archive.writestr(f"model/data/{index}", b"")
+        out = io.BytesIO()
+        with zipfile.ZipFile(genuine) as source, zipfile.ZipFile(out, "w") as archive:
+            for entry in source.infolist():
+                body = source.read(entry.filename)
+                archive.writestr(entry, nested.getvalue() if entry.filename.endswith("sample_inputs/model.pt") else body)
+        return out.getvalue()
+
+    problem = _problem(with_sample_inputs(5000), tmp_path)
+    assert problem is not None and "declares 5001 entries" in problem, problem
+    # Positive control: a few entries pass these bounds (and are then judged by the pickle check).
+    assert "declares" not in (_problem(with_sample_inputs(3), tmp_path) or "")
 
 
 @pytest.mark.parametrize("case", sorted(REFUSED))
