@@ -78,6 +78,14 @@ def supervisor_process(job_id: str, timeout: float = 60):
     return next(p for p in compression_process(job_id, timeout).parents() if not p.cmdline()[0].endswith("bwrap"))
 
 
+def write_keys(path: Path, keys: dict[str, str]) -> Path:
+    """An API keys file as an operator writes it: one ``tenant sha256:<hash of key>`` line each."""
+    from modelpress.keys import hash_key
+
+    path.write_text("".join(f"{tenant} sha256:{hash_key(key)}\n" for tenant, key in keys.items()))
+    return path
+
+
 def make_settings(tmp: Path, **changes: Any) -> Settings:
     base = Settings.from_env(
         {k: v for k, v in os.environ.items() if k in ("REDIS_URL",)}

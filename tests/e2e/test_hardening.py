@@ -16,9 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.keys import hash_key
 from modelpress.stack import Stack
-from tests.conftest import ApiClient, compression_process, make_settings
+from tests.conftest import ApiClient, compression_process, make_settings, write_keys
 from tests.models import SlowModel, SmallConvNet, save_scripted, scripted_bytes
 
 QUICK = {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": {"runs": 1, "warmup": 0}}
@@ -40,7 +39,7 @@ class Hardened:
 def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hardened]:
     root = tmp_path_factory.mktemp("hardened")
     keys = {"alpha": "mp_alpha-secret-key", "beta": "mp_beta-secret-key"}
-    (root / "keys").write_text("".join(f"{tenant} sha256:{hash_key(key)}\n" for tenant, key in keys.items()))
+    write_keys(root / "keys", keys)
     settings = make_settings(root / "data", redis_url=None, api_keys_file=root / "keys", job_timeout_s=JOB_TIMEOUT_S,
                              job_memory_mb=6144, max_active_jobs=60, worker_concurrency=2, job_threads=1,
                              metrics_token=METRICS_TOKEN, op_check="job")  # the in-job graph walk alone

@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from modelpress.keys import hash_key
 from modelpress.stack import Stack
-from tests.conftest import ApiClient, make_settings
+from tests.conftest import ApiClient, make_settings, write_keys
 from tests.models import SmallConvNet, save_scripted
 from workers import process_log
 
@@ -52,7 +51,7 @@ class Limited:
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Limited]:
     root = tmp_path_factory.mktemp("job-limits")
     keys = {"alpha": "mp_alpha-limits-key", "beta": "mp_beta-limits-key"}
-    (root / "keys").write_text("".join(f"{tenant} sha256:{hash_key(key)}\n" for tenant, key in keys.items()))
+    write_keys(root / "keys", keys)
     settings = make_settings(root / "data", redis_url=None, api_keys_file=root / "keys", worker_concurrency=2,
                              max_running_jobs=1, job_threads=1, job_timeout_s=OPERATOR_LIMIT_S, job_memory_mb=2048)
     stack = Stack(settings, log_dir=root / "logs")

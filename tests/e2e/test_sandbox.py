@@ -6,6 +6,7 @@ The op checks are tested on their own below (a stack with the defaults) and in t
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -201,22 +202,12 @@ def test_a_job_fails_closed_when_the_sandbox_cannot_be_set_up(tmp_path: Path) ->
     broken = tmp_path / "bwrap"
     broken.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
     broken.chmod(0o755)
-    stack = Stack(make_settings(tmp_path / "data", redis_url=None, bwrap=str(broken)), log_dir=tmp_path / "logs")
-    try:
-        stack.start()
-        client = ApiClient(stack.base_url)
-        job = client.wait(client.submit(save_scripted(SmallConvNet(), tmp_path / "m.pt"), QUICK).json()["id"], timeout=120)
-
-        assert job["state"] == "failed"
-        assert job["error"]["type"].endswith("/sandbox-unavailable")
+    with _job_under(broken, tmp_path) as (client, job):
         assert "No permissions to create new namespace" in job["error"]["detail"]
-        assert not (tmp_path / "data" / "jobs" / job["id"] / "output" / "model.pt").exists()
         ready = client.session.get(client.url("/readyz"))
         assert ready.status_code == 503
         assert "sandbox-unavailable" in ready.json()["detail"]
         assert "job sandbox unavailable" in (tmp_path / "logs" / "worker.log").read_text()
-    finally:
-        stack.stop()
 
 
 def test_a_job_fails_closed_when_its_syscall_filter_is_missing(tmp_path: Path) -> None:
@@ -227,16 +218,24 @@ def test_a_job_fails_closed_when_its_syscall_filter_is_missing(tmp_path: Path) -
     unfiltered.write_text(f"#!{sys.executable}\nimport os, sys\nargs = sys.argv[1:]\nat = args.index('--seccomp')\n"
                           f"del args[at:at + 2]\nos.execv({real!r}, [{real!r}, *args])\n")
     unfiltered.chmod(0o755)
-    stack = Stack(make_settings(tmp_path / "data", redis_url=None, bwrap=str(unfiltered)), log_dir=tmp_path / "logs")
+    with _job_under(unfiltered, tmp_path) as (client, job):
+        assert "no syscall filter (not filtered: Seccomp mode 0)" in job["error"]["detail"]
+        assert "no syscall filter" in client.session.get(client.url("/readyz")).json()["detail"]
+
+
+@contextlib.contextmanager
+def _job_under(bwrap: Path, tmp_path: Path) -> Iterator[tuple[ApiClient, dict]]:
+    """A stack whose worker runs jobs with ``bwrap`` instead of bubblewrap, and one job it failed
+    closed (``sandbox-unavailable``) with nothing left in ``output/``."""
+    stack = Stack(make_settings(tmp_path / "data", redis_url=None, bwrap=str(bwrap)), log_dir=tmp_path / "logs")
     try:
         stack.start()
         client = ApiClient(stack.base_url)
         job = client.wait(client.submit(save_scripted(SmallConvNet(), tmp_path / "m.pt"), QUICK).json()["id"], timeout=120)
-
         assert job["state"] == "failed"
         assert job["error"]["type"].endswith("/sandbox-unavailable")
-        assert "no syscall filter (not filtered: Seccomp mode 0)" in job["error"]["detail"]
-        assert "no syscall filter" in client.session.get(client.url("/readyz")).json()["detail"]
+        assert not (tmp_path / "data" / "jobs" / job["id"] / "output" / "model.pt").exists()
+        yield client, job
     finally:
         stack.stop()
 

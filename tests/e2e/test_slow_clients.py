@@ -20,9 +20,8 @@ import pytest
 import requests
 import torch
 
-from modelpress.keys import hash_key
 from modelpress.stack import Stack
-from tests.conftest import ApiClient, make_settings
+from tests.conftest import ApiClient, make_settings, write_keys
 from tests.models import SmallConvNet, save_scripted
 
 SPEC = {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": {"runs": 1, "warmup": 0}}
@@ -54,7 +53,7 @@ class Service:
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("slow-clients")
-    (root / "keys").write_text("".join(f"{tenant} sha256:{hash_key(key)}\n" for tenant, key in KEYS.items()))
+    write_keys(root / "keys", KEYS)
     settings = make_settings(root / "data", redis_url=None, api_keys_file=root / "keys",
                              header_timeout_s=HEADER_TIMEOUT_S, body_timeout_s=BODY_TIMEOUT_S)
     stack = Stack(settings, log_dir=root / "logs")

@@ -8,9 +8,8 @@ from typing import Iterator
 import pytest
 from playwright.sync_api import expect
 
-from modelpress.keys import hash_key
 from modelpress.stack import Stack
-from tests.conftest import ApiClient, make_settings
+from tests.conftest import ApiClient, make_settings, write_keys
 from tests.models import SmallConvNet, save_scripted
 from tests.ui.conftest import open_page
 
@@ -22,7 +21,7 @@ SPEC = {"method": "quantize", "input_shape": [1, 3, 8, 8]}
 def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Redis and the API with keys on; no worker, so submitted jobs stay queued (nothing here needs them run)."""
     root = tmp_path_factory.mktemp("console-keys")
-    (root / "keys").write_text("".join(f"{tenant} sha256:{hash_key(key)}\n" for tenant, key in KEYS.items()))
+    write_keys(root / "keys", KEYS)
     stack = Stack(make_settings(root / "data", redis_url=None, api_keys_file=root / "keys", api_workers=1,
                                 max_active_jobs=40),
                   log_dir=root / "logs")
