@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import arguments, machine, prepare, write_results  # noqa: E402
+from modelpress.options import method_options  # noqa: E402
 from tests.models import DigitsCNN, digits_splits, save_scripted, test_accuracy, train_classifier  # noqa: E402
 from workers.engine.formats.torchscript import load_model  # noqa: E402
 from workers.engine.inputs import load_dataset  # noqa: E402
@@ -41,8 +42,8 @@ def distill_spec(width: float, epochs: int) -> dict:
 def scratch_student(teacher_path: Path, width: float, data_path: Path, epochs: int) -> tuple[torch.jit.ScriptModule, float]:
     """The width student's architecture, re-initialised and trained on labels alone."""
     data = load_dataset(data_path)
-    student, _ = prune(load_model(teacher_path), {"amount": 1 - width, "structured": True, "criterion": "l1",
-                                                   "modules": ["Conv2d", "Linear"], "exclude": None, "finetune": None}, data)
+    options = method_options("prune", {"amount": 1 - width, "structured": True, "modules": ["Conv2d", "Linear"]})
+    student, _ = prune(load_model(teacher_path), options, data)
     torch.manual_seed(0)
     with torch.no_grad():
         for name, parameter in student.named_parameters():

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 from bench.common import arguments, interleaved_medians, machine, prepare, raise_priority, write_results  # noqa: E402
 from tests.models import LinearTransformer, Recurrent, transformer_encoder  # noqa: E402  (the shared model zoo)
 from workers.engine.measure import output_fidelity  # noqa: E402
+from modelpress.options import method_options  # noqa: E402
 from workers.engine.inputs import Dataset  # noqa: E402
 from workers.engine.methods.quantize.torchscript import quantize  # noqa: E402
 
@@ -68,7 +69,7 @@ def bench_one(name: str, model: nn.Module, shape: tuple[int, ...], runs: int) ->
     with torch.no_grad():
         reference = [scripted(batch)]
 
-    compressed, details = quantize(scripted, SPEC)
+    compressed, details = quantize(scripted, method_options("quantize", SPEC))
     ours_bytes = saved_bytes(compressed)
     ours = torch.jit.load(io.BytesIO(ours_bytes))
     with torch.no_grad():
@@ -153,7 +154,7 @@ def bench_static(name: str, model: nn.Module, shape: tuple[int, ...], runs: int,
         reference = [model(x) for x in fresh]
 
     variants: dict[str, _Timed | str] = {"float": _Timed(torch.jit.load(io.BytesIO(float_bytes)), len(float_bytes))}
-    ours, details = quantize(torch.jit.load(io.BytesIO(float_bytes)), STATIC_SPEC, Dataset(inputs=calibration), None)
+    ours, details = quantize(torch.jit.load(io.BytesIO(float_bytes)), method_options("quantize", STATIC_SPEC), Dataset(inputs=calibration), None)
     variants["modelpress"] = _reloaded(ours)
     if "onednn" in torch.backends.quantized.supported_engines:
         # Packed int8 weights are repacked for the engine active when the file is loaded.

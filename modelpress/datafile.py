@@ -15,7 +15,7 @@ import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -99,11 +99,12 @@ def read_headers(path: str | Path, max_uncompressed_bytes: int = MAX_NPZ_BYTES) 
         raise DataFileError(f"the data file could not be read: {str(error)[:300]}") from None
 
 
-def disagreements(arrays: Mapping[str, ArrayInfo], declared: list[Mapping[str, Any]] | None,
+def disagreements(arrays: Mapping[str, ArrayInfo], declared: Sequence[Any] | None,
                   from_input_shape: bool = False) -> dict[str, list[str]]:
     """Where the data file's inputs contradict the declared ones, by spec field; empty when they agree.
 
-    The data file defines the example inputs, so only the batch axis may differ.
+    The data file defines the example inputs, so only the batch axis may differ. ``declared``: the
+    job's ``InputOptions`` (``shape`` and ``dtype`` of each).
     """
     if not declared:
         return {}
@@ -116,13 +117,13 @@ def disagreements(arrays: Mapping[str, ArrayInfo], declared: list[Mapping[str, A
     for index, (name, entry) in enumerate(zip(names, declared)):
         info = arrays[name]
         prefix = "spec.input_shape" if from_input_shape else f"spec.inputs.{index}"
-        if list(info.shape[1:]) != list(entry["shape"][1:]):
+        if list(info.shape[1:]) != list(entry.shape[1:]):
             problems.setdefault(prefix if from_input_shape else f"{prefix}.shape", []).append(
-                f"samples of shape {list(entry['shape'][1:])} declared, but the data file's '{name}' has samples of "
+                f"samples of shape {list(entry.shape[1:])} declared, but the data file's '{name}' has samples of "
                 f"shape {list(info.shape[1:])} (array shape {list(info.shape)}); only the batch axis may differ")
-        if info.dtype != entry["dtype"]:
+        if info.dtype != entry.dtype:
             problems.setdefault(prefix if from_input_shape else f"{prefix}.dtype", []).append(
-                f"{entry['dtype']} declared, but the data file's '{name}' holds {info.dtype}")
+                f"{entry.dtype} declared, but the data file's '{name}' holds {info.dtype}")
     return problems
 
 

@@ -343,18 +343,6 @@ def target_conflicts(spec: Mapping[str, Any], has_labels: bool) -> dict[str, lis
     return {}
 
 
-def declared_inputs(spec: Mapping[str, Any]) -> list[dict[str, Any]] | None:
-    """The spec's example inputs as ``inputs`` entries (``input_shape`` is one float32 input), or None.
-
-    Defaults are filled here too, for callers of the engine that pass a spec they did not load.
-    """
-    if spec.get("inputs"):
-        return [_input_defaults(entry) for entry in spec["inputs"]]
-    if spec.get("input_shape"):
-        return [{"shape": list(spec["input_shape"]), "dtype": "float32", "low": None, "high": None}]
-    return None
-
-
 def dump_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The accepted spec as JSON-ready data (what the job resource shows)."""
     return CompressionSpec().dump(spec)
@@ -405,12 +393,6 @@ def register_method(entry: MethodEntry) -> None:
         # Method sections right after the method (the order the form and the README show).
         order = ["method", *REGISTRY, *(name for name in declared if name != "method" and name not in REGISTRY)]
         schema._declared_fields = {name: declared[name] for name in order}
-
-
-def filled_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """A method's options with every default filled, also for callers of the engine that give only some."""
-    schema = REGISTRY[method].options()
-    return schema.load(schema.dump(options))
 
 
 for _entry in (

@@ -26,7 +26,8 @@ from modelpress.fault_injection import fault_point
 from modelpress.formats import EXPORTED, model_format
 from modelpress.jobs import JobStore, new_job_id, utc_now
 from modelpress.objectstore import ObjectStore
-from modelpress.spec import SpecError, declared_inputs, dump_spec, parse_spec, target_conflicts
+from modelpress.options import job_options
+from modelpress.spec import SpecError, dump_spec, parse_spec, target_conflicts
 from modelpress.storage import write_json_atomic
 from modelpress.webhooks import CallbackRefused, check_callback_url
 from service.problems import ApiProblem
@@ -223,7 +224,8 @@ def _data_conflicts(path: Any, spec: dict[str, Any]) -> dict[str, list[str]]:
     cannot be read is left to the job, which fails with the reason."""
     try:
         headers = read_headers(path)
-        return {**disagreements(headers, declared_inputs(spec), from_input_shape=not spec.get("inputs")),
+        declared = job_options(spec)
+        return {**disagreements(headers, declared.inputs, from_input_shape=declared.from_input_shape),
                 **target_conflicts(spec, has_labels="labels" in headers)}
     except DataFileError:
         return {}

@@ -52,6 +52,7 @@ def main(argv: list[str]) -> int:
 
 def _compress(job_dir: Path, settings: Settings, facts: dict[str, Any], channel: protocol.Channel) -> int:
     # Imported after the limits, so even torch's import runs inside them.
+    from modelpress.options import job_options
     from modelpress.spec import parse_spec
     from modelpress.storage import read_json, write_json_atomic
 
@@ -65,9 +66,10 @@ def _compress(job_dir: Path, settings: Settings, facts: dict[str, Any], channel:
         data_path = files.input_data if files.input_data.exists() else None
         student_path = files.input_student if files.input_student.exists() else None
         spec = parse_spec(read_json(files.spec), has_data=data_path is not None, has_student=student_path is not None)
+        options = job_options(spec)  # parsed once: the engine reads these typed options, never the mapping
         if settings.op_check != "off":
             _check_programs([files.input_model, student_path])
-        report = compress(files.input_model, spec, files.output_model, data_path=data_path, progress=channel.progress,
+        report = compress(files.input_model, options, files.output_model, data_path=data_path, progress=channel.progress,
                           student_path=student_path)
         from workers.sandbox import device_facts
 

@@ -2,6 +2,7 @@
 document, the command line and the engine."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,12 +23,13 @@ class ScaleSpec(Strict):
                           metadata={"description": "What every floating parameter is multiplied by."})
 
 
-def scale(model: torch.jit.ScriptModule, options: dict[str, Any], data: object, progress: Any) -> tuple[Any, dict]:
-    """The test method's engine entry: it receives its options with the defaults filled."""
+def scale(model: torch.jit.ScriptModule, options: Any, data: object, progress: Any) -> tuple[Any, dict]:
+    """The test method's engine entry: it receives its options as a frozen object, the defaults filled
+    (a class made from its schema: ``modelpress.options.options_class``)."""
     with torch.no_grad():
         for parameter in model.parameters():
-            parameter.mul_(options["factor"])
-    return model, {"factor": options["factor"], "options": dict(options)}
+            parameter.mul_(options.factor)
+    return model, {"factor": options.factor, "options": dataclasses.asdict(options)}
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from modelpress.options import job_options
 from modelpress.spec import parse_spec
 from tests.models import DictHeads, ImageAndIds, SmallConvNet, TokenLSTM, TupleHeads, save_scripted
 from workers.engine.errors import InvalidInput
@@ -25,7 +26,7 @@ def test_random_inputs_follow_the_declared_dtypes_and_ranges() -> None:
         {"shape": [64, 30], "dtype": "int64", "low": 5, "high": 9}, {"shape": [64, 2], "dtype": "int32"},
         {"shape": [64, 3], "dtype": "bool"}, {"shape": [64, 4], "dtype": "bfloat16", "low": -2, "high": -1},
         {"shape": [64, 500]}]})
-    ids, small, flags, uniform, normal = random_inputs(spec["inputs"], seed=0)
+    ids, small, flags, uniform, normal = random_inputs(job_options(spec).inputs, seed=0)
 
     assert ids.dtype == torch.int64 and int(ids.min()) == 5 and int(ids.max()) == 8
     assert small.dtype == torch.int32 and 0 <= int(small.min()) and int(small.max()) < 100

@@ -111,6 +111,7 @@ def test_every_stochastic_depth_of_efficientnet_folds_away_before_quantization()
     # 16 block classes share torchvision's StochasticDepth; each method graph must see training=False.
     import torchvision
 
+    from modelpress.options import method_options
     from workers.engine.inputs import Dataset
     from workers.engine.methods.quantize.torchscript import quantize
 
@@ -118,9 +119,10 @@ def test_every_stochastic_depth_of_efficientnet_folds_away_before_quantization()
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(torchvision.models.efficientnet_b0(weights=None).eval()), buffer)
     buffer.seek(0)
-    spec = {**_spec()["quantize"], "observer": "minmax", "calibration_batches": 1, "min_cosine": 0.0}
+    options = method_options("quantize", {**_spec()["quantize"], "observer": "minmax", "calibration_batches": 1,
+                                          "min_cosine": 0.0})
 
-    result, details = quantize(torch.jit.load(buffer), spec, Dataset(inputs=torch.randn(2, 3, 32, 32)))
+    result, details = quantize(torch.jit.load(buffer), options, Dataset(inputs=torch.randn(2, 3, 32, 32)))
 
     assert details["counts"]["static"] == 82  # every conv and the classifier
     assert quantized_op_counts(result).get("quantized::conv2d", 0) > 0

@@ -10,13 +10,14 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from modelpress.datafile import ArrayInfo, DataFileError, check_data_archive, disagreements, input_array_names
-from modelpress.spec import INT_DTYPES, declared_inputs
+from modelpress.options import InputOptions, JobOptions
+from modelpress.spec import INT_DTYPES
 
 from workers.engine.errors import InvalidInput
 
@@ -95,56 +96,56 @@ def load_dataset(path: str | Path) -> Dataset:
     return Dataset(inputs=inputs, labels=labels)
 
 
-def check_declared(spec: Mapping[str, Any], data: Dataset) -> None:
+def check_declared(job: JobOptions, data: Dataset) -> None:
     """Refuse a data file that contradicts the declared inputs (count, dtypes, non-batch dimensions).
 
     The API checks the same at submit from the file's headers; this covers other callers.
     """
     arrays = _array_infos(data)
-    problems = disagreements(arrays, declared_inputs(spec), from_input_shape=not spec.get("inputs"))
+    problems = disagreements(arrays, job.inputs, from_input_shape=job.from_input_shape)
     if problems:
         raise InvalidInput("the data file and the spec disagree: "
                            + "; ".join(f"{field}: {' '.join(messages)}" for field, messages in problems.items()))
 
 
-def example_batch(spec: Mapping[str, Any], data: Dataset | None) -> Inputs:
+def example_batch(job: JobOptions, data: Dataset | None) -> Inputs:
     """The batch the model is timed on: the first rows of ``data``, else random inputs as declared."""
     if data is not None:
         return data.head(LATENCY_BATCH_ROWS)
-    return random_inputs(_declared_or_fail(spec), spec.get("seed", 0))
+    return random_inputs(_declared_or_fail(job), job.seed)
 
 
-def fidelity_batches(spec: Mapping[str, Any], data: Dataset | None) -> list[Inputs]:
+def fidelity_batches(job: JobOptions, data: Dataset | None) -> list[Inputs]:
     """Inputs on which original and compressed outputs are compared."""
     if data is not None:
         rows = min(len(data), MAX_FIDELITY_ROWS)
         return [data.rows(slice(start, min(start + FIDELITY_BATCH_ROWS, rows)))
                 for start in range(0, rows, FIDELITY_BATCH_ROWS)]
-    declared = _declared_or_fail(spec)
+    declared = _declared_or_fail(job)
     # A few independent random batches of the declared shapes, seeded for reproducibility.
-    return [random_inputs(declared, spec.get("seed", 0) + offset) for offset in range(4)]
+    return [random_inputs(declared, job.seed + offset) for offset in range(4)]
 
 
-def examples(spec: Mapping[str, Any], data: Dataset | None) -> Dataset:
+def examples(job: JobOptions, data: Dataset | None) -> Dataset:
     """The data a method may use: the uploaded file, else random batches of the declared inputs."""
     if data is not None:
-        return Dataset(data.inputs, data.labels, data.synthetic, spec.get("output"))
-    batches = fidelity_batches(spec, None)
+        return Dataset(data.inputs, data.labels, data.synthetic, job.output)
+    batches = fidelity_batches(job, None)
     inputs = tuple(torch.cat(parts) for parts in zip(*batches))
-    return Dataset(inputs=inputs, synthetic=True, target_output=spec.get("output"))
+    return Dataset(inputs=inputs, synthetic=True, target_output=job.output)
 
 
-def random_inputs(declared: list[Mapping[str, Any]], seed: int) -> Inputs:
+def random_inputs(declared: Sequence[InputOptions], seed: int) -> Inputs:
     """One random tensor per declared input: floats standard normal (uniform in [low, high) when
     given), integers uniform in [low, high), bools fair coin flips."""
     generator = torch.Generator().manual_seed(int(seed))
     tensors = []
     for entry in declared:
-        shape, dtype = list(entry["shape"]), getattr(torch, entry["dtype"])
-        low, high = entry.get("low"), entry.get("high")
-        if entry["dtype"] == "bool":
+        shape, dtype = list(entry.shape), getattr(torch, entry.dtype)
+        low, high = entry.low, entry.high
+        if entry.dtype == "bool":
             tensor = torch.randint(0, 2, shape, generator=generator).bool()
-        elif entry["dtype"] in INT_DTYPES:
+        elif entry.dtype in INT_DTYPES:
             tensor = torch.randint(int(low), int(high), shape, generator=generator, dtype=dtype)
         elif low is None or high is None:
             tensor = torch.randn(*shape, generator=generator).to(dtype)
@@ -161,13 +162,13 @@ def describe(inputs: Inputs) -> str:
     return "inputs of shapes " + ", ".join(f"{list(t.shape)} ({t.dtype})" for t in inputs)
 
 
-def integer_range_hint(spec: Mapping[str, Any], data: Dataset | None) -> str:
+def integer_range_hint(job: JobOptions, data: Dataset | None) -> str:
     """When random integer inputs may be out of the model's range, how to set it; else ''."""
     if data is not None:
         return ""
-    entries = declared_inputs(spec) if spec.get("inputs") else []
-    ranges = [f"spec.inputs.{index} is random in [{entry['low']}, {entry['high']})"
-              for index, entry in enumerate(entries) if entry["dtype"] in INT_DTYPES]
+    entries = job.inputs if job.inputs and not job.from_input_shape else ()
+    ranges = [f"spec.inputs.{index} is random in [{entry.low}, {entry.high})"
+              for index, entry in enumerate(entries) if entry.dtype in INT_DTYPES]
     if not ranges:
         return ""
     return (f" ({'; '.join(ranges)}: set low/high to the values the model accepts, e.g. high = vocabulary size, "
@@ -190,8 +191,8 @@ def check_input_count(model: torch.jit.ScriptModule, inputs: Inputs, from_data: 
                        "with spec.inputs or a data file's input_0, input_1, ...")
 
 
-def _declared_or_fail(spec: Mapping[str, Any]) -> list[dict[str, Any]]:
-    declared = declared_inputs(spec)
+def _declared_or_fail(job: JobOptions) -> Sequence[InputOptions]:
+    declared = job.inputs
     if not declared:
         raise InvalidInput("either 'input_shape', 'inputs' or a data file is needed to run the model")
     return declared

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from modelpress.formats import AOTI_PACKAGE, EXPORTED, model_format
-from modelpress.spec import AUTO, method_steps
+from modelpress.options import JobOptions, job_options
 
 from workers.engine.errors import CompressionError, UnsupportedModel
 from workers.engine.formats.aoti import package_aoti
@@ -22,7 +22,7 @@ from workers.engine.run.verdict import collapse_warnings, warnings_for
 
 def compress(
     model_path: str | os.PathLike,
-    spec: Mapping[str, Any],
+    spec: JobOptions | Mapping[str, Any],
     output_path: str | os.PathLike,
     data_path: str | os.PathLike | None = None,
     progress: Progress | None = None,
@@ -30,19 +30,19 @@ def compress(
 ) -> dict[str, Any]:
     """Compress the model at ``model_path`` as ``spec`` says; write ``output_path``; return the report.
 
-    ``spec`` is a validated spec (defaults filled in); ``student_path`` is an uploaded student
-    for distillation. The saved artifact is loaded back
+    ``spec`` is the job's options (``modelpress.options``), or a validated spec they are made from;
+    ``student_path`` is an uploaded student for distillation. The saved artifact is loaded back
     and measured, so the report describes the file the user downloads.
     """
+    job = spec if isinstance(spec, JobOptions) else job_options(spec)
     progress = progress or (lambda stage, fraction: None)
     form = FORMATS[model_format(Path(model_path))]  # told by layout; a .pt2 in gives a .pt2 out
-    searching = spec["method"] == AUTO or bool(spec.get("target"))
-    for _, step in method_steps(spec):
-        method_entry(form.name, step["method"])  # an unknown method fails before any work
-    prepared = prepare(model_path, spec, data_path, progress)
+    for step in job.steps:
+        method_entry(form.name, step.method)  # an unknown method fails before any work
+    prepared = prepare(model_path, job, data_path, progress)
     student = load_student(student_path, form) if student_path else None
-    if searching:
-        return _packaged(search(prepared, spec, output_path, progress, student), spec, output_path, prepared)
+    if job.searching:
+        return _packaged(search(prepared, job, output_path, progress, student), job, output_path, prepared)
 
     def method_progress(stage: str, fraction: float) -> None:
         progress(stage, 0.05 + 0.6 * min(max(fraction, 0.0), 1.0))
@@ -50,7 +50,7 @@ def compress(
     # Memory: one full copy of the model at a time, plus what the method adds (docs/architecture.md,
     # "Memory for big models"): the original was measured in `prepare`, the method transforms it
     # itself, and it is dropped before the saved result is loaded back.
-    steps = [step for _, step in method_steps(spec)]
+    steps = job.steps
     clock = prepared.clock
     working = prepared.hand_over()
     with clock("transform"):
@@ -63,25 +63,25 @@ def compress(
     gc.collect()  # the float model's memory goes back before the result is loaded
     if len(steps) == 1:
         details = step_reports[0]["details"]
-        warnings = warnings_for(spec["method"], spec[spec["method"]], details, {}, random_inputs=prepared.data is None)
+        warnings = warnings_for(steps[0], details, {}, random_inputs=prepared.data is None)
     else:
-        details = {"steps": [step["method"] for step in steps]}
-        warnings = step_warnings(step_reports, prepared)
+        details = {"steps": [step.method for step in steps]}
+        warnings = step_warnings(steps, step_reports, prepared)
     report = measure_result(prepared, None, output_path, lambda stage, f: progress(stage, 0.66 + 0.33 * f))
-    methods = [step["method"] for step in steps]
-    warnings += collapse_warnings("distill" if "distill" in methods else spec["method"], report["fidelity"],
+    methods = [step.method for step in steps]
+    warnings += collapse_warnings("distill" if "distill" in methods else job.method, report["fidelity"],
                                   random_inputs=prepared.data is None)
-    report = {"method": spec["method"], **report, "details": details, "warnings": warnings,
+    report = {"method": job.method, **report, "details": details, "warnings": warnings,
               "timings_s": clock.totals()}
     if len(steps) > 1:
         report["steps"] = finish_sections(step_reports, report)
-    return _packaged(report, spec, output_path, prepared)
+    return _packaged(report, job, output_path, prepared)
 
 
-def _packaged(report: dict[str, Any], spec: Mapping[str, Any], output_path: str | os.PathLike,
+def _packaged(report: dict[str, Any], job: JobOptions, output_path: str | os.PathLike,
               prepared: Prepared) -> dict[str, Any]:
     """With ``package: aoti`` the measured program is compiled by AOTInductor into the output file."""
-    if spec.get("package", "program") == "program":
+    if job.package == "program":
         return report
     if prepared.form.name != EXPORTED:
         raise UnsupportedModel("package 'aoti' compiles torch.export (.pt2) programs; a TorchScript model is "

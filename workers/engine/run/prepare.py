@@ -9,9 +9,10 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 from modelpress.formats import TORCHSCRIPT, model_format
+from modelpress.options import JobOptions
 
 from workers.engine.errors import InvalidInput
 from workers.engine.formats.registry import FORMATS, ModelFormat
@@ -24,10 +25,10 @@ from workers.engine.outputs import select_output
 Progress = Callable[[str, float], None]
 
 
-def prepare(model_path: str | os.PathLike, spec: Mapping[str, Any], data_path: str | os.PathLike | None,
+def prepare(model_path: str | os.PathLike, job: JobOptions, data_path: str | os.PathLike | None,
             progress: Progress) -> Prepared:
     """Load the model and the data; check that the example inputs fit the model before any method runs."""
-    evaluation = spec.get("evaluation", {})
+    evaluation = job.evaluation
     form = FORMATS[model_format(Path(model_path))]
     clock = StageClock()
     progress("loading", 0.0)
@@ -35,22 +36,22 @@ def prepare(model_path: str | os.PathLike, spec: Mapping[str, Any], data_path: s
         original = form.runnable(form.load(model_path))
         data: Dataset | None = load_dataset(data_path) if data_path else None
     if data is not None:
-        check_declared(spec, data)  # the data file defines the inputs; a declared shape must agree with it
-    batch = example_batch(spec, data)
+        check_declared(job, data)  # the data file defines the inputs; a declared shape must agree with it
+    batch = example_batch(job, data)
     check_input_count(original, batch, from_data=data is not None)
-    checks = fidelity_batches(spec, data)
+    checks = fidelity_batches(job, data)
     progress("checking inputs", 0.02)
     with clock("measure"):
         try:
             reference = [run_model(original, inputs) for inputs in checks]
             run_model(original, batch)
         except InvalidInput as error:
-            raise InvalidInput(f"{error}{integer_range_hint(spec, data)}") from None
-        if spec.get("output") is not None:
-            select_output(reference[0], spec["output"])  # a wrong choice fails now, not after the method ran
-        prepared = Prepared(Path(model_path), form, original, data, batch, checks, reference, examples(spec, data),
-                            int(evaluation.get("runs", 20)), int(evaluation.get("warmup", 3)),
-                            evaluation.get("runtime", "eager"), evaluation.get("max_seconds"), clock=clock)
+            raise InvalidInput(f"{error}{integer_range_hint(job, data)}") from None
+        if job.output is not None:
+            select_output(reference[0], job.output)  # a wrong choice fails now, not after the method ran
+        prepared = Prepared(Path(model_path), form, original, data, batch, checks, reference, examples(job, data),
+                            evaluation.runs, evaluation.warmup, evaluation.runtime, evaluation.max_seconds,
+                            clock=clock)
         progress("measuring latency", 0.03)
         prepared.latency_before = latency_of(prepared, original)
         prepared.parameters_before = count_parameters(original)

@@ -1,6 +1,6 @@
 """The search toward a target: try candidates, judge each on held-out rows, keep the best that meets the target.
 
-A candidate is a list of single-method steps (``{"method": ..., <method>: {...}}``). ``auto`` tries
+A candidate is a list of single-method steps (``modelpress.options.Step``). ``auto`` tries
 methods and pipelines of them; a pipeline with a target keeps its steps and tunes their amounts
 (``prune.amount``, ``distill.student.width``). Candidates come in *ladders*, cheapest first, each
 ladder ordered from mild to aggressive: once a rung misses the target the harsher rungs are
@@ -11,18 +11,19 @@ is what every step trains and calibrates on.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from modelpress.spec import PIPELINE, StepSpec
+from modelpress.options import JobOptions, Step, TargetOptions, step
+from modelpress.spec import PIPELINE
 
 from workers.engine.errors import CompressionError, InvalidInput, TargetNotMet, is_out_of_memory, summarize_torch_error
 from workers.engine.formats.torchscript import clone_model
@@ -38,7 +39,7 @@ MIN_HOLDOUT_ROWS = 10
 MIN_TRAINING_ROWS = 10
 PRUNE_AMOUNTS = (0.3, 0.5, 0.7, 0.85)
 DISTILL_WIDTHS = (0.5, 0.33, 0.25)
-FINETUNE = {"epochs": 5, "lr": 2e-3, "batch_size": 64, "seed": 0}
+FINETUNE = {"epochs": 5, "lr": 2e-3, "batch_size": 64, "seed": 0}  # as a spec gives it
 _DYNAMIC_TYPES = {"Linear", "LSTM", "GRU", "NonDynamicallyQuantizableLinear"}
 _STATIC_TYPES = {"Conv1d", "Conv2d", "Conv3d", "Linear"}
 _OBJECTIVE_KEYS = {"size": "bytes", "latency": "latency_ms", "macs": "macs"}
@@ -78,22 +79,23 @@ class _Judge:
 @dataclass
 class _Candidate:
     label: str
-    steps: list[dict[str, Any]]
+    steps: list[Step]
     ladder: str
     trial: dict[str, Any] = field(default_factory=dict)
 
 
-def search(prepared: Prepared, spec: Mapping[str, Any], output_path: str | os.PathLike, progress: Progress,
+def search(prepared: Prepared, job: JobOptions, output_path: str | os.PathLike, progress: Progress,
            student: torch.jit.ScriptModule | None) -> dict[str, Any]:
     """Run the search; write the chosen candidate to ``output_path`` and return the report (or raise TargetNotMet)."""
-    target, options = dict(spec["target"]), dict(spec["search"])
+    target, options = job.target, job.search
+    assert target is not None and options is not None  # job.searching
     if prepared.data is None:
         raise InvalidInput("a target needs a data file: the search judges candidates on held-out rows of it")
-    training, holdout = _split(prepared.examples, float(options["holdout"]), int(options["seed"]))
+    training, holdout = _split(prepared.examples, options.holdout, options.seed)
     judge = _judge(prepared, target, holdout)
-    objective = _OBJECTIVE_KEYS[target["objective"]]
-    ladders = list(_candidates(spec, prepared.form.layer_types(prepared.original), training))
-    max_trials, budget = int(options["max_trials"]), float(options["time_budget_s"])
+    objective = _OBJECTIVE_KEYS[target.objective]
+    ladders = list(_candidates(job, prepared.form.layer_types(prepared.original), training))
+    max_trials, budget = options.max_trials, float(options.time_budget_s)
     trials: list[dict[str, Any]] = []
     missed_ladders: set[str] = set()
     started = time.monotonic()
@@ -122,20 +124,21 @@ def search(prepared: Prepared, spec: Mapping[str, Any], output_path: str | os.Pa
         else:
             notes.append("every candidate was tried or skipped")
         front = _pareto_front(trials, objective)
-        summary = {"metric": target["metric"], **{k: target[k] for k in ("max_drop", "min") if k in target},
-                   "objective": target["objective"], "baseline": round(judge.baseline, 6),
+        summary = {"metric": target.metric,
+                   **{k: getattr(target, k) for k in ("max_drop", "min") if getattr(target, k) is not None},
+                   "objective": target.objective, "baseline": round(judge.baseline, 6),
                    "threshold": round(judge.threshold, 6), "holdout_rows": len(holdout), "training_rows": len(training)}
-        search_facts = {**options, "trials": len(trials), "elapsed_s": round(time.monotonic() - started, 2),
+        search_facts = {**dataclasses.asdict(options), "trials": len(trials), "elapsed_s": round(time.monotonic() - started, 2),
                         "notes": notes}
         if chosen is None:
             best = max((t for t in trials if t.get("metric") is not None), key=lambda t: t["metric"], default=None)
             closest = (f"; the closest was trial {best['trial']} ({best['label']}) at {best['metric']:.4f}"
                        if best else "")
             raise TargetNotMet(
-                f"no candidate kept {target['metric']} at or above {judge.threshold:.4f} on the {len(holdout)} held-out "
+                f"no candidate kept {target.metric} at or above {judge.threshold:.4f} on the {len(holdout)} held-out "
                 f"rows (original: {judge.baseline:.4f}) in {len(trials)} trial(s){closest}; allow a larger drop, "
                 "more trials or time, or upload more data",
-                {"method": spec["method"], "target": summary, "search": search_facts, "trials": trials,
+                {"method": job.method, "target": summary, "search": search_facts, "trials": trials,
                  "pareto_front": front, "chosen": None})
         shutil.copyfile(chosen.trial.pop("_path"), output_path)
     for trial in trials:
@@ -145,10 +148,10 @@ def search(prepared: Prepared, spec: Mapping[str, Any], output_path: str | os.Pa
                             judged_on=holdout)
     summary["achieved"] = chosen.trial["metric"]
     # With a target the job is judged by it, not by the generic collapse thresholds.
-    warnings = step_warnings(chosen.trial["sections"], prepared) if len(chosen.steps) > 1 else [
+    warnings = step_warnings(chosen.steps, chosen.trial["sections"], prepared) if len(chosen.steps) > 1 else [
         w for section in chosen.trial["sections"] for w in section["details"].get("warnings", [])]
-    return {"method": spec["method"], **report,
-            "details": {"chosen": chosen.label, "steps": [step["method"] for step in chosen.steps]},
+    return {"method": job.method, **report,
+            "details": {"chosen": chosen.label, "steps": [step.method for step in chosen.steps]},
             "target": summary, "search": search_facts, "chosen": chosen.trial["trial"],
             "trials": [{k: v for k, v in t.items() if k != "sections"} for t in trials], "pareto_front": front,
             "steps": finish_sections(chosen.trial["sections"], report), "warnings": warnings}
@@ -159,8 +162,7 @@ def _try(candidate: _Candidate, number: int, max_trials: int, prepared: Prepared
     """One trial: run the steps on the training rows, judge after each step, measure the file."""
     started = time.perf_counter()
     trial: dict[str, Any] = {"trial": number, "label": candidate.label,
-                             "spec": {"method": PIPELINE, "steps": candidate.steps} if len(candidate.steps) > 1
-                             else candidate.steps[0]}
+                             "spec": _spec_of(candidate.steps)}
     base = (number - 1) / max_trials
     form = prepared.form  # TorchScript or .pt2: each trial loads, saves and runs the model in its format
 
@@ -213,64 +215,68 @@ def _try(candidate: _Candidate, number: int, max_trials: int, prepared: Prepared
 # ---------------------------------------------------------------------------- candidates
 
 
-def _candidates(spec: Mapping[str, Any], types: set[str], training: Dataset) -> Iterator[_Candidate]:
+def _candidates(job: JobOptions, types: set[str], training: Dataset) -> Iterator[_Candidate]:
     """Candidates cheapest first; within a ladder, milder first. ``types``: the model's layer types."""
-    if spec["method"] == PIPELINE:
-        yield from _tuned_pipeline(spec["steps"])
+    if job.method == PIPELINE:
+        yield from _tuned_pipeline(job.steps)
         return
     finetune = dict(FINETUNE)
     if types & _DYNAMIC_TYPES:
-        yield _Candidate("quantize dynamic", [_step("quantize", {"mode": "dynamic"})], "dynamic")
+        yield _Candidate("quantize dynamic", [step("quantize", {"mode": "dynamic"})], "dynamic")
     if types & _STATIC_TYPES:
-        yield _Candidate("quantize static", [_step("quantize", {"mode": "static"})], "static")
+        yield _Candidate("quantize static", [step("quantize", {"mode": "static"})], "static")
     for amount in PRUNE_AMOUNTS:
         yield _Candidate(f"prune structured {amount} + fine-tune + quantize static",
-                         [_step("prune", {"amount": amount, "structured": True, "finetune": finetune}),
-                          _step("quantize", {"mode": "static"})], "prune+static")
+                         [step("prune", {"amount": amount, "structured": True, "finetune": finetune}),
+                          step("quantize", {"mode": "static"})], "prune+static")
     for width in DISTILL_WIDTHS:
         yield _Candidate(f"distill width {width} + quantize static",
-                         [_step("distill", {"student": {"from": "width", "width": width}, "epochs": 10}),
-                          _step("quantize", {"mode": "static"})], "distill+static")
+                         [step("distill", {"student": {"from": "width", "width": width}, "epochs": 10}),
+                          step("quantize", {"mode": "static"})], "distill+static")
 
 
-def _tuned_pipeline(steps: list[Mapping[str, Any]]) -> Iterator[_Candidate]:
+def _tuned_pipeline(steps: Sequence[Step]) -> Iterator[_Candidate]:
     """The user's steps as given, then with their amounts tuned: one ladder over the prune amount (and width)."""
-    tunable = [i for i, step in enumerate(steps) if step["method"] == "prune"
-               or (step["method"] == "distill" and step["distill"]["student"]["source"] == "width")]
-    given = [dict(step) for step in steps]
+    tunable = [i for i, given in enumerate(steps) if given.method == "prune"
+               or (given.method == "distill" and given.options.student.source == "width")]
     if not tunable:
-        yield _Candidate(_label(given), given, "as given")
+        yield _Candidate(_label(steps), list(steps), "as given")
         return
     # Severity 0..1 for each rung: the prune amount, or 1 - the student's width.
     first = steps[tunable[0]]
-    own = first["prune"]["amount"] if first["method"] == "prune" else 1 - first["distill"]["student"]["width"]
+    own = first.options.amount if first.method == "prune" else 1 - first.options.student.width
     for severity in sorted({round(own, 4), *PRUNE_AMOUNTS}):
-        rung = copy.deepcopy(given)
-        for index in tunable:
-            if rung[index]["method"] == "prune":
-                rung[index]["prune"]["amount"] = severity
-            else:
-                rung[index]["distill"]["student"]["width"] = round(1 - severity, 4)
+        rung = [_with_severity(given, severity) if index in tunable else given for index, given in enumerate(steps)]
         yield _Candidate(_label(rung), rung, "amounts")
 
 
-def _step(method: str, options: dict[str, Any]) -> dict[str, Any]:
-    """A step with every default filled, exactly as a user's step would be after validation."""
-    return StepSpec().load({"method": method, method: options})
+def _with_severity(given: Step, severity: float) -> Step:
+    """A prune step at ``amount`` = severity, or a width distillation at width 1 - severity."""
+    options = given.options
+    if given.method == "prune":
+        return dataclasses.replace(given, options=dataclasses.replace(options, amount=severity))
+    student = dataclasses.replace(options.student, width=round(1 - severity, 4))
+    return dataclasses.replace(given, options=dataclasses.replace(options, student=student))
 
 
-def _label(steps: list[Mapping[str, Any]]) -> str:
+def _spec_of(steps: Sequence[Step]) -> dict[str, Any]:
+    """A candidate as the spec that would run it alone (what a user resubmits)."""
+    parts = [{"method": given.method, given.method: given.options_json()} for given in steps]
+    return {"method": PIPELINE, "steps": parts} if len(parts) > 1 else parts[0]
+
+
+def _label(steps: Sequence[Step]) -> str:
     parts = []
-    for step in steps:
-        options = step.get(step["method"], {})
-        if step["method"] == "prune":
-            parts.append(f"prune {'structured ' if options.get('structured') else ''}{options['amount']:g}"
-                         + (" + fine-tune" if options.get("finetune") else ""))
-        elif step["method"] == "quantize":
-            parts.append(f"quantize {options.get('mode', 'dynamic')}")
+    for given in steps:
+        options = given.options
+        if given.method == "prune":
+            parts.append(f"prune {'structured ' if options.structured else ''}{options.amount:g}"
+                         + (" + fine-tune" if options.finetune else ""))
+        elif given.method == "quantize":
+            parts.append(f"quantize {options.mode}")
         else:
-            student = options["student"]
-            parts.append(f"distill {student.get('width', student.get('arch', student['source']))}")
+            student = options.student
+            parts.append(f"distill {student.width or student.arch or student.source}")
     return " + ".join(parts)
 
 
@@ -287,13 +293,13 @@ def _split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]
     return data.subset(order[held:]), data.subset(order[:held])
 
 
-def _judge(prepared: Prepared, target: Mapping[str, Any], holdout: Dataset) -> _Judge:
-    if target["metric"] == "accuracy" and holdout.labels is None:
+def _judge(prepared: Prepared, target: TargetOptions, holdout: Dataset) -> _Judge:
+    if target.metric == "accuracy" and holdout.labels is None:
         raise InvalidInput("target metric accuracy needs a 'labels' array in the data file")
     reference = [run_model(prepared.original, batch) for batch in _batches(holdout)]
-    judge = _Judge(target["metric"], holdout, reference, 1.0, 0.0)
+    judge = _Judge(target.metric, holdout, reference, 1.0, 0.0)
     judge.baseline = judge.score(prepared.original)
-    judge.threshold = float(target["min"]) if "min" in target else judge.baseline - float(target["max_drop"])
+    judge.threshold = float(target.min) if target.min is not None else judge.baseline - float(target.max_drop or 0.0)
     return judge
 
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from modelpress.spec import filled_options
+from modelpress.options import Step
 
 from workers.engine.inputs import Dataset
 from workers.engine.measure import count_parameters, output_fidelity, run_model, significant
@@ -18,7 +18,7 @@ from workers.engine.run.verdict import warnings_for
 StepCheck = Callable[[int, Any], "str | None"]
 
 
-def run_steps(model: Any, steps: Sequence[Mapping[str, Any]], prepared: Prepared,
+def run_steps(model: Any, steps: Sequence[Step], prepared: Prepared,
               progress: Progress, student: Any | None = None, data: Dataset | None = None,
               check: StepCheck | None = None, file_name: str = "model.pt",
               ) -> tuple[Any, list[dict[str, Any]]]:
@@ -33,12 +33,12 @@ def run_steps(model: Any, steps: Sequence[Mapping[str, Any]], prepared: Prepared
     sections: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="modelpress-steps-") as directory:
         for index, step in enumerate(steps):
-            name = step["method"]
+            name = step.method
             label = f"step {index + 1}/{len(steps)} {name}: " if len(steps) > 1 else ""
             started = time.perf_counter()
             extras = {"student": student} if name == "distill" and student is not None else {}
             model, details = method_entry(form.name, name)(
-                model, filled_options(name, step.get(name, {})), data,
+                model, step.options, data,
                 lambda stage, fraction, i=index: progress(f"{label}{stage}", (i + min(max(fraction, 0.0), 1.0)) / len(steps)),
                 **extras)
             if index + 1 < len(steps):
@@ -50,13 +50,13 @@ def run_steps(model: Any, steps: Sequence[Mapping[str, Any]], prepared: Prepared
                 model = form.load(path)
                 runnable = form.runnable(model)
                 candidate = [run_model(runnable, inputs) for inputs in prepared.checks]
-                sections.append({"method": name, name: dict(step.get(name, {})), "bytes": size,
+                sections.append({"method": name, name: step.options_json(), "bytes": size,
                                  "size_ratio": significant(size / prepared.model_path.stat().st_size),
                                  "parameters": count_parameters(runnable),
                                  "fidelity": output_fidelity(prepared.reference, candidate),
                                  "time_s": round(time.perf_counter() - started, 3), "details": details})
             else:  # the last step's file is the output, which the caller saves and measures (finish_sections)
-                sections.append({"method": name, name: dict(step.get(name, {})), "details": details,
+                sections.append({"method": name, name: step.options_json(), "details": details,
                                  "time_s": round(time.perf_counter() - started, 3)})
             reason = check(index, model) if check is not None else None
             if reason is not None:
@@ -72,13 +72,12 @@ def finish_sections(sections: list[dict[str, Any]], report: Mapping[str, Any]) -
     return sections
 
 
-def step_warnings(sections: Sequence[Mapping[str, Any]], prepared: Prepared) -> list[str]:
+def step_warnings(steps: Sequence[Step], sections: Sequence[Mapping[str, Any]], prepared: Prepared) -> list[str]:
     """The methods' own warnings of each step, named by step (collapse is judged once, on the result)."""
     warnings = []
-    for number, section in enumerate(sections, start=1):
-        name = section["method"]
-        for warning in warnings_for(name, section.get(name, {}), section["details"], {},
-                                    random_inputs=prepared.data is None):
+    for number, (step, section) in enumerate(zip(steps, sections), start=1):
+        name = step.method
+        for warning in warnings_for(step, section["details"], {}, random_inputs=prepared.data is None):
             warnings.append(f"step {number} ({name}): {warning}")
     return warnings
 

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from modelpress.options import Step
+
 # Outputs count as collapsed below these (per output): a classifier that agrees with the original
 # on fewer than half the inputs, or outputs pointing elsewhere (cosine 0.9 is about 26 degrees).
 COLLAPSE_TOP1 = 0.5
 COLLAPSE_COSINE = 0.9
 
 
-def warnings_for(method: str, method_spec: Mapping[str, Any], details: Mapping[str, Any],
-                 fidelity: Mapping[str, Any], random_inputs: bool) -> list[str]:
+def warnings_for(step: Step, details: Mapping[str, Any], fidelity: Mapping[str, Any],
+                 random_inputs: bool) -> list[str]:
     """Warnings about a finished compression, from what the method did and how the outputs compare."""
     warnings = [str(w) for w in details.get("warnings", [])]  # a method's own (e.g. random calibration data)
     # Other modes (static) judge their own outcome and say so in their details' warnings.
-    dynamic = method == "quantize" and method_spec.get("mode", "dynamic") == "dynamic"
+    method = step.method
+    dynamic = method == "quantize" and step.options.mode == "dynamic"
     if dynamic and "quantized_modules" in details and not details["quantized_modules"]:
-        modules = ", ".join(method_spec.get("modules", [])) or "the selected types"
+        modules = ", ".join(step.options.modules) or "the selected types"
         warnings.append(f"nothing was quantized: the model has no weight of the selected module types ({modules}) "
                         "outside 'exclude', so the result computes exactly what the original does "
                         "(convolutional networks need static quantization or structured pruning)")

@@ -7,16 +7,18 @@ teacher itself with a fraction of its channels kept (the structured pruning engi
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+
+from modelpress.options import DistillOptions, StudentOptions, method_options
 
 from workers.engine.errors import InvalidInput, NothingToPrune, UnsupportedModel
 from workers.engine.formats.torchscript import clone_model, set_training
 from workers.engine.inputs import Dataset, describe
 from workers.engine.measure import run_model
-from workers.engine.methods.prune.torchscript import PRUNABLE_TYPES, prune
+from workers.engine.methods.prune.torchscript import prune
 from workers.engine.outputs import select_output
 from workers.engine.torchscript_graph import quiet_torchscript_warnings
 
@@ -25,7 +27,7 @@ Progress = Callable[[str, float], None]
 
 def distill(
     teacher: torch.jit.ScriptModule,
-    spec: Mapping[str, Any],
+    options: DistillOptions,
     data: Dataset,
     progress: Progress | None = None,
     student: torch.jit.ScriptModule | None = None,
@@ -48,8 +50,7 @@ def distill(
         raise InvalidInput(f"'labels' go up to {int(data.labels.max())} but the teacher scores {classes} classes")
 
     progress("building the student", 0.02)
-    student_spec = spec["student"]
-    student, origin = _build_student(teacher, student_spec, student, classes, data, scripted)
+    student, origin = _build_student(teacher, options.student, student, classes, data, scripted)
     try:
         student_out = select_output(run_model(student, probe), data.target_output)
     except InvalidInput as error:
@@ -59,14 +60,14 @@ def distill(
                            f"{list(teacher_out.shape)} on {describe(probe)}")
 
     labelled = data.labels is not None
-    alpha = 1.0 if not labelled else (0.9 if spec.get("alpha") is None else float(spec["alpha"]))
-    train, validation = _split(data, float(spec.get("val_fraction", 0.1)), int(spec.get("seed", 0)))
+    alpha = 1.0 if not labelled else (0.9 if options.alpha is None else float(options.alpha))
+    train, validation = _split(data, options.val_fraction, options.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    student, curve, best_epoch, stopped_early = _train(teacher, student, train, validation, spec, alpha, device, progress)
+    student, curve, best_epoch, stopped_early = _train(teacher, student, train, validation, options, alpha, device, progress)
     final = _evaluate(teacher, student, validation, torch.device("cpu"))
     details = {
         "student": origin,
-        "temperature": float(spec.get("temperature", 4.0)),
+        "temperature": options.temperature,
         "alpha": alpha,
         "device": device.type,
         "samples": {"train": len(train), "validation": len(validation)},
@@ -82,20 +83,20 @@ def distill(
 # ---------------------------------------------------------------------------- students
 
 
-def _build_student(teacher, spec, uploaded, classes: int, data: Dataset,
+def _build_student(teacher, student_options: StudentOptions, uploaded, classes: int, data: Dataset,
                    scripted: bool) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    source = spec["source"]  # "from" in JSON
+    source = student_options.source  # "from" in JSON
     if source == "upload":
         if uploaded is None:
             raise InvalidInput("student.from is 'upload' but no student model was uploaded")
         return uploaded, {"from": "upload"}
     if source == "torchvision":
-        return _torchvision_student(spec["arch"], classes, scripted), {"from": "torchvision", "arch": spec["arch"]}
-    width = float(spec["width"])
+        arch = str(student_options.arch)
+        return _torchvision_student(arch, classes, scripted), {"from": "torchvision", "arch": arch}
+    width = float(student_options.width)
     try:
-        narrowed, details = prune(clone_model(teacher), {
-            "amount": 1.0 - width, "structured": True, "criterion": "l1", "modules": list(PRUNABLE_TYPES),
-            "exclude": None, "finetune": None}, data)
+        narrowed, details = prune(clone_model(teacher), method_options("prune", {"amount": 1.0 - width, "structured": True}),
+                                  data)
     except NothingToPrune as error:
         raise NothingToPrune(f"no channel group of the teacher can be narrowed for a width student: {error}") from None
     return narrowed, {"from": "width", "width": width, "groups": details["groups"], "left_whole": details["left_whole"]}
@@ -126,22 +127,22 @@ def _split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]
     return data.subset(kept), data.subset(held)
 
 
-def _train(teacher, student, train: Dataset, validation: Dataset, spec, alpha: float, device: torch.device,
+def _train(teacher, student, train: Dataset, validation: Dataset, options: DistillOptions, alpha: float,
+           device: torch.device,
            progress: Progress) -> tuple[torch.jit.ScriptModule, list[dict[str, Any]], int, bool]:
     """Train a copy of ``student`` on ``device``; return it (on the CPU, best epoch's weights) and the curve."""
-    epochs, batch_size = int(spec.get("epochs", 10)), int(spec.get("batch_size", 64))
-    temperature = float(spec.get("temperature", 4.0))
-    patience = spec.get("early_stopping_patience")
+    epochs, batch_size, temperature = options.epochs, options.batch_size, options.temperature
+    patience = options.early_stopping_patience
     teacher = set_training(clone_model(teacher, device), False)
     student = clone_model(student, device)
     parameters = [p for p in student.parameters() if p.is_floating_point()]
     for parameter in parameters:
         parameter.requires_grad_(True)
-    if spec.get("optimizer", "adam") == "sgd":
-        optimizer = torch.optim.SGD(parameters, lr=float(spec.get("lr", 1e-3)), momentum=0.9)
+    if options.optimizer == "sgd":
+        optimizer = torch.optim.SGD(parameters, lr=options.lr, momentum=0.9)
     else:
-        optimizer = torch.optim.Adam(parameters, lr=float(spec.get("lr", 1e-3)))
-    generator = torch.Generator().manual_seed(int(spec.get("seed", 0)))
+        optimizer = torch.optim.Adam(parameters, lr=options.lr)
+    generator = torch.Generator().manual_seed(options.seed)
     steps = max(1, math.ceil(len(train) / batch_size))
     curve: list[dict[str, Any]] = []
     best_score, best_epoch, best_state, waited = -1.0, 0, None, 0

@@ -3,12 +3,13 @@ on a trace of its module with the sliced tensors copied back and the program re-
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 from torch.export import ExportedProgram
 
 from modelpress.formats import EXPORTED
+from modelpress.options import PruneOptions
 
 from workers.engine.analysis.program_graph import attribute, is_attribute
 from workers.engine.analysis.proof import MASKED_TOLERANCE, check_batches
@@ -23,19 +24,19 @@ from workers.engine.torchscript_graph import matching_pattern, quiet_torchscript
 Progress = Callable[[str, float], None]
 
 
-def prune_program(program: ExportedProgram, spec: Mapping[str, Any], data: Dataset,
+def prune_program(program: ExportedProgram, options: PruneOptions, data: Dataset,
                   progress: Progress) -> tuple[ExportedProgram, dict[str, Any]]:
     """Zero the smallest-magnitude weights of Linear / Conv2d ops in the program's state dict.
 
     |w| below the ``amount`` quantile (of all chosen weights with scope ``global``, of each layer's
     with ``per_layer``) becomes 0. The graph is unchanged; zeros shrink the file once compressed.
     """
-    if spec.get("structured"):
-        return prune_channels(program, spec, data, progress)
-    if spec.get("finetune"):
+    if options.structured:
+        return prune_channels(program, options, data, progress)
+    if options.finetune:
         raise UnsupportedModel("fine-tuning after pruning is not available for .pt2 programs yet; drop 'finetune'")
-    amount = float(spec["amount"])
-    modules, exclude = set(spec.get("modules") or LAYER_OPS.values()), list(spec.get("exclude") or [])
+    amount = options.amount
+    modules, exclude = set(options.modules), list(options.exclude or [])
     weights: dict[str, torch.Tensor] = {}
     for node in program.graph.nodes:
         kind = LAYER_OPS.get(node.target) if node.op == "call_function" else None
@@ -46,7 +47,7 @@ def prune_program(program: ExportedProgram, spec: Mapping[str, Any], data: Datas
             weights[name] = program.state_dict[name]
     if not weights:
         raise UnsupportedModel(f"the program has no {' or '.join(sorted(modules))} weight to prune")
-    if spec.get("scope", "global") == "global":
+    if options.scope == "global":
         threshold = _magnitude_quantile(torch.cat([w.detach().abs().flatten() for w in weights.values()]), amount)
         thresholds = dict.fromkeys(weights, threshold)
     else:
@@ -63,7 +64,7 @@ def prune_program(program: ExportedProgram, spec: Mapping[str, Any], data: Datas
                      "notes": ["zeros are stored as such: the file shrinks once compressed (see deflate_bytes)"]}
 
 
-def prune_channels(program: ExportedProgram, spec: Mapping[str, Any], data: Dataset,
+def prune_channels(program: ExportedProgram, options: PruneOptions, data: Dataset,
                    progress: Progress) -> tuple[ExportedProgram, dict[str, Any]]:
     """Structured pruning of a program: the TorchScript path's channel analysis on a trace of the
     unlifted module, then the sliced (and fine-tuned) tensors copied back by name and re-exported.
@@ -72,7 +73,7 @@ def prune_channels(program: ExportedProgram, spec: Mapping[str, Any], data: Data
     aten calls, so each slicing is proven there against the masked reference (``methods.prune.torchscript.prune``);
     the re-exported program is then checked against the proven trace on the same rows."""
     fixed = fixed_batch(program)
-    if fixed and spec.get("finetune"):
+    if fixed and options.finetune:
         raise UnsupportedModel(f"the program was exported for batches of exactly {fixed} rows, and fine-tuning "
                                "trains in batches of other sizes: export it with a dynamic batch "
                                "(dynamic_shapes), or drop 'finetune'")
@@ -86,7 +87,7 @@ def prune_channels(program: ExportedProgram, spec: Mapping[str, Any], data: Data
     except Exception as error:
         raise UnsupportedModel("structured pruning analyses a trace of the program, and tracing it failed: "
                                f"{summarize_torch_error(error)}") from None
-    traced, details = prune(traced, spec, data, progress, fixed_batch=fixed)
+    traced, details = prune(traced, options, data, progress, fixed_batch=fixed)
     shapes_before = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
     with torch.no_grad():
         for name, tensor in traced.state_dict().items():

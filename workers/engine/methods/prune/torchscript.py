@@ -8,9 +8,11 @@ real, so the model gets smaller and faster: every tensor in a coupled group
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import torch
+
+from modelpress.options import PruneOptions
 
 from workers.engine.analysis.channels import ChannelGroup, channel_groups, layer_name
 from workers.engine.analysis.proof import check_batches, mismatch
@@ -29,12 +31,12 @@ PRUNABLE_TYPES = ("Conv2d", "Linear", "Conv1d", "Conv3d", "ConvTranspose1d", "Co
 
 def prune(
     model: torch.jit.ScriptModule,
-    spec: Mapping[str, Any],
+    options: PruneOptions,
     data: Dataset,
     progress: Progress | None = None,
     fixed_batch: int | None = None,
 ) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    """Prune ``model`` in place as ``spec`` says; return it and what was done.
+    """Prune ``model`` in place as ``options`` say; return it and what was done.
 
     ``fixed_batch``: the model accepts only batches of that many rows (a program exported without
     a dynamic batch); the analysis and the proof of each slicing then run at that size alone.
@@ -43,28 +45,28 @@ def prune(
     group's producing weights, each normalised by that tensor's mean slice norm.
     """
     progress = progress or (lambda stage, fraction: None)
-    teacher = clone_model(model) if spec.get("finetune") else None
-    selected = set(spec.get("modules", PRUNABLE_TYPES))
-    exclude, excluded_by_default = _exclusions(model, spec.get("exclude"))
+    teacher = clone_model(model) if options.finetune else None
+    selected = set(options.modules)
+    exclude, excluded_by_default = _exclusions(model, options.exclude)
     types = module_types(model)
     batch = data.head(8)
     macs_before = _counted_macs(model, batch)
 
     progress("ranking", 0.05)
-    if spec.get("structured", False):
-        model, details = _prune_channels(model, spec, selected, exclude, types, data, progress, fixed_batch)
+    if options.structured:
+        model, details = _prune_channels(model, options, selected, exclude, types, data, progress, fixed_batch)
         after_step = None
     else:
-        details, masks = _prune_weights(model, spec, selected, exclude, types)
+        details, masks = _prune_weights(model, options, selected, exclude, types)
         after_step = (lambda: _apply_masks(model, masks)) if masks else None
 
-    if spec.get("finetune"):
+    if options.finetune:
         if data.synthetic:
             raise InvalidInput("fine-tuning needs a data file; random inputs teach the model nothing")
-        options = spec["finetune"]
+        training = options.finetune
         details["finetune"] = finetune(
-            model, data, teacher, epochs=options["epochs"], lr=options["lr"], batch_size=options["batch_size"],
-            seed=options.get("seed", 0), after_step=after_step,
+            model, data, teacher, epochs=training.epochs, lr=training.lr, batch_size=training.batch_size,
+            seed=training.seed, after_step=after_step,
             progress=lambda stage, fraction: progress(stage, 0.5 + 0.45 * fraction),
         )
     macs_after = _counted_macs(model, batch)
@@ -75,7 +77,7 @@ def prune(
         details["notes"].append(f"multiply-accumulates not counted: {macs_before if isinstance(macs_before, str) else macs_after}")
     if excluded_by_default:
         details["notes"].append(f"the final classifier {excluded_by_default!r} is excluded by default (set 'exclude' to change)")
-    if spec.get("structured") is False and spec.get("criterion") == "l2":
+    if not options.structured and options.criterion == "l2":
         details["notes"].append("for single weights l1 and l2 rank alike (|w| vs w^2)")
     progress("pruned", 0.95)
     return model, details
@@ -94,8 +96,9 @@ def _counted_macs(model: torch.jit.ScriptModule, batch: tuple[torch.Tensor, ...]
 # ---------------------------------------------------------------------------- unstructured
 
 
-def _prune_weights(model, spec, selected, exclude, types) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    amount = float(spec["amount"])
+def _prune_weights(model, options: PruneOptions, selected, exclude, types,
+                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    amount = options.amount
     targets, skipped = {}, []
     for name, parameter in model.named_parameters():
         module = name.rpartition(".")[0]
@@ -117,7 +120,7 @@ def _prune_weights(model, spec, selected, exclude, types) -> tuple[dict[str, Any
     # Memory: thresholds are found by counting, tensor by tensor, and each mask is applied as soon
     # as it is made; the masks are kept (one byte per weight) only when fine-tuning re-applies them.
     with torch.no_grad():
-        if spec.get("scope", "global") == "global":
+        if options.scope == "global":
             groups = [list(targets.items())]
         else:
             groups = [[item] for item in targets.items()]
@@ -125,7 +128,7 @@ def _prune_weights(model, spec, selected, exclude, types) -> tuple[dict[str, Any
             count = round(amount * sum(parameter.numel() for _, parameter in group))
             for name, keep in _keep_masks(group, count):
                 targets[name].mul_(keep)
-                if spec.get("finetune"):
+                if options.finetune:
                     masks[name] = keep
     layers = [
         {"parameter": name, "elements": p.numel(), "sparsity": round(int((p == 0).sum()) / p.numel(), 6)}
@@ -133,7 +136,7 @@ def _prune_weights(model, spec, selected, exclude, types) -> tuple[dict[str, Any
     ]
     total = sum(layer["elements"] for layer in layers)
     zeros = sum(int((p == 0).sum()) for p in targets.values())
-    return {"structured": False, "scope": spec.get("scope", "global"), "layers": layers,
+    return {"structured": False, "scope": options.scope, "layers": layers,
             "sparsity": round(zeros / total, 6), "left_whole": skipped, "notes": notes}, masks
 
 
@@ -194,10 +197,10 @@ def _magnitude_bits(tensor: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- structured
 
 
-def _prune_channels(model, spec, selected, exclude, types, data: Dataset, progress: Progress,
+def _prune_channels(model, options: PruneOptions, selected, exclude, types, data: Dataset, progress: Progress,
                     fixed_batch: int | None = None) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
-    amount = float(spec["amount"])
-    criterion = spec.get("criterion", "l1")
+    amount = options.amount
+    criterion = options.criterion
     originals = {name: t.detach().clone() for name, t in tensors(model).items()}
     groups = channel_groups(model, {name: t.shape for name, t in originals.items()}, data.exactly(fixed_batch or 2))
     candidates: list[tuple[ChannelGroup, torch.Tensor]] = []

@@ -6,12 +6,13 @@ The program is compressed as a program: weights are rewritten in the unlifted gr
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.export import ExportedProgram
 
 from modelpress.formats import EXPORTED
+from modelpress.options import QuantizeOptions
 
 from workers.engine.analysis.program_graph import attribute, delete_attribute, is_attribute, module_path
 from workers.engine.errors import InvalidInput, UnsupportedModel, summarize_torch_error
@@ -41,7 +42,7 @@ CALIBRATION_ROWS = 32
 CALIBRATION_LIMIT = 256  # rows run through the observers
 
 
-def quantize_program(program: ExportedProgram, spec: Mapping[str, Any], data: Dataset,
+def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: Dataset,
                      progress: Progress) -> tuple[ExportedProgram, dict[str, Any]]:
     """int8 through PT2E (torchao's x86 quantizer): ``dynamic`` quantizes Linear weights and, per
     batch at run time, their inputs; ``static`` quantizes conv and linear weights and activations
@@ -51,12 +52,12 @@ def quantize_program(program: ExportedProgram, spec: Mapping[str, Any], data: Da
     float ``aten`` ops: eagerly it dequantizes on every call; ``torch.compile`` / AOTInductor fuse
     the patterns into int8 kernels.
     """
-    if spec.get("dtype", "qint8") == "float16":
-        if spec.get("mode", "dynamic") == "static":
+    if options.dtype == "float16":
+        if options.mode == "static":
             raise UnsupportedModel("static quantization is int8; drop dtype float16 or use mode dynamic")
-        return _float16_weights(program, spec, progress)
-    static = spec.get("mode", "dynamic") == "static"
-    modules = set(spec.get("modules") or (["Conv2d", "Linear"] if static else ["Linear"]))
+        return _float16_weights(program, options, progress)
+    static = options.mode == "static"
+    modules = set(options.modules)
     if not modules & set(_PT2E_TYPES.values()):
         raise UnsupportedModel(f"on .pt2 programs int8 covers {', '.join(sorted(set(_PT2E_TYPES.values())))} layers; "
                                "add one of them to quantize.modules")
@@ -66,9 +67,9 @@ def quantize_program(program: ExportedProgram, spec: Mapping[str, Any], data: Da
     # 7-bit activations unless a static spec says otherwise: oneDNN's int8 kernels on CPUs without
     # VNNI (AVX2) sum u8 x s8 pairs in int16 and saturate with full-range activations; the compiled
     # program then drifts from the program (measured: 16% of the largest output on an MLP).
-    reduce_range = bool(spec.get("reduce_range", True))
-    quantizer, chosen, skipped = _x86_quantizer(module, modules, list(spec.get("exclude") or []), static, reduce_range)
-    recurrent = [layer for layer in _recurrent_layers(module) if layer["type"] in modules or not spec.get("modules")]
+    reduce_range = options.reduce_range is not False  # mode dynamic has no such option: 7 bits
+    quantizer, chosen, skipped = _x86_quantizer(module, modules, list(options.exclude), static, reduce_range)
+    recurrent = [layer for layer in _recurrent_layers(module) if layer["type"] in modules]
     skipped += recurrent
     if not chosen:
         raise UnsupportedModel("no layer of the program can be quantized (" + (", ".join(sorted(
@@ -114,12 +115,12 @@ def quantize_program(program: ExportedProgram, spec: Mapping[str, Any], data: Da
     return exported, details
 
 
-def _float16_weights(program: ExportedProgram, spec: Mapping[str, Any],
+def _float16_weights(program: ExportedProgram, options: QuantizeOptions,
                      progress: Progress) -> tuple[ExportedProgram, dict[str, Any]]:
     """Store the weights of every ``aten.linear`` and recurrent op (LSTM, GRU, RNN) as float16, cast
     back to float inside the program."""
-    exclude = list(spec.get("exclude") or [])
-    modules = set(spec.get("modules") or DYNAMIC_DEFAULT)
+    exclude = list(options.exclude)
+    modules = set(options.modules)
     if not modules & {"Linear", *_RECURRENT_OPS.values()}:
         raise UnsupportedModel("on .pt2 programs float16 weights cover Linear, LSTM, GRU and RNN layers; add one "
                                "of them to quantize.modules")

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
+
+from modelpress.options import QuantizeOptions
 
 from workers.engine.errors import UnsupportedModel, summarize_torch_error
 from workers.engine.inputs import Dataset
@@ -54,18 +56,16 @@ class _Try:
 
 def quantize_static(
     model: torch.jit.ScriptModule,
-    spec: Mapping[str, Any],
+    options: QuantizeOptions,
     data: Dataset,
     progress: Progress,
 ) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     """Quantize conv and linear layers to int8 weights and activations; return the model and details."""
     engine = _select_engine()
-    observer = spec.get("observer", "histogram")
-    reduce_range = bool(spec.get("reduce_range", True))
-    per_channel = bool(spec.get("per_channel", True))
-    min_cosine = float(spec.get("min_cosine", 0.99))
+    observer, reduce_range, per_channel = options.observer, bool(options.reduce_range), options.per_channel
+    min_cosine = float(options.min_cosine or 0.0)
     batches = _batches(data.inputs, CALIBRATION_ROWS)
-    calibration = batches[: int(spec.get("calibration_batches", 8))]
+    calibration = batches[: options.calibration_batches]
     evaluation = _batches(data.head(EVALUATION_ROWS), CALIBRATION_ROWS)
 
     progress("preparing", 0.02)
@@ -73,8 +73,8 @@ def quantize_static(
     with torch.no_grad(), quiet_torchscript_warnings():
         reference = [_call(model, batch) for batch in evaluation]
     _specialize_for_inference(model)
-    selected = set().union(*(STATIC_TYPES.get(name, frozenset({name})) for name in spec.get("modules", STATIC_TYPES)))
-    exclude = list(spec.get("exclude", []))
+    selected = set().union(*(STATIC_TYPES.get(name, frozenset({name})) for name in options.modules))
+    exclude = list(options.exclude)
     types = module_types(model)
     layers: dict[str, str] = {}  # quantizable layer -> type
     kept: dict[str, tuple[str, str]] = {}  # layer -> (type, reason)

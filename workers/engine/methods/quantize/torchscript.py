@@ -19,11 +19,11 @@ constant is rewritten in one of two ways:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 
-from modelpress.method_specs import DYNAMIC_MODULES
+from modelpress.options import QuantizeOptions
 
 from workers.engine.errors import UnsupportedModel
 from workers.engine.methods.quantize.attention import expand_fused_attention
@@ -54,7 +54,7 @@ MODULE_TYPE_ALIASES: dict[str, frozenset[str]] = {
 
 def quantize(
     model: torch.jit.ScriptModule,
-    spec: Mapping[str, Any],
+    options: QuantizeOptions,
     data: object | None = None,
     progress: Progress | None = None,
 ) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
@@ -64,16 +64,16 @@ def quantize(
     channel (or per tensor), int8; float16 casts the weights instead.
     """
     progress = progress or (lambda stage, fraction: None)
-    if spec.get("mode", "dynamic") == "static":
+    if options.mode == "static":
         if data is None:
             raise UnsupportedModel("static quantization needs example inputs to calibrate on")
-        return quantize_static(model, spec, data, progress)
-    if spec.get("mode", "dynamic") != "dynamic":
-        raise UnsupportedModel(f"quantization mode {spec.get('mode')!r} is not available")
-    dtype = spec.get("dtype", "qint8")
-    selected = _selected_class_names(spec.get("modules", list(DYNAMIC_MODULES)))
-    exclude = list(spec.get("exclude", []))
-    per_channel = bool(spec.get("per_channel", True))
+        return quantize_static(model, options, data, progress)
+    if options.mode != "dynamic":
+        raise UnsupportedModel(f"quantization mode {options.mode!r} is not available")
+    dtype = options.dtype
+    selected = _selected_class_names(options.modules)
+    exclude = list(options.exclude)
+    per_channel = options.per_channel
 
     progress("freezing", 0.05)
     owners = parameter_owners(model)
