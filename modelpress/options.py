@@ -136,6 +136,8 @@ class JobOptions:
     search: SearchOptions | None
     package: str
     time_limit_s: int | None
+    targets: tuple[str, ...]  # extra artifacts for other runtimes (modelpress.targets)
+    targets_required: bool
 
     @property
     def searching(self) -> bool:
@@ -166,6 +168,7 @@ def job_options(spec: Mapping[str, Any]) -> JobOptions:
         target=typed(TargetSpec, target) if target else None,
         search=typed(SearchSpec, loaded.get("search") or SearchSpec().load({})) if target else None,
         package=loaded["package"], time_limit_s=loaded.get("time_limit_s"),
+        targets=tuple(loaded["targets"]), targets_required=loaded["targets_required"],
     )
 
 

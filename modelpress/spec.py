@@ -12,6 +12,7 @@ from typing import Any, Callable, Mapping
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
 from modelpress.method_specs import DistillSpec, PruneSpec, QuantizeSpec, Strict, distill_flag, prune_flag, quantize_flag
+from modelpress.targets import TARGETS, missing_runtime
 from modelpress.untrusted_json import loads_bounded
 
 # Single methods (each with an options section of its name) are those in REGISTRY, at the end of this file.
@@ -215,6 +216,19 @@ class CompressionSpec(Strict):
                                  "also the default and the most a spec may ask for); the job fails job-timeout "
                                  "when it is reached (seconds)."},
     )
+    targets = fields.List(
+        fields.String(validate=validate.OneOf(list(TARGETS))), load_default=list,
+        validate=validate.Length(max=len(TARGETS)),
+        metadata={"description": "Extra artifacts of the same compressed model for other runtimes: 'onnx' (ONNX "
+                                 "Runtime), 'openvino' (OpenVINO IR, .xml + .bin in a zip), 'executorch' (.pte, XNNPACK). "
+                                 "Each is int8 when the job quantizes, timed on its runtime and checked against the "
+                                 "original; GET /v1/jobs/<id>/artifacts lists them."},
+    )
+    targets_required = fields.Boolean(
+        load_default=False,
+        metadata={"description": "true: a target that cannot be made fails the job; false: the job succeeds with "
+                                 "its main result, and the report and warnings say which target failed and why."},
+    )
     package = fields.String(
         load_default="program", validate=validate.OneOf(PACKAGES),
         metadata={"description": "What a .pt2 upload's download holds: 'program' (a torch.export program; "
@@ -237,6 +251,9 @@ class CompressionSpec(Strict):
             raise ValidationError("only allowed when method is 'pipeline' or 'auto'", "target")
         if "search" in data and "target" not in data:
             raise ValidationError("only allowed with a target", "search")
+        targets = data.get("targets") or []
+        if len(set(targets)) != len(targets):
+            raise ValidationError("each target at most once", "targets")
         shape = data.get("input_shape")
         if shape and math.prod(shape) > MAX_INPUT_ELEMENTS:
             raise ValidationError(f"at most {MAX_INPUT_ELEMENTS} elements in all", "input_shape")
@@ -291,6 +308,10 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has
     if max_time_limit_s is not None and spec.get("time_limit_s", 0) > max_time_limit_s:
         raise SpecError({"spec.time_limit_s": [f"at most {max_time_limit_s} (this service's job time limit, "
                                                "MODELPRESS_JOB_TIMEOUT_S)"]})
+    missing = {f"spec.targets.{index}": [reason] for index, name in enumerate(spec["targets"])
+               if (reason := missing_runtime(name))}
+    if missing:
+        raise SpecError(missing)
     method = spec["method"]
     if method in REGISTRY and method not in spec:
         if REGISTRY[method].options_required:
