@@ -254,6 +254,9 @@ class CompressionSpec(Strict):
         targets = data.get("targets") or []
         if len(set(targets)) != len(targets):
             raise ValidationError("each target at most once", "targets")
+        if targets and (method == AUTO or "target" in data):
+            raise ValidationError("not made by a search yet (method auto, or a pipeline with a target): run the "
+                                  "chosen candidate's spec (the report's trials give it) with targets", "targets")
         shape = data.get("input_shape")
         if shape and math.prod(shape) > MAX_INPUT_ELEMENTS:
             raise ValidationError(f"at most {MAX_INPUT_ELEMENTS} elements in all", "input_shape")

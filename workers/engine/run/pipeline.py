@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -17,6 +18,7 @@ from workers.engine.run.prepare import Prepared, Progress, load_student, prepare
 from workers.engine.run.report import measure_result
 from workers.engine.run.search import search
 from workers.engine.run.steps import finish_sections, run_steps, step_warnings
+from workers.engine.run.targets import make_targets
 from workers.engine.run.verdict import collapse_warnings, warnings_for
 
 
@@ -53,9 +55,11 @@ def compress(
     steps = job.steps
     clock = prepared.clock
     working = prepared.hand_over()
+    scratch = tempfile.TemporaryDirectory(prefix="modelpress-float-") if job.targets else None
+    float_copy = Path(scratch.name) / Path(output_path).name if scratch else None
     with clock("transform"):
         compressed, step_reports = run_steps(working, steps, prepared, method_progress, student,
-                                             file_name=Path(output_path).name)
+                                             file_name=Path(output_path).name, float_copy=float_copy)
     progress("saving", 0.66)
     with clock("save"):
         form.save(compressed, output_path)
@@ -75,6 +79,13 @@ def compress(
               "timings_s": clock.totals()}
     if len(steps) > 1:
         report["steps"] = finish_sections(step_reports, report)
+    if scratch is not None and float_copy is not None:
+        with scratch:  # the targets export the float model before an int8 step, else the result itself
+            source = float_copy if float_copy.exists() else Path(output_path)
+            report["targets"], target_warnings = make_targets(prepared, job, source, Path(output_path).parent,
+                                                              lambda stage, f: progress(stage, 0.97 + 0.02 * f))
+        report["warnings"] += target_warnings
+        report["timings_s"] = clock.totals()
     return _packaged(report, job, output_path, prepared)
 
 

@@ -20,13 +20,14 @@ StepCheck = Callable[[int, Any], "str | None"]
 
 def run_steps(model: Any, steps: Sequence[Step], prepared: Prepared,
               progress: Progress, student: Any | None = None, data: Dataset | None = None,
-              check: StepCheck | None = None, file_name: str = "model.pt",
+              check: StepCheck | None = None, file_name: str = "model.pt", float_copy: Path | None = None,
               ) -> tuple[Any, list[dict[str, Any]]]:
     """Run single-method steps in order, each on the model the one before saved (and loaded back).
 
     Every step trains and calibrates on ``data`` (default: the job's examples). Returns the last
     model and one report section per step; ``check`` may end the run after a step (the section
-    then says why, under ``stopped``).
+    then says why, under ``stopped``). ``float_copy``: where the model is saved before a last step
+    that quantizes to int8 (export targets quantize that float model with their own tooling).
     """
     data = data or prepared.examples
     form = prepared.form
@@ -37,6 +38,8 @@ def run_steps(model: Any, steps: Sequence[Step], prepared: Prepared,
             label = f"step {index + 1}/{len(steps)} {name}: " if len(steps) > 1 else ""
             started = time.perf_counter()
             extras = {"student": student} if name == "distill" and student is not None else {}
+            if float_copy is not None and index + 1 == len(steps) and name == "quantize" and step.options.dtype == "qint8":
+                form.save(model, float_copy)
             model, details = method_entry(form.name, name)(
                 model, step.options, data,
                 lambda stage, fraction, i=index: progress(f"{label}{stage}", (i + min(max(fraction, 0.0), 1.0)) / len(steps)),
