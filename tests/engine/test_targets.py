@@ -143,18 +143,29 @@ def test_static_int8_artifact_is_int8_and_close_to_torch(target: str, format_nam
         assert not any("quantize" in note for note in float_artifact.notes if "portable" in note)
 
 
-def test_dynamic_int8_onnx_uses_integer_matmuls(tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_dynamic_int8_quantizes_the_linear_layers(target: str, tmp_path: Path) -> None:
     torch.manual_seed(1)
     model = SmallMLP().eval()
     example = (torch.randn(2, 6, 32),)
     request = TargetRequest(torch.jit.script(model), TORCHSCRIPT, example, quantize="dynamic", per_channel=True)
-    artifact = export_target("onnx", request, tmp_path)
-    assert artifact.precision == "int8-dynamic" and artifact.batch is None
-    operators = operator_types(artifact.path)
-    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= set(operators), operators
-    test = torch.randn(5, 6, 32)  # another batch size: the batch axis is dynamic
+    artifact = export_target(target, request, tmp_path)
+    # ONNX: another batch size too (its batch axis is dynamic); ExecuTorch's program is fixed to the example's
+    test = torch.randn(2 if target == "executorch" else 5, 6, 32)
     [output] = _run(artifact, [test.numpy()])
     assert _cosine(output, model(test).detach().numpy()) >= 0.99
+    if target == "onnx":
+        assert artifact.precision == "int8-dynamic" and artifact.batch is None
+        operators = operator_types(artifact.path)
+        assert {"MatMulInteger", "DynamicQuantizeLinear"} <= set(operators), operators
+    elif target == "openvino":  # weight-only int8: OpenVINO has no dynamic activation quantization to export
+        assert artifact.precision == "int8-weights"
+        operations = ir_operations(artifact.path)
+        assert operations["Const:i8"] == 3 and not operations["FakeQuantize"], operations
+    else:
+        assert artifact.precision == "int8-dynamic" and artifact.batch == 2
+        assert any(note.startswith("PT2E with the XNNPACK quantizer (dynamic") and ": 3 quantize" in note
+                   for note in artifact.notes), artifact.notes
 
 
 def test_runner_runs_artifacts_without_importing_torch(cnn: dict, artifacts, tmp_path: Path) -> None:
@@ -176,6 +187,19 @@ def test_runner_runs_artifacts_without_importing_torch(cnn: dict, artifacts, tmp
         with np.load(outputs) as stored:
             assert stored.files == ["output_0"]
             np.testing.assert_allclose(stored["output_0"], _run(artifact, [cnn["test"].numpy()])[0], rtol=0, atol=1e-5)
+
+
+def test_runner_runs_executorch_programs(cnn: dict, artifacts, tmp_path: Path) -> None:
+    """ExecuTorch's Python bindings import torch themselves: the runner works, torch-free it is not."""
+    assert not TARGETS["executorch"].torch_free
+    artifact = artifacts("executorch", EXPORTED, "static")
+    inputs, outputs = tmp_path / "inputs.npz", tmp_path / "outputs.npz"
+    np.savez(inputs, input_0=cnn["test"].numpy())
+    done = subprocess.run([sys.executable, "-m", "workers.engine.targets.runner", "executorch", str(artifact.path),
+                           str(inputs), str(outputs)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with np.load(outputs) as stored:
+        np.testing.assert_allclose(stored["output_0"], _run(artifact, [cnn["test"].numpy()])[0], rtol=0, atol=1e-5)
 
 
 def test_latency_is_the_median_of_timed_runs(cnn: dict, artifacts) -> None:

@@ -4,7 +4,7 @@
   torch's TorchScript-to-export converter): an ExecuTorch program plans its memory for fixed
   shapes, so the artifact runs batches of the example's size only (``Artifact.batch``).
 - int8: PT2E with ExecuTorch's ``XNNPACKQuantizer`` (symmetric int8, weights per channel when
-  asked): ``prepare_pt2e``, the job's calibration batches regrouped to that batch size (static) or
+  asked; always for dynamic, the only form XNNPACK runs): ``prepare_pt2e``, the job's calibration batches regrouped to that batch size (static) or
   the example once (dynamic: activations quantized at run time), ``convert_pt2e``, export again.
 - Lowering: ``to_edge_transform_and_lower`` with ``XnnpackPartitioner``, ``to_executorch``; the
   operators XNNPACK does not take run on ExecuTorch's portable kernels (listed in the notes).
@@ -44,8 +44,9 @@ def export(request: TargetRequest, directory: Path) -> Artifact:
     with torch.no_grad(), quiet_torchscript_warnings():
         if request.quantize is not None:
             program, quantized = _quantize(program, request)
+            per_channel = request.per_channel or request.quantize == "dynamic"
             notes.append(f"PT2E with the XNNPACK quantizer ({request.quantize}, weights "
-                         f"{'per channel' if request.per_channel else 'per tensor'}): {quantized} quantize operators")
+                         f"{'per channel' if per_channel else 'per tensor'}): {quantized} quantize operators")
         try:
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
             from executorch.exir import to_edge_transform_and_lower
@@ -112,8 +113,10 @@ def _quantize(program: Any, request: TargetRequest) -> tuple[Any, int]:
 
     from workers.engine.targets.source import torch_batches
 
-    config = get_symmetric_quantization_config(is_per_channel=request.per_channel,
-                                               is_dynamic=request.quantize == "dynamic")
+    dynamic = request.quantize == "dynamic"
+    # XNNPACK runs dynamic int8 Linear with per-channel weights only: per-tensor leaves
+    # choose_qparams/quantize outside the delegate, and ExecuTorch has no portable kernel for them.
+    config = get_symmetric_quantization_config(is_per_channel=request.per_channel or dynamic, is_dynamic=dynamic)
     rows = int(request.example[0].shape[0])
     batches = torch_batches(request.calibration, rows) if request.quantize == "static" else [request.example]
     try:

@@ -2,6 +2,7 @@
 and the calibration batches cut to the rows a fixed-batch artifact accepts. Imports torch."""
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -42,6 +43,9 @@ def exported_program(request: TargetRequest, target: str) -> torch.export.Export
                 return torch.export.export(request.model.module(), tuple(request.example))
             from torch._export.converter import TS2EPConverter
 
+            # The converter warns about every BatchNorm's unused num_batches_tracked, and about
+            # TorchScript's constant conditions, which it specialises as torch.export would.
+            warnings.filterwarnings("ignore", message=r".*(num_batches_tracked|Pred is a Python constant).*")
             converted = TS2EPConverter(request.model, tuple(request.example)).convert()
             # Once more through torch.export: the converter's program keeps TorchScript's
             # signature quirks (constants lifted as inputs); a plain export of its module does not.
