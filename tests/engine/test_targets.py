@@ -53,6 +53,16 @@ class SmallMLP(nn.Module):
         return self.head(self.norm(x + self.down(torch.relu(self.up(x)))).mean(dim=1))
 
 
+class TwoInputsTwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(16, 32), nn.Linear(8, 32), nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = torch.relu(self.a(x) + self.b(y))
+        return self.head(hidden), hidden.mean(dim=1)
+
+
 class Eigenvalues(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.linalg.eigh(x @ x.transpose(-1, -2))[0]
@@ -166,6 +176,22 @@ def test_dynamic_int8_quantizes_the_linear_layers(target: str, tmp_path: Path) -
         assert artifact.precision == "int8-dynamic" and artifact.batch == 2
         assert any(note.startswith("PT2E with the XNNPACK quantizer (dynamic") and ": 3 quantize" in note
                    for note in artifact.notes), artifact.notes
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_fixed_batch_program_with_two_inputs_and_outputs(target: str, tmp_path: Path) -> None:
+    """A .pt2 exported for batches of 4, calibrated on batches of 6 (regrouped to 4 rows each)."""
+    torch.manual_seed(0)
+    model = TwoInputsTwoOutputs().eval()
+    example = (torch.randn(4, 16), torch.randn(4, 8))
+    calibration = [(torch.randn(6, 16), torch.randn(6, 8)) for _ in range(3)]
+    request = TargetRequest(torch.export.export(model, example), EXPORTED, example, calibration, quantize="static")
+    artifact = export_target(target, request, tmp_path)
+    assert artifact.batch == 4 and artifact.input_names == ("input_0", "input_1")
+    outputs = _run(artifact, [t.numpy() for t in example])
+    expected = [t.detach().numpy() for t in model(*example)]
+    assert [o.shape for o in outputs] == [(4, 4), (4,)]
+    assert all(_cosine(o, e) >= 0.99 for o, e in zip(outputs, expected))
 
 
 def test_runner_runs_artifacts_without_importing_torch(cnn: dict, artifacts, tmp_path: Path) -> None:
