@@ -61,6 +61,18 @@ class TargetNotMet(CompressionError):
         self.report = report
 
 
+class TargetFailed(CompressionError):
+    """An export target (ONNX, OpenVINO, ExecuTorch) could not express, quantize or run the model;
+    the message names the target and the exporter's own reason in one line."""
+
+    title = "Export target failed"
+    slug = "target-failed"
+
+    def __init__(self, target: str, message: str) -> None:
+        super().__init__(f"{target}: {message}")
+        self.target = target
+
+
 def is_out_of_memory(error: BaseException) -> bool:
     """An allocation failure, however it surfaced: Python's MemoryError or torch's allocator message."""
     if isinstance(error, (MemoryError, OutOfMemory)):

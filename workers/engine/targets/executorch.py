@@ -1,0 +1,142 @@
+"""ExecuTorch: a ``.pte`` program lowered to the XNNPACK delegate, run on ExecuTorch's runtime.
+
+- Export: ``torch.export`` for the example's shapes (``source.exported_program``; TorchScript through
+  torch's TorchScript-to-export converter): an ExecuTorch program plans its memory for fixed
+  shapes, so the artifact runs batches of the example's size only (``Artifact.batch``).
+- int8: PT2E with ExecuTorch's ``XNNPACKQuantizer`` (symmetric int8, weights per channel when
+  asked; always for dynamic, the only form XNNPACK runs): ``prepare_pt2e``, the job's calibration batches regrouped to that batch size (static) or
+  the example once (dynamic: activations quantized at run time), ``convert_pt2e``, export again.
+- Lowering: ``to_edge_transform_and_lower`` with ``XnnpackPartitioner``, ``to_executorch``; the
+  operators XNNPACK does not take run on ExecuTorch's portable kernels (listed in the notes).
+
+``load``/``run`` use ``executorch.runtime``. Unlike onnxruntime and OpenVINO, ExecuTorch's Python
+bindings (executorch 1.5) link libtorch and import torch: a torch-free process cannot run a ``.pte``
+from Python (the C++ runtime on a device needs no torch).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from workers.engine.errors import TargetFailed, summarize_torch_error
+from workers.engine.targets.common import Artifact, TargetRequest, median_latency_ms, runtime_version
+
+if TYPE_CHECKING:
+    import numpy
+
+NAME = "executorch"
+DELEGATE = "executorch_call_delegate"
+
+
+def export(request: TargetRequest, directory: Path) -> Artifact:
+    """Write ``model.pte`` (float32, or int8 by PT2E and the XNNPACK quantizer) into ``directory``."""
+    import torch
+
+    from workers.engine.targets.source import exported_program
+    from workers.engine.torchscript_graph import quiet_torchscript_warnings
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "model.pte"
+    program = exported_program(request, NAME)
+    notes: list[str] = []
+    with torch.no_grad(), quiet_torchscript_warnings():
+        if request.quantize is not None:
+            program, quantized = _quantize(program, request)
+            per_channel = request.per_channel or request.quantize == "dynamic"
+            notes.append(f"PT2E with the XNNPACK quantizer ({request.quantize}, weights "
+                         f"{'per channel' if per_channel else 'per tensor'}): {quantized} quantize operators")
+        try:
+            from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+            from executorch.exir import to_edge_transform_and_lower
+
+            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            left = _operators_outside_delegate(edge.exported_program().graph_module)
+            path.write_bytes(edge.to_executorch().buffer)
+        except Exception as error:
+            raise TargetFailed(NAME, f"lowering to ExecuTorch (XNNPACK) failed: {summarize_torch_error(error)}") from None
+    delegated = left.pop(DELEGATE, 0)
+    notes.append(f"XNNPACK delegate calls: {delegated}; operators on portable kernels: "
+                 f"{', '.join(sorted(left)) or 'none'}")
+    loaded = load(path)
+    try:
+        run(loaded, [tensor.detach().cpu().numpy() for tensor in request.example])
+    except Exception as error:
+        raise TargetFailed(NAME, f"the ExecuTorch runtime could not run the program: {summarize_torch_error(error)}") \
+            from None
+    batch = int(request.example[0].shape[0]) if request.example[0].dim() else None
+    return Artifact(NAME, path, "executorch-pte", runtime_version("executorch"), request.precision, request.inputs,
+                    batch, notes)
+
+
+@dataclass(frozen=True)
+class LoadedProgram:
+    program: Any  # held: the method's memory belongs to the program
+    method: Any
+
+
+def load(path: str | Path) -> LoadedProgram:
+    """The program's ``forward`` method, loaded by ExecuTorch's runtime (XNNPACK registered)."""
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(Path(path))
+    return LoadedProgram(program, program.load_method("forward"))
+
+
+def run(loaded: LoadedProgram, inputs: Sequence[numpy.ndarray]) -> list[numpy.ndarray]:
+    """Run ``forward`` on positional inputs; its outputs in order, as numpy arrays."""
+    import numpy as np
+    import torch
+
+    outputs = loaded.method.execute([torch.from_numpy(np.ascontiguousarray(value)) for value in inputs])
+    return [output.detach().numpy().copy() if isinstance(output, torch.Tensor) else np.asarray(output)
+            for output in outputs]
+
+
+def latency_ms(loaded: LoadedProgram, inputs: Sequence[numpy.ndarray], runs: int = 20, warmup: int = 3,
+               max_seconds: float | None = None) -> float:
+    """Median wall time of ``run`` (the statistic of ``engine.measure``)."""
+    return median_latency_ms(run, loaded, inputs, runs, warmup, max_seconds)
+
+
+# ---------------------------------------------------------------------------- helpers
+
+def _quantize(program: Any, request: TargetRequest) -> tuple[Any, int]:
+    """PT2E on the program's module; the quantized module exported again, with its count of quantize ops."""
+    import torch
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from workers.engine.targets.source import torch_batches
+
+    dynamic = request.quantize == "dynamic"
+    # XNNPACK runs dynamic int8 Linear with per-channel weights only: per-tensor leaves
+    # choose_qparams/quantize outside the delegate, and ExecuTorch has no portable kernel for them.
+    config = get_symmetric_quantization_config(is_per_channel=request.per_channel or dynamic, is_dynamic=dynamic)
+    rows = int(request.example[0].shape[0])
+    batches = torch_batches(request.calibration, rows) if request.quantize == "static" else [request.example]
+    try:
+        prepared = prepare_pt2e(program.module(), XNNPACKQuantizer().set_global(config))
+        for batch in batches:
+            prepared(*batch)
+        converted = convert_pt2e(prepared)
+        quantized = sum(1 for node in converted.graph.nodes
+                        if node.op == "call_function" and "quantize_per" in str(node.target)
+                        and "dequantize" not in str(node.target))
+        return torch.export.export(converted, tuple(request.example)), quantized
+    except Exception as error:
+        raise TargetFailed(NAME, f"PT2E quantization for XNNPACK failed: {summarize_torch_error(error)}") from None
+
+
+def _operators_outside_delegate(graph_module: Any) -> Counter[str]:
+    """The call_function targets of the lowered graph: delegate calls, and what XNNPACK left out."""
+    counts: Counter[str] = Counter()
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and "getitem" not in str(node.target):
+            name = getattr(node.target, "__name__", str(node.target))
+            counts[DELEGATE if DELEGATE in name else name] += 1
+    return counts
