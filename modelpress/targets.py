@@ -25,16 +25,20 @@ class Target:
 TARGETS: dict[str, Target] = {target.name: target for target in (
     Target("onnx", "model.onnx", "application/octet-stream", "onnx", "onnxruntime",
            ("onnx", "onnxruntime", "onnxscript")),
-    Target("openvino", "model.openvino.zip", "application/zip", "openvino-ir (model.xml + model.bin in a zip)",
-           "openvino", ("openvino", "nncf", "onnx")),
-    Target("executorch", "model.pte", "application/octet-stream", "executorch-pte (XNNPACK delegate)",
-           "executorch", ("executorch",)),
+    # OpenVINO converts the float ONNX file and NNCF quantizes it; ExecuTorch quantizes by torchao's PT2E.
+    Target("openvino", "model.openvino.zip", "application/zip", "openvino-ir", "openvino",
+           ("onnx", "onnxruntime", "onnxscript", "openvino", "nncf")),
+    Target("executorch", "model.pte", "application/octet-stream", "executorch-pte", "executorch",
+           ("executorch", "torchao")),
 )}
 
 
 def missing_runtime(name: str) -> str | None:
-    """Why target ``name`` cannot be made on this install (a package missing), or None."""
-    target = TARGETS[name]
+    """Why target ``name`` cannot be made on this install (an unknown name, a package missing), or None.
+    Looks the packages up without importing them."""
+    target = TARGETS.get(name)
+    if target is None:
+        return f"unknown export target {name!r}; known: {', '.join(TARGETS)}"
     missing = [package for package in target.packages if _absent(package)]
     if missing:
         return (f"the {name} target needs {', '.join(missing)}, which this service does not have installed "

@@ -3,6 +3,7 @@ ExecuTorch, float and static int8, each run on its own runtime and compared with
 int8 of a Linear model on ONNX; the torch-free runner; a model ONNX cannot express; missing runtimes."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from modelpress.formats import EXPORTED, TORCHSCRIPT
 
 from tests.models import settle_batchnorm
 from workers.engine.errors import CompressionError, TargetFailed
-from workers.engine.targets import registry
+from modelpress import targets as shared
 from workers.engine.targets.common import Artifact, TargetRequest
 from workers.engine.targets.onnx import operator_types
 from workers.engine.targets.openvino import ir_operations
@@ -123,7 +124,7 @@ def _run(artifact: Artifact, inputs: list[np.ndarray]) -> list[np.ndarray]:
 def test_float_artifact_runs_on_its_runtime_like_torch(target: str, format_name: str, cnn: dict, artifacts) -> None:
     artifact = artifacts(target, format_name, None)
     assert artifact.precision == "float32" and artifact.path.is_file()
-    assert artifact.runtime.startswith(TARGETS[target].runtime + " ")
+    assert artifact.runtime.startswith(TARGETS[target].facts.runtime + " ")
     [output] = _run(artifact, [cnn["test"].numpy()])
     assert output.shape == cnn["expected"].shape
     assert np.abs(output - cnn["expected"]).max() <= 1e-4 * max(1.0, np.abs(cnn["expected"]).max())
@@ -247,11 +248,10 @@ def test_a_model_onnx_cannot_express_fails_with_the_exporters_reason(tmp_path: P
 def test_missing_runtime_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in TARGETS:
         assert missing_runtime(name) is None
-    entry = TARGETS["openvino"]
-    monkeypatch.setitem(registry.TARGETS, "openvino",
-                        type(entry)(**{**entry.__dict__, "packages": ("openvino", "no_such_runtime_pkg")}))
+    facts = shared.TARGETS["openvino"]
+    monkeypatch.setitem(shared.TARGETS, "openvino", dataclasses.replace(facts, packages=("openvino", "no_such_runtime_pkg")))
     reason = missing_runtime("openvino")
-    assert reason is not None and "no_such_runtime_pkg" in reason and "'openvino'" in reason
+    assert reason is not None and "no_such_runtime_pkg" in reason and "openvino" in reason
     assert "unknown export target" in missing_runtime("tensorrt")
 
 

@@ -11,7 +11,7 @@ import torch
 from modelpress.spec import parse_spec
 from tests.models import ResidualNet, save_scripted, settle_batchnorm
 from workers.engine.run.pipeline import compress
-from workers.engine.run.targets import TargetsFailed
+from workers.engine.errors import TargetFailed
 
 QUICK = {"evaluation": {"runs": 2, "warmup": 0}}
 ALL = ["onnx", "openvino", "executorch"]
@@ -85,5 +85,5 @@ def test_a_target_that_cannot_express_the_model_fails_alone_unless_required(tmp_
     assert any(w.startswith("target onnx failed") for w in report["warnings"]), report["warnings"]
     assert not (tmp_path / "model.onnx").exists()
 
-    with pytest.raises(TargetsFailed, match="target onnx could not be made"):
+    with pytest.raises(TargetFailed, match="onnx: could not be made"):
         compress(model, parse_spec({**QUICK, **spec, "targets_required": True}), tmp_path / "again.pt")

@@ -20,19 +20,12 @@ import torch
 from modelpress.options import JobOptions, Step
 from modelpress.targets import TARGETS
 
-from workers.engine.errors import CompressionError, summarize_torch_error
+from workers.engine.errors import CompressionError, TargetFailed, summarize_torch_error
 from workers.engine.inputs import Inputs
 from workers.engine.measure import output_fidelity, significant
 from workers.engine.run.prepare import Prepared, Progress
 
 CALIBRATION_ROWS = 32  # rows per calibration batch, as the job's own static int8 (methods/quantize/static.py)
-
-
-class TargetsFailed(CompressionError):
-    """``targets_required`` and a target could not be made."""
-
-    slug = "target-failed"
-    title = "Target failed"
 
 
 def make_targets(prepared: Prepared, job: JobOptions, float_source: Path, output_dir: Path,
@@ -45,23 +38,26 @@ def make_targets(prepared: Prepared, job: JobOptions, float_source: Path, output
     quantize = _int8_step(job)
     section: dict[str, Any] = {}
     warnings: list[str] = []
-    model = prepared.form.load(float_source)
-    request = TargetRequest(
-        model=model, format_name=prepared.form.name, example=prepared.batch,
-        calibration=_calibration(prepared, quantize), quantize=quantize.options.mode if quantize else None,
-        per_channel=quantize.options.per_channel if quantize else True)
+    calibration = _calibration(prepared, quantize)
     for index, name in enumerate(job.targets):
         progress(f"target {name}", index / len(job.targets))
         try:
             with prepared.clock("targets"), tempfile.TemporaryDirectory(prefix=f"modelpress-{name}-") as scratch:
+                # A fresh copy for each target: exporters may change the module they are given
+                # (the TorchScript ONNX exporter does), and no target should see another's changes.
+                request = TargetRequest(
+                    model=prepared.form.load(float_source), format_name=prepared.form.name, example=prepared.batch,
+                    calibration=calibration, quantize=quantize.options.mode if quantize else None,
+                    per_channel=quantize.options.per_channel if quantize else True)
                 artifact = export_target(name, request, Path(scratch))
                 path = output_dir / TARGETS[name].file_name
                 shutil.move(str(artifact.path), path)
                 section[name] = _measured(prepared, target_module(name), artifact, path)
         except Exception as error:  # the main result stands; this target says why it could not be made
-            reason = str(error) if isinstance(error, CompressionError) else summarize_torch_error(error)
+            reason = (str(error).removeprefix(f"{name}: ") if isinstance(error, CompressionError)
+                      else summarize_torch_error(error))
             if job.targets_required:
-                raise TargetsFailed(f"target {name} could not be made: {reason}") from None
+                raise TargetFailed(name, f"could not be made (targets_required): {reason}") from None
             section[name] = {"status": "failed", "reason": reason}
             warnings.append(f"target {name} failed: {reason} (the main result is unaffected)")
     return section, warnings
@@ -90,7 +86,8 @@ def _calibration(prepared: Prepared, quantize: Step | None) -> list[Inputs]:
 def _measured(prepared: Prepared, module: Any, artifact: Any, path: Path) -> dict[str, Any]:
     """The artifact loaded by its runtime: outputs against the original's, latency on the job's batch."""
     loaded = module.load(path)
-    candidate = [_run(module, loaded, batch, artifact.batch) for batch in prepared.checks]
+    candidate = [_shaped_like(reference, _run(module, loaded, batch, artifact.batch))
+                 for reference, batch in zip(prepared.reference, prepared.checks)]
     batch = prepared.batch if artifact.batch is None else _padded(prepared.batch, artifact.batch)
     latency = module.latency_ms(loaded, [t.numpy() for t in batch], runs=prepared.runs, warmup=prepared.warmup,
                                 max_seconds=prepared.max_seconds)
@@ -119,6 +116,15 @@ def _run(module: Any, loaded: Any, batch: Inputs, rows: int | None) -> list[torc
         outputs = module.run(loaded, [t.numpy() for t in (_padded(chunk, rows) if rows else chunk)])
         parts.append([torch.from_numpy(output)[:real] if rows else torch.from_numpy(output) for output in outputs])
     return [torch.cat([part[index] for part in parts]) for index in range(len(parts[0]))]
+
+
+def _shaped_like(reference: Any, tensors: list[torch.Tensor]) -> Any:
+    """A runtime's flat outputs in the structure of the original's (a tuple, a dict, ...), so both are
+    compared output by output under the same names."""
+    leaves, structure = torch.utils._pytree.tree_flatten(reference)
+    flat = iter(tensors)
+    return torch.utils._pytree.tree_unflatten(
+        [next(flat, None) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], structure)
 
 
 def _padded(batch: Inputs, rows: int) -> Inputs:

@@ -1,55 +1,48 @@
 """The table of export targets: for each, the module that exports, loads, runs and times it, the
-runtime it runs on and the packages it needs. A new target is one module and one entry here.
+whether its runtime runs without torch. A new target is one module, one entry here and one in
+``modelpress.targets`` (its file name, runtime and packages, which the API reads too).
 
 Torch-free: the API asks ``missing_runtime`` at submit time, the runner ``target_module``.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+
+from modelpress.targets import TARGETS as SHARED
+from modelpress.targets import Target, missing_runtime
 
 from workers.engine.targets.common import Artifact, TargetRequest
 
 
 @dataclass(frozen=True)
 class TargetEntry:
-    """One target: ``module`` holds ``export(request, directory)``, ``load(path)``, ``run(loaded,
-    inputs)`` and ``latency_ms(loaded, inputs, ...)``; ``packages`` are the import names it needs
-    to export and run; ``suffix`` ends the artifact's file name. ``torch_free``: whether ``load``
-    and ``run`` work in a process without torch (the runner's)."""
+    """The engine's half of one target: ``module`` holds ``export(request, directory)``, ``load(path)``,
+    ``run(loaded, inputs)`` and ``latency_ms(loaded, inputs, ...)``; ``torch_free``: whether ``load``
+    and ``run`` work in a process without torch (the runner's). The rest (file name, runtime, the
+    packages it needs) is ``modelpress.targets.TARGETS``, which the API reads too."""
 
     name: str
     module: str
-    runtime: str
-    packages: tuple[str, ...]
-    suffix: str
     torch_free: bool = True
+
+    @property
+    def facts(self) -> Target:
+        return SHARED[self.name]
+
+    @property
+    def suffix(self) -> str:
+        return self.facts.file_name.removeprefix("model")
 
 
 TARGETS = {
-    "onnx": TargetEntry("onnx", "workers.engine.targets.onnx", "onnxruntime",
-                        ("onnx", "onnxruntime", "onnxscript"), ".onnx"),
-    "openvino": TargetEntry("openvino", "workers.engine.targets.openvino", "openvino",
-                            ("onnx", "onnxruntime", "onnxscript", "openvino", "nncf"), ".openvino.zip"),
-    "executorch": TargetEntry("executorch", "workers.engine.targets.executorch", "executorch",
-                              ("executorch", "torchao"), ".pte", torch_free=False),
+    "onnx": TargetEntry("onnx", "workers.engine.targets.onnx"),
+    "openvino": TargetEntry("openvino", "workers.engine.targets.openvino"),
+    "executorch": TargetEntry("executorch", "workers.engine.targets.executorch", torch_free=False),
 }
-
-
-def missing_runtime(name: str) -> str | None:
-    """Why target ``name`` cannot run on this machine (an unknown target, a package that is not
-    installed), or None when it can. Looks packages up without importing them."""
-    entry = TARGETS.get(name)
-    if entry is None:
-        return f"unknown export target {name!r}; known: {', '.join(sorted(TARGETS))}"
-    missing = [package for package in entry.packages if not _importable(package)]
-    if missing:
-        return (f"export target {name!r} needs the Python package{'s' if len(missing) > 1 else ''} "
-                f"{', '.join(missing)}, not installed on the workers")
-    return None
+assert set(TARGETS) == set(SHARED), "every target named in modelpress.targets has an engine module here"
 
 
 def target_module(name: str) -> ModuleType:
@@ -65,8 +58,4 @@ def export_target(name: str, request: TargetRequest, directory: Path) -> Artifac
     return target_module(name).export(request, Path(directory))
 
 
-def _importable(package: str) -> bool:
-    try:
-        return importlib.util.find_spec(package) is not None
-    except (ImportError, ValueError):  # a parent package that fails to import, a broken __spec__
-        return False
+__all__ = ["TARGETS", "TargetEntry", "export_target", "missing_runtime", "target_module"]

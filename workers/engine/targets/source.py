@@ -49,12 +49,26 @@ def exported_program(request: TargetRequest, target: str) -> torch.export.Export
             converted = TS2EPConverter(request.model, tuple(request.example)).convert()
             # Once more through torch.export: the converter's program keeps TorchScript's
             # signature quirks (constants lifted as inputs); a plain export of its module does not.
-            return torch.export.export(converted.module(), tuple(request.example))
+            module = converted.module()
+            _parameters_again(module, {name for name, _ in request.model.named_parameters()})
+            return torch.export.export(module, tuple(request.example))
     except TargetFailed:
         raise
     except Exception as error:
         route = "torch.export" if request.format_name == EXPORTED else "the TorchScript-to-torch.export converter"
         raise TargetFailed(target, f"{route} could not export the model: {summarize_torch_error(error)}") from None
+
+
+def _parameters_again(module: torch.nn.Module, names: set[str]) -> None:
+    """Make the TorchScript model's parameters parameters again: the converter lifts the weights of a
+    loaded TorchScript file as buffers, and PT2E's conv-BatchNorm folding then fails registering the
+    folded weight ("attribute 'weight' already exists")."""
+    for name, buffer in list(module.named_buffers()):
+        if name in names:
+            owner, _, leaf = name.rpartition(".")
+            holder = module.get_submodule(owner) if owner else module
+            del holder._buffers[leaf]
+            holder.register_parameter(leaf, torch.nn.Parameter(buffer, requires_grad=False))
 
 
 def torch_batches(batches: list[tuple[torch.Tensor, ...]], rows: int | None) -> list[tuple[torch.Tensor, ...]]:
