@@ -32,9 +32,11 @@ def _bag(table: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, mode
     flat = indices.reshape(-1)
     rows = torch.ops.quantized.embedding_bag_byte_unpack(torch.embedding(table, flat))
     positions = torch.arange(flat.numel(), dtype=indices.dtype, device=indices.device).reshape(indices.shape)
-    padding = -1
-    if padding_idx is not None and padding_idx >= 0:  # padded entries point at an appended row, excluded as padding
-        positions = positions.masked_fill(indices == padding_idx, flat.numel())
+    padding: Optional[int] = None
+    if padding_idx is not None:  # padded entries point at an appended row, excluded as padding
+        # aten wraps a negative padding_idx around the table (-1 is its last row), as it does here.
+        wrapped = padding_idx if padding_idx >= 0 else table.size(0) + padding_idx
+        positions = positions.masked_fill(indices == wrapped, flat.numel())
         rows = torch.cat([rows, rows.new_zeros(1, rows.size(1))])
         padding = flat.numel()
     return torch.embedding_bag(rows, positions, offsets, False, mode, False, per_sample_weights,

@@ -85,10 +85,11 @@ def quantize(
     graph = frozen.graph
     with quiet_torchscript_warnings():
         fold_tensor_attributes(frozen)
-    roles = _layer_roles(graph, owners)
+    roles, read_as_weight = _layer_roles(graph, owners)
     plan = _Plan({name: tensor.numel() for name, tensor in model.named_parameters()})
     for owner in owners.values():
-        plan.classify(owner, roles.get(owner.module, owner.module_type), selected, exclude)
+        plan.classify(owner, roles.get(owner.module, owner.module_type), selected, exclude,
+                      is_weight="weight" in owner.name.rpartition(".")[2] or owner.name in read_as_weight)
     if not plan.targets:
         details = plan.details(dtype, frozen=False)
         details["notes"] = ["no weight matched the selected module types, so the model is returned unchanged"]
@@ -133,23 +134,27 @@ def quantize(
     return frozen, plan.details(dtype, frozen=True)
 
 
-def _layer_roles(graph: torch._C.Graph, owners: dict[int, ParameterOwner]) -> dict[str, str]:
+def _layer_roles(graph: torch._C.Graph, owners: dict[int, ParameterOwner]) -> tuple[dict[str, str], set[str]]:
     """Module -> the layer type its weights play in the graph, for modules of classes not listed in
     ``MODULE_TYPE_ALIASES``: read as an embedding table -> ``Embedding`` (``EmbeddingBag``), as the
-    matrix of a product (``Conv1D``'s addmm, ``x @ W``, ``F.linear``) -> ``Linear``."""
+    matrix of a product (``Conv1D``'s addmm, ``x @ W``, ``F.linear``) -> ``Linear``; and the
+    parameters read so, whatever their names (a hand-written layer's ``self.proj``)."""
     known = set().union(*MODULE_TYPE_ALIASES.values())
     roles: dict[str, str] = {}
+    read_as_weight: set[str] = set()
     for node, tensor in tensor_constants(graph):
         owner = owners.get(tensor.data_ptr())
         if owner is None or owner.module_type in known:
             continue
         uses = list(leaf_uses(node.output()))
+        if has_lookup(uses) or any(is_matmul_weight(use) for use in uses):
+            read_as_weight.add(owner.name)
         if has_lookup(uses):
             bag = any(use.user.kind() == "aten::embedding_bag" for use in uses)
             roles[owner.module] = "EmbeddingBag" if bag else "Embedding"
         elif any(is_matmul_weight(use) for use in uses):
             roles.setdefault(owner.module, "Linear")
-    return roles
+    return roles, read_as_weight
 
 
 # --------------------------------------------------------------------------- planning
@@ -185,7 +190,8 @@ class _Plan:
         self.expanded = 0  # fused attention ops spelled out as linear calls
         self.recurrent = 0  # LSTM/GRU weight lists given the quantized recurrent kernels
 
-    def classify(self, owner: ParameterOwner, kind: str, selected: set[str], exclude: list[str]) -> None:
+    def classify(self, owner: ParameterOwner, kind: str, selected: set[str], exclude: list[str],
+                 is_weight: bool) -> None:
         """``kind``: the layer type the owner counts as (its class, or the role its weight plays)."""
         self.types[owner.module] = (kind, owner.module_type)
         if kind not in selected:
@@ -193,7 +199,7 @@ class _Plan:
         pattern = matching_pattern(owner.module, exclude)
         if pattern is not None:
             return self._keep(owner, f"excluded by pattern {pattern!r}")
-        if "weight" in owner.name.rpartition(".")[2]:
+        if is_weight:
             self.targets[owner.name] = owner
 
     def record(self, owner: ParameterOwner, kernel: str, reason: str | None, weights: int) -> None:
