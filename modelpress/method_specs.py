@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
 PRUNABLE_MODULES = ("Conv2d", "Linear", "Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
-QUANTIZABLE_MODULES = ("Linear", "LSTM", "GRU", "RNN", "MultiheadAttention")
+QUANTIZABLE_MODULES = ("Linear", "LSTM", "GRU", "RNN", "MultiheadAttention", "Embedding", "EmbeddingBag")
 
 
 class Strict(Schema):
@@ -21,7 +21,8 @@ class Strict(Schema):
         unknown = RAISE
 
 
-DYNAMIC_MODULES = ("Linear", "LSTM", "GRU", "MultiheadAttention")  # the default selection of mode dynamic
+# The default selection of mode dynamic (Embedding/EmbeddingBag: int8 rows, weight-only; dtype float16: half rows).
+DYNAMIC_MODULES = ("Linear", "LSTM", "GRU", "MultiheadAttention", "Embedding", "EmbeddingBag")
 STATIC_MODULES = ("Conv1d", "Conv2d", "Conv3d", "Linear")  # what mode static can quantize (all by default)
 # Options of mode static and their defaults (refused in mode dynamic, where they would do nothing).
 STATIC_OPTIONS = {"observer": "histogram", "reduce_range": True, "calibration_batches": 8, "min_cosine": 0.99}
@@ -42,8 +43,10 @@ class QuantizeSpec(Strict):
         fields.String(validate=validate.OneOf(sorted(set(QUANTIZABLE_MODULES) | set(STATIC_MODULES)))),
         load_default=None,
         validate=validate.Length(min=1, max=len(QUANTIZABLE_MODULES) + len(STATIC_MODULES)),
-        metadata={"description": "Module types whose weights are quantized; default: Linear, LSTM, GRU (dynamic) "
-                                 "or Conv1d, Conv2d, Conv3d, Linear (static)."},
+        metadata={"description": "Module types whose weights are quantized; default: Linear, LSTM, GRU, "
+                                 "MultiheadAttention, Embedding, EmbeddingBag (dynamic) or Conv1d, Conv2d, Conv3d, "
+                                 "Linear (static). Linear covers every spelling of a linear layer (addmm/matmul with "
+                                 "a weight parameter, e.g. GPT-2's Conv1D); Embedding tables get int8 rows."},
     )
     exclude = fields.List(
         fields.String(validate=validate.Length(min=1, max=200)),

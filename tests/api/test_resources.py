@@ -24,7 +24,8 @@ def test_submit_answers_202_with_location_and_filled_defaults(api: ApiClient, mo
     assert response.headers["Location"] == f"/v1/jobs/{job['id']}" == job["links"]["self"]
     assert job["state"] == "queued" and job["progress"] == 0.0
     assert job["spec"]["quantize"] == {"mode": "dynamic", "dtype": "qint8", "modules": ["Linear", "LSTM", "GRU",
-                                                                                     "MultiheadAttention"],
+                                                                                     "MultiheadAttention", "Embedding",
+                                                                                     "EmbeddingBag"],
                                        "exclude": [], "per_channel": True}
     assert job["input"]["filename"] == "conv.pt" and job["input"]["bytes"] == len(model_bytes)
     import hashlib

@@ -14,6 +14,9 @@ from modelpress.options import Step
 # on fewer than half the inputs, or outputs pointing elsewhere (cosine 0.9 is about 26 degrees).
 COLLAPSE_TOP1 = 0.5
 COLLAPSE_COSINE = 0.9
+# Dynamic int8 that reaches fewer of the model's weights than this is worth a word before the next run:
+# the file barely shrinks and the int8 layers rarely pay for their activation quantization.
+MIN_COVERAGE = 0.10
 
 
 def warnings_for(step: Step, details: Mapping[str, Any], fidelity: Mapping[str, Any],
@@ -28,10 +31,28 @@ def warnings_for(step: Step, details: Mapping[str, Any], fidelity: Mapping[str, 
         warnings.append(f"nothing was quantized: the model has no weight of the selected module types ({modules}) "
                         "outside 'exclude', so the result computes exactly what the original does "
                         "(convolutional networks need static quantization or structured pruning)")
+    coverage = details.get("coverage") or {}
+    if dynamic and details.get("quantized_modules") and coverage.get("fraction", 1.0) < MIN_COVERAGE:
+        warnings.append(_coverage_warning(coverage))
     if method == "prune" and details.get("structured") is False and not details.get("layers"):
         warnings.append("nothing was pruned: the model has no weight of the selected module types outside "
                         "'exclude', so the result is the original model")
     return warnings + collapse_warnings(method, fidelity, random_inputs)
+
+
+def _coverage_warning(coverage: Mapping[str, Any]) -> str:
+    """Dynamic int8 covered few weights: say how few, where the rest are, and what would reach them."""
+    float_by_type = coverage.get("float_by_type") or {}
+    largest = max(float_by_type, key=float_by_type.get, default=None)
+    weights = max(int(coverage.get("weights") or 0), 1)
+    where = (f"; {largest} layers hold {float_by_type[largest] / weights:.0%} of them and stay float"
+             if largest else "")
+    conv = largest is not None and largest.startswith(("Conv", "ConvTranspose"))
+    helps = ("static int8 (quantize.mode 'static', with a data file to calibrate on) quantizes convolutions"
+             if conv else "static int8 (quantize.mode 'static') or pruning may reach them")
+    return (f"dynamic int8 covered only {coverage.get('fraction', 0.0):.1%} of the weights "
+            f"({coverage.get('quantized_weights', 0)} of {coverage.get('weights', 0)}){where}: the model barely "
+            f"shrinks and may run slower; {helps}")
 
 
 def collapse_warnings(method: str, fidelity: Mapping[str, Any], random_inputs: bool) -> list[str]:

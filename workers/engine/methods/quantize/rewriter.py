@@ -1,19 +1,21 @@
-"""Rewriting the weight constants of a frozen TorchScript graph: int8 linears (``quantized::linear_dynamic``),
-weights stored small (int8 or float16) and dequantized where they are read, and recurrent layers
-onto int8 kernels (``recurrent``)."""
+"""Rewriting the weight constants of a frozen TorchScript graph: int8 linears (``quantized::linear_dynamic``)
+in any spelling (``linear_forms``), int8 embedding tables (``embedding``), weights stored small (int8
+or float16) and dequantized where they are read, and recurrent layers onto int8 kernels (``recurrent``)."""
 from __future__ import annotations
 
 from typing import Iterator
 
 import torch
 
+from workers.engine.methods.quantize.embedding import EmbeddingRewrites
+from workers.engine.methods.quantize.linear_forms import LinearRead, split_uses
 from workers.engine.methods.quantize.recurrent import RecurrentRewrites
 
 
 _FLOAT32 = 6  # TorchScript's integer code for torch.float32
 
 
-class GraphRewriter(RecurrentRewrites):
+class GraphRewriter(RecurrentRewrites, EmbeddingRewrites):
     """Rewrites weight constants of a frozen graph in place."""
 
     def __init__(self, graph: torch._C.Graph, dtype: str, per_channel: bool) -> None:
@@ -21,36 +23,37 @@ class GraphRewriter(RecurrentRewrites):
         self.dtype = dtype
         self.per_channel = per_channel
         self.last_reason: str | None = None
-        self._packed: dict[tuple[int, int | None], torch._C.Value] = {}
-        self._packed_for: dict[int, torch._C.Value] = {}  # weight pointer -> one of its packed constants
+        self._packed: dict[tuple[int, bool, int | None], torch._C.Value] = {}
+        # weight pointer -> one of its packed constants, and whether it was packed transposed ([in, out] weight)
+        self._packed_for: dict[int, tuple[torch._C.Value, bool]] = {}
 
     def rewrite_tensor(self, node: torch._C.Node, weight: torch.Tensor) -> str:
         """Rewrite one weight constant; return ``'dynamic'`` or ``'weight_only'``.
 
-        With at least one ``aten::linear`` use (qint8), the weight is stored once, prepacked:
-        linears become ``quantized::linear_dynamic``; checks of its metadata (dtype, device,
-        ``requires_grad``: torch's fast-path conditions) become constants; any other read (a
-        slice for cross-attention, a fused op on nested inputs) unpacks and dequantizes it
-        where it is read, so that costs only on the branch that runs it.
+        With at least one linear use (qint8; any spelling, ``linear_forms``), the weight is stored
+        once, prepacked ``[out, in]`` (a ``[in, out]`` weight transposed here, once): linears become
+        ``quantized::linear_dynamic``; checks of its metadata (dtype, device, ``requires_grad``:
+        torch's fast-path conditions) become constants; any other read (a slice for cross-attention,
+        a fused op on nested inputs) unpacks and dequantizes it where it is read, so that costs only
+        on the branch that runs it.
         """
         uses = list(leaf_uses(node.output()))
-        linears = [use.user for use in uses if self._is_linear_weight(use)]
-        if self.dtype == "qint8" and linears:
-            others = [use for use in uses if not self._is_linear_weight(use)]  # before the linears are replaced
-            for linear in linears:
-                self._to_dynamic_linear(linear, weight)
-            packed = self._packed_for[weight.data_ptr()]
+        reads, others = split_uses(uses, weight)
+        if self.dtype == "qint8" and reads:
+            for read in reads:
+                self._to_dynamic_linear(read, weight)
+            packed, transposed = self._packed_for[weight.data_ptr()]
             float_reads = set()
             for use in others:
                 if not self._fold_metadata(use, weight):
                     float_reads.add(use.user.kind())
-                    self._read_dequantized(use, packed)
+                    self._read_dequantized(use, packed, transposed)
             self.last_reason = (f"int8 kernel for its linear calls; branches that pass it to "
                                 f"{', '.join(sorted(float_reads))} read it dequantized" if float_reads else None)
             return "dynamic"
         replacement = self._stored_small(node, weight)
         node.output().replaceAllUsesWith(replacement)
-        other = sorted({use.user.kind() for use in uses if not self._is_linear_weight(use)})
+        other = sorted({use.user.kind() for use in others})
         if self.dtype == "float16":
             self.last_reason = "float16 weights are stored half size and cast to float32 when read"
         else:
@@ -69,13 +72,15 @@ class GraphRewriter(RecurrentRewrites):
         user.destroy()
         return True
 
-    def _read_dequantized(self, use: torch._C.Use, packed: torch._C.Value) -> None:
+    def _read_dequantized(self, use: torch._C.Use, packed: torch._C.Value, transposed: bool) -> None:
         with self.graph.insert_point_guard(use.user):
             unpacked = self.graph.create("quantized::linear_unpack", [packed], 2)
             self.graph.insertNode(unpacked)
             unpacked.outputsAt(0).setType(torch._C.TensorType.get())
             unpacked.outputsAt(1).setType(torch._C.OptionalType(torch._C.TensorType.get()))
             weight = self.graph.insert("aten::dequantize", [unpacked.outputsAt(0)])
+            if transposed:  # packed [out, in]; the graph holds it [in, out]
+                weight = self.graph.insert("aten::t", [weight])
         use.user.replaceInput(use.offset, weight)
 
     def rewrite_tensor_list(self, node: torch._C.Node, tensors: list[torch.Tensor], chosen: list[bool]) -> None:
@@ -92,31 +97,25 @@ class GraphRewriter(RecurrentRewrites):
             self.graph.insertNode(new_list)
         node.output().replaceAllUsesWith(new_list.output())
 
-    @staticmethod
-    def _is_linear_weight(use: torch._C.Use) -> bool:
-        user = use.user
-        if user.kind() != "aten::linear" or use.offset != 1:
-            return False
-        return constant_source(user.inputsAt(2)) is not None
-
-    def _to_dynamic_linear(self, linear: torch._C.Node, weight: torch.Tensor) -> None:
-        bias_value = constant_source(linear.inputsAt(2)).output().toIValue()
-        key = (weight.data_ptr(), bias_value.data_ptr() if isinstance(bias_value, torch.Tensor) else None)
+    def _to_dynamic_linear(self, read: LinearRead, weight: torch.Tensor) -> None:
+        bias_value = read.bias.toIValue() if read.bias is not None else None
+        key = (weight.data_ptr(), read.transposed, bias_value.data_ptr() if bias_value is not None else None)
         packed = self._packed.get(key)
         if packed is None:
-            qweight = self._quantize_int8(weight)
-            bias = bias_value.detach().float() if isinstance(bias_value, torch.Tensor) else None
+            qweight = self._quantize_int8(weight.t() if read.transposed else weight)
+            bias = bias_value.detach().float() if bias_value is not None else None
             with self.graph.insert_point_guard(self.graph.findNode("prim::Constant")):
                 packed = self.graph.insertConstant(torch.ops.quantized.linear_prepack(qweight, bias))
             self._packed[key] = packed
-            self._packed_for.setdefault(weight.data_ptr(), packed)
-        with self.graph.insert_point_guard(linear):
+            self._packed_for.setdefault(weight.data_ptr(), (packed, read.transposed))
+        with self.graph.insert_point_guard(read.output.node()):
             # reduce_range=True: fbgemm's int8 dot products can saturate with full-range activations.
             reduce_range = self.graph.insertConstant(True)
-            output = self.graph.insert("quantized::linear_dynamic", [linear.inputsAt(0), packed, reduce_range])
-        output.setType(linear.output().type())
-        linear.output().replaceAllUsesWith(output)
-        linear.destroy()
+            output = self.graph.insert("quantized::linear_dynamic", [read.input, packed, reduce_range])
+        output.setType(read.output.type())
+        read.output.replaceAllUsesWith(output)
+        for dead in read.dead:
+            dead.destroy()
 
     def _stored_small(self, node: torch._C.Node, weight: torch.Tensor) -> torch._C.Value:
         with self.graph.insert_point_guard(self._after_constants()):

@@ -113,7 +113,9 @@ def quantize_static(
         best = _smallest_fallback(order, min_cosine, lambda chosen: attempt(chosen, calibration),
                                   lambda fraction: progress("falling back", 0.6 + 0.35 * fraction))
     progress("quantized", 0.97)
+    unreached = _product_layers(model)
     return best.model, _details(
+        unreached,
         best, layers, kept, sensitivity, cosine_all,
         settings={"engine": engine, "observer": observer, "reduce_range": reduce_range, "per_channel": per_channel,
                   "min_cosine": min_cosine},
@@ -298,7 +300,25 @@ def _flat(output: Any) -> list[torch.Tensor]:
     return []
 
 
-def _details(best: _Try, layers: dict[str, str], kept: dict[str, tuple[str, str]],
+def _product_layers(model: torch.jit.ScriptModule) -> list[str]:
+    """Modules whose own weight is the matrix of an addmm/matmul/mm (GPT-2's ``Conv1D``): linear layers
+    that torch's graph-mode quantization does not match (its patterns are ``aten::linear`` and convs)."""
+    found = []
+    for name, module in model.named_modules():
+        if "forward" not in module._c._method_names():
+            continue
+        for node in _nodes(module._c._get_method("forward").graph):
+            position = {"aten::addmm": 2, "aten::matmul": 1, "aten::mm": 1}.get(node.kind())
+            source = node.inputsAt(position).node() if position is not None else None
+            if source is not None and source.kind() in ("aten::t", "aten::numpy_T"):
+                source = source.inputsAt(0).node()
+            if source is not None and source.kind() == "prim::GetAttr":
+                found.append(name)
+                break
+    return found
+
+
+def _details(unreached: list[str], best: _Try, layers: dict[str, str], kept: dict[str, tuple[str, str]],
              sensitivity: dict[str, float], cosine_all: float, settings: dict[str, Any],
              calibration: dict[str, Any], synthetic: bool) -> dict[str, Any]:
     float_weights = _float_weight_names(best.model)
@@ -324,6 +344,10 @@ def _details(best: _Try, layers: dict[str, str], kept: dict[str, tuple[str, str]
     if synthetic:
         notes.append(SYNTHETIC_WARNING)
         warnings.append(SYNTHETIC_WARNING)
+    if unreached:
+        warnings.append(f"{len(unreached)} linear layer(s) written as addmm/matmul with their own weight (e.g. "
+                        f"transformers' Conv1D: {', '.join(unreached[:3])}) stay float: torch's static graph-mode "
+                        "quantization matches only aten::linear and convolutions; mode dynamic quantizes them")
     if not quantized:
         warnings.append("static quantization left every layer in float: the model was not made smaller")
     if best.cosine < settings["min_cosine"]:

@@ -27,7 +27,9 @@ from modelpress.options import QuantizeOptions
 
 from workers.engine.errors import UnsupportedModel
 from workers.engine.methods.quantize.attention import expand_fused_attention
-from workers.engine.methods.quantize.rewriter import GraphRewriter, constant_source
+from workers.engine.methods.quantize.embedding import has_lookup
+from workers.engine.methods.quantize.linear_forms import is_matmul_weight
+from workers.engine.methods.quantize.rewriter import GraphRewriter, constant_source, leaf_uses
 from workers.engine.methods.quantize.static import quantize_static
 from workers.engine.torchscript_graph import (
     ParameterOwner,
@@ -49,6 +51,8 @@ MODULE_TYPE_ALIASES: dict[str, frozenset[str]] = {
     "GRU": frozenset({"GRU"}),
     "RNN": frozenset({"RNN"}),
     "MultiheadAttention": frozenset({"MultiheadAttention"}),
+    "Embedding": frozenset({"Embedding"}),
+    "EmbeddingBag": frozenset({"EmbeddingBag"}),
 }
 
 
@@ -77,19 +81,22 @@ def quantize(
 
     progress("freezing", 0.05)
     owners = parameter_owners(model)
-    plan = _Plan()
+    frozen = freeze_forward(model)
+    graph = frozen.graph
+    with quiet_torchscript_warnings():
+        fold_tensor_attributes(frozen)
+    roles, read_as_weight = _layer_roles(graph, owners)
+    plan = _Plan({name: tensor.numel() for name, tensor in model.named_parameters()})
     for owner in owners.values():
-        plan.classify(owner, selected, exclude)
+        plan.classify(owner, roles.get(owner.module, owner.module_type), selected, exclude,
+                      is_weight="weight" in owner.name.rpartition(".")[2] or owner.name in read_as_weight)
     if not plan.targets:
         details = plan.details(dtype, frozen=False)
         details["notes"] = ["no weight matched the selected module types, so the model is returned unchanged"]
         return model, details
 
-    frozen = freeze_forward(model)
-    graph = frozen.graph
     rewriter = GraphRewriter(graph, dtype=dtype, per_channel=per_channel)
     with quiet_torchscript_warnings():
-        fold_tensor_attributes(frozen)
         if dtype == "qint8":
             chosen = {tensor.data_ptr() for tensor in model.parameters()
                       if (owner := owners.get(tensor.data_ptr())) is not None and owner.name in plan.targets}
@@ -99,8 +106,11 @@ def quantize(
         for index, (node, tensor) in enumerate(constants):
             owner = owners.get(tensor.data_ptr())
             if owner is not None and owner.name in plan.targets:
-                kernel = rewriter.rewrite_tensor(node, tensor)
-                plan.record(owner, kernel, rewriter.last_reason)
+                if rewriter.rewrite_embedding(node, tensor, list(leaf_uses(node.output()))):
+                    kernel = "embedding"
+                else:
+                    kernel = rewriter.rewrite_tensor(node, tensor)
+                plan.record(owner, kernel, rewriter.last_reason, tensor.numel())
             progress("quantizing", 0.1 + 0.8 * (index + 1) / max(len(constants), 1))
         for node, tensors in tensor_list_constants(graph):
             names = [owners.get(t.data_ptr()) for t in tensors]
@@ -114,14 +124,37 @@ def quantize(
                 else:
                     rewriter.rewrite_tensor_list(node, tensors, chosen)
                     kernel = "weight_only"
-                for owner, was_chosen in zip(names, chosen):
+                for owner, was_chosen, tensor in zip(names, chosen, tensors):
                     if owner is not None and was_chosen:
-                        plan.record(owner, kernel, reason)
+                        plan.record(owner, kernel, reason, tensor.numel())
         torch._C._jit_pass_dce(graph)
         torch._C._jit_pass_lint(graph)
     plan.match_pooled(dict(model.named_parameters()))
     progress("quantized", 0.9)
     return frozen, plan.details(dtype, frozen=True)
+
+
+def _layer_roles(graph: torch._C.Graph, owners: dict[int, ParameterOwner]) -> tuple[dict[str, str], set[str]]:
+    """Module -> the layer type its weights play in the graph, for modules of classes not listed in
+    ``MODULE_TYPE_ALIASES``: read as an embedding table -> ``Embedding`` (``EmbeddingBag``), as the
+    matrix of a product (``Conv1D``'s addmm, ``x @ W``, ``F.linear``) -> ``Linear``; and the
+    parameters read so, whatever their names (a hand-written layer's ``self.proj``)."""
+    known = set().union(*MODULE_TYPE_ALIASES.values())
+    roles: dict[str, str] = {}
+    read_as_weight: set[str] = set()
+    for node, tensor in tensor_constants(graph):
+        owner = owners.get(tensor.data_ptr())
+        if owner is None or owner.module_type in known:
+            continue
+        uses = list(leaf_uses(node.output()))
+        if has_lookup(uses) or any(is_matmul_weight(use) for use in uses):
+            read_as_weight.add(owner.name)
+        if has_lookup(uses):
+            bag = any(use.user.kind() == "aten::embedding_bag" for use in uses)
+            roles[owner.module] = "EmbeddingBag" if bag else "Embedding"
+        elif any(is_matmul_weight(use) for use in uses):
+            roles.setdefault(owner.module, "Linear")
+    return roles, read_as_weight
 
 
 # --------------------------------------------------------------------------- planning
@@ -130,16 +163,26 @@ def quantize(
 @dataclass
 class _ModuleRecord:
     module: str
-    module_type: str
+    module_type: str  # the layer type it counts as (a GPT-2 Conv1D counts as Linear)
+    class_name: str  # the module's own class
     tensors: list[str] = field(default_factory=list)
     kernel: str | None = None
     reason: str | None = None
+
+    def entry(self) -> dict[str, Any]:
+        return {"module": self.module or "(root)", "type": self.module_type,
+                **({"class": self.class_name} if self.class_name != self.module_type else {}), "tensors": self.tensors}
 
 
 class _Plan:
     """Which parameters to quantize, and afterwards what happened to each module."""
 
-    def __init__(self) -> None:
+    def __init__(self, sizes: dict[str, int]) -> None:
+        self.sizes = sizes  # parameter -> elements, for the coverage
+        self.weights = sum(sizes.values())
+        self.quantized_weights = 0
+        self.float_by_type: dict[str, int] = {}  # layer type -> parameter elements left float
+        self.types: dict[str, tuple[str, str]] = {}  # module -> (layer type, class)
         self.targets: dict[str, ParameterOwner] = {}
         self.reached: set[str] = set()
         self.done: dict[str, _ModuleRecord] = {}
@@ -147,17 +190,21 @@ class _Plan:
         self.expanded = 0  # fused attention ops spelled out as linear calls
         self.recurrent = 0  # LSTM/GRU weight lists given the quantized recurrent kernels
 
-    def classify(self, owner: ParameterOwner, selected: set[str], exclude: list[str]) -> None:
-        if owner.module_type not in selected:
-            return self._keep(owner, f"type {owner.module_type or 'unknown'} not selected")
+    def classify(self, owner: ParameterOwner, kind: str, selected: set[str], exclude: list[str],
+                 is_weight: bool) -> None:
+        """``kind``: the layer type the owner counts as (its class, or the role its weight plays)."""
+        self.types[owner.module] = (kind, owner.module_type)
+        if kind not in selected:
+            return self._keep(owner, f"type {kind or 'unknown'} not selected")
         pattern = matching_pattern(owner.module, exclude)
         if pattern is not None:
             return self._keep(owner, f"excluded by pattern {pattern!r}")
-        if "weight" in owner.name.rpartition(".")[2]:
+        if is_weight:
             self.targets[owner.name] = owner
 
-    def record(self, owner: ParameterOwner, kernel: str, reason: str | None) -> None:
-        entry = self.done.setdefault(owner.module, _ModuleRecord(owner.module, owner.module_type))
+    def record(self, owner: ParameterOwner, kernel: str, reason: str | None, weights: int) -> None:
+        entry = self.done.setdefault(owner.module, _ModuleRecord(owner.module, *self.types[owner.module]))
+        self.quantized_weights += weights
         entry.tensors.append(owner.name.rpartition(".")[2])
         # A module whose weights took different paths reports the weaker one.
         if entry.kernel != "weight_only":
@@ -182,18 +229,13 @@ class _Plan:
                 self._keep(owner, "not a constant of the frozen forward graph (unused, or reassigned at run time)")
             else:
                 twin_module = self.targets[twin].module
-                self.record(owner, self.done[twin_module].kernel or "weight_only", f"identical to {twin}, stored once")
+                self.record(owner, self.done[twin_module].kernel or "weight_only", f"identical to {twin}, stored once",
+                            parameters[name].numel())
 
     def details(self, dtype: str, frozen: bool) -> dict[str, Any]:
-        quantized = [
-            {"module": r.module, "type": r.module_type, "tensors": r.tensors, "kernel": r.kernel,
-             **({"why": r.reason} if r.reason else {})}
-            for r in sorted(self.done.values(), key=lambda r: r.module)
-        ]
-        kept = [
-            {"module": r.module or "(root)", "type": r.module_type, "tensors": r.tensors, "reason": r.reason}
-            for r in sorted(self.kept.values(), key=lambda r: r.module)
-        ]
+        quantized = [{**r.entry(), "kernel": r.kernel, **({"why": r.reason} if r.reason else {})}
+                     for r in sorted(self.done.values(), key=lambda r: r.module)]
+        kept = [{**r.entry(), "reason": r.reason} for r in sorted(self.kept.values(), key=lambda r: r.module)]
         notes = ["biases and normalisation parameters stay float32"]
         if frozen:
             notes.append(
@@ -208,6 +250,9 @@ class _Plan:
         if self.recurrent:
             notes.append("LSTM/GRU cells use per-tensor int8 weights whatever per_channel says, as eager "
                          "quantize_dynamic does: on their small per-step matrices it is the faster kernel")
+        if any(r["kernel"] == "embedding" for r in quantized):
+            notes.append("embedding tables are int8 with a float scale and offset per row (torch's byte-rowwise "
+                         "format); lookups dequantize only the rows they read, a tied output layer the whole table")
         if any(r["kernel"] == "weight_only" for r in quantized):
             notes.append(
                 "weight-only modules store int8/float16 weights and dequantize them when read: "
@@ -220,13 +265,19 @@ class _Plan:
             "counts": {
                 "dynamic": sum(r["kernel"] == "dynamic" for r in quantized),
                 "weight_only": sum(r["kernel"] == "weight_only" for r in quantized),
+                "embedding": sum(r["kernel"] == "embedding" for r in quantized),
                 "kept_float": len(kept),
             },
+            "coverage": {"quantized_weights": self.quantized_weights, "weights": self.weights,
+                         "fraction": round(self.quantized_weights / max(self.weights, 1), 4),
+                         "float_by_type": dict(sorted(self.float_by_type.items(), key=lambda kv: -kv[1]))},
             "notes": notes,
         }
 
     def _keep(self, owner: ParameterOwner, reason: str) -> None:
-        entry = self.kept.setdefault(owner.module, _ModuleRecord(owner.module, owner.module_type, reason=reason))
+        kind, class_name = self.types.get(owner.module, (owner.module_type, owner.module_type))
+        entry = self.kept.setdefault(owner.module, _ModuleRecord(owner.module, kind, class_name, reason=reason))
+        self.float_by_type[kind] = self.float_by_type.get(kind, 0) + self.sizes.get(owner.name, 0)
         entry.tensors.append(owner.name.rpartition(".")[2])
 
 
