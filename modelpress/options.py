@@ -100,6 +100,7 @@ class TargetOptions:
     max_drop: float | None
     min: float | None
     objective: str
+    runtime: str  # what a latency objective times on (method_specs.SEARCH_RUNTIMES)
 
 
 @dataclass(frozen=True)

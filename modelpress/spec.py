@@ -11,15 +11,14 @@ from typing import Any, Callable, Mapping
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from modelpress.method_specs import DistillSpec, PruneSpec, QuantizeSpec, Strict, distill_flag, prune_flag, quantize_flag
+from modelpress.method_specs import (TARGET_METRICS, TARGET_OBJECTIVES, DistillSpec, PruneSpec, QuantizeSpec, SearchSpec,  # noqa: F401
+                                     Strict, TargetSpec, distill_flag, prune_flag, quantize_flag)
 from modelpress.targets import TARGETS, missing_runtime
 from modelpress.untrusted_json import loads_bounded
 
 # Single methods (each with an options section of its name) are those in REGISTRY, at the end of this file.
 PIPELINE, AUTO = "pipeline", "auto"  # methods made of the single ones: ordered steps, or a search
 MAX_STEPS = 8
-TARGET_METRICS = ("accuracy", "top1_agreement", "cosine")
-TARGET_OBJECTIVES = ("size", "latency", "macs")
 PACKAGES = ("program", "aoti")
 MAX_INPUT_ELEMENTS = 1 << 26  # 64M floats (256 MB): bigger example inputs are a mistake or an attack
 MAX_SPEC_BYTES = 64 * 1024
@@ -133,44 +132,6 @@ class StepSpec(Strict):
         if entry.name not in data and not entry.options_required:
             data[entry.name] = entry.options().load({})
         return data
-
-
-class TargetSpec(Strict):
-    metric = fields.String(
-        required=True, validate=validate.OneOf(TARGET_METRICS),
-        metadata={"description": "What the target is about, measured on held-out rows of the data file: accuracy "
-                                 "(needs labels), top1_agreement or cosine (of the outputs to the original's)."},
-    )
-    max_drop = fields.Float(
-        validate=validate.Range(0, 1),
-        metadata={"description": "Largest allowed fall of the metric below the original model's (absolute; "
-                                 "0.01 = one point of accuracy). Give max_drop or min."},
-    )
-    min = fields.Float(validate=validate.Range(0, 1), metadata={"description": "Lowest allowed value of the metric."})
-    objective = fields.String(
-        load_default="size", validate=validate.OneOf(TARGET_OBJECTIVES),
-        metadata={"description": "What the best candidate that meets the target minimises: file size, median "
-                                 "latency or multiply-accumulates."},
-    )
-
-    @validates_schema
-    def _one_bound(self, data: Mapping[str, Any], **kwargs: Any) -> None:
-        if ("max_drop" in data) == ("min" in data):
-            raise ValidationError("give exactly one of max_drop or min", "max_drop" if "max_drop" in data else "_schema")
-
-
-class SearchSpec(Strict):
-    max_trials = fields.Integer(load_default=8, strict=True, validate=validate.Range(1, 50),
-                                metadata={"description": "Candidates tried at most (count)."})
-    time_budget_s = fields.Integer(
-        load_default=900, strict=True, validate=validate.Range(10, 86400),
-        metadata={"description": "No new candidate is started after this many seconds of searching."})
-    holdout = fields.Float(
-        load_default=0.2, validate=validate.Range(0.05, 0.5),
-        metadata={"description": "Share of the data file's rows held out: no training or calibration sees them, "
-                                 "every candidate is judged on them (fraction)."})
-    seed = fields.Integer(load_default=0, strict=True, validate=validate.Range(0, 2**31 - 1),
-                          metadata={"description": "Seed of the hold-out split."})
 
 
 class CompressionSpec(Strict):

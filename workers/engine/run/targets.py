@@ -13,7 +13,7 @@ import shutil
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -32,30 +32,14 @@ def make_targets(prepared: Prepared, job: JobOptions, float_source: Path, output
                  progress: Progress) -> tuple[dict[str, Any], list[str]]:
     """Export, check and time each target of ``job``; write each artifact into ``output_dir``
     under its served name. Returns the report's ``targets`` section and warnings."""
-    from workers.engine.targets.common import TargetRequest
-    from workers.engine.targets.registry import export_target, target_module
-
-    quantize = _int8_step(job)
     section: dict[str, Any] = {}
     warnings: list[str] = []
-    calibration = _calibration(prepared, quantize)
     for index, name in enumerate(job.targets):
         progress(f"target {name}", index / len(job.targets))
         try:
-            with prepared.clock("targets"), tempfile.TemporaryDirectory(prefix=f"modelpress-{name}-") as scratch:
-                # A fresh copy for each target: exporters may change the module they are given
-                # (the TorchScript ONNX exporter does), and no target should see another's changes.
-                request = TargetRequest(
-                    model=prepared.form.load(float_source), format_name=prepared.form.name, example=prepared.batch,
-                    calibration=calibration, quantize=quantize.options.mode if quantize else None,
-                    per_channel=quantize.options.per_channel if quantize else True)
-                artifact = export_target(name, request, Path(scratch))
-                path = output_dir / TARGETS[name].file_name
-                shutil.move(str(artifact.path), path)
-                section[name] = _measured(prepared, target_module(name), artifact, path)
+            section[name] = make_target(prepared, name, job.steps, float_source, output_dir)
         except Exception as error:  # the main result stands; this target says why it could not be made
-            reason = (str(error).removeprefix(f"{name}: ") if isinstance(error, CompressionError)
-                      else summarize_torch_error(error))
+            reason = failure_reason(name, error)
             if job.targets_required:
                 raise TargetFailed(name, f"could not be made (targets_required): {reason}") from None
             section[name] = {"status": "failed", "reason": reason}
@@ -63,14 +47,42 @@ def make_targets(prepared: Prepared, job: JobOptions, float_source: Path, output
     return section, warnings
 
 
-def _int8_step(job: JobOptions) -> Step | None:
-    """The job's int8 quantize step, which the targets mirror (it must be the last step)."""
-    steps = [step for step in job.steps if step.method == "quantize" and step.options.dtype == "qint8"]
-    if not steps:
+def make_target(prepared: Prepared, name: str, steps: Sequence[Step], float_source: Path,
+                output_dir: Path) -> dict[str, Any]:
+    """One target's artifact of the model ``steps`` made, written to ``output_dir`` under its served
+    name, checked and timed on its runtime: its report entry. Raises when it cannot be made."""
+    from workers.engine.targets.common import TargetRequest
+    from workers.engine.targets.registry import export_target, target_module
+
+    quantize = _int8_step(steps)
+    with prepared.clock("targets"), tempfile.TemporaryDirectory(prefix=f"modelpress-{name}-") as scratch:
+        # A fresh copy for each target: exporters may change the module they are given (the
+        # TorchScript ONNX exporter does), and no target should see another's changes.
+        request = TargetRequest(
+            model=prepared.form.load(float_source), format_name=prepared.form.name, example=prepared.batch,
+            calibration=_calibration(prepared, quantize), quantize=quantize.options.mode if quantize else None,
+            per_channel=quantize.options.per_channel if quantize else True)
+        artifact = export_target(name, request, Path(scratch))
+        path = output_dir / TARGETS[name].file_name
+        shutil.move(str(artifact.path), path)
+        return _measured(prepared, target_module(name), artifact, path)
+
+
+def failure_reason(name: str, error: BaseException) -> str:
+    """Why target ``name`` could not be made, in one line."""
+    if isinstance(error, CompressionError):
+        return str(error).removeprefix(f"{name}: ")
+    return summarize_torch_error(error)
+
+
+def _int8_step(steps: Sequence[Step]) -> Step | None:
+    """The int8 quantize step the targets mirror (it must be the last step)."""
+    chosen = [step for step in steps if step.method == "quantize" and step.options.dtype == "qint8"]
+    if not chosen:
         return None
-    if steps[-1] is not job.steps[-1]:
+    if chosen[-1] is not steps[-1]:
         raise CompressionError("export targets mirror a quantize step that comes last; move it to the end")
-    return steps[-1]
+    return chosen[-1]
 
 
 def _calibration(prepared: Prepared, quantize: Step | None) -> list[Inputs]:
