@@ -33,8 +33,7 @@ class JobArtifacts(MethodView):
     @blp.alt_response(409, description="The job has not succeeded", **PROBLEM)
     def get(self, job_id: str) -> dict[str, Any]:
         """The artifacts of each target in spec.targets: made (with a download link) or failed (with why)."""
-        job = succeeded_job(job_id)
-        return {"artifacts": [_artifact(job, name, entry) for name, entry in _reported(job).items()]}
+        return {"artifacts": artifact_list(succeeded_job(job_id))}
 
 
 @blp.route("/<job_id>/artifacts/<name>")
@@ -61,6 +60,11 @@ class JobArtifact(MethodView):
         path = store.storage.job(job_id).published_artifact(job.get("attempt"), target.file_name)
         download_name = f"{download_stem(job)}.{target.file_name.removeprefix('model.')}"  # net.quantize.onnx
         return published_file_response(store, job_id, path, artifact["sha256"], download_name, target.media_type)
+
+
+def artifact_list(job: dict[str, Any]) -> list[dict[str, Any]]:
+    """A succeeded job's artifacts as the API lists them (the console's job page shows the same)."""
+    return [_artifact(job, name, entry) for name, entry in _reported(job).items()]
 
 
 def _reported(job: dict[str, Any]) -> dict[str, dict[str, Any]]:

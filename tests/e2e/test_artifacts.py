@@ -193,6 +193,16 @@ def test_artifacts_of_an_unfinished_job_are_409(local: Harness) -> None:
         assert response.status_code == 409 and response.json()["type"].endswith("/job-not-succeeded")
 
 
+def test_console_job_page_shows_the_artifacts(local: Harness, honest: dict[str, Any]) -> None:
+    page = local.get(f"/ui/jobs/{honest['id']}")
+    assert page.status_code == 200
+    table = page.text[page.text.index('data-table="artifacts"'):]
+    onnx = table[table.index('data-target="onnx"'):table.index('data-target="openvino"')]
+    assert "onnxruntime 1.31.1" in onnx and "int8" in onnx and "0.4" in onnx
+    assert f'href="/v1/jobs/{honest["id"]}/artifacts/onnx"' in onnx
+    assert "failed: no IR for you" in table[table.index('data-target="openvino"'):]
+
+
 def test_client_and_cli_round_trip(local: Harness, honest: dict[str, Any], tmp_path: Path,
                                    capsys: pytest.CaptureFixture[str]) -> None:
     client = Client(local.url)
