@@ -144,7 +144,7 @@ def _spec_from(args: argparse.Namespace) -> dict[str, Any]:
         spec["evaluation"] = {**spec.get("evaluation", {}), "runtime": args.runtime}
     if args.package is not None:
         spec["package"] = args.package
-    for target in args.target or []:  # added to the spec file's own targets
+    for target in getattr(args, "target", None) or []:  # added to the spec file's own targets
         spec["targets"] = [*spec.get("targets", []), *([] if target in spec.get("targets", []) else [target])]
     return spec
 
