@@ -15,6 +15,7 @@ from typing import Any, TextIO
 
 from modelpress.client import ChecksumMismatch, Client, ModelPressError
 from modelpress.spec import PACKAGES, REGISTRY
+from modelpress.targets import TARGETS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_REFUSED = 0, 1, 2, 3, 4
 
@@ -71,7 +72,7 @@ def _list(client: Client, args: argparse.Namespace) -> int:
 
 def _download(client: Client, args: argparse.Namespace) -> int:
     bar = ProgressBar("download", sys.stderr)
-    path = client.download(args.job, args.out, progress=bar.update)
+    path = client.download(args.job, args.out, progress=bar.update, target=args.target)
     bar.close()
     print(f"saved {path} (sha256 verified)")
     return EXIT_OK
@@ -143,6 +144,8 @@ def _spec_from(args: argparse.Namespace) -> dict[str, Any]:
         spec["evaluation"] = {**spec.get("evaluation", {}), "runtime": args.runtime}
     if args.package is not None:
         spec["package"] = args.package
+    for target in getattr(args, "target", None) or []:  # added to the spec file's own targets
+        spec["targets"] = [*spec.get("targets", []), *([] if target in spec.get("targets", []) else [target])]
     return spec
 
 
@@ -220,6 +223,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="how a .pt2 program is timed (evaluation.runtime; compile/aoti need g++ on the worker)")
     submit.add_argument("--package", choices=PACKAGES,
                         help="a .pt2 upload's download: the program (default) or an AOTInductor package (aoti)")
+    submit.add_argument("--target", action="append", choices=tuple(TARGETS),
+                        help="also export the compressed model for this runtime (repeatable; adds to the spec's targets)")
     submit.add_argument("--data", help=".npz or .safetensors with 'inputs' (and 'labels')")
     submit.add_argument("--student", help="TorchScript student (with --distill upload)")
     submit.add_argument("--callback-url", help="URL that gets the job on each final state")
@@ -240,6 +245,7 @@ def _parser() -> argparse.ArgumentParser:
     download = commands.add_parser("download", help="download a compressed model (sha256 verified)")
     download.add_argument("job")
     download.add_argument("--out", required=True)
+    download.add_argument("--target", choices=tuple(TARGETS), help="download this export target's artifact instead")
     download.set_defaults(run=_download)
     cancel = commands.add_parser("cancel", help="cancel a queued or running job, or delete a finished one")
     cancel.add_argument("job")

@@ -15,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
+from urllib.parse import quote
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -114,10 +115,17 @@ class Client:
                 raise TimeoutError(f"job {_id(job)} is still {current['state'] if current else 'unknown'} after {timeout} s")
             time.sleep(min(float(response.headers.get("Retry-After", 1)), 5.0, max(deadline - time.monotonic(), 0.1)))
 
-    def download(self, job: Job | str, path: str | os.PathLike, progress: ByteProgress | None = None) -> Path:
-        """Save the compressed model; verify its SHA-256 against the service's; return the path."""
+    def artifacts(self, job: Job | str) -> list[dict[str, Any]]:
+        """The export-target artifacts of a succeeded job: one entry per target in its spec (made or failed, and why)."""
+        return self._json(self.session.get(self.url + f"/v1/jobs/{_id(job)}/artifacts", timeout=self.timeout))["artifacts"]
+
+    def download(self, job: Job | str, path: str | os.PathLike, progress: ByteProgress | None = None,
+                 target: str | None = None) -> Path:
+        """Save the compressed model, or with ``target`` (``onnx``, ...) that export target's artifact; verify its
+        SHA-256 against the service's; return the path."""
         path = Path(path)
-        response = self.session.get(self.url + f"/v1/jobs/{_id(job)}/model", stream=True, timeout=self.timeout,
+        what = "model" if target is None else f"artifacts/{quote(target, safe='')}"
+        response = self.session.get(self.url + f"/v1/jobs/{_id(job)}/{what}", stream=True, timeout=self.timeout,
                                     headers={"Accept-Encoding": "identity"})
         if response.status_code != 200:
             self._json(response)

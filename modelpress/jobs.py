@@ -317,6 +317,8 @@ def public_view(job: dict[str, Any]) -> dict[str, Any]:
     links = {"self": base}
     if job["state"] == SUCCEEDED:
         links.update(model=f"{base}/model", report=f"{base}/report")
+        if (job.get("spec") or {}).get("targets"):
+            links["artifacts"] = f"{base}/artifacts"
     elif job["state"] == FAILED and str((job.get("error") or {}).get("type", "")).endswith("/target-not-met"):
         links["report"] = f"{base}/report"  # a search that missed its target still reports its trials
     return {**{k: v for k, v in job.items() if k not in _INTERNAL_FIELDS}, "links": links}

@@ -3,8 +3,8 @@ default, one host or a shared volume) or an S3-compatible object store (``MODELP
 s3://bucket/prefix``, workers on many hosts with nothing shared but Redis and the bucket).
 
 Both keep the names of ``modelpress.storage.JobFiles``, relative to the job's root: ``input/model.pt``,
-``input/student.pt``, ``input/data``, ``spec.json``, ``model.attempt-<N>.pt``, ``report.attempt-<N>.json``;
-in S3 under ``<prefix>jobs/<id>/``. The job's process always works in a local directory
+``input/student.pt``, ``input/data``, ``spec.json``, ``model.attempt-<N>.pt``, ``report.attempt-<N>.json``,
+``artifact.attempt-<N>.<target's file name>`` (export targets); in S3 under ``<prefix>jobs/<id>/``. The job's process always works in a local directory
 (``workspace``): with S3 the supervisor stages the inputs there, and uploads the output after.
 
 A reader never sees a partial result, in either store: the served names carry the attempt that
@@ -14,7 +14,6 @@ upload too) becomes visible only once complete. The report goes last.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import shutil
@@ -26,10 +25,12 @@ from pathlib import Path
 from typing import Any, Iterator
 from urllib.parse import urlparse
 
-from modelpress.config import Settings, boto3_endpoint_url
+from modelpress.artifacts import file_sha256, link_opened, measure, opened_plain
+from modelpress.config import Settings
 from modelpress.fault_injection import fault_point
 from modelpress.partstream import MAX_PARTS, PartStream
-from modelpress.storage import JobFiles, Storage, read_json, write_json_atomic
+from modelpress.s3clients import s3_clients
+from modelpress.storage import ARTIFACT_FILE_NAMES, JobFiles, Storage, read_json, write_json_atomic
 
 # Multipart from 16 MB in 16 MB parts, 8 at a time: at most ~128 MB of one transfer is in memory.
 PART_BYTES = 16 << 20
@@ -133,6 +134,11 @@ class ObjectStore(ABC):
         Returns a local file with the very bytes published (to hash for the job's result)."""
 
     @abstractmethod
+    def publish_artifact(self, job_id: str, attempt: int, files: JobFiles, file_name: str) -> tuple[int, str]:
+        """Supervisor, before ``publish``: publish the export-target artifact ``output/<file_name>`` under its
+        attempt's name; the bytes and SHA-256 of what was published (``NotPlainFile``: a link, a FIFO, gone)."""
+
+    @abstractmethod
     def publish_report(self, job_id: str, attempt: int, report: dict[str, Any]) -> None:
         """Supervisor: publish only a report, for a failed attempt that wrote one (a search's trials)."""
 
@@ -147,6 +153,10 @@ class ObjectStore(ABC):
     @abstractmethod
     def model(self, job_id: str, attempt: int | None) -> Path | RemoteObject:
         """API: the published model, a local path or an object to stream."""
+
+    @abstractmethod
+    def artifact(self, job_id: str, attempt: int | None, file_name: str) -> Path | RemoteObject:
+        """API: a published export-target artifact, a local path or an object to stream."""
 
     @abstractmethod
     def read_report(self, job_id: str, attempt: int | None) -> dict[str, Any]:
@@ -176,6 +186,12 @@ class LocalObjects(ObjectStore):
         write_json_atomic(files.published_report(attempt), report)
         return model
 
+    def publish_artifact(self, job_id: str, attempt: int, files: JobFiles, file_name: str) -> tuple[int, str]:
+        source = files.output_artifact(file_name)
+        with opened_plain(source) as handle:  # a hard link, like the model: measured is served
+            link_opened(handle, source, files.published_artifact(attempt, file_name))
+            return measure(handle)
+
     def publish_report(self, job_id: str, attempt: int, report: dict[str, Any]) -> None:
         write_json_atomic(self.storage.job(job_id).published_report(attempt), report)
 
@@ -183,12 +199,17 @@ class LocalObjects(ObjectStore):
         files = self.storage.job(job_id)
         files.published_model(attempt).unlink(missing_ok=True)
         files.published_report(attempt).unlink(missing_ok=True)
+        for name in ARTIFACT_FILE_NAMES:
+            files.published_artifact(attempt, name).unlink(missing_ok=True)
 
     def release(self, job_id: str, attempt: int) -> None:
         pass  # the job's directory is where the API serves from
 
     def model(self, job_id: str, attempt: int | None) -> Path:
         return self.storage.job(job_id).published_model(attempt)
+
+    def artifact(self, job_id: str, attempt: int | None, file_name: str) -> Path:
+        return self.storage.job(job_id).published_artifact(attempt, file_name)
 
     def read_report(self, job_id: str, attempt: int | None) -> dict[str, Any]:
         return read_json(self.storage.job(job_id).published_report(attempt))
@@ -204,9 +225,7 @@ class S3Objects(ObjectStore):
 
     def __init__(self, storage: Storage, settings: Settings) -> None:
         super().__init__(storage)
-        import boto3
         from boto3.s3.transfer import TransferConfig
-        from botocore.config import Config
 
         location = urlparse(settings.storage_url or "")
         if location.scheme != "s3" or not location.netloc:
@@ -215,28 +234,7 @@ class S3Objects(ObjectStore):
         prefix = location.path.strip("/")
         self.prefix = f"{prefix}/" if prefix else ""
         self.presign_s = settings.s3_presign_s
-        # Unset overrides leave boto3's own chain: AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, the key
-        # variables, AWS_PROFILE and ~/.aws, instance roles.
-        session = boto3.session.Session(profile_name=settings.s3_profile or None)
-        # SigV4 everywhere: presigned URLs otherwise fall back to SigV2, which AWS refuses in newer
-        # regions and SeaweedFS refuses once response-content-disposition is signed.
-        # Checksums only where the API requires them: the SHA-256 is ours already (computed as the
-        # upload arrives, stored as metadata and in the record), and a CRC32 of every part costs CPU.
-        # No payload signatures either (botocore signs every body over http, a second SHA-256 of
-        # every byte: 1 CPU-second per GB on the API host): integrity is end to end instead, the
-        # worker checks each staged input against the record's digest, clients the download's.
-        s3 = {"payload_signing_enabled": False}
-        if settings.s3_endpoint_url or boto3_endpoint_url():
-            s3["addressing_style"] = "path"
-        config = Config(signature_version="s3v4", retries={"mode": "standard", "max_attempts": 5},
-                        connect_timeout=5, read_timeout=60, request_checksum_calculation="when_required",
-                        response_checksum_validation="when_required", s3=s3)
-        client = functools.partial(
-            session.client, "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region or None,
-            aws_access_key_id=settings.s3_access_key_id or None, aws_secret_access_key=settings.s3_secret_access_key or None)
-        self.client = client(config=config)
-        self._probe = client(config=config.merge(Config(retries={"mode": "standard", "max_attempts": 1},
-                                                        connect_timeout=2, read_timeout=5)))
+        self.client, self._probe = s3_clients(settings)
         self.transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
                                        max_concurrency=TRANSFER_THREADS, use_threads=True)
         self.stream_part_bytes = settings.s3_part_mb << 20
@@ -354,6 +352,15 @@ class S3Objects(ObjectStore):
         return files.output_model
 
     @_translated
+    def publish_artifact(self, job_id: str, attempt: int, files: JobFiles, file_name: str) -> tuple[int, str]:
+        with opened_plain(files.output_artifact(file_name)) as handle:  # the workspace is this attempt's alone
+            size, digest = measure(handle)
+            handle.seek(0)
+            self.client.upload_fileobj(handle, self.bucket, self.key(job_id, self.storage.job(job_id).published_artifact(
+                attempt, file_name)), ExtraArgs={"Metadata": {"sha256": digest}}, Config=self.transfer)
+        return size, digest
+
+    @_translated
     def publish_report(self, job_id: str, attempt: int, report: dict[str, Any]) -> None:
         self.client.put_object(Bucket=self.bucket, Key=self.key(job_id, self.storage.job(job_id).published_report(attempt)),
                                Body=json.dumps(report, indent=2, sort_keys=True).encode(),
@@ -363,8 +370,8 @@ class S3Objects(ObjectStore):
     def withdraw(self, job_id: str, attempt: int) -> None:
         canonical = self.storage.job(job_id)
         self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [
-            {"Key": self.key(job_id, canonical.published_model(attempt))},
-            {"Key": self.key(job_id, canonical.published_report(attempt))}]})
+            {"Key": self.key(job_id, path)} for path in (canonical.published_model(attempt), canonical.published_report(
+                attempt), *(canonical.published_artifact(attempt, name) for name in sorted(ARTIFACT_FILE_NAMES)))]})
 
     def release(self, job_id: str, attempt: int) -> None:
         work = self.storage.data_dir / "work" / str(attempt)
@@ -376,9 +383,16 @@ class S3Objects(ObjectStore):
 
     # ------------------------------------------------------------------ API: download, report, delete
 
-    @_translated
     def model(self, job_id: str, attempt: int | None) -> RemoteObject:
-        key = self.key(job_id, self.storage.job(job_id).published_model(attempt))
+        return self.published(job_id, self.storage.job(job_id).published_model(attempt))
+
+    def artifact(self, job_id: str, attempt: int | None, file_name: str) -> RemoteObject:
+        return self.published(job_id, self.storage.job(job_id).published_artifact(attempt, file_name))
+
+    @_translated
+    def published(self, job_id: str, path: Path) -> RemoteObject:
+        """The object of one of the job's published files, named by its local path (``JobFiles``)."""
+        key = self.key(job_id, path)
         try:
             answer = self.client.get_object(Bucket=self.bucket, Key=key)
         except self.client.exceptions.NoSuchKey:
@@ -430,9 +444,3 @@ def open_object_store(settings: Settings, storage: Storage | None = None) -> Obj
     if not settings.storage_url:
         return LocalObjects(storage)
     return S3Objects(storage, settings)
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-

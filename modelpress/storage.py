@@ -1,4 +1,5 @@
-"""Where a job's files live: ``<data_dir>/jobs/<id>/{input/, spec.json, output/{model.pt, report.json}}``.
+"""Where a job's files live: ``<data_dir>/jobs/<id>/{input/, spec.json, output/{model.pt, report.json}}``,
+plus one file per export target the spec asks for (``output/model.onnx``, ...: ``modelpress.targets``).
 
 Everything the job's process writes is under ``output/``, the only place its sandbox may write.
 """
@@ -11,6 +12,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from modelpress.targets import TARGETS
+
+ARTIFACT_FILE_NAMES = frozenset(target.file_name for target in TARGETS.values())
 
 
 @dataclass(frozen=True)
@@ -41,6 +46,10 @@ class JobFiles:
     def report(self) -> Path:
         return self.root / "output" / "report.json"
 
+    def output_artifact(self, file_name: str) -> Path:
+        """Where the job's process writes an export target's artifact (``Target.file_name``)."""
+        return self.root / "output" / _artifact_name(file_name)
+
     # What a succeeded job serves: the output of the attempt that recorded the success, under
     # names only that attempt writes (see ``Supervisor._publish``), outside ``output/`` (the one
     # folder a confined job process may write, and which each attempt's supervisor tidies).
@@ -50,6 +59,11 @@ class JobFiles:
 
     def published_report(self, attempt: int | None) -> Path:
         return self.root / f"report.attempt-{attempt}.json" if attempt else self.report
+
+    def published_artifact(self, attempt: int | None, file_name: str) -> Path:
+        """An export target's artifact as served (artifacts came after attempts: records without one have none)."""
+        return self.root / f"artifact.attempt-{attempt}.{_artifact_name(file_name)}" if attempt \
+            else self.output_artifact(file_name)
 
     @property
     def process_log(self) -> Path:
@@ -82,6 +96,13 @@ class Storage:
     def job_folders_before(self, epoch_s: float) -> list[Path]:
         """Job folders last written before ``epoch_s`` (see ``ObjectStore.stale_host_files``)."""
         return _entries_before(self.jobs_dir, epoch_s, folders=True)
+
+
+def _artifact_name(file_name: str) -> str:
+    # Only the targets' own names ever become paths: a name from a report cannot point elsewhere.
+    if file_name not in ARTIFACT_FILE_NAMES:
+        raise ValueError(f"{file_name!r} is not an export target's file name")
+    return file_name
 
 
 def _entries_before(directory: Path, epoch_s: float, folders: bool) -> list[Path]:

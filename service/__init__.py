@@ -13,7 +13,7 @@ from modelpress.storage import Storage
 
 def create_app(settings: Settings | None = None) -> Flask:
     """Build the API from settings (environment variables when none are given). Nothing runs at import."""
-    from service import health, jobs_api
+    from service import artifacts_api, health, jobs_api
     from service.auth import auth_init_app
     from service.console import console_init_app
     from service.openapi import ProblemApi
@@ -53,6 +53,7 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     api = ProblemApi(app)
     api.register_blueprint(jobs_api.blp)
+    api.register_blueprint(artifacts_api.blp)
     api.register_blueprint(jobs_api.webhooks_blp)
     api.register_blueprint(health.blp)
     console_init_app(app, settings)

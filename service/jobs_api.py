@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flask import current_app, g, request, send_file, url_for
+from flask import current_app, g, request, url_for
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
@@ -13,7 +13,7 @@ from modelpress.formats import FILE_SUFFIX, TORCHSCRIPT
 from modelpress.jobs import JobStore, public_view, utc_now
 from modelpress.spec import MAX_SPEC_BYTES
 from modelpress.cleanup import remove_job
-from modelpress.objectstore import LocalObjects, ObjectStore
+from modelpress.objectstore import ObjectStore
 from service.auth import require_tenant
 from service.problems import ApiProblem
 from modelpress.webhooks import tenant_secret
@@ -21,15 +21,15 @@ from service.queue import enqueue_job
 from service.schemas import (JobListArgsSchema, JobListSchema, JobSchema, JobSubmissionSchema, ProblemSchema,
                              WebhookSecretSchema)
 from service.submission import Submission, submit
-from service.downloads import remote_model_response
-from service.uploads import client_filename, gzip_copy, wants_gzip
+from service.downloads import published_file_response
+from service.uploads import client_filename
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Compression jobs")
 blp.before_request(require_tenant)
 
 POLL_AFTER_S = 2
 _JOB_ID = re.compile(r"^[0-9A-HJKMNP-TV-Z]{26}$")
-_PROBLEM = {"content_type": "application/problem+json", "schema": ProblemSchema}
+PROBLEM = {"content_type": "application/problem+json", "schema": ProblemSchema}
 
 
 @blp.route("")
@@ -40,10 +40,10 @@ class Jobs(MethodView):
                           "description": "Per tenant, for 24 hours: the same key with the same request returns the "
                                          "first job (header Idempotent-Replayed: true); with a different request, 422."}])
     @blp.response(202, JobSchema, description="Accepted; poll the Location header.")
-    @blp.alt_response(413, description="Upload too large", **_PROBLEM)
-    @blp.alt_response(415, description="Not multipart/form-data", **_PROBLEM)
-    @blp.alt_response(422, description="Invalid spec or files; `errors` names each field", **_PROBLEM)
-    @blp.alt_response(429, description="Too many active jobs for this tenant", **_PROBLEM)
+    @blp.alt_response(413, description="Upload too large", **PROBLEM)
+    @blp.alt_response(415, description="Not multipart/form-data", **PROBLEM)
+    @blp.alt_response(422, description="Invalid spec or files; `errors` names each field", **PROBLEM)
+    @blp.alt_response(429, description="Too many active jobs for this tenant", **PROBLEM)
     def post(self) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Submit a model and a compression spec."""
         if request.mimetype != "multipart/form-data":
@@ -55,7 +55,7 @@ class Jobs(MethodView):
             callback_url=request.form.get("callback_url") or None,
             idempotency_key=request.headers.get("Idempotency-Key"),
             job_id=request.upload_job_id)  # after the parts above: reading them parses the body
-        accepted = submit(submission, current_app.extensions["modelpress"], _store(), _objects(),
+        accepted = submit(submission, current_app.extensions["modelpress"], _store(), objects(),
                           lambda job_id, generation: enqueue_job(current_app, job_id, generation))
         headers = {"Location": url_for("jobs.Job", job_id=accepted.job["id"])}
         if accepted.replayed:
@@ -75,7 +75,7 @@ class Job(MethodView):
     @blp.etag
     @blp.response(200, JobSchema, headers={"Retry-After": {"description": "Seconds until the next poll is useful "
                                                                           "(unfinished jobs)", "schema": {"type": "integer"}}})
-    @blp.alt_response(404, description="No such job", **_PROBLEM)
+    @blp.alt_response(404, description="No such job", **PROBLEM)
     def get(self, job_id: str) -> Any:
         """Poll a job. Send the ETag back as If-None-Match: an unchanged job answers 304 with no body."""
         job = own_job(job_id)
@@ -85,13 +85,13 @@ class Job(MethodView):
 
     @blp.response(202, JobSchema, description="Cancellation accepted (queued or running job).")
     @blp.alt_response(204, description="A finished job and its files were deleted.")
-    @blp.alt_response(404, description="No such job", **_PROBLEM)
+    @blp.alt_response(404, description="No such job", **PROBLEM)
     def delete(self, job_id: str) -> Any:
         """Cancel a queued or running job, or delete a finished one with its files."""
         cancelled = cancel(job_id)
         if cancelled is not None:
             return public_view(cancelled), 202
-        remove_job(_store(), _objects(), job_id)  # a store away: the reaper removes the files later
+        remove_job(_store(), objects(), job_id)  # a store away: the reaper removes the files later
         return "", 204
 
 
@@ -99,36 +99,24 @@ class Job(MethodView):
 class JobModel(MethodView):
     @blp.response(200, description="The compressed TorchScript model.",
                   content_type="application/octet-stream")
-    @blp.alt_response(404, description="No such job", **_PROBLEM)
-    @blp.alt_response(409, description="The job has not succeeded", **_PROBLEM)
+    @blp.alt_response(404, description="No such job", **PROBLEM)
+    @blp.alt_response(409, description="The job has not succeeded", **PROBLEM)
     def get(self, job_id: str) -> Any:
         """Download the compressed model (ETag and X-Checksum-Sha256 are its SHA-256; gzip on request)."""
-        job = _succeeded_or_409(job_id)
+        job = succeeded_job(job_id)
         digest = job["result"]["sha256"]
-        # Sanitized again: a record kept before names were sanitized at submit may hold a CR or LF.
-        stem = client_filename((job.get("input") or {}).get("filename"), "model").rsplit(".", 1)[0] or "model"
         suffix = FILE_SUFFIX.get(job["result"].get("format", TORCHSCRIPT), ".pt")  # .pt2 in, .pt2 out
-        download_name = f"{stem}.{job['spec']['method']}{suffix}"
-        gzipped = wants_gzip(request)
-        objects = _objects()
-        if not isinstance(objects, LocalObjects):  # an object store: streamed, or a presigned redirect
-            return remote_model_response(objects, job_id, job.get("attempt"), digest, download_name, gzipped)
-        path = objects.model(job_id, job.get("attempt"))
-        response = send_file(gzip_copy(path) if gzipped else path, mimetype="application/octet-stream",
-                             as_attachment=True, download_name=download_name,
-                             etag=f"{digest}-gzip" if gzipped else digest, conditional=True, max_age=0)
-        if gzipped:
-            response.headers["Content-Encoding"] = "gzip"
-        response.headers["Vary"] = "Accept-Encoding"
-        response.headers["X-Checksum-Sha256"] = digest  # of the model itself, after any decoding
-        return response
+        download_name = f"{download_stem(job)}{suffix}"
+        store = objects()
+        path = store.storage.job(job_id).published_model(job.get("attempt"))
+        return published_file_response(store, job_id, path, digest, download_name)
 
 
 @blp.route("/<job_id>/report")
 class JobReport(MethodView):
     @blp.response(200, description="The compression report (sizes, latency, fidelity, what changed).")
-    @blp.alt_response(404, description="No such job", **_PROBLEM)
-    @blp.alt_response(409, description="The job has not succeeded (nor failed with a report)", **_PROBLEM)
+    @blp.alt_response(404, description="No such job", **PROBLEM)
+    @blp.alt_response(409, description="The job has not succeeded (nor failed with a report)", **PROBLEM)
     def get(self, job_id: str) -> Any:
         """The job's report.json; a job that failed its target (``target-not-met``) has one listing its trials."""
         job = own_job(job_id)
@@ -137,7 +125,7 @@ class JobReport(MethodView):
                 return report_of(job)
             except FileNotFoundError:
                 pass  # failed without a report: answered like any unfinished job
-        return report_of(_succeeded_or_409(job_id))
+        return report_of(succeeded_job(job_id))
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -168,15 +156,22 @@ def cancel(job_id: str) -> dict[str, Any] | None:
 
 def report_of(job: dict[str, Any]) -> dict[str, Any]:
     """The report.json of a succeeded job: the one its winning attempt published."""
-    return _objects().read_report(job["id"], job.get("attempt"))
+    return objects().read_report(job["id"], job.get("attempt"))
 
 
-def _succeeded_or_409(job_id: str) -> dict[str, Any]:
+def succeeded_job(job_id: str) -> dict[str, Any]:
     job = own_job(job_id)
     if job["state"] != jobs.SUCCEEDED:
         raise ApiProblem(409, "Conflict", f"the job is {job['state']}; the model and report exist once it has succeeded",
                          slug="job-not-succeeded")
     return job
+
+
+def download_stem(job: dict[str, Any]) -> str:
+    """The start of a download's file name: the upload's name without its suffix, then the method."""
+    # Sanitized again: a record kept before names were sanitized at submit may hold a CR or LF.
+    stem = client_filename((job.get("input") or {}).get("filename"), "model").rsplit(".", 1)[0] or "model"
+    return f"{stem}.{job['spec']['method']}"
 
 
 def _spec_text() -> str | None:
@@ -192,7 +187,7 @@ def _store() -> JobStore:
     return current_app.extensions["modelpress_jobs"]
 
 
-def _objects() -> ObjectStore:
+def objects() -> ObjectStore:
     return current_app.extensions["modelpress_objects"]
 
 

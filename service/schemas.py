@@ -23,6 +23,30 @@ class ResultSchema(Schema):
     latency_ratio = fields.Float(allow_none=True, metadata={"description": "Compressed / original median latency."})
     cosine_similarity = fields.Float(allow_none=True)
     top1_agreement = fields.Float(allow_none=True)
+    targets = fields.Dict(keys=fields.String(), values=fields.Dict(), metadata={
+        "description": "Each export target the job reported: its status, and the bytes and SHA-256 of its artifact "
+                       "(GET /v1/jobs/<id>/artifacts lists them in full)."})
+
+
+class ArtifactSchema(Schema):
+    name = fields.String(metadata={"description": "The export target: onnx, openvino or executorch."})
+    status = fields.String(validate=validate.OneOf(("succeeded", "failed")))
+    file = fields.String(allow_none=True, metadata={"description": "The artifact's file name (model.onnx, ...)."})
+    format = fields.String(allow_none=True)
+    bytes = fields.Integer(allow_none=True, metadata={"description": "Measured by the worker on the file published."})
+    sha256 = fields.String(allow_none=True, metadata={"description": "Of the file published; the download's "
+                                                                     "X-Checksum-Sha256 and ETag."})
+    runtime = fields.String(allow_none=True, metadata={"description": "What ran and timed it (the job's word)."})
+    precision = fields.String(allow_none=True)
+    latency_ms = fields.Float(allow_none=True)
+    latency_ratio = fields.Float(allow_none=True, metadata={"description": "Its latency / the original model's."})
+    reason = fields.String(allow_none=True, metadata={"description": "Why a failed target has no artifact."})
+    href = fields.String(allow_none=True, metadata={"description": "The download, for a succeeded target."})
+
+
+class ArtifactListSchema(Schema):
+    artifacts = fields.List(fields.Nested(ArtifactSchema), metadata={
+        "description": "One entry per target in spec.targets, in that order."})
 
 
 class ProblemSchema(Schema):
@@ -37,6 +61,7 @@ class LinksSchema(Schema):
     self = fields.String()
     model = fields.String()
     report = fields.String()
+    artifacts = fields.String()
 
 
 class JobSchema(Schema):

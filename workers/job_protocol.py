@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 from modelpress.config import Settings
 from modelpress.formats import AOTI_PACKAGE, EXPORTED, TORCHSCRIPT
+from modelpress.targets import TARGETS
 from workers.engine.errors import CompressionError, is_out_of_memory, summarize_torch_error
 
 # Environment names the child reads.
@@ -51,6 +52,7 @@ _REPORT_FIGURES = (("size", "ratio"), ("latency", "ratio"), ("fidelity", "cosine
 # package adds its compiled code. RLIMIT_FSIZE in the job and the supervisor's watch both apply it.
 OUTPUT_INPUT_FACTOR = 4
 OUTPUT_ALLOWANCE_BYTES = 64 << 20
+MAX_TARGETS = len(TARGETS)
 MAX_OUTPUT_ENTRIES = 64  # files and folders under output/ (the job writes two, plus temporary names)
 
 # Settings the child needs; read back there with Settings.from_env, so defaults live in config.py only.
@@ -273,9 +275,20 @@ def invalid_report(error: InvalidReport) -> dict[str, Any]:
 
 
 def output_limit_bytes(files: Any) -> int:
-    """How much ``output/`` may hold: ``OUTPUT_INPUT_FACTOR`` times the uploaded models plus an allowance."""
+    """How much ``output/`` may hold: ``OUTPUT_INPUT_FACTOR`` times the uploaded models plus an allowance,
+    once for the model and once more for each export target the spec asks for (each is the same model
+    in another format)."""
     inputs = sum(path.stat().st_size for path in (files.input_model, files.input_student) if path.exists())
-    return OUTPUT_INPUT_FACTOR * inputs + OUTPUT_ALLOWANCE_BYTES
+    return (1 + asked_targets(files)) * OUTPUT_INPUT_FACTOR * inputs + OUTPUT_ALLOWANCE_BYTES
+
+
+def asked_targets(files: Any) -> int:
+    """How many export targets the job's ``spec.json`` (written by the API, after its checks) asks for."""
+    try:
+        targets = json.loads(files.spec.read_bytes()[:MAX_REPORT_BYTES]).get("targets") or []
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return min(len(targets), MAX_TARGETS) if isinstance(targets, list) else 0
 
 
 def output_too_large(limit_bytes: int, seen_bytes: int, entries: int) -> dict[str, Any]:
@@ -283,7 +296,7 @@ def output_too_large(limit_bytes: int, seen_bytes: int, entries: int) -> dict[st
         what = f"{entries} files and folders (at most {MAX_OUTPUT_ENTRIES})"
     else:
         what = f"at least {seen_bytes >> 20} MB (at most {limit_bytes >> 20} MB: {OUTPUT_INPUT_FACTOR} times the " \
-               f"uploaded model plus {OUTPUT_ALLOWANCE_BYTES >> 20} MB)"
+               f"uploaded model for it and each export target, plus {OUTPUT_ALLOWANCE_BYTES >> 20} MB)"
     return problem("output-too-large", "Output too large",
                    f"the compression process wrote {what} under output/ and was stopped")
 

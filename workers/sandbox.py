@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from modelpress.config import Settings
-from modelpress.storage import JobFiles
+from modelpress.storage import ARTIFACT_FILE_NAMES, JobFiles
 from modelpress.worker_status import SandboxStatus
 from workers import seccomp
 from workers.job_protocol import network_probe
@@ -123,8 +123,9 @@ def confirm_outputs(files: JobFiles) -> str | None:
     directory = files.output_model.parent
     if not directory.exists():
         return None
+    kept = {files.output_model.name, files.report.name, *ARTIFACT_FILE_NAMES}  # artifacts: export targets
     for entry in directory.iterdir():
-        if entry.name not in (files.output_model.name, files.report.name):
+        if entry.name not in kept:
             _remove(entry)
             continue
         mode = entry.lstat().st_mode

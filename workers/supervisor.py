@@ -32,14 +32,17 @@ from modelpress import jobs
 from modelpress.config import Settings
 from modelpress.fault_injection import fault_point
 from modelpress.formats import TORCHSCRIPT
+from modelpress.artifacts import NotPlainFile
 from modelpress.jobs import JobStore, Superseded, connect, utc_now
 from modelpress.objectstore import InputsCorrupt, InputsMissing, ObjectStore, file_sha256, open_object_store
 from modelpress.storage import JobFiles, Storage
+from modelpress.targets import TARGETS
 from workers import job_protocol as protocol
 from workers import sandbox
 from workers.job_protocol import InvalidReport, Violation, problem
 from workers.memory import MemoryWatch
 from workers.process_log import ProcessLog
+from workers.target_report import check_targets
 
 log = logging.getLogger("modelpress.worker")
 
@@ -275,13 +278,24 @@ class Supervisor:
             self._until_redis(self.store.beat, job_id, attempt)  # still ours? (raises Superseded)
         except Superseded:
             return jobs.RUNNING, False
+        spec = (self._until_redis(self.store.get, job_id) or {}).get("spec") or {}
         try:
             report = protocol.read_report(files.report)
+            succeeded = check_targets(report, tuple(spec.get("targets") or ()), bool(spec.get("targets_required")),
+                                      files)
         except InvalidReport as refused:
             return self._finish(job_id, attempt, jobs.FAILED, error=protocol.invalid_report(refused))
         _measure_sizes(report, files)
         report["deliveries"] = deliveries
         with self._beating(job_id, attempt):
+            try:  # the artifacts before the report, which goes last (a reader never sees a partial result)
+                for name in succeeded:
+                    size, digest = self.objects.publish_artifact(job_id, attempt, files, TARGETS[name].file_name)
+                    report["targets"][name].update(bytes=size, sha256=digest)  # measured, never the child's word
+            except NotPlainFile as refused:
+                self.objects.withdraw(job_id, attempt)
+                return self._finish(job_id, attempt, jobs.FAILED, error=protocol.invalid_report(
+                    InvalidReport(f"'targets.{name}.file': {refused}")))
             published = self.objects.publish(job_id, attempt, files, report)
         state, won = self._finish(job_id, attempt, jobs.SUCCEEDED, result=_result_summary(published, report),
                                   progress=1.0, stage="done", warnings=report.get("warnings", []))
@@ -350,6 +364,8 @@ def _result_summary(model: Path, report: dict[str, Any]) -> dict[str, Any]:
         "latency_ratio": report["latency"]["ratio"],
         "cosine_similarity": report["fidelity"]["cosine_similarity"],
         "top1_agreement": report["fidelity"]["top1_agreement"],
+        **({"targets": {name: {key: entry[key] for key in ("status", "bytes", "sha256") if key in entry}
+                        for name, entry in report["targets"].items()}} if report.get("targets") else {}),
     }
 
 

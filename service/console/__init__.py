@@ -21,7 +21,7 @@ from marshmallow import ValidationError
 
 from modelpress import jobs
 from modelpress.config import Settings, persistent_secret
-from service import jobs_api
+from service import artifacts_api, jobs_api
 from service.auth import session_tenant, sign_in, sign_out
 from service.console import form as spec_form
 from service.console import report as report_view
@@ -170,7 +170,8 @@ def job_page(job_id: str) -> str:
     record = jobs_api.own_job(job_id)
     job = jobs.public_view(record)
     report = jobs_api.report_of(record) if job["state"] == jobs.SUCCEEDED else None
-    return render_template("console/job.html", job=job, report=report,
+    artifacts = artifacts_api.artifact_list(record) if report is not None else []
+    return render_template("console/job.html", job=job, report=report, artifacts=artifacts,
                            sections=report_view.sections(report) if report else [],
                            warnings=report_view.warnings_of(job, report))
 
