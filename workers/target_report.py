@@ -21,7 +21,7 @@ from workers.job_protocol import MAX_WARNING_CHARS, InvalidReport
 SUCCEEDED, FAILED = "succeeded", "failed"
 MAX_NOTES = 20
 MAX_LABEL_CHARS = 200  # format, runtime, precision
-_FIDELITY_FIGURES = ("cosine_similarity", "top1_agreement", "max_abs_diff")
+_FIDELITY_FIGURES = ("cosine_similarity", "top1_agreement", "max_abs_error")  # measure.output_fidelity's
 
 
 def check_targets(report: dict[str, Any], asked: tuple[str, ...], required: bool, files: JobFiles) -> list[str]:
@@ -116,6 +116,13 @@ def _fidelity(value: Any) -> str | None:
     return None
 
 
+def _shape(value: Any) -> str | None:
+    if (not isinstance(value, list) or not 1 <= len(value) <= 8
+            or any(isinstance(n, bool) or not isinstance(n, int) or not 0 < n < 1 << 31 for n in value)):
+        return "is not a list of 1 to 8 positive sizes"
+    return None
+
+
 def _notes(value: Any) -> str | None:
     if not isinstance(value, list) or len(value) > MAX_NOTES or any(_text(MAX_WARNING_CHARS)(note) for note in value):
         return f"is not a list of at most {MAX_NOTES} strings of at most {MAX_WARNING_CHARS} characters"
@@ -125,7 +132,7 @@ def _notes(value: Any) -> str | None:
 _SUCCEEDED_FIELDS: dict[str, Callable[[Any], str | None]] = {
     "file": _text(64), "format": _text(MAX_LABEL_CHARS), "runtime": _text(MAX_LABEL_CHARS),
     "precision": _text(MAX_LABEL_CHARS), "latency_ms": _figure, "latency_ratio": _figure, "fidelity": _fidelity,
-    "notes": _notes,
+    "batch_shape": _shape, "notes": _notes,
 }
 _FAILED_FIELDS: dict[str, Callable[[Any], str | None]] = {
     "reason": _text(MAX_WARNING_CHARS), "runtime": _text(MAX_LABEL_CHARS), "notes": _notes,

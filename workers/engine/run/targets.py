@@ -51,11 +51,11 @@ def make_target(prepared: Prepared, name: str, steps: Sequence[Step], float_sour
                 output_dir: Path) -> dict[str, Any]:
     """One target's artifact of the model ``steps`` made, written to ``output_dir`` under its served
     name, checked and timed on its runtime: its report entry. Raises when it cannot be made."""
-    from workers.engine.targets.common import TargetRequest
+    from workers.engine.targets.common import TargetRequest, tool_home
     from workers.engine.targets.registry import export_target, target_module
 
     quantize = _int8_step(steps)
-    with prepared.clock("targets"), tempfile.TemporaryDirectory(prefix=f"modelpress-{name}-") as scratch:
+    with prepared.clock("targets"), tool_home(), tempfile.TemporaryDirectory(prefix=f"modelpress-{name}-") as scratch:
         # A fresh copy for each target: exporters may change the module they are given (the
         # TorchScript ONNX exporter does), and no target should see another's changes.
         request = TargetRequest(

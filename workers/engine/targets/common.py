@@ -6,11 +6,14 @@ process that never imports torch. The request holds torch objects, named here on
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 if TYPE_CHECKING:  # annotations only: importing torch here would put it in the runner's process
     import numpy
@@ -117,3 +120,20 @@ def runtime_version(distribution: str) -> str:
         return f"{distribution} {version(distribution)}"
     except PackageNotFoundError:
         return distribution
+
+
+@contextlib.contextmanager
+def tool_home() -> Iterator[None]:
+    """A ``HOME`` for the tools that look one up (OpenVINO's and NNCF's telemetry keep a consent file
+    there; ``Path.home()`` raises without it). A job's sandboxed process has none and no user
+    database to find one in, so a scratch one is set for the export and removed after: nothing the
+    tools write there outlives it, and the job's environment stays as the sandbox made it."""
+    if os.environ.get("HOME"):
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="modelpress-home-") as home:
+        os.environ["HOME"] = home
+        try:
+            yield
+        finally:
+            os.environ.pop("HOME", None)
