@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from modelpress.method_specs import (TARGET_METRICS, TARGET_OBJECTIVES, DistillSpec, PruneSpec, QuantizeSpec, SearchSpec,  # noqa: F401
+from modelpress.method_specs import (SEARCH_RUNTIMES, TARGET_METRICS, TARGET_OBJECTIVES, DistillSpec, PruneSpec, QuantizeSpec, SearchSpec,  # noqa: F401
                                      Strict, TargetSpec, distill_flag, prune_flag, quantize_flag)
 from modelpress.targets import TARGETS, missing_runtime
 from modelpress.untrusted_json import loads_bounded
@@ -215,9 +215,11 @@ class CompressionSpec(Strict):
         targets = data.get("targets") or []
         if len(set(targets)) != len(targets):
             raise ValidationError("each target at most once", "targets")
-        if targets and (method == AUTO or "target" in data):
-            raise ValidationError("not made by a search yet (method auto, or a pipeline with a target): run the "
-                                  "chosen candidate's spec (the report's trials give it) with targets", "targets")
+        searched = SEARCH_RUNTIMES.get((data.get("target") or {}).get("runtime", "torchscript"))
+        if targets and (method == AUTO or "target" in data) and targets != [searched]:
+            raise ValidationError("a search makes only the artifact of the runtime it times on (target.runtime); "
+                                  "run the chosen candidate's spec (the report's trials give it) with targets",
+                                  "targets")
         shape = data.get("input_shape")
         if shape and math.prod(shape) > MAX_INPUT_ELEMENTS:
             raise ValidationError(f"at most {MAX_INPUT_ELEMENTS} elements in all", "input_shape")
@@ -272,6 +274,9 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has
     if max_time_limit_s is not None and spec.get("time_limit_s", 0) > max_time_limit_s:
         raise SpecError({"spec.time_limit_s": [f"at most {max_time_limit_s} (this service's job time limit, "
                                                "MODELPRESS_JOB_TIMEOUT_S)"]})
+    searched = SEARCH_RUNTIMES[spec["target"]["runtime"]] if "target" in spec else None
+    if searched and not spec["targets"]:
+        spec["targets"] = [searched]  # a latency search on a runtime returns the chosen candidate's artifact for it
     missing = {f"spec.targets.{index}": [reason] for index, name in enumerate(spec["targets"])
                if (reason := missing_runtime(name))}
     if missing:
@@ -378,6 +383,18 @@ def register_method(entry: MethodEntry) -> None:
         # Method sections right after the method (the order the form and the README show).
         order = ["method", *REGISTRY, *(name for name in declared if name != "method" and name not in REGISTRY)]
         schema._declared_fields = {name: declared[name] for name in order}
+    _forget_nested_instances((StepSpec, CompressionSpec))
+
+
+def _forget_nested_instances(schemas: tuple[type[Schema], ...]) -> None:
+    """Nested fields cache the schema instance they made (``Nested.schema``), with the fields it had
+    then; schemas held since (the API blueprints' response schemas, built at import) would document
+    the spec without a method registered later. Dropping those caches makes them build it again."""
+    import gc
+
+    for thing in gc.get_objects():
+        if isinstance(thing, fields.Nested) and thing.nested in schemas:
+            thing._schema = None
 
 
 for _entry in (

@@ -87,3 +87,21 @@ def test_a_target_that_cannot_express_the_model_fails_alone_unless_required(tmp_
 
     with pytest.raises(TargetFailed, match="onnx: could not be made"):
         compress(model, parse_spec({**QUICK, **spec, "targets_required": True}), tmp_path / "again.pt")
+
+
+def test_a_latency_search_on_a_runtime_times_candidates_there_and_returns_its_artifact(
+        residual: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out.pt"
+    spec = parse_spec({**QUICK, "method": "auto", "search": {"max_trials": 2},
+                       "target": {"metric": "cosine", "min": 0.9, "objective": "latency", "runtime": "onnxruntime"}},
+                      has_data=True)
+    assert spec["targets"] == ["onnx"]  # filled in: the runtime's artifact comes with the result
+
+    report = compress(residual["pt"], spec, out, data_path=residual["data"])
+
+    timed = [trial for trial in report["trials"] if "error" not in trial]
+    assert timed and all(trial["runtime"].startswith("onnxruntime ") for trial in timed), report["trials"]
+    onnx = report["targets"]["onnx"]
+    assert onnx["status"] == "succeeded" and (out.parent / onnx["file"]).stat().st_size == onnx["bytes"]
+    chosen = next(trial for trial in report["trials"] if trial["trial"] == report["chosen"])
+    assert chosen["latency_ms"] > 0 and onnx["precision"].startswith("int8")  # both candidates quantize

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from modelpress.options import JobOptions, Step, TargetOptions, step
+from modelpress.method_specs import SEARCH_RUNTIMES
 from modelpress.spec import PIPELINE
 
 from workers.engine.errors import CompressionError, InvalidInput, TargetNotMet, is_out_of_memory, summarize_torch_error
@@ -34,6 +35,7 @@ from workers.engine.outputs import select_output
 from workers.engine.run.prepare import Prepared, Progress
 from workers.engine.run.report import measure_result
 from workers.engine.run.steps import finish_sections, run_steps, step_warnings
+from workers.engine.run.targets import failure_reason, make_target
 
 MIN_HOLDOUT_ROWS = 10
 MIN_TRAINING_ROWS = 10
@@ -94,6 +96,7 @@ def search(prepared: Prepared, job: JobOptions, output_path: str | os.PathLike, 
     training, holdout = _split(prepared.examples, options.holdout, options.seed)
     judge = _judge(prepared, target, holdout)
     objective = _OBJECTIVE_KEYS[target.objective]
+    runtime = SEARCH_RUNTIMES[target.runtime] if target.objective == "latency" else None  # an export target, or None
     ladders = list(_candidates(job, prepared.form.layer_types(prepared.original), training))
     max_trials, budget = options.max_trials, float(options.time_budget_s)
     trials: list[dict[str, Any]] = []
@@ -114,7 +117,7 @@ def search(prepared: Prepared, job: JobOptions, output_path: str | os.PathLike, 
             number = len(trials) + 1
             (Path(directory) / f"trial{number}").mkdir()
             trial = _try(candidate, number, max_trials, prepared, training, judge, student,
-                         Path(directory) / f"trial{number}" / Path(output_path).name, progress)
+                         Path(directory) / f"trial{number}" / Path(output_path).name, progress, runtime)
             trials.append(trial)
             candidate.trial = trial
             if not trial["meets_target"]:
@@ -141,8 +144,12 @@ def search(prepared: Prepared, job: JobOptions, output_path: str | os.PathLike, 
                 {"method": job.method, "target": summary, "search": search_facts, "trials": trials,
                  "pareto_front": front, "chosen": None})
         shutil.copyfile(chosen.trial.pop("_path"), output_path)
+        if runtime is not None:  # the chosen candidate's artifact for the runtime it was timed on
+            entry = chosen.trial["_target"]
+            shutil.copyfile(Path(chosen.trial["_path_target"]), Path(output_path).parent / entry["file"])
     for trial in trials:
-        trial.pop("_path", None)
+        for private in ("_path", "_target", "_path_target"):
+            trial.pop(private, None)
     progress("measuring the chosen candidate", 0.9)
     report = measure_result(prepared, None, output_path, lambda stage, f: progress(stage, 0.9 + 0.09 * f),
                             judged_on=holdout)
@@ -150,6 +157,8 @@ def search(prepared: Prepared, job: JobOptions, output_path: str | os.PathLike, 
     # With a target the job is judged by it, not by the generic collapse thresholds.
     warnings = step_warnings(chosen.steps, chosen.trial["sections"], prepared) if len(chosen.steps) > 1 else [
         w for section in chosen.trial["sections"] for w in section["details"].get("warnings", [])]
+    if runtime is not None:
+        report["targets"] = {runtime: entry}
     return {"method": job.method, **report,
             "details": {"chosen": chosen.label, "steps": [step.method for step in chosen.steps]},
             "target": summary, "search": search_facts, "chosen": chosen.trial["trial"],
@@ -158,8 +167,12 @@ def search(prepared: Prepared, job: JobOptions, output_path: str | os.PathLike, 
 
 
 def _try(candidate: _Candidate, number: int, max_trials: int, prepared: Prepared, training: Dataset, judge: _Judge,
-         student: torch.jit.ScriptModule | None, path: Path, progress: Progress) -> dict[str, Any]:
-    """One trial: run the steps on the training rows, judge after each step, measure the file."""
+         student: torch.jit.ScriptModule | None, path: Path, progress: Progress,
+         runtime: str | None = None) -> dict[str, Any]:
+    """One trial: run the steps on the training rows, judge after each step, measure the file.
+
+    ``runtime``: an export target whose runtime the trial is timed on (the candidate exported to
+    it, int8 by its own tooling as a job's target is); None: timed in the upload's own format."""
     started = time.perf_counter()
     trial: dict[str, Any] = {"trial": number, "label": candidate.label,
                              "spec": _spec_of(candidate.steps)}
@@ -180,9 +193,12 @@ def _try(candidate: _Candidate, number: int, max_trials: int, prepared: Prepared
 
     try:
         # Distillation trains an uploaded student in place: each trial starts from the upload.
+        float_copy = path.parent / "float" / path.name if runtime else None
+        if float_copy is not None:
+            float_copy.parent.mkdir()
         model, sections = run_steps(form.load(prepared.model_path), candidate.steps, prepared, step_progress,
                                     clone_model(student) if student is not None else None, data=training,
-                                    check=check, file_name=path.name)
+                                    check=check, file_name=path.name, float_copy=float_copy)
     except Exception as error:  # this candidate does not apply to the model; the search goes on
         if is_out_of_memory(error):
             raise  # the next candidate would run out too; the job fails with the memory message
@@ -194,11 +210,24 @@ def _try(candidate: _Candidate, number: int, max_trials: int, prepared: Prepared
     size = form.save(model, path)
     reloaded = form.runnable(form.load(path))
     metric = judge.score(reloaded) if completed else scores[-1]
+    if runtime is not None and completed:
+        try:
+            entry = make_target(prepared, runtime, candidate.steps,
+                                float_copy if float_copy is not None and float_copy.exists() else path, path.parent)
+        except Exception as error:  # this candidate cannot run on that runtime: it cannot be chosen
+            if is_out_of_memory(error):
+                raise
+            return {**trial, "error": f"{runtime}: {failure_reason(runtime, error)}", "metric": metric,
+                    "meets_target": False, "time_s": round(time.perf_counter() - started, 3), "sections": sections}
+        latency = float(entry["latency_ms"])
+        trial.update({"runtime": entry["runtime"], "_target": entry, "_path_target": str(path.parent / entry["file"])})
+    else:
+        latency = median_latency_ms(form.timed(reloaded, prepared.runtime, prepared.batch), prepared.batch,
+                                    runs=prepared.runs, warmup=prepared.warmup)
     trial.update({
         "bytes": size,
         "size_ratio": round(size / prepared.model_path.stat().st_size, 5),
-        "latency_ms": round(median_latency_ms(form.timed(reloaded, prepared.runtime, prepared.batch), prepared.batch,
-                                              runs=prepared.runs, warmup=prepared.warmup), 4),
+        "latency_ms": round(latency, 4),
         "macs": count_macs(reloaded, prepared.batch),
         "metric": metric,
         "metric_after_step": scores,
