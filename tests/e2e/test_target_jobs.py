@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from tests.conftest import ApiClient
@@ -22,11 +23,18 @@ sys.exit(code)
 """
 
 
-def test_a_static_int8_job_serves_int8_artifacts_that_run_without_torch(api: ApiClient, tmp_path: Path) -> None:
+@pytest.mark.parametrize("upload", ["torchscript", "pt2"])
+def test_a_static_int8_job_serves_int8_artifacts_that_run_without_torch(api: ApiClient, tmp_path: Path,
+                                                                         upload: str) -> None:
     torch.manual_seed(0)
     original = settle_batchnorm(ResidualNet(width=16, classes=4), (16, 3, 16, 16))
-    path = save_scripted(original, tmp_path / "residual.pt")
     inputs = np.random.default_rng(0).standard_normal((96, 3, 16, 16)).astype(np.float32)
+    if upload == "pt2":
+        path = tmp_path / "residual.pt2"
+        torch.export.save(torch.export.export(original, (torch.from_numpy(inputs[:8]),),
+                                              dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},)), path)
+    else:
+        path = save_scripted(original, tmp_path / "residual.pt")
     np.savez(tmp_path / "data.npz", inputs=inputs)
     spec = {"method": "quantize", "quantize": {"mode": "static", "calibration_batches": 2},
             "evaluation": {"runs": 2, "warmup": 0}, "targets": ["onnx", "openvino", "executorch"]}
