@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(VPY) bench/prune.py
 	$(VPY) bench/distill.py
 	$(VPY) bench/auto.py
+	$(VPY) bench/targets.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache site
