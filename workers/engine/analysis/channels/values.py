@@ -24,11 +24,12 @@ class Values:
             self.items_of[value] = self.items_of[item]
 
     def _dim(self, value: torch._C.Value, axis: Axis) -> int | None:
-        """The channel dimension of ``value``, counted from the front (None if the rank is unknown)."""
+        """The channel dimension of ``value``, counted from the front (None if the rank is unknown, or 0:
+        a scalar tensor such as a traced ``NumToTensor`` of a size has no channel dimension)."""
         shape = self.values.get(value)
         if axis.dim >= 0:
             return axis.dim
-        return axis.dim % len(shape) if shape is not None else None
+        return axis.dim % len(shape) if shape else None
 
     def _input_axis(self, value: torch._C.Value, consumer: str, dim: int) -> Axis | None:
         """The axis of a layer's input, if its channels are where the layer reads them (dim 1, or last for -1)."""
