@@ -2,7 +2,8 @@
 (part of ``walk.ChannelAnalysis``)."""
 from __future__ import annotations
 
-from typing import Iterator
+import dataclasses
+from typing import Callable, Iterator
 
 import torch
 
@@ -36,6 +37,9 @@ class Values:
         axis = self.axis_of.get(value)
         if axis is None:
             return None
+        if axis.head_width:
+            self._block(axis.space, f"{consumer} reads attention heads that were not merged back")
+            return None
         shape = self.values.get(value)
         where = self._dim(value, axis)
         expected = dim if dim >= 0 or shape is None else dim % len(shape)
@@ -47,6 +51,12 @@ class Values:
             self._block(axis.space, f"{consumer} reads a dimension other than the channels")
             return None
         return axis
+
+    def _relocated(self, axis: Axis, where: Callable[[int], int | None], dim: int) -> Axis:
+        """``axis`` after an op that moves or drops dimensions: ``where`` maps an input dimension to the
+        output's (None: gone; only a head's ``inner`` may go); ``dim`` is the axis's own, from the front."""
+        inner = None if axis.inner is None else where(axis.inner)
+        return dataclasses.replace(axis, dim=where(dim), inner=inner)
 
     def _set(self, value: torch._C.Value, axis: Axis) -> None:
         shape = self.values.get(value)

@@ -15,15 +15,15 @@ import torch
 from modelpress.options import PruneOptions
 
 from workers.engine.analysis.channels import ChannelGroup, channel_groups, layer_name
-from workers.engine.analysis.proof import check_batches, mismatch
+from workers.engine.analysis.proof import check_batches, mismatch, same_outputs
 from workers.engine.analysis.slicing import materialize, tensors
 from workers.engine.errors import InvalidInput, NothingToPrune, summarize_torch_error
 from workers.engine.formats.torchscript import clone_model
 from workers.engine.inputs import Dataset
 from workers.engine.measure import count_macs
 from workers.engine.methods.training import finetune
-from workers.engine.torchscript_graph import (derive_conv_groups, derive_layer_norm_shapes, matching_pattern,
-                                              module_types, quiet_torchscript_warnings)
+from workers.engine.torchscript_graph import (derive_conv_groups, derive_layer_norm_shapes, derive_reshape_sizes,
+                                              matching_pattern, module_types, quiet_torchscript_warnings)
 
 Progress = Callable[[str, float], None]
 PRUNABLE_TYPES = ("Conv2d", "Linear", "Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
@@ -234,6 +234,12 @@ def _prune_channels(model, options: PruneOptions, selected, exclude, types, data
     if rewritten:
         model = clone_model(model)  # reloaded: the rewritten graphs take effect
     checks = check_batches(data, fixed_batch)
+    if candidates:  # literal sizes in reshapes and splits (Conv1D's nf, GPT-2's q/k/v split) follow the channels
+        reshaped = clone_model(model)
+        if derive_reshape_sizes(reshaped):
+            reshaped = clone_model(reshaped)
+            if same_outputs(model, reshaped, checks):  # exact by construction; checked, not assumed
+                model = reshaped
     accepted: list[tuple[ChannelGroup, torch.Tensor]] = []
     if candidates:
         progress("checking groups", 0.1)
