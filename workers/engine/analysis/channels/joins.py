@@ -7,8 +7,14 @@ import math
 
 import torch
 
-from workers.engine.analysis.channels.spaces import Axis
+from workers.engine.analysis.channels.spaces import Axis, ChannelSpace
 from workers.engine.analysis.channels.values import constant
+
+
+def _segments(space: ChannelSpace) -> list[ChannelSpace]:
+    """The plain spaces a (possibly concatenated) space is made of, in channel order."""
+    space = space.root()
+    return [segment for part in space.parts for segment in _segments(part)] if space.parts is not None else [space]
 
 
 class Joins:
@@ -81,7 +87,9 @@ class Joins:
         if any(a.scale != 1 for a in axes):
             return self._opaque(node, "aten::cat of flattened channels")
         space = self._new()
-        space.parts = [a.space.root() for a in axes]
+        # A concatenation of concatenations (an Inception block's pass-through pool of the previous
+        # block's output) is one flat list of segments.
+        space.parts = [segment for a in axes for segment in _segments(a.space)]
         self._set(node.output(), Axis(space, channel_dim))
 
     def _split(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
