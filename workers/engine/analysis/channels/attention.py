@@ -104,6 +104,14 @@ class Attention:
         out = node.output()
         shapes = self.values.get(inputs[0]), self.values.get(inputs[1])
         result = self.values.get(out)
+        if left is not None and right is not None and not (left.head_width and right.head_width) \
+                and None not in shapes and result is not None:
+            heads, other, own_shape, other_shape = (left, right, shapes[0], shapes[1]) if left.head_width \
+                else (right, left, shapes[1], shapes[0])
+            position = heads.dim - (len(own_shape) - len(other_shape))
+            if position < 0 or other_shape[position] == 1:  # the same for every head (rotary cos/sin)
+                self._block(other.space, f"{node.kind()} meets the channels within attention heads")
+                return self._set(out, self._shifted(heads, len(result) - len(own_shape)))
         if left is not None and right is not None:
             if None in shapes or result is None or not (left.head_width and right.head_width) \
                     or left.head_width != right.head_width \
