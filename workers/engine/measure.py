@@ -171,10 +171,12 @@ def _compare(refs: list[torch.Tensor], cands: list[torch.Tensor]) -> dict[str, A
 
 
 def _similarity(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-    return {
-        "max_abs_error": float((a - b).abs().max()) if a.numel() else 0.0,
-        "cosine_similarity": float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12)) if a.numel() else 1.0,
-    }
+    """Max |a-b| and the cosine of a and b; identical outputs have cosine 1.0 (two zero vectors,
+    such as a classifier head initialised to zeros, would otherwise give 0.0: "collapsed")."""
+    error = float((a - b).abs().max()) if a.numel() else 0.0
+    identical = error == 0.0 and bool(torch.equal(a, b))  # NaN != NaN: never identical
+    cosine = 1.0 if identical else float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12))
+    return {"max_abs_error": error, "cosine_similarity": cosine}
 
 
 DEFLATE_SAMPLE_CHUNKS = 64  # files above this many MB get an estimated deflate size

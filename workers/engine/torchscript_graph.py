@@ -314,6 +314,46 @@ def derive_layer_norm_shapes(model: torch.jit.ScriptModule) -> bool:
     return rewritten
 
 
+def derive_reshape_sizes(model: torch.jit.ScriptModule) -> bool:
+    """Let sizes compiled into reshapes follow pruned channels: in a ``view``/``reshape`` whose size
+    list has no ``-1`` and one literal entry above 1, that entry becomes ``-1`` (``transformers``'
+    ``Conv1D`` views its output as ``[batch, tokens, nf]``); an ``aten::split`` into ``n`` unpacked
+    pieces of a literal size ``s`` splits by ``(x.size(dim) + n - 1) // n`` (GPT-2's fused q/k/v).
+
+    ``-1`` is inferred as what the literal was, and ``ceil(L / n)`` equals ``s`` whenever the pieces
+    were of equal size: the caller checks that the rewritten model still computes the same outputs.
+    Returns whether a graph changed: the caller must then reload the model.
+    """
+    rewritten = False
+    for _, module in model.named_modules():
+        for method_name in module._c._method_names():
+            graph = module._c._get_method(method_name).graph
+            for node in [*graph.findAllNodes("aten::view"), *graph.findAllNodes("aten::reshape")]:
+                sizes = node.inputsAt(1).node()
+                if sizes.kind() != "prim::ListConstruct" or len(list(sizes.output().uses())) != 1:
+                    continue
+                literal = [i for i, v in enumerate(sizes.inputs()) if v.node().kind() == "prim::Constant"
+                           and isinstance(v.toIValue(), int) and (v.toIValue() > 1 or v.toIValue() == -1)]
+                if len(literal) == 1 and sizes.inputsAt(literal[0]).toIValue() > 1:
+                    with graph.insert_point_guard(sizes):
+                        sizes.replaceInput(literal[0], graph.insertConstant(-1))
+                    rewritten = True
+            for node in graph.findAllNodes("aten::split"):
+                uses = list(node.output().uses())
+                size = node.inputsAt(1)
+                if len(uses) != 1 or uses[0].user.kind() != "prim::ListUnpack" or size.node().kind() != "prim::Constant" \
+                        or not isinstance(size.toIValue(), int):
+                    continue
+                pieces = len(list(uses[0].user.outputs()))
+                with graph.insert_point_guard(node):
+                    length = _insert(graph, "aten::size", [node.inputsAt(0), node.inputsAt(2)])
+                    padded = _insert(graph, "aten::add", [length, graph.insertConstant(pieces - 1)])
+                    derived = _insert(graph, "aten::floordiv", [padded, graph.insertConstant(pieces)])
+                node.replaceInput(1, derived)
+                rewritten = True
+    return rewritten
+
+
 def _called_function(node: torch._C.Node) -> str | None:
     callee = node.inputsAt(0).node()
     return callee.s("name") if callee.kind() == "prim::Constant" and callee.hasAttribute("name") else None

@@ -56,6 +56,18 @@ def mismatch(model: torch.jit.ScriptModule, originals: dict[str, torch.Tensor],
     return None
 
 
+def same_outputs(model: Callable[..., Any], other: Callable[..., Any], batches: list[tuple[torch.Tensor, ...]]) -> bool:
+    """Whether ``other`` computes exactly what ``model`` does on every batch (a graph rewrite that must change nothing)."""
+    for batch in batches:
+        expected, got = _run(model, batch), _run(other, batch)
+        if isinstance(expected, str) or isinstance(got, str):
+            return False
+        pairs = output_differences(expected, got)
+        if pairs is None or any(error != 0.0 for _, _, error, _ in pairs):
+            return False
+    return True
+
+
 def _kept_norm_entries(chosen: list[tuple[ChannelGroup, torch.Tensor]]) -> dict[int, torch.Tensor]:
     """For each layer_norm of the chosen groups, a 0/1 mask of its last dimension: 1 where a channel is kept."""
     masks = {}

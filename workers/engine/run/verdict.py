@@ -66,7 +66,10 @@ def collapse_warnings(method: str, fidelity: Mapping[str, Any], random_inputs: b
             reasons.append(f"top-1 agreement {output['top1_agreement']:.3f} (under {COLLAPSE_TOP1})")
         # A distilled student learns softened scores, so its logits' scale differs by design: only
         # agreement counts for it.
-        if method != "distill" and output["cosine_similarity"] < COLLAPSE_COSINE:
+        # Outputs equal to the original's (max error 0) never collapsed, whatever their cosine says
+        # (all zeros, as from a head initialised to zeros, have no direction).
+        identical = output.get("max_abs_error") == 0.0
+        if method != "distill" and not identical and output["cosine_similarity"] < COLLAPSE_COSINE:
             reasons.append(f"cosine similarity {output['cosine_similarity']:.3f} (under {COLLAPSE_COSINE})")
         if reasons:
             warnings.append(f"outputs collapsed: output '{output['name']}' has {' and '.join(reasons)} "

@@ -8,6 +8,7 @@ import torch
 
 from workers.engine.analysis.channels.spaces import Axis, Member, Norm, layer_name
 from workers.engine.analysis.channels.values import constant
+from workers.engine.linear_forms import linear_read
 
 
 class Layers:
@@ -67,13 +68,27 @@ class Layers:
         return None
 
     def _linear(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
-        weight = self.attribute_of.get(inputs[1])
-        if weight is None or weight not in self.shapes or len(self.shapes[weight]) != 2:
-            return self._opaque(node, "aten::linear with a computed weight")
-        axis = self._input_axis(inputs[0], f"Linear {layer_name(weight)}", dim=-1)
+        """A linear layer in any spelling (``linear``, ``addmm``, ``matmul``/``mm`` with a parameter
+        weight either way round: ``linear_forms``); a product of two activations is attention's."""
+        found = linear_read(node, self._owned_shape)
+        if found is None:
+            if node.kind() in ("aten::matmul", "aten::bmm") and not any(v in self.attribute_of for v in inputs[:2]):
+                return self._product(node, inputs)
+            return self._opaque(node, f"{node.kind()} with a computed weight")
+        weight_value, read = found
+        weight = self.attribute_of[weight_value]
+        in_dim, out_dim = (0, 1) if read.transposed else (1, 0)  # transposed: the weight is [in, out]
+        axis = self._input_axis(read.input, f"Linear {layer_name(weight)}", dim=-1)
         if axis is not None:
-            self._attach(axis, weight, dim=1)
-        self._set(node.output(), Axis(self._produce("Linear", weight, self.attribute_of.get(inputs[2]), 0), dim=-1))
+            self._attach(axis, weight, dim=in_dim)
+        # A folded ``+ b`` is its own add node, which attaches the bias as a per-channel member.
+        bias = self.attribute_of.get(read.bias) if read.bias is not None and read.output is node.output() else None
+        self._set(node.output(), Axis(self._produce("Linear", weight, bias, out_dim), dim=-1))
+
+    def _owned_shape(self, value: torch._C.Value) -> tuple[int, ...] | None:
+        """The shape of the parameter or buffer ``value`` reads, or None (an activation)."""
+        name = self.attribute_of.get(value)
+        return tuple(self.shapes[name]) if name in self.shapes else None
 
     def _embedding(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
         weight = self.attribute_of.get(inputs[0])

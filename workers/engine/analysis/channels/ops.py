@@ -14,7 +14,7 @@ CHANNEL_PRESERVING = {
     "aten::adaptive_max_pool1d", "aten::adaptive_max_pool2d", "aten::adaptive_max_pool3d",
     "aten::contiguous", "aten::clone", "aten::detach", "aten::to", "aten::abs", "aten::neg", "aten::exp",
     "aten::square", "aten::pad", "aten::constant_pad_nd", "aten::upsample_nearest2d", "aten::upsample_bilinear2d",
-    "aten::erf",
+    "aten::erf", "aten::pow", "aten::sqrt", "aten::rsqrt", "aten::reciprocal", "aten::sin", "aten::cos",
 }
 # Elementwise ops with two operands: two tensors tie their spaces; a scalar leaves the space alone.
 ELEMENTWISE_BINARY = {
@@ -31,3 +31,5 @@ REDUCTIONS = {"aten::mean", "aten::sum", "aten::amax", "aten::amin"}
 CONVOLUTIONS = {"aten::conv1d": 1, "aten::conv2d": 2, "aten::conv3d": 3, "aten::conv_transpose1d": 1,
                  "aten::conv_transpose2d": 2, "aten::conv_transpose3d": 3, "aten::_convolution": 0,
                  "aten::convolution": 0}
+# Products that are a linear layer when one operand is a parameter (``linear_forms``), else attention's.
+LINEAR_PRODUCTS = {"aten::linear", "aten::matmul", "aten::mm", "aten::addmm", "aten::bmm"}

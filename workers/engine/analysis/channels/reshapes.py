@@ -39,7 +39,8 @@ class Reshapes:
         along %= rank
         if along == dim:
             return self._opaque(node, f"{node.kind()} across the channel dimension")
-        self._set(node.output(), Axis(axis.space, dim - (1 if reduces and along < dim else 0), axis.scale))
+        self._set(node.output(), self._relocated(axis, lambda d: None if reduces and d == along else
+                                                 d - (1 if reduces and along < d else 0), dim))
 
     def _reduce(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
         axis = self.axis_of.get(inputs[0])
@@ -52,7 +53,8 @@ class Reshapes:
         dims = [d % len(shape) for d in dims]
         if dim is None or dim in dims:
             return self._opaque(node, f"{node.kind()} across the channel dimension")
-        self._set(node.output(), Axis(axis.space, dim if keep else dim - sum(d < dim for d in dims), axis.scale))
+        self._set(node.output(), self._relocated(axis, lambda d: d if keep else None if d in dims else
+                                                 d - sum(r < d for r in dims), dim))
 
     def _reshape(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
         axis = self.axis_of.get(inputs[0])
@@ -60,6 +62,8 @@ class Reshapes:
             return self._opaque(node)
         before, after = self.values.get(inputs[0]), self.values.get(node.output())
         dim = self._dim(inputs[0], axis)
+        if axis.head_width:
+            return self._reshape_heads(node, axis, before, after)
         if before is None or after is None or dim is None:
             if node.kind() == "aten::flatten" and constant(inputs[1]) == axis.dim and axis.dim >= 0:
                 return self._set(node.output(), Axis(axis.space, axis.dim, None))
@@ -74,7 +78,8 @@ class Reshapes:
                 continue
             scale = None if axis.scale is None else axis.scale * merged
             return self._set(node.output(), Axis(axis.space, position, scale))
-        self._opaque(node, f"{node.kind()} splits the channel dimension (e.g. a channel shuffle or attention heads)")
+        if not self._split_heads(node, axis, before, after, dim):
+            self._opaque(node, f"{node.kind()} splits the channel dimension (e.g. a channel shuffle)")
 
     def _move(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
         axis = self.axis_of.get(inputs[0])
@@ -86,11 +91,12 @@ class Reshapes:
             order = constant(inputs[1])
             if not isinstance(order, list):
                 return self._opaque(node)
-            new = [d % rank for d in order].index(dim)
+            order = [d % rank for d in order]
+            self._set(node.output(), self._relocated(axis, order.index, dim))
         else:
             first, second = constant(inputs[1]), constant(inputs[2])
             if not isinstance(first, int) or not isinstance(second, int):
                 return self._opaque(node)
             first, second = first % rank, second % rank
-            new = second if dim == first else first if dim == second else dim
-        self._set(node.output(), Axis(axis.space, new, axis.scale))
+            self._set(node.output(), self._relocated(
+                axis, lambda d: second if d == first else first if d == second else d, dim))

@@ -43,6 +43,7 @@ class ChannelSpace:
     parts: list["ChannelSpace"] | None = None  # set for a concatenation
     parent: "ChannelSpace | None" = None
     norms: list[Norm] = field(default_factory=list)
+    head_width: int | None = None  # attention heads: channels are removed a whole head (this many) at a time
 
     def root(self) -> "ChannelSpace":
         space = self
@@ -53,11 +54,19 @@ class ChannelSpace:
 
 @dataclass(frozen=True)
 class Axis:
-    """Where a value's channels are: ``space``, at dimension ``dim``, ``scale`` entries per channel (None: unknown yet)."""
+    """Where a value's channels are: ``space``, at dimension ``dim``, ``scale`` entries per channel (None: unknown yet).
+
+    Attention heads (``head_width`` set): the channels were split into heads, entry ``h`` of ``dim``
+    is head ``h`` (channels ``h * head_width`` to ``(h + 1) * head_width``), and ``inner`` is the
+    dimension that indexes the channels within a head (None once a product has summed over it, as
+    in attention scores). Only whole heads are removed, so ``inner`` is never sliced.
+    """
 
     space: ChannelSpace
     dim: int
     scale: int | None = 1
+    head_width: int | None = None
+    inner: int | None = None
 
 
 @dataclass
@@ -70,6 +79,7 @@ class ChannelGroup:
     blocked: list[str]
     unit: int = 1
     norms: list[Norm] = field(default_factory=list)  # layer_norms whose statistics change when it shrinks
+    head_width: int | None = None  # attention heads of this many channels each (``unit`` is a multiple)
 
     @property
     def prunable(self) -> bool:
@@ -143,11 +153,14 @@ class Spaces:
             self._block(right, "a concatenation joined by an elementwise op")
         if left.size is not None and right.size is not None and left.size != right.size:
             self._block(left, f"joins {left.size} channels with {right.size}")
+        if left.head_width and right.head_width and left.head_width != right.head_width:
+            self._block(left, f"joins heads of {left.head_width} channels with heads of {right.head_width}")
         right.parent = left
         left.size = left.size if left.size is not None else right.size
         left.unit = math.lcm(left.unit, right.unit)
         left.members.extend(right.members)
         left.norms.extend(right.norms)
+        left.head_width = left.head_width or right.head_width
         left.blocked.extend(r for r in right.blocked if r not in left.blocked)
         right.members, right.blocked, right.norms = [], [], []
         return left
@@ -171,5 +184,6 @@ class Spaces:
             if space.size % space.unit:
                 blocked.append(f"{space.size} channels do not split into groups of {space.unit}")
             found.append(ChannelGroup(name=layer_name(producers[0].parameter), size=space.size,
-                                      members=space.members, blocked=blocked, unit=space.unit, norms=space.norms))
+                                      members=space.members, blocked=blocked, unit=space.unit, norms=space.norms,
+                                      head_width=space.head_width))
         return found

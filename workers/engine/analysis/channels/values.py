@@ -2,7 +2,8 @@
 (part of ``walk.ChannelAnalysis``)."""
 from __future__ import annotations
 
-from typing import Iterator
+import dataclasses
+from typing import Callable, Iterator
 
 import torch
 
@@ -24,16 +25,20 @@ class Values:
             self.items_of[value] = self.items_of[item]
 
     def _dim(self, value: torch._C.Value, axis: Axis) -> int | None:
-        """The channel dimension of ``value``, counted from the front (None if the rank is unknown)."""
+        """The channel dimension of ``value``, counted from the front (None if the rank is unknown, or 0:
+        a scalar tensor such as a traced ``NumToTensor`` of a size has no channel dimension)."""
         shape = self.values.get(value)
         if axis.dim >= 0:
             return axis.dim
-        return axis.dim % len(shape) if shape is not None else None
+        return axis.dim % len(shape) if shape else None
 
     def _input_axis(self, value: torch._C.Value, consumer: str, dim: int) -> Axis | None:
         """The axis of a layer's input, if its channels are where the layer reads them (dim 1, or last for -1)."""
         axis = self.axis_of.get(value)
         if axis is None:
+            return None
+        if axis.head_width:
+            self._block(axis.space, f"{consumer} reads attention heads that were not merged back")
             return None
         shape = self.values.get(value)
         where = self._dim(value, axis)
@@ -46,6 +51,12 @@ class Values:
             self._block(axis.space, f"{consumer} reads a dimension other than the channels")
             return None
         return axis
+
+    def _relocated(self, axis: Axis, where: Callable[[int], int | None], dim: int) -> Axis:
+        """``axis`` after an op that moves or drops dimensions: ``where`` maps an input dimension to the
+        output's (None: gone; only a head's ``inner`` may go); ``dim`` is the axis's own, from the front."""
+        inner = None if axis.inner is None else where(axis.inner)
+        return dataclasses.replace(axis, dim=where(dim), inner=inner)
 
     def _set(self, value: torch._C.Value, axis: Axis) -> None:
         shape = self.values.get(value)

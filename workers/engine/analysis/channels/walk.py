@@ -1,21 +1,24 @@
 """The walk over a canonical TorchScript graph that gives each value its channel axis."""
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from workers.engine.analysis.channels.joins import Joins
 from workers.engine.analysis.channels.layers import Layers
-from workers.engine.analysis.channels.ops import (CHANNEL_PRESERVING, CONVOLUTIONS, ELEMENTWISE_BINARY, REDUCTIONS,
-                                                  RESHAPES, SHAPE_QUERIES)
+from workers.engine.analysis.channels.attention import Attention
+from workers.engine.analysis.channels.ops import (CHANNEL_PRESERVING, CONVOLUTIONS, ELEMENTWISE_BINARY, LINEAR_PRODUCTS,
+                                                  REDUCTIONS, RESHAPES, SHAPE_QUERIES)
 from workers.engine.analysis.channels.reshapes import Reshapes
 from workers.engine.analysis.channels.spaces import Axis, ChannelSpace, Spaces
 from workers.engine.analysis.channels.values import Values, constant
 
 
-class ChannelAnalysis(Layers, Reshapes, Joins, Values, Spaces):
+class ChannelAnalysis(Layers, Attention, Reshapes, Joins, Values, Spaces):
     """One analysis of one graph: ``run`` walks it, ``groups`` reads the channel groups out.
 
-    The handlers of each kind of op live in the mixins (``layers``, ``reshapes``, ``joins``); the
+    The handlers of each kind of op live in the mixins (``layers``, ``attention``, ``reshapes``, ``joins``); the
     per-value state in ``values``, the channel spaces in ``spaces``."""
 
     def __init__(self, shapes: dict[str, torch.Size], values: dict[torch._C.Value, tuple[int, ...]],
@@ -52,8 +55,10 @@ class ChannelAnalysis(Layers, Reshapes, Joins, Values, Spaces):
             return
         if kind in CONVOLUTIONS:
             return self._conv(node, inputs)
-        if kind == "aten::linear":
+        if kind in LINEAR_PRODUCTS:
             return self._linear(node, inputs)
+        if kind == "aten::scaled_dot_product_attention":
+            return self._attention(node, inputs)
         if kind in ("aten::batch_norm", "aten::instance_norm"):
             return self._norm(node, inputs, inputs[1:5], dim=1)
         if kind == "aten::layer_norm":
@@ -78,6 +83,8 @@ class ChannelAnalysis(Layers, Reshapes, Joins, Values, Spaces):
             return self._binary(node, inputs)
         if kind == "aten::cat":
             return self._cat(node, inputs)
+        if kind in ("aten::split", "aten::chunk", "aten::unsafe_split", "aten::unsafe_chunk", "aten::split_with_sizes"):
+            return self._split(node, inputs)
         if kind in ("prim::ListConstruct", "prim::TupleConstruct"):
             self.items_of[node.output()] = list(inputs)
             return
@@ -116,7 +123,7 @@ class ChannelAnalysis(Layers, Reshapes, Joins, Values, Spaces):
                 continue
             space = axes[0].space
             for other in axes[1:]:
-                if other.dim != axes[0].dim or other.scale != axes[0].scale:
+                if dataclasses.replace(other, space=space) != dataclasses.replace(axes[0], space=space):
                     self._block(space, "the arms of a branch put channels in different places")
                 space = self._union(space, other.space)
-            self._set(value, Axis(space, axes[0].dim, axes[0].scale))
+            self._set(value, dataclasses.replace(axes[0], space=space))

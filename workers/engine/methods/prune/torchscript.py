@@ -15,15 +15,18 @@ import torch
 from modelpress.options import PruneOptions
 
 from workers.engine.analysis.channels import ChannelGroup, channel_groups, layer_name
-from workers.engine.analysis.proof import check_batches, mismatch
+from workers.engine.analysis.channels.values import nested_nodes
+from workers.engine.analysis.proof import check_batches, mismatch, same_outputs
 from workers.engine.analysis.slicing import materialize, tensors
 from workers.engine.errors import InvalidInput, NothingToPrune, summarize_torch_error
 from workers.engine.formats.torchscript import clone_model
 from workers.engine.inputs import Dataset
+from workers.engine.linear_forms import is_matmul_weight
 from workers.engine.measure import count_macs
 from workers.engine.methods.training import finetune
-from workers.engine.torchscript_graph import (derive_conv_groups, derive_layer_norm_shapes, matching_pattern,
-                                              module_types, quiet_torchscript_warnings)
+from workers.engine.torchscript_graph import (canonical_graph, derive_conv_groups, derive_layer_norm_shapes,
+                                              derive_reshape_sizes, matching_pattern, module_types,
+                                              quiet_torchscript_warnings)
 
 Progress = Callable[[str, float], None]
 PRUNABLE_TYPES = ("Conv2d", "Linear", "Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
@@ -57,7 +60,7 @@ def prune(
         model, details = _prune_channels(model, options, selected, exclude, types, data, progress, fixed_batch)
         after_step = None
     else:
-        details, masks = _prune_weights(model, options, selected, exclude, types)
+        details, masks = _prune_weights(model, options, selected, exclude, types, _linear_weights(model))
         after_step = (lambda: _apply_masks(model, masks)) if masks else None
 
     if options.finetune:
@@ -96,14 +99,16 @@ def _counted_macs(model: torch.jit.ScriptModule, batch: tuple[torch.Tensor, ...]
 # ---------------------------------------------------------------------------- unstructured
 
 
-def _prune_weights(model, options: PruneOptions, selected, exclude, types,
+def _prune_weights(model, options: PruneOptions, selected, exclude, types, linear_weights: set[str],
                    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     amount = options.amount
     targets, skipped = {}, []
     for name, parameter in model.named_parameters():
         module = name.rpartition(".")[0]
         module_type = types.get(module, "")
-        if not name.endswith("weight") or parameter.dim() < 2:
+        if name in linear_weights and module_type not in (*PRUNABLE_TYPES, "Embedding", "EmbeddingBag"):
+            module, module_type = layer_name(name), "Linear"  # a Conv1D, or a bare parameter read as x @ W
+        elif not name.endswith("weight") or parameter.dim() < 2:
             continue
         if module_type not in selected:
             skipped.append({"module": module, "type": module_type, "reason": f"type {module_type} not selected"})
@@ -234,6 +239,12 @@ def _prune_channels(model, options: PruneOptions, selected, exclude, types, data
     if rewritten:
         model = clone_model(model)  # reloaded: the rewritten graphs take effect
     checks = check_batches(data, fixed_batch)
+    if candidates:  # literal sizes in reshapes and splits (Conv1D's nf, GPT-2's q/k/v split) follow the channels
+        reshaped = clone_model(model)
+        if derive_reshape_sizes(reshaped):
+            reshaped = clone_model(reshaped)
+            if same_outputs(model, reshaped, checks):  # exact by construction; checked, not assumed
+                model = reshaped
     accepted: list[tuple[ChannelGroup, torch.Tensor]] = []
     if candidates:
         progress("checking groups", 0.1)
@@ -263,6 +274,7 @@ def _prune_channels(model, options: PruneOptions, selected, exclude, types, data
 
     pruned = [{"group": g.name, "channels_before": g.size, "channels_after": int(keep.numel()),
                "tensors": sorted({m.parameter for m in g.members}),
+               **({"heads": _heads(g, keep)} if g.head_width else {}),
                **({"layer_norms_renormalised": len(g.norms)} if g.norms else {})} for g, keep in accepted]
     notes = []
     if renormalised := [g.name for g, _ in accepted if g.norms]:
@@ -277,8 +289,17 @@ def _prune_channels(model, options: PruneOptions, selected, exclude, types, data
         "verified": "each pruned group matches the original with the same channels zeroed (and layer_norm "
                     "statistics over the kept channels), on the example inputs",
         "layers_not_modelled": unmodelled,
+        **({"heads_kept": {entry["group"]: entry["heads"]["kept"] for entry in pruned if "heads" in entry}}
+           if any("heads" in entry for entry in pruned) else {}),
         "notes": notes,
     }
+
+
+def _heads(group: ChannelGroup, keep: torch.Tensor) -> dict[str, Any]:
+    """The attention heads of a pruned group: their width, how many there were, which were kept."""
+    width = group.head_width
+    return {"width": width, "before": group.size // width,
+            "kept": sorted({int(channel) // width for channel in keep})}
 
 
 def _reads_grouped_conv(group: ChannelGroup, tensors: dict[str, torch.Tensor]) -> bool:
@@ -287,8 +308,10 @@ def _reads_grouped_conv(group: ChannelGroup, tensors: dict[str, torch.Tensor]) -
 
 
 def _channel_importance(group: ChannelGroup, tensors: dict[str, torch.Tensor], criterion: str) -> torch.Tensor:
+    """Each channel's norm in the producing weights (for attention heads also the output
+    projection's columns that read them: a head is ranked by its q, k, v and out weights)."""
     score = torch.zeros(group.size)
-    for member in group.producers:
+    for member in (group.members if group.head_width else group.producers):
         tensor = tensors[member.parameter]
         if tensor.dim() < 2:
             continue
@@ -297,6 +320,23 @@ def _channel_importance(group: ChannelGroup, tensors: dict[str, torch.Tensor], c
         norms = rows.abs().sum(1) if criterion == "l1" else rows.pow(2).sum(1).sqrt()
         score += norms / norms.mean().clamp(min=1e-12)
     return score
+
+
+def _linear_weights(model: torch.jit.ScriptModule) -> set[str]:
+    """Parameters the graph reads as the matrix of a product (``transformers``' ``Conv1D``: ``addmm``;
+    ``x @ W``; ``F.linear``), whatever their module's class: each counts as a ``Linear`` layer's weight."""
+    graph = canonical_graph(model)
+    names: dict[torch._C.Value, str] = {next(iter(graph.inputs())): ""}
+    found = set()
+    parameters = {name for name, p in model.named_parameters() if p.dim() == 2}
+    for node in nested_nodes(graph.block()):
+        if node.kind() == "prim::GetAttr" and node.inputsAt(0) in names:
+            owner = names[node.inputsAt(0)]
+            name = f"{owner}.{node.s('name')}" if owner else node.s("name")
+            names[node.output()] = name
+            if name in parameters and any(is_matmul_weight(use) for use in node.output().uses()):
+                found.add(name)
+    return found
 
 
 # ---------------------------------------------------------------------------- exclusions

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 
 from workers.engine.methods.quantize.embedding import EmbeddingRewrites
-from workers.engine.methods.quantize.linear_forms import LinearRead, split_uses
+from workers.engine.linear_forms import LinearRead, split_uses
 from workers.engine.methods.quantize.recurrent import RecurrentRewrites
 
 
