@@ -331,6 +331,11 @@ def test_redis_restart_mid_run_loses_no_job(hardened: Hardened, models: dict[str
     assert down.status_code == 503 and "job store is unreachable" in down.json()["detail"]  # ... and the service saw it
     time.sleep(2)  # Redis stays down a while (this is the fault being tested, not a wait for a result)
     hardened.stack.start_redis()
+    # The API's connections come back on their own; until they do it answers 503 (what a client retries).
+    deadline = time.monotonic() + 60
+    while hardened.alpha.session.get(hardened.alpha.url(f"/v1/jobs/{ids[0]}")).status_code == 503:
+        assert time.monotonic() < deadline, "the API still answered 503 a minute after Redis came back"
+        time.sleep(0.2)
 
     for job_id in ids:
         job = hardened.alpha.wait(job_id, timeout=240)

@@ -40,7 +40,7 @@ def test_token_lstm_and_image_plus_ids_models_are_quantized_and_pruned(api: ApiC
     ids, image, caption = torch.randint(0, 50, (3, 11)), torch.randn(5, 3, 8, 8), torch.randint(0, 100, (5, 4))
 
     job, report, model = _succeeded(api, submitted["tokens quantize"].json()["id"])
-    assert {m["type"] for m in report["details"]["quantized_modules"]} == {"LSTM", "Linear"}
+    assert {m["type"] for m in report["details"]["quantized_modules"]} == {"Embedding", "LSTM", "Linear"}
     assert report["latency"]["inputs"] == [{"shape": [4, 9], "dtype": "int64"}]
     assert report["fidelity"]["outputs"][0]["cosine_similarity"] > 0.99 and job["warnings"] == []
     assert model(ids).shape == (3, 50)
