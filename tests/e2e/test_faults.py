@@ -82,8 +82,10 @@ def _kill_pool_process(job_id: str) -> None:
 
 
 def test_job_whose_worker_dies_once_is_run_again_and_succeeds(api: ApiClient, tmp_path: Path) -> None:
+    # About 10 s of latency runs: long enough to be found and killed mid-run on a fast, idle machine
+    # (at 30 runs it once ended before the test found its process), short enough to run again after.
     model = save_scripted(SlowModel(steps=2000), tmp_path / "medium.pt")
-    job_id = api.submit(model, {**SLOW_SPEC, "evaluation": {"runs": 30, "warmup": 0}}).json()["id"]
+    job_id = api.submit(model, {**SLOW_SPEC, "evaluation": {"runs": 250, "warmup": 0}}).json()["id"]
     api.wait(job_id, until={"running"}, timeout=120)
 
     _kill_pool_process(job_id)  # found by its compression process: the job was mid-run
