@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install docs bench clean chromium sandbox compiler
+.PHONY: run test install docs bench clean chromium sandbox compiler pte-runner
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,13 +51,19 @@ compiler:
 	  fi; \
 	fi
 
+# pte_run: ExecuTorch's C++ runtime as a command (deploy/executorch/pte_run.cpp), built against the
+# executorch wheel's own headers and libraries, none of which links libtorch: a .pte artifact run
+# torch-free, as on a phone or board. Into var/bin/pte_run; rebuilt when the source or executorch changes.
+pte-runner: $(STAMP) compiler
+	PY=$(VPY) sh scripts/build-pte-runner.sh
+
 # The documentation site (mkdocs.yml, docs/) into site/. --strict: a broken link or anchor, or a page
 # missing from the nav, fails the build. The spec and API reference pages are generated from the code
 # as it builds (scripts/reference_pages.py). Nothing is fetched: no web fonts, no analytics.
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict --site-dir site
 
-test: $(STAMP) sandbox chromium compiler docs
+test: $(STAMP) sandbox chromium compiler pte-runner docs
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -22,6 +22,7 @@ from modelpress.formats import EXPORTED, TORCHSCRIPT
 from tests.models import settle_batchnorm
 from workers.engine.errors import CompressionError, TargetFailed
 from modelpress import targets as shared
+from workers.engine.targets import executorch as executorch_target
 from workers.engine.targets.common import Artifact, TargetRequest
 from workers.engine.targets.onnx import operator_types
 from workers.engine.targets.openvino import ir_operations
@@ -195,38 +196,51 @@ def test_fixed_batch_program_with_two_inputs_and_outputs(target: str, tmp_path: 
     assert all(_cosine(o, e) >= 0.99 for o, e in zip(outputs, expected))
 
 
-def test_runner_runs_artifacts_without_importing_torch(cnn: dict, artifacts, tmp_path: Path) -> None:
+@pytest.mark.parametrize("target,format_name", [("onnx", TORCHSCRIPT), ("openvino", TORCHSCRIPT),
+                                                ("executorch", EXPORTED)])
+def test_runner_runs_artifacts_without_importing_torch(target: str, format_name: str, cnn: dict, artifacts,
+                                                       tmp_path: Path) -> None:
+    if target == "executorch":
+        assert executorch_target.native_runner() is not None, "pte_run is not built: run 'make pte-runner'"
     inputs = tmp_path / "inputs.npz"
     np.savez(inputs, input_0=cnn["test"].numpy())
-    for target in ("onnx", "openvino"):
-        artifact = artifacts(target, TORCHSCRIPT, "static")
-        outputs = tmp_path / f"{target}.npz"
-        script = ("import sys\n"
-                  "from workers.engine.targets.runner import main\n"
-                  f"code = main({[target, str(artifact.path), str(inputs), str(outputs), '--time', '3']!r})\n"
-                  "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
-                  "sys.exit(code)\n")
-        done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
-                              env={**os.environ, "PYTHONPATH": str(REPO)})
-        assert done.returncode == 0, done.stderr[-2000:]
-        timing = json.loads(done.stdout.strip().splitlines()[-1])
-        assert timing["target"] == target and timing["median_ms"] > 0
-        with np.load(outputs) as stored:
-            assert stored.files == ["output_0"]
-            np.testing.assert_allclose(stored["output_0"], _run(artifact, [cnn["test"].numpy()])[0], rtol=0, atol=1e-5)
-
-
-def test_runner_runs_executorch_programs(cnn: dict, artifacts, tmp_path: Path) -> None:
-    """ExecuTorch's Python bindings import torch themselves: the runner works, torch-free it is not."""
-    assert not TARGETS["executorch"].torch_free
-    artifact = artifacts("executorch", EXPORTED, "static")
-    inputs, outputs = tmp_path / "inputs.npz", tmp_path / "outputs.npz"
-    np.savez(inputs, input_0=cnn["test"].numpy())
-    done = subprocess.run([sys.executable, "-m", "workers.engine.targets.runner", "executorch", str(artifact.path),
-                           str(inputs), str(outputs)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    artifact = artifacts(target, format_name, "static")
+    outputs = tmp_path / f"{target}.npz"
+    script = ("import sys\n"
+              "from workers.engine.targets.runner import main\n"
+              f"code = main({[target, str(artifact.path), str(inputs), str(outputs), '--time', '3']!r})\n"
+              "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
+              "sys.exit(code)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
+    timing = json.loads(done.stdout.strip().splitlines()[-1])
+    assert timing["target"] == target and timing["median_ms"] > 0
     with np.load(outputs) as stored:
+        assert stored.files == ["output_0"]
         np.testing.assert_allclose(stored["output_0"], _run(artifact, [cnn["test"].numpy()])[0], rtol=0, atol=1e-5)
+
+
+def test_pte_run_is_executorch_without_torch(cnn: dict, artifacts, tmp_path: Path) -> None:
+    """The C++ runner links no libtorch, runs the program like the Python bindings, and refuses bad input."""
+    binary = executorch_target.native_runner()
+    assert binary is not None, "pte_run is not built: run 'make pte-runner'"
+    linked = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, check=True).stdout
+    assert "libexecutorch.so" in linked and "libtorch" not in linked and "libc10" not in linked, linked
+    artifact = artifacts("executorch", EXPORTED, "static")
+    np.save(tmp_path / "x.npy", cnn["test"].numpy())
+    done = subprocess.run([str(binary), str(artifact.path), "--out", str(tmp_path), "--runs", "2", str(tmp_path / "x.npy")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = _run(artifact, [cnn["test"].numpy()])[0]
+    assert summary["outputs"] == [{"file": "output_0.npy", "dtype": "<f4", "shape": list(expected.shape)}]
+    assert summary["runs"] == 2 and summary["latency_ms"] > 0
+    np.testing.assert_allclose(np.load(tmp_path / "output_0.npy"), expected, rtol=0, atol=1e-5)
+    (tmp_path / "bad.npy").write_bytes(b"not an array")
+    refused = subprocess.run([str(binary), str(artifact.path), "--out", str(tmp_path), str(tmp_path / "bad.npy")],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and "is not a .npy file" in refused.stderr
 
 
 def test_latency_is_the_median_of_timed_runs(cnn: dict, artifacts) -> None:

@@ -9,12 +9,20 @@
 - Lowering: ``to_edge_transform_and_lower`` with ``XnnpackPartitioner``, ``to_executorch``; the
   operators XNNPACK does not take run on ExecuTorch's portable kernels (listed in the notes).
 
-``load``/``run`` use ``executorch.runtime``. Unlike onnxruntime and OpenVINO, ExecuTorch's Python
-bindings (executorch 1.5) link libtorch and import torch: a torch-free process cannot run a ``.pte``
-from Python (the C++ runtime on a device needs no torch).
+``load``/``run`` use ``executorch.runtime`` (the job, which has torch loaded anyway). ExecuTorch's Python
+bindings (executorch 1.5) link libtorch and import torch, so a process without torch runs the
+program on ExecuTorch's C++ runtime instead: ``pte_run`` (``deploy/executorch/pte_run.cpp``, built by
+``make pte-runner`` against the wheel's own ``lib/``, none of which links libtorch), the same runtime
+a phone or board runs. ``load`` picks it when torch is not imported and the binary exists
+(``$PTE_RUN``, default ``var/bin/pte_run``); inputs and outputs cross as ``.npy`` files.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,16 +84,53 @@ class LoadedProgram:
     method: Any
 
 
-def load(path: str | Path) -> LoadedProgram:
-    """The program's ``forward`` method, loaded by ExecuTorch's runtime (XNNPACK registered)."""
+@dataclass(frozen=True)
+class NativeProgram:
+    """A ``.pte`` run by the ``pte_run`` binary (ExecuTorch's C++ runtime, no torch), one process per call."""
+
+    path: Path
+    binary: Path
+
+    def call(self, inputs: Sequence[numpy.ndarray], runs: int = 0, warmup: int = 0) -> tuple[list[numpy.ndarray], float | None]:
+        """The outputs of one run, and the median of ``runs`` timed runs after ``warmup`` (None without runs)."""
+        import numpy as np
+
+        with tempfile.TemporaryDirectory(prefix="pte-run-") as scratch:
+            names = []
+            for index, value in enumerate(inputs):
+                names.append(os.path.join(scratch, f"input_{index}.npy"))
+                np.save(names[-1], np.ascontiguousarray(value))
+            done = subprocess.run([str(self.binary), str(self.path), "--out", scratch, "--runs", str(runs),
+                                   "--warmup", str(warmup), *names], capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"pte_run failed: {done.stderr.strip()[-500:]}")
+            summary = json.loads(done.stdout.strip().splitlines()[-1])
+            outputs = [np.load(os.path.join(scratch, entry["file"]), allow_pickle=False) for entry in summary["outputs"]]
+        return outputs, summary["latency_ms"]
+
+
+def native_runner() -> Path | None:
+    """The ``pte_run`` binary (``$PTE_RUN``, default ``var/bin/pte_run`` of the checkout) when it exists."""
+    binary = Path(os.environ.get("PTE_RUN") or Path(__file__).resolve().parents[3] / "var" / "bin" / "pte_run")
+    return binary if binary.is_file() and os.access(binary, os.X_OK) else None
+
+
+def load(path: str | Path) -> LoadedProgram | NativeProgram:
+    """The program's ``forward`` method, loaded by ExecuTorch's runtime (XNNPACK registered): through
+    the Python bindings where torch is loaded, else through ``pte_run`` when it is built."""
+    binary = native_runner()
+    if "torch" not in sys.modules and binary is not None:
+        return NativeProgram(Path(path), binary)
     from executorch.runtime import Runtime
 
     program = Runtime.get().load_program(Path(path))
     return LoadedProgram(program, program.load_method("forward"))
 
 
-def run(loaded: LoadedProgram, inputs: Sequence[numpy.ndarray]) -> list[numpy.ndarray]:
+def run(loaded: LoadedProgram | NativeProgram, inputs: Sequence[numpy.ndarray]) -> list[numpy.ndarray]:
     """Run ``forward`` on positional inputs; its outputs in order, as numpy arrays."""
+    if isinstance(loaded, NativeProgram):
+        return loaded.call(inputs)[0]
     import numpy as np
     import torch
 
@@ -94,9 +139,12 @@ def run(loaded: LoadedProgram, inputs: Sequence[numpy.ndarray]) -> list[numpy.nd
             for output in outputs]
 
 
-def latency_ms(loaded: LoadedProgram, inputs: Sequence[numpy.ndarray], runs: int = 20, warmup: int = 3,
-               max_seconds: float | None = None) -> float:
-    """Median wall time of ``run`` (the statistic of ``engine.measure``)."""
+def latency_ms(loaded: LoadedProgram | NativeProgram, inputs: Sequence[numpy.ndarray], runs: int = 20,
+               warmup: int = 3, max_seconds: float | None = None) -> float:
+    """Median wall time of ``run`` (the statistic of ``engine.measure``); ``pte_run`` times inside its
+    own process (no file round trips), with the same count of runs."""
+    if isinstance(loaded, NativeProgram):
+        return float(loaded.call(inputs, runs=max(runs, 1), warmup=warmup)[1])
     return median_latency_ms(run, loaded, inputs, runs, warmup, max_seconds)
 
 

@@ -1,5 +1,4 @@
-"""The table of export targets: for each, the module that exports, loads, runs and times it, the
-whether its runtime runs without torch. A new target is one module, one entry here and one in
+"""The table of export targets: for each, the module that exports, loads, runs and times it. A new target is one module, one entry here and one in
 ``modelpress.targets`` (its file name, runtime and packages, which the API reads too).
 
 Torch-free: the API asks ``missing_runtime`` at submit time, the runner ``target_module``.
@@ -20,13 +19,12 @@ from workers.engine.targets.common import Artifact, TargetRequest
 @dataclass(frozen=True)
 class TargetEntry:
     """The engine's half of one target: ``module`` holds ``export(request, directory)``, ``load(path)``,
-    ``run(loaded, inputs)`` and ``latency_ms(loaded, inputs, ...)``; ``torch_free``: whether ``load``
-    and ``run`` work in a process without torch (the runner's). The rest (file name, runtime, the
+    ``run(loaded, inputs)`` and ``latency_ms(loaded, inputs, ...)``, which work in a process without
+    torch too (the runner's; ExecuTorch's through its C++ runtime, ``make pte-runner``). The rest (file name, runtime, the
     packages it needs) is ``modelpress.targets.TARGETS``, which the API reads too."""
 
     name: str
     module: str
-    torch_free: bool = True
 
     @property
     def facts(self) -> Target:
@@ -40,7 +38,7 @@ class TargetEntry:
 TARGETS = {
     "onnx": TargetEntry("onnx", "workers.engine.targets.onnx"),
     "openvino": TargetEntry("openvino", "workers.engine.targets.openvino"),
-    "executorch": TargetEntry("executorch", "workers.engine.targets.executorch", torch_free=False),
+    "executorch": TargetEntry("executorch", "workers.engine.targets.executorch"),
 }
 assert set(TARGETS) == set(SHARED), "every target named in modelpress.targets has an engine module here"
 

@@ -4,8 +4,9 @@
 
 reads ``input_0, input_1, ...`` from ``inputs.npz``, runs the artifact once and writes its outputs,
 flattened, as ``output_0, output_1, ...``; ``--time N`` also prints the median latency of up to N
-runs (after 3 warm-up runs) as JSON on stdout. Torch is never imported for ``onnx`` and ``openvino``
-(ExecuTorch's Python bindings import it themselves). Exit status 2 on a usage error.
+runs (after 3 warm-up runs) as JSON on stdout. Torch is never imported: ``executorch`` programs run
+on ExecuTorch's C++ runtime through ``pte_run`` (build it with ``make pte-runner``; without it
+ExecuTorch's Python bindings are used, and they import torch). Exit status 2 on a usage error.
 """
 from __future__ import annotations
 
