@@ -172,6 +172,7 @@ def job_page(job_id: str) -> str:
     report = jobs_api.report_of(record) if job["state"] == jobs.SUCCEEDED else None
     artifacts = artifacts_api.artifact_list(record) if report is not None else []
     return render_template("console/job.html", job=job, report=report, artifacts=artifacts,
+                           runtime_charts=report_view.runtime_charts(report, artifacts) if artifacts else [],
                            sections=report_view.sections(report) if report else [],
                            warnings=report_view.warnings_of(job, report))
 

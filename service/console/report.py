@@ -56,6 +56,42 @@ def sections(report: Mapping[str, Any]) -> list[dict[str, Any]]:
     return [section for section in out if section["charts"] or section["tables"] or section["notes"] or section["extra"]]
 
 
+def runtime_charts(report: Mapping[str, Any], artifacts: list[Mapping[str, Any]]) -> list[Markup]:
+    """The compressed model on each runtime side by side: latency per batch (the original and the
+    result on torch, then each artifact timed on its own runtime with the same statistic and batch),
+    file size, and cosine to the original's outputs. Artifacts timed on another batch (a fixed-batch
+    program) are left out of the latency chart and say so."""
+    latency = report.get("latency") or {}
+    size = report.get("size") or {}
+    fidelity = report.get("fidelity") or {}
+    measured = report.get("targets") or {}
+    made = [a for a in artifacts if a.get("status") == "succeeded"]
+    torch_runtime = str(latency.get("runtime") or "torch")
+    drawn: list[Markup] = []
+    times = [(f"original ({torch_runtime})", latency.get("before_ms")), (f"result ({torch_runtime})", latency.get("after_ms"))]
+    times += [(f"{a['name']} ({str(a.get('runtime') or '').split(' ')[0]})", a.get("latency_ms"))
+              for a in made if a.get("latency_ratio") is not None]
+    other_batch = [a["name"] for a in made if a.get("latency_ms") is not None and a.get("latency_ratio") is None]
+    if all(isinstance(v, (int, float)) for _, v in times) and len(times) > 2:
+        drawn.append(charts.bars(
+            "runtime-latency", f"Latency per batch by runtime, {latency.get('statistic', 'median')}", "ms",
+            [(name, float(v)) for name, v in times], hatch_first=True,
+            summary=f"batch {_plain(latency.get('batch_shape'))}, {_plain(latency.get('threads'))} threads"
+                    + (f"; not drawn, timed on their fixed batch: {', '.join(other_batch)}" if other_batch else "")))
+    sizes = [("original", size.get("bytes_before")), ("result", size.get("bytes_after"))]
+    sizes += [(a["name"], a.get("bytes")) for a in made]
+    if all(isinstance(v, (int, float)) for _, v in sizes) and len(sizes) > 2:
+        drawn.append(charts.bars("runtime-bytes", "File size by runtime", "bytes",
+                                 [(name, float(v)) for name, v in sizes], hatch_first=True))
+    cosines = [("result", fidelity.get("cosine_similarity"))]
+    cosines += [(a["name"], ((measured.get(a["name"]) or {}).get("fidelity") or {}).get("cosine_similarity"))
+                for a in made]
+    if all(isinstance(v, (int, float)) for _, v in cosines) and len(cosines) > 1:
+        drawn.append(charts.bars("runtime-cosine", "Cosine to the original's outputs by runtime", "score, 0 to 1",
+                                 [(name, float(v)) for name, v in cosines], scale_max=1.0))
+    return drawn
+
+
 def warnings_of(*sources: Mapping[str, Any] | None) -> list[str]:
     """Warnings from the job resource and the report, each once, in order."""
     seen: list[str] = []

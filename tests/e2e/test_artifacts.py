@@ -9,8 +9,10 @@ service does with what a child leaves.
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -49,7 +51,7 @@ def send(**message):
 def report(targets, **changes):
     shutil.copy(job + "/input/model.pt", job + "/output/model.pt")
     figures = {"format": {"input": "torchscript", "output": "torchscript"}, "size": {"ratio": 1.0},
-               "latency": {"ratio": 0.9}, "fidelity": {"cosine_similarity": 0.999, "top1_agreement": 1.0},
+               "latency": {"ratio": 0.8, "before_ms": 3.125, "after_ms": 2.5, "runtime": "torchscript"}, "fidelity": {"cosine_similarity": 0.999, "top1_agreement": 1.0},
                "warnings": ["target openvino failed: no IR for you"], "targets": targets}
     figures.update(changes)
     with open(job + "/output/report.json", "w") as handle:
@@ -201,6 +203,19 @@ def test_console_job_page_shows_the_artifacts(local: Harness, honest: dict[str, 
     assert "onnxruntime 1.31.1" in onnx and "int8" in onnx and "0.4" in onnx
     assert f'href="/v1/jobs/{honest["id"]}/artifacts/onnx"' in onnx
     assert "failed: no IR for you" in table[table.index('data-target="openvino"'):]
+    # The runtimes side by side: the original and the result on torch, then the ONNX artifact on its runtime.
+    section = page.text[page.text.index('id="artifacts-h"'):page.text.index('data-table="artifacts"')]
+    assert bars(section, "runtime-latency") == [("original (torchscript)", 3.125), ("result (torchscript)", 2.5),
+                                                ("onnx (onnxruntime)", 1.25)]
+    assert bars(section, "runtime-cosine") == [("result", 0.999), ("onnx", 0.998)]
+
+
+def bars(page: str, chart: str) -> list[tuple[str, float]]:
+    """The (series, value) of each bar of the chart named ``chart`` in ``page``."""
+    drawn = page[page.index(f'data-chart="{chart}"'):]
+    drawn = drawn[:drawn.index("</svg>")]
+    return [(html.unescape(name), float(value))
+            for name, value in re.findall(r'class="bar" data-series="([^"]*)" data-value="([^"]*)"', drawn)]
 
 
 def test_client_and_cli_round_trip(local: Harness, honest: dict[str, Any], tmp_path: Path,
