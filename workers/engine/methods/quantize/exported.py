@@ -19,6 +19,7 @@ from workers.engine.errors import InvalidInput, UnsupportedModel, summarize_torc
 from workers.engine.formats.exported import fixed_batch, reexport
 from workers.engine.inputs import Dataset
 from workers.engine.measure import run_model
+from workers.engine.methods.quantize.exported_forms import canonical_linears, int8_embeddings
 from workers.engine.methods.quantize.static import SYNTHETIC_WARNING
 from workers.engine.torchscript_graph import matching_pattern
 
@@ -58,29 +59,33 @@ def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: D
         return _float16_weights(program, options, progress)
     static = options.mode == "static"
     modules = set(options.modules)
-    if not modules & set(_PT2E_TYPES.values()):
-        raise UnsupportedModel(f"on .pt2 programs int8 covers {', '.join(sorted(set(_PT2E_TYPES.values())))} layers; "
+    covered = {*_PT2E_TYPES.values(), "Embedding"}
+    if not modules & covered:
+        raise UnsupportedModel(f"on .pt2 programs int8 covers {', '.join(sorted(covered))} layers; "
                                "add one of them to quantize.modules")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     module = program.module()
+    forms = canonical_linears(module)
+    embeddings, skipped_tables = [], []
+    if not static and "Embedding" in modules:
+        def excluded(owner: str) -> str | None:
+            pattern = matching_pattern(owner, list(options.exclude))
+            return f"excluded by {pattern!r}" if pattern else None
+
+        embeddings, skipped_tables = int8_embeddings(module, excluded)
     # 7-bit activations unless a static spec says otherwise: oneDNN's int8 kernels on CPUs without
     # VNNI (AVX2) sum u8 x s8 pairs in int16 and saturate with full-range activations; the compiled
     # program then drifts from the program (measured: 16% of the largest output on an MLP).
     reduce_range = options.reduce_range is not False  # mode dynamic has no such option: 7 bits
     quantizer, chosen, skipped = _x86_quantizer(module, modules, list(options.exclude), static, reduce_range)
     recurrent = [layer for layer in _recurrent_layers(module) if layer["type"] in modules]
-    skipped += recurrent
-    if not chosen:
+    skipped += recurrent + skipped_tables
+    if not chosen and not embeddings:
         raise UnsupportedModel("no layer of the program can be quantized (" + (", ".join(sorted(
             {s["reason"] for s in skipped})) or f"the program has no {' or '.join(sorted(modules))} op") + ")")
     progress("preparing", 0.1)
     _split_source_partitions(module)
-    try:
-        prepared = prepare_pt2e(module, quantizer)
-    except Exception as error:
-        raise UnsupportedModel(f"the x86 quantizer could not annotate the program: {summarize_torch_error(error)}") \
-            from None
     fixed = fixed_batch(program)
     rows = fixed or CALIBRATION_ROWS  # a program exported with a fixed batch accepts only that many rows
     limit = min(len(data), CALIBRATION_LIMIT)
@@ -88,15 +93,24 @@ def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: D
     if not batches:
         raise InvalidInput(f"the program was exported for batches of exactly {fixed} rows and the data has "
                            f"{len(data)}: upload at least {fixed} rows")
-    for index, batch in enumerate(batches if static else batches[:1]):
-        run_model(prepared, batch)
-        progress("calibrating" if static else "tracing", 0.1 + 0.6 * (index + 1) / len(batches))
-    converted = convert_pt2e(prepared)
+    if chosen:
+        try:
+            prepared = prepare_pt2e(module, quantizer)
+        except Exception as error:
+            raise UnsupportedModel(f"the x86 quantizer could not annotate the program: {summarize_torch_error(error)}") \
+                from None
+        for index, batch in enumerate(batches if static else batches[:1]):
+            run_model(prepared, batch)
+            progress("calibrating" if static else "tracing", 0.1 + 0.6 * (index + 1) / len(batches))
+        converted = convert_pt2e(prepared)
+    else:  # only embedding tables: nothing for PT2E to observe
+        converted = module
     _drop_unused_state(converted)
     exported = reexport(converted, program, data.head(fixed or 2))
     progress("quantizing", 1.0)
     details = {"format": EXPORTED, "mode": "static" if static else "dynamic", "route": "PT2E, torchao X86InductorQuantizer", "reduce_range": reduce_range,
-               "quantized": chosen, "left_float": skipped,
+               "quantized": chosen + embeddings, "left_float": skipped,
+               "linear_forms": forms or None,
                "calibration": {"batches": len(batches), "rows": sum(int(b[0].shape[0]) for b in batches)} if static
                else None,
                "notes": ["int8 weights (per output channel) with quantize/dequantize ops in the graph; run it with "
@@ -106,7 +120,7 @@ def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: D
     if static and data.synthetic:
         details["warnings"] = [SYNTHETIC_WARNING]
     float_weights = sum(layer["weights"] for layer in recurrent)
-    int8_weights = sum(entry["weights"] or 0 for entry in chosen)
+    int8_weights = sum(entry["weights"] or 0 for entry in chosen + embeddings)
     if float_weights > int8_weights:
         details.setdefault("warnings", []).append(
             f"most weights stay float: the recurrent layers ({', '.join(layer['module'] or layer['op'] for layer in recurrent)}; "
@@ -225,10 +239,13 @@ def _x86_quantizer(module: torch.nn.Module, modules: set[str], exclude: list[str
         elif pattern:
             skipped.append({"op": node.name, "module": owner, "reason": f"excluded by {pattern!r}"})
             excluded.add(owner)
+        elif not is_attribute(node.args[1]):
+            skipped.append({"op": node.name, "module": owner, "reason": "its weight is computed in the graph (a "
+                            "table tied to an int8 embedding is dequantized where it is read)"})
+            excluded.add(owner)
         else:
-            weight = node.args[1].target if is_attribute(node.args[1]) else None
             chosen.append({"op": node.name, "module": owner, "type": kind,
-                           "weights": attribute(module, weight).numel() if weight else None})
+                           "weights": attribute(module, node.args[1].target).numel()})
     if static and modules >= {"Conv2d", "Linear"}:
         quantizer.set_global(config)
     else:
