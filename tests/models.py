@@ -250,3 +250,33 @@ class DictHeads(TupleHeads):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
         hidden = torch.relu(self.body(x))
         return {"embedding": self.embedding(hidden), "scores": self.scores(hidden)}
+
+
+class Eigen(nn.Module):
+    """A model calling an operator the ONNX exporters have no counterpart for (``eigvalsh``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return torch.linalg.eigvalsh(y.transpose(0, 1) @ y).unsqueeze(0).expand(x.shape[0], -1)
+
+
+class LinearSpellings(nn.Module):
+    """Linear layers written as products: ``x @ W + b`` ([in, out]), ``x @ W.t()`` ([out, in]), ``addmm``
+    (``[in, out]``, as ``transformers``' ``Conv1D``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_in_out = nn.Parameter(torch.randn(32, 48) * 0.1)
+        self.b = nn.Parameter(torch.randn(48) * 0.1)
+        self.w_out_in = nn.Parameter(torch.randn(40, 48) * 0.1)
+        self.addmm_w = nn.Parameter(torch.randn(40, 24) * 0.1)
+        self.addmm_b = nn.Parameter(torch.randn(24) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(x @ self.w_in_out + self.b)
+        y = torch.relu(torch.matmul(y, self.w_out_in.t()))
+        return torch.addmm(self.addmm_b, y, self.addmm_w)

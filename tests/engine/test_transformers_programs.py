@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import torchao  # noqa: F401  (registers the quantized_decomposed ops an int8 program needs to load)
-import transformers  # noqa: E402  (the test extra installs it: a missing one fails, never skips)
+import transformers  # the test extra installs it: a missing one fails, never skips
 from torch import nn
 
 from modelpress.spec import parse_spec
+from tests.models import LinearSpellings
 from workers.engine.run.pipeline import compress
 
 transformers.logging.set_verbosity_error()
@@ -102,26 +103,9 @@ def test_gpt2_program_unstructured_prune_reaches_its_conv1d_layers(gpt2, tmp_pat
     assert not bool((pruned["m.lm_head.weight"] == 0).any())  # excluded: the tied embedding is untouched
 
 
-class _Spellings(nn.Module):
-    """Linear layers written as products, the weights stored either way round."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w_in_out = nn.Parameter(torch.randn(32, 48) * 0.1)  # x @ W + b
-        self.b = nn.Parameter(torch.randn(48) * 0.1)
-        self.w_out_in = nn.Parameter(torch.randn(40, 48) * 0.1)  # x @ W.t()
-        self.addmm_w = nn.Parameter(torch.randn(40, 48) * 0.1)  # addmm(b, x, W), W [in, out]
-        self.addmm_b = nn.Parameter(torch.randn(48) * 0.1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(x @ self.w_in_out + self.b)
-        y = torch.relu(torch.matmul(y, self.w_out_in.t()))
-        return torch.addmm(self.addmm_b, y, self.addmm_w)
-
-
 def test_every_spelling_of_a_linear_layer_in_a_program_runs_int8(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = _Spellings().eval()
+    model = LinearSpellings().eval()
     batch = torch.export.Dim("batch", max=256)
     torch.export.save(torch.export.export(model, (torch.randn(4, 32),), dynamic_shapes=({0: batch},)),
                       tmp_path / "spellings.pt2")
@@ -132,8 +116,8 @@ def test_every_spelling_of_a_linear_layer_in_a_program_runs_int8(tmp_path: Path)
     assert len(report["details"]["quantized"]) == 3
     result = torch.export.load(tmp_path / "out.pt2")
     stored = _stored_bytes(result)
-    assert stored["torch.int8"] == 32 * 48 + 48 * 40 + 40 * 48  # the three matrices, one byte a weight
-    assert stored["torch.float32"] == 4 * (48 + 48 + 48 + 40 + 48)  # two biases, one scale per output channel
+    assert stored["torch.int8"] == 32 * 48 + 40 * 48 + 40 * 24  # the three matrices, one byte a weight
+    assert stored["torch.float32"] == 4 * (48 + 24 + 48 + 40 + 24)  # two biases, one scale per output channel
     x = torch.randn(7, 32)
     with torch.no_grad():
         cosine = torch.nn.functional.cosine_similarity(result.module()(x).flatten(), model(x).flatten(), dim=0)
