@@ -263,7 +263,7 @@ def main() -> None:
     priority = "priority unchanged (--no-priority)" if args.no_priority else raise_priority()
     nice = 0 if args.no_priority or not priority.startswith("nice") else -10
     sizes = [int(size) for size in args.sizes.split(",")]
-    reps = {size: args.reps for size in sizes}
+    reps = dict.fromkeys(sizes, args.reps)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="storage-bench-") as directory:
         root = Path(directory)
         models, digests = {}, {}

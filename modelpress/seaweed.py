@@ -54,7 +54,7 @@ class SeaweedServer:
                             config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=30,
                                           s3={"addressing_style": "path"}))
 
-    def start(self, timeout: float = 60) -> "SeaweedServer":
+    def start(self, timeout: float = 60) -> SeaweedServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         identities = {"identities": [{"name": "modelpress", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                                       "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}

@@ -63,7 +63,7 @@ class Stack:
 
     # ------------------------------------------------------------------ start
 
-    def start(self, api: bool = True, worker: bool = True) -> "Stack":
+    def start(self, api: bool = True, worker: bool = True) -> Stack:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         # Both ports are checked before anything starts: a held one stops the stack at once, by name.
         if api:

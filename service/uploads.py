@@ -7,14 +7,15 @@ import functools
 import gzip
 import hashlib
 import logging
-import shutil
 import os
 import re
+import shutil
 import tempfile
 import time
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 import redis
 from flask import Request, current_app

@@ -127,8 +127,8 @@ def _check_programs(paths: list[Path | None]) -> None:
     A ``.pt2`` program is checked by ``exported.load_program`` (its layout, pickles and operators,
     from the archive's JSON graph) every time it is loaded, before torch reads it."""
     from modelpress.formats import EXPORTED, model_format
-    from workers.engine.formats.torchscript import load_model
     from workers.engine.formats.program_check import check_module
+    from workers.engine.formats.torchscript import load_model
 
     for path in paths:
         if path is not None and model_format(path) != EXPORTED:

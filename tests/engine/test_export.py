@@ -10,8 +10,13 @@ import torch
 from modelpress.archive import ArchiveRejected, check_torchscript_archive
 from modelpress.formats import EXPORTED, TORCHSCRIPT, model_format
 from modelpress.spec import parse_spec
-from tests.exported_archives import (save_exported, with_graph_target, with_payload_in_sample_inputs, with_shape_expression,
-                                     with_pickled_weight)
+from tests.exported_archives import (
+    save_exported,
+    with_graph_target,
+    with_payload_in_sample_inputs,
+    with_pickled_weight,
+    with_shape_expression,
+)
 from tests.models import LinearTransformer, SmallConvNet, save_scripted, settle_batchnorm
 from workers.engine.errors import InvalidModel, UnsupportedModel
 from workers.engine.formats.exported import load_program

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from modelpress.options import Step
-
 from workers.engine.inputs import Dataset
 from workers.engine.measure import count_parameters, output_fidelity, run_model, significant
 from workers.engine.methods.registry import method_entry
