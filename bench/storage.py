@@ -73,7 +73,7 @@ class MultipartFile:
                      "Content-Type: application/octet-stream\r\n\r\n").encode()
         self.tail = f"\r\n--{self.boundary}--\r\n".encode()
         self.size = len(self.head) + path.stat().st_size + len(self.tail)
-        self._parts = [self.head, open(path, "rb"), self.tail]
+        self._parts = [self.head, open(path, "rb"), self.tail]  # noqa: SIM115  read while streaming, closed by read()
 
     def __len__(self) -> int:
         return self.size

@@ -101,7 +101,7 @@ class ObjectStore(ABC):
         is all (the local store keeps it where it is)."""
         return None
 
-    def drop_streams(self, job_id: str) -> None:
+    def drop_streams(self, job_id: str) -> None:  # noqa: B027  optional hook: nothing to drop by default
         """API, when the request ends (and before ``delete``): abort what ``stream_writer`` started
         for the job and ``keep_inputs`` did not complete."""
 

@@ -45,7 +45,7 @@ class HashingSpoolFile:
     and feeds ``writer`` (the object store's, when there is one) the same bytes."""
 
     def __init__(self, directory: Path) -> None:
-        self._file: IO[bytes] = tempfile.NamedTemporaryFile(dir=directory, prefix="upload-", delete=True)
+        self._file: IO[bytes] = tempfile.NamedTemporaryFile(dir=directory, prefix="upload-", delete=True)  # noqa: SIM115  the spool outlives __init__
         self.sha256 = hashlib.sha256()
         self.bytes = 0
         self.writer: PartStream | None = None

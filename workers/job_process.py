@@ -157,7 +157,7 @@ def _limit_resources(settings: Settings, job_dir: Path) -> None:
         (resource.RLIMIT_FSIZE, max(protocol.output_limit_bytes(JobFiles(job_dir)), settings.job_memory_mb << 20)),
         (resource.RLIMIT_NPROC, _user_tasks() + 256),
     ):
-        soft, hard = resource.getrlimit(limit)
+        _soft, hard = resource.getrlimit(limit)
         if hard != resource.RLIM_INFINITY:
             value = min(value, hard)
         resource.setrlimit(limit, (value, hard))

@@ -163,7 +163,7 @@ def printed(files: JobFiles) -> str:
 
 
 def test_well_behaved_child_succeeds_with_the_same_harness(harness: Harness) -> None:
-    job, files, bounds = harness.run(WELL_BEHAVED)
+    job, _files, bounds = harness.run(WELL_BEHAVED)
     assert job["state"] == "succeeded", job["error"]
     assert job["warnings"] == ["one honest warning"]
     assert job["result"]["size_ratio"] == 1.0 and job["result"]["cosine_similarity"] == 0.999
@@ -237,7 +237,7 @@ class FailingStore(JobStore):
 
 
 def test_error_in_the_supervisors_loop_stops_the_child_and_fails_the_job(harness: Harness) -> None:
-    job, files, bounds = harness.run("""
+    job, files, _bounds = harness.run("""
         send(event="progress", stage="quantizing", progress=0.5)
         say("progress sent")
         time.sleep(600)
