@@ -7,7 +7,8 @@ and the OpenAPI document, the console's form and the spec reference page are gen
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 

@@ -9,15 +9,26 @@ to its schema), and a method registered without a class of its own gets one made
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Mapping
+from typing import Any
 
 from marshmallow import Schema, fields
 
 from modelpress.method_specs import DistillSpec, FinetuneSpec, PruneSpec, QuantizeSpec, StudentSpec
-from modelpress.spec import (AUTO, PIPELINE, REGISTRY, CompressionSpec, EvaluationSpec, InputSpec, SearchSpec, TargetSpec,
-                             dump_spec, method_steps)
+from modelpress.spec import (
+    AUTO,
+    PIPELINE,
+    REGISTRY,
+    CompressionSpec,
+    EvaluationSpec,
+    InputSpec,
+    SearchSpec,
+    TargetSpec,
+    dump_spec,
+    method_steps,
+)
 
 # ---------------------------------------------------------------------------- each method's options
 
@@ -217,4 +228,4 @@ def _without_none(value: Any) -> Any:
     return value
 
 
-__all__ = ["JobOptions", "Step", "job_options", "method_options", "step", "typed", "PIPELINE", "AUTO"]
+__all__ = ["AUTO", "PIPELINE", "JobOptions", "Step", "job_options", "method_options", "step", "typed"]

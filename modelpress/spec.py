@@ -6,13 +6,26 @@ the OpenAPI document are written from the same fields.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from modelpress.method_specs import (SEARCH_RUNTIMES, TARGET_METRICS, TARGET_OBJECTIVES, DistillSpec, PruneSpec, QuantizeSpec, SearchSpec,  # noqa: F401
-                                     Strict, TargetSpec, distill_flag, prune_flag, quantize_flag)
+from modelpress.method_specs import (  # noqa: F401
+    SEARCH_RUNTIMES,
+    TARGET_METRICS,
+    TARGET_OBJECTIVES,
+    DistillSpec,
+    PruneSpec,
+    QuantizeSpec,
+    SearchSpec,
+    Strict,
+    TargetSpec,
+    distill_flag,
+    prune_flag,
+    quantize_flag,
+)
 from modelpress.targets import TARGETS, missing_runtime
 from modelpress.untrusted_json import loads_bounded
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # the test extra installs it: a missing one fails, never skips
 from torch import nn
 
 from modelpress.spec import parse_spec
 from tests.models import LinearSpellings, save_scripted
 from workers.engine.run.pipeline import compress
 
-import transformers  # noqa: E402  (the test extra installs it: a missing one fails, never skips)
 transformers.logging.set_verbosity_error()
 
 

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # the test extra installs it: a missing one fails, never skips
 from torch import nn
 
 from modelpress.spec import parse_spec
 from tests.models import LinearSpellings, TokenLSTM, save_scripted
 from workers.engine.run.pipeline import compress
 
-import transformers  # noqa: E402  (the test extra installs it: a missing one fails, never skips)
 transformers.logging.set_verbosity_error()
 
 
@@ -94,7 +94,7 @@ def test_bert_encoder_linears_and_its_three_embeddings_are_int8(tmp_path: Path) 
     report = compress(model, _spec(1000), tmp_path / "out.pt")
 
     kernels = _kernels(report)
-    assert [k for k in kernels.values()].count("dynamic") == 2 * 6
+    assert list(kernels.values()).count("dynamic") == 2 * 6
     assert {name.rpartition(".")[2] for name, k in kernels.items() if k == "embedding"} == {
         "word_embeddings", "position_embeddings", "token_type_embeddings"}
     assert report["size"]["ratio"] <= 0.30

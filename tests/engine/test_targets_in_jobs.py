@@ -10,8 +10,8 @@ import torch
 
 from modelpress.spec import parse_spec
 from tests.models import Eigen, ResidualNet, save_scripted, settle_batchnorm
-from workers.engine.run.pipeline import compress
 from workers.engine.errors import TargetFailed
+from workers.engine.run.pipeline import compress
 
 QUICK = {"evaluation": {"runs": 2, "warmup": 0}}
 ALL = ["onnx", "openvino", "executorch"]

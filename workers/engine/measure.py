@@ -4,8 +4,9 @@ from __future__ import annotations
 import statistics
 import time
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 

@@ -9,11 +9,11 @@ Entries are imported when first used: a job loads only the methods it runs.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from modelpress.formats import EXPORTED
 from modelpress.spec import REGISTRY
-
 from workers.engine.errors import UnsupportedModel
 
 Method = Callable[..., tuple[Any, dict[str, Any]]]

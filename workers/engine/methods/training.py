@@ -1,7 +1,7 @@
 """Training loops on TorchScript modules (they are trainable like nn.Modules)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -12,14 +12,14 @@ from __future__ import annotations
 import shutil
 import statistics
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from modelpress.options import JobOptions, Step
 from modelpress.targets import TARGETS
-
 from workers.engine.errors import CompressionError, TargetFailed, summarize_torch_error
 from workers.engine.inputs import Inputs
 from workers.engine.measure import output_fidelity, significant

@@ -3,14 +3,14 @@ on a trace of its module with the sliced tensors copied back and the program re-
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.export import ExportedProgram
 
 from modelpress.formats import EXPORTED
 from modelpress.options import PruneOptions
-
 from workers.engine.analysis.program_graph import attribute, is_attribute
 from workers.engine.analysis.proof import MASKED_TOLERANCE, check_batches
 from workers.engine.analysis.slicing import set_tensor

@@ -6,14 +6,14 @@ The program is compressed as a program: weights are rewritten in the unlifted gr
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.export import ExportedProgram
 
 from modelpress.formats import EXPORTED
 from modelpress.options import QuantizeOptions
-
 from workers.engine.analysis.program_graph import attribute, delete_attribute, is_attribute, module_path
 from workers.engine.errors import InvalidInput, UnsupportedModel, summarize_torch_error
 from workers.engine.formats.exported import fixed_batch, reexport
@@ -22,7 +22,6 @@ from workers.engine.measure import run_model
 from workers.engine.methods.quantize.exported_forms import canonical_linears, int8_embeddings
 from workers.engine.methods.quantize.static import SYNTHETIC_WARNING
 from workers.engine.torchscript_graph import matching_pattern
-
 
 Progress = Callable[[str, float], None]
 

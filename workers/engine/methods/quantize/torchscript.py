@@ -18,17 +18,17 @@ constant is rewritten in one of two ways:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from modelpress.options import QuantizeOptions
-
 from workers.engine.errors import UnsupportedModel
+from workers.engine.linear_forms import is_matmul_weight
 from workers.engine.methods.quantize.attention import expand_fused_attention
 from workers.engine.methods.quantize.embedding import has_lookup
-from workers.engine.linear_forms import is_matmul_weight
 from workers.engine.methods.quantize.rewriter import GraphRewriter, constant_source, leaf_uses
 from workers.engine.methods.quantize.static import quantize_static
 from workers.engine.torchscript_graph import (
