@@ -19,15 +19,13 @@ from workers.engine.errors import InvalidInput, UnsupportedModel, summarize_torc
 from workers.engine.formats.exported import fixed_batch, reexport
 from workers.engine.inputs import Dataset
 from workers.engine.measure import run_model
-from workers.engine.methods.quantize.exported_forms import canonical_linears, int8_embeddings
+from workers.engine.methods.quantize.exported_forms import MIN_QUANTIZED_ELEMENTS, canonical_linears, int8_embeddings
 from workers.engine.methods.quantize.static import SYNTHETIC_WARNING
 from workers.engine.torchscript_graph import matching_pattern
 
 Progress = Callable[[str, float], None]
 
 
-# Smallest weight worth quantizing: below this the int8 copy plus its scales saves almost nothing.
-MIN_QUANTIZED_ELEMENTS = 1024
 
 
 _LINEAR = torch.ops.aten.linear.default

@@ -22,6 +22,8 @@ import torch
 from workers.engine.analysis.program_graph import attribute, is_attribute, module_path
 
 aten = torch.ops.aten
+# Smallest weight worth quantizing: below this the int8 copy plus its scales saves almost nothing.
+MIN_QUANTIZED_ELEMENTS = 1024
 _TRANSPOSES = {aten.t.default, aten.numpy_T.default}
 _PRODUCTS = {aten.addmm.default: "addmm", aten.mm.default: "mm", aten.matmul.default: "matmul"}
 _LINEAR = aten.linear.default
@@ -66,8 +68,6 @@ def canonical_linears(module: torch.fx.GraphModule) -> list[dict[str, Any]]:
 def int8_embeddings(module: torch.fx.GraphModule, exclude_owner) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Store each embedding table of at least ``MIN`` weights as int8 rows; (quantized, left float).
     ``exclude_owner(owner)`` gives a reason to leave a table's module float, or None."""
-    from workers.engine.methods.quantize.exported import MIN_QUANTIZED_ELEMENTS
-
     done: dict[str, tuple[torch.fx.Node, torch.fx.Node, torch.dtype]] = {}
     quantized, skipped = [], []
     for node in list(module.graph.nodes):
