@@ -16,7 +16,7 @@ from typing import Any
 
 from marshmallow import Schema, fields
 
-from modelpress.method_specs import DistillSpec, FinetuneSpec, PruneSpec, QuantizeSpec, StudentSpec
+from modelpress.method_specs import DistillSpec, FinetuneSpec, PruneSpec, QatSpec, QuantizeSpec, StudentSpec
 from modelpress.spec import (
     AUTO,
     PIPELINE,
@@ -44,6 +44,7 @@ class QuantizeOptions:
     reduce_range: bool | None
     calibration_batches: int | None
     min_cosine: float | None
+    qat: FinetuneOptions | None  # mode qat's training; None in the other modes
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ class JobOptions:
 
 
 TYPED: dict[type[Schema], type] = {
-    QuantizeSpec: QuantizeOptions, FinetuneSpec: FinetuneOptions, PruneSpec: PruneOptions,
+    QuantizeSpec: QuantizeOptions, FinetuneSpec: FinetuneOptions, QatSpec: FinetuneOptions, PruneSpec: PruneOptions,
     StudentSpec: StudentOptions, DistillSpec: DistillOptions, InputSpec: InputOptions,
     EvaluationSpec: EvaluationOptions, TargetSpec: TargetOptions, SearchSpec: SearchOptions,
 }

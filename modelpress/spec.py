@@ -311,6 +311,9 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has
             raise SpecError({f"{path}.distill": ["required when method is 'distill' (at least its 'student')"]})
         if step["method"] == "distill" and not has_data:
             raise SpecError({"data": ["required for distillation: an .npz or .safetensors file with 'inputs'"]})
+        if step["method"] == "quantize" and step["quantize"]["mode"] == "qat" and not has_data:
+            raise SpecError({f"{path}.quantize.mode": ["qat trains the model: it needs a data file (multipart part "
+                                                       "'data') with 'inputs' (and 'labels' if you have them)"]})
         if step["method"] == "prune" and step["prune"].get("finetune") and not has_data:
             raise SpecError({f"{path}.prune.finetune": ["needs a data file (multipart part 'data') to train on"]})
         if step["method"] == "distill" and step["distill"]["student"]["source"] == "upload":

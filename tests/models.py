@@ -162,6 +162,24 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
+class SeparableDigitsCNN(nn.Module):
+    """A depthwise-separable CNN for the 8x8 digits (MobileNet's block): per-tensor int8 weights hurt it."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+
+        def separable(inputs: int, outputs: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(inputs, inputs, 3, padding=1, groups=inputs), nn.BatchNorm2d(inputs),
+                                 nn.ReLU(), nn.Conv2d(inputs, outputs, 1), nn.BatchNorm2d(outputs), nn.ReLU())
+
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.Sequential(separable(width, 2 * width), separable(2 * width, 4 * width))
+        self.head = nn.Linear(4 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
 def digits_splits(seed: int = 0) -> dict[str, torch.Tensor]:
     """scikit-learn's bundled digits as 1x8x8 images in [0, 1]: a stratified 75/25 train/test split."""
     from sklearn.datasets import load_digits

@@ -20,7 +20,7 @@ Method = Callable[..., tuple[Any, dict[str, Any]]]
 
 # The .pt2 entry of each method that has one.
 PROGRAM_METHODS = {
-    "quantize": "workers.engine.methods.quantize.exported:quantize_program",
+    "quantize": "workers.engine.methods.quantize.exported_qat:quantize_exported",
     "prune": "workers.engine.methods.prune.exported:prune_program",
     "distill": "workers.engine.methods.distill.exported:distill_program",
 }

@@ -41,7 +41,8 @@ CALIBRATION_LIMIT = 256  # rows run through the observers
 
 
 def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: Dataset,
-                     progress: Progress) -> tuple[ExportedProgram, dict[str, Any]]:
+                     progress: Progress, train: Callable[[torch.fx.GraphModule], Any] | None = None,
+                     ) -> tuple[ExportedProgram, dict[str, Any]]:
     """int8 through PT2E (torchao's x86 quantizer): ``dynamic`` quantizes Linear weights and, per
     batch at run time, their inputs; ``static`` quantizes conv and linear weights and activations
     with ranges calibrated on the examples. ``dtype: float16`` stores Linear weights as float16.
@@ -49,18 +50,24 @@ def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: D
     The converted graph holds int8 weights with ``quantized_decomposed`` (de)quantize ops around
     float ``aten`` ops: eagerly it dequantizes on every call; ``torch.compile`` / AOTInductor fuse
     the patterns into int8 kernels.
+
+    ``qat`` (``exported_qat.quantize_program_qat``, which passes ``train``): PT2E's QAT flow, ``prepare_qat_pt2e``
+    (fake quantization of weights and activations, BatchNorm kept and trained), ``train(prepared)``,
+    then ``convert_pt2e`` as for static.
     """
     if options.dtype == "float16":
-        if options.mode == "static":
-            raise UnsupportedModel("static quantization is int8; drop dtype float16 or use mode dynamic")
+        if options.mode != "dynamic":
+            raise UnsupportedModel(f"{options.mode} quantization is int8; drop dtype float16 or use mode dynamic")
         return _float16_weights(program, options, progress)
-    static = options.mode == "static"
+    if options.mode == "qat" and train is None:
+        raise UnsupportedModel("mode qat trains: call exported_qat.quantize_exported, which passes `train`")
+    static = options.mode in ("static", "qat")
     modules = set(options.modules)
     covered = {*_PT2E_TYPES.values(), "Embedding"}
     if not modules & covered:
         raise UnsupportedModel(f"on .pt2 programs int8 covers {', '.join(sorted(covered))} layers; "
                                "add one of them to quantize.modules")
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 
     module = program.module()
     forms = canonical_linears(module)
@@ -75,7 +82,8 @@ def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: D
     # VNNI (AVX2) sum u8 x s8 pairs in int16 and saturate with full-range activations; the compiled
     # program then drifts from the program (measured: 16% of the largest output on an MLP).
     reduce_range = options.reduce_range is not False  # mode dynamic has no such option: 7 bits
-    quantizer, chosen, skipped = _x86_quantizer(module, modules, list(options.exclude), static, reduce_range)
+    quantizer, chosen, skipped = _x86_quantizer(module, modules, list(options.exclude), static, reduce_range,
+                                                qat=train is not None)
     recurrent = [layer for layer in _recurrent_layers(module) if layer["type"] in modules]
     skipped += recurrent + skipped_tables
     if not chosen and not embeddings:
@@ -90,12 +98,15 @@ def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: D
     if not batches:
         raise InvalidInput(f"the program was exported for batches of exactly {fixed} rows and the data has "
                            f"{len(data)}: upload at least {fixed} rows")
+    trained = None
     if chosen:
         try:
-            prepared = prepare_pt2e(module, quantizer)
+            prepared = (prepare_qat_pt2e if train is not None else prepare_pt2e)(module, quantizer)
         except Exception as error:
             raise UnsupportedModel(f"the x86 quantizer could not annotate the program: {summarize_torch_error(error)}") \
                 from None
+        if train is not None:  # the fake quantizers observed every training batch: no calibration after
+            trained, batches = train(prepared), []
         for index, batch in enumerate(batches if static else batches[:1]):
             run_model(prepared, batch)
             progress("calibrating" if static else "tracing", 0.1 + 0.6 * (index + 1) / len(batches))
@@ -114,6 +125,8 @@ def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: D
                          "torch.compile or AOTInductor for int8 kernels (evaluation.runtime), eagerly it dequantizes "
                          "on every call", "loading the program needs `import torchao` first (it registers the "
                          "quantized_decomposed operators)"]}
+    if trained is not None:
+        details["qat_history"] = trained
     if static and data.synthetic:
         details["warnings"] = [SYNTHETIC_WARNING]
     float_weights = sum(layer["weights"] for layer in recurrent)
@@ -217,11 +230,13 @@ def _quantize_skip_reason(weight: torch.Tensor, owner: str, exclude: list[str]) 
     return None
 
 
-def _x86_quantizer(module: torch.nn.Module, modules: set[str], exclude: list[str], static: bool, reduce_range: bool):
+def _x86_quantizer(module: torch.nn.Module, modules: set[str], exclude: list[str], static: bool, reduce_range: bool,
+                   qat: bool = False):
     """The x86 quantizer set for ``modules`` (by op) minus ``exclude`` (by module path); what it covers."""
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
 
-    config = x86.get_default_x86_inductor_quantization_config(is_dynamic=not static, reduce_range=reduce_range)
+    config = x86.get_default_x86_inductor_quantization_config(is_qat=qat, is_dynamic=not static,
+                                                               reduce_range=reduce_range)
     quantizer = x86.X86InductorQuantizer()
     chosen, skipped, excluded = [], [], set()
     for node in module.graph.nodes:

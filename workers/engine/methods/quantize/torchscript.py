@@ -68,9 +68,13 @@ def quantize(
     channel (or per tensor), int8; float16 casts the weights instead.
     """
     progress = progress or (lambda stage, fraction: None)
-    if options.mode == "static":
+    if options.mode in ("static", "qat"):
         if data is None:
-            raise UnsupportedModel("static quantization needs example inputs to calibrate on")
+            raise UnsupportedModel(f"{options.mode} quantization needs example inputs to calibrate on")
+        if options.mode == "qat":
+            from workers.engine.methods.quantize.qat import quantize_qat
+
+            return quantize_qat(model, options, data, progress)
         return quantize_static(model, options, data, progress)
     if options.mode != "dynamic":
         raise UnsupportedModel(f"quantization mode {options.mode!r} is not available")
