@@ -16,7 +16,15 @@ from typing import Any
 
 from marshmallow import Schema, fields
 
-from modelpress.method_specs import DistillSpec, FinetuneSpec, PruneSpec, QuantizeSpec, StudentSpec
+from modelpress.method_specs import (
+    DistillSpec,
+    FeaturesSpec,
+    FinetuneSpec,
+    PruneSpec,
+    QuantizeSpec,
+    ScheduleSpec,
+    StudentSpec,
+)
 from modelpress.spec import (
     AUTO,
     PIPELINE,
@@ -73,6 +81,17 @@ class StudentOptions:
 
 
 @dataclass(frozen=True)
+class FeaturesOptions:
+    pairs: tuple[tuple[str, str], ...] | None  # (student layer, teacher layer); None: matched automatically (width)
+    weight: float
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    steps: int
+
+
+@dataclass(frozen=True)
 class DistillOptions:
     student: StudentOptions
     temperature: float
@@ -84,6 +103,8 @@ class DistillOptions:
     val_fraction: float
     early_stopping_patience: int | None
     seed: int
+    features: FeaturesOptions | None
+    schedule: ScheduleOptions | None
 
 
 # ---------------------------------------------------------------------------- the job's other sections
@@ -158,7 +179,8 @@ class JobOptions:
 
 TYPED: dict[type[Schema], type] = {
     QuantizeSpec: QuantizeOptions, FinetuneSpec: FinetuneOptions, PruneSpec: PruneOptions,
-    StudentSpec: StudentOptions, DistillSpec: DistillOptions, InputSpec: InputOptions,
+    StudentSpec: StudentOptions, FeaturesSpec: FeaturesOptions, ScheduleSpec: ScheduleOptions,
+    DistillSpec: DistillOptions, InputSpec: InputOptions,
     EvaluationSpec: EvaluationOptions, TargetSpec: TargetOptions, SearchSpec: SearchOptions,
 }
 
