@@ -16,7 +16,16 @@ from typing import Any
 
 from marshmallow import Schema, fields
 
-from modelpress.method_specs import DistillSpec, FinetuneSpec, PruneSpec, QatSpec, QuantizeSpec, StudentSpec
+from modelpress.method_specs import (
+    DistillSpec,
+    FeaturesSpec,
+    FinetuneSpec,
+    PruneSpec,
+    QatSpec,
+    QuantizeSpec,
+    ScheduleSpec,
+    StudentSpec,
+)
 from modelpress.spec import (
     AUTO,
     PIPELINE,
@@ -74,6 +83,17 @@ class StudentOptions:
 
 
 @dataclass(frozen=True)
+class FeaturesOptions:
+    pairs: tuple[tuple[str, str], ...] | None  # (student layer, teacher layer); None: matched automatically (width)
+    weight: float
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    steps: int
+
+
+@dataclass(frozen=True)
 class DistillOptions:
     student: StudentOptions
     temperature: float
@@ -85,6 +105,8 @@ class DistillOptions:
     val_fraction: float
     early_stopping_patience: int | None
     seed: int
+    features: FeaturesOptions | None
+    schedule: ScheduleOptions | None
 
 
 # ---------------------------------------------------------------------------- the job's other sections
@@ -159,7 +181,8 @@ class JobOptions:
 
 TYPED: dict[type[Schema], type] = {
     QuantizeSpec: QuantizeOptions, FinetuneSpec: FinetuneOptions, QatSpec: FinetuneOptions, PruneSpec: PruneOptions,
-    StudentSpec: StudentOptions, DistillSpec: DistillOptions, InputSpec: InputOptions,
+    StudentSpec: StudentOptions, FeaturesSpec: FeaturesOptions, ScheduleSpec: ScheduleOptions,
+    DistillSpec: DistillOptions, InputSpec: InputOptions,
     EvaluationSpec: EvaluationOptions, TargetSpec: TargetOptions, SearchSpec: SearchOptions,
 }
 

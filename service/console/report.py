@@ -199,6 +199,8 @@ def _curve_section(where: str, rows: list[Mapping[str, Any]]) -> dict[str, Any]:
     losses = {k: [(r["epoch"], r[k]) for r in rows if r.get(k) is not None] for k in keys if "loss" in k}
     scores = {k: [(r["epoch"], r[k]) for r in rows if r.get(k) is not None] for k in keys if "loss" not in k}
     name = "fine-tuning" if where.endswith("finetune") else "distillation" if where.endswith("epochs") else where
+    if name == "distillation" and where != "epochs":  # one step of a schedule
+        name += f" ({where.removesuffix('.epochs')})"
     drawn = []
     if any(losses.values()):
         drawn.append(charts.line_chart(f"curve-{where}-loss", f"Training loss per epoch ({name})", "epoch", "loss",
@@ -268,7 +270,8 @@ def _find_lists(node: Any, key: str, where: str = "") -> list[tuple[str, list]]:
 
 
 def _curves(node: Any, where: str = "") -> list[tuple[str, list[Mapping[str, Any]]]]:
-    """Lists of per-epoch rows (dicts with a numeric 'epoch') anywhere under ``node``."""
+    """Lists of per-epoch rows (dicts with a numeric 'epoch') anywhere under ``node``, also in the entries
+    of other lists (a distillation schedule's steps: ``schedule.steps.1.epochs``, numbered from 1)."""
     found = []
     if isinstance(node, Mapping):
         for key, value in node.items():
@@ -278,6 +281,9 @@ def _curves(node: Any, where: str = "") -> list[tuple[str, list[Mapping[str, Any
                 found.append((path, value))
             elif isinstance(value, Mapping):
                 found.extend(_curves(value, path))
+            elif isinstance(value, list):
+                for index, item in enumerate(value):
+                    found.extend(_curves(item, f"{path}.{index + 1}"))
     return found
 
 

@@ -194,6 +194,33 @@ def test_width_student_needs_its_width(api: ApiClient, model_bytes: bytes, tmp_p
     assert body["errors"] == {"spec.distill.student.width": ["required when from is 'width'"]}
 
 
+WIDTH = {"from": "width", "width": 0.5}
+
+
+@pytest.mark.parametrize(("distill", "field", "message"), [
+    ({"student": {"from": "upload"}, "schedule": {"steps": 2}}, "spec.distill.schedule",
+     "only for a width student (student.from 'width')"),
+    ({"student": WIDTH, "epochs": 2, "schedule": {"steps": 3}}, "spec.distill.schedule.steps", "at most epochs (2)"),
+    ({"student": WIDTH, "schedule": {"steps": 1}}, "spec.distill.schedule.steps", "greater than or equal to 2"),
+    ({"student": {"from": "torchvision", "arch": "resnet18"}, "features": {}}, "spec.distill.features.pairs",
+     "required when student.from is 'torchvision'"),
+    ({"student": WIDTH, "features": {"pairs": [["layer1"]]}}, "spec.distill.features.pairs.0",
+     "a pair: [student layer, teacher layer]"),
+    ({"student": WIDTH, "features": {"pairs": [["layer 1", "layer1"]]}}, "spec.distill.features.pairs.0.0",
+     "a module's qualified name"),
+    ({"student": WIDTH, "features": {"pairs": [["fc", "fc"], ["fc", "fc"]]}}, "spec.distill.features.pairs",
+     "each pair at most once"),
+    ({"student": WIDTH, "features": True}, "spec.distill.features", "Invalid input type"),
+    ({"student": WIDTH, "features": {"weight": 0}}, "spec.distill.features.weight", "greater than 0"),
+    ({"student": WIDTH, "features": {"layers": ["conv"]}}, "spec.distill.features.layers", "Unknown field"),
+])
+def test_distill_features_and_schedule_that_do_not_fit_are_named(api: ApiClient, model_bytes: bytes, tmp_path: Path,
+                                                                 distill: dict, field: str, message: str) -> None:
+    np.savez(tmp_path / "d.npz", inputs=np.zeros((4, 3, 8, 8), dtype=np.float32))
+    body = _problem(api.submit(model_bytes, {"method": "distill", "distill": distill}, data=tmp_path / "d.npz"), 422)
+    assert list(body["errors"]) == [field] and message in body["errors"][field][0], body["errors"]
+
+
 @pytest.mark.parametrize(("spec", "field"), [
     ({"method": "quantize", "inputs": [{"shape": [2, 5], "dtype": "int8"}]}, "spec.inputs.0.dtype"),
     ({"method": "quantize", "inputs": [{"shape": [2, 5]}, {"shape": [2, 5], "dtype": "bool", "low": 0}]},

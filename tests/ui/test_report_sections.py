@@ -63,3 +63,20 @@ def test_pipeline_steps_and_unknown_sections_are_all_shown() -> None:
     assert more["extra"] == {"calibration": {"batches": 8, "observer": "histogram"}}
     assert warnings_of({"warnings": ["random calibration"]}, report) == ["random calibration",
                                                                          "top-1 agreement 0.41 is under 0.5"]
+
+
+def test_a_distillation_schedule_charts_each_steps_curve_with_its_hint_loss() -> None:
+    def curve(hint: list[float]) -> list[dict]:
+        return [{"epoch": i + 1, "train_loss": 2.0 + h, "logit_loss": 2.0, "hint_loss": h, "agreement": 0.9}
+                for i, h in enumerate(hint)]
+
+    report = {"method": "distill", "details": {"epochs": curve([0.4, 0.3]), "schedule": {
+        "widths": [0.5, 0.25], "steps": [{"step": 1, "epochs": curve([0.8]), "groups": []},
+                                          {"step": 2, "epochs": curve([0.4, 0.3])}]}}}
+
+    drawn = {s["id"]: s for s in sections(report)}
+    assert {"curve-epochs", "curve-schedule.steps.1.epochs", "curve-schedule.steps.2.epochs"} <= set(drawn)
+    assert drawn["curve-schedule.steps.1.epochs"]["title"] == "Training curve: distillation (schedule.steps.1)"
+    loss = _svg(drawn["curve-epochs"], "curve-epochs-loss")
+    hint = next(g for g in loss.iter(f"{SVG}g") if g.get("data-series") == "hint loss")
+    assert [float(p.get("data-y")) for p in hint.iter(f"{SVG}g") if p.get("class") == "point"] == [0.4, 0.3]

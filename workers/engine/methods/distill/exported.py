@@ -10,7 +10,7 @@ from torch.export import ExportedProgram
 
 from modelpress.formats import EXPORTED
 from modelpress.options import DistillOptions, method_options
-from workers.engine.errors import NothingToPrune
+from workers.engine.errors import NothingToPrune, UnsupportedModel
 from workers.engine.formats.exported import fixed_batch, reexport, runnable, unwrapped
 from workers.engine.inputs import Dataset
 from workers.engine.methods.distill.torchscript import distill
@@ -26,6 +26,10 @@ def distill_program(program: ExportedProgram, options: DistillOptions, data: Dat
 
     Exported graphs are fixed to the mode they were exported in (eval: BatchNorm uses its running
     statistics, dropout is off), so an uploaded ``.pt2`` student trains its weights in that mode."""
+    unsupported = [name for name, value in (("features", options.features), ("schedule", options.schedule)) if value]
+    if unsupported:
+        raise UnsupportedModel(f"distill.{' and distill.'.join(unsupported)} train TorchScript models only; for a "
+                               "torch.export (.pt2) program leave them out, or upload the model as TorchScript")
     origin = None
     if options.student.source == "width":  # cut from the teacher by structured pruning, as for TorchScript
         width = float(options.student.width)
