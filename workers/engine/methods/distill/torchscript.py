@@ -22,6 +22,7 @@ from workers.engine.measure import count_parameters, run_model
 from workers.engine.methods.distill.features import HintPair, Hints, plan_hints
 from workers.engine.methods.distill.schedule import compose_groups, schedule_steps
 from workers.engine.methods.prune.torchscript import prune
+from workers.engine.methods.training import split
 from workers.engine.outputs import select_output
 from workers.engine.torchscript_graph import quiet_torchscript_warnings
 
@@ -56,7 +57,7 @@ def distill(
 
     labelled = data.labels is not None
     alpha = 1.0 if not labelled else (0.9 if options.alpha is None else float(options.alpha))
-    train, validation = _split(data, options.val_fraction, options.seed)
+    train, validation = split(data, options.val_fraction, options.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
     def run(teacher_now, student_now, epochs: int, report: Progress) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
@@ -175,15 +176,6 @@ def _torchvision_student(arch: str, classes: int, scripted: bool) -> torch.jit.S
 
 
 # ---------------------------------------------------------------------------- training
-
-
-def _split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
-    size = min(max(1, round(len(data) * fraction)), len(data) - 2)
-    if size < 1:
-        raise InvalidInput(f"the data file has {len(data)} samples: too few to hold some out for validation")
-    held, kept = order[:size], order[size:]
-    return data.subset(kept), data.subset(held)
 
 
 def _train(teacher, student, train: Dataset, validation: Dataset, options: DistillOptions, alpha: float,
