@@ -4,7 +4,7 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install docs bench clean chromium sandbox compiler pte-runner
+.PHONY: run test lint install docs bench clean chromium sandbox compiler pte-runner
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -63,7 +63,12 @@ pte-runner: $(STAMP) compiler
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict --site-dir site
 
-test: $(STAMP) sandbox chromium compiler pte-runner docs
+# ruff check with [tool.ruff] in pyproject.toml (the linter only; formatting is not checked here).
+lint: $(STAMP)
+	$(VPY) -m ruff check .
+
+# lint first: a finding fails the run in seconds, before the browser, compiler and docs steps.
+test: $(STAMP) lint sandbox chromium compiler pte-runner docs
 	$(VPY) -m pytest $(PYTEST_ARGS)
 
 bench: $(STAMP)

@@ -25,9 +25,9 @@ from modelpress.options import method_options  # noqa: E402
 from tests.models import DigitsCNN, digits_splits, save_scripted, test_accuracy, train_classifier  # noqa: E402
 from workers.engine.formats.torchscript import load_model  # noqa: E402
 from workers.engine.inputs import load_dataset  # noqa: E402
-from workers.engine.run.pipeline import compress  # noqa: E402
 from workers.engine.methods.prune.torchscript import prune  # noqa: E402
 from workers.engine.methods.training import finetune  # noqa: E402
+from workers.engine.run.pipeline import compress  # noqa: E402
 
 WIDTHS = (0.5, 1 / 3, 0.25, 0.125)
 

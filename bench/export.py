@@ -25,11 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import arguments, interleaved_medians, machine, prepare, raise_priority, write_results  # noqa: E402
+from modelpress.formats import model_format  # noqa: E402
 from modelpress.spec import parse_spec  # noqa: E402
 from tests.exported_archives import save_exported  # noqa: E402
 from tests.models import LinearTransformer, save_scripted, transformer_encoder  # noqa: E402  (the shared model zoo)
 from workers.engine.errors import CompressionError  # noqa: E402
-from modelpress.formats import model_format  # noqa: E402
 from workers.engine.formats.registry import FORMATS  # noqa: E402
 from workers.engine.run.pipeline import compress  # noqa: E402
 

@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import arguments, interleaved_medians, machine, prepare, raise_priority, write_results  # noqa: E402
-from tests.models import LinearTransformer, Recurrent, transformer_encoder  # noqa: E402  (the shared model zoo)
-from workers.engine.measure import output_fidelity  # noqa: E402
 from modelpress.options import method_options  # noqa: E402
+from tests.models import LinearTransformer, Recurrent, transformer_encoder  # noqa: E402  (the shared model zoo)
 from workers.engine.inputs import Dataset  # noqa: E402
+from workers.engine.measure import output_fidelity  # noqa: E402
 from workers.engine.methods.quantize.torchscript import quantize  # noqa: E402
 
 SPEC = {"mode": "dynamic", "dtype": "qint8", "modules": ["Linear", "LSTM", "GRU", "MultiheadAttention"], "exclude": [],

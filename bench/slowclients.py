@@ -43,8 +43,8 @@ import requests  # noqa: E402
 
 from bench.common import arguments, machine, prepare, write_results  # noqa: E402
 from modelpress.config import Settings  # noqa: E402
-from modelpress.stack import Stack, free_port  # noqa: E402
 from modelpress.keys import hash_key  # noqa: E402
+from modelpress.stack import Stack, free_port  # noqa: E402
 from tests.models import SmallConvNet, save_scripted  # noqa: E402
 
 SPEC = {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": {"runs": 1, "warmup": 0}}

@@ -73,7 +73,7 @@ class MultipartFile:
                      "Content-Type: application/octet-stream\r\n\r\n").encode()
         self.tail = f"\r\n--{self.boundary}--\r\n".encode()
         self.size = len(self.head) + path.stat().st_size + len(self.tail)
-        self._parts = [self.head, open(path, "rb"), self.tail]
+        self._parts = [self.head, open(path, "rb"), self.tail]  # noqa: SIM115  read while streaming, closed by read()
 
     def __len__(self) -> int:
         return self.size
@@ -263,7 +263,7 @@ def main() -> None:
     priority = "priority unchanged (--no-priority)" if args.no_priority else raise_priority()
     nice = 0 if args.no_priority or not priority.startswith("nice") else -10
     sizes = [int(size) for size in args.sizes.split(",")]
-    reps = {size: args.reps for size in sizes}
+    reps = dict.fromkeys(sizes, args.reps)
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="storage-bench-") as directory:
         root = Path(directory)
         models, digests = {}, {}

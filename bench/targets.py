@@ -36,8 +36,9 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -220,7 +221,7 @@ def _distinct_classes(reference: list[torch.Tensor]) -> int | None:
 
 
 def artifact_variants(artifacts: dict[str, tuple[Any, Any]], timing_batch: tuple[torch.Tensor, ...]) -> dict:
-    return {name: (lambda inputs, m=module, l=loaded: m.run(l, [t.numpy() for t in inputs]),
+    return {name: (lambda inputs, m=module, ld=loaded: m.run(ld, [t.numpy() for t in inputs]),
                    artifact_call(module, loaded, timing_batch))
             for name, (module, loaded) in artifacts.items()}
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import errno
 import resource
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import gevent
 from gunicorn import http, util

@@ -8,7 +8,8 @@ the model's file size. Methods not measured at scale get a conservative multiple
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 BASE_MB = 1024  # interpreter + torch (~520 MB measured) + activations of modest example batches
 

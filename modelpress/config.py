@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import secrets
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class Settings:
     s3_part_mb: int = 16  # uploads stream to the bucket in parts of this size (S3's minimum is 5)
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if environ is None else environ
         defaults = cls()
 
@@ -140,7 +140,7 @@ class Settings:
             s3_part_mb=_at_least("S3_PART_MB", number("S3_PART_MB", defaults.s3_part_mb), 5),
         )
 
-    def with_changes(self, **changes: object) -> "Settings":
+    def with_changes(self, **changes: object) -> Settings:
         return replace(self, **changes)
 
     def to_env(self) -> dict[str, str]:
@@ -227,7 +227,7 @@ class ClientSettings:
     api_key: str | None = None  # MODELPRESS_API_KEY; unset: no Authorization header
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ClientSettings":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ClientSettings:
         env = os.environ if environ is None else environ
         return cls(url=env.get("MODELPRESS_URL") or cls.url, api_key=env.get("MODELPRESS_API_KEY") or None)
 

@@ -29,8 +29,9 @@ import json
 import logging
 import os
 import time
-from datetime import datetime, timezone
-from typing import Any, Iterable, NamedTuple
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
 
 import redis
 
@@ -77,7 +78,7 @@ def new_job_id(now: float | None = None) -> str:
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class Claim(NamedTuple):

@@ -7,7 +7,8 @@ and the OpenAPI document, the console's form and the spec reference page are gen
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from marshmallow import RAISE, Schema, ValidationError, fields, post_load, validate, validates_schema
 
@@ -29,11 +30,30 @@ STATIC_MODULES = ("Conv1d", "Conv2d", "Conv3d", "Linear")  # what mode static ca
 STATIC_OPTIONS = {"observer": "histogram", "reduce_range": True, "calibration_batches": 8, "min_cosine": 0.99}
 
 
+class FinetuneSpec(Strict):
+    epochs = fields.Integer(load_default=3, strict=True, validate=validate.Range(1, 200),
+                            metadata={"description": "Passes over the data file (count)."})
+    lr = fields.Float(load_default=1e-3, validate=validate.Range(0, 1, min_inclusive=False),
+                      metadata={"description": "Adam learning rate."})
+    batch_size = fields.Integer(load_default=32, strict=True, validate=validate.Range(2, 4096),
+                                metadata={"description": "Samples per step (count)."})
+    seed = fields.Integer(load_default=0, strict=True, validate=validate.Range(0, 2**31 - 1),
+                          metadata={"description": "Seed of the shuffling."})
+
+
+class QatSpec(FinetuneSpec):
+    """The training of mode qat: as fine-tuning, with a smaller learning rate by default."""
+
+    lr = fields.Float(load_default=1e-4, validate=validate.Range(0, 1, min_inclusive=False),
+                      metadata={"description": "Adam learning rate."})
+
+
 class QuantizeSpec(Strict):
     mode = fields.String(
-        load_default="dynamic", validate=validate.OneOf(["dynamic", "static"]),
+        load_default="dynamic", validate=validate.OneOf(["dynamic", "static", "qat"]),
         metadata={"description": "dynamic: int8 weights, activations quantized per batch at run time; "
-                                 "static: int8 weights and activations of conv and linear layers, calibrated on the data."},
+                                 "static: int8 weights and activations of conv and linear layers, calibrated on the "
+                                 "data; qat: static after quantization-aware training on the data file (needs one)."},
     )
     dtype = fields.String(
         load_default="qint8", validate=validate.OneOf(["qint8", "float16"]),
@@ -75,42 +95,38 @@ class QuantizeSpec(Strict):
         metadata={"description": "static: fidelity floor; the layers whose quantization hurts the outputs most "
                                  "stay float until the outputs' cosine to the float model's reaches it."},
     )
+    qat = fields.Nested(QatSpec, load_default=None, allow_none=True,
+                        metadata={"description": "qat: the training (epochs, lr, batch_size, seed); the static "
+                                                 "options above apply to the int8 result."})
 
     @validates_schema
     def _fits_mode(self, data: Mapping[str, Any], **kwargs: Any) -> None:
-        static = data.get("mode") == "static"
+        static = data.get("mode") in ("static", "qat")
         allowed = STATIC_MODULES if static else QUANTIZABLE_MODULES
         wrong = {index: [f"{name} cannot be quantized in mode {data.get('mode')!r}; choose from {', '.join(allowed)}"]
                  for index, name in enumerate(data.get("modules") or []) if name not in allowed}
         if wrong:
             raise ValidationError({"modules": wrong})
         if static and data.get("dtype") == "float16":
-            raise ValidationError("static quantization is int8 only: use qint8", "dtype")
+            raise ValidationError(f"{data.get('mode')} quantization is int8 only: use qint8", "dtype")
         for option in STATIC_OPTIONS:
             if option in data and not static:
-                raise ValidationError("only used when mode is 'static'", option)
+                raise ValidationError("only used when mode is 'static' or 'qat'", option)
+        if data.get("qat") is not None and data.get("mode") != "qat":
+            raise ValidationError("only used when mode is 'qat'", "qat")
 
     @post_load
     def _mode_defaults(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         """Defaults that depend on the mode (static options exist only in mode static)."""
-        static = data.get("mode") == "static"
+        static = data.get("mode") in ("static", "qat")
         if data.get("modules") is None:
             data["modules"] = list(STATIC_MODULES if static else DYNAMIC_MODULES)
         if static:
             for option, default in STATIC_OPTIONS.items():
                 data.setdefault(option, default)
+        if data.get("mode") == "qat" and data.get("qat") is None:
+            data["qat"] = QatSpec().load({})
         return data
-
-
-class FinetuneSpec(Strict):
-    epochs = fields.Integer(load_default=3, strict=True, validate=validate.Range(1, 200),
-                            metadata={"description": "Passes over the data file (count)."})
-    lr = fields.Float(load_default=1e-3, validate=validate.Range(0, 1, min_inclusive=False),
-                      metadata={"description": "Adam learning rate."})
-    batch_size = fields.Integer(load_default=32, strict=True, validate=validate.Range(2, 4096),
-                                metadata={"description": "Samples per step (count)."})
-    seed = fields.Integer(load_default=0, strict=True, validate=validate.Range(0, 2**31 - 1),
-                          metadata={"description": "Seed of the shuffling."})
 
 
 class PruneSpec(Strict):
@@ -187,10 +203,11 @@ class DistillSpec(Strict):
 
 # The command line's flag of each method (``modelpress submit --quantize static``): its value as options.
 def quantize_flag(value: str, args: Any) -> dict[str, Any]:
-    dtype = {"dynamic": "qint8", "int8": "qint8", "qint8": "qint8", "float16": "float16", "static": "qint8"}.get(value)
+    dtype = {"dynamic": "qint8", "int8": "qint8", "qint8": "qint8", "float16": "float16", "static": "qint8",
+             "qat": "qint8"}.get(value)
     if dtype is None:
-        raise ValueError("--quantize takes dynamic (int8), float16 or static")
-    return {"mode": "static" if value == "static" else "dynamic", "dtype": dtype}
+        raise ValueError("--quantize takes dynamic (int8), float16, static or qat")
+    return {"mode": value if value in ("static", "qat") else "dynamic", "dtype": dtype}
 
 
 def prune_flag(value: str, args: Any) -> dict[str, Any]:

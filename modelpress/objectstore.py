@@ -19,10 +19,11 @@ import logging
 import shutil
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 from modelpress.artifacts import file_sha256, link_opened, measure, opened_plain
@@ -94,13 +95,13 @@ class ObjectStore(ABC):
 
     streams_to_store = False  # whether ``stream_writer`` sends uploads anywhere beyond the local spool
 
-    def stream_writer(self, job_id: str, path: Path) -> "PartStream | None":
+    def stream_writer(self, job_id: str, path: Path) -> PartStream | None:
         """API, when a file part of a submission starts: where to send its bytes as they arrive, on top
         of the local spool (``path`` is the file's local name in the job's directory). None: the spool
         is all (the local store keeps it where it is)."""
         return None
 
-    def drop_streams(self, job_id: str) -> None:
+    def drop_streams(self, job_id: str) -> None:  # noqa: B027  optional hook: nothing to drop by default
         """API, when the request ends (and before ``delete``): abort what ``stream_writer`` started
         for the job and ``keep_inputs`` did not complete."""
 

@@ -9,15 +9,26 @@ to its schema), and a method registered without a class of its own gets one made
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
-from typing import Any, Mapping
+from typing import Any
 
 from marshmallow import Schema, fields
 
-from modelpress.method_specs import DistillSpec, FinetuneSpec, PruneSpec, QuantizeSpec, StudentSpec
-from modelpress.spec import (AUTO, PIPELINE, REGISTRY, CompressionSpec, EvaluationSpec, InputSpec, SearchSpec, TargetSpec,
-                             dump_spec, method_steps)
+from modelpress.method_specs import DistillSpec, FinetuneSpec, PruneSpec, QatSpec, QuantizeSpec, StudentSpec
+from modelpress.spec import (
+    AUTO,
+    PIPELINE,
+    REGISTRY,
+    CompressionSpec,
+    EvaluationSpec,
+    InputSpec,
+    SearchSpec,
+    TargetSpec,
+    dump_spec,
+    method_steps,
+)
 
 # ---------------------------------------------------------------------------- each method's options
 
@@ -33,6 +44,7 @@ class QuantizeOptions:
     reduce_range: bool | None
     calibration_batches: int | None
     min_cosine: float | None
+    qat: FinetuneOptions | None  # mode qat's training; None in the other modes
 
 
 @dataclass(frozen=True)
@@ -146,7 +158,7 @@ class JobOptions:
 
 
 TYPED: dict[type[Schema], type] = {
-    QuantizeSpec: QuantizeOptions, FinetuneSpec: FinetuneOptions, PruneSpec: PruneOptions,
+    QuantizeSpec: QuantizeOptions, FinetuneSpec: FinetuneOptions, QatSpec: FinetuneOptions, PruneSpec: PruneOptions,
     StudentSpec: StudentOptions, DistillSpec: DistillOptions, InputSpec: InputOptions,
     EvaluationSpec: EvaluationOptions, TargetSpec: TargetOptions, SearchSpec: SearchOptions,
 }
@@ -217,4 +229,4 @@ def _without_none(value: Any) -> Any:
     return value
 
 
-__all__ = ["JobOptions", "Step", "job_options", "method_options", "step", "typed", "PIPELINE", "AUTO"]
+__all__ = ["AUTO", "PIPELINE", "JobOptions", "Step", "job_options", "method_options", "step", "typed"]

@@ -213,7 +213,7 @@ def _check_string(text: str, role: tuple, check_ops: bool) -> None:
     elif role == ("Device", "type"):
         if not _DEVICE.match(text):
             raise Refused(f"the program names a device {text[:100]!r}: refused")
-    elif role == ("ExportedProgram", "verifiers"):
+    elif role == ("ExportedProgram", "verifiers"):  # noqa: SIM102  one branch per role, each with its check
         if text not in _VERIFIERS:
             raise Refused(f"the program names a verifier {text[:100]!r} that torch.export does not write: refused")
 
@@ -228,7 +228,7 @@ def check_operator(target: str, check_ops: bool, argument: bool = False) -> None
         return
     match = _OPERATOR.match(target)
     if (match is None or match.group("namespace").startswith("__") or match.group("namespace") in _OPS_ATTRIBUTES
-            or match.group("op").startswith("__") and match.group("op") not in _DUNDER_OPS):
+            or (match.group("op").startswith("__") and match.group("op") not in _DUNDER_OPS)):
         raise Refused(f"the program {what} {target[:100]!r}, which is not a torch operator: refused")
     namespace, op = match.group("namespace"), match.group("op")
     if not check_ops:
@@ -325,14 +325,14 @@ def check_guard(guard: str) -> None:
         if not isinstance(node, _GUARD_NODES):
             raise refused
         if isinstance(node, ast.Constant):
-            ok = type(node.value) in (int, float, bool) or isinstance(node.value, str) \
-                and bool(_GUARD_KEY.match(node.value)) and "__" not in node.value
+            ok = type(node.value) in (int, float, bool) or (isinstance(node.value, str) \
+                and bool(_GUARD_KEY.match(node.value)) and "__" not in node.value)
         elif isinstance(node, ast.Name):
-            ok = node.id == "L" or node.id in _GUARD_ATTRIBUTES or node.id in _GUARD_FUNCTIONS and id(node) in called
+            ok = node.id == "L" or node.id in _GUARD_ATTRIBUTES or (node.id in _GUARD_FUNCTIONS and id(node) in called)
         elif isinstance(node, ast.Attribute):
             owner = node.value.id if isinstance(node.value, ast.Name) else None
             ok = (node.attr in _GUARD_ATTRIBUTES.get(owner, ())
-                  or owner not in _GUARD_ATTRIBUTES and node.attr in _TENSOR_METHODS and id(node) in called)
+                  or (owner not in _GUARD_ATTRIBUTES and node.attr in _TENSOR_METHODS and id(node) in called))
         elif isinstance(node, ast.Call):
             ok = not node.keywords and all(isinstance(arg, ast.expr) and not isinstance(arg, ast.Starred)
                                            for arg in node.args)

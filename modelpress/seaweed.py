@@ -54,7 +54,7 @@ class SeaweedServer:
                             config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=30,
                                           s3={"addressing_style": "path"}))
 
-    def start(self, timeout: float = 60) -> "SeaweedServer":
+    def start(self, timeout: float = 60) -> SeaweedServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         identities = {"identities": [{"name": "modelpress", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                                       "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
@@ -71,7 +71,7 @@ class SeaweedServer:
                    *[f"-{name}={port}" for name, port in ports.items()]]
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            self._log = open(self.log_path, "ab")
+            self._log = open(self.log_path, "ab")  # noqa: SIM115  the server's output for its life; closed by stop()
         self.process = subprocess.Popen(command, cwd=self.directory, stdin=subprocess.DEVNULL, stdout=self._log or subprocess.DEVNULL,
                                         stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout

@@ -6,13 +6,26 @@ the OpenAPI document are written from the same fields.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, post_load, validate, validates_schema
 
-from modelpress.method_specs import (SEARCH_RUNTIMES, TARGET_METRICS, TARGET_OBJECTIVES, DistillSpec, PruneSpec, QuantizeSpec, SearchSpec,  # noqa: F401
-                                     Strict, TargetSpec, distill_flag, prune_flag, quantize_flag)
+from modelpress.method_specs import (  # noqa: F401
+    SEARCH_RUNTIMES,
+    TARGET_METRICS,
+    TARGET_OBJECTIVES,
+    DistillSpec,
+    PruneSpec,
+    QuantizeSpec,
+    SearchSpec,
+    Strict,
+    TargetSpec,
+    distill_flag,
+    prune_flag,
+    quantize_flag,
+)
 from modelpress.targets import TARGETS, missing_runtime
 from modelpress.untrusted_json import loads_bounded
 
@@ -298,6 +311,9 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has
             raise SpecError({f"{path}.distill": ["required when method is 'distill' (at least its 'student')"]})
         if step["method"] == "distill" and not has_data:
             raise SpecError({"data": ["required for distillation: an .npz or .safetensors file with 'inputs'"]})
+        if step["method"] == "quantize" and step["quantize"]["mode"] == "qat" and not has_data:
+            raise SpecError({f"{path}.quantize.mode": ["qat trains the model: it needs a data file (multipart part "
+                                                       "'data') with 'inputs' (and 'labels' if you have them)"]})
         if step["method"] == "prune" and step["prune"].get("finetune") and not has_data:
             raise SpecError({f"{path}.prune.finetune": ["needs a data file (multipart part 'data') to train on"]})
         if step["method"] == "distill" and step["distill"]["student"]["source"] == "upload":

@@ -63,7 +63,7 @@ class Stack:
 
     # ------------------------------------------------------------------ start
 
-    def start(self, api: bool = True, worker: bool = True) -> "Stack":
+    def start(self, api: bool = True, worker: bool = True) -> Stack:
         self.settings.data_dir.mkdir(parents=True, exist_ok=True)
         # Both ports are checked before anything starts: a held one stops the stack at once, by name.
         if api:
@@ -229,7 +229,7 @@ class Stack:
         output: IO[bytes] | None = None
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            output = open(self.log_dir / f"{name}.log", "ab")
+            output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115  the process's log; closed by stop()
             self._logs.append(output)
         process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT if output else None,
                                    stdin=subprocess.DEVNULL, start_new_session=True, umask=umask)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from marshmallow import Schema, fields, validate
 from marshmallow.utils import missing

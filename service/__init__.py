@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from flask import Flask
 
+from modelpress.cleanup import remove_host_leftovers
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
 from modelpress.logs import configure_logging
-from modelpress.cleanup import remove_host_leftovers
 from modelpress.objectstore import open_object_store
 from modelpress.storage import Storage
 

@@ -9,19 +9,25 @@ from flask.views import MethodView
 from flask_smorest import Blueprint
 
 from modelpress import jobs
+from modelpress.cleanup import remove_job
 from modelpress.formats import FILE_SUFFIX, TORCHSCRIPT
 from modelpress.jobs import JobStore, public_view, utc_now
-from modelpress.spec import MAX_SPEC_BYTES
-from modelpress.cleanup import remove_job
 from modelpress.objectstore import ObjectStore
-from service.auth import require_tenant
-from service.problems import ApiProblem
+from modelpress.spec import MAX_SPEC_BYTES
 from modelpress.webhooks import tenant_secret
-from service.queue import enqueue_job
-from service.schemas import (JobListArgsSchema, JobListSchema, JobSchema, JobSubmissionSchema, ProblemSchema,
-                             WebhookSecretSchema)
-from service.submission import Submission, submit
+from service.auth import require_tenant
 from service.downloads import published_file_response
+from service.problems import ApiProblem
+from service.queue import enqueue_job
+from service.schemas import (
+    JobListArgsSchema,
+    JobListSchema,
+    JobSchema,
+    JobSubmissionSchema,
+    ProblemSchema,
+    WebhookSecretSchema,
+)
+from service.submission import Submission, submit
 from service.uploads import client_filename
 
 blp = Blueprint("jobs", __name__, url_prefix="/v1/jobs", description="Compression jobs")

@@ -7,14 +7,15 @@ import functools
 import gzip
 import hashlib
 import logging
-import shutil
 import os
 import re
+import shutil
 import tempfile
 import time
 import unicodedata
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 import redis
 from flask import Request, current_app
@@ -44,7 +45,7 @@ class HashingSpoolFile:
     and feeds ``writer`` (the object store's, when there is one) the same bytes."""
 
     def __init__(self, directory: Path) -> None:
-        self._file: IO[bytes] = tempfile.NamedTemporaryFile(dir=directory, prefix="upload-", delete=True)
+        self._file: IO[bytes] = tempfile.NamedTemporaryFile(dir=directory, prefix="upload-", delete=True)  # noqa: SIM115  the spool outlives __init__
         self.sha256 = hashlib.sha256()
         self.bytes = 0
         self.writer: PartStream | None = None

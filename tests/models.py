@@ -162,6 +162,24 @@ class DigitsCNN(nn.Module):
         return self.classifier(self.features(x).flatten(1))
 
 
+class SeparableDigitsCNN(nn.Module):
+    """A depthwise-separable CNN for the 8x8 digits (MobileNet's block): per-tensor int8 weights hurt it."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+
+        def separable(inputs: int, outputs: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(inputs, inputs, 3, padding=1, groups=inputs), nn.BatchNorm2d(inputs),
+                                 nn.ReLU(), nn.Conv2d(inputs, outputs, 1), nn.BatchNorm2d(outputs), nn.ReLU())
+
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.blocks = nn.Sequential(separable(width, 2 * width), separable(2 * width, 4 * width))
+        self.head = nn.Linear(4 * width, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
 def digits_splits(seed: int = 0) -> dict[str, torch.Tensor]:
     """scikit-learn's bundled digits as 1x8x8 images in [0, 1]: a stratified 75/25 train/test split."""
     from sklearn.datasets import load_digits
@@ -250,3 +268,33 @@ class DictHeads(TupleHeads):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:  # type: ignore[override]
         hidden = torch.relu(self.body(x))
         return {"embedding": self.embedding(hidden), "scores": self.scores(hidden)}
+
+
+class Eigen(nn.Module):
+    """A model calling an operator the ONNX exporters have no counterpart for (``eigvalsh``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return torch.linalg.eigvalsh(y.transpose(0, 1) @ y).unsqueeze(0).expand(x.shape[0], -1)
+
+
+class LinearSpellings(nn.Module):
+    """Linear layers written as products: ``x @ W + b`` ([in, out]), ``x @ W.t()`` ([out, in]), ``addmm``
+    (``[in, out]``, as ``transformers``' ``Conv1D``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w_in_out = nn.Parameter(torch.randn(32, 48) * 0.1)
+        self.b = nn.Parameter(torch.randn(48) * 0.1)
+        self.w_out_in = nn.Parameter(torch.randn(40, 48) * 0.1)
+        self.addmm_w = nn.Parameter(torch.randn(40, 24) * 0.1)
+        self.addmm_b = nn.Parameter(torch.randn(24) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(x @ self.w_in_out + self.b)
+        y = torch.relu(torch.matmul(y, self.w_out_in.t()))
+        return torch.addmm(self.addmm_b, y, self.addmm_w)

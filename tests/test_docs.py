@@ -15,8 +15,7 @@ from pathlib import Path
 import pytest
 from marshmallow import fields
 
-from modelpress import method_specs
-from modelpress import spec as spec_module
+from modelpress import method_specs, spec as spec_module
 from modelpress.spec import CompressionSpec
 
 ROOT = Path(__file__).resolve().parent.parent

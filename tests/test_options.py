@@ -21,7 +21,7 @@ def test_each_options_class_has_exactly_its_schemas_fields(schema: type) -> None
 
 def test_every_registered_method_has_an_options_class() -> None:
     for entry in REGISTRY.values():
-        assert set(f.name for f in dataclasses.fields(options_class(entry.options))) == set(entry.options._declared_fields)
+        assert {f.name for f in dataclasses.fields(options_class(entry.options))} == set(entry.options._declared_fields)
 
 
 def test_job_options_carry_the_schemas_defaults_and_are_immutable() -> None:

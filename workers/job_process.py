@@ -127,8 +127,8 @@ def _check_programs(paths: list[Path | None]) -> None:
     A ``.pt2`` program is checked by ``exported.load_program`` (its layout, pickles and operators,
     from the archive's JSON graph) every time it is loaded, before torch reads it."""
     from modelpress.formats import EXPORTED, model_format
-    from workers.engine.formats.torchscript import load_model
     from workers.engine.formats.program_check import check_module
+    from workers.engine.formats.torchscript import load_model
 
     for path in paths:
         if path is not None and model_format(path) != EXPORTED:
@@ -157,7 +157,7 @@ def _limit_resources(settings: Settings, job_dir: Path) -> None:
         (resource.RLIMIT_FSIZE, max(protocol.output_limit_bytes(JobFiles(job_dir)), settings.job_memory_mb << 20)),
         (resource.RLIMIT_NPROC, _user_tasks() + 256),
     ):
-        soft, hard = resource.getrlimit(limit)
+        _soft, hard = resource.getrlimit(limit)
         if hard != resource.RLIM_INFINITY:
             value = min(value, hard)
         resource.setrlimit(limit, (value, hard))

@@ -15,8 +15,9 @@ import os
 import queue
 import re
 import signal
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, Callable, NamedTuple
+from typing import IO, Any, NamedTuple
 from urllib.parse import urlparse
 
 from modelpress.config import Settings
@@ -97,7 +98,7 @@ class Channel:
         self._stream: IO[str] = os.fdopen(fd, "w", buffering=1)
 
     @classmethod
-    def from_env(cls) -> "Channel":
+    def from_env(cls) -> Channel:
         return cls(int(os.environ[PROGRESS_FD]))
 
     def send(self, event: str, **fields: Any) -> None:
@@ -119,7 +120,7 @@ class Violation(NamedTuple):
     reason: str
 
 
-def read_messages(read_fd: int, messages: "queue.Queue[dict[str, Any] | Violation | None]") -> None:
+def read_messages(read_fd: int, messages: queue.Queue[dict[str, Any] | Violation | None]) -> None:
     """The supervisor's end: put each valid message on ``messages``, then ``None`` when the pipe closes.
 
     The child is untrusted: the pipe is read in raw chunks and no more than ``MAX_LINE_BYTES`` of

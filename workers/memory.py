@@ -24,8 +24,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import psutil
 
@@ -60,7 +60,7 @@ class MemoryWatch:
             self._root = None
         self._thread = threading.Thread(target=self._run, name=f"memory-watch-{pid}", daemon=True)
 
-    def start(self) -> "MemoryWatch":
+    def start(self) -> MemoryWatch:
         self._thread.start()
         return self
 

@@ -27,7 +27,7 @@ class ProcessLog:
         self._read_fd = read_fd
         self._thread = threading.Thread(target=self._copy, name=f"process-log-{path.parent.name}", daemon=True)
 
-    def start(self) -> "ProcessLog":
+    def start(self) -> ProcessLog:
         self._thread.start()
         return self
 

@@ -27,9 +27,9 @@ import time
 import redis
 from celery import Celery
 
+from modelpress.cleanup import remove_files_left, remove_job, remove_orphans
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
-from modelpress.cleanup import remove_files_left, remove_job, remove_orphans
 from modelpress.objectstore import open_object_store
 from workers.celery_app import QUEUE, send_job
 

@@ -23,22 +23,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import redis
 
 from modelpress import jobs
+from modelpress.artifacts import NotPlainFile
 from modelpress.config import Settings
 from modelpress.fault_injection import fault_point
 from modelpress.formats import TORCHSCRIPT
-from modelpress.artifacts import NotPlainFile
 from modelpress.jobs import JobStore, Superseded, connect, utc_now
 from modelpress.objectstore import InputsCorrupt, InputsMissing, ObjectStore, file_sha256, open_object_store
 from modelpress.storage import JobFiles, Storage
 from modelpress.targets import TARGETS
-from workers import job_protocol as protocol
-from workers import sandbox
+from workers import job_protocol as protocol, sandbox
 from workers.job_protocol import InvalidReport, Violation, problem
 from workers.memory import MemoryWatch
 from workers.process_log import ProcessLog
@@ -68,7 +68,7 @@ class Supervisor:
 
     @classmethod
     @functools.lru_cache(maxsize=4)
-    def from_settings(cls, settings: Settings) -> "Supervisor":
+    def from_settings(cls, settings: Settings) -> Supervisor:
         return cls(settings, JobStore(connect(settings.redis_url)), Storage(settings.data_dir))
 
     def run(self, job_id: str, generation: int | None = None) -> tuple[str, bool]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import stat
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from modelpress.storage import JobFiles
 from modelpress.targets import TARGETS

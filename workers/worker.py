@@ -8,8 +8,8 @@ from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
 from modelpress.logs import configure_logging
 from modelpress.worker_status import publish
-from workers.celery_app import make_celery
 from workers import sandbox
+from workers.celery_app import make_celery
 from workers.reaper import Reaper
 from workers.webhook_delivery import Dispatcher
 

@@ -14,8 +14,20 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from flask import (Blueprint, Flask, Response, abort, current_app, g, redirect, render_template, request,
-                   send_from_directory, session, url_for)
+from flask import (
+    Blueprint,
+    Flask,
+    Response,
+    abort,
+    current_app,
+    g,
+    redirect,
+    render_template,
+    request,
+    send_from_directory,
+    session,
+    url_for,
+)
 from flask.sessions import SecureCookieSessionInterface
 from marshmallow import ValidationError
 
@@ -23,8 +35,7 @@ from modelpress import jobs
 from modelpress.config import Settings, persistent_secret
 from service import artifacts_api, jobs_api
 from service.auth import session_tenant, sign_in, sign_out
-from service.console import form as spec_form
-from service.console import report as report_view
+from service.console import form as spec_form, report as report_view
 from service.console.charts import format_number
 from service.problems import ApiProblem
 from service.queue import enqueue_job

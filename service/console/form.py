@@ -7,8 +7,9 @@ touching the console. Shapes the form cannot express (lists of objects, dicts) g
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from marshmallow import Schema, fields, validate
 from marshmallow.utils import missing
@@ -37,7 +38,7 @@ class Control:
     pattern: str | None = None
     required: bool = False
     nullable: bool = False
-    children: list["Control"] = field(default_factory=list)
+    children: list[Control] = field(default_factory=list)
     method: str | None = None  # a method's own section: shown and sent only when that method is chosen
 
     @property

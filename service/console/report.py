@@ -6,7 +6,8 @@ get charts; any other key is kept and rendered generically, so a report that gro
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from markupsafe import Markup
 

@@ -3,16 +3,17 @@ document, the command line and the engine."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 from marshmallow import fields, validate
 
-from modelpress.method_specs import Strict
 from modelpress import spec as spec_module
 from modelpress.cli import _parser, _spec_from
+from modelpress.method_specs import Strict
 from modelpress.spec import CliFlag, MethodEntry, SpecError, parse_spec, register_method
 from tests.conftest import make_settings
 from tests.models import SmallConvNet, save_scripted

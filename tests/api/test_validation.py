@@ -150,6 +150,16 @@ def test_prune_finetune_without_data(api: ApiClient, model_bytes: bytes) -> None
     assert body["errors"] == {"spec.prune.finetune": ["needs a data file (multipart part 'data') to train on"]}
 
 
+def test_qat_without_data_and_qat_options_in_another_mode(api: ApiClient, model_bytes: bytes) -> None:
+    spec = {"method": "quantize", "input_shape": [1, 3, 8, 8], "quantize": {"mode": "qat"}}
+    body = _problem(api.submit(model_bytes, spec), 422)
+    assert list(body["errors"]) == ["spec.quantize.mode"] and "needs a data file" in body["errors"]["spec.quantize.mode"][0]
+    spec = {"method": "quantize", "input_shape": [1, 3, 8, 8], "quantize": {"mode": "static", "qat": {"epochs": 2}}}
+    assert _problem(api.submit(model_bytes, spec), 422)["errors"] == {"spec.quantize.qat": ["only used when mode is 'qat'"]}
+    spec = {"method": "quantize", "input_shape": [1, 3, 8, 8], "quantize": {"mode": "qat", "qat": {"epochs": 0}}}
+    assert list(_problem(api.submit(model_bytes, spec), 422)["errors"]) == ["spec.quantize.qat.epochs"]
+
+
 def test_section_for_another_method(api: ApiClient, model_bytes: bytes) -> None:
     spec = {"method": "quantize", "input_shape": [1, 3, 8, 8], "prune": {"amount": 0.5}}
     body = _problem(api.submit(model_bytes, spec), 422)

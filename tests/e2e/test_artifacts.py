@@ -16,8 +16,9 @@ import re
 import shutil
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -308,7 +309,7 @@ def test_a_failed_optional_target_or_one_left_out_still_succeeds(local: Harness)
 def test_a_symlink_artifact_to_a_host_file_is_refused_and_never_served(local: Harness, tmp_path: Path) -> None:
     secret = tmp_path / "host-secret"
     secret.write_bytes(b"host secret")
-    job, files = local.run(f"""
+    job, _files = local.run(f"""
         os.symlink({str(secret)!r}, job + "/output/model.onnx")
         report({{"onnx": {{"status": "succeeded", "file": "model.onnx"}}}})
         send(event="succeeded")""", ["onnx"])

@@ -1,9 +1,9 @@
 """Per-job wall clock, per-tenant running cap and the process-log cap, through the real API and worker."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch

@@ -16,8 +16,9 @@ import math
 import os
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -200,7 +201,7 @@ def test_worker_killed_mid_upload_leaves_nothing_a_client_sees(hosts: Hosts, tmp
     job_id = api.submit(save_scripted(SmallConvNet(), tmp_path / "conv.pt"),
                         {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": EVALUATION}).json()["id"]
     victim = _struck(folders, "mid-publish", job_id)
-    for name, folder in folders.items():  # the other host must not pause when it takes over
+    for folder in folders.values():  # the other host must not pause when it takes over
         (folder / "mid-publish.armed").unlink(missing_ok=True)
     keys = hosts.objects()
     assert f"{PREFIX}{job_id}/model.attempt-1.pt" in keys and f"{PREFIX}{job_id}/report.attempt-1.json" not in keys
@@ -354,7 +355,7 @@ def test_a_request_refused_after_its_model_streamed_leaves_nothing_in_the_bucket
     request = RawSubmission(hosts.api.base_url, [("model", ballast, "ballast.pt"), (*after, None),
                                                  ("spec", json.dumps(BALLAST_SPEC).encode(), None)])
     request.send(len(ballast) - (1 << 20))
-    upload_id, key = _new_upload(hosts, before)
+    _upload_id, key = _new_upload(hosts, before)
     status, problem = request.finish()
 
     assert status == refusal[0], problem

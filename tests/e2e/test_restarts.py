@@ -1,8 +1,8 @@
 """Job records outlive restarts of the API, the worker and Redis (append-only file on)."""
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

@@ -12,9 +12,9 @@ import json
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import requests
@@ -132,7 +132,7 @@ def spooled_uploads(stack: Stack) -> list[Path]:
 def test_health_and_another_tenants_poll_answer_while_slow_clients_hold_connections(service: Service) -> None:
     stack = service.stack
     job_id = service.beta.wait(service.beta.submit(service.model, SPEC).json()["id"], timeout=120)["id"]
-    jobs_before = set(p.name for p in (stack.settings.data_dir / "jobs").iterdir())
+    jobs_before = {p.name for p in (stack.settings.data_dir / "jobs").iterdir()}
     heads = [slow_head(stack.settings.port) for _ in range(SLOW_HEADS)]
     uploads = [slow_upload(stack.settings.port, service.model) for _ in range(SLOW_UPLOADS)]
     try:
@@ -172,7 +172,7 @@ def test_health_and_another_tenants_poll_answer_while_slow_clients_hold_connecti
         while time.monotonic() < deadline and spooled_uploads(stack):
             time.sleep(0.05)
         assert spooled_uploads(stack) == []
-        assert set(p.name for p in (stack.settings.data_dir / "jobs").iterdir()) == jobs_before | {created}
+        assert {p.name for p in (stack.settings.data_dir / "jobs").iterdir()} == jobs_before | {created}
     finally:
         for connection in heads + uploads:
             connection.close()

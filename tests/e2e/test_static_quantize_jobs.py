@@ -46,4 +46,4 @@ def test_static_options_in_dynamic_mode_are_refused_by_name(api: ApiClient, tmp_
     response = api.submit(path, {"method": "quantize", "input_shape": [2, 3, 8, 8], "quantize": {"observer": "minmax"}})
 
     assert response.status_code == 422
-    assert response.json()["errors"] == {"spec.quantize.observer": ["only used when mode is 'static'"]}
+    assert response.json()["errors"] == {"spec.quantize.observer": ["only used when mode is 'static' or 'qat'"]}

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.conftest import ApiClient
-from tests.models import ResidualNet, save_scripted, settle_batchnorm
+from tests.models import Eigen, ResidualNet, save_scripted, settle_batchnorm
 
 TORCH_FREE = """
 import sys
@@ -71,15 +71,6 @@ def test_a_static_int8_job_serves_int8_artifacts_that_run_without_torch(api: Api
 
 
 def test_a_target_the_model_cannot_take_fails_alone_and_is_not_served(api: ApiClient, tmp_path: Path) -> None:
-    class Eigen(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = torch.nn.Linear(6, 6)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.fc(x)
-            return torch.linalg.eigvalsh(y.transpose(0, 1) @ y).unsqueeze(0).expand(x.shape[0], -1)
-
     path = save_scripted(Eigen(), tmp_path / "eigen.pt")
     submitted = api.submit(path, {"method": "quantize", "input_shape": [4, 6], "targets": ["onnx"],
                                   "evaluation": {"runs": 1, "warmup": 0}})

@@ -15,8 +15,9 @@ import shutil
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import psutil
 import pytest
@@ -64,7 +65,7 @@ send(event="succeeded")
 
 
 @pytest.fixture(scope="module")
-def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator["Harness"]:
+def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     root = tmp_path_factory.mktemp("untrusted-child")
     stack = Stack(make_settings(root / "data", redis_url=None, job_memory_mb=JOB_MEMORY_MB, job_timeout_s=120,
                                 job_threads=1), log_dir=root / "logs")
@@ -99,7 +100,7 @@ class Harness:
             "data": None, "student": None, "result": None, "error": None, "warnings": [], "callback_url": None})
         return files
 
-    def run(self, program: str | None, store: JobStore | None = None) -> tuple[dict[str, Any], JobFiles, "Bounds"]:
+    def run(self, program: str | None, store: JobStore | None = None) -> tuple[dict[str, Any], JobFiles, Bounds]:
         """Run one job under a real supervisor whose child is ``program`` (None: the real job process)."""
         files = self.submit()
         command = (sys.executable, "-c", PRELUDE + textwrap.dedent(program)) if program is not None else None
@@ -119,7 +120,7 @@ class Bounds:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def __enter__(self) -> "Bounds":
+    def __enter__(self) -> Bounds:
         self.resident_before = self._me.memory_info().rss
         self.resident_peak = self.resident_before
         self.redis_before = int(self._redis.info("memory")["used_memory"])
@@ -162,7 +163,7 @@ def printed(files: JobFiles) -> str:
 
 
 def test_well_behaved_child_succeeds_with_the_same_harness(harness: Harness) -> None:
-    job, files, bounds = harness.run(WELL_BEHAVED)
+    job, _files, bounds = harness.run(WELL_BEHAVED)
     assert job["state"] == "succeeded", job["error"]
     assert job["warnings"] == ["one honest warning"]
     assert job["result"]["size_ratio"] == 1.0 and job["result"]["cosine_similarity"] == 0.999
@@ -236,7 +237,7 @@ class FailingStore(JobStore):
 
 
 def test_error_in_the_supervisors_loop_stops_the_child_and_fails_the_job(harness: Harness) -> None:
-    job, files, bounds = harness.run("""
+    job, files, _bounds = harness.run("""
         send(event="progress", stage="quantizing", progress=0.5)
         say("progress sent")
         time.sleep(600)

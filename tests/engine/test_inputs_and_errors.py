@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from tests.models import SmallConvNet, save_scripted
-from workers.engine.formats.torchscript import load_model
 from workers.engine.errors import InvalidInput, InvalidModel
+from workers.engine.formats.torchscript import load_model
 from workers.engine.inputs import load_dataset
 from workers.engine.run.pipeline import compress
 

@@ -67,7 +67,7 @@ def test_data_file_that_contradicts_the_spec_fails_before_compressing(tmp_path: 
     model = save_scripted(ImageAndIds(), tmp_path / "two.pt")
     np.savez(tmp_path / "d.npz", input_0=np.zeros((4, 3, 8, 8), np.float32), input_1=np.zeros((4, 6), np.int32))
     spec = {"method": "quantize", "inputs": [{"shape": [1, 3, 8, 8]}, {"shape": [1, 6], "dtype": "int64"}]}
-    with pytest.raises(InvalidInput, match="spec.inputs.1.dtype: int64 declared, but the data file's 'input_1' holds int32"):
+    with pytest.raises(InvalidInput, match=r"spec\.inputs\.1\.dtype: int64 declared, but the data file's 'input_1' holds int32"):
         _compress(model, spec, tmp_path, data=tmp_path / "d.npz")
 
 
@@ -94,7 +94,7 @@ def test_tuple_outputs_are_compared_one_by_one_and_finetuning_uses_the_chosen_on
 def test_dict_outputs_are_named_by_key_and_a_missing_key_is_refused(tmp_path: Path) -> None:
     model = save_scripted(DictHeads(), tmp_path / "dict.pt")
     spec = {"method": "quantize", "input_shape": [4, 12]}
-    with pytest.raises(InvalidInput, match="spec.output is 'logits' but the model's dict output has the keys "
+    with pytest.raises(InvalidInput, match=r"spec\.output is 'logits' but the model's dict output has the keys "
                                            "'embedding', 'scores'"):
         _compress(model, {**spec, "output": "logits"}, tmp_path)
     report = _compress(model, {**spec, "output": "scores"}, tmp_path)

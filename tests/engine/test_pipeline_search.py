@@ -9,8 +9,8 @@ import torch
 
 from modelpress.spec import parse_spec
 from tests.models import ResidualNet, save_scripted, settle_batchnorm
-from workers.engine.run.pipeline import compress
 from workers.engine.errors import TargetNotMet
+from workers.engine.run.pipeline import compress
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import torch
 from torch import nn
 
 from modelpress.operator_policy import scan_source
+from tests.models import SmallConvNet, save_scripted
 from workers.engine.errors import UnsafeModel
 from workers.engine.formats.program_check import check_module
 from workers.engine.formats.torchscript import load_model
-from tests.models import SmallConvNet, save_scripted
 
 
 @torch.jit.script

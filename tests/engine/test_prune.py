@@ -6,8 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.models import (ConcatNet, Recurrent, ResidualNet, save_scripted,
-                          test_accuracy)
+from tests.models import ConcatNet, Recurrent, ResidualNet, save_scripted, test_accuracy
 from workers.engine.errors import NothingToPrune
 from workers.engine.run.pipeline import compress
 

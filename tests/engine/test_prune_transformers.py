@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # the test extra installs it: a missing one fails, never skips
 from torch import nn
 
 from modelpress.spec import parse_spec
-from tests.models import save_scripted
+from tests.models import LinearSpellings, save_scripted
 from workers.engine.run.pipeline import compress
 
-import transformers  # noqa: E402  (the test extra installs it: a missing one fails, never skips)
 transformers.logging.set_verbosity_error()
 
 
@@ -154,27 +154,10 @@ def test_llama_heads_with_rotary_embeddings_prune_and_grouped_kv_heads_stay_whol
     assert report["fidelity"]["outputs"][0]["shape"] == [2, 16, 1000]
 
 
-class _Spellings(nn.Module):
-    """Linear layers written as products: ``x @ W + b`` ([in, out]), ``x @ W.t()`` ([out, in]), ``addmm``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.w_in_out = nn.Parameter(torch.randn(32, 48) * 0.1)
-        self.b = nn.Parameter(torch.randn(48) * 0.1)
-        self.w_out_in = nn.Parameter(torch.randn(40, 48) * 0.1)
-        self.addmm_w = nn.Parameter(torch.randn(40, 24) * 0.1)
-        self.addmm_b = nn.Parameter(torch.randn(24) * 0.1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(x @ self.w_in_out + self.b)
-        y = torch.relu(torch.matmul(y, self.w_out_in.t()))
-        return torch.addmm(self.addmm_b, y, self.addmm_w)
-
-
 @pytest.mark.parametrize("compile_with", ["script", "trace"])
 def test_linear_layers_written_as_products_are_pruned(compile_with: str, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    module = _Spellings().eval()
+    module = LinearSpellings().eval()
     compiled = torch.jit.script(module) if compile_with == "script" else torch.jit.trace(module, torch.randn(4, 32))
     compiled.save(str(tmp_path / "m.pt"))
     inputs = [{"shape": [4, 32], "dtype": "float32"}]

@@ -21,8 +21,14 @@ from torch import nn
 from modelpress import pt2_schema
 from modelpress.formats import exported_program_problem
 from modelpress.spec import parse_spec
-from tests.exported_archives import (save_exported, with_guards_code, with_higher_order_call, with_input_structure,
-                                     with_program, with_renamed_input)
+from tests.exported_archives import (
+    save_exported,
+    with_guards_code,
+    with_higher_order_call,
+    with_input_structure,
+    with_program,
+    with_renamed_input,
+)
 from workers.engine.errors import InvalidModel
 from workers.engine.formats.exported import load_program
 from workers.engine.run.pipeline import compress

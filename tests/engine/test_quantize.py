@@ -121,7 +121,7 @@ class _OpCounter(TorchDispatchMode):
         super().__init__()
         self.calls: dict[str, int] = {}
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = str(func.overloadpacket)
         self.calls[name] = self.calls.get(name, 0) + 1
         return func(*args, **(kwargs or {}))

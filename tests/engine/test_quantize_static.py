@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from tests.models import save_scripted, test_accuracy
-from workers.engine.run.pipeline import compress
 from workers.engine.methods.quantize.static import quantized_op_counts
+from workers.engine.run.pipeline import compress
 
 
 def _spec(**quantize: object) -> dict:

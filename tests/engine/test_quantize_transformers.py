@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # the test extra installs it: a missing one fails, never skips
 from torch import nn
 
 from modelpress.spec import parse_spec
-from tests.models import TokenLSTM, save_scripted
+from tests.models import LinearSpellings, TokenLSTM, save_scripted
 from workers.engine.run.pipeline import compress
 
-import transformers  # noqa: E402  (the test extra installs it: a missing one fails, never skips)
 transformers.logging.set_verbosity_error()
 
 
@@ -94,7 +94,7 @@ def test_bert_encoder_linears_and_its_three_embeddings_are_int8(tmp_path: Path) 
     report = compress(model, _spec(1000), tmp_path / "out.pt")
 
     kernels = _kernels(report)
-    assert [k for k in kernels.values()].count("dynamic") == 2 * 6
+    assert list(kernels.values()).count("dynamic") == 2 * 6
     assert {name.rpartition(".")[2] for name, k in kernels.items() if k == "embedding"} == {
         "word_embeddings", "position_embeddings", "token_type_embeddings"}
     assert report["size"]["ratio"] <= 0.30
@@ -113,16 +113,11 @@ def test_token_lstm_language_model_reaches_under_a_third_of_the_bytes(tmp_path: 
     assert report["fidelity"]["cosine_similarity"] >= 0.998
 
 
-class _Spellings(nn.Module):
-    """The same kind of layer written five ways, the weights stored either way round."""
+class _Spellings(LinearSpellings):
+    """The same kind of layer written four ways, the weights stored either way round, on 3-D inputs."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.w_in_out = nn.Parameter(torch.randn(32, 48) * 0.1)  # x @ W + b
-        self.b = nn.Parameter(torch.randn(48) * 0.1)
-        self.w_out_in = nn.Parameter(torch.randn(40, 48) * 0.1)  # x @ W.t()
-        self.addmm_w = nn.Parameter(torch.randn(40, 24) * 0.1)  # addmm(b, x, W), W [in, out]
-        self.addmm_b = nn.Parameter(torch.randn(24) * 0.1)
         self.functional = nn.Parameter(torch.randn(16, 24) * 0.1)  # F.linear(x, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

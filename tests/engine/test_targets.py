@@ -9,19 +9,18 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from modelpress import targets as shared
 from modelpress.formats import EXPORTED, TORCHSCRIPT
-
 from tests.models import settle_batchnorm
 from workers.engine.errors import CompressionError, TargetFailed
-from modelpress import targets as shared
 from workers.engine.targets import executorch as executorch_target
 from workers.engine.targets.common import Artifact, TargetRequest
 from workers.engine.targets.onnx import operator_types

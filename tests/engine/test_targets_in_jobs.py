@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from modelpress.spec import parse_spec
-from tests.models import ResidualNet, save_scripted, settle_batchnorm
-from workers.engine.run.pipeline import compress
+from tests.models import Eigen, ResidualNet, save_scripted, settle_batchnorm
 from workers.engine.errors import TargetFailed
+from workers.engine.run.pipeline import compress
 
 QUICK = {"evaluation": {"runs": 2, "warmup": 0}}
 ALL = ["onnx", "openvino", "executorch"]
@@ -61,20 +61,8 @@ def test_float_job_gives_float_artifacts_that_match_the_result(residual: dict[st
     assert abs(onnx["fidelity"]["cosine_similarity"] - report["fidelity"]["cosine_similarity"]) < 1e-4
 
 
-class _Eigen(torch.nn.Module):
-    """A model calling an operator the ONNX exporters have no counterpart for."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc = torch.nn.Linear(6, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc(x)
-        return torch.linalg.eigvalsh(y.transpose(0, 1) @ y).unsqueeze(0).expand(x.shape[0], -1)
-
-
 def test_a_target_that_cannot_express_the_model_fails_alone_unless_required(tmp_path: Path) -> None:
-    model = save_scripted(_Eigen(), tmp_path / "eigen.pt")
+    model = save_scripted(Eigen(), tmp_path / "eigen.pt")
     spec = {"method": "quantize", "input_shape": [4, 6], "targets": ["onnx"]}
 
     report = compress(model, parse_spec({**QUICK, **spec}), tmp_path / "out.pt")

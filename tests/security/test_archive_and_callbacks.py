@@ -58,7 +58,7 @@ def test_layouts_torch_refuses_are_refused(tmp_path: Path) -> None:
     for variant in (_rewritten(model, tmp_path / "a.pt", first="other/readme"),  # torch's root is the first entry's
                     _rewritten(model, tmp_path / "b.pt", drop="version"),
                     _rewritten(model, tmp_path / "c.pt", drop="constants.pkl")):
-        with pytest.raises(Exception):
+        with pytest.raises(Exception):  # noqa: B017  torch refuses it, in its own words
             torch.jit.load(str(variant))
         with pytest.raises(ArchiveRejected, match="not TorchScript"):
             check_torchscript_archive(variant, LIMIT)
@@ -112,14 +112,14 @@ def test_the_callback_goes_to_the_address_that_was_checked(monkeypatch: pytest.M
     seen: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             seen.append(self.headers["Host"])
             self.rfile.read(int(self.headers["Content-Length"]))
             self.send_response(302)  # a redirect is not followed: the status is the answer
             self.send_header("Location", "http://10.0.0.1/")
             self.end_headers()
 
-        def log_message(self, *args) -> None:  # noqa: ANN002
+        def log_message(self, *args) -> None:
             pass
 
     server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
@@ -127,7 +127,7 @@ def test_the_callback_goes_to_the_address_that_was_checked(monkeypatch: pytest.M
     real = socket.getaddrinfo
     answers = iter([[(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", server.server_port))]])
 
-    def rebinding(host, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+    def rebinding(host, *args, **kwargs):
         if host == "hooks.example":
             return next(answers, [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.255.255.1", server.server_port))])
         return real(host, *args, **kwargs)

@@ -5,8 +5,8 @@ succeeds on both stacks."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -14,8 +14,13 @@ from torch import nn
 
 from modelpress.stack import Stack
 from tests.conftest import ApiClient, make_settings
-from tests.exported_archives import (save_exported, with_graph_target, with_guards_code, with_higher_order_call,
-                                     with_renamed_input)
+from tests.exported_archives import (
+    save_exported,
+    with_graph_target,
+    with_guards_code,
+    with_higher_order_call,
+    with_renamed_input,
+)
 
 SPEC = {"method": "quantize", "input_shape": [4, 16], "evaluation": {"runs": 1, "warmup": 0}}
 

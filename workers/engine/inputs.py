@@ -8,9 +8,10 @@ axis indexes samples. The spec declares them with ``inputs`` (shape and dtype of
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,6 @@ import torch
 from modelpress.datafile import ArrayInfo, DataFileError, check_data_archive, disagreements, input_array_names
 from modelpress.options import InputOptions, JobOptions
 from modelpress.spec import INT_DTYPES
-
 from workers.engine.errors import InvalidInput
 
 # Inputs used to compare outputs and time the model; enough for stable statistics, small enough for CPU.
@@ -62,7 +62,7 @@ class Dataset:
         return tuple(t if t.shape[0] >= count else t[:1].expand(count, *t.shape[1:]).contiguous()
                      for t in self.head(count))
 
-    def subset(self, index: torch.Tensor) -> "Dataset":
+    def subset(self, index: torch.Tensor) -> Dataset:
         return Dataset(self.rows(index), None if self.labels is None else self.labels[index], self.synthetic,
                        self.target_output)
 

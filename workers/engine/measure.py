@@ -4,8 +4,9 @@ from __future__ import annotations
 import statistics
 import time
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -23,7 +24,15 @@ def count_parameters(model: torch.jit.ScriptModule) -> int:
     Freezing moves weights into graph constants (packed int8 weights among them), so
     both forms are counted the same way to keep before/after comparable.
     """
-    elements = sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+    stored = [*model.parameters(), *model.buffers()]
+    if isinstance(model, torch.fx.GraphModule):  # a program's module: PT2E's int8 weights are plain attributes
+        from workers.engine.analysis.program_graph import attribute
+
+        stored += [value for value in (attribute(model, node.target) for node in model.graph.nodes
+                                       if node.op == "get_attr") if isinstance(value, torch.Tensor)]
+    # Once per storage: a weight tied to another (a language model's input and output embedding) is one tensor.
+    elements = sum({(t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()): t.numel()
+                    for t in stored if t.numel()}.values())
     if elements:
         return elements
     with quiet_torchscript_warnings():

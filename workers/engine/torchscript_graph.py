@@ -7,11 +7,11 @@ torch.export touches few places.
 from __future__ import annotations
 
 import contextlib
-import functools
 import fnmatch
+import functools
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch.jit._recursive import wrap_cpp_module

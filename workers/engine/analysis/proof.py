@@ -2,7 +2,8 @@
 with the same channels zeroed, layer_norm statistics over the kept channels) on every check batch."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

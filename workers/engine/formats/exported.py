@@ -12,19 +12,18 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind
 
 from modelpress.formats import exported_program_problem, is_exported_program
-
 from workers.engine.errors import InvalidModel, UnsupportedModel, summarize_torch_error
 from workers.engine.formats.inductor import compile_package, register_inductor_passes, require_compiler
 from workers.engine.formats.torchscript import save_atomically
-
 
 LAYER_OPS = {  # op -> the module type it stands for in spec.prune.modules
     torch.ops.aten.linear.default: "Linear",
@@ -207,4 +206,4 @@ def _weights_only_loads() -> Iterator[None]:
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous
 
 
-__all__ = ["load_program", "save_program", "runnable", "fixed_batch", "timed_runner", "reexport"]
+__all__ = ["fixed_batch", "load_program", "reexport", "runnable", "save_program", "timed_runner"]

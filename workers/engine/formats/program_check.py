@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from modelpress.operator_policy import HINT, refusal
-
 from workers.engine.errors import UnsafeModel
 
 

@@ -8,11 +8,11 @@ module and one entry here. Which methods a format can run is the methods' regist
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from modelpress.formats import EXPORTED, TORCHSCRIPT
-
 from workers.engine.formats import exported, torchscript
 
 

@@ -9,18 +9,18 @@ Entries are imported when first used: a job loads only the methods it runs.
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from modelpress.formats import EXPORTED
 from modelpress.spec import REGISTRY
-
 from workers.engine.errors import UnsupportedModel
 
 Method = Callable[..., tuple[Any, dict[str, Any]]]
 
 # The .pt2 entry of each method that has one.
 PROGRAM_METHODS = {
-    "quantize": "workers.engine.methods.quantize.exported:quantize_program",
+    "quantize": "workers.engine.methods.quantize.exported_qat:quantize_exported",
     "prune": "workers.engine.methods.prune.exported:prune_program",
     "distill": "workers.engine.methods.distill.exported:distill_program",
 }

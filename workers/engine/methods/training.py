@@ -1,12 +1,13 @@
 """Training loops on TorchScript modules (they are trainable like nn.Modules)."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from workers.engine.errors import InvalidInput
+from workers.engine.formats.torchscript import set_training
 from workers.engine.inputs import Dataset
 from workers.engine.outputs import select_output
 from workers.engine.torchscript_graph import quiet_torchscript_warnings
@@ -24,12 +25,16 @@ def finetune(
     seed: int = 0,
     after_step: Callable[[], None] | None = None,
     progress: Progress | None = None,
+    before_forward: Callable[[], None] | None = None,
+    before_step: Callable[[], None] | None = None,
 ) -> list[dict[str, float]]:
     """Adam on cross-entropy when ``data`` has labels, else on agreement with ``teacher`` (self-distillation).
 
     Self-distillation loss: ``KL(softmax(teacher) || softmax(student))`` for 2-D scores, mean squared error
     otherwise. Both apply to the output ``data.target_output`` selects (spec ``output``). ``after_step``
-    runs after each optimiser step (it re-applies pruning masks). Returns the mean training loss of each epoch.
+    runs after each optimiser step (it re-applies pruning masks); ``before_forward`` before each forward pass and
+    ``before_step`` between the backward pass and the optimiser step (quantization-aware training swaps
+    fake-quantized weights in and the float ones back there). Returns the mean training loss of each epoch.
     """
     progress = progress or (lambda stage, fraction: None)
     generator = torch.Generator().manual_seed(seed)
@@ -39,8 +44,8 @@ def finetune(
     optimizer = torch.optim.Adam(parameters, lr=lr)
     batches_per_epoch = max(1, -(-len(data) // batch_size))
     history = []
-    model.train()
-    teacher.eval()
+    set_training(model, True)  # an exported program's module refuses train(): its caller switches it
+    set_training(teacher, False)
     with quiet_torchscript_warnings():
         for epoch in range(epochs):
             order = torch.randperm(len(data), generator=generator)
@@ -50,6 +55,8 @@ def finetune(
                 if index.numel() < 2 and len(data) >= 2:
                     continue  # a batch of one breaks BatchNorm in training mode
                 inputs = data.rows(index)
+                if before_forward is not None:
+                    before_forward()
                 outputs = trainable_output(model(*inputs), data)
                 if data.labels is not None:
                     loss = F.cross_entropy(outputs, data.labels[index])
@@ -59,6 +66,8 @@ def finetune(
                     loss = _agreement_loss(outputs, targets)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if before_step is not None:
+                    before_step()
                 optimizer.step()
                 if after_step is not None:
                     after_step()
@@ -66,10 +75,19 @@ def finetune(
                 count += index.numel()
                 progress(f"fine-tuning epoch {epoch + 1}/{epochs}", (epoch + (step + 1) / batches_per_epoch) / epochs)
             history.append({"epoch": epoch + 1, "train_loss": round(total / max(count, 1), 6)})
-    model.eval()
+    set_training(model, False)
     for parameter in parameters:
         parameter.requires_grad_(False)
     return history
+
+
+def split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
+    """(kept, held out): a seeded random ``fraction`` of the rows held out (at least 1, leaving at least 2)."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    size = min(max(1, round(len(data) * fraction)), len(data) - 2)
+    if size < 1:
+        raise InvalidInput(f"the data file has {len(data)} samples: too few to hold some out for validation")
+    return data.subset(order[size:]), data.subset(order[:size])
 
 
 def accuracy(model: torch.jit.ScriptModule, data: Dataset, batch_size: int = 256) -> float | None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 import gc
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from modelpress.formats import AOTI_PACKAGE, EXPORTED, model_format
 from modelpress.options import JobOptions, job_options
-
 from workers.engine.errors import CompressionError, UnsupportedModel
 from workers.engine.formats.aoti import package_aoti
 from workers.engine.formats.registry import FORMATS
@@ -108,4 +108,4 @@ def _packaged(report: dict[str, Any], job: JobOptions, output_path: str | os.Pat
     return report
 
 
-__all__ = ["compress", "CompressionError"]
+__all__ = ["CompressionError", "compress"]

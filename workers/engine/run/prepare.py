@@ -7,17 +7,26 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from modelpress.formats import TORCHSCRIPT, model_format
 from modelpress.options import JobOptions
-
 from workers.engine.errors import InvalidInput
 from workers.engine.formats.registry import FORMATS, ModelFormat
-from workers.engine.inputs import (Dataset, Inputs, check_declared, check_input_count, example_batch, examples,
-                                   fidelity_batches, integer_range_hint, load_dataset)
+from workers.engine.inputs import (
+    Dataset,
+    Inputs,
+    check_declared,
+    check_input_count,
+    example_batch,
+    examples,
+    fidelity_batches,
+    integer_range_hint,
+    load_dataset,
+)
 from workers.engine.measure import count_parameters, latency_samples_ms, run_model
 from workers.engine.methods.training import accuracy
 from workers.engine.outputs import select_output

@@ -10,7 +10,14 @@ from typing import Any
 import torch
 
 from workers.engine.inputs import Dataset
-from workers.engine.measure import DEFLATE_SAMPLE_CHUNKS, count_parameters, deflate_bytes, output_fidelity, run_model, significant
+from workers.engine.measure import (
+    DEFLATE_SAMPLE_CHUNKS,
+    count_parameters,
+    deflate_bytes,
+    output_fidelity,
+    run_model,
+    significant,
+)
 from workers.engine.methods.training import accuracy
 from workers.engine.run.prepare import Prepared, Progress, latency_of
 

@@ -16,16 +16,16 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
-from modelpress.options import JobOptions, Step, TargetOptions, step
 from modelpress.method_specs import SEARCH_RUNTIMES
+from modelpress.options import JobOptions, Step, TargetOptions, step
 from modelpress.spec import PIPELINE
-
 from workers.engine.errors import CompressionError, InvalidInput, TargetNotMet, is_out_of_memory, summarize_torch_error
 from workers.engine.formats.torchscript import clone_model
 from workers.engine.inputs import Dataset
@@ -348,4 +348,4 @@ def _pareto_front(trials: list[dict[str, Any]], objective: str) -> list[int]:
                        and (o[objective] < t[objective] or o["metric"] > t["metric"]) for o in done)]
 
 
-__all__ = ["search", "TargetNotMet"]
+__all__ = ["TargetNotMet", "search"]

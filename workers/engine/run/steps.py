@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 from modelpress.options import Step
-
 from workers.engine.inputs import Dataset
 from workers.engine.measure import count_parameters, output_fidelity, run_model, significant
 from workers.engine.methods.registry import method_entry
@@ -42,7 +42,7 @@ def run_steps(model: Any, steps: Sequence[Step], prepared: Prepared,
                 form.save(model, float_copy)
             model, details = method_entry(form.name, name)(
                 model, step.options, data,
-                lambda stage, fraction, i=index: progress(f"{label}{stage}", (i + min(max(fraction, 0.0), 1.0)) / len(steps)),
+                lambda stage, fraction, i=index: progress(f"{label}{stage}", (i + min(max(fraction, 0.0), 1.0)) / len(steps)),  # noqa: B023  called only within this step
                 **extras)
             if index + 1 < len(steps):
                 # The next step gets what a user would download after this one: a saved, reloaded file.

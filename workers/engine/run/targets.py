@@ -12,14 +12,14 @@ from __future__ import annotations
 import shutil
 import statistics
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from modelpress.options import JobOptions, Step
 from modelpress.targets import TARGETS
-
 from workers.engine.errors import CompressionError, TargetFailed, summarize_torch_error
 from workers.engine.inputs import Inputs
 from workers.engine.measure import output_fidelity, significant
@@ -60,12 +60,23 @@ def make_target(prepared: Prepared, name: str, steps: Sequence[Step], float_sour
         # TorchScript ONNX exporter does), and no target should see another's changes.
         request = TargetRequest(
             model=prepared.form.load(float_source), format_name=prepared.form.name, example=prepared.batch,
-            calibration=_calibration(prepared, quantize), quantize=quantize.options.mode if quantize else None,
+            calibration=_calibration(prepared, quantize), quantize=_target_mode(quantize),
             per_channel=quantize.options.per_channel if quantize else True)
         artifact = export_target(name, request, Path(scratch))
         path = output_dir / TARGETS[name].file_name
         shutil.move(str(artifact.path), path)
-        return _measured(prepared, target_module(name), artifact, path)
+        measured = _measured(prepared, target_module(name), artifact, path)
+        if quantize is not None and quantize.options.mode == "qat":
+            measured["notes"].append("quantization-aware training is not mirrored: this target quantizes the model "
+                                     "before training post-training (static int8 on the same calibration rows)")
+        return measured
+
+
+def _target_mode(quantize: Step | None) -> str | None:
+    """The int8 recipe a target applies: the job's mode, static for qat (targets have no training)."""
+    if quantize is None:
+        return None
+    return "static" if quantize.options.mode == "qat" else quantize.options.mode
 
 
 def failure_reason(name: str, error: BaseException) -> str:
@@ -87,7 +98,7 @@ def _int8_step(steps: Sequence[Step]) -> Step | None:
 
 def _calibration(prepared: Prepared, quantize: Step | None) -> list[Inputs]:
     """The rows the job's own static int8 calibrated on: ``calibration_batches`` batches of 32."""
-    if quantize is None or quantize.options.mode != "static":
+    if _target_mode(quantize) != "static":
         return []
     examples = prepared.examples
     count = min(len(examples), CALIBRATION_ROWS * int(quantize.options.calibration_batches or 8))

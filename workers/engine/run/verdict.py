@@ -6,7 +6,8 @@ into the job resource and the command line prints.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from modelpress.options import Step
 

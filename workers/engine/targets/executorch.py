@@ -24,9 +24,10 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from workers.engine.errors import TargetFailed, summarize_torch_error
 from workers.engine.targets.common import Artifact, TargetRequest, median_latency_ms, runtime_version

@@ -16,11 +16,11 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from modelpress.formats import EXPORTED
-
 from workers.engine.errors import TargetFailed, summarize_torch_error
 from workers.engine.targets.common import Artifact, TargetRequest, median_latency_ms, runtime_version
 

@@ -23,8 +23,9 @@ import io
 import tempfile
 import zipfile
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from workers.engine.errors import TargetFailed, summarize_torch_error
 from workers.engine.targets.common import Artifact, TargetRequest, median_latency_ms, runtime_version

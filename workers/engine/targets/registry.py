@@ -10,9 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from modelpress.targets import TARGETS as SHARED
-from modelpress.targets import Target, missing_runtime
-
+from modelpress.targets import TARGETS as SHARED, Target, missing_runtime
 from workers.engine.targets.common import Artifact, TargetRequest
 
 

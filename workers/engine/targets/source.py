@@ -8,7 +8,6 @@ from typing import Any
 import torch
 
 from modelpress.formats import EXPORTED
-
 from workers.engine.errors import TargetFailed, summarize_torch_error
 from workers.engine.targets.common import TargetRequest
 from workers.engine.torchscript_graph import quiet_torchscript_warnings

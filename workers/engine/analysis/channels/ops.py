@@ -1,7 +1,6 @@
 """The op kinds the channel analysis models, by what they do to the channel dimension."""
 from __future__ import annotations
 
-
 # Ops whose output has the same channels, at the same place, as their first input.
 CHANNEL_PRESERVING = {
     "aten::relu", "aten::relu_", "aten::relu6", "aten::relu6_", "aten::hardtanh", "aten::hardtanh_",

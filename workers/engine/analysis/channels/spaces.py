@@ -40,12 +40,12 @@ class ChannelSpace:
     unit: int = 1  # channels are removed in aligned blocks of this many (whole groups of a grouped conv)
     members: list[Member] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
-    parts: list["ChannelSpace"] | None = None  # set for a concatenation
-    parent: "ChannelSpace | None" = None
+    parts: list[ChannelSpace] | None = None  # set for a concatenation
+    parent: ChannelSpace | None = None
     norms: list[Norm] = field(default_factory=list)
     head_width: int | None = None  # attention heads: channels are removed a whole head (this many) at a time
 
-    def root(self) -> "ChannelSpace":
+    def root(self) -> ChannelSpace:
         space = self
         while space.parent is not None:
             space = space.parent

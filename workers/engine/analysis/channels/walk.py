@@ -5,11 +5,18 @@ import dataclasses
 
 import torch
 
+from workers.engine.analysis.channels.attention import Attention
 from workers.engine.analysis.channels.joins import Joins
 from workers.engine.analysis.channels.layers import Layers
-from workers.engine.analysis.channels.attention import Attention
-from workers.engine.analysis.channels.ops import (CHANNEL_PRESERVING, CONVOLUTIONS, ELEMENTWISE_BINARY, LINEAR_PRODUCTS,
-                                                  REDUCTIONS, RESHAPES, SHAPE_QUERIES)
+from workers.engine.analysis.channels.ops import (
+    CHANNEL_PRESERVING,
+    CONVOLUTIONS,
+    ELEMENTWISE_BINARY,
+    LINEAR_PRODUCTS,
+    REDUCTIONS,
+    RESHAPES,
+    SHAPE_QUERIES,
+)
 from workers.engine.analysis.channels.reshapes import Reshapes
 from workers.engine.analysis.channels.spaces import Axis, ChannelSpace, Spaces
 from workers.engine.analysis.channels.values import Values, constant

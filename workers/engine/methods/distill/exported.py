@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.export import ExportedProgram
 
 from modelpress.formats import EXPORTED
 from modelpress.options import DistillOptions, method_options
-
 from workers.engine.errors import NothingToPrune
 from workers.engine.formats.exported import fixed_batch, reexport, runnable, unwrapped
 from workers.engine.inputs import Dataset

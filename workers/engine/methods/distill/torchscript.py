@@ -7,13 +7,13 @@ teacher itself with a fraction of its channels kept (the structured pruning engi
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from modelpress.options import DistillOptions, StudentOptions, method_options
-
 from workers.engine.errors import InvalidInput, NothingToPrune, UnsupportedModel
 from workers.engine.formats.torchscript import clone_model, set_training
 from workers.engine.inputs import Dataset, describe

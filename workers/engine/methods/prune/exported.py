@@ -3,14 +3,14 @@ on a trace of its module with the sliced tensors copied back and the program re-
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.export import ExportedProgram
 
 from modelpress.formats import EXPORTED
 from modelpress.options import PruneOptions
-
 from workers.engine.analysis.program_graph import attribute, is_attribute
 from workers.engine.analysis.proof import MASKED_TOLERANCE, check_batches
 from workers.engine.analysis.slicing import set_tensor
@@ -19,6 +19,7 @@ from workers.engine.formats.exported import LAYER_OPS, fixed_batch, reexport
 from workers.engine.inputs import Dataset
 from workers.engine.measure import count_macs, output_differences
 from workers.engine.methods.prune.torchscript import prune
+from workers.engine.methods.quantize.exported_forms import product_weight
 from workers.engine.torchscript_graph import matching_pattern, quiet_torchscript_warnings
 
 Progress = Callable[[str, float], None]
@@ -40,10 +41,13 @@ def prune_program(program: ExportedProgram, options: PruneOptions, data: Dataset
     weights: dict[str, torch.Tensor] = {}
     for node in program.graph.nodes:
         kind = LAYER_OPS.get(node.target) if node.op == "call_function" else None
-        if kind is None or kind not in modules or not isinstance(node.args[1], torch.fx.Node):
+        weight = node.args[1] if kind is not None else product_weight(node)  # GPT-2's Conv1D: addmm(b, x, W)
+        kind = kind or ("Linear" if weight is not None else None)
+        if kind is None or kind not in modules or not isinstance(weight, torch.fx.Node):
             continue
-        name = program.graph_signature.inputs_to_parameters.get(node.args[1].name)
-        if name is not None and not matching_pattern(name.rpartition(".")[0], exclude):
+        name = program.graph_signature.inputs_to_parameters.get(weight.name)
+        if name is not None and program.state_dict[name].dim() >= 2 \
+                and not matching_pattern(name.rpartition(".")[0], exclude):
             weights[name] = program.state_dict[name]
     if not weights:
         raise UnsupportedModel(f"the program has no {' or '.join(sorted(modules))} weight to prune")

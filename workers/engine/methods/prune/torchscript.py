@@ -8,12 +8,12 @@ real, so the model gets smaller and faster: every tensor in a coupled group
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
 from modelpress.options import PruneOptions
-
 from workers.engine.analysis.channels import ChannelGroup, channel_groups, layer_name
 from workers.engine.analysis.channels.values import nested_nodes
 from workers.engine.analysis.proof import check_batches, mismatch, same_outputs
@@ -24,9 +24,15 @@ from workers.engine.inputs import Dataset
 from workers.engine.linear_forms import is_matmul_weight
 from workers.engine.measure import count_macs
 from workers.engine.methods.training import finetune
-from workers.engine.torchscript_graph import (canonical_graph, derive_conv_groups, derive_layer_norm_shapes,
-                                              derive_reshape_sizes, matching_pattern, module_types,
-                                              quiet_torchscript_warnings)
+from workers.engine.torchscript_graph import (
+    canonical_graph,
+    derive_conv_groups,
+    derive_layer_norm_shapes,
+    derive_reshape_sizes,
+    matching_pattern,
+    module_types,
+    quiet_torchscript_warnings,
+)
 
 Progress = Callable[[str, float], None]
 PRUNABLE_TYPES = ("Conv2d", "Linear", "Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +33,8 @@ FUSED_ATTENTION_WEIGHTS = {
 
 def _attention(query: Tensor, key: Tensor, value: Tensor, embed_dim: int, num_heads: int,
                qkv_weight: Tensor, qkv_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
-               mask: Optional[Tensor], need_weights: bool, average_attn_weights: bool,
-               mask_type: Optional[int]) -> Tuple[Tensor, Tensor]:
+               mask: Tensor | None, need_weights: bool, average_attn_weights: bool,
+               mask_type: int | None) -> tuple[Tensor, Tensor]:
     if query.is_nested or key.is_nested or value.is_nested:
         return torch._native_multi_head_attention(
             query, key, value, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias,
@@ -71,7 +70,7 @@ def _encoder_layer(src: Tensor, embed_dim: int, num_heads: int, qkv_weight: Tens
                    proj_weight: Tensor, proj_bias: Tensor, use_gelu: bool, norm_first: bool, eps: float,
                    norm_weight_1: Tensor, norm_bias_1: Tensor, norm_weight_2: Tensor, norm_bias_2: Tensor,
                    ffn_weight_1: Tensor, ffn_bias_1: Tensor, ffn_weight_2: Tensor, ffn_bias_2: Tensor,
-                   mask: Optional[Tensor], mask_type: Optional[int]) -> Tensor:
+                   mask: Tensor | None, mask_type: int | None) -> Tensor:
     if src.is_nested:
         return torch._transformer_encoder_layer_fwd(
             src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu, norm_first, eps,

@@ -12,7 +12,6 @@ where it is read: one int8 copy serves both.
 from __future__ import annotations
 
 import functools
-from typing import Optional
 
 import torch
 
@@ -26,13 +25,13 @@ def _lookup(table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
 
 
 def _bag(table: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, mode: int,
-         per_sample_weights: Optional[torch.Tensor], include_last_offset: bool,
-         padding_idx: Optional[int]) -> torch.Tensor:
+         per_sample_weights: torch.Tensor | None, include_last_offset: bool,
+         padding_idx: int | None) -> torch.Tensor:
     """``embedding_bag`` over the dequantized rows ``indices`` names, each row looked up once per position."""
     flat = indices.reshape(-1)
     rows = torch.ops.quantized.embedding_bag_byte_unpack(torch.embedding(table, flat))
     positions = torch.arange(flat.numel(), dtype=indices.dtype, device=indices.device).reshape(indices.shape)
-    padding: Optional[int] = None
+    padding: int | None = None
     if padding_idx is not None:  # padded entries point at an appended row, excluded as padding
         # aten wraps a negative padding_idx around the table (-1 is its last row), as it does here.
         wrapped = padding_idx if padding_idx >= 0 else table.size(0) + padding_idx

@@ -6,28 +6,26 @@ The program is compressed as a program: weights are rewritten in the unlifted gr
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch.export import ExportedProgram
 
 from modelpress.formats import EXPORTED
 from modelpress.options import QuantizeOptions
-
 from workers.engine.analysis.program_graph import attribute, delete_attribute, is_attribute, module_path
 from workers.engine.errors import InvalidInput, UnsupportedModel, summarize_torch_error
 from workers.engine.formats.exported import fixed_batch, reexport
 from workers.engine.inputs import Dataset
 from workers.engine.measure import run_model
+from workers.engine.methods.quantize.exported_forms import MIN_QUANTIZED_ELEMENTS, canonical_linears, int8_embeddings
 from workers.engine.methods.quantize.static import SYNTHETIC_WARNING
 from workers.engine.torchscript_graph import matching_pattern
-
 
 Progress = Callable[[str, float], None]
 
 
-# Smallest weight worth quantizing: below this the int8 copy plus its scales saves almost nothing.
-MIN_QUANTIZED_ELEMENTS = 1024
 
 
 _LINEAR = torch.ops.aten.linear.default
@@ -43,7 +41,8 @@ CALIBRATION_LIMIT = 256  # rows run through the observers
 
 
 def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: Dataset,
-                     progress: Progress) -> tuple[ExportedProgram, dict[str, Any]]:
+                     progress: Progress, train: Callable[[torch.fx.GraphModule], Any] | None = None,
+                     ) -> tuple[ExportedProgram, dict[str, Any]]:
     """int8 through PT2E (torchao's x86 quantizer): ``dynamic`` quantizes Linear weights and, per
     batch at run time, their inputs; ``static`` quantizes conv and linear weights and activations
     with ranges calibrated on the examples. ``dtype: float16`` stores Linear weights as float16.
@@ -51,36 +50,47 @@ def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: D
     The converted graph holds int8 weights with ``quantized_decomposed`` (de)quantize ops around
     float ``aten`` ops: eagerly it dequantizes on every call; ``torch.compile`` / AOTInductor fuse
     the patterns into int8 kernels.
+
+    ``qat`` (``exported_qat.quantize_program_qat``, which passes ``train``): PT2E's QAT flow, ``prepare_qat_pt2e``
+    (fake quantization of weights and activations, BatchNorm kept and trained), ``train(prepared)``,
+    then ``convert_pt2e`` as for static.
     """
     if options.dtype == "float16":
-        if options.mode == "static":
-            raise UnsupportedModel("static quantization is int8; drop dtype float16 or use mode dynamic")
+        if options.mode != "dynamic":
+            raise UnsupportedModel(f"{options.mode} quantization is int8; drop dtype float16 or use mode dynamic")
         return _float16_weights(program, options, progress)
-    static = options.mode == "static"
+    if options.mode == "qat" and train is None:
+        raise UnsupportedModel("mode qat trains: call exported_qat.quantize_exported, which passes `train`")
+    static = options.mode in ("static", "qat")
     modules = set(options.modules)
-    if not modules & set(_PT2E_TYPES.values()):
-        raise UnsupportedModel(f"on .pt2 programs int8 covers {', '.join(sorted(set(_PT2E_TYPES.values())))} layers; "
+    covered = {*_PT2E_TYPES.values(), "Embedding"}
+    if not modules & covered:
+        raise UnsupportedModel(f"on .pt2 programs int8 covers {', '.join(sorted(covered))} layers; "
                                "add one of them to quantize.modules")
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 
     module = program.module()
+    forms = canonical_linears(module)
+    embeddings, skipped_tables = [], []
+    if not static and "Embedding" in modules:
+        def excluded(owner: str) -> str | None:
+            pattern = matching_pattern(owner, list(options.exclude))
+            return f"excluded by {pattern!r}" if pattern else None
+
+        embeddings, skipped_tables = int8_embeddings(module, excluded)
     # 7-bit activations unless a static spec says otherwise: oneDNN's int8 kernels on CPUs without
     # VNNI (AVX2) sum u8 x s8 pairs in int16 and saturate with full-range activations; the compiled
     # program then drifts from the program (measured: 16% of the largest output on an MLP).
     reduce_range = options.reduce_range is not False  # mode dynamic has no such option: 7 bits
-    quantizer, chosen, skipped = _x86_quantizer(module, modules, list(options.exclude), static, reduce_range)
+    quantizer, chosen, skipped = _x86_quantizer(module, modules, list(options.exclude), static, reduce_range,
+                                                qat=train is not None)
     recurrent = [layer for layer in _recurrent_layers(module) if layer["type"] in modules]
-    skipped += recurrent
-    if not chosen:
+    skipped += recurrent + skipped_tables
+    if not chosen and not embeddings:
         raise UnsupportedModel("no layer of the program can be quantized (" + (", ".join(sorted(
             {s["reason"] for s in skipped})) or f"the program has no {' or '.join(sorted(modules))} op") + ")")
     progress("preparing", 0.1)
     _split_source_partitions(module)
-    try:
-        prepared = prepare_pt2e(module, quantizer)
-    except Exception as error:
-        raise UnsupportedModel(f"the x86 quantizer could not annotate the program: {summarize_torch_error(error)}") \
-            from None
     fixed = fixed_batch(program)
     rows = fixed or CALIBRATION_ROWS  # a program exported with a fixed batch accepts only that many rows
     limit = min(len(data), CALIBRATION_LIMIT)
@@ -88,25 +98,39 @@ def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: D
     if not batches:
         raise InvalidInput(f"the program was exported for batches of exactly {fixed} rows and the data has "
                            f"{len(data)}: upload at least {fixed} rows")
-    for index, batch in enumerate(batches if static else batches[:1]):
-        run_model(prepared, batch)
-        progress("calibrating" if static else "tracing", 0.1 + 0.6 * (index + 1) / len(batches))
-    converted = convert_pt2e(prepared)
+    trained = None
+    if chosen:
+        try:
+            prepared = (prepare_qat_pt2e if train is not None else prepare_pt2e)(module, quantizer)
+        except Exception as error:
+            raise UnsupportedModel(f"the x86 quantizer could not annotate the program: {summarize_torch_error(error)}") \
+                from None
+        if train is not None:  # the fake quantizers observed every training batch: no calibration after
+            trained, batches = train(prepared), []
+        for index, batch in enumerate(batches if static else batches[:1]):
+            run_model(prepared, batch)
+            progress("calibrating" if static else "tracing", 0.1 + 0.6 * (index + 1) / len(batches))
+        converted = convert_pt2e(prepared)
+    else:  # only embedding tables: nothing for PT2E to observe
+        converted = module
     _drop_unused_state(converted)
     exported = reexport(converted, program, data.head(fixed or 2))
     progress("quantizing", 1.0)
     details = {"format": EXPORTED, "mode": "static" if static else "dynamic", "route": "PT2E, torchao X86InductorQuantizer", "reduce_range": reduce_range,
-               "quantized": chosen, "left_float": skipped,
+               "quantized": chosen + embeddings, "left_float": skipped,
+               "linear_forms": forms or None,
                "calibration": {"batches": len(batches), "rows": sum(int(b[0].shape[0]) for b in batches)} if static
                else None,
                "notes": ["int8 weights (per output channel) with quantize/dequantize ops in the graph; run it with "
                          "torch.compile or AOTInductor for int8 kernels (evaluation.runtime), eagerly it dequantizes "
                          "on every call", "loading the program needs `import torchao` first (it registers the "
                          "quantized_decomposed operators)"]}
+    if trained is not None:
+        details["qat_history"] = trained
     if static and data.synthetic:
         details["warnings"] = [SYNTHETIC_WARNING]
     float_weights = sum(layer["weights"] for layer in recurrent)
-    int8_weights = sum(entry["weights"] or 0 for entry in chosen)
+    int8_weights = sum(entry["weights"] or 0 for entry in chosen + embeddings)
     if float_weights > int8_weights:
         details.setdefault("warnings", []).append(
             f"most weights stay float: the recurrent layers ({', '.join(layer['module'] or layer['op'] for layer in recurrent)}; "
@@ -206,11 +230,13 @@ def _quantize_skip_reason(weight: torch.Tensor, owner: str, exclude: list[str]) 
     return None
 
 
-def _x86_quantizer(module: torch.nn.Module, modules: set[str], exclude: list[str], static: bool, reduce_range: bool):
+def _x86_quantizer(module: torch.nn.Module, modules: set[str], exclude: list[str], static: bool, reduce_range: bool,
+                   qat: bool = False):
     """The x86 quantizer set for ``modules`` (by op) minus ``exclude`` (by module path); what it covers."""
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
 
-    config = x86.get_default_x86_inductor_quantization_config(is_dynamic=not static, reduce_range=reduce_range)
+    config = x86.get_default_x86_inductor_quantization_config(is_qat=qat, is_dynamic=not static,
+                                                               reduce_range=reduce_range)
     quantizer = x86.X86InductorQuantizer()
     chosen, skipped, excluded = [], [], set()
     for node in module.graph.nodes:
@@ -225,10 +251,13 @@ def _x86_quantizer(module: torch.nn.Module, modules: set[str], exclude: list[str
         elif pattern:
             skipped.append({"op": node.name, "module": owner, "reason": f"excluded by {pattern!r}"})
             excluded.add(owner)
+        elif not is_attribute(node.args[1]):
+            skipped.append({"op": node.name, "module": owner, "reason": "its weight is computed in the graph (a "
+                            "table tied to an int8 embedding is dequantized where it is read)"})
+            excluded.add(owner)
         else:
-            weight = node.args[1].target if is_attribute(node.args[1]) else None
             chosen.append({"op": node.name, "module": owner, "type": kind,
-                           "weights": attribute(module, weight).numel() if weight else None})
+                           "weights": attribute(module, node.args[1].target).numel()})
     if static and modules >= {"Conv2d", "Linear"}:
         quantizer.set_global(config)
     else:

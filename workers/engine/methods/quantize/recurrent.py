@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-
 _RNN_KERNELS = {"aten::lstm": "aten::quantized_lstm", "aten::gru": "aten::quantized_gru"}
 
 

@@ -3,14 +3,13 @@ in any spelling (``linear_forms``), int8 embedding tables (``embedding``), weigh
 or float16) and dequantized where they are read, and recurrent layers onto int8 kernels (``recurrent``)."""
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
-from workers.engine.methods.quantize.embedding import EmbeddingRewrites
 from workers.engine.linear_forms import LinearRead, split_uses
+from workers.engine.methods.quantize.embedding import EmbeddingRewrites
 from workers.engine.methods.quantize.recurrent import RecurrentRewrites
-
 
 _FLOAT32 = 6  # TorchScript's integer code for torch.float32
 

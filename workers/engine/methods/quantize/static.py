@@ -18,13 +18,13 @@ Two preparations make models people bring go through:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from modelpress.options import QuantizeOptions
-
 from workers.engine.errors import UnsupportedModel, summarize_torch_error
 from workers.engine.inputs import Dataset
 from workers.engine.torchscript_graph import matching_pattern, module_types, quiet_torchscript_warnings
@@ -93,7 +93,7 @@ def quantize_static(
     ranking_qconfig = _qconfig("minmax", reduce_range, per_channel)  # ranking needs speed, not the best ranges
 
     def attempt(float_layers: tuple[str, ...], batches_: list[Any], only: str | None = None) -> _Try:
-        names = {name: None for name in (*kept, *float_layers)}
+        names = dict.fromkeys((*kept, *float_layers))
         config: dict[str, Any] = {"": None, only: ranking_qconfig} if only else {"": qconfig, **names}
         quantized = _quantize(model, config, batches_)
         with torch.no_grad(), quiet_torchscript_warnings():
@@ -168,7 +168,9 @@ def _select_engine() -> str:
 def _qconfig(observer: str, reduce_range: bool, per_channel: bool) -> Any:
     from torch.ao.quantization import QConfig
     from torch.ao.quantization.observer import (
-        HistogramObserver, MinMaxObserver, PerChannelMinMaxObserver,
+        HistogramObserver,
+        MinMaxObserver,
+        PerChannelMinMaxObserver,
     )
 
     activation = {"minmax": MinMaxObserver, "histogram": HistogramObserver}[observer]

@@ -18,17 +18,17 @@ constant is rewritten in one of two ways:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from modelpress.options import QuantizeOptions
-
 from workers.engine.errors import UnsupportedModel
+from workers.engine.linear_forms import is_matmul_weight
 from workers.engine.methods.quantize.attention import expand_fused_attention
 from workers.engine.methods.quantize.embedding import has_lookup
-from workers.engine.linear_forms import is_matmul_weight
 from workers.engine.methods.quantize.rewriter import GraphRewriter, constant_source, leaf_uses
 from workers.engine.methods.quantize.static import quantize_static
 from workers.engine.torchscript_graph import (
@@ -68,9 +68,13 @@ def quantize(
     channel (or per tensor), int8; float16 casts the weights instead.
     """
     progress = progress or (lambda stage, fraction: None)
-    if options.mode == "static":
+    if options.mode in ("static", "qat"):
         if data is None:
-            raise UnsupportedModel("static quantization needs example inputs to calibrate on")
+            raise UnsupportedModel(f"{options.mode} quantization needs example inputs to calibrate on")
+        if options.mode == "qat":
+            from workers.engine.methods.quantize.qat import quantize_qat
+
+            return quantize_qat(model, options, data, progress)
         return quantize_static(model, options, data, progress)
     if options.mode != "dynamic":
         raise UnsupportedModel(f"quantization mode {options.mode!r} is not available")
