@@ -29,7 +29,9 @@ taken before tracing) at the same amount: ``MetaPruner`` with ``num_heads`` for 
 does, the layers that write the residual stream (attention output and MLP output projections)
 and the classifier / LM head are ignored; afterwards the attention modules' head counts are
 updated as those examples do. Torch-Pruning has no pruner for ``transformers``' ``Conv1D``, so
-GPT-2 has no peer row.
+GPT-2 has no peer; a peer that has not finished after --peer-limit seconds is given up (SIGALRM)
+and its cell says where it was (on the Llama-style model Torch-Pruning's group search ran for over
+16 minutes on this 2-core machine without finishing).
 
 Measures: bytes ratio and cosine are the job report's (file bytes; cosine over the job's check
 batches), with our own cosine on a batch of another seed next to it. Parameter ratios count
@@ -52,8 +54,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,12 +65,12 @@ ROOT = Path(__file__).resolve().parent.parent
 # This file's own folder comes off sys.path first: there, `import transformers` would find this file.
 sys.path[:] = [str(ROOT)] + [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT / "bench"]
 
+import transformers  # noqa: E402
+
 from bench.common import arguments, interleaved_medians, machine, prepare, write_results  # noqa: E402
 from modelpress.spec import parse_spec  # noqa: E402
 from workers.engine.formats.exported import load_program  # noqa: E402
 from workers.engine.run.pipeline import compress  # noqa: E402
-
-import transformers  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 
@@ -343,7 +346,8 @@ def torch_pruning(name: str, model: nn.Module, limit_s: int) -> dict[str, Any]:
     except PeerTimeout as error:
         where = traceback.extract_tb(error.__traceback__)[-2]
         return {**row, "succeeded": False, "error": f"gave up after {limit_s} s: Torch-Pruning was still in "
-                f"{Path(where.filename).parent.name}/{Path(where.filename).name}:{where.lineno} ({where.name})"}
+                f"{Path(where.filename).parent.name}/{Path(where.filename).name} ({where.name}), "
+                "building its pruning groups"}
     except Exception as error:
         traceback.print_exc(limit=2)
         return {**row, "succeeded": False, "error": f"{type(error).__name__}: {_first_line(error)}"}
@@ -450,13 +454,14 @@ def table(rows: list[dict[str, Any]], peers: dict[str, dict[str, Any]], exports:
                                for item, passed, timing in row["verdicts"])
         if not row.get("succeeded"):
             lines.append(f"| {row['model']} | {row['format']} | {row['job']} | failed: "
-                         f"{row['error'][:200].replace('|', '/')} | - | - | - | - | - | - | - | {acceptance} |")
+                         f"{row['error'][:200].replace('|', '/')} | - | - | - | - | - | - | - | "
+                         f"job failed: {len(row['verdicts'])} item(s) MISS |")
             continue
         cosine = f"{cell(row['report_cosine'], 5)} / {cell(row.get('held_out_cosine'), 5)}"
         if row["job"] == "int8":
             result, ratio, heads, latency = "ok", f"{cell(row['bytes_ratio'])}x bytes", "-", "-"
         elif row["job"] == "structured":
-            mlp = sorted(set(w.split(" ", 1)[1] for w in row["widths"]))
+            mlp = sorted({w.split(" ", 1)[1] for w in row["widths"]})
             result = ("proof passed" if row["proof_passed"] else f"{len(row['put_back'])} group(s) put back") + \
                 (f"; widths {', '.join(mlp)}" if mlp else "")
             ratio = f"{cell(row['parameter_ratio'])}x params"
@@ -516,6 +521,8 @@ def main() -> None:
             facts[name] = {"model": MODELS[name][1], "parameters": _parameters(original),
                            "output_shape": list(output.shape), "output_abs_mean": float(output.abs().mean()),
                            "output_all_zero": bool((output == 0).all())}
+            print(f"{name}: {facts[name]['parameters']:,} parameters, output {list(output.shape)}, mean |output| "
+                  f"{facts[name]['output_abs_mean']:.4f}, all zero: {facts[name]['output_all_zero']}", flush=True)
             exports[name] = {form: upload(name, original, form, folder) for form in args.formats.split(",")}
             model_rows = []
             for form, made in exports[name].items():
@@ -548,8 +555,9 @@ def main() -> None:
     misses = [(r["model"], r["format"], r["job"], item) for r in rows for item, passed, timing in r["verdicts"]
               if not passed and not timing]
     print(f"\nnon-timing MISS: {len(misses)}" + "".join(f"\n  {m}" for m in misses))
-    import torch_pruning as tp
     from importlib.metadata import version
+
+    import torch_pruning as tp
 
     for exported in exports.values():
         for made in exported.values():
