@@ -78,6 +78,7 @@ bench: $(STAMP)
 	$(VPY) bench/distill.py
 	$(VPY) bench/auto.py
 	$(VPY) bench/targets.py
+	$(VPY) bench/transformers.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache site

@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -15,6 +16,11 @@ from typing import Any
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+# A script run as `python bench/<name>.py` has bench/ first on sys.path, where bench/transformers.py
+# would shadow the `transformers` package (bench/targets.py imports it): the scripts import the
+# repository's modules from its root (each puts it on sys.path), so bench/ itself comes off.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != RESULTS.parent]
 
 
 def arguments(description: str, name: str) -> argparse.ArgumentParser:
