@@ -92,7 +92,7 @@ def test_gpt2_program_conv1d_and_embeddings_are_int8_with_one_tied_table(gpt2, t
 
 def test_gpt2_program_unstructured_prune_reaches_its_conv1d_layers(gpt2, tmp_path: Path) -> None:
     path, _ = gpt2
-    report = compress(path, _spec("prune", amount=0.5, scope="per_layer", exclude=["m.lm_head"]), tmp_path / "out.pt2")
+    report = compress(path, _spec("prune", amount=0.5, scope="per_layer"), tmp_path / "out.pt2")
 
     layers = {layer["weight"].removesuffix(".weight"): layer["sparsity"] for layer in report["details"]["layers"]}
     assert set(layers) == set(CONV1D)
@@ -100,7 +100,9 @@ def test_gpt2_program_unstructured_prune_reaches_its_conv1d_layers(gpt2, tmp_pat
     pruned = torch.export.load(tmp_path / "out.pt2").state_dict
     for name in CONV1D:
         assert float((pruned[f"{name}.weight"] == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
-    assert not bool((pruned["m.lm_head.weight"] == 0).any())  # excluded: the tied embedding is untouched
+    # The output layer is the final classifier, left whole by default: its weight is the input embedding's too.
+    assert not bool((pruned["m.lm_head.weight"] == 0).any())
+    assert "the final layer 'm.lm_head' is excluded by default" in " ".join(report["details"]["notes"])
 
 
 def test_every_spelling_of_a_linear_layer_in_a_program_runs_int8(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ def prune_program(program: ExportedProgram, options: PruneOptions, data: Dataset
         raise UnsupportedModel("fine-tuning after pruning is not available for .pt2 programs yet; drop 'finetune'")
     amount = options.amount
     modules, exclude = set(options.modules), list(options.exclude or [])
-    weights: dict[str, torch.Tensor] = {}
+    layer_weights: list[str] = []  # in graph order
     for node in program.graph.nodes:
         kind = LAYER_OPS.get(node.target) if node.op == "call_function" else None
         weight = node.args[1] if kind is not None else product_weight(node)  # GPT-2's Conv1D: addmm(b, x, W)
@@ -46,9 +46,16 @@ def prune_program(program: ExportedProgram, options: PruneOptions, data: Dataset
         if kind is None or kind not in modules or not isinstance(weight, torch.fx.Node):
             continue
         name = program.graph_signature.inputs_to_parameters.get(weight.name)
-        if name is not None and program.state_dict[name].dim() >= 2 \
-                and not matching_pattern(name.rpartition(".")[0], exclude):
-            weights[name] = program.state_dict[name]
+        if name is not None and program.state_dict[name].dim() >= 2 and name not in layer_weights:
+            layer_weights.append(name)
+    notes = ["zeros are stored as such: the file shrinks once compressed (see deflate_bytes)"]
+    if options.exclude is None and layer_weights:
+        # As for TorchScript: the final classifier stays whole by default. A language model's output layer
+        # often shares its weight with the input embedding, which pruning it would zero as well.
+        final = layer_weights.pop()
+        notes.append(f"the final layer {final.rpartition('.')[0]!r} is excluded by default (set 'exclude' to change)")
+    weights = {name: program.state_dict[name] for name in layer_weights
+               if not matching_pattern(name.rpartition(".")[0], exclude)}
     if not weights:
         raise UnsupportedModel(f"the program has no {' or '.join(sorted(modules))} weight to prune")
     if options.scope == "global":
@@ -65,7 +72,7 @@ def prune_program(program: ExportedProgram, options: PruneOptions, data: Dataset
     total = sum(w.numel() for w in weights.values())
     zeros = sum(int((w == 0).sum()) for w in weights.values())
     return program, {"format": EXPORTED, "structured": False, "sparsity": round(zeros / total, 5), "layers": layers,
-                     "notes": ["zeros are stored as such: the file shrinks once compressed (see deflate_bytes)"]}
+                     "notes": notes}
 
 
 def prune_channels(program: ExportedProgram, options: PruneOptions, data: Dataset,
