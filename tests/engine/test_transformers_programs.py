@@ -124,3 +124,23 @@ def test_every_spelling_of_a_linear_layer_in_a_program_runs_int8(tmp_path: Path)
     with torch.no_grad():
         cosine = torch.nn.functional.cosine_similarity(result.module()(x).flatten(), model(x).flatten(), dim=0)
     assert cosine >= 0.995
+
+
+def test_bert_program_structured_prune_removes_heads_through_its_position_ids(tmp_path: Path) -> None:
+    """BERT's export computes position ids with ``arange(seq_len)``; the channel analysis traces it all the same."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                                     vocab_size=VOCAB, max_position_embeddings=64)
+    model = _Logits(transformers.BertForSequenceClassification(config).eval()).eval()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    batch = torch.export.Dim("batch", max=64)
+    program = torch.export.export(model, (ids, torch.ones_like(ids)), dynamic_shapes=({0: batch}, {0: batch}))
+    torch.export.save(program, tmp_path / "bert.pt2")
+    report = compress(tmp_path / "bert.pt2", _spec("prune", amount=0.3, structured=True), tmp_path / "out.pt2")
+
+    heads = [group["heads"] for group in report["details"]["groups"] if "heads" in group]
+    assert len(heads) == 2 and all(h["before"] == 4 and len(h["kept"]) == 3 for h in heads)
+    assert report["parameters"]["after"] < report["parameters"]["before"]
+    result = torch.export.load(tmp_path / "out.pt2").module()
+    ids = torch.randint(0, VOCAB, (3, 16))
+    assert result(ids, torch.ones_like(ids)).shape == (3, 2)

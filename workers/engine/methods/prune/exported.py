@@ -144,12 +144,18 @@ def _sizes_as_methods(module: torch.fx.GraphModule) -> None:
         if method is not None and not node.kwargs:
             node.op, node.target = "call_method", method
             changed = True
+        elif node.op == "call_function" and node.target in _ARANGE:
+            # The op overload wants numbers where the tracer holds sizes as tensors (transformers' position
+            # ids: arange(seq_len)); torch.arange takes either and is recorded with the size it read.
+            node.target = torch.arange
+            changed = True
     if changed:
         module.recompile()
 
 
 # Ops that take or give sizes, called as the tensor methods the tracer follows (an op overload
 # called from Python gets the traced size as a plain number).
+_ARANGE = {torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step}
 _AS_METHOD = {torch.ops.aten.sym_size.int: "size", torch.ops.aten.view.default: "view",
               torch.ops.aten.reshape.default: "reshape", torch.ops.aten.expand.default: "expand"}
 
