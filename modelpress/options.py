@@ -16,7 +16,15 @@ from typing import Any
 
 from marshmallow import Schema, fields
 
-from modelpress.method_specs import DistillSpec, FinetuneSpec, PruneSpec, QuantizeSpec, StudentSpec
+from modelpress.method_specs import (
+    DistillSpec,
+    FinetuneSpec,
+    PruneSpec,
+    QuantizeSpec,
+    RegularizeSpec,
+    ScheduleSpec,
+    StudentSpec,
+)
 from modelpress.spec import (
     AUTO,
     PIPELINE,
@@ -55,14 +63,30 @@ class FinetuneOptions:
 
 
 @dataclass(frozen=True)
+class RegularizeOptions:
+    strength: float
+    epochs: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class ScheduleOptions:
+    steps: int
+    curve: str
+
+
+@dataclass(frozen=True)
 class PruneOptions:
     amount: float
     structured: bool
-    criterion: str
+    criterion: str  # the older name of importance l1 / l2: equal to it then
+    importance: str
     scope: str
     modules: tuple[str, ...]
     exclude: tuple[str, ...] | None  # None: the final classifier
     finetune: FinetuneOptions | None
+    regularize: RegularizeOptions | None  # set exactly when importance is bn_scale or group_lasso
+    schedule: ScheduleOptions | None
 
 
 @dataclass(frozen=True)
@@ -157,7 +181,8 @@ class JobOptions:
 
 
 TYPED: dict[type[Schema], type] = {
-    QuantizeSpec: QuantizeOptions, FinetuneSpec: FinetuneOptions, PruneSpec: PruneOptions,
+    QuantizeSpec: QuantizeOptions, FinetuneSpec: FinetuneOptions, RegularizeSpec: RegularizeOptions,
+    ScheduleSpec: ScheduleOptions, PruneSpec: PruneOptions,
     StudentSpec: StudentOptions, DistillSpec: DistillOptions, InputSpec: InputOptions,
     EvaluationSpec: EvaluationOptions, TargetSpec: TargetOptions, SearchSpec: SearchOptions,
 }
