@@ -24,12 +24,17 @@ def finetune(
     seed: int = 0,
     after_step: Callable[[], None] | None = None,
     progress: Progress | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    after_epoch: Callable[[], dict[str, float]] | None = None,
 ) -> list[dict[str, float]]:
     """Adam on cross-entropy when ``data`` has labels, else on agreement with ``teacher`` (self-distillation).
 
     Self-distillation loss: ``KL(softmax(teacher) || softmax(student))`` for 2-D scores, mean squared error
     otherwise. Both apply to the output ``data.target_output`` selects (spec ``output``). ``after_step``
-    runs after each optimiser step (it re-applies pruning masks). Returns the mean training loss of each epoch.
+    runs after each optimiser step (it re-applies pruning masks). ``penalty`` (a regularizer of the weights) is
+    added to every step's loss, and its mean per epoch reported as ``penalty`` beside the data loss
+    ``train_loss``; ``after_epoch`` returns figures added to each epoch's entry. Returns the mean training loss
+    of each epoch.
     """
     progress = progress or (lambda stage, fraction: None)
     generator = torch.Generator().manual_seed(seed)
@@ -44,7 +49,7 @@ def finetune(
     with quiet_torchscript_warnings():
         for epoch in range(epochs):
             order = torch.randperm(len(data), generator=generator)
-            total, count = 0.0, 0
+            total, count, penalised = 0.0, 0, 0.0
             for step, start in enumerate(range(0, len(data), batch_size)):
                 index = order[start:start + batch_size]
                 if index.numel() < 2 and len(data) >= 2:
@@ -57,15 +62,21 @@ def finetune(
                     with torch.no_grad():
                         targets = select_output(teacher(*inputs), data.target_output)
                     loss = _agreement_loss(outputs, targets)
+                extra = penalty() if penalty is not None else None
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if extra is None else loss + extra).backward()
                 optimizer.step()
                 if after_step is not None:
                     after_step()
                 total += float(loss.detach()) * index.numel()
+                penalised += 0.0 if extra is None else float(extra.detach()) * index.numel()
                 count += index.numel()
                 progress(f"fine-tuning epoch {epoch + 1}/{epochs}", (epoch + (step + 1) / batches_per_epoch) / epochs)
             history.append({"epoch": epoch + 1, "train_loss": round(total / max(count, 1), 6)})
+            if penalty is not None:
+                history[-1]["penalty"] = round(penalised / max(count, 1), 6)
+            if after_epoch is not None:
+                history[-1].update(after_epoch())
     model.eval()
     for parameter in parameters:
         parameter.requires_grad_(False)
