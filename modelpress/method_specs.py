@@ -129,6 +129,36 @@ class QuantizeSpec(Strict):
         return data
 
 
+NORMS = ("l1", "l2")
+TRAINED_IMPORTANCES = ("bn_scale", "group_lasso")  # importances learnt in a sparsity-training phase
+IMPORTANCES = NORMS + TRAINED_IMPORTANCES
+SCHEDULE_CURVES = ("cubic", "linear")
+
+
+class RegularizeSpec(Strict):
+    strength = fields.Float(
+        load_default=1e-2, validate=validate.Range(0, 10, min_inclusive=False),
+        metadata={"description": "Weight of the penalty added to the training loss: strength x the sum of |BatchNorm "
+                                 "scale| (bn_scale) or of each channel's L2 norm over its group's slices "
+                                 "(group_lasso)."})
+    epochs = fields.Integer(load_default=3, strict=True, validate=validate.Range(1, 200),
+                            metadata={"description": "Passes over the data file with the penalty (count)."})
+    lr = fields.Float(
+        load_default=1e-2, validate=validate.Range(0, 1, min_inclusive=False),
+        metadata={"description": "Adam learning rate of the sparsity phase (higher than fine-tuning's: Adam moves a "
+                                 "weight by at most about lr a step, and a scale near 1 must travel to near 0 in a few "
+                                 "epochs); batch size and seed are finetune's (or its defaults)."})
+
+
+class PruneScheduleSpec(Strict):
+    steps = fields.Integer(load_default=3, strict=True, validate=validate.Range(2, 20),
+                           metadata={"description": "Pruning steps to reach amount (count)."})
+    curve = fields.String(
+        load_default="cubic", validate=validate.OneOf(SCHEDULE_CURVES),
+        metadata={"description": "The amount after step t of k: cubic, amount x (1 - (1 - t/k)^3) (Zhu & Gupta: "
+                                 "big steps first, small ones near the end), or linear, amount x t/k."})
+
+
 class PruneSpec(Strict):
     amount = fields.Float(
         load_default=0.5, validate=validate.Range(0, 1, min_inclusive=False, max_inclusive=False),
@@ -137,8 +167,18 @@ class PruneSpec(Strict):
     structured = fields.Boolean(
         load_default=False, metadata={"description": "false: zero single weights; true: remove whole output channels."}
     )
-    criterion = fields.String(load_default="l1", validate=validate.OneOf(["l1", "l2"]),
-                              metadata={"description": "Norm that ranks channels (single weights rank by |w| either way)."})
+    criterion = fields.String(load_default=None, validate=validate.OneOf(NORMS),
+                              metadata={"description": "Norm that ranks channels (single weights rank by |w| either way): "
+                                                       "the older spelling of importance l1 / l2, filled in equal to it "
+                                                       "(null: l1, or importance's norm)."})
+    importance = fields.String(
+        load_default=None, validate=validate.OneOf(IMPORTANCES),
+        metadata={"description": "What ranks channels (null: criterion's norm, l1 by default): l1 / l2 (the norm of "
+                                 "their weights), bn_scale (|scale| of the BatchNorm after the conv making them, after "
+                                 "a sparsity-training phase with an L1 penalty on those scales) or group_lasso (each "
+                                 "channel's L2 norm over every tensor slice of its group, after a phase penalising "
+                                 "that norm); the last two are structured only and need a data file."},
+    )
     scope = fields.String(load_default="global", validate=validate.OneOf(["global", "per_layer"]),
                           metadata={"description": "Unstructured: one threshold for all layers, or amount per layer."})
     modules = fields.List(
@@ -153,6 +193,53 @@ class PruneSpec(Strict):
     )
     finetune = fields.Nested(FinetuneSpec, allow_none=True, load_default=None,
                              metadata={"description": "Train after pruning; needs a data file."})
+    regularize = fields.Nested(
+        RegularizeSpec, allow_none=True, load_default=None,
+        metadata={"description": "The sparsity-training phase of importance bn_scale / group_lasso, before ranking "
+                                 "(filled with its defaults for them; refused for l1 / l2)."})
+    schedule = fields.Nested(
+        PruneScheduleSpec, allow_none=True, load_default=None,
+        metadata={"description": "Reach amount in steps, fine-tuning between them; finetune.epochs is split across "
+                                 "the steps (needs finetune)."})
+
+    @validates_schema
+    def _options_fit(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        importance, criterion = data.get("importance"), data.get("criterion")
+        trained = importance in TRAINED_IMPORTANCES
+        if importance in NORMS and criterion is not None and criterion != importance:
+            raise ValidationError(f"contradicts criterion {criterion!r} (criterion is the older name of the "
+                                  "l1 / l2 importance): give one of them", "importance")
+        if trained and not data.get("structured"):
+            raise ValidationError(f"{importance} ranks channels: only with structured: true "
+                                  "(single weights rank by |w|)", "importance")
+        if data.get("regularize") is not None:
+            if not data.get("structured"):
+                raise ValidationError("only with structured: true (it trains the channel importance "
+                                      "bn_scale / group_lasso rank by)", "regularize")
+            if not trained:
+                raise ValidationError("only with importance bn_scale or group_lasso (l1 / l2 rank the weights as "
+                                      "they are)", "regularize")
+        schedule, finetune = data.get("schedule"), data.get("finetune")
+        if schedule is not None:
+            if finetune is None:
+                raise ValidationError("needs finetune: the model is fine-tuned between the steps, "
+                                      "finetune.epochs split across them", "schedule")
+            if schedule.get("steps", 0) > finetune.get("epochs", 0):
+                raise ValidationError({"schedule": {"steps": [
+                    f"at most finetune.epochs ({finetune.get('epochs')}): each step fine-tunes at least one epoch"]}})
+
+    @post_load
+    def _importance_defaults(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        """importance and criterion agree (either may be given); a trained importance gets its phase (defaults)."""
+        importance = data.get("importance") or data.get("criterion") or "l1"
+        data["importance"] = importance
+        if importance in NORMS:
+            data["criterion"] = importance
+        else:
+            data["criterion"] = data.get("criterion") or "l1"
+        if importance in TRAINED_IMPORTANCES and data.get("regularize") is None:
+            data["regularize"] = RegularizeSpec().load({})
+        return data
 
 
 class StudentSpec(Strict):
@@ -201,7 +288,7 @@ class FeaturesSpec(Strict):
     )
 
 
-class ScheduleSpec(Strict):
+class DistillScheduleSpec(Strict):
     steps = fields.Integer(
         load_default=2, strict=True, validate=validate.Range(2, 8),
         metadata={"description": "Students trained in turn, each narrower and distilled from the one before; "
@@ -238,7 +325,7 @@ class DistillSpec(Strict):
                                  "learned 1x1 projection maps each student feature to the teacher's width during "
                                  "training and is dropped after. TorchScript models only."})
     schedule = fields.Nested(
-        ScheduleSpec, load_default=None,
+        DistillScheduleSpec, load_default=None,
         metadata={"description": "Narrow a width student step by step (teacher -> assistant -> student), within "
                                  "the same epochs. TorchScript models only; student.from 'width' only."})
 

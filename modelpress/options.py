@@ -17,13 +17,15 @@ from typing import Any
 from marshmallow import Schema, fields
 
 from modelpress.method_specs import (
+    DistillScheduleSpec,
     DistillSpec,
     FeaturesSpec,
     FinetuneSpec,
+    PruneScheduleSpec,
     PruneSpec,
     QatSpec,
     QuantizeSpec,
-    ScheduleSpec,
+    RegularizeSpec,
     StudentSpec,
 )
 from modelpress.spec import (
@@ -65,14 +67,30 @@ class FinetuneOptions:
 
 
 @dataclass(frozen=True)
+class RegularizeOptions:
+    strength: float
+    epochs: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class PruneScheduleOptions:
+    steps: int
+    curve: str
+
+
+@dataclass(frozen=True)
 class PruneOptions:
     amount: float
     structured: bool
-    criterion: str
+    criterion: str  # the older name of importance l1 / l2: equal to it then
+    importance: str
     scope: str
     modules: tuple[str, ...]
     exclude: tuple[str, ...] | None  # None: the final classifier
     finetune: FinetuneOptions | None
+    regularize: RegularizeOptions | None  # set exactly when importance is bn_scale or group_lasso
+    schedule: PruneScheduleOptions | None
 
 
 @dataclass(frozen=True)
@@ -89,7 +107,7 @@ class FeaturesOptions:
 
 
 @dataclass(frozen=True)
-class ScheduleOptions:
+class DistillScheduleOptions:
     steps: int
 
 
@@ -106,7 +124,7 @@ class DistillOptions:
     early_stopping_patience: int | None
     seed: int
     features: FeaturesOptions | None
-    schedule: ScheduleOptions | None
+    schedule: DistillScheduleOptions | None
 
 
 # ---------------------------------------------------------------------------- the job's other sections
@@ -180,8 +198,9 @@ class JobOptions:
 
 
 TYPED: dict[type[Schema], type] = {
-    QuantizeSpec: QuantizeOptions, FinetuneSpec: FinetuneOptions, QatSpec: FinetuneOptions, PruneSpec: PruneOptions,
-    StudentSpec: StudentOptions, FeaturesSpec: FeaturesOptions, ScheduleSpec: ScheduleOptions,
+    QuantizeSpec: QuantizeOptions, FinetuneSpec: FinetuneOptions, QatSpec: FinetuneOptions,
+    RegularizeSpec: RegularizeOptions, PruneScheduleSpec: PruneScheduleOptions, PruneSpec: PruneOptions,
+    StudentSpec: StudentOptions, FeaturesSpec: FeaturesOptions, DistillScheduleSpec: DistillScheduleOptions,
     DistillSpec: DistillOptions, InputSpec: InputOptions,
     EvaluationSpec: EvaluationOptions, TargetSpec: TargetOptions, SearchSpec: SearchOptions,
 }

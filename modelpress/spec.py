@@ -316,6 +316,10 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has
                                                        "'data') with 'inputs' (and 'labels' if you have them)"]})
         if step["method"] == "prune" and step["prune"].get("finetune") and not has_data:
             raise SpecError({f"{path}.prune.finetune": ["needs a data file (multipart part 'data') to train on"]})
+        if step["method"] == "prune" and step["prune"].get("regularize") and not has_data:
+            raise SpecError({f"{path}.prune.importance": [
+                f"{step['prune']['importance']} trains with a penalty first (prune.regularize): needs a data file "
+                "(multipart part 'data') to train on"]})
         if step["method"] == "distill" and step["distill"]["student"]["source"] == "upload":
             uploads.append(f"{path}.distill.student.from")
     if not spec.get("input_shape") and not spec.get("inputs") and not has_data:

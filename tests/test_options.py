@@ -74,3 +74,15 @@ def test_typed_turns_lists_into_tuples_and_nested_sections_into_objects() -> Non
     loaded = REGISTRY["prune"].options().load({"finetune": {"epochs": 2}, "exclude": ["head"]})
     options = typed(REGISTRY["prune"].options, loaded)
     assert options.exclude == ("head",) and options.finetune.epochs == 2 and options.finetune.seed == 0
+
+
+def test_prune_training_sections_are_typed() -> None:
+    spec = parse_spec({"method": "prune", "input_shape": [1, 3, 8, 8], "prune": {
+        "structured": True, "importance": "group_lasso", "regularize": {"epochs": 2},
+        "finetune": {"epochs": 4}, "schedule": {"steps": 2, "curve": "linear"}}}, has_data=True)
+    options = job_options(spec).steps[0].options
+    assert (options.importance, options.criterion) == ("group_lasso", "l1")
+    assert (options.regularize.strength, options.regularize.epochs, options.regularize.lr) == (0.01, 2, 0.01)
+    assert (options.schedule.steps, options.schedule.curve) == (2, "linear")
+    assert type(options.regularize).__name__ == "RegularizeOptions" and type(options.schedule).__name__ == "PruneScheduleOptions"
+    assert method_options("prune", {"criterion": "l2"}).importance == "l2"

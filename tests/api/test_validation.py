@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from modelpress.spec import dump_spec, parse_spec
 from tests.conftest import ApiClient
 from tests.models import SmallConvNet, scripted_bytes
 
@@ -158,6 +159,55 @@ def test_qat_without_data_and_qat_options_in_another_mode(api: ApiClient, model_
     assert _problem(api.submit(model_bytes, spec), 422)["errors"] == {"spec.quantize.qat": ["only used when mode is 'qat'"]}
     spec = {"method": "quantize", "input_shape": [1, 3, 8, 8], "quantize": {"mode": "qat", "qat": {"epochs": 0}}}
     assert list(_problem(api.submit(model_bytes, spec), 422)["errors"]) == ["spec.quantize.qat.epochs"]
+
+
+PRUNE_SHAPE = {"method": "prune", "input_shape": [1, 3, 8, 8]}
+
+
+@pytest.mark.parametrize(("prune", "field"), [
+    ({"importance": "bn_scale"}, "spec.prune.importance"),  # structured: false
+    ({"importance": "group_lasso", "structured": False}, "spec.prune.importance"),
+    ({"regularize": {"epochs": 1}}, "spec.prune.regularize"),  # unstructured
+    ({"structured": True, "regularize": {"epochs": 1}}, "spec.prune.regularize"),  # importance l1
+    ({"importance": "l1", "criterion": "l2"}, "spec.prune.importance"),
+    ({"importance": "bn_scale", "structured": True, "regularize": {"strength": 0}}, "spec.prune.regularize.strength"),
+    ({"importance": "entropy"}, "spec.prune.importance"),
+    ({"schedule": {"steps": 3}}, "spec.prune.schedule"),  # without finetune
+    ({"schedule": {"steps": 4}, "finetune": {"epochs": 3}}, "spec.prune.schedule.steps"),
+    ({"schedule": {"steps": 1}, "finetune": {}}, "spec.prune.schedule.steps"),
+    ({"schedule": {"curve": "exponential"}, "finetune": {}}, "spec.prune.schedule.curve"),
+])
+def test_prune_training_options_that_do_not_fit_are_named(api: ApiClient, model_bytes: bytes, prune: dict,
+                                                          field: str) -> None:
+    body = _problem(api.submit(model_bytes, {**PRUNE_SHAPE, "prune": prune}), 422)
+    assert list(body["errors"]) == [field]
+
+
+@pytest.mark.parametrize(("spec", "field"), [
+    ({**PRUNE_SHAPE, "prune": {"importance": "bn_scale", "structured": True}}, "spec.prune.importance"),
+    ({**PRUNE_SHAPE, "prune": {"importance": "group_lasso", "structured": True, "regularize": {"epochs": 1}}},
+     "spec.prune.importance"),
+    ({"method": "pipeline", "input_shape": [1, 3, 8, 8],
+      "steps": [{"method": "prune", "prune": {"importance": "group_lasso", "structured": True}}]},
+     "spec.steps.0.prune.importance"),
+])
+def test_sparsity_training_without_data(api: ApiClient, model_bytes: bytes, spec: dict, field: str) -> None:
+    body = _problem(api.submit(model_bytes, spec), 422)
+    assert list(body["errors"]) == [field] and "needs a data file" in body["errors"][field][0]
+
+
+def test_prune_training_options_get_their_defaults_and_old_specs_keep_working() -> None:
+    parsed = parse_spec({**PRUNE_SHAPE, "prune": {"importance": "bn_scale", "structured": True}}, has_data=True)
+    assert parsed["prune"]["regularize"] == {"strength": 0.01, "epochs": 3, "lr": 0.01}
+    assert parsed["prune"]["schedule"] is None and parsed["prune"]["criterion"] == "l1"
+    old = parse_spec({**PRUNE_SHAPE, "prune": {"criterion": "l2", "structured": True}})
+    assert (old["prune"]["importance"], old["prune"]["criterion"], old["prune"]["regularize"]) == ("l2", "l2", None)
+    new = parse_spec({**PRUNE_SHAPE, "prune": {"importance": "l2"}})
+    assert new["prune"]["criterion"] == "l2"
+    scheduled = parse_spec({**PRUNE_SHAPE, "prune": {"schedule": {}, "finetune": {}}}, has_data=True)
+    assert scheduled["prune"]["schedule"] == {"steps": 3, "curve": "cubic"}
+    for spec in (parsed, old, new, scheduled):  # what the job resource shows is accepted again as it is
+        assert parse_spec(dump_spec(spec), has_data=True) == spec
 
 
 def test_section_for_another_method(api: ApiClient, model_bytes: bytes) -> None:

@@ -27,6 +27,8 @@ def finetune(
     progress: Progress | None = None,
     before_forward: Callable[[], None] | None = None,
     before_step: Callable[[], None] | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
+    after_epoch: Callable[[], dict[str, float]] | None = None,
 ) -> list[dict[str, float]]:
     """Adam on cross-entropy when ``data`` has labels, else on agreement with ``teacher`` (self-distillation).
 
@@ -34,7 +36,10 @@ def finetune(
     otherwise. Both apply to the output ``data.target_output`` selects (spec ``output``). ``after_step``
     runs after each optimiser step (it re-applies pruning masks); ``before_forward`` before each forward pass and
     ``before_step`` between the backward pass and the optimiser step (quantization-aware training swaps
-    fake-quantized weights in and the float ones back there). Returns the mean training loss of each epoch.
+    fake-quantized weights in and the float ones back there). ``penalty`` (a regularizer of the weights) is
+    added to every step's loss, and its mean per epoch reported as ``penalty`` beside the data loss
+    ``train_loss``; ``after_epoch`` returns figures added to each epoch's entry. Returns the mean training loss
+    of each epoch.
     """
     progress = progress or (lambda stage, fraction: None)
     generator = torch.Generator().manual_seed(seed)
@@ -49,7 +54,7 @@ def finetune(
     with quiet_torchscript_warnings():
         for epoch in range(epochs):
             order = torch.randperm(len(data), generator=generator)
-            total, count = 0.0, 0
+            total, count, penalised = 0.0, 0, 0.0
             for step, start in enumerate(range(0, len(data), batch_size)):
                 index = order[start:start + batch_size]
                 if index.numel() < 2 and len(data) >= 2:
@@ -64,17 +69,23 @@ def finetune(
                     with torch.no_grad():
                         targets = select_output(teacher(*inputs), data.target_output)
                     loss = _agreement_loss(outputs, targets)
+                extra = penalty() if penalty is not None else None
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss if extra is None else loss + extra).backward()
                 if before_step is not None:
                     before_step()
                 optimizer.step()
                 if after_step is not None:
                     after_step()
                 total += float(loss.detach()) * index.numel()
+                penalised += 0.0 if extra is None else float(extra.detach()) * index.numel()
                 count += index.numel()
                 progress(f"fine-tuning epoch {epoch + 1}/{epochs}", (epoch + (step + 1) / batches_per_epoch) / epochs)
             history.append({"epoch": epoch + 1, "train_loss": round(total / max(count, 1), 6)})
+            if penalty is not None:
+                history[-1]["penalty"] = round(penalised / max(count, 1), 6)
+            if after_epoch is not None:
+                history[-1].update(after_epoch())
     set_training(model, False)
     for parameter in parameters:
         parameter.requires_grad_(False)

@@ -32,10 +32,17 @@ def prune_program(program: ExportedProgram, options: PruneOptions, data: Dataset
     |w| below the ``amount`` quantile (of all chosen weights with scope ``global``, of each layer's
     with ``per_layer``) becomes 0. The graph is unchanged; zeros shrink the file once compressed.
     """
+    if options.regularize:
+        raise UnsupportedModel(f"importance {options.importance} is not available for .pt2 programs: a program "
+                               "is trained through a trace of its eval-mode graph, where BatchNorm keeps fixed running "
+                               "statistics, and the sparsity-training phase is not supported there; upload the model "
+                               "as TorchScript, or use importance l1 or l2")
     if options.structured:
         return prune_channels(program, options, data, progress)
     if options.finetune:
-        raise UnsupportedModel("fine-tuning after pruning is not available for .pt2 programs yet; drop 'finetune'")
+        raise UnsupportedModel("fine-tuning after unstructured pruning is not available for .pt2 programs yet; drop "
+                               "'finetune' (and 'schedule', which fine-tunes between its steps), or upload the model "
+                               "as TorchScript")
     amount = options.amount
     modules, exclude = set(options.modules), list(options.exclude or [])
     layer_weights: list[str] = []  # in graph order
@@ -87,7 +94,7 @@ def prune_channels(program: ExportedProgram, options: PruneOptions, data: Datase
     if fixed and options.finetune:
         raise UnsupportedModel(f"the program was exported for batches of exactly {fixed} rows, and fine-tuning "
                                "trains in batches of other sizes: export it with a dynamic batch "
-                               "(dynamic_shapes), or drop 'finetune'")
+                               "(dynamic_shapes), or drop 'finetune' (and 'schedule')")
     module = program.module()
     _sizes_as_methods(module)
     example = data.exactly(fixed or 2)

@@ -8,6 +8,7 @@ real, so the model gets smaller and faster: every tensor in a coupled group
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -23,6 +24,8 @@ from workers.engine.formats.torchscript import clone_model
 from workers.engine.inputs import Dataset
 from workers.engine.linear_forms import is_matmul_weight
 from workers.engine.measure import count_macs
+from workers.engine.methods.prune.importance import Ranking, regularize
+from workers.engine.methods.prune.schedule import AfterStep, merge_channel_reports, run_schedule
 from workers.engine.methods.training import finetune
 from workers.engine.torchscript_graph import (
     canonical_graph,
@@ -50,11 +53,16 @@ def prune(
     ``fixed_batch``: the model accepts only batches of that many rows (a program exported without
     a dynamic batch); the analysis and the proof of each slicing then run at that size alone.
 
-    Importance of a weight is ``|w|``; of a channel, the L1 (or L2) norm of its slices in the
-    group's producing weights, each normalised by that tensor's mean slice norm.
+    Importance of a weight is ``|w|``; of a channel, by ``options.importance`` (``importance``): the L1
+    (or L2) norm of its slices in the group's producing weights, each normalised by that tensor's
+    mean slice norm, or its BatchNorm scale / group norm after a sparsity-training phase
+    (``options.regularize``). ``options.schedule`` reaches the amount in steps (``schedule``).
     """
     progress = progress or (lambda stage, fraction: None)
-    teacher = clone_model(model) if options.finetune else None
+    if (options.finetune or options.regularize) and data.synthetic:
+        raise InvalidInput(f"{'sparsity training' if options.regularize else 'fine-tuning'} needs a data file; "
+                           "random inputs teach the model nothing")
+    teacher = clone_model(model) if options.finetune or options.regularize else None
     selected = set(options.modules)
     exclude, excluded_by_default = _exclusions(model, options.exclude)
     types = module_types(model)
@@ -62,22 +70,45 @@ def prune(
     macs_before = _counted_macs(model, batch)
 
     progress("ranking", 0.05)
-    if options.structured:
-        model, details = _prune_channels(model, options, selected, exclude, types, data, progress, fixed_batch)
-        after_step = None
-    else:
-        details, masks = _prune_weights(model, options, selected, exclude, types, _linear_weights(model))
-        after_step = (lambda: _apply_masks(model, masks)) if masks else None
+    regularized = None
+    if options.regularize:
+        groups = channel_groups(model, {name: t.shape for name, t in tensors(model).items()},
+                                data.exactly(fixed_batch or 2))
+        targets = [group for group in groups if not _group_reasons(group, selected, exclude)]
+        if targets:  # none: nothing to prune, which the first step reports with the reasons per group
+            regularized = regularize(model, options, targets, data, teacher, progress)
+    units: dict[str, int] = {}  # each group's channel units before the first step
+    kept: dict[str, torch.Tensor] = {}  # each pruned group's original channels still there
 
-    if options.finetune:
-        if data.synthetic:
-            raise InvalidInput("fine-tuning needs a data file; random inputs teach the model nothing")
+    def prune_step(model: torch.jit.ScriptModule, amount: float) -> tuple[torch.jit.ScriptModule, dict[str, Any], AfterStep]:
+        step_options = dataclasses.replace(options, amount=amount)
+        if options.structured:
+            model, details, accepted = _prune_channels(model, step_options, selected, exclude, types, data, progress,
+                                                       fixed_batch, units)
+            for key, size, keep in accepted:
+                kept[key] = kept.get(key, torch.arange(size))[keep]
+            return model, details, None
+        details, masks = _prune_weights(model, step_options, selected, exclude, types, _linear_weights(model))
+        return model, details, (lambda: _apply_masks(model, masks)) if masks else None
+
+    def train(model: torch.jit.ScriptModule, epochs: int, after_step: AfterStep, index: int) -> list[dict[str, float]]:
         training = options.finetune
-        details["finetune"] = finetune(
-            model, data, teacher, epochs=training.epochs, lr=training.lr, batch_size=training.batch_size,
-            seed=training.seed, after_step=after_step,
-            progress=lambda stage, fraction: progress(stage, 0.5 + 0.45 * fraction),
-        )
+        assert training is not None
+        steps = options.schedule.steps if options.schedule else 1
+        return finetune(model, data, teacher, epochs=epochs, lr=training.lr, batch_size=training.batch_size,
+                        seed=training.seed + index, after_step=after_step,
+                        progress=lambda stage, fraction: progress(stage, 0.5 + 0.45 * (index + fraction) / steps))
+
+    if options.schedule:
+        merge = (lambda reports: merge_channel_reports(reports, kept)) if options.structured else (lambda r: r[-1])
+        model, details = run_schedule(model, options, prune_step, train, merge)
+    else:
+        model, details, after_step = prune_step(model, options.amount)
+        if options.finetune:
+            details["finetune"] = train(model, options.finetune.epochs, after_step, 0)
+    if regularized is not None:
+        details["regularize"] = regularized
+        details.setdefault("warnings", []).extend(regularized.pop("warnings", []))
     macs_after = _counted_macs(model, batch)
     if isinstance(macs_before, int) and isinstance(macs_after, int):
         details["macs"] = {"before": macs_before, "after": macs_after, "batch_shape": list(batch[0].shape),
@@ -208,30 +239,45 @@ def _magnitude_bits(tensor: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- structured
 
 
+def _group_reasons(group: ChannelGroup, selected: set[str], exclude: list[str]) -> list[str]:
+    """Why a group is left whole whatever the amount (empty: it can be pruned)."""
+    reasons = list(group.blocked)
+    for layer, kind in sorted({(layer_name(m.parameter), m.kind) for m in group.producers}):
+        if kind not in selected:
+            reasons.append(f"{layer} is a {kind}, not a selected type")
+        elif (pattern := matching_pattern(layer, exclude)) is not None:
+            reasons.append(f"{layer} is excluded by pattern {pattern!r}")
+    return reasons
+
+
 def _prune_channels(model, options: PruneOptions, selected, exclude, types, data: Dataset, progress: Progress,
-                    fixed_batch: int | None = None) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+                    fixed_batch: int | None = None, original_units: dict[str, int] | None = None,
+                    ) -> tuple[torch.jit.ScriptModule, dict[str, Any], list[tuple[str, int, torch.Tensor]]]:
+    """The pruned model, the report, and per pruned group its key, its channels before and the kept ones.
+
+    ``original_units``: each group's units (by key) before the first step of a schedule (filled in
+    for groups not in it yet); a group keeps its share of those, not of the channels it has now."""
     amount = options.amount
     criterion = options.criterion
+    original_units = {} if original_units is None else original_units
     originals = {name: t.detach().clone() for name, t in tensors(model).items()}
     groups = channel_groups(model, {name: t.shape for name, t in originals.items()}, data.exactly(fixed_batch or 2))
+    ranking = Ranking(model, options.importance)
     candidates: list[tuple[ChannelGroup, torch.Tensor]] = []
     left_whole = []
+    keys = {id(group): key for key, group in zip(group_keys(groups), groups)}
     for group in groups:
-        reasons = list(group.blocked)
-        for layer, kind in sorted({(layer_name(m.parameter), m.kind) for m in group.producers}):
-            if kind not in selected:
-                reasons.append(f"{layer} is a {kind}, not a selected type")
-            elif (pattern := matching_pattern(layer, exclude)) is not None:
-                reasons.append(f"{layer} is excluded by pattern {pattern!r}")
+        reasons = _group_reasons(group, selected, exclude)
         units = group.size // group.unit
-        keep_units = max(1, int(round(units * (1.0 - amount))))
+        share = original_units.setdefault(keys[id(group)], units) * (1.0 - amount)
+        keep_units = min(units, max(1, int(round(share))))
         if not reasons and keep_units >= units:
             what = f"{units} groups of {group.unit} channels" if group.unit > 1 else f"{group.size} channels"
             reasons.append(f"{what} are too few to prune at amount {amount}")
         if reasons:
             left_whole.append({"group": group.name, "channels": group.size, "reason": "; ".join(reasons)})
             continue
-        scores = _channel_importance(group, originals, criterion).view(units, group.unit).sum(1)
+        scores = ranking(group, originals).view(units, group.unit).sum(1)
         kept_units = torch.topk(scores, keep_units).indices.sort().values
         keep = (kept_units[:, None] * group.unit + torch.arange(group.unit)).flatten()
         candidates.append((group, keep))
@@ -288,8 +334,12 @@ def _prune_channels(model, options: PruneOptions, selected, exclude, types, data
                      f"{', ...' if len(renormalised) > 6 else ''}); those norms' mean and variance now cover the kept "
                      "channels only, so outputs move further from the original than zeroing alone would (see "
                      "fidelity); fine-tuning recovers it")
+    if ranking.fell_back:
+        notes.append(f"importance bn_scale: no BatchNorm after {', '.join(ranking.fell_back[:8])}"
+                     f"{', ...' if len(ranking.fell_back) > 8 else ''}: ranked by the l1 norm of the weights instead")
     return model, {
-        "structured": True, "criterion": criterion, "groups": pruned, "left_whole": left_whole,
+        "structured": True, "criterion": criterion, "importance": options.importance, "groups": pruned,
+        "left_whole": left_whole,
         "channels": {"before": sum(g.size for g, _ in accepted) + sum(e["channels"] for e in left_whole),
                      "after": sum(int(k.numel()) for _, k in accepted) + sum(e["channels"] for e in left_whole)},
         "verified": "each pruned group matches the original with the same channels zeroed (and layer_norm "
@@ -298,7 +348,18 @@ def _prune_channels(model, options: PruneOptions, selected, exclude, types, data
         **({"heads_kept": {entry["group"]: entry["heads"]["kept"] for entry in pruned if "heads" in entry}}
            if any("heads" in entry for entry in pruned) else {}),
         "notes": notes,
-    }
+    }, [(keys[id(g)], g.size, keep) for g, keep in accepted]
+
+
+def group_keys(groups: list[ChannelGroup]) -> list[str]:
+    """A name for each group that stays the same across a schedule's steps: its first producing layer,
+    numbered from the second group of one layer on (a fused q/k/v projection makes three)."""
+    seen: dict[str, int] = {}
+    keys = []
+    for group in groups:
+        seen[group.name] = seen.get(group.name, 0) + 1
+        keys.append(group.name if seen[group.name] == 1 else f"{group.name}#{seen[group.name]}")
+    return keys
 
 
 def _heads(group: ChannelGroup, keep: torch.Tensor) -> dict[str, Any]:
@@ -311,21 +372,6 @@ def _heads(group: ChannelGroup, keep: torch.Tensor) -> dict[str, Any]:
 def _reads_grouped_conv(group: ChannelGroup, tensors: dict[str, torch.Tensor]) -> bool:
     """A conv weight sliced along its output rows without producing the channels: a grouped conv's rows."""
     return any(not m.producer and m.dim == 0 and tensors[m.parameter].dim() >= 3 for m in group.members)
-
-
-def _channel_importance(group: ChannelGroup, tensors: dict[str, torch.Tensor], criterion: str) -> torch.Tensor:
-    """Each channel's norm in the producing weights (for attention heads also the output
-    projection's columns that read them: a head is ranked by its q, k, v and out weights)."""
-    score = torch.zeros(group.size)
-    for member in (group.members if group.head_width else group.producers):
-        tensor = tensors[member.parameter]
-        if tensor.dim() < 2:
-            continue
-        rows = tensor.detach().float().narrow(member.dim, member.offset, member.length).transpose(0, member.dim)
-        rows = rows.reshape(group.size, -1)
-        norms = rows.abs().sum(1) if criterion == "l1" else rows.pow(2).sum(1).sqrt()
-        score += norms / norms.mean().clamp(min=1e-12)
-    return score
 
 
 def _linear_weights(model: torch.jit.ScriptModule) -> set[str]:
