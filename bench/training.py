@@ -181,7 +181,69 @@ def _upload(model: nn.Module, path: Path, splits: dict) -> Path:
         return path
 
 
-ROWS: dict[str, Callable[..., list[dict[str, Any]]]] = {"qat": qat_rows}
+def _teacher(splits: dict, workdir: Path) -> tuple[Path, float]:
+    """The digits CNN (32 wide) trained on the training split, uploaded as TorchScript; its test accuracy."""
+    path = workdir / "digits-cnn.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        save_scripted(train_classifier(DigitsCNN(32), splits["x_train"], splits["y_train"], epochs=15), path)
+    return path, _accuracy(path, splits)
+
+
+def _compare(service: Service, splits: dict, workdir: Path, data: Path, row: str, method: str,
+             variants: dict[str, dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+    """One job per variant of the same method on the same teacher; accuracy on the unseen split."""
+    teacher, float_accuracy = _teacher(splits, workdir)
+    rows = []
+    for label, options in variants.items():
+        out = workdir / f"{row}-{label}.pt"
+        try:
+            report, seconds = service.run(teacher, {"method": method, method: options, "evaluation": EVALUATION},
+                                          data, out)
+        except RuntimeError as error:
+            rows.append({"row": row, "variant": label, "epochs": budget, "failed": str(error)})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        rows.append({"row": row, "variant": label, "epochs": budget, "float": float_accuracy,
+                     "accuracy": _accuracy(out, splits), "parameters": report["parameters"],
+                     "parameter_ratio": round(report["parameters"]["after"] / report["parameters"]["before"], 4),
+                     "sparsity": report["details"].get("sparsity"), "job_s": seconds})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def prune_rows(service: Service, splits: dict, workdir: Path, data: Path) -> list[dict[str, Any]]:
+    """Unstructured 0.9: one shot + 6 epochs of fine-tuning vs 4 steps (cubic) within the same 6 epochs."""
+    finetune = {"epochs": 6, "lr": 1e-3}
+    return _compare(service, splits, workdir, data, "prune", "prune", {
+        "one shot + fine-tune": {"amount": 0.9, "finetune": finetune},
+        "4-step schedule": {"amount": 0.9, "finetune": finetune, "schedule": {"steps": 4, "curve": "cubic"}},
+    }, budget=6)
+
+
+def structured_rows(service: Service, splits: dict, workdir: Path, data: Path) -> list[dict[str, Any]]:
+    """Structured 0.7: l1 + 6 epochs of fine-tuning vs bn_scale / group_lasso (3 epochs regularized + 3)."""
+    return _compare(service, splits, workdir, data, "structured", "prune", {
+        "l1 + fine-tune": {"amount": 0.7, "structured": True, "finetune": {"epochs": 6}},
+        "bn_scale": {"amount": 0.7, "structured": True, "importance": "bn_scale", "regularize": {"epochs": 3},
+                     "finetune": {"epochs": 3}},
+        "group_lasso": {"amount": 0.7, "structured": True, "importance": "group_lasso", "regularize": {"epochs": 3},
+                        "finetune": {"epochs": 3}},
+    }, budget=6)
+
+
+def distill_rows(service: Service, splits: dict, workdir: Path, data: Path) -> list[dict[str, Any]]:
+    """A width-1/8 student, 20 epochs: logits only vs logits + features vs a 2-step schedule."""
+    base = {"student": {"from": "width", "width": 0.125}, "epochs": 20, "lr": 3e-3, "seed": 0}
+    return _compare(service, splits, workdir, data, "distill", "distill", {
+        "logits": base,
+        "logits + features": {**base, "features": {}},
+        "2-step schedule": {**base, "schedule": {"steps": 2}},
+    }, budget=20)
+
+
+ROWS: dict[str, Callable[..., list[dict[str, Any]]]] = {"qat": qat_rows, "prune": prune_rows,
+                                                         "structured": structured_rows, "distill": distill_rows}
 
 
 def main() -> None:
@@ -221,6 +283,17 @@ def _table(rows: list[dict[str, Any]]) -> None:
         for row in qat:
             print(f"| {row['model']} | {row['float']:.4f} | {row['static_ptq']:.4f} | {row['qat']:.4f} | "
                   f"{row['qat_returned']} | {row['static_ptq_s']} / {row['qat_s']} | {row['verdict']} |")
+    others = [row for row in rows if row["row"] != "qat"]
+    if others:
+        print("\n| row | variant | epochs | float | accuracy | parameters after / before | sparsity | job s |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        for row in others:
+            if "failed" in row:
+                print(f"| {row['row']} | {row['variant']} | {row['epochs']} | failed: {row['failed']} | | | | |")
+                continue
+            print(f"| {row['row']} | {row['variant']} | {row['epochs']} | {row['float']:.4f} | {row['accuracy']:.4f} | "
+                  f"{row['parameter_ratio']} | {row['sparsity'] if row['sparsity'] is not None else ''} | "
+                  f"{row['job_s']} |")
 
 
 if __name__ == "__main__":

@@ -47,3 +47,26 @@ def test_static_options_in_dynamic_mode_are_refused_by_name(api: ApiClient, tmp_
 
     assert response.status_code == 422
     assert response.json()["errors"] == {"spec.quantize.observer": ["only used when mode is 'static' or 'qat'"]}
+
+
+def test_qat_job_trains_on_the_uploaded_data_and_returns_int8(api: ApiClient, tmp_path: Path) -> None:
+    """Unlabelled data: QAT trains on agreement with the float model and is scored by top-1 agreement."""
+    torch.manual_seed(0)
+    original = settle_batchnorm(ResidualNet(width=16, classes=4), (16, 3, 16, 16))
+    path = save_scripted(original, tmp_path / "residual.pt")
+    np.savez(tmp_path / "data.npz", inputs=np.random.default_rng(0).standard_normal((80, 3, 16, 16)).astype(np.float32))
+    spec = {"method": "quantize", "quantize": {"mode": "qat", "qat": {"epochs": 1, "batch_size": 16}},
+            "evaluation": {"runs": 2, "warmup": 1}}
+
+    submitted = api.submit(path, spec, data=tmp_path / "data.npz")
+    assert submitted.status_code == 202, submitted.text
+    job = api.wait(submitted.json()["id"], timeout=600)
+
+    assert job["state"] == "succeeded", job["error"]
+    report = api.session.get(api.url(job["links"]["report"])).json()
+    qat = report["details"]["qat"]
+    assert report["details"]["mode"] == "qat" and [e["epoch"] for e in qat["epochs"]] == [1]
+    assert qat["validation"]["measure"] == "top1_agreement" and qat["validation"]["rows"] == 16
+    assert qat["validation"]["float"] == 1.0 and qat["returned"] in ("qat", "static_ptq")
+    body = api.session.get(api.url(job["links"]["model"]), headers={"Accept-Encoding": "identity"}).content
+    assert "quantized::conv2d" in str(torch.jit.load(io.BytesIO(body)).graph)
