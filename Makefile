@@ -79,6 +79,7 @@ bench: $(STAMP)
 	$(VPY) bench/auto.py
 	$(VPY) bench/targets.py
 	$(VPY) bench/transformers.py
+	$(VPY) bench/training.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache site
