@@ -126,6 +126,8 @@ class QuantizeSpec(Strict):
                 data.setdefault(option, default)
         if data.get("mode") == "qat" and data.get("qat") is None:
             data["qat"] = QatSpec().load({})
+        elif data.get("qat") is None:
+            data.pop("qat", None)  # a section of mode qat only: absent elsewhere, like the static options
         return data
 
 

@@ -1,6 +1,7 @@
 """Measurements shared by every method: size, parameter count, latency, output fidelity and comparison."""
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 import zlib
@@ -26,10 +27,9 @@ def count_parameters(model: torch.jit.ScriptModule) -> int:
     """
     stored = [*model.parameters(), *model.buffers()]
     if isinstance(model, torch.fx.GraphModule):  # a program's module: PT2E's int8 weights are plain attributes
-        from workers.engine.analysis.program_graph import attribute
-
-        stored += [value for value in (attribute(model, node.target) for node in model.graph.nodes
-                                       if node.op == "get_attr") if isinstance(value, torch.Tensor)]
+        stored += [value for value in (functools.reduce(getattr, node.target.split("."), model)
+                                       for node in model.graph.nodes if node.op == "get_attr")
+                   if isinstance(value, torch.Tensor)]
     # Once per storage: a weight tied to another (a language model's input and output embedding) is one tensor.
     elements = sum({(t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()): t.numel()
                     for t in stored if t.numel()}.values())
