@@ -69,6 +69,7 @@ import transformers  # noqa: E402
 
 from bench.common import arguments, interleaved_medians, machine, prepare, write_results  # noqa: E402
 from modelpress.spec import parse_spec  # noqa: E402
+from tests.models import PixelLogits, TextOutput  # noqa: E402
 from workers.engine.formats.exported import load_program  # noqa: E402
 from workers.engine.run.pipeline import compress  # noqa: E402
 
@@ -82,26 +83,6 @@ PEER_BOUND = {"bert", "vit"}  # the issue's "within 0.10 of Torch-Pruning and at
 
 
 # ---------------------------------------------------------------------------- models
-
-
-class TextOutput(nn.Module):
-    """A `transformers` text model called with its documented inputs, returning one tensor."""
-
-    def __init__(self, model: nn.Module, field: str) -> None:
-        super().__init__()
-        self.model, self.field = model, field
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask), self.field)
-
-
-class PixelLogits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values).logits
 
 
 def gpt2() -> nn.Module:

@@ -298,3 +298,26 @@ class LinearSpellings(nn.Module):
         y = torch.relu(x @ self.w_in_out + self.b)
         y = torch.relu(torch.matmul(y, self.w_out_in.t()))
         return torch.addmm(self.addmm_b, y, self.addmm_w)
+
+
+class TextOutput(nn.Module):
+    """A `transformers` text model called with its documented inputs, returning one output field (as
+    people trace or export it: ``logits``, ``last_hidden_state``)."""
+
+    def __init__(self, model: nn.Module, field: str) -> None:
+        super().__init__()
+        self.model, self.field = model, field
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask), self.field)
+
+
+class PixelLogits(nn.Module):
+    """A `transformers` image classifier called with ``pixel_values``, returning its logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=pixel_values).logits

@@ -11,35 +11,15 @@ import transformers  # the test extra installs it: a missing one fails, never sk
 from torch import nn
 
 from modelpress.spec import parse_spec
-from tests.models import LinearSpellings, save_scripted
+from tests.models import LinearSpellings, PixelLogits, TextOutput, save_scripted
 from workers.engine.run.pipeline import compress
 
 transformers.logging.set_verbosity_error()
 
 
-class _Output(nn.Module):
-    """A `transformers` model called with its documented inputs, returning one tensor (as people trace it)."""
-
-    def __init__(self, model: nn.Module, field: str) -> None:
-        super().__init__()
-        self.model, self.field = model, field
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask), self.field)
-
-
-class _Pixels(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model(pixel_values=pixel_values).logits
-
-
 def _traced_text(model: nn.Module, field: str, path: Path) -> Path:
     ids = torch.randint(0, 1000, (2, 16))
-    torch.jit.trace(_Output(model.eval(), field).eval(), (ids, torch.ones_like(ids)), strict=False).save(str(path))
+    torch.jit.trace(TextOutput(model.eval(), field).eval(), (ids, torch.ones_like(ids)), strict=False).save(str(path))
     return path
 
 
@@ -120,7 +100,7 @@ def test_vit_structured_reaches_three_quarters_of_the_parameters(tmp_path: Path)
     config = transformers.ViTConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
                                     image_size=32, patch_size=8, num_labels=10)
     path = tmp_path / "vit.pt"
-    torch.jit.trace(_Pixels(transformers.ViTForImageClassification(config).eval()), torch.randn(2, 3, 32, 32),
+    torch.jit.trace(PixelLogits(transformers.ViTForImageClassification(config).eval()), torch.randn(2, 3, 32, 32),
                     strict=False).save(str(path))
     report = _prune(path, tmp_path / "out.pt", [{"shape": [2, 3, 32, 32], "dtype": "float32"}],
                     amount=0.3, structured=True)

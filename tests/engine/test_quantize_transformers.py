@@ -10,26 +10,15 @@ import transformers  # the test extra installs it: a missing one fails, never sk
 from torch import nn
 
 from modelpress.spec import parse_spec
-from tests.models import LinearSpellings, TokenLSTM, save_scripted
+from tests.models import LinearSpellings, TextOutput, TokenLSTM, save_scripted
 from workers.engine.run.pipeline import compress
 
 transformers.logging.set_verbosity_error()
 
 
-class _Logits(nn.Module):
-    """A `transformers` model called with its documented inputs, returning one tensor (as people trace it)."""
-
-    def __init__(self, model: nn.Module, field: str) -> None:
-        super().__init__()
-        self.model, self.field = model, field
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return getattr(self.model(input_ids=input_ids, attention_mask=attention_mask), self.field)
-
-
 def _traced(model: nn.Module, field: str, vocab: int, path: Path) -> Path:
     ids = torch.randint(0, vocab, (2, 16))
-    traced = torch.jit.trace(_Logits(model.eval(), field).eval(), (ids, torch.ones_like(ids)), strict=False)
+    traced = torch.jit.trace(TextOutput(model.eval(), field).eval(), (ids, torch.ones_like(ids)), strict=False)
     traced.save(str(path))
     return path
 

@@ -245,7 +245,8 @@ def test_pte_run_is_executorch_without_torch(cnn: dict, artifacts, tmp_path: Pat
 def test_latency_is_the_median_of_timed_runs(cnn: dict, artifacts) -> None:
     module = target_module("onnx")
     loaded = module.load(artifacts("onnx", TORCHSCRIPT, None).path)
-    assert module.latency_ms(loaded, [cnn["test"].numpy()], runs=5, warmup=1, max_seconds=5.0) > 0
+    latency = module.latency_ms(loaded, [cnn["test"].numpy()], runs=5, warmup=1, max_seconds=5.0)
+    assert isinstance(latency, float) and latency > 0  # a measurement was made; its size is bench/'s business
 
 
 def test_a_model_onnx_cannot_express_fails_with_the_exporters_reason(tmp_path: Path) -> None:

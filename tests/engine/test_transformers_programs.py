@@ -12,7 +12,7 @@ import transformers  # the test extra installs it: a missing one fails, never sk
 from torch import nn
 
 from modelpress.spec import parse_spec
-from tests.models import LinearSpellings
+from tests.models import LinearSpellings, TextOutput
 from workers.engine.run.pipeline import compress
 
 transformers.logging.set_verbosity_error()
@@ -20,24 +20,15 @@ transformers.logging.set_verbosity_error()
 VOCAB = 1000
 INPUTS = [{"shape": [2, 16], "dtype": "int64", "low": 0, "high": VOCAB},
           {"shape": [2, 16], "dtype": "int64", "low": 1, "high": 2}]
-CONV1D = [f"m.transformer.h.{layer}.{name}" for layer in range(2)
+CONV1D = [f"model.transformer.h.{layer}.{name}" for layer in range(2)
           for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
-
-
-class _Logits(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.m = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.m(input_ids=input_ids, attention_mask=attention_mask).logits
 
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
     torch.manual_seed(0)
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=VOCAB, n_positions=64)
-    model = _Logits(transformers.GPT2LMHeadModel(config).eval()).eval()
+    model = TextOutput(transformers.GPT2LMHeadModel(config).eval(), "logits").eval()
     ids = torch.randint(0, VOCAB, (2, 16))
     batch = torch.export.Dim("batch", max=64)
     program = torch.export.export(model, (ids, torch.ones_like(ids)), dynamic_shapes=({0: batch}, {0: batch}))
@@ -68,11 +59,11 @@ def test_gpt2_program_conv1d_and_embeddings_are_int8_with_one_tied_table(gpt2, t
     assert [form["module"] for form in details["linear_forms"]] == CONV1D
     assert all(form["form"] == "addmm" for form in details["linear_forms"])
     quantized = {entry["module"]: entry for entry in details["quantized"]}
-    assert set(quantized) == {*CONV1D, "m.transformer.wte", "m.transformer.wpe"}
-    assert quantized["m.transformer.wte"]["tied_to"] == ["m.lm_head"]
-    assert quantized["m.transformer.wpe"]["tied_to"] is None
+    assert set(quantized) == {*CONV1D, "model.transformer.wte", "model.transformer.wpe"}
+    assert quantized["model.transformer.wte"]["tied_to"] == ["model.lm_head"]
+    assert quantized["model.transformer.wpe"]["tied_to"] is None
     left = {entry["module"]: entry["reason"] for entry in details["left_float"]}
-    assert "tied to an int8 embedding" in left["m.lm_head"]
+    assert "tied to an int8 embedding" in left["model.lm_head"]
     assert report["fidelity"]["cosine_similarity"] >= 0.998
 
     before = _stored_bytes(torch.export.load(path))
@@ -101,8 +92,8 @@ def test_gpt2_program_unstructured_prune_reaches_its_conv1d_layers(gpt2, tmp_pat
     for name in CONV1D:
         assert float((pruned[f"{name}.weight"] == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
     # The output layer is the final classifier, left whole by default: its weight is the input embedding's too.
-    assert not bool((pruned["m.lm_head.weight"] == 0).any())
-    assert "the final layer 'm.lm_head' is excluded by default" in " ".join(report["details"]["notes"])
+    assert not bool((pruned["model.lm_head.weight"] == 0).any())
+    assert "the final layer 'model.lm_head' is excluded by default" in " ".join(report["details"]["notes"])
 
 
 def test_every_spelling_of_a_linear_layer_in_a_program_runs_int8(tmp_path: Path) -> None:
@@ -131,7 +122,7 @@ def test_bert_program_structured_prune_removes_heads_through_its_position_ids(tm
     torch.manual_seed(0)
     config = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
                                      vocab_size=VOCAB, max_position_embeddings=64)
-    model = _Logits(transformers.BertForSequenceClassification(config).eval()).eval()
+    model = TextOutput(transformers.BertForSequenceClassification(config).eval(), "logits").eval()
     ids = torch.randint(0, VOCAB, (2, 16))
     batch = torch.export.Dim("batch", max=64)
     program = torch.export.export(model, (ids, torch.ones_like(ids)), dynamic_shapes=({0: batch}, {0: batch}))

@@ -28,10 +28,10 @@ from modelpress.options import QuantizeOptions
 from workers.engine.errors import InvalidInput
 from workers.engine.formats.torchscript import clone_model
 from workers.engine.inputs import Dataset
-from workers.engine.methods.quantize.static import STATIC_TYPES, quantize_static
+from workers.engine.methods.quantize.static import quantize_static, static_layers
 from workers.engine.methods.training import accuracy, finetune, split
 from workers.engine.outputs import select_output
-from workers.engine.torchscript_graph import matching_pattern, module_types, quiet_torchscript_warnings
+from workers.engine.torchscript_graph import quiet_torchscript_warnings
 
 Progress = Callable[[str, float], None]
 VALIDATION_FRACTION = 0.2
@@ -137,15 +137,9 @@ def fake_quantize_weight(weight: torch.Tensor, per_channel: bool) -> torch.Tenso
 
 def _quantized_weights(model: torch.jit.ScriptModule, options: QuantizeOptions) -> list[torch.Tensor]:
     """The weight of every layer ``static`` would quantize (selected type, not excluded)."""
-    selected = set().union(*(STATIC_TYPES.get(name, frozenset({name})) for name in options.modules))
     modules = dict(model.named_modules())
-    found = []
-    for name, kind in module_types(model).items():
-        if name and kind in selected and matching_pattern(name, list(options.exclude)) is None and name in modules:
-            weight = getattr(modules[name], "weight", None)
-            if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dim() >= 2:
-                found.append(weight)
-    return found
+    weights = [getattr(modules[name], "weight", None) for name in static_layers(model, options)[0] if name in modules]
+    return [w for w in weights if isinstance(w, torch.Tensor) and w.is_floating_point() and w.dim() >= 2]
 
 
 def score(candidate: Any, reference: Any, held: Dataset) -> float:

@@ -73,22 +73,7 @@ def quantize_static(
     with torch.no_grad(), quiet_torchscript_warnings():
         reference = [_call(model, batch) for batch in evaluation]
     _specialize_for_inference(model)
-    selected = set().union(*(STATIC_TYPES.get(name, frozenset({name})) for name in options.modules))
-    exclude = list(options.exclude)
-    types = module_types(model)
-    layers: dict[str, str] = {}  # quantizable layer -> type
-    kept: dict[str, tuple[str, str]] = {}  # layer -> (type, reason)
-    all_layer_types = set().union(*STATIC_TYPES.values())
-    for name, kind in types.items():
-        if not name or kind not in all_layer_types:
-            continue
-        pattern = matching_pattern(name, exclude)
-        if kind not in selected:
-            kept[name] = (kind, f"type {kind} not selected")
-        elif pattern is not None:
-            kept[name] = (kind, f"excluded by pattern {pattern!r}")
-        else:
-            layers[name] = kind
+    layers, kept = static_layers(model, options)
     qconfig = _qconfig(observer, reduce_range, per_channel)
     ranking_qconfig = _qconfig("minmax", reduce_range, per_channel)  # ranking needs speed, not the best ranges
 
@@ -123,6 +108,26 @@ def quantize_static(
                      "source": "random inputs of input_shape" if data.synthetic else "data file"},
         synthetic=data.synthetic,
     )
+
+
+def static_layers(model: torch.jit.ScriptModule, options: QuantizeOptions
+                  ) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+    """The layers static int8 quantizes (name -> type), and those it keeps float (name -> (type, reason))."""
+    selected = set().union(*(STATIC_TYPES.get(name, frozenset({name})) for name in options.modules))
+    layers: dict[str, str] = {}
+    kept: dict[str, tuple[str, str]] = {}
+    all_layer_types = set().union(*STATIC_TYPES.values())
+    for name, kind in module_types(model).items():
+        if not name or kind not in all_layer_types:
+            continue
+        pattern = matching_pattern(name, list(options.exclude))
+        if kind not in selected:
+            kept[name] = (kind, f"type {kind} not selected")
+        elif pattern is not None:
+            kept[name] = (kind, f"excluded by pattern {pattern!r}")
+        else:
+            layers[name] = kind
+    return layers, kept
 
 
 def _smallest_fallback(order: tuple[str, ...], floor: float, attempt: Callable[[tuple[str, ...]], _Try],
