@@ -16,27 +16,22 @@ from typing import Any
 
 from marshmallow import Schema, fields
 
+from modelpress.distill_spec import DistillScheduleSpec, DistillSpec, FeaturesSpec, StudentSpec
 from modelpress.method_specs import (
-    DistillScheduleSpec,
-    DistillSpec,
-    FeaturesSpec,
     FinetuneSpec,
     PruneScheduleSpec,
     PruneSpec,
     QatSpec,
     QuantizeSpec,
     RegularizeSpec,
-    StudentSpec,
 )
+from modelpress.model_io_spec import EvaluationSpec, InputSpec
+from modelpress.search_spec import SearchSpec, TargetSpec
 from modelpress.spec import (
     AUTO,
     PIPELINE,
     REGISTRY,
     CompressionSpec,
-    EvaluationSpec,
-    InputSpec,
-    SearchSpec,
-    TargetSpec,
     dump_spec,
     method_steps,
 )
@@ -152,7 +147,7 @@ class TargetOptions:
     max_drop: float | None
     min: float | None
     objective: str
-    runtime: str  # what a latency objective times on (method_specs.SEARCH_RUNTIMES)
+    runtime: str  # what a latency objective times on (search_spec.SEARCH_RUNTIMES)
 
 
 @dataclass(frozen=True)

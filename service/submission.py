@@ -28,7 +28,8 @@ from modelpress.formats import EXPORTED, model_format
 from modelpress.jobs import JobStore, new_job_id, utc_now
 from modelpress.objectstore import ObjectStore
 from modelpress.options import job_options
-from modelpress.spec import SpecError, dump_spec, parse_spec, target_conflicts
+from modelpress.search_spec import target_conflicts
+from modelpress.spec import SpecError, dump_spec, parse_spec
 from modelpress.storage import write_json_atomic
 from modelpress.webhooks import CallbackRefused, check_callback_url
 from service.problems import ApiProblem

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from marshmallow import fields
 
-from modelpress import method_specs, spec as spec_module
+from modelpress import method_specs, model_io_spec, spec as spec_module
 from modelpress.spec import CompressionSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def test_the_spec_reference_shows_defaults_ranges_and_descriptions_from_the_sche
 def test_changing_a_default_in_the_schema_changes_the_spec_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     before = _row(reference_pages.spec_reference(CompressionSpec()), "evaluation.runs")
     assert "| `20` |" in before
-    monkeypatch.setattr(spec_module.EvaluationSpec._declared_fields["runs"], "load_default", 37)
+    monkeypatch.setattr(model_io_spec.EvaluationSpec._declared_fields["runs"], "load_default", 37)
     after = _row(reference_pages.spec_reference(CompressionSpec()), "evaluation.runs")
     assert "| `37` |" in after and "`20`" not in after
     assert CompressionSpec().load({"method": "quantize"})["evaluation"]["runs"] == 37  # the page says what loads

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from modelpress.options import TYPED, JobOptions, job_options, method_options, options_class, typed
-from modelpress.spec import REGISTRY, SearchSpec, parse_spec
+from modelpress.search_spec import SearchSpec
+from modelpress.spec import REGISTRY, parse_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 

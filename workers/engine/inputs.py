@@ -17,8 +17,8 @@ import numpy as np
 import torch
 
 from modelpress.datafile import ArrayInfo, DataFileError, check_data_archive, disagreements, input_array_names
+from modelpress.model_io_spec import INT_DTYPES
 from modelpress.options import InputOptions, JobOptions
-from modelpress.spec import INT_DTYPES
 from workers.engine.errors import InvalidInput
 
 # Inputs used to compare outputs and time the model; enough for stable statistics, small enough for CPU.

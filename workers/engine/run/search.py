@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from modelpress.method_specs import SEARCH_RUNTIMES
 from modelpress.options import JobOptions, Step, TargetOptions, step
+from modelpress.search_spec import SEARCH_RUNTIMES
 from modelpress.spec import PIPELINE
 from workers.engine.errors import CompressionError, InvalidInput, TargetNotMet, is_out_of_memory, summarize_torch_error
 from workers.engine.formats.torchscript import clone_model
