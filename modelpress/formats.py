@@ -29,7 +29,8 @@ import struct
 import zipfile
 from pathlib import Path
 
-from modelpress.pt2_program import Refused as _Refused, check_payload_config, check_program
+from modelpress.pt2_evaluated_strings import Refused as _Refused
+from modelpress.pt2_program import check_payload_config, check_program
 
 TORCHSCRIPT = "torchscript"
 EXPORTED = "pt2"
