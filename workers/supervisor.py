@@ -2,11 +2,12 @@
 
 The child (``workers.job_process``) is a new interpreter per job, in its own process
 group, so a segfault, an out-of-memory kill or a runaway model ends that job only.
-Progress comes back as JSON lines on a pipe; the child never talks to Redis.
+Progress comes back as JSON lines on a pipe, watched by ``workers.child_watch``; the child never
+talks to Redis.
 
 The child runs the uploaded model, so it is an untrusted client: every line it sends is bounded
 and checked (``job_protocol.read_messages``), its report is bounded and type-checked and the
-figures the supervisor can measure are measured, not believed (``_publish``); its memory, its
+figures the supervisor can measure are measured, not believed (``_publish``, ``workers.job_result``); its memory, its
 ``/tmp``, its ``output/``, its printed output and its wall clock are bounded. Whatever goes wrong
 in the supervisor itself while a child runs kills the child and fails the job (``internal-error``).
 """
@@ -16,9 +17,7 @@ import contextlib
 import functools
 import logging
 import os
-import queue
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -33,21 +32,25 @@ from modelpress import jobs
 from modelpress.artifacts import NotPlainFile
 from modelpress.config import Settings
 from modelpress.fault_injection import fault_point
-from modelpress.formats import TORCHSCRIPT
 from modelpress.jobs import JobStore, Superseded, connect, utc_now
-from modelpress.objectstore import InputsCorrupt, InputsMissing, ObjectStore, file_sha256, open_object_store
+from modelpress.objectstore import InputsCorrupt, InputsMissing, ObjectStore, open_object_store
 from modelpress.storage import JobFiles, Storage
 from modelpress.targets import TARGETS
 from workers import job_protocol as protocol, sandbox
-from workers.job_protocol import InvalidReport, Violation, problem
+from workers.child_watch import (
+    PROGRESS_WRITE_INTERVAL_S,
+    kill_group as _kill_group,
+    signal_group as _signal_group,
+    watch_child,
+)
+from workers.job_protocol import InvalidReport, problem
+from workers.job_result import measure_sizes, result_summary
 from workers.memory import MemoryWatch
 from workers.process_log import ProcessLog
 from workers.target_report import check_targets
 
 log = logging.getLogger("modelpress.worker")
 
-POLL_INTERVAL_S = 0.25
-PROGRESS_WRITE_INTERVAL_S = 0.5  # progress and heartbeat
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 JOB_PROCESS = (sys.executable, "-m", "workers.job_process")  # the child's command; its job directory follows
 
@@ -151,76 +154,21 @@ class Supervisor:
 
     def _watch_child(self, job_id: str, attempt: int, deliveries: int, files: JobFiles, child: subprocess.Popen,
                      read_fd: int, watch: MemoryWatch, output: ProcessLog, time_limit_s: int) -> tuple[str, bool]:
-        messages: queue.Queue[dict[str, Any] | Violation | None] = queue.Queue(protocol.MESSAGE_QUEUE_SIZE)
-        threading.Thread(target=protocol.read_messages, args=(read_fd, messages), daemon=True).start()
-        stop_reason: str | None = None
-        try:
-            self._quietly(self.store.beat, job_id, attempt, process_pid=child.pid)
-        except Superseded:
-            stop_reason = "superseded"
-
-        deadline = time.monotonic() + time_limit_s
-        outcome: dict[str, Any] | None = None
-        violation: Violation | None = None
-        last_progress: dict[str, Any] | None = None
-        started = False
-        last_write = 0.0
-        while not stop_reason:
-            try:
-                message = messages.get(timeout=POLL_INTERVAL_S)
-            except queue.Empty:
-                message = {}
-            if message is None:  # pipe closed: the child has exited or is exiting
-                while child.poll() is None:  # tearing down a torch process can take a while: keep beating
-                    try:
-                        self._quietly(self.store.beat, job_id, attempt)
-                    except Superseded:
-                        break  # the final write will be refused; nothing to stop
-                    if time.monotonic() > deadline:
-                        break  # a child that closed its pipe still ends at its time limit
-                    time.sleep(POLL_INTERVAL_S)
-                if child.poll() is None:
-                    stop_reason = "timeout"
-                    _kill_group(child)
-                child.wait()
-                break
-            if isinstance(message, Violation):
-                violation, stop_reason = message, "violation"
-            elif message.get("event") == protocol.STARTED:
-                started = True
-            elif message.get("event") == protocol.PROGRESS:
-                last_progress = message
-            elif message.get("event") in protocol.FINAL_EVENTS:
-                outcome = message
-            now = time.monotonic()
-            if not stop_reason and now - last_write >= PROGRESS_WRITE_INTERVAL_S:
-                # Redis may be restarting: the child goes on, progress is written once it is back.
-                progress = {"stage": last_progress["stage"], "progress": last_progress["progress"]} if last_progress else {}
-                try:
-                    if self._quietly(self.store.beat, job_id, attempt, default=False, **progress):
-                        stop_reason = "cancelled"
-                    last_progress = None
-                except Superseded:
-                    stop_reason = "superseded"
-                last_write = now
-            if not stop_reason and now > deadline:
-                stop_reason = "timeout"
-            if stop_reason:
-                _kill_group(child)
-                break
+        beat = functools.partial(self._quietly, self.store.beat, job_id, attempt)
+        end = watch_child(child, read_fd, beat, time_limit_s)
         output.finish()
 
-        if stop_reason == "superseded":
+        if end.stop_reason == "superseded":
             _kill_group(child)
             log.warning("job %s: attempt %d was superseded (taken over, cancelled or deleted); its child is "
                         "stopped and it writes nothing", job_id, attempt, extra={"job_id": job_id})
             return jobs.RUNNING, False
-        if stop_reason == "cancelled":
+        if end.stop_reason == "cancelled":
             return self._finish(job_id, attempt, jobs.CANCELLED)
-        if violation is not None:
-            log.warning("job %s: protocol violation: %s", job_id, violation.reason, extra={"job_id": job_id})
-            return self._finish(job_id, attempt, jobs.FAILED, error=protocol.protocol_violation(violation))
-        if stop_reason == "timeout":
+        if end.violation is not None:
+            log.warning("job %s: protocol violation: %s", job_id, end.violation.reason, extra={"job_id": job_id})
+            return self._finish(job_id, attempt, jobs.FAILED, error=protocol.protocol_violation(end.violation))
+        if end.stop_reason == "timeout":
             return self._finish(job_id, attempt, jobs.FAILED, error=problem(
                 "job-timeout", "Time limit exceeded",
                 f"the compression did not finish within the job time limit of {time_limit_s} s and was stopped",
@@ -234,7 +182,7 @@ class Supervisor:
             shutil.rmtree(files.output_model.parent, ignore_errors=True)  # nothing of it is kept: the disk is the host's
             return self._finish(job_id, attempt, jobs.FAILED, error=protocol.output_too_large(
                 watch.output_limit_bytes, watch.output_bytes, watch.output_entries))
-        return self._record_exit(job_id, attempt, deliveries, files, child.returncode, outcome, started)
+        return self._record_exit(job_id, attempt, deliveries, files, child.returncode, end.outcome, end.started)
 
     def _start_child(self, files: JobFiles, output_fd: int, write_fd: int) -> subprocess.Popen:
         argv = [*self.child_command, str(files.root)]
@@ -285,7 +233,7 @@ class Supervisor:
                                       files)
         except InvalidReport as refused:
             return self._finish(job_id, attempt, jobs.FAILED, error=protocol.invalid_report(refused))
-        _measure_sizes(report, files)
+        measure_sizes(report, files)
         report["deliveries"] = deliveries
         with self._beating(job_id, attempt):
             try:  # the artifacts before the report, which goes last (a reader never sees a partial result)
@@ -297,7 +245,7 @@ class Supervisor:
                 return self._finish(job_id, attempt, jobs.FAILED, error=protocol.invalid_report(
                     InvalidReport(f"'targets.{name}.file': {refused}")))
             published = self.objects.publish(job_id, attempt, files, report)
-        state, won = self._finish(job_id, attempt, jobs.SUCCEEDED, result=_result_summary(published, report),
+        state, won = self._finish(job_id, attempt, jobs.SUCCEEDED, result=result_summary(published, report),
                                   progress=1.0, stage="done", warnings=report.get("warnings", []))
         if not won:
             self.objects.withdraw(job_id, attempt)
@@ -353,43 +301,6 @@ class Supervisor:
         except (redis.ConnectionError, redis.TimeoutError) as error:
             log.warning("Redis unreachable (%s); the job goes on", error)
             return default
-
-
-def _result_summary(model: Path, report: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "bytes": model.stat().st_size,
-        "sha256": file_sha256(model),
-        "format": report.get("format", {}).get("output", TORCHSCRIPT),
-        "size_ratio": report["size"]["ratio"],
-        "latency_ratio": report["latency"]["ratio"],
-        "cosine_similarity": report["fidelity"]["cosine_similarity"],
-        "top1_agreement": report["fidelity"]["top1_agreement"],
-        **({"targets": {name: {key: entry[key] for key in ("status", "bytes", "sha256") if key in entry}
-                        for name, entry in report["targets"].items()}} if report.get("targets") else {}),
-    }
-
-
-def _measure_sizes(report: dict[str, Any], files: JobFiles) -> None:
-    """Replace the report's file sizes with the supervisor's own measure of the real files: a child
-    that forges its report cannot claim a size it did not reach. (Latency and fidelity are the
-    child's measures; checking them would mean running the model outside the sandbox.)"""
-    before, after = files.input_model.stat().st_size, files.output_model.stat().st_size
-    size = report["size"] if isinstance(report.get("size"), dict) else {}
-    size.update(bytes_before=before, bytes_after=after, ratio=float(f"{after / before:.5g}") if before else None)
-    report["size"] = size
-
-
-def _kill_group(child: subprocess.Popen) -> None:
-    _signal_group(child)
-    child.wait()
-
-
-def _signal_group(child: subprocess.Popen) -> None:
-    """SIGKILL the child's process group (from any thread; the supervisor's loop reaps it)."""
-    try:
-        os.killpg(child.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _input_digests(job: dict[str, Any]) -> dict[str, str]:
