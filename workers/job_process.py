@@ -110,7 +110,7 @@ def confinement_facts(job_dir: Path) -> dict[str, Any]:
             probe_result = "connected"
         except OSError as error:
             probe_result = f"connection to {probe} failed ({error.strerror or error})"
-    from workers.seccomp import state_of_this_process
+    from workers.seccomp_probe import state_of_this_process
 
     return {
         "network": network,

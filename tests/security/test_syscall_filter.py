@@ -24,7 +24,7 @@ GENERIC_HEADER = Path("/usr/include/asm-generic/unistd.h")  # aarch64's table
 # flags 0, no keyring created. The raw clone returns in the child only if a namespace was made.
 PROBE = r"""
 import ctypes, errno, json, os, threading
-from workers import seccomp
+from workers import seccomp_probe
 calls = {
     "ptrace": ("ptrace", 16, 0x7FFFFFF0, 0, 0),                # PTRACE_ATTACH to a pid that does not exist
     "unshare": ("unshare", 0),                                  # no flags: a no-op when allowed
@@ -44,14 +44,14 @@ for label, (name, *args) in calls.items():
         result = libc.syscall(ctypes.c_long(args[0]))
         error = ctypes.get_errno() if result == -1 else 0
     else:
-        result, error = seccomp.call(name, *args)
+        result, error = seccomp_probe.call(name, *args)
     if result == 0 and label == "clone_newuser":
         os._exit(0)  # the child of an allowed clone
     results[label] = errno.errorcode.get(error, "ok") if error else "ok"
 threading.Thread(target=lambda: None).start()  # threads still start (clone3 -> ENOSYS -> clone)
 results["thread"] = "ok"
 results["fork"] = "ok" if os.waitpid(os.fork() or os._exit(0), 0)[1] == 0 else "failed"
-results["seccomp"] = seccomp.state_of_this_process()
+results["seccomp"] = seccomp_probe.state_of_this_process()
 print(json.dumps(results))
 """
 
