@@ -30,7 +30,7 @@ FAULT_POINTS = (
     "before-record",  # API (service/submission.py): the upload's files are kept, the job not yet recorded
     "after-record",  # API (service/submission.py): the job is recorded, its message not yet sent
     "before-claim",  # worker (workers/supervisor.py): a delivery arrived, the job is not yet claimed
-    "mid-publish",  # worker, object storage (modelpress/objectstore.py): the model is up, the report not yet
+    "mid-publish",  # worker, object storage (modelpress/s3_objects.py): the model is up, the report not yet
 )
 
 

@@ -1,6 +1,6 @@
 """An uploaded file on its way to its S3 object while the request is still arriving (S3 mode).
 
-``modelpress.objectstore.S3Objects.stream_writer`` makes one per file part of a submission; the
+``modelpress.s3_objects.S3Objects.stream_writer`` makes one per file part of a submission; the
 request's parser writes the bytes as they come, and every part goes to an S3 multipart upload from
 the store's thread pool.
 """

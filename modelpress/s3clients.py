@@ -1,4 +1,4 @@
-"""The boto3 clients of an S3 object store (``modelpress.objectstore.S3Objects``), configured once here."""
+"""The boto3 clients of an S3 object store (``modelpress.s3_objects.S3Objects``), configured once here."""
 from __future__ import annotations
 
 import functools

@@ -7,7 +7,7 @@ from modelpress.cleanup import remove_host_leftovers
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
 from modelpress.logs import configure_logging
-from modelpress.objectstore import open_object_store
+from modelpress.object_stores import open_object_store
 from modelpress.storage import Storage
 
 

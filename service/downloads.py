@@ -16,7 +16,8 @@ from urllib.parse import quote
 from flask import Response, request, send_file
 from werkzeug.http import dump_options_header
 
-from modelpress.objectstore import LocalObjects, ObjectStore, S3Objects
+from modelpress.objectstore import LocalObjects, ObjectStore
+from modelpress.s3_objects import S3Objects
 from service.problems import ApiProblem
 from service.uploads import gzip_copy, wants_gzip
 

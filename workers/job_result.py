@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from modelpress.artifacts import file_sha256
 from modelpress.formats import TORCHSCRIPT
-from modelpress.objectstore import file_sha256
 from modelpress.storage import JobFiles
 
 

@@ -30,7 +30,7 @@ from celery import Celery
 from modelpress.cleanup import remove_files_left, remove_job, remove_orphans
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
-from modelpress.objectstore import open_object_store
+from modelpress.object_stores import open_object_store
 from workers.celery_app import QUEUE, send_job
 
 log = logging.getLogger("modelpress.reaper")

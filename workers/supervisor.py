@@ -33,7 +33,8 @@ from modelpress.artifacts import NotPlainFile
 from modelpress.config import Settings
 from modelpress.fault_injection import fault_point
 from modelpress.jobs import JobStore, Superseded, connect, utc_now
-from modelpress.objectstore import InputsCorrupt, InputsMissing, ObjectStore, open_object_store
+from modelpress.object_stores import open_object_store
+from modelpress.objectstore import InputsCorrupt, InputsMissing, ObjectStore
 from modelpress.storage import JobFiles, Storage
 from modelpress.targets import TARGETS
 from workers import job_protocol as protocol, sandbox

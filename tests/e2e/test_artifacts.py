@@ -27,7 +27,8 @@ from modelpress.artifacts import NotPlainFile
 from modelpress.cli import main as cli
 from modelpress.client import Client, ModelPressError
 from modelpress.jobs import JobStore, connect, new_job_id, utc_now
-from modelpress.objectstore import LocalObjects, open_object_store
+from modelpress.object_stores import open_object_store
+from modelpress.objectstore import LocalObjects
 from modelpress.seaweed import SeaweedServer
 from modelpress.spec import dump_spec, parse_spec
 from modelpress.stack import Stack

@@ -464,7 +464,8 @@ def test_an_api_killed_mid_upload_leaves_files_that_a_later_sweep_removes(hosts:
 
 def test_a_staged_input_that_changed_in_the_store_is_refused(hosts: Hosts) -> None:
     from modelpress.jobs import new_job_id
-    from modelpress.objectstore import InputsCorrupt, S3Objects
+    from modelpress.objectstore import InputsCorrupt
+    from modelpress.s3_objects import S3Objects
     from modelpress.storage import Storage
 
     settings = hosts.workers["b"].settings
@@ -491,7 +492,7 @@ def test_uploads_past_the_processs_streaming_slots_spool_and_still_arrive_whole(
     """An API process streams at most STREAMING_UPLOADS uploads at once (each may buffer 80 MB); the
     next one only spools and is sent from its spool, so many fast uploads cannot fill the API's memory."""
     from modelpress.jobs import new_job_id
-    from modelpress.objectstore import STREAMING_UPLOADS, S3Objects
+    from modelpress.s3_objects import STREAMING_UPLOADS, S3Objects
     from modelpress.storage import Storage
 
     settings = hosts.api.settings
