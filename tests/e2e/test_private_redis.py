@@ -24,7 +24,8 @@ import redis
 import requests
 import torch
 
-from modelpress.stack import PROJECT_ROOT, PortHeld, Stack, free_port, redis_is_ours, redis_server_executable
+from modelpress.embedded_redis import redis_is_ours, redis_server_executable
+from modelpress.stack import PROJECT_ROOT, PortHeld, Stack, free_port
 from tests.conftest import make_settings
 from tests.models import SmallConvNet, scripted_bytes
 
