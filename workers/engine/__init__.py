@@ -2,10 +2,11 @@
 
 Read the folders bottom to top; each imports only from the ones before it (no cycles):
 
-- ``errors``, ``torchscript_graph``, ``linear_forms``, ``inputs``, ``outputs``, ``measure``: what every
-  part shares: typed errors, TorchScript graph plumbing (freeze, canonicalise, rewrite), linear layers
-  in every spelling (``linear``, ``addmm``, ``matmul``: read once for quantization and pruning), the
-  job's data and example batches, picking a model output, and measuring a model.
+- ``errors``, ``torchscript_graph``, ``torchscript_sizes``, ``linear_forms``, ``inputs``, ``outputs``,
+  ``measure``: what every part shares: typed errors, TorchScript graph plumbing (freeze, canonicalise,
+  rewrite; sizes derived rather than constant), linear layers in every spelling (``linear``,
+  ``addmm``, ``matmul``: read once for quantization and pruning), the job's data and example
+  batches, picking a model output, and measuring a model.
 - ``analysis/``: the channel analysis that structured pruning is built on (the graph walk and its
   channel groups, slicing, and the proof of a slicing), and reading ``.pt2`` program graphs.
 - ``formats/``: one module per file format (TorchScript ``.pt``, torch.export ``.pt2``): each knows
