@@ -23,59 +23,25 @@ from typing import Any
 
 import torch
 
-from modelpress.options import JobOptions, Step, TargetOptions, step
+from modelpress.options import JobOptions, Step, step
 from modelpress.search_spec import SEARCH_RUNTIMES
 from modelpress.spec import PIPELINE
 from workers.engine.errors import CompressionError, InvalidInput, TargetNotMet, is_out_of_memory, summarize_torch_error
 from workers.engine.formats.torchscript import clone_model
 from workers.engine.inputs import Dataset
-from workers.engine.measure import count_macs, median_latency_ms, output_fidelity, run_model
-from workers.engine.methods.training import accuracy
-from workers.engine.outputs import select_output
+from workers.engine.measure import count_macs, median_latency_ms
+from workers.engine.run.holdout import Judge, make_judge, split_holdout
 from workers.engine.run.prepare import Prepared, Progress
 from workers.engine.run.report import measure_result
 from workers.engine.run.steps import finish_sections, run_steps, step_warnings
 from workers.engine.run.targets import failure_reason, make_target
 
-MIN_HOLDOUT_ROWS = 10
-MIN_TRAINING_ROWS = 10
 PRUNE_AMOUNTS = (0.3, 0.5, 0.7, 0.85)
 DISTILL_WIDTHS = (0.5, 0.33, 0.25)
 FINETUNE = {"epochs": 5, "lr": 2e-3, "batch_size": 64, "seed": 0}  # as a spec gives it
 _DYNAMIC_TYPES = {"Linear", "LSTM", "GRU", "NonDynamicallyQuantizableLinear"}
 _STATIC_TYPES = {"Conv1d", "Conv2d", "Conv3d", "Linear"}
 _OBJECTIVE_KEYS = {"size": "bytes", "latency": "latency_ms", "macs": "macs"}
-
-
-@dataclass
-class _Judge:
-    """The held-out rows, the original's outputs on them, and the bound a candidate must keep."""
-
-    metric: str
-    holdout: Dataset
-    reference: list[Any]
-    baseline: float
-    threshold: float
-
-    def score(self, model: torch.jit.ScriptModule) -> float:
-        if self.metric == "accuracy":
-            value = accuracy(model, self.holdout)
-            if value is None:
-                raise InvalidInput("target metric accuracy needs class scores [batch, classes] from the output "
-                                   "spec.output chooses")
-            return value
-        outputs = [run_model(model, batch) for batch in _batches(self.holdout)]
-        if self.metric == "cosine":
-            return float(output_fidelity(self.reference, outputs)["cosine_similarity"])
-        agree = total = 0
-        for ref, out in zip(self.reference, outputs):
-            a, b = select_output(ref, self.holdout.target_output), select_output(out, self.holdout.target_output)
-            if a.dim() != 2 or a.shape[1] < 2:
-                raise InvalidInput("target metric top1_agreement needs class scores [batch, classes]; got an output "
-                                   f"of shape {list(a.shape)} (use cosine, or choose the output with spec.output)")
-            agree += int((a.argmax(1) == b.argmax(1)).sum())
-            total += int(a.shape[0])
-        return agree / max(total, 1)
 
 
 @dataclass
@@ -93,8 +59,8 @@ def search(prepared: Prepared, job: JobOptions, output_path: str | os.PathLike, 
     assert target is not None and options is not None  # job.searching
     if prepared.data is None:
         raise InvalidInput("a target needs a data file: the search judges candidates on held-out rows of it")
-    training, holdout = _split(prepared.examples, options.holdout, options.seed)
-    judge = _judge(prepared, target, holdout)
+    training, holdout = split_holdout(prepared.examples, options.holdout, options.seed)
+    judge = make_judge(prepared, target, holdout)
     objective = _OBJECTIVE_KEYS[target.objective]
     runtime = SEARCH_RUNTIMES[target.runtime] if target.objective == "latency" else None  # an export target, or None
     ladders = list(_candidates(job, prepared.form.layer_types(prepared.original), training))
@@ -166,7 +132,7 @@ def search(prepared: Prepared, job: JobOptions, output_path: str | os.PathLike, 
             "steps": finish_sections(chosen.trial["sections"], report), "warnings": warnings}
 
 
-def _try(candidate: _Candidate, number: int, max_trials: int, prepared: Prepared, training: Dataset, judge: _Judge,
+def _try(candidate: _Candidate, number: int, max_trials: int, prepared: Prepared, training: Dataset, judge: Judge,
          student: torch.jit.ScriptModule | None, path: Path, progress: Progress,
          runtime: str | None = None) -> dict[str, Any]:
     """One trial: run the steps on the training rows, judge after each step, measure the file.
@@ -309,31 +275,7 @@ def _label(steps: Sequence[Step]) -> str:
     return " + ".join(parts)
 
 
-# ---------------------------------------------------------------------------- judging
-
-
-def _split(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
-    rows = len(data)
-    held = max(MIN_HOLDOUT_ROWS, round(rows * fraction))
-    if rows - held < MIN_TRAINING_ROWS:
-        raise InvalidInput(f"the search needs at least {MIN_HOLDOUT_ROWS + MIN_TRAINING_ROWS} rows in the data file "
-                           f"({MIN_HOLDOUT_ROWS} held out to judge on, the rest to train on); it has {rows}")
-    order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
-    return data.subset(order[held:]), data.subset(order[:held])
-
-
-def _judge(prepared: Prepared, target: TargetOptions, holdout: Dataset) -> _Judge:
-    if target.metric == "accuracy" and holdout.labels is None:
-        raise InvalidInput("target metric accuracy needs a 'labels' array in the data file")
-    reference = [run_model(prepared.original, batch) for batch in _batches(holdout)]
-    judge = _Judge(target.metric, holdout, reference, 1.0, 0.0)
-    judge.baseline = judge.score(prepared.original)
-    judge.threshold = float(target.min) if target.min is not None else judge.baseline - float(target.max_drop or 0.0)
-    return judge
-
-
-def _batches(data: Dataset, rows: int = 64) -> list[tuple[torch.Tensor, ...]]:
-    return [data.rows(slice(start, start + rows)) for start in range(0, len(data), rows)]
+# ---------------------------------------------------------------------------- trials compared
 
 
 def _better(trial: Mapping[str, Any], best: Mapping[str, Any], objective: str) -> bool:
