@@ -63,9 +63,11 @@ pte-runner: $(STAMP) compiler
 docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VPY) -m mkdocs build --strict --site-dir site
 
-# ruff check with [tool.ruff] in pyproject.toml (the linter only; formatting is not checked here).
+# ruff check, then ruff format --check ([tool.ruff] and [tool.ruff.format] in pyproject.toml): a
+# finding or a file that `ruff format .` would change fails. Run `ruff format .` to fix the latter.
 lint: $(STAMP)
 	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
 
 # lint first: a finding fails the run in seconds, before the browser, compiler and docs steps.
 test: $(STAMP) lint sandbox chromium compiler pte-runner docs
