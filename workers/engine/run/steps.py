@@ -42,7 +42,7 @@ def run_steps(model: Any, steps: Sequence[Step], prepared: Prepared,
                 form.save(model, float_copy)
             model, details = method_entry(form.name, name)(
                 model, step.options, data,
-                lambda stage, fraction, i=index: progress(f"{label}{stage}", (i + min(max(fraction, 0.0), 1.0)) / len(steps)),  # noqa: B023  called only within this step
+                lambda stage, fraction, i=index, label=label: progress(f"{label}{stage}", (i + min(max(fraction, 0.0), 1.0)) / len(steps)),
                 **extras)
             if index + 1 < len(steps):
                 # The next step gets what a user would download after this one: a saved, reloaded file.
