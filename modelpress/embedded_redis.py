@@ -4,6 +4,7 @@ stack: a password (only its SHA-256 in the configuration file), no administratio
 port is the process just started (``redis_is_ours``). docs/architecture.md, "Private embedded
 Redis, held ports", says why.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,6 +33,7 @@ def redis_is_ours(port: int, password: str, pid: int) -> bool:
     service's jobs. Redis reports its own process id. Spoken by hand (RESP): redis-py, given a
     password, carries on when the server has none to check.
     """
+
     def command(*words: str) -> bytes:
         return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w.encode()), w.encode()) for w in words)
 
@@ -54,12 +56,24 @@ def redis_config(port: int, redis_dir: Path, password: str) -> str:
     """The embedded Redis' configuration: a file, so the password never appears in a command line (only
     its SHA-256 is written, and the file is 0600)."""
     digest = hashlib.sha256(password.encode()).hexdigest()
-    return "\n".join([
-        f"port {port}", "bind 127.0.0.1", "protected-mode yes", "daemonize no", "loglevel warning",
-        f'dir "{redis_dir}"', "appendonly yes", "appendfsync everysec", 'save ""',
-        # The default user is the only one: it needs the password and may not run what REDIS_DENIED names.
-        f"user default on #{digest} ~* &* +@all {REDIS_DENIED}",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                f"port {port}",
+                "bind 127.0.0.1",
+                "protected-mode yes",
+                "daemonize no",
+                "loglevel warning",
+                f'dir "{redis_dir}"',
+                "appendonly yes",
+                "appendfsync everysec",
+                'save ""',
+                # The default user is the only one: it needs the password and may not run what REDIS_DENIED names.
+                f"user default on #{digest} ~* &* +@all {REDIS_DENIED}",
+            ]
+        )
+        + "\n"
+    )
 
 
 def write_private(path: Path, text: str) -> None:

@@ -2,6 +2,7 @@
 limits and defaults), the output that training and comparison read (``OutputChoice``) and how
 its latency is timed (``EvaluationSpec``). ``modelpress.spec`` nests them in the whole spec.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -24,17 +25,29 @@ MAX_INT_BOUND = 2**53  # int64 bounds exactly representable in JSON numbers and 
 
 class InputSpec(Strict):
     shape = fields.List(
-        fields.Integer(strict=True, validate=validate.Range(1, 1 << 20)), required=True,
+        fields.Integer(strict=True, validate=validate.Range(1, 1 << 20)),
+        required=True,
         validate=validate.Length(min=1, max=8),
         metadata={"description": "Shape of this input's example batch, batch axis first."},
     )
-    dtype = fields.String(load_default="float32", validate=validate.OneOf(INPUT_DTYPES),
-                          metadata={"description": "Element type of this input."})
-    low = fields.Float(load_default=None, allow_none=True,
-                       metadata={"description": "Random values from [low, high): floats uniform (default: standard "
-                                                "normal), integers default [0, 100); not for bool."})
-    high = fields.Float(load_default=None, allow_none=True,
-                        metadata={"description": "Upper bound (exclusive) of random values; see low."})
+    dtype = fields.String(
+        load_default="float32",
+        validate=validate.OneOf(INPUT_DTYPES),
+        metadata={"description": "Element type of this input."},
+    )
+    low = fields.Float(
+        load_default=None,
+        allow_none=True,
+        metadata={
+            "description": "Random values from [low, high): floats uniform (default: standard "
+            "normal), integers default [0, 100); not for bool."
+        },
+    )
+    high = fields.Float(
+        load_default=None,
+        allow_none=True,
+        metadata={"description": "Upper bound (exclusive) of random values; see low."},
+    )
 
     @validates_schema
     def _range_fits_dtype(self, data: Mapping[str, Any], **kwargs: Any) -> None:
@@ -85,23 +98,33 @@ class OutputChoice(fields.Field):
 
 class EvaluationSpec(Strict):
     runs = fields.Integer(
-        load_default=20, strict=True, validate=validate.Range(1, 1000),
+        load_default=20,
+        strict=True,
+        validate=validate.Range(1, 1000),
         metadata={"description": "Timed forward passes per model; the report gives the median (count)."},
     )
     warmup = fields.Integer(
-        load_default=3, strict=True, validate=validate.Range(0, 100),
+        load_default=3,
+        strict=True,
+        validate=validate.Range(0, 100),
         metadata={"description": "Untimed passes before timing (count)."},
     )
     runtime = fields.String(
-        load_default="eager", validate=validate.OneOf(("eager", "compile", "aoti")),
-        metadata={"description": "How a torch.export (.pt2) program is run when timed: 'eager' "
-                                 "(ExportedProgram.module()), 'compile' (torch.compile of it) or 'aoti' (an "
-                                 "AOTInductor package; needs a C++ compiler on the worker). TorchScript models: "
-                                 "'eager' only."},
+        load_default="eager",
+        validate=validate.OneOf(("eager", "compile", "aoti")),
+        metadata={
+            "description": "How a torch.export (.pt2) program is run when timed: 'eager' "
+            "(ExportedProgram.module()), 'compile' (torch.compile of it) or 'aoti' (an "
+            "AOTInductor package; needs a C++ compiler on the worker). TorchScript models: "
+            "'eager' only."
+        },
     )
     max_seconds = fields.Float(
-        load_default=30.0, validate=validate.Range(min=0.1, max=3600),
-        metadata={"description": "Time budget of the latency measurement of each model (seconds): warmup and timed "
-                                 "passes stop once it is spent, after at least one timed pass; the report says how "
-                                 "many ran."},
+        load_default=30.0,
+        validate=validate.Range(min=0.1, max=3600),
+        metadata={
+            "description": "Time budget of the latency measurement of each model (seconds): warmup and timed "
+            "passes stop once it is spent, after at least one timed pass; the report says how "
+            "many ran."
+        },
     )

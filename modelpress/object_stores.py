@@ -2,6 +2,7 @@
 (``MODELPRESS_STORAGE_URL``) and opens the data directory's (``objectstore.LocalObjects``) or a
 bucket's (``s3_objects.S3Objects``).
 """
+
 from __future__ import annotations
 
 from modelpress.config import Settings

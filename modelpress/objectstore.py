@@ -14,6 +14,7 @@ A reader never sees a partial result, in either store: the served names carry th
 recorded success, that attempt writes them before its final state, and an S3 object (a multipart
 upload too) becomes visible only once complete. The report goes last.
 """
+
 from __future__ import annotations
 
 import logging

@@ -30,6 +30,7 @@ string of the file becomes code or a callable, and what this module demands of e
 The strings torch evaluates (shape expressions, guards, pytree specs) are checked in
 ``modelpress.pt2_evaluated_strings``, which also defines ``Refused``.
 """
+
 from __future__ import annotations
 
 import re
@@ -48,20 +49,49 @@ from modelpress.pt2_schema import ENUMS, FLOAT_WORDS, SCHEMA_MAJOR, STRUCTS, UNI
 # modes). Others call operators or objects named by argument (auto_functionalized, with_effects,
 # out_dtype, call_torchbind), run kernels or code from elsewhere (triton, inductor, executorch,
 # aoti, inline_asm) or print (print): refused.
-HIGHER_ORDER_OPS = frozenset({"cond", "while_loop", "map_impl", "scan", "associative_scan",
-                              "wrap_with_set_grad_enabled", "wrap_with_autocast"})
+HIGHER_ORDER_OPS = frozenset(
+    {"cond", "while_loop", "map_impl", "scan", "associative_scan", "wrap_with_set_grad_enabled", "wrap_with_autocast"}
+)
 # Non-operator call targets torch's serializer writes (serialize.py ``_SYM_OPS``): size arithmetic.
-SYMBOLIC_TARGETS = frozenset({
-    *(f"_operator.{name}" for name in ("eq", "ne", "le", "ge", "lt", "gt", "neg", "pos", "mul", "add", "sub",
-                                        "floordiv", "mod", "pow", "truediv", "and_", "or_", "lshift", "rshift")),
-    "math.trunc",
-    *(f"torch.{name}" for name in ("sym_not", "sym_int", "sym_float", "sym_ite", "sym_max", "sym_min", "sym_sqrt")),
-})
-_OPERATOR = re.compile(r"^torch\.ops\.(?P<namespace>[A-Za-z_]\w{0,99})\.(?P<op>[A-Za-z_]\w{0,199})"
-                       r"(?:\.(?P<overload>[A-Za-z]\w{0,99}))?$", re.ASCII)
+SYMBOLIC_TARGETS = frozenset(
+    {
+        *(
+            f"_operator.{name}"
+            for name in (
+                "eq",
+                "ne",
+                "le",
+                "ge",
+                "lt",
+                "gt",
+                "neg",
+                "pos",
+                "mul",
+                "add",
+                "sub",
+                "floordiv",
+                "mod",
+                "pow",
+                "truediv",
+                "and_",
+                "or_",
+                "lshift",
+                "rshift",
+            )
+        ),
+        "math.trunc",
+        *(f"torch.{name}" for name in ("sym_not", "sym_int", "sym_float", "sym_ite", "sym_max", "sym_min", "sym_sqrt")),
+    }
+)
+_OPERATOR = re.compile(
+    r"^torch\.ops\.(?P<namespace>[A-Za-z_]\w{0,99})\.(?P<op>[A-Za-z_]\w{0,199})"
+    r"(?:\.(?P<overload>[A-Za-z]\w{0,99}))?$",
+    re.ASCII,
+)
 # aten's own dunder operators (``aten::__and__``); any other dunder reaches Python object internals.
-_DUNDER_OPS = frozenset(f"__{name}__" for name in ("and", "or", "xor", "lshift", "rshift", "iand", "ior", "ixor",
-                                                     "ilshift", "irshift"))
+_DUNDER_OPS = frozenset(
+    f"__{name}__" for name in ("and", "or", "xor", "lshift", "rshift", "iand", "ior", "ixor", "ilshift", "irshift")
+)
 # Attributes of torch.ops itself: a "namespace" of these names resolves to a method or a set.
 _OPS_ATTRIBUTES = frozenset({"load_library", "import_module", "loaded_libraries", "_dir"})
 _IDENTIFIER = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]{0,199})?$")  # empty: an unnamed positional argument
@@ -73,20 +103,40 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u2028\u2029]")
 _META_TARGET = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$", re.ASCII)
 
 # String fields by role: (type, field) -> what the string must be. Dict keys: (type, field, "key").
-_NAME_FIELDS = {("TensorArgument", "name"), ("TokenArgument", "name"), ("SymIntArgument", "as_name"),
-                ("SymFloatArgument", "as_name"), ("SymBoolArgument", "as_name"), ("GraphArgument", "name"),
-                ("CustomObjArgument", "name"), ("NamedArgument", "name"), ("Node", "name"),
-                ("InputToConstantInputSpec", "name"), ("GradientToUserInputSpec", "user_input_name"),
-                ("UserInputMutationSpec", "user_input_name"), ("ModuleCallSignature", "forward_arg_names"),
-                ("NamedTupleDef", "field_names"),
-                *(("Graph", field, "key") for field in ("tensor_values", "sym_int_values", "sym_bool_values",
-                                                         "sym_float_values", "custom_obj_values"))}
-_PATH_FIELDS = {("InputToParameterSpec", "parameter_name"), ("InputToBufferSpec", "buffer_name"),
-                ("InputToTensorConstantSpec", "tensor_constant_name"), ("InputToCustomObjSpec", "custom_obj_name"),
-                ("BufferMutationSpec", "buffer_name"), ("ParameterMutationSpec", "parameter_name"),
-                ("GradientToParameterSpec", "parameter_name"), ("ModuleCallEntry", "fqn"),
-                ("CustomObjArgument", "class_fqn"), ("GraphModule", "treespec_namedtuple_fields", "key"),
-                ("PayloadConfig", "config", "key"), ("ExportedProgram", "opset_version", "key")}
+_NAME_FIELDS = {
+    ("TensorArgument", "name"),
+    ("TokenArgument", "name"),
+    ("SymIntArgument", "as_name"),
+    ("SymFloatArgument", "as_name"),
+    ("SymBoolArgument", "as_name"),
+    ("GraphArgument", "name"),
+    ("CustomObjArgument", "name"),
+    ("NamedArgument", "name"),
+    ("Node", "name"),
+    ("InputToConstantInputSpec", "name"),
+    ("GradientToUserInputSpec", "user_input_name"),
+    ("UserInputMutationSpec", "user_input_name"),
+    ("ModuleCallSignature", "forward_arg_names"),
+    ("NamedTupleDef", "field_names"),
+    *(
+        ("Graph", field, "key")
+        for field in ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values", "custom_obj_values")
+    ),
+}
+_PATH_FIELDS = {
+    ("InputToParameterSpec", "parameter_name"),
+    ("InputToBufferSpec", "buffer_name"),
+    ("InputToTensorConstantSpec", "tensor_constant_name"),
+    ("InputToCustomObjSpec", "custom_obj_name"),
+    ("BufferMutationSpec", "buffer_name"),
+    ("ParameterMutationSpec", "parameter_name"),
+    ("GradientToParameterSpec", "parameter_name"),
+    ("ModuleCallEntry", "fqn"),
+    ("CustomObjArgument", "class_fqn"),
+    ("GraphModule", "treespec_namedtuple_fields", "key"),
+    ("PayloadConfig", "config", "key"),
+    ("ExportedProgram", "opset_version", "key"),
+}
 
 
 def check_program(program: object, check_ops: bool) -> None:
@@ -98,8 +148,10 @@ def check_program(program: object, check_ops: bool) -> None:
         raise Refused("models/model.json is not a torch.export program (no schema_version)")
     major = program["schema_version"].get("major")
     if major != SCHEMA_MAJOR:
-        raise Refused(f"models/model.json has serialization schema version {str(major)[:20]}, not {SCHEMA_MAJOR}: "
-                      "save the program with torch 2.5 or later (this service runs torch 2.14)")
+        raise Refused(
+            f"models/model.json has serialization schema version {str(major)[:20]}, not {SCHEMA_MAJOR}: "
+            "save the program with torch 2.5 or later (this service runs torch 2.14)"
+        )
     walk(program, "ExportedProgram", check_ops)
 
 
@@ -108,9 +160,11 @@ def check_payload_config(config: object, folder: str) -> None:
     walk(config, "PayloadConfig", check_ops=False)
     for fqn, meta in config["config"].items():
         if meta.get("use_pickle") is not False:
-            raise Refused(f"the .pt2 {folder} entry {fqn[:100]!r} is stored as a pickle, which torch.export.load "
-                          "unpickles with weights_only=False (code from the file would run): refused; "
-                          "save plain tensors")
+            raise Refused(
+                f"the .pt2 {folder} entry {fqn[:100]!r} is stored as a pickle, which torch.export.load "
+                "unpickles with weights_only=False (code from the file would run): refused; "
+                "save plain tensors"
+            )
         if not re.fullmatch(r"(weight|tensor)_\d+", str(meta.get("path_name", ""))):
             raise Refused(f"the .pt2 {folder} entry {fqn[:100]!r} is not a plain tensor: refused")
 
@@ -142,18 +196,22 @@ def walk(document: object, root: str, check_ops: bool) -> None:
                 raise _wrong_type(role, kind)
             unknown = [key for key in value if key not in fields]
             if unknown:
-                raise Refused(f"models/model.json holds a field {unknown[0][:100]!r} in {kind} that torch's export "
-                              f"schema (version {SCHEMA_MAJOR}) does not define: refused")
+                raise Refused(
+                    f"models/model.json holds a field {unknown[0][:100]!r} in {kind} that torch's export "
+                    f"schema (version {SCHEMA_MAJOR}) does not define: refused"
+                )
             _check_struct(kind, value, check_ops)
             stack.extend((entry, fields[key], (kind, key)) for key, entry in value.items())
         elif kind in UNIONS:
             variants = UNIONS[kind]
             if not isinstance(value, dict) or len(value) != 1:
                 raise _wrong_type(role, kind)
-            (key, entry), = value.items()
+            ((key, entry),) = value.items()
             if key not in variants:
-                raise Refused(f"models/model.json holds a {kind} of kind {key[:100]!r} that torch's export schema "
-                              f"(version {SCHEMA_MAJOR}) does not define: refused")
+                raise Refused(
+                    f"models/model.json holds a {kind} of kind {key[:100]!r} that torch's export schema "
+                    f"(version {SCHEMA_MAJOR}) does not define: refused"
+                )
             stack.append((entry, variants[key], (kind, key)))
         elif kind in ENUMS:
             if type(value) is not int or value not in ENUMS[kind]:
@@ -187,15 +245,19 @@ def _check_struct(kind: str, value: dict, check_ops: bool) -> None:
     elif kind == "GraphModule" and isinstance(value.get("metadata"), dict):
         extra = sorted(set(value["metadata"]) - _GRAPH_METADATA)
         if extra:
-            raise Refused(f"models/model.json holds graph metadata {extra[0][:100]!r}, which torch.export.save "
-                          "never writes: refused")
+            raise Refused(
+                f"models/model.json holds graph metadata {extra[0][:100]!r}, which torch.export.save "
+                "never writes: refused"
+            )
 
 
 def _check_string(text: str, role: tuple, check_ops: bool) -> None:
     if role in _NAME_FIELDS:
         if not _IDENTIFIER.match(text):
-            raise Refused(f"the program names a value {text[:100]!r}, which is not a Python identifier (torch "
-                          "writes it into the code it generates and runs while loading): refused")
+            raise Refused(
+                f"the program names a value {text[:100]!r}, which is not a Python identifier (torch "
+                "writes it into the code it generates and runs while loading): refused"
+            )
     elif role in _PATH_FIELDS:
         if not ATTRIBUTE_PATH.match(text):
             raise Refused(f"the program names an attribute {text[:100]!r}, which is not a dotted name: refused")
@@ -226,16 +288,22 @@ def check_operator(target: str, check_ops: bool, argument: bool = False) -> None
     if target in SYMBOLIC_TARGETS:
         return
     match = _OPERATOR.match(target)
-    if (match is None or match.group("namespace").startswith("__") or match.group("namespace") in _OPS_ATTRIBUTES
-            or (match.group("op").startswith("__") and match.group("op") not in _DUNDER_OPS)):
+    if (
+        match is None
+        or match.group("namespace").startswith("__")
+        or match.group("namespace") in _OPS_ATTRIBUTES
+        or (match.group("op").startswith("__") and match.group("op") not in _DUNDER_OPS)
+    ):
         raise Refused(f"the program {what} {target[:100]!r}, which is not a torch operator: refused")
     namespace, op = match.group("namespace"), match.group("op")
     if not check_ops:
         return
     if namespace == "higher_order":
         if op not in HIGHER_ORDER_OPS:
-            raise Refused(f"the program {what} the higher-order op {op!r}: only control flow and subgraph wrappers "
-                          f"({', '.join(sorted(HIGHER_ORDER_OPS))}) may run: refused")
+            raise Refused(
+                f"the program {what} the higher-order op {op!r}: only control flow and subgraph wrappers "
+                f"({', '.join(sorted(HIGHER_ORDER_OPS))}) may run: refused"
+            )
         return
     why = refusal(f"{namespace}::{op}")
     if why:
@@ -253,13 +321,17 @@ def _check_node_metadata(metadata: dict) -> None:
             raise Refused(f"models/model.json holds node metadata {str(key)[:100]!r} with a control character: refused")
     extra = sorted(set(metadata) - _NODE_METADATA)
     if extra:
-        raise Refused(f"models/model.json holds node metadata {str(extra[0])[:100]!r}, which torch.export.save never "
-                      "writes: refused")
+        raise Refused(
+            f"models/model.json holds node metadata {str(extra[0])[:100]!r}, which torch.export.save never "
+            "writes: refused"
+        )
     stack = metadata.get("source_fn_stack")
     if isinstance(stack, str):  # "name,target;name,target": targets resolved by getattr from torch
         for item in stack.split(";"):
             target = item.rpartition(",")[2]
             resolved = target.startswith(("torch", "_operator", "math", "#"))
             if resolved and (not _META_TARGET.match(target) or "__" in target):
-                raise Refused(f"the program's source_fn_stack names {target[:100]!r}, which torch would resolve "
-                              "by attribute lookup and is not a plain dotted name: refused")
+                raise Refused(
+                    f"the program's source_fn_stack names {target[:100]!r}, which torch would resolve "
+                    "by attribute lookup and is not a plain dotted name: refused"
+                )

@@ -3,6 +3,7 @@ beat the job's heartbeat with its progress, and stop its process group at its ti
 cancel, a takeover (``Superseded``) or a protocol violation. ``workers.supervisor`` starts the
 child and turns how it ended (``ChildEnd``) into the job's final state.
 """
+
 from __future__ import annotations
 
 import os

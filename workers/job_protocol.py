@@ -7,6 +7,7 @@ writes JSON lines ``{"event": ..., ...}`` on the file descriptor named by ``PROG
 stage and a fraction, then ``succeeded`` or ``failed`` with a problem's slug, title and detail.
 Whatever the child cannot say itself (it died, or never started) is turned into a problem here too.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,8 +48,12 @@ MAX_WARNINGS = 100
 MAX_WARNING_CHARS = 2000
 OUTPUT_FORMATS = (TORCHSCRIPT, EXPORTED, AOTI_PACKAGE)
 # The report's figures the supervisor copies into the job record (``Supervisor._result_summary``).
-_REPORT_FIGURES = (("size", "ratio"), ("latency", "ratio"), ("fidelity", "cosine_similarity"),
-                   ("fidelity", "top1_agreement"))
+_REPORT_FIGURES = (
+    ("size", "ratio"),
+    ("latency", "ratio"),
+    ("fidelity", "cosine_similarity"),
+    ("fidelity", "top1_agreement"),
+)
 # ``output/`` may hold this much: a compressed model is rarely larger than its input, an AOTInductor
 # package adds its compiled code. RLIMIT_FSIZE in the job and the supervisor's watch both apply it.
 OUTPUT_INPUT_FACTOR = 4
@@ -57,8 +62,13 @@ MAX_TARGETS = len(TARGETS)
 MAX_OUTPUT_ENTRIES = 64  # files and folders under output/ (the job writes two, plus temporary names)
 
 # Settings the child needs; read back there with Settings.from_env, so defaults live in config.py only.
-_CHILD_SETTINGS = ("MODELPRESS_JOB_THREADS", "MODELPRESS_JOB_MEMORY_MB", "MODELPRESS_JOB_TIMEOUT_S", "MODELPRESS_SANDBOX",
-                   "MODELPRESS_OP_CHECK")
+_CHILD_SETTINGS = (
+    "MODELPRESS_JOB_THREADS",
+    "MODELPRESS_JOB_MEMORY_MB",
+    "MODELPRESS_JOB_TIMEOUT_S",
+    "MODELPRESS_SANDBOX",
+    "MODELPRESS_OP_CHECK",
+)
 
 
 def child_environment(settings: Settings, progress_fd: int, pythonpath: str) -> dict[str, str]:
@@ -141,14 +151,17 @@ def read_messages(read_fd: int, messages: queue.Queue[dict[str, Any] | Violation
             while (end := pending.find(b"\n", searched)) >= 0:
                 count += 1
                 message = parse_message(bytes(pending[:end]), count)
-                del pending[:end + 1]
+                del pending[: end + 1]
                 searched = 0
                 messages.put(message)
                 if isinstance(message, Violation):
                     return
             if len(pending) > MAX_LINE_BYTES:
-                messages.put(Violation(f"message {count + 1} is longer than {MAX_LINE_BYTES} bytes "
-                                       f"(starts {_excerpt(bytes(pending))})"))
+                messages.put(
+                    Violation(
+                        f"message {count + 1} is longer than {MAX_LINE_BYTES} bytes (starts {_excerpt(bytes(pending))})"
+                    )
+                )
                 return
     # A partial last line (the child was killed mid-write) is dropped: its exit status says what happened.
     messages.put(None)
@@ -189,6 +202,7 @@ def _text(limit: int, pattern: re.Pattern[str] | None = None) -> Callable[[Any],
         if not value.isprintable():
             return "holds control characters"
         return None
+
     return check
 
 
@@ -204,9 +218,15 @@ _EVENT_FIELDS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     STARTED: {},
     PROGRESS: {"stage": _text(MAX_STAGE_CHARS), "progress": _fraction},
     SUCCEEDED: {},
-    FAILED: {"slug": _text(64, re.compile(r"[a-z0-9-]{1,64}")), "title": _text(MAX_TITLE_CHARS),
-             "detail": lambda value: None if isinstance(value, str) and len(value) <= MAX_DETAIL_CHARS
-             else f"is not a string of at most {MAX_DETAIL_CHARS} characters"},
+    FAILED: {
+        "slug": _text(64, re.compile(r"[a-z0-9-]{1,64}")),
+        "title": _text(MAX_TITLE_CHARS),
+        "detail": lambda value: (
+            None
+            if isinstance(value, str) and len(value) <= MAX_DETAIL_CHARS
+            else f"is not a string of at most {MAX_DETAIL_CHARS} characters"
+        ),
+    },
 }
 
 
@@ -216,8 +236,11 @@ def _excerpt(data: bytes) -> str:
 
 
 def protocol_violation(violation: Violation) -> dict[str, Any]:
-    return problem("protocol-violation", "Protocol violation",
-                   f"the compression process broke the supervisor's protocol and was stopped: {violation.reason}")
+    return problem(
+        "protocol-violation",
+        "Protocol violation",
+        f"the compression process broke the supervisor's protocol and was stopped: {violation.reason}",
+    )
 
 
 # ---------------------------------------------------------------------------- the report
@@ -257,8 +280,9 @@ def read_report(path: Path) -> dict[str, Any]:
         if value is None:
             raise InvalidReport(f"{section!r} is not an object")
         figure = value.get(name)
-        if figure is not None and (isinstance(figure, bool) or not isinstance(figure, (int, float))
-                                   or not math.isfinite(figure)):
+        if figure is not None and (
+            isinstance(figure, bool) or not isinstance(figure, (int, float)) or not math.isfinite(figure)
+        ):
             raise InvalidReport(f"'{section}.{name}' is not a finite number or null")
     output_format = report.get("format", {}).get("output") if isinstance(report.get("format"), dict) else None
     if output_format is not None and output_format not in OUTPUT_FORMATS:
@@ -271,8 +295,9 @@ def _no_constant(name: str) -> None:
 
 
 def invalid_report(error: InvalidReport) -> dict[str, Any]:
-    return problem("invalid-report", "Invalid report",
-                   f"the compression process wrote a report that is refused: {error}")
+    return problem(
+        "invalid-report", "Invalid report", f"the compression process wrote a report that is refused: {error}"
+    )
 
 
 def output_limit_bytes(files: Any) -> int:
@@ -296,10 +321,13 @@ def output_too_large(limit_bytes: int, seen_bytes: int, entries: int) -> dict[st
     if entries > MAX_OUTPUT_ENTRIES:
         what = f"{entries} files and folders (at most {MAX_OUTPUT_ENTRIES})"
     else:
-        what = f"at least {seen_bytes >> 20} MB (at most {limit_bytes >> 20} MB: {OUTPUT_INPUT_FACTOR} times the " \
-               f"uploaded model for it and each export target, plus {OUTPUT_ALLOWANCE_BYTES >> 20} MB)"
-    return problem("output-too-large", "Output too large",
-                   f"the compression process wrote {what} under output/ and was stopped")
+        what = (
+            f"at least {seen_bytes >> 20} MB (at most {limit_bytes >> 20} MB: {OUTPUT_INPUT_FACTOR} times the "
+            f"uploaded model for it and each export target, plus {OUTPUT_ALLOWANCE_BYTES >> 20} MB)"
+        )
+    return problem(
+        "output-too-large", "Output too large", f"the compression process wrote {what} under output/ and was stopped"
+    )
 
 
 def problem(slug: str, title: str, detail: str) -> dict[str, Any]:
@@ -327,9 +355,12 @@ def failure_of(error: BaseException, settings: Settings) -> dict[str, str]:
 
 
 def sandbox_unavailable(detail: str) -> dict[str, Any]:
-    return problem("sandbox-unavailable", "Sandbox unavailable",
-                   f"the job was not run because its confinement could not be set up: {detail} "
-                   "(see docs/security.md; MODELPRESS_SANDBOX=off runs jobs unconfined)")
+    return problem(
+        "sandbox-unavailable",
+        "Sandbox unavailable",
+        f"the job was not run because its confinement could not be set up: {detail} "
+        "(see docs/security.md; MODELPRESS_SANDBOX=off runs jobs unconfined)",
+    )
 
 
 def died(returncode: int, settings: Settings, started: bool, setup_error: str | None) -> dict[str, Any]:
@@ -348,8 +379,10 @@ def died(returncode: int, settings: Settings, started: bool, setup_error: str | 
         if signum == signal.SIGSEGV:
             why = "it crashed with a segmentation fault (a native crash inside torch on this model)"
         elif signum == signal.SIGKILL:
-            why = (f"it was killed with SIGKILL (out of memory under the {settings.job_memory_mb} MB limit, "
-                   "or stopped by an operator)")
+            why = (
+                f"it was killed with SIGKILL (out of memory under the {settings.job_memory_mb} MB limit, "
+                "or stopped by an operator)"
+            )
         else:
             why = f"it was stopped by {name}"
         detail = f"the compression process died: {why}"
@@ -359,5 +392,4 @@ def died(returncode: int, settings: Settings, started: bool, setup_error: str | 
 
 
 def memory_message(settings: Settings) -> str:
-    return (f"the model needs more memory than the job's limit of {settings.job_memory_mb} MB "
-            "(MODELPRESS_JOB_MEMORY_MB)")
+    return f"the model needs more memory than the job's limit of {settings.job_memory_mb} MB (MODELPRESS_JOB_MEMORY_MB)"

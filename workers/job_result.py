@@ -2,6 +2,7 @@
 be: the report's file sizes measured on the real files (``measure_sizes``), and the job record's
 result summary (``result_summary``). ``workers.supervisor`` calls both when it publishes.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,8 +24,16 @@ def result_summary(model: Path, report: dict[str, Any]) -> dict[str, Any]:
         "latency_ratio": report["latency"]["ratio"],
         "cosine_similarity": report["fidelity"]["cosine_similarity"],
         "top1_agreement": report["fidelity"]["top1_agreement"],
-        **({"targets": {name: {key: entry[key] for key in ("status", "bytes", "sha256") if key in entry}
-                        for name, entry in report["targets"].items()}} if report.get("targets") else {}),
+        **(
+            {
+                "targets": {
+                    name: {key: entry[key] for key in ("status", "bytes", "sha256") if key in entry}
+                    for name, entry in report["targets"].items()
+                }
+            }
+            if report.get("targets")
+            else {}
+        ),
     }
 
 

@@ -2,6 +2,7 @@
 ``workers.seccomp`` (``state_of_this_process``, reported by the job's confinement check), and a raw
 syscall by name (``call``) to try what the filter should refuse.
 """
+
 from __future__ import annotations
 
 import ctypes

@@ -2,6 +2,7 @@
 and how a report's values read in it (``plain_text``, ``has_numbers``); ``report`` and
 ``report_trials`` build their sections from these.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -12,10 +13,22 @@ from markupsafe import Markup
 from service.console import charts
 
 
-def new_section(id_: str, title: str, charts_: list[Markup] | None = None, tables: list[dict] | None = None,
-             notes: list[str] | None = None, extra: Any = None) -> dict[str, Any]:
-    return {"id": id_, "title": title, "charts": charts_ or [], "tables": tables or [], "notes": notes or [],
-            "extra": extra}
+def new_section(
+    id_: str,
+    title: str,
+    charts_: list[Markup] | None = None,
+    tables: list[dict] | None = None,
+    notes: list[str] | None = None,
+    extra: Any = None,
+) -> dict[str, Any]:
+    return {
+        "id": id_,
+        "title": title,
+        "charts": charts_ or [],
+        "tables": tables or [],
+        "notes": notes or [],
+        "extra": extra,
+    }
 
 
 def has_numbers(mapping: Mapping[str, Any], *keys: str) -> bool:

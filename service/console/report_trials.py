@@ -1,6 +1,7 @@
 """The report page's search section (method auto): the trials table and the chart of size against
 metric, with the Pareto front and the chosen candidate marked (from the report, or worked out here).
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -11,8 +12,17 @@ from service.console.report_section import new_section, plain_text
 
 _X_KEYS = ("bytes", "size_bytes", "bytes_after", "size", "size_ratio", "latency_ms", "latency", "latency_ratio", "macs")
 _Y_KEYS = ("metric", "score", "value", "accuracy", "top1_agreement", "agreement", "cosine", "cosine_similarity")
-_UNITS = {"bytes": "bytes", "size_bytes": "bytes", "bytes_after": "bytes", "size": "bytes", "latency_ms": "ms",
-          "latency": "ms", "size_ratio": "ratio to original", "latency_ratio": "ratio to original", "macs": "MACs"}
+_UNITS = {
+    "bytes": "bytes",
+    "size_bytes": "bytes",
+    "bytes_after": "bytes",
+    "size": "bytes",
+    "latency_ms": "ms",
+    "latency": "ms",
+    "size_ratio": "ratio to original",
+    "latency_ratio": "ratio to original",
+    "macs": "MACs",
+}
 
 
 def trials_section(report: Mapping[str, Any]) -> dict[str, Any]:
@@ -20,23 +30,49 @@ def trials_section(report: Mapping[str, Any]) -> dict[str, Any]:
     trials = [t for t in report["trials"] if isinstance(t, Mapping)]
     x_key = next((k for k in _X_KEYS if any(isinstance(t.get(k), (int, float)) for t in trials)), None)
     y_key = next((k for k in _Y_KEYS if any(isinstance(t.get(k), (int, float)) for t in trials)), None)
-    rows = [[plain_text(t.get("id", t.get("trial", i + 1))), plain_text(_trial_method(t)), plain_text(t.get(x_key)),
-             plain_text(t.get(y_key)), "yes" if _on_front(report, t, i) else "", "yes" if _is_chosen(report, t, i) else ""]
-            for i, t in enumerate(trials)]
-    table = {"caption": "Trials", "columns": ["trial", "method", x_key or "size", y_key or "metric",
-                                              "Pareto front", "chosen"], "rows": rows}
+    rows = [
+        [
+            plain_text(t.get("id", t.get("trial", i + 1))),
+            plain_text(_trial_method(t)),
+            plain_text(t.get(x_key)),
+            plain_text(t.get(y_key)),
+            "yes" if _on_front(report, t, i) else "",
+            "yes" if _is_chosen(report, t, i) else "",
+        ]
+        for i, t in enumerate(trials)
+    ]
+    table = {
+        "caption": "Trials",
+        "columns": ["trial", "method", x_key or "size", y_key or "metric", "Pareto front", "chosen"],
+        "rows": rows,
+    }
     drawn = []
     if x_key and y_key:
-        points = [{"x": float(t[x_key]), "y": float(t[y_key]), "label": f"trial {t.get('id', t.get('trial', i + 1))}"
-                   + (f" ({_trial_method(t)})" if _trial_method(t) else ""),
-                   "front": _on_front(report, t, i), "chosen": _is_chosen(report, t, i), "index": i}
-                  for i, t in enumerate(trials) if isinstance(t.get(x_key), (int, float))
-                  and isinstance(t.get(y_key), (int, float))]
+        points = [
+            {
+                "x": float(t[x_key]),
+                "y": float(t[y_key]),
+                "label": f"trial {t.get('id', t.get('trial', i + 1))}"
+                + (f" ({_trial_method(t)})" if _trial_method(t) else ""),
+                "front": _on_front(report, t, i),
+                "chosen": _is_chosen(report, t, i),
+                "index": i,
+            }
+            for i, t in enumerate(trials)
+            if isinstance(t.get(x_key), (int, float)) and isinstance(t.get(y_key), (int, float))
+        ]
         if not any(p["front"] for p in points):
             _mark_front(points)
         metric = (report.get("target") or {}).get("metric") if isinstance(report.get("target"), Mapping) else None
-        drawn.append(charts.scatter_front("trials", "Search trials: size against metric", f"{x_key.replace('_', ' ')} "
-                                          f"({_UNITS.get(x_key, 'value')})", metric or y_key.replace("_", " "), points))
+        drawn.append(
+            charts.scatter_front(
+                "trials",
+                "Search trials: size against metric",
+                f"{x_key.replace('_', ' ')} ({_UNITS.get(x_key, 'value')})",
+                metric or y_key.replace("_", " "),
+                points,
+            )
+        )
     return new_section("trials", "Search", drawn, [table])
 
 
@@ -74,5 +110,10 @@ def _is_chosen(report: Mapping[str, Any], trial: Mapping[str, Any], index: int) 
 def _mark_front(points: list[dict[str, Any]]) -> None:
     """No front in the report: mark the points no other point beats (smaller x and larger y)."""
     for point in points:
-        point["front"] = not any(o is not point and o["x"] <= point["x"] and o["y"] >= point["y"]
-                                 and (o["x"] < point["x"] or o["y"] > point["y"]) for o in points)
+        point["front"] = not any(
+            o is not point
+            and o["x"] <= point["x"]
+            and o["y"] >= point["y"]
+            and (o["x"] < point["x"] or o["y"] > point["y"])
+            for o in points
+        )

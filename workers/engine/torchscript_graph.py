@@ -4,6 +4,7 @@ TorchScript is deprecated in torch 2.14 but still works; every direct use of its
 internals lives here (and in ``methods/quantize/rewriter.py``'s graph rewrite) so a port to
 torch.export touches few places.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +24,9 @@ def quiet_torchscript_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, message=r".*(TorchScript|torch\.jit|deprecated|quantiz).*")
+        warnings.filterwarnings(
+            "ignore", category=UserWarning, message=r".*(TorchScript|torch\.jit|deprecated|quantiz).*"
+        )
         yield
 
 
@@ -202,8 +205,18 @@ def _fold_node(graph: torch._C.Graph, node: torch._C.Node, owners: dict) -> None
 
 
 # List ops that change a list in place: a list attribute they touch is state, not a constant.
-_LIST_MUTATIONS = {"aten::append", "aten::insert", "aten::pop", "aten::clear", "aten::extend", "aten::remove",
-                   "aten::_set_item", "aten::reverse", "aten::sort", "aten::add_"}
+_LIST_MUTATIONS = {
+    "aten::append",
+    "aten::insert",
+    "aten::pop",
+    "aten::clear",
+    "aten::extend",
+    "aten::remove",
+    "aten::_set_item",
+    "aten::reverse",
+    "aten::sort",
+    "aten::add_",
+}
 
 
 def _fixed_sequence(node: torch._C.Node, value: object) -> bool:
@@ -213,8 +226,9 @@ def _fixed_sequence(node: torch._C.Node, value: object) -> bool:
     return not any(use.user.kind() in _LIST_MUTATIONS for use in node.output().uses())
 
 
-def value_shapes(model: torch.jit.ScriptModule, graph: torch._C.Graph,
-                 inputs: tuple[torch.Tensor, ...]) -> dict[torch._C.Value, tuple[int, ...]]:
+def value_shapes(
+    model: torch.jit.ScriptModule, graph: torch._C.Graph, inputs: tuple[torch.Tensor, ...]
+) -> dict[torch._C.Value, tuple[int, ...]]:
     """Shapes of the top-level tensor values of ``graph`` (a canonical graph of ``model``) on ``inputs``.
 
     A copy of the graph returns every tensor it computes, and runs once: this is how the
@@ -243,8 +257,9 @@ def value_shapes(model: torch.jit.ScriptModule, graph: torch._C.Graph,
     return {o: tuple(t.shape) for (o, _), t in zip(chosen, results) if isinstance(t, torch.Tensor)}
 
 
-def _masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | None,
-                       bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+def _masked_layer_norm(
+    x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
     """``layer_norm`` over the last dimension with mean and variance taken over the kept entries only."""
     count = keep.sum()
     mean = (x * keep).sum(-1, keepdim=True) / count
@@ -263,8 +278,11 @@ def _masked_layer_norm_graph() -> torch._C.Graph:
         return torch.jit.script(_masked_layer_norm).graph
 
 
-def with_masked_layer_norms(model: torch.jit.ScriptModule, keep: dict[int, torch.Tensor],
-                            layer_norms: Callable[[torch._C.Graph], list[torch._C.Node]]) -> Callable[..., object]:
+def with_masked_layer_norms(
+    model: torch.jit.ScriptModule,
+    keep: dict[int, torch.Tensor],
+    layer_norms: Callable[[torch._C.Graph], list[torch._C.Node]],
+) -> Callable[..., object]:
     """``forward`` of ``model`` (its canonical graph) with some layer norms' statistics over kept entries only.
 
     ``keep`` maps an index into ``layer_norms(graph)`` to a 0/1 mask of its last dimension. With
@@ -276,8 +294,13 @@ def with_masked_layer_norms(model: torch.jit.ScriptModule, keep: dict[int, torch
     for index, mask in keep.items():
         node = nodes[index]
         with graph.insert_point_guard(node):
-            arguments = [node.inputsAt(0), graph.insertConstant(mask), node.inputsAt(2), node.inputsAt(3),
-                         node.inputsAt(4)]
+            arguments = [
+                node.inputsAt(0),
+                graph.insertConstant(mask),
+                node.inputsAt(2),
+                node.inputsAt(3),
+                node.inputsAt(4),
+            ]
             (masked,) = graph.insertGraph(_masked_layer_norm_graph(), arguments)
         node.output().replaceAllUsesWith(masked)
         node.destroy()

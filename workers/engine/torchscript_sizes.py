@@ -3,14 +3,18 @@ tensors (a grouped conv's ``groups``, a layer norm's shape, a reshape's sizes), 
 right once structured pruning slices its channels. Part of the TorchScript plumbing of
 ``torchscript_graph`` (a port to torch.export touches these two modules).
 """
+
 from __future__ import annotations
 
 import torch
 
 # Convolution ops and the position of their ``groups`` argument.
 CONVOLUTION_GROUPS_ARGUMENT = {
-    "aten::conv1d": 6, "aten::conv2d": 6, "aten::conv3d": 6,
-    "aten::_convolution": 8, "aten::convolution": 8,
+    "aten::conv1d": 6,
+    "aten::conv2d": 6,
+    "aten::conv3d": 6,
+    "aten::_convolution": 8,
+    "aten::convolution": 8,
 }
 
 
@@ -96,8 +100,13 @@ def derive_reshape_sizes(model: torch.jit.ScriptModule) -> bool:
                 sizes = node.inputsAt(1).node()
                 if sizes.kind() != "prim::ListConstruct" or len(list(sizes.output().uses())) != 1:
                     continue
-                literal = [i for i, v in enumerate(sizes.inputs()) if v.node().kind() == "prim::Constant"
-                           and isinstance(v.toIValue(), int) and (v.toIValue() > 1 or v.toIValue() == -1)]
+                literal = [
+                    i
+                    for i, v in enumerate(sizes.inputs())
+                    if v.node().kind() == "prim::Constant"
+                    and isinstance(v.toIValue(), int)
+                    and (v.toIValue() > 1 or v.toIValue() == -1)
+                ]
                 if len(literal) == 1 and sizes.inputsAt(literal[0]).toIValue() > 1:
                     with graph.insert_point_guard(sizes):
                         sizes.replaceInput(literal[0], graph.insertConstant(-1))
@@ -105,8 +114,12 @@ def derive_reshape_sizes(model: torch.jit.ScriptModule) -> bool:
             for node in graph.findAllNodes("aten::split"):
                 uses = list(node.output().uses())
                 size = node.inputsAt(1)
-                if len(uses) != 1 or uses[0].user.kind() != "prim::ListUnpack" or size.node().kind() != "prim::Constant" \
-                        or not isinstance(size.toIValue(), int):
+                if (
+                    len(uses) != 1
+                    or uses[0].user.kind() != "prim::ListUnpack"
+                    or size.node().kind() != "prim::Constant"
+                    or not isinstance(size.toIValue(), int)
+                ):
                     continue
                 pieces = len(list(uses[0].user.outputs()))
                 with graph.insert_point_guard(node):
@@ -129,5 +142,9 @@ def _one_constant_int(value: torch._C.Value) -> bool:
     if node.kind() == "prim::Constant":
         constant = value.toIValue()
         return isinstance(constant, (list, tuple)) and len(constant) == 1 and isinstance(constant[0], int)
-    return (node.kind() == "prim::ListConstruct" and len(list(node.inputs())) == 1
-            and node.inputsAt(0).node().kind() == "prim::Constant" and isinstance(node.inputsAt(0).toIValue(), int))
+    return (
+        node.kind() == "prim::ListConstruct"
+        and len(list(node.inputs())) == 1
+        and node.inputsAt(0).node().kind() == "prim::Constant"
+        and isinstance(node.inputsAt(0).toIValue(), int)
+    )

@@ -2,6 +2,7 @@
 out (``split_holdout``), and a ``Judge`` holding the held-out rows, the original's outputs and
 score on them, and the bound the target sets (``make_judge``). ``run.search`` uses both.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,8 +36,9 @@ class Judge:
         if self.metric == "accuracy":
             value = accuracy(model, self.holdout)
             if value is None:
-                raise InvalidInput("target metric accuracy needs class scores [batch, classes] from the output "
-                                   "spec.output chooses")
+                raise InvalidInput(
+                    "target metric accuracy needs class scores [batch, classes] from the output spec.output chooses"
+                )
             return value
         outputs = [run_model(model, batch) for batch in _batches(self.holdout)]
         if self.metric == "cosine":
@@ -45,8 +47,10 @@ class Judge:
         for ref, out in zip(self.reference, outputs):
             a, b = select_output(ref, self.holdout.target_output), select_output(out, self.holdout.target_output)
             if a.dim() != 2 or a.shape[1] < 2:
-                raise InvalidInput("target metric top1_agreement needs class scores [batch, classes]; got an output "
-                                   f"of shape {list(a.shape)} (use cosine, or choose the output with spec.output)")
+                raise InvalidInput(
+                    "target metric top1_agreement needs class scores [batch, classes]; got an output "
+                    f"of shape {list(a.shape)} (use cosine, or choose the output with spec.output)"
+                )
             agree += int((a.argmax(1) == b.argmax(1)).sum())
             total += int(a.shape[0])
         return agree / max(total, 1)
@@ -57,8 +61,10 @@ def split_holdout(data: Dataset, fraction: float, seed: int) -> tuple[Dataset, D
     rows = len(data)
     held = max(MIN_HOLDOUT_ROWS, round(rows * fraction))
     if rows - held < MIN_TRAINING_ROWS:
-        raise InvalidInput(f"the search needs at least {MIN_HOLDOUT_ROWS + MIN_TRAINING_ROWS} rows in the data file "
-                           f"({MIN_HOLDOUT_ROWS} held out to judge on, the rest to train on); it has {rows}")
+        raise InvalidInput(
+            f"the search needs at least {MIN_HOLDOUT_ROWS + MIN_TRAINING_ROWS} rows in the data file "
+            f"({MIN_HOLDOUT_ROWS} held out to judge on, the rest to train on); it has {rows}"
+        )
     order = torch.randperm(rows, generator=torch.Generator().manual_seed(seed))
     return data.subset(order[held:]), data.subset(order[:held])
 

@@ -2,6 +2,7 @@
 tensor or over all selected tensors at once (``options.scope``), found by counting so that the
 extra memory is one tensor's worth. ``methods.prune.torchscript.prune`` calls it for each step.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -16,8 +17,14 @@ from workers.engine.torchscript_graph import matching_pattern
 PRUNABLE_TYPES = ("Conv2d", "Linear", "Conv1d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d")
 
 
-def prune_weights(model, options: PruneOptions, selected, exclude, types, linear_weights: set[str],
-                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def prune_weights(
+    model,
+    options: PruneOptions,
+    selected,
+    exclude,
+    types,
+    linear_weights: set[str],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     amount = options.amount
     targets, skipped = {}, []
     for name, parameter in model.named_parameters():
@@ -58,8 +65,14 @@ def prune_weights(model, options: PruneOptions, selected, exclude, types, linear
     ]
     total = sum(layer["elements"] for layer in layers)
     zeros = sum(int((p == 0).sum()) for p in targets.values())
-    return {"structured": False, "scope": options.scope, "layers": layers,
-            "sparsity": round(zeros / total, 6), "left_whole": skipped, "notes": notes}, masks
+    return {
+        "structured": False,
+        "scope": options.scope,
+        "layers": layers,
+        "sparsity": round(zeros / total, 6),
+        "left_whole": skipped,
+        "notes": notes,
+    }, masks
 
 
 def apply_masks(model: torch.jit.ScriptModule, masks: dict[str, torch.Tensor]) -> None:
