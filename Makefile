@@ -3,6 +3,9 @@ PYTHON ?= python3.11
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist): the suite waits on jobs, stacks and timers more than it computes, so more
+# processes than cores; each uses one thread (tests/conftest.py). TEST_PROCESSES=0 runs it in one process.
+TEST_PROCESSES ?= 4
 
 .PHONY: run test lint install docs bench clean chromium sandbox compiler pte-runner
 
@@ -71,7 +74,7 @@ lint: $(STAMP)
 
 # lint first: a finding fails the run in seconds, before the browser, compiler and docs steps.
 test: $(STAMP) lint sandbox chromium compiler pte-runner docs
-	$(VPY) -m pytest $(PYTEST_ARGS)
+	$(VPY) -m pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VPY) -m pip install --quiet -e '.[test,docs,bench]'  # the baselines the benchmarks compare with

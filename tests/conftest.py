@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import os
 import time
+
+# Tests run in several processes (pytest-xdist, `make test`) beside the jobs they start, on a machine of few
+# cores: one thread per process, or OpenMP's spinning threads take turns with each other and run 10x slower.
+# Set before anything imports torch, and inherited by the runtimes the tests start as commands.
+# Inductor too: its default compiles in a pool of processes, one per core, each importing torch again.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TORCHINDUCTOR_COMPILE_THREADS"):
+        os.environ[_name] = "1"
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -105,13 +113,31 @@ def make_settings(tmp: Path, **changes: Any) -> Settings:
         redis_port=free_port(),
         api_workers=2,
         max_upload_mb=128,
-        job_threads=2,
+        job_threads=1,  # jobs of several test processes run at once: see OMP_NUM_THREADS above
         heartbeat_stale_s=4,
         webhook_allow_private=True,
         webhook_backoff_s=0.5,
         log_format="json",
     )
     return base.with_changes(**{**defaults, **changes})
+
+
+def once_per_run(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:
+    """A folder built by ``build(folder)`` once for the whole run, whichever test process asks first.
+
+    Under pytest-xdist each process has its own session: the folder lives beside their base temps,
+    and a file lock makes the others wait for the first instead of building it again."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    folder = shared / f"once-{name}"
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".built").exists():
+            folder.mkdir(exist_ok=True)
+            build(folder)
+            (folder / ".built").touch()
+    return folder
 
 
 @pytest.fixture(scope="session")

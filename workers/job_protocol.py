@@ -84,6 +84,8 @@ def child_environment(settings: Settings, progress_fd: int, pythonpath: str) -> 
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
         "OPENBLAS_NUM_THREADS": threads,
+        # Inductor (aoti, compile) would start a pool of compiling processes sized by the host's cores.
+        "TORCHINDUCTOR_COMPILE_THREADS": threads,
         PROGRESS_FD: str(progress_fd),
         **{name: passed[name] for name in _CHILD_SETTINGS},
     }
