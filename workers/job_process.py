@@ -7,6 +7,10 @@ supervisor what happened (``workers.job_protocol``). Exit status 0 means success
 
 ``python -m workers.job_process --probe <dir>`` prints what the process can see (the worker's
 start-up self-test of the sandbox) and exits.
+
+``python -m workers.job_process --warm <dir>`` is a pre-started one (``workers.warm_sandbox``): it
+imports torch and the engine, says ``warm``, and waits on stdin until the supervisor has put a job's
+files in ``<dir>``; from there it is a job process like any other. Stdin closed without a job: it exits.
 """
 from __future__ import annotations
 
@@ -29,8 +33,10 @@ def main(argv: list[str]) -> int:
     if argv[1] == "--probe":
         print(json.dumps(confinement_facts(Path(argv[2]))))
         return 0
-    job_dir = Path(argv[1])
+    job_dir = Path(argv[-1])
     channel = protocol.Channel.from_env()
+    if argv[1] == "--warm" and not _wait_for_job(channel):
+        return 0
     channel.send(protocol.STARTED)  # first: from here on, an early end is this job's, not the sandbox's set-up
     settings = Settings.from_env()
     _die_with_parent(confined=settings.sandbox == "on")
@@ -44,10 +50,37 @@ def main(argv: list[str]) -> int:
                 unavailable = protocol.sandbox_unavailable("; ".join(gaps))  # a problem: its slug ends its type
                 channel.fail({**unavailable, "slug": unavailable["type"].rsplit("/", 1)[1]})
                 return 1
-        _limit_resources(settings, job_dir)
+        _limit_resources(settings, job_dir)  # warm or cold, from the job's own inputs, before reading them
         return _compress(job_dir, settings, facts, channel)
     finally:
         channel.close()
+
+
+def _wait_for_job(channel: protocol.Channel) -> bool:
+    """A pre-started process: import what a job needs, say so, then wait for one (one line on stdin).
+
+    No upload is in reach before the hand-over, so importing before ``_limit_resources`` runs no job
+    code outside the limits; they are set after it from the job's inputs, exactly as for a cold process."""
+    settings = Settings.from_env()
+    _die_with_parent(confined=settings.sandbox == "on")
+    _import_engine(settings)
+    channel.send(protocol.WARM)  # line-buffered: sent now
+    handed = os.read(0, 64)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # the job then sees what a cold process sees on stdin
+    os.close(null)
+    return bool(handed)
+
+
+def _import_engine(settings: Settings) -> None:
+    import torch
+
+    torch.set_num_threads(settings.job_threads)
+    # The rest of what a job imports: the engine, the operator check, the device facts.
+    import workers.engine.formats.program_check
+    import workers.engine.formats.torchscript
+    import workers.engine.run.pipeline
+    import workers.sandbox  # noqa: F401
 
 
 def _compress(job_dir: Path, settings: Settings, facts: dict[str, Any], channel: protocol.Channel) -> int:
@@ -58,11 +91,10 @@ def _compress(job_dir: Path, settings: Settings, facts: dict[str, Any], channel:
 
     files = JobFiles(job_dir)
     try:
-        import torch
-
-        torch.set_num_threads(settings.job_threads)
+        _import_engine(settings)  # already done by a pre-started process
         from workers.engine.run.pipeline import compress
 
+        channel.send(protocol.READY)
         data_path = files.input_data if files.input_data.exists() else None
         student_path = files.input_student if files.input_student.exists() else None
         spec = parse_spec(read_json(files.spec), has_data=data_path is not None, has_student=student_path is not None)

@@ -20,7 +20,6 @@ import queue
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -38,18 +37,19 @@ from modelpress.jobs import JobStore, Superseded, connect, utc_now
 from modelpress.objectstore import InputsCorrupt, InputsMissing, ObjectStore, file_sha256, open_object_store
 from modelpress.storage import JobFiles, Storage
 from modelpress.targets import TARGETS
-from workers import job_protocol as protocol, sandbox
+from workers import job_protocol as protocol, sandbox, warm_sandbox
 from workers.job_protocol import InvalidReport, Violation, problem
 from workers.memory import MemoryWatch
 from workers.process_log import ProcessLog
 from workers.target_report import check_targets
+from workers.warm_sandbox import Launch
 
 log = logging.getLogger("modelpress.worker")
 
 POLL_INTERVAL_S = 0.25
 PROGRESS_WRITE_INTERVAL_S = 0.5  # progress and heartbeat
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-JOB_PROCESS = (sys.executable, "-m", "workers.job_process")  # the child's command; its job directory follows
+JOB_PROCESS = protocol.JOB_PROCESS  # the child's command; its job directory follows
 
 
 class TenantBusy(Exception):
@@ -65,6 +65,8 @@ class Supervisor:
         self.storage = storage
         self.objects = objects or open_object_store(settings, storage)
         self.child_command = child_command
+        # The next job's process started ahead (workers/warm_sandbox.py); never for another child command.
+        self.warm = warm_sandbox.shared() if warm_sandbox.enabled(settings) and child_command == JOB_PROCESS else None
 
     @classmethod
     @functools.lru_cache(maxsize=4)
@@ -77,6 +79,7 @@ class Supervisor:
         ``generation`` is the message's enqueue generation: a message superseded by a re-send
         is dropped. The claim is one atomic step; from then on every write carries its attempt.
         """
+        taken = time.monotonic()  # the job's startup is timed from here (report timings_s.startup)
         fault_point("before-claim", job_id, self.settings.data_dir)
         claim = self.store.claim(job_id, generation, self.settings.heartbeat_stale_s, self.settings.max_running_jobs)
         if claim.outcome == "tenant-busy":
@@ -108,7 +111,7 @@ class Supervisor:
                 "inputs-corrupt", "Inputs corrupt", f"the job's uploaded files changed in the object store: {corrupt}; "
                                                     "submit the job again"))
         try:
-            return self._run_child(job_id, claim.attempt, claim.deliveries, files, self.time_limit_s(job))
+            return self._run_child(job_id, claim.attempt, claim.deliveries, files, self.time_limit_s(job), taken)
         finally:
             self.objects.release(job_id, claim.attempt)
 
@@ -121,24 +124,31 @@ class Supervisor:
     # ------------------------------------------------------------------ the child process
 
     def _run_child(self, job_id: str, attempt: int, deliveries: int, files: JobFiles,
-                   time_limit_s: int) -> tuple[str, bool]:
-        read_fd, write_fd = os.pipe()
-        log_read, log_write = os.pipe()
-        try:
-            child = self._start_child(files, log_write, write_fd)
-        except OSError as error:  # bubblewrap (or Python) is missing: no unconfined fallback
-            for fd in (read_fd, write_fd, log_read, log_write):
-                os.close(fd)
-            return self._finish(job_id, attempt, jobs.FAILED, error=protocol.sandbox_unavailable(
-                f"{self.settings.bwrap} could not be started ({error.strerror or error})"))
-        os.close(write_fd)
-        os.close(log_write)
-        output = ProcessLog(log_read, files.process_log).start()
+                   time_limit_s: int, taken: float) -> tuple[str, bool]:
+        launch = None
+        if self.warm:
+            with self._beating(job_id, attempt):  # it may wait for a process still importing
+                launch = self.warm.take(self.settings, job_id, files, taken)
+        if launch is None:
+            read_fd, write_fd = os.pipe()
+            log_read, log_write = os.pipe()
+            try:
+                child = self._start_child(files, log_write, write_fd)
+            except OSError as error:  # bubblewrap (or Python) is missing: no unconfined fallback
+                for fd in (read_fd, write_fd, log_read, log_write):
+                    os.close(fd)
+                return self._finish(job_id, attempt, jobs.FAILED, error=protocol.sandbox_unavailable(
+                    f"{self.settings.bwrap} could not be started ({error.strerror or error})"))
+            os.close(write_fd)
+            os.close(log_write)
+            launch = Launch(child, read_fd, log_read, taken)
+        child, read_fd = launch.child, launch.progress_fd
+        output = ProcessLog(launch.log_fd, files.process_log).start()
         watch = MemoryWatch(child.pid, self.settings.job_memory_mb << 20, functools.partial(_signal_group, child),
                             files.output_model.parent, protocol.output_limit_bytes(files),
                             protocol.MAX_OUTPUT_ENTRIES).start()
         try:
-            return self._watch_child(job_id, attempt, deliveries, files, child, read_fd, watch, output, time_limit_s)
+            return self._watch_child(job_id, attempt, deliveries, files, launch, read_fd, watch, output, time_limit_s)
         except Exception:  # a bug or an unforeseen input here must not leave a child running unwatched
             log.exception("job %s: the supervisor failed; its child is stopped", job_id, extra={"job_id": job_id})
             _kill_group(child)
@@ -148,9 +158,12 @@ class Supervisor:
         finally:
             watch.stop()
             output.finish()
+            if self.warm:
+                self.warm.job_ended(launch, self.settings)
 
-    def _watch_child(self, job_id: str, attempt: int, deliveries: int, files: JobFiles, child: subprocess.Popen,
+    def _watch_child(self, job_id: str, attempt: int, deliveries: int, files: JobFiles, launch: Launch,
                      read_fd: int, watch: MemoryWatch, output: ProcessLog, time_limit_s: int) -> tuple[str, bool]:
+        child = launch.child
         messages: queue.Queue[dict[str, Any] | Violation | None] = queue.Queue(protocol.MESSAGE_QUEUE_SIZE)
         threading.Thread(target=protocol.read_messages, args=(read_fd, messages), daemon=True).start()
         stop_reason: str | None = None
@@ -188,6 +201,8 @@ class Supervisor:
                 violation, stop_reason = message, "violation"
             elif message.get("event") == protocol.STARTED:
                 started = True
+            elif message.get("event") == protocol.READY and launch.ready_at is None:
+                launch.ready_at = time.monotonic()
             elif message.get("event") == protocol.PROGRESS:
                 last_progress = message
             elif message.get("event") in protocol.FINAL_EVENTS:
@@ -234,7 +249,7 @@ class Supervisor:
             shutil.rmtree(files.output_model.parent, ignore_errors=True)  # nothing of it is kept: the disk is the host's
             return self._finish(job_id, attempt, jobs.FAILED, error=protocol.output_too_large(
                 watch.output_limit_bytes, watch.output_bytes, watch.output_entries))
-        return self._record_exit(job_id, attempt, deliveries, files, child.returncode, outcome, started)
+        return self._record_exit(job_id, attempt, deliveries, files, child.returncode, outcome, started, launch)
 
     def _start_child(self, files: JobFiles, output_fd: int, write_fd: int) -> subprocess.Popen:
         argv = [*self.child_command, str(files.root)]
@@ -251,7 +266,7 @@ class Supervisor:
             )
 
     def _record_exit(self, job_id: str, attempt: int, deliveries: int, files: JobFiles, returncode: int,
-                     outcome: dict[str, Any] | None, started: bool) -> tuple[str, bool]:
+                     outcome: dict[str, Any] | None, started: bool, launch: Launch) -> tuple[str, bool]:
         refused_output = sandbox.confirm_outputs(files)
         if refused_output:
             return self._finish(job_id, attempt, jobs.FAILED, error=problem("invalid-output", "Invalid output",
@@ -260,7 +275,7 @@ class Supervisor:
             # bench/chaos.py counts these: a job whose compression completes twice ran twice.
             log.info("job %s: attempt %d completed its compression", job_id, attempt,
                      extra={"job_id": job_id, "event": "completed"})
-            return self._publish(job_id, attempt, deliveries, files)
+            return self._publish(job_id, attempt, deliveries, files, launch)
         if outcome and outcome["event"] == protocol.FAILED:
             if files.report.exists():  # a failed search's report (its trials) stays readable
                 try:
@@ -271,7 +286,7 @@ class Supervisor:
         return self._finish(job_id, attempt, jobs.FAILED, error=protocol.died(returncode, self.settings, started,
                                                                               sandbox.setup_error_in(files.process_log)))
 
-    def _publish(self, job_id: str, attempt: int, deliveries: int, files: JobFiles) -> tuple[str, bool]:
+    def _publish(self, job_id: str, attempt: int, deliveries: int, files: JobFiles, launch: Launch) -> tuple[str, bool]:
         """Publish this attempt's output under attempt-specific names (``ObjectStore.publish``), then
         record success (fenced); the digest recorded is that of the file published."""
         try:
@@ -286,6 +301,7 @@ class Supervisor:
         except InvalidReport as refused:
             return self._finish(job_id, attempt, jobs.FAILED, error=protocol.invalid_report(refused))
         _measure_sizes(report, files)
+        warm_sandbox.stamp_report(report, launch)  # its startup, measured here
         report["deliveries"] = deliveries
         with self._beating(job_id, attempt):
             try:  # the artifacts before the report, which goes last (a reader never sees a partial result)
