@@ -150,7 +150,24 @@ def confinement_facts(job_dir: Path) -> dict[str, Any]:
         "seccomp": state_of_this_process(),
         "processes": sum(1 for entry in os.listdir("/proc") if entry.isdigit()),
         "data_dir_visible": bool(visible),
+        # A sandbox is never reused (workers/warm_sandbox.py): its own PID namespace, an empty /tmp.
+        "pid_namespace": _namespace("pid"),
+        "tmp_entries": _tmp_entries(job_dir),
     }
+
+
+def _tmp_entries(job_dir: Path) -> int:
+    """Entries in /tmp besides the folders on the way to a bound path (a data directory or runtime under
+    /tmp, as in the tests, is mounted over the private /tmp): 0 in a fresh sandbox."""
+    bound = [Path(path).resolve() for path in (job_dir, sys.prefix, *sys.path) if path]
+    return sum(1 for entry in os.listdir("/tmp") if not any(path.is_relative_to(Path("/tmp", entry)) for path in bound))
+
+
+def _namespace(kind: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/ns/{kind}")
+    except OSError:
+        return None
 
 
 def _check_programs(paths: list[Path | None]) -> None:
@@ -223,4 +240,9 @@ def _die_with_parent(confined: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    status = main(sys.argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is written (atomically) and said by now: skip tearing torch down, which takes a
+    # noticeable part of a small job (its threads, its modules' finalizers), and which nobody waits for.
+    os._exit(status)

@@ -191,7 +191,8 @@ class Supervisor:
                         break  # the final write will be refused; nothing to stop
                     if time.monotonic() > deadline:
                         break  # a child that closed its pipe still ends at its time limit
-                    time.sleep(POLL_INTERVAL_S)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.wait(POLL_INTERVAL_S)  # returns as soon as it exits: a small job's end is not delayed
                 if child.poll() is None:
                     stop_reason = "timeout"
                     _kill_group(child)
