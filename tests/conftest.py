@@ -87,6 +87,21 @@ def warm_processes(data_dir: Path) -> list:
     return found
 
 
+def job_children(process) -> list:
+    """``process``'s children but the pre-started one waiting for the next job (workers/warm_sandbox.py)."""
+    import psutil
+
+    found = []
+    for child in process.children():
+        try:
+            cmdline = child.cmdline()
+        except psutil.Error:
+            continue
+        if not ("--warm" in cmdline and _warm_label(cmdline) is None):
+            found.append(child)
+    return found
+
+
 def _warm_label(cmdline: list[str]) -> str | None:
     from workers.warm_sandbox import JOB_LABEL
 

@@ -164,3 +164,12 @@ def _until(condition, message: str, timeout: float = 120) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(message)
         time.sleep(0.1)
+
+
+def test_stopping_the_worker_leaves_no_warm_process(warm_stack: Stack) -> None:
+    """Last of this module's stack: a worker stopped as an operator stops it takes its waiting processes along."""
+    waiting = _waiting(warm_stack)
+    warm_stack.stop_process("worker")
+
+    _gone(waiting)
+    assert warm_processes(warm_stack.settings.data_dir) == []
