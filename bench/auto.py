@@ -11,6 +11,7 @@ test accuracy is measured here on the held-out quarter it never saw. Rows:
   target (static int8 alone, and structured pruning with fine-tuning whose amount the search tunes).
 Prints a table and writes JSON.
 """
+
 from __future__ import annotations
 
 import sys
@@ -48,18 +49,41 @@ def main() -> None:
     search = {"max_trials": 8, "time_budget_s": args.budget}
     evaluation = {"runs": args.runs, "warmup": 2}
     specs = {
-        "pipeline prune 0.5 structured + fine-tune + static": {"method": "pipeline", "evaluation": evaluation, "steps": [
-            {"method": "prune", "prune": {"amount": 0.5, "structured": True, "finetune": FINETUNE}},
-            {"method": "quantize", "quantize": {"mode": "static"}}]},
-        "auto (accuracy max_drop 0.01, size)": {"method": "auto", "target": target, "search": search,
-                                                "evaluation": evaluation},
+        "pipeline prune 0.5 structured + fine-tune + static": {
+            "method": "pipeline",
+            "evaluation": evaluation,
+            "steps": [
+                {"method": "prune", "prune": {"amount": 0.5, "structured": True, "finetune": FINETUNE}},
+                {"method": "quantize", "quantize": {"mode": "static"}},
+            ],
+        },
+        "auto (accuracy max_drop 0.01, size)": {
+            "method": "auto",
+            "target": target,
+            "search": search,
+            "evaluation": evaluation,
+        },
         "baseline: static int8 alone": {"method": "quantize", "quantize": {"mode": "static"}, "evaluation": evaluation},
         "baseline: prune structured + fine-tune, amount searched": {
-            "method": "pipeline", "target": target, "search": search, "evaluation": evaluation,
-            "steps": [{"method": "prune", "prune": {"amount": 0.5, "structured": True, "finetune": FINETUNE}}]},
+            "method": "pipeline",
+            "target": target,
+            "search": search,
+            "evaluation": evaluation,
+            "steps": [{"method": "prune", "prune": {"amount": 0.5, "structured": True, "finetune": FINETUNE}}],
+        },
     }
-    rows = [{"run": "original", "bytes": None, "bytes_ratio": 1.0, "test_accuracy": original_accuracy,
-             "drop_points": 0.0, "time_s": None, "trials": None, "chosen": None}]
+    rows = [
+        {
+            "run": "original",
+            "bytes": None,
+            "bytes_ratio": 1.0,
+            "test_accuracy": original_accuracy,
+            "drop_points": 0.0,
+            "time_s": None,
+            "trials": None,
+            "chosen": None,
+        }
+    ]
     print(f"{'run':<58} {'bytes':>7} {'ratio':>7} {'test acc':>8} {'drop':>6} {'time s':>7}  chosen")
     print(f"{'original':<58} {'':>7} {1.0:7.3f} {original_accuracy:8.4f}")
     with tempfile.TemporaryDirectory() as directory:
@@ -82,27 +106,65 @@ def main() -> None:
             accuracy = test_accuracy(compressed, splits["x_test"], splits["y_test"])
             trials = report.get("trials")
             chosen = report.get("details", {}).get("chosen", "")
-            rows.append({"run": name, "bytes": report["size"]["bytes_after"], "bytes_ratio": report["size"]["ratio"],
-                         "test_accuracy": accuracy, "drop_points": round(100 * (original_accuracy - accuracy), 2),
-                         "latency_ratio": report["latency"]["ratio"], "time_s": round(elapsed, 1),
-                         "trials": _trials(trials), "chosen": chosen, "target": report.get("target"),
-                         "pareto_front": report.get("pareto_front")})
-            print(f"{name:<58} {report['size']['bytes_after']:7d} {report['size']['ratio']:7.3f} {accuracy:8.4f} "
-                  f"{100 * (original_accuracy - accuracy):6.2f} {elapsed:7.1f}  {chosen}", flush=True)
+            rows.append(
+                {
+                    "run": name,
+                    "bytes": report["size"]["bytes_after"],
+                    "bytes_ratio": report["size"]["ratio"],
+                    "test_accuracy": accuracy,
+                    "drop_points": round(100 * (original_accuracy - accuracy), 2),
+                    "latency_ratio": report["latency"]["ratio"],
+                    "time_s": round(elapsed, 1),
+                    "trials": _trials(trials),
+                    "chosen": chosen,
+                    "target": report.get("target"),
+                    "pareto_front": report.get("pareto_front"),
+                }
+            )
+            print(
+                f"{name:<58} {report['size']['bytes_after']:7d} {report['size']['ratio']:7.3f} {accuracy:8.4f} "
+                f"{100 * (original_accuracy - accuracy):6.2f} {elapsed:7.1f}  {chosen}",
+                flush=True,
+            )
             for trial in trials or []:
-                print(f"    trial {trial['trial']}: {trial['label']:<52} "
-                      + (f"{trial['bytes']:7d} {trial['size_ratio']:7.3f} held-out acc {trial['metric']:.4f} "
-                         f"{'meets' if trial['meets_target'] else 'misses'} {trial['time_s']:6.1f} s"
-                         if trial.get("bytes") else trial.get("error", "")), flush=True)
-    write_results(args, {"machine": machine(args), "original_test_accuracy": original_accuracy,
-                         "test_rows": len(splits["y_test"]), "train_rows": len(splits["y_train"]), "rows": rows})
+                print(
+                    f"    trial {trial['trial']}: {trial['label']:<52} "
+                    + (
+                        f"{trial['bytes']:7d} {trial['size_ratio']:7.3f} held-out acc {trial['metric']:.4f} "
+                        f"{'meets' if trial['meets_target'] else 'misses'} {trial['time_s']:6.1f} s"
+                        if trial.get("bytes")
+                        else trial.get("error", "")
+                    ),
+                    flush=True,
+                )
+    write_results(
+        args,
+        {
+            "machine": machine(args),
+            "original_test_accuracy": original_accuracy,
+            "test_rows": len(splits["y_test"]),
+            "train_rows": len(splits["y_train"]),
+            "rows": rows,
+        },
+    )
 
 
 def _trials(trials: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
     if trials is None:
         return None
-    keep = ("trial", "label", "bytes", "size_ratio", "latency_ms", "macs", "metric", "meets_target", "time_s",
-            "stopped_early", "error")
+    keep = (
+        "trial",
+        "label",
+        "bytes",
+        "size_ratio",
+        "latency_ms",
+        "macs",
+        "metric",
+        "meets_target",
+        "time_s",
+        "stopped_early",
+        "error",
+    )
     return [{k: t[k] for k in keep if k in t} for t in trials]
 
 

@@ -10,6 +10,7 @@ completion more than once (compression completed by two attempts: must be 0), we
 2xx for a final job: must be 0), and p50/p99 time from submission to final state, with the same
 figures for a baseline run without kills when ``--baseline`` is given. Writes bench/results/chaos.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -49,15 +50,29 @@ def run(jobs: int, minutes: float, kill_every: float, seed: int, workdir: Path, 
     model = save_scripted(SmallConvNet(), workdir / "model.pt").read_bytes()
     receiver = WebhookReceiver()
     port = free_port()
-    env = {**os.environ, "MODELPRESS_DATA_DIR": str(workdir / "data"), "MODELPRESS_PORT": str(port),
-           "MODELPRESS_REDIS_PORT": str(free_port()), "MODELPRESS_HEARTBEAT_STALE_S": "10",
-           "MODELPRESS_WEBHOOK_ALLOW_PRIVATE": "1", "MODELPRESS_WEBHOOK_BACKOFF_S": "1",
-           "MODELPRESS_MAX_ACTIVE_JOBS": str(jobs + 10), "MODELPRESS_LOG_FORMAT": "json", "MODELPRESS_JOB_THREADS": "1"}
+    env = {
+        **os.environ,
+        "MODELPRESS_DATA_DIR": str(workdir / "data"),
+        "MODELPRESS_PORT": str(port),
+        "MODELPRESS_REDIS_PORT": str(free_port()),
+        "MODELPRESS_HEARTBEAT_STALE_S": "10",
+        "MODELPRESS_WEBHOOK_ALLOW_PRIVATE": "1",
+        "MODELPRESS_WEBHOOK_BACKOFF_S": "1",
+        "MODELPRESS_MAX_ACTIVE_JOBS": str(jobs + 10),
+        "MODELPRESS_LOG_FORMAT": "json",
+        "MODELPRESS_JOB_THREADS": "1",
+    }
     env.pop("REDIS_URL", None)
     log_path = workdir / "stack.log"
     with open(log_path, "wb") as log_file:
-        stack = subprocess.Popen([sys.executable, "-m", "modelpress.stack"], cwd=ROOT, env=env, stdout=log_file,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        stack = subprocess.Popen(
+            [sys.executable, "-m", "modelpress.stack"],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     session = requests.Session()
     _wait(lambda: _answers(session, base + "/healthz"), 120, "the stack did not start")
@@ -74,9 +89,13 @@ def run(jobs: int, minutes: float, kill_every: float, seed: int, workdir: Path, 
             key = uuid.uuid4().hex  # the same key on every retry: a retry after a kill never doubles a job
             while time.monotonic() < end + 300:
                 try:
-                    answer = session.post(base + "/v1/jobs", headers={"Idempotency-Key": key}, timeout=30,
-                                          files={"model": ("m.pt", model)},
-                                          data={"spec": json.dumps(SPEC), "callback_url": receiver.url})
+                    answer = session.post(
+                        base + "/v1/jobs",
+                        headers={"Idempotency-Key": key},
+                        timeout=30,
+                        files={"model": ("m.pt", model)},
+                        data={"spec": json.dumps(SPEC), "callback_url": receiver.url},
+                    )
                     if answer.status_code == 202:
                         submitted.setdefault(answer.json()["id"], time.time())
                         break
@@ -145,7 +164,9 @@ def run(jobs: int, minutes: float, kill_every: float, seed: int, workdir: Path, 
     durations = sorted(_seconds(job["finished_at"]) - _seconds(job["created_at"]) for job in final.values())
     missing = [job_id for job_id, job in final.items() if not accepted.get(f"msg_{job_id}_{job['state']}")]
     return {
-        "kills": len(killed), "killed": killed, "submitted": len(submitted),
+        "kills": len(killed),
+        "killed": killed,
+        "submitted": len(submitted),
         "succeeded": sum(job["state"] == "succeeded" for job in final.values()),
         "failed": sum(job["state"] == "failed" for job in final.values()),
         "lost": len(submitted) - len(final),
@@ -153,7 +174,8 @@ def run(jobs: int, minutes: float, kill_every: float, seed: int, workdir: Path, 
         "run_twice": sum(count > 1 for count in completions.values()),
         "final_state_written_twice": sum(count > 1 for count in transitions.values()),
         "taken_over": sum(job.get("deliveries", 0) > 1 for job in final.values()),
-        "webhooks_missing": len(missing), "webhooks_duplicated": sum(n > 1 for n in accepted.values()),
+        "webhooks_missing": len(missing),
+        "webhooks_duplicated": sum(n > 1 for n in accepted.values()),
         "p50_s": round(statistics.median(durations), 2) if durations else None,
         "p99_s": round(durations[min(len(durations) - 1, int(len(durations) * 0.99))], 2) if durations else None,
     }
@@ -191,13 +213,24 @@ def main() -> None:
     for name, kills in ([("baseline", False)] if args.baseline else []) + [("chaos", True)]:
         with tempfile.TemporaryDirectory(prefix=f"modelpress-{name}-") as workdir:
             runs[name] = run(args.jobs, args.minutes, args.kill_every, args.seed, Path(workdir), kills)
-    print(f"{'run':<9} {'kills':>5} {'submitted':>9} {'succeeded':>9} {'lost':>4} {'run twice':>9} "
-          f"{'webhooks missing':>16} {'p50 s':>7} {'p99 s':>7}")
+    print(
+        f"{'run':<9} {'kills':>5} {'submitted':>9} {'succeeded':>9} {'lost':>4} {'run twice':>9} "
+        f"{'webhooks missing':>16} {'p50 s':>7} {'p99 s':>7}"
+    )
     for name, row in runs.items():
-        print(f"{name:<9} {row['kills']:>5} {row['submitted']:>9} {row['succeeded']:>9} {row['lost']:>4} "
-              f"{row['run_twice']:>9} {row['webhooks_missing']:>16} {row['p50_s']!s:>7} {row['p99_s']!s:>7}")
-    write_results(args, {"machine": machine(args, jobs=args.jobs, minutes=args.minutes, kill_every_s=args.kill_every,
-                                            seed=args.seed), "runs": runs})
+        print(
+            f"{name:<9} {row['kills']:>5} {row['submitted']:>9} {row['succeeded']:>9} {row['lost']:>4} "
+            f"{row['run_twice']:>9} {row['webhooks_missing']:>16} {row['p50_s']!s:>7} {row['p99_s']!s:>7}"
+        )
+    write_results(
+        args,
+        {
+            "machine": machine(
+                args, jobs=args.jobs, minutes=args.minutes, kill_every_s=args.kill_every, seed=args.seed
+            ),
+            "runs": runs,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """What every benchmark script shares: arguments, set-up, the machine's description, the JSON file."""
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,15 @@ def prepare(args: argparse.Namespace) -> None:
 
 
 def machine(args: argparse.Namespace, **facts: Any) -> dict[str, Any]:
-    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
-            "python": platform.python_version(), "load_average": list(os.getloadavg()), **facts}
+    return {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average": list(os.getloadavg()),
+        **facts,
+    }
 
 
 def raise_priority(nice: int = -10) -> str:
@@ -55,8 +63,9 @@ def raise_priority(nice: int = -10) -> str:
         return f"priority unchanged ({error.strerror})"
 
 
-def interleaved_medians(models: dict[str, Callable[..., Any]], args: tuple[Any, ...], runs: int,
-                        warmup: int = 2) -> dict[str, float]:
+def interleaved_medians(
+    models: dict[str, Callable[..., Any]], args: tuple[Any, ...], runs: int, warmup: int = 2
+) -> dict[str, float]:
     """Median milliseconds per call of each model, timed in rounds of one call each.
 
     Interleaving spreads a shared machine's changing load over every model alike, where

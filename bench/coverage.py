@@ -12,6 +12,7 @@ each amount the row says: accepted (the submit-time archive check), succeeded, p
 Torch-Pruning 1.6.1 (``pip install .[bench]``) prunes the same ``nn.Module`` with the same amount,
 L1 magnitude importance and the classifier ignored; its latency is timed the same way.
 """
+
 from __future__ import annotations
 
 import json
@@ -136,14 +137,16 @@ def _torchvision(arch: str, **options: Any) -> Callable[[], nn.Module]:
         import torchvision
 
         return torchvision.models.get_model(arch, weights=None, num_classes=10, **options)
+
     return build
 
 
 def _vit() -> nn.Module:
     from torchvision.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(image_size=64, patch_size=16, num_layers=4, num_heads=4, hidden_dim=128,
-                             mlp_dim=512, num_classes=10)
+    return VisionTransformer(
+        image_size=64, patch_size=16, num_layers=4, num_heads=4, hidden_dim=128, mlp_dim=512, num_classes=10
+    )
 
 
 # name -> (builder, example input shape, the classifier Torch-Pruning must ignore)
@@ -206,18 +209,36 @@ def modelpress_row(name: str, traced: bool, amount: float, runs: int, workdir: P
         row.update(accepted=False, rejected_because=str(error)[:200])
     # One float input is ``input_shape``; several are the spec's ``inputs`` entries, one per argument.
     examples = _examples(name, shape, 4)
-    described = ({"input_shape": list(examples[0].shape)} if len(examples) == 1
-                 else {"inputs": [{"shape": list(t.shape), "dtype": "float32"} for t in examples]})
-    spec = {"method": "prune", "seed": 0, **described, "evaluation": {"runs": runs, "warmup": 1},
-            "prune": {"amount": amount, "structured": True, "criterion": "l1", "scope": "global",
-                      "modules": ["Conv2d", "Linear"], "exclude": None, "finetune": None}}
+    described = (
+        {"input_shape": list(examples[0].shape)}
+        if len(examples) == 1
+        else {"inputs": [{"shape": list(t.shape), "dtype": "float32"} for t in examples]}
+    )
+    spec = {
+        "method": "prune",
+        "seed": 0,
+        **described,
+        "evaluation": {"runs": runs, "warmup": 1},
+        "prune": {
+            "amount": amount,
+            "structured": True,
+            "criterion": "l1",
+            "scope": "global",
+            "modules": ["Conv2d", "Linear"],
+            "exclude": None,
+            "finetune": None,
+        },
+    }
     output = workdir / f"{name}-{traced}-{amount}-out.pt"
     started = time.perf_counter()
     try:
         report = compress(path, spec, output)
     except Exception as error:  # a failed job: the row keeps its reason
-        row.update(succeeded=False, error=f"{getattr(error, 'slug', type(error).__name__)}: {str(error)[:600]}",
-                   seconds=round(time.perf_counter() - started, 1))
+        row.update(
+            succeeded=False,
+            error=f"{getattr(error, 'slug', type(error).__name__)}: {str(error)[:600]}",
+            seconds=round(time.perf_counter() - started, 1),
+        )
         return row
     pruned = torch.jit.load(str(output))  # plain torch.jit.load, as a user would
     inputs = _examples(name, shape, 3)
@@ -226,11 +247,15 @@ def modelpress_row(name: str, traced: bool, amount: float, runs: int, workdir: P
     details = report["details"]
     reasons = Counter(_short(entry["reason"]) for entry in details.get("left_whole", []))
     row.update(
-        succeeded=True, shapes_kept=bool(shapes_kept), seconds=round(time.perf_counter() - started, 1),
+        succeeded=True,
+        shapes_kept=bool(shapes_kept),
+        seconds=round(time.perf_counter() - started, 1),
         parameters_ratio=_ratio(_parameters(pruned), _parameters(script)),
         macs_ratio=_ratio(details["macs"]["after"], details["macs"]["before"]),
-        latency_ratio=report["latency"]["ratio"], groups_pruned=len(details["groups"]),
-        groups_left_whole=len(details.get("left_whole", [])), left_whole_reasons=dict(reasons.most_common(4)),
+        latency_ratio=report["latency"]["ratio"],
+        groups_pruned=len(details["groups"]),
+        groups_left_whole=len(details.get("left_whole", [])),
+        left_whole_reasons=dict(reasons.most_common(4)),
     )
     return row
 
@@ -246,8 +271,13 @@ def torch_pruning_row(name: str, amount: float, runs: int) -> dict[str, Any]:
     try:
         before_latency = median_latency_ms(model, batch, runs=runs)
         before_macs, before_params = tp.utils.count_ops_and_params(model, example)
-        pruner = tp.pruner.MetaPruner(model, example, importance=tp.importance.MagnitudeImportance(p=1),
-                                      pruning_ratio=amount, ignored_layers=[model.get_submodule(classifier)])
+        pruner = tp.pruner.MetaPruner(
+            model,
+            example,
+            importance=tp.importance.MagnitudeImportance(p=1),
+            pruning_ratio=amount,
+            ignored_layers=[model.get_submodule(classifier)],
+        )
         pruner.step()
         after_macs, after_params = tp.utils.count_ops_and_params(model, example)
         with torch.no_grad():
@@ -257,8 +287,12 @@ def torch_pruning_row(name: str, amount: float, runs: int) -> dict[str, Any]:
         row.update(succeeded=False, error=f"{type(error).__name__}: {str(error)[:300]}")
         traceback.print_exc(limit=1)
         return row
-    row.update(succeeded=True, parameters_ratio=_ratio(after_params, before_params),
-               macs_ratio=_ratio(after_macs, before_macs), latency_ratio=_ratio(after_latency, before_latency))
+    row.update(
+        succeeded=True,
+        parameters_ratio=_ratio(after_params, before_params),
+        macs_ratio=_ratio(after_macs, before_macs),
+        latency_ratio=_ratio(after_latency, before_latency),
+    )
     return row
 
 
@@ -287,17 +321,38 @@ def _short(reason: str) -> str:
 
 def table(rows: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> str:
     theirs = {(r["model"], r["amount"]): r for r in baseline}
-    lines = ["| model | export | amount | accepted | succeeded | params | MACs | latency | Torch-Pruning params | TP MACs | TP latency | left whole (why) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | export | amount | accepted | succeeded | params | MACs | latency | Torch-Pruning params | TP MACs | TP latency | left whole (why) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
         tp_row = theirs.get((r["model"], r["amount"]), {})
-        why = r.get("error") if not r.get("succeeded") else "; ".join(f"{k} x{v}" for k, v in r["left_whole_reasons"].items())
-        lines.append("| " + " | ".join(str(x) for x in [
-            r["model"], r["export"], r["amount"], "yes" if r.get("accepted") else "no",
-            "yes" if r.get("succeeded") else "no", _cell(r.get("parameters_ratio")), _cell(r.get("macs_ratio")),
-            _cell(r.get("latency_ratio")), _cell(tp_row.get("parameters_ratio"), tp_row.get("error")),
-            _cell(tp_row.get("macs_ratio")), _cell(tp_row.get("latency_ratio")),
-            (why or "").replace("|", "/")[:160]]) + " |")
+        why = (
+            r.get("error")
+            if not r.get("succeeded")
+            else "; ".join(f"{k} x{v}" for k, v in r["left_whole_reasons"].items())
+        )
+        lines.append(
+            "| "
+            + " | ".join(
+                str(x)
+                for x in [
+                    r["model"],
+                    r["export"],
+                    r["amount"],
+                    "yes" if r.get("accepted") else "no",
+                    "yes" if r.get("succeeded") else "no",
+                    _cell(r.get("parameters_ratio")),
+                    _cell(r.get("macs_ratio")),
+                    _cell(r.get("latency_ratio")),
+                    _cell(tp_row.get("parameters_ratio"), tp_row.get("error")),
+                    _cell(tp_row.get("macs_ratio")),
+                    _cell(tp_row.get("latency_ratio")),
+                    (why or "").replace("|", "/")[:160],
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -321,7 +376,11 @@ def main() -> None:
         # A later file's row replaces an earlier one for the same model, export and amount (a re-run shard).
         ours = {(r["model"], r["export"], r["amount"]): r for p in parts for r in p["modelpress"]}
         theirs = {(r["model"], r["amount"]): r for p in parts for r in p["torch_pruning"]}
-        payload = {"machine": parts[0]["machine"], "modelpress": list(ours.values()), "torch_pruning": list(theirs.values())}
+        payload = {
+            "machine": parts[0]["machine"],
+            "modelpress": list(ours.values()),
+            "torch_pruning": list(theirs.values()),
+        }
         order = list(MODELS)
         payload["modelpress"].sort(key=lambda r: (order.index(r["model"]), r["export"], r["amount"]))
         print(table(payload["modelpress"], payload["torch_pruning"]))
@@ -332,7 +391,7 @@ def main() -> None:
     rows, baseline = [], []
     with tempfile.TemporaryDirectory() as temp:
         for name in names:
-            for traced in ([False, True] if name in args.traced.split(",") else [False]):
+            for traced in [False, True] if name in args.traced.split(",") else [False]:
                 for amount in amounts:
                     rows.append(modelpress_row(name, traced, amount, args.runs, Path(temp)))
                     print(json.dumps(rows[-1]), flush=True)
@@ -342,9 +401,18 @@ def main() -> None:
     print(table(rows, baseline))
     import torch_pruning
 
-    write_results(args, {"machine": machine(args, torch_pruning=getattr(torch_pruning, "__version__", "?"),
-                                            input="batch 4 of 3x64x64 images or 12x32 sequences"),
-                         "modelpress": rows, "torch_pruning": baseline})
+    write_results(
+        args,
+        {
+            "machine": machine(
+                args,
+                torch_pruning=getattr(torch_pruning, "__version__", "?"),
+                input="batch 4 of 3x64x64 images or 12x32 sequences",
+            ),
+            "modelpress": rows,
+            "torch_pruning": baseline,
+        },
+    )
 
 
 if __name__ == "__main__":

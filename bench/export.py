@@ -10,6 +10,7 @@ of the outputs. TorchScript runs eagerly only; a .pt2 is timed under each runtim
 (``evaluation.runtime``: eager = ``ExportedProgram.module()``, compile = ``torch.compile``,
 aoti = an AOTInductor package; compile and aoti need g++). Prints a table, writes JSON.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,31 +51,50 @@ def cases() -> dict[str, tuple]:
     return {
         "transformer": (lambda: LinearTransformer(width=512, blocks=4), [8, 32, 512], [dynamic]),
         "encoder": (lambda: transformer_encoder(width=256, layers=2), [4, 16, 256], [dynamic]),
-        "resnet18": (_resnet18, [8, 3, 224, 224],
-                     [{"method": "quantize", "quantize": {"mode": "static"}},
-                      {"method": "prune", "prune": {"amount": 0.5, "structured": True}}]),
+        "resnet18": (
+            _resnet18,
+            [8, 3, 224, 224],
+            [
+                {"method": "quantize", "quantize": {"mode": "static"}},
+                {"method": "prune", "prune": {"amount": 0.5, "structured": True}},
+            ],
+        ),
     }
 
 
-def bench_case(name: str, factory, shape: list[int], methods: list[dict], runtimes: list[str], runs: int,
-               folder: Path) -> list[dict]:
+def bench_case(
+    name: str, factory, shape: list[int], methods: list[dict], runtimes: list[str], runs: int, folder: Path
+) -> list[dict]:
     torch.manual_seed(0)
     model = factory().eval()
-    uploads = {"torchscript": save_scripted(model, folder / f"{name}.pt"),
-               "pt2": save_exported(model, torch.randn(*shape), folder / f"{name}.pt2")}
+    uploads = {
+        "torchscript": save_scripted(model, folder / f"{name}.pt"),
+        "pt2": save_exported(model, torch.randn(*shape), folder / f"{name}.pt2"),
+    }
     rows = []
     for method in methods:
         for fmt, path in uploads.items():
             # TorchScript runs in its own interpreter; a pruned float program's speed shows eagerly.
-            for runtime in (runtimes if fmt == "pt2" and method["method"] == "quantize" else ["eager"]):
-                spec = parse_spec(json.dumps({**method, "input_shape": shape, "evaluation": {
-                    "runs": runs, "warmup": 3, "runtime": runtime}}), has_data=False, has_student=False)
-                label = method["method"] + ("" if method["method"] != "quantize" else
-                                            "-" + method.get("quantize", {}).get("mode", "dynamic"))
+            for runtime in runtimes if fmt == "pt2" and method["method"] == "quantize" else ["eager"]:
+                spec = parse_spec(
+                    json.dumps(
+                        {**method, "input_shape": shape, "evaluation": {"runs": runs, "warmup": 3, "runtime": runtime}}
+                    ),
+                    has_data=False,
+                    has_student=False,
+                )
+                label = method["method"] + (
+                    "" if method["method"] != "quantize" else "-" + method.get("quantize", {}).get("mode", "dynamic")
+                )
                 if method.get("prune", {}).get("structured"):
                     label += "-structured"
-                row = {"model": name, "method": label, "format": fmt, "runtime": runtime,
-                       "bytes_before": path.stat().st_size}
+                row = {
+                    "model": name,
+                    "method": label,
+                    "format": fmt,
+                    "runtime": runtime,
+                    "bytes_before": path.stat().st_size,
+                }
                 started = time.perf_counter()
                 try:
                     report = compress(path, spec, folder / f"out-{name}-{fmt}")
@@ -86,22 +106,34 @@ def bench_case(name: str, factory, shape: list[int], methods: list[dict], runtim
                 # The job times the float upload, then the result; on a shared machine a burst of load
                 # lands on one of them. Timed again here in alternating rounds, under the same runtime.
                 medians = interleaved_runtime_medians(path, folder / f"out-{name}-{fmt}", runtime, shape, runs)
-                row.update(interleaved_float_ms=round(medians["float"], 3), interleaved_after_ms=round(medians["after"], 3),
-                           interleaved_ratio=round(medians["after"] / medians["float"], 3))
-                row.update(size_ratio=report["size"]["ratio"],
-                           parameter_ratio=round(report["parameters"]["after"] / report["parameters"]["before"], 4),
-                           latency_before_ms=report["latency"]["before_ms"], latency_after_ms=report["latency"]["after_ms"],
-                           latency_ratio=report["latency"]["ratio"], cosine=report["fidelity"]["cosine_similarity"],
-                           job_seconds=round(time.perf_counter() - started, 1))
+                row.update(
+                    interleaved_float_ms=round(medians["float"], 3),
+                    interleaved_after_ms=round(medians["after"], 3),
+                    interleaved_ratio=round(medians["after"] / medians["float"], 3),
+                )
+                row.update(
+                    size_ratio=report["size"]["ratio"],
+                    parameter_ratio=round(report["parameters"]["after"] / report["parameters"]["before"], 4),
+                    latency_before_ms=report["latency"]["before_ms"],
+                    latency_after_ms=report["latency"]["after_ms"],
+                    latency_ratio=report["latency"]["ratio"],
+                    cosine=report["fidelity"]["cosine_similarity"],
+                    job_seconds=round(time.perf_counter() - started, 1),
+                )
                 rows.append(row)
-                print(f"{name:12} {label:20} {fmt:12} {runtime:8} {row['bytes_before'] / 1e6:7.1f} MB "
-                      f"{row['size_ratio']:7.3f}x {row['parameter_ratio']:7.3f}x {row['latency_before_ms']:9.2f} "
-                      f"{row['latency_after_ms']:9.2f} {row['latency_ratio']:7.2f}x {row['interleaved_ratio']:7.2f}x "
-                      f"{row['cosine']:9.5f}", flush=True)
+                print(
+                    f"{name:12} {label:20} {fmt:12} {runtime:8} {row['bytes_before'] / 1e6:7.1f} MB "
+                    f"{row['size_ratio']:7.3f}x {row['parameter_ratio']:7.3f}x {row['latency_before_ms']:9.2f} "
+                    f"{row['latency_after_ms']:9.2f} {row['latency_ratio']:7.2f}x {row['interleaved_ratio']:7.2f}x "
+                    f"{row['cosine']:9.5f}",
+                    flush=True,
+                )
     return rows
 
 
-def interleaved_runtime_medians(upload: Path, result: Path, runtime: str, shape: list[int], runs: int) -> dict[str, float]:
+def interleaved_runtime_medians(
+    upload: Path, result: Path, runtime: str, shape: list[int], runs: int
+) -> dict[str, float]:
     """Median ms of the float upload and of the result, both loaded and compiled as the job does,
     timed in alternating rounds (``interleaved_medians``)."""
     batch = (torch.randn(*shape),)
@@ -121,8 +153,10 @@ def main() -> None:
     args = parser.parse_args()
     prepare(args)
     priority = raise_priority()
-    print(f"{'model':12} {'method':20} {'format':12} {'runtime':8} {'float':>10} {'size':>8} {'params':>8} "
-          f"{'float ms':>9} {'after ms':>9} {'latency':>8} {'alt.':>8} {'cosine':>9}")
+    print(
+        f"{'model':12} {'method':20} {'format':12} {'runtime':8} {'float':>10} {'size':>8} {'params':>8} "
+        f"{'float ms':>9} {'after ms':>9} {'latency':>8} {'alt.':>8} {'cosine':>9}"
+    )
     rows = []
     chosen = cases()
     with tempfile.TemporaryDirectory() as folder:

@@ -11,6 +11,7 @@ submit-to-downloaded (this client's clock), the report's ``timings_s`` (``startu
 supervisor's). The baseline is a fresh ``python -c`` that imports torch, loads the model,
 ``quantize_dynamic`` and saves it. Prints a table, writes ``bench/results/overhead.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,13 +63,24 @@ class TwoLayers(nn.Module):
 
 def start_stack(workdir: Path, warm: bool) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "MODELPRESS_DATA_DIR": str(workdir / "data"), "MODELPRESS_PORT": str(port),
-           "MODELPRESS_REDIS_PORT": str(free_port()), "MODELPRESS_WARM_SANDBOX": "1" if warm else "0",
-           "MODELPRESS_MAX_ACTIVE_JOBS": "1000"}
+    env = {
+        **os.environ,
+        "MODELPRESS_DATA_DIR": str(workdir / "data"),
+        "MODELPRESS_PORT": str(port),
+        "MODELPRESS_REDIS_PORT": str(free_port()),
+        "MODELPRESS_WARM_SANDBOX": "1" if warm else "0",
+        "MODELPRESS_MAX_ACTIVE_JOBS": "1000",
+    }
     env.pop("REDIS_URL", None)
     with open(workdir / "stack.log", "wb") as log_file:
-        stack = subprocess.Popen([sys.executable, "-m", "modelpress.stack"], cwd=ROOT, env=env, stdout=log_file,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        stack = subprocess.Popen(
+            [sys.executable, "-m", "modelpress.stack"],
+            cwd=ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -83,8 +95,9 @@ def start_stack(workdir: Path, warm: bool) -> tuple[subprocess.Popen, str]:
 
 def one_job(session: requests.Session, base: str, model: bytes, poll_s: float) -> dict[str, Any]:
     began = time.monotonic()
-    answer = session.post(base + "/v1/jobs", files={"model": ("model.pt", model)}, data={"spec": json.dumps(SPEC)},
-                          timeout=60)
+    answer = session.post(
+        base + "/v1/jobs", files={"model": ("model.pt", model)}, data={"spec": json.dumps(SPEC)}, timeout=60
+    )
     if answer.status_code != 202:
         raise SystemExit(f"submit refused: {answer.status_code} {answer.text[:300]}")
     job_id = answer.json()["id"]
@@ -98,21 +111,37 @@ def one_job(session: requests.Session, base: str, model: bytes, poll_s: float) -
     downloaded = session.get(base + job["links"]["model"], timeout=60).content
     submit_to_downloaded = time.monotonic() - began
     report = session.get(base + job["links"]["report"], timeout=30).json()
-    return {"id": job_id, "started_to_finished_s": _seconds(job["started_at"], job["finished_at"]),
-            "submitted_to_started_s": _seconds(job["created_at"], job["started_at"]),
-            "submit_to_downloaded_s": round(submit_to_downloaded, 3), "bytes": len(downloaded),
-            "start": report["sandbox"].get("start"), "timings_s": report["timings_s"]}
+    return {
+        "id": job_id,
+        "started_to_finished_s": _seconds(job["started_at"], job["finished_at"]),
+        "submitted_to_started_s": _seconds(job["created_at"], job["started_at"]),
+        "submit_to_downloaded_s": round(submit_to_downloaded, 3),
+        "bytes": len(downloaded),
+        "start": report["sandbox"].get("start"),
+        "timings_s": report["timings_s"],
+    }
 
 
 def baseline(model_path: Path, workdir: Path, threads: int, runs: int) -> list[dict[str, float]]:
     rows = []
     for _ in range(runs):
         began = time.monotonic()
-        out = subprocess.run([sys.executable, "-c", BASELINE, str(model_path), str(workdir / "baseline.pt"),
-                              str(threads)], capture_output=True, text=True, check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, "-c", BASELINE, str(model_path), str(workdir / "baseline.pt"), str(threads)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
         total = time.monotonic() - began
-        rows.append({"process_s": round(total, 3), **{name: round(float(value), 3) for name, value in
-                                                       zip(("import_torch_s", "load_s", "quantize_s", "save_s"), out)}})
+        rows.append(
+            {
+                "process_s": round(total, 3),
+                **{
+                    name: round(float(value), 3)
+                    for name, value in zip(("import_torch_s", "load_s", "quantize_s", "save_s"), out)
+                },
+            }
+        )
     return rows
 
 
@@ -120,13 +149,16 @@ def summary(rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
     def median(key: str) -> float:
         return round(statistics.median(row[key] for row in rows), 3)
 
-    return {"jobs": len(rows), "median_started_to_finished_s": median("started_to_finished_s"),
-            "median_submit_to_downloaded_s": median("submit_to_downloaded_s"),
-            "median_queued_s": median("submitted_to_started_s"),
-            "median_startup_s": round(statistics.median(row["timings_s"]["startup"] for row in rows), 3),
-            "median_measure_s": round(statistics.median(row["timings_s"]["measure"] for row in rows), 3),
-            "warm_jobs": sum(row["start"] == "warm" for row in rows),
-            "jobs_per_minute": round(60 * len(rows) / wall_s, 1)}
+    return {
+        "jobs": len(rows),
+        "median_started_to_finished_s": median("started_to_finished_s"),
+        "median_submit_to_downloaded_s": median("submit_to_downloaded_s"),
+        "median_queued_s": median("submitted_to_started_s"),
+        "median_startup_s": round(statistics.median(row["timings_s"]["startup"] for row in rows), 3),
+        "median_measure_s": round(statistics.median(row["timings_s"]["measure"] for row in rows), 3),
+        "warm_jobs": sum(row["start"] == "warm" for row in rows),
+        "jobs_per_minute": round(60 * len(rows) / wall_s, 1),
+    }
 
 
 def main() -> None:
@@ -168,31 +200,54 @@ def main() -> None:
         in_process = baseline(model_path, workdir, args.threads, 5)
     results = {name: summary(found, walls[name]) for name, found in rows.items()}
     for name, found in after_idle.items():
-        results[f"{name}_after_idle"] = {"jobs": len(found), "median_started_to_finished_s": round(
-            statistics.median(row["started_to_finished_s"] for row in found), 3), "median_submit_to_downloaded_s": round(
-            statistics.median(row["submit_to_downloaded_s"] for row in found), 3)}
+        results[f"{name}_after_idle"] = {
+            "jobs": len(found),
+            "median_started_to_finished_s": round(statistics.median(row["started_to_finished_s"] for row in found), 3),
+            "median_submit_to_downloaded_s": round(
+                statistics.median(row["submit_to_downloaded_s"] for row in found), 3
+            ),
+        }
     results["in_process"] = {key: round(statistics.median(row[key] for row in in_process), 3) for key in in_process[0]}
     print(table(results))
-    write_results(args, {"machine": machine(args), "spec": SPEC, "model_bytes": len(model), "summary": results,
-                         "jobs": rows, "after_idle": after_idle, "baseline": in_process,
-                         "when": datetime.now().isoformat(timespec="seconds")})
+    write_results(
+        args,
+        {
+            "machine": machine(args),
+            "spec": SPEC,
+            "model_bytes": len(model),
+            "summary": results,
+            "jobs": rows,
+            "after_idle": after_idle,
+            "baseline": in_process,
+            "when": datetime.now().isoformat(timespec="seconds"),
+        },
+    )
 
 
 def table(results: dict[str, Any]) -> str:
-    lines = ["| run | median started-to-finished (s) | median submit-to-downloaded (s) | median startup (s) | "
-             "warm jobs | jobs/min (one worker, sequential) |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| run | median started-to-finished (s) | median submit-to-downloaded (s) | median startup (s) | "
+        "warm jobs | jobs/min (one worker, sequential) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for name in ("warm", "cold"):
         row = results[name]
-        lines.append(f"| warm sandbox {'on' if name == 'warm' else 'off'} | {row['median_started_to_finished_s']} | "
-                     f"{row['median_submit_to_downloaded_s']} | {row['median_startup_s']} | {row['warm_jobs']}/"
-                     f"{row['jobs']} | {row['jobs_per_minute']} |")
+        lines.append(
+            f"| warm sandbox {'on' if name == 'warm' else 'off'} | {row['median_started_to_finished_s']} | "
+            f"{row['median_submit_to_downloaded_s']} | {row['median_startup_s']} | {row['warm_jobs']}/"
+            f"{row['jobs']} | {row['jobs_per_minute']} |"
+        )
     for name in ("warm", "cold"):
         row = results[f"{name}_after_idle"]
-        lines.append(f"| warm sandbox {'on' if name == 'warm' else 'off'}, a job at an idle worker ({row['jobs']} jobs) "
-                     f"| {row['median_started_to_finished_s']} | {row['median_submit_to_downloaded_s']} | | | |")
+        lines.append(
+            f"| warm sandbox {'on' if name == 'warm' else 'off'}, a job at an idle worker ({row['jobs']} jobs) "
+            f"| {row['median_started_to_finished_s']} | {row['median_submit_to_downloaded_s']} | | | |"
+        )
     base = results["in_process"]
-    lines.append(f"| in-process `import torch; quantize_dynamic` | {base['process_s']} (whole process: import "
-                 f"{base['import_torch_s']}, quantize {base['quantize_s']}) | - | - | - | - |")
+    lines.append(
+        f"| in-process `import torch; quantize_dynamic` | {base['process_s']} (whole process: import "
+        f"{base['import_torch_s']}, quantize {base['quantize_s']}) | - | - | - | - |"
+    )
     return "\n".join(lines)
 
 

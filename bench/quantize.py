@@ -17,6 +17,7 @@ For each model: file size, median latency and output fidelity of
 - eager baseline: torch.ao.quantization.quantize_dynamic on the original nn.Module, run eagerly.
 Prints a table and writes JSON.
 """
+
 from __future__ import annotations
 
 import copy
@@ -38,8 +39,13 @@ from workers.engine.inputs import Dataset  # noqa: E402
 from workers.engine.measure import output_fidelity  # noqa: E402
 from workers.engine.methods.quantize.torchscript import quantize  # noqa: E402
 
-SPEC = {"mode": "dynamic", "dtype": "qint8", "modules": ["Linear", "LSTM", "GRU", "MultiheadAttention"], "exclude": [],
-        "per_channel": True}
+SPEC = {
+    "mode": "dynamic",
+    "dtype": "qint8",
+    "modules": ["Linear", "LSTM", "GRU", "MultiheadAttention"],
+    "exclude": [],
+    "per_channel": True,
+}
 
 
 def models() -> list[tuple[str, nn.Module, tuple[int, ...]]]:
@@ -95,21 +101,36 @@ def bench_one(name: str, model: nn.Module, shape: tuple[int, ...], runs: int) ->
         "model": name,
         "input_shape": list(shape),
         "bytes": {"float": float_bytes.__len__(), "modelpress": len(ours_bytes), "eager_baseline": eager_bytes},
-        "size_ratio": {"modelpress": len(ours_bytes) / len(float_bytes), "eager_baseline": eager_bytes / len(float_bytes)},
+        "size_ratio": {
+            "modelpress": len(ours_bytes) / len(float_bytes),
+            "eager_baseline": eager_bytes / len(float_bytes),
+        },
         "latency_ms": latency,
-        "latency_ratio": {"modelpress": latency["modelpress"] / latency["float"],
-                          "eager_baseline": _ratio(latency["eager_baseline"], latency["float"])},
+        "latency_ratio": {
+            "modelpress": latency["modelpress"] / latency["float"],
+            "eager_baseline": _ratio(latency["eager_baseline"], latency["float"]),
+        },
         "modelpress_vs_eager_latency": _ratio(latency["modelpress"], latency["eager_baseline"]),
-        "fidelity": {"modelpress": output_fidelity(reference, ours_out),
-                     "eager_baseline": output_fidelity(reference, eager_out) if eager_out else None},
+        "fidelity": {
+            "modelpress": output_fidelity(reference, ours_out),
+            "eager_baseline": output_fidelity(reference, eager_out) if eager_out else None,
+        },
         "eager_baseline_error": eager_error,
         "kernels": details.get("counts", {}),
     }
 
 
-STATIC_SPEC = {"mode": "static", "dtype": "qint8", "modules": ["Conv1d", "Conv2d", "Conv3d", "Linear"], "exclude": [],
-               "per_channel": True, "observer": "histogram", "reduce_range": True, "calibration_batches": 4,
-               "min_cosine": 0.99}
+STATIC_SPEC = {
+    "mode": "static",
+    "dtype": "qint8",
+    "modules": ["Conv1d", "Conv2d", "Conv3d", "Linear"],
+    "exclude": [],
+    "per_channel": True,
+    "observer": "histogram",
+    "reduce_range": True,
+    "calibration_batches": 4,
+    "min_cosine": 0.99,
+}
 
 
 STATIC_ARCHITECTURES = ("resnet18", "resnet50", "mobilenet_v2", "efficientnet_b0")
@@ -134,8 +155,13 @@ class _Timed:
         self.call, self.size = call, size
 
 
-def bench_static(name: str, model: nn.Module, shape: tuple[int, ...], runs: int,
-                 data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict:
+def bench_static(
+    name: str,
+    model: nn.Module,
+    shape: tuple[int, ...],
+    runs: int,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> dict:
     """One static row; ``data`` = (calibration inputs, test inputs, test labels, fresh inputs) for a trained model."""
     from torch.ao.quantization import get_default_qconfig, get_default_qconfig_mapping, quantize_jit
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
@@ -154,14 +180,23 @@ def bench_static(name: str, model: nn.Module, shape: tuple[int, ...], runs: int,
         reference = [model(x) for x in fresh]
 
     variants: dict[str, _Timed | str] = {"float": _Timed(torch.jit.load(io.BytesIO(float_bytes)), len(float_bytes))}
-    ours, details = quantize(torch.jit.load(io.BytesIO(float_bytes)), method_options("quantize", STATIC_SPEC), Dataset(inputs=calibration), None)
+    ours, details = quantize(
+        torch.jit.load(io.BytesIO(float_bytes)),
+        method_options("quantize", STATIC_SPEC),
+        Dataset(inputs=calibration),
+        None,
+    )
     variants["modelpress"] = _reloaded(ours)
     if "onednn" in torch.backends.quantized.supported_engines:
         # Packed int8 weights are repacked for the engine active when the file is loaded.
         variants["modelpress_onednn"] = _reloaded(ours, engine="onednn")
     try:
-        jit = quantize_jit(torch.jit.load(io.BytesIO(float_bytes)), {"": get_default_qconfig("x86")},
-                           lambda m, bs: [m(b) for b in bs], [batches])
+        jit = quantize_jit(
+            torch.jit.load(io.BytesIO(float_bytes)),
+            {"": get_default_qconfig("x86")},
+            lambda m, bs: [m(b) for b in bs],
+            [batches],
+        )
         variants["quantize_jit"] = _reloaded(jit)
     except Exception as error:  # torch's own pass fails on some models (efficientnet's stochastic depth)
         variants["quantize_jit"] = f"failed: {type(error).__name__}: {str(error)[:160]}"
@@ -173,9 +208,17 @@ def bench_static(name: str, model: nn.Module, shape: tuple[int, ...], runs: int,
     variants["pt2e_compile"] = _pt2e(model, batch, batches)
     variants["nncf_openvino"] = _nncf_openvino(model, batch, calibration)
 
-    row = {"model": name, "input_shape": list(shape), "bytes": {}, "latency_ms": {}, "cosine": {},
-           "top1_agreement": {}, "errors": {}, "fallback": [f["module"] for f in details["fallback"]],
-           "cosine_all_layers_int8": details["cosine_all_layers_int8"]}
+    row = {
+        "model": name,
+        "input_shape": list(shape),
+        "bytes": {},
+        "latency_ms": {},
+        "cosine": {},
+        "top1_agreement": {},
+        "errors": {},
+        "fallback": [f["module"] for f in details["fallback"]],
+        "cosine_all_layers_int8": details["cosine_all_layers_int8"],
+    }
     ready = {}
     for key, variant in variants.items():
         if isinstance(variant, str):
@@ -286,15 +329,19 @@ STATIC_VARIANTS = ("modelpress", "modelpress_onednn", "quantize_jit", "fx", "pt2
 def print_static(rows: list[dict]) -> None:
     print(f"{'static model':22} {'variant':18} {'size':>6} {'latency':>8} {'cosine':>8} {'top1':>5} {'accuracy':>8}")
     for row in rows:
-        print(f"{row['model']:22} {'float':18} {1:6.3f} {row['latency_ms']['float']:6.1f}ms {'':>8} {'':>5} "
-              f"{_cell(row.get('accuracy', {}).get('float'), 8, 4)}")
+        print(
+            f"{row['model']:22} {'float':18} {1:6.3f} {row['latency_ms']['float']:6.1f}ms {'':>8} {'':>5} "
+            f"{_cell(row.get('accuracy', {}).get('float'), 8, 4)}"
+        )
         for key in STATIC_VARIANTS:
             if key in row["errors"]:
                 print(f"{'':22} {key:18} {row['errors'][key]}")
             elif key in row["latency_ratio"]:
-                print(f"{'':22} {key:18} {_cell(row['size_ratio'].get(key), 6, 3)} {row['latency_ratio'][key]:8.3f} "
-                      f"{row['cosine'][key]:8.5f} {row['top1_agreement'][key]:5.2f} "
-                      f"{_cell(row.get('accuracy', {}).get(key), 8, 4)}")
+                print(
+                    f"{'':22} {key:18} {_cell(row['size_ratio'].get(key), 6, 3)} {row['latency_ratio'][key]:8.3f} "
+                    f"{row['cosine'][key]:8.5f} {row['top1_agreement'][key]:5.2f} "
+                    f"{_cell(row.get('accuracy', {}).get(key), 8, 4)}"
+                )
         print(f"{'':22} modelpress / quantize_jit latency {_cell(row.get('modelpress_vs_quantize_jit_latency'), 6, 3)}")
 
 
@@ -303,10 +350,16 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30)
     parser.add_argument("--only", choices=["dynamic", "static"], default=None)
     parser.add_argument("--static-runs", type=int, default=15)
-    parser.add_argument("--static-models", default="digits," + ",".join(STATIC_ARCHITECTURES),
-                        help="comma-separated: digits and torchvision architectures")
-    parser.add_argument("--dynamic-models", default="",
-                        help="comma-separated words; only dynamic rows whose name contains one (default: all)")
+    parser.add_argument(
+        "--static-models",
+        default="digits," + ",".join(STATIC_ARCHITECTURES),
+        help="comma-separated: digits and torchvision architectures",
+    )
+    parser.add_argument(
+        "--dynamic-models",
+        default="",
+        help="comma-separated words; only dynamic rows whose name contains one (default: all)",
+    )
     args = parser.parse_args()
     prepare(args)
     priority = raise_priority()
@@ -316,14 +369,23 @@ def main() -> None:
     rows: list[dict] = []
 
     def save() -> None:
-        facts = machine(args, runs=args.runs, static_runs=args.static_runs, statistic="median", priority=priority,
-                        load_average_at_start=load_before)
+        facts = machine(
+            args,
+            runs=args.runs,
+            static_runs=args.static_runs,
+            statistic="median",
+            priority=priority,
+            load_average_at_start=load_before,
+        )
         write_results(args, {"machine": facts, "results": rows, "static": static_rows})
 
     if args.only != "dynamic":
         for name in args.static_models.split(","):
-            static_rows.append(digits_row(args.static_runs) if name == "digits"
-                               else bench_static(*static_model(name), args.static_runs))
+            static_rows.append(
+                digits_row(args.static_runs)
+                if name == "digits"
+                else bench_static(*static_model(name), args.static_runs)
+            )
             print_static(static_rows[-1:])
             save()
     if args.only != "static":
@@ -338,10 +400,12 @@ def main() -> None:
     for row in rows:
         top1 = row["fidelity"]["modelpress"]["top1_agreement"]
         eager_fidelity = row["fidelity"]["eager_baseline"]
-        print(f"{row['model']:32} {row['size_ratio']['modelpress']:8.3f} {row['size_ratio']['eager_baseline']:10.3f} "
-              f"{row['latency_ratio']['modelpress']:7.3f} {_cell(row['latency_ratio']['eager_baseline'], 9, 3)} "
-              f"{_cell(row['modelpress_vs_eager_latency'], 8, 3)} {row['fidelity']['modelpress']['cosine_similarity']:8.5f} "
-              f"{_cell(eager_fidelity and eager_fidelity['cosine_similarity'], 9, 5)} {_cell(top1, 7, 3)}")
+        print(
+            f"{row['model']:32} {row['size_ratio']['modelpress']:8.3f} {row['size_ratio']['eager_baseline']:10.3f} "
+            f"{row['latency_ratio']['modelpress']:7.3f} {_cell(row['latency_ratio']['eager_baseline'], 9, 3)} "
+            f"{_cell(row['modelpress_vs_eager_latency'], 8, 3)} {row['fidelity']['modelpress']['cosine_similarity']:8.5f} "
+            f"{_cell(eager_fidelity and eager_fidelity['cosine_similarity'], 9, 5)} {_cell(top1, 7, 3)}"
+        )
         if row["eager_baseline_error"]:
             print(f"  eager baseline failed: {row['eager_baseline_error'][:120]}")
     save()

@@ -3,6 +3,7 @@
 Both run the real ``workers.job_process`` on the same job directory, interleaved, so load on the
 machine hits both alike. Prints a table and writes ``bench/results/sandbox.json``.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,8 +33,15 @@ def _job_seconds(settings: Settings, files: JobFiles) -> float:
     argv = [sys.executable, "-m", "workers.job_process", str(files.root)]
     start = time.perf_counter()
     with sandbox.confined(settings, files, argv) as (command, fds):
-        child = subprocess.Popen(command, cwd=files.root, env=env, pass_fds=[write_fd, *fds],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        child = subprocess.Popen(
+            command,
+            cwd=files.root,
+            env=env,
+            pass_fds=[write_fd, *fds],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+        )
     os.close(write_fd)
     with os.fdopen(read_fd) as pipe:
         messages = pipe.read()
@@ -78,8 +86,16 @@ def main() -> None:
     difference = {what: medians[f"{what} on"] - medians[f"{what} off"] for what in ("job", "start-up")}
     for what, seconds in difference.items():
         print(f"{what}: sandbox on - off = {seconds:+.3f} s (medians of {args.repeats} interleaved runs)")
-    write_results(args, {"machine": machine(args, load_average=os.getloadavg()), "spec": SPEC, "timings_s": timings,
-                         "median_s": medians, "difference_s": difference})
+    write_results(
+        args,
+        {
+            "machine": machine(args, load_average=os.getloadavg()),
+            "spec": SPEC,
+            "timings_s": timings,
+            "median_s": medians,
+            "difference_s": difference,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ builds the same ``nn.Module`` and runs eager ``torch.ao.quantization.quantize_dy
 time. One job at a time; each model is deleted before the next is built. Prints a table and
 writes bench/results/scale.json.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,7 +47,7 @@ SPECS = {
 
 # Runs in a fresh interpreter from a file (TorchScript reads the source): builds the model, then saves
 # it scripted or runs the eager baseline.
-WORKER = r'''
+WORKER = r"""
 import json, resource, sys, time, warnings
 warnings.filterwarnings("ignore")
 import torch
@@ -95,19 +96,26 @@ seconds = time.perf_counter() - start
 with torch.no_grad():
     result(torch.randn(8, int(sys.argv[3])))
 print(json.dumps({"peak_resident_mb": peak(), "after_build_mb": built, "transform_s": round(seconds, 2)}))
-'''
+"""
 
 
 def build(worker: Path, blocks: int, path: Path, threads: int) -> None:
-    subprocess.run([sys.executable, str(worker), "save", str(blocks), str(D), str(threads), str(path)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(worker), "save", str(blocks), str(D), str(threads), str(path)],
+        check=True,
+        capture_output=True,
+    )
 
 
 def baseline(worker: Path, method: str, blocks: int, threads: int, cap_mb: int) -> dict[str, Any]:
     """The eager baseline in a fresh process, stopped once it holds more than ``cap_mb`` resident
     (eager global pruning of a 2 GB model passed 10 GB here: the machine is shared)."""
-    process = subprocess.Popen([sys.executable, str(worker), method, str(blocks), str(D), str(threads)],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(worker), method, str(blocks), str(D), str(threads)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     watch = MemoryWatch(process.pid, cap_mb << 20, process.kill).start()
     output, _ = process.communicate()
     watch.stop()
@@ -151,33 +159,48 @@ def run_job(client: Client, model: Path, method: str) -> dict[str, Any]:
     final = client.wait(job, timeout=3600)
     tree_peak = sampler.stop()
     end = time.monotonic()
-    row: dict[str, Any] = {"state": final["state"], "upload_s": round(uploaded - start, 1),
-                           "end_to_end_s": round(end - start, 1), "tree_peak_resident_mb": tree_peak}
+    row: dict[str, Any] = {
+        "state": final["state"],
+        "upload_s": round(uploaded - start, 1),
+        "end_to_end_s": round(end - start, 1),
+        "tree_peak_resident_mb": tree_peak,
+    }
     if final["state"] != "succeeded":
         row["error"] = final.get("error")
         return row
     report = client.session.get(client.url + f"/v1/jobs/{job['id']}/report", timeout=60).json()
-    row.update({
-        "peak_resident_mb": report["resources"]["peak_resident_mb"],
-        "memory_limit_mb": report["resources"]["memory_limit_mb"],
-        "stages_s": report["timings_s"],
-        "size_ratio": report["size"]["ratio"],
-        "deflate_ratio": round(report["size"]["deflate_bytes_after"] / report["size"]["bytes_before"], 4),
-        "latency_ratio": report["latency"]["ratio"],
-        "latency_runs_timed": report["latency"]["runs_timed"],
-        "cosine": report["fidelity"]["cosine_similarity"],
-    })
+    row.update(
+        {
+            "peak_resident_mb": report["resources"]["peak_resident_mb"],
+            "memory_limit_mb": report["resources"]["memory_limit_mb"],
+            "stages_s": report["timings_s"],
+            "size_ratio": report["size"]["ratio"],
+            "deflate_ratio": round(report["size"]["deflate_bytes_after"] / report["size"]["bytes_before"], 4),
+            "latency_ratio": report["latency"]["ratio"],
+            "latency_runs_timed": report["latency"]["runs_timed"],
+            "cosine": report["fidelity"]["cosine_similarity"],
+        }
+    )
     return row
 
 
 def main() -> None:
     parser = arguments(__doc__, "scale")
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500, 1000, 2000],
-                        help="model sizes in MB (rounded to whole blocks of 33.6 MB)")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs="+",
+        default=[100, 500, 1000, 2000],
+        help="model sizes in MB (rounded to whole blocks of 33.6 MB)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(SPECS), choices=list(SPECS))
     parser.add_argument("--no-baseline", action="store_true")
-    parser.add_argument("--baseline-cap-mb", type=int, default=6144,
-                        help="stop a baseline that holds more resident memory than this (the machine is shared)")
+    parser.add_argument(
+        "--baseline-cap-mb",
+        type=int,
+        default=6144,
+        help="stop a baseline that holds more resident memory than this (the machine is shared)",
+    )
     parser.add_argument("--append", action="store_true", help="add to the rows already in --out")
     args = parser.parse_args()
     prepare(args)
@@ -188,15 +211,29 @@ def main() -> None:
         worker = workdir / "build_model.py"
         worker.write_text(WORKER)
         port = free_port()
-        env = {**os.environ, "MODELPRESS_DATA_DIR": str(workdir / "data"), "MODELPRESS_PORT": str(port),
-               "MODELPRESS_REDIS_PORT": str(free_port())}
+        env = {
+            **os.environ,
+            "MODELPRESS_DATA_DIR": str(workdir / "data"),
+            "MODELPRESS_PORT": str(port),
+            "MODELPRESS_REDIS_PORT": str(free_port()),
+        }
         env.pop("REDIS_URL", None)
-        for name in [n for n in env if n.startswith("MODELPRESS_") and n not in
-                     ("MODELPRESS_DATA_DIR", "MODELPRESS_PORT", "MODELPRESS_REDIS_PORT")]:
+        for name in [
+            n
+            for n in env
+            if n.startswith("MODELPRESS_")
+            and n not in ("MODELPRESS_DATA_DIR", "MODELPRESS_PORT", "MODELPRESS_REDIS_PORT")
+        ]:
             env.pop(name)  # `make run` defaults: nothing else set
         with open(workdir / "stack.log", "wb") as log_file:
-            stack = subprocess.Popen([sys.executable, "-m", "modelpress.stack"], cwd=ROOT, env=env, stdout=log_file,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
+            stack = subprocess.Popen(
+                [sys.executable, "-m", "modelpress.stack"],
+                cwd=ROOT,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             client = Client(f"http://127.0.0.1:{port}", timeout=600)
             deadline = time.monotonic() + 180
@@ -210,8 +247,12 @@ def main() -> None:
                 build(worker, blocks, model, args.threads)
                 model_mb = model.stat().st_size / 1e6
                 for method in args.methods:
-                    row = {"size_mb": round(model_mb), "blocks": blocks, "method": method,
-                           **run_job(client, model, method)}
+                    row = {
+                        "size_mb": round(model_mb),
+                        "blocks": blocks,
+                        "method": method,
+                        **run_job(client, model, method),
+                    }
                     if not args.no_baseline:
                         row["baseline"] = baseline(worker, method, blocks, args.threads, args.baseline_cap_mb)
                     rows.append(row)
@@ -226,10 +267,19 @@ def main() -> None:
 
 
 def _write(args: Any, rows: list[dict[str, Any]]) -> None:
-    write_results(args, {"machine": machine(args, d=D, input_shape=INPUT_SHAPE, defaults="make run (upload 2048 MB, "
-                                            "job memory 8192 MB resident, 1 worker)",
-                                            load_average=os.getloadavg()[0]),
-                         "rows": rows})
+    write_results(
+        args,
+        {
+            "machine": machine(
+                args,
+                d=D,
+                input_shape=INPUT_SHAPE,
+                defaults="make run (upload 2048 MB, job memory 8192 MB resident, 1 worker)",
+                load_average=os.getloadavg()[0],
+            ),
+            "rows": rows,
+        },
+    )
 
 
 def _ready(client: Client) -> bool:
@@ -240,15 +290,24 @@ def _ready(client: Client) -> bool:
 
 
 def _table(rows: list[dict[str, Any]]) -> None:
-    print("| model MB | method | job peak RSS MB | peak / model | load s | transform s | save s | measure s | "
-          "upload s | end to end s | baseline peak RSS MB | baseline transform s |")
+    print(
+        "| model MB | method | job peak RSS MB | peak / model | load s | transform s | save s | measure s | "
+        "upload s | end to end s | baseline peak RSS MB | baseline transform s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         stages, base, peak = row.get("stages_s", {}), row.get("baseline", {}), row.get("peak_resident_mb")
-        cells = [row["size_mb"], row["method"], peak if peak else row["state"],
-                 f"{peak / row['size_mb']:.2f}" if peak else "-",
-                 *(stages.get(stage, "-") for stage in ("load", "transform", "save", "measure")),
-                 row["upload_s"], row["end_to_end_s"], base.get("peak_resident_mb", "-"), base.get("transform_s", "-")]
+        cells = [
+            row["size_mb"],
+            row["method"],
+            peak if peak else row["state"],
+            f"{peak / row['size_mb']:.2f}" if peak else "-",
+            *(stages.get(stage, "-") for stage in ("load", "transform", "save", "measure")),
+            row["upload_s"],
+            row["end_to_end_s"],
+            base.get("peak_resident_mb", "-"),
+            base.get("transform_s", "-"),
+        ]
         print("| " + " | ".join(str(cell) for cell in cells) + " |")
 
 

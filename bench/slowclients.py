@@ -22,6 +22,7 @@ Everything is on 127.0.0.1 and bounded in time. Prints a table and writes
 ``bench/results/slowclients.json``. The acceptance (issue 23): under attack, /healthz p99 and the
 other tenant's poll p99 under 1 s.
 """
+
 from __future__ import annotations
 
 import json
@@ -69,8 +70,9 @@ def main() -> int:
     for server in args.servers.split(","):
         runs.append(measure(server, args, root / server, model))
     print_table(runs)
-    write_results(args, {"machine": machine(args), "settings": {k: v for k, v in vars(args).items() if k != "out"},
-                         "runs": runs})
+    write_results(
+        args, {"machine": machine(args), "settings": {k: v for k, v in vars(args).items() if k != "out"}, "runs": runs}
+    )
     return 0
 
 
@@ -78,25 +80,41 @@ def measure(server: str, args: Any, root: Path, model: bytes) -> dict[str, Any]:
     root.mkdir(parents=True)
     (root / "keys").write_text("".join(f"{tenant} sha256:{hash_key(key)}\n" for tenant, key in KEYS.items()))
     settings = Settings.from_env({}).with_changes(
-        data_dir=root / "data", port=free_port(), redis_port=free_port(), api_keys_file=root / "keys",
-        api_server=server, max_upload_mb=max(2048, args.upload_mb + 16), log_level="WARNING")
+        data_dir=root / "data",
+        port=free_port(),
+        redis_port=free_port(),
+        api_keys_file=root / "keys",
+        api_server=server,
+        max_upload_mb=max(2048, args.upload_mb + 16),
+        log_level="WARNING",
+    )
     stack = Stack(settings, log_dir=root / "logs")
     try:
         stack.start()
         base = stack.base_url
         beta = {"Authorization": f"Bearer {KEYS['beta']}"}
-        job = requests.post(f"{base}/v1/jobs", headers=beta, files={"model": ("conv.pt", model)},
-                            data={"spec": json.dumps(SPEC)}, timeout=60).json()
+        job = requests.post(
+            f"{base}/v1/jobs",
+            headers=beta,
+            files={"model": ("conv.pt", model)},
+            data={"spec": json.dumps(SPEC)},
+            timeout=60,
+        ).json()
         deadline = time.monotonic() + 300
         while requests.get(f"{base}/v1/jobs/{job['id']}", headers=beta, timeout=30).json()["state"] != "succeeded":
             assert time.monotonic() < deadline, f"beta's job {job['id']} did not succeed within 300 s"
             time.sleep(0.5)
-        probes = {"healthz": (f"{base}/healthz", {}, lambda body: body.get("status") == "ok"),
-                  "poll": (f"{base}/v1/jobs/{job['id']}", beta, lambda body: body.get("state") == "succeeded")}
+        probes = {
+            "healthz": (f"{base}/healthz", {}, lambda body: body.get("status") == "ok"),
+            "poll": (f"{base}/v1/jobs/{job['id']}", beta, lambda body: body.get("state") == "succeeded"),
+        }
         print(f"[{server}] baseline {args.baseline_s:.0f} s", flush=True)
         baseline = probe_for(probes, args.baseline_s, args.probe_timeout_s)
-        print(f"[{server}] attack: {args.slow_headers} slow heads + {args.slow_uploads} slow uploads, "
-              f"{args.attack_s:.0f} s", flush=True)
+        print(
+            f"[{server}] attack: {args.slow_headers} slow heads + {args.slow_uploads} slow uploads, "
+            f"{args.attack_s:.0f} s",
+            flush=True,
+        )
         attack = Attack(stack.settings.port, args.slow_headers, args.slow_uploads, args.byte_every_s)
         attack.start()
         try:
@@ -104,8 +122,13 @@ def measure(server: str, args: Any, root: Path, model: bytes) -> dict[str, Any]:
         finally:
             attack.stop()
         upload = big_upload(base, {"Authorization": f"Bearer {KEYS['alpha']}"}, args.upload_mb)
-        return {"server": server, "baseline": baseline, "attack": attacked, "attackers": attack.summary(),
-                "big_upload": upload}
+        return {
+            "server": server,
+            "baseline": baseline,
+            "attack": attacked,
+            "attackers": attack.summary(),
+            "big_upload": upload,
+        }
     finally:
         stack.stop()
 
@@ -143,8 +166,13 @@ def summarize(latencies: list[float], errors: int) -> dict[str, Any]:
     def percentile(p: float) -> float | None:
         return round(ordered[max(0, math.ceil(p * len(ordered)) - 1)] * 1000, 1) if ordered else None
 
-    return {"count": len(ordered), "errors": errors, "p50_ms": percentile(0.5), "p99_ms": percentile(0.99),
-            "max_ms": round(ordered[-1] * 1000, 1) if ordered else None}
+    return {
+        "count": len(ordered),
+        "errors": errors,
+        "p50_ms": percentile(0.5),
+        "p99_ms": percentile(0.99),
+        "max_ms": round(ordered[-1] * 1000, 1) if ordered else None,
+    }
 
 
 class Attack:
@@ -155,8 +183,9 @@ class Attack:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.counts = {"connections": 0, "closed_by_server": 0, "answered_408": 0, "upload_bytes_sent": 0}
-        self._threads = ([threading.Thread(target=self._slow_head, daemon=True) for _ in range(slow_headers)]
-                         + [threading.Thread(target=self._slow_upload, daemon=True) for _ in range(slow_uploads)])
+        self._threads = [threading.Thread(target=self._slow_head, daemon=True) for _ in range(slow_headers)] + [
+            threading.Thread(target=self._slow_upload, daemon=True) for _ in range(slow_uploads)
+        ]
 
     def start(self) -> None:
         for thread in self._threads:
@@ -181,11 +210,14 @@ class Attack:
 
     def _slow_upload(self) -> None:
         boundary = uuid.uuid4().hex
-        body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"spec\"\r\n\r\n{json.dumps(SPEC)}\r\n"
-                f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"; filename=\"m.pt\"\r\n\r\n").encode() \
-            + os.urandom(1 << 20)
-        head = (f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEYS['alpha']}\r\n"
-                f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body) + 64}\r\n\r\n").encode()
+        body = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="spec"\r\n\r\n{json.dumps(SPEC)}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="model"; filename="m.pt"\r\n\r\n'
+        ).encode() + os.urandom(1 << 20)
+        head = (
+            f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEYS['alpha']}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body) + 64}\r\n\r\n"
+        ).encode()
         self._trickle([head, body], fast_first=True, step=8)
 
     def _trickle(self, pieces: list[bytes], fast_first: bool = False, step: int = 1) -> None:
@@ -203,7 +235,7 @@ class Attack:
                             return
                         if self._answered(connection):
                             break
-                        connection.sendall(rest[offset:offset + step])
+                        connection.sendall(rest[offset : offset + step])
                         if fast_first:
                             self._count("upload_bytes_sent", step)
             except OSError:
@@ -225,17 +257,27 @@ def big_upload(base: str, headers: dict[str, str], megabytes: int) -> dict[str, 
     """One POST of ``megabytes`` of random bytes streamed from a generator at full speed."""
     boundary = uuid.uuid4().hex
     chunk = os.urandom(1 << 20)
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"spec\"\r\n\r\n{json.dumps(SPEC)}\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"; filename=\"big.pt\"\r\n\r\n").encode()
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="spec"\r\n\r\n{json.dumps(SPEC)}\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"; filename="big.pt"\r\n\r\n'
+    ).encode()
     tail = f"\r\n--{boundary}--\r\n".encode()
 
     length = len(head) + megabytes * len(chunk) + len(tail)
     start = time.monotonic()
-    response = requests.post(f"{base}/v1/jobs", data=_SizedBody(head, chunk, megabytes, tail, length), timeout=600,
-                             headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"})
+    response = requests.post(
+        f"{base}/v1/jobs",
+        data=_SizedBody(head, chunk, megabytes, tail, length),
+        timeout=600,
+        headers={**headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
     seconds = time.monotonic() - start
-    return {"megabytes": megabytes, "status": response.status_code, "seconds": round(seconds, 2),
-            "mb_per_s": round(megabytes / seconds, 1)}
+    return {
+        "megabytes": megabytes,
+        "status": response.status_code,
+        "seconds": round(seconds, 2),
+        "mb_per_s": round(megabytes / seconds, 1),
+    }
 
 
 class _SizedBody:
@@ -255,16 +297,22 @@ class _SizedBody:
 
 
 def print_table(runs: list[dict[str, Any]]) -> None:
-    print(f"\n{'server':8} {'phase':9} {'probe':8} {'count':>6} {'errors':>6} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}")
+    print(
+        f"\n{'server':8} {'phase':9} {'probe':8} {'count':>6} {'errors':>6} {'p50 ms':>9} {'p99 ms':>9} {'max ms':>9}"
+    )
     for run in runs:
         for phase in ("baseline", "attack"):
             for probe, row in run[phase].items():
-                print(f"{run['server']:8} {phase:9} {probe:8} {row['count']:6d} {row['errors']:6d} "
-                      f"{_ms(row['p50_ms'])} {_ms(row['p99_ms'])} {_ms(row['max_ms'])}")
+                print(
+                    f"{run['server']:8} {phase:9} {probe:8} {row['count']:6d} {row['errors']:6d} "
+                    f"{_ms(row['p50_ms'])} {_ms(row['p99_ms'])} {_ms(row['max_ms'])}"
+                )
     for run in runs:
         upload, attackers = run["big_upload"], run["attackers"]
-        print(f"{run['server']}: attackers {attackers}; {upload['megabytes']} MB upload in {upload['seconds']} s "
-              f"({upload['mb_per_s']} MB/s, answered {upload['status']})")
+        print(
+            f"{run['server']}: attackers {attackers}; {upload['megabytes']} MB upload in {upload['seconds']} s "
+            f"({upload['mb_per_s']} MB/s, answered {upload['status']})"
+        )
 
 
 def _ms(value: float | None) -> str:

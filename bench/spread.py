@@ -12,6 +12,7 @@ baseline distillation must beat), and unstructured / structured pruning with fin
 stand-in for a CPU with other vector units. The table prints the worst, median and best of each
 figure; the tests set their floors below the worst with a margin.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,11 +30,23 @@ from bench.common import arguments, machine, write_results  # noqa: E402
 
 VARIANTS = {
     "native": {},
-    "portable": {"ATEN_CPU_CAPABILITY": "default", "DNNL_MAX_CPU_ISA": "SSE41", "ONEDNN_MAX_CPU_ISA": "SSE41",
-                 "MKL_CBWR": "COMPATIBLE", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+    "portable": {
+        "ATEN_CPU_CAPABILITY": "default",
+        "DNNL_MAX_CPU_ISA": "SSE41",
+        "ONEDNN_MAX_CPU_ISA": "SSE41",
+        "MKL_CBWR": "COMPATIBLE",
+        "MKL_ENABLE_INSTRUCTIONS": "SSE4_2",
+    },
 }
-FIGURES = ("teacher", "distilled_labels", "distilled_no_labels", "scratch_labels", "unstructured_0.8_finetuned",
-           "structured_0.5_finetuned", "structured_0.5_self_distilled")
+FIGURES = (
+    "teacher",
+    "distilled_labels",
+    "distilled_no_labels",
+    "scratch_labels",
+    "unstructured_0.8_finetuned",
+    "structured_0.5_finetuned",
+    "structured_0.5_self_distilled",
+)
 
 
 def main() -> None:
@@ -50,8 +63,13 @@ def main() -> None:
     for variant in args.variants.split(","):
         for seed in range(args.seeds):
             env = {**os.environ, **VARIANTS[variant], "PYTHONWARNINGS": "ignore"}
-            out = subprocess.run([sys.executable, __file__, "--one", variant, str(seed), "--threads", str(args.threads)],
-                                 env=env, capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", variant, str(seed), "--threads", str(args.threads)],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             row = {"variant": variant, "seed": seed, **json.loads(out.stdout.strip().splitlines()[-1])}
             runs.append(row)
             print(f"{variant:>9} {seed:>4} " + " ".join(f"{row[name]:24.4f}" for name in FIGURES), flush=True)
@@ -60,13 +78,17 @@ def main() -> None:
         values = [row[name] for row in runs]
         summary[name] = {"min": min(values), "median": statistics.median(values), "max": max(values)}
     relative = [row["distilled_labels"] / row["teacher"] for row in runs]
-    summary["distilled_labels_of_teacher"] = {"min": min(relative), "median": statistics.median(relative),
-                                              "max": max(relative)}
+    summary["distilled_labels_of_teacher"] = {
+        "min": min(relative),
+        "median": statistics.median(relative),
+        "max": max(relative),
+    }
     print(f"\n{'figure':>32} {'worst':>8} {'median':>8} {'best':>8}")
     for name, stats in summary.items():
         print(f"{name:>32} {stats['min']:8.4f} {stats['median']:8.4f} {stats['max']:8.4f}")
-    write_results(args, {"machine": machine(args, seeds=args.seeds, variants=args.variants), "runs": runs,
-                         "summary": summary})
+    write_results(
+        args, {"machine": machine(args, seeds=args.seeds, variants=args.variants), "runs": runs, "summary": summary}
+    )
 
 
 def argparse_hidden() -> str:
@@ -110,13 +132,24 @@ def _one_seed(seed: int, threads: int) -> dict[str, float]:
         scratch, _ = scratch_student(teacher_path, 0.33, root / "labelled.npz", 15)
         figures["scratch_labels"] = test_accuracy(scratch, splits["x_test"], splits["y_test"])
         for name, amount, structured, epochs, data in (
-                ("unstructured_0.8_finetuned", 0.8, False, 4, "labelled.npz"),
-                ("structured_0.5_finetuned", 0.5, True, 6, "labelled.npz"),
-                ("structured_0.5_self_distilled", 0.5, True, 4, "unlabelled.npz")):
-            spec = {"method": "prune", "seed": 0, "evaluation": {"runs": 2, "warmup": 1},
-                    "prune": {"amount": amount, "structured": structured, "criterion": "l1", "scope": "global",
-                              "modules": ["Conv2d", "Linear"], "exclude": None,
-                              "finetune": {"epochs": epochs, "lr": 1e-3, "batch_size": 64, "seed": seed}}}
+            ("unstructured_0.8_finetuned", 0.8, False, 4, "labelled.npz"),
+            ("structured_0.5_finetuned", 0.5, True, 6, "labelled.npz"),
+            ("structured_0.5_self_distilled", 0.5, True, 4, "unlabelled.npz"),
+        ):
+            spec = {
+                "method": "prune",
+                "seed": 0,
+                "evaluation": {"runs": 2, "warmup": 1},
+                "prune": {
+                    "amount": amount,
+                    "structured": structured,
+                    "criterion": "l1",
+                    "scope": "global",
+                    "modules": ["Conv2d", "Linear"],
+                    "exclude": None,
+                    "finetune": {"epochs": epochs, "lr": 1e-3, "batch_size": 64, "seed": seed},
+                },
+            }
             figures[name] = accuracy_of(spec, data, f"{name}.pt")
     return figures
 

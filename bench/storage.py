@@ -20,6 +20,7 @@ On a machine shared with other work the bench runs its processes ahead of it (ni
 -10, as root; ``--no-priority`` to leave them): the S3 server, the API and the worker are separate
 sessions, each raised once started, so the two layouts compete with the same outside load.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,9 +69,11 @@ class MultipartFile:
 
     def __init__(self, path: Path, spec: dict[str, Any]) -> None:
         self.boundary = f"bench-{uuid.uuid4().hex}"
-        self.head = (f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"spec\"\r\n\r\n{json.dumps(spec)}\r\n"
-                     f"--{self.boundary}\r\nContent-Disposition: form-data; name=\"model\"; filename=\"{path.name}\"\r\n"
-                     "Content-Type: application/octet-stream\r\n\r\n").encode()
+        self.head = (
+            f'--{self.boundary}\r\nContent-Disposition: form-data; name="spec"\r\n\r\n{json.dumps(spec)}\r\n'
+            f'--{self.boundary}\r\nContent-Disposition: form-data; name="model"; filename="{path.name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
         self.tail = f"\r\n--{self.boundary}--\r\n".encode()
         self.size = len(self.head) + path.stat().st_size + len(self.tail)
         self._parts = [self.head, open(path, "rb"), self.tail]  # noqa: SIM115  read while streaming, closed by read()
@@ -107,8 +110,16 @@ def raise_children(nice: int) -> None:
 
 
 def settings_for(data_dir: Path, **changes: Any) -> Settings:
-    return Settings(data_dir=data_dir, port=free_port(), redis_port=free_port(), max_upload_mb=2048, job_threads=2,
-                    job_memory_mb=16384, job_timeout_s=1800, api_workers=2).with_changes(**changes)
+    return Settings(
+        data_dir=data_dir,
+        port=free_port(),
+        redis_port=free_port(),
+        max_upload_mb=2048,
+        job_threads=2,
+        job_memory_mb=16384,
+        job_timeout_s=1800,
+        api_workers=2,
+    ).with_changes(**changes)
 
 
 def cpu_seconds() -> dict[str, float]:
@@ -125,19 +136,28 @@ def cpu_seconds() -> dict[str, float]:
     return seconds
 
 
-def upload(session: requests.Session, base_url: str, model: Path, sha_in: str) -> tuple[dict[str, Any], dict[str, float]]:
+def upload(
+    session: requests.Session, base_url: str, model: Path, sha_in: str
+) -> tuple[dict[str, Any], dict[str, float]]:
     """Submit the model; the job and the upload's figures: time, throughput, CPU seconds of the API and the store."""
     body = MultipartFile(model, SPEC)
     cpu_before = cpu_seconds()
     started = time.perf_counter()
-    answer = session.post(f"{base_url}/v1/jobs", data=body, timeout=1800,
-                          headers={"Content-Type": f"multipart/form-data; boundary={body.boundary}"})
+    answer = session.post(
+        f"{base_url}/v1/jobs",
+        data=body,
+        timeout=1800,
+        headers={"Content-Type": f"multipart/form-data; boundary={body.boundary}"},
+    )
     upload_s = time.perf_counter() - started
     cpu_after = cpu_seconds()
     assert answer.status_code == 202, answer.text
     assert answer.json()["input"]["sha256"] == sha_in
-    return answer.json(), {"upload_s": upload_s, "upload_mb_s": model.stat().st_size / 2**20 / upload_s,
-                           **{f"upload_{role}_cpu_s": cpu_after[role] - cpu_before[role] for role in cpu_after}}
+    return answer.json(), {
+        "upload_s": upload_s,
+        "upload_mb_s": model.stat().st_size / 2**20 / upload_s,
+        **{f"upload_{role}_cpu_s": cpu_after[role] - cpu_before[role] for role in cpu_after},
+    }
 
 
 def measure_upload(base_url: str, model: Path, sha_in: str) -> dict[str, Any]:
@@ -158,16 +178,22 @@ def measure(base_url: str, model: Path, sha_in: str) -> dict[str, Any]:
     assert job["state"] == "succeeded", job["error"]
     digest, size = hashlib.sha256(), 0
     started = time.perf_counter()
-    with session.get(f"{base_url}{job['links']['model']}", headers={"Accept-Encoding": "identity"}, stream=True,
-                     timeout=1800) as download:
+    with session.get(
+        f"{base_url}{job['links']['model']}", headers={"Accept-Encoding": "identity"}, stream=True, timeout=1800
+    ) as download:
         for chunk in download.iter_content(1 << 20):
             digest.update(chunk)
             size += len(chunk)
     download_s = time.perf_counter() - started
     assert digest.hexdigest() == job["result"]["sha256"]
     session.delete(f"{base_url}/v1/jobs/{job['id']}", timeout=600)  # frees the disk (and the bucket) for the next
-    return {**figures, "job_s": _seconds(job["finished_at"]) - _seconds(job["created_at"]),
-            "download_s": download_s, "download_mb_s": size / 2**20 / download_s, "output_mb": size / 2**20}
+    return {
+        **figures,
+        "job_s": _seconds(job["finished_at"]) - _seconds(job["created_at"]),
+        "download_s": download_s,
+        "download_mb_s": size / 2**20 / download_s,
+        "output_mb": size / 2**20,
+    }
 
 
 def _or_dash(figures: dict[str, float], key: str, form: str) -> str:
@@ -190,9 +216,13 @@ class Layout:
         self.name, self.root, self.stacks = name, root, []
         self.changes: dict[str, Any] = {}
         if name == "s3":
-            self.changes = dict(storage_url=f"s3://{BUCKET}/bench", s3_endpoint_url=s3.endpoint_url, s3_region="us-east-1",
-                                s3_access_key_id=s3.environment()["AWS_ACCESS_KEY_ID"],
-                                s3_secret_access_key=s3.environment()["AWS_SECRET_ACCESS_KEY"])
+            self.changes = dict(
+                storage_url=f"s3://{BUCKET}/bench",
+                s3_endpoint_url=s3.endpoint_url,
+                s3_region="us-east-1",
+                s3_access_key_id=s3.environment()["AWS_ACCESS_KEY_ID"],
+                s3_secret_access_key=s3.environment()["AWS_SECRET_ACCESS_KEY"],
+            )
         home = root / ("local" if name == "local" else "api-host")
         self.api = Stack(settings_for(home, **self.changes), log_dir=root / "logs" / f"{name}-api").start(worker=False)
         self.stacks.append(self.api)
@@ -201,8 +231,12 @@ class Layout:
         if self.name == "local":
             self.api.start_worker()
         else:
-            self.stacks.append(Stack(settings_for(self.root / "worker-host", redis_url=self.api.settings.redis_url,
-                                                  **self.changes), log_dir=self.root / "logs" / "s3-worker").start(api=False))
+            self.stacks.append(
+                Stack(
+                    settings_for(self.root / "worker-host", redis_url=self.api.settings.redis_url, **self.changes),
+                    log_dir=self.root / "logs" / "s3-worker",
+                ).start(api=False)
+            )
 
     def stop(self) -> None:
         for stack in reversed(self.stacks):
@@ -210,15 +244,24 @@ class Layout:
 
 
 def _print_row(layout: str, megabytes: int, row: dict[str, Any]) -> None:
-    line = (f"{layout:>6} {megabytes:>6} MB  upload {row['upload_s']:7.2f} s ({row['upload_mb_s']:7.1f} MB/s; "
-            f"CPU s: API {row['upload_api_cpu_s']:.1f}, store {row['upload_store_cpu_s']:.1f})")
+    line = (
+        f"{layout:>6} {megabytes:>6} MB  upload {row['upload_s']:7.2f} s ({row['upload_mb_s']:7.1f} MB/s; "
+        f"CPU s: API {row['upload_api_cpu_s']:.1f}, store {row['upload_store_cpu_s']:.1f})"
+    )
     if "job_s" in row:
         line += f"  job {row['job_s']:7.2f} s  download {row['download_s']:6.2f} s ({row['download_mb_s']:7.1f} MB/s)"
     print(line, flush=True)
 
 
-def run_layouts(root: Path, models: dict[int, Path], digests: dict[int, str], reps: dict[int, int], jobs_up_to: int,
-                s3: SeaweedServer, nice: int) -> dict[str, dict[int, list[dict[str, Any]]]]:
+def run_layouts(
+    root: Path,
+    models: dict[int, Path],
+    digests: dict[int, str],
+    reps: dict[int, int],
+    jobs_up_to: int,
+    s3: SeaweedServer,
+    nice: int,
+) -> dict[str, dict[int, list[dict[str, Any]]]]:
     """Every measurement in rounds that alternate the layouts (local, s3, local, s3 ...), so a
     change in the machine's speed during the run (other sessions, caches, clocks) falls on both."""
     layouts: dict[str, Layout] = {}
@@ -252,8 +295,9 @@ def main() -> None:
     parser = arguments(__doc__, "storage")
     parser.add_argument("--sizes", default="10,1024", help="model sizes in MB, comma-separated")
     parser.add_argument("--reps", type=int, default=3, help="jobs per size")
-    parser.add_argument("--jobs-up-to", type=int, default=2048,
-                        help="larger models are only uploaded (no job, no download)")
+    parser.add_argument(
+        "--jobs-up-to", type=int, default=2048, help="larger models are only uploaded (no job, no download)"
+    )
     parser.add_argument("--no-priority", action="store_true", help="do not run ahead of other work on the machine")
     parser.add_argument("--dir", type=Path, default=None, help="where the data directories go (default: a temp dir)")
     args = parser.parse_args()
@@ -280,26 +324,39 @@ def main() -> None:
         finally:
             s3.stop()
     summary = {}
-    print(f"\n{'size':>8} {'layout':>6} {'upload MB/s':>12} {'API CPU s':>10} {'store CPU s':>12} {'job s':>8} "
-          f"{'download MB/s':>14}")
+    print(
+        f"\n{'size':>8} {'layout':>6} {'upload MB/s':>12} {'API CPU s':>10} {'store CPU s':>12} {'job s':>8} "
+        f"{'download MB/s':>14}"
+    )
     for megabytes in sizes:
         for layout in LAYOUTS:
             rows = runs[layout][megabytes]
             summary.setdefault(str(megabytes), {})[layout] = {
-                key: statistics.median(row[key] for row in rows) for key in rows[0]}
+                key: statistics.median(row[key] for row in rows) for key in rows[0]
+            }
             figures = summary[str(megabytes)][layout]
-            print(f"{megabytes:>6}MB {layout:>6} {figures['upload_mb_s']:12.1f} {figures['upload_api_cpu_s']:10.1f} "
-                  f"{figures['upload_store_cpu_s']:12.1f} {_or_dash(figures, 'job_s', '8.2f')} "
-                  f"{_or_dash(figures, 'download_mb_s', '14.1f')}")
+            print(
+                f"{megabytes:>6}MB {layout:>6} {figures['upload_mb_s']:12.1f} {figures['upload_api_cpu_s']:10.1f} "
+                f"{figures['upload_store_cpu_s']:12.1f} {_or_dash(figures, 'job_s', '8.2f')} "
+                f"{_or_dash(figures, 'download_mb_s', '14.1f')}"
+            )
         local, remote = summary[str(megabytes)]["local"], summary[str(megabytes)]["s3"]
         ratios = {"upload_local_over_s3": local["upload_mb_s"] / remote["upload_mb_s"]}
         if "job_s" in local:
-            ratios.update(job_s3_over_local=remote["job_s"] / local["job_s"],
-                          download_local_over_s3=local["download_mb_s"] / remote["download_mb_s"])
+            ratios.update(
+                job_s3_over_local=remote["job_s"] / local["job_s"],
+                download_local_over_s3=local["download_mb_s"] / remote["download_mb_s"],
+            )
         summary[str(megabytes)]["ratios"] = ratios
         print(f"{'':>8} ratios: " + ", ".join(f"{name} {value:.2f}x" for name, value in ratios.items()))
-    write_results(args, {"machine": machine(args, reps=reps, priority=priority, load_average_before=load_before),
-                         "summary": summary, "runs": runs})
+    write_results(
+        args,
+        {
+            "machine": machine(args, reps=reps, priority=priority, load_average_before=load_before),
+            "summary": summary,
+            "runs": runs,
+        },
+    )
 
 
 if __name__ == "__main__":

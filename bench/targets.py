@@ -28,6 +28,7 @@ on the held-out rows, never on the calibration rows. Torchvision models have ran
 BatchNorm statistics from three train-mode passes (``tests.models.settle_batchnorm``).
 Prints a table (each measured value beside its acceptance bound, PASS/MISS) and writes JSON.
 """
+
 from __future__ import annotations
 
 import os
@@ -66,6 +67,7 @@ ROWS = ("resnet18", "mobilenet_v2", "bert", "resnet50_pruned")
 
 # ---------------------------------------------------------------------------- models and data
 
+
 def torchvision_model(arch: str) -> nn.Module:
     import torchvision
 
@@ -81,8 +83,15 @@ class BertEncoder(nn.Module):
         from transformers import BertConfig, BertModel
 
         torch.manual_seed(0)
-        config = BertConfig(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                            intermediate_size=1024, max_position_embeddings=512, attn_implementation="eager")
+        config = BertConfig(
+            vocab_size=8000,
+            hidden_size=256,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=1024,
+            max_position_embeddings=512,
+            attn_implementation="eager",
+        )
         self.bert = BertModel(config, add_pooling_layer=False).eval()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -116,6 +125,7 @@ def batches(inputs: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
 
 # ---------------------------------------------------------------------------- the job and its artifacts
 
+
 def run_job(model: Path, data: Path, out: Path, spec: dict[str, Any], eval_runs: int) -> tuple[dict, float]:
     spec = {**spec, "evaluation": {"runs": eval_runs, "warmup": 2}}
     start = time.perf_counter()
@@ -139,10 +149,15 @@ def runtime_threads(name: str, loaded: Any) -> str:
     """How many threads a target module's session uses: the modules set none (runtime defaults)."""
     if name == "onnx":
         threads = loaded.get_session_options().intra_op_num_threads
-        return (f"intra_op_num_threads={threads}" + (" (onnxruntime default: physical cores)" if threads == 0 else "")
-                + "; intra-op spinning left on (default)")
+        return (
+            f"intra_op_num_threads={threads}"
+            + (" (onnxruntime default: physical cores)" if threads == 0 else "")
+            + "; intra-op spinning left on (default)"
+        )
     if name == "openvino":
-        return f"INFERENCE_NUM_THREADS={loaded.get_property('INFERENCE_NUM_THREADS')} (module sets none; plugin default)"
+        return (
+            f"INFERENCE_NUM_THREADS={loaded.get_property('INFERENCE_NUM_THREADS')} (module sets none; plugin default)"
+        )
     return "XNNPACK threadpool default (module sets none)"
 
 
@@ -155,8 +170,11 @@ def torch_call(model: Any, inputs: tuple[torch.Tensor, ...]) -> Callable[[], Any
     return lambda: model(*inputs)
 
 
-def held_out_fidelity(reference: list[torch.Tensor], call: Callable[[tuple[torch.Tensor, ...]], Any],
-                      held_out: list[tuple[torch.Tensor, ...]]) -> dict[str, Any]:
+def held_out_fidelity(
+    reference: list[torch.Tensor],
+    call: Callable[[tuple[torch.Tensor, ...]], Any],
+    held_out: list[tuple[torch.Tensor, ...]],
+) -> dict[str, Any]:
     """Cosine and top-1 agreement of ``call``'s outputs against the float model's, on the held-out batches."""
     candidate = []
     for inputs in held_out:
@@ -170,12 +188,17 @@ def held_out_fidelity(reference: list[torch.Tensor], call: Callable[[tuple[torch
     a = torch.cat([t.double().flatten() for t in reference])
     b = torch.cat([t.double().flatten() for t in candidate])
     cosine = float(torch.nn.functional.cosine_similarity(a, b, dim=0, eps=1e-12))
-    return {"cosine_similarity": cosine, "cosine_float32": fidelity["cosine_similarity"],
-            "top1_agreement": fidelity["top1_agreement"], "max_abs_error": fidelity["max_abs_error"]}
+    return {
+        "cosine_similarity": cosine,
+        "cosine_float32": fidelity["cosine_similarity"],
+        "top1_agreement": fidelity["top1_agreement"],
+        "max_abs_error": fidelity["max_abs_error"],
+    }
 
 
-def settled_medians(models: dict[str, Callable[[], Any]], runs: int, settle_ms: float, warmup: int = 2
-                    ) -> dict[str, float]:
+def settled_medians(
+    models: dict[str, Callable[[], Any]], runs: int, settle_ms: float, warmup: int = 2
+) -> dict[str, float]:
     """``common.interleaved_medians`` with an untimed pause of ``settle_ms`` before each timed call.
 
     onnxruntime's intra-op threads keep spinning on the cores after a run returns (its default,
@@ -199,8 +222,13 @@ def settled_medians(models: dict[str, Callable[[], Any]], runs: int, settle_ms: 
     return {name: statistics.median(values) for name, values in timings.items()}
 
 
-def measure_variants(float_model: Any, variants: dict[str, tuple[Callable[[tuple], Any], Callable[[], Any]]],
-                     held_out: list[tuple[torch.Tensor, ...]], runs: int, settle_ms: float) -> dict[str, Any]:
+def measure_variants(
+    float_model: Any,
+    variants: dict[str, tuple[Callable[[tuple], Any], Callable[[], Any]]],
+    held_out: list[tuple[torch.Tensor, ...]],
+    runs: int,
+    settle_ms: float,
+) -> dict[str, Any]:
     """Fidelity on the held-out rows and interleaved median latency (held_out[0]) of every variant.
 
     ``variants``: name -> (call on a batch, call timed). The float model is timed as ``float``."""
@@ -209,9 +237,12 @@ def measure_variants(float_model: Any, variants: dict[str, tuple[Callable[[tuple
         fidelity = {name: held_out_fidelity(reference, call, held_out) for name, (call, _) in variants.items()}
     timed = {"float": torch_call(float_model, held_out[0]), **{name: t for name, (_, t) in variants.items()}}
     latency = settled_medians(timed, runs, settle_ms)
-    return {"latency_ms": latency,
-            "latency_ratio": {name: value / latency["float"] for name, value in latency.items() if name != "float"},
-            "fidelity": fidelity, "float_classes_held_out": _distinct_classes(reference)}
+    return {
+        "latency_ms": latency,
+        "latency_ratio": {name: value / latency["float"] for name, value in latency.items() if name != "float"},
+        "fidelity": fidelity,
+        "float_classes_held_out": _distinct_classes(reference),
+    }
 
 
 def _distinct_classes(reference: list[torch.Tensor]) -> int | None:
@@ -221,9 +252,13 @@ def _distinct_classes(reference: list[torch.Tensor]) -> int | None:
 
 
 def artifact_variants(artifacts: dict[str, tuple[Any, Any]], timing_batch: tuple[torch.Tensor, ...]) -> dict:
-    return {name: (lambda inputs, m=module, ld=loaded: m.run(ld, [t.numpy() for t in inputs]),
-                   artifact_call(module, loaded, timing_batch))
-            for name, (module, loaded) in artifacts.items()}
+    return {
+        name: (
+            lambda inputs, m=module, ld=loaded: m.run(ld, [t.numpy() for t in inputs]),
+            artifact_call(module, loaded, timing_batch),
+        )
+        for name, (module, loaded) in artifacts.items()
+    }
 
 
 def main_result_variant(out: Path, timing_batch: tuple[torch.Tensor, ...]) -> dict:
@@ -234,21 +269,37 @@ def main_result_variant(out: Path, timing_batch: tuple[torch.Tensor, ...]) -> di
 def job_summary(report: dict, seconds: float) -> dict[str, Any]:
     targets = {}
     for name, entry in report.get("targets", {}).items():
-        targets[name] = {key: entry.get(key) for key in ("status", "reason", "file", "precision", "bytes",
-                                                         "latency_ms", "latency_ratio", "notes")}
+        targets[name] = {
+            key: entry.get(key)
+            for key in ("status", "reason", "file", "precision", "bytes", "latency_ms", "latency_ratio", "notes")
+        }
         if entry.get("fidelity"):
             targets[name]["fidelity"] = {k: entry["fidelity"].get(k) for k in ("cosine_similarity", "top1_agreement")}
-    return {"wall_s": round(seconds, 1), "size": report.get("size"), "parameters": report.get("parameters"),
-            "latency": report.get("latency"), "fidelity_cosine": report.get("fidelity", {}).get("cosine_similarity"),
-            "warnings": report.get("warnings"), "timings_s": report.get("timings_s"), "targets": targets}
+    return {
+        "wall_s": round(seconds, 1),
+        "size": report.get("size"),
+        "parameters": report.get("parameters"),
+        "latency": report.get("latency"),
+        "fidelity_cosine": report.get("fidelity", {}).get("cosine_similarity"),
+        "warnings": report.get("warnings"),
+        "timings_s": report.get("timings_s"),
+        "targets": targets,
+    }
 
 
 def check(row: dict, measure: str, value: float | None, bound: str, passed: bool | None) -> None:
-    row["acceptance"].append({"measure": measure, "value": value, "bound": bound,
-                              "verdict": "n/a" if passed is None else ("PASS" if passed else "MISS")})
+    row["acceptance"].append(
+        {
+            "measure": measure,
+            "value": value,
+            "bound": bound,
+            "verdict": "n/a" if passed is None else ("PASS" if passed else "MISS"),
+        }
+    )
 
 
 # ---------------------------------------------------------------------------- rows
+
 
 def static_row(arch: str, folder: Path, args: Any, targets: list[str], peer: bool) -> dict:
     """resnet18 / mobilenet_v2: static int8 job with ``targets``; everything timed interleaved with float."""
@@ -258,8 +309,11 @@ def static_row(arch: str, folder: Path, args: Any, targets: list[str], peer: boo
     data = write_data(folder / f"{arch}.npz", calibration)
     held_out = batches(images(BATCH * HELD_OUT_BATCHES, seed=2))
     out = folder / f"{arch}_int8.pt"
-    spec = {"method": "quantize", "quantize": {"mode": "static", "calibration_batches": args.calibration_batches},
-            "targets": targets}
+    spec = {
+        "method": "quantize",
+        "quantize": {"mode": "static", "calibration_batches": args.calibration_batches},
+        "targets": targets,
+    }
     report, seconds = run_job(upload, data, out, spec, args.eval_runs)
     artifacts, failed = load_artifacts(report, out)
     variants = {**main_result_variant(out, held_out[0]), **artifact_variants(artifacts, held_out[0])}
@@ -273,10 +327,18 @@ def static_row(arch: str, folder: Path, args: Any, targets: list[str], peer: boo
             variants["nncf_openvino"] = (made[0], made[1](held_out[0]))
             peer_facts = made[2]
     measured = measure_variants(torch.jit.load(str(upload)), variants, held_out, args.runs, args.settle_ms)
-    row = {"row": arch, "spec": spec, "calibration_rows": int(calibration[0].shape[0]),
-           "held_out_rows": BATCH * HELD_OUT_BATCHES, "job": job_summary(report, seconds), "errors": errors,
-           "runtime_threads": {name: runtime_threads(name, loaded) for name, (_, loaded) in artifacts.items()},
-           "peer": peer_facts, **measured, "acceptance": []}
+    row = {
+        "row": arch,
+        "spec": spec,
+        "calibration_rows": int(calibration[0].shape[0]),
+        "held_out_rows": BATCH * HELD_OUT_BATCHES,
+        "job": job_summary(report, seconds),
+        "errors": errors,
+        "runtime_threads": {name: runtime_threads(name, loaded) for name, (_, loaded) in artifacts.items()},
+        "peer": peer_facts,
+        **measured,
+        "acceptance": [],
+    }
     row["bytes"] = {name: report["targets"][name]["bytes"] for name in artifacts}
     row["bytes"]["float"] = report["size"]["bytes_before"]
     row["bytes"]["job_torchscript"] = report["size"]["bytes_after"]
@@ -285,16 +347,34 @@ def static_row(arch: str, folder: Path, args: Any, targets: list[str], peer: boo
         present = [name for name in ALL_TARGETS if name in artifacts]
         fastest = min(present, key=lambda name: ratio[name]) if present else None
         row["fastest_artifact"] = fastest
-        check(row, f"fastest artifact ({fastest}) latency / float TorchScript",
-              ratio.get(fastest) if fastest else None, "<= 0.30", fastest is not None and ratio[fastest] <= 0.30)
-        peer_ratio = (measured["latency_ms"][fastest] / measured["latency_ms"]["nncf_openvino"]
-                      if fastest and "nncf_openvino" in measured["latency_ms"] else None)
+        check(
+            row,
+            f"fastest artifact ({fastest}) latency / float TorchScript",
+            ratio.get(fastest) if fastest else None,
+            "<= 0.30",
+            fastest is not None and ratio[fastest] <= 0.30,
+        )
+        peer_ratio = (
+            measured["latency_ms"][fastest] / measured["latency_ms"]["nncf_openvino"]
+            if fastest and "nncf_openvino" in measured["latency_ms"]
+            else None
+        )
         row["fastest_vs_nncf_openvino"] = peer_ratio
-        check(row, f"fastest artifact ({fastest}) latency / NNCF->OpenVINO by hand", peer_ratio, "<= 1.05",
-              peer_ratio is not None and peer_ratio <= 1.05)
+        check(
+            row,
+            f"fastest artifact ({fastest}) latency / NNCF->OpenVINO by hand",
+            peer_ratio,
+            "<= 1.05",
+            peer_ratio is not None and peer_ratio <= 1.05,
+        )
         cosine = fidelity[fastest]["cosine_similarity"] if fastest else None
-        check(row, f"fastest artifact ({fastest}) cosine vs float (held-out)", cosine, ">= 0.998",
-              cosine is not None and cosine >= 0.998)
+        check(
+            row,
+            f"fastest artifact ({fastest}) cosine vs float (held-out)",
+            cosine,
+            ">= 0.998",
+            cosine is not None and cosine >= 0.998,
+        )
         for name in ALL_TARGETS:
             if name in artifacts and name != fastest:
                 check(row, f"{name} latency / float TorchScript (info)", ratio[name], "-", None)
@@ -303,18 +383,31 @@ def static_row(arch: str, folder: Path, args: Any, targets: list[str], peer: boo
                 check(row, f"{name} artifact", None, "succeeds", False)
     else:
         present = "onnx" in artifacts
-        check(row, "onnx int8 latency / float TorchScript", ratio.get("onnx"), "<= 0.5",
-              present and ratio["onnx"] <= 0.5)
+        check(
+            row, "onnx int8 latency / float TorchScript", ratio.get("onnx"), "<= 0.5", present and ratio["onnx"] <= 0.5
+        )
         top1 = fidelity["onnx"]["top1_agreement"] if present else None
-        check(row, f"onnx int8 top-1 agreement (held-out; float picks {measured['float_classes_held_out']} "
-                   f"class(es) over {BATCH * HELD_OUT_BATCHES} rows)", top1, ">= 0.9", top1 is not None and top1 >= 0.9)
-        check(row, "onnx int8 cosine vs float (info)", fidelity["onnx"]["cosine_similarity"] if present else None,
-              "-", None)
+        check(
+            row,
+            f"onnx int8 top-1 agreement (held-out; float picks {measured['float_classes_held_out']} "
+            f"class(es) over {BATCH * HELD_OUT_BATCHES} rows)",
+            top1,
+            ">= 0.9",
+            top1 is not None and top1 >= 0.9,
+        )
+        check(
+            row,
+            "onnx int8 cosine vs float (info)",
+            fidelity["onnx"]["cosine_similarity"] if present else None,
+            "-",
+            None,
+        )
     return row
 
 
-def nncf_openvino_by_hand(model: nn.Module, calibration: tuple[torch.Tensor, ...], folder: Path
-                          ) -> tuple[Callable, Callable, dict] | str:
+def nncf_openvino_by_hand(
+    model: nn.Module, calibration: tuple[torch.Tensor, ...], folder: Path
+) -> tuple[Callable, Callable, dict] | str:
     """What a user does without ModelPress: ONNX from torch, OpenVINO's converter, NNCF on the same
     calibration rows (in the job's 32-row batches), compiled for the CPU with the bench's thread count.
     Returns (call on a batch, timed call for a batch, facts), or why it failed."""
@@ -328,21 +421,33 @@ def nncf_openvino_by_hand(model: nn.Module, calibration: tuple[torch.Tensor, ...
         onnx_path = folder / "float.onnx"
         started = time.perf_counter()
         example = calibration[0][:BATCH]
-        torch.onnx.export(model.eval(), (example,), str(onnx_path), dynamo=False, opset_version=17,
-                          input_names=["input_0"], output_names=["output_0"],
-                          dynamic_axes={"input_0": {0: "batch"}, "output_0": {0: "batch"}})
+        torch.onnx.export(
+            model.eval(),
+            (example,),
+            str(onnx_path),
+            dynamo=False,
+            opset_version=17,
+            input_names=["input_0"],
+            output_names=["output_0"],
+            dynamic_axes={"input_0": {0: "batch"}, "output_0": {0: "batch"}},
+        )
         converted = ov.convert_model(str(onnx_path))
         rows = [t.numpy() for t in calibration[0].split(CALIBRATION_ROWS)]
         quantized = nncf.quantize(converted, nncf.Dataset(rows), subset_size=len(rows))
         ov.save_model(quantized, str(folder / "model.xml"), compress_to_fp16=False)
         size = sum(path.stat().st_size for path in folder.iterdir() if path.suffix in (".xml", ".bin"))
         threads = torch.get_num_threads()
-        compiled = ov.Core().compile_model(quantized, "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                               "INFERENCE_PRECISION_HINT": "f32"})
-        facts = {"route": "torch.onnx.export (TorchScript exporter, opset 17) -> openvino.convert_model -> "
-                          "nncf.quantize (defaults) -> compile_model CPU",
-                 "bytes": size, "calibration_items": len(rows), "threads": threads,
-                 "seconds": round(time.perf_counter() - started, 1)}
+        compiled = ov.Core().compile_model(
+            quantized, "CPU", {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+        )
+        facts = {
+            "route": "torch.onnx.export (TorchScript exporter, opset 17) -> openvino.convert_model -> "
+            "nncf.quantize (defaults) -> compile_model CPU",
+            "bytes": size,
+            "calibration_items": len(rows),
+            "threads": threads,
+            "seconds": round(time.perf_counter() - started, 1),
+        }
 
         def call(inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
             return torch.from_numpy(np.array(compiled(inputs[0].numpy())[0], copy=True))
@@ -378,34 +483,56 @@ def bert_row(folder: Path, args: Any) -> dict:
         request = TargetRequest(model=torch.jit.load(str(upload)), format_name=TORCHSCRIPT, example=held_out[0])
         float_artifact = onnx.export(request, float_dir)
         float_loaded = onnx.load(float_artifact.path)
-        variants["onnx_float"] = (lambda inputs: onnx.run(float_loaded, [t.numpy() for t in inputs]),
-                                  artifact_call(onnx, float_loaded, held_out[0]))
+        variants["onnx_float"] = (
+            lambda inputs: onnx.run(float_loaded, [t.numpy() for t in inputs]),
+            artifact_call(onnx, float_loaded, held_out[0]),
+        )
         float_onnx_bytes = float_artifact.bytes
     except Exception as error:
         errors["onnx_float"] = f"failed: {type(error).__name__}: {str(error)[:200]}"
         float_onnx_bytes = None
     measured = measure_variants(torch.jit.load(str(upload)), variants, held_out, args.runs, args.settle_ms)
     float_bytes = report["size"]["bytes_before"]
-    row = {"row": "bert", "model": "transformers BertModel: 4 layers, hidden 256, 4 heads, intermediate 1024, "
-                                    "vocab 8000, sequence 128, random weights, traced; output last_hidden_state",
-           "spec": spec, "held_out_rows": BATCH * HELD_OUT_BATCHES, "job": job_summary(report, seconds),
-           "errors": errors, "runtime_threads": {name: runtime_threads(name, loaded)
-                                                 for name, (_, loaded) in artifacts.items()},
-           "bytes": {"float": float_bytes, "job_torchscript": report["size"]["bytes_after"],
-                     "onnx_float": float_onnx_bytes, **{n: report["targets"][n]["bytes"] for n in artifacts}},
-           **measured, "acceptance": []}
+    row = {
+        "row": "bert",
+        "model": "transformers BertModel: 4 layers, hidden 256, 4 heads, intermediate 1024, "
+        "vocab 8000, sequence 128, random weights, traced; output last_hidden_state",
+        "spec": spec,
+        "held_out_rows": BATCH * HELD_OUT_BATCHES,
+        "job": job_summary(report, seconds),
+        "errors": errors,
+        "runtime_threads": {name: runtime_threads(name, loaded) for name, (_, loaded) in artifacts.items()},
+        "bytes": {
+            "float": float_bytes,
+            "job_torchscript": report["size"]["bytes_after"],
+            "onnx_float": float_onnx_bytes,
+            **{n: report["targets"][n]["bytes"] for n in artifacts},
+        },
+        **measured,
+        "acceptance": [],
+    }
     present = "onnx" in artifacts
     size_ratio = row["bytes"]["onnx"] / float_bytes if present else None
     row["onnx_size_ratio"] = size_ratio
-    check(row, "onnx int8 bytes / float TorchScript bytes", size_ratio, "<= 0.30",
-          size_ratio is not None and size_ratio <= 0.30)
+    check(
+        row,
+        "onnx int8 bytes / float TorchScript bytes",
+        size_ratio,
+        "<= 0.30",
+        size_ratio is not None and size_ratio <= 0.30,
+    )
     cosine = measured["fidelity"]["onnx"]["cosine_similarity"] if present else None
     check(row, "onnx int8 cosine vs float (held-out)", cosine, ">= 0.999", cosine is not None and cosine >= 0.999)
     latency = measured["latency_ms"]
     vs_float = latency["onnx"] / latency["onnx_float"] if present and "onnx_float" in latency else None
     row["onnx_int8_vs_onnx_float_latency"] = vs_float
-    check(row, "onnx int8 latency / float ONNX latency (onnxruntime)", vs_float, "< 1.0",
-          vs_float is not None and vs_float < 1.0)
+    check(
+        row,
+        "onnx int8 latency / float ONNX latency (onnxruntime)",
+        vs_float,
+        "< 1.0",
+        vs_float is not None and vs_float < 1.0,
+    )
     check(row, "onnx int8 latency / float TorchScript (info)", measured["latency_ratio"].get("onnx"), "-", None)
     return row
 
@@ -421,8 +548,16 @@ def pruned_row(folder: Path, args: Any) -> dict:
     report, seconds = run_job(upload, data, out, spec, args.eval_runs)
     parameters = report["parameters"]
     torch_ratio = parameters["after"] / parameters["before"]
-    row = {"row": "resnet50_pruned", "spec": spec, "job": job_summary(report, seconds), "errors": {},
-           "torch_parameters": parameters, "torch_parameter_ratio": torch_ratio, "counts": {}, "acceptance": []}
+    row = {
+        "row": "resnet50_pruned",
+        "spec": spec,
+        "job": job_summary(report, seconds),
+        "errors": {},
+        "torch_parameters": parameters,
+        "torch_parameter_ratio": torch_ratio,
+        "counts": {},
+        "acceptance": [],
+    }
     example = images(BATCH, seed=2)
     started = time.perf_counter()
     for name in ALL_TARGETS:
@@ -443,8 +578,13 @@ def pruned_row(folder: Path, args: Any) -> dict:
         pruned_count, unpruned_count = count(pruned_path), count(unpruned)
         ratio = pruned_count / unpruned_count
         row["counts"][name] = {"unit": unit, "pruned": pruned_count, "unpruned": unpruned_count, "ratio": ratio}
-        check(row, f"{name}: {unit}, pruned / unpruned ({pruned_count:,} / {unpruned_count:,})", ratio,
-              f"<= {1.05 * torch_ratio:.3f} (1.05 x torch's {torch_ratio:.3f})", ratio <= 1.05 * torch_ratio)
+        check(
+            row,
+            f"{name}: {unit}, pruned / unpruned ({pruned_count:,} / {unpruned_count:,})",
+            ratio,
+            f"<= {1.05 * torch_ratio:.3f} (1.05 x torch's {torch_ratio:.3f})",
+            ratio <= 1.05 * torch_ratio,
+        )
     row["unpruned_exports_s"] = round(time.perf_counter() - started, 1)
     return row
 
@@ -485,6 +625,7 @@ STORED_ELEMENTS: dict[str, tuple[str, Callable[[Path], int]]] = {
 
 # ---------------------------------------------------------------------------- table
 
+
 def print_row(row: dict) -> None:
     print(f"\n== {row['row']}  (job {row['job']['wall_s']} s)")
     for key, value in row.get("errors", {}).items():
@@ -493,14 +634,18 @@ def print_row(row: dict) -> None:
         print(f"   {'variant':18} {'latency':>10} {'vs float':>9} {'cosine':>9} {'top1':>6} {'bytes':>12}")
         for name, value in row["latency_ms"].items():
             fidelity = row["fidelity"].get(name, {})
-            print(f"   {name:18} {value:8.1f}ms {_cell(row['latency_ratio'].get(name, 1.0), 9, 3)} "
-                  f"{_cell(fidelity.get('cosine_similarity'), 9, 5)} {_cell(fidelity.get('top1_agreement'), 6, 2)} "
-                  f"{row.get('bytes', {}).get(name) or '-':>12}")
+            print(
+                f"   {name:18} {value:8.1f}ms {_cell(row['latency_ratio'].get(name, 1.0), 9, 3)} "
+                f"{_cell(fidelity.get('cosine_similarity'), 9, 5)} {_cell(fidelity.get('top1_agreement'), 6, 2)} "
+                f"{row.get('bytes', {}).get(name) or '-':>12}"
+            )
     for name, threads in row.get("runtime_threads", {}).items():
         print(f"   threads {name}: {threads}")
     for name, entry in row["job"]["targets"].items():
-        print(f"   job report {name}: {entry['status']} {entry.get('precision') or ''} "
-              f"latency_ratio={entry.get('latency_ratio')} cosine={(entry.get('fidelity') or {}).get('cosine_similarity')}")
+        print(
+            f"   job report {name}: {entry['status']} {entry.get('precision') or ''} "
+            f"latency_ratio={entry.get('latency_ratio')} cosine={(entry.get('fidelity') or {}).get('cosine_similarity')}"
+        )
 
 
 def print_table(rows: list[dict]) -> None:
@@ -517,8 +662,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=15, help="interleaved timed rounds per row")
     parser.add_argument("--eval-runs", type=int, default=10, help="the job's evaluation.runs")
     parser.add_argument("--calibration-batches", type=int, default=3, help="static int8: batches of 32 rows")
-    parser.add_argument("--settle-ms", type=float, default=50.0,
-                        help="untimed pause before each timed call (0: common.interleaved_medians as is)")
+    parser.add_argument(
+        "--settle-ms",
+        type=float,
+        default=50.0,
+        help="untimed pause before each timed call (0: common.interleaved_medians as is)",
+    )
     parser.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     args = parser.parse_args()
     prepare(args)
@@ -528,12 +677,23 @@ def main() -> None:
     rows: list[dict] = []
 
     def save() -> None:
-        facts = machine(args, runs=args.runs, eval_runs=args.eval_runs, settle_ms=args.settle_ms, batch=BATCH, statistic="median",
-                        priority=priority, load_average_at_start=load_before,
-                        wall_s=round(time.perf_counter() - started, 1), onnxruntime=_version("onnxruntime"),
-                        openvino=_version("openvino"), nncf=_version("nncf"), executorch=_version("executorch"),
-                        data="random normal images / random token ids (no real data in this environment); "
-                             "fidelity on held-out rows of another seed")
+        facts = machine(
+            args,
+            runs=args.runs,
+            eval_runs=args.eval_runs,
+            settle_ms=args.settle_ms,
+            batch=BATCH,
+            statistic="median",
+            priority=priority,
+            load_average_at_start=load_before,
+            wall_s=round(time.perf_counter() - started, 1),
+            onnxruntime=_version("onnxruntime"),
+            openvino=_version("openvino"),
+            nncf=_version("nncf"),
+            executorch=_version("executorch"),
+            data="random normal images / random token ids (no real data in this environment); "
+            "fidelity on held-out rows of another seed",
+        )
         write_results(args, {"machine": facts, "rows": rows})
 
     with tempfile.TemporaryDirectory(prefix="bench-targets-") as scratch:

@@ -16,6 +16,7 @@ Rows (issue 27's acceptance):
 - ``structured``: structured 0.7, l1 + fine-tune vs bn_scale and group_lasso regularized importance;
 - ``distill``: a width-1/8 student, logits only vs logits + features vs a 2-step schedule.
 """
+
 from __future__ import annotations
 
 import json
@@ -75,12 +76,23 @@ class Service:
         port = free_port()
         env = {name: value for name, value in os.environ.items() if not name.startswith("MODELPRESS_")}
         env.pop("REDIS_URL", None)
-        env.update({"MODELPRESS_DATA_DIR": str(workdir / "data"), "MODELPRESS_PORT": str(port),
-                    "MODELPRESS_REDIS_PORT": str(free_port())})
+        env.update(
+            {
+                "MODELPRESS_DATA_DIR": str(workdir / "data"),
+                "MODELPRESS_PORT": str(port),
+                "MODELPRESS_REDIS_PORT": str(free_port()),
+            }
+        )
         self.log = workdir / "stack.log"
         with open(self.log, "wb") as log_file:
-            self.process = subprocess.Popen([sys.executable, "-m", "modelpress.stack"], cwd=ROOT, env=env,
-                                            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "modelpress.stack"],
+                cwd=ROOT,
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.client = Client(f"http://127.0.0.1:{port}", timeout=600)
         deadline = time.monotonic() + 180
         while not self._ready():
@@ -111,7 +123,9 @@ class Service:
 def _seconds(job: dict[str, Any]) -> float:
     from datetime import datetime
 
-    started, finished = (datetime.fromisoformat(job[key].replace("Z", "+00:00")) for key in ("started_at", "finished_at"))
+    started, finished = (
+        datetime.fromisoformat(job[key].replace("Z", "+00:00")) for key in ("started_at", "finished_at")
+    )
     return round((finished - started).total_seconds(), 1)
 
 
@@ -133,19 +147,24 @@ def qat_rows(service: Service, splits: dict, workdir: Path, data: Path) -> list[
     rows = []
     # The transformer goes as a .pt2: torch's graph-mode static quantization (prepare_jit's observer pass)
     # crashes with a segmentation fault on the traced TorchScript of nn.TransformerEncoder (torch 2.14.1).
-    cases = [("separable CNN, per-tensor weights", SeparableDigitsCNN(16), {"per_channel": False}, ".pt"),
-             ("CNN, per-tensor weights", DigitsCNN(16), {"per_channel": False}, ".pt"),
-             ("transformer (2 layers, 32 wide), .pt2", DigitsTransformer(), {}, ".pt2")]
+    cases = [
+        ("separable CNN, per-tensor weights", SeparableDigitsCNN(16), {"per_channel": False}, ".pt"),
+        ("CNN, per-tensor weights", DigitsCNN(16), {"per_channel": False}, ".pt"),
+        ("transformer (2 layers, 32 wide), .pt2", DigitsTransformer(), {}, ".pt2"),
+    ]
     for name, module, extra, suffix in cases:
         torch.manual_seed(0)
         model = train_classifier(module, splits["x_train"], splits["y_train"], epochs=20)
         path = _upload(model, workdir / f"qat-{len(rows)}{suffix}", splits)
         row = {"row": "qat", "model": name, "float": round(test_accuracy(model, splits["x_test"], splits["y_test"]), 4)}
-        for label, quantize in (("static_ptq", {"mode": "static", **extra}),
-                                ("qat", {"mode": "qat", "qat": {"epochs": 3}, **extra})):
+        for label, quantize in (
+            ("static_ptq", {"mode": "static", **extra}),
+            ("qat", {"mode": "qat", "qat": {"epochs": 3}, **extra}),
+        ):
             out = workdir / f"{path.stem}.{label}{suffix}"
-            report, seconds = service.run(path, {"method": "quantize", "quantize": quantize, "evaluation": EVALUATION},
-                                          data, out)
+            report, seconds = service.run(
+                path, {"method": "quantize", "quantize": quantize, "evaluation": EVALUATION}, data, out
+            )
             row[label] = _accuracy(out, splits)
             row[f"{label}_s"] = seconds
             if label == "qat":
@@ -163,15 +182,18 @@ def _qat_verdict(row: dict[str, Any]) -> str:
     if row["ptq_loss_points"] >= 1:
         recovered = (row["qat"] - row["static_ptq"]) / (row["float"] - row["static_ptq"])
         return f"{'PASS' if recovered >= 0.5 else 'MISS'}: QAT recovers {recovered:.0%} of PTQ's loss"
-    return (f"{'PASS' if row['qat_loss_points'] <= 0.3 else 'MISS'}: PTQ loses {row['ptq_loss_points']} points; QAT is "
-            f"{row['qat_loss_points']} points from float (needs <= 0.3)")
+    return (
+        f"{'PASS' if row['qat_loss_points'] <= 0.3 else 'MISS'}: PTQ loses {row['ptq_loss_points']} points; QAT is "
+        f"{row['qat_loss_points']} points from float (needs <= 0.3)"
+    )
 
 
 def _upload(model: nn.Module, path: Path, splits: dict) -> Path:
     if path.suffix == ".pt2":
         batch = torch.export.Dim("batch", max=4096)
-        torch.export.save(torch.export.export(model.eval(), (splits["x_train"][:8],), dynamic_shapes=({0: batch},)),
-                          path)
+        torch.export.save(
+            torch.export.export(model.eval(), (splits["x_train"][:8],), dynamic_shapes=({0: batch},)), path
+        )
         return path
     try:
         return save_scripted(model.eval(), path)
@@ -190,24 +212,42 @@ def _teacher(splits: dict, workdir: Path) -> tuple[Path, float]:
     return path, _accuracy(path, splits)
 
 
-def _compare(service: Service, splits: dict, workdir: Path, data: Path, row: str, method: str,
-             variants: dict[str, dict[str, Any]], budget: int) -> list[dict[str, Any]]:
+def _compare(
+    service: Service,
+    splits: dict,
+    workdir: Path,
+    data: Path,
+    row: str,
+    method: str,
+    variants: dict[str, dict[str, Any]],
+    budget: int,
+) -> list[dict[str, Any]]:
     """One job per variant of the same method on the same teacher; accuracy on the unseen split."""
     teacher, float_accuracy = _teacher(splits, workdir)
     rows = []
     for label, options in variants.items():
         out = workdir / f"{row}-{label}.pt"
         try:
-            report, seconds = service.run(teacher, {"method": method, method: options, "evaluation": EVALUATION},
-                                          data, out)
+            report, seconds = service.run(
+                teacher, {"method": method, method: options, "evaluation": EVALUATION}, data, out
+            )
         except RuntimeError as error:
             rows.append({"row": row, "variant": label, "epochs": budget, "failed": str(error)})
             print(json.dumps(rows[-1]), flush=True)
             continue
-        rows.append({"row": row, "variant": label, "epochs": budget, "float": float_accuracy,
-                     "accuracy": _accuracy(out, splits), "parameters": report["parameters"],
-                     "parameter_ratio": round(report["parameters"]["after"] / report["parameters"]["before"], 4),
-                     "sparsity": report["details"].get("sparsity"), "job_s": seconds})
+        rows.append(
+            {
+                "row": row,
+                "variant": label,
+                "epochs": budget,
+                "float": float_accuracy,
+                "accuracy": _accuracy(out, splits),
+                "parameters": report["parameters"],
+                "parameter_ratio": round(report["parameters"]["after"] / report["parameters"]["before"], 4),
+                "sparsity": report["details"].get("sparsity"),
+                "job_s": seconds,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -215,35 +255,76 @@ def _compare(service: Service, splits: dict, workdir: Path, data: Path, row: str
 def prune_rows(service: Service, splits: dict, workdir: Path, data: Path) -> list[dict[str, Any]]:
     """Unstructured 0.9: one shot + 6 epochs of fine-tuning vs 4 steps (cubic) within the same 6 epochs."""
     finetune = {"epochs": 6, "lr": 1e-3}
-    return _compare(service, splits, workdir, data, "prune", "prune", {
-        "one shot + fine-tune": {"amount": 0.9, "finetune": finetune},
-        "4-step schedule": {"amount": 0.9, "finetune": finetune, "schedule": {"steps": 4, "curve": "cubic"}},
-    }, budget=6)
+    return _compare(
+        service,
+        splits,
+        workdir,
+        data,
+        "prune",
+        "prune",
+        {
+            "one shot + fine-tune": {"amount": 0.9, "finetune": finetune},
+            "4-step schedule": {"amount": 0.9, "finetune": finetune, "schedule": {"steps": 4, "curve": "cubic"}},
+        },
+        budget=6,
+    )
 
 
 def structured_rows(service: Service, splits: dict, workdir: Path, data: Path) -> list[dict[str, Any]]:
     """Structured 0.7: l1 + 6 epochs of fine-tuning vs bn_scale / group_lasso (3 epochs regularized + 3)."""
-    return _compare(service, splits, workdir, data, "structured", "prune", {
-        "l1 + fine-tune": {"amount": 0.7, "structured": True, "finetune": {"epochs": 6}},
-        "bn_scale": {"amount": 0.7, "structured": True, "importance": "bn_scale", "regularize": {"epochs": 3},
-                     "finetune": {"epochs": 3}},
-        "group_lasso": {"amount": 0.7, "structured": True, "importance": "group_lasso", "regularize": {"epochs": 3},
-                        "finetune": {"epochs": 3}},
-    }, budget=6)
+    return _compare(
+        service,
+        splits,
+        workdir,
+        data,
+        "structured",
+        "prune",
+        {
+            "l1 + fine-tune": {"amount": 0.7, "structured": True, "finetune": {"epochs": 6}},
+            "bn_scale": {
+                "amount": 0.7,
+                "structured": True,
+                "importance": "bn_scale",
+                "regularize": {"epochs": 3},
+                "finetune": {"epochs": 3},
+            },
+            "group_lasso": {
+                "amount": 0.7,
+                "structured": True,
+                "importance": "group_lasso",
+                "regularize": {"epochs": 3},
+                "finetune": {"epochs": 3},
+            },
+        },
+        budget=6,
+    )
 
 
 def distill_rows(service: Service, splits: dict, workdir: Path, data: Path) -> list[dict[str, Any]]:
     """A width-1/8 student, 20 epochs: logits only vs logits + features vs a 2-step schedule."""
     base = {"student": {"from": "width", "width": 0.125}, "epochs": 20, "lr": 3e-3, "seed": 0}
-    return _compare(service, splits, workdir, data, "distill", "distill", {
-        "logits": base,
-        "logits + features": {**base, "features": {}},
-        "2-step schedule": {**base, "schedule": {"steps": 2}},
-    }, budget=20)
+    return _compare(
+        service,
+        splits,
+        workdir,
+        data,
+        "distill",
+        "distill",
+        {
+            "logits": base,
+            "logits + features": {**base, "features": {}},
+            "2-step schedule": {**base, "schedule": {"steps": 2}},
+        },
+        budget=20,
+    )
 
 
-ROWS: dict[str, Callable[..., list[dict[str, Any]]]] = {"qat": qat_rows, "prune": prune_rows,
-                                                         "structured": structured_rows, "distill": distill_rows}
+ROWS: dict[str, Callable[..., list[dict[str, Any]]]] = {
+    "qat": qat_rows,
+    "prune": prune_rows,
+    "structured": structured_rows,
+    "distill": distill_rows,
+}
 
 
 def main() -> None:
@@ -270,9 +351,17 @@ def main() -> None:
 
 
 def _write(args: Any, rows: list[dict[str, Any]]) -> None:
-    write_results(args, {"machine": machine(args, data="scikit-learn digits, 75/25 stratified split, seed 0",
-                                            service="make run defaults, one worker, through the HTTP API"),
-                         "rows": rows})
+    write_results(
+        args,
+        {
+            "machine": machine(
+                args,
+                data="scikit-learn digits, 75/25 stratified split, seed 0",
+                service="make run defaults, one worker, through the HTTP API",
+            ),
+            "rows": rows,
+        },
+    )
 
 
 def _table(rows: list[dict[str, Any]]) -> None:
@@ -281,8 +370,10 @@ def _table(rows: list[dict[str, Any]]) -> None:
         print("\n| model | float | static PTQ | QAT (3 epochs) | returned | job s (PTQ / QAT) | verdict |")
         print("| --- | --- | --- | --- | --- | --- | --- |")
         for row in qat:
-            print(f"| {row['model']} | {row['float']:.4f} | {row['static_ptq']:.4f} | {row['qat']:.4f} | "
-                  f"{row['qat_returned']} | {row['static_ptq_s']} / {row['qat_s']} | {row['verdict']} |")
+            print(
+                f"| {row['model']} | {row['float']:.4f} | {row['static_ptq']:.4f} | {row['qat']:.4f} | "
+                f"{row['qat_returned']} | {row['static_ptq_s']} / {row['qat_s']} | {row['verdict']} |"
+            )
     others = [row for row in rows if row["row"] != "qat"]
     if others:
         print("\n| row | variant | epochs | float | accuracy | parameters after / before | sparsity | job s |")
@@ -291,9 +382,11 @@ def _table(rows: list[dict[str, Any]]) -> None:
             if "failed" in row:
                 print(f"| {row['row']} | {row['variant']} | {row['epochs']} | failed: {row['failed']} | | | | |")
                 continue
-            print(f"| {row['row']} | {row['variant']} | {row['epochs']} | {row['float']:.4f} | {row['accuracy']:.4f} | "
-                  f"{row['parameter_ratio']} | {row['sparsity'] if row['sparsity'] is not None else ''} | "
-                  f"{row['job_s']} |")
+            print(
+                f"| {row['row']} | {row['variant']} | {row['epochs']} | {row['float']:.4f} | {row['accuracy']:.4f} | "
+                f"{row['parameter_ratio']} | {row['sparsity'] if row['sparsity'] is not None else ''} | "
+                f"{row['job_s']} |"
+            )
 
 
 if __name__ == "__main__":

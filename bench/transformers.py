@@ -45,6 +45,7 @@ Prints a markdown table with PASS/MISS per acceptance item and writes JSON. The 
 with --check it is 1 when a non-timing acceptance item misses or a job fails (never because of a
 latency).
 """
+
 from __future__ import annotations
 
 import copy
@@ -86,27 +87,47 @@ PEER_BOUND = {"bert", "vit"}  # the issue's "within 0.10 of Torch-Pruning and at
 
 
 def gpt2() -> nn.Module:
-    config = transformers.GPT2Config(n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, n_inner=INTERMEDIATE,
-                                     vocab_size=VOCAB, n_positions=128)
+    config = transformers.GPT2Config(
+        n_layer=LAYERS, n_embd=HIDDEN, n_head=HEADS, n_inner=INTERMEDIATE, vocab_size=VOCAB, n_positions=128
+    )
     return TextOutput(transformers.GPT2LMHeadModel(config), "logits")
 
 
 def bert() -> nn.Module:
-    config = transformers.BertConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                     intermediate_size=INTERMEDIATE, vocab_size=VOCAB, max_position_embeddings=128)
+    config = transformers.BertConfig(
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=INTERMEDIATE,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+    )
     return TextOutput(transformers.BertModel(config, add_pooling_layer=False), "last_hidden_state")
 
 
 def vit() -> nn.Module:
-    config = transformers.ViTConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                    intermediate_size=INTERMEDIATE, image_size=IMAGE, patch_size=PATCH, num_labels=10)
+    config = transformers.ViTConfig(
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        intermediate_size=INTERMEDIATE,
+        image_size=IMAGE,
+        patch_size=PATCH,
+        num_labels=10,
+    )
     return PixelLogits(transformers.ViTForImageClassification(config))
 
 
 def llama() -> nn.Module:
-    config = transformers.LlamaConfig(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                                      num_key_value_heads=HEADS, intermediate_size=INTERMEDIATE, vocab_size=VOCAB,
-                                      max_position_embeddings=128)
+    config = transformers.LlamaConfig(
+        hidden_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=HEADS,
+        intermediate_size=INTERMEDIATE,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+    )
     return TextOutput(transformers.LlamaForCausalLM(config), "logits")
 
 
@@ -140,8 +161,10 @@ def declared_inputs(name: str) -> list[dict[str, Any]]:
     """The spec's ``inputs``: what the job feeds the model (the tests' ``_spec``)."""
     if not is_text(name):
         return [{"shape": [BATCH, 3, IMAGE, IMAGE], "dtype": "float32"}]
-    return [{"shape": [BATCH, SEQUENCE], "dtype": "int64", "low": 0, "high": VOCAB},
-            {"shape": [BATCH, SEQUENCE], "dtype": "int64", "low": 1, "high": 2}]
+    return [
+        {"shape": [BATCH, SEQUENCE], "dtype": "int64", "low": 0, "high": VOCAB},
+        {"shape": [BATCH, SEQUENCE], "dtype": "int64", "low": 1, "high": 2},
+    ]
 
 
 def upload(name: str, model: nn.Module, form: str, folder: Path) -> dict[str, Any]:
@@ -153,14 +176,20 @@ def upload(name: str, model: nn.Module, form: str, folder: Path) -> dict[str, An
             if form == "torchscript":
                 path = folder / f"{name}.pt"
                 torch.jit.trace(model, example, strict=False).save(str(path))
-                return {"path": path, "how": "torch.jit.trace(strict=False)",
-                        "seconds": round(time.perf_counter() - started, 1)}
+                return {
+                    "path": path,
+                    "how": "torch.jit.trace(strict=False)",
+                    "seconds": round(time.perf_counter() - started, 1),
+                }
             path = folder / f"{name}.pt2"
             batch = torch.export.Dim("batch", max=64)
             program = torch.export.export(model, example, dynamic_shapes=tuple({0: batch} for _ in example))
             torch.export.save(program, path)
-            return {"path": path, "how": "torch.export.export, dynamic batch (max 64)",
-                    "seconds": round(time.perf_counter() - started, 1)}
+            return {
+                "path": path,
+                "how": "torch.export.export, dynamic batch (max 64)",
+                "seconds": round(time.perf_counter() - started, 1),
+            }
     except Exception as error:
         return {"error": f"{type(error).__name__}: {_first_line(error)}"}
 
@@ -183,8 +212,9 @@ def spec_for(name: str, job: str, eval_runs: int) -> dict[str, Any]:
     return {**base, "method": "prune", "prune": {"amount": AMOUNT_UNSTRUCTURED, "structured": False}}
 
 
-def run_job(name: str, form: str, job: str, source: Path, folder: Path, eval_runs: int,
-            original: nn.Module) -> dict[str, Any]:
+def run_job(
+    name: str, form: str, job: str, source: Path, folder: Path, eval_runs: int, original: nn.Module
+) -> dict[str, Any]:
     spec = spec_for(name, job, eval_runs)
     out = folder / f"{name}-{job}{source.suffix}"
     row: dict[str, Any] = {"model": name, "format": form, "job": job, "spec": spec}
@@ -192,14 +222,24 @@ def run_job(name: str, form: str, job: str, source: Path, folder: Path, eval_run
     try:
         report = compress(source, parse_spec(spec), out)
     except Exception as error:  # a failed job is a row with its reason
-        row.update(succeeded=False, seconds=round(time.perf_counter() - started, 1),
-                   error=f"{getattr(error, 'slug', type(error).__name__)}: {_first_line(error)}")
+        row.update(
+            succeeded=False,
+            seconds=round(time.perf_counter() - started, 1),
+            error=f"{getattr(error, 'slug', type(error).__name__)}: {_first_line(error)}",
+        )
         return row
-    row.update(succeeded=True, seconds=round(time.perf_counter() - started, 1), out=out,
-               bytes_ratio=report["size"]["ratio"], bytes=[report["size"]["bytes_before"], report["size"]["bytes_after"]],
-               report_cosine=report["fidelity"]["cosine_similarity"],
-               report_parameters=report["parameters"], report_latency=report["latency"],
-               warnings=report["warnings"], timings_s=report.get("timings_s"))
+    row.update(
+        succeeded=True,
+        seconds=round(time.perf_counter() - started, 1),
+        out=out,
+        bytes_ratio=report["size"]["ratio"],
+        bytes=[report["size"]["bytes_before"], report["size"]["bytes_after"]],
+        report_cosine=report["fidelity"]["cosine_similarity"],
+        report_parameters=report["parameters"],
+        report_latency=report["latency"],
+        warnings=report["warnings"],
+        timings_s=report.get("timings_s"),
+    )
     details = report["details"]
     result = load_result(form, out)
     held_out = examples(name, seed=7)
@@ -207,8 +247,9 @@ def run_job(name: str, form: str, job: str, source: Path, folder: Path, eval_run
         expected, got = original(*held_out), result(*held_out)
     row["shapes_kept"] = tuple(expected.shape) == tuple(got.shape)
     if row["shapes_kept"]:
-        row["held_out_cosine"] = float(nn.functional.cosine_similarity(
-            expected.double().flatten(), got.double().flatten(), dim=0))
+        row["held_out_cosine"] = float(
+            nn.functional.cosine_similarity(expected.double().flatten(), got.double().flatten(), dim=0)
+        )
     row["output_shape"] = list(got.shape)
     if job == "int8":
         row["quantized"] = _quantized_summary(details)
@@ -233,23 +274,32 @@ def _quantized_summary(details: dict[str, Any]) -> dict[str, Any]:
             kernels[entry["kernel"]] = kernels.get(entry["kernel"], 0) + 1
         kept = [entry["module"] for entry in details.get("kept_float", [])]
         return {"kernels": kernels, "kept_float": kept[:8]}
-    return {"quantized": len(details.get("quantized", [])),
-            "left_float": [f"{e['module']}: {e['reason']}" for e in details.get("left_float", [])][:8]}
+    return {
+        "quantized": len(details.get("quantized", [])),
+        "left_float": [f"{e['module']}: {e['reason']}" for e in details.get("left_float", [])][:8],
+    }
 
 
 def _structured_summary(details: dict[str, Any]) -> dict[str, Any]:
     heads = [group["heads"] for group in details.get("groups", []) if "heads" in group]
-    widths = [(group["group"], group["channels_before"], group["channels_after"])
-              for group in details.get("groups", []) if "heads" not in group]
+    widths = [
+        (group["group"], group["channels_before"], group["channels_after"])
+        for group in details.get("groups", [])
+        if "heads" not in group
+    ]
     put_back = [e for e in details.get("left_whole", []) if str(e.get("reason", "")).startswith("put back")]
-    return {"heads": [f"{len(h['kept'])}/{h['before']}" for h in heads],
-            "widths": [f"{group.rsplit('.', 2)[-2] if '.' in group else group}.{group.rsplit('.', 1)[-1]} "
-                       f"{before}->{after}" for group, before, after in widths],
-            "heads_removed": any(len(h["kept"]) < h["before"] for h in heads),
-            "mlp_removed": any(after < before for _, before, after in widths),
-            "proof_passed": not put_back,
-            "put_back": [f"{e['group']}: {e['reason'][:160]}" for e in put_back],
-            "left_whole": [f"{e['group']}: {e['reason'][:160]}" for e in details.get("left_whole", [])][:12]}
+    return {
+        "heads": [f"{len(h['kept'])}/{h['before']}" for h in heads],
+        "widths": [
+            f"{group.rsplit('.', 2)[-2] if '.' in group else group}.{group.rsplit('.', 1)[-1]} {before}->{after}"
+            for group, before, after in widths
+        ],
+        "heads_removed": any(len(h["kept"]) < h["before"] for h in heads),
+        "mlp_removed": any(after < before for _, before, after in widths),
+        "proof_passed": not put_back,
+        "put_back": [f"{e['group']}: {e['reason'][:160]}" for e in put_back],
+        "left_whole": [f"{e['group']}: {e['reason'][:160]}" for e in details.get("left_whole", [])][:12],
+    }
 
 
 def _parameters(model: Any) -> int:
@@ -298,8 +348,12 @@ def torch_pruning(name: str, model: nn.Module, limit_s: int) -> dict[str, Any]:
     row: dict[str, Any] = {"model": name}
     inner = model.model
     if name == "gpt2":
-        return {**row, "succeeded": False, "error": "not run: Torch-Pruning has no pruner for transformers' "
-                "Conv1D (GPT-2's layers); a customized pruner would be needed"}
+        return {
+            **row,
+            "succeeded": False,
+            "error": "not run: Torch-Pruning has no pruner for transformers' "
+            "Conv1D (GPT-2's layers); a customized pruner would be needed",
+        }
     example = examples(name, seed=1)
     before = _parameters(model)
     started = time.perf_counter()
@@ -312,9 +366,18 @@ def torch_pruning(name: str, model: nn.Module, limit_s: int) -> dict[str, Any]:
             for layer in (q, k, v):
                 num_heads[layer] = HEADS
         pruner = tp.pruner.MetaPruner(
-            model, example, importance=tp.importance.GroupMagnitudeImportance(p=2), global_pruning=False,
-            pruning_ratio=AMOUNT_STRUCTURED, num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
-            head_pruning_ratio=AMOUNT_STRUCTURED, ignored_layers=ignored, output_transform=lambda out: out.sum())
+            model,
+            example,
+            importance=tp.importance.GroupMagnitudeImportance(p=2),
+            global_pruning=False,
+            pruning_ratio=AMOUNT_STRUCTURED,
+            num_heads=num_heads,
+            prune_num_heads=True,
+            prune_head_dims=False,
+            head_pruning_ratio=AMOUNT_STRUCTURED,
+            ignored_layers=ignored,
+            output_transform=lambda out: out.sum(),
+        )
         pruner.step()
         kept_heads = []
         for attention, q, _, _ in attentions:
@@ -326,21 +389,35 @@ def torch_pruning(name: str, model: nn.Module, limit_s: int) -> dict[str, Any]:
             shape = tuple(model(*examples(name, seed=7)).shape)
     except PeerTimeout as error:
         where = traceback.extract_tb(error.__traceback__)[-2]
-        return {**row, "succeeded": False, "error": f"gave up after {limit_s} s: Torch-Pruning was still in "
-                f"{Path(where.filename).parent.name}/{Path(where.filename).name} ({where.name}), "
-                "building its pruning groups"}
+        return {
+            **row,
+            "succeeded": False,
+            "error": f"gave up after {limit_s} s: Torch-Pruning was still in "
+            f"{Path(where.filename).parent.name}/{Path(where.filename).name} ({where.name}), "
+            "building its pruning groups",
+        }
     except Exception as error:
         traceback.print_exc(limit=2)
         return {**row, "succeeded": False, "error": f"{type(error).__name__}: {_first_line(error)}"}
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-    widths = [f"{n} {m.out_features}" for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) and n.endswith(("intermediate.dense", "mlp.fc1", "mlp.gate_proj"))]
+    widths = [
+        f"{n} {m.out_features}"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.endswith(("intermediate.dense", "mlp.fc1", "mlp.gate_proj"))
+    ]
     after = _parameters(model)
-    return {**row, "succeeded": True, "seconds": round(time.perf_counter() - started, 1), "parameters": [before, after],
-            "parameter_ratio": after / before, "heads": kept_heads, "mlp_widths": widths,
-            "shapes_kept": shape == expected_shape}
+    return {
+        **row,
+        "succeeded": True,
+        "seconds": round(time.perf_counter() - started, 1),
+        "parameters": [before, after],
+        "parameter_ratio": after / before,
+        "heads": kept_heads,
+        "mlp_widths": widths,
+        "shapes_kept": shape == expected_shape,
+    }
 
 
 def _attention_layers(name: str, inner: nn.Module) -> tuple[list[tuple], list[nn.Module]]:
@@ -354,9 +431,11 @@ def _attention_layers(name: str, inner: nn.Module) -> tuple[list[tuple], list[nn
                 if out is not None:
                     ignored.append(getattr(module, out))
         last = module_name.rsplit(".", 1)[-1]
-        if isinstance(module, nn.Linear) and (module_name.endswith(("attention.output.dense", "mlp.fc2", "mlp.down_proj"))
-                                              or (module_name.endswith("output.dense") and "attention" not in module_name)
-                                              or last in ("classifier", "lm_head")):
+        if isinstance(module, nn.Linear) and (
+            module_name.endswith(("attention.output.dense", "mlp.fc2", "mlp.down_proj"))
+            or (module_name.endswith("output.dense") and "attention" not in module_name)
+            or last in ("classifier", "lm_head")
+        ):
             ignored.append(module)
     return attentions, ignored
 
@@ -373,8 +452,14 @@ def _set_heads(attention: nn.Module, heads: int, head_size: int) -> None:
 # ---------------------------------------------------------------------------- timing
 
 
-def time_structured(name: str, rows: list[dict[str, Any]], uploads: dict[str, Any], original: nn.Module,
-                    peer_model: nn.Module | None, runs: int) -> dict[str, float]:
+def time_structured(
+    name: str,
+    rows: list[dict[str, Any]],
+    uploads: dict[str, Any],
+    original: nn.Module,
+    peer_model: nn.Module | None,
+    runs: int,
+) -> dict[str, float]:
     """Interleaved medians of each upload and its structured result, the original module and the peer's."""
     batch = examples(name, seed=3)
     variants: dict[str, Callable[..., Any]] = {"eager original": original}
@@ -395,20 +480,37 @@ def verdicts(row: dict[str, Any], peer: dict[str, Any] | None) -> list[tuple[str
     """(item, passed, timing?) for one row; passed None: not measurable (the job failed)."""
     ok = row.get("succeeded")
     if row["job"] == "int8":
-        return [("bytes <= 0.30x", ok and row["bytes_ratio"] <= 0.30, False),
-                ("cosine >= 0.998", ok and row["report_cosine"] >= 0.998, False)]
+        return [
+            ("bytes <= 0.30x", ok and row["bytes_ratio"] <= 0.30, False),
+            ("cosine >= 0.998", ok and row["report_cosine"] >= 0.998, False),
+        ]
     if row["job"] == "unstructured":
         return [("sparsity 0.5 +- 0.01", ok and abs(row["sparsity"] - 0.5) <= 0.01, False)]
-    items = [("params <= 0.75x", ok and row["parameter_ratio"] <= 0.75, False),
-             ("heads and MLP width removed", ok and row["heads_removed"] and row["mlp_removed"], False),
-             ("shapes kept, proof passed", ok and row["shapes_kept"] and row["proof_passed"], False)]
+    items = [
+        ("params <= 0.75x", ok and row["parameter_ratio"] <= 0.75, False),
+        ("heads and MLP width removed", ok and row["heads_removed"] and row["mlp_removed"], False),
+        ("shapes kept, proof passed", ok and row["shapes_kept"] and row["proof_passed"], False),
+    ]
     if row["model"] in PEER_BOUND:
         usable = ok and peer is not None and peer.get("succeeded")
-        items.append(("within 0.10 of TP params", usable and abs(row["parameter_ratio"] - peer["parameter_ratio"]) <= 0.10,
-                      False))
+        items.append(
+            (
+                "within 0.10 of TP params",
+                usable and abs(row["parameter_ratio"] - peer["parameter_ratio"]) <= 0.10,
+                False,
+            )
+        )
         latency = row.get("latency_ratio")
-        items.append(("latency ratio <= TP's", usable and latency is not None and peer.get("latency_ratio") is not None
-                      and latency <= peer["latency_ratio"], True))
+        items.append(
+            (
+                "latency ratio <= TP's",
+                usable
+                and latency is not None
+                and peer.get("latency_ratio") is not None
+                and latency <= peer["latency_ratio"],
+                True,
+            )
+        )
     return items
 
 
@@ -421,30 +523,39 @@ def cell(value: Any, digits: int = 3) -> str:
 
 
 def table(rows: list[dict[str, Any]], peers: dict[str, dict[str, Any]], exports: dict[str, dict[str, Any]]) -> str:
-    lines = ["| model | upload | job | result | params / bytes ratio | cosine (report / held out) | heads kept | "
-             "latency ratio | Torch-Pruning params | TP latency ratio | TP heads | acceptance |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | upload | job | result | params / bytes ratio | cosine (report / held out) | heads kept | "
+        "latency ratio | Torch-Pruning params | TP latency ratio | TP heads | acceptance |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, forms in exports.items():
         for form, made in forms.items():
             if "error" in made:
-                lines.append(f"| {name} | {form} | - | export failed: {made['error'][:150].replace('|', '/')} "
-                             "| - | - | - | - | - | - | - | - |")
+                lines.append(
+                    f"| {name} | {form} | - | export failed: {made['error'][:150].replace('|', '/')} "
+                    "| - | - | - | - | - | - | - | - |"
+                )
     for row in rows:
         peer = peers.get(row["model"]) if row["job"] == "structured" else None
-        acceptance = "; ".join(f"{item} {'PASS' if passed else 'MISS'}{' (timing)' if timing else ''}"
-                               for item, passed, timing in row["verdicts"])
+        acceptance = "; ".join(
+            f"{item} {'PASS' if passed else 'MISS'}{' (timing)' if timing else ''}"
+            for item, passed, timing in row["verdicts"]
+        )
         if not row.get("succeeded"):
-            lines.append(f"| {row['model']} | {row['format']} | {row['job']} | failed: "
-                         f"{row['error'][:200].replace('|', '/')} | - | - | - | - | - | - | - | "
-                         f"job failed: {len(row['verdicts'])} item(s) MISS |")
+            lines.append(
+                f"| {row['model']} | {row['format']} | {row['job']} | failed: "
+                f"{row['error'][:200].replace('|', '/')} | - | - | - | - | - | - | - | "
+                f"job failed: {len(row['verdicts'])} item(s) MISS |"
+            )
             continue
         cosine = f"{cell(row['report_cosine'], 5)} / {cell(row.get('held_out_cosine'), 5)}"
         if row["job"] == "int8":
             result, ratio, heads, latency = "ok", f"{cell(row['bytes_ratio'])}x bytes", "-", "-"
         elif row["job"] == "structured":
             mlp = sorted({w.split(" ", 1)[1] for w in row["widths"]})
-            result = ("proof passed" if row["proof_passed"] else f"{len(row['put_back'])} group(s) put back") + \
-                (f"; widths {', '.join(mlp)}" if mlp else "")
+            result = ("proof passed" if row["proof_passed"] else f"{len(row['put_back'])} group(s) put back") + (
+                f"; widths {', '.join(mlp)}" if mlp else ""
+            )
             ratio = f"{cell(row['parameter_ratio'])}x params"
             heads = _counted(row["heads"]) or "none"
             latency = cell(row.get("latency_ratio"))
@@ -456,12 +567,33 @@ def table(rows: list[dict[str, Any]], peers: dict[str, dict[str, Any]], exports:
         tp_params = tp_latency = tp_heads = "-"
         if peer is not None:
             if peer.get("succeeded"):
-                tp_params, tp_latency, tp_heads = (f"{cell(peer['parameter_ratio'])}x", cell(peer.get("latency_ratio")),
-                                                   _counted(peer["heads"]))
+                tp_params, tp_latency, tp_heads = (
+                    f"{cell(peer['parameter_ratio'])}x",
+                    cell(peer.get("latency_ratio")),
+                    _counted(peer["heads"]),
+                )
             else:
                 tp_params = peer["error"][:120].replace("|", "/")
-        lines.append("| " + " | ".join([row["model"], row["format"], row["job"], result, ratio, cosine, heads,
-                                        latency, tp_params, tp_latency, tp_heads, acceptance]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    row["model"],
+                    row["format"],
+                    row["job"],
+                    result,
+                    ratio,
+                    cosine,
+                    heads,
+                    latency,
+                    tp_params,
+                    tp_latency,
+                    tp_heads,
+                    acceptance,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -482,7 +614,9 @@ def main() -> None:
     parser.add_argument("--jobs", default="int8,structured,unstructured")
     parser.add_argument("--runs", type=int, default=30, help="interleaved timed rounds (structured rows)")
     parser.add_argument("--eval-runs", type=int, default=10, help="the job's evaluation.runs")
-    parser.add_argument("--peer-limit", type=int, default=120, help="seconds before Torch-Pruning is given up on a model")
+    parser.add_argument(
+        "--peer-limit", type=int, default=120, help="seconds before Torch-Pruning is given up on a model"
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 when a non-timing acceptance item misses")
     args = parser.parse_args()
     prepare(args)
@@ -499,11 +633,18 @@ def main() -> None:
             peer_model = copy.deepcopy(original)
             with torch.no_grad():
                 output = original(*examples(name, seed=1))
-            facts[name] = {"model": MODELS[name][1], "parameters": _parameters(original),
-                           "output_shape": list(output.shape), "output_abs_mean": float(output.abs().mean()),
-                           "output_all_zero": bool((output == 0).all())}
-            print(f"{name}: {facts[name]['parameters']:,} parameters, output {list(output.shape)}, mean |output| "
-                  f"{facts[name]['output_abs_mean']:.4f}, all zero: {facts[name]['output_all_zero']}", flush=True)
+            facts[name] = {
+                "model": MODELS[name][1],
+                "parameters": _parameters(original),
+                "output_shape": list(output.shape),
+                "output_abs_mean": float(output.abs().mean()),
+                "output_all_zero": bool((output == 0).all()),
+            }
+            print(
+                f"{name}: {facts[name]['parameters']:,} parameters, output {list(output.shape)}, mean |output| "
+                f"{facts[name]['output_abs_mean']:.4f}, all zero: {facts[name]['output_all_zero']}",
+                flush=True,
+            )
             exports[name] = {form: upload(name, original, form, folder) for form in args.formats.split(",")}
             model_rows = []
             for form, made in exports[name].items():
@@ -517,8 +658,9 @@ def main() -> None:
             peers[name] = torch_pruning(name, peer_model, args.peer_limit)
             peer = peers[name]
             print(f"{name} torch-pruning: {_short(peer)}", flush=True)
-            latency = time_structured(name, model_rows, exports[name], original,
-                                      peer_model if peer.get("succeeded") else None, args.runs)
+            latency = time_structured(
+                name, model_rows, exports[name], original, peer_model if peer.get("succeeded") else None, args.runs
+            )
             facts[name]["latency_ms"] = latency
             if "torch-pruning" in latency:
                 peer["latency_ratio"] = latency["torch-pruning"] / latency["eager original"]
@@ -529,12 +671,18 @@ def main() -> None:
                 row.pop("out", None)
                 row["verdicts"] = verdicts(row, peer)
             rows += model_rows
-            print(f"{name} latency ms (interleaved medians): "
-                  + ", ".join(f"{k} {v:.2f}" for k, v in latency.items()), flush=True)
+            print(
+                f"{name} latency ms (interleaved medians): " + ", ".join(f"{k} {v:.2f}" for k, v in latency.items()),
+                flush=True,
+            )
     print()
     print(table(rows, peers, exports))
-    misses = [(r["model"], r["format"], r["job"], item) for r in rows for item, passed, timing in r["verdicts"]
-              if not passed and not timing]
+    misses = [
+        (r["model"], r["format"], r["job"], item)
+        for r in rows
+        for item, passed, timing in r["verdicts"]
+        if not passed and not timing
+    ]
     print(f"\nnon-timing MISS: {len(misses)}" + "".join(f"\n  {m}" for m in misses))
     from importlib.metadata import version
 
@@ -543,14 +691,29 @@ def main() -> None:
     for exported in exports.values():
         for made in exported.values():
             made.pop("path", None)
-    write_results(args, {
-        "machine": machine(args, transformers=transformers.__version__, torch_pruning=version("torch-pruning"),
-                           torch_pruning_module_version=getattr(tp, "__version__", None),
-                           load_average_at_start=load_before, wall_s=round(time.perf_counter() - started, 1),
-                           runs=args.runs, eval_runs=args.eval_runs, batch=BATCH, sequence=SEQUENCE,
-                           statistic="median of interleaved rounds"),
-        "models": facts, "exports": exports, "rows": rows, "torch_pruning": peers,
-        "non_timing_misses": [list(m) for m in misses]})
+    write_results(
+        args,
+        {
+            "machine": machine(
+                args,
+                transformers=transformers.__version__,
+                torch_pruning=version("torch-pruning"),
+                torch_pruning_module_version=getattr(tp, "__version__", None),
+                load_average_at_start=load_before,
+                wall_s=round(time.perf_counter() - started, 1),
+                runs=args.runs,
+                eval_runs=args.eval_runs,
+                batch=BATCH,
+                sequence=SEQUENCE,
+                statistic="median of interleaved rounds",
+            ),
+            "models": facts,
+            "exports": exports,
+            "rows": rows,
+            "torch_pruning": peers,
+            "non_timing_misses": [list(m) for m in misses],
+        },
+    )
     if args.check and (misses or any(not r.get("succeeded") for r in rows)):
         sys.exit(1)
 
@@ -562,10 +725,14 @@ def _progress_line(row: dict[str, Any]) -> str:
     if row["job"] == "int8":
         return f"{head} bytes {row['bytes_ratio']}, cosine {row['report_cosine']}, {row['quantized']}"
     if row["job"] == "structured":
-        return (f"{head} params {row['parameter_ratio']:.3f}, heads {row['heads']}, widths {row['widths']}, "
-                f"proof {'passed' if row['proof_passed'] else 'put back ' + str(row['put_back'])}, "
-                f"cosine {row['report_cosine']}, left whole {row['left_whole'][:4]}")
-    return f"{head} sparsity {row['sparsity']} over {row['layers_pruned']} layers, file {row['linear_sparsity_in_file']}"
+        return (
+            f"{head} params {row['parameter_ratio']:.3f}, heads {row['heads']}, widths {row['widths']}, "
+            f"proof {'passed' if row['proof_passed'] else 'put back ' + str(row['put_back'])}, "
+            f"cosine {row['report_cosine']}, left whole {row['left_whole'][:4]}"
+        )
+    return (
+        f"{head} sparsity {row['sparsity']} over {row['layers_pruned']} layers, file {row['linear_sparsity_in_file']}"
+    )
 
 
 def _short(peer: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ file and, in S3 mode, to the bucket part by part). What bounds a slow client:
 This module lives outside ``service`` on purpose: gunicorn's master imports the worker class,
 and importing ``service`` would load Redis and Flask before the worker process monkey-patches.
 """
+
 from __future__ import annotations
 
 import errno
@@ -34,8 +35,10 @@ from modelpress.config import Settings
 
 # Sent to a client whose request head did not arrive in time; nothing of the app has run.
 _HEAD_TIMEOUT_BODY = b"the request head did not arrive in time\n"
-HEAD_TIMEOUT_RESPONSE = (b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(_HEAD_TIMEOUT_BODY), _HEAD_TIMEOUT_BODY))
+HEAD_TIMEOUT_RESPONSE = (
+    b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Type: text/plain\r\n"
+    b"Content-Length: %d\r\n\r\n%s" % (len(_HEAD_TIMEOUT_BODY), _HEAD_TIMEOUT_BODY)
+)
 
 
 class HeadTimeout(Exception):
@@ -67,8 +70,11 @@ class DeadlineWorker(GeventWorker):
                 with gevent.Timeout(self.header_timeout_s, HeadTimeout):
                     request = next(parser)
             except HeadTimeout:
-                self.log.info("%s: request head not complete within %.0f s; answered 408 and closed",
-                              _peer(addr), self.header_timeout_s)
+                self.log.info(
+                    "%s: request head not complete within %.0f s; answered 408 and closed",
+                    _peer(addr),
+                    self.header_timeout_s,
+                )
                 util.write(client, HEAD_TIMEOUT_RESPONSE)
                 return
             self.handle_request(listener.getsockname(), request, client, addr)
@@ -129,7 +135,9 @@ def _allow_open_files(connections: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = 3 * connections + 256
     if soft != resource.RLIM_INFINITY and soft < wanted:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard))
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (wanted if hard == resource.RLIM_INFINITY else min(wanted, hard), hard)
+        )
 
 
 def _peer(addr: Any) -> str:

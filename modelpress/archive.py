@@ -17,6 +17,7 @@ The same bounds (``bounded_entries``) come first for every uploaded zip, the ``.
 A ``torch.export.save`` archive (``.pt2``) is told apart by its layout, after the same bounds, and
 checked by ``modelpress.formats`` (layout allow-list, no pickles, allowed operators only).
 """
+
 from __future__ import annotations
 
 import posixpath
@@ -83,13 +84,18 @@ def bounded_entries(path: Path, max_uncompressed_bytes: int, stored_hint: str) -
         if name.startswith("/") or "\\" in name or ".." in posixpath.normpath(name).split("/"):
             raise ArchiveRejected(f"the archive holds an unsafe path {name[:100]!r}")
         total += entry.size
-        if (entry.size > RATIO_CHECK_MIN_BYTES and entry.compressed > 0
-                and entry.size / entry.compressed > MAX_COMPRESSION_RATIO):
-            raise ArchiveRejected(f"entry {name[:100]!r} expands {entry.size // entry.compressed}x: "
-                                  f"refused as a zip bomb ({stored_hint})")
+        if (
+            entry.size > RATIO_CHECK_MIN_BYTES
+            and entry.compressed > 0
+            and entry.size / entry.compressed > MAX_COMPRESSION_RATIO
+        ):
+            raise ArchiveRejected(
+                f"entry {name[:100]!r} expands {entry.size // entry.compressed}x: refused as a zip bomb ({stored_hint})"
+            )
     if total > max_uncompressed_bytes:
-        raise ArchiveRejected(f"the archive declares {total} bytes uncompressed, more than the "
-                              f"{max_uncompressed_bytes} accepted")
+        raise ArchiveRejected(
+            f"the archive declares {total} bytes uncompressed, more than the {max_uncompressed_bytes} accepted"
+        )
     return entries
 
 
@@ -104,10 +110,14 @@ def read_directory(path: Path) -> list[Entry]:
         if end < 0 or len(tail) < end + _END.size:
             raise ArchiveRejected(
                 "not a TorchScript archive: no zip directory found, so the file is truncated or not a "
-                f"TorchScript model (a pickle, for instance, is refused unread); {EXPORT_HINT}")
+                f"TorchScript model (a pickle, for instance, is refused unread); {EXPORT_HINT}"
+            )
         _, disk, _, _, declared, directory_size, directory_offset, _ = _END.unpack_from(tail, end)
         end_at = tail_start + end
-        if end >= _END64_LOCATOR.size and tail[end - _END64_LOCATOR.size:end - _END64_LOCATOR.size + 4] == b"PK\x06\x07":
+        if (
+            end >= _END64_LOCATOR.size
+            and tail[end - _END64_LOCATOR.size : end - _END64_LOCATOR.size + 4] == b"PK\x06\x07"
+        ):
             # torch always writes the zip64 records; the directory then ends where they start.
             declared64, size64, end_at = _zip64_end(handle, tail, end, tail_start)
             declared = declared64 if declared == 0xFFFF else declared
@@ -121,20 +131,24 @@ def read_directory(path: Path) -> list[Entry]:
         # The directory ends where the end record starts (files with data prepended, as zipfile allows).
         start = end_at - directory_size
         if directory_size > MAX_DIRECTORY_BYTES or start < 0:
-            raise ArchiveRejected(f"the archive's directory declares {directory_size} bytes, more than the file "
-                                  f"holds or the {MAX_DIRECTORY_BYTES} accepted")
+            raise ArchiveRejected(
+                f"the archive's directory declares {directory_size} bytes, more than the file "
+                f"holds or the {MAX_DIRECTORY_BYTES} accepted"
+            )
         handle.seek(start)
         directory = handle.read(directory_size)
     entries = _parse_directory(directory)
     if len(entries) != declared:
-        raise ArchiveRejected(f"the zip archive is damaged: its end record declares {declared} entries, its "
-                              f"directory holds {len(entries)}; upload the complete file again")
+        raise ArchiveRejected(
+            f"the zip archive is damaged: its end record declares {declared} entries, its "
+            f"directory holds {len(entries)}; upload the complete file again"
+        )
     return entries
 
 
 def _zip64_end(handle, tail: bytes, end: int, tail_start: int) -> tuple[int, int, int]:
     locator = end - _END64_LOCATOR.size
-    if locator < 0 or tail[locator:locator + 4] != b"PK\x06\x07":
+    if locator < 0 or tail[locator : locator + 4] != b"PK\x06\x07":
         raise ArchiveRejected("the zip archive is damaged (its zip64 end record is missing)")
     record_at = _END64_LOCATOR.unpack_from(tail, locator)[2]
     # The zip64 end record sits right before its locator; use that position, not the declared one.
@@ -154,8 +168,10 @@ def _parse_directory(directory: bytes) -> list[Entry]:
     offset = 0
     while offset < len(directory):
         if len(entries) >= MAX_ENTRIES:
-            raise ArchiveRejected(f"the archive has more than {MAX_ENTRIES} entries; at most {MAX_ENTRIES} are accepted")
-        if len(directory) < offset + _ENTRY.size or directory[offset:offset + 4] != b"PK\x01\x02":
+            raise ArchiveRejected(
+                f"the archive has more than {MAX_ENTRIES} entries; at most {MAX_ENTRIES} are accepted"
+            )
+        if len(directory) < offset + _ENTRY.size or directory[offset : offset + 4] != b"PK\x01\x02":
             raise ArchiveRejected("the zip archive is damaged (bad central directory); upload the complete file again")
         fields = _ENTRY.unpack_from(directory, offset)
         compressed, size = fields[8], fields[9]
@@ -167,7 +183,7 @@ def _parse_directory(directory: bytes) -> list[Entry]:
             raise ArchiveRejected("the zip archive is damaged (bad central directory); upload the complete file again")
         name = directory[name_start:extra_start].decode("utf-8", errors="replace")
         if 0xFFFFFFFF in (compressed, size):
-            size, compressed = _zip64_sizes(directory[extra_start:extra_start + extra_length], size, compressed)
+            size, compressed = _zip64_sizes(directory[extra_start : extra_start + extra_length], size, compressed)
         entries.append(Entry(name, compressed, size))
     return entries
 
@@ -177,7 +193,7 @@ def _zip64_sizes(extra: bytes, size: int, compressed: int) -> tuple[int, int]:
     position = 0
     while position + 4 <= len(extra):
         kind, length = struct.unpack_from("<2H", extra, position)
-        body = extra[position + 4:position + 4 + length]
+        body = extra[position + 4 : position + 4 + length]
         if kind == 1:
             values = [struct.unpack_from("<Q", body, index)[0] for index in range(0, len(body) - 7, 8)]
             if size == 0xFFFFFFFF and values:
@@ -195,12 +211,17 @@ def _torchscript_root(entries: list[Entry]) -> str:
     names = {entry.name for entry in entries}
     root = first.split("/", 1)[0] if "/" in first else None
     if root and f"{root}/models/model.json" in names:
-        raise ArchiveRejected("the file looks like a torch.export (.pt2) archive but lacks the layout "
-                              "torch.export.save writes (one folder with archive_format and models/model.json); "
-                              "save it with torch.export.save, or " + EXPORT_HINT)
-    if root is None or not any(f"{root}/{record}" in names for record in VERSION_RECORDS) \
-            or not all(f"{root}/{required}" in names for required in REQUIRED) \
-            or not any(name.startswith(f"{root}/code/") and name.endswith(".py") for name in names):
+        raise ArchiveRejected(
+            "the file looks like a torch.export (.pt2) archive but lacks the layout "
+            "torch.export.save writes (one folder with archive_format and models/model.json); "
+            "save it with torch.export.save, or " + EXPORT_HINT
+        )
+    if (
+        root is None
+        or not any(f"{root}/{record}" in names for record in VERSION_RECORDS)
+        or not all(f"{root}/{required}" in names for required in REQUIRED)
+        or not any(name.startswith(f"{root}/code/") and name.endswith(".py") for name in names)
+    ):
         raise ArchiveRejected(
             "the file is a zip archive but not TorchScript (it needs one folder with data.pkl, "
             f"constants.pkl, version and code/): probably a torch.save() checkpoint or state_dict; {EXPORT_HINT}"
@@ -220,7 +241,7 @@ def _check_code(path: Path, root: str, entries: list[Entry]) -> None:
                 text = archive.read(entry.name).decode("utf-8", errors="replace")
                 finding = scan_source(text)
                 if finding:
-                    raise ArchiveRejected(unsafe_detail(finding) + f" (in {entry.name[len(root) + 1:][:100]})")
+                    raise ArchiveRejected(unsafe_detail(finding) + f" (in {entry.name[len(root) + 1 :][:100]})")
     except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as error:
         if isinstance(error, ArchiveRejected):
             raise

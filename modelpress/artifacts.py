@@ -6,6 +6,7 @@ symbolic link to a host file, a FIFO, or be swapped between a check and its use.
 opened once with ``O_NOFOLLOW`` (a link fails the open) and checked to be a regular file on the
 open descriptor; what is hashed and what is published are that descriptor's inode.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -6,6 +6,7 @@ minutes later. The figures are what ``bench/scale.py`` measured (docs/operations
 the job process's resident base (interpreter, torch, the evaluation batches) plus a multiple of
 the model's file size. Methods not measured at scale get a conservative multiple.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -44,8 +45,13 @@ def refusal(spec: Mapping[str, Any], model_bytes: int, extra_bytes: int, limit_m
     need = needed_mb(spec, model_bytes, extra_bytes)
     if need <= limit_mb:
         return None
-    fitting = [key.replace(":", " ") for key, multiple in MODEL_MULTIPLE.items()
-               if BASE_MB + multiple * (model_bytes + extra_bytes) / (1 << 20) <= limit_mb]
+    fitting = [
+        key.replace(":", " ")
+        for key, multiple in MODEL_MULTIPLE.items()
+        if BASE_MB + multiple * (model_bytes + extra_bytes) / (1 << 20) <= limit_mb
+    ]
     hint = f"; at this size these fit: {', '.join(fitting)}" if fitting else ""
-    return (f"a model of {model_bytes >> 20} MB needs about {need} MB of memory for {method_key(spec).replace(':', ' ')}, "
-            f"more than the job memory limit of {limit_mb} MB (MODELPRESS_JOB_MEMORY_MB){hint}")
+    return (
+        f"a model of {model_bytes >> 20} MB needs about {need} MB of memory for {method_key(spec).replace(':', ' ')}, "
+        f"more than the job memory limit of {limit_mb} MB (MODELPRESS_JOB_MEMORY_MB){hint}"
+    )

@@ -3,6 +3,7 @@
 Each function works through the job store (Redis) and an object store (``modelpress.objectstore``),
 whichever kind the settings name.
 """
+
 from __future__ import annotations
 
 import logging
@@ -60,8 +61,11 @@ def remove_orphans(store: JobStore, objects: ObjectStore, older_than_s: float) -
                 log.warning("upload of job %s: files not removed (%s); the next sweep retries", job_id, error)
                 break
             removed.append(job_id)
-            log.warning("upload of job %s: removed its files, which no record names (its request was killed "
-                        "mid-upload)", job_id, extra={"job_id": job_id})
+            log.warning(
+                "upload of job %s: removed its files, which no record names (its request was killed mid-upload)",
+                job_id,
+                extra={"job_id": job_id},
+            )
         store.upload_settled(job_id)
     remove_host_leftovers(objects, older_than_s)
     workspaces = objects.workspaces()

@@ -4,6 +4,7 @@ Exit status: 0 the job succeeded (or the command worked), 1 the job failed, 3 it
 cancelled, 4 the service refused the request, 2 bad usage. Progress bars go to stderr and
 only when it is a terminal.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,15 @@ def main(argv: list[str] | None = None) -> int:
 def _submit(client: Client, args: argparse.Namespace) -> int:
     spec = _spec_from(args)
     bar = ProgressBar("upload", sys.stderr)
-    job = client.submit(args.model, spec, data=args.data, student=args.student, callback_url=args.callback_url,
-                        idempotency_key=args.idempotency_key, progress=bar.update)
+    job = client.submit(
+        args.model,
+        spec,
+        data=args.data,
+        student=args.student,
+        callback_url=args.callback_url,
+        idempotency_key=args.idempotency_key,
+        progress=bar.update,
+    )
     bar.close()
     if not args.wait:
         _print_json(job)
@@ -65,8 +73,10 @@ def _list(client: Client, args: argparse.Namespace) -> int:
     for index, job in enumerate(client.jobs(state=args.state)):
         if index >= args.limit:
             break
-        print(f"{job['id']}  {job['state']:<9}  {job['spec']['method']:<8}  {job['created_at']}  "
-              f"{(job.get('input') or {}).get('filename', '')}")
+        print(
+            f"{job['id']}  {job['state']:<9}  {job['spec']['method']:<8}  {job['created_at']}  "
+            f"{(job.get('input') or {}).get('filename', '')}"
+        )
     return EXIT_OK
 
 
@@ -80,8 +90,11 @@ def _download(client: Client, args: argparse.Namespace) -> int:
 
 def _cancel(client: Client, args: argparse.Namespace) -> int:
     job = client.cancel(args.job)
-    print("deleted" if job is None else f"{job['id']}: {job['state']}"
-          + (" (cancel requested)" if job and job.get("cancel_requested") else ""))
+    print(
+        "deleted"
+        if job is None
+        else f"{job['id']}: {job['state']}" + (" (cancel requested)" if job and job.get("cancel_requested") else "")
+    )
     return EXIT_OK
 
 
@@ -96,7 +109,9 @@ def _watch(client: Client, job: dict[str, Any], timeout: float, out: str | None)
     def show(current: dict[str, Any]) -> None:
         if live:
             percent = 100 * float(current.get("progress") or 0)
-            sys.stderr.write(f"\r{current['id']} {current['state']:<9} {percent:5.1f}%  {current.get('stage') or '':<40}")
+            sys.stderr.write(
+                f"\r{current['id']} {current['state']:<9} {percent:5.1f}%  {current.get('stage') or '':<40}"
+            )
             sys.stderr.flush()
 
     final = client.wait(job, timeout=timeout, on_update=show)
@@ -105,12 +120,16 @@ def _watch(client: Client, job: dict[str, Any], timeout: float, out: str | None)
     status = _exit_for(final)
     if status != EXIT_OK:
         error = final.get("error") or {}
-        print(f"job {final['id']} {final['state']}: {error.get('title', '')}: {error.get('detail', '')}".rstrip(": "),
-              file=sys.stderr)
+        print(
+            f"job {final['id']} {final['state']}: {error.get('title', '')}: {error.get('detail', '')}".rstrip(": "),
+            file=sys.stderr,
+        )
         return status
     result = final["result"]
-    print(f"job {final['id']} succeeded: {result['bytes']} bytes ({result['size_ratio']:.3f}x), "
-          f"latency {_ratio(result.get('latency_ratio'))}, cosine {_number(result.get('cosine_similarity'))}")
+    print(
+        f"job {final['id']} succeeded: {result['bytes']} bytes ({result['size_ratio']:.3f}x), "
+        f"latency {_ratio(result.get('latency_ratio'))}, cosine {_number(result.get('cosine_similarity'))}"
+    )
     for warning in final.get("warnings") or []:
         print(f"warning: {warning}")
     if out:
@@ -193,8 +212,10 @@ class ProgressBar:
         self._last = time.monotonic()
         fraction = done / total if total else 1.0
         filled = int(self.width * fraction)
-        self.stream.write(f"\r{self.label:>8} [{'#' * filled}{'.' * (self.width - filled)}] "
-                          f"{100 * fraction:5.1f}% {done / 1e6:8.1f}/{total / 1e6:.1f} MB")
+        self.stream.write(
+            f"\r{self.label:>8} [{'#' * filled}{'.' * (self.width - filled)}] "
+            f"{100 * fraction:5.1f}% {done / 1e6:8.1f}/{total / 1e6:.1f} MB"
+        )
         self.stream.flush()
 
     def close(self) -> None:
@@ -203,7 +224,9 @@ class ProgressBar:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelpress", description="Compress TorchScript or torch.export (.pt2) models with a ModelPress service.")
+    parser = argparse.ArgumentParser(
+        prog="modelpress", description="Compress TorchScript or torch.export (.pt2) models with a ModelPress service."
+    )
     parser.add_argument("--url", help="service address (default: $MODELPRESS_URL or http://127.0.0.1:8000)")
     parser.add_argument("--api-key", help="API key (default: $MODELPRESS_API_KEY)")
     commands = parser.add_subparsers(dest="command")
@@ -216,15 +239,29 @@ def _parser() -> argparse.ArgumentParser:
             submit.add_argument(f"--{name}", metavar=entry.cli.metavar, help=entry.cli.help)
     submit.add_argument("--structured", action="store_true", help="with --prune: remove whole channels")
     submit.add_argument("--input-shape", metavar="N,C,H,W", help="example input shape for inline specs")
-    submit.add_argument("--input", action="append", metavar="SHAPE[:DTYPE[:LOW:HIGH]]",
-                        help="one per positional input, in order, e.g. --input 8,3,32,32 --input 8,16:int64:0:30000")
+    submit.add_argument(
+        "--input",
+        action="append",
+        metavar="SHAPE[:DTYPE[:LOW:HIGH]]",
+        help="one per positional input, in order, e.g. --input 8,3,32,32 --input 8,16:int64:0:30000",
+    )
     submit.add_argument("--output", metavar="INDEX|KEY", help="the output fine-tuning and distillation train on")
-    submit.add_argument("--runtime", choices=("eager", "compile", "aoti"),
-                        help="how a .pt2 program is timed (evaluation.runtime; compile/aoti need g++ on the worker)")
-    submit.add_argument("--package", choices=PACKAGES,
-                        help="a .pt2 upload's download: the program (default) or an AOTInductor package (aoti)")
-    submit.add_argument("--target", action="append", choices=tuple(TARGETS),
-                        help="also export the compressed model for this runtime (repeatable; adds to the spec's targets)")
+    submit.add_argument(
+        "--runtime",
+        choices=("eager", "compile", "aoti"),
+        help="how a .pt2 program is timed (evaluation.runtime; compile/aoti need g++ on the worker)",
+    )
+    submit.add_argument(
+        "--package",
+        choices=PACKAGES,
+        help="a .pt2 upload's download: the program (default) or an AOTInductor package (aoti)",
+    )
+    submit.add_argument(
+        "--target",
+        action="append",
+        choices=tuple(TARGETS),
+        help="also export the compressed model for this runtime (repeatable; adds to the spec's targets)",
+    )
     submit.add_argument("--data", help=".npz or .safetensors with 'inputs' (and 'labels')")
     submit.add_argument("--student", help="TorchScript student (with --distill upload)")
     submit.add_argument("--callback-url", help="URL that gets the job on each final state")

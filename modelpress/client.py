@@ -1,11 +1,12 @@
 """A small Python client for the ModelPress API; the ``modelpress`` command is built on it.
 
-    from modelpress.client import Client
-    client = Client("http://127.0.0.1:8000", api_key=None)
-    job = client.submit("model.pt", {"method": "quantize", "input_shape": [8, 512]})
-    job = client.wait(job, timeout=600)
-    client.download(job, "model.int8.pt")
+from modelpress.client import Client
+client = Client("http://127.0.0.1:8000", api_key=None)
+job = client.submit("model.pt", {"method": "quantize", "input_shape": [8, 512]})
+job = client.wait(job, timeout=600)
+client.download(job, "model.int8.pt")
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,7 +38,10 @@ class ModelPressError(Exception):
         self.problem = dict(problem)
         errors = problem.get("errors") or {}
         detail = problem.get("detail") or problem.get("title") or f"HTTP {status}"
-        super().__init__(f"{status} {problem.get('title', '')}: {detail}" + (f" {errors}" if errors and detail not in str(errors) else ""))
+        super().__init__(
+            f"{status} {problem.get('title', '')}: {detail}"
+            + (f" {errors}" if errors and detail not in str(errors) else "")
+        )
 
 
 class ChecksumMismatch(Exception):
@@ -51,8 +55,15 @@ class Client:
         self.session = requests.Session()
         # A kept-alive connection the server (or a proxy) closed while idle fails the next request
         # sent on it; reads are safe to send again, a submission is not (use an Idempotency-Key).
-        retries = Retry(total=3, connect=3, read=3, status=0, backoff_factor=0.2,
-                        allowed_methods=frozenset({"GET", "HEAD"}), raise_on_status=False)
+        retries = Retry(
+            total=3,
+            connect=3,
+            read=3,
+            status=0,
+            backoff_factor=0.2,
+            allowed_methods=frozenset({"GET", "HEAD"}),
+            raise_on_status=False,
+        )
         for scheme in ("http://", "https://"):
             self.session.mount(scheme, HTTPAdapter(max_retries=retries))
         key = api_key if api_key is not None else defaults.api_key
@@ -62,9 +73,16 @@ class Client:
 
     # ------------------------------------------------------------------ jobs
 
-    def submit(self, model: str | os.PathLike, spec: Mapping[str, Any] | str, data: str | os.PathLike | None = None,
-               student: str | os.PathLike | None = None, callback_url: str | None = None,
-               idempotency_key: str | None = None, progress: ByteProgress | None = None) -> dict[str, Any]:
+    def submit(
+        self,
+        model: str | os.PathLike,
+        spec: Mapping[str, Any] | str,
+        data: str | os.PathLike | None = None,
+        student: str | os.PathLike | None = None,
+        callback_url: str | None = None,
+        idempotency_key: str | None = None,
+        progress: ByteProgress | None = None,
+    ) -> dict[str, Any]:
         """Upload a model (streamed from disk) with its spec; return the accepted job."""
         fields: list[tuple[str, str, Path | bytes]] = [
             ("spec", "", (spec if isinstance(spec, str) else json.dumps(spec)).encode()),
@@ -90,15 +108,20 @@ class Client:
         """Every job, newest first, following the cursor."""
         cursor = None
         while True:
-            params = {"limit": page_size, **({"state": state} if state else {}), **({"cursor": cursor} if cursor else {})}
+            params = {
+                "limit": page_size,
+                **({"state": state} if state else {}),
+                **({"cursor": cursor} if cursor else {}),
+            }
             page = self._json(self.session.get(self.url + "/v1/jobs", params=params, timeout=self.timeout))
             yield from page["jobs"]
             cursor = page.get("next_cursor")
             if not cursor:
                 return
 
-    def wait(self, job: Job | str, timeout: float = 3600.0,
-             on_update: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def wait(
+        self, job: Job | str, timeout: float = 3600.0, on_update: Callable[[dict[str, Any]], None] | None = None
+    ) -> dict[str, Any]:
         """Poll until the job is final (ETag and Retry-After keep it cheap); raise TimeoutError after ``timeout``."""
         deadline = time.monotonic() + timeout
         etag, current = None, None
@@ -113,21 +136,30 @@ class Client:
                 if current["state"] in FINAL_STATES:
                     return current
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {_id(job)} is still {current['state'] if current else 'unknown'} after {timeout} s")
+                raise TimeoutError(
+                    f"job {_id(job)} is still {current['state'] if current else 'unknown'} after {timeout} s"
+                )
             time.sleep(min(float(response.headers.get("Retry-After", 1)), 5.0, max(deadline - time.monotonic(), 0.1)))
 
     def artifacts(self, job: Job | str) -> list[dict[str, Any]]:
         """The export-target artifacts of a succeeded job: one entry per target in its spec (made or failed, and why)."""
-        return self._json(self.session.get(self.url + f"/v1/jobs/{_id(job)}/artifacts", timeout=self.timeout))["artifacts"]
+        return self._json(self.session.get(self.url + f"/v1/jobs/{_id(job)}/artifacts", timeout=self.timeout))[
+            "artifacts"
+        ]
 
-    def download(self, job: Job | str, path: str | os.PathLike, progress: ByteProgress | None = None,
-                 target: str | None = None) -> Path:
+    def download(
+        self, job: Job | str, path: str | os.PathLike, progress: ByteProgress | None = None, target: str | None = None
+    ) -> Path:
         """Save the compressed model, or with ``target`` (``onnx``, ...) that export target's artifact; verify its
         SHA-256 against the service's; return the path."""
         path = Path(path)
         what = "model" if target is None else f"artifacts/{quote(target, safe='')}"
-        response = self.session.get(self.url + f"/v1/jobs/{_id(job)}/{what}", stream=True, timeout=self.timeout,
-                                    headers={"Accept-Encoding": "identity"})
+        response = self.session.get(
+            self.url + f"/v1/jobs/{_id(job)}/{what}",
+            stream=True,
+            timeout=self.timeout,
+            headers={"Accept-Encoding": "identity"},
+        )
         if response.status_code != 200:
             self._json(response)
         expected = response.headers["X-Checksum-Sha256"]
@@ -183,8 +215,10 @@ class _MultipartStream:
         self._parts: list[bytes | Path] = []
         for name, filename, value in fields:
             disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
-            self._parts.append(f"--{self.boundary}\r\nContent-Disposition: {disposition}\r\n"
-                               f"Content-Type: application/octet-stream\r\n\r\n".encode())
+            self._parts.append(
+                f"--{self.boundary}\r\nContent-Disposition: {disposition}\r\n"
+                f"Content-Type: application/octet-stream\r\n\r\n".encode()
+            )
             self._parts.append(value)
             self._parts.append(b"\r\n")
         self._parts.append(f"--{self.boundary}--\r\n".encode())

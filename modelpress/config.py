@@ -4,6 +4,7 @@
 and ``Client``'s; ``boto3_endpoint_url`` peeks at one of boto3's own variables. The one variable read
 elsewhere is the fault tests' ``MODELPRESS_TEST_PAUSE`` (``modelpress.fault_injection``; why: docs/architecture.md, "Layers").
 """
+
 from __future__ import annotations
 
 import os
@@ -111,13 +112,17 @@ class Settings:
             worker_concurrency=number("WORKER_CONCURRENCY", defaults.worker_concurrency),
             api_workers=number("API_WORKERS", defaults.api_workers),
             api_threads=number("API_THREADS", defaults.api_threads),
-            api_server=_choice("API_SERVER", env.get("MODELPRESS_API_SERVER") or defaults.api_server, ("gevent", "gthread")),
+            api_server=_choice(
+                "API_SERVER", env.get("MODELPRESS_API_SERVER") or defaults.api_server, ("gevent", "gthread")
+            ),
             header_timeout_s=number("HEADER_TIMEOUT_S", defaults.header_timeout_s),
             body_timeout_s=number("BODY_TIMEOUT_S", defaults.body_timeout_s),
             api_connections=number("API_CONNECTIONS", defaults.api_connections),
             log_level=(env.get("MODELPRESS_LOG_LEVEL") or defaults.log_level).upper(),
             log_format=(env.get("MODELPRESS_LOG_FORMAT") or defaults.log_format).lower(),
-            api_keys_file=Path(env["MODELPRESS_API_KEYS_FILE"]).absolute() if env.get("MODELPRESS_API_KEYS_FILE") else None,
+            api_keys_file=Path(env["MODELPRESS_API_KEYS_FILE"]).absolute()
+            if env.get("MODELPRESS_API_KEYS_FILE")
+            else None,
             allow_open_network=env.get("MODELPRESS_ALLOW_OPEN_NETWORK", "").lower() in ("1", "true", "yes"),
             max_active_jobs=number("MAX_ACTIVE_JOBS", defaults.max_active_jobs),
             max_running_jobs=number("MAX_RUNNING_JOBS", number("WORKER_CONCURRENCY", defaults.worker_concurrency)),
@@ -190,8 +195,14 @@ class Settings:
             env["MODELPRESS_METRICS_TOKEN"] = self.metrics_token
         if self.redis_url:
             env["REDIS_URL"] = self.redis_url
-        for name in ("storage_url", "s3_endpoint_url", "s3_region", "s3_access_key_id", "s3_secret_access_key",
-                     "s3_profile"):
+        for name in (
+            "storage_url",
+            "s3_endpoint_url",
+            "s3_region",
+            "s3_access_key_id",
+            "s3_secret_access_key",
+            "s3_profile",
+        ):
             if getattr(self, name):
                 env[f"MODELPRESS_{name.upper()}"] = getattr(self, name)
         if self.s3_presign_s:
@@ -202,7 +213,11 @@ class Settings:
     @property
     def bind_host(self) -> str:
         """Where the API listens: an open service (no keys) stays on loopback unless explicitly allowed."""
-        if self.api_keys_file is None and not self.allow_open_network and self.host not in ("127.0.0.1", "localhost", "::1"):
+        if (
+            self.api_keys_file is None
+            and not self.allow_open_network
+            and self.host not in ("127.0.0.1", "localhost", "::1")
+        ):
             return "127.0.0.1"
         return self.host
 

@@ -8,6 +8,7 @@ An ``.npz`` is a zip: before ``zipfile`` or ``np.load`` opens one, its directory
 entries declare pass the bounds every uploaded zip gets (``modelpress.archive.bounded_entries``), so a
 zip that lies about its entry count or expands a thousandfold is refused without being parsed.
 """
+
 from __future__ import annotations
 
 import re
@@ -31,10 +32,26 @@ NPZ_HINT = "np.savez stores arrays uncompressed; np.savez_compressed of real dat
 MAX_SAFETENSORS_HEADER = 16 << 20
 _NUMBERED = re.compile(r"^input_(\d{1,3})$")
 # numpy / safetensors element types under the names the spec uses; float64 is read as float32.
-_NUMPY_DTYPES = {"float64": "float32", "float32": "float32", "float16": "float16", "int64": "int64",
-                 "int32": "int32", "bool": "bool"}
-_SAFETENSORS_DTYPES = {"F64": "float32", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_NUMPY_DTYPES = {
+    "float64": "float32",
+    "float32": "float32",
+    "float16": "float16",
+    "int64": "int64",
+    "int32": "int32",
+    "bool": "bool",
+}
+_SAFETENSORS_DTYPES = {
+    "F64": "float32",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 class DataFileError(ValueError):
@@ -61,11 +78,15 @@ def input_array_names(names: Any) -> list[str]:
         return ["inputs"]
     if not numbered:
         found = ", ".join(sorted(names)) or "none"
-        raise DataFileError(f"the data file has no array named 'inputs' (arrays found: {found}); "
-                            "a model with several inputs takes input_0, input_1, ...")
+        raise DataFileError(
+            f"the data file has no array named 'inputs' (arrays found: {found}); "
+            "a model with several inputs takes input_0, input_1, ..."
+        )
     if [index for index, _ in numbered] != list(range(len(numbered))):
-        raise DataFileError("numbered inputs must run input_0, input_1, ... without gaps: found "
-                            + ", ".join(name for _, name in numbered))
+        raise DataFileError(
+            "numbered inputs must run input_0, input_1, ... without gaps: found "
+            + ", ".join(name for _, name in numbered)
+        )
     if len(numbered) > MAX_INPUTS:
         raise DataFileError(f"at most {MAX_INPUTS} inputs (input_0 .. input_{MAX_INPUTS - 1})")
     return [name for _, name in numbered]
@@ -100,8 +121,9 @@ def read_headers(path: str | Path, max_uncompressed_bytes: int = MAX_NPZ_BYTES) 
         raise DataFileError(f"the data file could not be read: {str(error)[:300]}") from None
 
 
-def disagreements(arrays: Mapping[str, ArrayInfo], declared: Sequence[Any] | None,
-                  from_input_shape: bool = False) -> dict[str, list[str]]:
+def disagreements(
+    arrays: Mapping[str, ArrayInfo], declared: Sequence[Any] | None, from_input_shape: bool = False
+) -> dict[str, list[str]]:
     """Where the data file's inputs contradict the declared ones, by spec field; empty when they agree.
 
     The data file defines the example inputs, so only the batch axis may differ. ``declared``: the
@@ -112,8 +134,7 @@ def disagreements(arrays: Mapping[str, ArrayInfo], declared: Sequence[Any] | Non
     names = input_array_names(arrays)
     if len(names) != len(declared):
         field = "spec.input_shape" if from_input_shape else "spec.inputs"
-        return {field: [f"declares {len(declared)} input(s) but the data file has {len(names)} "
-                        f"({', '.join(names)})"]}
+        return {field: [f"declares {len(declared)} input(s) but the data file has {len(names)} ({', '.join(names)})"]}
     problems: dict[str, list[str]] = {}
     for index, (name, entry) in enumerate(zip(names, declared)):
         info = arrays[name]
@@ -121,10 +142,12 @@ def disagreements(arrays: Mapping[str, ArrayInfo], declared: Sequence[Any] | Non
         if list(info.shape[1:]) != list(entry.shape[1:]):
             problems.setdefault(prefix if from_input_shape else f"{prefix}.shape", []).append(
                 f"samples of shape {list(entry.shape[1:])} declared, but the data file's '{name}' has samples of "
-                f"shape {list(info.shape[1:])} (array shape {list(info.shape)}); only the batch axis may differ")
+                f"shape {list(info.shape[1:])} (array shape {list(info.shape)}); only the batch axis may differ"
+            )
         if info.dtype != entry.dtype:
             problems.setdefault(prefix if from_input_shape else f"{prefix}.dtype", []).append(
-                f"{entry.dtype} declared, but the data file's '{name}' holds {info.dtype}")
+                f"{entry.dtype} declared, but the data file's '{name}' holds {info.dtype}"
+            )
     return problems
 
 
@@ -136,8 +159,9 @@ def _npz_headers(path: Path) -> dict[str, ArrayInfo]:
                 continue
             with archive.open(entry) as member:
                 version = np.lib.format.read_magic(member)
-                reader = {(1, 0): np.lib.format.read_array_header_1_0,
-                          (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                reader = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(
+                    version
+                )
                 if reader is None:
                     raise DataFileError(f"'{entry.filename}' has an unsupported .npy format version {version}")
                 shape, _, dtype = reader(member)
@@ -159,5 +183,8 @@ def _safetensors_headers(path: Path) -> dict[str, ArrayInfo]:
             raise DataFileError("the data file is neither an .npz archive nor a .safetensors file") from None
     if not isinstance(header, dict):
         raise DataFileError("the data file is neither an .npz archive nor a .safetensors file")
-    return {name: ArrayInfo(tuple(int(n) for n in meta["shape"]), _SAFETENSORS_DTYPES.get(meta["dtype"], meta["dtype"]))
-            for name, meta in header.items() if name != "__metadata__" and isinstance(meta, dict)}
+    return {
+        name: ArrayInfo(tuple(int(n) for n in meta["shape"]), _SAFETENSORS_DTYPES.get(meta["dtype"], meta["dtype"]))
+        for name, meta in header.items()
+        if name != "__metadata__" and isinstance(meta, dict)
+    }

@@ -18,6 +18,7 @@ is no setting of the service (no operator sets it, ``Settings`` and its document
 it), tests set it in their own environment for the processes they start to inherit, and it is read
 here only (docs/architecture.md, "Layers").
 """
+
 from __future__ import annotations
 
 import os

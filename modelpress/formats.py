@@ -19,6 +19,7 @@ unpickled and torch is not imported):
 - Legacy single-file weights (``data/weights/<name>.pt``), AOTInductor shared libraries and any
   other entry are refused: only the layout ``torch.export.save`` writes is accepted.
 """
+
 from __future__ import annotations
 
 import io
@@ -39,14 +40,49 @@ FILE_SUFFIX = {TORCHSCRIPT: ".pt", EXPORTED: ".pt2", AOTI_PACKAGE: ".aoti.pt2"}
 EXPORT_HINT = "save the program with torch.export.save(torch.export.export(model, example_inputs), 'model.pt2')"
 
 # Globals a torch.save pickle of tensors names (protocol 2: GLOBAL 'module name').
-_SAFE_GLOBALS = frozenset({
-    "torch._utils _rebuild_tensor_v2", "torch._utils _rebuild_parameter", "torch._tensor _rebuild_from_type_v2",
-    "torch Tensor", "collections OrderedDict", "torch device", "torch Size",
-    *(f"torch {kind}Storage" for kind in ("Float", "Double", "Half", "BFloat16", "Long", "Int", "Short",
-                                           "Char", "Byte", "Bool", "ComplexFloat", "ComplexDouble")),
-    *(f"torch {dtype}" for dtype in ("float32", "float64", "float16", "bfloat16", "int64", "int32", "int16",
-                                     "int8", "uint8", "bool")),
-})
+_SAFE_GLOBALS = frozenset(
+    {
+        "torch._utils _rebuild_tensor_v2",
+        "torch._utils _rebuild_parameter",
+        "torch._tensor _rebuild_from_type_v2",
+        "torch Tensor",
+        "collections OrderedDict",
+        "torch device",
+        "torch Size",
+        *(
+            f"torch {kind}Storage"
+            for kind in (
+                "Float",
+                "Double",
+                "Half",
+                "BFloat16",
+                "Long",
+                "Int",
+                "Short",
+                "Char",
+                "Byte",
+                "Bool",
+                "ComplexFloat",
+                "ComplexDouble",
+            )
+        ),
+        *(
+            f"torch {dtype}"
+            for dtype in (
+                "float32",
+                "float64",
+                "float16",
+                "bfloat16",
+                "int64",
+                "int32",
+                "int16",
+                "int8",
+                "uint8",
+                "bool",
+            )
+        ),
+    }
+)
 # Opcodes that import a name without it appearing as a GLOBAL argument (STACK_GLOBAL takes its
 # strings from the stack, perhaps from the memo; EXT* from the copyreg registry). torch.save writes
 # protocol 2, which uses GLOBAL only, so refusing these refuses no genuine file.
@@ -64,7 +100,8 @@ def is_exported_program(names: list[str]) -> bool:
         return False
     root = next(iter(roots))
     return f"{root}/archive_format" in names and any(
-        name.startswith(f"{root}/models/") and name.endswith(".json") for name in names)
+        name.startswith(f"{root}/models/") and name.endswith(".json") for name in names
+    )
 
 
 def model_format(path: Path) -> str:
@@ -106,20 +143,25 @@ def _check_exported_program(archive: zipfile.ZipFile, names: list[str], check_op
     if len(set(names)) != len(names):  # which copy torch's reader takes need not be the one checked here
         raise _Refused("the .pt2 archive holds two entries with the same name: refused")
     root = names[0].split("/", 1)[0]
-    inner = {name[len(root) + 1:] for name in names}
+    inner = {name[len(root) + 1 :] for name in names}
     if archive.read(f"{root}/archive_format")[:16].strip() != b"pt2":
         raise _Refused(f"the .pt2 archive's archive_format is not 'pt2'; {EXPORT_HINT}")
-    models = sorted(name[len("models/"):-len(".json")] for name in inner
-                    if name.startswith("models/") and name.endswith(".json"))
+    models = sorted(
+        name[len("models/") : -len(".json")] for name in inner if name.startswith("models/") and name.endswith(".json")
+    )
     if models != ["model"]:
         raise _Refused(f"the .pt2 archive must hold exactly one program named 'model' (found {models}); {EXPORT_HINT}")
     for name in sorted(inner):
         _check_entry(name)
-    for config_name, folder in (("data/weights/model_weights_config.json", "weights"),
-                                ("data/constants/model_constants_config.json", "constants")):
+    for config_name, folder in (
+        ("data/weights/model_weights_config.json", "weights"),
+        ("data/constants/model_constants_config.json", "constants"),
+    ):
         if config_name not in inner:
-            raise _Refused(f"the .pt2 archive has no {config_name}: not the layout torch.export.save writes "
-                           f"in torch 2.6 or later; {EXPORT_HINT}")
+            raise _Refused(
+                f"the .pt2 archive has no {config_name}: not the layout torch.export.save writes "
+                f"in torch 2.6 or later; {EXPORT_HINT}"
+            )
         check_payload_config(_read_json(archive, f"{root}/{config_name}"), folder)
     check_program(_read_json(archive, f"{root}/models/model.json"), check_ops)
     sample = f"{root}/data/sample_inputs/model.pt"
@@ -131,8 +173,10 @@ def _check_entry(name: str) -> None:
     if name.endswith("/") or _ALLOWED_ENTRIES.match(name):
         return
     if "custom_obj" in name or "opaque_obj" in name:
-        raise _Refused(f"the .pt2 archive holds a pickled object ({name[:100]!r}) that torch.export.load would unpickle, "
-                "running code from the file: refused")
+        raise _Refused(
+            f"the .pt2 archive holds a pickled object ({name[:100]!r}) that torch.export.load would unpickle, "
+            "running code from the file: refused"
+        )
     raise _Refused(f"the .pt2 archive holds an entry torch.export.save does not write ({name[:100]!r}): refused")
 
 
@@ -143,14 +187,6 @@ def _read_json(archive: zipfile.ZipFile, name: str) -> object:
         return json.loads(archive.read(name))
     except (ValueError, RecursionError) as error:  # RecursionError: nesting deeper than the parser's stack
         raise _Refused(f"{name.split('/', 1)[-1]} is not valid JSON ({error})") from None
-
-
-
-
-
-
-
-
 
 
 def _check_torch_save(archive: zipfile.ZipFile, name: str) -> None:
@@ -189,15 +225,17 @@ def _bound_nested_directory(payload: bytes) -> None:
     fields = _END.unpack_from(payload, end)
     entries, directory = fields[4], fields[5]
     locator = end - _END64_LOCATOR.size
-    if locator >= 0 and payload[locator:locator + 4] == b"PK\x06\x07":  # zip64: zipfile takes these values
+    if locator >= 0 and payload[locator : locator + 4] == b"PK\x06\x07":  # zip64: zipfile takes these values
         record = locator - _END64.size
-        if record < 0 or payload[record:record + 4] != b"PK\x06\x06":
+        if record < 0 or payload[record : record + 4] != b"PK\x06\x06":
             raise _Refused("the .pt2 sample inputs archive is damaged (zip64 end record): refused")
         zip64 = _END64.unpack_from(payload, record)
         entries, directory = max(entries, zip64[6], zip64[7]), max(directory, zip64[8])
     if entries > _MAX_NESTED_ENTRIES or directory > _MAX_NESTED_DIRECTORY:
-        raise _Refused(f"the .pt2 sample inputs archive declares {entries} entries in {directory} bytes of directory "
-                       f"(torch.save of example inputs writes a few): refused")
+        raise _Refused(
+            f"the .pt2 sample inputs archive declares {entries} entries in {directory} bytes of directory "
+            f"(torch.save of example inputs writes a few): refused"
+        )
 
 
 def _check_pickle(data: bytes) -> None:
@@ -205,12 +243,15 @@ def _check_pickle(data: bytes) -> None:
     try:
         for opcode, argument, _ in pickletools.genops(data):
             if opcode.name in _IMPORTING_OPCODES:
-                raise _Refused(f"the .pt2 sample inputs pickle uses {opcode.name}, which torch.save never writes: "
-                               "refused unread")
+                raise _Refused(
+                    f"the .pt2 sample inputs pickle uses {opcode.name}, which torch.save never writes: refused unread"
+                )
             if opcode.name == "GLOBAL":
                 name = str(argument).replace("\n", " ")
                 if name not in _SAFE_GLOBALS:
-                    raise _Refused(f"the .pt2 sample inputs pickle names {name[:100]!r}, which could run code "
-                                   "when torch.export.load unpickles it: refused unread")
+                    raise _Refused(
+                        f"the .pt2 sample inputs pickle names {name[:100]!r}, which could run code "
+                        "when torch.export.load unpickles it: refused unread"
+                    )
     except ValueError as error:
         raise _Refused(f"the .pt2 sample inputs pickle is malformed ({str(error)[:200]}): refused") from None

@@ -29,7 +29,9 @@ end
 # claim (JSON), ARGV[8] its TTL, ARGV[9..] field, value pairs.
 # Returns {'created'}, {'quota'} or {'replay', earlier claim}. The idempotency claim and the record
 # are written together, so a claim never exists without its job (nothing to release on a crash).
-CREATE_SCRIPT = NOW + """
+CREATE_SCRIPT = (
+    NOW
+    + """
 if ARGV[6] ~= '' then
   local earlier = redis.call('GET', ARGV[6])
   if earlier then return {'replay', earlier} end
@@ -54,6 +56,7 @@ redis.call('SADD', active, ARGV[1])
 redis.call('SADD', 'modelpress:queued', ARGV[1])
 return {'created'}
 """
+)
 
 # A delivery takes the job: one atomic step, so of two deliveries that both find a stale job
 # exactly one wins. KEYS[1] job. ARGV[1] id, ARGV[2] the message's generation ('' = any),
@@ -62,7 +65,10 @@ return {'created'}
 # Returns {'claimed', attempt, deliveries} or {why not, state}. 'tenant-busy': the job's tenant
 # already runs its cap of jobs; the job stays queued, its deliveries untouched, and its enqueue
 # time is renewed (the caller sends it again shortly, so the reconciler must not).
-CLAIM_SCRIPT = NOW + STALE + """
+CLAIM_SCRIPT = (
+    NOW
+    + STALE
+    + """
 local raw = redis.call('HMGET', KEYS[1], 'state', 'gen', 'deliveries', 'attempt', 'tenant')
 if not raw[1] then return {'missing', 'missing'} end
 local state = cjson.decode(raw[1])
@@ -94,11 +100,14 @@ redis.call('SREM', 'modelpress:queued', ARGV[1])
 redis.call('ZADD', 'modelpress:running', now, ARGV[1])
 return {'claimed', attempt, deliveries}
 """
+)
 
 # The supervisor's beat, fenced: writes progress fields and the heartbeat only while the job is
 # running under this attempt. KEYS[1] job. ARGV[1] id, ARGV[2] attempt, ARGV[3..] field, value pairs.
 # Returns 0 when this attempt no longer owns the job, 2 when a cancel was asked for, else 1.
-BEAT_SCRIPT = NOW + """
+BEAT_SCRIPT = (
+    NOW
+    + """
 local raw = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'cancel_requested')
 if not raw[1] or raw[1] ~= '"running"' or tonumber(raw[2]) ~= tonumber(ARGV[2]) then return 0 end
 for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
@@ -106,13 +115,16 @@ redis.call('ZADD', 'modelpress:running', server_now(), ARGV[1])
 if raw[3] == 'true' then return 2 end
 return 1
 """
+)
 
 # A final state, fenced: from ``running`` only by the attempt that owns the job, from ``queued``
 # (a cancel) only without an attempt. The webhook event joins the outbox in the same step, so a
 # final state is never recorded without its event. KEYS[1] job. ARGV[1] id, ARGV[2] new state,
 # ARGV[3] attempt ('' for none), ARGV[4] now (epoch seconds), ARGV[5..] field, value pairs.
 # Returns the state after the call.
-FINISH_SCRIPT = NOW + """
+FINISH_SCRIPT = (
+    NOW
+    + """
 local raw = redis.call('HMGET', KEYS[1], 'state', 'attempt', 'tenant', 'spec', 'created_epoch', 'callback_url')
 if not raw[1] then return false end
 local current = cjson.decode(raw[1])
@@ -145,6 +157,7 @@ redis.call('HINCRBY', metrics, 'duration_count|' .. method, 1)
 redis.call('HINCRBYFLOAT', metrics, 'duration_sum|' .. method, duration)
 return target
 """
+)
 
 # Sets fields only while the job is in one of the given states (never creates a deleted record).
 # KEYS[1] job key; ARGV[1] comma-separated states; ARGV[2..] field, value pairs. Returns 1 if written.
@@ -166,7 +179,10 @@ return 0
 # generation the caller saw, so of several workers exactly one re-sends per loss.
 # KEYS[1] job. ARGV[1] id, ARGV[2] generation seen, ARGV[3] bound (s), ARGV[4] stale (s),
 # ARGV[5] when Redis started. Returns the new generation, or 0.
-RESEND_SCRIPT = NOW + STALE + """
+RESEND_SCRIPT = (
+    NOW
+    + STALE
+    + """
 local raw = redis.call('HMGET', KEYS[1], 'state', 'gen', 'enqueued_epoch')
 if not raw[1] or tonumber(raw[2] or '1') ~= tonumber(ARGV[2]) then return 0 end
 local now = server_now()
@@ -181,6 +197,7 @@ local gen = tonumber(ARGV[2]) + 1
 redis.call('HSET', KEYS[1], 'gen', gen, 'enqueued_epoch', now)
 return gen
 """
+)
 
 # KEYS[1] job. ARGV[1] id. Removes the record and every index entry.
 DELETE_SCRIPT = """
@@ -198,7 +215,9 @@ return 1
 
 # Takes the next due webhook event for ``lease`` seconds (a dispatcher that dies mid-delivery
 # loses the lease, and another takes the event over). ARGV[1] lease seconds. Returns {id, JSON} or false.
-LEASE_EVENT_SCRIPT = NOW + """
+LEASE_EVENT_SCRIPT = (
+    NOW
+    + """
 local now = server_now()
 local due = redis.call('ZRANGEBYSCORE', 'modelpress:outbox', '-inf', now, 'LIMIT', 0, 1)
 if #due == 0 then return false end
@@ -207,10 +226,13 @@ if not event then redis.call('ZREM', 'modelpress:outbox', due[1]); return false 
 redis.call('ZADD', 'modelpress:outbox', now + tonumber(ARGV[1]), due[1])
 return {due[1], event}
 """
+)
 
 # After a failed try: count it and schedule the next one after ARGV[2] seconds, or drop the event
 # once ARGV[3] tries are spent. ARGV[1] event id. Returns the tries so far.
-RETRY_EVENT_SCRIPT = NOW + """
+RETRY_EVENT_SCRIPT = (
+    NOW
+    + """
 local raw = redis.call('HGET', 'modelpress:outbox:events', ARGV[1])
 if not raw then return 0 end
 local event = cjson.decode(raw)
@@ -224,3 +246,4 @@ else
 end
 return event.tries
 """
+)

@@ -22,6 +22,7 @@ a job whose message is gone by bumping it (compare-and-set), and older messages 
 The scripts build the tenant keys themselves from the record, which is fine on one Redis
 server (not on Redis Cluster).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,6 +60,7 @@ REDIS_TIMEOUTS = {"socket_timeout": 10.0, "socket_connect_timeout": 5.0, "health
 def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_keepalive=True, **REDIS_TIMEOUTS)
 
+
 _PREFIX = "modelpress:"
 _INDEX = _PREFIX + "jobs"
 _RUNNING = _PREFIX + "running"
@@ -68,6 +70,7 @@ _OUTBOX = _PREFIX + "outbox"  # webhook events: sorted set scored by when each i
 _OUTBOX_EVENTS = _PREFIX + "outbox:events"  # event id -> JSON
 _FILES_LEFT = _PREFIX + "files-left"  # ids of deleted jobs whose files the store did not remove (the reaper retries)
 _UPLOADING = _PREFIX + "uploading"  # ids of jobs whose upload is under way, scored by its last activity
+
 
 def new_job_id(now: float | None = None) -> str:
     """A ULID: 48-bit millisecond time + 80 random bits, Crockford base32, sortable by creation time."""
@@ -110,8 +113,13 @@ class JobStore:
         self._lease_event = client.register_script(scripts.LEASE_EVENT_SCRIPT)
         self._retry_event = client.register_script(scripts.RETRY_EVENT_SCRIPT)
 
-    def create(self, job: dict[str, Any], max_active: int = 1 << 30, uploaded_bytes: int = 0,
-               idempotency: tuple[str, str, str, int] | None = None) -> tuple[str, dict[str, str] | None]:
+    def create(
+        self,
+        job: dict[str, Any],
+        max_active: int = 1 << 30,
+        uploaded_bytes: int = 0,
+        idempotency: tuple[str, str, str, int] | None = None,
+    ) -> tuple[str, dict[str, str] | None]:
         """Store a new record (state ``queued``, generation 1) and index it, with its idempotency claim.
 
         ``idempotency`` is (tenant, key, fingerprint, ttl seconds). Returns ('created', None),
@@ -123,13 +131,23 @@ class JobStore:
             tenant, key, fingerprint, ttl = idempotency
             key_name = _idempotency_key(tenant, key)
             claim = json.dumps({"fingerprint": fingerprint, "job_id": job["id"]})
-        args: list[Any] = [job["id"], job.get("tenant", "public"), max_active, job["spec"]["method"], int(uploaded_bytes),
-                           key_name, claim, ttl]
+        args: list[Any] = [
+            job["id"],
+            job.get("tenant", "public"),
+            max_active,
+            job["spec"]["method"],
+            int(uploaded_bytes),
+            key_name,
+            claim,
+            ttl,
+        ]
         for name, value in _encode(job).items():
             args += [name, value]
         answer = [_text(part) for part in self._create(keys=[_key(job["id"]), _INDEX], args=args)]
         if answer[0] == "created":
-            log.info("job %s: %s", job["id"], QUEUED, extra={"job_id": job["id"], "state": QUEUED, "event": "transition"})
+            log.info(
+                "job %s: %s", job["id"], QUEUED, extra={"job_id": job["id"], "state": QUEUED, "event": "transition"}
+            )
         return answer[0], (json.loads(answer[1]) if len(answer) > 1 else None)
 
     def metrics(self) -> dict[str, str]:
@@ -151,14 +169,27 @@ class JobStore:
 
         ``max_running`` (0: none) caps the running jobs of the job's tenant: a queued job over the
         cap is not taken ('tenant-busy') and stays queued for the caller to send again."""
-        answer = self._claim(keys=[_key(job_id)], args=[
-            job_id, "" if generation is None else int(generation), stale_s, self.redis_started(),
-            json.dumps(utc_now()), int(max_running)])
+        answer = self._claim(
+            keys=[_key(job_id)],
+            args=[
+                job_id,
+                "" if generation is None else int(generation),
+                stale_s,
+                self.redis_started(),
+                json.dumps(utc_now()),
+                int(max_running),
+            ],
+        )
         outcome = _text(answer[0])
         if outcome != "claimed":
             return Claim(outcome, _text(answer[1]))
-        log.info("job %s: %s (attempt %s)", job_id, RUNNING, int(answer[1]),
-                 extra={"job_id": job_id, "state": RUNNING, "event": "transition"})
+        log.info(
+            "job %s: %s (attempt %s)",
+            job_id,
+            RUNNING,
+            int(answer[1]),
+            extra={"job_id": job_id, "state": RUNNING, "event": "transition"},
+        )
         return Claim(outcome, RUNNING, int(answer[1]), int(answer[2]))
 
     def beat(self, job_id: str, attempt: int, **fields: Any) -> bool:
@@ -217,8 +248,7 @@ class JobStore:
     def resend(self, job_id: str, generation: int, bound_s: float, stale_s: float) -> int:
         """Reserve a new message for a job whose last one is gone; the new generation, or 0 if
         the job does not need one (or another worker re-sent it first)."""
-        return int(self._resend(keys=[_key(job_id)], args=[job_id, generation, bound_s, stale_s,
-                                                             self.redis_started()]))
+        return int(self._resend(keys=[_key(job_id)], args=[job_id, generation, bound_s, stale_s, self.redis_started()]))
 
     def finished_before(self, epoch_s: float) -> list[str]:
         return [_text(i) for i in self.redis.zrangebyscore(_FINISHED, "-inf", epoch_s)]
@@ -278,8 +308,9 @@ class JobStore:
             found = pipe.execute()
         return {job_id: None if state is None else json.loads(state) for job_id, state in zip(ids, found)}
 
-    def page(self, tenant: str, state: str | None = None, limit: int = 20,
-             after: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    def page(
+        self, tenant: str, state: str | None = None, limit: int = 20, after: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
         """A tenant's jobs newest first, at most ``limit``, after the id ``after``; and the next cursor."""
         index = f"{_PREFIX}tenant:{tenant}:jobs"
         jobs: list[dict[str, Any]] = []

@@ -7,6 +7,7 @@ File format (``MODELPRESS_API_KEYS_FILE``), one tenant per line, ``#`` starts a 
 ``python -m modelpress.keys TENANT`` prints a new random key and the line to add. Keys are
 random 256-bit tokens, so a plain SHA-256 is enough (no password-hashing needed).
 """
+
 from __future__ import annotations
 
 import hashlib

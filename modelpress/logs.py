@@ -1,4 +1,5 @@
 """Logging for every process: plain text, or one JSON object per line when MODELPRESS_LOG_FORMAT=json."""
+
 from __future__ import annotations
 
 import json

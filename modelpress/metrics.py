@@ -3,6 +3,7 @@
 The counters live in Redis (updated by the job scripts), not in process memory, so every
 gunicorn worker answers with the same, complete numbers.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
@@ -42,8 +43,10 @@ def render(counters: dict[str, str], queue_depth: int, running: int) -> str:
     ]
     for method in sorted(duration_count):
         for bound in DURATION_BOUNDS:
-            lines.append(f'modelpress_job_duration_seconds_bucket{{method="{method}",le="{bound}"}} '
-                         f'{buckets[method].get(bound, 0)}')
+            lines.append(
+                f'modelpress_job_duration_seconds_bucket{{method="{method}",le="{bound}"}} '
+                f"{buckets[method].get(bound, 0)}"
+            )
         lines.append(f'modelpress_job_duration_seconds_bucket{{method="{method}",le="+Inf"}} {duration_count[method]}')
         lines.append(f'modelpress_job_duration_seconds_sum{{method="{method}"}} {duration_sum.get(method, 0.0)}')
         lines.append(f'modelpress_job_duration_seconds_count{{method="{method}"}} {duration_count[method]}')

@@ -11,6 +11,7 @@ A reader never sees a partial result, in either store: the served names carry th
 recorded success, that attempt writes them before its final state, and an S3 object (a multipart
 upload too) becomes visible only once complete. The report goes last.
 """
+
 from __future__ import annotations
 
 import functools
@@ -61,6 +62,7 @@ class StoreUnavailable(Exception):
 
 def _translated(method):
     """Turn botocore's errors (other than a missing key, which each method maps) into ``StoreUnavailable``."""
+
     @functools.wraps(method)
     def call(self, *args, **kwargs):
         from botocore.exceptions import BotoCoreError, ClientError
@@ -69,6 +71,7 @@ def _translated(method):
             return method(self, *args, **kwargs)
         except (BotoCoreError, ClientError) as error:
             raise StoreUnavailable(f"object store s3://{self.bucket}: {error}") from error
+
     return call
 
 
@@ -236,12 +239,18 @@ class S3Objects(ObjectStore):
         self.prefix = f"{prefix}/" if prefix else ""
         self.presign_s = settings.s3_presign_s
         self.client, self._probe = s3_clients(settings)
-        self.transfer = TransferConfig(multipart_threshold=PART_BYTES, multipart_chunksize=PART_BYTES,
-                                       max_concurrency=TRANSFER_THREADS, use_threads=True)
+        self.transfer = TransferConfig(
+            multipart_threshold=PART_BYTES,
+            multipart_chunksize=PART_BYTES,
+            max_concurrency=TRANSFER_THREADS,
+            use_threads=True,
+        )
         self.stream_part_bytes = settings.s3_part_mb << 20
         if settings.max_upload_mb > settings.s3_part_mb * MAX_PARTS:
-            raise ValueError(f"MODELPRESS_MAX_UPLOAD_MB={settings.max_upload_mb} needs more than S3's {MAX_PARTS} parts "
-                             f"of MODELPRESS_S3_PART_MB={settings.s3_part_mb}: raise the part size")
+            raise ValueError(
+                f"MODELPRESS_MAX_UPLOAD_MB={settings.max_upload_mb} needs more than S3's {MAX_PARTS} parts "
+                f"of MODELPRESS_S3_PART_MB={settings.s3_part_mb}: raise the part size"
+            )
         self._streams: dict[str, dict[str, PartStream]] = {}  # job id -> key -> this process's streamed uploads
         self._streams_lock = threading.Lock()
         self._streaming = threading.BoundedSemaphore(STREAMING_UPLOADS)
@@ -283,8 +292,9 @@ class S3Objects(ObjectStore):
         with self._streams_lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(TRANSFER_THREADS, thread_name_prefix="s3-parts")
-            writer = PartStream(self.client, self.bucket, self.key(job_id, path), self.stream_part_bytes, self._pool,
-                                self._streaming)
+            writer = PartStream(
+                self.client, self.bucket, self.key(job_id, path), self.stream_part_bytes, self._pool, self._streaming
+            )
             self._streams.setdefault(job_id, {})[writer.key] = writer
         return writer
 
@@ -338,16 +348,22 @@ class S3Objects(ObjectStore):
             # store or a network can corrupt bytes; the record's digest is the upload's own.
             expected = (digests or {}).get(name)
             if expected and (found := file_sha256(target)) != expected:
-                raise InputsCorrupt(f"{key} in bucket {self.bucket} does not match the upload (SHA-256 "
-                                    f"{found} instead of {expected})")
+                raise InputsCorrupt(
+                    f"{key} in bucket {self.bucket} does not match the upload (SHA-256 {found} instead of {expected})"
+                )
         return files
 
     @_translated
     def publish(self, job_id: str, attempt: int, files: JobFiles, report: dict[str, Any]) -> Path:
         # The workspace is this attempt's alone: nobody else writes its output while it is uploaded.
         canonical = self.storage.job(job_id)
-        self.client.upload_file(str(files.output_model), self.bucket, self.key(job_id, canonical.published_model(attempt)),
-                                ExtraArgs={"Metadata": {"sha256": file_sha256(files.output_model)}}, Config=self.transfer)
+        self.client.upload_file(
+            str(files.output_model),
+            self.bucket,
+            self.key(job_id, canonical.published_model(attempt)),
+            ExtraArgs={"Metadata": {"sha256": file_sha256(files.output_model)}},
+            Config=self.transfer,
+        )
         fault_point("mid-publish", job_id, self.storage.data_dir)  # fault tests: the model is up, the report not yet
         self.publish_report(job_id, attempt, report)
         return files.output_model
@@ -357,22 +373,40 @@ class S3Objects(ObjectStore):
         with opened_plain(files.output_artifact(file_name)) as handle:  # the workspace is this attempt's alone
             size, digest = measure(handle)
             handle.seek(0)
-            self.client.upload_fileobj(handle, self.bucket, self.key(job_id, self.storage.job(job_id).published_artifact(
-                attempt, file_name)), ExtraArgs={"Metadata": {"sha256": digest}}, Config=self.transfer)
+            self.client.upload_fileobj(
+                handle,
+                self.bucket,
+                self.key(job_id, self.storage.job(job_id).published_artifact(attempt, file_name)),
+                ExtraArgs={"Metadata": {"sha256": digest}},
+                Config=self.transfer,
+            )
         return size, digest
 
     @_translated
     def publish_report(self, job_id: str, attempt: int, report: dict[str, Any]) -> None:
-        self.client.put_object(Bucket=self.bucket, Key=self.key(job_id, self.storage.job(job_id).published_report(attempt)),
-                               Body=json.dumps(report, indent=2, sort_keys=True).encode(),
-                               ContentType="application/json")
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=self.key(job_id, self.storage.job(job_id).published_report(attempt)),
+            Body=json.dumps(report, indent=2, sort_keys=True).encode(),
+            ContentType="application/json",
+        )
 
     @_translated
     def withdraw(self, job_id: str, attempt: int) -> None:
         canonical = self.storage.job(job_id)
-        self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [
-            {"Key": self.key(job_id, path)} for path in (canonical.published_model(attempt), canonical.published_report(
-                attempt), *(canonical.published_artifact(attempt, name) for name in sorted(ARTIFACT_FILE_NAMES)))]})
+        self.client.delete_objects(
+            Bucket=self.bucket,
+            Delete={
+                "Objects": [
+                    {"Key": self.key(job_id, path)}
+                    for path in (
+                        canonical.published_model(attempt),
+                        canonical.published_report(attempt),
+                        *(canonical.published_artifact(attempt, name) for name in sorted(ARTIFACT_FILE_NAMES)),
+                    )
+                ]
+            },
+        )
 
     def release(self, job_id: str, attempt: int) -> None:
         work = self.storage.data_dir / "work" / str(attempt)
@@ -402,9 +436,16 @@ class S3Objects(ObjectStore):
 
     @_translated
     def presigned_url(self, key: str, download_name: str) -> str:
-        return self.client.generate_presigned_url("get_object", ExpiresIn=self.presign_s, Params={
-            "Bucket": self.bucket, "Key": key, "ResponseContentType": "application/octet-stream",
-            "ResponseContentDisposition": f'attachment; filename="{download_name}"'})
+        return self.client.generate_presigned_url(
+            "get_object",
+            ExpiresIn=self.presign_s,
+            Params={
+                "Bucket": self.bucket,
+                "Key": key,
+                "ResponseContentType": "application/octet-stream",
+                "ResponseContentDisposition": f'attachment; filename="{download_name}"',
+            },
+        )
 
     @_translated
     def read_report(self, job_id: str, attempt: int | None) -> dict[str, Any]:
@@ -423,7 +464,9 @@ class S3Objects(ObjectStore):
         prefix = f"{self.prefix}jobs/{job_id}/"
         names = sorted(self._names(job_id, prefix))
         for start in range(0, len(names), 1000):
-            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in names[start:start + 1000]]})
+            self.client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in names[start : start + 1000]]}
+            )
         # Parts of an upload whose worker died are invisible, but they take space until aborted.
         try:
             uploads = self.client.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix).get("Uploads", [])

@@ -16,6 +16,7 @@ The policy lives in the shared library so that the API and the engine both use i
 API importing the worker package. All of them only name the operator; they never echo what a
 model might have read.
 """
+
 from __future__ import annotations
 
 import io
@@ -31,10 +32,27 @@ REFUSED_OPS = {
 # Namespaces of operators (and TorchBind classes) that compute on tensors only. Everything else is
 # refused: custom namespaces run foreign code, c10d / symm_mem / _c10d_functional talk to other
 # processes over the network, debugprims loads tensors by name.
-TORCH_NAMESPACES = frozenset({
-    "aten", "prim", "prims", "quantized", "_quantized", "quantization", "quantized_decomposed", "prepacked",
-    "onednn", "mkldnn", "mkldnn_prepacked", "mkl", "xnnpack", "sparse", "profiler", "cuda", "_native",
-})
+TORCH_NAMESPACES = frozenset(
+    {
+        "aten",
+        "prim",
+        "prims",
+        "quantized",
+        "_quantized",
+        "quantization",
+        "quantized_decomposed",
+        "prepacked",
+        "onednn",
+        "mkldnn",
+        "mkldnn_prepacked",
+        "mkl",
+        "xnnpack",
+        "sparse",
+        "profiler",
+        "cuda",
+        "_native",
+    }
+)
 # What every refusal ends with, whichever check found it.
 HINT = "models that read or write files, start processes or talk to other processes are refused"
 

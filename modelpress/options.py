@@ -6,6 +6,7 @@ out of the raw mapping). The schemas stay the one source of every field, default
 classes here only give the schemas' output a type, field for field (a test holds each class equal
 to its schema), and a method registered without a class of its own gets one made from its schema.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -198,11 +199,20 @@ class JobOptions:
 
 
 TYPED: dict[type[Schema], type] = {
-    QuantizeSpec: QuantizeOptions, FinetuneSpec: FinetuneOptions, QatSpec: FinetuneOptions,
-    RegularizeSpec: RegularizeOptions, PruneScheduleSpec: PruneScheduleOptions, PruneSpec: PruneOptions,
-    StudentSpec: StudentOptions, FeaturesSpec: FeaturesOptions, DistillScheduleSpec: DistillScheduleOptions,
-    DistillSpec: DistillOptions, InputSpec: InputOptions,
-    EvaluationSpec: EvaluationOptions, TargetSpec: TargetOptions, SearchSpec: SearchOptions,
+    QuantizeSpec: QuantizeOptions,
+    FinetuneSpec: FinetuneOptions,
+    QatSpec: FinetuneOptions,
+    RegularizeSpec: RegularizeOptions,
+    PruneScheduleSpec: PruneScheduleOptions,
+    PruneSpec: PruneOptions,
+    StudentSpec: StudentOptions,
+    FeaturesSpec: FeaturesOptions,
+    DistillScheduleSpec: DistillScheduleOptions,
+    DistillSpec: DistillOptions,
+    InputSpec: InputOptions,
+    EvaluationSpec: EvaluationOptions,
+    TargetSpec: TargetOptions,
+    SearchSpec: SearchOptions,
 }
 
 
@@ -210,20 +220,28 @@ def job_options(spec: Mapping[str, Any]) -> JobOptions:
     """The options of a spec ``parse_spec`` accepted (or of a loaded one with some defaults left out:
     it is loaded again through the schema, so every default is the schema's)."""
     loaded = CompressionSpec().load(dump_spec(spec))
-    steps = tuple(Step(step["method"], method_options(step["method"], step.get(step["method"])), path)
-                  for path, step in method_steps(loaded))
+    steps = tuple(
+        Step(step["method"], method_options(step["method"], step.get(step["method"])), path)
+        for path, step in method_steps(loaded)
+    )
     declared = loaded.get("inputs") or (
-        [InputSpec().load({"shape": loaded["input_shape"]})] if loaded.get("input_shape") else None)
+        [InputSpec().load({"shape": loaded["input_shape"]})] if loaded.get("input_shape") else None
+    )
     target = loaded.get("target")
     return JobOptions(
-        method=loaded["method"], steps=steps,
+        method=loaded["method"],
+        steps=steps,
         inputs=tuple(typed(InputSpec, entry) for entry in declared) if declared else None,
-        from_input_shape=not loaded.get("inputs"), output=loaded.get("output"), seed=loaded["seed"],
+        from_input_shape=not loaded.get("inputs"),
+        output=loaded.get("output"),
+        seed=loaded["seed"],
         evaluation=typed(EvaluationSpec, loaded["evaluation"]),
         target=typed(TargetSpec, target) if target else None,
         search=typed(SearchSpec, loaded.get("search") or SearchSpec().load({})) if target else None,
-        package=loaded["package"], time_limit_s=loaded.get("time_limit_s"),
-        targets=tuple(loaded["targets"]), targets_required=loaded["targets_required"],
+        package=loaded["package"],
+        time_limit_s=loaded.get("time_limit_s"),
+        targets=tuple(loaded["targets"]),
+        targets_required=loaded["targets_required"],
     )
 
 

@@ -4,6 +4,7 @@
 request's parser writes the bytes as they come, and every part goes to an S3 multipart upload from
 the store's thread pool.
 """
+
 from __future__ import annotations
 
 import threading
@@ -29,8 +30,15 @@ class PartStream:
     store error stops the streaming (the request still spools locally) and ``complete`` raises it.
     """
 
-    def __init__(self, client: Any, bucket: str, key: str, part_bytes: int, pool: ThreadPoolExecutor,
-                 streaming: threading.Semaphore | None = None) -> None:
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        key: str,
+        part_bytes: int,
+        pool: ThreadPoolExecutor,
+        streaming: threading.Semaphore | None = None,
+    ) -> None:
         self.client, self.bucket, self.key = client, bucket, key
         # Without one of the process's streaming slots the file only spools; ``complete`` sends it whole.
         self._streaming = streaming if streaming is not None and streaming.acquire(blocking=False) else None
@@ -88,8 +96,9 @@ class PartStream:
         try:
             if self.error is not None or self.state != "open":
                 raise RuntimeError("skipped: the upload already failed or was aborted")
-            answer = self.client.upload_part(Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                                             PartNumber=number, Body=body)
+            answer = self.client.upload_part(
+                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id, PartNumber=number, Body=body
+            )
             return {"PartNumber": number, "ETag": answer["ETag"]}
         except Exception as error:
             if self.error is None:
@@ -110,8 +119,11 @@ class PartStream:
             if self.bytes != path.stat().st_size:  # every byte of the spool went to a part
                 raise RuntimeError(f"{self.key}: streamed {self.bytes} bytes, the spool holds {path.stat().st_size}")
             self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
-                MultipartUpload={"Parts": [part.result() for part in self._parts]})
+                Bucket=self.bucket,
+                Key=self.key,
+                UploadId=self.upload_id,
+                MultipartUpload={"Parts": [part.result() for part in self._parts]},
+            )
         self.state = "completed"
         self._release_slot()
 

@@ -27,6 +27,7 @@ string of the file becomes code or a callable, and what this module demands of e
 - ``verifiers`` name a registry entry, ``range_constraints`` keys are symbol expressions, ``Device.type``
   a device: each is checked against its form.
 """
+
 from __future__ import annotations
 
 import ast
@@ -47,20 +48,49 @@ class Refused(Exception):
 # modes). Others call operators or objects named by argument (auto_functionalized, with_effects,
 # out_dtype, call_torchbind), run kernels or code from elsewhere (triton, inductor, executorch,
 # aoti, inline_asm) or print (print): refused.
-HIGHER_ORDER_OPS = frozenset({"cond", "while_loop", "map_impl", "scan", "associative_scan",
-                              "wrap_with_set_grad_enabled", "wrap_with_autocast"})
+HIGHER_ORDER_OPS = frozenset(
+    {"cond", "while_loop", "map_impl", "scan", "associative_scan", "wrap_with_set_grad_enabled", "wrap_with_autocast"}
+)
 # Non-operator call targets torch's serializer writes (serialize.py ``_SYM_OPS``): size arithmetic.
-SYMBOLIC_TARGETS = frozenset({
-    *(f"_operator.{name}" for name in ("eq", "ne", "le", "ge", "lt", "gt", "neg", "pos", "mul", "add", "sub",
-                                        "floordiv", "mod", "pow", "truediv", "and_", "or_", "lshift", "rshift")),
-    "math.trunc",
-    *(f"torch.{name}" for name in ("sym_not", "sym_int", "sym_float", "sym_ite", "sym_max", "sym_min", "sym_sqrt")),
-})
-_OPERATOR = re.compile(r"^torch\.ops\.(?P<namespace>[A-Za-z_]\w{0,99})\.(?P<op>[A-Za-z_]\w{0,199})"
-                       r"(?:\.(?P<overload>[A-Za-z]\w{0,99}))?$", re.ASCII)
+SYMBOLIC_TARGETS = frozenset(
+    {
+        *(
+            f"_operator.{name}"
+            for name in (
+                "eq",
+                "ne",
+                "le",
+                "ge",
+                "lt",
+                "gt",
+                "neg",
+                "pos",
+                "mul",
+                "add",
+                "sub",
+                "floordiv",
+                "mod",
+                "pow",
+                "truediv",
+                "and_",
+                "or_",
+                "lshift",
+                "rshift",
+            )
+        ),
+        "math.trunc",
+        *(f"torch.{name}" for name in ("sym_not", "sym_int", "sym_float", "sym_ite", "sym_max", "sym_min", "sym_sqrt")),
+    }
+)
+_OPERATOR = re.compile(
+    r"^torch\.ops\.(?P<namespace>[A-Za-z_]\w{0,99})\.(?P<op>[A-Za-z_]\w{0,199})"
+    r"(?:\.(?P<overload>[A-Za-z]\w{0,99}))?$",
+    re.ASCII,
+)
 # aten's own dunder operators (``aten::__and__``); any other dunder reaches Python object internals.
-_DUNDER_OPS = frozenset(f"__{name}__" for name in ("and", "or", "xor", "lshift", "rshift", "iand", "ior", "ixor",
-                                                     "ilshift", "irshift"))
+_DUNDER_OPS = frozenset(
+    f"__{name}__" for name in ("and", "or", "xor", "lshift", "rshift", "iand", "ior", "ixor", "ilshift", "irshift")
+)
 # Attributes of torch.ops itself: a "namespace" of these names resolves to a method or a set.
 _OPS_ATTRIBUTES = frozenset({"load_library", "import_module", "loaded_libraries", "_dir"})
 _IDENTIFIER = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]{0,199})?$")  # empty: an unnamed positional argument
@@ -74,20 +104,40 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f\u2028\u2029]")
 _META_TARGET = re.compile(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*$", re.ASCII)
 
 # String fields by role: (type, field) -> what the string must be. Dict keys: (type, field, "key").
-_NAME_FIELDS = {("TensorArgument", "name"), ("TokenArgument", "name"), ("SymIntArgument", "as_name"),
-                ("SymFloatArgument", "as_name"), ("SymBoolArgument", "as_name"), ("GraphArgument", "name"),
-                ("CustomObjArgument", "name"), ("NamedArgument", "name"), ("Node", "name"),
-                ("InputToConstantInputSpec", "name"), ("GradientToUserInputSpec", "user_input_name"),
-                ("UserInputMutationSpec", "user_input_name"), ("ModuleCallSignature", "forward_arg_names"),
-                ("NamedTupleDef", "field_names"),
-                *(("Graph", field, "key") for field in ("tensor_values", "sym_int_values", "sym_bool_values",
-                                                         "sym_float_values", "custom_obj_values"))}
-_PATH_FIELDS = {("InputToParameterSpec", "parameter_name"), ("InputToBufferSpec", "buffer_name"),
-                ("InputToTensorConstantSpec", "tensor_constant_name"), ("InputToCustomObjSpec", "custom_obj_name"),
-                ("BufferMutationSpec", "buffer_name"), ("ParameterMutationSpec", "parameter_name"),
-                ("GradientToParameterSpec", "parameter_name"), ("ModuleCallEntry", "fqn"),
-                ("CustomObjArgument", "class_fqn"), ("GraphModule", "treespec_namedtuple_fields", "key"),
-                ("PayloadConfig", "config", "key"), ("ExportedProgram", "opset_version", "key")}
+_NAME_FIELDS = {
+    ("TensorArgument", "name"),
+    ("TokenArgument", "name"),
+    ("SymIntArgument", "as_name"),
+    ("SymFloatArgument", "as_name"),
+    ("SymBoolArgument", "as_name"),
+    ("GraphArgument", "name"),
+    ("CustomObjArgument", "name"),
+    ("NamedArgument", "name"),
+    ("Node", "name"),
+    ("InputToConstantInputSpec", "name"),
+    ("GradientToUserInputSpec", "user_input_name"),
+    ("UserInputMutationSpec", "user_input_name"),
+    ("ModuleCallSignature", "forward_arg_names"),
+    ("NamedTupleDef", "field_names"),
+    *(
+        ("Graph", field, "key")
+        for field in ("tensor_values", "sym_int_values", "sym_bool_values", "sym_float_values", "custom_obj_values")
+    ),
+}
+_PATH_FIELDS = {
+    ("InputToParameterSpec", "parameter_name"),
+    ("InputToBufferSpec", "buffer_name"),
+    ("InputToTensorConstantSpec", "tensor_constant_name"),
+    ("InputToCustomObjSpec", "custom_obj_name"),
+    ("BufferMutationSpec", "buffer_name"),
+    ("ParameterMutationSpec", "parameter_name"),
+    ("GradientToParameterSpec", "parameter_name"),
+    ("ModuleCallEntry", "fqn"),
+    ("CustomObjArgument", "class_fqn"),
+    ("GraphModule", "treespec_namedtuple_fields", "key"),
+    ("PayloadConfig", "config", "key"),
+    ("ExportedProgram", "opset_version", "key"),
+}
 
 
 def check_program(program: object, check_ops: bool) -> None:
@@ -99,8 +149,10 @@ def check_program(program: object, check_ops: bool) -> None:
         raise Refused("models/model.json is not a torch.export program (no schema_version)")
     major = program["schema_version"].get("major")
     if major != SCHEMA_MAJOR:
-        raise Refused(f"models/model.json has serialization schema version {str(major)[:20]}, not {SCHEMA_MAJOR}: "
-                      "save the program with torch 2.5 or later (this service runs torch 2.14)")
+        raise Refused(
+            f"models/model.json has serialization schema version {str(major)[:20]}, not {SCHEMA_MAJOR}: "
+            "save the program with torch 2.5 or later (this service runs torch 2.14)"
+        )
     walk(program, "ExportedProgram", check_ops)
 
 
@@ -109,9 +161,11 @@ def check_payload_config(config: object, folder: str) -> None:
     walk(config, "PayloadConfig", check_ops=False)
     for fqn, meta in config["config"].items():
         if meta.get("use_pickle") is not False:
-            raise Refused(f"the .pt2 {folder} entry {fqn[:100]!r} is stored as a pickle, which torch.export.load "
-                          "unpickles with weights_only=False (code from the file would run): refused; "
-                          "save plain tensors")
+            raise Refused(
+                f"the .pt2 {folder} entry {fqn[:100]!r} is stored as a pickle, which torch.export.load "
+                "unpickles with weights_only=False (code from the file would run): refused; "
+                "save plain tensors"
+            )
         if not re.fullmatch(r"(weight|tensor)_\d+", str(meta.get("path_name", ""))):
             raise Refused(f"the .pt2 {folder} entry {fqn[:100]!r} is not a plain tensor: refused")
 
@@ -143,18 +197,22 @@ def walk(document: object, root: str, check_ops: bool) -> None:
                 raise _wrong_type(role, kind)
             unknown = [key for key in value if key not in fields]
             if unknown:
-                raise Refused(f"models/model.json holds a field {unknown[0][:100]!r} in {kind} that torch's export "
-                              f"schema (version {SCHEMA_MAJOR}) does not define: refused")
+                raise Refused(
+                    f"models/model.json holds a field {unknown[0][:100]!r} in {kind} that torch's export "
+                    f"schema (version {SCHEMA_MAJOR}) does not define: refused"
+                )
             _check_struct(kind, value, check_ops)
             stack.extend((entry, fields[key], (kind, key)) for key, entry in value.items())
         elif kind in UNIONS:
             variants = UNIONS[kind]
             if not isinstance(value, dict) or len(value) != 1:
                 raise _wrong_type(role, kind)
-            (key, entry), = value.items()
+            ((key, entry),) = value.items()
             if key not in variants:
-                raise Refused(f"models/model.json holds a {kind} of kind {key[:100]!r} that torch's export schema "
-                              f"(version {SCHEMA_MAJOR}) does not define: refused")
+                raise Refused(
+                    f"models/model.json holds a {kind} of kind {key[:100]!r} that torch's export schema "
+                    f"(version {SCHEMA_MAJOR}) does not define: refused"
+                )
             stack.append((entry, variants[key], (kind, key)))
         elif kind in ENUMS:
             if type(value) is not int or value not in ENUMS[kind]:
@@ -188,15 +246,19 @@ def _check_struct(kind: str, value: dict, check_ops: bool) -> None:
     elif kind == "GraphModule" and isinstance(value.get("metadata"), dict):
         extra = sorted(set(value["metadata"]) - _GRAPH_METADATA)
         if extra:
-            raise Refused(f"models/model.json holds graph metadata {extra[0][:100]!r}, which torch.export.save "
-                          "never writes: refused")
+            raise Refused(
+                f"models/model.json holds graph metadata {extra[0][:100]!r}, which torch.export.save "
+                "never writes: refused"
+            )
 
 
 def _check_string(text: str, role: tuple, check_ops: bool) -> None:
     if role in _NAME_FIELDS:
         if not _IDENTIFIER.match(text):
-            raise Refused(f"the program names a value {text[:100]!r}, which is not a Python identifier (torch "
-                          "writes it into the code it generates and runs while loading): refused")
+            raise Refused(
+                f"the program names a value {text[:100]!r}, which is not a Python identifier (torch "
+                "writes it into the code it generates and runs while loading): refused"
+            )
     elif role in _PATH_FIELDS:
         if not _ATTRIBUTE_PATH.match(text):
             raise Refused(f"the program names an attribute {text[:100]!r}, which is not a dotted name: refused")
@@ -227,16 +289,22 @@ def check_operator(target: str, check_ops: bool, argument: bool = False) -> None
     if target in SYMBOLIC_TARGETS:
         return
     match = _OPERATOR.match(target)
-    if (match is None or match.group("namespace").startswith("__") or match.group("namespace") in _OPS_ATTRIBUTES
-            or (match.group("op").startswith("__") and match.group("op") not in _DUNDER_OPS)):
+    if (
+        match is None
+        or match.group("namespace").startswith("__")
+        or match.group("namespace") in _OPS_ATTRIBUTES
+        or (match.group("op").startswith("__") and match.group("op") not in _DUNDER_OPS)
+    ):
         raise Refused(f"the program {what} {target[:100]!r}, which is not a torch operator: refused")
     namespace, op = match.group("namespace"), match.group("op")
     if not check_ops:
         return
     if namespace == "higher_order":
         if op not in HIGHER_ORDER_OPS:
-            raise Refused(f"the program {what} the higher-order op {op!r}: only control flow and subgraph wrappers "
-                          f"({', '.join(sorted(HIGHER_ORDER_OPS))}) may run: refused")
+            raise Refused(
+                f"the program {what} the higher-order op {op!r}: only control flow and subgraph wrappers "
+                f"({', '.join(sorted(HIGHER_ORDER_OPS))}) may run: refused"
+            )
         return
     why = refusal(f"{namespace}::{op}")
     if why:
@@ -249,18 +317,39 @@ def check_operator(target: str, check_ops: bool, argument: bool = False) -> None
 # Symbol, FloorDiv, Max, ...), a symbol assumption keyword, numbers and arithmetic. No attribute
 # access, subscripts, lambdas or lower-case callables (eval, __import__, lambdify).
 _SYMPY_NAME = re.compile(r"^[A-Z][A-Za-z0-9]{0,40}$")
-_ASSUMPTIONS = frozenset({"positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite",
-                          "nonzero", "zero", "even", "odd", "commutative", "oo", "zoo", "nan", "evaluate"})
+_ASSUMPTIONS = frozenset(
+    {
+        "positive",
+        "negative",
+        "nonnegative",
+        "nonpositive",
+        "integer",
+        "real",
+        "finite",
+        "nonzero",
+        "zero",
+        "even",
+        "odd",
+        "commutative",
+        "oo",
+        "zoo",
+        "nan",
+        "evaluate",
+    }
+)
 MAX_EXPONENT = 64
 MAX_POWERS = 3
-_EXPRESSION_OPERATORS = frozenset({"(", ")", ",", "+", "-", "*", "/", "//", "%", "**", "=", "<", ">", "<=", ">=",
-                                   "==", "!=", "&", "|", "~"})
+_EXPRESSION_OPERATORS = frozenset(
+    {"(", ")", ",", "+", "-", "*", "/", "//", "%", "**", "=", "<", ">", "<=", ">=", "==", "!=", "&", "|", "~"}
+)
 
 
 def check_expression(expression: str) -> None:
     """A symbolic-shape expression sympy may parse (it evaluates it as Python)."""
-    refused = Refused(f"the program holds a shape expression {expression[:100]!r} that is not plain arithmetic "
-                      "on symbols (torch.export.load would evaluate it as Python): refused")
+    refused = Refused(
+        f"the program holds a shape expression {expression[:100]!r} that is not plain arithmetic "
+        "on symbols (torch.export.load would evaluate it as Python): refused"
+    )
     if len(expression) > 10_000 or "__" in expression:
         raise refused
     try:
@@ -271,14 +360,21 @@ def check_expression(expression: str) -> None:
         raise refused
     for token, after, then in zip(tokens, [*tokens[1:], None], [*tokens[2:], None, None]):
         if token.type == tokenize.NAME:
-            ok = bool(_SYMBOL_NAME.match(token.string) or _SYMPY_NAME.match(token.string)) \
+            ok = (
+                bool(_SYMBOL_NAME.match(token.string) or _SYMPY_NAME.match(token.string))
                 or token.string in _ASSUMPTIONS
+            )
         elif token.type == tokenize.OP and token.string == "**":
             # sympy computes integer powers when it parses: 9**9**9**9 would never finish. A power
             # has a small literal exponent (s0**2), is never chained, and an expression holds a few
             # (nested in parentheses, 3 powers of at most 64 reach 9**262144: computed at once).
-            ok = after is not None and after.type == tokenize.NUMBER and after.string.isdigit() \
-                and int(after.string) <= MAX_EXPONENT and (then is None or then.string != "**")
+            ok = (
+                after is not None
+                and after.type == tokenize.NUMBER
+                and after.string.isdigit()
+                and int(after.string) <= MAX_EXPONENT
+                and (then is None or then.string != "**")
+            )
         elif token.type == tokenize.OP:
             ok = token.string in _EXPRESSION_OPERATORS
         elif token.type == tokenize.NUMBER:
@@ -295,14 +391,66 @@ def check_expression(expression: str) -> None:
 
 # What torch's ShapeGuardPythonPrinter writes: sizes of inputs (L['x'].size()[0]), arithmetic,
 # comparisons, and a few math / builtin / torch.sym_* functions.
-_GUARD_NODES = (ast.Expression, ast.BoolOp, ast.And, ast.Or, ast.Compare, ast.Eq, ast.NotEq, ast.Lt, ast.LtE,
-                ast.Gt, ast.GtE, ast.BinOp, ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow,
-                ast.LShift, ast.RShift, ast.BitAnd, ast.BitOr, ast.BitXor, ast.UnaryOp, ast.USub, ast.UAdd, ast.Not,
-                ast.Invert, ast.Constant, ast.Subscript, ast.Call, ast.Attribute, ast.Name, ast.Load)
+_GUARD_NODES = (
+    ast.Expression,
+    ast.BoolOp,
+    ast.And,
+    ast.Or,
+    ast.Compare,
+    ast.Eq,
+    ast.NotEq,
+    ast.Lt,
+    ast.LtE,
+    ast.Gt,
+    ast.GtE,
+    ast.BinOp,
+    ast.Add,
+    ast.Sub,
+    ast.Mult,
+    ast.Div,
+    ast.FloorDiv,
+    ast.Mod,
+    ast.Pow,
+    ast.LShift,
+    ast.RShift,
+    ast.BitAnd,
+    ast.BitOr,
+    ast.BitXor,
+    ast.UnaryOp,
+    ast.USub,
+    ast.UAdd,
+    ast.Not,
+    ast.Invert,
+    ast.Constant,
+    ast.Subscript,
+    ast.Call,
+    ast.Attribute,
+    ast.Name,
+    ast.Load,
+)
 _GUARD_FUNCTIONS = frozenset({"abs", "max", "min", "round", "int", "float"})
 _GUARD_ATTRIBUTES = {
-    "math": frozenset({"floor", "ceil", "trunc", "sqrt", "log2", "inf", "pi", "e", "cos", "sin", "tan", "acos",
-                       "asin", "atan", "cosh", "sinh", "tanh"}),
+    "math": frozenset(
+        {
+            "floor",
+            "ceil",
+            "trunc",
+            "sqrt",
+            "log2",
+            "inf",
+            "pi",
+            "e",
+            "cos",
+            "sin",
+            "tan",
+            "acos",
+            "asin",
+            "atan",
+            "cosh",
+            "sinh",
+            "tanh",
+        }
+    ),
     "torch": frozenset({"sym_float", "sym_int", "sym_max", "sym_min", "_sym_sqrt", "sym_not", "sym_ite"}),
 }
 _TENSOR_METHODS = frozenset({"size", "stride", "storage_offset"})
@@ -311,8 +459,10 @@ _GUARD_KEY = re.compile(r"^[A-Za-z_]\w{0,199}$", re.ASCII)
 
 def check_guard(guard: str) -> None:
     """One ``guards_code`` string: a plain guard expression (``.module()`` execs it as Python)."""
-    refused = Refused(f"the program holds guard code {guard[:100]!r} that is not a plain comparison of input "
-                      "sizes (ExportedProgram.module() would run it as Python): refused")
+    refused = Refused(
+        f"the program holds guard code {guard[:100]!r} that is not a plain comparison of input "
+        "sizes (ExportedProgram.module() would run it as Python): refused"
+    )
     if len(guard) > 4096 or "\\" in guard or '"' in guard or "\n" in guard or "\r" in guard:
         raise refused
     try:
@@ -325,17 +475,20 @@ def check_guard(guard: str) -> None:
         if not isinstance(node, _GUARD_NODES):
             raise refused
         if isinstance(node, ast.Constant):
-            ok = type(node.value) in (int, float, bool) or (isinstance(node.value, str) \
-                and bool(_GUARD_KEY.match(node.value)) and "__" not in node.value)
+            ok = type(node.value) in (int, float, bool) or (
+                isinstance(node.value, str) and bool(_GUARD_KEY.match(node.value)) and "__" not in node.value
+            )
         elif isinstance(node, ast.Name):
             ok = node.id == "L" or node.id in _GUARD_ATTRIBUTES or (node.id in _GUARD_FUNCTIONS and id(node) in called)
         elif isinstance(node, ast.Attribute):
             owner = node.value.id if isinstance(node.value, ast.Name) else None
-            ok = (node.attr in _GUARD_ATTRIBUTES.get(owner, ())
-                  or (owner not in _GUARD_ATTRIBUTES and node.attr in _TENSOR_METHODS and id(node) in called))
+            ok = node.attr in _GUARD_ATTRIBUTES.get(owner, ()) or (
+                owner not in _GUARD_ATTRIBUTES and node.attr in _TENSOR_METHODS and id(node) in called
+            )
         elif isinstance(node, ast.Call):
-            ok = not node.keywords and all(isinstance(arg, ast.expr) and not isinstance(arg, ast.Starred)
-                                           for arg in node.args)
+            ok = not node.keywords and all(
+                isinstance(arg, ast.expr) and not isinstance(arg, ast.Starred) for arg in node.args
+            )
         elif isinstance(node, ast.Subscript):
             ok = isinstance(node.slice, ast.Constant)
         else:
@@ -348,17 +501,28 @@ def check_guard(guard: str) -> None:
 
 # Containers whose spec torch rebuilds without importing anything (defaultdict imports its
 # factory's module; any context holding an {"__enum__": ...} object imports the enum's module).
-_TREESPEC_TYPES = frozenset({None, "builtins.tuple", "builtins.list", "builtins.dict", "collections.OrderedDict",
-                             "collections.namedtuple", "torch.fx.immutable_collections.immutable_list",
-                             "torch.fx.immutable_collections.immutable_dict"})
+_TREESPEC_TYPES = frozenset(
+    {
+        None,
+        "builtins.tuple",
+        "builtins.list",
+        "builtins.dict",
+        "collections.OrderedDict",
+        "collections.namedtuple",
+        "torch.fx.immutable_collections.immutable_list",
+        "torch.fx.immutable_collections.immutable_dict",
+    }
+)
 _CONTEXT_STRING = re.compile(r"^[\w.\- ]{0,200}$", re.ASCII)
 _MAX_TREESPEC_BYTES = 4 << 20
 
 
 def check_treespec(text: str) -> None:
     """A serialized pytree spec (``[1, {"type", "context", "children_spec"}]``) of plain containers."""
-    refused = Refused(f"the program's input or output structure {text[:100]!r} is not made of plain tuples, lists "
-                      "and dicts (torch would import modules it names): refused")
+    refused = Refused(
+        f"the program's input or output structure {text[:100]!r} is not made of plain tuples, lists "
+        "and dicts (torch would import modules it names): refused"
+    )
     if len(text) > _MAX_TREESPEC_BYTES:
         raise refused
     try:
@@ -413,13 +577,17 @@ def _check_node_metadata(metadata: dict) -> None:
             raise Refused(f"models/model.json holds node metadata {str(key)[:100]!r} with a control character: refused")
     extra = sorted(set(metadata) - _NODE_METADATA)
     if extra:
-        raise Refused(f"models/model.json holds node metadata {str(extra[0])[:100]!r}, which torch.export.save never "
-                      "writes: refused")
+        raise Refused(
+            f"models/model.json holds node metadata {str(extra[0])[:100]!r}, which torch.export.save never "
+            "writes: refused"
+        )
     stack = metadata.get("source_fn_stack")
     if isinstance(stack, str):  # "name,target;name,target": targets resolved by getattr from torch
         for item in stack.split(";"):
             target = item.rpartition(",")[2]
             resolved = target.startswith(("torch", "_operator", "math", "#"))
             if resolved and (not _META_TARGET.match(target) or "__" in target):
-                raise Refused(f"the program's source_fn_stack names {target[:100]!r}, which torch would resolve "
-                              "by attribute lookup and is not a plain dotted name: refused")
+                raise Refused(
+                    f"the program's source_fn_stack names {target[:100]!r}, which torch would resolve "
+                    "by attribute lookup and is not a plain dotted name: refused"
+                )

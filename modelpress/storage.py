@@ -3,6 +3,7 @@ plus one file per export target the spec asks for (``output/model.onnx``, ...: `
 
 Everything the job's process writes is under ``output/``, the only place its sandbox may write.
 """
+
 from __future__ import annotations
 
 import json
@@ -62,8 +63,11 @@ class JobFiles:
 
     def published_artifact(self, attempt: int | None, file_name: str) -> Path:
         """An export target's artifact as served (artifacts came after attempts: records without one have none)."""
-        return self.root / f"artifact.attempt-{attempt}.{_artifact_name(file_name)}" if attempt \
+        return (
+            self.root / f"artifact.attempt-{attempt}.{_artifact_name(file_name)}"
+            if attempt
             else self.output_artifact(file_name)
+        )
 
     @property
     def process_log(self) -> Path:

@@ -6,6 +6,7 @@ of the same compressed model for another runtime (``workers/engine/targets/`` ma
 The API refuses a target whose runtime is not installed (422 naming it); API and workers run from
 the same install (``make run``, the images), so the check made here holds for the worker too.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -22,15 +23,36 @@ class Target:
     packages: tuple[str, ...]  # import names the export and the runtime need
 
 
-TARGETS: dict[str, Target] = {target.name: target for target in (
-    Target("onnx", "model.onnx", "application/octet-stream", "onnx", "onnxruntime",
-           ("onnx", "onnxruntime", "onnxscript")),
-    # OpenVINO converts the float ONNX file and NNCF quantizes it; ExecuTorch quantizes by torchao's PT2E.
-    Target("openvino", "model.openvino.zip", "application/zip", "openvino-ir", "openvino",
-           ("onnx", "onnxruntime", "onnxscript", "openvino", "nncf")),
-    Target("executorch", "model.pte", "application/octet-stream", "executorch-pte", "executorch",
-           ("executorch", "torchao")),
-)}
+TARGETS: dict[str, Target] = {
+    target.name: target
+    for target in (
+        Target(
+            "onnx",
+            "model.onnx",
+            "application/octet-stream",
+            "onnx",
+            "onnxruntime",
+            ("onnx", "onnxruntime", "onnxscript"),
+        ),
+        # OpenVINO converts the float ONNX file and NNCF quantizes it; ExecuTorch quantizes by torchao's PT2E.
+        Target(
+            "openvino",
+            "model.openvino.zip",
+            "application/zip",
+            "openvino-ir",
+            "openvino",
+            ("onnx", "onnxruntime", "onnxscript", "openvino", "nncf"),
+        ),
+        Target(
+            "executorch",
+            "model.pte",
+            "application/octet-stream",
+            "executorch-pte",
+            "executorch",
+            ("executorch", "torchao"),
+        ),
+    )
+}
 
 
 def missing_runtime(name: str) -> str | None:
@@ -41,8 +63,10 @@ def missing_runtime(name: str) -> str | None:
         return f"unknown export target {name!r}; known: {', '.join(TARGETS)}"
     missing = [package for package in target.packages if _absent(package)]
     if missing:
-        return (f"the {name} target needs {', '.join(missing)}, which this service does not have installed "
-                f"(install them on the workers and the API, or drop '{name}')")
+        return (
+            f"the {name} target needs {', '.join(missing)}, which this service does not have installed "
+            f"(install them on the workers and the API, or drop '{name}')"
+        )
     return None
 
 

@@ -4,6 +4,7 @@
 well inside any size limit) raises ``RecursionError``, which no ``except ValueError`` catches: the
 request ended in a 500. The depth is counted first, outside strings, in one pass over the text.
 """
+
 from __future__ import annotations
 
 import json

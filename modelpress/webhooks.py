@@ -4,6 +4,7 @@ Signature: ``webhook-signature: v1,<base64 HMAC-SHA256(secret, "<id>.<timestamp>
 with headers ``webhook-id`` and ``webhook-timestamp``. Each tenant has its own secret, derived
 from the service's master secret, which ``GET /v1/webhook-secret`` tells the tenant.
 """
+
 from __future__ import annotations
 
 import base64
@@ -45,8 +46,10 @@ def check_callback_url(url: str, allow_private: bool) -> list[str]:
         for address in addresses:
             why = not_global_unicast(ipaddress.ip_address(address.split("%", 1)[0]))
             if why:
-                raise CallbackRefused(f"the host resolves to {address}, {why}, not a global unicast address "
-                                      "(set MODELPRESS_WEBHOOK_ALLOW_PRIVATE to allow it)")
+                raise CallbackRefused(
+                    f"the host resolves to {address}, {why}, not a global unicast address "
+                    "(set MODELPRESS_WEBHOOK_ALLOW_PRIVATE to allow it)"
+                )
     return addresses
 
 

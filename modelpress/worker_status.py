@@ -5,6 +5,7 @@ result here; the API reads it back by worker hostname. The record lives in the s
 that the API asks the workers through Redis without importing the sandbox (or anything else of
 the worker package).
 """
+
 from __future__ import annotations
 
 import json

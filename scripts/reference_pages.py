@@ -13,6 +13,7 @@ The document comes from ``service.create_app`` with a throw-away configuration (
 directory, a Redis URL nothing listens on: the document never needs Redis). ``spec_reference`` and
 ``api_reference`` are plain functions, so a test can render them from any schema or document.
 """
+
 from __future__ import annotations
 
 import json
@@ -40,9 +41,11 @@ def on_files(files: Any, config: Any) -> Any:
     from modelpress.spec import CompressionSpec
 
     document = openapi_document()
-    for path, content in ((SPEC_PAGE, spec_reference(CompressionSpec())),
-                          (API_PAGE, api_reference(document)),
-                          (OPENAPI_FILE, json.dumps(document, indent=2, sort_keys=True) + "\n")):
+    for path, content in (
+        (SPEC_PAGE, spec_reference(CompressionSpec())),
+        (API_PAGE, api_reference(document)),
+        (OPENAPI_FILE, json.dumps(document, indent=2, sort_keys=True) + "\n"),
+    ):
         files.append(File.generated(config, path, content=content))
     return files
 
@@ -71,22 +74,24 @@ def spec_reference(schema: Schema, mode_defaults: Mapping[str, str] | None = Non
     dotted paths (``quantize.mode``, ``inputs[].dtype``), in the schema's order."""
     notes = _mode_defaults() if mode_defaults is None else mode_defaults
     rows = [_row(path, field, notes) for path, field in field_paths(schema)]
-    return "\n".join([
-        "# Spec reference",
-        "",
-        "Generated from the spec schema (`modelpress/spec.py`: `CompressionSpec` and the options schema of every",
-        "registered method) each time the site is built: what the API validates, this page shows.",
-        "How to write a spec, with examples: [Writing a spec](../spec.md).",
-        "",
-        "The spec is a JSON object, sent as the `spec` form field or file part of `POST /v1/jobs`. Unknown",
-        "fields are refused (`422`), and so is an options section for another method than `method`.",
-        "Ranges are inclusive unless written with `<`.",
-        "",
-        "| field | type | default | range / values | meaning |",
-        "| --- | --- | --- | --- | --- |",
-        *rows,
-        "",
-    ])
+    return "\n".join(
+        [
+            "# Spec reference",
+            "",
+            "Generated from the spec schema (`modelpress/spec.py`: `CompressionSpec` and the options schema of every",
+            "registered method) each time the site is built: what the API validates, this page shows.",
+            "How to write a spec, with examples: [Writing a spec](../spec.md).",
+            "",
+            "The spec is a JSON object, sent as the `spec` form field or file part of `POST /v1/jobs`. Unknown",
+            "fields are refused (`422`), and so is an options section for another method than `method`.",
+            "Ranges are inclusive unless written with `<`.",
+            "",
+            "| field | type | default | range / values | meaning |",
+            "| --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+        ]
+    )
 
 
 def field_paths(schema: Schema, prefix: str = "") -> list[tuple[str, fields.Field]]:
@@ -111,8 +116,13 @@ def field_paths(schema: Schema, prefix: str = "") -> list[tuple[str, fields.Fiel
 
 
 def _row(path: str, field: fields.Field, mode_defaults: Mapping[str, str]) -> str:
-    cells = [f"`{path}`", _type(field), mode_defaults.get(path) or _default(field), _values(field),
-             _escape(field.metadata.get("description", ""))]
+    cells = [
+        f"`{path}`",
+        _type(field),
+        mode_defaults.get(path) or _default(field),
+        _values(field),
+        _escape(field.metadata.get("description", "")),
+    ]
     return "| " + " | ".join(cells) + " |"
 
 
@@ -123,8 +133,9 @@ def _type(field: fields.Field) -> str:
         return "object"
     if "oneOf" in field.metadata:  # a custom field that documents its JSON forms (the output choice)
         return " or ".join(variant.get("type", "?") for variant in field.metadata["oneOf"])
-    return {fields.String: "string", fields.Integer: "integer", fields.Float: "number",
-            fields.Boolean: "boolean"}.get(type(field), type(field).__name__)
+    return {fields.String: "string", fields.Integer: "integer", fields.Float: "number", fields.Boolean: "boolean"}.get(
+        type(field), type(field).__name__
+    )
 
 
 def _default(field: fields.Field) -> str:
@@ -143,8 +154,9 @@ def _default(field: fields.Field) -> str:
 def _values(field: fields.Field) -> str:
     parts = [_validator_text(check, field) for check in field.validators]
     if isinstance(field, fields.List):
-        parts += [f"each {part}" for part in (_validator_text(check, field.inner) for check in field.inner.validators)
-                  if part]
+        parts += [
+            f"each {part}" for part in (_validator_text(check, field.inner) for check in field.inner.validators) if part
+        ]
     if "oneOf" in field.metadata:
         parts += [_json_schema_text(variant) for variant in field.metadata["oneOf"]]
     if isinstance(field, fields.Boolean):
@@ -195,8 +207,10 @@ def _mode_defaults() -> dict[str, str]:
     rather than declared on the field: read from the same constants the schema uses."""
     from modelpress.method_specs import DYNAMIC_MODULES, STATIC_MODULES, STATIC_OPTIONS
 
-    notes = {"quantize.modules": f"`{json.dumps(list(DYNAMIC_MODULES))}` (dynamic), "
-                                 f"`{json.dumps(list(STATIC_MODULES))}` (static)"}
+    notes = {
+        "quantize.modules": f"`{json.dumps(list(DYNAMIC_MODULES))}` (dynamic), "
+        f"`{json.dumps(list(STATIC_MODULES))}` (static)"
+    }
     for option, default in STATIC_OPTIONS.items():
         notes[f"quantize.{option}"] = f"`{json.dumps(default)}` (static only)"
     return notes
@@ -234,27 +248,42 @@ def api_reference(document: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _operation(document: Mapping[str, Any], verb: str, route: str, operation: Mapping[str, Any],
-               shared: Iterable[Mapping[str, Any]]) -> list[str]:
+def _operation(
+    document: Mapping[str, Any],
+    verb: str,
+    route: str,
+    operation: Mapping[str, Any],
+    shared: Iterable[Mapping[str, Any]],
+) -> list[str]:
     lines = [f"## `{verb.upper()} {route}`", "", _escape(operation.get("summary", "")), ""]
     parameters = [_resolve(document, parameter) for parameter in [*shared, *operation.get("parameters", [])]]
     if parameters:
         lines += ["| parameter | in | required | type | meaning |", "| --- | --- | --- | --- | --- |"]
-        lines += [f"| `{p.get('name')}` | {p.get('in')} | {'yes' if p.get('required') else 'no'} | "
-                  f"{_schema_type(document, p.get('schema', {}))} | {_escape(p.get('description', ''))} |"
-                  for p in parameters]
+        lines += [
+            f"| `{p.get('name')}` | {p.get('in')} | {'yes' if p.get('required') else 'no'} | "
+            f"{_schema_type(document, p.get('schema', {}))} | {_escape(p.get('description', ''))} |"
+            for p in parameters
+        ]
         lines.append("")
     body = operation.get("requestBody")
     if body:
         for media, content in body.get("content", {}).items():
-            lines += [f"Request body ({'required' if body.get('required') else 'optional'}): `{media}`, "
-                      f"{_schema_type(document, content.get('schema', {}))}.", ""]
+            lines += [
+                f"Request body ({'required' if body.get('required') else 'optional'}): `{media}`, "
+                f"{_schema_type(document, content.get('schema', {}))}.",
+                "",
+            ]
     lines += ["| response | meaning | content |", "| --- | --- | --- |"]
     responses = operation.get("responses", {})
     for status in sorted(responses, key=lambda status: (status == "default", status)):  # 2xx first, default last
         response = _resolve(document, responses[status])
-        content = ", ".join(f"`{media}` {_schema_type(document, value.get('schema', {}))}"
-                            for media, value in response.get("content", {}).items()) or "-"
+        content = (
+            ", ".join(
+                f"`{media}` {_schema_type(document, value.get('schema', {}))}"
+                for media, value in response.get("content", {}).items()
+            )
+            or "-"
+        )
         headers = ", ".join(f"`{name}`" for name in response.get("headers", {}))
         meaning = _escape(response.get("description", "")) + (f" (headers: {headers})" if headers else "")
         lines.append(f"| `{status}` | {meaning} | {content} |")
@@ -272,8 +301,10 @@ def _schema_section(document: Mapping[str, Any], name: str, schema: Mapping[str,
     lines += ["| property | type | required | default | meaning |", "| --- | --- | --- | --- | --- |"]
     for prop, value in properties.items():
         default = f"`{json.dumps(value['default'])}`" if "default" in value else "-"
-        lines.append(f"| `{prop}` | {_schema_type(document, value)} | {'yes' if prop in required else 'no'} | "
-                     f"{default} | {_escape(value.get('description', ''))} |")
+        lines.append(
+            f"| `{prop}` | {_schema_type(document, value)} | {'yes' if prop in required else 'no'} | "
+            f"{default} | {_escape(value.get('description', ''))} |"
+        )
     return lines + [""]
 
 

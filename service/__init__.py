@@ -1,4 +1,5 @@
 """The HTTP API: an app factory in the style of Flask's own Celery example."""
+
 from __future__ import annotations
 
 from flask import Flask
@@ -34,9 +35,11 @@ def create_app(settings: Settings | None = None) -> Flask:
         OPENAPI_SWAGGER_UI_URL="/docs/assets/",  # served from the swagger-ui-bundle wheel: no CDN
         OPENAPI_SWAGGER_UI_CONFIG={"validatorUrl": None},  # no badge fetched from validator.swagger.io
         API_SPEC_OPTIONS={
-            "info": {"description": "Model compression as a service: upload a TorchScript model and a spec, "
-                                    "poll the job, download the compressed model. With API keys configured, "
-                                    "every /v1 route needs 'Authorization: Bearer <key>'."},
+            "info": {
+                "description": "Model compression as a service: upload a TorchScript model and a spec, "
+                "poll the job, download the compressed model. With API keys configured, "
+                "every /v1 route needs 'Authorization: Bearer <key>'."
+            },
             "components": {"securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}}},
         },
     )

@@ -5,6 +5,7 @@ The worker publishes each artifact that succeeded beside the model, measures its
 itself and records them in the job's ``result.targets``; the rest of each entry (runtime, precision,
 latency) is the job's own word from its checked report. Downloads are served exactly like ``/model``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -38,10 +39,17 @@ class JobArtifacts(MethodView):
 
 @blp.route("/<job_id>/artifacts/<name>")
 class JobArtifact(MethodView):
-    @blp.response(200, description="The artifact's file (headers as for /model: ETag and X-Checksum-Sha256 are its "
-                                   "SHA-256, Range, gzip on request).", content_type="application/octet-stream")
-    @blp.alt_response(404, description="No such job, or the job has no such artifact (not asked for, or failed: "
-                                       "the detail says which)", **PROBLEM)
+    @blp.response(
+        200,
+        description="The artifact's file (headers as for /model: ETag and X-Checksum-Sha256 are its "
+        "SHA-256, Range, gzip on request).",
+        content_type="application/octet-stream",
+    )
+    @blp.alt_response(
+        404,
+        description="No such job, or the job has no such artifact (not asked for, or failed: the detail says which)",
+        **PROBLEM,
+    )
     @blp.alt_response(409, description="The job has not succeeded", **PROBLEM)
     def get(self, job_id: str, name: str) -> Any:
         """Download one target's artifact (model.onnx, model.openvino.zip, model.pte)."""
@@ -49,12 +57,20 @@ class JobArtifact(MethodView):
         reported = _reported(job)
         if name not in reported:
             asked = ", ".join(reported) or "none"
-            raise ApiProblem(404, "Not Found", f"the job did not ask for target {name[:40]!r} (its spec.targets: {asked})",
-                             slug="artifact-not-found")
+            raise ApiProblem(
+                404,
+                "Not Found",
+                f"the job did not ask for target {name[:40]!r} (its spec.targets: {asked})",
+                slug="artifact-not-found",
+            )
         artifact = _artifact(job, name, reported[name])
         if artifact["status"] != "succeeded":
-            raise ApiProblem(404, "Not Found", f"target {name!r} failed, so it has no artifact: {artifact['reason']}",
-                             slug="artifact-not-found")
+            raise ApiProblem(
+                404,
+                "Not Found",
+                f"target {name!r} failed, so it has no artifact: {artifact['reason']}",
+                slug="artifact-not-found",
+            )
         target = TARGETS[name]
         store = objects()
         path = store.storage.job(job_id).published_artifact(job.get("attempt"), target.file_name)
@@ -83,14 +99,21 @@ def _artifact(job: dict[str, Any], name: str, entry: dict[str, Any]) -> dict[str
     # The record is the authority on what was published: the worker wrote its bytes and SHA-256 there.
     summary = ((job.get("result") or {}).get("targets") or {}).get(name) or {}
     made = summary.get("status") == "succeeded" and bool(summary.get("sha256"))
-    artifact = {"name": name, "status": "succeeded" if made else "failed",
-                "file": TARGETS[name].file_name if made else None, "bytes": summary.get("bytes") if made else None,
-                "sha256": summary.get("sha256") if made else None, **{key: entry.get(key) for key in _REPORTED},
-                "reason": None, "href": None}
+    artifact = {
+        "name": name,
+        "status": "succeeded" if made else "failed",
+        "file": TARGETS[name].file_name if made else None,
+        "bytes": summary.get("bytes") if made else None,
+        "sha256": summary.get("sha256") if made else None,
+        **{key: entry.get(key) for key in _REPORTED},
+        "reason": None,
+        "href": None,
+    }
     if made:
         artifact["href"] = url_for("artifacts.JobArtifact", job_id=job["id"], name=name)
     else:
-        artifact["reason"] = entry.get("reason") or ("the job's report does not mention it (its export did not run)"
-                                                     if not entry else "its export failed")
+        artifact["reason"] = entry.get("reason") or (
+            "the job's report does not mention it (its export did not run)" if not entry else "its export failed"
+        )
     artifact["format"] = artifact["format"] or TARGETS[name].format
     return artifact

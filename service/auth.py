@@ -1,4 +1,5 @@
 """Bearer API keys and tenants for every /v1 route."""
+
 from __future__ import annotations
 
 import hmac
@@ -38,8 +39,12 @@ def require_tenant() -> None:
     scheme, _, key = request.headers.get("Authorization", "").partition(" ")
     tenant = tenant_for(key.strip(), hashes) if scheme.lower() == "bearer" and key.strip() else None
     if tenant is None:
-        raise ApiProblem(401, "Unauthorized", "send a valid API key as 'Authorization: Bearer <key>'",
-                         headers={"WWW-Authenticate": 'Bearer realm="modelpress"'})
+        raise ApiProblem(
+            401,
+            "Unauthorized",
+            "send a valid API key as 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": 'Bearer realm="modelpress"'},
+        )
     g.tenant = tenant
 
 
@@ -80,6 +85,8 @@ _SIGNED_OUT = "modelpress:console:signed-out:"
 
 def _redis():
     return current_app.extensions["modelpress_jobs"].redis
+
+
 def may_see_operations() -> bool:
     """Whether the caller may read /metrics and the details of /readyz (other tenants' counts, workers).
 
@@ -101,5 +108,9 @@ def may_see_operations() -> bool:
 
 def require_operations_access() -> None:
     if not may_see_operations():
-        raise ApiProblem(401, "Unauthorized", "send an API key or MODELPRESS_METRICS_TOKEN as 'Authorization: Bearer <key>'",
-                         headers={"WWW-Authenticate": 'Bearer realm="modelpress"'})
+        raise ApiProblem(
+            401,
+            "Unauthorized",
+            "send an API key or MODELPRESS_METRICS_TOKEN as 'Authorization: Bearer <key>'",
+            headers={"WWW-Authenticate": 'Bearer realm="modelpress"'},
+        )

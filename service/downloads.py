@@ -5,6 +5,7 @@ when asked. From an object store: streamed through the API in 1 MB chunks (never
 gzip-compressed on the fly when asked, or a short-lived presigned redirect when the operator enables
 ``MODELPRESS_S3_PRESIGN_S``. ETag and ``X-Checksum-Sha256`` are the file's SHA-256 either way, so
 clients see no difference."""
+
 from __future__ import annotations
 
 import unicodedata
@@ -21,16 +22,28 @@ from service.problems import ApiProblem
 from service.uploads import gzip_copy, wants_gzip
 
 
-def published_file_response(objects: ObjectStore, job_id: str, path: Path, digest: str, download_name: str,
-                            media_type: str = "application/octet-stream") -> Response:
+def published_file_response(
+    objects: ObjectStore,
+    job_id: str,
+    path: Path,
+    digest: str,
+    download_name: str,
+    media_type: str = "application/octet-stream",
+) -> Response:
     """Serve one of the job's published files: ``path`` is its local name (``JobFiles.published_model``,
     ``published_artifact``), ``digest`` the SHA-256 the supervisor measured on what it published."""
     gzipped = wants_gzip(request)
     if not isinstance(objects, LocalObjects):  # an object store: streamed, or a presigned redirect
         return _remote_response(objects, job_id, path, digest, download_name, gzipped, media_type)
-    response = send_file(gzip_copy(path) if gzipped else path, mimetype=media_type,
-                         as_attachment=True, download_name=download_name,
-                         etag=f"{digest}-gzip" if gzipped else digest, conditional=True, max_age=0)
+    response = send_file(
+        gzip_copy(path) if gzipped else path,
+        mimetype=media_type,
+        as_attachment=True,
+        download_name=download_name,
+        etag=f"{digest}-gzip" if gzipped else digest,
+        conditional=True,
+        max_age=0,
+    )
     if gzipped:
         response.headers["Content-Encoding"] = "gzip"
     response.headers["Vary"] = "Accept-Encoding"
@@ -38,18 +51,26 @@ def published_file_response(objects: ObjectStore, job_id: str, path: Path, diges
     return response
 
 
-def _remote_response(objects: S3Objects, job_id: str, path: Path, digest: str, download_name: str,
-                     gzipped: bool, media_type: str) -> Response:
+def _remote_response(
+    objects: S3Objects, job_id: str, path: Path, digest: str, download_name: str, gzipped: bool, media_type: str
+) -> Response:
     etag = f"{digest}-gzip" if gzipped else digest
-    headers = {"ETag": f'"{etag}"', "X-Checksum-Sha256": digest, "Vary": "Accept-Encoding",
-               "Cache-Control": "no-cache", "Accept-Ranges": "none"}
+    headers = {
+        "ETag": f'"{etag}"',
+        "X-Checksum-Sha256": digest,
+        "Vary": "Accept-Encoding",
+        "Cache-Control": "no-cache",
+        "Accept-Ranges": "none",
+    }
     if request.if_none_match.contains(etag):
         return Response(status=304, headers=headers)
     if objects.presign_s and not gzipped:
         key = objects.key(job_id, path)
         # The redirect itself is private: the URL in it is a credential for presign_s seconds.
-        return Response(status=307, headers={**headers, "Cache-Control": "no-store",
-                                             "Location": objects.presigned_url(key, download_name)})
+        return Response(
+            status=307,
+            headers={**headers, "Cache-Control": "no-store", "Location": objects.presigned_url(key, download_name)},
+        )
     try:
         remote = objects.published(job_id, path)
     except FileNotFoundError:  # removed between the record read and now (DELETE, retention)
@@ -78,5 +99,6 @@ def _attachment(name: str) -> str:
         return dump_options_header("attachment", {"filename": name})
     except UnicodeEncodeError:
         simple = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
-        return dump_options_header("attachment", {"filename": simple,
-                                                  "filename*": f"UTF-8''{quote(name, safe='!#$&+^`|~')}"})
+        return dump_options_header(
+            "attachment", {"filename": simple, "filename*": f"UTF-8''{quote(name, safe='!#$&+^`|~')}"}
+        )

@@ -3,6 +3,7 @@
 ``/healthz`` is open. ``/readyz`` tells anyone whether the service is ready, but its details (Redis,
 workers, each worker's job sandbox) and ``/metrics`` (every tenant's counts) need a key when keys are on.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -32,8 +33,9 @@ class Health(MethodView):
 @blp.route("/readyz")
 class Ready(MethodView):
     @blp.response(200, HealthSchema)
-    @blp.alt_response(503, description="Redis, the object store or every worker is unreachable, or a worker cannot "
-                                       "confine jobs")
+    @blp.alt_response(
+        503, description="Redis, the object store or every worker is unreachable, or a worker cannot confine jobs"
+    )
     def get(self) -> dict[str, Any]:
         """Redis (and the object store, if one is set) answers, at least one worker answers a ping, and no
         answering worker lacks its job sandbox."""
@@ -54,7 +56,9 @@ class Metrics(MethodView):
         require_operations_access()
         store = current_app.extensions["modelpress_jobs"]
         text = render(store.metrics(), queue_depth=int(store.redis.llen(QUEUE)), running=store.running_count())
-        return Response(text, mimetype="text/plain", headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+        return Response(
+            text, mimetype="text/plain", headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+        )
 
 
 def _readiness() -> dict[str, Any]:
@@ -71,9 +75,19 @@ def _readiness() -> dict[str, Any]:
     if not names:
         return {"status": "unready", "detail": "no worker answered a ping"}
     statuses = published(client, names)
-    unready = [f"{name}: {status.detail if status else 'has not tested its job sandbox yet'}"
-               for name, status in statuses.items() if status is None or not status.ready]
+    unready = [
+        f"{name}: {status.detail if status else 'has not tested its job sandbox yet'}"
+        for name, status in statuses.items()
+        if status is None or not status.ready
+    ]
     if unready:
-        return {"status": "unready", "detail": "a worker cannot confine jobs (sandbox-unavailable): " + "; ".join(unready)}
-    return {"status": "ready", "redis": "ok", "workers": len(names),
-            "sandbox": {name: status.state for name, status in statuses.items() if status}}
+        return {
+            "status": "unready",
+            "detail": "a worker cannot confine jobs (sandbox-unavailable): " + "; ".join(unready),
+        }
+    return {
+        "status": "ready",
+        "redis": "ok",
+        "workers": len(names),
+        "sandbox": {name: status.state for name, status in statuses.items() if status},
+    }

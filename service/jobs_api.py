@@ -1,4 +1,5 @@
 """The ``/v1/jobs`` resource: submit, poll, list, download, report, cancel and delete."""
+
 from __future__ import annotations
 
 import re
@@ -40,11 +41,19 @@ PROBLEM = {"content_type": "application/problem+json", "schema": ProblemSchema}
 
 @blp.route("")
 class Jobs(MethodView):
-    @blp.doc(requestBody={"required": True, "content": {"multipart/form-data": {"schema": JobSubmissionSchema}}},
-             parameters=[{"in": "header", "name": "Idempotency-Key", "required": False, "schema": {"type": "string",
-                          "minLength": 1, "maxLength": 255},
-                          "description": "Per tenant, for 24 hours: the same key with the same request returns the "
-                                         "first job (header Idempotent-Replayed: true); with a different request, 422."}])
+    @blp.doc(
+        requestBody={"required": True, "content": {"multipart/form-data": {"schema": JobSubmissionSchema}}},
+        parameters=[
+            {
+                "in": "header",
+                "name": "Idempotency-Key",
+                "required": False,
+                "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                "description": "Per tenant, for 24 hours: the same key with the same request returns the "
+                "first job (header Idempotent-Replayed: true); with a different request, 422.",
+            }
+        ],
+    )
     @blp.response(202, JobSchema, description="Accepted; poll the Location header.")
     @blp.alt_response(413, description="Upload too large", **PROBLEM)
     @blp.alt_response(415, description="Not multipart/form-data", **PROBLEM)
@@ -53,16 +62,28 @@ class Jobs(MethodView):
     def post(self) -> tuple[dict[str, Any], int, dict[str, str]]:
         """Submit a model and a compression spec."""
         if request.mimetype != "multipart/form-data":
-            raise ApiProblem(415, "Unsupported Media Type",
-                             "send multipart/form-data with a 'model' file part and a 'spec' JSON part")
+            raise ApiProblem(
+                415,
+                "Unsupported Media Type",
+                "send multipart/form-data with a 'model' file part and a 'spec' JSON part",
+            )
         submission = Submission(
-            tenant=g.tenant, model=request.files.get("model"), data=request.files.get("data"),
-            student=request.files.get("student"), spec_text=_spec_text(),
+            tenant=g.tenant,
+            model=request.files.get("model"),
+            data=request.files.get("data"),
+            student=request.files.get("student"),
+            spec_text=_spec_text(),
             callback_url=request.form.get("callback_url") or None,
             idempotency_key=request.headers.get("Idempotency-Key"),
-            job_id=request.upload_job_id)  # after the parts above: reading them parses the body
-        accepted = submit(submission, current_app.extensions["modelpress"], _store(), objects(),
-                          lambda job_id, generation: enqueue_job(current_app, job_id, generation))
+            job_id=request.upload_job_id,
+        )  # after the parts above: reading them parses the body
+        accepted = submit(
+            submission,
+            current_app.extensions["modelpress"],
+            _store(),
+            objects(),
+            lambda job_id, generation: enqueue_job(current_app, job_id, generation),
+        )
         headers = {"Location": url_for("jobs.Job", job_id=accepted.job["id"])}
         if accepted.replayed:
             headers["Idempotent-Replayed"] = "true"
@@ -79,8 +100,16 @@ class Jobs(MethodView):
 @blp.route("/<job_id>")
 class Job(MethodView):
     @blp.etag
-    @blp.response(200, JobSchema, headers={"Retry-After": {"description": "Seconds until the next poll is useful "
-                                                                          "(unfinished jobs)", "schema": {"type": "integer"}}})
+    @blp.response(
+        200,
+        JobSchema,
+        headers={
+            "Retry-After": {
+                "description": "Seconds until the next poll is useful (unfinished jobs)",
+                "schema": {"type": "integer"},
+            }
+        },
+    )
     @blp.alt_response(404, description="No such job", **PROBLEM)
     def get(self, job_id: str) -> Any:
         """Poll a job. Send the ETag back as If-None-Match: an unchanged job answers 304 with no body."""
@@ -103,8 +132,7 @@ class Job(MethodView):
 
 @blp.route("/<job_id>/model")
 class JobModel(MethodView):
-    @blp.response(200, description="The compressed TorchScript model.",
-                  content_type="application/octet-stream")
+    @blp.response(200, description="The compressed TorchScript model.", content_type="application/octet-stream")
     @blp.alt_response(404, description="No such job", **PROBLEM)
     @blp.alt_response(409, description="The job has not succeeded", **PROBLEM)
     def get(self, job_id: str) -> Any:
@@ -168,8 +196,12 @@ def report_of(job: dict[str, Any]) -> dict[str, Any]:
 def succeeded_job(job_id: str) -> dict[str, Any]:
     job = own_job(job_id)
     if job["state"] != jobs.SUCCEEDED:
-        raise ApiProblem(409, "Conflict", f"the job is {job['state']}; the model and report exist once it has succeeded",
-                         slug="job-not-succeeded")
+        raise ApiProblem(
+            409,
+            "Conflict",
+            f"the job is {job['state']}; the model and report exist once it has succeeded",
+            slug="job-not-succeeded",
+        )
     return job
 
 
@@ -206,4 +238,7 @@ class WebhookSecret(MethodView):
     @webhooks_blp.response(200, WebhookSecretSchema)
     def get(self) -> dict[str, str]:
         """Your tenant's secret for verifying webhook signatures (Standard Webhooks, HMAC-SHA256)."""
-        return {"secret": tenant_secret(current_app.extensions["modelpress"], g.tenant), "scheme": "standard-webhooks-v1"}
+        return {
+            "secret": tenant_secret(current_app.extensions["modelpress"], g.tenant),
+            "scheme": "standard-webhooks-v1",
+        }

@@ -1,4 +1,5 @@
 """flask-smorest's Api, answering every error as problem+json."""
+
 from __future__ import annotations
 
 import logging
@@ -36,12 +37,17 @@ def _unexpected(error: BaseException):
 def _redis_away(error: BaseException):
     """Redis restarting or unreachable (its clients time out within seconds): retry, nothing was accepted."""
     log.warning("Redis unreachable: %s", error)
-    return problem_response(503, "Service Unavailable", "the job store is unreachable (restarting?); retry shortly",
-                            headers={"Retry-After": "2"})
+    return problem_response(
+        503,
+        "Service Unavailable",
+        "the job store is unreachable (restarting?); retry shortly",
+        headers={"Retry-After": "2"},
+    )
 
 
 def _store_away(error: BaseException):
     """The object store unreachable or refusing: retry; a submission was not accepted."""
     log.warning("object store unavailable: %s", error)
-    return problem_response(503, "Service Unavailable", "the object store is unreachable; retry shortly",
-                            headers={"Retry-After": "5"})
+    return problem_response(
+        503, "Service Unavailable", "the object store is unreachable; retry shortly", headers={"Retry-After": "5"}
+    )

@@ -1,4 +1,5 @@
 """Errors as ``application/problem+json`` (RFC 9457), made in this one place."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -13,8 +14,15 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 class ApiProblem(Exception):
     """Raise from a view to answer with a problem document."""
 
-    def __init__(self, status: int, title: str, detail: str, slug: str | None = None,
-                 errors: dict[str, list[str]] | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str,
+        slug: str | None = None,
+        errors: dict[str, list[str]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status, self.title, self.detail = status, title, detail
         self.slug = slug or title.lower().replace(" ", "-")
@@ -22,8 +30,14 @@ class ApiProblem(Exception):
         self.headers = headers or {}
 
 
-def problem_response(status: int, title: str, detail: str, slug: str | None = None,
-                     errors: dict[str, list[str]] | None = None, headers: dict[str, str] | None = None) -> Response:
+def problem_response(
+    status: int,
+    title: str,
+    detail: str,
+    slug: str | None = None,
+    errors: dict[str, list[str]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
     body: dict[str, Any] = {
         "type": PROBLEM_TYPE_BASE + (slug or title.lower().replace(" ", "-")),
         "title": title,
@@ -39,7 +53,9 @@ def problem_response(status: int, title: str, detail: str, slug: str | None = No
 
 
 def from_api_problem(problem: ApiProblem) -> Response:
-    return problem_response(problem.status, problem.title, problem.detail, problem.slug, problem.errors, problem.headers)
+    return problem_response(
+        problem.status, problem.title, problem.detail, problem.slug, problem.errors, problem.headers
+    )
 
 
 def from_http_exception(error: HTTPException) -> Response:

@@ -3,6 +3,7 @@
 The API only sends tasks, by name; they run in the worker, which needs no Flask app, so there
 is no app-context Task class here.
 """
+
 from __future__ import annotations
 
 from celery import Celery

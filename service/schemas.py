@@ -1,4 +1,5 @@
 """Response and query schemas of the API; the OpenAPI document is generated from them."""
+
 from __future__ import annotations
 
 from flask_smorest.fields import Upload
@@ -12,20 +13,29 @@ class FileInfoSchema(Schema):
     filename = fields.String()
     bytes = fields.Integer()
     sha256 = fields.String()
-    format = fields.String(metadata={"description": "torchscript or pt2 (a torch.export program), from the file's layout."})
+    format = fields.String(
+        metadata={"description": "torchscript or pt2 (a torch.export program), from the file's layout."}
+    )
 
 
 class ResultSchema(Schema):
     bytes = fields.Integer(metadata={"description": "Size of the compressed model file."})
     sha256 = fields.String()
-    format = fields.String(metadata={"description": "Format of the compressed model: the uploaded one (torchscript or pt2)."})
+    format = fields.String(
+        metadata={"description": "Format of the compressed model: the uploaded one (torchscript or pt2)."}
+    )
     size_ratio = fields.Float(metadata={"description": "Compressed bytes / original bytes."})
     latency_ratio = fields.Float(allow_none=True, metadata={"description": "Compressed / original median latency."})
     cosine_similarity = fields.Float(allow_none=True)
     top1_agreement = fields.Float(allow_none=True)
-    targets = fields.Dict(keys=fields.String(), values=fields.Dict(), metadata={
-        "description": "Each export target the job reported: its status, and the bytes and SHA-256 of its artifact "
-                       "(GET /v1/jobs/<id>/artifacts lists them in full)."})
+    targets = fields.Dict(
+        keys=fields.String(),
+        values=fields.Dict(),
+        metadata={
+            "description": "Each export target the job reported: its status, and the bytes and SHA-256 of its artifact "
+            "(GET /v1/jobs/<id>/artifacts lists them in full)."
+        },
+    )
 
 
 class ArtifactSchema(Schema):
@@ -34,8 +44,9 @@ class ArtifactSchema(Schema):
     file = fields.String(allow_none=True, metadata={"description": "The artifact's file name (model.onnx, ...)."})
     format = fields.String(allow_none=True)
     bytes = fields.Integer(allow_none=True, metadata={"description": "Measured by the worker on the file published."})
-    sha256 = fields.String(allow_none=True, metadata={"description": "Of the file published; the download's "
-                                                                     "X-Checksum-Sha256 and ETag."})
+    sha256 = fields.String(
+        allow_none=True, metadata={"description": "Of the file published; the download's X-Checksum-Sha256 and ETag."}
+    )
     runtime = fields.String(allow_none=True, metadata={"description": "What ran and timed it (the job's word)."})
     precision = fields.String(allow_none=True)
     latency_ms = fields.Float(allow_none=True)
@@ -45,8 +56,9 @@ class ArtifactSchema(Schema):
 
 
 class ArtifactListSchema(Schema):
-    artifacts = fields.List(fields.Nested(ArtifactSchema), metadata={
-        "description": "One entry per target in spec.targets, in that order."})
+    artifacts = fields.List(
+        fields.Nested(ArtifactSchema), metadata={"description": "One entry per target in spec.targets, in that order."}
+    )
 
 
 class ProblemSchema(Schema):
@@ -73,17 +85,25 @@ class JobSchema(Schema):
     started_at = fields.String(allow_none=True)
     finished_at = fields.String(allow_none=True)
     cancel_requested = fields.Boolean()
-    deliveries = fields.Integer(metadata={"description": "How many times a worker took the job (more than 1: it "
-                                                         "was taken over after its worker stopped)."})
+    deliveries = fields.Integer(
+        metadata={
+            "description": "How many times a worker took the job (more than 1: it "
+            "was taken over after its worker stopped)."
+        }
+    )
     spec = fields.Nested(CompressionSpec)
     input = fields.Nested(FileInfoSchema)
     data = fields.Nested(FileInfoSchema, allow_none=True)
     student = fields.Nested(FileInfoSchema, allow_none=True)
     result = fields.Nested(ResultSchema, allow_none=True)
     error = fields.Nested(ProblemSchema, allow_none=True)
-    warnings = fields.List(fields.String(), metadata={
-        "description": "Set when the job succeeded with a result that may not be what was wanted: nothing was "
-                       "compressed, or the outputs collapsed (see docs/api.md for the thresholds)."})
+    warnings = fields.List(
+        fields.String(),
+        metadata={
+            "description": "Set when the job succeeded with a result that may not be what was wanted: nothing was "
+            "compressed, or the outputs collapsed (see docs/api.md for the thresholds)."
+        },
+    )
     callback_url = fields.String(allow_none=True)
     links = fields.Nested(LinksSchema)
 
@@ -102,19 +122,31 @@ class JobListArgsSchema(Schema):
 class JobSubmissionSchema(Schema):
     """Documents the multipart body of POST /v1/jobs (the view parses it itself, to name each bad part)."""
 
-    model = Upload(required=True, metadata={"description": "The model: TorchScript (torch.jit.save) or a torch.export program (torch.export.save, .pt2)."})
-    spec = fields.String(required=True, metadata={"description": "The compression spec as JSON text (a form field or a file part)."})
+    model = Upload(
+        required=True,
+        metadata={
+            "description": "The model: TorchScript (torch.jit.save) or a torch.export program (torch.export.save, .pt2)."
+        },
+    )
+    spec = fields.String(
+        required=True, metadata={"description": "The compression spec as JSON text (a form field or a file part)."}
+    )
     data = Upload(metadata={"description": "Optional .npz or .safetensors with an 'inputs' array (and 'labels')."})
     student = Upload(metadata={"description": "TorchScript student, when spec.distill.student.from is 'upload'."})
-    callback_url = fields.String(metadata={"description": "http(s) URL that gets the job, signed, on each final state."})
+    callback_url = fields.String(
+        metadata={"description": "http(s) URL that gets the job, signed, on each final state."}
+    )
 
 
 class HealthSchema(Schema):
     status = fields.String()
     redis = fields.String()
     workers = fields.Integer()
-    sandbox = fields.Dict(keys=fields.String(), values=fields.String(),
-                          metadata={"description": "each worker's job sandbox: confined, or off (MODELPRESS_SANDBOX=off)"})
+    sandbox = fields.Dict(
+        keys=fields.String(),
+        values=fields.String(),
+        metadata={"description": "each worker's job sandbox: confined, or off (MODELPRESS_SANDBOX=off)"},
+    )
 
 
 class WebhookSecretSchema(Schema):

@@ -6,6 +6,7 @@ One rollback path: until the record exists, everything written belongs to this r
 removed on any failure (``finally``); once the record exists the job is accepted, and a lost
 message is the reconciler's to re-send (``workers/reaper.py``), so nothing is undone after it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,8 +60,13 @@ class Accepted:
     replayed: bool = False
 
 
-def submit(submission: Submission, settings: Settings, store: JobStore, objects: ObjectStore,
-           enqueue: Callable[[str, int], None]) -> Accepted:
+def submit(
+    submission: Submission,
+    settings: Settings,
+    store: JobStore,
+    objects: ObjectStore,
+    enqueue: Callable[[str, int], None],
+) -> Accepted:
     """Accept a job or raise ``ApiProblem`` (422, 409, 429); see the module's docstring."""
     job_id = submission.job_id or new_job_id()
     files = objects.storage.job(job_id)  # the request's files, local until kept (see ObjectStore.keep_inputs)
@@ -87,15 +93,29 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
                     raise invalid({part: [str(model_format_or_refusal)]})
                 infos[part]["format"] = model_format_or_refusal  # the job, its report and the download say it
         if infos["model"]["format"] != EXPORTED:
-            for field, value, allowed in (("spec.package", spec.get("package", "program"), "program"),
-                                          ("spec.evaluation.runtime", spec["evaluation"]["runtime"], "eager")):
+            for field, value, allowed in (
+                ("spec.package", spec.get("package", "program"), "program"),
+                ("spec.evaluation.runtime", spec["evaluation"]["runtime"], "eager"),
+            ):
                 if value != allowed:
-                    raise invalid({field: [f"{value!r} applies to torch.export (.pt2) programs; a TorchScript "
-                                           f"model takes {allowed!r} (or leave it out)"]})
+                    raise invalid(
+                        {
+                            field: [
+                                f"{value!r} applies to torch.export (.pt2) programs; a TorchScript "
+                                f"model takes {allowed!r} (or leave it out)"
+                            ]
+                        }
+                    )
         if infos["student"] is not None and infos["student"]["format"] != infos["model"]["format"]:
-            raise invalid({"student": [f"the student is a {infos['student']['format']} model and the teacher a "
-                                       f"{infos['model']['format']} one: upload both in the same format (a .pt2 "
-                                       "teacher trains a .pt2 student, which comes back as a .pt2)"]})
+            raise invalid(
+                {
+                    "student": [
+                        f"the student is a {infos['student']['format']} model and the teacher a "
+                        f"{infos['model']['format']} one: upload both in the same format (a .pt2 "
+                        "teacher trains a .pt2 student, which comes back as a .pt2)"
+                    ]
+                }
+            )
         extra = sum(infos[part]["bytes"] for part in ("student", "data") if infos[part])
         too_big = infos["model"] and capacity.refusal(spec, infos["model"]["bytes"], extra, settings.job_memory_mb)
         if too_big:
@@ -106,21 +126,38 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
                 raise invalid(conflicts)
         write_json_atomic(files.spec, dump_spec(spec))
         objects.keep_inputs(job_id)
-        fault_point("before-record", job_id, settings.data_dir)  # fault tests: the files are kept, the job not yet recorded
+        fault_point(
+            "before-record", job_id, settings.data_dir
+        )  # fault tests: the files are kept, the job not yet recorded
         job = {
-            "id": job_id, "tenant": submission.tenant, "state": jobs.QUEUED, "progress": 0.0, "stage": "queued",
-            "created_at": utc_now(), "started_at": None, "finished_at": None,
-            "spec": dump_spec(spec), "input": infos["model"], "data": infos["data"], "student": infos["student"],
-            "result": None, "error": None, "warnings": [], "callback_url": submission.callback_url,
+            "id": job_id,
+            "tenant": submission.tenant,
+            "state": jobs.QUEUED,
+            "progress": 0.0,
+            "stage": "queued",
+            "created_at": utc_now(),
+            "started_at": None,
+            "finished_at": None,
+            "spec": dump_spec(spec),
+            "input": infos["model"],
+            "data": infos["data"],
+            "student": infos["student"],
+            "result": None,
+            "error": None,
+            "warnings": [],
+            "callback_url": submission.callback_url,
         }
         idempotency = None
         fingerprint = None
         if submission.idempotency_key is not None:
-            fingerprint = _fingerprint(spec, *[info and info["sha256"] for info in infos.values()], submission.callback_url)
+            fingerprint = _fingerprint(
+                spec, *[info and info["sha256"] for info in infos.values()], submission.callback_url
+            )
             idempotency = (submission.tenant, submission.idempotency_key, fingerprint, IDEMPOTENCY_TTL_S)
         uploaded = sum(info["bytes"] for info in infos.values() if info)
-        outcome, earlier = store.create(job, max_active=settings.max_active_jobs, uploaded_bytes=uploaded,
-                                        idempotency=idempotency)
+        outcome, earlier = store.create(
+            job, max_active=settings.max_active_jobs, uploaded_bytes=uploaded, idempotency=idempotency
+        )
         recorded = outcome == "created"
     finally:
         if not recorded:
@@ -129,15 +166,20 @@ def submit(submission: Submission, settings: Settings, store: JobStore, objects:
     if outcome == "replay":
         return _replay(store, earlier, fingerprint)
     if outcome == "quota":
-        raise ApiProblem(429, "Too Many Requests",
-                         f"at most {settings.max_active_jobs} queued or running jobs per tenant "
-                         "(MODELPRESS_MAX_ACTIVE_JOBS); wait for some to finish", headers={"Retry-After": "30"})
+        raise ApiProblem(
+            429,
+            "Too Many Requests",
+            f"at most {settings.max_active_jobs} queued or running jobs per tenant "
+            "(MODELPRESS_MAX_ACTIVE_JOBS); wait for some to finish",
+            headers={"Retry-After": "30"},
+        )
     fault_point("after-record", job_id, settings.data_dir)
     try:
         enqueue(job_id, 1)
     except Exception as error:  # accepted all the same: the record is durable and the reconciler re-sends
-        log.warning("job %s: message not sent (%s); the reconciler will send it", job_id, error,
-                    extra={"job_id": job_id})
+        log.warning(
+            "job %s: message not sent (%s); the reconciler will send it", job_id, error, extra={"job_id": job_id}
+        )
     return Accepted(store.get(job_id) or job)
 
 
@@ -166,8 +208,12 @@ def _validate(submission: Submission, settings: Settings) -> dict[str, Any]:
         errors["spec"] = ["required: the compression spec as JSON, in the multipart part 'spec'"]
     else:
         try:
-            spec = parse_spec(submission.spec_text, has_data=submission.data is not None,
-                              has_student=submission.student is not None, max_time_limit_s=settings.job_timeout_s)
+            spec = parse_spec(
+                submission.spec_text,
+                has_data=submission.data is not None,
+                has_student=submission.student is not None,
+                max_time_limit_s=settings.job_timeout_s,
+            )
         except SpecError as error:
             errors.update(error.errors)
     if errors:
@@ -180,8 +226,11 @@ def _replay(store: JobStore, earlier: dict[str, str], fingerprint: str | None) -
         raise invalid({"Idempotency-Key": ["already used with a different request (within 24 hours)"]})
     job = store.get(earlier["job_id"])
     if job is None:
-        raise ApiProblem(409, "Conflict", f"this Idempotency-Key was used for job {earlier['job_id']}, "
-                         "which has since been deleted; use a new key")
+        raise ApiProblem(
+            409,
+            "Conflict",
+            f"this Idempotency-Key was used for job {earlier['job_id']}, which has since been deleted; use a new key",
+        )
     return Accepted(job, replayed=True)
 
 
@@ -226,7 +275,9 @@ def _data_conflicts(path: Any, spec: dict[str, Any]) -> dict[str, list[str]]:
     try:
         headers = read_headers(path)
         declared = job_options(spec)
-        return {**disagreements(headers, declared.inputs, from_input_shape=declared.from_input_shape),
-                **target_conflicts(spec, has_labels="labels" in headers)}
+        return {
+            **disagreements(headers, declared.inputs, from_input_shape=declared.from_input_shape),
+            **target_conflicts(spec, has_labels="labels" in headers),
+        }
     except DataFileError:
         return {}

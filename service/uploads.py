@@ -1,6 +1,7 @@
 """Files in and out of the API: uploads stream to disk as they arrive (never held whole in memory,
 hashed on the way, and with an object store also sent to the bucket part by part); downloads can be
 gzip-compressed once and kept."""
+
 from __future__ import annotations
 
 import functools
@@ -36,6 +37,7 @@ UPLOAD_FIELDS = {"model": "input_model", "student": "input_student", "data": "in
 
 def upload_path(files: JobFiles, field: str) -> Path:
     return getattr(files, UPLOAD_FIELDS[field])
+
 
 log = logging.getLogger("modelpress.api")
 
@@ -94,8 +96,13 @@ class StreamingRequest(Request):
 
     def make_form_data_parser(self) -> FormDataParser:
         return _FieldAwareFormDataParser(
-            self._file_part_started, stream_factory=self._get_file_stream, max_form_memory_size=self.max_form_memory_size,
-            max_content_length=self.max_content_length, max_form_parts=self.max_form_parts, cls=self.parameter_storage_class)
+            self._file_part_started,
+            stream_factory=self._get_file_stream,
+            max_form_memory_size=self.max_form_memory_size,
+            max_content_length=self.max_content_length,
+            max_form_parts=self.max_form_parts,
+            cls=self.parameter_storage_class,
+        )
 
     def _file_part_started(self, field: str, spool: IO[bytes]) -> None:
         objects: ObjectStore = current_app.extensions["modelpress_objects"]
@@ -133,9 +140,13 @@ class _FieldAwareFormDataParser(FormDataParser):
         boundary = options.get("boundary", "").encode("ascii")
         if not boundary:
             raise ValueError("Missing boundary")
-        parser = _FieldAwareMultiPartParser(self.file_part_started, stream_factory=self.stream_factory,
-                                            max_form_memory_size=self.max_form_memory_size,
-                                            max_form_parts=self.max_form_parts, cls=self.cls)
+        parser = _FieldAwareMultiPartParser(
+            self.file_part_started,
+            stream_factory=self.stream_factory,
+            max_form_memory_size=self.max_form_memory_size,
+            max_form_parts=self.max_form_parts,
+            cls=self.cls,
+        )
         form, files = parser.parse(stream, boundary, content_length)
         return stream, form, files
 
@@ -172,7 +183,11 @@ def keep_upload(upload: FileStorage, destination: Path) -> dict[str, Any]:
     if isinstance(stream, HashingSpoolFile):
         stream.flush()
         os.link(stream.name, destination)
-        return {"filename": client_filename(upload.filename, destination.name), "bytes": stream.bytes, "sha256": stream.sha256.hexdigest()}
+        return {
+            "filename": client_filename(upload.filename, destination.name),
+            "bytes": stream.bytes,
+            "sha256": stream.sha256.hexdigest(),
+        }
     # Small parts can arrive in memory (werkzeug decides); copy them the same way.
     digest, size = hashlib.sha256(), 0
     with open(destination, "wb") as handle:
@@ -192,13 +207,19 @@ def client_filename(name: str | None, default: str) -> str:
     ``default`` when nothing readable remains.
     """
     name = re.split(r"[/\\]", unicodedata.normalize("NFC", name or ""))[-1]
-    name = "".join(" " if unicodedata.category(char) == "Zs" else char for char in name
-                   if unicodedata.category(char)[0] not in "CZ" or unicodedata.category(char) == "Zs")
+    name = "".join(
+        " " if unicodedata.category(char) == "Zs" else char
+        for char in name
+        if unicodedata.category(char)[0] not in "CZ" or unicodedata.category(char) == "Zs"
+    )
     name = name.strip(" .")
     if len(name) > MAX_FILENAME_CHARS:
         stem, dot, suffix = name.rpartition(".")
-        name = (stem[:MAX_FILENAME_CHARS - len(suffix) - 1] + dot + suffix if dot and len(suffix) <= 16
-                else name[:MAX_FILENAME_CHARS])
+        name = (
+            stem[: MAX_FILENAME_CHARS - len(suffix) - 1] + dot + suffix
+            if dot and len(suffix) <= 16
+            else name[:MAX_FILENAME_CHARS]
+        )
     return name or default
 
 
@@ -224,8 +245,11 @@ def gzip_copy(path: Path) -> Path:
     if not target.exists():
         fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".gz.tmp")
         try:
-            with os.fdopen(fd, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as packed, \
-                    open(path, "rb") as source:
+            with (
+                os.fdopen(fd, "wb") as raw,
+                gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as packed,
+                open(path, "rb") as source,
+            ):
                 shutil.copyfileobj(source, packed, 1 << 20)
             os.replace(temp_name, target)
         except BaseException:

@@ -1,4 +1,5 @@
 """Shared fixtures: a real Redis, a real Celery worker and the real API, started like `make run` does."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,14 @@ class ApiClient:
     def url(self, path: str) -> str:
         return self.base_url + path
 
-    def submit(self, model: Path | bytes, spec: dict[str, Any] | str, data: Path | None = None,
-               filename: str = "model.pt", student: Path | None = None) -> requests.Response:
+    def submit(
+        self,
+        model: Path | bytes,
+        spec: dict[str, Any] | str,
+        data: Path | None = None,
+        filename: str = "model.pt",
+        student: Path | None = None,
+    ) -> requests.Response:
         import json
 
         body = model.read_bytes() if isinstance(model, Path) else model
@@ -67,8 +74,11 @@ def compression_process(job_id: str, timeout: float = 60):
         for process in psutil.process_iter(["cmdline"]):
             cmdline = process.info["cmdline"] or []
             # The Python process itself, not the bubblewrap processes around it (whose command lines hold it too).
-            if "workers.job_process" in cmdline and not cmdline[0].endswith("bwrap") \
-                    and (cmdline[-1].endswith(job_id) or _warm_label(cmdline) == job_id):
+            if (
+                "workers.job_process" in cmdline
+                and not cmdline[0].endswith("bwrap")
+                and (cmdline[-1].endswith(job_id) or _warm_label(cmdline) == job_id)
+            ):
                 return process
         time.sleep(0.1)
     raise AssertionError(f"no compression process for job {job_id} within {timeout} s")
@@ -81,8 +91,13 @@ def warm_processes(data_dir: Path) -> list:
     found = []
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
-        if "--warm" in cmdline and "workers.job_process" in cmdline and not cmdline[0].endswith("bwrap") \
-                and Path(cmdline[-1]).is_relative_to(data_dir) and _warm_label(cmdline) is None:
+        if (
+            "--warm" in cmdline
+            and "workers.job_process" in cmdline
+            and not cmdline[0].endswith("bwrap")
+            and Path(cmdline[-1]).is_relative_to(data_dir)
+            and _warm_label(cmdline) is None
+        ):
             found.append(process)
     return found
 
@@ -128,12 +143,19 @@ def write_keys(path: Path, keys: dict[str, str]) -> Path:
 
 
 def make_settings(tmp: Path, **changes: Any) -> Settings:
-    base = Settings.from_env(
-        {k: v for k, v in os.environ.items() if k in ("REDIS_URL",)}
+    base = Settings.from_env({k: v for k, v in os.environ.items() if k in ("REDIS_URL",)})
+    defaults = dict(
+        data_dir=tmp,
+        port=free_port(),
+        redis_port=free_port(),
+        api_workers=2,
+        max_upload_mb=128,
+        job_threads=2,
+        heartbeat_stale_s=4,
+        webhook_allow_private=True,
+        webhook_backoff_s=0.5,
+        log_format="json",
     )
-    defaults = dict(data_dir=tmp, port=free_port(), redis_port=free_port(), api_workers=2, max_upload_mb=128,
-                    job_threads=2, heartbeat_stale_s=4, webhook_allow_private=True, webhook_backoff_s=0.5,
-                    log_format="json")
     return base.with_changes(**{**defaults, **changes})
 
 

@@ -1,4 +1,5 @@
 """torch.export archives for tests: genuine ones, and crafted ones that carry code for torch.export.load to run."""
+
 from __future__ import annotations
 
 import io
@@ -47,7 +48,7 @@ def replace_entries(archive: bytes, replacements: dict[str, bytes | None]) -> by
         out = io.BytesIO()
         with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target:
             for entry in source.infolist():
-                inner = entry.filename[len(root) + 1:]
+                inner = entry.filename[len(root) + 1 :]
                 if inner not in replacements:
                     target.writestr(entry.filename, source.read(entry))
             for inner, data in replacements.items():
@@ -58,7 +59,9 @@ def replace_entries(archive: bytes, replacements: dict[str, bytes | None]) -> by
 
 def with_payload_in_sample_inputs(genuine: Path, marker: Path) -> bytes:
     """The genuine .pt2 whose sample inputs, loaded with weights_only=False on fallback, create ``marker``."""
-    return replace_entries(genuine.read_bytes(), {"data/sample_inputs/model.pt": torch_save_archive(code_pickle(marker))})
+    return replace_entries(
+        genuine.read_bytes(), {"data/sample_inputs/model.pt": torch_save_archive(code_pickle(marker))}
+    )
 
 
 def with_pickled_weight(genuine: Path, marker: Path) -> bytes:
@@ -69,8 +72,13 @@ def with_pickled_weight(genuine: Path, marker: Path) -> bytes:
         config = json.loads(archive.read(f"{root}/data/weights/model_weights_config.json"))
     first = next(iter(config["config"].values()))
     first["use_pickle"] = True
-    return replace_entries(body, {"data/weights/model_weights_config.json": json.dumps(config).encode(),
-                                  f"data/weights/{first['path_name']}": torch_save_archive(code_pickle(marker))})
+    return replace_entries(
+        body,
+        {
+            "data/weights/model_weights_config.json": json.dumps(config).encode(),
+            f"data/weights/{first['path_name']}": torch_save_archive(code_pickle(marker)),
+        },
+    )
 
 
 def with_program(genuine: Path, change) -> bytes:
@@ -85,15 +93,19 @@ def with_program(genuine: Path, change) -> bytes:
 
 def with_graph_target(genuine: Path, target: str) -> bytes:
     """The genuine .pt2 whose first call in the graph is replaced by ``target`` (e.g. 'torch.os.system')."""
+
     def change(program: dict) -> None:
         program["graph_module"]["graph"]["nodes"][0]["target"] = target
+
     return with_program(genuine, change)
 
 
 def with_guards_code(genuine: Path, guards: list[str]) -> bytes:
     """The genuine .pt2 with ``guards``: ExportedProgram.module() pastes each into a function it execs."""
+
     def change(program: dict) -> None:
         program["guards_code"] = guards
+
     return with_program(genuine, change)
 
 
@@ -102,19 +114,24 @@ def with_higher_order_call(genuine: Path, operator: str, marker: Path, hop: str 
 
     ``wrap`` calls its callable argument: with ``aten.from_file`` (shared) the call creates ``marker``.
     The node keeps its output name, so the rest of the graph still reads it."""
+
     def change(program: dict) -> None:
         node = program["graph_module"]["graph"]["nodes"][0]
         node["target"] = f"torch.ops.higher_order.{hop}"
         node["is_hop_single_tensor_return"] = True
-        node["inputs"] = [{"name": "", "arg": {"as_operator": operator}, "kind": 1},
-                          {"name": "", "arg": {"as_string": str(marker)}, "kind": 1},
-                          {"name": "", "arg": {"as_bool": True}, "kind": 1},
-                          {"name": "", "arg": {"as_int": 16}, "kind": 1}]
+        node["inputs"] = [
+            {"name": "", "arg": {"as_operator": operator}, "kind": 1},
+            {"name": "", "arg": {"as_string": str(marker)}, "kind": 1},
+            {"name": "", "arg": {"as_bool": True}, "kind": 1},
+            {"name": "", "arg": {"as_int": 16}, "kind": 1},
+        ]
+
     return with_program(genuine, change)
 
 
 def with_renamed_input(genuine: Path, name: str) -> bytes:
     """The genuine .pt2 whose user input is called ``name`` everywhere (FX writes it into generated code)."""
+
     def change(program: dict) -> None:
         specs = program["graph_module"]["signature"]["input_specs"]
         old = next(spec["user_input"]["arg"]["as_tensor"]["name"] for spec in specs if "user_input" in spec)
@@ -124,17 +141,23 @@ def with_renamed_input(genuine: Path, name: str) -> bytes:
             if item == {"name": old}:  # a TensorArgument: the value's uses, its placeholder, the signature
                 item["name"] = name
                 continue
-            stack.extend(value for value in (item.values() if isinstance(item, dict) else item)
-                         if isinstance(value, (dict, list)))
+            stack.extend(
+                value
+                for value in (item.values() if isinstance(item, dict) else item)
+                if isinstance(value, (dict, list))
+            )
             if isinstance(item, dict) and old in item:  # tensor_values, keyed by value name
                 item[name] = item.pop(old)
+
     return with_program(genuine, change)
 
 
 def with_input_structure(genuine: Path, in_spec: list) -> bytes:
     """The genuine .pt2 whose top-level pytree input spec is ``in_spec`` (torch.export.load parses it)."""
+
     def change(program: dict) -> None:
         program["graph_module"]["module_call_graph"][0]["signature"]["in_spec"] = json.dumps(in_spec)
+
     return with_program(genuine, change)
 
 

@@ -1,4 +1,5 @@
 """Small real models for the tests, scripted and saved as TorchScript."""
+
 from __future__ import annotations
 
 import io
@@ -29,7 +30,7 @@ class LinearTransformer(nn.Module):
         self.value = nn.ModuleList([nn.Linear(width, width) for _ in range(blocks)])
         self.ffn = nn.ModuleList([FeedForwardBlock(width, 4 * width) for _ in range(blocks)])
         self.head = nn.Linear(width, classes)
-        self.scale = width ** -0.5
+        self.scale = width**-0.5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for query, key, value, ffn in zip(self.query, self.key, self.value, self.ffn):
@@ -150,10 +151,16 @@ class DigitsCNN(nn.Module):
     def __init__(self, width: int = 32) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
-            nn.Conv2d(width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+            nn.Conv2d(1, width, 3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
+            nn.Conv2d(width, 2 * width, 3, padding=1),
+            nn.BatchNorm2d(2 * width),
+            nn.ReLU(),
             nn.MaxPool2d(2),
-            nn.Conv2d(2 * width, 4 * width, 3, padding=1), nn.BatchNorm2d(4 * width), nn.ReLU(),
+            nn.Conv2d(2 * width, 4 * width, 3, padding=1),
+            nn.BatchNorm2d(4 * width),
+            nn.ReLU(),
             nn.AdaptiveAvgPool2d(1),
         )
         self.classifier = nn.Linear(4 * width, 10)
@@ -169,8 +176,14 @@ class SeparableDigitsCNN(nn.Module):
         super().__init__()
 
         def separable(inputs: int, outputs: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(inputs, inputs, 3, padding=1, groups=inputs), nn.BatchNorm2d(inputs),
-                                 nn.ReLU(), nn.Conv2d(inputs, outputs, 1), nn.BatchNorm2d(outputs), nn.ReLU())
+            return nn.Sequential(
+                nn.Conv2d(inputs, inputs, 3, padding=1, groups=inputs),
+                nn.BatchNorm2d(inputs),
+                nn.ReLU(),
+                nn.Conv2d(inputs, outputs, 1),
+                nn.BatchNorm2d(outputs),
+                nn.ReLU(),
+            )
 
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
         self.blocks = nn.Sequential(separable(width, 2 * width), separable(2 * width, 4 * width))
@@ -188,20 +201,32 @@ def digits_splits(seed: int = 0) -> dict[str, torch.Tensor]:
     digits = load_digits()
     images = (digits.images / 16.0).astype("float32")[:, None]
     x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target, test_size=0.25, random_state=seed, stratify=digits.target)
-    return {"x_train": torch.from_numpy(x_train), "y_train": torch.from_numpy(y_train).long(),
-            "x_test": torch.from_numpy(x_test), "y_test": torch.from_numpy(y_test).long()}
+        images, digits.target, test_size=0.25, random_state=seed, stratify=digits.target
+    )
+    return {
+        "x_train": torch.from_numpy(x_train),
+        "y_train": torch.from_numpy(y_train).long(),
+        "x_test": torch.from_numpy(x_test),
+        "y_test": torch.from_numpy(y_test).long(),
+    }
 
 
-def train_classifier(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int = 15,
-                     lr: float = 3e-3, batch_size: int = 64, seed: int = 0) -> nn.Module:
+def train_classifier(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: int = 15,
+    lr: float = 3e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> nn.Module:
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     for _ in range(epochs):
         order = torch.randperm(len(x))
         for start in range(0, len(x), batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             loss = nn.functional.cross_entropy(model(x[index]), y[index])
             optimizer.zero_grad()
             loss.backward()

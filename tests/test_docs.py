@@ -3,6 +3,7 @@ an MkDocs hook), so they cannot drift: the spec reference from the marshmallow s
 reference from the service's OpenAPI document. `make test` builds the whole site with
 `mkdocs build --strict` before the suite (broken links, anchors and missing pages fail it); the
 last test here does the same for a plain `pytest` run."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -59,8 +60,10 @@ def test_every_spec_field_has_a_row_in_the_spec_reference() -> None:
 
 def test_the_spec_reference_shows_defaults_ranges_and_descriptions_from_the_schema() -> None:
     page = reference_pages.spec_reference(CompressionSpec())
-    assert _row(page, "prune.amount") == ("| `prune.amount` | number | `0.5` | 0 < x < 1 | Fraction of weights "
-                                          "(unstructured) or of channels per group (structured) to remove. |")
+    assert _row(page, "prune.amount") == (
+        "| `prune.amount` | number | `0.5` | 0 < x < 1 | Fraction of weights "
+        "(unstructured) or of channels per group (structured) to remove. |"
+    )
     assert "`upload`, `torchvision`, `width`" in _row(page, "distill.student.from")
     assert "| required |" in _row(page, "distill.student.from")
     static_default = method_specs.STATIC_OPTIONS["calibration_batches"]
@@ -88,9 +91,19 @@ def test_the_api_reference_lists_every_operation_of_the_openapi_document() -> No
     # In a process of its own: after a process has built one OpenAPI document, later ones keep the spec
     # schema of the first (seen when tests/api/test_method_registry.py ran after this test: its method
     # was missing from the document), so building one here would hide a method registered later.
-    made = subprocess.run([sys.executable, "-c", "import json, sys; sys.path.insert(0, 'scripts'); "
-                           "import reference_pages; print(json.dumps(reference_pages.openapi_document()))"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    made = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import json, sys; sys.path.insert(0, 'scripts'); "
+            "import reference_pages; print(json.dumps(reference_pages.openapi_document()))",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     document = json.loads(made.stdout)
     page = reference_pages.api_reference(document)
     operations = [(verb, route) for route, item in document["paths"].items() for verb in item if verb != "parameters"]
@@ -101,9 +114,14 @@ def test_the_api_reference_lists_every_operation_of_the_openapi_document() -> No
 
 
 def test_the_site_builds_strictly(tmp_path: Path) -> None:
-    built = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                           cwd=ROOT, capture_output=True, text=True, timeout=300,
-                           env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
+    built = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "NO_MKDOCS_2_WARNING": "1"},
+    )
     assert built.returncode == 0, built.stderr[-4000:]
     spec_page = (tmp_path / "site" / "reference" / "spec" / "index.html").read_text()
     assert "evaluation.runs" in spec_page and "distill.student.from" in spec_page

@@ -1,4 +1,5 @@
 """Every fault point in the code is one ``FAULT_POINTS`` lists, and every listed point is in the code."""
+
 from __future__ import annotations
 
 import ast
@@ -16,7 +17,9 @@ def test_the_code_marks_exactly_the_listed_points_each_once() -> None:
     assert marked == sorted(FAULT_POINTS)
 
 
-def test_an_unknown_point_fails_whether_or_not_the_tests_are_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unknown_point_fails_whether_or_not_the_tests_are_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("MODELPRESS_TEST_PAUSE", raising=False)
     with pytest.raises(UnknownFaultPoint, match="before-clam"):
         fault_point("before-clam", "job", tmp_path)

@@ -9,6 +9,7 @@
 
 docs/architecture.md, "Layers", says why.
 """
+
 from __future__ import annotations
 
 import ast
@@ -58,9 +59,12 @@ def test_no_import_cycle_besides_the_known_ones() -> None:
 
 def test_no_module_of_the_project_is_over_450_lines() -> None:
     """A module a reader can hold in mind (tests and benchmarks aside); the engine's test also bounds classes."""
-    too_long = {str(path.relative_to(ROOT)): lines for package in PACKAGES + ("scripts",)
-                for path in sorted((ROOT / package).rglob("*.py"))
-                if (lines := len(path.read_text().splitlines())) > 450}
+    too_long = {
+        str(path.relative_to(ROOT)): lines
+        for package in PACKAGES + ("scripts",)
+        for path in sorted((ROOT / package).rglob("*.py"))
+        if (lines := len(path.read_text().splitlines())) > 450
+    }
     assert too_long == {}
 
 
@@ -68,15 +72,20 @@ def test_settings_are_read_from_the_environment_in_config_only() -> None:
     assert environment_reads(ROOT) == []
 
 
-@pytest.mark.parametrize("planted, imported", [
-    ("from workers.sandbox import gpu_devices\n", "workers.sandbox"),
-    ("from workers import sandbox\n", "workers.sandbox"),
-    ("def later():\n    import service.health\n", "service.health"),  # inside a function counts too
-])
+@pytest.mark.parametrize(
+    "planted, imported",
+    [
+        ("from workers.sandbox import gpu_devices\n", "workers.sandbox"),
+        ("from workers import sandbox\n", "workers.sandbox"),
+        ("def later():\n    import service.health\n", "service.health"),  # inside a function counts too
+    ],
+)
 def test_the_walk_finds_a_planted_upward_import(tmp_path: Path, planted: str, imported: str) -> None:
     tree = _copy_of_the_project(tmp_path)
     (tree / "modelpress" / "planted.py").write_text(planted)
-    assert [(i.importer, i.imported) for i in upward_imports(project_imports(tree))] == [("modelpress.planted", imported)]
+    assert [(i.importer, i.imported) for i in upward_imports(project_imports(tree))] == [
+        ("modelpress.planted", imported)
+    ]
 
 
 def test_the_walk_finds_a_planted_crossing_and_a_planted_cycle(tmp_path: Path) -> None:
@@ -85,7 +94,9 @@ def test_the_walk_finds_a_planted_crossing_and_a_planted_cycle(tmp_path: Path) -
     (tree / "workers" / "planted.py").write_text("def later():\n    from service import planted\n")
     imports = project_imports(tree)
     assert {(i.importer, i.imported) for i in crossing_imports(imports)} == {
-        ("service.planted", "workers.sandbox"), ("workers.planted", "service.planted")}
+        ("service.planted", "workers.sandbox"),
+        ("workers.planted", "service.planted"),
+    }
     (tree / "modelpress" / "a.py").write_text("from . import b\n")
     (tree / "modelpress" / "b.py").write_text("def later():\n    from modelpress.a import x\n")
     assert ["modelpress.a", "modelpress.b"] in import_cycles(project_imports(tree))
@@ -103,12 +114,19 @@ def test_the_walk_finds_a_planted_environment_read(tmp_path: Path) -> None:
 
 def project_imports(root: Path) -> list[Import]:
     """Every import statement of every module under ``PACKAGES`` that names a project module."""
-    modules = {_module_name(path, root): path for package in PACKAGES for path in sorted((root / package).rglob("*.py"))}
+    modules = {
+        _module_name(path, root): path for package in PACKAGES for path in sorted((root / package).rglob("*.py"))
+    }
     imports = []
     for name, path in modules.items():
         tree = ast.parse(path.read_text(), filename=str(path))
-        type_only = {id(node) for block in ast.walk(tree) if _is_type_checking_block(block)
-                     for statement in block.body for node in ast.walk(statement)}
+        type_only = {
+            id(node)
+            for block in ast.walk(tree)
+            if _is_type_checking_block(block)
+            for statement in block.body
+            for node in ast.walk(statement)
+        }
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
         for node in ast.walk(tree):
             for target in _targets(node, package):
@@ -123,9 +141,12 @@ def upward_imports(imports: list[Import]) -> list[Import]:
 
 
 def crossing_imports(imports: list[Import]) -> list[Import]:
-    return [i for i in imports
-            if (_top(i.importer) == "service" and _top(i.imported) == "workers" and i.imported not in SERVICE_MAY_IMPORT)
-            or (_top(i.importer) == "workers" and _top(i.imported) == "service")]
+    return [
+        i
+        for i in imports
+        if (_top(i.importer) == "service" and _top(i.imported) == "workers" and i.imported not in SERVICE_MAY_IMPORT)
+        or (_top(i.importer) == "workers" and _top(i.imported) == "service")
+    ]
 
 
 def import_cycles(imports: list[Import]) -> list[list[str]]:
@@ -185,8 +206,10 @@ def environment_reads(root: Path) -> list[str]:
     for package in PACKAGES:
         for path in sorted((root / package).rglob("*.py")):
             relative = path.relative_to(root).as_posix()
-            if any(relative == allowed or (allowed.endswith("/") and relative.startswith(allowed))
-                   for allowed in ENVIRONMENT_READERS):
+            if any(
+                relative == allowed or (allowed.endswith("/") and relative.startswith(allowed))
+                for allowed in ENVIRONMENT_READERS
+            ):
                 continue
             for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
                 if _reads_environment(node):
@@ -200,7 +223,7 @@ def _targets(node: ast.AST, package: str) -> list[str]:
         return [alias.name for alias in node.names]
     if isinstance(node, ast.ImportFrom):
         if node.level:
-            base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1])
+            base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
             source = f"{base}.{node.module}" if node.module else base
         else:
             source = node.module or ""
@@ -229,7 +252,8 @@ def _top(module: str) -> str:
 def _is_type_checking_block(node: ast.AST) -> bool:
     return isinstance(node, ast.If) and (
         (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING")
-        or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING"))
+        or (isinstance(node.test, ast.Attribute) and node.test.attr == "TYPE_CHECKING")
+    )
 
 
 def _reads_environment(node: ast.AST) -> bool:

@@ -1,6 +1,7 @@
 """The README is the newcomer's first page: both commands, the curl example, the command line, and
 links into the documentation site that all lead somewhere. (The spec reference it once held is now
 generated from the schema: tests/test_docs.py.)"""
+
 from __future__ import annotations
 
 import re
@@ -24,7 +25,10 @@ def test_readme_is_short() -> None:
 
 
 def test_every_link_of_the_readme_leads_to_a_file() -> None:
-    links = [target.split("#")[0] for target in re.findall(r"\]\(([^)\s]+)\)", README)
-             if not target.startswith(("http://", "https://", "#"))]
+    links = [
+        target.split("#")[0]
+        for target in re.findall(r"\]\(([^)\s]+)\)", README)
+        if not target.startswith(("http://", "https://", "#"))
+    ]
     assert links, "the README links to the documentation"
     assert [link for link in links if not (ROOT / link).is_file()] == []

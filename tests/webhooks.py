@@ -1,5 +1,6 @@
 """A real webhook receiver for the tests and bench/chaos.py: an HTTP server on a free loopback port
 that records every try (headers, body, the status it answered) and answers what ``answer`` says."""
+
 from __future__ import annotations
 
 import threading

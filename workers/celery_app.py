@@ -1,4 +1,5 @@
 """The Celery application, built from ``Settings``; both the API (to send) and the worker use it."""
+
 from __future__ import annotations
 
 from celery import Celery

@@ -12,6 +12,7 @@ start-up self-test of the sandbox) and exits.
 imports torch and the engine, says ``warm``, and waits on stdin until the supervisor has put a job's
 files in ``<dir>``; from there it is a job process like any other. Stdin closed without a job: it exits.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -101,17 +102,28 @@ def _compress(job_dir: Path, settings: Settings, facts: dict[str, Any], channel:
         options = job_options(spec)  # parsed once: the engine reads these typed options, never the mapping
         if settings.op_check != "off":
             _check_programs([files.input_model, student_path])
-        report = compress(files.input_model, options, files.output_model, data_path=data_path, progress=channel.progress,
-                          student_path=student_path)
+        report = compress(
+            files.input_model,
+            options,
+            files.output_model,
+            data_path=data_path,
+            progress=channel.progress,
+            student_path=student_path,
+        )
         from workers.sandbox import device_facts
 
         report["device"] = device_facts()
-        report["sandbox"] = {"mode": settings.sandbox, **facts, "environment": sorted(os.environ),
-                             "limits": {"resident_mb": settings.job_memory_mb,
-                                        "address_space_mb": settings.job_address_space_mb}}
+        report["sandbox"] = {
+            "mode": settings.sandbox,
+            **facts,
+            "environment": sorted(os.environ),
+            "limits": {"resident_mb": settings.job_memory_mb, "address_space_mb": settings.job_address_space_mb},
+        }
         # The peak of this process (the supervisor's limit counts the whole tree; bubblewrap adds ~2 MB).
-        report["resources"] = {"peak_resident_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
-                               "memory_limit_mb": settings.job_memory_mb}
+        report["resources"] = {
+            "peak_resident_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10,
+            "memory_limit_mb": settings.job_memory_mb,
+        }
         write_json_atomic(files.report, report)
         channel.send(protocol.SUCCEEDED)
         return 0

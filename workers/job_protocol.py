@@ -10,6 +10,7 @@ A pre-started process (``workers.warm_sandbox``) first says ``warm`` once it has
 waits for its job on stdin; it says ``started`` when one is handed over.
 Whatever the child cannot say itself (it died, or never started) is turned into a problem here too.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,12 @@ MAX_WARNING_CHARS = 2000
 MAX_TIMINGS = 32  # stages in report.timings_s (the engine times about six)
 OUTPUT_FORMATS = (TORCHSCRIPT, EXPORTED, AOTI_PACKAGE)
 # The report's figures the supervisor copies into the job record (``Supervisor._result_summary``).
-_REPORT_FIGURES = (("size", "ratio"), ("latency", "ratio"), ("fidelity", "cosine_similarity"),
-                   ("fidelity", "top1_agreement"))
+_REPORT_FIGURES = (
+    ("size", "ratio"),
+    ("latency", "ratio"),
+    ("fidelity", "cosine_similarity"),
+    ("fidelity", "top1_agreement"),
+)
 # ``output/`` may hold this much: a compressed model is rarely larger than its input, an AOTInductor
 # package adds its compiled code. RLIMIT_FSIZE in the job and the supervisor's watch both apply it.
 OUTPUT_INPUT_FACTOR = 4
@@ -63,8 +68,13 @@ MAX_TARGETS = len(TARGETS)
 MAX_OUTPUT_ENTRIES = 64  # files and folders under output/ (the job writes two, plus temporary names)
 
 # Settings the child needs; read back there with Settings.from_env, so defaults live in config.py only.
-_CHILD_SETTINGS = ("MODELPRESS_JOB_THREADS", "MODELPRESS_JOB_MEMORY_MB", "MODELPRESS_JOB_TIMEOUT_S", "MODELPRESS_SANDBOX",
-                   "MODELPRESS_OP_CHECK")
+_CHILD_SETTINGS = (
+    "MODELPRESS_JOB_THREADS",
+    "MODELPRESS_JOB_MEMORY_MB",
+    "MODELPRESS_JOB_TIMEOUT_S",
+    "MODELPRESS_SANDBOX",
+    "MODELPRESS_OP_CHECK",
+)
 
 
 def child_environment(settings: Settings, progress_fd: int, pythonpath: str) -> dict[str, str]:
@@ -147,14 +157,17 @@ def read_messages(read_fd: int, messages: queue.Queue[dict[str, Any] | Violation
             while (end := pending.find(b"\n", searched)) >= 0:
                 count += 1
                 message = parse_message(bytes(pending[:end]), count)
-                del pending[:end + 1]
+                del pending[: end + 1]
                 searched = 0
                 messages.put(message)
                 if isinstance(message, Violation):
                     return
             if len(pending) > MAX_LINE_BYTES:
-                messages.put(Violation(f"message {count + 1} is longer than {MAX_LINE_BYTES} bytes "
-                                       f"(starts {_excerpt(bytes(pending))})"))
+                messages.put(
+                    Violation(
+                        f"message {count + 1} is longer than {MAX_LINE_BYTES} bytes (starts {_excerpt(bytes(pending))})"
+                    )
+                )
                 return
     # A partial last line (the child was killed mid-write) is dropped: its exit status says what happened.
     messages.put(None)
@@ -195,6 +208,7 @@ def _text(limit: int, pattern: re.Pattern[str] | None = None) -> Callable[[Any],
         if not value.isprintable():
             return "holds control characters"
         return None
+
     return check
 
 
@@ -212,9 +226,15 @@ _EVENT_FIELDS: dict[str, dict[str, Callable[[Any], str | None]]] = {
     READY: {},
     PROGRESS: {"stage": _text(MAX_STAGE_CHARS), "progress": _fraction},
     SUCCEEDED: {},
-    FAILED: {"slug": _text(64, re.compile(r"[a-z0-9-]{1,64}")), "title": _text(MAX_TITLE_CHARS),
-             "detail": lambda value: None if isinstance(value, str) and len(value) <= MAX_DETAIL_CHARS
-             else f"is not a string of at most {MAX_DETAIL_CHARS} characters"},
+    FAILED: {
+        "slug": _text(64, re.compile(r"[a-z0-9-]{1,64}")),
+        "title": _text(MAX_TITLE_CHARS),
+        "detail": lambda value: (
+            None
+            if isinstance(value, str) and len(value) <= MAX_DETAIL_CHARS
+            else f"is not a string of at most {MAX_DETAIL_CHARS} characters"
+        ),
+    },
 }
 
 
@@ -224,8 +244,11 @@ def _excerpt(data: bytes) -> str:
 
 
 def protocol_violation(violation: Violation) -> dict[str, Any]:
-    return problem("protocol-violation", "Protocol violation",
-                   f"the compression process broke the supervisor's protocol and was stopped: {violation.reason}")
+    return problem(
+        "protocol-violation",
+        "Protocol violation",
+        f"the compression process broke the supervisor's protocol and was stopped: {violation.reason}",
+    )
 
 
 # ---------------------------------------------------------------------------- the report
@@ -266,12 +289,19 @@ def read_report(path: Path) -> dict[str, Any]:
         if value is None:
             raise InvalidReport(f"{section!r} is not an object")
         figure = value.get(name)
-        if figure is not None and (isinstance(figure, bool) or not isinstance(figure, (int, float))
-                                   or not math.isfinite(figure)):
+        if figure is not None and (
+            isinstance(figure, bool) or not isinstance(figure, (int, float)) or not math.isfinite(figure)
+        ):
             raise InvalidReport(f"'{section}.{name}' is not a finite number or null")
     timings = report.get("timings_s", {})
-    if not isinstance(timings, dict) or len(timings) > MAX_TIMINGS or not all(
-            isinstance(name, str) and len(name) <= MAX_STAGE_CHARS and _seconds(value) for name, value in timings.items()):
+    if (
+        not isinstance(timings, dict)
+        or len(timings) > MAX_TIMINGS
+        or not all(
+            isinstance(name, str) and len(name) <= MAX_STAGE_CHARS and _seconds(value)
+            for name, value in timings.items()
+        )
+    ):
         raise InvalidReport(f"'timings_s' is not an object of at most {MAX_TIMINGS} stages, each a number of seconds")
     output_format = report.get("format", {}).get("output") if isinstance(report.get("format"), dict) else None
     if output_format is not None and output_format not in OUTPUT_FORMATS:
@@ -288,8 +318,9 @@ def _no_constant(name: str) -> None:
 
 
 def invalid_report(error: InvalidReport) -> dict[str, Any]:
-    return problem("invalid-report", "Invalid report",
-                   f"the compression process wrote a report that is refused: {error}")
+    return problem(
+        "invalid-report", "Invalid report", f"the compression process wrote a report that is refused: {error}"
+    )
 
 
 def output_limit_bytes(files: Any) -> int:
@@ -313,10 +344,13 @@ def output_too_large(limit_bytes: int, seen_bytes: int, entries: int) -> dict[st
     if entries > MAX_OUTPUT_ENTRIES:
         what = f"{entries} files and folders (at most {MAX_OUTPUT_ENTRIES})"
     else:
-        what = f"at least {seen_bytes >> 20} MB (at most {limit_bytes >> 20} MB: {OUTPUT_INPUT_FACTOR} times the " \
-               f"uploaded model for it and each export target, plus {OUTPUT_ALLOWANCE_BYTES >> 20} MB)"
-    return problem("output-too-large", "Output too large",
-                   f"the compression process wrote {what} under output/ and was stopped")
+        what = (
+            f"at least {seen_bytes >> 20} MB (at most {limit_bytes >> 20} MB: {OUTPUT_INPUT_FACTOR} times the "
+            f"uploaded model for it and each export target, plus {OUTPUT_ALLOWANCE_BYTES >> 20} MB)"
+        )
+    return problem(
+        "output-too-large", "Output too large", f"the compression process wrote {what} under output/ and was stopped"
+    )
 
 
 def problem(slug: str, title: str, detail: str) -> dict[str, Any]:
@@ -344,9 +378,12 @@ def failure_of(error: BaseException, settings: Settings) -> dict[str, str]:
 
 
 def sandbox_unavailable(detail: str) -> dict[str, Any]:
-    return problem("sandbox-unavailable", "Sandbox unavailable",
-                   f"the job was not run because its confinement could not be set up: {detail} "
-                   "(see docs/security.md; MODELPRESS_SANDBOX=off runs jobs unconfined)")
+    return problem(
+        "sandbox-unavailable",
+        "Sandbox unavailable",
+        f"the job was not run because its confinement could not be set up: {detail} "
+        "(see docs/security.md; MODELPRESS_SANDBOX=off runs jobs unconfined)",
+    )
 
 
 def died(returncode: int, settings: Settings, started: bool, setup_error: str | None) -> dict[str, Any]:
@@ -365,8 +402,10 @@ def died(returncode: int, settings: Settings, started: bool, setup_error: str | 
         if signum == signal.SIGSEGV:
             why = "it crashed with a segmentation fault (a native crash inside torch on this model)"
         elif signum == signal.SIGKILL:
-            why = (f"it was killed with SIGKILL (out of memory under the {settings.job_memory_mb} MB limit, "
-                   "or stopped by an operator)")
+            why = (
+                f"it was killed with SIGKILL (out of memory under the {settings.job_memory_mb} MB limit, "
+                "or stopped by an operator)"
+            )
         else:
             why = f"it was stopped by {name}"
         detail = f"the compression process died: {why}"
@@ -376,5 +415,4 @@ def died(returncode: int, settings: Settings, started: bool, setup_error: str | 
 
 
 def memory_message(settings: Settings) -> str:
-    return (f"the model needs more memory than the job's limit of {settings.job_memory_mb} MB "
-            "(MODELPRESS_JOB_MEMORY_MB)")
+    return f"the model needs more memory than the job's limit of {settings.job_memory_mb} MB (MODELPRESS_JOB_MEMORY_MB)"

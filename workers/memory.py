@@ -19,6 +19,7 @@ resident memory: the watch errs on the side of the machine.
 The same thread bounds ``output/`` (the one folder the job writes on the host's disk): its
 files' sizes and its number of entries.
 """
+
 from __future__ import annotations
 
 import os
@@ -38,8 +39,15 @@ class MemoryWatch:
     """Samples the memory of the process tree rooted at ``pid`` (resident, plus its tmpfs and memory
     files) and the size of ``output_dir``; calls ``kill`` once either is over its limit."""
 
-    def __init__(self, pid: int, limit_bytes: int, kill: Callable[[], None], output_dir: Path | None = None,
-                 output_limit_bytes: int = 0, output_entries: int = 0) -> None:
+    def __init__(
+        self,
+        pid: int,
+        limit_bytes: int,
+        kill: Callable[[], None],
+        output_dir: Path | None = None,
+        output_limit_bytes: int = 0,
+        output_entries: int = 0,
+    ) -> None:
         self.limit_bytes = limit_bytes
         self.peak_bytes = 0
         self.exceeded = False
@@ -53,7 +61,9 @@ class MemoryWatch:
         self._stop = threading.Event()
         # The host's own filesystems: while bubblewrap sets the sandbox up, its processes still see them
         # through /proc/<pid>/root, and their usage is not the job's.
-        self._host_devices = {os.stat(path).st_dev for path in ("/", "/tmp", "/dev", "/dev/shm") if os.path.exists(path)}
+        self._host_devices = {
+            os.stat(path).st_dev for path in ("/", "/tmp", "/dev", "/dev/shm") if os.path.exists(path)
+        }
         try:
             self._root: psutil.Process | None = psutil.Process(pid)
         except psutil.Error:

@@ -6,6 +6,7 @@ its last ``MAX_BYTES`` whenever it reaches twice that, with one line saying how 
 the host never holds more than ``2 * MAX_BYTES`` of it, and after the job at most ``MAX_BYTES``
 plus that line. The tail is what says why a job died (a traceback, bubblewrap's complaint).
 """
+
 from __future__ import annotations
 
 import os
@@ -56,8 +57,10 @@ class ProcessLog:
             handle.seek(size - self.max_bytes)
             tail = handle.read(self.max_bytes)
             self.dropped_bytes += size - self.max_bytes
-            marker = (f"[modelpress: {self.dropped_bytes} bytes of earlier output dropped; "
-                      f"the last {self.max_bytes} bytes are kept]\n").encode()
+            marker = (
+                f"[modelpress: {self.dropped_bytes} bytes of earlier output dropped; "
+                f"the last {self.max_bytes} bytes are kept]\n"
+            ).encode()
             handle.seek(0)
             handle.write(marker + tail)
             handle.truncate()

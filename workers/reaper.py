@@ -17,6 +17,7 @@ remove expired ones.
   began, never recorded nor rolled back) once older than ``MODELPRESS_ORPHAN_AFTER_S``, and this
   host's workspaces of jobs that ended elsewhere (``modelpress.cleanup.remove_orphans``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -77,8 +78,12 @@ class Reaper:
             if new_generation:
                 send_job(self.celery, job_id, new_generation)
                 resent.append(job_id)
-                log.warning("job %s: no live message (worker or message lost); re-sent as generation %d",
-                            job_id, new_generation, extra={"job_id": job_id})
+                log.warning(
+                    "job %s: no live message (worker or message lost); re-sent as generation %d",
+                    job_id,
+                    new_generation,
+                    extra={"job_id": job_id},
+                )
         return resent
 
     def _ids_waiting_in_queue(self) -> set[str]:

@@ -18,6 +18,7 @@ bound in (``gpu_devices``); the driver's libraries are under ``/usr``, which is 
 Failure to set any of this up fails the job (``sandbox-unavailable``); only ``MODELPRESS_SANDBOX=off``
 runs jobs unconfined. See docs/architecture.md for why bubblewrap and what the host must allow.
 """
+
 from __future__ import annotations
 
 import glob
@@ -50,13 +51,22 @@ _ETC_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/
 _SYSTEM_DIRS = ("/usr", "/lib", "/lib32", "/lib64", "/libx32", "/bin", "/sbin")
 PROBE_TIMEOUT_S = 60
 # What the CUDA runtime opens (NVIDIA), and the ROCm / DRM nodes of other GPUs; bound when present.
-GPU_DEVICE_PATTERNS = ("/dev/nvidiactl", "/dev/nvidia[0-9]*", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools",
-                       "/dev/nvidia-modeset", "/dev/nvidia-caps", "/dev/kfd", "/dev/dri")
+GPU_DEVICE_PATTERNS = (
+    "/dev/nvidiactl",
+    "/dev/nvidia[0-9]*",
+    "/dev/nvidia-uvm",
+    "/dev/nvidia-uvm-tools",
+    "/dev/nvidia-modeset",
+    "/dev/nvidia-caps",
+    "/dev/kfd",
+    "/dev/dri",
+)
 
 
 @contextmanager
-def confined(settings: Settings, files: JobFiles, argv: list[str],
-             output_source: Path | None = None) -> Iterator[tuple[list[str], tuple[int, ...]]]:
+def confined(
+    settings: Settings, files: JobFiles, argv: list[str], output_source: Path | None = None
+) -> Iterator[tuple[list[str], tuple[int, ...]]]:
     """The command that runs ``argv`` for the job in ``files``, and the descriptors to pass to it.
 
     The syscall filter travels to bubblewrap on a descriptor: start the command (``pass_fds``)
@@ -73,8 +83,14 @@ def confined(settings: Settings, files: JobFiles, argv: list[str],
         os.close(program)
 
 
-def job_command(settings: Settings, files: JobFiles, argv: list[str], seccomp_fd: int | None,
-                devices: Sequence[str] | None = None, output_source: Path | None = None) -> list[str]:
+def job_command(
+    settings: Settings,
+    files: JobFiles,
+    argv: list[str],
+    seccomp_fd: int | None,
+    devices: Sequence[str] | None = None,
+    output_source: Path | None = None,
+) -> list[str]:
     """The bubblewrap command line (use ``confined``): ``seccomp_fd`` holds the filter (None: none),
     ``devices`` are the device nodes bound in (None: this host's GPU, ``gpu_devices()``)."""
     if settings.sandbox == "off":
@@ -84,21 +100,46 @@ def job_command(settings: Settings, files: JobFiles, argv: list[str], seccomp_fd
     devices = gpu_devices() if devices is None else devices
     return [
         settings.bwrap,
-        "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-net", "--unshare-uts", "--unshare-cgroup-try",
+        "--unshare-user",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-net",
+        "--unshare-uts",
+        "--unshare-cgroup-try",
         "--disable-userns",  # no nested user namespace from which to gain capabilities again
-        "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--cap-drop", "ALL",
+        "--uid",
+        str(SANDBOX_UID),
+        "--gid",
+        str(SANDBOX_UID),
+        "--cap-drop",
+        "ALL",
         *(["--seccomp", str(seccomp_fd)] if seccomp_fd is not None else []),
-        "--die-with-parent", "--hostname", "modelpress-job",
+        "--die-with-parent",
+        "--hostname",
+        "modelpress-job",
         # The private /tmp first: a runtime (a checkout with its venv) or a data directory under /tmp,
         # as in CI and the tests, is then mounted on top of it instead of being hidden by it.
         # /tmp holds at most the job's memory limit, and what it holds counts into that limit (workers/memory.py).
-        "--proc", "/proc", "--dev", "/dev", "--size", str(settings.job_memory_mb << 20), "--tmpfs", "/tmp",
+        "--proc",
+        "/proc",
+        "--dev",
+        "/dev",
+        "--size",
+        str(settings.job_memory_mb << 20),
+        "--tmpfs",
+        "/tmp",
         *_runtime_mounts(settings),
         *[argument for device in devices for argument in ("--dev-bind-try", device, device)],  # after --dev /dev
-        "--ro-bind", root, root,
-        "--bind", str(output_source or files.output_model.parent), str(files.output_model.parent),
-        "--chdir", root,
-        "--", *argv,
+        "--ro-bind",
+        root,
+        root,
+        "--bind",
+        str(output_source or files.output_model.parent),
+        str(files.output_model.parent),
+        "--chdir",
+        root,
+        "--",
+        *argv,
     ]
 
 
@@ -118,8 +159,11 @@ def device_facts() -> dict[str, Any]:
     import torch
 
     available = torch.cuda.is_available()
-    return {"gpu_device_nodes": gpu_devices(), "cuda_available": available,
-            "cuda_device": torch.cuda.get_device_name(0) if available else None}
+    return {
+        "gpu_device_nodes": gpu_devices(),
+        "cuda_available": available,
+        "cuda_device": torch.cuda.get_device_name(0) if available else None,
+    }
 
 
 def confirm_outputs(files: JobFiles) -> str | None:
@@ -150,19 +194,33 @@ def self_test(settings: Settings) -> SandboxStatus:
     The worker publishes the result (``modelpress.worker_status``) for the API's ``/readyz``."""
     now = time.time()
     if settings.sandbox == "off":
-        return SandboxStatus("off", "MODELPRESS_SANDBOX=off: jobs run unconfined, with the worker's files and network",
-                             now)
+        return SandboxStatus(
+            "off", "MODELPRESS_SANDBOX=off: jobs run unconfined, with the worker's files and network", now
+        )
     probe_parent = settings.data_dir / "sandbox-probe"
     probe_parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=probe_parent) as directory:
         files = JobFiles(Path(directory))
         argv = [sys.executable, "-m", "workers.job_process", "--probe", str(files.root)]
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(PROJECT_ROOT), "PYTHONDONTWRITEBYTECODE": "1",
-               **network_probe(settings)}
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "PYTHONPATH": str(PROJECT_ROOT),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            **network_probe(settings),
+        }
         try:
             with confined(settings, files, argv) as (command, fds):
-                done = subprocess.run(command, env=env, cwd=directory, capture_output=True, text=True,
-                                      timeout=PROBE_TIMEOUT_S, stdin=subprocess.DEVNULL, pass_fds=fds)
+                done = subprocess.run(
+                    command,
+                    env=env,
+                    cwd=directory,
+                    capture_output=True,
+                    text=True,
+                    timeout=PROBE_TIMEOUT_S,
+                    stdin=subprocess.DEVNULL,
+                    pass_fds=fds,
+                )
         except (OSError, subprocess.TimeoutExpired) as error:
             return SandboxStatus("unavailable", f"{settings.bwrap} could not be run: {error}", now)
     if done.returncode != 0:
@@ -174,8 +232,12 @@ def self_test(settings: Settings) -> SandboxStatus:
     problems = confinement_gaps(facts, settings)
     if problems:
         return SandboxStatus("unavailable", "; ".join(problems), now)
-    return SandboxStatus("confined", "bubblewrap: own user, mount, PID, IPC and network namespaces and a syscall "
-                         "filter; only the job directory and the read-only runtime are visible", now)
+    return SandboxStatus(
+        "confined",
+        "bubblewrap: own user, mount, PID, IPC and network namespaces and a syscall "
+        "filter; only the job directory and the read-only runtime are visible",
+        now,
+    )
 
 
 def confinement_gaps(facts: dict[str, Any], settings: Settings) -> list[str]:
@@ -236,8 +298,12 @@ def _python_paths(settings: Settings) -> list[str]:
     chosen: list[Path] = []
     for candidate in candidates:
         for path in {candidate, candidate.resolve()}:
-            if not path.is_dir() or path == PROJECT_ROOT or path in (data_dir, *data_dir.parents) \
-                    or any(path == Path(system) or Path(system) in path.parents for system in _SYSTEM_DIRS):
+            if (
+                not path.is_dir()
+                or path == PROJECT_ROOT
+                or path in (data_dir, *data_dir.parents)
+                or any(path == Path(system) or Path(system) in path.parents for system in _SYSTEM_DIRS)
+            ):
                 continue  # the project root and the data directory's ancestors hold data; system dirs are bound already
             chosen.append(path)
     # Parents before children, so a child bind is not hidden by its parent's.

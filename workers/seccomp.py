@@ -17,6 +17,7 @@ x86_64 and ``asm-generic/unistd.h`` for aarch64), checked against the headers wh
 installed (tests/security/test_syscall_filter.py). No libseccomp: one dependency less, and the whole
 program is about 140 instructions one can read in ``program()``.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -52,7 +53,9 @@ _INSTRUCTION = struct.Struct("=HBBI")  # struct sock_filter { __u16 code; __u8 j
 # 32 bits of flags (lower_32_bits(clone_flags)), so checking the low word is enough.
 CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x10000000, 0x20000000, 0x40000000
-NAMESPACE_FLAGS = CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET
+NAMESPACE_FLAGS = (
+    CLONE_NEWNS | CLONE_NEWCGROUP | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_NEWUSER | CLONE_NEWPID | CLONE_NEWNET
+)
 
 # personality(2) values that are allowed: Linux (0), the query (0xffffffff) and the 32-bit and
 # uname-26 variants that Docker's default profile also allows. ADDR_NO_RANDOMIZE (turning off
@@ -63,18 +66,59 @@ ALLOWED_PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)
 
 DENIED = (
     # other processes' memory and state
-    "ptrace", "process_vm_readv", "process_vm_writev", "kcmp", "pidfd_getfd", "process_madvise",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kcmp",
+    "pidfd_getfd",
+    "process_madvise",
     # mounts and namespaces (bubblewrap has set them up; the job makes none)
-    "mount", "umount2", "pivot_root", "chroot", "unshare", "setns",
-    "move_mount", "open_tree", "fsopen", "fsmount", "fsconfig", "fspick", "mount_setattr",
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "unshare",
+    "setns",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsmount",
+    "fsconfig",
+    "fspick",
+    "mount_setattr",
     # the kernel's larger attack surfaces
-    "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
-    "keyctl", "add_key", "request_key",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "io_uring_setup",
+    "io_uring_enter",
+    "io_uring_register",
+    "keyctl",
+    "add_key",
+    "request_key",
     # the machine itself
-    "init_module", "finit_module", "delete_module", "kexec_load", "kexec_file_load", "reboot",
-    "swapon", "swapoff", "acct", "quotactl", "quotactl_fd", "syslog", "lookup_dcookie", "fanotify_init",
-    "open_by_handle_at", "name_to_handle_at", "iopl", "ioperm",
-    "settimeofday", "clock_settime", "adjtimex", "clock_adjtime",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "kexec_load",
+    "kexec_file_load",
+    "reboot",
+    "swapon",
+    "swapoff",
+    "acct",
+    "quotactl",
+    "quotactl_fd",
+    "syslog",
+    "lookup_dcookie",
+    "fanotify_init",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "iopl",
+    "ioperm",
+    "settimeofday",
+    "clock_settime",
+    "adjtimex",
+    "clock_adjtime",
 )
 # Checked by argument or answered otherwise (see program()).
 ARGUMENT_CHECKED = ("clone", "clone3", "personality")
@@ -82,22 +126,59 @@ ARGUMENT_CHECKED = ("clone", "clone3", "personality")
 # Syscall numbers, from /usr/include/x86_64-linux-gnu/asm/unistd_64.h and
 # /usr/include/asm-generic/unistd.h (aarch64 uses the generic table). None: no such call there.
 SYSCALLS: dict[str, tuple[int | None, int | None]] = {  # name: (x86_64, aarch64)
-    "ptrace": (101, 117), "process_vm_readv": (310, 270), "process_vm_writev": (311, 271), "kcmp": (312, 272),
-    "pidfd_getfd": (438, 438), "process_madvise": (440, 440),
-    "mount": (165, 40), "umount2": (166, 39), "pivot_root": (155, 41), "chroot": (161, 51),
-    "unshare": (272, 97), "setns": (308, 268),
-    "move_mount": (429, 429), "open_tree": (428, 428), "fsopen": (430, 430), "fsmount": (432, 432),
-    "fsconfig": (431, 431), "fspick": (433, 433), "mount_setattr": (442, 442),
-    "bpf": (321, 280), "perf_event_open": (298, 241), "userfaultfd": (323, 282),
-    "io_uring_setup": (425, 425), "io_uring_enter": (426, 426), "io_uring_register": (427, 427),
-    "keyctl": (250, 219), "add_key": (248, 217), "request_key": (249, 218),
-    "init_module": (175, 105), "finit_module": (313, 273), "delete_module": (176, 106),
-    "kexec_load": (246, 104), "kexec_file_load": (320, 294), "reboot": (169, 142),
-    "swapon": (167, 224), "swapoff": (168, 225), "acct": (163, 89), "quotactl": (179, 60), "quotactl_fd": (443, 443),
-    "syslog": (103, 116), "lookup_dcookie": (212, 18), "fanotify_init": (300, 262),
-    "open_by_handle_at": (304, 265), "name_to_handle_at": (303, 264), "iopl": (172, None), "ioperm": (173, None),
-    "settimeofday": (164, 170), "clock_settime": (227, 112), "adjtimex": (159, 171), "clock_adjtime": (305, 266),
-    "clone": (56, 220), "clone3": (435, 435), "personality": (135, 92),
+    "ptrace": (101, 117),
+    "process_vm_readv": (310, 270),
+    "process_vm_writev": (311, 271),
+    "kcmp": (312, 272),
+    "pidfd_getfd": (438, 438),
+    "process_madvise": (440, 440),
+    "mount": (165, 40),
+    "umount2": (166, 39),
+    "pivot_root": (155, 41),
+    "chroot": (161, 51),
+    "unshare": (272, 97),
+    "setns": (308, 268),
+    "move_mount": (429, 429),
+    "open_tree": (428, 428),
+    "fsopen": (430, 430),
+    "fsmount": (432, 432),
+    "fsconfig": (431, 431),
+    "fspick": (433, 433),
+    "mount_setattr": (442, 442),
+    "bpf": (321, 280),
+    "perf_event_open": (298, 241),
+    "userfaultfd": (323, 282),
+    "io_uring_setup": (425, 425),
+    "io_uring_enter": (426, 426),
+    "io_uring_register": (427, 427),
+    "keyctl": (250, 219),
+    "add_key": (248, 217),
+    "request_key": (249, 218),
+    "init_module": (175, 105),
+    "finit_module": (313, 273),
+    "delete_module": (176, 106),
+    "kexec_load": (246, 104),
+    "kexec_file_load": (320, 294),
+    "reboot": (169, 142),
+    "swapon": (167, 224),
+    "swapoff": (168, 225),
+    "acct": (163, 89),
+    "quotactl": (179, 60),
+    "quotactl_fd": (443, 443),
+    "syslog": (103, 116),
+    "lookup_dcookie": (212, 18),
+    "fanotify_init": (300, 262),
+    "open_by_handle_at": (304, 265),
+    "name_to_handle_at": (303, 264),
+    "iopl": (172, None),
+    "ioperm": (173, None),
+    "settimeofday": (164, 170),
+    "clock_settime": (227, 112),
+    "adjtimex": (159, 171),
+    "clock_adjtime": (305, 266),
+    "clone": (56, 220),
+    "clone3": (435, 435),
+    "personality": (135, 92),
 }
 
 
@@ -109,8 +190,10 @@ class Architecture:
     has_x32: bool
 
 
-ARCHITECTURES = (Architecture("x86_64", AUDIT_ARCH_X86_64, 0, True),
-                 Architecture("aarch64", AUDIT_ARCH_AARCH64, 1, False))
+ARCHITECTURES = (
+    Architecture("x86_64", AUDIT_ARCH_X86_64, 0, True),
+    Architecture("aarch64", AUDIT_ARCH_AARCH64, 1, False),
+)
 
 
 def number(name: str, machine: str | None = None) -> int | None:
@@ -242,9 +325,27 @@ def program_fd() -> int:
 BWRAP_NEEDS = ("clone", "unshare", "mount", "umount2", "pivot_root")
 # Left out of the container's allow list besides DENIED, as Docker's default leaves them out: obsolete
 # or unimplemented calls, x86's LDT, moving another process's pages; and the headers' count "syscalls".
-CONTAINER_OMITS = ("uselib", "_sysctl", "ustat", "sysfs", "vhangup", "nfsservctl", "create_module", "get_kernel_syms",
-                   "query_module", "afs_syscall", "tuxcall", "security", "vserver", "putpmsg", "getpmsg",
-                   "modify_ldt", "migrate_pages", "move_pages", "syscalls")
+CONTAINER_OMITS = (
+    "uselib",
+    "_sysctl",
+    "ustat",
+    "sysfs",
+    "vhangup",
+    "nfsservctl",
+    "create_module",
+    "get_kernel_syms",
+    "query_module",
+    "afs_syscall",
+    "tuxcall",
+    "security",
+    "vserver",
+    "putpmsg",
+    "getpmsg",
+    "modify_ldt",
+    "migrate_pages",
+    "move_pages",
+    "syscalls",
+)
 
 
 def container_profile(known_syscalls: set[str]) -> dict:
@@ -260,25 +361,42 @@ def container_profile(known_syscalls: set[str]) -> dict:
     allowed = sorted(name for name in known_syscalls if name not in handled and not name.startswith("arch_specific"))
     return {
         "comment": "Generated by `python -m workers.seccomp > deploy/seccomp-worker.json` from the kernel headers; "
-                   "see docs/security.md. Do not edit by hand.",
+        "see docs/security.md. Do not edit by hand.",
         "defaultAction": "SCMP_ACT_ERRNO",
         "defaultErrnoRet": errno.ENOSYS,
-        "archMap": [{"architecture": "SCMP_ARCH_X86_64", "subArchitectures": []},
-                    {"architecture": "SCMP_ARCH_AARCH64", "subArchitectures": []}],
+        "archMap": [
+            {"architecture": "SCMP_ARCH_X86_64", "subArchitectures": []},
+            {"architecture": "SCMP_ARCH_AARCH64", "subArchitectures": []},
+        ],
         "syscalls": [
             {"names": allowed, "action": "SCMP_ACT_ALLOW"},
-            {"names": sorted(denied), "action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM,
-             "comment": "what a model never needs (workers/seccomp.py DENIED) but bubblewrap's own calls"},
-            {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS,
-             "comment": "flags a filter cannot read: glibc falls back to clone"},
-            *({"names": ["personality"], "action": "SCMP_ACT_ALLOW",
-               "args": [{"index": 0, "value": value, "op": "SCMP_CMP_EQ"}]} for value in ALLOWED_PERSONALITIES),
+            {
+                "names": sorted(denied),
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": errno.EPERM,
+                "comment": "what a model never needs (workers/seccomp.py DENIED) but bubblewrap's own calls",
+            },
+            {
+                "names": ["clone3"],
+                "action": "SCMP_ACT_ERRNO",
+                "errnoRet": errno.ENOSYS,
+                "comment": "flags a filter cannot read: glibc falls back to clone",
+            },
+            *(
+                {
+                    "names": ["personality"],
+                    "action": "SCMP_ACT_ALLOW",
+                    "args": [{"index": 0, "value": value, "op": "SCMP_CMP_EQ"}],
+                }
+                for value in ALLOWED_PERSONALITIES
+            ),
         ],
     }
 
 
-def known_syscalls(headers: tuple[str, ...] = ("/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
-                                               "/usr/include/asm-generic/unistd.h")) -> set[str]:
+def known_syscalls(
+    headers: tuple[str, ...] = ("/usr/include/x86_64-linux-gnu/asm/unistd_64.h", "/usr/include/asm-generic/unistd.h"),
+) -> set[str]:
     names: set[str] = set()
     for header in headers:
         with open(header) as handle:

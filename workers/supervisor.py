@@ -10,6 +10,7 @@ figures the supervisor can measure are measured, not believed (``_publish``); it
 ``/tmp``, its ``output/``, its printed output and its wall clock are bounded. Whatever goes wrong
 in the supervisor itself while a child runs kills the child and fails the job (``internal-error``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -58,8 +59,14 @@ class TenantBusy(Exception):
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, store: JobStore, storage: Storage, objects: ObjectStore | None = None,
-                 child_command: tuple[str, ...] = JOB_PROCESS) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        store: JobStore,
+        storage: Storage,
+        objects: ObjectStore | None = None,
+        child_command: tuple[str, ...] = JOB_PROCESS,
+    ) -> None:
         self.settings = settings
         self.store = store
         self.storage = storage
@@ -83,19 +90,30 @@ class Supervisor:
         fault_point("before-claim", job_id, self.settings.data_dir)
         claim = self.store.claim(job_id, generation, self.settings.heartbeat_stale_s, self.settings.max_running_jobs)
         if claim.outcome == "tenant-busy":
-            log.info("job %s: its tenant runs %d jobs already; it stays queued", job_id,
-                     self.settings.max_running_jobs, extra={"job_id": job_id})
+            log.info(
+                "job %s: its tenant runs %d jobs already; it stays queued",
+                job_id,
+                self.settings.max_running_jobs,
+                extra={"job_id": job_id},
+            )
             raise TenantBusy(job_id)
         if claim.outcome != "claimed":
-            log.info("job %s: delivery skipped (%s, job %s)", job_id, claim.outcome, claim.state,
-                     extra={"job_id": job_id})
+            log.info(
+                "job %s: delivery skipped (%s, job %s)", job_id, claim.outcome, claim.state, extra={"job_id": job_id}
+            )
             return claim.state or "missing", False
         if claim.deliveries > self.settings.max_deliveries:
-            return self._finish(job_id, claim.attempt, jobs.FAILED, error=problem(
-                "worker-lost", "Worker lost",
-                f"the job's worker stopped {claim.deliveries - 1} times while running it "
-                f"(limit {self.settings.max_deliveries}); it is not retried again",
-            ))
+            return self._finish(
+                job_id,
+                claim.attempt,
+                jobs.FAILED,
+                error=problem(
+                    "worker-lost",
+                    "Worker lost",
+                    f"the job's worker stopped {claim.deliveries - 1} times while running it "
+                    f"(limit {self.settings.max_deliveries}); it is not retried again",
+                ),
+            )
         if claim.deliveries > 1:
             log.warning("job %s: delivery %d after its worker stopped; running it again", job_id, claim.deliveries)
         log.info("job %s: running (delivery %d)", job_id, claim.deliveries)
@@ -104,12 +122,27 @@ class Supervisor:
             with self._beating(job_id, claim.attempt):  # with S3: inputs staged into a private directory
                 files = self.objects.workspace(job_id, claim.attempt, _input_digests(job))
         except InputsMissing as missing:
-            return self._finish(job_id, claim.attempt, jobs.FAILED, error=problem(
-                "inputs-missing", "Inputs missing", f"the job's uploaded files are gone from the object store ({missing})"))
+            return self._finish(
+                job_id,
+                claim.attempt,
+                jobs.FAILED,
+                error=problem(
+                    "inputs-missing",
+                    "Inputs missing",
+                    f"the job's uploaded files are gone from the object store ({missing})",
+                ),
+            )
         except InputsCorrupt as corrupt:
-            return self._finish(job_id, claim.attempt, jobs.FAILED, error=problem(
-                "inputs-corrupt", "Inputs corrupt", f"the job's uploaded files changed in the object store: {corrupt}; "
-                                                    "submit the job again"))
+            return self._finish(
+                job_id,
+                claim.attempt,
+                jobs.FAILED,
+                error=problem(
+                    "inputs-corrupt",
+                    "Inputs corrupt",
+                    f"the job's uploaded files changed in the object store: {corrupt}; submit the job again",
+                ),
+            )
         try:
             return self._run_child(job_id, claim.attempt, claim.deliveries, files, self.time_limit_s(job), taken)
         finally:
@@ -123,8 +156,9 @@ class Supervisor:
 
     # ------------------------------------------------------------------ the child process
 
-    def _run_child(self, job_id: str, attempt: int, deliveries: int, files: JobFiles,
-                   time_limit_s: int, taken: float) -> tuple[str, bool]:
+    def _run_child(
+        self, job_id: str, attempt: int, deliveries: int, files: JobFiles, time_limit_s: int, taken: float
+    ) -> tuple[str, bool]:
         launch = None
         if self.warm:
             with self._beating(job_id, attempt):  # it may wait for a process still importing
@@ -137,32 +171,60 @@ class Supervisor:
             except OSError as error:  # bubblewrap (or Python) is missing: no unconfined fallback
                 for fd in (read_fd, write_fd, log_read, log_write):
                     os.close(fd)
-                return self._finish(job_id, attempt, jobs.FAILED, error=protocol.sandbox_unavailable(
-                    f"{self.settings.bwrap} could not be started ({error.strerror or error})"))
+                return self._finish(
+                    job_id,
+                    attempt,
+                    jobs.FAILED,
+                    error=protocol.sandbox_unavailable(
+                        f"{self.settings.bwrap} could not be started ({error.strerror or error})"
+                    ),
+                )
             os.close(write_fd)
             os.close(log_write)
             launch = Launch(child, read_fd, log_read, taken)
         child, read_fd = launch.child, launch.progress_fd
         output = ProcessLog(launch.log_fd, files.process_log).start()
-        watch = MemoryWatch(child.pid, self.settings.job_memory_mb << 20, functools.partial(_signal_group, child),
-                            files.output_model.parent, protocol.output_limit_bytes(files),
-                            protocol.MAX_OUTPUT_ENTRIES).start()
+        watch = MemoryWatch(
+            child.pid,
+            self.settings.job_memory_mb << 20,
+            functools.partial(_signal_group, child),
+            files.output_model.parent,
+            protocol.output_limit_bytes(files),
+            protocol.MAX_OUTPUT_ENTRIES,
+        ).start()
         try:
             return self._watch_child(job_id, attempt, deliveries, files, launch, read_fd, watch, output, time_limit_s)
         except Exception:  # a bug or an unforeseen input here must not leave a child running unwatched
             log.exception("job %s: the supervisor failed; its child is stopped", job_id, extra={"job_id": job_id})
             _kill_group(child)
-            return self._finish(job_id, attempt, jobs.FAILED, error=problem(
-                "internal-error", "Internal error",
-                "the worker failed while supervising the job; its process was stopped (the worker's log says why)"))
+            return self._finish(
+                job_id,
+                attempt,
+                jobs.FAILED,
+                error=problem(
+                    "internal-error",
+                    "Internal error",
+                    "the worker failed while supervising the job; its process was stopped (the worker's log says why)",
+                ),
+            )
         finally:
             watch.stop()
             output.finish()
             if self.warm:
                 self.warm.job_ended(launch, self.settings)
 
-    def _watch_child(self, job_id: str, attempt: int, deliveries: int, files: JobFiles, launch: Launch,
-                     read_fd: int, watch: MemoryWatch, output: ProcessLog, time_limit_s: int) -> tuple[str, bool]:
+    def _watch_child(
+        self,
+        job_id: str,
+        attempt: int,
+        deliveries: int,
+        files: JobFiles,
+        launch: Launch,
+        read_fd: int,
+        watch: MemoryWatch,
+        output: ProcessLog,
+        time_limit_s: int,
+    ) -> tuple[str, bool]:
         child = launch.child
         messages: queue.Queue[dict[str, Any] | Violation | None] = queue.Queue(protocol.MESSAGE_QUEUE_SIZE)
         threading.Thread(target=protocol.read_messages, args=(read_fd, messages), daemon=True).start()
@@ -211,7 +273,9 @@ class Supervisor:
             now = time.monotonic()
             if not stop_reason and now - last_write >= PROGRESS_WRITE_INTERVAL_S:
                 # Redis may be restarting: the child goes on, progress is written once it is back.
-                progress = {"stage": last_progress["stage"], "progress": last_progress["progress"]} if last_progress else {}
+                progress = (
+                    {"stage": last_progress["stage"], "progress": last_progress["progress"]} if last_progress else {}
+                )
                 try:
                     if self._quietly(self.store.beat, job_id, attempt, default=False, **progress):
                         stop_reason = "cancelled"
@@ -228,8 +292,13 @@ class Supervisor:
 
         if stop_reason == "superseded":
             _kill_group(child)
-            log.warning("job %s: attempt %d was superseded (taken over, cancelled or deleted); its child is "
-                        "stopped and it writes nothing", job_id, attempt, extra={"job_id": job_id})
+            log.warning(
+                "job %s: attempt %d was superseded (taken over, cancelled or deleted); its child is "
+                "stopped and it writes nothing",
+                job_id,
+                attempt,
+                extra={"job_id": job_id},
+            )
             return jobs.RUNNING, False
         if stop_reason == "cancelled":
             return self._finish(job_id, attempt, jobs.CANCELLED)
@@ -237,19 +306,38 @@ class Supervisor:
             log.warning("job %s: protocol violation: %s", job_id, violation.reason, extra={"job_id": job_id})
             return self._finish(job_id, attempt, jobs.FAILED, error=protocol.protocol_violation(violation))
         if stop_reason == "timeout":
-            return self._finish(job_id, attempt, jobs.FAILED, error=problem(
-                "job-timeout", "Time limit exceeded",
-                f"the compression did not finish within the job time limit of {time_limit_s} s and was stopped",
-            ))
+            return self._finish(
+                job_id,
+                attempt,
+                jobs.FAILED,
+                error=problem(
+                    "job-timeout",
+                    "Time limit exceeded",
+                    f"the compression did not finish within the job time limit of {time_limit_s} s and was stopped",
+                ),
+            )
         if watch.exceeded:
-            return self._finish(job_id, attempt, jobs.FAILED, error=problem(
-                "out-of-memory", "Out of memory",
-                f"{protocol.memory_message(self.settings)}: its processes reached {watch.peak_bytes >> 20} MB "
-                "resident (memory plus the files in its /tmp and /dev and its memory files) and were stopped"))
+            return self._finish(
+                job_id,
+                attempt,
+                jobs.FAILED,
+                error=problem(
+                    "out-of-memory",
+                    "Out of memory",
+                    f"{protocol.memory_message(self.settings)}: its processes reached {watch.peak_bytes >> 20} MB "
+                    "resident (memory plus the files in its /tmp and /dev and its memory files) and were stopped",
+                ),
+            )
         if watch.output_exceeded or watch.check_output():  # while running, or in the last moments before exit
-            shutil.rmtree(files.output_model.parent, ignore_errors=True)  # nothing of it is kept: the disk is the host's
-            return self._finish(job_id, attempt, jobs.FAILED, error=protocol.output_too_large(
-                watch.output_limit_bytes, watch.output_bytes, watch.output_entries))
+            shutil.rmtree(
+                files.output_model.parent, ignore_errors=True
+            )  # nothing of it is kept: the disk is the host's
+            return self._finish(
+                job_id,
+                attempt,
+                jobs.FAILED,
+                error=protocol.output_too_large(watch.output_limit_bytes, watch.output_bytes, watch.output_entries),
+            )
         return self._record_exit(job_id, attempt, deliveries, files, child.returncode, outcome, started, launch)
 
     def _start_child(self, files: JobFiles, output_fd: int, write_fd: int) -> subprocess.Popen:
@@ -266,16 +354,30 @@ class Supervisor:
                 start_new_session=True,  # its own process group, killed as a whole
             )
 
-    def _record_exit(self, job_id: str, attempt: int, deliveries: int, files: JobFiles, returncode: int,
-                     outcome: dict[str, Any] | None, started: bool, launch: Launch) -> tuple[str, bool]:
+    def _record_exit(
+        self,
+        job_id: str,
+        attempt: int,
+        deliveries: int,
+        files: JobFiles,
+        returncode: int,
+        outcome: dict[str, Any] | None,
+        started: bool,
+        launch: Launch,
+    ) -> tuple[str, bool]:
         refused_output = sandbox.confirm_outputs(files)
         if refused_output:
-            return self._finish(job_id, attempt, jobs.FAILED, error=problem("invalid-output", "Invalid output",
-                                                                            refused_output))
+            return self._finish(
+                job_id, attempt, jobs.FAILED, error=problem("invalid-output", "Invalid output", refused_output)
+            )
         if returncode == 0 and outcome and outcome["event"] == protocol.SUCCEEDED and files.output_model.exists():
             # bench/chaos.py counts these: a job whose compression completes twice ran twice.
-            log.info("job %s: attempt %d completed its compression", job_id, attempt,
-                     extra={"job_id": job_id, "event": "completed"})
+            log.info(
+                "job %s: attempt %d completed its compression",
+                job_id,
+                attempt,
+                extra={"job_id": job_id, "event": "completed"},
+            )
             return self._publish(job_id, attempt, deliveries, files, launch)
         if outcome and outcome["event"] == protocol.FAILED:
             if files.report.exists():  # a failed search's report (its trials) stays readable
@@ -284,8 +386,12 @@ class Supervisor:
                 except InvalidReport as refused:
                     return self._finish(job_id, attempt, jobs.FAILED, error=protocol.invalid_report(refused))
             return self._finish(job_id, attempt, jobs.FAILED, error=protocol.outcome_problem(outcome))
-        return self._finish(job_id, attempt, jobs.FAILED, error=protocol.died(returncode, self.settings, started,
-                                                                              sandbox.setup_error_in(files.process_log)))
+        return self._finish(
+            job_id,
+            attempt,
+            jobs.FAILED,
+            error=protocol.died(returncode, self.settings, started, sandbox.setup_error_in(files.process_log)),
+        )
 
     def _publish(self, job_id: str, attempt: int, deliveries: int, files: JobFiles, launch: Launch) -> tuple[str, bool]:
         """Publish this attempt's output under attempt-specific names (``ObjectStore.publish``), then
@@ -297,8 +403,9 @@ class Supervisor:
         spec = (self._until_redis(self.store.get, job_id) or {}).get("spec") or {}
         try:
             report = protocol.read_report(files.report)
-            succeeded = check_targets(report, tuple(spec.get("targets") or ()), bool(spec.get("targets_required")),
-                                      files)
+            succeeded = check_targets(
+                report, tuple(spec.get("targets") or ()), bool(spec.get("targets_required")), files
+            )
         except InvalidReport as refused:
             return self._finish(job_id, attempt, jobs.FAILED, error=protocol.invalid_report(refused))
         _measure_sizes(report, files)
@@ -311,11 +418,22 @@ class Supervisor:
                     report["targets"][name].update(bytes=size, sha256=digest)  # measured, never the child's word
             except NotPlainFile as refused:
                 self.objects.withdraw(job_id, attempt)
-                return self._finish(job_id, attempt, jobs.FAILED, error=protocol.invalid_report(
-                    InvalidReport(f"'targets.{name}.file': {refused}")))
+                return self._finish(
+                    job_id,
+                    attempt,
+                    jobs.FAILED,
+                    error=protocol.invalid_report(InvalidReport(f"'targets.{name}.file': {refused}")),
+                )
             published = self.objects.publish(job_id, attempt, files, report)
-        state, won = self._finish(job_id, attempt, jobs.SUCCEEDED, result=_result_summary(published, report),
-                                  progress=1.0, stage="done", warnings=report.get("warnings", []))
+        state, won = self._finish(
+            job_id,
+            attempt,
+            jobs.SUCCEEDED,
+            result=_result_summary(published, report),
+            progress=1.0,
+            stage="done",
+            warnings=report.get("warnings", []),
+        )
         if not won:
             self.objects.withdraw(job_id, attempt)
         return state, won
@@ -381,8 +499,16 @@ def _result_summary(model: Path, report: dict[str, Any]) -> dict[str, Any]:
         "latency_ratio": report["latency"]["ratio"],
         "cosine_similarity": report["fidelity"]["cosine_similarity"],
         "top1_agreement": report["fidelity"]["top1_agreement"],
-        **({"targets": {name: {key: entry[key] for key in ("status", "bytes", "sha256") if key in entry}
-                        for name, entry in report["targets"].items()}} if report.get("targets") else {}),
+        **(
+            {
+                "targets": {
+                    name: {key: entry[key] for key in ("status", "bytes", "sha256") if key in entry}
+                    for name, entry in report["targets"].items()
+                }
+            }
+            if report.get("targets")
+            else {}
+        ),
     }
 
 
@@ -411,5 +537,8 @@ def _signal_group(child: subprocess.Popen) -> None:
 
 def _input_digests(job: dict[str, Any]) -> dict[str, str]:
     """The SHA-256 of each uploaded file as the API computed it on arrival, by ``JobFiles`` name."""
-    return {name: job[field]["sha256"] for field, name in (("input", "input_model"), ("student", "input_student"),
-                                                           ("data", "input_data")) if job.get(field)}
+    return {
+        name: job[field]["sha256"]
+        for field, name in (("input", "input_model"), ("student", "input_student"), ("data", "input_data"))
+        if job.get(field)
+    }

@@ -8,6 +8,7 @@ no name from the report ever becomes a path), strings and numbers bounded, field
 dropped. ``bytes`` and ``sha256`` are measured by the supervisor when the file is published
 (``ObjectStore.publish_artifact``), never taken from the child.
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,9 @@ def check_targets(report: dict[str, Any], asked: tuple[str, ...], required: bool
         raise InvalidReport("'targets' is not an object")
     unknown = sorted(set(section) - set(asked))
     if unknown:
-        raise InvalidReport(f"'targets.{_quoted(unknown[0])}': the spec did not ask for it "
-                            f"(asked: {', '.join(asked) or 'none'})")
+        raise InvalidReport(
+            f"'targets.{_quoted(unknown[0])}': the spec did not ask for it (asked: {', '.join(asked) or 'none'})"
+        )
     checked = {name: _entry(name, section[name], files) for name in asked if name in section}
     if required:
         missing = [name for name in asked if checked.get(name, {}).get("status") != SUCCEEDED]
@@ -95,6 +97,7 @@ def _text(limit: int) -> Callable[[Any], str | None]:
         if not isinstance(value, str) or len(value) > limit or not value.isprintable():
             return f"is not a printable string of at most {limit} characters"
         return None
+
     return check
 
 
@@ -111,15 +114,19 @@ def _fidelity(value: Any) -> str | None:
         return "is not an object"
     for figure in _FIDELITY_FIGURES:
         value_at = value.get(figure)
-        if value_at is not None and (isinstance(value_at, bool) or not isinstance(value_at, (int, float))
-                                     or not math.isfinite(value_at)):
+        if value_at is not None and (
+            isinstance(value_at, bool) or not isinstance(value_at, (int, float)) or not math.isfinite(value_at)
+        ):
             return f"has a {figure} that is not a finite number or null"
     return None
 
 
 def _shape(value: Any) -> str | None:
-    if (not isinstance(value, list) or not 1 <= len(value) <= 8
-            or any(isinstance(n, bool) or not isinstance(n, int) or not 0 < n < 1 << 31 for n in value)):
+    if (
+        not isinstance(value, list)
+        or not 1 <= len(value) <= 8
+        or any(isinstance(n, bool) or not isinstance(n, int) or not 0 < n < 1 << 31 for n in value)
+    ):
         return "is not a list of 1 to 8 positive sizes"
     return None
 
@@ -131,10 +138,18 @@ def _notes(value: Any) -> str | None:
 
 
 _SUCCEEDED_FIELDS: dict[str, Callable[[Any], str | None]] = {
-    "file": _text(64), "format": _text(MAX_LABEL_CHARS), "runtime": _text(MAX_LABEL_CHARS),
-    "precision": _text(MAX_LABEL_CHARS), "latency_ms": _figure, "latency_ratio": _figure, "fidelity": _fidelity,
-    "batch_shape": _shape, "notes": _notes,
+    "file": _text(64),
+    "format": _text(MAX_LABEL_CHARS),
+    "runtime": _text(MAX_LABEL_CHARS),
+    "precision": _text(MAX_LABEL_CHARS),
+    "latency_ms": _figure,
+    "latency_ratio": _figure,
+    "fidelity": _fidelity,
+    "batch_shape": _shape,
+    "notes": _notes,
 }
 _FAILED_FIELDS: dict[str, Callable[[Any], str | None]] = {
-    "reason": _text(MAX_WARNING_CHARS), "runtime": _text(MAX_LABEL_CHARS), "notes": _notes,
+    "reason": _text(MAX_WARNING_CHARS),
+    "runtime": _text(MAX_LABEL_CHARS),
+    "notes": _notes,
 }

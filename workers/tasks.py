@@ -1,4 +1,5 @@
 """Celery tasks. Thin: each hands its work to a plain function."""
+
 from __future__ import annotations
 
 from celery import shared_task

@@ -22,6 +22,7 @@ One older than ``MAX_AGE_S`` or started under other settings (the command, the r
 environment) is replaced; one that died, is not ready within ``READY_WAIT_S``, or cannot take the
 files (inputs on another filesystem) is discarded and the job starts cold, as before.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -145,12 +146,14 @@ class WarmSandbox:
         if why is None:
             try:
                 _hand_over(waiting, job_id, files)
-                return Launch(waiting.child, waiting.progress_fd, waiting.log_fd, taken, warm=True,
-                              folder=waiting.folder)
+                return Launch(
+                    waiting.child, waiting.progress_fd, waiting.log_fd, taken, warm=True, folder=waiting.folder
+                )
             except OSError as error:
                 why = f"the job's files could not be handed over ({error})"
-        log.warning("job %s: the pre-started sandbox is not used (%s); starting one", job_id, why,
-                    extra={"job_id": job_id})
+        log.warning(
+            "job %s: the pre-started sandbox is not used (%s); starting one", job_id, why, extra={"job_id": job_id}
+        )
         _discard(waiting)
         return None
 
@@ -211,8 +214,11 @@ class WarmSandbox:
         waiting = self._waiting
         if self._wanted is None:
             return False
-        return waiting is None or time.monotonic() - waiting.started > MAX_AGE_S \
+        return (
+            waiting is None
+            or time.monotonic() - waiting.started > MAX_AGE_S
             or waiting.key != _key(self._wanted, self.command)
+        )
 
     def _until_too_old(self) -> float | None:
         if self._waiting is None:
@@ -237,8 +243,10 @@ class WarmSandbox:
         waiting.failed = not ready
         waiting.ready.set()
         if not ready:
-            log.warning("the pre-started sandbox did not become ready (exit status %s); jobs start cold until "
-                        "the next", waiting.child.poll())
+            log.warning(
+                "the pre-started sandbox did not become ready (exit status %s); jobs start cold until the next",
+                waiting.child.poll(),
+            )
             with self._lock:
                 mine = self._waiting is waiting
                 if mine:
@@ -264,12 +272,19 @@ def _launch(settings: Settings, command: tuple[str, ...]) -> _Waiting | None:
     handover_read, handover_write = os.pipe()
     key = _key(settings, command)
     try:
-        with sandbox.confined(settings, files, [*command, "--warm", str(files.root)],
-                              output_source=folder / "output") as (argv, sandbox_fds):
+        with sandbox.confined(
+            settings, files, [*command, "--warm", str(files.root)], output_source=folder / "output"
+        ) as (argv, sandbox_fds):
             child = subprocess.Popen(
-                argv, cwd=files.root, env=protocol.child_environment(settings, progress_write, str(PROJECT_ROOT)),
-                stdin=handover_read, stdout=log_write, stderr=subprocess.STDOUT,
-                pass_fds=[progress_write, *sandbox_fds], start_new_session=True)
+                argv,
+                cwd=files.root,
+                env=protocol.child_environment(settings, progress_write, str(PROJECT_ROOT)),
+                stdin=handover_read,
+                stdout=log_write,
+                stderr=subprocess.STDOUT,
+                pass_fds=[progress_write, *sandbox_fds],
+                start_new_session=True,
+            )
     except OSError as error:
         log.warning("the pre-started sandbox could not be started (%s); jobs start cold", error)
         for fd in (progress_read, log_read, handover_write):
@@ -328,6 +343,6 @@ def _sweep(parent: Path) -> None:
     """Warm folders of this host's worker processes that are gone (killed: nothing removed them)."""
     prefix = f"{socket.gethostname()}-"
     for folder in parent.glob(f"{prefix}*"):
-        pid = folder.name[len(prefix):].split("-", 1)[0]
+        pid = folder.name[len(prefix) :].split("-", 1)[0]
         if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
             shutil.rmtree(folder, ignore_errors=True)

@@ -1,4 +1,5 @@
 """Webhooks: one attempt at delivering a job's event, and the dispatcher that drains the outbox."""
+
 from __future__ import annotations
 
 import http.client
@@ -91,10 +92,15 @@ class Dispatcher:
         try:
             deliver(self.settings, self.store, event["job_id"], attempt=tries + 1)
         except DeliveryFailed:
-            delay = self.settings.webhook_backoff_s * (2 ** tries) * random.uniform(1.0, 1.5)
+            delay = self.settings.webhook_backoff_s * (2**tries) * random.uniform(1.0, 1.5)
             if self.store.event_failed(event_id, delay, MAX_ATTEMPTS) >= MAX_ATTEMPTS:
-                log.error("job %s: webhook %s given up after %d tries", event["job_id"], event_id, MAX_ATTEMPTS,
-                          extra={"job_id": event["job_id"]})
+                log.error(
+                    "job %s: webhook %s given up after %d tries",
+                    event["job_id"],
+                    event_id,
+                    MAX_ATTEMPTS,
+                    extra={"job_id": event["job_id"]},
+                )
             return True
         self.store.event_done(event_id)
         return True

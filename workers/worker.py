@@ -1,4 +1,5 @@
 """Entry point of the worker process: ``celery -A workers.worker worker``."""
+
 import logging
 
 import redis

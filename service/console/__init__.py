@@ -5,6 +5,7 @@ through ``service.submission``, so a tenant sees and may do exactly what the API
 asset is served from here (``static/``, and Swagger UI's files for ``/docs``): nothing is loaded
 from another origin.
 """
+
 from __future__ import annotations
 
 import hmac
@@ -42,26 +43,38 @@ from service.queue import enqueue_job
 from service.schemas import JobListArgsSchema
 from service.submission import Submission, invalid, submit
 
-bp = Blueprint("console", __name__, url_prefix="/ui", template_folder="templates", static_folder="static",
-               static_url_path="/static")
+bp = Blueprint(
+    "console",
+    __name__,
+    url_prefix="/ui",
+    template_folder="templates",
+    static_folder="static",
+    static_url_path="/static",
+)
 PAGE_SIZE = 20
 FILE_PARTS = ("model", "data", "student", "callback_url")
 # Same-origin only: scripts and styles from /ui/static, no inline script, nothing from elsewhere.
-_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+)
 
 
 def console_init_app(app: Flask, settings: Settings) -> None:
     """Register the console, its session cookie and the local assets of ``/docs``."""
     app.secret_key = settings.secret_key or persistent_secret(settings.data_dir, "console-secret.key")
-    app.config.update(SESSION_COOKIE_NAME="modelpress_console", SESSION_COOKIE_HTTPONLY=True,
-                      SESSION_COOKIE_SAMESITE="Strict")
+    app.config.update(
+        SESSION_COOKIE_NAME="modelpress_console", SESSION_COOKIE_HTTPONLY=True, SESSION_COOKIE_SAMESITE="Strict"
+    )
     app.session_interface = _SessionInterface()
     app.register_blueprint(bp)
     app.add_url_rule("/", "home", lambda: redirect(url_for("console.jobs_list")))
     app.add_url_rule("/docs/assets/<path:filename>", "docs_assets", _docs_asset)
-    app.add_url_rule("/favicon.ico", "favicon", lambda: send_from_directory(Path(bp.static_folder), "favicon.svg",
-                                                                            mimetype="image/svg+xml", max_age=86400))
+    app.add_url_rule(
+        "/favicon.ico",
+        "favicon",
+        lambda: send_from_directory(Path(bp.static_folder), "favicon.svg", mimetype="image/svg+xml", max_age=86400),
+    )
 
 
 class _SessionInterface(SecureCookieSessionInterface):
@@ -113,8 +126,12 @@ def _problem(problem: ApiProblem) -> tuple[str, int]:
 
 @bp.app_context_processor
 def _template_globals() -> dict[str, Any]:
-    return {"csrf_token": _csrf_token, "keys_on": current_app.extensions.get("modelpress_keys") is not None,
-            "tenant": g.get("tenant"), "final_states": jobs.FINAL_STATES}
+    return {
+        "csrf_token": _csrf_token,
+        "keys_on": current_app.extensions.get("modelpress_keys") is not None,
+        "tenant": g.get("tenant"),
+        "final_states": jobs.FINAL_STATES,
+    }
 
 
 bp.add_app_template_global(format_number, "number")  # globals reach imported macros too
@@ -129,8 +146,12 @@ def _csrf_token() -> str:
 def _check_csrf() -> None:
     sent = request.form.get("csrf_token", "")
     if not sent or not hmac.compare_digest(sent, session.get("csrf", "")):
-        raise ApiProblem(400, "Bad Request", "the form has expired or did not come from this console; reload the "
-                         "page and send it again", slug="csrf-token")
+        raise ApiProblem(
+            400,
+            "Bad Request",
+            "the form has expired or did not come from this console; reload the page and send it again",
+            slug="csrf-token",
+        )
 
 
 # ---------------------------------------------------------------------------- pages
@@ -160,12 +181,21 @@ def new_job() -> Any:
     if not errors:
         try:
             accepted = submit(
-                Submission(tenant=g.tenant, model=_file("model"), data=_file("data"), student=_file("student"),
-                           spec_text=spec if isinstance(spec, str) else json.dumps(spec),
-                           callback_url=(request.form.get("callback_url") or "").strip() or None, idempotency_key=None,
-                           job_id=request.upload_job_id),  # the body is parsed: the files streamed under it
-                current_app.extensions["modelpress"], current_app.extensions["modelpress_jobs"],
-                current_app.extensions["modelpress_objects"], lambda job_id, *rest: enqueue_job(current_app, job_id, *rest))
+                Submission(
+                    tenant=g.tenant,
+                    model=_file("model"),
+                    data=_file("data"),
+                    student=_file("student"),
+                    spec_text=spec if isinstance(spec, str) else json.dumps(spec),
+                    callback_url=(request.form.get("callback_url") or "").strip() or None,
+                    idempotency_key=None,
+                    job_id=request.upload_job_id,
+                ),  # the body is parsed: the files streamed under it
+                current_app.extensions["modelpress"],
+                current_app.extensions["modelpress_jobs"],
+                current_app.extensions["modelpress_objects"],
+                lambda job_id, *rest: enqueue_job(current_app, job_id, *rest),
+            )
             return redirect(url_for("console.job_page", job_id=accepted.job["id"]), code=303)
         except ApiProblem as refused:
             errors, problem = refused.errors or {}, refused
@@ -182,10 +212,15 @@ def job_page(job_id: str) -> str:
     job = jobs.public_view(record)
     report = jobs_api.report_of(record) if job["state"] == jobs.SUCCEEDED else None
     artifacts = artifacts_api.artifact_list(record) if report is not None else []
-    return render_template("console/job.html", job=job, report=report, artifacts=artifacts,
-                           runtime_charts=report_view.runtime_charts(report, artifacts) if artifacts else [],
-                           sections=report_view.sections(report) if report else [],
-                           warnings=report_view.warnings_of(job, report))
+    return render_template(
+        "console/job.html",
+        job=job,
+        report=report,
+        artifacts=artifacts,
+        runtime_charts=report_view.runtime_charts(report, artifacts) if artifacts else [],
+        sections=report_view.sections(report) if report else [],
+        warnings=report_view.warnings_of(job, report),
+    )
 
 
 @bp.get("/jobs/<job_id>/status")
@@ -214,12 +249,15 @@ def sign_in_page() -> Any:
     return render_template("console/sign_in.html", failed=failed, next=target)
 
 
-
 @bp.post("/sign-out", endpoint="sign_out")
 def sign_out_page() -> Any:
     sign_out()
-    return redirect(url_for("console.sign_in") if current_app.extensions.get("modelpress_keys") is not None
-                    else url_for("console.jobs_list"), code=303)
+    return redirect(
+        url_for("console.sign_in")
+        if current_app.extensions.get("modelpress_keys") is not None
+        else url_for("console.jobs_list"),
+        code=303,
+    )
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -237,8 +275,9 @@ def _list_query() -> dict[str, str | None]:
 
 def _page(state: str | None, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
     """The same listing as ``GET /v1/jobs``: the tenant's jobs, newest first."""
-    page, next_cursor = current_app.extensions["modelpress_jobs"].page(g.tenant, state=state, limit=PAGE_SIZE,
-                                                                     after=cursor)
+    page, next_cursor = current_app.extensions["modelpress_jobs"].page(
+        g.tenant, state=state, limit=PAGE_SIZE, after=cursor
+    )
     return [jobs.public_view(job) for job in page], next_cursor
 
 
@@ -250,8 +289,13 @@ def _file(name: str):
 
 def _safe_next(target: str | None) -> str:
     """Only a path on this service (no scheme, no host): never an open redirect."""
-    if target and target.startswith("/") and not target.startswith("//") and not urlsplit(target).netloc \
-            and "\\" not in target:
+    if (
+        target
+        and target.startswith("/")
+        and not target.startswith("//")
+        and not urlsplit(target).netloc
+        and "\\" not in target
+    ):
         return target
     return url_for("console.jobs_list")
 

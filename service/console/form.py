@@ -5,6 +5,7 @@ same path a 422 names, so every error lands next to its control. Defaults, range
 descriptions come from the fields themselves: a field added to the schema appears here without
 touching the console. Shapes the form cannot express (lists of objects, dicts) get a JSON box.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -98,7 +99,9 @@ def spec_from_form(form: MultiDict, tree: list[Control]) -> tuple[dict[str, Any]
     return spec, errors
 
 
-def errors_by_control(errors: Mapping[str, list[str]], tree: list[Control], others: tuple[str, ...]) -> dict[str, list[str]]:
+def errors_by_control(
+    errors: Mapping[str, list[str]], tree: list[Control], others: tuple[str, ...]
+) -> dict[str, list[str]]:
     """Give each error path to the nearest control that exists (``spec.a.b.c`` -> ``spec.a.b``); unknown ones stay."""
     names = {c.name for top in tree for c in top.walk()} | set(others)
     placed: dict[str, list[str]] = {}
@@ -122,11 +125,18 @@ def _control(name: str, schema_field: fields.Field) -> Control:
     default = schema_field.load_default
     default = default() if callable(default) else default
     default = None if default is missing else default
-    common = dict(name=name, label=name.rsplit(".", 1)[1].replace("_", " "), description=description,
-                  required=schema_field.required, nullable=schema_field.allow_none)
+    common = dict(
+        name=name,
+        label=name.rsplit(".", 1)[1].replace("_", " "),
+        description=description,
+        required=schema_field.required,
+        nullable=schema_field.allow_none,
+    )
     if isinstance(schema_field, fields.Nested) and not schema_field.many and isinstance(schema_field.schema, Schema):
-        children = [_control(f"{name}.{child.data_key or child_name}", child)
-                    for child_name, child in schema_field.schema.fields.items()]
+        children = [
+            _control(f"{name}.{child.data_key or child_name}", child)
+            for child_name, child in schema_field.schema.fields.items()
+        ]
         always = schema_field.required or default is not None
         return Control(kind="section" if always else "group", children=children, **common)
     if isinstance(schema_field, fields.Boolean):
@@ -140,8 +150,9 @@ def _control(name: str, schema_field: fields.Field) -> Control:
         regexp = next((v for v in _validators(schema_field) if isinstance(v, validate.Regexp)), None)
         return Control(kind="text", default=default, pattern=_html_pattern(regexp), **common)
     if isinstance(schema_field, fields.Number):
-        control = Control(kind="number", default=default, step="1" if isinstance(schema_field, fields.Integer) else "any",
-                          **common)
+        control = Control(
+            kind="number", default=default, step="1" if isinstance(schema_field, fields.Integer) else "any", **common
+        )
         for validator in _validators(schema_field):
             if isinstance(validator, validate.Range):
                 control.minimum, control.maximum = validator.min, validator.max

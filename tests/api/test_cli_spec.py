@@ -1,4 +1,5 @@
 """The command line's inline spec: the .pt2 options reach the spec the API validates."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,20 @@ from modelpress.spec import SpecError, parse_spec
 
 
 def test_runtime_and_package_flags_fill_the_spec() -> None:
-    args = _parser().parse_args(["submit", "model.pt2", "--quantize", "dynamic", "--input-shape", "8,512",
-                                 "--runtime", "aoti", "--package", "aoti"])
+    args = _parser().parse_args(
+        [
+            "submit",
+            "model.pt2",
+            "--quantize",
+            "dynamic",
+            "--input-shape",
+            "8,512",
+            "--runtime",
+            "aoti",
+            "--package",
+            "aoti",
+        ]
+    )
     spec = _spec_from(args)
     assert spec["evaluation"] == {"runtime": "aoti"} and spec["package"] == "aoti"
     parsed = parse_spec(spec, has_data=False)

@@ -3,6 +3,7 @@
 Each operation of /openapi.json gets a bounded number of generated requests (valid and invalid
 ones) against the running service.
 """
+
 from __future__ import annotations
 
 import schemathesis
@@ -22,12 +23,16 @@ def test_documented_api_never_fails_or_breaks_its_schema(api: ApiClient) -> None
     statuses: dict[str, list[int]] = {}
 
     for operation in operations:
+
         @given(case=operation.as_strategy())
-        @settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=EXAMPLES_PER_OPERATION, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
         def fuzz(case) -> None:
             response = case.call_and_validate(
-                base_url=api.base_url, checks=[not_a_server_error, response_schema_conformance, content_type_conformance])
+                base_url=api.base_url,
+                checks=[not_a_server_error, response_schema_conformance, content_type_conformance],
+            )
             statuses.setdefault(operation.label, []).append(response.status_code)  # noqa: B023  fuzz() runs in this iteration
 
         fuzz()

@@ -1,5 +1,6 @@
 """One registry of methods: a method registered once appears in the spec, pipeline steps, the OpenAPI
 document, the command line and the engine."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,11 @@ from tests.models import SmallConvNet, save_scripted
 
 
 class ScaleSpec(Strict):
-    factor = fields.Float(load_default=0.5, validate=validate.Range(0, 10, min_inclusive=False),
-                          metadata={"description": "What every floating parameter is multiplied by."})
+    factor = fields.Float(
+        load_default=0.5,
+        validate=validate.Range(0, 10, min_inclusive=False),
+        metadata={"description": "What every floating parameter is multiplied by."},
+    )
 
 
 def scale(model: torch.jit.ScriptModule, options: Any, data: object, progress: Any) -> tuple[Any, dict]:
@@ -36,11 +40,20 @@ def scale(model: torch.jit.ScriptModule, options: Any, data: object, progress: A
 @pytest.fixture
 def registered() -> Iterator[None]:
     """Register the test method; afterwards put the registry and the schemas back as they were."""
-    saved = (dict(spec_module.REGISTRY), dict(spec_module.StepSpec._declared_fields),
-             dict(spec_module.CompressionSpec._declared_fields))
-    register_method(MethodEntry("scale", ScaleSpec, f"{__name__}:scale", "Spec reference",
-                                CliFlag("FACTOR", "scale the weights instead of --spec",
-                                        lambda value, args: {"factor": float(value)})))
+    saved = (
+        dict(spec_module.REGISTRY),
+        dict(spec_module.StepSpec._declared_fields),
+        dict(spec_module.CompressionSpec._declared_fields),
+    )
+    register_method(
+        MethodEntry(
+            "scale",
+            ScaleSpec,
+            f"{__name__}:scale",
+            "Spec reference",
+            CliFlag("FACTOR", "scale the weights instead of --spec", lambda value, args: {"factor": float(value)}),
+        )
+    )
     try:
         yield
     finally:
@@ -52,8 +65,13 @@ def registered() -> Iterator[None]:
 def test_a_registered_method_is_in_the_spec_and_pipeline_steps(registered: None) -> None:
     spec = parse_spec({"method": "scale", "input_shape": [2, 3, 8, 8]})
     assert spec["scale"] == {"factor": 0.5}
-    pipeline = parse_spec({"method": "pipeline", "input_shape": [2, 3, 8, 8],
-                           "steps": [{"method": "scale", "scale": {"factor": 2}}, {"method": "quantize"}]})
+    pipeline = parse_spec(
+        {
+            "method": "pipeline",
+            "input_shape": [2, 3, 8, 8],
+            "steps": [{"method": "scale", "scale": {"factor": 2}}, {"method": "quantize"}],
+        }
+    )
     assert pipeline["steps"][0]["scale"] == {"factor": 2.0}
     with pytest.raises(SpecError) as refused:
         parse_spec({"method": "pipeline", "input_shape": [2], "steps": [{"method": "scale", "scale": {"factor": -1}}]})

@@ -1,4 +1,5 @@
 """Job resources, listing, OpenAPI and health, against the running service."""
+
 from __future__ import annotations
 
 import pytest
@@ -23,12 +24,16 @@ def test_submit_answers_202_with_location_and_filled_defaults(api: ApiClient, mo
     job = response.json()
     assert response.headers["Location"] == f"/v1/jobs/{job['id']}" == job["links"]["self"]
     assert job["state"] == "queued" and job["progress"] == 0.0
-    assert job["spec"]["quantize"] == {"mode": "dynamic", "dtype": "qint8", "modules": ["Linear", "LSTM", "GRU",
-                                                                                     "MultiheadAttention", "Embedding",
-                                                                                     "EmbeddingBag"],
-                                       "exclude": [], "per_channel": True}
+    assert job["spec"]["quantize"] == {
+        "mode": "dynamic",
+        "dtype": "qint8",
+        "modules": ["Linear", "LSTM", "GRU", "MultiheadAttention", "Embedding", "EmbeddingBag"],
+        "exclude": [],
+        "per_channel": True,
+    }
     assert job["input"]["filename"] == "conv.pt" and job["input"]["bytes"] == len(model_bytes)
     import hashlib
+
     assert job["input"]["sha256"] == hashlib.sha256(model_bytes).hexdigest()
 
 
@@ -77,8 +82,14 @@ def test_openapi_document_describes_the_api(api: ApiClient) -> None:
     document = api.session.get(api.url("/openapi.json")).json()
     assert document["openapi"].startswith("3.")
     paths = document["paths"]
-    for path in ("/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/model", "/v1/jobs/{job_id}/report",
-                 "/healthz", "/readyz"):
+    for path in (
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/model",
+        "/v1/jobs/{job_id}/report",
+        "/healthz",
+        "/readyz",
+    ):
         assert path in paths, path
     body = paths["/v1/jobs"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["$ref"].endswith("JobSubmission")

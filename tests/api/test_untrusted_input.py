@@ -1,6 +1,7 @@
 """What a client controls besides the model: a spec nested to exhaust the parser, a file name carrying
 CR/LF, a data file that lies in its zip directory. Each gets a clear answer (422 naming the field, or
 a sanitized name), never a 500, while the API's memory stays bounded; each next to the genuine case."""
+
 from __future__ import annotations
 
 import io
@@ -42,8 +43,9 @@ def test_a_spec_nested_20000_deep_is_a_422_naming_spec(api: ApiClient, model_byt
     assert len(deep) < 64 * 1024  # inside the spec's size limit: only the depth is wrong
     parts = {"model": ("m.pt", model_bytes, "application/octet-stream")}
     if as_file:
-        response = api.session.post(api.url("/v1/jobs"), files={**parts, "spec": ("spec.json", deep.encode())},
-                                    timeout=60)
+        response = api.session.post(
+            api.url("/v1/jobs"), files={**parts, "spec": ("spec.json", deep.encode())}, timeout=60
+        )
     else:
         response = api.session.post(api.url("/v1/jobs"), files=parts, data={"spec": deep}, timeout=60)
 
@@ -58,17 +60,27 @@ def test_a_spec_nested_20000_deep_is_a_422_naming_spec(api: ApiClient, model_byt
 
 def test_a_crlf_in_an_rfc2231_filename_is_dropped_and_the_download_works(api: ApiClient, model_bytes: bytes) -> None:
     boundary = b"modelpress-boundary"
-    body = b"".join([
-        b"--" + boundary + b"\r\n",
-        b"Content-Disposition: form-data; name=\"model\"; "
-        b"filename*=UTF-8''..%2Fdir%2Fevil%0D%0AX-Injected%3A%201%00.pt\r\n",
-        b"Content-Type: application/octet-stream\r\n\r\n", model_bytes, b"\r\n",
-        b"--" + boundary + b"\r\n",
-        b"Content-Disposition: form-data; name=\"spec\"\r\n\r\n", json.dumps(QUICK).encode(), b"\r\n",
-        b"--" + boundary + b"--\r\n",
-    ])
-    response = api.session.post(api.url("/v1/jobs"), data=body, timeout=60,
-                                headers={"Content-Type": f"multipart/form-data; boundary={boundary.decode()}"})
+    body = b"".join(
+        [
+            b"--" + boundary + b"\r\n",
+            b'Content-Disposition: form-data; name="model"; '
+            b"filename*=UTF-8''..%2Fdir%2Fevil%0D%0AX-Injected%3A%201%00.pt\r\n",
+            b"Content-Type: application/octet-stream\r\n\r\n",
+            model_bytes,
+            b"\r\n",
+            b"--" + boundary + b"\r\n",
+            b'Content-Disposition: form-data; name="spec"\r\n\r\n',
+            json.dumps(QUICK).encode(),
+            b"\r\n",
+            b"--" + boundary + b"--\r\n",
+        ]
+    )
+    response = api.session.post(
+        api.url("/v1/jobs"),
+        data=body,
+        timeout=60,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary.decode()}"},
+    )
     assert response.status_code == 202, response.text
     assert response.json()["input"]["filename"] == "evilX-Injected: 1.pt"  # no CR, LF, NUL nor folders
 
@@ -91,7 +103,8 @@ def _genuine_npz(path: Path) -> Path:
 
 
 def test_an_npz_that_lies_about_its_entry_count_is_refused_without_the_api_growing(
-        api: ApiClient, stack: Stack, model_bytes: bytes, tmp_path: Path) -> None:
+    api: ApiClient, stack: Stack, model_bytes: bytes, tmp_path: Path
+) -> None:
     liar = tmp_path / "liar.npz"
     with zipfile.ZipFile(liar, "w") as archive:
         for index in range(200_000):
@@ -133,8 +146,9 @@ def test_an_npz_that_expands_a_thousandfold_is_refused(api: ApiClient, model_byt
     assert "refused as a zip bomb" in response.json()["errors"]["data"][0]
 
 
-def test_a_genuine_npz_passes_the_bounds_and_its_job_succeeds(api: ApiClient, model_bytes: bytes,
-                                                              tmp_path: Path) -> None:
+def test_a_genuine_npz_passes_the_bounds_and_its_job_succeeds(
+    api: ApiClient, model_bytes: bytes, tmp_path: Path
+) -> None:
     response = api.submit(model_bytes, QUICK, data=_genuine_npz(tmp_path / "genuine.npz"))
     assert response.status_code == 202, response.text
     job = api.wait(response.json()["id"], timeout=180)

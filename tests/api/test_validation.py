@@ -1,4 +1,5 @@
 """Every bad request gets a clear problem+json answer from the running API, never a 500."""
+
 from __future__ import annotations
 
 import http.client
@@ -48,14 +49,17 @@ def test_unknown_nested_field_is_named(api: ApiClient, model_bytes: bytes) -> No
     assert body["errors"] == {"spec.quantize.bits": ["Unknown field."]}
 
 
-@pytest.mark.parametrize(("spec", "field"), [
-    ({**GOOD_SPEC, "quantize": {"dtype": "int4"}}, "spec.quantize.dtype"),
-    ({**GOOD_SPEC, "input_shape": [1, 0, 8]}, "spec.input_shape.1"),
-    ({**GOOD_SPEC, "evaluation": {"runs": 5000}}, "spec.evaluation.runs"),
-    ({**GOOD_SPEC, "method": "sharpen"}, "spec.method"),
-    ({"method": "quantize"}, "spec.input_shape"),
-    ({**GOOD_SPEC, "quantize": {"modules": ["Conv2d"]}}, "spec.quantize.modules.0"),
-])
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({**GOOD_SPEC, "quantize": {"dtype": "int4"}}, "spec.quantize.dtype"),
+        ({**GOOD_SPEC, "input_shape": [1, 0, 8]}, "spec.input_shape.1"),
+        ({**GOOD_SPEC, "evaluation": {"runs": 5000}}, "spec.evaluation.runs"),
+        ({**GOOD_SPEC, "method": "sharpen"}, "spec.method"),
+        ({"method": "quantize"}, "spec.input_shape"),
+        ({**GOOD_SPEC, "quantize": {"modules": ["Conv2d"]}}, "spec.quantize.modules.0"),
+    ],
+)
 def test_out_of_range_values_are_named(api: ApiClient, model_bytes: bytes, spec: dict, field: str) -> None:
     body = _problem(api.submit(model_bytes, spec), 422)
     assert list(body["errors"]) == [field]
@@ -74,8 +78,10 @@ def test_missing_spec(api: ApiClient, model_bytes: bytes) -> None:
 
 
 def test_spec_may_come_as_a_file_part(api: ApiClient, model_bytes: bytes) -> None:
-    response = api.session.post(api.url("/v1/jobs"), files={
-        "model": ("m.pt", model_bytes), "spec": ("spec.json", json.dumps(GOOD_SPEC).encode())})
+    response = api.session.post(
+        api.url("/v1/jobs"),
+        files={"model": ("m.pt", model_bytes), "spec": ("spec.json", json.dumps(GOOD_SPEC).encode())},
+    )
     assert response.status_code == 202, response.text
     assert response.json()["spec"]["input_shape"] == [1, 3, 8, 8]
 
@@ -154,9 +160,14 @@ def test_prune_finetune_without_data(api: ApiClient, model_bytes: bytes) -> None
 def test_qat_without_data_and_qat_options_in_another_mode(api: ApiClient, model_bytes: bytes) -> None:
     spec = {"method": "quantize", "input_shape": [1, 3, 8, 8], "quantize": {"mode": "qat"}}
     body = _problem(api.submit(model_bytes, spec), 422)
-    assert list(body["errors"]) == ["spec.quantize.mode"] and "needs a data file" in body["errors"]["spec.quantize.mode"][0]
+    assert (
+        list(body["errors"]) == ["spec.quantize.mode"]
+        and "needs a data file" in body["errors"]["spec.quantize.mode"][0]
+    )
     spec = {"method": "quantize", "input_shape": [1, 3, 8, 8], "quantize": {"mode": "static", "qat": {"epochs": 2}}}
-    assert _problem(api.submit(model_bytes, spec), 422)["errors"] == {"spec.quantize.qat": ["only used when mode is 'qat'"]}
+    assert _problem(api.submit(model_bytes, spec), 422)["errors"] == {
+        "spec.quantize.qat": ["only used when mode is 'qat'"]
+    }
     spec = {"method": "quantize", "input_shape": [1, 3, 8, 8], "quantize": {"mode": "qat", "qat": {"epochs": 0}}}
     assert list(_problem(api.submit(model_bytes, spec), 422)["errors"]) == ["spec.quantize.qat.epochs"]
 
@@ -164,33 +175,50 @@ def test_qat_without_data_and_qat_options_in_another_mode(api: ApiClient, model_
 PRUNE_SHAPE = {"method": "prune", "input_shape": [1, 3, 8, 8]}
 
 
-@pytest.mark.parametrize(("prune", "field"), [
-    ({"importance": "bn_scale"}, "spec.prune.importance"),  # structured: false
-    ({"importance": "group_lasso", "structured": False}, "spec.prune.importance"),
-    ({"regularize": {"epochs": 1}}, "spec.prune.regularize"),  # unstructured
-    ({"structured": True, "regularize": {"epochs": 1}}, "spec.prune.regularize"),  # importance l1
-    ({"importance": "l1", "criterion": "l2"}, "spec.prune.importance"),
-    ({"importance": "bn_scale", "structured": True, "regularize": {"strength": 0}}, "spec.prune.regularize.strength"),
-    ({"importance": "entropy"}, "spec.prune.importance"),
-    ({"schedule": {"steps": 3}}, "spec.prune.schedule"),  # without finetune
-    ({"schedule": {"steps": 4}, "finetune": {"epochs": 3}}, "spec.prune.schedule.steps"),
-    ({"schedule": {"steps": 1}, "finetune": {}}, "spec.prune.schedule.steps"),
-    ({"schedule": {"curve": "exponential"}, "finetune": {}}, "spec.prune.schedule.curve"),
-])
-def test_prune_training_options_that_do_not_fit_are_named(api: ApiClient, model_bytes: bytes, prune: dict,
-                                                          field: str) -> None:
+@pytest.mark.parametrize(
+    ("prune", "field"),
+    [
+        ({"importance": "bn_scale"}, "spec.prune.importance"),  # structured: false
+        ({"importance": "group_lasso", "structured": False}, "spec.prune.importance"),
+        ({"regularize": {"epochs": 1}}, "spec.prune.regularize"),  # unstructured
+        ({"structured": True, "regularize": {"epochs": 1}}, "spec.prune.regularize"),  # importance l1
+        ({"importance": "l1", "criterion": "l2"}, "spec.prune.importance"),
+        (
+            {"importance": "bn_scale", "structured": True, "regularize": {"strength": 0}},
+            "spec.prune.regularize.strength",
+        ),
+        ({"importance": "entropy"}, "spec.prune.importance"),
+        ({"schedule": {"steps": 3}}, "spec.prune.schedule"),  # without finetune
+        ({"schedule": {"steps": 4}, "finetune": {"epochs": 3}}, "spec.prune.schedule.steps"),
+        ({"schedule": {"steps": 1}, "finetune": {}}, "spec.prune.schedule.steps"),
+        ({"schedule": {"curve": "exponential"}, "finetune": {}}, "spec.prune.schedule.curve"),
+    ],
+)
+def test_prune_training_options_that_do_not_fit_are_named(
+    api: ApiClient, model_bytes: bytes, prune: dict, field: str
+) -> None:
     body = _problem(api.submit(model_bytes, {**PRUNE_SHAPE, "prune": prune}), 422)
     assert list(body["errors"]) == [field]
 
 
-@pytest.mark.parametrize(("spec", "field"), [
-    ({**PRUNE_SHAPE, "prune": {"importance": "bn_scale", "structured": True}}, "spec.prune.importance"),
-    ({**PRUNE_SHAPE, "prune": {"importance": "group_lasso", "structured": True, "regularize": {"epochs": 1}}},
-     "spec.prune.importance"),
-    ({"method": "pipeline", "input_shape": [1, 3, 8, 8],
-      "steps": [{"method": "prune", "prune": {"importance": "group_lasso", "structured": True}}]},
-     "spec.steps.0.prune.importance"),
-])
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({**PRUNE_SHAPE, "prune": {"importance": "bn_scale", "structured": True}}, "spec.prune.importance"),
+        (
+            {**PRUNE_SHAPE, "prune": {"importance": "group_lasso", "structured": True, "regularize": {"epochs": 1}}},
+            "spec.prune.importance",
+        ),
+        (
+            {
+                "method": "pipeline",
+                "input_shape": [1, 3, 8, 8],
+                "steps": [{"method": "prune", "prune": {"importance": "group_lasso", "structured": True}}],
+            },
+            "spec.steps.0.prune.importance",
+        ),
+    ],
+)
 def test_sparsity_training_without_data(api: ApiClient, model_bytes: bytes, spec: dict, field: str) -> None:
     body = _problem(api.submit(model_bytes, spec), 422)
     assert list(body["errors"]) == [field] and "needs a data file" in body["errors"][field][0]
@@ -247,66 +275,108 @@ def test_width_student_needs_its_width(api: ApiClient, model_bytes: bytes, tmp_p
 WIDTH = {"from": "width", "width": 0.5}
 
 
-@pytest.mark.parametrize(("distill", "field", "message"), [
-    ({"student": {"from": "upload"}, "schedule": {"steps": 2}}, "spec.distill.schedule",
-     "only for a width student (student.from 'width')"),
-    ({"student": WIDTH, "epochs": 2, "schedule": {"steps": 3}}, "spec.distill.schedule.steps", "at most epochs (2)"),
-    ({"student": WIDTH, "schedule": {"steps": 1}}, "spec.distill.schedule.steps", "greater than or equal to 2"),
-    ({"student": {"from": "torchvision", "arch": "resnet18"}, "features": {}}, "spec.distill.features.pairs",
-     "required when student.from is 'torchvision'"),
-    ({"student": WIDTH, "features": {"pairs": [["layer1"]]}}, "spec.distill.features.pairs.0",
-     "a pair: [student layer, teacher layer]"),
-    ({"student": WIDTH, "features": {"pairs": [["layer 1", "layer1"]]}}, "spec.distill.features.pairs.0.0",
-     "a module's qualified name"),
-    ({"student": WIDTH, "features": {"pairs": [["fc", "fc"], ["fc", "fc"]]}}, "spec.distill.features.pairs",
-     "each pair at most once"),
-    ({"student": WIDTH, "features": True}, "spec.distill.features", "Invalid input type"),
-    ({"student": WIDTH, "features": {"weight": 0}}, "spec.distill.features.weight", "greater than 0"),
-    ({"student": WIDTH, "features": {"layers": ["conv"]}}, "spec.distill.features.layers", "Unknown field"),
-])
-def test_distill_features_and_schedule_that_do_not_fit_are_named(api: ApiClient, model_bytes: bytes, tmp_path: Path,
-                                                                 distill: dict, field: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("distill", "field", "message"),
+    [
+        (
+            {"student": {"from": "upload"}, "schedule": {"steps": 2}},
+            "spec.distill.schedule",
+            "only for a width student (student.from 'width')",
+        ),
+        (
+            {"student": WIDTH, "epochs": 2, "schedule": {"steps": 3}},
+            "spec.distill.schedule.steps",
+            "at most epochs (2)",
+        ),
+        ({"student": WIDTH, "schedule": {"steps": 1}}, "spec.distill.schedule.steps", "greater than or equal to 2"),
+        (
+            {"student": {"from": "torchvision", "arch": "resnet18"}, "features": {}},
+            "spec.distill.features.pairs",
+            "required when student.from is 'torchvision'",
+        ),
+        (
+            {"student": WIDTH, "features": {"pairs": [["layer1"]]}},
+            "spec.distill.features.pairs.0",
+            "a pair: [student layer, teacher layer]",
+        ),
+        (
+            {"student": WIDTH, "features": {"pairs": [["layer 1", "layer1"]]}},
+            "spec.distill.features.pairs.0.0",
+            "a module's qualified name",
+        ),
+        (
+            {"student": WIDTH, "features": {"pairs": [["fc", "fc"], ["fc", "fc"]]}},
+            "spec.distill.features.pairs",
+            "each pair at most once",
+        ),
+        ({"student": WIDTH, "features": True}, "spec.distill.features", "Invalid input type"),
+        ({"student": WIDTH, "features": {"weight": 0}}, "spec.distill.features.weight", "greater than 0"),
+        ({"student": WIDTH, "features": {"layers": ["conv"]}}, "spec.distill.features.layers", "Unknown field"),
+    ],
+)
+def test_distill_features_and_schedule_that_do_not_fit_are_named(
+    api: ApiClient, model_bytes: bytes, tmp_path: Path, distill: dict, field: str, message: str
+) -> None:
     np.savez(tmp_path / "d.npz", inputs=np.zeros((4, 3, 8, 8), dtype=np.float32))
     body = _problem(api.submit(model_bytes, {"method": "distill", "distill": distill}, data=tmp_path / "d.npz"), 422)
     assert list(body["errors"]) == [field] and message in body["errors"][field][0], body["errors"]
 
 
-@pytest.mark.parametrize(("spec", "field"), [
-    ({"method": "quantize", "inputs": [{"shape": [2, 5], "dtype": "int8"}]}, "spec.inputs.0.dtype"),
-    ({"method": "quantize", "inputs": [{"shape": [2, 5]}, {"shape": [2, 5], "dtype": "bool", "low": 0}]},
-     "spec.inputs.1.low"),
-    ({"method": "quantize", "inputs": [{"shape": [2, 5], "dtype": "int64", "low": 9, "high": 3}]}, "spec.inputs.0.high"),
-    ({"method": "quantize", "inputs": [{"shape": [2, 5]}, {"shape": [3, 5]}]}, "spec.inputs"),
-    ({"method": "quantize", "inputs": [{"shape": [2, 5]}], "input_shape": [2, 5]}, "spec.inputs"),
-    ({**GOOD_SPEC, "output": -1}, "spec.output"),
-])
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({"method": "quantize", "inputs": [{"shape": [2, 5], "dtype": "int8"}]}, "spec.inputs.0.dtype"),
+        (
+            {"method": "quantize", "inputs": [{"shape": [2, 5]}, {"shape": [2, 5], "dtype": "bool", "low": 0}]},
+            "spec.inputs.1.low",
+        ),
+        (
+            {"method": "quantize", "inputs": [{"shape": [2, 5], "dtype": "int64", "low": 9, "high": 3}]},
+            "spec.inputs.0.high",
+        ),
+        ({"method": "quantize", "inputs": [{"shape": [2, 5]}, {"shape": [3, 5]}]}, "spec.inputs"),
+        ({"method": "quantize", "inputs": [{"shape": [2, 5]}], "input_shape": [2, 5]}, "spec.inputs"),
+        ({**GOOD_SPEC, "output": -1}, "spec.output"),
+    ],
+)
 def test_bad_inputs_and_output_are_named(api: ApiClient, model_bytes: bytes, spec: dict, field: str) -> None:
     body = _problem(api.submit(model_bytes, spec), 422)
     assert list(body["errors"]) == [field]
 
 
-@pytest.mark.parametrize(("spec", "field"), [
-    ({**GOOD_SPEC, "package": "aoti"}, "spec.package"),
-    ({**GOOD_SPEC, "evaluation": {"runtime": "compile"}}, "spec.evaluation.runtime"),
-])
-def test_program_only_options_on_a_torchscript_model_are_named(api: ApiClient, model_bytes: bytes, spec: dict,
-                                                               field: str) -> None:
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        ({**GOOD_SPEC, "package": "aoti"}, "spec.package"),
+        ({**GOOD_SPEC, "evaluation": {"runtime": "compile"}}, "spec.evaluation.runtime"),
+    ],
+)
+def test_program_only_options_on_a_torchscript_model_are_named(
+    api: ApiClient, model_bytes: bytes, spec: dict, field: str
+) -> None:
     body = _problem(api.submit(model_bytes, spec), 422)
     assert list(body["errors"]) == [field] and ".pt2" in body["errors"][field][0]
 
 
-def test_data_file_that_contradicts_the_declared_inputs_is_refused_at_submit(api: ApiClient, model_bytes: bytes,
-                                                                              tmp_path: Path) -> None:
-    np.savez(tmp_path / "two.npz", input_0=np.zeros((4, 3, 8, 8), dtype=np.float32),
-             input_1=np.zeros((4, 16), dtype=np.int64))
+def test_data_file_that_contradicts_the_declared_inputs_is_refused_at_submit(
+    api: ApiClient, model_bytes: bytes, tmp_path: Path
+) -> None:
+    np.savez(
+        tmp_path / "two.npz",
+        input_0=np.zeros((4, 3, 8, 8), dtype=np.float32),
+        input_1=np.zeros((4, 16), dtype=np.int64),
+    )
     before = len(api.session.get(api.url("/v1/jobs?limit=100")).json()["jobs"])
     declared = {"method": "quantize", "inputs": [{"shape": [2, 3, 8, 8]}, {"shape": [2, 12], "dtype": "int32"}]}
 
     body = _problem(api.submit(model_bytes, declared, data=tmp_path / "two.npz"), 422)
     assert body["errors"] == {
-        "spec.inputs.1.shape": ["samples of shape [12] declared, but the data file's 'input_1' has samples of shape "
-                                "[16] (array shape [4, 16]); only the batch axis may differ"],
-        "spec.inputs.1.dtype": ["int32 declared, but the data file's 'input_1' holds int64"]}
+        "spec.inputs.1.shape": [
+            "samples of shape [12] declared, but the data file's 'input_1' has samples of shape "
+            "[16] (array shape [4, 16]); only the batch axis may differ"
+        ],
+        "spec.inputs.1.dtype": ["int32 declared, but the data file's 'input_1' holds int64"],
+    }
     body = _problem(api.submit(model_bytes, GOOD_SPEC, data=tmp_path / "two.npz"), 422)
     assert body["errors"] == {"spec.input_shape": ["declares 1 input(s) but the data file has 2 (input_0, input_1)"]}
     assert len(api.session.get(api.url("/v1/jobs?limit=100")).json()["jobs"]) == before  # nothing was queued

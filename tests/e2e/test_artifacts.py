@@ -6,6 +6,7 @@ from the data directory and from a real S3 server (SeaweedFS). The job's child i
 artifacts and a report, honest or forged: the engine's exports are not needed to test what the
 service does with what a child leaves.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -78,8 +79,10 @@ class Harness:
     """Redis and the API (no worker); jobs recorded as the API records them, run by a Supervisor here."""
 
     def __init__(self, root: Path, **settings: Any) -> None:
-        self.stack = Stack(make_settings(root / "data", redis_url=None, job_threads=1, job_timeout_s=120, **settings),
-                           log_dir=root / "logs")
+        self.stack = Stack(
+            make_settings(root / "data", redis_url=None, job_threads=1, job_timeout_s=120, **settings),
+            log_dir=root / "logs",
+        )
         self.stack.start(worker=False)
         self.settings = self.stack.settings
         self.store = JobStore(connect(self.settings.redis_url))
@@ -97,12 +100,31 @@ class Harness:
         files.spec.write_text(json.dumps(spec))
         body = files.input_model.read_bytes()
         self.objects.keep_inputs(job_id)
-        self.store.create({
-            "id": job_id, "tenant": "public", "state": "queued", "progress": 0.0, "stage": "queued",
-            "created_at": utc_now(), "started_at": None, "finished_at": None, "spec": spec,
-            "input": {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest(), "format": "torchscript",
-                      "filename": "quick.pt"},
-            "data": None, "student": None, "result": None, "error": None, "warnings": [], "callback_url": None})
+        self.store.create(
+            {
+                "id": job_id,
+                "tenant": "public",
+                "state": "queued",
+                "progress": 0.0,
+                "stage": "queued",
+                "created_at": utc_now(),
+                "started_at": None,
+                "finished_at": None,
+                "spec": spec,
+                "input": {
+                    "bytes": len(body),
+                    "sha256": hashlib.sha256(body).hexdigest(),
+                    "format": "torchscript",
+                    "filename": "quick.pt",
+                },
+                "data": None,
+                "student": None,
+                "result": None,
+                "error": None,
+                "warnings": [],
+                "callback_url": None,
+            }
+        )
         return files
 
     def run(self, program: str, targets: list[str], required: bool = False) -> tuple[dict[str, Any], JobFiles]:
@@ -140,8 +162,10 @@ def published_artifacts(harness: Harness, job_id: str) -> list[str]:
 
 def test_artifact_is_published_with_its_measured_size_and_digest(local: Harness, honest: dict[str, Any]) -> None:
     digest = hashlib.sha256(ONNX_BYTES).hexdigest()
-    assert honest["result"]["targets"] == {"onnx": {"status": "succeeded", "bytes": len(ONNX_BYTES), "sha256": digest},
-                                           "openvino": {"status": "failed"}}  # the child claimed 1 byte and zeros
+    assert honest["result"]["targets"] == {
+        "onnx": {"status": "succeeded", "bytes": len(ONNX_BYTES), "sha256": digest},
+        "openvino": {"status": "failed"},
+    }  # the child claimed 1 byte and zeros
     assert honest["warnings"] == ["target openvino failed: no IR for you"]
     assert published_artifacts(local, honest["id"]) == [f"artifact.attempt-{honest['attempt']}.model.onnx"]
     report = local.get(f"/v1/jobs/{honest['id']}/report").json()
@@ -155,10 +179,20 @@ def test_artifacts_are_listed_with_a_link_or_a_reason(local: Harness, honest: di
     listed = local.get(job["links"]["artifacts"])
     assert listed.status_code == 200, listed.text
     onnx, openvino = listed.json()["artifacts"]
-    assert onnx == {"name": "onnx", "status": "succeeded", "file": "model.onnx", "format": "onnx",
-                    "bytes": len(ONNX_BYTES), "sha256": hashlib.sha256(ONNX_BYTES).hexdigest(),
-                    "runtime": "onnxruntime 1.31.1", "precision": "int8", "latency_ms": 1.25, "latency_ratio": 0.4,
-                    "reason": None, "href": f"/v1/jobs/{honest['id']}/artifacts/onnx"}
+    assert onnx == {
+        "name": "onnx",
+        "status": "succeeded",
+        "file": "model.onnx",
+        "format": "onnx",
+        "bytes": len(ONNX_BYTES),
+        "sha256": hashlib.sha256(ONNX_BYTES).hexdigest(),
+        "runtime": "onnxruntime 1.31.1",
+        "precision": "int8",
+        "latency_ms": 1.25,
+        "latency_ratio": 0.4,
+        "reason": None,
+        "href": f"/v1/jobs/{honest['id']}/artifacts/onnx",
+    }
     assert openvino["status"] == "failed" and openvino["reason"] == "no IR for you" and openvino["href"] is None
 
 
@@ -169,10 +203,13 @@ def test_artifact_downloads_byte_identical_with_the_models_headers(local: Harnes
     assert response.content == ONNX_BYTES
     assert response.headers["X-Checksum-Sha256"] == digest and response.headers["ETag"] == f'"{digest}"'
     assert response.headers["Content-Disposition"] == "attachment; filename=quick.quantize.onnx"
-    ranged = local.get(f"/v1/jobs/{honest['id']}/artifacts/onnx", Range="bytes=10-19", **{"Accept-Encoding": "identity"})
+    ranged = local.get(
+        f"/v1/jobs/{honest['id']}/artifacts/onnx", Range="bytes=10-19", **{"Accept-Encoding": "identity"}
+    )
     assert ranged.status_code == 206 and ranged.content == ONNX_BYTES[10:20]
-    unchanged = local.get(f"/v1/jobs/{honest['id']}/artifacts/onnx", **{"If-None-Match": f'"{digest}"',
-                                                                                 "Accept-Encoding": "identity"})
+    unchanged = local.get(
+        f"/v1/jobs/{honest['id']}/artifacts/onnx", **{"If-None-Match": f'"{digest}"', "Accept-Encoding": "identity"}
+    )
     assert unchanged.status_code == 304
     model = local.get(f"/v1/jobs/{honest['id']}/model")  # the model is served as before
     assert model.status_code == 200 and model.content == local.model.read_bytes()
@@ -199,44 +236,69 @@ def test_artifacts_of_an_unfinished_job_are_409(local: Harness) -> None:
 def test_console_job_page_shows_the_artifacts(local: Harness, honest: dict[str, Any]) -> None:
     page = local.get(f"/ui/jobs/{honest['id']}")
     assert page.status_code == 200
-    table = page.text[page.text.index('data-table="artifacts"'):]
-    onnx = table[table.index('data-target="onnx"'):table.index('data-target="openvino"')]
+    table = page.text[page.text.index('data-table="artifacts"') :]
+    onnx = table[table.index('data-target="onnx"') : table.index('data-target="openvino"')]
     assert "onnxruntime 1.31.1" in onnx and "int8" in onnx and "0.4" in onnx
     assert f'href="/v1/jobs/{honest["id"]}/artifacts/onnx"' in onnx
-    assert "failed: no IR for you" in table[table.index('data-target="openvino"'):]
+    assert "failed: no IR for you" in table[table.index('data-target="openvino"') :]
     # The runtimes side by side: the original and the result on torch, then the ONNX artifact on its runtime.
-    section = page.text[page.text.index('id="artifacts-h"'):page.text.index('data-table="artifacts"')]
-    assert bars(section, "runtime-latency") == [("original (torchscript)", 3.125), ("result (torchscript)", 2.5),
-                                                ("onnx (onnxruntime)", 1.25)]
+    section = page.text[page.text.index('id="artifacts-h"') : page.text.index('data-table="artifacts"')]
+    assert bars(section, "runtime-latency") == [
+        ("original (torchscript)", 3.125),
+        ("result (torchscript)", 2.5),
+        ("onnx (onnxruntime)", 1.25),
+    ]
     assert bars(section, "runtime-cosine") == [("result", 0.999), ("onnx", 0.998)]
 
 
 def bars(page: str, chart: str) -> list[tuple[str, float]]:
     """The (series, value) of each bar of the chart named ``chart`` in ``page``."""
-    drawn = page[page.index(f'data-chart="{chart}"'):]
-    drawn = drawn[:drawn.index("</svg>")]
-    return [(html.unescape(name), float(value))
-            for name, value in re.findall(r'class="bar" data-series="([^"]*)" data-value="([^"]*)"', drawn)]
+    drawn = page[page.index(f'data-chart="{chart}"') :]
+    drawn = drawn[: drawn.index("</svg>")]
+    return [
+        (html.unescape(name), float(value))
+        for name, value in re.findall(r'class="bar" data-series="([^"]*)" data-value="([^"]*)"', drawn)
+    ]
 
 
-def test_client_and_cli_round_trip(local: Harness, honest: dict[str, Any], tmp_path: Path,
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_client_and_cli_round_trip(
+    local: Harness, honest: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     client = Client(local.url)
     assert [entry["name"] for entry in client.artifacts(honest["id"])] == ["onnx", "openvino"]
     assert client.download(honest["id"], tmp_path / "a.onnx", target="onnx").read_bytes() == ONNX_BYTES
     with pytest.raises(ModelPressError) as refused:
         client.download(honest["id"], tmp_path / "b.xml", target="openvino")
     assert refused.value.status == 404
-    assert cli(["--url", local.url, "download", honest["id"], "--target", "onnx", "--out", str(tmp_path / "c.onnx")]) == 0
+    assert (
+        cli(["--url", local.url, "download", honest["id"], "--target", "onnx", "--out", str(tmp_path / "c.onnx")]) == 0
+    )
     assert (tmp_path / "c.onnx").read_bytes() == ONNX_BYTES
     assert "sha256 verified" in capsys.readouterr().out
 
 
-def test_cli_submit_adds_targets_to_the_spec(local: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_submit_adds_targets_to_the_spec(
+    local: Harness, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({**QUICK, "targets": ["openvino"]}))
-    assert cli(["--url", local.url, "submit", str(local.model), "--spec", str(spec), "--target", "onnx",
-                "--target", "openvino"]) == 0
+    assert (
+        cli(
+            [
+                "--url",
+                local.url,
+                "submit",
+                str(local.model),
+                "--spec",
+                str(spec),
+                "--target",
+                "onnx",
+                "--target",
+                "openvino",
+            ]
+        )
+        == 0
+    )
     job = json.loads(capsys.readouterr().out)
     assert job["spec"]["targets"] == ["openvino", "onnx"]
     local.store.delete(job["id"])  # no worker here: it would wait forever
@@ -253,36 +315,76 @@ def test_deleting_the_job_removes_its_artifacts(local: Harness) -> None:
 # ----------------------------------------------------------------------------- forged reports
 
 FORGED = {
-    "a name outside output/": ("""
+    "a name outside output/": (
+        """
         write("model.onnx", ONNX)
         report({"onnx": {"status": "succeeded", "file": "../../x"}})
-        send(event="succeeded")""", ["onnx"], False, "'targets.onnx.file' is not 'model.onnx'"),
-    "the model's name": ("""
+        send(event="succeeded")""",
+        ["onnx"],
+        False,
+        "'targets.onnx.file' is not 'model.onnx'",
+    ),
+    "the model's name": (
+        """
         report({"onnx": {"status": "succeeded", "file": "model.pt"}})
-        send(event="succeeded")""", ["onnx"], False, "'targets.onnx.file' is not 'model.onnx'"),
-    "a target the spec did not ask for": ("""
+        send(event="succeeded")""",
+        ["onnx"],
+        False,
+        "'targets.onnx.file' is not 'model.onnx'",
+    ),
+    "a target the spec did not ask for": (
+        """
         write("model.onnx", ONNX)
         write("model.pte", ONNX)
         report({"onnx": {"status": "succeeded", "file": "model.onnx"},
                 "executorch": {"status": "succeeded", "file": "model.pte"}})
-        send(event="succeeded")""", ["onnx"], False, "'targets.executorch': the spec did not ask for it"),
-    "a file it never wrote": ("""
+        send(event="succeeded")""",
+        ["onnx"],
+        False,
+        "'targets.executorch': the spec did not ask for it",
+    ),
+    "a file it never wrote": (
+        """
         report({"onnx": {"status": "succeeded", "file": "model.onnx"}})
-        send(event="succeeded")""", ["onnx"], False, "'targets.onnx.file': output/model.onnx does not exist"),
-    "an unknown status": ("""
+        send(event="succeeded")""",
+        ["onnx"],
+        False,
+        "'targets.onnx.file': output/model.onnx does not exist",
+    ),
+    "an unknown status": (
+        """
         report({"onnx": {"status": "maybe"}})
-        send(event="succeeded")""", ["onnx"], False, "'targets.onnx.status'"),
-    "a figure that is not one": ("""
+        send(event="succeeded")""",
+        ["onnx"],
+        False,
+        "'targets.onnx.status'",
+    ),
+    "a figure that is not one": (
+        """
         write("model.onnx", ONNX)
         report({"onnx": {"status": "succeeded", "file": "model.onnx", "latency_ms": float("nan")}})
-        send(event="succeeded")""", ["onnx"], False, "not JSON"),
-    "a runtime of control characters": ("""
+        send(event="succeeded")""",
+        ["onnx"],
+        False,
+        "not JSON",
+    ),
+    "a runtime of control characters": (
+        """
         write("model.onnx", ONNX)
         report({"onnx": {"status": "succeeded", "file": "model.onnx", "runtime": "ort\\r\\nX-Evil: 1"}})
-        send(event="succeeded")""", ["onnx"], False, "'targets.onnx.runtime'"),
-    "a required target that failed": ("""
+        send(event="succeeded")""",
+        ["onnx"],
+        False,
+        "'targets.onnx.runtime'",
+    ),
+    "a required target that failed": (
+        """
         report({"onnx": {"status": "failed", "reason": "no"}})
-        send(event="succeeded")""", ["onnx"], True, "'targets.onnx' did not succeed, and the spec's targets_required"),
+        send(event="succeeded")""",
+        ["onnx"],
+        True,
+        "'targets.onnx' did not succeed, and the spec's targets_required",
+    ),
 }
 
 
@@ -297,9 +399,12 @@ def test_forged_target_report_fails_the_job_and_publishes_nothing(local: Harness
 
 
 def test_a_failed_optional_target_or_one_left_out_still_succeeds(local: Harness) -> None:
-    job, _ = local.run("""
+    job, _ = local.run(
+        """
         report({"onnx": {"status": "failed", "reason": "exporter crashed"}})
-        send(event="succeeded")""", ["onnx", "executorch"])
+        send(event="succeeded")""",
+        ["onnx", "executorch"],
+    )
     assert job["state"] == "succeeded", job["error"]
     listed = {entry["name"]: entry for entry in local.get(f"/v1/jobs/{job['id']}/artifacts").json()["artifacts"]}
     assert listed["onnx"]["reason"] == "exporter crashed"
@@ -309,10 +414,13 @@ def test_a_failed_optional_target_or_one_left_out_still_succeeds(local: Harness)
 def test_a_symlink_artifact_to_a_host_file_is_refused_and_never_served(local: Harness, tmp_path: Path) -> None:
     secret = tmp_path / "host-secret"
     secret.write_bytes(b"host secret")
-    job, _files = local.run(f"""
+    job, _files = local.run(
+        f"""
         os.symlink({str(secret)!r}, job + "/output/model.onnx")
         report({{"onnx": {{"status": "succeeded", "file": "model.onnx"}}}})
-        send(event="succeeded")""", ["onnx"])
+        send(event="succeeded")""",
+        ["onnx"],
+    )
     assert job["state"] == "failed"
     assert job["error"]["type"].endswith("/invalid-output") and "output/model.onnx" in job["error"]["detail"]
     assert published_artifacts(local, job["id"]) == []
@@ -391,8 +499,10 @@ def test_s3_artifact_is_published_served_and_deleted(s3: Harness) -> None:
 
     attempt = job["attempt"]
     assert f"artifact.attempt-{attempt}.model.onnx" in keys()
-    assert [entry["status"] for entry in s3.get(f"/v1/jobs/{job['id']}/artifacts").json()["artifacts"]] == \
-        ["succeeded", "failed"]
+    assert [entry["status"] for entry in s3.get(f"/v1/jobs/{job['id']}/artifacts").json()["artifacts"]] == [
+        "succeeded",
+        "failed",
+    ]
     response = s3.get(f"/v1/jobs/{job['id']}/artifacts/onnx", **{"Accept-Encoding": "identity"})
     assert response.status_code == 200 and response.content == ONNX_BYTES
     assert response.headers["X-Checksum-Sha256"] == hashlib.sha256(ONNX_BYTES).hexdigest()

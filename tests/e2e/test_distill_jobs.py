@@ -1,4 +1,5 @@
 """Distillation through the HTTP API: an uploaded student and a torchvision-named one."""
+
 from __future__ import annotations
 
 import io
@@ -35,8 +36,11 @@ def teacher_and_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
     return save_scripted(TinyColorNet(), root / "teacher.pt"), root / "data.npz"
 
 
-SPEC = {"method": "distill", "evaluation": {"runs": 2, "warmup": 1},
-        "distill": {"epochs": 2, "batch_size": 16, "val_fraction": 0.25}}
+SPEC = {
+    "method": "distill",
+    "evaluation": {"runs": 2, "warmup": 1},
+    "distill": {"epochs": 2, "batch_size": 16, "val_fraction": 0.25},
+}
 
 
 def test_uploaded_student_trains_end_to_end(api: ApiClient, teacher_and_data, tmp_path: Path) -> None:
@@ -59,8 +63,10 @@ def test_uploaded_student_trains_end_to_end(api: ApiClient, teacher_and_data, tm
 
 def test_torchvision_student_trains_end_to_end(api: ApiClient, teacher_and_data) -> None:
     teacher, data = teacher_and_data
-    spec = {**SPEC, "distill": {**SPEC["distill"], "epochs": 1,
-                                "student": {"from": "torchvision", "arch": "mobilenet_v3_small"}}}
+    spec = {
+        **SPEC,
+        "distill": {**SPEC["distill"], "epochs": 1, "student": {"from": "torchvision", "arch": "mobilenet_v3_small"}},
+    }
 
     job = api.wait(api.submit(teacher, spec, data=data).json()["id"], timeout=300)
 
@@ -73,7 +79,9 @@ def test_torchvision_student_trains_end_to_end(api: ApiClient, teacher_and_data)
 
 def test_labels_of_the_wrong_length_fail_the_job_clearly(api: ApiClient, teacher_and_data, tmp_path: Path) -> None:
     teacher, _ = teacher_and_data
-    np.savez(tmp_path / "bad.npz", inputs=np.zeros((10, 3, 32, 32), dtype=np.float32), labels=np.zeros(7, dtype=np.int64))
+    np.savez(
+        tmp_path / "bad.npz", inputs=np.zeros((10, 3, 32, 32), dtype=np.float32), labels=np.zeros(7, dtype=np.int64)
+    )
     spec = {**SPEC, "distill": {**SPEC["distill"], "student": {"from": "width", "width": 0.5}}}
 
     job = api.wait(api.submit(teacher, spec, data=tmp_path / "bad.npz").json()["id"], timeout=120)

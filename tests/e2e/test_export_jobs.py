@@ -1,4 +1,5 @@
 """torch.export programs (.pt2) through the real service: a .pt2 in, a .pt2 out; crafted archives refused."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,7 +28,7 @@ def test_a_program_is_quantized_and_comes_back_as_a_program(api: ApiClient, tmp_
 
     response = api.session.get(api.url(job["links"]["model"]), headers={"Accept-Encoding": "identity"}, timeout=120)
     assert response.status_code == 200
-    assert 'filename=transformer.quantize.pt2' in response.headers["Content-Disposition"]
+    assert "filename=transformer.quantize.pt2" in response.headers["Content-Disposition"]
     downloaded = client.download(job, tmp_path / "transformer.quantize.pt2")  # checks the SHA-256
     assert downloaded.read_bytes() == response.content
     assert len(response.content) <= 0.30 * path.stat().st_size
@@ -44,14 +45,19 @@ def test_a_program_is_quantized_and_comes_back_as_a_program(api: ApiClient, tmp_
     assert report["size"]["bytes_after"] == len(response.content)
 
 
-def test_a_program_carrying_a_pickle_payload_is_refused_at_submit_and_never_runs(api: ApiClient, tmp_path: Path) -> None:
+def test_a_program_carrying_a_pickle_payload_is_refused_at_submit_and_never_runs(
+    api: ApiClient, tmp_path: Path
+) -> None:
     torch.manual_seed(0)
     genuine = save_exported(LinearTransformer(width=64, blocks=1).eval(), torch.randn(2, 8, 64), tmp_path / "g.pt2")
     marker = tmp_path / "payload-ran"
     before = [job["id"] for job in api.session.get(api.url("/v1/jobs?limit=100")).json()["jobs"]]
 
-    response = api.submit(with_payload_in_sample_inputs(genuine, marker), {"method": "quantize", "input_shape": [2, 8, 64]},
-                          filename="innocent.pt2")
+    response = api.submit(
+        with_payload_in_sample_inputs(genuine, marker),
+        {"method": "quantize", "input_shape": [2, 8, 64]},
+        filename="innocent.pt2",
+    )
 
     assert response.status_code == 422, response.text
     assert response.headers["Content-Type"] == "application/problem+json"
@@ -65,11 +71,17 @@ def test_a_student_in_another_format_than_its_teacher_is_refused_at_submit(api: 
     from tests.models import save_scripted
 
     teacher = save_scripted(LinearTransformer(width=64, blocks=1).eval(), tmp_path / "teacher.pt")
-    student = save_exported(LinearTransformer(width=32, blocks=1).eval(), torch.randn(2, 8, 32), tmp_path / "student.pt2")
+    student = save_exported(
+        LinearTransformer(width=32, blocks=1).eval(), torch.randn(2, 8, 32), tmp_path / "student.pt2"
+    )
     data = tmp_path / "data.npz"
     np.savez(data, inputs=np.random.default_rng(0).standard_normal((16, 8, 64)).astype(np.float32))
-    response = api.submit(teacher, {"method": "distill", "distill": {"student": {"from": "upload"}, "epochs": 1}},
-                          data=data, student=student)
+    response = api.submit(
+        teacher,
+        {"method": "distill", "distill": {"student": {"from": "upload"}, "epochs": 1}},
+        data=data,
+        student=student,
+    )
     assert response.status_code == 422, response.text
     assert "same format" in " ".join(response.json()["errors"].get("student", [])), response.text
 
@@ -85,9 +97,11 @@ def test_a_program_teacher_distils_into_a_program_student_through_the_api(api: A
     inputs = torch.randn(48, 3, 32, 32)
     data = tmp_path / "data.npz"
     np.savez(data, inputs=inputs.numpy())  # unlabelled: the student learns the teacher's answers
-    spec = {"method": "distill", "evaluation": {"runs": 2, "warmup": 1},
-            "distill": {"student": {"from": "upload"}, "epochs": 3, "batch_size": 16, "lr": 0.01,
-                        "val_fraction": 0.25}}
+    spec = {
+        "method": "distill",
+        "evaluation": {"runs": 2, "warmup": 1},
+        "distill": {"student": {"from": "upload"}, "epochs": 3, "batch_size": 16, "lr": 0.01, "val_fraction": 0.25},
+    }
 
     response = api.submit(teacher, spec, data=data, student=student)
     assert response.status_code == 202, response.text
@@ -97,7 +111,7 @@ def test_a_program_teacher_distils_into_a_program_student_through_the_api(api: A
     assert job["result"]["format"] == "pt2"
 
     download = api.session.get(api.url(job["links"]["model"]), headers={"Accept-Encoding": "identity"}, timeout=120)
-    assert download.headers["Content-Disposition"].endswith('.distill.pt2')  # the format's suffix
+    assert download.headers["Content-Disposition"].endswith(".distill.pt2")  # the format's suffix
     (tmp_path / "out.pt2").write_bytes(download.content)
     program = torch.export.load(tmp_path / "out.pt2")  # plain torch loads the trained student
     trained = dict(program.state_dict)
@@ -116,8 +130,13 @@ def test_a_job_can_return_an_aoti_package_of_its_result(api: ApiClient, tmp_path
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.ReLU(), torch.nn.Linear(128, 4)).eval()
     path = save_exported(model, torch.randn(4, 32), tmp_path / "mlp.pt2")
-    spec = {"method": "quantize", "quantize": {"dtype": "float16"}, "input_shape": [4, 32], "package": "aoti",
-            "evaluation": {"runs": 2, "warmup": 1}}
+    spec = {
+        "method": "quantize",
+        "quantize": {"dtype": "float16"},
+        "input_shape": [4, 32],
+        "package": "aoti",
+        "evaluation": {"runs": 2, "warmup": 1},
+    }
 
     response = api.submit(path, spec, filename="mlp.pt2")
     assert response.status_code == 202, response.text
@@ -126,7 +145,7 @@ def test_a_job_can_return_an_aoti_package_of_its_result(api: ApiClient, tmp_path
     assert job["result"]["format"] == "aoti"
 
     download = api.session.get(api.url(job["links"]["model"]), headers={"Accept-Encoding": "identity"}, timeout=120)
-    assert 'filename=mlp.quantize.aoti.pt2' in download.headers["Content-Disposition"]
+    assert "filename=mlp.quantize.aoti.pt2" in download.headers["Content-Disposition"]
     (tmp_path / "mlp.quantize.aoti.pt2").write_bytes(download.content)
     compiled = torch._inductor.aoti_load_package(str(tmp_path / "mlp.quantize.aoti.pt2"))
     x = torch.randn(6, 32)

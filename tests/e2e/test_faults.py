@@ -1,4 +1,5 @@
 """A dying or cancelled compression process fails or cancels its own job only."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,9 @@ def quick_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_scripted(SmallConvNet(), tmp_path_factory.mktemp("quick") / "conv.pt")
 
 
-def test_killed_compression_process_fails_its_job_and_the_worker_goes_on(api: ApiClient, slow_model: Path,
-                                                                         quick_model: Path) -> None:
+def test_killed_compression_process_fails_its_job_and_the_worker_goes_on(
+    api: ApiClient, slow_model: Path, quick_model: Path
+) -> None:
     victim = api.submit(slow_model, SLOW_SPEC).json()["id"]
     api.wait(victim, until={"running"}, timeout=120)
     process = compression_process(victim)
@@ -97,7 +99,9 @@ def test_job_whose_worker_dies_once_is_run_again_and_succeeds(api: ApiClient, tm
     assert hashlib.sha256(served.content).hexdigest() == job["result"]["sha256"]
 
 
-def test_job_that_keeps_killing_its_worker_fails_after_bounded_deliveries(api: ApiClient, stack, slow_model: Path) -> None:
+def test_job_that_keeps_killing_its_worker_fails_after_bounded_deliveries(
+    api: ApiClient, stack, slow_model: Path
+) -> None:
     job_id = api.submit(slow_model, SLOW_SPEC).json()["id"]
     limit = stack.settings.max_deliveries
     for _ in range(limit):

@@ -1,4 +1,5 @@
 """Untrusted uploads, tenants and faults, against a stack with API keys and tight limits."""
+
 from __future__ import annotations
 
 import io
@@ -40,9 +41,18 @@ def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hardened]:
     root = tmp_path_factory.mktemp("hardened")
     keys = {"alpha": "mp_alpha-secret-key", "beta": "mp_beta-secret-key"}
     write_keys(root / "keys", keys)
-    settings = make_settings(root / "data", redis_url=None, api_keys_file=root / "keys", job_timeout_s=JOB_TIMEOUT_S,
-                             job_memory_mb=6144, max_active_jobs=60, worker_concurrency=2, job_threads=1,
-                             metrics_token=METRICS_TOKEN, op_check="job")  # the in-job graph walk alone
+    settings = make_settings(
+        root / "data",
+        redis_url=None,
+        api_keys_file=root / "keys",
+        job_timeout_s=JOB_TIMEOUT_S,
+        job_memory_mb=6144,
+        max_active_jobs=60,
+        worker_concurrency=2,
+        job_threads=1,
+        metrics_token=METRICS_TOKEN,
+        op_check="job",
+    )  # the in-job graph walk alone
     stack = Stack(settings, log_dir=root / "logs")
     try:
         stack.start()
@@ -59,19 +69,29 @@ def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hardened]:
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hardened-models")
     torch.manual_seed(0)
-    return {"quick": save_scripted(SmallConvNet(), root / "quick.pt"),
-            "slow": save_scripted(SlowModel(steps=5000), root / "slow.pt"),
-            "medium": save_scripted(SlowModel(steps=1500), root / "medium.pt")}
+    return {
+        "quick": save_scripted(SmallConvNet(), root / "quick.pt"),
+        "slow": save_scripted(SlowModel(steps=5000), root / "slow.pt"),
+        "medium": save_scripted(SlowModel(steps=1500), root / "medium.pt"),
+    }
 
 
 # ----------------------------------------------------------------------------- keys and tenants
 
 
 def test_every_v1_route_needs_a_valid_key(hardened: Hardened) -> None:
-    for client, header in ((hardened.anonymous, None), (hardened.anonymous, "Bearer mp_wrong"), (hardened.anonymous, "Basic x")):
+    for client, header in (
+        (hardened.anonymous, None),
+        (hardened.anonymous, "Bearer mp_wrong"),
+        (hardened.anonymous, "Basic x"),
+    ):
         headers = {"Authorization": header} if header else {}
-        for method, path in (("GET", "/v1/jobs"), ("POST", "/v1/jobs"), ("GET", "/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV"),
-                             ("DELETE", "/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV")):
+        for method, path in (
+            ("GET", "/v1/jobs"),
+            ("POST", "/v1/jobs"),
+            ("GET", "/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+            ("DELETE", "/v1/jobs/01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+        ):
             response = client.session.request(method, client.url(path), headers=headers)
             assert response.status_code == 401, (method, path, header)
             assert response.headers["WWW-Authenticate"].startswith("Bearer")
@@ -83,8 +103,12 @@ def test_a_tenant_cannot_see_another_tenants_job(hardened: Hardened, models: dic
     job = hardened.alpha.wait(hardened.alpha.submit(models["quick"], QUICK).json()["id"], timeout=120)
     assert job["state"] == "succeeded"
     beta = hardened.beta
-    for method, path in (("GET", f"/v1/jobs/{job['id']}"), ("GET", f"/v1/jobs/{job['id']}/model"),
-                         ("GET", f"/v1/jobs/{job['id']}/report"), ("DELETE", f"/v1/jobs/{job['id']}")):
+    for method, path in (
+        ("GET", f"/v1/jobs/{job['id']}"),
+        ("GET", f"/v1/jobs/{job['id']}/model"),
+        ("GET", f"/v1/jobs/{job['id']}/report"),
+        ("DELETE", f"/v1/jobs/{job['id']}"),
+    ):
         response = beta.session.request(method, beta.url(path))
         assert response.status_code == 404, (method, path)
         assert "no job" in response.json()["detail"]
@@ -137,7 +161,9 @@ def test_pickle_that_would_write_a_file_is_refused_unread(hardened: Hardened, tm
     assert not marker.exists()
 
 
-def test_torchscript_archive_with_a_malicious_data_pickle_fails_its_job_only(hardened: Hardened, tmp_path: Path) -> None:
+def test_torchscript_archive_with_a_malicious_data_pickle_fails_its_job_only(
+    hardened: Hardened, tmp_path: Path
+) -> None:
     marker = tmp_path / "pwned-too"
     genuine = zipfile.ZipFile(io.BytesIO(scripted_bytes(SmallConvNet())))
     forged = io.BytesIO()
@@ -191,8 +217,9 @@ def test_the_job_refuses_a_file_operator_before_forward_runs(hardened: Hardened,
     assert "forward calls aten::from_file" in job["error"]["detail"]
 
 
-def test_zip_that_lies_about_its_entry_count_is_refused_without_the_api_growing(hardened: Hardened,
-                                                                               tmp_path: Path) -> None:
+def test_zip_that_lies_about_its_entry_count_is_refused_without_the_api_growing(
+    hardened: Hardened, tmp_path: Path
+) -> None:
     liar = tmp_path / "liar.pt"
     with zipfile.ZipFile(liar, "w") as archive:
         for name in ("m/data.pkl", "m/constants.pkl", "m/version", "m/code/m.py"):
@@ -215,8 +242,9 @@ def test_zip_that_lies_about_its_entry_count_is_refused_without_the_api_growing(
     assert api_memory() - before < 60 << 20
 
 
-def test_model_that_allocates_beyond_the_limit_fails_and_the_worker_goes_on(hardened: Hardened, tmp_path: Path,
-                                                                           models: dict[str, Path]) -> None:
+def test_model_that_allocates_beyond_the_limit_fails_and_the_worker_goes_on(
+    hardened: Hardened, tmp_path: Path, models: dict[str, Path]
+) -> None:
     class Greedy(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             # 16 GB of float32 at once: the address-space backstop (2 x 6 GB + 4 GB) fails the allocation itself,
@@ -224,8 +252,9 @@ def test_model_that_allocates_beyond_the_limit_fails_and_the_worker_goes_on(hard
             hoard = torch.ones(4_000_000_000)
             return x + hoard[0]
 
-    job = hardened.alpha.wait(hardened.alpha.submit(save_scripted(Greedy(), tmp_path / "greedy.pt"), QUICK).json()["id"],
-                              timeout=120)
+    job = hardened.alpha.wait(
+        hardened.alpha.submit(save_scripted(Greedy(), tmp_path / "greedy.pt"), QUICK).json()["id"], timeout=120
+    )
     assert job["state"] == "failed"
     assert job["error"]["title"] == "Out of memory"
     assert "6144 MB" in job["error"]["detail"]
@@ -239,9 +268,11 @@ def test_job_process_runs_without_network_or_secrets(hardened: Hardened, models:
 
     assert sandbox["network"] == "isolated"
     assert not {"REDIS_URL", "MODELPRESS_API_KEYS_FILE", "HOME"} & set(sandbox["environment"])
-    assert all(name.startswith(("MODELPRESS_", "OMP_", "MKL_", "OPENBLAS_")) or name in
-               ("PATH", "PWD", "LANG", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "LC_CTYPE")
-               for name in sandbox["environment"])
+    assert all(
+        name.startswith(("MODELPRESS_", "OMP_", "MKL_", "OPENBLAS_"))
+        or name in ("PATH", "PWD", "LANG", "PYTHONPATH", "PYTHONUNBUFFERED", "PYTHONDONTWRITEBYTECODE", "LC_CTYPE")
+        for name in sandbox["environment"]
+    )
 
 
 # ----------------------------------------------------------------------------- limits
@@ -311,15 +342,19 @@ def test_reaper_requeues_a_job_whose_worker_vanished(hardened: Hardened, models:
         job = hardened.alpha.wait(job_id, timeout=180)
         assert job["state"] == "succeeded", job["error"]
         assert job["deliveries"] == 2  # taken over ...
-        assert f"job {job_id}: running (attempt 2)" in (hardened.stack.log_dir / f"{survivor}.log").read_text()  # ... here
+        assert (
+            f"job {job_id}: running (attempt 2)" in (hardened.stack.log_dir / f"{survivor}.log").read_text()
+        )  # ... here
     finally:
         if "worker" not in hardened.stack.processes:
             hardened.stack.start_worker()
 
 
 def test_redis_restart_mid_run_loses_no_job(hardened: Hardened, models: dict[str, Path]) -> None:
-    ids = [hardened.alpha.submit(models["medium"], {**MEDIUM, "evaluation": {"runs": 10, "warmup": 0}}).json()["id"]
-           for _ in range(4)]
+    ids = [
+        hardened.alpha.submit(models["medium"], {**MEDIUM, "evaluation": {"runs": 10, "warmup": 0}}).json()["id"]
+        for _ in range(4)
+    ]
     compression_process(ids[0])
     redis = hardened.stack.processes["redis"]
     unfinished = [job_id for job_id in ids if hardened.alpha.job(job_id)["state"] in ("queued", "running")]

@@ -1,4 +1,5 @@
 """The CLI, the Python client, webhooks, idempotency, cheap polling, metrics and JSON logs."""
+
 from __future__ import annotations
 
 import base64
@@ -32,17 +33,21 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _cli(stack, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MODELPRESS_URL": stack.base_url}
     env.pop("MODELPRESS_API_KEY", None)
-    return subprocess.run([sys.executable, "-m", "modelpress.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "modelpress.cli", *args], env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 # ----------------------------------------------------------------------------- CLI and client
 
 
-def test_cli_submit_wait_download_matches_the_reported_sha256(stack, api: ApiClient, model: Path, tmp_path: Path) -> None:
+def test_cli_submit_wait_download_matches_the_reported_sha256(
+    stack, api: ApiClient, model: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "small.pt"
-    done = _cli(stack, "submit", str(model), "--quantize", "dynamic", "--input-shape", "1,3,8,8", "--wait",
-                "--out", str(out))
+    done = _cli(
+        stack, "submit", str(model), "--quantize", "dynamic", "--input-shape", "1,3,8,8", "--wait", "--out", str(out)
+    )
 
     assert done.returncode == 0, done.stderr
     assert "succeeded" in done.stdout and "sha256 verified" in done.stdout
@@ -79,8 +84,21 @@ def test_cli_refused_request_exits_4_with_the_field(stack, model: Path) -> None:
 
 
 def test_cli_input_flags_become_the_spec_inputs(stack, model: Path) -> None:
-    done = _cli(stack, "submit", str(model), "--quantize", "dynamic", "--input", "1,3,8,8",
-                "--input", "1,16:int64:0:30000", "--input", "1,2:int8", "--output", "logits")
+    done = _cli(
+        stack,
+        "submit",
+        str(model),
+        "--quantize",
+        "dynamic",
+        "--input",
+        "1,3,8,8",
+        "--input",
+        "1,16:int64:0:30000",
+        "--input",
+        "1,2:int8",
+        "--output",
+        "logits",
+    )
     assert done.returncode == 4
     assert "spec.inputs.2.dtype" in done.stderr  # the third flag reached the service as inputs[2]
     assert "spec.inputs.1" not in done.stderr and "spec.output" not in done.stderr
@@ -121,13 +139,24 @@ def test_unchanged_job_answers_304_and_unfinished_jobs_carry_retry_after(api: Ap
 
 def test_idempotency_key_returns_the_first_job_and_refuses_a_different_request(api: ApiClient, model: Path) -> None:
     key = f"deploy-{time.time_ns()}"
-    first = api.session.post(api.url("/v1/jobs"), headers={"Idempotency-Key": key},
-                             files={"model": ("m.pt", model.read_bytes())}, data={"spec": json.dumps(QUICK)})
-    repeat = api.session.post(api.url("/v1/jobs"), headers={"Idempotency-Key": key},
-                              files={"model": ("other-name.pt", model.read_bytes())}, data={"spec": json.dumps(QUICK)})
-    different = api.session.post(api.url("/v1/jobs"), headers={"Idempotency-Key": key},
-                                 files={"model": ("m.pt", model.read_bytes())},
-                                 data={"spec": json.dumps({**QUICK, "seed": 7})})
+    first = api.session.post(
+        api.url("/v1/jobs"),
+        headers={"Idempotency-Key": key},
+        files={"model": ("m.pt", model.read_bytes())},
+        data={"spec": json.dumps(QUICK)},
+    )
+    repeat = api.session.post(
+        api.url("/v1/jobs"),
+        headers={"Idempotency-Key": key},
+        files={"model": ("other-name.pt", model.read_bytes())},
+        data={"spec": json.dumps(QUICK)},
+    )
+    different = api.session.post(
+        api.url("/v1/jobs"),
+        headers={"Idempotency-Key": key},
+        files={"model": ("m.pt", model.read_bytes())},
+        data={"spec": json.dumps({**QUICK, "seed": 7})},
+    )
 
     assert first.status_code == repeat.status_code == 202
     assert repeat.json()["id"] == first.json()["id"] and repeat.headers["Idempotent-Replayed"] == "true"
@@ -146,8 +175,11 @@ def receiver() -> Iterator[WebhookReceiver]:
 
 
 def test_webhook_is_signed_and_retried_after_a_500(api: ApiClient, model: Path, receiver: WebhookReceiver) -> None:
-    job = api.session.post(api.url("/v1/jobs"), files={"model": ("m.pt", model.read_bytes())},
-                           data={"spec": json.dumps(QUICK), "callback_url": receiver.url}).json()
+    job = api.session.post(
+        api.url("/v1/jobs"),
+        files={"model": ("m.pt", model.read_bytes())},
+        data={"spec": json.dumps(QUICK), "callback_url": receiver.url},
+    ).json()
     assert job["callback_url"] == receiver.url
     assert api.wait(job["id"])["state"] == "succeeded"
     deadline = time.monotonic() + 60
@@ -158,8 +190,9 @@ def test_webhook_is_signed_and_retried_after_a_500(api: ApiClient, model: Path, 
     secret = api.session.get(api.url("/v1/webhook-secret")).json()["secret"]
     for headers, body in ((one.headers, one.body) for one in receiver.tries):
         signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
-        expected = base64.b64encode(hmac.new(base64.b64decode(secret.removeprefix("whsec_")), signed,
-                                             hashlib.sha256).digest()).decode()
+        expected = base64.b64encode(
+            hmac.new(base64.b64decode(secret.removeprefix("whsec_")), signed, hashlib.sha256).digest()
+        ).decode()
         assert headers["webhook-signature"] == f"v1,{expected}"
         payload = json.loads(body)
         assert payload["type"] == "job.succeeded" and payload["data"]["id"] == job["id"]
@@ -175,8 +208,11 @@ def test_private_callback_is_refused_unless_allowed(api: ApiClient, model: Path)
         check_callback_url("http://169.254.169.254/latest", allow_private=False)
     with pytest.raises(CallbackRefused, match="http"):
         check_callback_url("file:///etc/passwd", allow_private=True)
-    response = api.session.post(api.url("/v1/jobs"), files={"model": ("m.pt", model.read_bytes())},
-                                data={"spec": json.dumps(QUICK), "callback_url": "gopher://x"})
+    response = api.session.post(
+        api.url("/v1/jobs"),
+        files={"model": ("m.pt", model.read_bytes())},
+        data={"spec": json.dumps(QUICK), "callback_url": "gopher://x"},
+    )
     assert response.status_code == 422 and "callback_url" in response.json()["errors"]
 
 
@@ -193,8 +229,9 @@ def _sample(text: str, series: str) -> float:
 def _wait_until_idle(api: ApiClient, timeout: float = 300) -> None:
     """No queued or running job left by earlier tests (one finishing later would move the counters)."""
     deadline = time.monotonic() + timeout
-    while any(api.session.get(api.url(f"/v1/jobs?state={state}&limit=100")).json()["jobs"]
-              for state in ("queued", "running")):
+    while any(
+        api.session.get(api.url(f"/v1/jobs?state={state}&limit=100")).json()["jobs"] for state in ("queued", "running")
+    ):
         assert time.monotonic() < deadline, "jobs of earlier tests are still queued or running"
         time.sleep(0.2)
 

@@ -1,4 +1,5 @@
 """Per-job wall clock, per-tenant running cap and the process-log cap, through the real API and worker."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -52,8 +53,16 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Limited]:
     root = tmp_path_factory.mktemp("job-limits")
     keys = {"alpha": "mp_alpha-limits-key", "beta": "mp_beta-limits-key"}
     write_keys(root / "keys", keys)
-    settings = make_settings(root / "data", redis_url=None, api_keys_file=root / "keys", worker_concurrency=2,
-                             max_running_jobs=1, job_threads=1, job_timeout_s=OPERATOR_LIMIT_S, job_memory_mb=2048)
+    settings = make_settings(
+        root / "data",
+        redis_url=None,
+        api_keys_file=root / "keys",
+        worker_concurrency=2,
+        max_running_jobs=1,
+        job_threads=1,
+        job_timeout_s=OPERATOR_LIMIT_S,
+        job_memory_mb=2048,
+    )
     stack = Stack(settings, log_dir=root / "logs")
     try:
         stack.start()
@@ -70,22 +79,32 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Limited]:
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("limit-models")
     torch.manual_seed(0)
-    return {"quick": save_scripted(SmallConvNet(), root / "quick.pt"),
-            "endless": save_scripted(Endless(), root / "endless.pt"),
-            "chatty": save_scripted(Chatty(), root / "chatty.pt")}
+    return {
+        "quick": save_scripted(SmallConvNet(), root / "quick.pt"),
+        "endless": save_scripted(Endless(), root / "endless.pt"),
+        "chatty": save_scripted(Chatty(), root / "chatty.pt"),
+    }
 
 
-@pytest.mark.parametrize("asked, wrong", [(OPERATOR_LIMIT_S + 1, f"at most {OPERATOR_LIMIT_S}"),
-                                          (0, "greater than or equal to 1"), (2.5, "Not a valid integer")])
-def test_spec_time_limit_outside_the_operators_is_refused(limited: Limited, models: dict[str, Path], asked: float,
-                                                          wrong: str) -> None:
+@pytest.mark.parametrize(
+    "asked, wrong",
+    [
+        (OPERATOR_LIMIT_S + 1, f"at most {OPERATOR_LIMIT_S}"),
+        (0, "greater than or equal to 1"),
+        (2.5, "Not a valid integer"),
+    ],
+)
+def test_spec_time_limit_outside_the_operators_is_refused(
+    limited: Limited, models: dict[str, Path], asked: float, wrong: str
+) -> None:
     response = limited.alpha.submit(models["quick"], {**QUICK, "time_limit_s": asked})
     assert response.status_code == 422
     assert wrong in " ".join(response.json()["errors"]["spec.time_limit_s"])
 
 
-def test_endless_loops_end_at_their_limit_while_another_tenants_job_runs(limited: Limited,
-                                                                         models: dict[str, Path]) -> None:
+def test_endless_loops_end_at_their_limit_while_another_tenants_job_runs(
+    limited: Limited, models: dict[str, Path]
+) -> None:
     endless = {**QUICK, "input_shape": [1, 4], "time_limit_s": TIME_LIMIT_S}
     looping = [limited.alpha.submit(models["endless"], endless).json()["id"] for _ in range(2)]
     other = limited.beta.submit(models["quick"], {**QUICK, "time_limit_s": OPERATOR_LIMIT_S})
@@ -93,8 +112,9 @@ def test_endless_loops_end_at_their_limit_while_another_tenants_job_runs(limited
 
     done = limited.beta.wait(other.json()["id"], timeout=300)
     assert done["state"] == "succeeded"
-    first, second = sorted((limited.alpha.wait(job_id, timeout=300) for job_id in looping),
-                           key=lambda job: job["started_at"])
+    first, second = sorted(
+        (limited.alpha.wait(job_id, timeout=300) for job_id in looping), key=lambda job: job["started_at"]
+    )
     for job in (first, second):  # the fault struck: each loop ran until stopped
         assert job["state"] == "failed"
         assert job["error"]["type"].endswith("/job-timeout")
@@ -107,8 +127,9 @@ def test_endless_loops_end_at_their_limit_while_another_tenants_job_runs(limited
 
 
 def test_print_flood_leaves_only_the_tail_of_the_process_log(limited: Limited, models: dict[str, Path]) -> None:
-    job = limited.alpha.wait(limited.alpha.submit(models["chatty"], {**QUICK, "input_shape": [1, 8]}).json()["id"],
-                             timeout=300)
+    job = limited.alpha.wait(
+        limited.alpha.submit(models["chatty"], {**QUICK, "input_shape": [1, 8]}).json()["id"], timeout=300
+    )
     assert job["state"] == "succeeded", job["error"]
     log = limited.stack.settings.data_dir / "jobs" / job["id"] / "process.log"
     first_line = log.read_text().splitlines()[0]

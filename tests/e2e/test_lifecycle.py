@@ -3,6 +3,7 @@ it meant to (a pause point, a stopped process, a record read from Redis), then c
 one final state, the expected ``deliveries``, the served file's digest equal to the recorded one,
 one 2xx webhook per ``webhook-id``, and the tenant's quota back to zero.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -36,7 +37,9 @@ def life(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("lifecycle")
     previous = os.environ.get("MODELPRESS_TEST_PAUSE")
     os.environ["MODELPRESS_TEST_PAUSE"] = PAUSES  # inherited by the stack's children only
-    running = Stack(make_settings(root / "data", redis_url=None, heartbeat_stale_s=8, job_threads=1), log_dir=root / "logs")
+    running = Stack(
+        make_settings(root / "data", redis_url=None, heartbeat_stale_s=8, job_threads=1), log_dir=root / "logs"
+    )
     try:
         running.start()
         yield running
@@ -82,8 +85,9 @@ def _struck(folder: Path, point: str, timeout: float = 60) -> str:
     raise AssertionError(f"pause point {point} not reached within {timeout} s")
 
 
-def _check_outcome(api: ApiClient, stack: Stack, job_id: str, deliveries: int, timeout: float = 240,
-                   last: bool = True) -> dict[str, Any]:
+def _check_outcome(
+    api: ApiClient, stack: Stack, job_id: str, deliveries: int, timeout: float = 240, last: bool = True
+) -> dict[str, Any]:
     job = api.wait(job_id, timeout=timeout)
     assert job["state"] == "succeeded", job["error"]
     assert job["deliveries"] == deliveries
@@ -121,7 +125,8 @@ def test_api_killed_between_record_and_enqueue(life: Stack, api: ApiClient, quic
 
 
 def test_supervisor_raising_before_it_takes_the_job_does_not_leave_it_queued(
-        life: Stack, api: ApiClient, quick_model: Path) -> None:
+    life: Stack, api: ApiClient, quick_model: Path
+) -> None:
     folder = arm(life.settings.data_dir, "before-claim")
     job_id = api.submit(quick_model, QUICK).json()["id"]
     assert _struck(folder, "before-claim") == job_id
@@ -145,8 +150,9 @@ def test_worker_sigkilled_mid_job(life: Stack, api: ApiClient, medium_model: Pat
     _check_outcome(api, life, job_id, deliveries=2)
 
 
-def test_redis_sigkilled_with_jobs_queued_and_running(life: Stack, api: ApiClient, medium_model: Path,
-                                                     quick_model: Path) -> None:
+def test_redis_sigkilled_with_jobs_queued_and_running(
+    life: Stack, api: ApiClient, medium_model: Path, quick_model: Path
+) -> None:
     # Five times MEDIUM's timed runs: with its process pre-started (no 3 s start-up) MEDIUM alone could end
     # within the 1.5 s below, and the queued job would be running already.
     running = api.submit(medium_model, {**MEDIUM, "evaluation": {"runs": 100, "warmup": 0}}).json()["id"]
@@ -163,8 +169,7 @@ def test_redis_sigkilled_with_jobs_queued_and_running(life: Stack, api: ApiClien
     _check_outcome(api, life, queued, deliveries=1)
 
 
-def test_redis_outage_longer_than_the_job_and_the_stale_period(life: Stack, api: ApiClient,
-                                                              medium_model: Path) -> None:
+def test_redis_outage_longer_than_the_job_and_the_stale_period(life: Stack, api: ApiClient, medium_model: Path) -> None:
     job_id = api.submit(medium_model, MEDIUM).json()["id"]
     _wait_running(api, job_id)
     child = compression_process(job_id)
@@ -178,7 +183,8 @@ def test_redis_outage_longer_than_the_job_and_the_stale_period(life: Stack, api:
 
 
 def test_two_workers_racing_for_a_stale_job_and_the_superseded_supervisor_writes_nothing(
-        life: Stack, api: ApiClient, medium_model: Path) -> None:
+    life: Stack, api: ApiClient, medium_model: Path
+) -> None:
     job_id = api.submit(medium_model, MEDIUM).json()["id"]
     _wait_running(api, job_id)
     supervisor = supervisor_process(job_id)
@@ -186,7 +192,9 @@ def test_two_workers_racing_for_a_stale_job_and_the_superseded_supervisor_writes
     try:
         store = JobStore(_redis(life))
         deadline = time.monotonic() + 60
-        while time.time() - (store.redis.zscore("modelpress:running", job_id) or 0) < life.settings.heartbeat_stale_s + 1:
+        while (
+            time.time() - (store.redis.zscore("modelpress:running", job_id) or 0) < life.settings.heartbeat_stale_s + 1
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.2)
         # Two deliveries race for the stale job through the same atomic claim the workers use.
@@ -226,8 +234,11 @@ def test_two_workers_racing_for_a_stale_job_and_the_superseded_supervisor_writes
 
 def test_webhook_receiver_down_across_a_worker_crash(life: Stack, api: ApiClient, quick_model: Path) -> None:
     with WebhookReceiver(answer=lambda tries: 503) as receiver:  # down until the worker crashed
-        job = api.session.post(api.url("/v1/jobs"), files={"model": ("m.pt", quick_model.read_bytes())},
-                               data={"spec": json.dumps(QUICK), "callback_url": receiver.url}).json()
+        job = api.session.post(
+            api.url("/v1/jobs"),
+            files={"model": ("m.pt", quick_model.read_bytes())},
+            data={"spec": json.dumps(QUICK), "callback_url": receiver.url},
+        ).json()
         assert api.wait(job["id"])["state"] == "succeeded"
         deadline = time.monotonic() + 60
         while not receiver.tries and time.monotonic() < deadline:

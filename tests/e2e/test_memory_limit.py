@@ -1,4 +1,5 @@
 """The job memory limit counts resident memory: a job that grows past it is stopped with a clear reason."""
+
 from __future__ import annotations
 
 import re
@@ -33,8 +34,9 @@ class Hoarder(nn.Module):
 @pytest.fixture(scope="module")
 def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
     root = tmp_path_factory.mktemp("memory-limit")
-    stack = Stack(make_settings(root / "data", redis_url=None, job_memory_mb=JOB_MEMORY_MB, job_threads=1),
-                  log_dir=root / "logs")
+    stack = Stack(
+        make_settings(root / "data", redis_url=None, job_memory_mb=JOB_MEMORY_MB, job_threads=1), log_dir=root / "logs"
+    )
     try:
         stack.start()
         yield ApiClient(stack.base_url)
@@ -43,7 +45,8 @@ def limited(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
 
 
 def test_job_growing_past_the_resident_limit_fails_out_of_memory_and_the_next_job_runs(
-        limited: ApiClient, tmp_path: Path) -> None:
+    limited: ApiClient, tmp_path: Path
+) -> None:
     job_id = limited.submit(save_scripted(Hoarder(), tmp_path / "hoarder.pt"), QUICK).json()["id"]
     child = compression_process(job_id, timeout=120)
     assert limited.job(job_id)["state"] == "running"
@@ -66,8 +69,9 @@ def test_job_growing_past_the_resident_limit_fails_out_of_memory_and_the_next_jo
     reached = int(re.search(r"reached (\d+) MB resident", job["error"]["detail"]).group(1))
     assert reached > JOB_MEMORY_MB  # stopped by the resident-memory watch, not by an allocation failure
 
-    follower = limited.wait(limited.submit(save_scripted(SmallConvNet(), tmp_path / "quick.pt"), QUICK).json()["id"],
-                            timeout=300)
+    follower = limited.wait(
+        limited.submit(save_scripted(SmallConvNet(), tmp_path / "quick.pt"), QUICK).json()["id"], timeout=300
+    )
     assert follower["state"] == "succeeded"
     report = limited.session.get(limited.url(follower["links"]["report"])).json()
     assert 0 < report["resources"]["peak_resident_mb"] < JOB_MEMORY_MB

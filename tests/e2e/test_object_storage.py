@@ -5,6 +5,7 @@ Every method succeeds and downloads verify; a worker killed mid-job is taken ove
 DELETE and retention remove the objects (the bucket ends empty). Uploads stream to the bucket in
 parts while the request arrives; a refused or abandoned request leaves nothing there.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -53,8 +54,12 @@ class Hosts:
         self.api = Stack(make_settings(root / "api-host", redis_url=None, **common), log_dir=root / "logs" / "api")
         self.api.start(worker=False)
         redis_url = self.api.settings.redis_url
-        self.workers = {name: Stack(make_settings(root / f"{name}-host", redis_url=redis_url, **common),
-                                    log_dir=root / "logs" / name) for name in ("a", "b")}
+        self.workers = {
+            name: Stack(
+                make_settings(root / f"{name}-host", redis_url=redis_url, **common), log_dir=root / "logs" / name
+            )
+            for name in ("a", "b")
+        }
         for worker in self.workers.values():
             worker.start(api=False)
         self.client = ApiClient(self.api.base_url)
@@ -106,8 +111,9 @@ def _verified(api: ApiClient, job: dict[str, Any]) -> bytes:
     assert plain.headers["ETag"] == f'"{job["result"]["sha256"]}"'
     assert hashlib.sha256(plain.content).hexdigest() == job["result"]["sha256"] == plain.headers["X-Checksum-Sha256"]
     assert len(plain.content) == job["result"]["bytes"]
-    again = api.session.get(api.url(job["links"]["model"]), headers={"If-None-Match": plain.headers["ETag"],
-                                                                      "Accept-Encoding": "identity"})
+    again = api.session.get(
+        api.url(job["links"]["model"]), headers={"If-None-Match": plain.headers["ETag"], "Accept-Encoding": "identity"}
+    )
     assert again.status_code == 304
     packed = api.session.get(api.url(job["links"]["model"]), headers={"Accept-Encoding": "gzip"}, stream=True)
     assert packed.headers["Content-Encoding"] == "gzip"
@@ -125,20 +131,36 @@ def test_every_method_runs_on_workers_that_share_no_disk(hosts: Hosts, tmp_path:
         for _ in range(3):
             residual(torch.randn(8, 3, 16, 16))
     residual_path = save_scripted(residual, tmp_path / "residual.pt")
-    np.savez(tmp_path / "images.npz", inputs=np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32))
+    np.savez(
+        tmp_path / "images.npz", inputs=np.random.default_rng(0).standard_normal((32, 3, 16, 16)).astype(np.float32)
+    )
     colour = torch.randn(32, 3, 32, 32)
     np.savez(tmp_path / "colour.npz", inputs=colour.numpy(), labels=np.arange(32) % 5)
     submissions = {
-        "dynamic": (save_scripted(SmallConvNet(), tmp_path / "conv.pt"),
-                    {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": EVALUATION}, {}),
-        "static": (residual_path, {"method": "quantize", "evaluation": EVALUATION,
-                                   "quantize": {"mode": "static", "observer": "minmax", "calibration_batches": 1}},
-                   {"data": tmp_path / "images.npz"}),
+        "dynamic": (
+            save_scripted(SmallConvNet(), tmp_path / "conv.pt"),
+            {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": EVALUATION},
+            {},
+        ),
+        "static": (
+            residual_path,
+            {
+                "method": "quantize",
+                "evaluation": EVALUATION,
+                "quantize": {"mode": "static", "observer": "minmax", "calibration_batches": 1},
+            },
+            {"data": tmp_path / "images.npz"},
+        ),
         "prune": (residual_path, {"method": "prune", "input_shape": [2, 3, 16, 16], "evaluation": EVALUATION}, {}),
-        "distill": (save_scripted(TinyColorNet(), tmp_path / "teacher.pt"),
-                    {"method": "distill", "evaluation": EVALUATION,
-                     "distill": {"epochs": 1, "batch_size": 16, "student": {"from": "upload"}}},
-                    {"data": tmp_path / "colour.npz", "student": save_scripted(TinyColorNet(width=4), tmp_path / "s.pt")}),
+        "distill": (
+            save_scripted(TinyColorNet(), tmp_path / "teacher.pt"),
+            {
+                "method": "distill",
+                "evaluation": EVALUATION,
+                "distill": {"epochs": 1, "batch_size": 16, "student": {"from": "upload"}},
+            },
+            {"data": tmp_path / "colour.npz", "student": save_scripted(TinyColorNet(width=4), tmp_path / "s.pt")},
+        ),
     }
     ids = {}
     for name, (model, spec, extra) in submissions.items():
@@ -154,7 +176,9 @@ def test_every_method_runs_on_workers_that_share_no_disk(hosts: Hosts, tmp_path:
     assert torch.jit.load(io.BytesIO(served["static"])).graph.findNode("quantized::conv2d") is not None
     keys = hosts.objects()
     for job in done.values():
-        assert f"{PREFIX}{job['id']}/model.attempt-1.pt" in keys and f"{PREFIX}{job['id']}/report.attempt-1.json" in keys
+        assert (
+            f"{PREFIX}{job['id']}/model.attempt-1.pt" in keys and f"{PREFIX}{job['id']}/report.attempt-1.json" in keys
+        )
     for worker in hosts.workers.values():  # each worker's staged copies went with the attempt
         work = worker.settings.data_dir / "work"
         assert not work.exists() or list(work.rglob("*.pt")) == []
@@ -198,8 +222,10 @@ def test_worker_killed_mid_job_is_taken_over_by_the_other_host(hosts: Hosts, tmp
 def test_worker_killed_mid_upload_leaves_nothing_a_client_sees(hosts: Hosts, tmp_path: Path) -> None:
     api = hosts.client
     folders = {name: arm(stack.settings.data_dir, "mid-publish") for name, stack in hosts.workers.items()}
-    job_id = api.submit(save_scripted(SmallConvNet(), tmp_path / "conv.pt"),
-                        {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": EVALUATION}).json()["id"]
+    job_id = api.submit(
+        save_scripted(SmallConvNet(), tmp_path / "conv.pt"),
+        {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": EVALUATION},
+    ).json()["id"]
     victim = _struck(folders, "mid-publish", job_id)
     for folder in folders.values():  # the other host must not pause when it takes over
         (folder / "mid-publish.armed").unlink(missing_ok=True)
@@ -245,12 +271,24 @@ def _job_log(stack: Stack, job_id: str) -> str:
 
 def test_submission_while_the_store_is_unreachable_is_a_503_and_leaves_nothing(tmp_path: Path) -> None:
     closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    settings = make_settings(tmp_path / "api-host", redis_url="redis://127.0.0.1:1/0", storage_url=STORAGE_URL,
-                             s3_endpoint_url=closed, s3_access_key_id="k", s3_secret_access_key="s", s3_region="us-east-1")
+    settings = make_settings(
+        tmp_path / "api-host",
+        redis_url="redis://127.0.0.1:1/0",
+        storage_url=STORAGE_URL,
+        s3_endpoint_url=closed,
+        s3_access_key_id="k",
+        s3_secret_access_key="s",
+        s3_region="us-east-1",
+    )
     client = create_app(settings).test_client()
     model = save_scripted(SmallConvNet(), tmp_path / "conv.pt")
-    answer = client.post("/v1/jobs", data={"spec": '{"method": "quantize", "input_shape": [1, 3, 8, 8]}',
-                                           "model": (io.BytesIO(model.read_bytes()), "conv.pt")})
+    answer = client.post(
+        "/v1/jobs",
+        data={
+            "spec": '{"method": "quantize", "input_shape": [1, 3, 8, 8]}',
+            "model": (io.BytesIO(model.read_bytes()), "conv.pt"),
+        },
+    )
     assert answer.status_code == 503, answer.get_data(as_text=True)
     assert answer.mimetype == "application/problem+json" and "object store" in answer.get_json()["detail"]
     assert list((settings.data_dir / "jobs").iterdir()) == []  # the request's files were removed
@@ -274,10 +312,17 @@ class RawSubmission:
 
     def __init__(self, base_url: str, parts: list[tuple[str, bytes, str | None]], **headers: str) -> None:
         boundary = uuid.uuid4().hex
-        self.body = b"".join(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
-            + (f'; filename="{filename}"\r\nContent-Type: application/octet-stream'.encode() if filename else b"")
-            + b"\r\n\r\n" + content + b"\r\n" for name, content, filename in parts) + f"--{boundary}--\r\n".encode()
+        self.body = (
+            b"".join(
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'.encode()
+                + (f'; filename="{filename}"\r\nContent-Type: application/octet-stream'.encode() if filename else b"")
+                + b"\r\n\r\n"
+                + content
+                + b"\r\n"
+                for name, content, filename in parts
+            )
+            + f"--{boundary}--\r\n".encode()
+        )
         host, port = base_url.split("//")[1].split(":")
         self.connection = http.client.HTTPConnection(host, int(port), timeout=120)
         self.connection.putrequest("POST", "/v1/jobs")
@@ -289,7 +334,7 @@ class RawSubmission:
         self.sent = 0
 
     def send(self, upto: int) -> None:
-        self.connection.send(self.body[self.sent:upto])
+        self.connection.send(self.body[self.sent : upto])
         self.sent = upto
 
     def finish(self) -> tuple[int, dict[str, Any]]:
@@ -303,8 +348,9 @@ def _new_upload(hosts: Hosts, before: dict[str, str], timeout: float = 60) -> tu
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for upload_id, key in hosts.unfinished_uploads().items():
-            if upload_id not in before and hosts.s3.client().list_parts(
-                    Bucket=BUCKET, Key=key, UploadId=upload_id).get("Parts"):
+            if upload_id not in before and hosts.s3.client().list_parts(Bucket=BUCKET, Key=key, UploadId=upload_id).get(
+                "Parts"
+            ):
                 return upload_id, key
         time.sleep(0.1)
     raise AssertionError(f"no multipart upload with a part appeared within {timeout} s")
@@ -323,8 +369,9 @@ BALLAST_SPEC = {"method": "quantize", "input_shape": [1, 64], "evaluation": EVAL
 
 def test_a_large_upload_streams_to_the_bucket_in_parts_while_it_arrives(hosts: Hosts, ballast: bytes) -> None:
     before = hosts.unfinished_uploads()
-    request = RawSubmission(hosts.api.base_url, [("spec", json.dumps(BALLAST_SPEC).encode(), None),
-                                                 ("model", ballast, "ballast.pt")])
+    request = RawSubmission(
+        hosts.api.base_url, [("spec", json.dumps(BALLAST_SPEC).encode(), None), ("model", ballast, "ballast.pt")]
+    )
     request.send(len(request.body) - (PART_MB << 20))  # a part in, two still to come
     upload_id, key = _new_upload(hosts, before)
     assert key.startswith(PREFIX) and key.endswith("/input/model.pt")
@@ -342,18 +389,25 @@ def test_a_large_upload_streams_to_the_bucket_in_parts_while_it_arrives(hosts: H
     assert hosts.client.session.delete(hosts.client.url(f"/v1/jobs/{job['id']}")).status_code == 204
 
 
-@pytest.mark.parametrize("after, refusal", [
-    (("spec", json.dumps({"method": "shrink"}).encode()), (422, "spec.method")),  # refused by submit
-    # Refused by the form parser (above Flask's 500 kB per field) before the view runs: only the
-    # request's end aborts the streamed upload.
-    (("callback_url", b"x" * 600_000), (413, None)),
-], ids=["bad-spec", "oversized-field"])
+@pytest.mark.parametrize(
+    "after, refusal",
+    [
+        (("spec", json.dumps({"method": "shrink"}).encode()), (422, "spec.method")),  # refused by submit
+        # Refused by the form parser (above Flask's 500 kB per field) before the view runs: only the
+        # request's end aborts the streamed upload.
+        (("callback_url", b"x" * 600_000), (413, None)),
+    ],
+    ids=["bad-spec", "oversized-field"],
+)
 def test_a_request_refused_after_its_model_streamed_leaves_nothing_in_the_bucket(
-        hosts: Hosts, ballast: bytes, after: tuple[str, bytes], refusal: tuple[int, str | None]) -> None:
+    hosts: Hosts, ballast: bytes, after: tuple[str, bytes], refusal: tuple[int, str | None]
+) -> None:
     objects, before = set(hosts.objects()), hosts.unfinished_uploads()
     # The refused field comes after the model: it is read only once the model is in the store's parts.
-    request = RawSubmission(hosts.api.base_url, [("model", ballast, "ballast.pt"), (*after, None),
-                                                 ("spec", json.dumps(BALLAST_SPEC).encode(), None)])
+    request = RawSubmission(
+        hosts.api.base_url,
+        [("model", ballast, "ballast.pt"), (*after, None), ("spec", json.dumps(BALLAST_SPEC).encode(), None)],
+    )
     request.send(len(ballast) - (1 << 20))
     _upload_id, key = _new_upload(hosts, before)
     status, problem = request.finish()
@@ -386,8 +440,9 @@ def test_an_idempotent_replay_keeps_only_the_first_jobs_upload(hosts: Hosts, bal
 
 def test_a_client_that_disconnects_mid_upload_leaves_nothing_in_the_bucket(hosts: Hosts, ballast: bytes) -> None:
     objects, before = set(hosts.objects()), hosts.unfinished_uploads()
-    request = RawSubmission(hosts.api.base_url, [("spec", json.dumps(BALLAST_SPEC).encode(), None),
-                                                 ("model", ballast, "ballast.pt")])
+    request = RawSubmission(
+        hosts.api.base_url, [("spec", json.dumps(BALLAST_SPEC).encode(), None), ("model", ballast, "ballast.pt")]
+    )
     request.send(len(ballast) - (1 << 20))
     upload_id, _ = _new_upload(hosts, before)
     request.connection.close()  # a megabyte short of the Content-Length it announced
@@ -411,8 +466,13 @@ def test_readyz_checks_the_object_store(hosts: Hosts) -> None:
 
 
 def test_files_the_store_did_not_remove_are_removed_by_a_later_sweep(hosts: Hosts, tmp_path: Path) -> None:
-    job = hosts.client.wait(hosts.client.submit(save_scripted(SmallConvNet(), tmp_path / "conv.pt"), {
-        "method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": EVALUATION}).json()["id"], timeout=120)
+    job = hosts.client.wait(
+        hosts.client.submit(
+            save_scripted(SmallConvNet(), tmp_path / "conv.pt"),
+            {"method": "quantize", "input_shape": [1, 3, 8, 8], "evaluation": EVALUATION},
+        ).json()["id"],
+        timeout=120,
+    )
     assert job["state"] == "succeeded", job["error"]
     expiring = hosts.workers["a"].settings.with_changes(retention_hours=1e-9)
     away = expiring.with_changes(s3_endpoint_url=f"http://127.0.0.1:{free_port()}")  # no store answers there
@@ -432,11 +492,12 @@ def test_an_api_killed_mid_upload_leaves_files_that_a_later_sweep_removes(hosts:
     objects, before = set(hosts.objects()), hosts.unfinished_uploads()
     store = JobStore(redis.Redis.from_url(hosts.api.settings.redis_url))
     uploads = hosts.api.settings.data_dir / "uploads"
-    request = RawSubmission(hosts.api.base_url, [("spec", json.dumps(BALLAST_SPEC).encode(), None),
-                                                 ("model", ballast, "ballast.pt")])
+    request = RawSubmission(
+        hosts.api.base_url, [("spec", json.dumps(BALLAST_SPEC).encode(), None), ("model", ballast, "ballast.pt")]
+    )
     request.send(len(request.body) - (PART_MB << 20))
     upload_id, key = _new_upload(hosts, before)  # mid-upload: a part is in the bucket, the rest still to come
-    job_id = key[len(PREFIX):].split("/", 1)[0]
+    job_id = key[len(PREFIX) :].split("/", 1)[0]
     spools = [path for path in uploads.iterdir() if path.stat().st_size > 0]
     assert spools, "the request's spool file"
     hosts.api.kill_process("api")  # gunicorn and the worker serving the request, SIGKILL
@@ -496,7 +557,9 @@ def test_uploads_past_the_processs_streaming_slots_spool_and_still_arrive_whole(
 
     settings = hosts.api.settings
     objects = S3Objects(Storage(settings.data_dir), settings)
-    body = os.urandom(objects.stream_part_bytes) + b"tail"  # over one part: a streaming upload starts a multipart upload
+    body = (
+        os.urandom(objects.stream_part_bytes) + b"tail"
+    )  # over one part: a streaming upload starts a multipart upload
     streams = []
 
     def upload() -> Any:

@@ -4,6 +4,7 @@ them once older than ``MODELPRESS_ORPHAN_AFTER_S``, and touches nothing the API 
 
 The object-store layout (unfinished multipart uploads in the bucket) is in test_object_storage.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -80,9 +81,15 @@ def test_spool_files_of_killed_requests_go_when_the_api_starts_once_they_are_old
 
 def test_request_folders_an_api_host_keeps_in_s3_mode_go_once_not_written_for_long(tmp_path: Path) -> None:
     # In S3 mode a job's folder on the API host lives only while its request runs (keep_inputs removes it).
-    settings = make_settings(tmp_path / "api-host", redis_url="redis://127.0.0.1:1/0", storage_url="s3://bucket/p",
-                             s3_endpoint_url="http://127.0.0.1:1", s3_access_key_id="k", s3_secret_access_key="s",
-                             s3_region="us-east-1")
+    settings = make_settings(
+        tmp_path / "api-host",
+        redis_url="redis://127.0.0.1:1/0",
+        storage_url="s3://bucket/p",
+        s3_endpoint_url="http://127.0.0.1:1",
+        s3_access_key_id="k",
+        s3_secret_access_key="s",
+        s3_region="us-east-1",
+    )
     jobs_dir = settings.data_dir / "jobs"
     killed, arriving = jobs_dir / new_job_id(time.time() - 7200), jobs_dir / new_job_id(time.time() - 7200)
     for folder in (killed, arriving):
@@ -96,8 +103,12 @@ def test_request_folders_an_api_host_keeps_in_s3_mode_go_once_not_written_for_lo
 
 def _post_ignoring_the_kill(base_url: str, model: Path) -> None:
     try:
-        requests.post(f"{base_url}/v1/jobs", files={"model": ("conv.pt", model.read_bytes())},
-                      data={"spec": json.dumps(SPEC)}, timeout=120)
+        requests.post(
+            f"{base_url}/v1/jobs",
+            files={"model": ("conv.pt", model.read_bytes())},
+            data={"spec": json.dumps(SPEC)},
+            timeout=120,
+        )
     except requests.RequestException:
         pass  # the API was killed under it
 
@@ -111,8 +122,10 @@ def test_slow_uploads_on_every_api_process_do_not_hold_the_api(api: ApiClient, s
 
     job = api.wait(api.submit(save_scripted(SmallConvNet(), tmp_path / "conv.pt"), SPEC).json()["id"], timeout=120)
     model = os.urandom(2 << 20)  # never completed, so never checked: only its first megabyte is sent
-    slow = [RawSubmission(stack.base_url, [("spec", json.dumps(SPEC).encode(), None), ("model", model, "conv.pt")])
-            for _ in range(stack.settings.api_workers)]
+    slow = [
+        RawSubmission(stack.base_url, [("spec", json.dumps(SPEC).encode(), None), ("model", model, "conv.pt")])
+        for _ in range(stack.settings.api_workers)
+    ]
     try:
         for request in slow:
             request.send(len(request.body) // 2)  # and then nothing: a client on a stalled link

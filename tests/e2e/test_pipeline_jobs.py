@@ -1,4 +1,5 @@
 """Pipelines and searches toward a target, through the real service (Redis, a Celery worker, the API)."""
+
 from __future__ import annotations
 
 import io
@@ -24,11 +25,20 @@ def _model_and_data(tmp_path: Path, rows: int = 160) -> tuple[torch.nn.Module, P
 
 def test_prune_then_static_pipeline_runs_each_step_on_the_last_ones_output(api: ApiClient, tmp_path: Path) -> None:
     original, path, data, inputs = _model_and_data(tmp_path)
-    spec = {"method": "pipeline", "steps": [
-        {"method": "prune", "prune": {"amount": 0.5, "structured": True, "finetune": {"epochs": 1, "batch_size": 64}}},
-        {"method": "quantize", "quantize": {"mode": "static", "observer": "minmax", "calibration_batches": 1,
-                                            "min_cosine": 0.0}},
-    ], "evaluation": {"runs": 2, "warmup": 1}}
+    spec = {
+        "method": "pipeline",
+        "steps": [
+            {
+                "method": "prune",
+                "prune": {"amount": 0.5, "structured": True, "finetune": {"epochs": 1, "batch_size": 64}},
+            },
+            {
+                "method": "quantize",
+                "quantize": {"mode": "static", "observer": "minmax", "calibration_batches": 1, "min_cosine": 0.0},
+            },
+        ],
+        "evaluation": {"runs": 2, "warmup": 1},
+    }
 
     submitted = api.submit(path, spec, data=data)
     assert submitted.status_code == 202, submitted.text
@@ -59,20 +69,40 @@ def test_bad_steps_and_targets_are_refused_by_field(api: ApiClient, tmp_path: Pa
     unlabelled = tmp_path / "unlabelled.npz"
     np.savez(unlabelled, inputs=inputs.numpy())
     cases = [
-        ({"method": "pipeline", "steps": [{"method": "prune"}, {"method": "quantize", "quantize": {"mode": "int4"}}]},
-         data, "spec.steps.1.quantize.mode"),
+        (
+            {
+                "method": "pipeline",
+                "steps": [{"method": "prune"}, {"method": "quantize", "quantize": {"mode": "int4"}}],
+            },
+            data,
+            "spec.steps.1.quantize.mode",
+        ),
         ({"method": "pipeline", "steps": [{"method": "prune", "quantize": {}}]}, data, "spec.steps.0.quantize"),
         ({"method": "pipeline", "steps": [{"method": "pipeline"}]}, data, "spec.steps.0.method"),
         ({"method": "pipeline"}, data, "spec.steps"),
-        ({"method": "pipeline", "input_shape": [2, 3, 8, 8],
-          "steps": [{"method": "prune", "prune": {"finetune": {}}}]}, None, "spec.steps.0.prune.finetune"),
+        (
+            {
+                "method": "pipeline",
+                "input_shape": [2, 3, 8, 8],
+                "steps": [{"method": "prune", "prune": {"finetune": {}}}],
+            },
+            None,
+            "spec.steps.0.prune.finetune",
+        ),
         ({"method": "auto"}, data, "spec.target"),
-        ({"method": "auto", "target": {"metric": "accuracy", "max_drop": 0.01, "min": 0.9}}, data, "spec.target.max_drop"),
+        (
+            {"method": "auto", "target": {"metric": "accuracy", "max_drop": 0.01, "min": 0.9}},
+            data,
+            "spec.target.max_drop",
+        ),
         ({"method": "auto", "target": {"metric": "accuracy", "max_drop": 0.01}}, unlabelled, "spec.target.metric"),
         ({"method": "auto", "input_shape": [2, 3, 8, 8], "target": {"metric": "cosine", "min": 0.9}}, None, "data"),
         ({"method": "quantize", "target": {"metric": "cosine", "min": 0.9}}, data, "spec.target"),
-        ({"method": "auto", "target": {"metric": "cosine", "min": 0.9}, "search": {"max_trials": 0}}, data,
-         "spec.search.max_trials"),
+        (
+            {"method": "auto", "target": {"metric": "cosine", "min": 0.9}, "search": {"max_trials": 0}},
+            data,
+            "spec.search.max_trials",
+        ),
     ]
     for spec, data_file, field in cases:
         response = api.submit(path, spec, data=data_file)
@@ -82,8 +112,12 @@ def test_bad_steps_and_targets_are_refused_by_field(api: ApiClient, tmp_path: Pa
 
 def test_search_returns_the_smallest_candidate_that_meets_the_target(api: ApiClient, tmp_path: Path) -> None:
     original, path, data, inputs = _model_and_data(tmp_path)
-    spec = {"method": "auto", "target": {"metric": "top1_agreement", "max_drop": 0.25, "objective": "size"},
-            "search": {"max_trials": 2, "holdout": 0.25}, "evaluation": {"runs": 2, "warmup": 1}}
+    spec = {
+        "method": "auto",
+        "target": {"metric": "top1_agreement", "max_drop": 0.25, "objective": "size"},
+        "search": {"max_trials": 2, "holdout": 0.25},
+        "evaluation": {"runs": 2, "warmup": 1},
+    }
 
     submitted = api.submit(path, spec, data=data)
     assert submitted.status_code == 202, submitted.text
@@ -102,16 +136,21 @@ def test_search_returns_the_smallest_candidate_that_meets_the_target(api: ApiCli
     assert report["target"]["holdout_rows"] == 40 and report["target"]["training_rows"] == 120
     assert report["target"]["baseline"] == 1.0 and report["target"]["threshold"] == 0.75
     assert report["search"]["notes"] == ["stopped after max_trials=2 trials"]
-    model = torch.jit.load(io.BytesIO(api.session.get(api.url(job["links"]["model"]),
-                                                      headers={"Accept-Encoding": "identity"}).content))
+    model = torch.jit.load(
+        io.BytesIO(api.session.get(api.url(job["links"]["model"]), headers={"Accept-Encoding": "identity"}).content)
+    )
     with torch.no_grad():
         assert float((model(inputs).argmax(1) == original(inputs).argmax(1)).float().mean()) >= 0.7
 
 
 def test_a_target_no_candidate_meets_fails_and_still_lists_the_trials(api: ApiClient, tmp_path: Path) -> None:
     _, path, data, _ = _model_and_data(tmp_path)
-    spec = {"method": "auto", "target": {"metric": "cosine", "min": 1.0},  # int8 never reproduces float exactly
-            "search": {"max_trials": 2}, "evaluation": {"runs": 2, "warmup": 1}}
+    spec = {
+        "method": "auto",
+        "target": {"metric": "cosine", "min": 1.0},  # int8 never reproduces float exactly
+        "search": {"max_trials": 2},
+        "evaluation": {"runs": 2, "warmup": 1},
+    }
 
     submitted = api.submit(path, spec, data=data)
     assert submitted.status_code == 202, submitted.text

@@ -4,6 +4,7 @@ One stack runs as `make run` runs it (``python -m modelpress.stack``), over a da
 older version left readable to all. Each test attacks as a local process would, and shows the
 stack's own clients doing the same thing where they may.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,17 +46,26 @@ class RunningStack:
         return (self.data / "redis-password").read_text().strip()
 
     def redis_process(self) -> psutil.Process:
-        return next(child for child in psutil.Process(self.process.pid).children(recursive=True)
-                    if child.name().startswith("redis-server"))
+        return next(
+            child
+            for child in psutil.Process(self.process.pid).children(recursive=True)
+            if child.name().startswith("redis-server")
+        )
 
     def client(self) -> redis.Redis:
         return redis.Redis(port=self.redis_port, password=self.password, socket_timeout=5)
 
 
 def _stack_env(data: Path, port: int, redis_port: int) -> dict[str, str]:
-    env = {**os.environ, "MODELPRESS_DATA_DIR": str(data), "MODELPRESS_PORT": str(port),
-           "MODELPRESS_REDIS_PORT": str(redis_port), "MODELPRESS_MAX_UPLOAD_MB": "64", "MODELPRESS_JOB_THREADS": "1",
-           "MODELPRESS_API_WORKERS": "1"}
+    env = {
+        **os.environ,
+        "MODELPRESS_DATA_DIR": str(data),
+        "MODELPRESS_PORT": str(port),
+        "MODELPRESS_REDIS_PORT": str(redis_port),
+        "MODELPRESS_MAX_UPLOAD_MB": "64",
+        "MODELPRESS_JOB_THREADS": "1",
+        "MODELPRESS_API_WORKERS": "1",
+    }
     env.pop("REDIS_URL", None)
     env.pop("MODELPRESS_REDIS_URL", None)
     return env
@@ -74,9 +84,14 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     port, redis_port = free_port(), free_port()
     output = root / "stack.log"
     with open(output, "wb") as handle:
-        process = subprocess.Popen([sys.executable, "-m", "modelpress.stack"], cwd=PROJECT_ROOT,
-                                   env=_stack_env(data, port, redis_port), stdout=handle, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "modelpress.stack"],
+            cwd=PROJECT_ROOT,
+            env=_stack_env(data, port, redis_port),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     stack = RunningStack(process, f"http://127.0.0.1:{port}", data, output, redis_port)
     try:
         deadline = time.monotonic() + 180
@@ -125,8 +140,13 @@ def test_the_files_of_the_embedded_redis_are_its_owners_alone(running: RunningSt
 def test_redis_refuses_a_client_without_the_password(running: RunningStack) -> None:
     running.client().hset("mp:job:probe", "tenant", "alpha")
 
-    replies = _raw(running.redis_port, b"HGET mp:job:probe tenant", b"KEYS *",
-                   b"HSET mp:job:probe tenant beta", b"AUTH not-the-password")
+    replies = _raw(
+        running.redis_port,
+        b"HGET mp:job:probe tenant",
+        b"KEYS *",
+        b"HSET mp:job:probe tenant beta",
+        b"AUTH not-the-password",
+    )
 
     assert [reply.split()[0] for reply in replies] == [b"-NOAUTH"] * 3 + [b"-WRONGPASS"]
     assert running.client().hget("mp:job:probe", "tenant") == b"alpha"  # the record was not rewritten
@@ -145,18 +165,49 @@ def test_administration_commands_are_refused_even_with_the_password(running: Run
     target = tmp_path / "written-by-redis"
     target.mkdir()
     refused = {}
-    for command in (["CONFIG", "SET", "dir", str(target)], ["CONFIG", "SET", "dbfilename", "planted"], ["SAVE"],
-                    ["BGSAVE"], ["BGREWRITEAOF"], ["FLUSHALL"], ["FLUSHDB"], ["DEBUG", "SLEEP", "0"],
-                    ["MODULE", "LOAD", "/tmp/x.so"], ["SHUTDOWN", "NOSAVE"], ["REPLICAOF", "127.0.0.1", "1"],
-                    ["SLAVEOF", "127.0.0.1", "1"], ["ACL", "SETUSER", "default", "nopass"], ["MONITOR"],
-                    ["MIGRATE", "127.0.0.1", "1", "mp:probe", "0", "1000"], ["CLIENT", "KILL", "TYPE", "normal"],
-                    ["SWAPDB", "0", "1"], ["EVAL", "return redis.call('flushall')", "0"]):
+    for command in (
+        ["CONFIG", "SET", "dir", str(target)],
+        ["CONFIG", "SET", "dbfilename", "planted"],
+        ["SAVE"],
+        ["BGSAVE"],
+        ["BGREWRITEAOF"],
+        ["FLUSHALL"],
+        ["FLUSHDB"],
+        ["DEBUG", "SLEEP", "0"],
+        ["MODULE", "LOAD", "/tmp/x.so"],
+        ["SHUTDOWN", "NOSAVE"],
+        ["REPLICAOF", "127.0.0.1", "1"],
+        ["SLAVEOF", "127.0.0.1", "1"],
+        ["ACL", "SETUSER", "default", "nopass"],
+        ["MONITOR"],
+        ["MIGRATE", "127.0.0.1", "1", "mp:probe", "0", "1000"],
+        ["CLIENT", "KILL", "TYPE", "normal"],
+        ["SWAPDB", "0", "1"],
+        ["EVAL", "return redis.call('flushall')", "0"],
+    ):
         try:
             client.execute_command(*command)
         except redis.ResponseError as error:
             refused[command[0]] = str(error)
-    assert set(refused) == {"CONFIG", "SAVE", "BGSAVE", "BGREWRITEAOF", "FLUSHALL", "FLUSHDB", "DEBUG", "MODULE",
-                            "SHUTDOWN", "REPLICAOF", "SLAVEOF", "ACL", "MONITOR", "MIGRATE", "CLIENT", "SWAPDB", "EVAL"}
+    assert set(refused) == {
+        "CONFIG",
+        "SAVE",
+        "BGSAVE",
+        "BGREWRITEAOF",
+        "FLUSHALL",
+        "FLUSHDB",
+        "DEBUG",
+        "MODULE",
+        "SHUTDOWN",
+        "REPLICAOF",
+        "SLAVEOF",
+        "ACL",
+        "MONITOR",
+        "MIGRATE",
+        "CLIENT",
+        "SWAPDB",
+        "EVAL",
+    }
     assert all("no permissions" in reason for name, reason in refused.items() if name != "EVAL"), refused
     assert list(target.iterdir()) == []  # nothing was written where CONFIG SET dir pointed
     assert client.get("mp:probe") == b"kept" and running.redis_process().is_running()
@@ -167,12 +218,19 @@ def test_administration_commands_are_refused_even_with_the_password(running: Run
 
 def test_jobs_run_and_the_password_is_never_logged_nor_on_a_command_line(running: RunningStack) -> None:
     torch.manual_seed(0)
-    submitted = requests.post(running.base + "/v1/jobs", files={"model": ("m.pt", scripted_bytes(SmallConvNet()))},
-                              data={"spec": json.dumps(QUICK)}, timeout=60)
+    submitted = requests.post(
+        running.base + "/v1/jobs",
+        files={"model": ("m.pt", scripted_bytes(SmallConvNet()))},
+        data={"spec": json.dumps(QUICK)},
+        timeout=60,
+    )
     assert submitted.status_code == 202, submitted.text
     deadline = time.monotonic() + 180
-    while (job := requests.get(f"{running.base}/v1/jobs/{submitted.json()['id']}", timeout=10).json())["state"] \
-            not in ("succeeded", "failed", "cancelled"):
+    while (job := requests.get(f"{running.base}/v1/jobs/{submitted.json()['id']}", timeout=10).json())["state"] not in (
+        "succeeded",
+        "failed",
+        "cancelled",
+    ):
         assert time.monotonic() < deadline, job
         time.sleep(0.3)
     assert job["state"] == "succeeded", job["error"]  # Celery, kombu and the job store work under the ACL
@@ -196,9 +254,24 @@ def _listening_socket() -> tuple[socket.socket, int]:
 
 
 def _foreign_redis(port: int, directory: Path, *options: str) -> subprocess.Popen:
-    process = subprocess.Popen([redis_server_executable(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                                "--appendonly", "no", "--dir", str(directory), *options],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            redis_server_executable(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+            *options,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -259,8 +332,14 @@ def test_a_held_api_port_stops_the_start_before_anything_runs(tmp_path: Path) ->
 def test_make_run_with_a_held_port_exits_with_the_message_and_no_traceback(tmp_path: Path) -> None:
     holder, port = _listening_socket()
     try:
-        done = subprocess.run([sys.executable, "-m", "modelpress.stack"], cwd=PROJECT_ROOT, capture_output=True,
-                              text=True, timeout=120, env=_stack_env(tmp_path / "data", free_port(), port))
+        done = subprocess.run(
+            [sys.executable, "-m", "modelpress.stack"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_stack_env(tmp_path / "data", free_port(), port),
+        )
     finally:
         holder.close()
     output = done.stdout + done.stderr

@@ -1,4 +1,5 @@
 """Pruning through the service: structured resnet-style channels, unstructured with gzip download."""
+
 from __future__ import annotations
 
 import gzip
@@ -13,11 +14,17 @@ from tests.conftest import ApiClient
 from tests.models import DigitsCNN, ResidualNet, digits_splits, save_scripted, train_classifier
 
 
-def test_structured_pruning_job_returns_a_smaller_model_with_the_same_outputs_shape(api: ApiClient, tmp_path: Path) -> None:
+def test_structured_pruning_job_returns_a_smaller_model_with_the_same_outputs_shape(
+    api: ApiClient, tmp_path: Path
+) -> None:
     torch.manual_seed(0)
     path = save_scripted(ResidualNet(width=32), tmp_path / "res.pt")
-    spec = {"method": "prune", "input_shape": [2, 3, 16, 16], "evaluation": {"runs": 3, "warmup": 1},
-            "prune": {"amount": 0.5, "structured": True}}
+    spec = {
+        "method": "prune",
+        "input_shape": [2, 3, 16, 16],
+        "evaluation": {"runs": 3, "warmup": 1},
+        "prune": {"amount": 0.5, "structured": True},
+    }
 
     job = api.wait(api.submit(path, spec).json()["id"], timeout=300)
 
@@ -37,8 +44,11 @@ def test_unstructured_job_with_finetuning_and_gzip_download(api: ApiClient, tmp_
     model = train_classifier(DigitsCNN(width=16), splits["x_train"], splits["y_train"], epochs=8)
     path = save_scripted(model, tmp_path / "digits.pt")
     np.savez(tmp_path / "train.npz", inputs=splits["x_train"].numpy(), labels=splits["y_train"].numpy())
-    spec = {"method": "prune", "evaluation": {"runs": 3, "warmup": 1},
-            "prune": {"amount": 0.8, "finetune": {"epochs": 2, "batch_size": 64}}}
+    spec = {
+        "method": "prune",
+        "evaluation": {"runs": 3, "warmup": 1},
+        "prune": {"amount": 0.8, "finetune": {"epochs": 2, "batch_size": 64}},
+    }
 
     job = api.wait(api.submit(path, spec, data=tmp_path / "train.npz").json()["id"], timeout=300)
     assert job["state"] == "succeeded", job["error"]

@@ -1,4 +1,5 @@
 """Upload -> queue -> worker -> download, with real models, a real worker and real Redis."""
+
 from __future__ import annotations
 
 import hashlib
@@ -59,16 +60,22 @@ def test_linear_heavy_transformer_end_to_end(api: ApiClient, tmp_path: Path) -> 
     assert job["result"]["size_ratio"] == report["size"]["ratio"]
 
     # Downloads are conditional on the ETag.
-    again = api.session.get(api.url(job["links"]["model"]), headers={
-        "If-None-Match": f'"{job["result"]["sha256"]}"', "Accept-Encoding": "identity"})
+    again = api.session.get(
+        api.url(job["links"]["model"]),
+        headers={"If-None-Match": f'"{job["result"]["sha256"]}"', "Accept-Encoding": "identity"},
+    )
     assert again.status_code == 304
 
 
 def test_scripted_transformer_encoder_gets_int8_attention_projections(api: ApiClient, tmp_path: Path) -> None:
     original = transformer_encoder(width=512, layers=6).eval()
     path = save_scripted(original, tmp_path / "encoder.pt")
-    spec = {"method": "quantize", "input_shape": [2, 16, 512], "evaluation": {"runs": 3, "warmup": 1},
-            "quantize": {"modules": ["Linear", "MultiheadAttention"]}}
+    spec = {
+        "method": "quantize",
+        "input_shape": [2, 16, 512],
+        "evaluation": {"runs": 3, "warmup": 1},
+        "quantize": {"modules": ["Linear", "MultiheadAttention"]},
+    }
 
     job, model, body = _compress(api, path, spec)
 
@@ -90,8 +97,11 @@ def test_data_file_supplies_the_inputs(api: ApiClient, tmp_path: Path) -> None:
     inputs = np.random.default_rng(0).standard_normal((40, 12, 16)).astype(np.float32)
     np.savez(tmp_path / "data.npz", inputs=inputs)
 
-    job = api.wait(api.submit(path, {"method": "quantize", "evaluation": {"runs": 3, "warmup": 1}},
-                              data=tmp_path / "data.npz").json()["id"])
+    job = api.wait(
+        api.submit(
+            path, {"method": "quantize", "evaluation": {"runs": 3, "warmup": 1}}, data=tmp_path / "data.npz"
+        ).json()["id"]
+    )
 
     assert job["state"] == "succeeded", job["error"]
     assert job["data"]["bytes"] == (tmp_path / "data.npz").stat().st_size

@@ -1,4 +1,5 @@
 """Job records outlive restarts of the API, the worker and Redis (append-only file on)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator

@@ -1,4 +1,5 @@
 """Finished jobs are removed with their files after the retention period; DELETE removes them at once."""
+
 from __future__ import annotations
 
 from pathlib import Path

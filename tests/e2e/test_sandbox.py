@@ -4,6 +4,7 @@ The confinement is proven alone: the stack here runs with ``MODELPRESS_OP_CHECK=
 the submit-time scan nor the in-job graph walk stops ``torch.from_file``; only the sandbox does.
 The op checks are tested on their own below (a stack with the defaults) and in tests/engine.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -50,8 +51,14 @@ def confined(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Confined]:
     data.mkdir()
     secret_file = data / "planted-secret.txt"
     secret_file.write_bytes(secret)
-    settings = make_settings(data, redis_url=None, api_keys_file=root / "keys", op_check="off",
-                             webhook_secret=secret.decode(), job_timeout_s=120)
+    settings = make_settings(
+        data,
+        redis_url=None,
+        api_keys_file=root / "keys",
+        op_check="off",
+        webhook_secret=secret.decode(),
+        job_timeout_s=120,
+    )
     stack = Stack(settings, log_dir=root / "logs")
     try:
         stack.start()
@@ -113,8 +120,9 @@ def test_the_attacking_model_reads_what_it_may_read(confined: Confined, tmp_path
     job = _run(confined, ReadFile("input/model.pt", 64), tmp_path)
 
     assert job["state"] == "succeeded", job["error"]
-    served = confined.client.session.get(confined.client.url(job["links"]["model"]),
-                                         headers={"Accept-Encoding": "identity"}).content
+    served = confined.client.session.get(
+        confined.client.url(job["links"]["model"]), headers={"Accept-Encoding": "identity"}
+    ).content
     loot = torch.jit.load(io.BytesIO(served)).loot
     assert bytes(loot.tolist()) == upload.read_bytes()[:64]  # the first 64 bytes of its own upload, read inside
 
@@ -122,9 +130,11 @@ def test_the_attacking_model_reads_what_it_may_read(confined: Confined, tmp_path
 @pytest.mark.parametrize("how", ["absolute", "relative", "through /proc/<worker pid>/root"])
 def test_a_model_cannot_read_a_secret_of_the_service(confined: Confined, tmp_path: Path, how: str) -> None:
     worker_pid = confined.stack.processes["worker"].pid
-    path = {"absolute": str(confined.secret_file),
-            "relative": "../../planted-secret.txt",  # from the job's own directory, data/jobs/<id>
-            "through /proc/<worker pid>/root": f"/proc/{worker_pid}/root{confined.secret_file}"}[how]
+    path = {
+        "absolute": str(confined.secret_file),
+        "relative": "../../planted-secret.txt",  # from the job's own directory, data/jobs/<id>
+        "through /proc/<worker pid>/root": f"/proc/{worker_pid}/root{confined.secret_file}",
+    }[how]
     unconfined_view = os.path.realpath(confined.stack.settings.data_dir / "jobs" / "some-job" / path)
     assert Path(unconfined_view).read_bytes() == confined.secret  # outside the sandbox the path does reach the secret
     job = _run(confined, ReadFile(path, len(confined.secret)), tmp_path)
@@ -178,11 +188,15 @@ def test_the_job_process_has_no_network_and_no_secrets_in_its_environment(confin
     assert sandbox["network"] == "isolated"
     assert sandbox["mode"] == "on"
     assert sandbox["processes"] <= 3 and sandbox["data_dir_visible"] is False
-    assert sandbox["seccomp"] == "filtered"  # the syscall filter, seen from inside (tests/security/test_syscall_filter.py)
+    assert (
+        sandbox["seccomp"] == "filtered"
+    )  # the syscall filter, seen from inside (tests/security/test_syscall_filter.py)
     # The GPU device nodes the job sees are the host's (none here), and torch says whether CUDA ran.
     assert report["device"]["gpu_device_nodes"] == gpu_devices()
     assert report["device"]["cuda_available"] is torch.cuda.is_available()
-    assert not {"REDIS_URL", "MODELPRESS_API_KEYS_FILE", "MODELPRESS_WEBHOOK_SECRET", "HOME"} & set(sandbox["environment"])
+    assert not {"REDIS_URL", "MODELPRESS_API_KEYS_FILE", "MODELPRESS_WEBHOOK_SECRET", "HOME"} & set(
+        sandbox["environment"]
+    )
 
 
 def test_readyz_reports_the_sandbox_and_details_need_a_key(confined: Confined) -> None:
@@ -215,8 +229,10 @@ def test_a_job_fails_closed_when_its_syscall_filter_is_missing(tmp_path: Path) -
     real = shutil.which("bwrap")
     assert real
     unfiltered = tmp_path / "bwrap"
-    unfiltered.write_text(f"#!{sys.executable}\nimport os, sys\nargs = sys.argv[1:]\nat = args.index('--seccomp')\n"
-                          f"del args[at:at + 2]\nos.execv({real!r}, [{real!r}, *args])\n")
+    unfiltered.write_text(
+        f"#!{sys.executable}\nimport os, sys\nargs = sys.argv[1:]\nat = args.index('--seccomp')\n"
+        f"del args[at:at + 2]\nos.execv({real!r}, [{real!r}, *args])\n"
+    )
     unfiltered.chmod(0o755)
     with _job_under(unfiltered, tmp_path) as (client, job):
         assert "no syscall filter (not filtered: Seccomp mode 0)" in job["error"]["detail"]
@@ -231,7 +247,9 @@ def _job_under(bwrap: Path, tmp_path: Path) -> Iterator[tuple[ApiClient, dict]]:
     try:
         stack.start()
         client = ApiClient(stack.base_url)
-        job = client.wait(client.submit(save_scripted(SmallConvNet(), tmp_path / "m.pt"), QUICK).json()["id"], timeout=120)
+        job = client.wait(
+            client.submit(save_scripted(SmallConvNet(), tmp_path / "m.pt"), QUICK).json()["id"], timeout=120
+        )
         assert job["state"] == "failed"
         assert job["error"]["type"].endswith("/sandbox-unavailable")
         assert not (tmp_path / "data" / "jobs" / job["id"] / "output" / "model.pt").exists()

@@ -6,6 +6,7 @@ controls: a slow head and a slow upload that do complete in time are served as u
 
 (Against MODELPRESS_API_SERVER=gthread, the former model, the first probe times out.)
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,13 @@ class Service:
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     root = tmp_path_factory.mktemp("slow-clients")
     write_keys(root / "keys", KEYS)
-    settings = make_settings(root / "data", redis_url=None, api_keys_file=root / "keys",
-                             header_timeout_s=HEADER_TIMEOUT_S, body_timeout_s=BODY_TIMEOUT_S)
+    settings = make_settings(
+        root / "data",
+        redis_url=None,
+        api_keys_file=root / "keys",
+        header_timeout_s=HEADER_TIMEOUT_S,
+        body_timeout_s=BODY_TIMEOUT_S,
+    )
     stack = Stack(settings, log_dir=root / "logs")
     try:
         stack.start()
@@ -77,7 +83,7 @@ class SlowConnection:
         self.socket = socket.create_connection(("127.0.0.1", port), timeout=PROBE_TIMEOUT_S)
 
     def send(self, upto: int) -> None:
-        self.socket.sendall(self.request[self.sent:upto])
+        self.socket.sendall(self.request[self.sent : upto])
         self.sent = upto
 
     def still_open(self) -> bool:
@@ -114,11 +120,19 @@ def slow_head(port: int) -> SlowConnection:
 
 def slow_upload(port: int, model: bytes) -> SlowConnection:
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"spec\"\r\n\r\n{json.dumps(SPEC)}\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"model\"; filename=\"conv.pt\"\r\n"
-            "Content-Type: application/octet-stream\r\n\r\n").encode() + model + f"\r\n--{boundary}--\r\n".encode()
-    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEYS['alpha']}\r\n"
-            f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="spec"\r\n\r\n{json.dumps(SPEC)}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="model"; filename="conv.pt"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + model
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    head = (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEYS['alpha']}\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
     connection = SlowConnection(port, head + body)
     connection.send(len(head) + len(body) // 2)  # half the model, and then nothing, for now
     return connection

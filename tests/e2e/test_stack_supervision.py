@@ -1,5 +1,6 @@
 """`make run` heals itself: SIGKILL any one of its children and the service answers again within
 30 s and finishes every job it had."""
+
 from __future__ import annotations
 
 import hashlib
@@ -40,7 +41,8 @@ def _answers(base: str, job_ids: list[str]) -> bool:
     """The API is up and reads every job's record from Redis."""
     try:
         return requests.get(base + "/healthz", timeout=2).status_code == 200 and all(
-            requests.get(f"{base}/v1/jobs/{job_id}", timeout=2).status_code == 200 for job_id in job_ids)
+            requests.get(f"{base}/v1/jobs/{job_id}", timeout=2).status_code == 200 for job_id in job_ids
+        )
     except requests.RequestException:
         return False
 
@@ -48,15 +50,28 @@ def _answers(base: str, job_ids: list[str]) -> bool:
 @pytest.mark.parametrize("role", ["worker", "redis", "api"])
 def test_sigkilled_child_is_restarted_and_every_job_finishes(role: str, tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "MODELPRESS_DATA_DIR": str(tmp_path / "data"), "MODELPRESS_PORT": str(port),
-           "MODELPRESS_REDIS_PORT": str(free_port()), "MODELPRESS_HEARTBEAT_STALE_S": "6",
-           "MODELPRESS_LOG_FORMAT": "json", "MODELPRESS_MAX_UPLOAD_MB": "64", "MODELPRESS_JOB_THREADS": "1"}
+    env = {
+        **os.environ,
+        "MODELPRESS_DATA_DIR": str(tmp_path / "data"),
+        "MODELPRESS_PORT": str(port),
+        "MODELPRESS_REDIS_PORT": str(free_port()),
+        "MODELPRESS_HEARTBEAT_STALE_S": "6",
+        "MODELPRESS_LOG_FORMAT": "json",
+        "MODELPRESS_MAX_UPLOAD_MB": "64",
+        "MODELPRESS_JOB_THREADS": "1",
+    }
     env.pop("REDIS_URL", None)
     env.pop("MODELPRESS_TEST_PAUSE", None)
     log_path = tmp_path / "stack.log"
     with open(log_path, "wb") as log_file:
-        stack = subprocess.Popen([sys.executable, "-m", "modelpress.stack"], cwd=PROJECT_ROOT, env=env,
-                                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        stack = subprocess.Popen(
+            [sys.executable, "-m", "modelpress.stack"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -64,9 +79,12 @@ def test_sigkilled_child_is_restarted_and_every_job_finishes(role: str, tmp_path
             assert stack.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
             time.sleep(0.5)
         model = save_scripted(SlowModel(steps=2000), tmp_path / "medium.pt").read_bytes()
-        job_ids = [requests.post(base + "/v1/jobs", files={"model": ("m.pt", model)},
-                                 data={"spec": json.dumps(MEDIUM)}, timeout=60).json()["id"]
-                   for _ in range(2)]
+        job_ids = [
+            requests.post(
+                base + "/v1/jobs", files={"model": ("m.pt", model)}, data={"spec": json.dumps(MEDIUM)}, timeout=60
+            ).json()["id"]
+            for _ in range(2)
+        ]
         deadline = time.monotonic() + 120
         while requests.get(f"{base}/v1/jobs/{job_ids[0]}", timeout=5).json()["state"] != "running":
             assert time.monotonic() < deadline
@@ -86,7 +104,10 @@ def test_sigkilled_child_is_restarted_and_every_job_finishes(role: str, tmp_path
         for job_id in job_ids:
             deadline = time.monotonic() + 300
             while (job := requests.get(f"{base}/v1/jobs/{job_id}", timeout=5).json())["state"] not in (
-                    "succeeded", "failed", "cancelled"):
+                "succeeded",
+                "failed",
+                "cancelled",
+            ):
                 assert time.monotonic() < deadline, job
                 time.sleep(0.5)
             assert job["state"] == "succeeded", job["error"]
@@ -107,13 +128,24 @@ def test_sigkilled_child_is_restarted_and_every_job_finishes(role: str, tmp_path
 
 def test_a_child_in_a_crash_loop_stops_the_service_with_an_error_naming_it(tmp_path: Path) -> None:
     port = free_port()
-    env = {**os.environ, "MODELPRESS_DATA_DIR": str(tmp_path / "data"), "MODELPRESS_PORT": str(port),
-           "MODELPRESS_REDIS_PORT": str(free_port()), "MODELPRESS_LOG_FORMAT": "json"}
+    env = {
+        **os.environ,
+        "MODELPRESS_DATA_DIR": str(tmp_path / "data"),
+        "MODELPRESS_PORT": str(port),
+        "MODELPRESS_REDIS_PORT": str(free_port()),
+        "MODELPRESS_LOG_FORMAT": "json",
+    }
     env.pop("REDIS_URL", None)
     log_path = tmp_path / "stack.log"
     with open(log_path, "wb") as log_file:
-        stack = subprocess.Popen([sys.executable, "-m", "modelpress.stack"], cwd=PROJECT_ROOT, env=env,
-                                 stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        stack = subprocess.Popen(
+            [sys.executable, "-m", "modelpress.stack"],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 120
         while not _answers(f"http://127.0.0.1:{port}", []):

@@ -1,4 +1,5 @@
 """A static int8 job through the real service: upload a CNN and its data, download an int8 model."""
+
 from __future__ import annotations
 
 import io
@@ -17,8 +18,11 @@ def test_static_job_with_a_data_file_returns_an_int8_model(api: ApiClient, tmp_p
     path = save_scripted(original, tmp_path / "residual.pt")
     inputs = np.random.default_rng(0).standard_normal((96, 3, 16, 16)).astype(np.float32)
     np.savez(tmp_path / "data.npz", inputs=inputs)
-    spec = {"method": "quantize", "quantize": {"mode": "static", "observer": "minmax", "calibration_batches": 2},
-            "evaluation": {"runs": 2, "warmup": 1}}
+    spec = {
+        "method": "quantize",
+        "quantize": {"mode": "static", "observer": "minmax", "calibration_batches": 2},
+        "evaluation": {"runs": 2, "warmup": 1},
+    }
 
     submitted = api.submit(path, spec, data=tmp_path / "data.npz")
     assert submitted.status_code == 202, submitted.text
@@ -55,8 +59,11 @@ def test_qat_job_trains_on_the_uploaded_data_and_returns_int8(api: ApiClient, tm
     original = settle_batchnorm(ResidualNet(width=16, classes=4), (16, 3, 16, 16))
     path = save_scripted(original, tmp_path / "residual.pt")
     np.savez(tmp_path / "data.npz", inputs=np.random.default_rng(0).standard_normal((80, 3, 16, 16)).astype(np.float32))
-    spec = {"method": "quantize", "quantize": {"mode": "qat", "qat": {"epochs": 1, "batch_size": 16}},
-            "evaluation": {"runs": 2, "warmup": 1}}
+    spec = {
+        "method": "quantize",
+        "quantize": {"mode": "qat", "qat": {"epochs": 1, "batch_size": 16}},
+        "evaluation": {"runs": 2, "warmup": 1},
+    }
 
     submitted = api.submit(path, spec, data=tmp_path / "data.npz")
     assert submitted.status_code == 202, submitted.text

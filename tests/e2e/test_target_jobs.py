@@ -1,6 +1,7 @@
 """Export targets through the real service: a job's artifacts listed, downloaded, and run on their
 runtimes by a process that never imports torch (ExecuTorch's through its C++ runtime, ``pte_run``,
 which ``make test`` builds)."""
+
 from __future__ import annotations
 
 import json
@@ -25,20 +26,29 @@ sys.exit(code)
 
 
 @pytest.mark.parametrize("upload", ["torchscript", "pt2"])
-def test_a_static_int8_job_serves_int8_artifacts_that_run_without_torch(api: ApiClient, tmp_path: Path,
-                                                                         upload: str) -> None:
+def test_a_static_int8_job_serves_int8_artifacts_that_run_without_torch(
+    api: ApiClient, tmp_path: Path, upload: str
+) -> None:
     torch.manual_seed(0)
     original = settle_batchnorm(ResidualNet(width=16, classes=4), (16, 3, 16, 16))
     inputs = np.random.default_rng(0).standard_normal((96, 3, 16, 16)).astype(np.float32)
     if upload == "pt2":
         path = tmp_path / "residual.pt2"
-        torch.export.save(torch.export.export(original, (torch.from_numpy(inputs[:8]),),
-                                              dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},)), path)
+        torch.export.save(
+            torch.export.export(
+                original, (torch.from_numpy(inputs[:8]),), dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},)
+            ),
+            path,
+        )
     else:
         path = save_scripted(original, tmp_path / "residual.pt")
     np.savez(tmp_path / "data.npz", inputs=inputs)
-    spec = {"method": "quantize", "quantize": {"mode": "static", "calibration_batches": 2},
-            "evaluation": {"runs": 2, "warmup": 0}, "targets": ["onnx", "openvino", "executorch"]}
+    spec = {
+        "method": "quantize",
+        "quantize": {"mode": "static", "calibration_batches": 2},
+        "evaluation": {"runs": 2, "warmup": 0},
+        "targets": ["onnx", "openvino", "executorch"],
+    }
 
     submitted = api.submit(path, spec, data=tmp_path / "data.npz")
     assert submitted.status_code == 202, submitted.text
@@ -57,8 +67,20 @@ def test_a_static_int8_job_serves_int8_artifacts_that_run_without_torch(api: Api
         artifact = tmp_path / f"artifact-{entry['name']}"
         artifact.write_bytes(body)
         outputs = tmp_path / f"outputs-{entry['name']}.npz"
-        ran = subprocess.run([sys.executable, "-c", TORCH_FREE, entry["name"], str(artifact),
-                              str(tmp_path / "inputs.npz"), str(outputs)], capture_output=True, text=True, timeout=300)
+        ran = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                TORCH_FREE,
+                entry["name"],
+                str(artifact),
+                str(tmp_path / "inputs.npz"),
+                str(outputs),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert ran.returncode == 0, ran.stderr[-2000:]
         got = np.load(outputs)["output_0"]
         cosine = float(np.dot(got.ravel(), expected.ravel()) / (np.linalg.norm(got) * np.linalg.norm(expected)))
@@ -72,8 +94,9 @@ def test_a_static_int8_job_serves_int8_artifacts_that_run_without_torch(api: Api
 
 def test_a_target_the_model_cannot_take_fails_alone_and_is_not_served(api: ApiClient, tmp_path: Path) -> None:
     path = save_scripted(Eigen(), tmp_path / "eigen.pt")
-    submitted = api.submit(path, {"method": "quantize", "input_shape": [4, 6], "targets": ["onnx"],
-                                  "evaluation": {"runs": 1, "warmup": 0}})
+    submitted = api.submit(
+        path, {"method": "quantize", "input_shape": [4, 6], "targets": ["onnx"], "evaluation": {"runs": 1, "warmup": 0}}
+    )
     job = api.wait(submitted.json()["id"], timeout=600)
 
     assert job["state"] == "succeeded", job["error"]  # the main result

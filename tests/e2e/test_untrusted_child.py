@@ -7,6 +7,7 @@ test asserts that the fault struck, that the job failed with the right problem, 
 (the supervisor) and Redis stayed within bounds, and the same harness with a well-behaved child
 succeeds. No production switch runs such code: the child command is a constructor argument.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,8 +68,10 @@ send(event="succeeded")
 @pytest.fixture(scope="module")
 def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
     root = tmp_path_factory.mktemp("untrusted-child")
-    stack = Stack(make_settings(root / "data", redis_url=None, job_memory_mb=JOB_MEMORY_MB, job_timeout_s=120,
-                                job_threads=1), log_dir=root / "logs")
+    stack = Stack(
+        make_settings(root / "data", redis_url=None, job_memory_mb=JOB_MEMORY_MB, job_timeout_s=120, job_threads=1),
+        log_dir=root / "logs",
+    )
     try:
         stack.start(api=False, worker=False)  # Redis only: the supervisor runs here
         yield Harness(stack, root)
@@ -93,19 +96,35 @@ class Harness:
         spec = parse_spec(QUICK)
         files.spec.write_text(json.dumps(dump_spec(spec)))
         body = files.input_model.read_bytes()
-        self.store.create({
-            "id": job_id, "tenant": tenant, "state": "queued", "progress": 0.0, "stage": "queued",
-            "created_at": utc_now(), "started_at": None, "finished_at": None, "spec": dump_spec(spec),
-            "input": {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest(), "format": "torchscript"},
-            "data": None, "student": None, "result": None, "error": None, "warnings": [], "callback_url": None})
+        self.store.create(
+            {
+                "id": job_id,
+                "tenant": tenant,
+                "state": "queued",
+                "progress": 0.0,
+                "stage": "queued",
+                "created_at": utc_now(),
+                "started_at": None,
+                "finished_at": None,
+                "spec": dump_spec(spec),
+                "input": {"bytes": len(body), "sha256": hashlib.sha256(body).hexdigest(), "format": "torchscript"},
+                "data": None,
+                "student": None,
+                "result": None,
+                "error": None,
+                "warnings": [],
+                "callback_url": None,
+            }
+        )
         return files
 
     def run(self, program: str | None, store: JobStore | None = None) -> tuple[dict[str, Any], JobFiles, Bounds]:
         """Run one job under a real supervisor whose child is ``program`` (None: the real job process)."""
         files = self.submit()
         command = (sys.executable, "-c", PRELUDE + textwrap.dedent(program)) if program is not None else None
-        supervisor = Supervisor(self.settings, store or self.store, self.storage,
-                                **({"child_command": command} if command else {}))
+        supervisor = Supervisor(
+            self.settings, store or self.store, self.storage, **({"child_command": command} if command else {})
+        )
         with Bounds(self.store.redis) as bounds:
             supervisor.run(files.root.name)
         return self.store.get(files.root.name), files, bounds
@@ -137,10 +156,12 @@ class Bounds:
             self.resident_peak = max(self.resident_peak, self._me.memory_info().rss)
 
     def assert_held(self) -> None:
-        assert self.resident_peak - self.resident_before < SUPERVISOR_GROWTH_MB << 20, \
+        assert self.resident_peak - self.resident_before < SUPERVISOR_GROWTH_MB << 20, (
             f"the supervisor grew by {(self.resident_peak - self.resident_before) >> 20} MB"
-        assert self.redis_after - self.redis_before < REDIS_GROWTH_BYTES, \
+        )
+        assert self.redis_after - self.redis_before < REDIS_GROWTH_BYTES, (
             f"Redis grew by {(self.redis_after - self.redis_before) >> 10} KB"
+        )
 
 
 def job_processes(files: JobFiles) -> list[psutil.Process]:
@@ -174,8 +195,11 @@ def test_real_job_process_succeeds_with_the_same_harness(harness: Harness) -> No
     job, files, _ = harness.run(None)
     assert job["state"] == "succeeded", job["error"]
     report = json.loads(files.published_report(job["attempt"]).read_text())
-    assert job["result"]["size_ratio"] == report["size"]["ratio"] \
+    assert (
+        job["result"]["size_ratio"]
+        == report["size"]["ratio"]
         == float(f"{files.output_model.stat().st_size / files.input_model.stat().st_size:.5g}")
+    )
 
 
 # ----------------------------------------------------------------------------- the pipe
@@ -203,17 +227,21 @@ def test_endless_line_is_cut_at_64_kb_and_fails_the_job(harness: Harness) -> Non
     bounds.assert_held()
 
 
-@pytest.mark.parametrize("message, wrong", [
-    ('{"event": "progress", "progress": 0.5}', "has no 'stage'"),
-    ('{"event": "failed", "title": "t", "detail": "d"}', "has no 'slug'"),
-    ('{"event": "failed", "slug": "../../etc", "title": "t", "detail": "d"}', "'slug' does not match"),
-    ('{"event": "progress", "stage": "s", "progress": 7}', "'progress' is not a number from 0 to 1"),
-    ('{"event": "progress", "stage": "s", "progress": 0.1, "extra": 1}', "1 unknown field"),
-    ('{"event": "pwned"}', "unknown event"),
-    ('[1, 2]', "not a JSON object"),
-])
-def test_message_breaking_the_schema_stops_the_child_and_fails_the_job(harness: Harness, message: str,
-                                                                        wrong: str) -> None:
+@pytest.mark.parametrize(
+    "message, wrong",
+    [
+        ('{"event": "progress", "progress": 0.5}', "has no 'stage'"),
+        ('{"event": "failed", "title": "t", "detail": "d"}', "has no 'slug'"),
+        ('{"event": "failed", "slug": "../../etc", "title": "t", "detail": "d"}', "'slug' does not match"),
+        ('{"event": "progress", "stage": "s", "progress": 7}', "'progress' is not a number from 0 to 1"),
+        ('{"event": "progress", "stage": "s", "progress": 0.1, "extra": 1}', "1 unknown field"),
+        ('{"event": "pwned"}', "unknown event"),
+        ("[1, 2]", "not a JSON object"),
+    ],
+)
+def test_message_breaking_the_schema_stops_the_child_and_fails_the_job(
+    harness: Harness, message: str, wrong: str
+) -> None:
     job, files, bounds = harness.run(f"""
         say("sending the message")
         pipe.write({message!r}.encode() + b"\\n")
@@ -237,11 +265,14 @@ class FailingStore(JobStore):
 
 
 def test_error_in_the_supervisors_loop_stops_the_child_and_fails_the_job(harness: Harness) -> None:
-    job, files, _bounds = harness.run("""
+    job, files, _bounds = harness.run(
+        """
         send(event="progress", stage="quantizing", progress=0.5)
         say("progress sent")
         time.sleep(600)
-    """, store=FailingStore(harness.store.redis))
+    """,
+        store=FailingStore(harness.store.redis),
+    )
     assert "progress sent" in printed(files)
     assert job["state"] == "failed"
     assert job["error"]["type"].endswith("/internal-error")
@@ -264,14 +295,17 @@ def test_report_of_30_mb_of_warnings_fails_the_job_and_stays_out_of_redis(harnes
     bounds.assert_held()
 
 
-@pytest.mark.parametrize("changes, wrong", [
-    ('warnings=["w"] * 1000', "'warnings' is not a list of at most"),
-    ('warnings=["w" * 100000]', "a warning is not a string"),
-    ('latency={"ratio": "fast"}', "'latency.ratio' is not a finite number"),
-    ('fidelity={"cosine_similarity": float("nan"), "top1_agreement": 1.0}', "not JSON"),
-    ('size=[1]', "'size' is not an object"),
-    ('format={"output": "../../x"}', "'format.output' is not a known format"),
-])
+@pytest.mark.parametrize(
+    "changes, wrong",
+    [
+        ('warnings=["w"] * 1000', "'warnings' is not a list of at most"),
+        ('warnings=["w" * 100000]', "a warning is not a string"),
+        ('latency={"ratio": "fast"}', "'latency.ratio' is not a finite number"),
+        ('fidelity={"cosine_similarity": float("nan"), "top1_agreement": 1.0}', "not JSON"),
+        ("size=[1]", "'size' is not an object"),
+        ('format={"output": "../../x"}', "'format.output' is not a known format"),
+    ],
+)
 def test_report_breaking_its_types_fails_the_job(harness: Harness, changes: str, wrong: str) -> None:
     job, files, bounds = harness.run(f"""
         report({changes})
@@ -294,8 +328,11 @@ def test_forged_size_is_replaced_by_the_measured_one(harness: Harness) -> None:
     assert job["result"]["size_ratio"] == 1.0  # the output is a copy of the input
     assert job["result"]["bytes"] == files.input_model.stat().st_size
     published = json.loads(files.published_report(job["attempt"]).read_text())["size"]
-    assert published == {"bytes_before": files.input_model.stat().st_size,
-                         "bytes_after": files.input_model.stat().st_size, "ratio": 1.0}
+    assert published == {
+        "bytes_before": files.input_model.stat().st_size,
+        "bytes_after": files.input_model.stat().st_size,
+        "ratio": 1.0,
+    }
 
 
 # ----------------------------------------------------------------------------- memory outside the process

@@ -4,6 +4,7 @@ bubblewrap. A job's process may be started before its job, but is used for that 
 The stack runs with ``MODELPRESS_OP_CHECK=off`` so a model can write a marker file into its ``/tmp``
 (``torch.from_file(..., shared=True)`` creates it); only the sandbox stands between jobs then.
 """
+
 from __future__ import annotations
 
 import io
@@ -45,8 +46,9 @@ class TmpMarker(nn.Module):
 @pytest.fixture(scope="module")
 def warm_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("warm")
-    stack = Stack(make_settings(root / "data", redis_url=None, op_check="off", warm_sandbox=True),
-                  log_dir=root / "logs")
+    stack = Stack(
+        make_settings(root / "data", redis_url=None, op_check="off", warm_sandbox=True), log_dir=root / "logs"
+    )
     try:
         yield stack.start()
     finally:
@@ -81,8 +83,9 @@ def test_two_consecutive_jobs_share_no_process_pid_namespace_or_tmp(warm_stack: 
         assert report["timings_s"]["startup"] >= 0 and {"load", "measure", "startup"} <= set(report["timings_s"])
 
 
-def test_a_warm_process_killed_while_idle_is_replaced_and_the_next_job_succeeds(warm_stack: Stack,
-                                                                                  tmp_path: Path) -> None:
+def test_a_warm_process_killed_while_idle_is_replaced_and_the_next_job_succeeds(
+    warm_stack: Stack, tmp_path: Path
+) -> None:
     client = ApiClient(warm_stack.base_url)
     model = save_scripted(TmpMarker(f"/tmp/marker-{secrets.token_hex(4)}"), tmp_path / "marker.pt")
     victim = _waiting(warm_stack)

@@ -1,4 +1,5 @@
 """Fixtures of the engine tests: a CNN trained once on scikit-learn's digits, shared by the session."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,5 +19,10 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("digits")
     np.savez(root / "labelled.npz", inputs=splits["x_train"].numpy(), labels=splits["y_train"].numpy())
     np.savez(root / "unlabelled.npz", inputs=splits["x_train"].numpy())
-    return {**splits, "model": save_scripted(model, root / "digits.pt"), "labelled": root / "labelled.npz",
-            "unlabelled": root / "unlabelled.npz", "accuracy": test_accuracy(model, splits["x_test"], splits["y_test"])}
+    return {
+        **splits,
+        "model": save_scripted(model, root / "digits.pt"),
+        "labelled": root / "labelled.npz",
+        "unlabelled": root / "unlabelled.npz",
+        "accuracy": test_accuracy(model, splits["x_test"], splits["y_test"]),
+    }

@@ -1,4 +1,5 @@
 """Distillation on real models: width students on digits, shape checks before any training."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,9 +15,18 @@ from workers.engine.run.pipeline import compress
 
 
 def _spec(**distill: object) -> dict:
-    options = {"student": {"source": "width", "width": 0.33}, "temperature": 4.0, "alpha": None, "epochs": 15,
-               "batch_size": 64, "lr": 3e-3, "optimizer": "adam", "val_fraction": 0.1,
-               "early_stopping_patience": None, "seed": 0}
+    options = {
+        "student": {"source": "width", "width": 0.33},
+        "temperature": 4.0,
+        "alpha": None,
+        "epochs": 15,
+        "batch_size": 64,
+        "lr": 3e-3,
+        "optimizer": "adam",
+        "val_fraction": 0.1,
+        "early_stopping_patience": None,
+        "seed": 0,
+    }
     options.update(distill)
     return {"method": "distill", "seed": 0, "evaluation": {"runs": 2, "warmup": 1}, "distill": options}
 
@@ -56,8 +66,7 @@ def test_width_student_without_labels_learns_from_the_teacher_alone(digits: dict
 def test_uploaded_student_and_early_stopping(digits: dict, tmp_path: Path) -> None:
     student = save_scripted(DigitsCNN(width=8), tmp_path / "small.pt")
     spec = _spec(student={"source": "upload"}, epochs=40, early_stopping_patience=2, optimizer="sgd", lr=0.05)
-    report = compress(digits["model"], spec, tmp_path / "out.pt", data_path=digits["labelled"],
-                      student_path=student)
+    report = compress(digits["model"], spec, tmp_path / "out.pt", data_path=digits["labelled"], student_path=student)
 
     details = report["details"]
     assert details["student"] == {"from": "upload"}
@@ -84,11 +93,20 @@ def test_student_with_another_output_shape_is_refused(digits: dict, tmp_path: Pa
 
     student = save_scripted(SevenClasses(), tmp_path / "seven.pt")
     with pytest.raises(InvalidInput, match=r"student's output shape \[2, 7\] differs from the teacher's \[2, 10\]"):
-        compress(digits["model"], _spec(student={"source": "upload"}), tmp_path / "out.pt",
-                 data_path=digits["labelled"], student_path=student)
+        compress(
+            digits["model"],
+            _spec(student={"source": "upload"}),
+            tmp_path / "out.pt",
+            data_path=digits["labelled"],
+            student_path=student,
+        )
 
 
 def test_unknown_torchvision_architecture(digits: dict, tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="unknown torchvision classification model 'resnet7'"):
-        compress(digits["model"], _spec(student={"source": "torchvision", "arch": "resnet7"}), tmp_path / "out.pt",
-                 data_path=digits["labelled"])
+        compress(
+            digits["model"],
+            _spec(student={"source": "torchvision", "arch": "resnet7"}),
+            tmp_path / "out.pt",
+            data_path=digits["labelled"],
+        )

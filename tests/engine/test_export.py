@@ -1,4 +1,5 @@
 """torch.export programs (.pt2) through the engine: quantize, prune, and crafted archives refused unloaded."""
+
 from __future__ import annotations
 
 import contextlib
@@ -72,9 +73,16 @@ def test_float16_weights_halve_the_program(transformer, tmp_path: Path) -> None:
 
 def test_unstructured_pruning_zeros_half_the_conv_and_linear_weights(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3),
-                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 256),
-                                torch.nn.ReLU(), torch.nn.Linear(256, 10)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(64, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    ).eval()
     path = save_exported(model, torch.randn(2, 3, 32, 32), tmp_path / "conv.pt2")
     output = tmp_path / "pruned.pt2"
     report = compress(path, _spec({"method": "prune", "prune": {"amount": 0.5}, "input_shape": [2, 3, 32, 32]}), output)
@@ -99,12 +107,17 @@ def test_structured_pruning_removes_channels_of_a_program(dynamic_batch: bool, t
     batch = 2 if dynamic_batch else 4
     path = save_exported(model, torch.randn(batch, 3, 16, 16), tmp_path / "net.pt2", dynamic_batch=dynamic_batch)
     output = tmp_path / "pruned.pt2"
-    report = compress(path, _spec({"method": "prune", "prune": {"amount": 0.5, "structured": True},
-                                   "input_shape": [batch, 3, 16, 16]}), output)
+    report = compress(
+        path,
+        _spec({"method": "prune", "prune": {"amount": 0.5, "structured": True}, "input_shape": [batch, 3, 16, 16]}),
+        output,
+    )
 
     assert model_format(output) == EXPORTED and report["format"] == {"input": "pt2", "output": "pt2"}
     before, program = torch.export.load(path), torch.export.load(output)
-    assert sum(t.numel() for t in program.state_dict.values()) <= 0.35 * sum(t.numel() for t in before.state_dict.values())
+    assert sum(t.numel() for t in program.state_dict.values()) <= 0.35 * sum(
+        t.numel() for t in before.state_dict.values()
+    )
     # Both groups (the residual width the stem, conv2 and the head share, and conv1's rows) are halved.
     assert program.state_dict["conv1.weight"].shape == (16, 16, 3, 3)
     assert program.state_dict["head.2.weight"].shape == (10, 16)
@@ -121,10 +134,16 @@ def test_structured_pruning_removes_channels_of_a_program(dynamic_batch: bool, t
 def test_structured_pruning_of_a_program_narrows_transformer_feed_forward_layers(transformer, tmp_path: Path) -> None:
     _, path = transformer
     output = tmp_path / "out.pt2"
-    report = compress(path, _spec({"method": "prune", "prune": {"amount": 0.5, "structured": True},
-                                   "input_shape": [4, 16, 256]}), output)
+    report = compress(
+        path,
+        _spec({"method": "prune", "prune": {"amount": 0.5, "structured": True}, "input_shape": [4, 16, 256]}),
+        output,
+    )
     # The MLP hidden width is pruned; the residual width is read by attention's matmuls and stays.
-    assert {(g["group"], g["channels_after"]) for g in report["details"]["groups"]} == {("ffn.0.fc1", 512), ("ffn.1.fc1", 512)}
+    assert {(g["group"], g["channels_after"]) for g in report["details"]["groups"]} == {
+        ("ffn.0.fc1", 512),
+        ("ffn.1.fc1", 512),
+    }
     program = torch.export.load(output)
     assert program.state_dict["ffn.0.fc1.weight"].shape == (512, 256)
     with torch.no_grad():
@@ -165,11 +184,17 @@ def test_a_pickle_payload_is_refused_and_never_runs(craft: str, transformer, tmp
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("target, reason", [("torch.os.system", "not a torch operator"),
-                                            ("torch.ops.aten.from_file.default", "aten::from_file: it reads a file"),
-                                            ("torch.ops.mylib.run.default", "outside torch's own operator namespaces")])
-def test_graphs_calling_outside_torch_operators_are_refused(target: str, reason: str, transformer,
-                                                            tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "target, reason",
+    [
+        ("torch.os.system", "not a torch operator"),
+        ("torch.ops.aten.from_file.default", "aten::from_file: it reads a file"),
+        ("torch.ops.mylib.run.default", "outside torch's own operator namespaces"),
+    ],
+)
+def test_graphs_calling_outside_torch_operators_are_refused(
+    target: str, reason: str, transformer, tmp_path: Path
+) -> None:
     _, genuine = transformer
     crafted = tmp_path / "crafted.pt2"
     crafted.write_bytes(with_graph_target(genuine, target))
@@ -179,10 +204,10 @@ def test_graphs_calling_outside_torch_operators_are_refused(target: str, reason:
         load_program(crafted)
 
 
-@pytest.mark.parametrize("expression", ["__import__('os').system('touch {marker}')",
-                                        "eval(\"open('{marker}', 'w')\")"])
-def test_a_shape_expression_carrying_code_is_refused_and_never_runs(expression: str, transformer,
-                                                                     tmp_path: Path) -> None:
+@pytest.mark.parametrize("expression", ["__import__('os').system('touch {marker}')", "eval(\"open('{marker}', 'w')\")"])
+def test_a_shape_expression_carrying_code_is_refused_and_never_runs(
+    expression: str, transformer, tmp_path: Path
+) -> None:
     _, genuine = transformer
     # The attack is real: torch.export.load hands shape expressions to sympy.sympify, which evaluates them.
     proof = tmp_path / "proof"
@@ -231,8 +256,9 @@ class _SharedReluBlockNet(torch.nn.Module):
 
     def __init__(self, width: int = 32) -> None:
         super().__init__()
-        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1, bias=False),
-                                        torch.nn.BatchNorm2d(width), torch.nn.ReLU())
+        self.stem = torch.nn.Sequential(
+            torch.nn.Conv2d(3, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width), torch.nn.ReLU()
+        )
         self.conv1, self.bn1 = torch.nn.Conv2d(width, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width)
         self.conv2, self.bn2 = torch.nn.Conv2d(width, width, 3, padding=1, bias=False), torch.nn.BatchNorm2d(width)
         self.relu = torch.nn.ReLU(inplace=True)
@@ -251,8 +277,9 @@ def test_static_int8_program_quantizes_convs_with_a_shared_relu_and_keeps_shapes
     model = settle_batchnorm(_SharedReluBlockNet(), (8, 3, 16, 16))
     path = save_exported(model, torch.randn(2, 3, 16, 16), tmp_path / "net.pt2")
     output = tmp_path / "int8.pt2"
-    report = compress(path, _spec({"method": "quantize", "quantize": {"mode": "static"}, "input_shape": [8, 3, 16, 16]}),
-                      output)
+    report = compress(
+        path, _spec({"method": "quantize", "quantize": {"mode": "static"}, "input_shape": [8, 3, 16, 16]}), output
+    )
 
     details = report["details"]
     assert details["mode"] == "static" and {entry["type"] for entry in details["quantized"]} == {"Conv2d", "Linear"}
@@ -291,8 +318,13 @@ def test_a_program_with_a_fixed_batch_is_quantized_in_batches_it_accepts(mode: s
     example = (torch.randn(2, 3, 16, 16), torch.randint(0, 50, (2, 5)))
     path = tmp_path / "two.pt2"
     torch.export.save(torch.export.export(model, example), path)
-    spec = _spec({"method": "quantize", "quantize": {"mode": mode},
-                  "inputs": [{"shape": [2, 3, 16, 16]}, {"shape": [2, 5], "dtype": "int64", "low": 0, "high": 50}]})
+    spec = _spec(
+        {
+            "method": "quantize",
+            "quantize": {"mode": mode},
+            "inputs": [{"shape": [2, 3, 16, 16]}, {"shape": [2, 5], "dtype": "int64", "low": 0, "high": 50}],
+        }
+    )
 
     report = compress(path, spec, tmp_path / "out.pt2")
 
@@ -309,10 +341,18 @@ def test_a_search_toward_a_target_runs_on_a_program_and_returns_a_program(tmp_pa
 
     model = settle_batchnorm(_SharedReluBlockNet(width=16), (8, 3, 16, 16), seed=0)
     path = save_exported(model, torch.randn(2, 3, 16, 16), tmp_path / "net.pt2")
-    np.savez(tmp_path / "data.npz", inputs=torch.randn(60, 3, 16, 16, generator=torch.Generator().manual_seed(1)).numpy())
-    spec = parse_spec({"method": "auto", "evaluation": {"runs": 1, "warmup": 0},
-                       "target": {"metric": "cosine", "max_drop": 0.2, "objective": "size"},
-                       "search": {"max_trials": 2}}, has_data=True)
+    np.savez(
+        tmp_path / "data.npz", inputs=torch.randn(60, 3, 16, 16, generator=torch.Generator().manual_seed(1)).numpy()
+    )
+    spec = parse_spec(
+        {
+            "method": "auto",
+            "evaluation": {"runs": 1, "warmup": 0},
+            "target": {"metric": "cosine", "max_drop": 0.2, "objective": "size"},
+            "search": {"max_trials": 2},
+        },
+        has_data=True,
+    )
     output = tmp_path / "out.pt2"
 
     report = compress(path, spec, output, data_path=tmp_path / "data.npz")
@@ -334,9 +374,19 @@ def test_a_fixed_batch_program_teaches_a_width_student_on_data_of_any_length(tmp
     model = settle_batchnorm(_SharedReluBlockNet(), (8, 3, 16, 16), seed=0)
     path = save_exported(model, torch.randn(4, 3, 16, 16), tmp_path / "teacher.pt2", dynamic_batch=False)
     np.savez(tmp_path / "data.npz", inputs=torch.randn(42, 3, 16, 16).numpy())  # 42 rows: not a multiple of 4
-    spec = parse_spec({"method": "distill", "evaluation": {"runs": 1, "warmup": 0},
-                       "distill": {"student": {"from": "width", "width": 0.5}, "epochs": 2, "batch_size": 16,
-                                   "val_fraction": 0.25}}, has_data=True)
+    spec = parse_spec(
+        {
+            "method": "distill",
+            "evaluation": {"runs": 1, "warmup": 0},
+            "distill": {
+                "student": {"from": "width", "width": 0.5},
+                "epochs": 2,
+                "batch_size": 16,
+                "val_fraction": 0.25,
+            },
+        },
+        has_data=True,
+    )
     output = tmp_path / "student.pt2"
 
     report = compress(path, spec, output, data_path=tmp_path / "data.npz")
@@ -351,13 +401,23 @@ def test_a_fixed_batch_program_teaches_a_width_student_on_data_of_any_length(tmp
 
 
 def test_fine_tuning_a_pruned_fixed_batch_program_is_refused_with_a_reason(tmp_path: Path) -> None:
-    path = save_exported(settle_batchnorm(_SharedReluBlockNet(), (8, 3, 16, 16), seed=0), torch.randn(4, 3, 16, 16),
-                         tmp_path / "net.pt2", dynamic_batch=False)
+    path = save_exported(
+        settle_batchnorm(_SharedReluBlockNet(), (8, 3, 16, 16), seed=0),
+        torch.randn(4, 3, 16, 16),
+        tmp_path / "net.pt2",
+        dynamic_batch=False,
+    )
     import numpy as np
 
     np.savez(tmp_path / "data.npz", inputs=torch.randn(32, 3, 16, 16).numpy(), labels=np.arange(32) % 10)
-    spec = parse_spec({"method": "prune", "evaluation": {"runs": 1, "warmup": 0},
-                       "prune": {"amount": 0.5, "structured": True, "finetune": {"epochs": 1}}}, has_data=True)
+    spec = parse_spec(
+        {
+            "method": "prune",
+            "evaluation": {"runs": 1, "warmup": 0},
+            "prune": {"amount": 0.5, "structured": True, "finetune": {"epochs": 1}},
+        },
+        has_data=True,
+    )
     with pytest.raises(UnsupportedModel, match="exactly 4 rows"):
         compress(path, spec, tmp_path / "out.pt2", data_path=tmp_path / "data.npz")
 
@@ -372,8 +432,13 @@ def test_an_int8_program_is_timed_as_int8_kernels_under_inductor(runtime: str, t
     model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10)).eval()
     path = save_exported(model, torch.randn(4, 64), tmp_path / "mlp.pt2")
     counters.clear()
-    report = compress(path, _spec({"method": "quantize", "input_shape": [4, 64],
-                                   "evaluation": {"runs": 2, "warmup": 1, "runtime": runtime}}), tmp_path / "int8.pt2")
+    report = compress(
+        path,
+        _spec(
+            {"method": "quantize", "input_shape": [4, 64], "evaluation": {"runs": 2, "warmup": 1, "runtime": runtime}}
+        ),
+        tmp_path / "int8.pt2",
+    )
 
     assert report["latency"]["runtime"] == runtime and report["latency"]["after_ms"] > 0
     assert counters["inductor"]["qlinear_weight_prepack_matcher_count"] >= 2  # both Linear layers became int8 kernels
@@ -392,7 +457,10 @@ def test_package_aoti_returns_a_compiled_package_that_computes_what_the_program_
     report = compress(path, _spec({**spec, "package": "aoti"}), output)
 
     assert report["format"] == {"input": "pt2", "output": "aoti"} and report["details"]["reduce_range"] is True
-    assert report["package"]["bytes"] == output.stat().st_size and report["package"]["max_relative_error_to_program"] < 1e-2
+    assert (
+        report["package"]["bytes"] == output.stat().st_size
+        and report["package"]["max_relative_error_to_program"] < 1e-2
+    )
     assert not report["warnings"]
     with pytest.raises(Exception):  # noqa: B017  whatever torch.export.load raises on a package
         torch.export.load(output)  # not a program any more: a package of compiled kernels
@@ -424,7 +492,6 @@ def test_timing_the_aoti_runtime_leaves_no_package_folder_behind(tmp_path: Path,
         assert torch.allclose(runner(x), model(x), atol=1e-4)
 
 
-
 class _DepthwiseNormBlock(torch.nn.Module):
     """ConvNeXt's pattern: a depthwise conv, a LayerNorm over channels-last activations, a residual."""
 
@@ -448,12 +515,21 @@ def test_structured_pruning_of_a_program_rewrites_conv_groups_and_layer_norm_sha
     model = _DepthwiseNormBlock().eval()
     path = save_exported(model, torch.randn(2, 3, 12, 12), tmp_path / "block.pt2")
     output = tmp_path / "pruned.pt2"
-    report = compress(path, _spec({"method": "prune", "prune": {"amount": 0.5, "structured": True},
-                                   "input_shape": [2, 3, 12, 12]}), output)
+    report = compress(
+        path,
+        _spec({"method": "prune", "prune": {"amount": 0.5, "structured": True}, "input_shape": [2, 3, 12, 12]}),
+        output,
+    )
 
     program = torch.export.load(output)
-    assert program.state_dict["depthwise.weight"].shape == (8, 1, 3, 3) and program.state_dict["norm.weight"].shape == (8,)
-    convs = [n for n in program.graph.nodes if n.target == torch.ops.aten.conv2d.default and n.args[1].name.endswith("depthwise_weight")]
+    assert program.state_dict["depthwise.weight"].shape == (8, 1, 3, 3) and program.state_dict["norm.weight"].shape == (
+        8,
+    )
+    convs = [
+        n
+        for n in program.graph.nodes
+        if n.target == torch.ops.aten.conv2d.default and n.args[1].name.endswith("depthwise_weight")
+    ]
     assert convs and convs[0].args[6] == 8  # groups followed the removed channels
     norms = [n for n in program.graph.nodes if n.target == torch.ops.aten.layer_norm.default]
     assert norms and list(norms[0].args[1]) == [8]
@@ -468,8 +544,11 @@ def test_recurrent_layers_of_a_program_get_float16_weights_and_int8_says_it_leav
     torch.manual_seed(0)
     model = Recurrent().eval()
     path = save_exported(model, torch.randn(4, 12, 32), tmp_path / "rnn.pt2")
-    half = compress(path, _spec({"method": "quantize", "quantize": {"dtype": "float16"}, "input_shape": [4, 12, 32]}),
-                    tmp_path / "fp16.pt2")
+    half = compress(
+        path,
+        _spec({"method": "quantize", "quantize": {"dtype": "float16"}, "input_shape": [4, 12, 32]}),
+        tmp_path / "fp16.pt2",
+    )
     assert {entry["type"] for entry in half["details"]["quantized"]} == {"LSTM", "GRU"}  # the head is too small
     assert half["size"]["ratio"] <= 0.6 and half["fidelity"]["cosine_similarity"] >= 0.999
     with torch.no_grad():
@@ -497,8 +576,11 @@ def test_structured_pruning_of_a_program_that_reads_its_batch_size(tmp_path: Pat
     torch.manual_seed(0)
     model = _SizeReadingNet().eval()
     path = save_exported(model, torch.randn(2, 3, 8, 8), tmp_path / "net.pt2")
-    report = compress(path, _spec({"method": "prune", "prune": {"amount": 0.5, "structured": True},
-                                   "input_shape": [2, 3, 8, 8]}), tmp_path / "out.pt2")
+    report = compress(
+        path,
+        _spec({"method": "prune", "prune": {"amount": 0.5, "structured": True}, "input_shape": [2, 3, 8, 8]}),
+        tmp_path / "out.pt2",
+    )
     # The trace must follow the batch size, or every slicing fails its check at batches of 1 and 8.
     assert [(g["group"], g["channels_after"]) for g in report["details"]["groups"]] == [("conv1", 8), ("conv2", 4)]
     with torch.no_grad():

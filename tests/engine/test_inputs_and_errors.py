@@ -1,4 +1,5 @@
 """Bad models and bad inputs become typed errors with readable messages."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -71,8 +72,10 @@ def test_safetensors_data_drives_the_measurements(tmp_path: Path) -> None:
     from safetensors.numpy import save_file
 
     model = save_scripted(SmallConvNet(), tmp_path / "conv.pt")
-    save_file({"inputs": np.random.default_rng(0).standard_normal((20, 3, 8, 8)).astype(np.float32)},
-              str(tmp_path / "d.safetensors"))
+    save_file(
+        {"inputs": np.random.default_rng(0).standard_normal((20, 3, 8, 8)).astype(np.float32)},
+        str(tmp_path / "d.safetensors"),
+    )
     spec = {k: v for k, v in SPEC.items() if k != "input_shape"}
     report = compress(model, spec, tmp_path / "out.pt", data_path=tmp_path / "d.safetensors")
 

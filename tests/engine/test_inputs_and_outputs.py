@@ -1,4 +1,5 @@
 """Several inputs of any dtype, outputs of any structure, and the warnings a result carries."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,14 +19,24 @@ QUICK = {"evaluation": {"runs": 1, "warmup": 0}}
 
 
 def _compress(model: Path, spec: dict, tmp_path: Path, data: Path | None = None) -> dict:
-    return compress(model, parse_spec({**QUICK, **spec}, has_data=data is not None), tmp_path / "out.pt", data_path=data)
+    return compress(
+        model, parse_spec({**QUICK, **spec}, has_data=data is not None), tmp_path / "out.pt", data_path=data
+    )
 
 
 def test_random_inputs_follow_the_declared_dtypes_and_ranges() -> None:
-    spec = parse_spec({"method": "quantize", "inputs": [
-        {"shape": [64, 30], "dtype": "int64", "low": 5, "high": 9}, {"shape": [64, 2], "dtype": "int32"},
-        {"shape": [64, 3], "dtype": "bool"}, {"shape": [64, 4], "dtype": "bfloat16", "low": -2, "high": -1},
-        {"shape": [64, 500]}]})
+    spec = parse_spec(
+        {
+            "method": "quantize",
+            "inputs": [
+                {"shape": [64, 30], "dtype": "int64", "low": 5, "high": 9},
+                {"shape": [64, 2], "dtype": "int32"},
+                {"shape": [64, 3], "dtype": "bool"},
+                {"shape": [64, 4], "dtype": "bfloat16", "low": -2, "high": -1},
+                {"shape": [64, 500]},
+            ],
+        }
+    )
     ids, small, flags, uniform, normal = random_inputs(job_options(spec).inputs, seed=0)
 
     assert ids.dtype == torch.int64 and int(ids.min()) == 5 and int(ids.max()) == 8
@@ -38,8 +49,14 @@ def test_random_inputs_follow_the_declared_dtypes_and_ranges() -> None:
 def test_numbered_inputs_keep_their_dtypes_and_must_not_have_gaps(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({"input_0": torch.zeros(6, 3, dtype=torch.bfloat16), "input_1": torch.arange(12).view(6, 2),
-               "labels": torch.arange(6)}, str(tmp_path / "d.safetensors"))
+    save_file(
+        {
+            "input_0": torch.zeros(6, 3, dtype=torch.bfloat16),
+            "input_1": torch.arange(12).view(6, 2),
+            "labels": torch.arange(6),
+        },
+        str(tmp_path / "d.safetensors"),
+    )
     data = load_dataset(tmp_path / "d.safetensors")
     assert [t.dtype for t in data.inputs] == [torch.bfloat16, torch.int64] and len(data) == 6
 
@@ -67,7 +84,9 @@ def test_data_file_that_contradicts_the_spec_fails_before_compressing(tmp_path: 
     model = save_scripted(ImageAndIds(), tmp_path / "two.pt")
     np.savez(tmp_path / "d.npz", input_0=np.zeros((4, 3, 8, 8), np.float32), input_1=np.zeros((4, 6), np.int32))
     spec = {"method": "quantize", "inputs": [{"shape": [1, 3, 8, 8]}, {"shape": [1, 6], "dtype": "int64"}]}
-    with pytest.raises(InvalidInput, match=r"spec\.inputs\.1\.dtype: int64 declared, but the data file's 'input_1' holds int32"):
+    with pytest.raises(
+        InvalidInput, match=r"spec\.inputs\.1\.dtype: int64 declared, but the data file's 'input_1' holds int32"
+    ):
         _compress(model, spec, tmp_path, data=tmp_path / "d.npz")
 
 
@@ -94,8 +113,11 @@ def test_tuple_outputs_are_compared_one_by_one_and_finetuning_uses_the_chosen_on
 def test_dict_outputs_are_named_by_key_and_a_missing_key_is_refused(tmp_path: Path) -> None:
     model = save_scripted(DictHeads(), tmp_path / "dict.pt")
     spec = {"method": "quantize", "input_shape": [4, 12]}
-    with pytest.raises(InvalidInput, match=r"spec\.output is 'logits' but the model's dict output has the keys "
-                                           "'embedding', 'scores'"):
+    with pytest.raises(
+        InvalidInput,
+        match=r"spec\.output is 'logits' but the model's dict output has the keys "
+        "'embedding', 'scores'",
+    ):
         _compress(model, {**spec, "output": "logits"}, tmp_path)
     report = _compress(model, {**spec, "output": "scores"}, tmp_path)
     assert [o["name"] for o in report["fidelity"]["outputs"]] == ["embedding", "scores"]
@@ -109,8 +131,11 @@ def test_quantizing_nothing_and_collapsed_outputs_are_warned(tmp_path: Path) -> 
 
     torch.manual_seed(0)
     heads = save_scripted(TupleHeads(), tmp_path / "heads.pt")
-    report = _compress(heads, {"method": "prune", "input_shape": [64, 12],
-                               "prune": {"amount": 0.97, "scope": "per_layer", "exclude": []}}, tmp_path)
+    report = _compress(
+        heads,
+        {"method": "prune", "input_shape": [64, 12], "prune": {"amount": 0.97, "scope": "per_layer", "exclude": []}},
+        tmp_path,
+    )
     collapsed = [w for w in report["warnings"] if w.startswith("outputs collapsed: output '1' has top-1 agreement")]
     assert len(collapsed) == 1 and "measured on random inputs" in collapsed[0]
     assert report["fidelity"]["outputs"][1]["top1_agreement"] < 0.5

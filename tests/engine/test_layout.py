@@ -1,5 +1,6 @@
 """The engine's layout keeps its plan: no import cycle among its modules, no module over 450 lines,
 no class over 150 lines, and every module imports."""
+
 from __future__ import annotations
 
 import ast
@@ -43,7 +44,7 @@ def test_no_import_cycle_among_engine_modules() -> None:
 
     def visit(name: str, stack: list[str]) -> None:
         if name in stack:
-            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(name):] + [name]))
+            raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(name) :] + [name]))
         if name in done:
             return
         for imported in sorted(graph[name]):
@@ -63,8 +64,12 @@ def test_each_folder_imports_only_the_levels_below_it() -> None:
         parts = name.split(".")
         return LEVELS[parts[2] if len(parts) > 3 or (len(parts) == 3 and parts[2] in LEVELS) else ""]
 
-    upward = [f"{name} -> {imported}" for name, path in modules.items()
-              for imported in _engine_imports(path, modules) if level(imported) > level(name)]
+    upward = [
+        f"{name} -> {imported}"
+        for name, path in modules.items()
+        for imported in _engine_imports(path, modules)
+        if level(imported) > level(name)
+    ]
     assert not upward
 
 

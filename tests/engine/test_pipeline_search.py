@@ -1,4 +1,5 @@
 """Pipelines and the search in the engine: progress names the step and the trial; a search stops early."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,9 +25,17 @@ def residual(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_progress_names_each_step_and_each_report_section_follows_the_last(residual, tmp_path: Path) -> None:
     path, data = residual
-    spec = parse_spec({"method": "pipeline", "evaluation": {"runs": 1, "warmup": 0}, "steps": [
-        {"method": "prune", "prune": {"amount": 0.5}},
-        {"method": "quantize", "quantize": {"mode": "dynamic"}}]}, has_data=True)
+    spec = parse_spec(
+        {
+            "method": "pipeline",
+            "evaluation": {"runs": 1, "warmup": 0},
+            "steps": [
+                {"method": "prune", "prune": {"amount": 0.5}},
+                {"method": "quantize", "quantize": {"mode": "dynamic"}},
+            ],
+        },
+        has_data=True,
+    )
     stages: list[tuple[str, float]] = []
 
     report = compress(path, spec, tmp_path / "out.pt", data_path=data, progress=lambda s, f: stages.append((s, f)))
@@ -45,11 +54,18 @@ def test_progress_names_each_step_and_each_report_section_follows_the_last(resid
 def test_a_pipeline_with_a_target_stops_where_the_target_is_already_missed(residual, tmp_path: Path) -> None:
     path, data = residual
     # Removing channels never leaves the outputs exactly as they were, so the first rung misses.
-    spec = parse_spec({"method": "pipeline", "evaluation": {"runs": 1, "warmup": 0},
-                       "target": {"metric": "cosine", "min": 1.0},
-                       "steps": [{"method": "prune", "prune": {"amount": 0.3, "structured": True}},
-                                 {"method": "quantize", "quantize": {"mode": "static", "observer": "minmax"}}]},
-                      has_data=True)
+    spec = parse_spec(
+        {
+            "method": "pipeline",
+            "evaluation": {"runs": 1, "warmup": 0},
+            "target": {"metric": "cosine", "min": 1.0},
+            "steps": [
+                {"method": "prune", "prune": {"amount": 0.3, "structured": True}},
+                {"method": "quantize", "quantize": {"mode": "static", "observer": "minmax"}},
+            ],
+        },
+        has_data=True,
+    )
     stages: list[str] = []
 
     with pytest.raises(TargetNotMet) as missed:

@@ -1,4 +1,5 @@
 """The in-job check alone: every method graph of a loaded model, with calls inlined, before it runs."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,16 +47,19 @@ def test_an_ordinary_model_passes(tmp_path: Path) -> None:
     check_module(load_model(save_scripted(SmallConvNet(), tmp_path / "ok.pt")))
 
 
-@pytest.mark.parametrize("source, op", [
-    ("y = torch.from_file('a', False, 4)", "aten::from_file"),
-    ("y = torch .\n  from_file('a')", "aten::from_file"),
-    ("y = ops.aten.from_file('a')", "aten::from_file"),
-    ("torch.save(x, 'f')", "aten::save"),
-    ("y = (ops.\n  foo.bar)(x)", "foo::bar"),
-    ("y = torch.ops.c10d.allreduce_(x)", "c10d::allreduce_"),
-    ("t = __torch__.torch.classes.foo.Bar()", "foo::Bar"),
-    ("y = getattr(torch, 'from_' + 'file')", "getattr(torch"),
-])
+@pytest.mark.parametrize(
+    "source, op",
+    [
+        ("y = torch.from_file('a', False, 4)", "aten::from_file"),
+        ("y = torch .\n  from_file('a')", "aten::from_file"),
+        ("y = ops.aten.from_file('a')", "aten::from_file"),
+        ("torch.save(x, 'f')", "aten::save"),
+        ("y = (ops.\n  foo.bar)(x)", "foo::bar"),
+        ("y = torch.ops.c10d.allreduce_(x)", "c10d::allreduce_"),
+        ("t = __torch__.torch.classes.foo.Bar()", "foo::Bar"),
+        ("y = getattr(torch, 'from_' + 'file')", "getattr(torch"),
+    ],
+)
 def test_the_source_scan_names_the_operator(source: str, op: str) -> None:
     assert op in (scan_source(source) or "")
 

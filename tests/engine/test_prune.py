@@ -1,4 +1,5 @@
 """Pruning on real TorchScript models: sparsity, coupled channel groups, fine-tuning accuracy."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,9 +13,21 @@ from workers.engine.run.pipeline import compress
 
 
 def _spec(shape: list[int] | None = None, **prune: object) -> dict:
-    spec = {"method": "prune", "seed": 0, "evaluation": {"runs": 2, "warmup": 1},
-            "prune": {"amount": 0.5, "structured": False, "criterion": "l1", "scope": "global",
-                      "modules": ["Conv2d", "Linear"], "exclude": None, "finetune": None, **prune}}
+    spec = {
+        "method": "prune",
+        "seed": 0,
+        "evaluation": {"runs": 2, "warmup": 1},
+        "prune": {
+            "amount": 0.5,
+            "structured": False,
+            "criterion": "l1",
+            "scope": "global",
+            "modules": ["Conv2d", "Linear"],
+            "exclude": None,
+            "finetune": None,
+            **prune,
+        },
+    }
     if shape:
         spec["input_shape"] = shape
     return spec
@@ -58,7 +71,9 @@ def test_residual_addition_couples_both_sides(tmp_path: Path) -> None:
     groups = {g["group"]: g for g in report["details"]["groups"]}
     residual = groups["stem.0"]
     # The stem's channels and conv2's outputs meet in `x + y`: one group, sliced together.
-    assert {"stem.0.weight", "stem.1.weight", "conv2.weight", "bn2.weight", "conv1.weight", "fc.weight"} <= set(residual["tensors"])
+    assert {"stem.0.weight", "stem.1.weight", "conv2.weight", "bn2.weight", "conv1.weight", "fc.weight"} <= set(
+        residual["tensors"]
+    )
     assert residual["channels_before"] == 16 and residual["channels_after"] == 8
     result = torch.jit.load(str(tmp_path / "out.pt"))
     shapes = {name: tuple(p.shape) for name, p in result.named_parameters()}

@@ -1,5 +1,6 @@
 """Structured pruning on the graphs people export: functional code, traces, depthwise and SE blocks,
 flatten into a Linear, real branches, feature lists, transformer MLPs; the masked-reference check."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,9 +17,22 @@ from workers.engine.run.pipeline import compress
 
 
 def _spec(shape: list[int], amount: float = 0.5, **prune: object) -> dict:
-    return {"method": "prune", "seed": 0, "input_shape": shape, "evaluation": {"runs": 2, "warmup": 1},
-            "prune": {"amount": amount, "structured": True, "criterion": "l1", "scope": "global",
-                      "modules": ["Conv2d", "Linear"], "exclude": None, "finetune": None, **prune}}
+    return {
+        "method": "prune",
+        "seed": 0,
+        "input_shape": shape,
+        "evaluation": {"runs": 2, "warmup": 1},
+        "prune": {
+            "amount": amount,
+            "structured": True,
+            "criterion": "l1",
+            "scope": "global",
+            "modules": ["Conv2d", "Linear"],
+            "exclude": None,
+            "finetune": None,
+            **prune,
+        },
+    }
 
 
 def _shapes(path: Path) -> dict[str, tuple[int, ...]]:
@@ -166,7 +180,7 @@ def test_flatten_into_linear_slices_whole_spatial_blocks(tmp_path: Path) -> None
     assert len(kept) == 3
     # fc's columns are channel-major blocks of 4x4: the kept channels' blocks, in order.
     rows = [next(i for i in range(10) if torch.equal(original.fc.bias[i], b)) for b in result.fc.bias]
-    blocks = torch.cat([original.fc.weight[:, 16 * c:16 * (c + 1)] for c in kept], dim=1)
+    blocks = torch.cat([original.fc.weight[:, 16 * c : 16 * (c + 1)] for c in kept], dim=1)
     assert torch.equal(result.fc.weight, blocks[rows])
 
 
@@ -283,10 +297,23 @@ def test_width_distillation_of_a_functional_teacher(tmp_path: Path) -> None:
     accuracy = test_accuracy(teacher.eval(), splits["x_test"], splits["y_test"])
     path = save_scripted(teacher, tmp_path / "teacher.pt")
     np.savez(tmp_path / "data.npz", inputs=splits["x_train"].numpy(), labels=splits["y_train"].numpy())
-    spec = {"method": "distill", "seed": 0, "evaluation": {"runs": 2, "warmup": 1},
-            "distill": {"student": {"source": "width", "width": 0.5}, "temperature": 4.0, "alpha": None,
-                        "epochs": 4, "batch_size": 64, "lr": 1e-2, "optimizer": "adam", "val_fraction": 0.1,
-                        "early_stopping_patience": None, "seed": 0}}
+    spec = {
+        "method": "distill",
+        "seed": 0,
+        "evaluation": {"runs": 2, "warmup": 1},
+        "distill": {
+            "student": {"source": "width", "width": 0.5},
+            "temperature": 4.0,
+            "alpha": None,
+            "epochs": 4,
+            "batch_size": 64,
+            "lr": 1e-2,
+            "optimizer": "adam",
+            "val_fraction": 0.1,
+            "early_stopping_patience": None,
+            "seed": 0,
+        },
+    }
     report = compress(path, spec, tmp_path / "student.pt", data_path=tmp_path / "data.npz")
 
     student = torch.jit.load(str(tmp_path / "student.pt"))

@@ -4,6 +4,7 @@ A layer_norm over the channels couples its weight and bias to them, and its stat
 when channels go: the check after slicing compares with a reference whose statistics cover the
 kept channels only, so a slice that computes the wrong thing is still caught and put back.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +42,14 @@ class Block(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.block = nn.Sequential(
-            nn.Conv2d(dim, dim, 7, padding=3, groups=dim), Permute([0, 2, 3, 1]), nn.LayerNorm(dim, eps=1e-6),
-            nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), Permute([0, 3, 1, 2]))
+            nn.Conv2d(dim, dim, 7, padding=3, groups=dim),
+            Permute([0, 2, 3, 1]),
+            nn.LayerNorm(dim, eps=1e-6),
+            nn.Linear(dim, 4 * dim),
+            nn.GELU(),
+            nn.Linear(4 * dim, dim),
+            Permute([0, 3, 1, 2]),
+        )
         self.layer_scale = nn.Parameter(torch.rand(dim, 1, 1) + 0.1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -80,9 +87,21 @@ def _model(tmp_path: Path, export: str) -> Path:
 
 
 def _spec(amount: float = 0.5) -> dict:
-    return {"method": "prune", "seed": 0, "input_shape": [2, 3, 16, 16], "evaluation": {"runs": 2, "warmup": 1},
-            "prune": {"amount": amount, "structured": True, "criterion": "l1", "scope": "global",
-                      "modules": ["Conv2d", "Linear"], "exclude": None, "finetune": None}}
+    return {
+        "method": "prune",
+        "seed": 0,
+        "input_shape": [2, 3, 16, 16],
+        "evaluation": {"runs": 2, "warmup": 1},
+        "prune": {
+            "amount": amount,
+            "structured": True,
+            "criterion": "l1",
+            "scope": "global",
+            "modules": ["Conv2d", "Linear"],
+            "exclude": None,
+            "finetune": None,
+        },
+    }
 
 
 @pytest.mark.parametrize("export", ["script", "trace"])

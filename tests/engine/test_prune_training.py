@@ -1,5 +1,6 @@
 """Pruning that trains: importance from a sparsity-training phase (bn_scale, group_lasso) and
 iterative schedules, on the digits CNN (real data; a few epochs each)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,16 +49,27 @@ def _after_phase(monkeypatch: pytest.MonkeyPatch) -> list[torch.jit.ScriptModule
 def _control(digits: dict) -> torch.jit.ScriptModule:
     """The same phase (epochs, lr, batches) without the penalty."""
     model, teacher = torch.jit.load(str(digits["model"])), torch.jit.load(str(digits["model"]))
-    finetune(model, Dataset(digits["x_train"], digits["y_train"]), teacher, epochs=PHASE["epochs"], lr=PHASE["lr"],
-             batch_size=32)
+    finetune(
+        model,
+        Dataset(digits["x_train"], digits["y_train"]),
+        teacher,
+        epochs=PHASE["epochs"],
+        lr=PHASE["lr"],
+        batch_size=32,
+    )
     return model
 
 
-def test_bn_scale_drives_scales_to_zero_and_removes_the_smallest(digits: dict, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bn_scale_drives_scales_to_zero_and_removes_the_smallest(
+    digits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     after_phase = _after_phase(monkeypatch)
-    report = compress(digits["model"], _spec(amount=0.5, structured=True, importance="bn_scale", regularize=PHASE),
-                      tmp_path / "out.pt", data_path=digits["labelled"])
+    report = compress(
+        digits["model"],
+        _spec(amount=0.5, structured=True, importance="bn_scale", regularize=PHASE),
+        tmp_path / "out.pt",
+        data_path=digits["labelled"],
+    )
 
     phase = report["details"]["regularize"]
     assert phase["importance"] == "bn_scale" and [e["epoch"] for e in phase["curve"]] == [1, 2, 3]
@@ -82,19 +94,26 @@ def test_bn_scale_drives_scales_to_zero_and_removes_the_smallest(digits: dict, t
 
 
 def _mean_group_norm(model: torch.jit.ScriptModule, example: torch.Tensor) -> float:
-    groups = [g for g in channel_groups(model, {n: t.shape for n, t in tensors(model).items()}, (example,))
-              if not g.blocked and g.name != "classifier"]
+    groups = [
+        g
+        for g in channel_groups(model, {n: t.shape for n, t in tensors(model).items()}, (example,))
+        if not g.blocked and g.name != "classifier"
+    ]
     live, trainable = tensors(model), trainable_names(model)
     with torch.no_grad():
         return float(torch.cat([group_norms(g, live, trainable) for g in groups]).mean())
 
 
-def test_group_lasso_shrinks_group_norms_and_removes_the_smallest(digits: dict, tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_group_lasso_shrinks_group_norms_and_removes_the_smallest(
+    digits: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     after_phase = _after_phase(monkeypatch)
-    report = compress(digits["model"], _spec(amount=0.5, structured=True, importance="group_lasso",
-                                             regularize={**PHASE, "strength": 1e-2}),
-                      tmp_path / "out.pt", data_path=digits["labelled"])
+    report = compress(
+        digits["model"],
+        _spec(amount=0.5, structured=True, importance="group_lasso", regularize={**PHASE, "strength": 1e-2}),
+        tmp_path / "out.pt",
+        data_path=digits["labelled"],
+    )
 
     phase = report["details"]["regularize"]
     norms = [phase["before"]["group_norm_mean"]] + [e["group_norm_mean"] for e in phase["curve"]]
@@ -106,8 +125,11 @@ def test_group_lasso_shrinks_group_norms_and_removes_the_smallest(digits: dict, 
 
     # The first conv's rows (its group's producer) kept are those of the largest group norms.
     trained = after_phase[0]
-    group = next(g for g in channel_groups(trained, {n: t.shape for n, t in tensors(trained).items()}, (example,))
-                 if g.name == "features.0")
+    group = next(
+        g
+        for g in channel_groups(trained, {n: t.shape for n, t in tensors(trained).items()}, (example,))
+        if g.name == "features.0"
+    )
     with torch.no_grad():
         scores = group_norms(group, tensors(trained), trainable_names(trained))
     kept = dict(torch.jit.load(str(tmp_path / "out.pt")).named_parameters())["features.0.weight"].detach()
@@ -117,14 +139,21 @@ def test_group_lasso_shrinks_group_norms_and_removes_the_smallest(digits: dict, 
 
 def test_unstructured_three_step_cubic_schedule_reaches_the_one_shot_sparsity(digits: dict, tmp_path: Path) -> None:
     finetuning = {"epochs": 4, "lr": 1e-3, "batch_size": 64, "seed": 0}
-    stepped = compress(digits["model"], _spec(amount=0.8, finetune=finetuning, schedule={"steps": 3}),
-                       tmp_path / "stepped.pt", data_path=digits["labelled"])
-    one_shot = compress(digits["model"], _spec(amount=0.8, finetune=finetuning), tmp_path / "one.pt",
-                        data_path=digits["labelled"])
+    stepped = compress(
+        digits["model"],
+        _spec(amount=0.8, finetune=finetuning, schedule={"steps": 3}),
+        tmp_path / "stepped.pt",
+        data_path=digits["labelled"],
+    )
+    one_shot = compress(
+        digits["model"], _spec(amount=0.8, finetune=finetuning), tmp_path / "one.pt", data_path=digits["labelled"]
+    )
 
     schedule = stepped["details"]["schedule"]
     expected = [0.8 * (1 - (2 / 3) ** 3), 0.8 * (1 - (1 / 3) ** 3), 0.8]
-    assert schedule["curve"] == "cubic" and [s["amount"] for s in schedule["steps"]] == pytest.approx(expected, abs=1e-6)
+    assert schedule["curve"] == "cubic" and [s["amount"] for s in schedule["steps"]] == pytest.approx(
+        expected, abs=1e-6
+    )
     assert [s["sparsity"] for s in schedule["steps"]] == pytest.approx(expected, abs=1e-4)
     assert [s["epochs"] for s in schedule["steps"]] == [1, 1, 2] and schedule["epochs"] == 4
     assert [len(s["finetune"]) for s in schedule["steps"]] == [1, 1, 2]
@@ -139,11 +168,18 @@ def test_unstructured_three_step_cubic_schedule_reaches_the_one_shot_sparsity(di
 
 def test_structured_linear_schedule_ends_with_the_one_shot_channels(digits: dict, tmp_path: Path) -> None:
     finetuning = {"epochs": 3, "lr": 1e-3, "batch_size": 64, "seed": 0}
-    stepped = compress(digits["model"], _spec(amount=0.7, structured=True, finetune=finetuning,
-                                              schedule={"steps": 3, "curve": "linear"}),
-                       tmp_path / "stepped.pt", data_path=digits["labelled"])
-    one_shot = compress(digits["model"], _spec(amount=0.7, structured=True, finetune=finetuning), tmp_path / "one.pt",
-                        data_path=digits["labelled"])
+    stepped = compress(
+        digits["model"],
+        _spec(amount=0.7, structured=True, finetune=finetuning, schedule={"steps": 3, "curve": "linear"}),
+        tmp_path / "stepped.pt",
+        data_path=digits["labelled"],
+    )
+    one_shot = compress(
+        digits["model"],
+        _spec(amount=0.7, structured=True, finetune=finetuning),
+        tmp_path / "one.pt",
+        data_path=digits["labelled"],
+    )
 
     steps = stepped["details"]["schedule"]["steps"]
     assert [s["amount"] for s in steps] == pytest.approx([0.7 / 3, 1.4 / 3, 0.7], abs=1e-6)
@@ -196,13 +232,19 @@ def test_programs_take_schedules_for_channels_and_refuse_the_rest(digits: dict, 
     network.load_state_dict(torch.jit.load(str(digits["model"])).state_dict())
     program = save_exported(network.eval(), digits["x_train"][:4], tmp_path / "digits.pt2")
     finetuning = {"epochs": 2, "batch_size": 64}
-    for prune, reason in (({"structured": True, "importance": "bn_scale"}, "not available for .pt2 programs"),
-                          ({"schedule": {"steps": 2}, "finetune": finetuning}, "after unstructured pruning")):
+    for prune, reason in (
+        ({"structured": True, "importance": "bn_scale"}, "not available for .pt2 programs"),
+        ({"schedule": {"steps": 2}, "finetune": finetuning}, "after unstructured pruning"),
+    ):
         with pytest.raises(UnsupportedModel, match=reason):
             compress(program, _spec(**prune), tmp_path / "out.pt2", data_path=digits["labelled"])
 
-    report = compress(program, _spec(amount=0.5, structured=True, schedule={"steps": 2}, finetune=finetuning),
-                      tmp_path / "out.pt2", data_path=digits["labelled"])
+    report = compress(
+        program,
+        _spec(amount=0.5, structured=True, schedule={"steps": 2}, finetune=finetuning),
+        tmp_path / "out.pt2",
+        data_path=digits["labelled"],
+    )
     assert [(s["step"], s["epochs"]) for s in report["details"]["schedule"]["steps"]] == [(1, 1), (2, 1)]
     pruned = torch.export.load(tmp_path / "out.pt2").state_dict
     assert [pruned[f"features.{i}.weight"].shape[0] for i in (0, 3, 7)] == [16, 32, 64]

@@ -1,6 +1,7 @@
 """Pruning the models people bring: `transformers` BERT, GPT-2 and ViT (traced as their docs show),
 linear layers in other spellings, attention heads, concatenations of concatenations, and the
 verdict on outputs that did not change."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,10 +25,13 @@ def _traced_text(model: nn.Module, field: str, path: Path) -> Path:
 
 
 def _prune(path: Path, out: Path, inputs: list[dict] | None = None, **prune: object) -> dict:
-    inputs = inputs or [{"shape": [2, 16], "dtype": "int64", "low": 0, "high": 1000},
-                        {"shape": [2, 16], "dtype": "int64", "low": 1, "high": 2}]
-    spec = parse_spec({"method": "prune", "seed": 0, "evaluation": {"runs": 1, "warmup": 0}, "inputs": inputs,
-                       "prune": prune})
+    inputs = inputs or [
+        {"shape": [2, 16], "dtype": "int64", "low": 0, "high": 1000},
+        {"shape": [2, 16], "dtype": "int64", "low": 1, "high": 2},
+    ]
+    spec = parse_spec(
+        {"method": "prune", "seed": 0, "evaluation": {"runs": 1, "warmup": 0}, "inputs": inputs, "prune": prune}
+    )
     return compress(path, spec, out)
 
 
@@ -45,8 +49,14 @@ def gpt2(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_bert_structured_prunes_heads_and_mlp_instead_of_failing(tmp_path: Path) -> None:
     """Was "ZeroDivisionError: integer modulo by zero" (a traced scalar tensor of the sequence length)."""
     torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=128, vocab_size=1000, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=1000,
+        max_position_embeddings=64,
+    )
     model = _traced_text(transformers.BertModel(config), "last_hidden_state", tmp_path / "bert.pt")
     report = _prune(model, tmp_path / "out.pt", amount=0.3, structured=True)
 
@@ -57,8 +67,9 @@ def test_bert_structured_prunes_heads_and_mlp_instead_of_failing(tmp_path: Path)
         assert heads["heads"]["width"] == 16 and heads["heads"]["before"] == 4 and len(heads["heads"]["kept"]) == 3
         assert (heads["channels_before"], heads["channels_after"]) == (64, 48)
         prefix = f"model.encoder.layer.{layer}.attention"
-        assert {f"{prefix}.self.{p}.weight" for p in ("query", "key", "value")} | {f"{prefix}.output.dense.weight"} \
-            <= set(heads["tensors"])
+        assert {f"{prefix}.self.{p}.weight" for p in ("query", "key", "value")} | {
+            f"{prefix}.output.dense.weight"
+        } <= set(heads["tensors"])
         mlp = groups[f"model.encoder.layer.{layer}.intermediate.dense"]
         assert (mlp["channels_before"], mlp["channels_after"]) == (128, 90)
     assert details["heads_kept"] == {name: g["heads"]["kept"] for name, g in groups.items() if "heads" in g}
@@ -74,8 +85,11 @@ def test_gpt2_unstructured_prunes_its_conv1d_layers_like_linear(gpt2: Path, tmp_
     report = _prune(gpt2, tmp_path / "out.pt", amount=0.5)
 
     layers = {layer["parameter"] for layer in report["details"]["layers"]}
-    assert layers == {f"model.transformer.h.{i}.{name}.weight" for i in range(2)
-                      for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert layers == {
+        f"model.transformer.h.{i}.{name}.weight"
+        for i in range(2)
+        for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
     assert report["details"]["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert not report["warnings"]
 
@@ -97,13 +111,22 @@ def test_gpt2_structured_prunes_heads_of_the_fused_qkv_and_the_mlp(gpt2: Path, t
 
 def test_vit_structured_reaches_three_quarters_of_the_parameters(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    config = transformers.ViTConfig(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                                    image_size=32, patch_size=8, num_labels=10)
+    config = transformers.ViTConfig(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+        image_size=32,
+        patch_size=8,
+        num_labels=10,
+    )
     path = tmp_path / "vit.pt"
-    torch.jit.trace(PixelLogits(transformers.ViTForImageClassification(config).eval()), torch.randn(2, 3, 32, 32),
-                    strict=False).save(str(path))
-    report = _prune(path, tmp_path / "out.pt", [{"shape": [2, 3, 32, 32], "dtype": "float32"}],
-                    amount=0.3, structured=True)
+    torch.jit.trace(
+        PixelLogits(transformers.ViTForImageClassification(config).eval()), torch.randn(2, 3, 32, 32), strict=False
+    ).save(str(path))
+    report = _prune(
+        path, tmp_path / "out.pt", [{"shape": [2, 3, 32, 32], "dtype": "float32"}], amount=0.3, structured=True
+    )
 
     heads = report["details"]["heads_kept"]
     assert len(heads) == 4 and all(len(kept) == 3 for kept in heads.values())
@@ -114,11 +137,19 @@ def test_vit_structured_reaches_three_quarters_of_the_parameters(tmp_path: Path)
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_llama_heads_with_rotary_embeddings_prune_and_grouped_kv_heads_stay_whole(kv_heads: int, tmp_path: Path) -> None:
+def test_llama_heads_with_rotary_embeddings_prune_and_grouped_kv_heads_stay_whole(
+    kv_heads: int, tmp_path: Path
+) -> None:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=kv_heads, intermediate_size=128, vocab_size=1000,
-                                      max_position_embeddings=64)
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        intermediate_size=128,
+        vocab_size=1000,
+        max_position_embeddings=64,
+    )
     model = _traced_text(transformers.LlamaForCausalLM(config), "logits", tmp_path / "llama.pt")
     report = _prune(model, tmp_path / "out.pt", amount=0.3, structured=True)
 
@@ -146,8 +177,12 @@ def test_linear_layers_written_as_products_are_pruned(compile_with: str, tmp_pat
     widths = {g["group"]: (g["channels_before"], g["channels_after"]) for g in structured["details"]["groups"]}
     assert widths == {"w_in_out": (48, 24), "w_out_in": (40, 20)}  # the output (addmm's) keeps its shape
     pruned = dict(torch.jit.load(str(tmp_path / "s.pt")).named_parameters())
-    assert [tuple(pruned[n].shape) for n in ("w_in_out", "b", "w_out_in", "addmm_w")] == [(32, 24), (24,), (20, 24),
-                                                                                          (20, 24)]
+    assert [tuple(pruned[n].shape) for n in ("w_in_out", "b", "w_out_in", "addmm_w")] == [
+        (32, 24),
+        (24,),
+        (20, 24),
+        (20, 24),
+    ]
 
     unstructured = _prune(tmp_path / "m.pt", tmp_path / "u.pt", inputs, amount=0.5, exclude=[])
     assert {layer["parameter"] for layer in unstructured["details"]["layers"]} == {"w_in_out", "w_out_in", "addmm_w"}
@@ -165,7 +200,7 @@ class _LiteralHeads(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x).split(32, dim=-1)
         q, k, v = (t.view(x.shape[0], x.shape[1], 4, 8).transpose(1, 2) for t in (q, k, v))
-        y = torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5, dim=-1) @ v
+        y = torch.softmax(q @ k.transpose(-1, -2) * 8**-0.5, dim=-1) @ v
         return self.out(y.transpose(1, 2).reshape(x.shape[0], x.shape[1], 32)) + x
 
 
@@ -195,8 +230,9 @@ class _Inception(nn.Module):
 def test_a_concatenation_of_concatenations_prunes(tmp_path: Path) -> None:
     torch.manual_seed(0)
     path = save_scripted(_Inception(), tmp_path / "m.pt")
-    report = _prune(path, tmp_path / "out.pt", [{"shape": [2, 3, 16, 16], "dtype": "float32"}],
-                    amount=0.5, structured=True)
+    report = _prune(
+        path, tmp_path / "out.pt", [{"shape": [2, 3, 16, 16], "dtype": "float32"}], amount=0.5, structured=True
+    )
 
     widths = {g["group"]: g["channels_after"] for g in report["details"]["groups"]}
     assert widths == {"a": 8, "b": 8, "c": 8}
@@ -209,8 +245,12 @@ def test_outputs_that_did_not_change_are_not_collapsed(tmp_path: Path) -> None:
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
     nn.init.zeros_(model[2].weight)
     nn.init.zeros_(model[2].bias)
-    report = _prune(save_scripted(model, tmp_path / "m.pt"), tmp_path / "out.pt",
-                    [{"shape": [2, 8], "dtype": "float32"}], amount=0.5)
+    report = _prune(
+        save_scripted(model, tmp_path / "m.pt"),
+        tmp_path / "out.pt",
+        [{"shape": [2, 8], "dtype": "float32"}],
+        amount=0.5,
+    )
 
     assert report["fidelity"]["max_abs_error"] == 0.0
     assert report["fidelity"]["cosine_similarity"] == 1.0

@@ -1,4 +1,5 @@
 """The quantization engine on real TorchScript models, without the service."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,9 +14,20 @@ from workers.engine.run.pipeline import compress
 
 
 def _spec(shape: list[int], **quantize: object) -> dict:
-    return {"method": "quantize", "input_shape": shape, "seed": 0,
-            "evaluation": {"runs": 3, "warmup": 1}, "quantize": {"mode": "dynamic", "dtype": "qint8",
-            "modules": ["Linear", "LSTM", "GRU"], "exclude": [], "per_channel": True, **quantize}}
+    return {
+        "method": "quantize",
+        "input_shape": shape,
+        "seed": 0,
+        "evaluation": {"runs": 3, "warmup": 1},
+        "quantize": {
+            "mode": "dynamic",
+            "dtype": "qint8",
+            "modules": ["Linear", "LSTM", "GRU"],
+            "exclude": [],
+            "per_channel": True,
+            **quantize,
+        },
+    }
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +149,12 @@ def test_transformer_encoder_attention_projections_run_int8(tmp_path: Path) -> N
     kernels = {m["module"]: m["kernel"] for m in report["details"]["quantized_modules"]}
     assert kernels["layers.0.self_attn"] == kernels["layers.1.self_attn.out_proj"] == "dynamic"
     result = torch.jit.load(str(tmp_path / "out.pt"))  # the file a user downloads, plain torch
-    packed_shapes = sorted({tuple(torch.ops.quantized.linear_unpack(node.inputsAt(1).toIValue())[0].shape)
-                            for node in result.graph.findAllNodes("quantized::linear_dynamic")})
+    packed_shapes = sorted(
+        {
+            tuple(torch.ops.quantized.linear_unpack(node.inputsAt(1).toIValue())[0].shape)
+            for node in result.graph.findAllNodes("quantized::linear_dynamic")
+        }
+    )
     assert packed_shapes == [(width, width), (width, 4 * width), (3 * width, width), (4 * width, width)]
 
     original = torch.jit.load(str(model))
@@ -152,8 +168,13 @@ def test_transformer_encoder_attention_projections_run_int8(tmp_path: Path) -> N
         assert torch.nn.functional.cosine_similarity(actual.flatten(), expected.flatten(), dim=0) > 0.999
         # in_proj, out_proj and the two feed-forward layers of each layer, nothing left in float
         assert counter.calls.get("quantized.linear_dynamic") == 4 * layers
-        assert not {"aten.linear", "aten.addmm", "aten.mm", "aten._transformer_encoder_layer_fwd",
-                    "aten._native_multi_head_attention"} & set(counter.calls)
+        assert not {
+            "aten.linear",
+            "aten.addmm",
+            "aten.mm",
+            "aten._transformer_encoder_layer_fwd",
+            "aten._native_multi_head_attention",
+        } & set(counter.calls)
 
 
 def test_model_without_selected_modules_comes_back_unchanged(tmp_path: Path) -> None:
@@ -164,8 +185,11 @@ def test_model_without_selected_modules_comes_back_unchanged(tmp_path: Path) -> 
     assert report["details"]["quantized_modules"] == []
     assert "unchanged" in report["details"]["notes"][0]
     assert report["fidelity"]["max_abs_error"] == 0.0
-    assert report["parameters"]["before"] == report["parameters"]["after"] == sum(
-        p.numel() for p in SmallConvNet().parameters())
+    assert (
+        report["parameters"]["before"]
+        == report["parameters"]["after"]
+        == sum(p.numel() for p in SmallConvNet().parameters())
+    )
 
 
 def test_report_measures_latency_and_parameters(small_transformer: Path, tmp_path: Path) -> None:

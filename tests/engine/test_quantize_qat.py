@@ -1,6 +1,7 @@
 """Quantization-aware training (``quantize.mode: "qat"``) on real data (scikit-learn's digits): it trains,
 ends in the same int8 kernels as static, scores float / static PTQ / QAT on held-out rows and returns
 the better; TorchScript (fake-quantized weights) and ``.pt2`` (PT2E's QAT flow) alike."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,13 +27,19 @@ def digits(tmp_path_factory: pytest.TempPathFactory) -> dict:
     model = train_classifier(SeparableDigitsCNN(), splits["x_train"], splits["y_train"], epochs=12)
     root = tmp_path_factory.mktemp("qat")
     np.savez(root / "digits.npz", inputs=splits["x_train"][:ROWS].numpy(), labels=splits["y_train"][:ROWS].numpy())
-    return {**splits, "model": model, "root": root, "data": root / "digits.npz",
-            "scripted": save_scripted(model, root / "separable.pt")}
+    return {
+        **splits,
+        "model": model,
+        "root": root,
+        "data": root / "digits.npz",
+        "scripted": save_scripted(model, root / "separable.pt"),
+    }
 
 
 def _spec(**quantize: object) -> dict:
-    return parse_spec({"method": "quantize", "quantize": quantize, "seed": 0, "evaluation": {"runs": 2, "warmup": 1}},
-                      has_data=True)
+    return parse_spec(
+        {"method": "quantize", "quantize": quantize, "seed": 0, "evaluation": {"runs": 2, "warmup": 1}}, has_data=True
+    )
 
 
 def test_fake_quantized_weights_are_what_static_int8_stores() -> None:
@@ -47,10 +54,15 @@ def test_fake_quantized_weights_are_what_static_int8_stores() -> None:
 
 
 def test_torchscript_qat_trains_and_ends_in_static_int8_kernels(digits: dict, tmp_path: Path) -> None:
-    static = compress(digits["scripted"], _spec(mode="static", per_channel=False), tmp_path / "static.pt",
-                      data_path=digits["data"])
-    report = compress(digits["scripted"], _spec(mode="qat", per_channel=False, qat={"epochs": 2}),
-                      tmp_path / "qat.pt", data_path=digits["data"])
+    static = compress(
+        digits["scripted"], _spec(mode="static", per_channel=False), tmp_path / "static.pt", data_path=digits["data"]
+    )
+    report = compress(
+        digits["scripted"],
+        _spec(mode="qat", per_channel=False, qat={"epochs": 2}),
+        tmp_path / "qat.pt",
+        data_path=digits["data"],
+    )
 
     qat = report["details"]["qat"]
     assert report["details"]["mode"] == "qat" and [e["epoch"] for e in qat["epochs"]] == [1, 2]
@@ -71,8 +83,9 @@ def test_pt2_qat_uses_pt2e_and_loads_as_an_int8_program(digits: dict, tmp_path: 
     batch = torch.export.Dim("batch", max=4096)
     program = torch.export.export(digits["model"].eval(), (digits["x_train"][:8],), dynamic_shapes=({0: batch},))
     torch.export.save(program, tmp_path / "separable.pt2")
-    report = compress(tmp_path / "separable.pt2", _spec(mode="qat", qat={"epochs": 1}), tmp_path / "out.pt2",
-                      data_path=digits["data"])
+    report = compress(
+        tmp_path / "separable.pt2", _spec(mode="qat", qat={"epochs": 1}), tmp_path / "out.pt2", data_path=digits["data"]
+    )
 
     qat = report["details"]["qat"]
     assert report["details"]["mode"] == "qat" and len(qat["epochs"]) == 1

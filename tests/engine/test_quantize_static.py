@@ -1,4 +1,5 @@
 """Static int8 quantization on real TorchScript models, without the service."""
+
 from __future__ import annotations
 
 import io
@@ -14,10 +15,23 @@ from workers.engine.run.pipeline import compress
 
 
 def _spec(**quantize: object) -> dict:
-    return {"method": "quantize", "seed": 0, "evaluation": {"runs": 2, "warmup": 1},
-            "quantize": {"mode": "static", "dtype": "qint8", "modules": ["Conv1d", "Conv2d", "Conv3d", "Linear"],
-                         "exclude": [], "per_channel": True, "observer": "histogram", "reduce_range": True,
-                         "calibration_batches": 4, "min_cosine": 0.99, **quantize}}
+    return {
+        "method": "quantize",
+        "seed": 0,
+        "evaluation": {"runs": 2, "warmup": 1},
+        "quantize": {
+            "mode": "static",
+            "dtype": "qint8",
+            "modules": ["Conv1d", "Conv2d", "Conv3d", "Linear"],
+            "exclude": [],
+            "per_channel": True,
+            "observer": "histogram",
+            "reduce_range": True,
+            "calibration_batches": 4,
+            "min_cosine": 0.99,
+            **quantize,
+        },
+    }
 
 
 def test_trained_digits_cnn_keeps_its_accuracy_in_int8(digits: dict, tmp_path: Path) -> None:
@@ -34,7 +48,12 @@ def test_trained_digits_cnn_keeps_its_accuracy_in_int8(digits: dict, tmp_path: P
     details = report["details"]
     assert details["mode"] == "static" and details["calibration"]["source"] == "data file"
     assert details["calibration"]["samples"] == 4 * 32 and details["fallback"] == []
-    assert {m["module"] for m in details["quantized_modules"]} == {"features.0", "features.3", "features.7", "classifier"}
+    assert {m["module"] for m in details["quantized_modules"]} == {
+        "features.0",
+        "features.3",
+        "features.7",
+        "classifier",
+    }
     assert report["warnings"] == []
 
 
@@ -64,7 +83,9 @@ def test_layers_that_break_the_outputs_fall_back_to_float_until_the_floor_is_met
     path = save_scripted(SpikyNet(), tmp_path / "spiky.pt")
     np.savez(tmp_path / "data.npz", inputs=np.random.default_rng(0).standard_normal((64, 3, 12, 12)).astype(np.float32))
 
-    report = compress(path, _spec(observer="minmax", min_cosine=0.99), tmp_path / "out.pt", data_path=tmp_path / "data.npz")
+    report = compress(
+        path, _spec(observer="minmax", min_cosine=0.99), tmp_path / "out.pt", data_path=tmp_path / "data.npz"
+    )
 
     details = report["details"]
     assert details["cosine_all_layers_int8"] < 0.99  # the fault is real: all-int8 misses the floor
@@ -119,8 +140,9 @@ def test_every_stochastic_depth_of_efficientnet_folds_away_before_quantization()
     buffer = io.BytesIO()
     torch.jit.save(torch.jit.script(torchvision.models.efficientnet_b0(weights=None).eval()), buffer)
     buffer.seek(0)
-    options = method_options("quantize", {**_spec()["quantize"], "observer": "minmax", "calibration_batches": 1,
-                                          "min_cosine": 0.0})
+    options = method_options(
+        "quantize", {**_spec()["quantize"], "observer": "minmax", "calibration_batches": 1, "min_cosine": 0.0}
+    )
 
     result, details = quantize(torch.jit.load(buffer), options, Dataset(inputs=torch.randn(2, 3, 32, 32)))
 

@@ -1,5 +1,6 @@
 """Dynamic int8 on the models people bring: `transformers` GPT-2 / BERT (traced as its docs show),
 linear layers in other spellings, embeddings, and the advice for models it barely reaches."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,10 +26,18 @@ def _traced(model: nn.Module, field: str, vocab: int, path: Path) -> Path:
 
 def _spec(vocab: int, **quantize: object) -> object:
     """Default dynamic int8 on (input_ids, attention_mask) batches of 2 x 16."""
-    return parse_spec({"method": "quantize", "seed": 0, "evaluation": {"runs": 2, "warmup": 1},
-                       "inputs": [{"shape": [2, 16], "dtype": "int64", "low": 0, "high": vocab},
-                                  {"shape": [2, 16], "dtype": "int64", "low": 1, "high": 2}],
-                       **({"quantize": quantize} if quantize else {})})
+    return parse_spec(
+        {
+            "method": "quantize",
+            "seed": 0,
+            "evaluation": {"runs": 2, "warmup": 1},
+            "inputs": [
+                {"shape": [2, 16], "dtype": "int64", "low": 0, "high": vocab},
+                {"shape": [2, 16], "dtype": "int64", "low": 1, "high": 2},
+            ],
+            **({"quantize": quantize} if quantize else {}),
+        }
+    )
 
 
 def _kernels(report: dict) -> dict[str, str]:
@@ -55,8 +64,11 @@ def test_gpt2_conv1d_layers_run_int8_and_the_tied_embedding_is_one_int8_table(gp
     graph = str(result.graph)
     assert graph.count("quantized::linear_dynamic") == 2 * 4 and "aten::addmm" not in graph
     # The tied lm_head reads the same int8 table as the input embedding: one copy, no float one.
-    tables = [node.output().toIValue() for node in result.graph.findAllNodes("prim::Constant")
-              if isinstance(node.output().toIValue(), torch.Tensor)]
+    tables = [
+        node.output().toIValue()
+        for node in result.graph.findAllNodes("prim::Constant")
+        if isinstance(node.output().toIValue(), torch.Tensor)
+    ]
     assert [tuple(t.shape) for t in tables if t.shape[:1] == (1000,)] == [(1000, 64 + 8)]
     assert not any(t.is_floating_point() and t.numel() >= 1000 * 64 for t in tables)
 
@@ -69,23 +81,36 @@ def test_excluded_embedding_stays_float(gpt2: Path, tmp_path: Path) -> None:
     assert kept["model.transformer.wte"]["type"] == "Embedding"
     assert _kernels(report)["model.transformer.wpe"] == "embedding"
     result = torch.jit.load(str(tmp_path / "out.pt"))
-    floats = [node.output().toIValue() for node in result.graph.findAllNodes("prim::Constant")
-              if isinstance(node.output().toIValue(), torch.Tensor) and node.output().toIValue().is_floating_point()]
+    floats = [
+        node.output().toIValue()
+        for node in result.graph.findAllNodes("prim::Constant")
+        if isinstance(node.output().toIValue(), torch.Tensor) and node.output().toIValue().is_floating_point()
+    ]
     assert any(tuple(t.shape) == (1000, 64) for t in floats)
 
 
 def test_bert_encoder_linears_and_its_three_embeddings_are_int8(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    config = transformers.BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                     intermediate_size=128, vocab_size=1000, max_position_embeddings=64)
-    model = _traced(transformers.BertModel(config, add_pooling_layer=False), "last_hidden_state", 1000,
-                    tmp_path / "bert.pt")
+    config = transformers.BertConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=1000,
+        max_position_embeddings=64,
+    )
+    model = _traced(
+        transformers.BertModel(config, add_pooling_layer=False), "last_hidden_state", 1000, tmp_path / "bert.pt"
+    )
     report = compress(model, _spec(1000), tmp_path / "out.pt")
 
     kernels = _kernels(report)
     assert list(kernels.values()).count("dynamic") == 2 * 6
     assert {name.rpartition(".")[2] for name, k in kernels.items() if k == "embedding"} == {
-        "word_embeddings", "position_embeddings", "token_type_embeddings"}
+        "word_embeddings",
+        "position_embeddings",
+        "token_type_embeddings",
+    }
     assert report["size"]["ratio"] <= 0.30
     assert report["fidelity"]["cosine_similarity"] >= 0.998
 
@@ -93,8 +118,14 @@ def test_bert_encoder_linears_and_its_three_embeddings_are_int8(tmp_path: Path) 
 def test_token_lstm_language_model_reaches_under_a_third_of_the_bytes(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = save_scripted(TokenLSTM(vocab=4000, width=64, hidden=128), tmp_path / "lm.pt")
-    spec = parse_spec({"method": "quantize", "seed": 0, "evaluation": {"runs": 2, "warmup": 1},
-                       "inputs": [{"shape": [4, 12], "dtype": "int64", "low": 0, "high": 4000}]})
+    spec = parse_spec(
+        {
+            "method": "quantize",
+            "seed": 0,
+            "evaluation": {"runs": 2, "warmup": 1},
+            "inputs": [{"shape": [4, 12], "dtype": "int64", "low": 0, "high": 4000}],
+        }
+    )
     report = compress(model, spec, tmp_path / "out.pt")
 
     assert _kernels(report) == {"embed": "embedding", "lstm": "dynamic", "head": "dynamic"}
@@ -123,12 +154,18 @@ def test_every_spelling_of_a_linear_layer_runs_int8(compile_with: str, tmp_path:
     x = torch.randn(2, 5, 32)
     compiled = torch.jit.script(module) if compile_with == "script" else torch.jit.trace(module, x)
     compiled.save(str(tmp_path / "m.pt"))
-    report = compress(tmp_path / "m.pt", parse_spec({"method": "quantize", "input_shape": [2, 5, 32], "seed": 0,
-                                                     "evaluation": {"runs": 2, "warmup": 1}}), tmp_path / "out.pt")
+    report = compress(
+        tmp_path / "m.pt",
+        parse_spec(
+            {"method": "quantize", "input_shape": [2, 5, 32], "seed": 0, "evaluation": {"runs": 2, "warmup": 1}}
+        ),
+        tmp_path / "out.pt",
+    )
 
     quantized = report["details"]["quantized_modules"]
     assert [(m["type"], m["kernel"], sorted(m["tensors"])) for m in quantized] == [
-        ("Linear", "dynamic", ["addmm_w", "functional", "w_in_out", "w_out_in"])]
+        ("Linear", "dynamic", ["addmm_w", "functional", "w_in_out", "w_out_in"])
+    ]
     graph = str(torch.jit.load(str(tmp_path / "out.pt")).graph)
     assert graph.count("quantized::linear_dynamic") == 4
     assert not {"aten::matmul", "aten::addmm", "aten::linear", "aten::mm"} & {k for k in graph.split() if "aten::" in k}
@@ -147,8 +184,14 @@ def test_embedding_bag_modes_and_padding_stay_exact_up_to_int8(tmp_path: Path) -
 
     torch.manual_seed(0)
     model = save_scripted(Bags(), tmp_path / "bags.pt")
-    spec = parse_spec({"method": "quantize", "seed": 0, "evaluation": {"runs": 2, "warmup": 1},
-                       "inputs": [{"shape": [4, 6], "dtype": "int64", "low": 0, "high": 500}]})
+    spec = parse_spec(
+        {
+            "method": "quantize",
+            "seed": 0,
+            "evaluation": {"runs": 2, "warmup": 1},
+            "inputs": [{"shape": [4, 6], "dtype": "int64", "low": 0, "high": 500}],
+        }
+    )
     report = compress(model, spec, tmp_path / "out.pt")
 
     assert _kernels(report) == {"mean": "embedding", "sum": "embedding"}
@@ -162,8 +205,9 @@ def test_a_convolutional_net_gets_advice_before_a_wasted_run(tmp_path: Path) -> 
     class ConvNet(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.features = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(),
-                                          nn.AdaptiveAvgPool2d(1), nn.Flatten())
+            self.features = nn.Sequential(
+                nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+            )
             self.head = nn.Linear(64, 10)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,8 +215,13 @@ def test_a_convolutional_net_gets_advice_before_a_wasted_run(tmp_path: Path) -> 
 
     torch.manual_seed(0)
     model = save_scripted(ConvNet(), tmp_path / "cnn.pt")
-    report = compress(model, parse_spec({"method": "quantize", "input_shape": [2, 3, 16, 16], "seed": 0,
-                                         "evaluation": {"runs": 2, "warmup": 1}}), tmp_path / "out.pt")
+    report = compress(
+        model,
+        parse_spec(
+            {"method": "quantize", "input_shape": [2, 3, 16, 16], "seed": 0, "evaluation": {"runs": 2, "warmup": 1}}
+        ),
+        tmp_path / "out.pt",
+    )
 
     assert _kernels(report) == {"head": "dynamic"}
     assert report["details"]["coverage"]["fraction"] < 0.10
@@ -181,10 +230,18 @@ def test_a_convolutional_net_gets_advice_before_a_wasted_run(tmp_path: Path) -> 
 
 
 def test_static_mode_says_why_gpt2_conv1d_stays_float(gpt2: Path, tmp_path: Path) -> None:
-    spec = parse_spec({"method": "quantize", "quantize": {"mode": "static", "calibration_batches": 1},
-                       "seed": 0, "evaluation": {"runs": 2, "warmup": 1},
-                       "inputs": [{"shape": [2, 16], "dtype": "int64", "low": 0, "high": 1000},
-                                  {"shape": [2, 16], "dtype": "int64", "low": 1, "high": 2}]})
+    spec = parse_spec(
+        {
+            "method": "quantize",
+            "quantize": {"mode": "static", "calibration_batches": 1},
+            "seed": 0,
+            "evaluation": {"runs": 2, "warmup": 1},
+            "inputs": [
+                {"shape": [2, 16], "dtype": "int64", "low": 0, "high": 1000},
+                {"shape": [2, 16], "dtype": "int64", "low": 1, "high": 2},
+            ],
+        }
+    )
     report = compress(gpt2, spec, tmp_path / "out.pt")
 
     (why,) = [w for w in report["warnings"] if "Conv1D" in w]

@@ -1,6 +1,7 @@
 """Export targets on their real runtimes: a small CNN (TorchScript and .pt2) to ONNX, OpenVINO IR and
 ExecuTorch, float and static int8, each run on its own runtime and compared with torch; dynamic
 int8 of a Linear model on ONNX; the torch-free runner; a model ONNX cannot express; missing runtimes."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,15 @@ class SmallCNN(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+        )
         self.head = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -48,7 +56,12 @@ class SmallMLP(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.up, self.down, self.norm, self.head = nn.Linear(32, 128), nn.Linear(128, 32), nn.LayerNorm(32), nn.Linear(32, 8)
+        self.up, self.down, self.norm, self.head = (
+            nn.Linear(32, 128),
+            nn.Linear(128, 32),
+            nn.LayerNorm(32),
+            nn.Linear(32, 8),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(x + self.down(torch.relu(self.up(x)))).mean(dim=1))
@@ -96,8 +109,14 @@ def artifacts(cnn: dict, tmp_path_factory: pytest.TempPathFactory) -> Callable[[
     def get(target: str, format_name: str, quantize: str | None) -> Artifact:
         key = (target, format_name, quantize)
         if key not in made:
-            request = TargetRequest(cnn["models"][format_name], format_name, cnn["example"], cnn["calibration"],
-                                    quantize=quantize, per_channel=True)
+            request = TargetRequest(
+                cnn["models"][format_name],
+                format_name,
+                cnn["example"],
+                cnn["calibration"],
+                quantize=quantize,
+                per_channel=True,
+            )
             made[key] = export_target(target, request, root / "-".join(map(str, key)))
         return made[key]
 
@@ -175,8 +194,10 @@ def test_dynamic_int8_quantizes_the_linear_layers(target: str, tmp_path: Path) -
         assert operations["Const:i8"] == 3 and not operations["FakeQuantize"], operations
     else:
         assert artifact.precision == "int8-dynamic" and artifact.batch == 2
-        assert any(note.startswith("PT2E with the XNNPACK quantizer (dynamic") and ": 3 quantize" in note
-                   for note in artifact.notes), artifact.notes
+        assert any(
+            note.startswith("PT2E with the XNNPACK quantizer (dynamic") and ": 3 quantize" in note
+            for note in artifact.notes
+        ), artifact.notes
 
 
 @pytest.mark.parametrize("target", sorted(TARGETS))
@@ -195,23 +216,33 @@ def test_fixed_batch_program_with_two_inputs_and_outputs(target: str, tmp_path: 
     assert all(_cosine(o, e) >= 0.99 for o, e in zip(outputs, expected))
 
 
-@pytest.mark.parametrize("target,format_name", [("onnx", TORCHSCRIPT), ("openvino", TORCHSCRIPT),
-                                                ("executorch", EXPORTED)])
-def test_runner_runs_artifacts_without_importing_torch(target: str, format_name: str, cnn: dict, artifacts,
-                                                       tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "target,format_name", [("onnx", TORCHSCRIPT), ("openvino", TORCHSCRIPT), ("executorch", EXPORTED)]
+)
+def test_runner_runs_artifacts_without_importing_torch(
+    target: str, format_name: str, cnn: dict, artifacts, tmp_path: Path
+) -> None:
     if target == "executorch":
         assert executorch_target.native_runner() is not None, "pte_run is not built: run 'make pte-runner'"
     inputs = tmp_path / "inputs.npz"
     np.savez(inputs, input_0=cnn["test"].numpy())
     artifact = artifacts(target, format_name, "static")
     outputs = tmp_path / f"{target}.npz"
-    script = ("import sys\n"
-              "from workers.engine.targets.runner import main\n"
-              f"code = main({[target, str(artifact.path), str(inputs), str(outputs), '--time', '3']!r})\n"
-              "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
-              "sys.exit(code)\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    script = (
+        "import sys\n"
+        "from workers.engine.targets.runner import main\n"
+        f"code = main({[target, str(artifact.path), str(inputs), str(outputs), '--time', '3']!r})\n"
+        "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))\n"
+        "sys.exit(code)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     timing = json.loads(done.stdout.strip().splitlines()[-1])
     assert timing["target"] == target and timing["median_ms"] > 0
@@ -228,8 +259,12 @@ def test_pte_run_is_executorch_without_torch(cnn: dict, artifacts, tmp_path: Pat
     assert "libexecutorch.so" in linked and "libtorch" not in linked and "libc10" not in linked, linked
     artifact = artifacts("executorch", EXPORTED, "static")
     np.save(tmp_path / "x.npy", cnn["test"].numpy())
-    done = subprocess.run([str(binary), str(artifact.path), "--out", str(tmp_path), "--runs", "2", str(tmp_path / "x.npy")],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(binary), str(artifact.path), "--out", str(tmp_path), "--runs", "2", str(tmp_path / "x.npy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     expected = _run(artifact, [cnn["test"].numpy()])[0]
@@ -237,8 +272,12 @@ def test_pte_run_is_executorch_without_torch(cnn: dict, artifacts, tmp_path: Pat
     assert summary["runs"] == 2 and summary["latency_ms"] > 0
     np.testing.assert_allclose(np.load(tmp_path / "output_0.npy"), expected, rtol=0, atol=1e-5)
     (tmp_path / "bad.npy").write_bytes(b"not an array")
-    refused = subprocess.run([str(binary), str(artifact.path), "--out", str(tmp_path), str(tmp_path / "bad.npy")],
-                             capture_output=True, text=True, timeout=60)
+    refused = subprocess.run(
+        [str(binary), str(artifact.path), "--out", str(tmp_path), str(tmp_path / "bad.npy")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode == 1 and "is not a .npy file" in refused.stderr
 
 
@@ -263,7 +302,9 @@ def test_missing_runtime_names_the_package(monkeypatch: pytest.MonkeyPatch) -> N
     for name in TARGETS:
         assert missing_runtime(name) is None
     facts = shared.TARGETS["openvino"]
-    monkeypatch.setitem(shared.TARGETS, "openvino", dataclasses.replace(facts, packages=("openvino", "no_such_runtime_pkg")))
+    monkeypatch.setitem(
+        shared.TARGETS, "openvino", dataclasses.replace(facts, packages=("openvino", "no_such_runtime_pkg"))
+    )
     reason = missing_runtime("openvino")
     assert reason is not None and "no_such_runtime_pkg" in reason and "openvino" in reason
     assert "unknown export target" in missing_runtime("tensorrt")

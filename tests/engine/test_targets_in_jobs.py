@@ -1,5 +1,6 @@
 """Export targets in a job's run: each artifact of the same compressed model, made int8 by its own
 tooling when the job quantizes, written beside the result, checked and timed on its own runtime."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +26,11 @@ def residual(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     np.savez(directory / "data.npz", inputs=rows.numpy())
     program = torch.export.export(model, (rows[:8],), dynamic_shapes=({0: torch.export.Dim("batch", max=4096)},))
     torch.export.save(program, directory / "model.pt2")
-    return {"pt": save_scripted(model, directory / "model.pt"), "pt2": directory / "model.pt2",
-            "data": directory / "data.npz"}
+    return {
+        "pt": save_scripted(model, directory / "model.pt"),
+        "pt2": directory / "model.pt2",
+        "data": directory / "data.npz",
+    }
 
 
 def _run(model: Path, data: Path, out: Path, **spec: object) -> dict:
@@ -34,11 +38,11 @@ def _run(model: Path, data: Path, out: Path, **spec: object) -> dict:
 
 
 @pytest.mark.parametrize("upload", ["pt", "pt2"])
-def test_static_int8_job_gives_int8_artifacts_on_every_runtime(residual: dict[str, Path], upload: str,
-                                                              tmp_path: Path) -> None:
+def test_static_int8_job_gives_int8_artifacts_on_every_runtime(
+    residual: dict[str, Path], upload: str, tmp_path: Path
+) -> None:
     out = tmp_path / f"out.{upload}"
-    report = _run(residual[upload], residual["data"], out, method="quantize", quantize={"mode": "static"},
-                  targets=ALL)
+    report = _run(residual[upload], residual["data"], out, method="quantize", quantize={"mode": "static"}, targets=ALL)
 
     assert out.exists() and set(report["targets"]) == set(ALL), report["targets"]
     for name, entry in report["targets"].items():
@@ -52,8 +56,14 @@ def test_static_int8_job_gives_int8_artifacts_on_every_runtime(residual: dict[st
 
 
 def test_float_job_gives_float_artifacts_that_match_the_result(residual: dict[str, Path], tmp_path: Path) -> None:
-    report = _run(residual["pt"], residual["data"], tmp_path / "out.pt", method="prune",
-                  prune={"amount": 0.5, "structured": True}, targets=["onnx"])
+    report = _run(
+        residual["pt"],
+        residual["data"],
+        tmp_path / "out.pt",
+        method="prune",
+        prune={"amount": 0.5, "structured": True},
+        targets=["onnx"],
+    )
 
     onnx = report["targets"]["onnx"]
     assert onnx["status"] == "succeeded" and onnx["precision"] == "float32"
@@ -78,11 +88,18 @@ def test_a_target_that_cannot_express_the_model_fails_alone_unless_required(tmp_
 
 
 def test_a_latency_search_on_a_runtime_times_candidates_there_and_returns_its_artifact(
-        residual: dict[str, Path], tmp_path: Path) -> None:
+    residual: dict[str, Path], tmp_path: Path
+) -> None:
     out = tmp_path / "out.pt"
-    spec = parse_spec({**QUICK, "method": "auto", "search": {"max_trials": 2},
-                       "target": {"metric": "cosine", "min": 0.9, "objective": "latency", "runtime": "onnxruntime"}},
-                      has_data=True)
+    spec = parse_spec(
+        {
+            **QUICK,
+            "method": "auto",
+            "search": {"max_trials": 2},
+            "target": {"metric": "cosine", "min": 0.9, "objective": "latency", "runtime": "onnxruntime"},
+        },
+        has_data=True,
+    )
     assert spec["targets"] == ["onnx"]  # filled in: the runtime's artifact comes with the result
 
     report = compress(residual["pt"], spec, out, data_path=residual["data"])

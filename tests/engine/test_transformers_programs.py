@@ -1,6 +1,7 @@
 """`transformers` models uploaded as `.pt2` (``torch.export`` of the model, as its docs show): GPT-2's
 ``Conv1D`` layers (``addmm`` with an ``[in, out]`` weight) and its embeddings are quantized and pruned
 like ``nn.Linear``, the tied output layer reads one int8 table, and the program still loads."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,10 +19,15 @@ from workers.engine.run.pipeline import compress
 transformers.logging.set_verbosity_error()
 
 VOCAB = 1000
-INPUTS = [{"shape": [2, 16], "dtype": "int64", "low": 0, "high": VOCAB},
-          {"shape": [2, 16], "dtype": "int64", "low": 1, "high": 2}]
-CONV1D = [f"model.transformer.h.{layer}.{name}" for layer in range(2)
-          for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]
+INPUTS = [
+    {"shape": [2, 16], "dtype": "int64", "low": 0, "high": VOCAB},
+    {"shape": [2, 16], "dtype": "int64", "low": 1, "high": 2},
+]
+CONV1D = [
+    f"model.transformer.h.{layer}.{name}"
+    for layer in range(2)
+    for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +44,21 @@ def gpt2(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, nn.Module]:
 
 
 def _spec(method: str, **options: object) -> object:
-    return parse_spec({"method": method, "seed": 0, "evaluation": {"runs": 2, "warmup": 1}, "inputs": INPUTS,
-                       **({method: options} if options else {})})
+    return parse_spec(
+        {
+            "method": method,
+            "seed": 0,
+            "evaluation": {"runs": 2, "warmup": 1},
+            "inputs": INPUTS,
+            **({method: options} if options else {}),
+        }
+    )
 
 
 def _stored_bytes(program: torch.export.ExportedProgram) -> dict[str, int]:
-    tensors = {id(t): t for t in [*program.state_dict.values(), *program.constants.values()]
-               if isinstance(t, torch.Tensor)}
+    tensors = {
+        id(t): t for t in [*program.state_dict.values(), *program.constants.values()] if isinstance(t, torch.Tensor)
+    }
     by_dtype: dict[str, int] = {}
     for tensor in tensors.values():
         by_dtype[str(tensor.dtype)] = by_dtype.get(str(tensor.dtype), 0) + tensor.numel() * tensor.element_size()
@@ -100,8 +114,9 @@ def test_every_spelling_of_a_linear_layer_in_a_program_runs_int8(tmp_path: Path)
     torch.manual_seed(0)
     model = LinearSpellings().eval()
     batch = torch.export.Dim("batch", max=256)
-    torch.export.save(torch.export.export(model, (torch.randn(4, 32),), dynamic_shapes=({0: batch},)),
-                      tmp_path / "spellings.pt2")
+    torch.export.save(
+        torch.export.export(model, (torch.randn(4, 32),), dynamic_shapes=({0: batch},)), tmp_path / "spellings.pt2"
+    )
     spec = parse_spec({"method": "quantize", "seed": 0, "input_shape": [4, 32], "evaluation": {"runs": 2, "warmup": 1}})
     report = compress(tmp_path / "spellings.pt2", spec, tmp_path / "out.pt2")
 
@@ -120,8 +135,14 @@ def test_every_spelling_of_a_linear_layer_in_a_program_runs_int8(tmp_path: Path)
 def test_bert_program_structured_prune_removes_heads_through_its_position_ids(tmp_path: Path) -> None:
     """BERT's export computes position ids with ``arange(seq_len)``; the channel analysis traces it all the same."""
     torch.manual_seed(0)
-    config = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
-                                     vocab_size=VOCAB, max_position_embeddings=64)
+    config = transformers.BertConfig(
+        num_hidden_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        intermediate_size=128,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+    )
     model = TextOutput(transformers.BertForSequenceClassification(config).eval(), "logits").eval()
     ids = torch.randint(0, VOCAB, (2, 16))
     batch = torch.export.Dim("batch", max=64)

@@ -1,4 +1,5 @@
 """Checks that run without a stack: the zip directory reader, the accepted archive layouts, callback addresses."""
+
 from __future__ import annotations
 
 import http.server
@@ -55,9 +56,11 @@ def _rewritten(source: Path, target: Path, first: str | None = None, drop: str |
 
 def test_layouts_torch_refuses_are_refused(tmp_path: Path) -> None:
     model = save_scripted(Attention(), tmp_path / "m.pt")
-    for variant in (_rewritten(model, tmp_path / "a.pt", first="other/readme"),  # torch's root is the first entry's
-                    _rewritten(model, tmp_path / "b.pt", drop="version"),
-                    _rewritten(model, tmp_path / "c.pt", drop="constants.pkl")):
+    for variant in (
+        _rewritten(model, tmp_path / "a.pt", first="other/readme"),  # torch's root is the first entry's
+        _rewritten(model, tmp_path / "b.pt", drop="version"),
+        _rewritten(model, tmp_path / "c.pt", drop="constants.pkl"),
+    ):
         with pytest.raises(Exception):  # noqa: B017  torch refuses it, in its own words
             torch.jit.load(str(variant))
         with pytest.raises(ArchiveRejected, match="not TorchScript"):
@@ -92,12 +95,33 @@ def test_a_directory_larger_than_the_file_is_refused(tmp_path: Path) -> None:
         read_directory(path)
 
 
-@pytest.mark.parametrize("address", [
-    "100.64.0.1", "10.0.0.1", "127.0.0.1", "169.254.169.254", "0.1.2.3", "192.0.2.1", "198.51.100.7", "203.0.113.9",
-    "224.0.0.1", "239.255.255.250", "255.255.255.255", "240.0.0.1", "198.18.0.1",
-    "[::1]", "[::ffff:10.0.0.1]", "[::ffff:8.8.8.8]", "[64:ff9b::a00:1]", "[fd00::1]", "[fe80::1]", "[ff02::1]",
-    "[2001:db8::1]", "[2002:a00:1::1]",
-])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "100.64.0.1",
+        "10.0.0.1",
+        "127.0.0.1",
+        "169.254.169.254",
+        "0.1.2.3",
+        "192.0.2.1",
+        "198.51.100.7",
+        "203.0.113.9",
+        "224.0.0.1",
+        "239.255.255.250",
+        "255.255.255.255",
+        "240.0.0.1",
+        "198.18.0.1",
+        "[::1]",
+        "[::ffff:10.0.0.1]",
+        "[::ffff:8.8.8.8]",
+        "[64:ff9b::a00:1]",
+        "[fd00::1]",
+        "[fe80::1]",
+        "[ff02::1]",
+        "[2001:db8::1]",
+        "[2002:a00:1::1]",
+    ],
+)
 def test_callbacks_to_addresses_that_are_not_global_unicast_are_refused(address: str) -> None:
     with pytest.raises(CallbackRefused, match="not a global unicast address"):
         check_callback_url(f"http://{address}/hook", allow_private=False)
@@ -134,7 +158,9 @@ def test_the_callback_goes_to_the_address_that_was_checked(monkeypatch: pytest.M
 
     monkeypatch.setattr(socket, "getaddrinfo", rebinding)
     try:
-        status = send_pinned(f"http://hooks.example:{server.server_port}/hook", b"{}", {}, allow_private=True, timeout=5)
+        status = send_pinned(
+            f"http://hooks.example:{server.server_port}/hook", b"{}", {}, allow_private=True, timeout=5
+        )
     finally:
         server.shutdown()
     assert status == 302

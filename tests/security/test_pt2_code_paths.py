@@ -2,6 +2,7 @@
 submit check (a stack with ``MODELPRESS_OP_CHECK=job`` and no sandbox, so that only the job's own check
 stands between the payload and the host), a failed job whose payload never ran; the same genuine program
 succeeds on both stacks."""
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,10 @@ def genuine(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def unguarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
     """No submit-time operator policy, no sandbox: the job's check of the program is the only layer."""
     root = tmp_path_factory.mktemp("pt2-unguarded")
-    stack = Stack(make_settings(root / "data", redis_url=None, op_check="job", sandbox="off", job_timeout_s=120),
-                  log_dir=root / "logs")
+    stack = Stack(
+        make_settings(root / "data", redis_url=None, op_check="job", sandbox="off", job_timeout_s=120),
+        log_dir=root / "logs",
+    )
     try:
         stack.start()
         yield ApiClient(stack.base_url)
@@ -46,13 +49,18 @@ def unguarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiClient]:
 
 
 PAYLOADS = {
-    "guards_code": (lambda genuine, marker: with_guards_code(genuine, [f"__import__('os').system('touch {marker}') == 0"]),
-                    "guard code"),
-    "higher_order_callable": (lambda genuine, marker: with_higher_order_call(genuine, "torch.ops.aten.from_file.default",
-                                                                             marker),
-                              "from_file|higher-order"),
-    "value_name": (lambda genuine, marker: with_renamed_input(genuine, f"x=__import__('os').system('touch {marker}')"),
-                   "not a Python identifier"),
+    "guards_code": (
+        lambda genuine, marker: with_guards_code(genuine, [f"__import__('os').system('touch {marker}') == 0"]),
+        "guard code",
+    ),
+    "higher_order_callable": (
+        lambda genuine, marker: with_higher_order_call(genuine, "torch.ops.aten.from_file.default", marker),
+        "from_file|higher-order",
+    ),
+    "value_name": (
+        lambda genuine, marker: with_renamed_input(genuine, f"x=__import__('os').system('touch {marker}')"),
+        "not a Python identifier",
+    ),
     "extension_operator": (lambda genuine, marker: with_graph_target(genuine, "#mylib:run"), "not a torch operator"),
 }
 
@@ -62,8 +70,9 @@ def _job_ids(client: ApiClient) -> list[str]:
 
 
 @pytest.mark.parametrize("payload", sorted(PAYLOADS))
-def test_a_program_carrying_code_is_refused_at_submit(payload: str, api: ApiClient, genuine: Path,
-                                                      tmp_path: Path) -> None:
+def test_a_program_carrying_code_is_refused_at_submit(
+    payload: str, api: ApiClient, genuine: Path, tmp_path: Path
+) -> None:
     build, reason = PAYLOADS[payload]
     marker = tmp_path / "payload-ran"
     before = _job_ids(api)
@@ -86,11 +95,13 @@ def test_the_genuine_program_is_accepted_and_compressed(api: ApiClient, genuine:
     assert job["state"] == "succeeded", job["error"]
 
 
-def test_a_callable_planted_past_the_submit_check_fails_the_job_and_never_runs(unguarded: ApiClient, genuine: Path,
-                                                                                tmp_path: Path) -> None:
+def test_a_callable_planted_past_the_submit_check_fails_the_job_and_never_runs(
+    unguarded: ApiClient, genuine: Path, tmp_path: Path
+) -> None:
     marker = tmp_path / "payload-ran"  # reachable from the job: this stack runs jobs without the sandbox
-    response = unguarded.submit(with_higher_order_call(genuine, "torch.ops.aten.from_file.default", marker), SPEC,
-                                filename="innocent.pt2")
+    response = unguarded.submit(
+        with_higher_order_call(genuine, "torch.ops.aten.from_file.default", marker), SPEC, filename="innocent.pt2"
+    )
     assert response.status_code == 202, response.text  # the operator policy is the job's here
 
     job = unguarded.wait(response.json()["id"], timeout=300)

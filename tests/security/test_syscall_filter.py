@@ -4,6 +4,7 @@ Each denial is shown twice: inside the sandbox with the filter the call fails wi
 same sandbox without it (the positive control) the same call gets the kernel's own answer, so the
 EPERM is the filter's and the probe really makes the call.
 """
+
 from __future__ import annotations
 
 import errno
@@ -56,16 +57,30 @@ print(json.dumps(results))
 """
 
 
-def _sandboxed(tmp_path: Path, script: str, filtered: bool, devices: list[str] | None = None) -> subprocess.CompletedProcess:
+def _sandboxed(
+    tmp_path: Path, script: str, filtered: bool, devices: list[str] | None = None
+) -> subprocess.CompletedProcess:
     settings = Settings(data_dir=tmp_path / "data")
     files = JobFiles(tmp_path / "data" / "jobs" / "probe")
     files.root.mkdir(parents=True, exist_ok=True)
     program = seccomp.program_fd()
     try:
-        command = sandbox.job_command(settings, files, [sys.executable, "-c", script],
-                                      seccomp_fd=program if filtered else None, devices=devices or [])
-        return subprocess.run(command, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(sandbox.PROJECT_ROOT)},
-                              cwd=files.root, capture_output=True, text=True, timeout=60, pass_fds=(program,))
+        command = sandbox.job_command(
+            settings,
+            files,
+            [sys.executable, "-c", script],
+            seccomp_fd=program if filtered else None,
+            devices=devices or [],
+        )
+        return subprocess.run(
+            command,
+            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(sandbox.PROJECT_ROOT)},
+            cwd=files.root,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            pass_fds=(program,),
+        )
     finally:
         os.close(program)
 
@@ -76,12 +91,23 @@ def _probe(tmp_path: Path, filtered: bool) -> dict[str, str]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_the_filter_denies_what_a_model_never_needs_and_the_same_calls_reach_the_kernel_without_it(tmp_path: Path) -> None:
+def test_the_filter_denies_what_a_model_never_needs_and_the_same_calls_reach_the_kernel_without_it(
+    tmp_path: Path,
+) -> None:
     filtered = _probe(tmp_path, filtered=True)
     unfiltered = _probe(tmp_path, filtered=False)
 
-    denied = ("ptrace", "unshare", "mount", "keyctl", "bpf", "io_uring_setup", "personality", "clone_newuser",
-              "x32_getpid")
+    denied = (
+        "ptrace",
+        "unshare",
+        "mount",
+        "keyctl",
+        "bpf",
+        "io_uring_setup",
+        "personality",
+        "clone_newuser",
+        "x32_getpid",
+    )
     assert {name: filtered[name] for name in denied} == dict.fromkeys(denied, "EPERM")
     assert filtered["clone3"] == "ENOSYS"  # so glibc falls back to clone, whose flags the filter reads
     assert filtered["thread"] == filtered["fork"] == "ok"
@@ -117,7 +143,8 @@ def test_a_job_process_without_the_filter_is_a_confinement_gap() -> None:
 
     assert sandbox.confinement_gaps({**facts, "seccomp": "filtered"}, settings) == []
     assert sandbox.confinement_gaps({**facts, "seccomp": "not filtered: Seccomp mode 0"}, settings) == [
-        "the job process has no syscall filter (not filtered: Seccomp mode 0)"]
+        "the job process has no syscall filter (not filtered: Seccomp mode 0)"
+    ]
 
 
 # ----------------------------------------------------------------------------- GPU device nodes
@@ -145,7 +172,6 @@ def test_device_nodes_named_for_the_gpu_are_bound_into_the_sandbox_and_usable(tm
     assert json.loads(absent.stdout)["opened"] is False  # the positive control: not bound, not there
 
 
-
 # ----------------------------------------------------------------------------- the worker container's profile
 
 
@@ -160,12 +186,24 @@ def test_the_compose_seccomp_profile_is_generated_and_keeps_a_filter() -> None:
     assert shipped["defaultAction"] == "SCMP_ACT_ERRNO"  # an allow list: calls it does not name are refused
     for name in ("mount", "umount2", "pivot_root", "unshare", "clone"):  # what bubblewrap needs
         assert rules[name]["action"] == "SCMP_ACT_ALLOW", name
-    for name in ("ptrace", "keyctl", "bpf", "init_module", "kexec_load", "open_by_handle_at", "io_uring_setup",
-                 "setns", "perf_event_open", "userfaultfd", "process_vm_readv"):
+    for name in (
+        "ptrace",
+        "keyctl",
+        "bpf",
+        "init_module",
+        "kexec_load",
+        "open_by_handle_at",
+        "io_uring_setup",
+        "setns",
+        "perf_event_open",
+        "userfaultfd",
+        "process_vm_readv",
+    ):
         assert (rules[name]["action"], rules[name]["errnoRet"]) == ("SCMP_ACT_ERRNO", errno.EPERM), name
     assert rules["clone3"]["errnoRet"] == errno.ENOSYS and "modify_ldt" not in rules
     assert {"read", "mmap", "futex", "execve", "openat", "socket", "epoll_wait"} <= {
-        name for name, rule in rules.items() if rule["action"] == "SCMP_ACT_ALLOW"}
+        name for name, rule in rules.items() if rule["action"] == "SCMP_ACT_ALLOW"
+    }
     for compose in ("docker-compose.yml", "docker-compose.worker.yml"):
         text = (sandbox.PROJECT_ROOT / compose).read_text()
         assert "seccomp=./deploy/seccomp-worker.json" in text and "seccomp=unconfined" not in text, compose

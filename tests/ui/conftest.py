@@ -4,6 +4,7 @@ Every page a test opens records its requests and console messages; a test fails 
 left the service or the console logged an error. chromium missing is a failure that says how to
 install it (``make test`` installs it where it can), never a skip.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,11 +16,20 @@ from urllib.parse import urlsplit
 
 import pytest
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]
-INSTALL_HINT = ("the browser tests need Debian's chromium: run `make chromium` (as root, it runs "
-                "`apt-get install -y chromium`), or install it yourself, e.g. `sudo apt-get install chromium`; "
-                "or point MODELPRESS_CHROMIUM at a chromium binary")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+INSTALL_HINT = (
+    "the browser tests need Debian's chromium: run `make chromium` (as root, it runs "
+    "`apt-get install -y chromium`), or install it yourself, e.g. `sudo apt-get install chromium`; "
+    "or point MODELPRESS_CHROMIUM at a chromium binary"
+)
 
 
 def chromium_path() -> str:
@@ -51,14 +61,23 @@ class Recorder:
 
     def attach(self, page) -> None:
         page.on("request", lambda request: self.requests.append(request.url))
-        page.on("console", lambda message: self.errors.append(f"console {message.type}: {message.text}")
-                if message.type in ("error", "assert") else None)
+        page.on(
+            "console",
+            lambda message: (
+                self.errors.append(f"console {message.type}: {message.text}")
+                if message.type in ("error", "assert")
+                else None
+            ),
+        )
         page.on("pageerror", lambda error: self.errors.append(f"uncaught: {error}"))
 
     def outside(self, base_url: str) -> list[str]:
         origin = urlsplit(base_url).netloc
-        return [url for url in self.requests
-                if not url.startswith(("data:", "blob:", "about:")) and urlsplit(url).netloc != origin]
+        return [
+            url
+            for url in self.requests
+            if not url.startswith(("data:", "blob:", "about:")) and urlsplit(url).netloc != origin
+        ]
 
 
 def open_page(browser, base_url: str, recorder: Recorder, **context_options):

@@ -1,5 +1,6 @@
 """The console in a real browser: submit through the form, watch a job live, read its charts, download,
 cancel, see a 422 next to its field, and nothing loaded from outside the service."""
+
 from __future__ import annotations
 
 import hashlib
@@ -41,15 +42,20 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     rng = np.random.default_rng(0)
     np.savez(root / "data.npz", inputs=rng.standard_normal((64, 16)).astype(np.float32), labels=np.arange(64) % 4)
     (root / "garbage.pt").write_bytes(rng.bytes(4096))
-    return {"mlp": save_scripted(TinyMLP(), root / "mlp.pt"), "data": root / "data.npz",
-            "slow": save_scripted(SlowModel(steps=20000), root / "slow.pt"),
-            "medium": save_scripted(SlowModel(steps=3000), root / "medium.pt"), "garbage": root / "garbage.pt"}
+    return {
+        "mlp": save_scripted(TinyMLP(), root / "mlp.pt"),
+        "data": root / "data.npz",
+        "slow": save_scripted(SlowModel(steps=20000), root / "slow.pt"),
+        "medium": save_scripted(SlowModel(steps=3000), root / "medium.pt"),
+        "garbage": root / "garbage.pt",
+    }
 
 
 @pytest.fixture(scope="module")
 def finished_job(api: ApiClient, files) -> dict:
-    response = api.submit(files["mlp"], {"method": "quantize", "input_shape": [4, 16],
-                                         "evaluation": {"runs": 2, "warmup": 0}})
+    response = api.submit(
+        files["mlp"], {"method": "quantize", "input_shape": [4, 16], "evaluation": {"runs": 2, "warmup": 0}}
+    )
     assert response.status_code == 202, response.text
     job = api.wait(response.json()["id"], timeout=120)
     assert job["state"] == "succeeded", job["error"]
@@ -64,8 +70,13 @@ def fill_spec(page, **fields: str) -> None:
 def test_submit_watch_charts_and_download(page, api: ApiClient, files, tmp_path: Path) -> None:
     page.goto("/ui/new")
     page.set_input_files("#f-model", str(files["mlp"]))
-    fill_spec(page, input_shape="4, 16", evaluation__runs=FAST["runs"], evaluation__warmup=FAST["warmup"],
-              quantize__exclude="head")
+    fill_spec(
+        page,
+        input_shape="4, 16",
+        evaluation__runs=FAST["runs"],
+        evaluation__warmup=FAST["warmup"],
+        quantize__exclude="head",
+    )
     expect(page.locator("#f-spec-quantize-dtype")).to_have_value("qint8")  # defaults come from the schema
     page.click("#submit")
     page.wait_for_url(re.compile(r"/ui/jobs/[0-9A-Z]{26}$"))
@@ -84,7 +95,9 @@ def test_submit_watch_charts_and_download(page, api: ApiClient, files, tmp_path:
     assert float(size.locator("rect[data-series=after]").get_attribute("data-value")) == report["size"]["bytes_after"]
     assert size.locator("title").first.text_content().startswith("Model file size")
     latency = page.locator("svg[data-chart=latency]")
-    assert float(latency.locator("rect[data-series=after]").get_attribute("data-value")) == report["latency"]["after_ms"]
+    assert (
+        float(latency.locator("rect[data-series=after]").get_attribute("data-value")) == report["latency"]["after_ms"]
+    )
     expect(latency.locator("text.axis-title")).to_have_text("ms")
     params = page.locator("svg[data-chart=parameters] rect[data-series=before]")
     assert float(params.get_attribute("data-value")) == report["parameters"]["before"]
@@ -122,8 +135,9 @@ def test_submit_watch_charts_and_download(page, api: ApiClient, files, tmp_path:
 
 
 def test_list_updates_live_newest_first(page, api: ApiClient, files, finished_job) -> None:
-    response = api.submit(files["medium"], {"method": "quantize", "input_shape": [1, 64],
-                                            "evaluation": {"runs": 30, "warmup": 0}})
+    response = api.submit(
+        files["medium"], {"method": "quantize", "input_shape": [1, 64], "evaluation": {"runs": 30, "warmup": 0}}
+    )
     new_id = response.json()["id"]
     page.goto("/")  # the service's root leads to the console
     expect(page).to_have_url(re.compile(r"/ui/$"))
@@ -200,8 +214,14 @@ def test_distillation_curves_are_charted(page, api: ApiClient, files) -> None:
     page.set_input_files("#f-model", str(files["mlp"]))
     page.set_input_files("#f-data", str(files["data"]))
     page.select_option("#f-spec-method", "distill")
-    fill_spec(page, distill__epochs="3", distill__batch_size="16", distill__student__width="0.5",
-              evaluation__runs="1", evaluation__warmup="0")
+    fill_spec(
+        page,
+        distill__epochs="3",
+        distill__batch_size="16",
+        distill__student__width="0.5",
+        evaluation__runs="1",
+        evaluation__warmup="0",
+    )
     page.select_option("#f-spec-distill-student-from", "width")
     page.click("#submit")
     page.wait_for_url(re.compile(r"/ui/jobs/[0-9A-Z]{26}$"))
@@ -223,8 +243,9 @@ def test_distillation_curves_are_charted(page, api: ApiClient, files) -> None:
 def test_pages_work_at_phone_width_and_by_keyboard(browser, stack, recorder, finished_job) -> None:
     from tests.ui.conftest import open_page
 
-    context, page = open_page(browser, stack.base_url, recorder, viewport={"width": 375, "height": 740},
-                              is_mobile=True, has_touch=True)
+    context, page = open_page(
+        browser, stack.base_url, recorder, viewport={"width": 375, "height": 740}, is_mobile=True, has_touch=True
+    )
     try:
         for path in ("/ui/", "/ui/new", f"/ui/jobs/{finished_job['id']}"):
             page.goto(path)
@@ -266,8 +287,9 @@ class _Links(HTMLParser):
 
 def dump_dom(url: str, *extra: str) -> str:
     """Exactly the acceptance check: ``chromium --headless --dump-dom URL`` (plus root's --no-sandbox)."""
-    result = subprocess.run([chromium_path(), *CHROMIUM_ARGS, *extra, "--dump-dom", url],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [chromium_path(), *CHROMIUM_ARGS, *extra, "--dump-dom", url], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
 
@@ -276,8 +298,11 @@ def outside_links(html: str, base_url: str) -> list[str]:
     parser = _Links()
     parser.feed(html)
     origin = urlsplit(base_url).netloc
-    return [url for url in parser.urls if not url.startswith("data:")
-            and urlsplit(urljoin(base_url + "/", url)).netloc != origin]
+    return [
+        url
+        for url in parser.urls
+        if not url.startswith("data:") and urlsplit(urljoin(base_url + "/", url)).netloc != origin
+    ]
 
 
 def test_dump_dom_acceptance(stack, finished_job) -> None:

@@ -3,6 +3,7 @@
 No browser here: these check the SVG the console draws, parsed as XML, for report shapes that the
 pages must already handle when other methods start writing them.
 """
+
 from __future__ import annotations
 
 import xml.etree.ElementTree as ET
@@ -19,13 +20,23 @@ def _svg(section: dict, chart: str) -> ET.Element:
 
 
 def test_trials_are_a_scatter_with_the_front_and_the_chosen_one_marked() -> None:
-    report = {"method": "auto", "target": {"metric": "accuracy", "max_drop": 0.01, "objective": "size"},
-              "trials": [{"id": 1, "spec": {"method": "quantize"}, "bytes": 400, "metric": 0.95},
-                         {"id": 2, "spec": {"method": "prune"}, "bytes": 300, "metric": 0.97},
-                         {"id": 3, "spec": {"method": "pipeline", "steps": [{"method": "prune"}, {"method": "quantize"}]},
-                          "bytes": 100, "metric": 0.90},
-                         {"id": 4, "spec": {"method": "distill"}, "bytes": 350, "metric": 0.93}],
-              "pareto_front": [2, 3], "chosen": 2}
+    report = {
+        "method": "auto",
+        "target": {"metric": "accuracy", "max_drop": 0.01, "objective": "size"},
+        "trials": [
+            {"id": 1, "spec": {"method": "quantize"}, "bytes": 400, "metric": 0.95},
+            {"id": 2, "spec": {"method": "prune"}, "bytes": 300, "metric": 0.97},
+            {
+                "id": 3,
+                "spec": {"method": "pipeline", "steps": [{"method": "prune"}, {"method": "quantize"}]},
+                "bytes": 100,
+                "metric": 0.90,
+            },
+            {"id": 4, "spec": {"method": "distill"}, "bytes": 350, "metric": 0.93},
+        ],
+        "pareto_front": [2, 3],
+        "chosen": 2,
+    }
 
     search = next(s for s in sections(report) if s["id"] == "trials")
     svg = _svg(search, "trials")
@@ -41,18 +52,31 @@ def test_trials_are_a_scatter_with_the_front_and_the_chosen_one_marked() -> None
 
 
 def test_without_a_front_in_the_report_the_front_is_computed() -> None:
-    report = {"trials": [{"size_ratio": 0.5, "top1_agreement": 0.9}, {"size_ratio": 0.3, "top1_agreement": 0.95},
-                         {"size_ratio": 0.6, "top1_agreement": 0.8}]}
+    report = {
+        "trials": [
+            {"size_ratio": 0.5, "top1_agreement": 0.9},
+            {"size_ratio": 0.3, "top1_agreement": 0.95},
+            {"size_ratio": 0.6, "top1_agreement": 0.8},
+        ]
+    }
     svg = _svg(next(s for s in sections(report) if s["id"] == "trials"), "trials")
     front = [p.get("data-x") for p in svg.iter(f"{SVG}g") if p.get("data-front") == "true"]
     assert front == ["0.3"]  # smaller and better than both others
 
 
 def test_pipeline_steps_and_unknown_sections_are_all_shown() -> None:
-    step = {"method": "prune", "size": {"bytes_before": 1000, "bytes_after": 400},
-            "details": {"finetune": [{"epoch": 1, "train_loss": 0.9}, {"epoch": 2, "train_loss": 0.5}]}}
-    report = {"method": "pipeline", "size": {"bytes_before": 1000, "bytes_after": 120}, "steps": [step],
-              "calibration": {"batches": 8, "observer": "histogram"}, "warnings": ["top-1 agreement 0.41 is under 0.5"]}
+    step = {
+        "method": "prune",
+        "size": {"bytes_before": 1000, "bytes_after": 400},
+        "details": {"finetune": [{"epoch": 1, "train_loss": 0.9}, {"epoch": 2, "train_loss": 0.5}]},
+    }
+    report = {
+        "method": "pipeline",
+        "size": {"bytes_before": 1000, "bytes_after": 120},
+        "steps": [step],
+        "calibration": {"batches": 8, "observer": "histogram"},
+        "warnings": ["top-1 agreement 0.41 is under 0.5"],
+    }
 
     drawn = sections(report)
     ids = [s["id"] for s in drawn]
@@ -61,18 +85,29 @@ def test_pipeline_steps_and_unknown_sections_are_all_shown() -> None:
     assert [float(p.get("data-y")) for p in curve.iter(f"{SVG}g") if p.get("class") == "point"] == [0.9, 0.5]
     more = next(s for s in drawn if s["id"] == "more")
     assert more["extra"] == {"calibration": {"batches": 8, "observer": "histogram"}}
-    assert warnings_of({"warnings": ["random calibration"]}, report) == ["random calibration",
-                                                                         "top-1 agreement 0.41 is under 0.5"]
+    assert warnings_of({"warnings": ["random calibration"]}, report) == [
+        "random calibration",
+        "top-1 agreement 0.41 is under 0.5",
+    ]
 
 
 def test_a_distillation_schedule_charts_each_steps_curve_with_its_hint_loss() -> None:
     def curve(hint: list[float]) -> list[dict]:
-        return [{"epoch": i + 1, "train_loss": 2.0 + h, "logit_loss": 2.0, "hint_loss": h, "agreement": 0.9}
-                for i, h in enumerate(hint)]
+        return [
+            {"epoch": i + 1, "train_loss": 2.0 + h, "logit_loss": 2.0, "hint_loss": h, "agreement": 0.9}
+            for i, h in enumerate(hint)
+        ]
 
-    report = {"method": "distill", "details": {"epochs": curve([0.4, 0.3]), "schedule": {
-        "widths": [0.5, 0.25], "steps": [{"step": 1, "epochs": curve([0.8]), "groups": []},
-                                          {"step": 2, "epochs": curve([0.4, 0.3])}]}}}
+    report = {
+        "method": "distill",
+        "details": {
+            "epochs": curve([0.4, 0.3]),
+            "schedule": {
+                "widths": [0.5, 0.25],
+                "steps": [{"step": 1, "epochs": curve([0.8]), "groups": []}, {"step": 2, "epochs": curve([0.4, 0.3])}],
+            },
+        },
+    }
 
     drawn = {s["id"]: s for s in sections(report)}
     assert {"curve-epochs", "curve-schedule.steps.1.epochs", "curve-schedule.steps.2.epochs"} <= set(drawn)

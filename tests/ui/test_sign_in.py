@@ -1,4 +1,5 @@
 """Keys on: sign in with a key, see only your tenant's jobs, CSRF on every form, sign out for good."""
+
 from __future__ import annotations
 
 import re
@@ -22,9 +23,10 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """Redis and the API with keys on; no worker, so submitted jobs stay queued (nothing here needs them run)."""
     root = tmp_path_factory.mktemp("console-keys")
     write_keys(root / "keys", KEYS)
-    stack = Stack(make_settings(root / "data", redis_url=None, api_keys_file=root / "keys", api_workers=1,
-                                max_active_jobs=40),
-                  log_dir=root / "logs")
+    stack = Stack(
+        make_settings(root / "data", redis_url=None, api_keys_file=root / "keys", api_workers=1, max_active_jobs=40),
+        log_dir=root / "logs",
+    )
     try:
         stack.start(worker=False)
         yield stack

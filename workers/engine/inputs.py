@@ -5,6 +5,7 @@ axis indexes samples. The spec declares them with ``inputs`` (shape and dtype of
 ``input_shape`` (one float32 input); a data file carries them as ``inputs`` or ``input_0``,
 ``input_1``, ... with their own dtypes, and when one is uploaded it defines the examples.
 """
+
 from __future__ import annotations
 
 import zipfile
@@ -59,12 +60,14 @@ class Dataset:
 
     def exactly(self, count: int) -> Inputs:
         """A batch of ``count`` rows: the first rows, the first one repeated when there are fewer."""
-        return tuple(t if t.shape[0] >= count else t[:1].expand(count, *t.shape[1:]).contiguous()
-                     for t in self.head(count))
+        return tuple(
+            t if t.shape[0] >= count else t[:1].expand(count, *t.shape[1:]).contiguous() for t in self.head(count)
+        )
 
     def subset(self, index: torch.Tensor) -> Dataset:
-        return Dataset(self.rows(index), None if self.labels is None else self.labels[index], self.synthetic,
-                       self.target_output)
+        return Dataset(
+            self.rows(index), None if self.labels is None else self.labels[index], self.synthetic, self.target_output
+        )
 
 
 def load_dataset(path: str | Path) -> Dataset:
@@ -80,8 +83,10 @@ def load_dataset(path: str | Path) -> Dataset:
         if tensor.dim() < 1 or tensor.shape[0] == 0:
             raise InvalidInput(f"the data file's '{name}' array is empty; its first axis indexes samples")
     if len({int(tensor.shape[0]) for tensor in inputs}) > 1:
-        raise InvalidInput("every input needs one row per sample: the data file has "
-                           + ", ".join(f"{name} {list(t.shape)}" for name, t in zip(names, inputs)))
+        raise InvalidInput(
+            "every input needs one row per sample: the data file has "
+            + ", ".join(f"{name} {list(t.shape)}" for name, t in zip(names, inputs))
+        )
     samples = int(inputs[0].shape[0])
     labels = None
     if "labels" in arrays:
@@ -104,8 +109,10 @@ def check_declared(job: JobOptions, data: Dataset) -> None:
     arrays = _array_infos(data)
     problems = disagreements(arrays, job.inputs, from_input_shape=job.from_input_shape)
     if problems:
-        raise InvalidInput("the data file and the spec disagree: "
-                           + "; ".join(f"{field}: {' '.join(messages)}" for field, messages in problems.items()))
+        raise InvalidInput(
+            "the data file and the spec disagree: "
+            + "; ".join(f"{field}: {' '.join(messages)}" for field, messages in problems.items())
+        )
 
 
 def example_batch(job: JobOptions, data: Dataset | None) -> Inputs:
@@ -119,8 +126,10 @@ def fidelity_batches(job: JobOptions, data: Dataset | None) -> list[Inputs]:
     """Inputs on which original and compressed outputs are compared."""
     if data is not None:
         rows = min(len(data), MAX_FIDELITY_ROWS)
-        return [data.rows(slice(start, min(start + FIDELITY_BATCH_ROWS, rows)))
-                for start in range(0, rows, FIDELITY_BATCH_ROWS)]
+        return [
+            data.rows(slice(start, min(start + FIDELITY_BATCH_ROWS, rows)))
+            for start in range(0, rows, FIDELITY_BATCH_ROWS)
+        ]
     declared = _declared_or_fail(job)
     # A few independent random batches of the declared shapes, seeded for reproducibility.
     return [random_inputs(declared, job.seed + offset) for offset in range(4)]
@@ -167,12 +176,17 @@ def integer_range_hint(job: JobOptions, data: Dataset | None) -> str:
     if data is not None:
         return ""
     entries = job.inputs if job.inputs and not job.from_input_shape else ()
-    ranges = [f"spec.inputs.{index} is random in [{entry.low}, {entry.high})"
-              for index, entry in enumerate(entries) if entry.dtype in INT_DTYPES]
+    ranges = [
+        f"spec.inputs.{index} is random in [{entry.low}, {entry.high})"
+        for index, entry in enumerate(entries)
+        if entry.dtype in INT_DTYPES
+    ]
     if not ranges:
         return ""
-    return (f" ({'; '.join(ranges)}: set low/high to the values the model accepts, e.g. high = vocabulary size, "
-            "or upload a data file)")
+    return (
+        f" ({'; '.join(ranges)}: set low/high to the values the model accepts, e.g. high = vocabulary size, "
+        "or upload a data file)"
+    )
 
 
 def check_input_count(model: torch.jit.ScriptModule, inputs: Inputs, from_data: bool) -> None:
@@ -184,11 +198,16 @@ def check_input_count(model: torch.jit.ScriptModule, inputs: Inputs, from_data: 
     required = [a for a in arguments if not a.has_default_value()]
     if len(required) <= len(inputs) <= len(arguments):
         return
-    given = (f"the data file has {len(inputs)} (inputs, or input_0, input_1, ...)" if from_data
-             else f"the spec declares {len(inputs)}")
-    raise InvalidInput(f"the model's forward takes {len(required)} input(s) "
-                       f"({', '.join(a.name for a in arguments)}) but {given}: give one per input, "
-                       "with spec.inputs or a data file's input_0, input_1, ...")
+    given = (
+        f"the data file has {len(inputs)} (inputs, or input_0, input_1, ...)"
+        if from_data
+        else f"the spec declares {len(inputs)}"
+    )
+    raise InvalidInput(
+        f"the model's forward takes {len(required)} input(s) "
+        f"({', '.join(a.name for a in arguments)}) but {given}: give one per input, "
+        "with spec.inputs or a data file's input_0, input_1, ..."
+    )
 
 
 def _declared_or_fail(job: JobOptions) -> Sequence[InputOptions]:
@@ -221,7 +240,9 @@ def _read_arrays(path: Path) -> dict[str, np.ndarray | torch.Tensor]:
         raise InvalidInput(str(error)) from None
     except ValueError as error:
         if "pickle" in str(error).lower():
-            raise InvalidInput("the data file holds pickled objects, which are refused; store plain numeric arrays") from None
+            raise InvalidInput(
+                "the data file holds pickled objects, which are refused; store plain numeric arrays"
+            ) from None
         raise InvalidInput(f"the data file could not be read: {error}") from None
     except Exception as error:  # damaged archives raise many different types
         raise InvalidInput(f"the data file could not be read: {str(error)[:300]}") from None

@@ -17,6 +17,7 @@ parent (``0(Linear)`` for ``query.0``): such a chain is anchored by the attribut
 top level of ``forward`` with one tensor output: layers called more than once (a shared ReLU),
 inside a loop or a branch, or returning several tensors are not.
 """
+
 from __future__ import annotations
 
 import re
@@ -54,16 +55,27 @@ def readable_layers(model: torch.jit.ScriptModule, graph: torch._C.Graph) -> tup
     found: dict[str, Readable] = {}
     refused: dict[str, str] = {}
     for path, (first, last) in spans.items():
-        if any(chain and path not in chain for chain in chains[first:last + 1]):
+        if any(chain and path not in chain for chain in chains[first : last + 1]):
             refused[path] = "it is called more than once"
             continue
-        outputs = [value for node in nodes[first:last + 1] if node.kind() != "prim::GetAttr"
-                   for value in node.outputs() if value.type().kind() == "TensorType"
-                   and any(_top(use.user, graph) is returned or position.get(_top(use.user, graph), -1) > last
-                           for use in value.uses())]
+        outputs = [
+            value
+            for node in nodes[first : last + 1]
+            if node.kind() != "prim::GetAttr"
+            for value in node.outputs()
+            if value.type().kind() == "TensorType"
+            and any(
+                _top(use.user, graph) is returned or position.get(_top(use.user, graph), -1) > last
+                for use in value.uses()
+            )
+        ]
         following = nodes[last + 1] if last + 1 < len(nodes) else None
-        if (following is not None and not chains[last + 1] and following.kind() in ("prim::If", "prim::Loop")
-                and any(value in outputs for value in following.inputs())):
+        if (
+            following is not None
+            and not chains[last + 1]
+            and following.kind() in ("prim::If", "prim::Loop")
+            and any(value in outputs for value in following.inputs())
+        ):
             refused[path] = "its output may come out of a branch or loop"
         elif len(outputs) != 1:
             refused[path] = f"it returns {len(outputs)} tensors" if outputs else "it returns no tensor of its own"
@@ -113,7 +125,7 @@ class LayerReader:
     def __call__(self, *inputs: torch.Tensor) -> tuple[Any, list[torch.Tensor]]:
         with quiet_torchscript_warnings():
             results = self.function(self.model._c, *inputs)
-        return results[0] if self.count == 1 else tuple(results[:self.count]), list(results[self.count:])
+        return results[0] if self.count == 1 else tuple(results[: self.count]), list(results[self.count :])
 
 
 # ---------------------------------------------------------------------------- naming nodes by module
@@ -142,8 +154,9 @@ def _calls(node: torch._C.Node) -> tuple[tuple[str, str], ...]:
     return tuple(calls)
 
 
-def _call_chains(nodes: list[torch._C.Node], modules: dict[torch._C.Value, str],
-                 types: dict[str, str]) -> list[tuple[str, ...]]:
+def _call_chains(
+    nodes: list[torch._C.Node], modules: dict[torch._C.Value, str], types: dict[str, str]
+) -> list[tuple[str, ...]]:
     """For each node, the qualified names of the modules whose call it belongs to (outermost first);
     empty for the model's own code and for nodes the inliner left without a hierarchy."""
     anchors: dict[tuple[tuple[str, str], ...], str] = {}  # a relative chain -> the module it last named

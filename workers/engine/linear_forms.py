@@ -12,6 +12,7 @@ are constants (the default ``shape_of``); the channel analysis of structured pru
 canonical graph, whose weights are parameters (``linear_read`` with a ``shape_of`` that looks the
 attribute up).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -57,8 +58,10 @@ def split_uses(uses: list[torch._C.Use], weight: torch.Tensor) -> tuple[list[Lin
             reads.append(read)
             continue
         if use.user.kind() in _TRANSPOSES and len(shape) == 2 and _is_transpose(use.user):
-            inner = [_linear_read(inner.user, inner.offset, shape, True, constant_shape)
-                     for inner in use.user.output().uses()]
+            inner = [
+                _linear_read(inner.user, inner.offset, shape, True, constant_shape)
+                for inner in use.user.output().uses()
+            ]
             if inner and all(read is not None for read in inner):
                 reads.extend(inner)  # the transpose dies with its last product
                 continue
@@ -78,8 +81,12 @@ def linear_read(node: torch._C.Node, shape_of: ShapeOf) -> tuple[torch._C.Value,
         read = _linear_read(node, offset, shape, False, shape_of)
         return (weight, read) if read is not None else None
     view = weight.node()
-    if view.kind() in _TRANSPOSES and _is_transpose(view) and (shape := shape_of(view.inputsAt(0))) is not None \
-            and len(shape) == 2:
+    if (
+        view.kind() in _TRANSPOSES
+        and _is_transpose(view)
+        and (shape := shape_of(view.inputsAt(0))) is not None
+        and len(shape) == 2
+    ):
         read = _linear_read(node, offset, shape, True, shape_of)
         return (view.inputsAt(0), read) if read is not None else None
     return None
@@ -99,8 +106,9 @@ def is_matmul_weight(use: torch._C.Use) -> bool:
     return (user.kind(), use.offset) in MATMUL_WEIGHT_USES
 
 
-def _linear_read(user: torch._C.Node, offset: int, shape: tuple[int, ...], transposed_view: bool,
-                 shape_of: ShapeOf) -> LinearRead | None:
+def _linear_read(
+    user: torch._C.Node, offset: int, shape: tuple[int, ...], transposed_view: bool, shape_of: ShapeOf
+) -> LinearRead | None:
     """Argument ``offset`` of ``user`` as the weight of a linear layer, or None. ``shape``: the owned
     tensor's; ``transposed_view``: the value used is that tensor's transpose."""
     kind = user.kind()
@@ -130,8 +138,12 @@ def _with_bias_added(read: LinearRead, out: int, shape_of: ShapeOf) -> LinearRea
         return read
     add = uses[0].user
     other = add.inputsAt(1 - uses[0].offset) if uses[0].offset in (0, 1) else None
-    if other is None or not _is_one(add.inputsAt(2)) or _owned(other, shape_of) is None \
-            or not _owned_vector_or_none(other, out, shape_of):
+    if (
+        other is None
+        or not _is_one(add.inputsAt(2))
+        or _owned(other, shape_of) is None
+        or not _owned_vector_or_none(other, out, shape_of)
+    ):
         return read
     return LinearRead(read.node, read.input, read.transposed, _owned(other, shape_of), add.output(), [add, *read.dead])
 
@@ -143,7 +155,9 @@ def _is_transpose(node: torch._C.Node) -> bool:
     arguments = [value.toIValue() if value.node().kind() == "prim::Constant" else None for value in node.inputs()][1:]
     if kind == "aten::transpose":
         return len(arguments) == 2 and None not in arguments and {a % 2 for a in arguments} == {0, 1}
-    return kind == "aten::permute" and arguments and arguments[0] is not None and [a % 2 for a in arguments[0]] == [1, 0]
+    return (
+        kind == "aten::permute" and arguments and arguments[0] is not None and [a % 2 for a in arguments[0]] == [1, 0]
+    )
 
 
 def _owned_vector_or_none(value: torch._C.Value, size: int, shape_of: ShapeOf) -> bool:

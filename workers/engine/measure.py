@@ -1,4 +1,5 @@
 """Measurements shared by every method: size, parameter count, latency, output fidelity and comparison."""
+
 from __future__ import annotations
 
 import functools
@@ -27,12 +28,21 @@ def count_parameters(model: torch.jit.ScriptModule) -> int:
     """
     stored = [*model.parameters(), *model.buffers()]
     if isinstance(model, torch.fx.GraphModule):  # a program's module: PT2E's int8 weights are plain attributes
-        stored += [value for value in (functools.reduce(getattr, node.target.split("."), model)
-                                       for node in model.graph.nodes if node.op == "get_attr")
-                   if isinstance(value, torch.Tensor)]
+        stored += [
+            value
+            for value in (
+                functools.reduce(getattr, node.target.split("."), model)
+                for node in model.graph.nodes
+                if node.op == "get_attr"
+            )
+            if isinstance(value, torch.Tensor)
+        ]
     # Once per storage: a weight tied to another (a language model's input and output embedding) is one tensor.
-    elements = sum({(t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()): t.numel()
-                    for t in stored if t.numel()}.values())
+    elements = sum(
+        {
+            (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel()): t.numel() for t in stored if t.numel()
+        }.values()
+    )
     if elements:
         return elements
     with quiet_torchscript_warnings():
@@ -86,8 +96,9 @@ def median_latency_ms(model: torch.jit.ScriptModule, batch: Inputs, runs: int = 
     return statistics.median(latency_samples_ms(model, batch, runs=runs, warmup=warmup))
 
 
-def latency_samples_ms(model: torch.jit.ScriptModule, batch: Inputs, runs: int = 20, warmup: int = 3,
-                       max_seconds: float | None = None) -> list[float]:
+def latency_samples_ms(
+    model: torch.jit.ScriptModule, batch: Inputs, runs: int = 20, warmup: int = 3, max_seconds: float | None = None
+) -> list[float]:
     """Wall times of up to ``runs`` forward passes after up to ``warmup`` untimed ones.
 
     With ``max_seconds`` the whole measurement stops once that much time is spent (a 2 GB model
@@ -124,7 +135,8 @@ def output_fidelity(reference: Iterable[Any], candidate: Iterable[Any]) -> dict[
     for ref, cand in zip(reference, candidate):
         ref_named, cand_named = named_outputs(ref), named_outputs(cand)
         if [n for n, _ in ref_named] != [n for n, _ in cand_named] or any(
-                a.shape != b.shape for (_, a), (_, b) in zip(ref_named, cand_named)):
+            a.shape != b.shape for (_, a), (_, b) in zip(ref_named, cand_named)
+        ):
             raise InvalidInput(
                 "the compressed model's outputs have different shapes from the original's: "
                 f"{_shapes(ref_named)} vs {_shapes(cand_named)}"
@@ -134,10 +146,25 @@ def output_fidelity(reference: Iterable[Any], candidate: Iterable[Any]) -> dict[
             per_output.setdefault(name, ([], []))
             per_output[name][0].append(a.detach())
             per_output[name][1].append(b.detach())
-    outputs = [{"name": name, "shape": list(refs[0].shape), "dtype": str(refs[0].dtype).removeprefix("torch."),
-                **_compare(refs, cands)} for name, (refs, cands) in per_output.items()]
-    a = torch.cat([t.float().flatten() for refs, _ in per_output.values() for t in refs]) if per_output else torch.zeros(0)
-    b = torch.cat([t.float().flatten() for _, cands in per_output.values() for t in cands]) if per_output else torch.zeros(0)
+    outputs = [
+        {
+            "name": name,
+            "shape": list(refs[0].shape),
+            "dtype": str(refs[0].dtype).removeprefix("torch."),
+            **_compare(refs, cands),
+        }
+        for name, (refs, cands) in per_output.items()
+    ]
+    a = (
+        torch.cat([t.float().flatten() for refs, _ in per_output.values() for t in refs])
+        if per_output
+        else torch.zeros(0)
+    )
+    b = (
+        torch.cat([t.float().flatten() for _, cands in per_output.values() for t in cands])
+        if per_output
+        else torch.zeros(0)
+    )
     return {
         **_similarity(a, b),
         "top1_agreement": outputs[0]["top1_agreement"] if outputs else None,

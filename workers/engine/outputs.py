@@ -4,6 +4,7 @@ Names are paths: ``output`` for a plain tensor, ``0``, ``1`` ... for tuple or li
 key for its entries, joined by dots when nested (``1.logits``). Non-tensor leaves (None, numbers,
 strings) are not outputs to compare or train on.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,13 +30,17 @@ def select_output(output: Any, choice: int | str | None) -> torch.Tensor:
         return tensors[0][1]
     if isinstance(output, dict):
         if choice not in output:
-            raise InvalidInput(f"spec.output is {choice!r} but the model's dict output has the keys "
-                               f"{', '.join(repr(key) for key in output)}")
+            raise InvalidInput(
+                f"spec.output is {choice!r} but the model's dict output has the keys "
+                f"{', '.join(repr(key) for key in output)}"
+            )
         picked = output[choice]
     elif isinstance(output, (tuple, list)):
         if not isinstance(choice, int) or not 0 <= choice < len(output):
-            raise InvalidInput(f"spec.output is {choice!r} but the model returns a {type(output).__name__} of "
-                               f"{len(output)} items: give an index from 0 to {len(output) - 1}")
+            raise InvalidInput(
+                f"spec.output is {choice!r} but the model returns a {type(output).__name__} of "
+                f"{len(output)} items: give an index from 0 to {len(output) - 1}"
+            )
         picked = output[choice]
     else:
         if choice != 0:

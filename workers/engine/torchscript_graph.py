@@ -4,6 +4,7 @@ TorchScript is deprecated in torch 2.14 but still works; every direct use of its
 internals lives here (and in ``methods/quantize/rewriter.py``'s graph rewrite) so a port to
 torch.export touches few places.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,7 +24,9 @@ def quiet_torchscript_warnings() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=UserWarning, message=r".*(TorchScript|torch\.jit|deprecated|quantiz).*")
+        warnings.filterwarnings(
+            "ignore", category=UserWarning, message=r".*(TorchScript|torch\.jit|deprecated|quantiz).*"
+        )
         yield
 
 
@@ -202,8 +205,18 @@ def _fold_node(graph: torch._C.Graph, node: torch._C.Node, owners: dict) -> None
 
 
 # List ops that change a list in place: a list attribute they touch is state, not a constant.
-_LIST_MUTATIONS = {"aten::append", "aten::insert", "aten::pop", "aten::clear", "aten::extend", "aten::remove",
-                   "aten::_set_item", "aten::reverse", "aten::sort", "aten::add_"}
+_LIST_MUTATIONS = {
+    "aten::append",
+    "aten::insert",
+    "aten::pop",
+    "aten::clear",
+    "aten::extend",
+    "aten::remove",
+    "aten::_set_item",
+    "aten::reverse",
+    "aten::sort",
+    "aten::add_",
+}
 
 
 def _fixed_sequence(node: torch._C.Node, value: object) -> bool:
@@ -213,8 +226,9 @@ def _fixed_sequence(node: torch._C.Node, value: object) -> bool:
     return not any(use.user.kind() in _LIST_MUTATIONS for use in node.output().uses())
 
 
-def value_shapes(model: torch.jit.ScriptModule, graph: torch._C.Graph,
-                 inputs: tuple[torch.Tensor, ...]) -> dict[torch._C.Value, tuple[int, ...]]:
+def value_shapes(
+    model: torch.jit.ScriptModule, graph: torch._C.Graph, inputs: tuple[torch.Tensor, ...]
+) -> dict[torch._C.Value, tuple[int, ...]]:
     """Shapes of the top-level tensor values of ``graph`` (a canonical graph of ``model``) on ``inputs``.
 
     A copy of the graph returns every tensor it computes, and runs once: this is how the
@@ -245,8 +259,11 @@ def value_shapes(model: torch.jit.ScriptModule, graph: torch._C.Graph,
 
 # Convolution ops and the position of their ``groups`` argument.
 CONVOLUTION_GROUPS_ARGUMENT = {
-    "aten::conv1d": 6, "aten::conv2d": 6, "aten::conv3d": 6,
-    "aten::_convolution": 8, "aten::convolution": 8,
+    "aten::conv1d": 6,
+    "aten::conv2d": 6,
+    "aten::conv3d": 6,
+    "aten::_convolution": 8,
+    "aten::convolution": 8,
 }
 
 
@@ -332,8 +349,13 @@ def derive_reshape_sizes(model: torch.jit.ScriptModule) -> bool:
                 sizes = node.inputsAt(1).node()
                 if sizes.kind() != "prim::ListConstruct" or len(list(sizes.output().uses())) != 1:
                     continue
-                literal = [i for i, v in enumerate(sizes.inputs()) if v.node().kind() == "prim::Constant"
-                           and isinstance(v.toIValue(), int) and (v.toIValue() > 1 or v.toIValue() == -1)]
+                literal = [
+                    i
+                    for i, v in enumerate(sizes.inputs())
+                    if v.node().kind() == "prim::Constant"
+                    and isinstance(v.toIValue(), int)
+                    and (v.toIValue() > 1 or v.toIValue() == -1)
+                ]
                 if len(literal) == 1 and sizes.inputsAt(literal[0]).toIValue() > 1:
                     with graph.insert_point_guard(sizes):
                         sizes.replaceInput(literal[0], graph.insertConstant(-1))
@@ -341,8 +363,12 @@ def derive_reshape_sizes(model: torch.jit.ScriptModule) -> bool:
             for node in graph.findAllNodes("aten::split"):
                 uses = list(node.output().uses())
                 size = node.inputsAt(1)
-                if len(uses) != 1 or uses[0].user.kind() != "prim::ListUnpack" or size.node().kind() != "prim::Constant" \
-                        or not isinstance(size.toIValue(), int):
+                if (
+                    len(uses) != 1
+                    or uses[0].user.kind() != "prim::ListUnpack"
+                    or size.node().kind() != "prim::Constant"
+                    or not isinstance(size.toIValue(), int)
+                ):
                     continue
                 pieces = len(list(uses[0].user.outputs()))
                 with graph.insert_point_guard(node):
@@ -365,12 +391,17 @@ def _one_constant_int(value: torch._C.Value) -> bool:
     if node.kind() == "prim::Constant":
         constant = value.toIValue()
         return isinstance(constant, (list, tuple)) and len(constant) == 1 and isinstance(constant[0], int)
-    return (node.kind() == "prim::ListConstruct" and len(list(node.inputs())) == 1
-            and node.inputsAt(0).node().kind() == "prim::Constant" and isinstance(node.inputsAt(0).toIValue(), int))
+    return (
+        node.kind() == "prim::ListConstruct"
+        and len(list(node.inputs())) == 1
+        and node.inputsAt(0).node().kind() == "prim::Constant"
+        and isinstance(node.inputsAt(0).toIValue(), int)
+    )
 
 
-def _masked_layer_norm(x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | None,
-                       bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+def _masked_layer_norm(
+    x: torch.Tensor, keep: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float
+) -> torch.Tensor:
     """``layer_norm`` over the last dimension with mean and variance taken over the kept entries only."""
     count = keep.sum()
     mean = (x * keep).sum(-1, keepdim=True) / count
@@ -389,8 +420,11 @@ def _masked_layer_norm_graph() -> torch._C.Graph:
         return torch.jit.script(_masked_layer_norm).graph
 
 
-def with_masked_layer_norms(model: torch.jit.ScriptModule, keep: dict[int, torch.Tensor],
-                            layer_norms: Callable[[torch._C.Graph], list[torch._C.Node]]) -> Callable[..., object]:
+def with_masked_layer_norms(
+    model: torch.jit.ScriptModule,
+    keep: dict[int, torch.Tensor],
+    layer_norms: Callable[[torch._C.Graph], list[torch._C.Node]],
+) -> Callable[..., object]:
     """``forward`` of ``model`` (its canonical graph) with some layer norms' statistics over kept entries only.
 
     ``keep`` maps an index into ``layer_norms(graph)`` to a 0/1 mask of its last dimension. With
@@ -402,8 +436,13 @@ def with_masked_layer_norms(model: torch.jit.ScriptModule, keep: dict[int, torch
     for index, mask in keep.items():
         node = nodes[index]
         with graph.insert_point_guard(node):
-            arguments = [node.inputsAt(0), graph.insertConstant(mask), node.inputsAt(2), node.inputsAt(3),
-                         node.inputsAt(4)]
+            arguments = [
+                node.inputsAt(0),
+                graph.insertConstant(mask),
+                node.inputsAt(2),
+                node.inputsAt(3),
+                node.inputsAt(4),
+            ]
             (masked,) = graph.insertGraph(_masked_layer_norm_graph(), arguments)
         node.output().replaceAllUsesWith(masked)
         node.destroy()

@@ -3,6 +3,7 @@
 Tensors by dotted name, and the module an op came from (``nn_module_stack``): shared by the ``.pt2``
 format and the methods that rewrite programs.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,5 +1,6 @@
 """The proof of a slicing: the sliced model must run and match the masked reference (the original
 with the same channels zeroed, layer_norm statistics over the kept channels) on every check batch."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -19,8 +20,12 @@ from workers.engine.torchscript_graph import quiet_torchscript_warnings, with_ma
 MASKED_TOLERANCE = 1e-4
 
 
-def mismatch(model: torch.jit.ScriptModule, originals: dict[str, torch.Tensor],
-              chosen: list[tuple[ChannelGroup, torch.Tensor]], batches: list[tuple[torch.Tensor, ...]]) -> str | None:
+def mismatch(
+    model: torch.jit.ScriptModule,
+    originals: dict[str, torch.Tensor],
+    chosen: list[tuple[ChannelGroup, torch.Tensor]],
+    batches: list[tuple[torch.Tensor, ...]],
+) -> str | None:
     """Why slicing ``chosen`` is wrong, or None: the sliced model must run and match the masked reference.
 
     The reference is the model with the dropped entries zeroed; where a chosen group passes
@@ -52,8 +57,10 @@ def mismatch(model: torch.jit.ScriptModule, originals: dict[str, torch.Tensor],
                     return "slicing changed an integer output of the model"
                 continue
             if not error <= MASKED_TOLERANCE * max(scale, 1.0):
-                return (f"the pruned model does not match the original with the same channels zeroed "
-                        f"(max difference {error:.3g} on outputs up to {scale:.3g})")
+                return (
+                    f"the pruned model does not match the original with the same channels zeroed "
+                    f"(max difference {error:.3g} on outputs up to {scale:.3g})"
+                )
     return None
 
 

@@ -1,5 +1,6 @@
 """Slicing channel groups: every tensor of a chosen group cut to its kept channels, in place on the
 model (or, for the proof's reference, kept at full size with the dropped entries zeroed)."""
+
 from __future__ import annotations
 
 import torch
@@ -7,8 +8,12 @@ import torch
 from workers.engine.analysis.channels import ChannelGroup, Member
 
 
-def materialize(model: torch.jit.ScriptModule, originals: dict[str, torch.Tensor],
-                 chosen: list[tuple[ChannelGroup, torch.Tensor]], masked: bool = False) -> None:
+def materialize(
+    model: torch.jit.ScriptModule,
+    originals: dict[str, torch.Tensor],
+    chosen: list[tuple[ChannelGroup, torch.Tensor]],
+    masked: bool = False,
+) -> None:
     """Set every tensor to its original sliced by the kept channels of the chosen groups.
 
     ``masked``: keep the shapes and zero the dropped entries instead: the reference a slicing must match.
@@ -27,8 +32,9 @@ def materialize(model: torch.jit.ScriptModule, originals: dict[str, torch.Tensor
             set_tensor(model, name, value.clone())
 
 
-def _dropped(chosen: list[tuple[ChannelGroup, torch.Tensor]],
-             originals: dict[str, torch.Tensor]) -> dict[tuple[str, int], torch.Tensor]:
+def _dropped(
+    chosen: list[tuple[ChannelGroup, torch.Tensor]], originals: dict[str, torch.Tensor]
+) -> dict[tuple[str, int], torch.Tensor]:
     """(tensor, dim) -> boolean mask of the entries kept along dim."""
     keep_masks: dict[tuple[str, int], torch.Tensor] = {}
     for group, keep in chosen:

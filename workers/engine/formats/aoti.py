@@ -1,4 +1,5 @@
 """``package: aoti``: a measured ``.pt2`` program compiled by AOTInductor into the job's output file."""
+
 from __future__ import annotations
 
 import os
@@ -40,18 +41,28 @@ def package_aoti(path: str | os.PathLike, checks: list[tuple[torch.Tensor, ...]]
             got = [packaged(*rows) for rows in checks]
         differences = [output_differences(e, g) for e, g in zip(expected, got)]
         if any(pairs is None for pairs in differences):
-            raise UnsupportedModel("the AOTInductor package's outputs do not have the program's shapes; download the "
-                                   "program instead (package 'program')")
-        worst = max((error / (largest or 1.0) for pairs in differences for e, _, error, largest in pairs if e.numel()),
-                    default=0.0)
+            raise UnsupportedModel(
+                "the AOTInductor package's outputs do not have the program's shapes; download the "
+                "program instead (package 'program')"
+            )
+        worst = max(
+            (error / (largest or 1.0) for pairs in differences for e, _, error, largest in pairs if e.numel()),
+            default=0.0,
+        )
         os.replace(package, path)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    return {"format": "AOTInductor package (torch._inductor.aoti_compile_and_package)",
-            "bytes": Path(path).stat().st_size, "compile_s": round(seconds, 2),
-            "max_relative_error_to_program": worst, "batches_checked": len(checks),
-            "load": "torch._inductor.aoti_load_package(path)(*inputs)",
-            "built_for": f"{platform.machine()} CPU of the worker (torch {torch.__version__}); the kernels use its "
-                         "instruction set, so run it on a CPU of the same kind and the same torch version",
-            "notes": ["the report's size, latency and fidelity are the program's, measured before packaging; "
-                      "the package's own outputs were compared with the program's on the check batches"]}
+    return {
+        "format": "AOTInductor package (torch._inductor.aoti_compile_and_package)",
+        "bytes": Path(path).stat().st_size,
+        "compile_s": round(seconds, 2),
+        "max_relative_error_to_program": worst,
+        "batches_checked": len(checks),
+        "load": "torch._inductor.aoti_load_package(path)(*inputs)",
+        "built_for": f"{platform.machine()} CPU of the worker (torch {torch.__version__}); the kernels use its "
+        "instruction set, so run it on a CPU of the same kind and the same torch version",
+        "notes": [
+            "the report's size, latency and fidelity are the program's, measured before packaging; "
+            "the package's own outputs were compared with the program's on the check batches"
+        ],
+    }

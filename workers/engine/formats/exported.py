@@ -5,6 +5,7 @@ the exported state dict or in the unlifted graph (``ExportedProgram.module()``),
 re-exported (``reexport``) so plain ``torch.export.load`` runs it, with the dynamic dimensions of the
 uploaded program kept.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -81,14 +82,16 @@ class FixedBatch(torch.nn.Module):
             return self.module(*inputs)
         outputs, spec = [], None
         for start in range(0, rows, self.size):
-            chunk = [t[start:start + self.size] for t in inputs]
+            chunk = [t[start : start + self.size] for t in inputs]
             kept = int(chunk[0].shape[0])
             if kept < self.size:
                 chunk = [torch.cat([t, t[:1].expand(self.size - kept, *t.shape[1:])]) for t in chunk]
             leaves, spec = torch.utils._pytree.tree_flatten(self.module(*chunk))
             outputs.append([leaf[:kept] if isinstance(leaf, torch.Tensor) and leaf.dim() else leaf for leaf in leaves])
-        joined = [torch.cat(column) if isinstance(column[0], torch.Tensor) and column[0].dim() else column[0]
-                  for column in zip(*outputs)]
+        joined = [
+            torch.cat(column) if isinstance(column[0], torch.Tensor) and column[0].dim() else column[0]
+            for column in zip(*outputs)
+        ]
         return torch.utils._pytree.tree_unflatten(joined, spec)
 
 
@@ -153,21 +156,26 @@ def timed_runner(module: torch.nn.Module, runtime: str, batch: tuple[torch.Tenso
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def reexport(module: torch.nn.Module, original: ExportedProgram, batch: tuple[torch.Tensor, ...] | None
-             ) -> ExportedProgram:
+def reexport(
+    module: torch.nn.Module, original: ExportedProgram, batch: tuple[torch.Tensor, ...] | None
+) -> ExportedProgram:
     """Export the rewritten module again, keeping the dimensions the original program left dynamic.
 
     ``batch`` None: the original's own example values (its placeholders' shapes, as fakes show them)."""
     inputs = user_inputs(original)
-    dynamic = tuple({axis: Dim.DYNAMIC for axis, size in enumerate(node.meta["val"].shape)
-                     if isinstance(size, torch.SymInt)} or None for node in inputs)
+    dynamic = tuple(
+        {axis: Dim.DYNAMIC for axis, size in enumerate(node.meta["val"].shape) if isinstance(size, torch.SymInt)}
+        or None
+        for node in inputs
+    )
     if batch is None:
         batch = tuple(example_like(node.meta["val"]) for node in inputs)
     try:
         exported = torch.export.export(module, tuple(batch), dynamic_shapes=dynamic if any(dynamic) else None)
     except Exception as error:
-        raise UnsupportedModel(f"the compressed program could not be exported again: {summarize_torch_error(error)}") \
-            from None
+        raise UnsupportedModel(
+            f"the compressed program could not be exported again: {summarize_torch_error(error)}"
+        ) from None
     # Otherwise saved as data/sample_inputs: rows of the user's data in every download, and a
     # quarter of a small program's file.
     exported.example_inputs = None
@@ -175,8 +183,11 @@ def reexport(module: torch.nn.Module, original: ExportedProgram, batch: tuple[to
 
 
 def user_inputs(program: ExportedProgram) -> list[torch.fx.Node]:
-    return [node for node in program.graph.nodes if node.op == "placeholder"
-            and node.name in program.graph_signature.user_inputs]
+    return [
+        node
+        for node in program.graph.nodes
+        if node.op == "placeholder" and node.name in program.graph_signature.user_inputs
+    ]
 
 
 def example_like(fake: torch.Tensor) -> torch.Tensor:

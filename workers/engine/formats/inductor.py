@@ -1,5 +1,6 @@
 """Compiling with Inductor on the worker's CPU: what ``torch.compile`` and AOTInductor need first,
 and compiling a program into an AOTInductor package (for timing and for ``package: aoti``)."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,9 @@ def compile_package(program: ExportedProgram, directory: Path) -> tuple[Callable
 def require_compiler(what: str) -> None:
     if shutil.which(os.environ.get("CXX", "g++")) is None and shutil.which("c++") is None:
         # Inductor writes C++ kernels for the CPU and compiles them, for torch.compile and AOTInductor alike.
-        raise UnsupportedModel(f"{what} needs a C++ compiler (g++) on the worker, and none is installed; "
-                               "install g++ in the worker's image")
+        raise UnsupportedModel(
+            f"{what} needs a C++ compiler (g++) on the worker, and none is installed; install g++ in the worker's image"
+        )
 
 
 def register_inductor_passes() -> None:

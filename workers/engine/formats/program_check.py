@@ -5,6 +5,7 @@ scan of the archive's code at submit. This is the engine's half: every graph of 
 every submodule of the loaded model, with calls inlined, before ``forward`` ever runs; the job
 process runs it. It only names the operator; it never echoes what a model might have read.
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -5,6 +5,7 @@ A format module (``torchscript``, ``exported``) holds the work; this table names
 module and one entry here. Which methods a format can run is the methods' registry
 (``workers.engine.methods.registry``).
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,20 @@ class ModelFormat:
 
 
 FORMATS = {
-    TORCHSCRIPT: ModelFormat(TORCHSCRIPT, torchscript.load_model, torchscript.runnable, torchscript.save_model,
-                             torchscript.timed_runner, torchscript.layer_types),
-    EXPORTED: ModelFormat(EXPORTED, exported.load_program, exported.runnable, exported.save_program,
-                          exported.timed_runner, exported.layer_types),
+    TORCHSCRIPT: ModelFormat(
+        TORCHSCRIPT,
+        torchscript.load_model,
+        torchscript.runnable,
+        torchscript.save_model,
+        torchscript.timed_runner,
+        torchscript.layer_types,
+    ),
+    EXPORTED: ModelFormat(
+        EXPORTED,
+        exported.load_program,
+        exported.runnable,
+        exported.save_program,
+        exported.timed_runner,
+        exported.layer_types,
+    ),
 }

@@ -1,6 +1,7 @@
 """TorchScript models (``.pt``): load (with readable errors for bad files), save atomically, copy, run and time.
 
 Their operator checks are in ``program_check``."""
+
 from __future__ import annotations
 
 import copy
@@ -45,6 +46,7 @@ def load_model(path: str | os.PathLike) -> torch.jit.ScriptModule:
 
 def save_model(model: torch.jit.ScriptModule, path: str | os.PathLike) -> int:
     """Save atomically (temp name, then rename) so a reader never sees half a file; return bytes."""
+
     def write(temp_name: str) -> None:
         with quiet_torchscript_warnings():
             torch.jit.save(model, temp_name)
@@ -60,8 +62,10 @@ def runnable(model: torch.jit.ScriptModule) -> torch.jit.ScriptModule:
 def timed_runner(model: Any, runtime: str, batch: Any) -> Any:
     """What the latency run calls: the model itself (``eager``, the only runtime TorchScript has)."""
     if runtime != "eager":
-        raise UnsupportedModel(f"evaluation.runtime {runtime!r} applies to torch.export (.pt2) programs; "
-                               "a TorchScript model runs in its own interpreter: use 'eager'")
+        raise UnsupportedModel(
+            f"evaluation.runtime {runtime!r} applies to torch.export (.pt2) programs; "
+            "a TorchScript model runs in its own interpreter: use 'eager'"
+        )
     return model
 
 

@@ -6,6 +6,7 @@ A method's TorchScript entry is named with its options schema and CLI flag in
 also compresses torch.export (``.pt2``) programs names that entry here, in ``PROGRAM_METHODS``.
 Entries are imported when first used: a job loads only the methods it runs.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -31,8 +32,10 @@ def method_entry(format_name: str, name: str) -> Method:
     if format_name == EXPORTED:
         entry = PROGRAM_METHODS.get(name)
         if entry is None:
-            raise UnsupportedModel(f"method {name!r} is not available for torch.export (.pt2) programs yet; "
-                                   "upload the model as TorchScript for it")
+            raise UnsupportedModel(
+                f"method {name!r} is not available for torch.export (.pt2) programs yet; "
+                "upload the model as TorchScript for it"
+            )
         return _imported(entry)
     return method_function(name)
 

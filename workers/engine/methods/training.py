@@ -1,4 +1,5 @@
 """Training loops on TorchScript modules (they are trainable like nn.Modules)."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -56,7 +57,7 @@ def finetune(
             order = torch.randperm(len(data), generator=generator)
             total, count, penalised = 0.0, 0, 0.0
             for step, start in enumerate(range(0, len(data), batch_size)):
-                index = order[start:start + batch_size]
+                index = order[start : start + batch_size]
                 if index.numel() < 2 and len(data) >= 2:
                     continue  # a batch of one breaks BatchNorm in training mode
                 inputs = data.rows(index)
@@ -111,7 +112,7 @@ def accuracy(model: torch.jit.ScriptModule, data: Dataset, batch_size: int = 256
             outputs = select_output(model(*data.rows(slice(start, start + batch_size))), data.target_output)
             if outputs.dim() != 2:
                 return None
-            correct += int((outputs.argmax(1) == data.labels[start:start + batch_size]).sum())
+            correct += int((outputs.argmax(1) == data.labels[start : start + batch_size]).sum())
     return correct / len(data)
 
 
@@ -119,11 +120,15 @@ def trainable_output(output: object, data: Dataset) -> torch.Tensor:
     """The output the loss applies to (spec ``output``): a float tensor, [batch, classes] when labels are given."""
     chosen = select_output(output, data.target_output)
     if not chosen.is_floating_point():
-        raise InvalidInput(f"the output training uses holds {chosen.dtype} values, which carry no gradient; "
-                           "choose a float output with spec.output")
+        raise InvalidInput(
+            f"the output training uses holds {chosen.dtype} values, which carry no gradient; "
+            "choose a float output with spec.output"
+        )
     if data.labels is not None and chosen.dim() != 2:
-        raise InvalidInput(f"'labels' need class scores [batch, classes] to train on, but the output training uses "
-                           f"has shape {list(chosen.shape)}; choose another with spec.output or drop the labels")
+        raise InvalidInput(
+            f"'labels' need class scores [batch, classes] to train on, but the output training uses "
+            f"has shape {list(chosen.shape)}; choose another with spec.output or drop the labels"
+        )
     return chosen
 
 

@@ -1,4 +1,5 @@
 """One compression run: load -> method (or steps, or a search) -> save -> reload -> measure -> report."""
+
 from __future__ import annotations
 
 import gc
@@ -58,8 +59,9 @@ def compress(
     scratch = tempfile.TemporaryDirectory(prefix="modelpress-float-") if job.targets else None
     float_copy = Path(scratch.name) / Path(output_path).name if scratch else None
     with clock("transform"):
-        compressed, step_reports = run_steps(working, steps, prepared, method_progress, student,
-                                             file_name=Path(output_path).name, float_copy=float_copy)
+        compressed, step_reports = run_steps(
+            working, steps, prepared, method_progress, student, file_name=Path(output_path).name, float_copy=float_copy
+        )
     progress("saving", 0.66)
     with clock("save"):
         form.save(compressed, output_path)
@@ -73,36 +75,44 @@ def compress(
         warnings = step_warnings(steps, step_reports, prepared)
     report = measure_result(prepared, None, output_path, lambda stage, f: progress(stage, 0.66 + 0.33 * f))
     methods = [step.method for step in steps]
-    warnings += collapse_warnings("distill" if "distill" in methods else job.method, report["fidelity"],
-                                  random_inputs=prepared.data is None)
-    report = {"method": job.method, **report, "details": details, "warnings": warnings,
-              "timings_s": clock.totals()}
+    warnings += collapse_warnings(
+        "distill" if "distill" in methods else job.method, report["fidelity"], random_inputs=prepared.data is None
+    )
+    report = {"method": job.method, **report, "details": details, "warnings": warnings, "timings_s": clock.totals()}
     if len(steps) > 1:
         report["steps"] = finish_sections(step_reports, report)
     if scratch is not None and float_copy is not None:
         with scratch:  # the targets export the float model before an int8 step, else the result itself
             source = float_copy if float_copy.exists() else Path(output_path)
-            report["targets"], target_warnings = make_targets(prepared, job, source, Path(output_path).parent,
-                                                              lambda stage, f: progress(stage, 0.97 + 0.02 * f))
+            report["targets"], target_warnings = make_targets(
+                prepared, job, source, Path(output_path).parent, lambda stage, f: progress(stage, 0.97 + 0.02 * f)
+            )
         report["warnings"] += target_warnings
         report["timings_s"] = clock.totals()
     return _packaged(report, job, output_path, prepared)
 
 
-def _packaged(report: dict[str, Any], job: JobOptions, output_path: str | os.PathLike,
-              prepared: Prepared) -> dict[str, Any]:
+def _packaged(
+    report: dict[str, Any], job: JobOptions, output_path: str | os.PathLike, prepared: Prepared
+) -> dict[str, Any]:
     """With ``package: aoti`` the measured program is compiled by AOTInductor into the output file."""
     if job.package == "program":
         return report
     if prepared.form.name != EXPORTED:
-        raise UnsupportedModel("package 'aoti' compiles torch.export (.pt2) programs; a TorchScript model is "
-                               "returned as TorchScript (drop 'package')")
+        raise UnsupportedModel(
+            "package 'aoti' compiles torch.export (.pt2) programs; a TorchScript model is "
+            "returned as TorchScript (drop 'package')"
+        )
     with prepared.clock("package"):
         report["package"] = package = package_aoti(output_path, prepared.checks)
     if package["max_relative_error_to_program"] > 1e-2:
-        report["warnings"] = [*report.get("warnings", []), (
-            f"the AOTInductor package's outputs differ from the program's by up to "
-            f"{package['max_relative_error_to_program']:.2%} of the largest output on the check batches")]
+        report["warnings"] = [
+            *report.get("warnings", []),
+            (
+                f"the AOTInductor package's outputs differ from the program's by up to "
+                f"{package['max_relative_error_to_program']:.2%} of the largest output on the check batches"
+            ),
+        ]
     report["format"]["output"] = AOTI_PACKAGE
     report["timings_s"] = prepared.clock.totals()
     return report

@@ -2,6 +2,7 @@
 
 What ``prepare`` measured (``Prepared``) is what every later measurement of the job compares with.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,8 +35,9 @@ from workers.engine.outputs import select_output
 Progress = Callable[[str, float], None]
 
 
-def prepare(model_path: str | os.PathLike, job: JobOptions, data_path: str | os.PathLike | None,
-            progress: Progress) -> Prepared:
+def prepare(
+    model_path: str | os.PathLike, job: JobOptions, data_path: str | os.PathLike | None, progress: Progress
+) -> Prepared:
     """Load the model and the data; check that the example inputs fit the model before any method runs."""
     evaluation = job.evaluation
     form = FORMATS[model_format(Path(model_path))]
@@ -58,9 +60,21 @@ def prepare(model_path: str | os.PathLike, job: JobOptions, data_path: str | os.
             raise InvalidInput(f"{error}{integer_range_hint(job, data)}") from None
         if job.output is not None:
             select_output(reference[0], job.output)  # a wrong choice fails now, not after the method ran
-        prepared = Prepared(Path(model_path), form, original, data, batch, checks, reference, examples(job, data),
-                            evaluation.runs, evaluation.warmup, evaluation.runtime, evaluation.max_seconds,
-                            clock=clock)
+        prepared = Prepared(
+            Path(model_path),
+            form,
+            original,
+            data,
+            batch,
+            checks,
+            reference,
+            examples(job, data),
+            evaluation.runs,
+            evaluation.warmup,
+            evaluation.runtime,
+            evaluation.max_seconds,
+            clock=clock,
+        )
         progress("measuring latency", 0.03)
         prepared.latency_before = latency_of(prepared, original)
         prepared.parameters_before = count_parameters(original)
@@ -71,8 +85,13 @@ def prepare(model_path: str | os.PathLike, job: JobOptions, data_path: str | os.
 
 def latency_of(prepared: Prepared, model: Any) -> list[float]:
     """Latency samples (ms per pass) of ``model``, timed as the job's evaluation settings say."""
-    return latency_samples_ms(prepared.form.timed(model, prepared.runtime, prepared.batch), prepared.batch,
-                              runs=prepared.runs, warmup=prepared.warmup, max_seconds=prepared.max_seconds)
+    return latency_samples_ms(
+        prepared.form.timed(model, prepared.runtime, prepared.batch),
+        prepared.batch,
+        runs=prepared.runs,
+        warmup=prepared.warmup,
+        max_seconds=prepared.max_seconds,
+    )
 
 
 class StageClock:
@@ -130,7 +149,8 @@ def load_student(path: str | os.PathLike, teacher: ModelFormat) -> Any:
     """An uploaded student, in the form the teacher's format trains (a .pt2 teacher trains a .pt2 student)."""
     student = FORMATS[model_format(Path(path))]
     if student.name != teacher.name:
-        raise InvalidInput(f"the student is a {student.name} model and the teacher a {teacher.name} one: "
-                           "upload both in the same format")
+        raise InvalidInput(
+            f"the student is a {student.name} model and the teacher a {teacher.name} one: "
+            "upload both in the same format"
+        )
     return student.runnable(student.load(path))
-

@@ -1,4 +1,5 @@
 """The report's figures: the saved result loaded back and measured against the original."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,13 @@ from workers.engine.methods.training import accuracy
 from workers.engine.run.prepare import Prepared, Progress, latency_of
 
 
-def measure_result(prepared: Prepared, compressed: Any | None, output_path: str | os.PathLike,
-                   progress: Progress, judged_on: Dataset | None = None) -> dict[str, Any]:
+def measure_result(
+    prepared: Prepared,
+    compressed: Any | None,
+    output_path: str | os.PathLike,
+    progress: Progress,
+    judged_on: Dataset | None = None,
+) -> dict[str, Any]:
     """Save ``compressed`` (None: the file is already there), load it back and measure the file: size,
     parameters, latency, fidelity, accuracy.
 
@@ -47,15 +53,20 @@ def measure_result(prepared: Prepared, compressed: Any | None, output_path: str 
         parameters_after = count_parameters(result)
         progress("writing report", 0.8)
         (deflate_before, sampled_before), (deflate_after, sampled_after) = (
-            deflate_bytes(prepared.model_path), deflate_bytes(Path(output_path)))
+            deflate_bytes(prepared.model_path),
+            deflate_bytes(Path(output_path)),
+        )
 
     model_path = prepared.model_path
     input_bytes = model_path.stat().st_size
     report_accuracy = None
     judged = judged_on or prepared.examples
     if data is not None and judged.labels is not None:
-        on = ("the held-out rows of the data file, which no training or calibration saw" if judged_on is not None
-              else "the uploaded data (fine-tuning, if any, trained on it too)")
+        on = (
+            "the held-out rows of the data file, which no training or calibration saw"
+            if judged_on is not None
+            else "the uploaded data (fine-tuning, if any, trained on it too)"
+        )
         # A search keeps the original (it judges every candidate against it); a single run measured it in `prepare`.
         before = accuracy(prepared.original, judged) if judged_on is not None else prepared.accuracy_before
         report_accuracy = {"before": before, "after": accuracy(result, judged), "samples": len(judged), "on": on}
@@ -68,8 +79,11 @@ def measure_result(prepared: Prepared, compressed: Any | None, output_path: str 
             "ratio": significant(output_bytes / input_bytes),
             "deflate_bytes_before": deflate_before,
             "deflate_bytes_after": deflate_after,
-            **({"deflate_estimated_from": f"{DEFLATE_SAMPLE_CHUNKS} evenly spaced 1 MB chunks of each file"}
-               if sampled_before or sampled_after else {}),
+            **(
+                {"deflate_estimated_from": f"{DEFLATE_SAMPLE_CHUNKS} evenly spaced 1 MB chunks of each file"}
+                if sampled_before or sampled_after
+                else {}
+            ),
         },
         "parameters": {"before": prepared.parameters_before, "after": parameters_after},
         "latency": {
@@ -86,8 +100,11 @@ def measure_result(prepared: Prepared, compressed: Any | None, output_path: str 
             "threads": torch.get_num_threads(),
             "statistic": "median",
         },
-        "fidelity": {**fidelity, "samples": sum(int(b[0].shape[0]) for b in checks),
-                     "inputs": "data file" if data is not None else "random, as input_shape or inputs declares"},
+        "fidelity": {
+            **fidelity,
+            "samples": sum(int(b[0].shape[0]) for b in checks),
+            "inputs": "data file" if data is not None else "random, as input_shape or inputs declares",
+        },
         "accuracy": report_accuracy,
         "environment": {"torch": torch.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count()},
     }

@@ -1,4 +1,5 @@
 """Running single-method steps in order, and the report sections they leave."""
+
 from __future__ import annotations
 
 import tempfile
@@ -18,10 +19,17 @@ from workers.engine.run.verdict import warnings_for
 StepCheck = Callable[[int, Any], "str | None"]
 
 
-def run_steps(model: Any, steps: Sequence[Step], prepared: Prepared,
-              progress: Progress, student: Any | None = None, data: Dataset | None = None,
-              check: StepCheck | None = None, file_name: str = "model.pt", float_copy: Path | None = None,
-              ) -> tuple[Any, list[dict[str, Any]]]:
+def run_steps(
+    model: Any,
+    steps: Sequence[Step],
+    prepared: Prepared,
+    progress: Progress,
+    student: Any | None = None,
+    data: Dataset | None = None,
+    check: StepCheck | None = None,
+    file_name: str = "model.pt",
+    float_copy: Path | None = None,
+) -> tuple[Any, list[dict[str, Any]]]:
     """Run single-method steps in order, each on the model the one before saved (and loaded back).
 
     Every step trains and calibrates on ``data`` (default: the job's examples). Returns the last
@@ -38,12 +46,22 @@ def run_steps(model: Any, steps: Sequence[Step], prepared: Prepared,
             label = f"step {index + 1}/{len(steps)} {name}: " if len(steps) > 1 else ""
             started = time.perf_counter()
             extras = {"student": student} if name == "distill" and student is not None else {}
-            if float_copy is not None and index + 1 == len(steps) and name == "quantize" and step.options.dtype == "qint8":
+            if (
+                float_copy is not None
+                and index + 1 == len(steps)
+                and name == "quantize"
+                and step.options.dtype == "qint8"
+            ):
                 form.save(model, float_copy)
             model, details = method_entry(form.name, name)(
-                model, step.options, data,
-                lambda stage, fraction, i=index: progress(f"{label}{stage}", (i + min(max(fraction, 0.0), 1.0)) / len(steps)),  # noqa: B023  called only within this step
-                **extras)
+                model,
+                step.options,
+                data,
+                lambda stage, fraction, i=index: progress(
+                    f"{label}{stage}", (i + min(max(fraction, 0.0), 1.0)) / len(steps)
+                ),  # noqa: B023  called only within this step
+                **extras,
+            )
             if index + 1 < len(steps):
                 # The next step gets what a user would download after this one: a saved, reloaded file.
                 # Named as the output will be: torch.jit.save stores the file's name inside the archive.
@@ -53,14 +71,27 @@ def run_steps(model: Any, steps: Sequence[Step], prepared: Prepared,
                 model = form.load(path)
                 runnable = form.runnable(model)
                 candidate = [run_model(runnable, inputs) for inputs in prepared.checks]
-                sections.append({"method": name, name: step.options_json(), "bytes": size,
-                                 "size_ratio": significant(size / prepared.model_path.stat().st_size),
-                                 "parameters": count_parameters(runnable),
-                                 "fidelity": output_fidelity(prepared.reference, candidate),
-                                 "time_s": round(time.perf_counter() - started, 3), "details": details})
+                sections.append(
+                    {
+                        "method": name,
+                        name: step.options_json(),
+                        "bytes": size,
+                        "size_ratio": significant(size / prepared.model_path.stat().st_size),
+                        "parameters": count_parameters(runnable),
+                        "fidelity": output_fidelity(prepared.reference, candidate),
+                        "time_s": round(time.perf_counter() - started, 3),
+                        "details": details,
+                    }
+                )
             else:  # the last step's file is the output, which the caller saves and measures (finish_sections)
-                sections.append({"method": name, name: step.options_json(), "details": details,
-                                 "time_s": round(time.perf_counter() - started, 3)})
+                sections.append(
+                    {
+                        "method": name,
+                        name: step.options_json(),
+                        "details": details,
+                        "time_s": round(time.perf_counter() - started, 3),
+                    }
+                )
             reason = check(index, model) if check is not None else None
             if reason is not None:
                 sections[-1]["stopped"] = reason
@@ -70,8 +101,14 @@ def run_steps(model: Any, steps: Sequence[Step], prepared: Prepared,
 
 def finish_sections(sections: list[dict[str, Any]], report: Mapping[str, Any]) -> list[dict[str, Any]]:
     """The last step's section takes its file's figures from the report of the output (the same file)."""
-    sections[-1].update({"bytes": report["size"]["bytes_after"], "size_ratio": report["size"]["ratio"],
-                         "parameters": report["parameters"]["after"], "fidelity": report["fidelity"]})
+    sections[-1].update(
+        {
+            "bytes": report["size"]["bytes_after"],
+            "size_ratio": report["size"]["ratio"],
+            "parameters": report["parameters"]["after"],
+            "fidelity": report["fidelity"],
+        }
+    )
     return sections
 
 
@@ -83,4 +120,3 @@ def step_warnings(steps: Sequence[Step], sections: Sequence[Mapping[str, Any]], 
         for warning in warnings_for(step, section["details"], {}, random_inputs=prepared.data is None):
             warnings.append(f"step {number} ({name}): {warning}")
     return warnings
-

@@ -7,6 +7,7 @@ per-channel or not): an int8 job gives int8 artifacts. The report's ``targets`` 
 entry per target asked for; a target that fails says why there (and in ``warnings``), and fails
 the job only with ``targets_required``.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -28,8 +29,9 @@ from workers.engine.run.prepare import Prepared, Progress
 CALIBRATION_ROWS = 32  # rows per calibration batch, as the job's own static int8 (methods/quantize/static.py)
 
 
-def make_targets(prepared: Prepared, job: JobOptions, float_source: Path, output_dir: Path,
-                 progress: Progress) -> tuple[dict[str, Any], list[str]]:
+def make_targets(
+    prepared: Prepared, job: JobOptions, float_source: Path, output_dir: Path, progress: Progress
+) -> tuple[dict[str, Any], list[str]]:
     """Export, check and time each target of ``job``; write each artifact into ``output_dir``
     under its served name. Returns the report's ``targets`` section and warnings."""
     section: dict[str, Any] = {}
@@ -47,8 +49,9 @@ def make_targets(prepared: Prepared, job: JobOptions, float_source: Path, output
     return section, warnings
 
 
-def make_target(prepared: Prepared, name: str, steps: Sequence[Step], float_source: Path,
-                output_dir: Path) -> dict[str, Any]:
+def make_target(
+    prepared: Prepared, name: str, steps: Sequence[Step], float_source: Path, output_dir: Path
+) -> dict[str, Any]:
     """One target's artifact of the model ``steps`` made, written to ``output_dir`` under its served
     name, checked and timed on its runtime: its report entry. Raises when it cannot be made."""
     from workers.engine.targets.common import TargetRequest, tool_home
@@ -59,16 +62,22 @@ def make_target(prepared: Prepared, name: str, steps: Sequence[Step], float_sour
         # A fresh copy for each target: exporters may change the module they are given (the
         # TorchScript ONNX exporter does), and no target should see another's changes.
         request = TargetRequest(
-            model=prepared.form.load(float_source), format_name=prepared.form.name, example=prepared.batch,
-            calibration=_calibration(prepared, quantize), quantize=_target_mode(quantize),
-            per_channel=quantize.options.per_channel if quantize else True)
+            model=prepared.form.load(float_source),
+            format_name=prepared.form.name,
+            example=prepared.batch,
+            calibration=_calibration(prepared, quantize),
+            quantize=_target_mode(quantize),
+            per_channel=quantize.options.per_channel if quantize else True,
+        )
         artifact = export_target(name, request, Path(scratch))
         path = output_dir / TARGETS[name].file_name
         shutil.move(str(artifact.path), path)
         measured = _measured(prepared, target_module(name), artifact, path)
         if quantize is not None and quantize.options.mode == "qat":
-            measured["notes"].append("quantization-aware training is not mirrored: this target quantizes the model "
-                                     "before training post-training (static int8 on the same calibration rows)")
+            measured["notes"].append(
+                "quantization-aware training is not mirrored: this target quantizes the model "
+                "before training post-training (static int8 on the same calibration rows)"
+            )
         return measured
 
 
@@ -102,23 +111,31 @@ def _calibration(prepared: Prepared, quantize: Step | None) -> list[Inputs]:
         return []
     examples = prepared.examples
     count = min(len(examples), CALIBRATION_ROWS * int(quantize.options.calibration_batches or 8))
-    return [examples.rows(slice(start, min(start + CALIBRATION_ROWS, count)))
-            for start in range(0, count, CALIBRATION_ROWS)]
+    return [
+        examples.rows(slice(start, min(start + CALIBRATION_ROWS, count))) for start in range(0, count, CALIBRATION_ROWS)
+    ]
 
 
 def _measured(prepared: Prepared, module: Any, artifact: Any, path: Path) -> dict[str, Any]:
     """The artifact loaded by its runtime: outputs against the original's, latency on the job's batch."""
     loaded = module.load(path)
-    candidate = [_shaped_like(reference, _run(module, loaded, batch, artifact.batch))
-                 for reference, batch in zip(prepared.reference, prepared.checks)]
+    candidate = [
+        _shaped_like(reference, _run(module, loaded, batch, artifact.batch))
+        for reference, batch in zip(prepared.reference, prepared.checks)
+    ]
     batch = prepared.batch if artifact.batch is None else _padded(prepared.batch, artifact.batch)
-    latency = module.latency_ms(loaded, [t.numpy() for t in batch], runs=prepared.runs, warmup=prepared.warmup,
-                                max_seconds=prepared.max_seconds)
+    latency = module.latency_ms(
+        loaded, [t.numpy() for t in batch], runs=prepared.runs, warmup=prepared.warmup, max_seconds=prepared.max_seconds
+    )
     before = statistics.median(prepared.latency_before)
     same_batch = int(batch[0].shape[0]) == int(prepared.batch[0].shape[0])
     return {
-        "status": "succeeded", "file": path.name, "format": artifact.format, "runtime": artifact.runtime,
-        "precision": artifact.precision, "bytes": path.stat().st_size,
+        "status": "succeeded",
+        "file": path.name,
+        "format": artifact.format,
+        "runtime": artifact.runtime,
+        "precision": artifact.precision,
+        "bytes": path.stat().st_size,
         "latency_ms": significant(latency),
         "latency_ratio": significant(latency / before) if before > 0 and same_batch else None,
         "batch_shape": list(batch[0].shape),
@@ -134,7 +151,7 @@ def _run(module: Any, loaded: Any, batch: Inputs, rows: int | None) -> list[torc
     step = rows or size
     parts = []
     for start in range(0, size, step):
-        chunk = tuple(t[start:start + step] for t in batch)
+        chunk = tuple(t[start : start + step] for t in batch)
         real = int(chunk[0].shape[0])
         outputs = module.run(loaded, [t.numpy() for t in (_padded(chunk, rows) if rows else chunk)])
         parts.append([torch.from_numpy(output)[:real] if rows else torch.from_numpy(output) for output in outputs])
@@ -147,7 +164,8 @@ def _shaped_like(reference: Any, tensors: list[torch.Tensor]) -> Any:
     leaves, structure = torch.utils._pytree.tree_flatten(reference)
     flat = iter(tensors)
     return torch.utils._pytree.tree_unflatten(
-        [next(flat, None) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], structure)
+        [next(flat, None) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], structure
+    )
 
 
 def _padded(batch: Inputs, rows: int) -> Inputs:

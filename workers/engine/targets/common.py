@@ -4,6 +4,7 @@ latency statistic on a target's own runtime.
 Torch-free at import: the runner (``targets.runner``) loads artifacts through this module in a
 process that never imports torch. The request holds torch objects, named here only as annotations.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -84,8 +85,9 @@ class Artifact:
         return self.path.stat().st_size
 
 
-def latency_samples_ms(call: Callable[[], Any], runs: int = 20, warmup: int = 3,
-                       max_seconds: float | None = None) -> list[float]:
+def latency_samples_ms(
+    call: Callable[[], Any], runs: int = 20, warmup: int = 3, max_seconds: float | None = None
+) -> list[float]:
     """Wall times of up to ``runs`` calls after up to ``warmup`` untimed ones: the statistic of
     ``engine.measure.latency_samples_ms`` (half of ``max_seconds`` at most for warming up, then
     timing until the budget is spent, after at least one timed call), without torch."""
@@ -106,9 +108,14 @@ def latency_samples_ms(call: Callable[[], Any], runs: int = 20, warmup: int = 3,
     return timings
 
 
-def median_latency_ms(run: Callable[[Any, Sequence[numpy.ndarray]], Any], loaded: Any,
-                      inputs: Sequence[numpy.ndarray], runs: int = 20, warmup: int = 3,
-                      max_seconds: float | None = None) -> float:
+def median_latency_ms(
+    run: Callable[[Any, Sequence[numpy.ndarray]], Any],
+    loaded: Any,
+    inputs: Sequence[numpy.ndarray],
+    runs: int = 20,
+    warmup: int = 3,
+    max_seconds: float | None = None,
+) -> float:
     """Median of ``latency_samples_ms`` for ``run(loaded, inputs)``: a target module's ``run``."""
     return statistics.median(latency_samples_ms(lambda: run(loaded, inputs), runs, warmup, max_seconds))
 

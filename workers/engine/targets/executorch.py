@@ -16,6 +16,7 @@ program on ExecuTorch's C++ runtime instead: ``pte_run`` (``deploy/executorch/pt
 a phone or board runs. ``load`` picks it when torch is not imported and the binary exists
 (``$PTE_RUN``, default ``var/bin/pte_run``); inputs and outputs cross as ``.npy`` files.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,10 @@ def export(request: TargetRequest, directory: Path) -> Artifact:
         if request.quantize is not None:
             program, quantized = _quantize(program, request)
             per_channel = request.per_channel or request.quantize == "dynamic"
-            notes.append(f"PT2E with the XNNPACK quantizer ({request.quantize}, weights "
-                         f"{'per channel' if per_channel else 'per tensor'}): {quantized} quantize operators")
+            notes.append(
+                f"PT2E with the XNNPACK quantizer ({request.quantize}, weights "
+                f"{'per channel' if per_channel else 'per tensor'}): {quantized} quantize operators"
+            )
         try:
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
             from executorch.exir import to_edge_transform_and_lower
@@ -64,19 +67,24 @@ def export(request: TargetRequest, directory: Path) -> Artifact:
             left = _operators_outside_delegate(edge.exported_program().graph_module)
             path.write_bytes(edge.to_executorch().buffer)
         except Exception as error:
-            raise TargetFailed(NAME, f"lowering to ExecuTorch (XNNPACK) failed: {summarize_torch_error(error)}") from None
+            raise TargetFailed(
+                NAME, f"lowering to ExecuTorch (XNNPACK) failed: {summarize_torch_error(error)}"
+            ) from None
     delegated = left.pop(DELEGATE, 0)
-    notes.append(f"XNNPACK delegate calls: {delegated}; operators on portable kernels: "
-                 f"{', '.join(sorted(left)) or 'none'}")
+    notes.append(
+        f"XNNPACK delegate calls: {delegated}; operators on portable kernels: {', '.join(sorted(left)) or 'none'}"
+    )
     loaded = load(path)
     try:
         run(loaded, [tensor.detach().cpu().numpy() for tensor in request.example])
     except Exception as error:
-        raise TargetFailed(NAME, f"the ExecuTorch runtime could not run the program: {summarize_torch_error(error)}") \
-            from None
+        raise TargetFailed(
+            NAME, f"the ExecuTorch runtime could not run the program: {summarize_torch_error(error)}"
+        ) from None
     batch = int(request.example[0].shape[0]) if request.example[0].dim() else None
-    return Artifact(NAME, path, "executorch-pte", runtime_version("executorch"), request.precision, request.inputs,
-                    batch, notes)
+    return Artifact(
+        NAME, path, "executorch-pte", runtime_version("executorch"), request.precision, request.inputs, batch, notes
+    )
 
 
 @dataclass(frozen=True)
@@ -92,7 +100,9 @@ class NativeProgram:
     path: Path
     binary: Path
 
-    def call(self, inputs: Sequence[numpy.ndarray], runs: int = 0, warmup: int = 0) -> tuple[list[numpy.ndarray], float | None]:
+    def call(
+        self, inputs: Sequence[numpy.ndarray], runs: int = 0, warmup: int = 0
+    ) -> tuple[list[numpy.ndarray], float | None]:
         """The outputs of one run, and the median of ``runs`` timed runs after ``warmup`` (None without runs)."""
         import numpy as np
 
@@ -101,12 +111,27 @@ class NativeProgram:
             for index, value in enumerate(inputs):
                 names.append(os.path.join(scratch, f"input_{index}.npy"))
                 np.save(names[-1], np.ascontiguousarray(value))
-            done = subprocess.run([str(self.binary), str(self.path), "--out", scratch, "--runs", str(runs),
-                                   "--warmup", str(warmup), *names], capture_output=True, text=True)
+            done = subprocess.run(
+                [
+                    str(self.binary),
+                    str(self.path),
+                    "--out",
+                    scratch,
+                    "--runs",
+                    str(runs),
+                    "--warmup",
+                    str(warmup),
+                    *names,
+                ],
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 raise RuntimeError(f"pte_run failed: {done.stderr.strip()[-500:]}")
             summary = json.loads(done.stdout.strip().splitlines()[-1])
-            outputs = [np.load(os.path.join(scratch, entry["file"]), allow_pickle=False) for entry in summary["outputs"]]
+            outputs = [
+                np.load(os.path.join(scratch, entry["file"]), allow_pickle=False) for entry in summary["outputs"]
+            ]
         return outputs, summary["latency_ms"]
 
 
@@ -136,12 +161,18 @@ def run(loaded: LoadedProgram | NativeProgram, inputs: Sequence[numpy.ndarray]) 
     import torch
 
     outputs = loaded.method.execute([torch.from_numpy(np.ascontiguousarray(value)) for value in inputs])
-    return [output.detach().numpy().copy() if isinstance(output, torch.Tensor) else np.asarray(output)
-            for output in outputs]
+    return [
+        output.detach().numpy().copy() if isinstance(output, torch.Tensor) else np.asarray(output) for output in outputs
+    ]
 
 
-def latency_ms(loaded: LoadedProgram | NativeProgram, inputs: Sequence[numpy.ndarray], runs: int = 20,
-               warmup: int = 3, max_seconds: float | None = None) -> float:
+def latency_ms(
+    loaded: LoadedProgram | NativeProgram,
+    inputs: Sequence[numpy.ndarray],
+    runs: int = 20,
+    warmup: int = 3,
+    max_seconds: float | None = None,
+) -> float:
     """Median wall time of ``run`` (the statistic of ``engine.measure``); ``pte_run`` times inside its
     own process (no file round trips), with the same count of runs."""
     if isinstance(loaded, NativeProgram):
@@ -150,6 +181,7 @@ def latency_ms(loaded: LoadedProgram | NativeProgram, inputs: Sequence[numpy.nda
 
 
 # ---------------------------------------------------------------------------- helpers
+
 
 def _quantize(program: Any, request: TargetRequest) -> tuple[Any, int]:
     """PT2E on the program's module; the quantized module exported again, with its count of quantize ops."""
@@ -173,9 +205,13 @@ def _quantize(program: Any, request: TargetRequest) -> tuple[Any, int]:
         for batch in batches:
             prepared(*batch)
         converted = convert_pt2e(prepared)
-        quantized = sum(1 for node in converted.graph.nodes
-                        if node.op == "call_function" and "quantize_per" in str(node.target)
-                        and "dequantize" not in str(node.target))
+        quantized = sum(
+            1
+            for node in converted.graph.nodes
+            if node.op == "call_function"
+            and "quantize_per" in str(node.target)
+            and "dequantize" not in str(node.target)
+        )
         return torch.export.export(converted, tuple(request.example)), quantized
     except Exception as error:
         raise TargetFailed(NAME, f"PT2E quantization for XNNPACK failed: {summarize_torch_error(error)}") from None

@@ -11,6 +11,7 @@
 ``load``, ``run`` and ``latency_ms`` need only onnxruntime and numpy (the runner's process); torch is
 imported by ``export`` alone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -45,8 +46,16 @@ def export(request: TargetRequest, directory: Path) -> Artifact:
             notes += _quantize(request, float_path, path, Path(scratch))
     loaded = load(path)  # onnxruntime must accept what it will be asked to run
     _check_runs(loaded, request)
-    return Artifact(NAME, path, "onnx", runtime_version("onnxruntime"), request.precision, request.inputs,
-                    batch, notes + [f"operators: {', '.join(operator_types(path))}"])
+    return Artifact(
+        NAME,
+        path,
+        "onnx",
+        runtime_version("onnxruntime"),
+        request.precision,
+        request.inputs,
+        batch,
+        notes + [f"operators: {', '.join(operator_types(path))}"],
+    )
 
 
 def write_float(request: TargetRequest, path: Path) -> int | None:
@@ -62,18 +71,32 @@ def write_float(request: TargetRequest, path: Path) -> int | None:
             if request.format_name == EXPORTED:
                 from workers.engine.targets.source import fixed_rows
 
-                program = torch.onnx.export(request.model, request.example, input_names=list(request.inputs),
-                                            output_names=list(output_names), dynamo=True, verbose=False)
+                program = torch.onnx.export(
+                    request.model,
+                    request.example,
+                    input_names=list(request.inputs),
+                    output_names=list(output_names),
+                    dynamo=True,
+                    verbose=False,
+                )
                 program.save(str(path), external_data=False)
                 return fixed_rows(request)
             dynamic = {name: {0: "batch"} for name in (*request.inputs, *output_names)}
-            torch.onnx.export(request.model, request.example, str(path), dynamo=False, opset_version=OPSET,
-                              input_names=list(request.inputs), output_names=list(output_names),
-                              dynamic_axes=dynamic)
+            torch.onnx.export(
+                request.model,
+                request.example,
+                str(path),
+                dynamo=False,
+                opset_version=OPSET,
+                input_names=list(request.inputs),
+                output_names=list(output_names),
+                dynamic_axes=dynamic,
+            )
             return None
     except Exception as error:
-        raise TargetFailed(NAME, f"torch's ONNX exporter could not export the model: "
-                                 f"{summarize_torch_error(error)}") from None
+        raise TargetFailed(
+            NAME, f"torch's ONNX exporter could not export the model: {summarize_torch_error(error)}"
+        ) from None
 
 
 def load(path: str | Path) -> Any:
@@ -91,8 +114,9 @@ def run(loaded: Any, inputs: Sequence[numpy.ndarray]) -> list[numpy.ndarray]:
     return list(loaded.run(None, feed))
 
 
-def latency_ms(loaded: Any, inputs: Sequence[numpy.ndarray], runs: int = 20, warmup: int = 3,
-               max_seconds: float | None = None) -> float:
+def latency_ms(
+    loaded: Any, inputs: Sequence[numpy.ndarray], runs: int = 20, warmup: int = 3, max_seconds: float | None = None
+) -> float:
     """Median wall time of ``run`` (the statistic of ``engine.measure``)."""
     return median_latency_ms(run, loaded, inputs, runs, warmup, max_seconds)
 
@@ -106,6 +130,7 @@ def operator_types(path: str | Path) -> list[str]:
 
 # ---------------------------------------------------------------------------- helpers
 
+
 def _quantize(request: TargetRequest, source: Path, path: Path, scratch: Path) -> list[str]:
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -115,18 +140,25 @@ def _quantize(request: TargetRequest, source: Path, path: Path, scratch: Path) -
         with _quiet_exporters():
             quant_pre_process(str(source), str(prepared))
             if request.quantize == "dynamic":
-                quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8,
-                                 per_channel=request.per_channel)
+                quantize_dynamic(str(prepared), str(path), weight_type=QuantType.QInt8, per_channel=request.per_channel)
                 return ["onnxruntime quantize_dynamic: int8 weights, activations quantized at run time"]
-            quantize_static(str(prepared), str(path), _Calibration(request), quant_format=QuantFormat.QDQ,
-                            per_channel=request.per_channel, weight_type=QuantType.QInt8,
-                            activation_type=QuantType.QUInt8)
+            quantize_static(
+                str(prepared),
+                str(path),
+                _Calibration(request),
+                quant_format=QuantFormat.QDQ,
+                per_channel=request.per_channel,
+                weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8,
+            )
     except TargetFailed:
         raise
     except Exception as error:
         raise TargetFailed(NAME, f"onnxruntime's quantizer failed: {summarize_torch_error(error)}") from None
-    return [f"onnxruntime quantize_static (QDQ): int8 weights ({'per channel' if request.per_channel else 'per tensor'}),"
-            f" uint8 activations calibrated (min/max) on {len(request.calibration)} batches"]
+    return [
+        f"onnxruntime quantize_static (QDQ): int8 weights ({'per channel' if request.per_channel else 'per tensor'}),"
+        f" uint8 activations calibrated (min/max) on {len(request.calibration)} batches"
+    ]
 
 
 class _Calibration:
@@ -135,8 +167,9 @@ class _Calibration:
     def __init__(self, request: TargetRequest) -> None:
         from workers.engine.targets.source import fixed_rows, numpy_batches
 
-        self._batches = iter([dict(zip(request.inputs, batch))
-                              for batch in numpy_batches(request.calibration, fixed_rows(request))])
+        self._batches = iter(
+            [dict(zip(request.inputs, batch)) for batch in numpy_batches(request.calibration, fixed_rows(request))]
+        )
 
     def get_next(self) -> dict | None:
         return next(self._batches, None)

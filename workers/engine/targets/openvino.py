@@ -16,6 +16,7 @@ takes neither a ScriptModule nor every ``.pt2`` program). The artifact is one zi
 reads both from the zip into memory, nothing is extracted. ``load``, ``run`` and ``latency_ms``
 need only openvino and numpy.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,13 +53,16 @@ def export(request: TargetRequest, directory: Path) -> Artifact:
         try:
             model = openvino.convert_model(str(source))
         except Exception as error:
-            raise TargetFailed(NAME, f"openvino.convert_model could not convert the model: "
-                                     f"{summarize_torch_error(error)}") from None
+            raise TargetFailed(
+                NAME, f"openvino.convert_model could not convert the model: {summarize_torch_error(error)}"
+            ) from None
         precision = request.precision
         if request.quantize == "static":
             model = _quantize(model, request)
-            notes.append(f"nncf.quantize: int8 weights ({'per channel' if request.per_channel else 'per tensor'}) "
-                         f"and activations calibrated on {len(request.calibration)} batches")
+            notes.append(
+                f"nncf.quantize: int8 weights ({'per channel' if request.per_channel else 'per tensor'}) "
+                f"and activations calibrated on {len(request.calibration)} batches"
+            )
         elif request.quantize == "dynamic":
             model, precision = _compress_weights(model), "int8-weights"
             notes.append("nncf.compress_weights: int8 weights (symmetric, per channel), float activations")
@@ -73,8 +77,11 @@ def export(request: TargetRequest, directory: Path) -> Artifact:
     except Exception as error:
         raise TargetFailed(NAME, f"OpenVINO could not run the converted model: {str(error).strip()[:300]}") from None
     operations = ir_operations(path)
-    int8 = [f"{name} x{count}" for name, count in sorted(operations.items())
-            if name in ("FakeQuantize", "Const:i8", "Const:u8")]
+    int8 = [
+        f"{name} x{count}"
+        for name, count in sorted(operations.items())
+        if name in ("FakeQuantize", "Const:i8", "Const:u8")
+    ]
     notes.append(f"int8 operations: {', '.join(int8) or 'none'}")
     return Artifact(NAME, path, "openvino-ir", runtime_version("openvino"), precision, request.inputs, batch, notes)
 
@@ -102,8 +109,9 @@ def run(loaded: Any, inputs: Sequence[numpy.ndarray]) -> list[numpy.ndarray]:
     return [np.array(result[output], copy=True) for output in loaded.outputs]
 
 
-def latency_ms(loaded: Any, inputs: Sequence[numpy.ndarray], runs: int = 20, warmup: int = 3,
-               max_seconds: float | None = None) -> float:
+def latency_ms(
+    loaded: Any, inputs: Sequence[numpy.ndarray], runs: int = 20, warmup: int = 3, max_seconds: float | None = None
+) -> float:
     """Median wall time of ``run`` (the statistic of ``engine.measure``)."""
     return median_latency_ms(run, loaded, inputs, runs, warmup, max_seconds)
 
@@ -127,6 +135,7 @@ def ir_operations(path: str | Path) -> Counter[str]:
 
 # ---------------------------------------------------------------------------- helpers
 
+
 def _quantize(model: Any, request: TargetRequest) -> Any:
     import nncf
     from nncf.quantization.advanced_parameters import AdvancedQuantizationParameters, QuantizationParameters
@@ -135,11 +144,13 @@ def _quantize(model: Any, request: TargetRequest) -> Any:
 
     batches = numpy_batches(request.calibration, fixed_rows(request))
     advanced = AdvancedQuantizationParameters(
-        weights_quantization_params=QuantizationParameters(per_channel=request.per_channel))
+        weights_quantization_params=QuantizationParameters(per_channel=request.per_channel)
+    )
     try:
         with _quiet_nncf():
-            return nncf.quantize(model, nncf.Dataset(batches, list), subset_size=len(batches),
-                                 advanced_parameters=advanced)
+            return nncf.quantize(
+                model, nncf.Dataset(batches, list), subset_size=len(batches), advanced_parameters=advanced
+            )
     except Exception as error:
         raise TargetFailed(NAME, f"nncf.quantize failed: {summarize_torch_error(error)}") from None
 

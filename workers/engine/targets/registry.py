@@ -3,6 +3,7 @@
 
 Torch-free: the API asks ``missing_runtime`` at submit time, the runner ``target_module``.
 """
+
 from __future__ import annotations
 
 import importlib

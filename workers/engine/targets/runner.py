@@ -8,6 +8,7 @@ runs (after 3 warm-up runs) as JSON on stdout. Torch is never imported: ``execut
 on ExecuTorch's C++ runtime through ``pte_run`` (build it with ``make pte-runner``; without it
 ExecuTorch's Python bindings are used, and they import torch). Exit status 2 on a usage error.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     outputs = module.run(loaded, inputs)
     np.savez(arguments.outputs, **{f"output_{index}": value for index, value in enumerate(outputs)})
     if arguments.time:
-        print(json.dumps({"target": arguments.target,
-                          "median_ms": module.latency_ms(loaded, inputs, runs=arguments.time)}))
+        print(
+            json.dumps(
+                {"target": arguments.target, "median_ms": module.latency_ms(loaded, inputs, runs=arguments.time)}
+            )
+        )
     return 0
 
 

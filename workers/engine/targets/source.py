@@ -1,5 +1,6 @@
 """The request's model in the forms the exporters take: something to call, a ``torch.export`` program,
 and the calibration batches cut to the rows a fixed-batch artifact accepts. Imports torch."""
+
 from __future__ import annotations
 
 import warnings
@@ -84,7 +85,7 @@ def torch_batches(batches: list[tuple[torch.Tensor, ...]], rows: int | None) -> 
         total = int(joined[0].shape[0])
     regrouped = []
     for start in range(0, total, rows):
-        chunk = [t[start:start + rows] for t in joined]
+        chunk = [t[start : start + rows] for t in joined]
         short = rows - int(chunk[0].shape[0])
         if short:
             chunk = [torch.cat([c, t[:short]]) for c, t in zip(chunk, joined)]

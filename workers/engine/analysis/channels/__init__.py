@@ -29,6 +29,7 @@ channel dimension of one tensor), ``joins`` (elementwise ops and concatenations 
 spaces together), ``values`` (each value's axis, and what an unknown op blocks) and ``spaces``
 (channel spaces, their members, and the groups they become).
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,8 +40,9 @@ from workers.engine.analysis.channels.walk import ChannelAnalysis
 from workers.engine.torchscript_graph import canonical_graph, value_shapes
 
 
-def channel_groups(model: torch.jit.ScriptModule, shapes: dict[str, torch.Size],
-                   example: tuple[torch.Tensor, ...] | None = None) -> list[ChannelGroup]:
+def channel_groups(
+    model: torch.jit.ScriptModule, shapes: dict[str, torch.Size], example: tuple[torch.Tensor, ...] | None = None
+) -> list[ChannelGroup]:
     """All channel groups of ``model``; ``shapes`` maps parameter and buffer names to their shapes.
 
     ``example`` (a few rows of each input) lets the analysis learn the shape of every value.

@@ -13,6 +13,7 @@ writes them) follows the pruned width by itself; one with a literal head count m
 model fail, and the proof puts the group back. Torch-Pruning prunes heads the same way, from the
 module's ``num_heads``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,11 +33,16 @@ class Attention:
         space = axis.space.root()
         if axis.scale != 1 or space.parts is not None or space.size != before[dim]:
             return False
-        prefix, rest = math.prod(before[:dim]), math.prod(before[dim + 1:])
+        prefix, rest = math.prod(before[:dim]), math.prod(before[dim + 1 :])
         for position in range(len(after) - 1):
             heads, width = after[position], after[position + 1]
-            if heads > 1 and width > 1 and heads * width == before[dim] and \
-                    math.prod(after[:position]) == prefix and math.prod(after[position + 2:]) == rest:
+            if (
+                heads > 1
+                and width > 1
+                and heads * width == before[dim]
+                and math.prod(after[:position]) == prefix
+                and math.prod(after[position + 2 :]) == rest
+            ):
                 if space.head_width not in (None, width):
                     self._block(space, f"split into heads of {width} and of {space.head_width} channels")
                 space.unit = math.lcm(space.unit, width)
@@ -45,8 +51,9 @@ class Attention:
                 return True
         return False
 
-    def _reshape_heads(self, node: torch._C.Node, axis: Axis, before: list[int] | None,
-                       after: list[int] | None) -> None:
+    def _reshape_heads(
+        self, node: torch._C.Node, axis: Axis, before: list[int] | None, after: list[int] | None
+    ) -> None:
         """A reshape of a value with heads: the same shape, or heads and their channels merged back."""
         if before is None or after is None:
             return self._opaque(node, f"{node.kind()} of attention heads of unknown shape")
@@ -54,10 +61,13 @@ class Attention:
             return self._set(node.output(), axis)
         dim, inner = axis.dim, axis.inner
         if inner == dim + 1:
-            prefix, rest = math.prod(before[:dim]), math.prod(before[inner + 1:])
+            prefix, rest = math.prod(before[:dim]), math.prod(before[inner + 1 :])
             for position in range(len(after)):
-                if math.prod(after[:position]) == prefix and after[position] == before[dim] * before[inner] \
-                        and math.prod(after[position + 1:]) == rest:
+                if (
+                    math.prod(after[:position]) == prefix
+                    and after[position] == before[dim] * before[inner]
+                    and math.prod(after[position + 1 :]) == rest
+                ):
                     return self._set(node.output(), Axis(axis.space, position, 1))
         self._opaque(node, f"{node.kind()} reshapes attention heads other than merging them back")
 
@@ -71,8 +81,11 @@ class Attention:
         rank = len(shapes[0])
         if len(shapes[1]) != rank or a.dim != b.dim or a.dim >= rank - 2 or a.head_width != b.head_width:
             return self._opaque(node, why)
-        if a.inner not in (None, rank - 2, rank - 1) or b.inner not in (None, rank - 2, rank - 1) \
-                or (a.inner == rank - 1) != (b.inner == rank - 2):
+        if (
+            a.inner not in (None, rank - 2, rank - 1)
+            or b.inner not in (None, rank - 2, rank - 1)
+            or (a.inner == rank - 1) != (b.inner == rank - 2)
+        ):
             return self._opaque(node, f"{node.kind()} sums a head's channels with another dimension")
         inner = a.inner if a.inner == rank - 2 else b.inner if b.inner == rank - 1 else None
         space = self._union(a.space, b.space)
@@ -85,8 +98,12 @@ class Attention:
         if any(a is None or not a.head_width for a in axes) or None in shapes:
             return self._opaque(node, "scaled_dot_product_attention of inputs without heads")
         rank = len(shapes[0])
-        if any(len(s) != rank for s in shapes) or len({(a.dim, a.inner, a.head_width) for a in axes}) != 1 \
-                or axes[0].inner != rank - 1 or axes[0].dim >= rank - 2:
+        if (
+            any(len(s) != rank for s in shapes)
+            or len({(a.dim, a.inner, a.head_width) for a in axes}) != 1
+            or axes[0].inner != rank - 1
+            or axes[0].dim >= rank - 2
+        ):
             return self._opaque(node, "scaled_dot_product_attention with heads at different places")
         if len(inputs) > 7 and constant(inputs[7]) not in (False, None):
             return self._opaque(node, "scaled_dot_product_attention with grouped key/value heads")
@@ -97,25 +114,36 @@ class Attention:
         space = self._union(self._union(axes[0].space, axes[1].space), axes[2].space)
         self._set(node.output(), dataclasses.replace(axes[0], space=space))
 
-    def _join_heads(self, node: torch._C.Node, inputs: list[torch._C.Value], left: Axis | None,
-                    right: Axis | None) -> None:
+    def _join_heads(
+        self, node: torch._C.Node, inputs: list[torch._C.Value], left: Axis | None, right: Axis | None
+    ) -> None:
         """An elementwise op where a value with heads meets another: the same heads, or a tensor
         broadcast over them (attention scores plus a mask, q times rotary cos/sin)."""
         out = node.output()
         shapes = self.values.get(inputs[0]), self.values.get(inputs[1])
         result = self.values.get(out)
-        if left is not None and right is not None and not (left.head_width and right.head_width) \
-                and None not in shapes and result is not None:
-            heads, other, own_shape, other_shape = (left, right, shapes[0], shapes[1]) if left.head_width \
-                else (right, left, shapes[1], shapes[0])
+        if (
+            left is not None
+            and right is not None
+            and not (left.head_width and right.head_width)
+            and None not in shapes
+            and result is not None
+        ):
+            heads, other, own_shape, other_shape = (
+                (left, right, shapes[0], shapes[1]) if left.head_width else (right, left, shapes[1], shapes[0])
+            )
             position = heads.dim - (len(own_shape) - len(other_shape))
             if position < 0 or other_shape[position] == 1:  # the same for every head (rotary cos/sin)
                 self._block(other.space, f"{node.kind()} meets the channels within attention heads")
                 return self._set(out, self._shifted(heads, len(result) - len(own_shape)))
         if left is not None and right is not None:
-            if None in shapes or result is None or not (left.head_width and right.head_width) \
-                    or left.head_width != right.head_width \
-                    or left.dim - len(shapes[0]) != right.dim - len(shapes[1]):
+            if (
+                None in shapes
+                or result is None
+                or not (left.head_width and right.head_width)
+                or left.head_width != right.head_width
+                or left.dim - len(shapes[0]) != right.dim - len(shapes[1])
+            ):
                 self._block(left.space, f"{node.kind()} joins attention heads with other channels")
                 self._block(right.space, f"{node.kind()} joins attention heads with other channels")
                 return self._set(out, Axis(self._new(blocked=f"output of {node.kind()} of heads"), dim=-1))

@@ -1,5 +1,6 @@
 """Ops that tie channel spaces together: elementwise ops on two tensors (a residual addition, a
 per-channel scale) and concatenations (part of ``walk.ChannelAnalysis``)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -114,16 +115,24 @@ class Joins:
                 self._set(piece, axis)
             return
         space = axis.space.root()
-        if axis.scale != 1 or axis.head_width or space.parts is not None or space.unit != 1 or space.norms \
-                or space.size != shape[dim]:
+        if (
+            axis.scale != 1
+            or axis.head_width
+            or space.parts is not None
+            or space.unit != 1
+            or space.norms
+            or space.size != shape[dim]
+        ):
             return self._opaque(node, f"{node.kind()} of channels that are not one plain segment")
         # The space becomes a concatenation of its pieces: each member's entries split the same way.
         parts, offset = [], 0
         for piece, piece_shape in zip(pieces, sizes):
             part = self._new(size=piece_shape[dim])
             part.blocked = list(space.blocked)
-            part.members = [dataclasses.replace(m, offset=m.offset + offset * m.scale, length=part.size * m.scale)
-                            for m in space.members]
+            part.members = [
+                dataclasses.replace(m, offset=m.offset + offset * m.scale, length=part.size * m.scale)
+                for m in space.members
+            ]
             offset += part.size
             parts.append(part)
             self._set(piece, Axis(part, dim))

@@ -1,5 +1,6 @@
 """Layers that make and read channels: convolutions (grouped too), linear, embedding and norms
 (part of ``walk.ChannelAnalysis``)."""
+
 from __future__ import annotations
 
 import math

@@ -1,5 +1,6 @@
 """Ops on one tensor that keep, move or merge its channel dimension: activations, softmax, slices,
 reductions, reshapes, transposes (part of ``walk.ChannelAnalysis``)."""
+
 from __future__ import annotations
 
 import math
@@ -22,8 +23,11 @@ class Reshapes:
             return
         before, after = self.values.get(inputs[0]), self.values.get(node.output())
         dim = self._dim(inputs[0], axis)
-        if before is not None and after is not None and (dim is None or len(before) != len(after)
-                                                         or before[dim] != after[dim]):
+        if (
+            before is not None
+            and after is not None
+            and (dim is None or len(before) != len(after) or before[dim] != after[dim])
+        ):
             return self._opaque(node, f"{node.kind()} changes the channel dimension")
         self._set(node.output(), axis)
 
@@ -39,8 +43,12 @@ class Reshapes:
         along %= rank
         if along == dim:
             return self._opaque(node, f"{node.kind()} across the channel dimension")
-        self._set(node.output(), self._relocated(axis, lambda d: None if reduces and d == along else
-                                                 d - (1 if reduces and along < d else 0), dim))
+        self._set(
+            node.output(),
+            self._relocated(
+                axis, lambda d: None if reduces and d == along else d - (1 if reduces and along < d else 0), dim
+            ),
+        )
 
     def _reduce(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
         axis = self.axis_of.get(inputs[0])
@@ -53,8 +61,10 @@ class Reshapes:
         dims = [d % len(shape) for d in dims]
         if dim is None or dim in dims:
             return self._opaque(node, f"{node.kind()} across the channel dimension")
-        self._set(node.output(), self._relocated(axis, lambda d: d if keep else None if d in dims else
-                                                 d - sum(r < d for r in dims), dim))
+        self._set(
+            node.output(),
+            self._relocated(axis, lambda d: d if keep else None if d in dims else d - sum(r < d for r in dims), dim),
+        )
 
     def _reshape(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
         axis = self.axis_of.get(inputs[0])
@@ -69,12 +79,12 @@ class Reshapes:
                 return self._set(node.output(), Axis(axis.space, axis.dim, None))
             return self._opaque(node, f"{node.kind()} of unknown shape")
         prefix = math.prod(before[:dim])
-        inner = math.prod(before[dim + 1:])
+        inner = math.prod(before[dim + 1 :])
         for position in range(len(after)):
             if math.prod(after[:position]) != prefix or after[position] % before[dim]:
                 continue
             merged = after[position] // before[dim]
-            if inner % merged or math.prod(after[position + 1:]) != inner // merged:
+            if inner % merged or math.prod(after[position + 1 :]) != inner // merged:
                 continue
             scale = None if axis.scale is None else axis.scale * merged
             return self._set(node.output(), Axis(axis.space, position, scale))
@@ -98,5 +108,7 @@ class Reshapes:
             if not isinstance(first, int) or not isinstance(second, int):
                 return self._opaque(node)
             first, second = first % rank, second % rank
-            self._set(node.output(), self._relocated(
-                axis, lambda d: second if d == first else first if d == second else d, dim))
+            self._set(
+                node.output(),
+                self._relocated(axis, lambda d: second if d == first else first if d == second else d, dim),
+            )

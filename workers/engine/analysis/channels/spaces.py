@@ -1,5 +1,6 @@
 """Channel spaces: the parameter slices (members) that index one set of channels, how spaces are
 joined and blocked, and the channel groups they become once the walk is done."""
+
 from __future__ import annotations
 
 import math
@@ -128,7 +129,9 @@ class Spaces:
             if scale is None and space.size and entries % space.size == 0:
                 scale = entries // space.size  # a flatten: the consumer's width says how much it merged
             if scale is None or space.size is None or space.size * scale != entries:
-                self._block(space, f"{parameter} has {entries} entries for {space.size} channels (a reshape fixes the count)")
+                self._block(
+                    space, f"{parameter} has {entries} entries for {space.size} channels (a reshape fixes the count)"
+                )
                 return
             space.members.append(Member(parameter, dim, 0, entries, producer=False, scale=scale))
             return
@@ -183,7 +186,15 @@ class Spaces:
             blocked = list(space.blocked)
             if space.size % space.unit:
                 blocked.append(f"{space.size} channels do not split into groups of {space.unit}")
-            found.append(ChannelGroup(name=layer_name(producers[0].parameter), size=space.size,
-                                      members=space.members, blocked=blocked, unit=space.unit, norms=space.norms,
-                                      head_width=space.head_width))
+            found.append(
+                ChannelGroup(
+                    name=layer_name(producers[0].parameter),
+                    size=space.size,
+                    members=space.members,
+                    blocked=blocked,
+                    unit=space.unit,
+                    norms=space.norms,
+                    head_width=space.head_width,
+                )
+            )
         return found

@@ -1,5 +1,6 @@
 """Each graph value's channel axis, and how an op the analysis does not model blocks what it reads
 (part of ``walk.ChannelAnalysis``)."""
+
 from __future__ import annotations
 
 import dataclasses

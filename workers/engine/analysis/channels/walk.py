@@ -1,4 +1,5 @@
 """The walk over a canonical TorchScript graph that gives each value its channel axis."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +29,12 @@ class ChannelAnalysis(Layers, Attention, Reshapes, Joins, Values, Spaces):
     The handlers of each kind of op live in the mixins (``layers``, ``attention``, ``reshapes``, ``joins``); the
     per-value state in ``values``, the channel spaces in ``spaces``."""
 
-    def __init__(self, shapes: dict[str, torch.Size], values: dict[torch._C.Value, tuple[int, ...]],
-                 layer_norms: list[torch._C.Node]) -> None:
+    def __init__(
+        self,
+        shapes: dict[str, torch.Size],
+        values: dict[torch._C.Value, tuple[int, ...]],
+        layer_norms: list[torch._C.Node],
+    ) -> None:
         self.shapes = shapes
         self.values = values
         self.layer_norm_index = {node: index for index, node in enumerate(layer_norms)}

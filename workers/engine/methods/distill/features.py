@@ -12,6 +12,7 @@ the same module names) is matched automatically: the last conv layer of each sta
 convs whose outputs have one spatial size), at most ``MAX_DEFAULT_HINTS``, the deepest kept; a
 model without convs gets its last linear layer before the classifier.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,29 +42,39 @@ class HintPair:
 
     def describe(self, projection: nn.Module) -> dict[str, Any]:
         kind = "conv 1x1" if isinstance(projection, nn.Conv2d) else "linear"
-        return {"student": self.student, "teacher": self.teacher, "student_shape": list(self.student_shape),
-                "teacher_shape": list(self.teacher_shape),
-                "projection": f"{kind} {self.student_shape[self.axis]} -> {self.teacher_shape[self.axis]} "
-                              f"channels (axis {self.axis})",
-                "projection_parameters": sum(p.numel() for p in projection.parameters())}
+        return {
+            "student": self.student,
+            "teacher": self.teacher,
+            "student_shape": list(self.student_shape),
+            "teacher_shape": list(self.teacher_shape),
+            "projection": f"{kind} {self.student_shape[self.axis]} -> {self.teacher_shape[self.axis]} "
+            f"channels (axis {self.axis})",
+            "projection_parameters": sum(p.numel() for p in projection.parameters()),
+        }
 
 
-def plan_hints(teacher: torch.jit.ScriptModule, student: torch.jit.ScriptModule, options: FeaturesOptions,
-               probe: Inputs) -> tuple[list[HintPair], str]:
+def plan_hints(
+    teacher: torch.jit.ScriptModule, student: torch.jit.ScriptModule, options: FeaturesOptions, probe: Inputs
+) -> tuple[list[HintPair], str]:
     """The hint pairs (checked on both models, with their shapes on ``probe``) and how they were chosen."""
     if not isinstance(teacher, torch.jit.ScriptModule) or not isinstance(student, torch.jit.ScriptModule):
-        raise UnsupportedModel("distill.features reads layers of TorchScript models: the teacher and the student "
-                               "must both be TorchScript")
+        raise UnsupportedModel(
+            "distill.features reads layers of TorchScript models: the teacher and the student must both be TorchScript"
+        )
     if options.pairs is not None:
         pairs, chosen = [tuple(pair) for pair in options.pairs], "named (distill.features.pairs)"
     else:
         pairs = [(layer, layer) for layer in default_layers(teacher, probe)]
-        chosen = ("matched by name in the width student: the last conv layer of each stage"
-                  f" (at most {MAX_DEFAULT_HINTS}, the deepest)")
+        chosen = (
+            "matched by name in the width student: the last conv layer of each stage"
+            f" (at most {MAX_DEFAULT_HINTS}, the deepest)"
+        )
     student_shapes = _shapes(student, [s for s, _ in pairs], probe, "student")
     teacher_shapes = _shapes(teacher, [t for _, t in pairs], probe, "teacher")
-    return [HintPair(s, t, student_shapes[s], teacher_shapes[t], _channel_axis(s, t, student_shapes[s], teacher_shapes[t]))
-            for s, t in pairs], chosen
+    return [
+        HintPair(s, t, student_shapes[s], teacher_shapes[t], _channel_axis(s, t, student_shapes[s], teacher_shapes[t]))
+        for s, t in pairs
+    ], chosen
 
 
 def default_layers(teacher: torch.jit.ScriptModule, probe: Inputs) -> list[str]:
@@ -76,9 +87,11 @@ def default_layers(teacher: torch.jit.ScriptModule, probe: Inputs) -> list[str]:
     # Without convs: the linear layers but the last, the classifier (its scores are the logit loss's).
     candidates = convs or [name for name in found if types.get(name) == "Linear"][:-1]
     if not candidates:
-        raise UnsupportedModel("distill.features found no conv layer, nor a linear layer before the classifier, "
-                               "whose output can be read in the teacher, to match in the width student; name the "
-                               "layers with distill.features.pairs")
+        raise UnsupportedModel(
+            "distill.features found no conv layer, nor a linear layer before the classifier, "
+            "whose output can be read in the teacher, to match in the width student; name the "
+            "layers with distill.features.pairs"
+        )
     shapes = _shapes(teacher, candidates, probe, "teacher")
     stages: list[list[str]] = []
     for name in candidates:  # in the order they run
@@ -92,8 +105,14 @@ def default_layers(teacher: torch.jit.ScriptModule, probe: Inputs) -> list[str]:
 class Hints(nn.Module):
     """The hint pairs on one teacher and one student (the training copies): readers and projections."""
 
-    def __init__(self, pairs: list[HintPair], teacher: torch.jit.ScriptModule, student: torch.jit.ScriptModule,
-                 device: torch.device, seed: int) -> None:
+    def __init__(
+        self,
+        pairs: list[HintPair],
+        teacher: torch.jit.ScriptModule,
+        student: torch.jit.ScriptModule,
+        device: torch.device,
+        seed: int,
+    ) -> None:
         super().__init__()
         self.pairs = pairs
         self.teacher_reader = LayerReader(teacher, [pair.teacher for pair in pairs])
@@ -129,8 +148,9 @@ def _shapes(model: torch.jit.ScriptModule, layers: list[str], probe: Inputs, rol
     except KeyError as missing:
         with quiet_torchscript_warnings():
             found, refused = readable_layers(model, model.inlined_graph)
-        raise InvalidInput(f"distill.features.pairs: {unreadable_reason(missing.args[0], list(found), refused, role)}") \
-            from None
+        raise InvalidInput(
+            f"distill.features.pairs: {unreadable_reason(missing.args[0], list(found), refused, role)}"
+        ) from None
     training = model.training
     model.eval()
     try:
@@ -151,12 +171,16 @@ def _channel_axis(student: str, teacher: str, mine: tuple[int, ...], target: tup
     (1 for [batch, channels, ...] images and volumes, the last for [batch, channels] and [batch, tokens, channels])."""
     pair = f"distill.features pair [{student!r}, {teacher!r}]"
     if len(mine) != len(target) or len(mine) < 2 or mine[0] != target[0]:
-        raise InvalidInput(f"{pair}: the student's output {list(mine)} and the teacher's {list(target)} must have "
-                           "the same rank (at least 2) and batch size to be compared")
+        raise InvalidInput(
+            f"{pair}: the student's output {list(mine)} and the teacher's {list(target)} must have "
+            "the same rank (at least 2) and batch size to be compared"
+        )
     differ = [axis for axis in range(1, len(mine)) if mine[axis] != target[axis]]
     if len(differ) > 1:
-        raise InvalidInput(f"{pair}: the student's output {list(mine)} and the teacher's {list(target)} differ in "
-                           f"axes {differ}; a projection maps one (channel) axis, so the others must agree")
+        raise InvalidInput(
+            f"{pair}: the student's output {list(mine)} and the teacher's {list(target)} differ in "
+            f"axes {differ}; a projection maps one (channel) axis, so the others must agree"
+        )
     if differ:
         return differ[0]
     return 1 if len(mine) >= 4 else len(mine) - 1

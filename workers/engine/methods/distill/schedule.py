@@ -7,6 +7,7 @@ The epochs are split among the steps, the later steps getting the remainder, so 
 as many epochs as one step would. Channel counts are rounded at each step, so a group of the final
 student can differ by a channel from a width student cut from the teacher directly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,9 +23,13 @@ class ScheduleStep:
 def schedule_steps(width: float, steps: int, epochs: int) -> list[ScheduleStep]:
     """The students of a schedule, narrowest last, with their share of ``epochs``."""
     share, extra = divmod(epochs, steps)
-    return [ScheduleStep(width=round(width ** (index / steps), 6) if index < steps else width,
-                         epochs=share + (1 if index > steps - extra else 0))
-            for index in range(1, steps + 1)]
+    return [
+        ScheduleStep(
+            width=round(width ** (index / steps), 6) if index < steps else width,
+            epochs=share + (1 if index > steps - extra else 0),
+        )
+        for index in range(1, steps + 1)
+    ]
 
 
 def compose_groups(steps: list[dict[str, Any]]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ The teacher supplies soft targets, so unlabelled inputs are enough; labels, when
 cross-entropy term. The student comes from an upload, from torchvision by name, or from the
 teacher itself with a fraction of its channels kept (the structured pruning engine).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,8 +50,10 @@ def distill(
     probe = data.head(2)
     teacher_out = select_output(run_model(teacher, probe), data.target_output)
     if teacher_out.dim() != 2 or not teacher_out.is_floating_point():
-        raise UnsupportedModel("distillation needs a teacher whose output (spec.output) is class scores "
-                               f"[batch, classes]; got {list(teacher_out.shape)} ({teacher_out.dtype})")
+        raise UnsupportedModel(
+            "distillation needs a teacher whose output (spec.output) is class scores "
+            f"[batch, classes]; got {list(teacher_out.shape)} ({teacher_out.dtype})"
+        )
     classes = int(teacher_out.shape[1])
     if data.labels is not None and int(data.labels.max()) >= classes:
         raise InvalidInput(f"'labels' go up to {int(data.labels.max())} but the teacher scores {classes} classes")
@@ -64,18 +67,40 @@ def distill(
         _check_student(student_now, teacher_out, probe, data)
         pairs, chosen = plan_hints(teacher_now, student_now, options.features, probe) if options.features else ([], "")
         trained, curve, best_epoch, stopped_early, hints = _train(
-            teacher_now, student_now, train, validation, dataclasses.replace(options, epochs=epochs), alpha, device,
-            report, pairs)
-        return trained, {"epochs": curve, "best_epoch": best_epoch, "stopped_early": stopped_early,
-                         **({"features": {"pairs": hints, "chosen": chosen, "weight": options.features.weight,
-                                          "projections": "trained with the student, not part of the result"}}
-                            if options.features else {})}
+            teacher_now,
+            student_now,
+            train,
+            validation,
+            dataclasses.replace(options, epochs=epochs),
+            alpha,
+            device,
+            report,
+            pairs,
+        )
+        return trained, {
+            "epochs": curve,
+            "best_epoch": best_epoch,
+            "stopped_early": stopped_early,
+            **(
+                {
+                    "features": {
+                        "pairs": hints,
+                        "chosen": chosen,
+                        "weight": options.features.weight,
+                        "projections": "trained with the student, not part of the result",
+                    }
+                }
+                if options.features
+                else {}
+            ),
+        }
 
     progress("building the student", 0.02)
     if options.schedule is None:
         student, origin = _build_student(teacher, options.student, student, classes, data, scripted)
-        student, outcome = run(teacher, student, options.epochs,
-                               lambda stage, fraction: progress(stage, 0.05 + 0.9 * fraction))
+        student, outcome = run(
+            teacher, student, options.epochs, lambda stage, fraction: progress(stage, 0.05 + 0.9 * fraction)
+        )
         schedule = None
     else:
         student, origin, outcome, schedule = _schedule(teacher, options, data, validation, run, progress)
@@ -88,7 +113,9 @@ def distill(
         **outcome,
         **({"schedule": schedule} if schedule is not None else {}),
         "validation": _evaluate(teacher, student, validation, torch.device("cpu")),
-        "notes": [] if labelled else ["no labels: the student learns from the teacher's soft targets alone (alpha 1.0)"],
+        "notes": []
+        if labelled
+        else ["no labels: the student learns from the teacher's soft targets alone (alpha 1.0)"],
     }
     return student, details
 
@@ -99,12 +126,20 @@ def _check_student(student, teacher_out: torch.Tensor, probe, data: Dataset) -> 
     except InvalidInput as error:
         raise InvalidInput(f"the student cannot run on the data's inputs: {error}") from None
     if student_out.shape != teacher_out.shape:
-        raise InvalidInput(f"the student's output shape {list(student_out.shape)} differs from the teacher's "
-                           f"{list(teacher_out.shape)} on {describe(probe)}")
+        raise InvalidInput(
+            f"the student's output shape {list(student_out.shape)} differs from the teacher's "
+            f"{list(teacher_out.shape)} on {describe(probe)}"
+        )
 
 
-def _schedule(teacher, options: DistillOptions, data: Dataset, validation: Dataset, run, progress: Progress,
-              ) -> tuple[torch.jit.ScriptModule, dict[str, Any], dict[str, Any], dict[str, Any]]:
+def _schedule(
+    teacher,
+    options: DistillOptions,
+    data: Dataset,
+    validation: Dataset,
+    run,
+    progress: Progress,
+) -> tuple[torch.jit.ScriptModule, dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The width student in ``schedule.steps`` steps, each cut from the one before and distilled from it.
     Returns the student, its origin (channels against the teacher), the last step's curve, and every step."""
     width = float(options.student.width)
@@ -116,31 +151,50 @@ def _schedule(teacher, options: DistillOptions, data: Dataset, validation: Datas
         label = f"schedule step {index + 1}/{len(steps)} (width {step.width:.3g}): "
         progress(f"{label}building the student", 0.05 + 0.9 * done / options.epochs)
         narrowed, pruned = width_student(current, step.width / current_width, data)
-        trained, outcome = run(current, narrowed, step.epochs,
-                               lambda stage, fraction, start=done, share=step.epochs, label=label: progress(
-                                   label + stage, 0.05 + 0.9 * (start + fraction * share) / options.epochs))
-        records.append({"step": index + 1, "role": "student" if index + 1 == len(steps) else "assistant",
-                        "width": step.width, "distilled_from": "teacher" if index == 0 else f"step {index}",
-                        "epoch_budget": step.epochs, "parameters": count_parameters(trained),
-                        "groups": pruned["groups"], "left_whole": pruned["left_whole"], **outcome,
-                        "validation": _evaluate(current, trained, validation, torch.device("cpu"))})
+        trained, outcome = run(
+            current,
+            narrowed,
+            step.epochs,
+            lambda stage, fraction, start=done, share=step.epochs, label=label: progress(
+                label + stage, 0.05 + 0.9 * (start + fraction * share) / options.epochs
+            ),
+        )
+        records.append(
+            {
+                "step": index + 1,
+                "role": "student" if index + 1 == len(steps) else "assistant",
+                "width": step.width,
+                "distilled_from": "teacher" if index == 0 else f"step {index}",
+                "epoch_budget": step.epochs,
+                "parameters": count_parameters(trained),
+                "groups": pruned["groups"],
+                "left_whole": pruned["left_whole"],
+                **outcome,
+                "validation": _evaluate(current, trained, validation, torch.device("cpu")),
+            }
+        )
         pruned_steps.append(pruned)
         current, current_width, done = trained, step.width, done + step.epochs
     origin = {"from": "width", "width": width, **compose_groups(pruned_steps)}
-    last = {key: value for key, value in records[-1].items()
-            if key in ("epochs", "best_epoch", "stopped_early", "features")}
-    schedule = {"widths": [step.width for step in steps], "epoch_budget": [step.epochs for step in steps],
-                "agreement": "each step's curve and validation agreement are against the model it is distilled "
-                             "from; the report's validation is against the teacher",
-                "steps": records}
+    last = {
+        key: value for key, value in records[-1].items() if key in ("epochs", "best_epoch", "stopped_early", "features")
+    }
+    schedule = {
+        "widths": [step.width for step in steps],
+        "epoch_budget": [step.epochs for step in steps],
+        "agreement": "each step's curve and validation agreement are against the model it is distilled "
+        "from; the report's validation is against the teacher",
+        "steps": records,
+    }
     return current, origin, last, schedule
 
 
 # ---------------------------------------------------------------------------- students
 
 
-def _build_student(teacher, student_options: StudentOptions, uploaded, classes: int, data: Dataset,
-                   scripted: bool) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+def _build_student(
+    teacher, student_options: StudentOptions, uploaded, classes: int, data: Dataset, scripted: bool
+) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     source = student_options.source  # "from" in JSON
     if source == "upload":
         if uploaded is None:
@@ -178,9 +232,17 @@ def _torchvision_student(arch: str, classes: int, scripted: bool) -> torch.jit.S
 # ---------------------------------------------------------------------------- training
 
 
-def _train(teacher, student, train: Dataset, validation: Dataset, options: DistillOptions, alpha: float,
-           device: torch.device, progress: Progress, hint_pairs: list[HintPair] | None = None,
-           ) -> tuple[torch.jit.ScriptModule, list[dict[str, Any]], int, bool, list[dict[str, Any]] | None]:
+def _train(
+    teacher,
+    student,
+    train: Dataset,
+    validation: Dataset,
+    options: DistillOptions,
+    alpha: float,
+    device: torch.device,
+    progress: Progress,
+    hint_pairs: list[HintPair] | None = None,
+) -> tuple[torch.jit.ScriptModule, list[dict[str, Any]], int, bool, list[dict[str, Any]] | None]:
     """Train a copy of ``student`` on ``device``; return it (on the CPU, best epoch's weights), the curve,
     the best epoch, whether it stopped early, and the hint pairs as trained (None without hints).
     ``progress`` gets the fraction of this training done."""
@@ -209,7 +271,7 @@ def _train(teacher, student, train: Dataset, validation: Dataset, options: Disti
             order = torch.randperm(len(train), generator=generator)
             total, logit_total, hint_total, count = 0.0, 0.0, 0.0, 0
             for step, start in enumerate(range(0, len(train), batch_size)):
-                index = order[start:start + batch_size]
+                index = order[start : start + batch_size]
                 if index.numel() < 2:
                     continue  # a batch of one breaks BatchNorm in training mode
                 inputs = tuple(tensor.to(device) for tensor in train.rows(index))
@@ -218,8 +280,11 @@ def _train(teacher, student, train: Dataset, validation: Dataset, options: Disti
                     soft_targets = F.softmax(select_output(taught, train.target_output) / temperature, dim=1)
                 output, student_features = hints.student(*inputs) if hints is not None else (student(*inputs), [])
                 logits = select_output(output, train.target_output)
-                loss = alpha * temperature ** 2 * F.kl_div(
-                    F.log_softmax(logits / temperature, dim=1), soft_targets, reduction="batchmean")
+                loss = (
+                    alpha
+                    * temperature**2
+                    * F.kl_div(F.log_softmax(logits / temperature, dim=1), soft_targets, reduction="batchmean")
+                )
                 if alpha < 1.0 and train.labels is not None:
                     loss = loss + (1.0 - alpha) * F.cross_entropy(logits, train.labels[index].to(device))
                 logit_total += float(loss.detach()) * index.numel()
@@ -236,7 +301,9 @@ def _train(teacher, student, train: Dataset, validation: Dataset, options: Disti
             scores = _evaluate(teacher, student, validation, device)
             losses = {"train_loss": round(total / max(count, 1), 6)}
             if hints is not None:  # the total is the logit loss plus weight x the hint loss
-                losses.update(logit_loss=round(logit_total / max(count, 1), 6), hint_loss=round(hint_total / max(count, 1), 6))
+                losses.update(
+                    logit_loss=round(logit_total / max(count, 1), 6), hint_loss=round(hint_total / max(count, 1), 6)
+                )
             curve.append({"epoch": epoch, **losses, **scores})
             score = scores["accuracy"] if scores["accuracy"] is not None else scores["agreement"]
             if score > best_score:
@@ -266,9 +333,11 @@ def _evaluate(teacher, student, data: Dataset, device: torch.device) -> dict[str
             predicted = select_output(student(*inputs), data.target_output).argmax(1)
             agree += int((predicted == select_output(teacher(*inputs), data.target_output).argmax(1)).sum())
             if data.labels is not None:
-                correct += int((predicted.cpu() == data.labels[start:start + 256]).sum())
-    return {"agreement": round(agree / len(data), 6),
-            "accuracy": round(correct / len(data), 6) if data.labels is not None else None}
+                correct += int((predicted.cpu() == data.labels[start : start + 256]).sum())
+    return {
+        "agreement": round(agree / len(data), 6),
+        "accuracy": round(correct / len(data), 6) if data.labels is not None else None,
+    }
 
 
 def _state(model: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Pruning a torch.export program (``.pt2``): magnitude pruning in its state dict, or channel pruning
 on a trace of its module with the sliced tensors copied back and the program re-exported."""
+
 from __future__ import annotations
 
 import warnings
@@ -25,24 +26,29 @@ from workers.engine.torchscript_graph import matching_pattern, quiet_torchscript
 Progress = Callable[[str, float], None]
 
 
-def prune_program(program: ExportedProgram, options: PruneOptions, data: Dataset,
-                  progress: Progress) -> tuple[ExportedProgram, dict[str, Any]]:
+def prune_program(
+    program: ExportedProgram, options: PruneOptions, data: Dataset, progress: Progress
+) -> tuple[ExportedProgram, dict[str, Any]]:
     """Zero the smallest-magnitude weights of Linear / Conv2d ops in the program's state dict.
 
     |w| below the ``amount`` quantile (of all chosen weights with scope ``global``, of each layer's
     with ``per_layer``) becomes 0. The graph is unchanged; zeros shrink the file once compressed.
     """
     if options.regularize:
-        raise UnsupportedModel(f"importance {options.importance} is not available for .pt2 programs: a program "
-                               "is trained through a trace of its eval-mode graph, where BatchNorm keeps fixed running "
-                               "statistics, and the sparsity-training phase is not supported there; upload the model "
-                               "as TorchScript, or use importance l1 or l2")
+        raise UnsupportedModel(
+            f"importance {options.importance} is not available for .pt2 programs: a program "
+            "is trained through a trace of its eval-mode graph, where BatchNorm keeps fixed running "
+            "statistics, and the sparsity-training phase is not supported there; upload the model "
+            "as TorchScript, or use importance l1 or l2"
+        )
     if options.structured:
         return prune_channels(program, options, data, progress)
     if options.finetune:
-        raise UnsupportedModel("fine-tuning after unstructured pruning is not available for .pt2 programs yet; drop "
-                               "'finetune' (and 'schedule', which fine-tunes between its steps), or upload the model "
-                               "as TorchScript")
+        raise UnsupportedModel(
+            "fine-tuning after unstructured pruning is not available for .pt2 programs yet; drop "
+            "'finetune' (and 'schedule', which fine-tunes between its steps), or upload the model "
+            "as TorchScript"
+        )
     amount = options.amount
     modules, exclude = set(options.modules), list(options.exclude or [])
     layer_weights: list[str] = []  # in graph order
@@ -61,8 +67,11 @@ def prune_program(program: ExportedProgram, options: PruneOptions, data: Dataset
         # often shares its weight with the input embedding, which pruning it would zero as well.
         final = layer_weights.pop()
         notes.append(f"the final layer {final.rpartition('.')[0]!r} is excluded by default (set 'exclude' to change)")
-    weights = {name: program.state_dict[name] for name in layer_weights
-               if not matching_pattern(name.rpartition(".")[0], exclude)}
+    weights = {
+        name: program.state_dict[name]
+        for name in layer_weights
+        if not matching_pattern(name.rpartition(".")[0], exclude)
+    }
     if not weights:
         raise UnsupportedModel(f"the program has no {' or '.join(sorted(modules))} weight to prune")
     if options.scope == "global":
@@ -78,12 +87,18 @@ def prune_program(program: ExportedProgram, options: PruneOptions, data: Dataset
     progress("pruning", 1.0)
     total = sum(w.numel() for w in weights.values())
     zeros = sum(int((w == 0).sum()) for w in weights.values())
-    return program, {"format": EXPORTED, "structured": False, "sparsity": round(zeros / total, 5), "layers": layers,
-                     "notes": notes}
+    return program, {
+        "format": EXPORTED,
+        "structured": False,
+        "sparsity": round(zeros / total, 5),
+        "layers": layers,
+        "notes": notes,
+    }
 
 
-def prune_channels(program: ExportedProgram, options: PruneOptions, data: Dataset,
-                   progress: Progress) -> tuple[ExportedProgram, dict[str, Any]]:
+def prune_channels(
+    program: ExportedProgram, options: PruneOptions, data: Dataset, progress: Progress
+) -> tuple[ExportedProgram, dict[str, Any]]:
     """Structured pruning of a program: the TorchScript path's channel analysis on a trace of the
     unlifted module, then the sliced (and fine-tuned) tensors copied back by name and re-exported.
 
@@ -92,9 +107,11 @@ def prune_channels(program: ExportedProgram, options: PruneOptions, data: Datase
     the re-exported program is then checked against the proven trace on the same rows."""
     fixed = fixed_batch(program)
     if fixed and options.finetune:
-        raise UnsupportedModel(f"the program was exported for batches of exactly {fixed} rows, and fine-tuning "
-                               "trains in batches of other sizes: export it with a dynamic batch "
-                               "(dynamic_shapes), or drop 'finetune' (and 'schedule')")
+        raise UnsupportedModel(
+            f"the program was exported for batches of exactly {fixed} rows, and fine-tuning "
+            "trains in batches of other sizes: export it with a dynamic batch "
+            "(dynamic_shapes), or drop 'finetune' (and 'schedule')"
+        )
     module = program.module()
     _sizes_as_methods(module)
     example = data.exactly(fixed or 2)
@@ -103,8 +120,9 @@ def prune_channels(program: ExportedProgram, options: PruneOptions, data: Datase
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # the guards become constants
             traced = torch.jit.trace(module, example, check_trace=False, strict=False)
     except Exception as error:
-        raise UnsupportedModel("structured pruning analyses a trace of the program, and tracing it failed: "
-                               f"{summarize_torch_error(error)}") from None
+        raise UnsupportedModel(
+            f"structured pruning analyses a trace of the program, and tracing it failed: {summarize_torch_error(error)}"
+        ) from None
     traced, details = prune(traced, options, data, progress, fixed_batch=fixed)
     shapes_before = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
     with torch.no_grad():
@@ -117,23 +135,36 @@ def prune_channels(program: ExportedProgram, options: PruneOptions, data: Datase
             pairs = output_differences(traced(*rows), exported.module()(*rows))
         scale = max((largest for expected, _, _, largest in pairs or [] if expected.numel()), default=0.0) or 1.0
         if pairs is None or any(error > MASKED_TOLERANCE * scale for _, _, error, _ in pairs):
-            raise UnsupportedModel("the pruned program, exported again, does not compute what the pruned trace "
-                                   "computes (a size the trace could not follow is fixed in the graph); upload "
-                                   "the model as TorchScript to prune its channels")
+            raise UnsupportedModel(
+                "the pruned program, exported again, does not compute what the pruned trace "
+                "computes (a size the trace could not follow is fixed in the graph); upload "
+                "the model as TorchScript to prune its channels"
+            )
     if "macs" not in details:  # counted on the programs themselves when the trace refused the counter
         batch = data.exactly(fixed or 8)
-        details["macs"] = {"before": count_macs(program.module(), batch), "after": count_macs(exported.module(), batch),
-                           "batch_shape": list(batch[0].shape), "counted": "convolutions and matrix multiplies "
-                           "(torch.utils.flop_counter, FLOPs / 2)"}
-        details["notes"] = [note for note in details["notes"] if not note.startswith("multiply-accumulates not counted")]
+        details["macs"] = {
+            "before": count_macs(program.module(), batch),
+            "after": count_macs(exported.module(), batch),
+            "batch_shape": list(batch[0].shape),
+            "counted": "convolutions and matrix multiplies (torch.utils.flop_counter, FLOPs / 2)",
+        }
+        details["notes"] = [
+            note for note in details["notes"] if not note.startswith("multiply-accumulates not counted")
+        ]
     details["format"] = EXPORTED
-    details["route"] = "channel analysis on a torch.jit.trace of ExportedProgram.module(), tensors copied back, re-exported"
+    details["route"] = (
+        "channel analysis on a torch.jit.trace of ExportedProgram.module(), tensors copied back, re-exported"
+    )
     return exported, details
 
 
 # Where a size that must follow sliced weights sits in an op's arguments.
-_CONV_GROUPS = {torch.ops.aten.conv1d.default: 6, torch.ops.aten.conv2d.default: 6, torch.ops.aten.conv3d.default: 6,
-                torch.ops.aten.convolution.default: 8}
+_CONV_GROUPS = {
+    torch.ops.aten.conv1d.default: 6,
+    torch.ops.aten.conv2d.default: 6,
+    torch.ops.aten.conv3d.default: 6,
+    torch.ops.aten.convolution.default: 8,
+}
 
 
 _LAYER_NORM = torch.ops.aten.layer_norm.default
@@ -163,8 +194,12 @@ def _sizes_as_methods(module: torch.fx.GraphModule) -> None:
 # Ops that take or give sizes, called as the tensor methods the tracer follows (an op overload
 # called from Python gets the traced size as a plain number).
 _ARANGE = {torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step}
-_AS_METHOD = {torch.ops.aten.sym_size.int: "size", torch.ops.aten.view.default: "view",
-              torch.ops.aten.reshape.default: "reshape", torch.ops.aten.expand.default: "expand"}
+_AS_METHOD = {
+    torch.ops.aten.sym_size.int: "size",
+    torch.ops.aten.view.default: "view",
+    torch.ops.aten.reshape.default: "reshape",
+    torch.ops.aten.expand.default: "expand",
+}
 
 
 def _follow_sliced_sizes(module: torch.fx.GraphModule, shapes_before: dict[str, tuple[int, ...]]) -> None:
@@ -178,8 +213,13 @@ def _follow_sliced_sizes(module: torch.fx.GraphModule, shapes_before: dict[str, 
         if node.op != "call_function":
             continue
         position = _CONV_GROUPS.get(node.target)
-        if position is not None and len(node.args) > position and isinstance(node.args[position], int) \
-                and node.args[position] > 1 and is_attribute(node.args[1]):
+        if (
+            position is not None
+            and len(node.args) > position
+            and isinstance(node.args[position], int)
+            and node.args[position] > 1
+            and is_attribute(node.args[1])
+        ):
             old_rows, new_rows = shapes_before[node.args[1].target][0], attribute(module, node.args[1].target).shape[0]
             if new_rows != old_rows:
                 groups = node.args[position]

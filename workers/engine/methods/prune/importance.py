@@ -13,6 +13,7 @@
 
 The phase (``regularize``) is the one training loop (``methods.training.finetune``) with a penalty.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -44,7 +45,7 @@ def norm_importance(group: ChannelGroup, tensors: dict[str, torch.Tensor], crite
     """Each channel's norm in the producing weights (for attention heads also the output
     projection's columns that read them: a head is ranked by its q, k, v and out weights)."""
     score = torch.zeros(group.size)
-    for member in (group.members if group.head_width else group.producers):
+    for member in group.members if group.head_width else group.producers:
         tensor = tensors[member.parameter]
         if tensor.dim() < 2:
             continue
@@ -64,8 +65,11 @@ def scale_importance(group: ChannelGroup, tensors: dict[str, torch.Tensor], scal
 
 def group_norms(group: ChannelGroup, tensors: dict[str, torch.Tensor], trainable: set[str]) -> torch.Tensor:
     """Each channel's L2 norm over all trainable slices of its group (differentiable: the penalty uses it)."""
-    squares = sum(channel_rows(tensors[m.parameter], m, group.size).pow(2).sum(1)
-                  for m in group.members if m.parameter in trainable)
+    squares = sum(
+        channel_rows(tensors[m.parameter], m, group.size).pow(2).sum(1)
+        for m in group.members
+        if m.parameter in trainable
+    )
     return (squares + 1e-12).sqrt() if isinstance(squares, torch.Tensor) else torch.zeros(group.size)
 
 
@@ -112,8 +116,14 @@ def trainable_names(model: torch.jit.ScriptModule) -> set[str]:
 # ---------------------------------------------------------------------------- the sparsity-training phase
 
 
-def regularize(model: torch.jit.ScriptModule, options: PruneOptions, groups: list[ChannelGroup], data: Dataset,
-               teacher: torch.jit.ScriptModule, progress: Progress) -> dict[str, Any]:
+def regularize(
+    model: torch.jit.ScriptModule,
+    options: PruneOptions,
+    groups: list[ChannelGroup],
+    data: Dataset,
+    teacher: torch.jit.ScriptModule,
+    progress: Progress,
+) -> dict[str, Any]:
     """Train ``model`` in place with the penalty of ``options.importance`` on the prunable ``groups``;
     return the phase's report: its settings and, per epoch, the losses and how small the penalised values got."""
     phase = options.regularize
@@ -126,24 +136,43 @@ def regularize(model: torch.jit.ScriptModule, options: PruneOptions, groups: lis
     training = options.finetune or typed(FinetuneSpec, FinetuneSpec().load({}))  # its batch size and seed
     before = measure()
     history = finetune(
-        model, data, teacher, epochs=phase.epochs, lr=phase.lr, batch_size=training.batch_size,
-        seed=training.seed, penalty=penalty, after_epoch=measure,
-        progress=lambda stage, fraction: progress(f"sparsity training: {stage.removeprefix('fine-tuning ')}",
-                                                  0.05 + 0.15 * fraction))
-    return {"importance": options.importance, "strength": phase.strength, "epochs": phase.epochs, "lr": phase.lr,
-            "before": before, "curve": history, **notes}
+        model,
+        data,
+        teacher,
+        epochs=phase.epochs,
+        lr=phase.lr,
+        batch_size=training.batch_size,
+        seed=training.seed,
+        penalty=penalty,
+        after_epoch=measure,
+        progress=lambda stage, fraction: progress(
+            f"sparsity training: {stage.removeprefix('fine-tuning ')}", 0.05 + 0.15 * fraction
+        ),
+    )
+    return {
+        "importance": options.importance,
+        "strength": phase.strength,
+        "epochs": phase.epochs,
+        "lr": phase.lr,
+        "before": before,
+        "curve": history,
+        **notes,
+    }
 
 
-def _scale_penalty(model: torch.jit.ScriptModule, groups: list[ChannelGroup], parameters: dict[str, torch.Tensor],
-                   strength: float) -> tuple[Callable[[], torch.Tensor], Callable[[], dict[str, float]], dict[str, Any]]:
+def _scale_penalty(
+    model: torch.jit.ScriptModule, groups: list[ChannelGroup], parameters: dict[str, torch.Tensor], strength: float
+) -> tuple[Callable[[], torch.Tensor], Callable[[], dict[str, float]], dict[str, Any]]:
     scales = batch_norm_scales(model)
     penalised = [(group, m) for group in groups for m in group.members if m.parameter in scales]
     without = sorted(group.name for group in groups if not any(m.parameter in scales for m in group.members))
     if not penalised:
         names = ", ".join(group.name for group in groups[:12]) or "none"
-        raise UnsupportedModel("importance bn_scale ranks channels by the scale of the BatchNorm after the layer "
-                               f"that makes them, and no prunable channel group has one (prunable groups: {names}); "
-                               "use importance l1, l2 or group_lasso")
+        raise UnsupportedModel(
+            "importance bn_scale ranks channels by the scale of the BatchNorm after the layer "
+            f"that makes them, and no prunable channel group has one (prunable groups: {names}); "
+            "use importance l1, l2 or group_lasso"
+        )
 
     def slices() -> list[torch.Tensor]:
         return [channel_rows(parameters[m.parameter], m, group.size) for group, m in penalised]
@@ -154,20 +183,29 @@ def _scale_penalty(model: torch.jit.ScriptModule, groups: list[ChannelGroup], pa
     def measure() -> dict[str, float]:
         with torch.no_grad():
             values = torch.cat([rows.abs().flatten() for rows in slices()])
-        return {"scale_mean": round(float(values.mean()), 6),
-                f"scales_below_{SMALL_SCALE:g}": round(float((values < SMALL_SCALE).float().mean()), 6)}
+        return {
+            "scale_mean": round(float(values.mean()), 6),
+            f"scales_below_{SMALL_SCALE:g}": round(float((values < SMALL_SCALE).float().mean()), 6),
+        }
 
-    notes: dict[str, Any] = {"penalised": {"batch_norm_scales": sorted({m.parameter for _, m in penalised}),
-                                           "channels": sum(group.size for group, _ in penalised)}}
+    notes: dict[str, Any] = {
+        "penalised": {
+            "batch_norm_scales": sorted({m.parameter for _, m in penalised}),
+            "channels": sum(group.size for group, _ in penalised),
+        }
+    }
     if without:
-        notes["warnings"] = [f"importance bn_scale: {len(without)} prunable group(s) have no BatchNorm after the "
-                             f"layer making their channels ({', '.join(without[:8])}{', ...' if len(without) > 8 else ''}); "
-                             "they are ranked by the l1 norm of their weights instead"]
+        notes["warnings"] = [
+            f"importance bn_scale: {len(without)} prunable group(s) have no BatchNorm after the "
+            f"layer making their channels ({', '.join(without[:8])}{', ...' if len(without) > 8 else ''}); "
+            "they are ranked by the l1 norm of their weights instead"
+        ]
     return penalty, measure, notes
 
 
-def _norm_penalty(model: torch.jit.ScriptModule, groups: list[ChannelGroup], parameters: dict[str, torch.Tensor],
-                  strength: float) -> tuple[Callable[[], torch.Tensor], Callable[[], dict[str, float]], dict[str, Any]]:
+def _norm_penalty(
+    model: torch.jit.ScriptModule, groups: list[ChannelGroup], parameters: dict[str, torch.Tensor], strength: float
+) -> tuple[Callable[[], torch.Tensor], Callable[[], dict[str, float]], dict[str, Any]]:
     trainable = trainable_names(model)
     with torch.no_grad():
         start = {group.name: float(group_norms(group, parameters, trainable).mean()) for group in groups}
@@ -180,8 +218,13 @@ def _norm_penalty(model: torch.jit.ScriptModule, groups: list[ChannelGroup], par
             norms = [group_norms(group, parameters, trainable) for group in groups]
         small = sum(int((n < SMALL_NORM * start[g.name]).sum()) for g, n in zip(groups, norms))
         channels = sum(group.size for group in groups)
-        return {"group_norm_mean": round(float(torch.cat(norms).mean()), 6),
-                f"norms_below_{SMALL_NORM:g}_of_start_mean": round(small / max(channels, 1), 6)}
+        return {
+            "group_norm_mean": round(float(torch.cat(norms).mean()), 6),
+            f"norms_below_{SMALL_NORM:g}_of_start_mean": round(small / max(channels, 1), 6),
+        }
 
-    return penalty, measure, {"penalised": {"groups": [group.name for group in groups],
-                                            "channels": sum(group.size for group in groups)}}
+    return (
+        penalty,
+        measure,
+        {"penalised": {"groups": [group.name for group in groups], "channels": sum(group.size for group in groups)}},
+    )

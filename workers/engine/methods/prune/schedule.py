@@ -9,6 +9,7 @@ remainder). A step is what a one-shot job does, on the model the previous step l
 the smallest magnitudes of the current weights are zeroed (the earlier zeros are the smallest, so
 they stay); structured, each group keeps its share of its *original* channels.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -42,9 +43,13 @@ def split_epochs(epochs: int, steps: int) -> list[int]:
     return [base + (1 if index >= steps - extra else 0) for index in range(steps)]
 
 
-def run_schedule(model: torch.jit.ScriptModule, options: PruneOptions, prune_step: PruneStep, train: Train,
-                 merge: Callable[[list[dict[str, Any]]], dict[str, Any]],
-                 ) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+def run_schedule(
+    model: torch.jit.ScriptModule,
+    options: PruneOptions,
+    prune_step: PruneStep,
+    train: Train,
+    merge: Callable[[list[dict[str, Any]]], dict[str, Any]],
+) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     """Prune in ``options.schedule.steps`` steps with fine-tuning after each; the merged report
     (``merge`` of the steps' reports) with ``schedule`` (per step: amount, epochs, losses) and ``finetune``
     (every epoch, numbered across the steps)."""
@@ -76,8 +81,7 @@ def run_schedule(model: torch.jit.ScriptModule, options: PruneOptions, prune_ste
             history.append({**entry, "epoch": len(history) + 1, "step": index + 1})
         steps.append({**record, "epochs": count, "finetune": [entry["train_loss"] for entry in losses]})
     merged = merge(reports)
-    merged["schedule"] = {"curve": schedule.curve, "steps": steps,
-                          "epochs": sum(step["epochs"] for step in steps)}
+    merged["schedule"] = {"curve": schedule.curve, "steps": steps, "epochs": sum(step["epochs"] for step in steps)}
     merged["finetune"] = history
     return model, merged
 
@@ -103,16 +107,21 @@ def merge_channel_reports(reports: list[dict[str, Any]], kept: dict[str, torch.T
                 merged["channels_before"] = groups[key]["channels_before"]
             if "heads" in merged and key in kept:
                 width = merged["heads"]["width"]
-                merged["heads"] = {"width": width, "before": merged["channels_before"] // width,
-                                   "kept": sorted({int(channel) // width for channel in kept[key]})}
+                merged["heads"] = {
+                    "width": width,
+                    "before": merged["channels_before"] // width,
+                    "kept": sorted({int(channel) // width for channel in kept[key]}),
+                }
             groups[key] = merged
     final = dict(reports[-1])
     before = reports[0]["channels"]["before"]
     final["groups"] = list(groups.values())
     pruned = {entry["group"] for entry in groups.values()}
     final["left_whole"] = [entry for entry in final["left_whole"] if entry["group"] not in pruned]
-    final["channels"] = {"before": before,
-                         "after": before - sum(g["channels_before"] - g["channels_after"] for g in groups.values())}
+    final["channels"] = {
+        "before": before,
+        "after": before - sum(g["channels_before"] - g["channels_after"] for g in groups.values()),
+    }
     if any("heads" in entry for entry in groups.values()):
         final["heads_kept"] = {key: entry["heads"]["kept"] for key, entry in groups.items() if "heads" in entry}
     return final

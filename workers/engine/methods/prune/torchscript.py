@@ -6,6 +6,7 @@ real, so the model gets smaller and faster: every tensor in a coupled group
 (``analysis/channels``) is sliced by the same kept indices (``analysis/slicing``, proven by
 ``analysis/proof``), in place on the ScriptModule.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,8 +61,10 @@ def prune(
     """
     progress = progress or (lambda stage, fraction: None)
     if (options.finetune or options.regularize) and data.synthetic:
-        raise InvalidInput(f"{'sparsity training' if options.regularize else 'fine-tuning'} needs a data file; "
-                           "random inputs teach the model nothing")
+        raise InvalidInput(
+            f"{'sparsity training' if options.regularize else 'fine-tuning'} needs a data file; "
+            "random inputs teach the model nothing"
+        )
     teacher = clone_model(model) if options.finetune or options.regularize else None
     selected = set(options.modules)
     exclude, excluded_by_default = _exclusions(model, options.exclude)
@@ -72,19 +75,23 @@ def prune(
     progress("ranking", 0.05)
     regularized = None
     if options.regularize:
-        groups = channel_groups(model, {name: t.shape for name, t in tensors(model).items()},
-                                data.exactly(fixed_batch or 2))
+        groups = channel_groups(
+            model, {name: t.shape for name, t in tensors(model).items()}, data.exactly(fixed_batch or 2)
+        )
         targets = [group for group in groups if not _group_reasons(group, selected, exclude)]
         if targets:  # none: nothing to prune, which the first step reports with the reasons per group
             regularized = regularize(model, options, targets, data, teacher, progress)
     units: dict[str, int] = {}  # each group's channel units before the first step
     kept: dict[str, torch.Tensor] = {}  # each pruned group's original channels still there
 
-    def prune_step(model: torch.jit.ScriptModule, amount: float) -> tuple[torch.jit.ScriptModule, dict[str, Any], AfterStep]:
+    def prune_step(
+        model: torch.jit.ScriptModule, amount: float
+    ) -> tuple[torch.jit.ScriptModule, dict[str, Any], AfterStep]:
         step_options = dataclasses.replace(options, amount=amount)
         if options.structured:
-            model, details, accepted = _prune_channels(model, step_options, selected, exclude, types, data, progress,
-                                                       fixed_batch, units)
+            model, details, accepted = _prune_channels(
+                model, step_options, selected, exclude, types, data, progress, fixed_batch, units
+            )
             for key, size, keep in accepted:
                 kept[key] = kept.get(key, torch.arange(size))[keep]
             return model, details, None
@@ -95,9 +102,17 @@ def prune(
         training = options.finetune
         assert training is not None
         steps = options.schedule.steps if options.schedule else 1
-        return finetune(model, data, teacher, epochs=epochs, lr=training.lr, batch_size=training.batch_size,
-                        seed=training.seed + index, after_step=after_step,
-                        progress=lambda stage, fraction: progress(stage, 0.5 + 0.45 * (index + fraction) / steps))
+        return finetune(
+            model,
+            data,
+            teacher,
+            epochs=epochs,
+            lr=training.lr,
+            batch_size=training.batch_size,
+            seed=training.seed + index,
+            after_step=after_step,
+            progress=lambda stage, fraction: progress(stage, 0.5 + 0.45 * (index + fraction) / steps),
+        )
 
     if options.schedule:
         merge = (lambda reports: merge_channel_reports(reports, kept)) if options.structured else (lambda r: r[-1])
@@ -111,12 +126,20 @@ def prune(
         details.setdefault("warnings", []).extend(regularized.pop("warnings", []))
     macs_after = _counted_macs(model, batch)
     if isinstance(macs_before, int) and isinstance(macs_after, int):
-        details["macs"] = {"before": macs_before, "after": macs_after, "batch_shape": list(batch[0].shape),
-                           "counted": "convolutions and matrix multiplies (torch.utils.flop_counter, FLOPs / 2)"}
+        details["macs"] = {
+            "before": macs_before,
+            "after": macs_after,
+            "batch_shape": list(batch[0].shape),
+            "counted": "convolutions and matrix multiplies (torch.utils.flop_counter, FLOPs / 2)",
+        }
     else:
-        details["notes"].append(f"multiply-accumulates not counted: {macs_before if isinstance(macs_before, str) else macs_after}")
+        details["notes"].append(
+            f"multiply-accumulates not counted: {macs_before if isinstance(macs_before, str) else macs_after}"
+        )
     if excluded_by_default:
-        details["notes"].append(f"the final classifier {excluded_by_default!r} is excluded by default (set 'exclude' to change)")
+        details["notes"].append(
+            f"the final classifier {excluded_by_default!r} is excluded by default (set 'exclude' to change)"
+        )
     if not options.structured and options.criterion == "l2":
         details["notes"].append("for single weights l1 and l2 rank alike (|w| vs w^2)")
     progress("pruned", 0.95)
@@ -136,8 +159,14 @@ def _counted_macs(model: torch.jit.ScriptModule, batch: tuple[torch.Tensor, ...]
 # ---------------------------------------------------------------------------- unstructured
 
 
-def _prune_weights(model, options: PruneOptions, selected, exclude, types, linear_weights: set[str],
-                   ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def _prune_weights(
+    model,
+    options: PruneOptions,
+    selected,
+    exclude,
+    types,
+    linear_weights: set[str],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     amount = options.amount
     targets, skipped = {}, []
     for name, parameter in model.named_parameters():
@@ -178,8 +207,14 @@ def _prune_weights(model, options: PruneOptions, selected, exclude, types, linea
     ]
     total = sum(layer["elements"] for layer in layers)
     zeros = sum(int((p == 0).sum()) for p in targets.values())
-    return {"structured": False, "scope": options.scope, "layers": layers,
-            "sparsity": round(zeros / total, 6), "left_whole": skipped, "notes": notes}, masks
+    return {
+        "structured": False,
+        "scope": options.scope,
+        "layers": layers,
+        "sparsity": round(zeros / total, 6),
+        "left_whole": skipped,
+        "notes": notes,
+    }, masks
 
 
 def _apply_masks(model: torch.jit.ScriptModule, masks: dict[str, torch.Tensor]) -> None:
@@ -250,9 +285,17 @@ def _group_reasons(group: ChannelGroup, selected: set[str], exclude: list[str]) 
     return reasons
 
 
-def _prune_channels(model, options: PruneOptions, selected, exclude, types, data: Dataset, progress: Progress,
-                    fixed_batch: int | None = None, original_units: dict[str, int] | None = None,
-                    ) -> tuple[torch.jit.ScriptModule, dict[str, Any], list[tuple[str, int, torch.Tensor]]]:
+def _prune_channels(
+    model,
+    options: PruneOptions,
+    selected,
+    exclude,
+    types,
+    data: Dataset,
+    progress: Progress,
+    fixed_batch: int | None = None,
+    original_units: dict[str, int] | None = None,
+) -> tuple[torch.jit.ScriptModule, dict[str, Any], list[tuple[str, int, torch.Tensor]]]:
     """The pruned model, the report, and per pruned group its key, its channels before and the kept ones.
 
     ``original_units``: each group's units (by key) before the first step of a schedule (filled in
@@ -308,47 +351,78 @@ def _prune_channels(model, options: PruneOptions, selected, exclude, types, data
                 if problem is None:
                     accepted.append(candidate)
                 else:
-                    left_whole.append({"group": candidate[0].name, "channels": candidate[0].size,
-                                       "reason": f"put back: {problem}"})
+                    left_whole.append(
+                        {"group": candidate[0].name, "channels": candidate[0].size, "reason": f"put back: {problem}"}
+                    )
                 progress("checking groups", 0.1 + 0.3 * (index + 1) / len(candidates))
     materialize(model, originals, accepted)
     # Weights no group indexes (an LSTM's, an op the analysis does not model): name their layers.
     covered = {m.parameter for group in groups for m in group.members}
-    unmodelled = sorted({f"{layer_name(name)} ({types.get(layer_name(name)) or 'functional'})"
-                         for name, tensor in originals.items() if tensor.dim() >= 2 and name not in covered})
+    unmodelled = sorted(
+        {
+            f"{layer_name(name)} ({types.get(layer_name(name)) or 'functional'})"
+            for name, tensor in originals.items()
+            if tensor.dim() >= 2 and name not in covered
+        }
+    )
     if not accepted:
         reasons = "; ".join(f"{entry['group']}: {entry['reason']}" for entry in left_whole[:12])
         more = f" (and {len(left_whole) - 12} more groups)" if len(left_whole) > 12 else ""
         layers = f" Layers the channel analysis does not model: {', '.join(unmodelled[:12])}." if unmodelled else ""
-        raise NothingToPrune(f"structured pruning can remove no channel group of this model, so nothing would "
-                             f"change. Reasons per group: {reasons or 'no conv or linear layer makes channels'}{more}."
-                             f"{layers}"[:4000])
+        raise NothingToPrune(
+            f"structured pruning can remove no channel group of this model, so nothing would "
+            f"change. Reasons per group: {reasons or 'no conv or linear layer makes channels'}{more}."
+            f"{layers}"[:4000]
+        )
 
-    pruned = [{"group": g.name, "channels_before": g.size, "channels_after": int(keep.numel()),
-               "tensors": sorted({m.parameter for m in g.members}),
-               **({"heads": _heads(g, keep)} if g.head_width else {}),
-               **({"layer_norms_renormalised": len(g.norms)} if g.norms else {})} for g, keep in accepted]
+    pruned = [
+        {
+            "group": g.name,
+            "channels_before": g.size,
+            "channels_after": int(keep.numel()),
+            "tensors": sorted({m.parameter for m in g.members}),
+            **({"heads": _heads(g, keep)} if g.head_width else {}),
+            **({"layer_norms_renormalised": len(g.norms)} if g.norms else {}),
+        }
+        for g, keep in accepted
+    ]
     notes = []
     if renormalised := [g.name for g, _ in accepted if g.norms]:
-        notes.append(f"pruned groups normalised by a layer_norm: {len(renormalised)} ({', '.join(renormalised[:6])}"
-                     f"{', ...' if len(renormalised) > 6 else ''}); those norms' mean and variance now cover the kept "
-                     "channels only, so outputs move further from the original than zeroing alone would (see "
-                     "fidelity); fine-tuning recovers it")
+        notes.append(
+            f"pruned groups normalised by a layer_norm: {len(renormalised)} ({', '.join(renormalised[:6])}"
+            f"{', ...' if len(renormalised) > 6 else ''}); those norms' mean and variance now cover the kept "
+            "channels only, so outputs move further from the original than zeroing alone would (see "
+            "fidelity); fine-tuning recovers it"
+        )
     if ranking.fell_back:
-        notes.append(f"importance bn_scale: no BatchNorm after {', '.join(ranking.fell_back[:8])}"
-                     f"{', ...' if len(ranking.fell_back) > 8 else ''}: ranked by the l1 norm of the weights instead")
-    return model, {
-        "structured": True, "criterion": criterion, "importance": options.importance, "groups": pruned,
-        "left_whole": left_whole,
-        "channels": {"before": sum(g.size for g, _ in accepted) + sum(e["channels"] for e in left_whole),
-                     "after": sum(int(k.numel()) for _, k in accepted) + sum(e["channels"] for e in left_whole)},
-        "verified": "each pruned group matches the original with the same channels zeroed (and layer_norm "
-                    "statistics over the kept channels), on the example inputs",
-        "layers_not_modelled": unmodelled,
-        **({"heads_kept": {entry["group"]: entry["heads"]["kept"] for entry in pruned if "heads" in entry}}
-           if any("heads" in entry for entry in pruned) else {}),
-        "notes": notes,
-    }, [(keys[id(g)], g.size, keep) for g, keep in accepted]
+        notes.append(
+            f"importance bn_scale: no BatchNorm after {', '.join(ranking.fell_back[:8])}"
+            f"{', ...' if len(ranking.fell_back) > 8 else ''}: ranked by the l1 norm of the weights instead"
+        )
+    return (
+        model,
+        {
+            "structured": True,
+            "criterion": criterion,
+            "importance": options.importance,
+            "groups": pruned,
+            "left_whole": left_whole,
+            "channels": {
+                "before": sum(g.size for g, _ in accepted) + sum(e["channels"] for e in left_whole),
+                "after": sum(int(k.numel()) for _, k in accepted) + sum(e["channels"] for e in left_whole),
+            },
+            "verified": "each pruned group matches the original with the same channels zeroed (and layer_norm "
+            "statistics over the kept channels), on the example inputs",
+            "layers_not_modelled": unmodelled,
+            **(
+                {"heads_kept": {entry["group"]: entry["heads"]["kept"] for entry in pruned if "heads" in entry}}
+                if any("heads" in entry for entry in pruned)
+                else {}
+            ),
+            "notes": notes,
+        },
+        [(keys[id(g)], g.size, keep) for g, keep in accepted],
+    )
 
 
 def group_keys(groups: list[ChannelGroup]) -> list[str]:
@@ -365,8 +439,7 @@ def group_keys(groups: list[ChannelGroup]) -> list[str]:
 def _heads(group: ChannelGroup, keep: torch.Tensor) -> dict[str, Any]:
     """The attention heads of a pruned group: their width, how many there were, which were kept."""
     width = group.head_width
-    return {"width": width, "before": group.size // width,
-            "kept": sorted({int(channel) // width for channel in keep})}
+    return {"width": width, "before": group.size // width, "kept": sorted({int(channel) // width for channel in keep})}
 
 
 def _reads_grouped_conv(group: ChannelGroup, tensors: dict[str, torch.Tensor]) -> bool:

@@ -13,6 +13,7 @@ The functions follow torch's CPU kernels (``aten/src/ATen/native/transformers``)
 before or after. Nested (padded-batch) inputs keep the fused op: the int8 linear has no nested
 variant, and those weights are read dequantized there.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,14 +32,37 @@ FUSED_ATTENTION_WEIGHTS = {
 }
 
 
-def _attention(query: Tensor, key: Tensor, value: Tensor, embed_dim: int, num_heads: int,
-               qkv_weight: Tensor, qkv_bias: Tensor, proj_weight: Tensor, proj_bias: Tensor,
-               mask: Tensor | None, need_weights: bool, average_attn_weights: bool,
-               mask_type: int | None) -> tuple[Tensor, Tensor]:
+def _attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    embed_dim: int,
+    num_heads: int,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor,
+    proj_weight: Tensor,
+    proj_bias: Tensor,
+    mask: Tensor | None,
+    need_weights: bool,
+    average_attn_weights: bool,
+    mask_type: int | None,
+) -> tuple[Tensor, Tensor]:
     if query.is_nested or key.is_nested or value.is_nested:
         return torch._native_multi_head_attention(
-            query, key, value, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias,
-            mask, need_weights, average_attn_weights, mask_type)
+            query,
+            key,
+            value,
+            embed_dim,
+            num_heads,
+            qkv_weight,
+            qkv_bias,
+            proj_weight,
+            proj_bias,
+            mask,
+            need_weights,
+            average_attn_weights,
+            mask_type,
+        )
     batch = query.size(0)
     head_dim = embed_dim // num_heads
     if query is key and key is value:  # self-attention: one packed projection
@@ -66,23 +90,62 @@ def _attention(query: Tensor, key: Tensor, value: Tensor, embed_dim: int, num_he
     return output, weights
 
 
-def _encoder_layer(src: Tensor, embed_dim: int, num_heads: int, qkv_weight: Tensor, qkv_bias: Tensor,
-                   proj_weight: Tensor, proj_bias: Tensor, use_gelu: bool, norm_first: bool, eps: float,
-                   norm_weight_1: Tensor, norm_bias_1: Tensor, norm_weight_2: Tensor, norm_bias_2: Tensor,
-                   ffn_weight_1: Tensor, ffn_bias_1: Tensor, ffn_weight_2: Tensor, ffn_bias_2: Tensor,
-                   mask: Tensor | None, mask_type: int | None) -> Tensor:
+def _encoder_layer(
+    src: Tensor,
+    embed_dim: int,
+    num_heads: int,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor,
+    proj_weight: Tensor,
+    proj_bias: Tensor,
+    use_gelu: bool,
+    norm_first: bool,
+    eps: float,
+    norm_weight_1: Tensor,
+    norm_bias_1: Tensor,
+    norm_weight_2: Tensor,
+    norm_bias_2: Tensor,
+    ffn_weight_1: Tensor,
+    ffn_bias_1: Tensor,
+    ffn_weight_2: Tensor,
+    ffn_bias_2: Tensor,
+    mask: Tensor | None,
+    mask_type: int | None,
+) -> Tensor:
     if src.is_nested:
         return torch._transformer_encoder_layer_fwd(
-            src, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, use_gelu, norm_first, eps,
-            norm_weight_1, norm_bias_1, norm_weight_2, norm_bias_2, ffn_weight_1, ffn_bias_1, ffn_weight_2,
-            ffn_bias_2, mask, mask_type)
+            src,
+            embed_dim,
+            num_heads,
+            qkv_weight,
+            qkv_bias,
+            proj_weight,
+            proj_bias,
+            use_gelu,
+            norm_first,
+            eps,
+            norm_weight_1,
+            norm_bias_1,
+            norm_weight_2,
+            norm_bias_2,
+            ffn_weight_1,
+            ffn_bias_1,
+            ffn_weight_2,
+            ffn_bias_2,
+            mask,
+            mask_type,
+        )
     if src.numel() == 0:
         return src.clone()
     x = src
     if norm_first:
         x = F.layer_norm(x, [embed_dim], norm_weight_1, norm_bias_1, eps)
-    x = _attention(x, x, x, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias,
-                   mask, False, True, mask_type)[0] + src
+    x = (
+        _attention(
+            x, x, x, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias, mask, False, True, mask_type
+        )[0]
+        + src
+    )
     if not norm_first:
         x = F.layer_norm(x, [embed_dim], norm_weight_1, norm_bias_1, eps)
     residual = x
@@ -99,8 +162,10 @@ def _encoder_layer(src: Tensor, embed_dim: int, num_heads: int, qkv_weight: Tens
 @functools.cache
 def _expansion(kind: str) -> torch._C.Graph:
     """The inlined graph of the function that computes ``kind``; its inputs follow the op's schema."""
-    function = {"aten::_native_multi_head_attention": _attention,
-                "aten::_transformer_encoder_layer_fwd": _encoder_layer}[kind]
+    function = {
+        "aten::_native_multi_head_attention": _attention,
+        "aten::_transformer_encoder_layer_fwd": _encoder_layer,
+    }[kind]
     with quiet_torchscript_warnings():
         graph = torch.jit.script(function).graph.copy()
         torch._C._jit_pass_inline(graph)
@@ -121,8 +186,11 @@ def expand_fused_attention(graph: torch._C.Graph, reads_target: Callable[[torch.
             if not any(reads_target(node.inputsAt(i)) for i in weight_positions):
                 continue
             outputs = list(node.outputs())
-            if kind == "aten::_native_multi_head_attention" and _is_read(outputs[1]) \
-                    and node.inputsAt(10).toIValue() is not True:
+            if (
+                kind == "aten::_native_multi_head_attention"
+                and _is_read(outputs[1])
+                and node.inputsAt(10).toIValue() is not True
+            ):
                 continue
             new_outputs = _clone_at(graph, _expansion(kind), node, list(node.inputs()))
             for old, new in zip(outputs, new_outputs):
@@ -146,8 +214,11 @@ def _is_read(value: torch._C.Value, depth: int = 0) -> bool:
         if user.kind() == "prim::TupleConstruct":
             if _element_is_read(user.output(), use.offset, depth + 1):
                 return True
-        elif user.kind() == "prim::Return" and user.owningBlock().owningNode() is not None \
-                and user.owningBlock().owningNode().kind() == "prim::If":
+        elif (
+            user.kind() == "prim::Return"
+            and user.owningBlock().owningNode() is not None
+            and user.owningBlock().owningNode().kind() == "prim::If"
+        ):
             if _is_read(user.owningBlock().owningNode().outputsAt(use.offset), depth + 1):
                 return True
         else:
@@ -164,8 +235,11 @@ def _element_is_read(tuple_value: torch._C.Value, index: int, depth: int) -> boo
         elif user.kind() == "prim::TupleUnpack":
             if _is_read(user.outputsAt(index), depth + 1):
                 return True
-        elif user.kind() == "prim::Return" and user.owningBlock().owningNode() is not None \
-                and user.owningBlock().owningNode().kind() == "prim::If":
+        elif (
+            user.kind() == "prim::Return"
+            and user.owningBlock().owningNode() is not None
+            and user.owningBlock().owningNode().kind() == "prim::If"
+        ):
             if _element_is_read(user.owningBlock().owningNode().outputsAt(use.offset), index, depth + 1):
                 return True
         else:
@@ -173,8 +247,9 @@ def _element_is_read(tuple_value: torch._C.Value, index: int, depth: int) -> boo
     return False
 
 
-def _clone_at(graph: torch._C.Graph, source: torch._C.Graph, node: torch._C.Node,
-              inputs: list[torch._C.Value]) -> list[torch._C.Value]:
+def _clone_at(
+    graph: torch._C.Graph, source: torch._C.Graph, node: torch._C.Node, inputs: list[torch._C.Value]
+) -> list[torch._C.Value]:
     """Copy ``source``'s nodes into ``graph`` before ``node``, its inputs bound to ``inputs``; return its outputs."""
     env = dict(zip(source.inputs(), inputs))
     with graph.insert_point_guard(node):

@@ -9,6 +9,7 @@ with the float ``embedding_bag`` (the quantized bag kernel's ``mean`` disagrees 
 output layer of a language model that ties it to the input embedding) unpacks the whole table
 where it is read: one int8 copy serves both.
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,9 +25,15 @@ def _lookup(table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return torch.ops.quantized.embedding_bag_byte_unpack(torch.embedding(table, indices))
 
 
-def _bag(table: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, mode: int,
-         per_sample_weights: torch.Tensor | None, include_last_offset: bool,
-         padding_idx: int | None) -> torch.Tensor:
+def _bag(
+    table: torch.Tensor,
+    indices: torch.Tensor,
+    offsets: torch.Tensor,
+    mode: int,
+    per_sample_weights: torch.Tensor | None,
+    include_last_offset: bool,
+    padding_idx: int | None,
+) -> torch.Tensor:
     """``embedding_bag`` over the dequantized rows ``indices`` names, each row looked up once per position."""
     flat = indices.reshape(-1)
     rows = torch.ops.quantized.embedding_bag_byte_unpack(torch.embedding(table, flat))
@@ -38,8 +45,9 @@ def _bag(table: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor, mode
         positions = positions.masked_fill(indices == wrapped, flat.numel())
         rows = torch.cat([rows, rows.new_zeros(1, rows.size(1))])
         padding = flat.numel()
-    return torch.embedding_bag(rows, positions, offsets, False, mode, False, per_sample_weights,
-                               include_last_offset, padding)[0]
+    return torch.embedding_bag(
+        rows, positions, offsets, False, mode, False, per_sample_weights, include_last_offset, padding
+    )[0]
 
 
 def _lookup_half(table: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
@@ -62,8 +70,11 @@ class EmbeddingRewrites:
         others = [use for use in uses if not _is_lookup(use, self.dtype)]  # before the lookups are replaced
         if not lookups or weight.dim() != 2 or not weight.is_floating_point():
             return False
-        stored = (weight.detach().half() if self.dtype == "float16"
-                  else torch.ops.quantized.embedding_bag_byte_prepack(weight.detach().float().contiguous()))
+        stored = (
+            weight.detach().half()
+            if self.dtype == "float16"
+            else torch.ops.quantized.embedding_bag_byte_prepack(weight.detach().float().contiguous())
+        )
         with self.graph.insert_point_guard(self._after_constants()):
             table = self.graph.insertConstant(stored)
         for use in lookups:
@@ -80,8 +91,12 @@ class EmbeddingRewrites:
                     whole = self.graph.insert("quantized::embedding_bag_byte_unpack", [table])
             use.user.replaceInput(use.offset, whole)
         kind = "float16" if self.dtype == "float16" else "int8"
-        self.last_reason = (f"{kind} rows looked up; {', '.join(sorted(float_reads))} read the whole table "
-                            "dequantized (a tied output layer shares the one copy)" if float_reads else None)
+        self.last_reason = (
+            f"{kind} rows looked up; {', '.join(sorted(float_reads))} read the whole table "
+            "dequantized (a tied output layer shares the one copy)"
+            if float_reads
+            else None
+        )
         return True
 
     def _to_lookup(self, user: torch._C.Node, table: torch._C.Value) -> None:
@@ -91,8 +106,15 @@ class EmbeddingRewrites:
                 (output,) = self.graph.insertGraph(_graph(name), [table, user.inputsAt(1)])
             else:
                 padding = user.inputsAt(8) if len(list(user.inputs())) > 8 else self.graph.insertConstant(None)
-                arguments = [table, user.inputsAt(1), user.inputsAt(2), user.inputsAt(4), user.inputsAt(6),
-                             user.inputsAt(7), padding]
+                arguments = [
+                    table,
+                    user.inputsAt(1),
+                    user.inputsAt(2),
+                    user.inputsAt(4),
+                    user.inputsAt(6),
+                    user.inputsAt(7),
+                    padding,
+                ]
                 (output,) = self.graph.insertGraph(_graph("bag"), arguments)
         output.setType(user.outputsAt(0).type())
         user.outputsAt(0).replaceAllUsesWith(output)
@@ -106,8 +128,11 @@ def _is_lookup(use: torch._C.Use, dtype: str) -> bool:
         return False
     if user.kind() == "aten::embedding":
         return True
-    return (user.kind() == "aten::embedding_bag" and dtype == "qint8"
-            and not any(output.uses() for output in list(user.outputs())[1:]))
+    return (
+        user.kind() == "aten::embedding_bag"
+        and dtype == "qint8"
+        and not any(output.uses() for output in list(user.outputs())[1:])
+    )
 
 
 def has_lookup(uses: list[torch._C.Use]) -> bool:

@@ -3,6 +3,7 @@
 The program is compressed as a program: weights are rewritten in the unlifted graph
 (``ExportedProgram.module()``) and the result is re-exported with the original's dynamic dimensions.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,8 +27,6 @@ from workers.engine.torchscript_graph import matching_pattern
 Progress = Callable[[str, float], None]
 
 
-
-
 _LINEAR = torch.ops.aten.linear.default
 
 
@@ -40,9 +39,13 @@ CALIBRATION_ROWS = 32
 CALIBRATION_LIMIT = 256  # rows run through the observers
 
 
-def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: Dataset,
-                     progress: Progress, train: Callable[[torch.fx.GraphModule], Any] | None = None,
-                     ) -> tuple[ExportedProgram, dict[str, Any]]:
+def quantize_program(
+    program: ExportedProgram,
+    options: QuantizeOptions,
+    data: Dataset,
+    progress: Progress,
+    train: Callable[[torch.fx.GraphModule], Any] | None = None,
+) -> tuple[ExportedProgram, dict[str, Any]]:
     """int8 through PT2E (torchao's x86 quantizer): ``dynamic`` quantizes Linear weights and, per
     batch at run time, their inputs; ``static`` quantizes conv and linear weights and activations
     with ranges calibrated on the examples. ``dtype: float16`` stores Linear weights as float16.
@@ -65,14 +68,16 @@ def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: D
     modules = set(options.modules)
     covered = {*_PT2E_TYPES.values(), "Embedding"}
     if not modules & covered:
-        raise UnsupportedModel(f"on .pt2 programs int8 covers {', '.join(sorted(covered))} layers; "
-                               "add one of them to quantize.modules")
+        raise UnsupportedModel(
+            f"on .pt2 programs int8 covers {', '.join(sorted(covered))} layers; add one of them to quantize.modules"
+        )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
 
     module = program.module()
     forms = canonical_linears(module)
     embeddings, skipped_tables = [], []
     if not static and "Embedding" in modules:
+
         def excluded(owner: str) -> str | None:
             pattern = matching_pattern(owner, list(options.exclude))
             return f"excluded by {pattern!r}" if pattern else None
@@ -82,13 +87,20 @@ def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: D
     # VNNI (AVX2) sum u8 x s8 pairs in int16 and saturate with full-range activations; the compiled
     # program then drifts from the program (measured: 16% of the largest output on an MLP).
     reduce_range = options.reduce_range is not False  # mode dynamic has no such option: 7 bits
-    quantizer, chosen, skipped = _x86_quantizer(module, modules, list(options.exclude), static, reduce_range,
-                                                qat=train is not None)
+    quantizer, chosen, skipped = _x86_quantizer(
+        module, modules, list(options.exclude), static, reduce_range, qat=train is not None
+    )
     recurrent = [layer for layer in _recurrent_layers(module) if layer["type"] in modules]
     skipped += recurrent + skipped_tables
     if not chosen and not embeddings:
-        raise UnsupportedModel("no layer of the program can be quantized (" + (", ".join(sorted(
-            {s["reason"] for s in skipped})) or f"the program has no {' or '.join(sorted(modules))} op") + ")")
+        raise UnsupportedModel(
+            "no layer of the program can be quantized ("
+            + (
+                ", ".join(sorted({s["reason"] for s in skipped}))
+                or f"the program has no {' or '.join(sorted(modules))} op"
+            )
+            + ")"
+        )
     progress("preparing", 0.1)
     _split_source_partitions(module)
     fixed = fixed_batch(program)
@@ -96,15 +108,18 @@ def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: D
     limit = min(len(data), CALIBRATION_LIMIT)
     batches = [data.rows(slice(start, start + rows)) for start in range(0, limit - rows + 1 if fixed else limit, rows)]
     if not batches:
-        raise InvalidInput(f"the program was exported for batches of exactly {fixed} rows and the data has "
-                           f"{len(data)}: upload at least {fixed} rows")
+        raise InvalidInput(
+            f"the program was exported for batches of exactly {fixed} rows and the data has "
+            f"{len(data)}: upload at least {fixed} rows"
+        )
     trained = None
     if chosen:
         try:
             prepared = (prepare_qat_pt2e if train is not None else prepare_pt2e)(module, quantizer)
         except Exception as error:
-            raise UnsupportedModel(f"the x86 quantizer could not annotate the program: {summarize_torch_error(error)}") \
-                from None
+            raise UnsupportedModel(
+                f"the x86 quantizer could not annotate the program: {summarize_torch_error(error)}"
+            ) from None
         if train is not None:  # the fake quantizers observed every training batch: no calibration after
             trained, batches = train(prepared), []
         for index, batch in enumerate(batches if static else batches[:1]):
@@ -116,15 +131,22 @@ def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: D
     _drop_unused_state(converted)
     exported = reexport(converted, program, data.head(fixed or 2))
     progress("quantizing", 1.0)
-    details = {"format": EXPORTED, "mode": "static" if static else "dynamic", "route": "PT2E, torchao X86InductorQuantizer", "reduce_range": reduce_range,
-               "quantized": chosen + embeddings, "left_float": skipped,
-               "linear_forms": forms or None,
-               "calibration": {"batches": len(batches), "rows": sum(int(b[0].shape[0]) for b in batches)} if static
-               else None,
-               "notes": ["int8 weights (per output channel) with quantize/dequantize ops in the graph; run it with "
-                         "torch.compile or AOTInductor for int8 kernels (evaluation.runtime), eagerly it dequantizes "
-                         "on every call", "loading the program needs `import torchao` first (it registers the "
-                         "quantized_decomposed operators)"]}
+    details = {
+        "format": EXPORTED,
+        "mode": "static" if static else "dynamic",
+        "route": "PT2E, torchao X86InductorQuantizer",
+        "reduce_range": reduce_range,
+        "quantized": chosen + embeddings,
+        "left_float": skipped,
+        "linear_forms": forms or None,
+        "calibration": {"batches": len(batches), "rows": sum(int(b[0].shape[0]) for b in batches)} if static else None,
+        "notes": [
+            "int8 weights (per output channel) with quantize/dequantize ops in the graph; run it with "
+            "torch.compile or AOTInductor for int8 kernels (evaluation.runtime), eagerly it dequantizes "
+            "on every call",
+            "loading the program needs `import torchao` first (it registers the quantized_decomposed operators)",
+        ],
+    }
     if trained is not None:
         details["qat_history"] = trained
     if static and data.synthetic:
@@ -135,19 +157,23 @@ def quantize_program(program: ExportedProgram, options: QuantizeOptions, data: D
         details.setdefault("warnings", []).append(
             f"most weights stay float: the recurrent layers ({', '.join(layer['module'] or layer['op'] for layer in recurrent)}; "
             f"{float_weights} weights) have no int8 kernel in an exported program, against {int8_weights} int8 "
-            "weights; use quantize.dtype float16 to halve them, or upload TorchScript for int8 LSTM/GRU")
+            "weights; use quantize.dtype float16 to halve them, or upload TorchScript for int8 LSTM/GRU"
+        )
     return exported, details
 
 
-def _float16_weights(program: ExportedProgram, options: QuantizeOptions,
-                     progress: Progress) -> tuple[ExportedProgram, dict[str, Any]]:
+def _float16_weights(
+    program: ExportedProgram, options: QuantizeOptions, progress: Progress
+) -> tuple[ExportedProgram, dict[str, Any]]:
     """Store the weights of every ``aten.linear`` and recurrent op (LSTM, GRU, RNN) as float16, cast
     back to float inside the program."""
     exclude = list(options.exclude)
     modules = set(options.modules)
     if not modules & {"Linear", *_RECURRENT_OPS.values()}:
-        raise UnsupportedModel("on .pt2 programs float16 weights cover Linear, LSTM, GRU and RNN layers; add one "
-                               "of them to quantize.modules")
+        raise UnsupportedModel(
+            "on .pt2 programs float16 weights cover Linear, LSTM, GRU and RNN layers; add one "
+            "of them to quantize.modules"
+        )
     module = program.module()
     graph = module.graph
     quantized, skipped = [], []
@@ -158,32 +184,47 @@ def _float16_weights(program: ExportedProgram, options: QuantizeOptions,
             continue
         weight = attribute(module, name)
         owner = name.rpartition(".")[0]
-        reason = (f"{kind} not selected" if kind not in modules else _quantize_skip_reason(weight, owner, exclude))
+        reason = f"{kind} not selected" if kind not in modules else _quantize_skip_reason(weight, owner, exclude)
         if reason:
             skipped.append({"module": owner, "weight": name, "type": kind, "reason": reason})
             continue
         stored = "_mp_" + name.replace(".", "_") + "_fp16"
         module.register_buffer(stored, weight.detach().to(torch.float16))
         with graph.inserting_before(weight_node):
-            cast = graph.call_function(torch.ops.aten._to_copy.default, (graph.get_attr(stored),), {"dtype": weight.dtype})
+            cast = graph.call_function(
+                torch.ops.aten._to_copy.default, (graph.get_attr(stored),), {"dtype": weight.dtype}
+            )
         weight_node.replace_all_uses_with(cast)
         graph.erase_node(weight_node)
         delete_attribute(module, name)
         replaced.add(name)
-        quantized.append({"module": owner, "weight": name, "type": kind, "dtype": "float16", "shape": list(weight.shape)})
+        quantized.append(
+            {"module": owner, "weight": name, "type": kind, "dtype": "float16", "shape": list(weight.shape)}
+        )
     if not quantized:
-        raise UnsupportedModel("no weight of the program could be stored as float16 (" +
-                               (", ".join(sorted({s["reason"] for s in skipped}))
-                                or "the program has no aten.linear or recurrent op") + ")")
+        raise UnsupportedModel(
+            "no weight of the program could be stored as float16 ("
+            + (", ".join(sorted({s["reason"] for s in skipped})) or "the program has no aten.linear or recurrent op")
+            + ")"
+        )
     graph.lint()
     module.recompile()
     progress("quantizing", 1.0)
-    return reexport(module, program, None), {"format": EXPORTED, "mode": "weight-only", "quantized": quantized,
-                                              "left_float": skipped, "notes": ["weights are stored in float16"]}
+    return reexport(module, program, None), {
+        "format": EXPORTED,
+        "mode": "weight-only",
+        "quantized": quantized,
+        "left_float": skipped,
+        "notes": ["weights are stored in float16"],
+    }
 
 
-_RECURRENT_OPS = {torch.ops.aten.lstm.input: "LSTM", torch.ops.aten.gru.input: "GRU",
-                  torch.ops.aten.rnn_tanh.input: "RNN", torch.ops.aten.rnn_relu.input: "RNN"}
+_RECURRENT_OPS = {
+    torch.ops.aten.lstm.input: "LSTM",
+    torch.ops.aten.gru.input: "GRU",
+    torch.ops.aten.rnn_tanh.input: "RNN",
+    torch.ops.aten.rnn_relu.input: "RNN",
+}
 
 
 DYNAMIC_DEFAULT = ("Linear", "LSTM", "GRU")
@@ -203,7 +244,9 @@ def _stored_weights(graph: torch.fx.Graph, skipped: list[dict[str, Any]]) -> Ite
             continue
         for weight_node in candidates:
             if not isinstance(weight_node, torch.fx.Node) or weight_node.op != "get_attr":
-                skipped.append({"op": node.name, "type": kind, "reason": "the weight is computed in the graph, not stored"})
+                skipped.append(
+                    {"op": node.name, "type": kind, "reason": "the weight is computed in the graph, not stored"}
+                )
             elif weight_node.meta.get("val") is None or weight_node.meta["val"].dim() == 2:  # matrices, not biases
                 yield kind, weight_node
 
@@ -211,12 +254,22 @@ def _stored_weights(graph: torch.fx.Graph, skipped: list[dict[str, Any]]) -> Ite
 def _recurrent_layers(module: torch.fx.GraphModule) -> list[dict[str, Any]]:
     """The recurrent ops of a program's module, named by their module, with their weight counts
     (what dynamic int8 leaves float)."""
-    return [{"op": node.name, "module": module_path(node), "type": _RECURRENT_OPS[node.target],
-             "weights": sum(attribute(module, w.target).numel() for w in node.args[2]
-                            if isinstance(w, torch.fx.Node) and w.op == "get_attr"),
-             "reason": "no int8 kernel runs an exported recurrent op; use dtype float16 for them (2x smaller), "
-                       "or upload TorchScript for int8 LSTM/GRU"}
-            for node in module.graph.nodes if node.op == "call_function" and node.target in _RECURRENT_OPS]
+    return [
+        {
+            "op": node.name,
+            "module": module_path(node),
+            "type": _RECURRENT_OPS[node.target],
+            "weights": sum(
+                attribute(module, w.target).numel()
+                for w in node.args[2]
+                if isinstance(w, torch.fx.Node) and w.op == "get_attr"
+            ),
+            "reason": "no int8 kernel runs an exported recurrent op; use dtype float16 for them (2x smaller), "
+            "or upload TorchScript for int8 LSTM/GRU",
+        }
+        for node in module.graph.nodes
+        if node.op == "call_function" and node.target in _RECURRENT_OPS
+    ]
 
 
 def _quantize_skip_reason(weight: torch.Tensor, owner: str, exclude: list[str]) -> str | None:
@@ -230,13 +283,15 @@ def _quantize_skip_reason(weight: torch.Tensor, owner: str, exclude: list[str]) 
     return None
 
 
-def _x86_quantizer(module: torch.nn.Module, modules: set[str], exclude: list[str], static: bool, reduce_range: bool,
-                   qat: bool = False):
+def _x86_quantizer(
+    module: torch.nn.Module, modules: set[str], exclude: list[str], static: bool, reduce_range: bool, qat: bool = False
+):
     """The x86 quantizer set for ``modules`` (by op) minus ``exclude`` (by module path); what it covers."""
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as x86
 
-    config = x86.get_default_x86_inductor_quantization_config(is_qat=qat, is_dynamic=not static,
-                                                               reduce_range=reduce_range)
+    config = x86.get_default_x86_inductor_quantization_config(
+        is_qat=qat, is_dynamic=not static, reduce_range=reduce_range
+    )
     quantizer = x86.X86InductorQuantizer()
     chosen, skipped, excluded = [], [], set()
     for node in module.graph.nodes:
@@ -246,18 +301,37 @@ def _x86_quantizer(module: torch.nn.Module, modules: set[str], exclude: list[str
         owner = module_path(node)
         pattern = matching_pattern(owner, exclude)
         if kind not in modules or (not static and kind != "Linear"):
-            skipped.append({"op": node.name, "module": owner, "reason": f"{kind} not selected" if kind not in modules
-                            else "dynamic int8 covers Linear (use mode static for convolutions)"})
+            skipped.append(
+                {
+                    "op": node.name,
+                    "module": owner,
+                    "reason": f"{kind} not selected"
+                    if kind not in modules
+                    else "dynamic int8 covers Linear (use mode static for convolutions)",
+                }
+            )
         elif pattern:
             skipped.append({"op": node.name, "module": owner, "reason": f"excluded by {pattern!r}"})
             excluded.add(owner)
         elif not is_attribute(node.args[1]):
-            skipped.append({"op": node.name, "module": owner, "reason": "its weight is computed in the graph (a "
-                            "table tied to an int8 embedding is dequantized where it is read)"})
+            skipped.append(
+                {
+                    "op": node.name,
+                    "module": owner,
+                    "reason": "its weight is computed in the graph (a "
+                    "table tied to an int8 embedding is dequantized where it is read)",
+                }
+            )
             excluded.add(owner)
         else:
-            chosen.append({"op": node.name, "module": owner, "type": kind,
-                           "weights": attribute(module, node.args[1].target).numel()})
+            chosen.append(
+                {
+                    "op": node.name,
+                    "module": owner,
+                    "type": kind,
+                    "weights": attribute(module, node.args[1].target).numel(),
+                }
+            )
     if static and modules >= {"Conv2d", "Linear"}:
         quantizer.set_global(config)
     else:

@@ -13,6 +13,7 @@ embedding tables stored int8 with one scale per row.
   to its input embedding) becomes ``Q * S`` where it is read: one int8 copy serves both, and that
   layer is left out of PT2E (its weight is no longer stored).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -76,8 +77,9 @@ def int8_embeddings(module: torch.fx.GraphModule, exclude_owner) -> tuple[list[d
         table_node = node.args[0]
         owner = module_path(node)
         table = attribute(module, table_node.target)
-        reason = exclude_owner(owner) or (None if table.is_floating_point() and table.dim() == 2 else
-                                          "not a 2-D float table")
+        reason = exclude_owner(owner) or (
+            None if table.is_floating_point() and table.dim() == 2 else "not a 2-D float table"
+        )
         if reason is None and table.numel() < MIN_QUANTIZED_ELEMENTS:
             reason = f"fewer than {MIN_QUANTIZED_ELEMENTS} weights"
         if reason is not None:
@@ -95,8 +97,16 @@ def int8_embeddings(module: torch.fx.GraphModule, exclude_owner) -> tuple[list[d
             made.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
         node.replace_all_uses_with(looked_up)
         module.graph.erase_node(node)
-        quantized.append({"op": looked_up.name, "module": owner, "type": "Embedding", "weights": table.numel(),
-                          "kernel": "int8 rows (weight-only)", "_table": table_node.target})
+        quantized.append(
+            {
+                "op": looked_up.name,
+                "module": owner,
+                "type": "Embedding",
+                "weights": table.numel(),
+                "kernel": "int8 rows (weight-only)",
+                "_table": table_node.target,
+            }
+        )
     tied: dict[str, list[str]] = {}
     for name, (values, scales, dtype) in done.items():
         table_node = next((n for n in module.graph.nodes if n.op == "get_attr" and n.target == name), None)
@@ -131,10 +141,13 @@ def product_weight(node: torch.fx.Node) -> torch.fx.Node | None:
 
 # ----------------------------------------------------------------------------- helpers
 
+
 def _is_transpose(node: torch.fx.Node) -> bool:
-    return (node.target in _TRANSPOSES
-            or (node.target is aten.transpose.int and sorted(a % 2 for a in node.args[1:3]) == [0, 1])
-            or (node.target is aten.permute.default and [a % 2 for a in node.args[1]] == [1, 0]))
+    return (
+        node.target in _TRANSPOSES
+        or (node.target is aten.transpose.int and sorted(a % 2 for a in node.args[1:3]) == [0, 1])
+        or (node.target is aten.permute.default and [a % 2 for a in node.args[1]] == [1, 0])
+    )
 
 
 def _stored_matrix(module: torch.nn.Module, weight: Any) -> tuple[torch.fx.Node | None, bool]:
@@ -174,8 +187,9 @@ def _transposed_attribute(module: torch.nn.Module, stored: torch.fx.Node) -> tor
     return node
 
 
-def _int8_table(module: torch.nn.Module, table_node: torch.fx.Node, table: torch.Tensor
-                ) -> tuple[torch.fx.Node, torch.fx.Node]:
+def _int8_table(
+    module: torch.nn.Module, table_node: torch.fx.Node, table: torch.Tensor
+) -> tuple[torch.fx.Node, torch.fx.Node]:
     """Register the table's int8 rows and per-row scales beside it; their get_attr nodes."""
     scales = (table.detach().abs().amax(dim=1, keepdim=True) / 127).clamp_min(1e-12).to(torch.float32)
     values = torch.round(table.detach() / scales).clamp(-127, 127).to(torch.int8)

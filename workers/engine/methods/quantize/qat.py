@@ -16,6 +16,7 @@ int8 kernels as ``static``.
 The same job also runs plain static PTQ on the original, and scores float, PTQ and QAT on held-out
 rows of the data file; the better of PTQ and QAT is returned (the report says which and why).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,9 @@ Progress = Callable[[str, float], None]
 VALIDATION_FRACTION = 0.2
 
 
-def quantize_qat(model: torch.jit.ScriptModule, options: QuantizeOptions, data: Dataset,
-                 progress: Progress) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
+def quantize_qat(
+    model: torch.jit.ScriptModule, options: QuantizeOptions, data: Dataset, progress: Progress
+) -> tuple[torch.jit.ScriptModule, dict[str, Any]]:
     """Train with fake-quantized weights, then static int8; the better of it and static PTQ, with both scores."""
     if data.synthetic:
         raise InvalidInput("quantization-aware training needs a data file to train on; random inputs teach nothing")
@@ -48,55 +50,92 @@ def quantize_qat(model: torch.jit.ScriptModule, options: QuantizeOptions, data: 
     model = model.eval()
 
     progress("static PTQ for comparison", 0.02)
-    ptq, ptq_details = quantize_static(clone_model(model), static_options, train,
-                                       lambda stage, fraction: progress(f"PTQ: {stage}", 0.02 + 0.18 * fraction))
+    ptq, ptq_details = quantize_static(
+        clone_model(model),
+        static_options,
+        train,
+        lambda stage, fraction: progress(f"PTQ: {stage}", 0.02 + 0.18 * fraction),
+    )
 
     progress("folding BatchNorm", 0.2)
     with quiet_torchscript_warnings():
         # Reloaded (clone_model): the folded module's tensors are not leaves an optimiser takes.
-        folded = clone_model(torch.jit._recursive.wrap_cpp_module(torch._C._jit_pass_fold_convbn(clone_model(model)._c)))
+        folded = clone_model(
+            torch.jit._recursive.wrap_cpp_module(torch._C._jit_pass_fold_convbn(clone_model(model)._c))
+        )
     weights = _quantized_weights(folded, options)
     fake = _FakeQuantizedWeights(weights, options.per_channel)
-    history = finetune(folded, train, model, epochs=training.epochs, lr=training.lr, batch_size=training.batch_size,
-                       seed=training.seed, before_forward=fake.swap_in, before_step=fake.swap_out,
-                       progress=lambda stage, fraction: progress(f"QAT {stage.removeprefix('fine-tuning ')}",
-                                                                 0.2 + 0.6 * fraction))
+    history = finetune(
+        folded,
+        train,
+        model,
+        epochs=training.epochs,
+        lr=training.lr,
+        batch_size=training.batch_size,
+        seed=training.seed,
+        before_forward=fake.swap_in,
+        before_step=fake.swap_out,
+        progress=lambda stage, fraction: progress(f"QAT {stage.removeprefix('fine-tuning ')}", 0.2 + 0.6 * fraction),
+    )
     folded.eval()
 
     progress("static int8 of the trained model", 0.8)
-    qat, qat_details = quantize_static(folded, static_options, train,
-                                       lambda stage, fraction: progress(f"QAT: {stage}", 0.8 + 0.17 * fraction))
-    notes = ["BatchNorm folded into the convolutions before training (its statistics fixed); weights "
-             "fake-quantized as the int8 result stores them, straight-through gradients; activation ranges "
-             "calibrated after training"]
+    qat, qat_details = quantize_static(
+        folded, static_options, train, lambda stage, fraction: progress(f"QAT: {stage}", 0.8 + 0.17 * fraction)
+    )
+    notes = [
+        "BatchNorm folded into the convolutions before training (its statistics fixed); weights "
+        "fake-quantized as the int8 result stores them, straight-through gradients; activation ranges "
+        "calibrated after training"
+    ]
     details = dict(fake_quantized_weights=len(weights), notes=notes)
     progress("quantized", 0.98)
     return best_of(model, held, (ptq, ptq_details), (qat, qat_details), history, training, details)
 
 
-def best_of(original: Any, held: Dataset, ptq: tuple[Any, dict[str, Any]], qat: tuple[Any, dict[str, Any]],
-            history: list[dict[str, float]], training: Any, about: dict[str, Any],
-            runner: Callable[[Any], Any] = lambda model: model) -> tuple[Any, dict[str, Any]]:
+def best_of(
+    original: Any,
+    held: Dataset,
+    ptq: tuple[Any, dict[str, Any]],
+    qat: tuple[Any, dict[str, Any]],
+    history: list[dict[str, float]],
+    training: Any,
+    about: dict[str, Any],
+    runner: Callable[[Any], Any] = lambda model: model,
+) -> tuple[Any, dict[str, Any]]:
     """Score the float model, static PTQ and QAT on the held-out rows; return the better int8 model of the
     two with its details, under which ``qat`` says what training did and how each scored. ``runner`` makes
     a result callable (a program's module)."""
-    scores = {name: score(candidate, original, held) for name, candidate in
-              (("float", original), ("static_ptq", runner(ptq[0])), ("qat", runner(qat[0])))}
+    scores = {
+        name: score(candidate, original, held)
+        for name, candidate in (("float", original), ("static_ptq", runner(ptq[0])), ("qat", runner(qat[0])))
+    }
     measure = "accuracy" if held.labels is not None else "top1_agreement"
     chosen = "qat" if scores["qat"] >= scores["static_ptq"] else "static_ptq"
-    model, details = (qat if chosen == "qat" else ptq)
+    model, details = qat if chosen == "qat" else ptq
     details = dict(details)
     details["mode"] = "qat"
-    notes = [*about.pop("notes", []), f"{len(held)} rows of the data file held out for the validation scores "
-             f"({VALIDATION_FRACTION:.0%}); training and calibration used the rest"]
-    details["qat"] = {"epochs": history, "lr": training.lr, "batch_size": training.batch_size, **about,
-                      "validation": {"measure": measure, "rows": len(held), **{k: round(v, 6) for k, v in scores.items()}},
-                      "returned": chosen, "notes": notes}
+    notes = [
+        *about.pop("notes", []),
+        f"{len(held)} rows of the data file held out for the validation scores "
+        f"({VALIDATION_FRACTION:.0%}); training and calibration used the rest",
+    ]
+    details["qat"] = {
+        "epochs": history,
+        "lr": training.lr,
+        "batch_size": training.batch_size,
+        **about,
+        "validation": {"measure": measure, "rows": len(held), **{k: round(v, 6) for k, v in scores.items()}},
+        "returned": chosen,
+        "notes": notes,
+    }
     if chosen == "static_ptq":
-        details["warnings"] = [*details.get("warnings", []),
-                               f"quantization-aware training did not beat static PTQ on the held-out rows ({measure} "
-                               f"{scores['qat']:.4f} vs {scores['static_ptq']:.4f}): the static PTQ result is "
-                               "returned; more epochs or a smaller qat.lr may help"]
+        details["warnings"] = [
+            *details.get("warnings", []),
+            f"quantization-aware training did not beat static PTQ on the held-out rows ({measure} "
+            f"{scores['qat']:.4f} vs {scores['static_ptq']:.4f}): the static PTQ result is "
+            "returned; more epochs or a smaller qat.lr may help",
+        ]
     return model, details
 
 

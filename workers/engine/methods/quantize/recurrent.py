@@ -1,4 +1,5 @@
 """LSTM and GRU layers onto int8 kernels: the recurrent part of the dynamic rewrite (``rewriter.GraphRewriter``)."""
+
 from __future__ import annotations
 
 import torch

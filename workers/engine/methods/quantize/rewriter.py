@@ -1,6 +1,7 @@
 """Rewriting the weight constants of a frozen TorchScript graph: int8 linears (``quantized::linear_dynamic``)
 in any spelling (``linear_forms``), int8 embedding tables (``embedding``), weights stored small (int8
 or float16) and dequantized where they are read, and recurrent layers onto int8 kernels (``recurrent``)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -47,8 +48,12 @@ class GraphRewriter(RecurrentRewrites, EmbeddingRewrites):
                 if not self._fold_metadata(use, weight):
                     float_reads.add(use.user.kind())
                     self._read_dequantized(use, packed, transposed)
-            self.last_reason = (f"int8 kernel for its linear calls; branches that pass it to "
-                                f"{', '.join(sorted(float_reads))} read it dequantized" if float_reads else None)
+            self.last_reason = (
+                f"int8 kernel for its linear calls; branches that pass it to "
+                f"{', '.join(sorted(float_reads))} read it dequantized"
+                if float_reads
+                else None
+            )
             return "dynamic"
         replacement = self._stored_small(node, weight)
         node.output().replaceAllUsesWith(replacement)
@@ -62,8 +67,14 @@ class GraphRewriter(RecurrentRewrites, EmbeddingRewrites):
     def _fold_metadata(self, use: torch._C.Use, weight: torch.Tensor) -> bool:
         """Replace a read of the weight's metadata by its value; False if ``use`` is not one."""
         user = use.user
-        facts = {"prim::dtype": weight.dtype, "prim::device": weight.device, "prim::requires_grad": False,
-                 "prim::is_nested": False, "aten::dim": weight.dim(), "aten::is_floating_point": True}
+        facts = {
+            "prim::dtype": weight.dtype,
+            "prim::device": weight.device,
+            "prim::requires_grad": False,
+            "prim::is_nested": False,
+            "aten::dim": weight.dim(),
+            "aten::is_floating_point": True,
+        }
         if user.kind() not in facts or len(list(user.inputs())) != 1 or len(list(user.outputs())) != 1:
             return False
         with self.graph.insert_point_guard(user):

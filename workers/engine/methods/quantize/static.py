@@ -15,6 +15,7 @@ Two preparations make models people bring go through:
   cosine is under ``min_cosine``, the layers whose quantization alone hurts the outputs most
   are kept float (doubling the count, then bisecting), each try recalibrated from scratch.
 """
+
 from __future__ import annotations
 
 import math
@@ -95,23 +96,40 @@ def quantize_static(
             sensitivity[name] = attempt((), calibration[:1], only=name).cosine
             progress("ranking layers", 0.2 + 0.4 * (index + 1) / len(layers))
         order = tuple(sorted(layers, key=lambda name: (sensitivity[name], name)))
-        best = _smallest_fallback(order, min_cosine, lambda chosen: attempt(chosen, calibration),
-                                  lambda fraction: progress("falling back", 0.6 + 0.35 * fraction))
+        best = _smallest_fallback(
+            order,
+            min_cosine,
+            lambda chosen: attempt(chosen, calibration),
+            lambda fraction: progress("falling back", 0.6 + 0.35 * fraction),
+        )
     progress("quantized", 0.97)
     unreached = _product_layers(model)
     return best.model, _details(
         unreached,
-        best, layers, kept, sensitivity, cosine_all,
-        settings={"engine": engine, "observer": observer, "reduce_range": reduce_range, "per_channel": per_channel,
-                  "min_cosine": min_cosine},
-        calibration={"batches": len(calibration), "samples": sum(_rows(b) for b in calibration),
-                     "source": "random inputs of input_shape" if data.synthetic else "data file"},
+        best,
+        layers,
+        kept,
+        sensitivity,
+        cosine_all,
+        settings={
+            "engine": engine,
+            "observer": observer,
+            "reduce_range": reduce_range,
+            "per_channel": per_channel,
+            "min_cosine": min_cosine,
+        },
+        calibration={
+            "batches": len(calibration),
+            "samples": sum(_rows(b) for b in calibration),
+            "source": "random inputs of input_shape" if data.synthetic else "data file",
+        },
         synthetic=data.synthetic,
     )
 
 
-def static_layers(model: torch.jit.ScriptModule, options: QuantizeOptions
-                  ) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
+def static_layers(
+    model: torch.jit.ScriptModule, options: QuantizeOptions
+) -> tuple[dict[str, str], dict[str, tuple[str, str]]]:
     """The layers static int8 quantizes (name -> type), and those it keeps float (name -> (type, reason))."""
     selected = set().union(*(STATIC_TYPES.get(name, frozenset({name})) for name in options.modules))
     layers: dict[str, str] = {}
@@ -130,8 +148,9 @@ def static_layers(model: torch.jit.ScriptModule, options: QuantizeOptions
     return layers, kept
 
 
-def _smallest_fallback(order: tuple[str, ...], floor: float, attempt: Callable[[tuple[str, ...]], _Try],
-                       progress: Callable[[float], None]) -> _Try:
+def _smallest_fallback(
+    order: tuple[str, ...], floor: float, attempt: Callable[[tuple[str, ...]], _Try], progress: Callable[[float], None]
+) -> _Try:
     """Fewest of the most harmful layers kept float to reach ``floor``: double the count, then bisect."""
     tries: dict[int, _Try] = {}
 
@@ -200,7 +219,8 @@ def _quantize(model: torch.jit.ScriptModule, config: dict[str, Any], batches: li
         raise
     except Exception as error:
         raise UnsupportedModel(
-            f"static quantization could not be applied to this model: {summarize_torch_error(error)}") from None
+            f"static quantization could not be applied to this model: {summarize_torch_error(error)}"
+        ) from None
 
 
 def _specialize_for_inference(model: torch.jit.ScriptModule) -> None:
@@ -325,20 +345,38 @@ def _product_layers(model: torch.jit.ScriptModule) -> list[str]:
     return found
 
 
-def _details(unreached: list[str], best: _Try, layers: dict[str, str], kept: dict[str, tuple[str, str]],
-             sensitivity: dict[str, float], cosine_all: float, settings: dict[str, Any],
-             calibration: dict[str, Any], synthetic: bool) -> dict[str, Any]:
+def _details(
+    unreached: list[str],
+    best: _Try,
+    layers: dict[str, str],
+    kept: dict[str, tuple[str, str]],
+    sensitivity: dict[str, float],
+    cosine_all: float,
+    settings: dict[str, Any],
+    calibration: dict[str, Any],
+    synthetic: bool,
+) -> dict[str, Any]:
     float_weights = _float_weight_names(best.model)
     quantized, kept_float = [], []
     for name in sorted(layers):
         if name in best.float_layers:
-            kept_float.append({"module": name, "type": layers[name],
-                               "reason": f"fallback: quantized alone it gives cosine {sensitivity[name]:.5f}"})
+            kept_float.append(
+                {
+                    "module": name,
+                    "type": layers[name],
+                    "reason": f"fallback: quantized alone it gives cosine {sensitivity[name]:.5f}",
+                }
+            )
         elif not _is_float(name, float_weights):
             quantized.append({"module": name, "type": layers[name], "kernel": "static"})
         else:
-            kept_float.append({"module": name, "type": layers[name],
-                               "reason": "its op was not quantized by graph-mode quantization (not a plain conv/linear call)"})
+            kept_float.append(
+                {
+                    "module": name,
+                    "type": layers[name],
+                    "reason": "its op was not quantized by graph-mode quantization (not a plain conv/linear call)",
+                }
+            )
     kept_float += [{"module": name, "type": kind, "reason": reason} for name, (kind, reason) in sorted(kept.items())]
     ops = quantized_op_counts(best.model)
     notes = [
@@ -352,13 +390,17 @@ def _details(unreached: list[str], best: _Try, layers: dict[str, str], kept: dic
         notes.append(SYNTHETIC_WARNING)
         warnings.append(SYNTHETIC_WARNING)
     if unreached:
-        warnings.append(f"{len(unreached)} linear layer(s) written as addmm/matmul with their own weight (e.g. "
-                        f"transformers' Conv1D: {', '.join(unreached[:3])}) stay float: torch's static graph-mode "
-                        "quantization matches only aten::linear and convolutions; mode dynamic quantizes them")
+        warnings.append(
+            f"{len(unreached)} linear layer(s) written as addmm/matmul with their own weight (e.g. "
+            f"transformers' Conv1D: {', '.join(unreached[:3])}) stay float: torch's static graph-mode "
+            "quantization matches only aten::linear and convolutions; mode dynamic quantizes them"
+        )
     if not quantized:
         warnings.append("static quantization left every layer in float: the model was not made smaller")
     if best.cosine < settings["min_cosine"]:
-        warnings.append(f"the fidelity floor min_cosine={settings['min_cosine']} was not met (cosine {best.cosine:.5f})")
+        warnings.append(
+            f"the fidelity floor min_cosine={settings['min_cosine']} was not met (cosine {best.cosine:.5f})"
+        )
     return {
         "mode": "static",
         **settings,

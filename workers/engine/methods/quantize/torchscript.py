@@ -16,6 +16,7 @@ constant is rewritten in one of two ways:
   (or float16) and dequantized where it is read: the file shrinks as much, the compute
   stays float.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -92,8 +93,13 @@ def quantize(
     roles, read_as_weight = _layer_roles(graph, owners)
     plan = _Plan({name: tensor.numel() for name, tensor in model.named_parameters()})
     for owner in owners.values():
-        plan.classify(owner, roles.get(owner.module, owner.module_type), selected, exclude,
-                      is_weight="weight" in owner.name.rpartition(".")[2] or owner.name in read_as_weight)
+        plan.classify(
+            owner,
+            roles.get(owner.module, owner.module_type),
+            selected,
+            exclude,
+            is_weight="weight" in owner.name.rpartition(".")[2] or owner.name in read_as_weight,
+        )
     if not plan.targets:
         details = plan.details(dtype, frozen=False)
         details["notes"] = ["no weight matched the selected module types, so the model is returned unchanged"]
@@ -102,8 +108,11 @@ def quantize(
     rewriter = GraphRewriter(graph, dtype=dtype, per_channel=per_channel)
     with quiet_torchscript_warnings():
         if dtype == "qint8":
-            chosen = {tensor.data_ptr() for tensor in model.parameters()
-                      if (owner := owners.get(tensor.data_ptr())) is not None and owner.name in plan.targets}
+            chosen = {
+                tensor.data_ptr()
+                for tensor in model.parameters()
+                if (owner := owners.get(tensor.data_ptr())) is not None and owner.name in plan.targets
+            }
             expanded = expand_fused_attention(graph, lambda value: _constant_pointer(value) in chosen)
             plan.expanded = len(expanded)
         constants = [(node, tensor) for node, tensor in tensor_constants(graph)]
@@ -174,8 +183,12 @@ class _ModuleRecord:
     reason: str | None = None
 
     def entry(self) -> dict[str, Any]:
-        return {"module": self.module or "(root)", "type": self.module_type,
-                **({"class": self.class_name} if self.class_name != self.module_type else {}), "tensors": self.tensors}
+        return {
+            "module": self.module or "(root)",
+            "type": self.module_type,
+            **({"class": self.class_name} if self.class_name != self.module_type else {}),
+            "tensors": self.tensors,
+        }
 
 
 class _Plan:
@@ -194,8 +207,9 @@ class _Plan:
         self.expanded = 0  # fused attention ops spelled out as linear calls
         self.recurrent = 0  # LSTM/GRU weight lists given the quantized recurrent kernels
 
-    def classify(self, owner: ParameterOwner, kind: str, selected: set[str], exclude: list[str],
-                 is_weight: bool) -> None:
+    def classify(
+        self, owner: ParameterOwner, kind: str, selected: set[str], exclude: list[str], is_weight: bool
+    ) -> None:
         """``kind``: the layer type the owner counts as (its class, or the role its weight plays)."""
         self.types[owner.module] = (kind, owner.module_type)
         if kind not in selected:
@@ -225,20 +239,30 @@ class _Plan:
             if name in self.reached:
                 continue
             twin = next(
-                (other for other in sorted(self.reached)
-                 if parameters[other].shape == parameters[name].shape and torch.equal(parameters[other], parameters[name])),
+                (
+                    other
+                    for other in sorted(self.reached)
+                    if parameters[other].shape == parameters[name].shape
+                    and torch.equal(parameters[other], parameters[name])
+                ),
                 None,
             )
             if twin is None:
                 self._keep(owner, "not a constant of the frozen forward graph (unused, or reassigned at run time)")
             else:
                 twin_module = self.targets[twin].module
-                self.record(owner, self.done[twin_module].kernel or "weight_only", f"identical to {twin}, stored once",
-                            parameters[name].numel())
+                self.record(
+                    owner,
+                    self.done[twin_module].kernel or "weight_only",
+                    f"identical to {twin}, stored once",
+                    parameters[name].numel(),
+                )
 
     def details(self, dtype: str, frozen: bool) -> dict[str, Any]:
-        quantized = [{**r.entry(), "kernel": r.kernel, **({"why": r.reason} if r.reason else {})}
-                     for r in sorted(self.done.values(), key=lambda r: r.module)]
+        quantized = [
+            {**r.entry(), "kernel": r.kernel, **({"why": r.reason} if r.reason else {})}
+            for r in sorted(self.done.values(), key=lambda r: r.module)
+        ]
         kept = [{**r.entry(), "reason": r.reason} for r in sorted(self.kept.values(), key=lambda r: r.module)]
         notes = ["biases and normalisation parameters stay float32"]
         if frozen:
@@ -252,11 +276,15 @@ class _Plan:
                 "computation with separate linear projections, so those run int8"
             )
         if self.recurrent:
-            notes.append("LSTM/GRU cells use per-tensor int8 weights whatever per_channel says, as eager "
-                         "quantize_dynamic does: on their small per-step matrices it is the faster kernel")
+            notes.append(
+                "LSTM/GRU cells use per-tensor int8 weights whatever per_channel says, as eager "
+                "quantize_dynamic does: on their small per-step matrices it is the faster kernel"
+            )
         if any(r["kernel"] == "embedding" for r in quantized):
-            notes.append("embedding tables are int8 with a float scale and offset per row (torch's byte-rowwise "
-                         "format); lookups dequantize only the rows they read, a tied output layer the whole table")
+            notes.append(
+                "embedding tables are int8 with a float scale and offset per row (torch's byte-rowwise "
+                "format); lookups dequantize only the rows they read, a tied output layer the whole table"
+            )
         if any(r["kernel"] == "weight_only" for r in quantized):
             notes.append(
                 "weight-only modules store int8/float16 weights and dequantize them when read: "
@@ -272,9 +300,12 @@ class _Plan:
                 "embedding": sum(r["kernel"] == "embedding" for r in quantized),
                 "kept_float": len(kept),
             },
-            "coverage": {"quantized_weights": self.quantized_weights, "weights": self.weights,
-                         "fraction": round(self.quantized_weights / max(self.weights, 1), 4),
-                         "float_by_type": dict(sorted(self.float_by_type.items(), key=lambda kv: -kv[1]))},
+            "coverage": {
+                "quantized_weights": self.quantized_weights,
+                "weights": self.weights,
+                "fraction": round(self.quantized_weights / max(self.weights, 1), 4),
+                "float_by_type": dict(sorted(self.float_by_type.items(), key=lambda kv: -kv[1])),
+            },
             "notes": notes,
         }
 
@@ -302,5 +333,3 @@ def _constant_pointer(value: torch._C.Value) -> int | None:
 def _reason_for_list(node: torch._C.Node) -> str:
     users = sorted({use.user.kind() for use in node.output().uses()})
     return f"read by {', '.join(users)}, which has no int8 kernel here"
-
-
