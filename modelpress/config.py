@@ -60,6 +60,9 @@ class Settings:
     secret_key: str | None = None  # signs the console's session cookie; unset: made once, kept in the data directory
     sandbox: str = "on"  # "on": every job runs confined by bubblewrap, or fails; "off": unconfined (explicit only)
     bwrap: str = "bwrap"  # the bubblewrap binary (a name on PATH or a path)
+    # The next job's confined process started while the worker waits (torch imported), used once
+    # (docs/architecture.md, "A pre-warmed sandbox"); off: each job starts its own when it arrives.
+    warm_sandbox: bool = True
     # Operator checks: "on" (at submit and in the job), "job" (in the job only), "off". The last two
     # exist so the tests can prove each layer alone (the sandbox without any op check); never in production.
     op_check: str = "on"
@@ -133,6 +136,7 @@ class Settings:
             # Only the exact word "off" turns confinement off: a typo must not run jobs unconfined.
             sandbox=_choice("SANDBOX", env.get("MODELPRESS_SANDBOX") or defaults.sandbox, ("on", "off")),
             bwrap=env.get("MODELPRESS_BWRAP") or defaults.bwrap,
+            warm_sandbox=env.get("MODELPRESS_WARM_SANDBOX", "1").strip().lower() not in ("0", "false", "no", "off"),
             op_check=_choice("OP_CHECK", env.get("MODELPRESS_OP_CHECK") or defaults.op_check, ("on", "job", "off")),
             metrics_token=env.get("MODELPRESS_METRICS_TOKEN") or None,
             storage_url=env.get("MODELPRESS_STORAGE_URL") or None,
@@ -179,6 +183,7 @@ class Settings:
             "MODELPRESS_WEBHOOK_BACKOFF_S": str(self.webhook_backoff_s),
             "MODELPRESS_SANDBOX": self.sandbox,
             "MODELPRESS_BWRAP": self.bwrap,
+            "MODELPRESS_WARM_SANDBOX": "1" if self.warm_sandbox else "0",
             "MODELPRESS_OP_CHECK": self.op_check,
         }
         env["MODELPRESS_API_KEYS_FILE"] = str(self.api_keys_file) if self.api_keys_file else ""

@@ -375,7 +375,11 @@ def register_method(entry: MethodEntry) -> None:
 def _forget_nested_instances(schemas: tuple[type[Schema], ...]) -> None:
     """Nested fields cache the schema instance they made (``Nested.schema``), with the fields it had
     then; schemas held since (the API blueprints' response schemas, built at import) would document
-    the spec without a method registered later. Dropping those caches makes them build it again."""
+    the spec without a method registered later. Dropping those caches makes them build it again.
+    Not for this module's own methods: nothing has built a schema yet, and the walk over every object
+    of a process that imported torch cost each job's process half a second (issue 28)."""
+    if not _BUILT:
+        return
     import gc
 
     for thing in gc.get_objects():
@@ -383,6 +387,7 @@ def _forget_nested_instances(schemas: tuple[type[Schema], ...]) -> None:
             thing._schema = None
 
 
+_BUILT = False  # True once this module's own methods are registered
 for _entry in (
     MethodEntry(
         "quantize",
@@ -412,6 +417,7 @@ for _entry in (
     ),
 ):
     register_method(_entry)
+_BUILT = True
 
 
 def _flatten(prefix: str, messages: Any) -> dict[str, list[str]]:

@@ -73,7 +73,8 @@ class ApiClient:
 
 
 def compression_process(job_id: str, timeout: float = 60):
-    """The job's child process, found by its command line (``workers.job_process <job dir>``)."""
+    """The job's child process, found by its command line (``workers.job_process <job dir>``), or for a
+    pre-started one (``workers.job_process --warm <warm dir>/job``) by the job its warm folder was handed."""
     import psutil
 
     deadline = time.monotonic() + timeout
@@ -83,12 +84,56 @@ def compression_process(job_id: str, timeout: float = 60):
             # The Python process itself, not the bubblewrap processes around it (whose command lines hold it too).
             if (
                 "workers.job_process" in cmdline
-                and any(arg.endswith(job_id) for arg in cmdline)
                 and not cmdline[0].endswith("bwrap")
+                and (cmdline[-1].endswith(job_id) or _warm_label(cmdline) == job_id)
             ):
                 return process
         time.sleep(0.1)
     raise AssertionError(f"no compression process for job {job_id} within {timeout} s")
+
+
+def warm_processes(data_dir: Path) -> list:
+    """The pre-started job processes waiting under ``data_dir`` (handed no job yet)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if (
+            "--warm" in cmdline
+            and "workers.job_process" in cmdline
+            and not cmdline[0].endswith("bwrap")
+            and Path(cmdline[-1]).is_relative_to(data_dir)
+            and _warm_label(cmdline) is None
+        ):
+            found.append(process)
+    return found
+
+
+def job_children(process) -> list:
+    """``process``'s children but the pre-started one waiting for the next job (workers/warm_sandbox.py)."""
+    import psutil
+
+    found = []
+    for child in process.children():
+        try:
+            cmdline = child.cmdline()
+        except psutil.Error:
+            continue
+        if not ("--warm" in cmdline and _warm_label(cmdline) is None):
+            found.append(child)
+    return found
+
+
+def _warm_label(cmdline: list[str]) -> str | None:
+    from workers.warm_sandbox import JOB_LABEL
+
+    if "--warm" not in cmdline:
+        return None
+    try:
+        return (Path(cmdline[-1]).parent / JOB_LABEL).read_text()
+    except OSError:
+        return None
 
 
 def supervisor_process(job_id: str, timeout: float = 60):

@@ -6,6 +6,7 @@ child and turns how it ended (``ChildEnd``) into the job's final state.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import signal
@@ -33,6 +34,7 @@ class ChildEnd:
     violation: Violation | None
     outcome: dict[str, Any] | None  # the child's final event, if it sent one
     started: bool
+    ready_at: float | None = None  # time.monotonic() of its first "ready" message (the report's startup)
 
 
 def watch_child(child: subprocess.Popen, read_fd: int, beat: Callable[..., Any], time_limit_s: int) -> ChildEnd:
@@ -52,6 +54,7 @@ def watch_child(child: subprocess.Popen, read_fd: int, beat: Callable[..., Any],
     violation: Violation | None = None
     last_progress: dict[str, Any] | None = None
     started = False
+    ready_at: float | None = None
     last_write = 0.0
     while not stop_reason:
         try:
@@ -66,7 +69,8 @@ def watch_child(child: subprocess.Popen, read_fd: int, beat: Callable[..., Any],
                     break  # the final write will be refused; nothing to stop
                 if time.monotonic() > deadline:
                     break  # a child that closed its pipe still ends at its time limit
-                time.sleep(POLL_INTERVAL_S)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(POLL_INTERVAL_S)  # returns as soon as it exits: a small job's end is not delayed
             if child.poll() is None:
                 stop_reason = "timeout"
                 kill_group(child)
@@ -76,6 +80,8 @@ def watch_child(child: subprocess.Popen, read_fd: int, beat: Callable[..., Any],
             violation, stop_reason = message, "violation"
         elif message.get("event") == protocol.STARTED:
             started = True
+        elif message.get("event") == protocol.READY and ready_at is None:
+            ready_at = time.monotonic()
         elif message.get("event") == protocol.PROGRESS:
             last_progress = message
         elif message.get("event") in protocol.FINAL_EVENTS:
@@ -96,7 +102,7 @@ def watch_child(child: subprocess.Popen, read_fd: int, beat: Callable[..., Any],
         if stop_reason:
             kill_group(child)
             break
-    return ChildEnd(stop_reason, violation, outcome, started)
+    return ChildEnd(stop_reason, violation, outcome, started, ready_at)
 
 
 def kill_group(child: subprocess.Popen) -> None:

@@ -7,6 +7,10 @@ supervisor what happened (``workers.job_protocol``). Exit status 0 means success
 
 ``python -m workers.job_process --probe <dir>`` prints what the process can see (the worker's
 start-up self-test of the sandbox) and exits.
+
+``python -m workers.job_process --warm <dir>`` is a pre-started one (``workers.warm_sandbox``): it
+imports torch and the engine, says ``warm``, and waits on stdin until the supervisor has put a job's
+files in ``<dir>``; from there it is a job process like any other. Stdin closed without a job: it exits.
 """
 
 from __future__ import annotations
@@ -30,8 +34,10 @@ def main(argv: list[str]) -> int:
     if argv[1] == "--probe":
         print(json.dumps(confinement_facts(Path(argv[2]))))
         return 0
-    job_dir = Path(argv[1])
+    job_dir = Path(argv[-1])
     channel = protocol.Channel.from_env()
+    if argv[1] == "--warm" and not _wait_for_job(channel):
+        return 0
     channel.send(protocol.STARTED)  # first: from here on, an early end is this job's, not the sandbox's set-up
     settings = Settings.from_env()
     _die_with_parent(confined=settings.sandbox == "on")
@@ -45,10 +51,37 @@ def main(argv: list[str]) -> int:
                 unavailable = protocol.sandbox_unavailable("; ".join(gaps))  # a problem: its slug ends its type
                 channel.fail({**unavailable, "slug": unavailable["type"].rsplit("/", 1)[1]})
                 return 1
-        _limit_resources(settings, job_dir)
+        _limit_resources(settings, job_dir)  # warm or cold, from the job's own inputs, before reading them
         return _compress(job_dir, settings, facts, channel)
     finally:
         channel.close()
+
+
+def _wait_for_job(channel: protocol.Channel) -> bool:
+    """A pre-started process: import what a job needs, say so, then wait for one (one line on stdin).
+
+    No upload is in reach before the hand-over, so importing before ``_limit_resources`` runs no job
+    code outside the limits; they are set after it from the job's inputs, exactly as for a cold process."""
+    settings = Settings.from_env()
+    _die_with_parent(confined=settings.sandbox == "on")
+    _import_engine(settings)
+    channel.send(protocol.WARM)  # line-buffered: sent now
+    handed = os.read(0, 64)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # the job then sees what a cold process sees on stdin
+    os.close(null)
+    return bool(handed)
+
+
+def _import_engine(settings: Settings) -> None:
+    import torch
+
+    torch.set_num_threads(settings.job_threads)
+    # The rest of what a job imports: the engine, the operator check, the device facts.
+    import workers.engine.formats.program_check
+    import workers.engine.formats.torchscript
+    import workers.engine.run.pipeline
+    import workers.sandbox  # noqa: F401
 
 
 def _compress(job_dir: Path, settings: Settings, facts: dict[str, Any], channel: protocol.Channel) -> int:
@@ -59,11 +92,10 @@ def _compress(job_dir: Path, settings: Settings, facts: dict[str, Any], channel:
 
     files = JobFiles(job_dir)
     try:
-        import torch
-
-        torch.set_num_threads(settings.job_threads)
+        _import_engine(settings)  # already done by a pre-started process
         from workers.engine.run.pipeline import compress
 
+        channel.send(protocol.READY)
         data_path = files.input_data if files.input_data.exists() else None
         student_path = files.input_student if files.input_student.exists() else None
         spec = parse_spec(read_json(files.spec), has_data=data_path is not None, has_student=student_path is not None)
@@ -130,7 +162,24 @@ def confinement_facts(job_dir: Path) -> dict[str, Any]:
         "seccomp": state_of_this_process(),
         "processes": sum(1 for entry in os.listdir("/proc") if entry.isdigit()),
         "data_dir_visible": bool(visible),
+        # A sandbox is never reused (workers/warm_sandbox.py): its own PID namespace, an empty /tmp.
+        "pid_namespace": _namespace("pid"),
+        "tmp_entries": _tmp_entries(job_dir),
     }
+
+
+def _tmp_entries(job_dir: Path) -> int:
+    """Entries in /tmp besides the folders on the way to a bound path (a data directory or runtime under
+    /tmp, as in the tests, is mounted over the private /tmp): 0 in a fresh sandbox."""
+    bound = [Path(path).resolve() for path in (job_dir, sys.prefix, *sys.path) if path]
+    return sum(1 for entry in os.listdir("/tmp") if not any(path.is_relative_to(Path("/tmp", entry)) for path in bound))
+
+
+def _namespace(kind: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/self/ns/{kind}")
+    except OSError:
+        return None
 
 
 def _check_programs(paths: list[Path | None]) -> None:
@@ -203,4 +252,9 @@ def _die_with_parent(confined: bool) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    status = main(sys.argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Everything is written (atomically) and said by now: skip tearing torch down, which takes a
+    # noticeable part of a small job (its threads, its modules' finalizers), and which nobody waits for.
+    os._exit(status)

@@ -3,8 +3,11 @@
 The supervisor starts ``python -m workers.job_process <job dir>`` with the environment that
 ``child_environment`` builds (nothing secret: no Redis URL, keys or master secret). The child
 writes JSON lines ``{"event": ..., ...}`` on the file descriptor named by ``PROGRESS_FD``:
-``started`` once it runs (inside the sandbox, before it reads the upload), ``progress`` with a
+``started`` once it runs (inside the sandbox, before it reads the upload), ``ready`` once torch and
+the engine are imported (the supervisor times the job's start-up by it), ``progress`` with a
 stage and a fraction, then ``succeeded`` or ``failed`` with a problem's slug, title and detail.
+A pre-started process (``workers.warm_sandbox``) first says ``warm`` once it has imported them and
+waits for its job on stdin; it says ``started`` when one is handed over.
 Whatever the child cannot say itself (it died, or never started) is turned into a problem here too.
 """
 
@@ -16,6 +19,7 @@ import os
 import queue
 import re
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, NamedTuple
@@ -26,13 +30,14 @@ from modelpress.formats import AOTI_PACKAGE, EXPORTED, TORCHSCRIPT
 from modelpress.targets import TARGETS
 from workers.engine.errors import CompressionError, is_out_of_memory, summarize_torch_error
 
+JOB_PROCESS = (sys.executable, "-m", "workers.job_process")  # the child's command; its job directory follows
 # Environment names the child reads.
 PROGRESS_FD = "MODELPRESS_PROGRESS_FD"
 # host:port of Redis (never its URL, which may hold a password): the child tries to connect to it,
 # and must fail, to prove from inside that it has no network.
 NETWORK_PROBE = "MODELPRESS_NETWORK_PROBE"
 # Events, in the order a child sends them.
-STARTED, PROGRESS, SUCCEEDED, FAILED = "started", "progress", "succeeded", "failed"
+WARM, STARTED, READY, PROGRESS, SUCCEEDED, FAILED = "warm", "started", "ready", "progress", "succeeded", "failed"
 FINAL_EVENTS = (SUCCEEDED, FAILED)
 _FILE_SIZE = re.compile(r"size <\d+>")
 
@@ -46,6 +51,7 @@ MAX_DETAIL_CHARS = 4000
 MAX_REPORT_BYTES = 1 << 20  # output/report.json
 MAX_WARNINGS = 100
 MAX_WARNING_CHARS = 2000
+MAX_TIMINGS = 32  # stages in report.timings_s (the engine times about six)
 OUTPUT_FORMATS = (TORCHSCRIPT, EXPORTED, AOTI_PACKAGE)
 # The report's figures the supervisor copies into the job record (``Supervisor._result_summary``).
 _REPORT_FIGURES = (
@@ -217,7 +223,9 @@ def _fraction(value: Any) -> str | None:
 # Each event's fields and their checks (no other field is accepted). Stages are free text from the
 # engine (``trial 2/8 (prune 0.5): measuring latency``), so they are bounded, not enumerated.
 _EVENT_FIELDS: dict[str, dict[str, Callable[[Any], str | None]]] = {
+    WARM: {},
     STARTED: {},
+    READY: {},
     PROGRESS: {"stage": _text(MAX_STAGE_CHARS), "progress": _fraction},
     SUCCEEDED: {},
     FAILED: {
@@ -256,7 +264,8 @@ def read_report(path: Path) -> dict[str, Any]:
     """The child's report, checked before anything of it is believed or stored.
 
     At most ``MAX_REPORT_BYTES``; a JSON object; ``warnings`` a short list of short strings; every
-    figure the supervisor or the API reads a finite number or null. Figures the supervisor can
+    figure the supervisor or the API reads a finite number or null; ``timings_s`` stage names to
+    seconds (the supervisor adds its own ``startup`` there, ``workers.warm_sandbox.stamp_report``). Figures the supervisor can
     measure itself (the file sizes) are replaced by its own (``Supervisor._publish``).
     """
     try:
@@ -286,10 +295,24 @@ def read_report(path: Path) -> dict[str, Any]:
             isinstance(figure, bool) or not isinstance(figure, (int, float)) or not math.isfinite(figure)
         ):
             raise InvalidReport(f"'{section}.{name}' is not a finite number or null")
+    timings = report.get("timings_s", {})
+    if (
+        not isinstance(timings, dict)
+        or len(timings) > MAX_TIMINGS
+        or not all(
+            isinstance(name, str) and len(name) <= MAX_STAGE_CHARS and _seconds(value)
+            for name, value in timings.items()
+        )
+    ):
+        raise InvalidReport(f"'timings_s' is not an object of at most {MAX_TIMINGS} stages, each a number of seconds")
     output_format = report.get("format", {}).get("output") if isinstance(report.get("format"), dict) else None
     if output_format is not None and output_format not in OUTPUT_FORMATS:
         raise InvalidReport("'format.output' is not a known format")
     return report
+
+
+def _seconds(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
 
 
 def _no_constant(name: str) -> None:

@@ -64,24 +64,32 @@ GPU_DEVICE_PATTERNS = (
 
 
 @contextmanager
-def confined(settings: Settings, files: JobFiles, argv: list[str]) -> Iterator[tuple[list[str], tuple[int, ...]]]:
+def confined(
+    settings: Settings, files: JobFiles, argv: list[str], output_source: Path | None = None
+) -> Iterator[tuple[list[str], tuple[int, ...]]]:
     """The command that runs ``argv`` for the job in ``files``, and the descriptors to pass to it.
 
     The syscall filter travels to bubblewrap on a descriptor: start the command (``pass_fds``)
     inside the ``with``; the descriptor is closed when it ends. Sandbox off: ``argv`` as is, none.
+    ``output_source``: the host folder bound as ``output/`` (default: the job's own ``output/``).
     """
     if settings.sandbox == "off":
         yield argv, ()
         return
     program = seccomp.program_fd()
     try:
-        yield job_command(settings, files, argv, seccomp_fd=program), (program,)
+        yield job_command(settings, files, argv, seccomp_fd=program, output_source=output_source), (program,)
     finally:
         os.close(program)
 
 
 def job_command(
-    settings: Settings, files: JobFiles, argv: list[str], seccomp_fd: int | None, devices: Sequence[str] | None = None
+    settings: Settings,
+    files: JobFiles,
+    argv: list[str],
+    seccomp_fd: int | None,
+    devices: Sequence[str] | None = None,
+    output_source: Path | None = None,
 ) -> list[str]:
     """The bubblewrap command line (use ``confined``): ``seccomp_fd`` holds the filter (None: none),
     ``devices`` are the device nodes bound in (None: this host's GPU, ``gpu_devices()``)."""
@@ -126,13 +134,19 @@ def job_command(
         root,
         root,
         "--bind",
-        str(files.output_model.parent),
+        str(output_source or files.output_model.parent),
         str(files.output_model.parent),
         "--chdir",
         root,
         "--",
         *argv,
     ]
+
+
+def fingerprint(settings: Settings) -> tuple[str, ...]:
+    """What the sandbox's command holds besides the job's folder (the runtime's mounts, the GPU nodes): a
+    process started under another fingerprint was not started as a job's process would be now."""
+    return (*_runtime_mounts(settings), *gpu_devices())
 
 
 def gpu_devices() -> list[str]:

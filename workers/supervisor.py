@@ -20,7 +20,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -38,7 +37,7 @@ from modelpress.object_stores import open_object_store
 from modelpress.objectstore import InputsCorrupt, InputsMissing, ObjectStore
 from modelpress.storage import JobFiles, Storage
 from modelpress.targets import TARGETS
-from workers import job_protocol as protocol, sandbox
+from workers import job_protocol as protocol, sandbox, warm_sandbox
 from workers.child_watch import (
     PROGRESS_WRITE_INTERVAL_S,
     kill_group as _kill_group,
@@ -50,11 +49,12 @@ from workers.job_result import measure_sizes, result_summary
 from workers.memory import MemoryWatch
 from workers.process_log import ProcessLog
 from workers.target_report import check_targets
+from workers.warm_sandbox import Launch
 
 log = logging.getLogger("modelpress.worker")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-JOB_PROCESS = (sys.executable, "-m", "workers.job_process")  # the child's command; its job directory follows
+JOB_PROCESS = protocol.JOB_PROCESS  # the child's command; its job directory follows
 
 
 class TenantBusy(Exception):
@@ -76,6 +76,8 @@ class Supervisor:
         self.storage = storage
         self.objects = objects or open_object_store(settings, storage)
         self.child_command = child_command
+        # The next job's process started ahead (workers/warm_sandbox.py); never for another child command.
+        self.warm = warm_sandbox.shared() if warm_sandbox.enabled(settings) and child_command == JOB_PROCESS else None
 
     @classmethod
     @functools.lru_cache(maxsize=4)
@@ -88,6 +90,7 @@ class Supervisor:
         ``generation`` is the message's enqueue generation: a message superseded by a re-send
         is dropped. The claim is one atomic step; from then on every write carries its attempt.
         """
+        taken = time.monotonic()  # the job's startup is timed from here (report timings_s.startup)
         fault_point("before-claim", job_id, self.settings.data_dir)
         claim = self.store.claim(job_id, generation, self.settings.heartbeat_stale_s, self.settings.max_running_jobs)
         if claim.outcome == "tenant-busy":
@@ -145,7 +148,7 @@ class Supervisor:
                 ),
             )
         try:
-            return self._run_child(job_id, claim.attempt, claim.deliveries, files, self.time_limit_s(job))
+            return self._run_child(job_id, claim.attempt, claim.deliveries, files, self.time_limit_s(job), taken)
         finally:
             self.objects.release(job_id, claim.attempt)
 
@@ -158,26 +161,33 @@ class Supervisor:
     # ------------------------------------------------------------------ the child process
 
     def _run_child(
-        self, job_id: str, attempt: int, deliveries: int, files: JobFiles, time_limit_s: int
+        self, job_id: str, attempt: int, deliveries: int, files: JobFiles, time_limit_s: int, taken: float
     ) -> tuple[str, bool]:
-        read_fd, write_fd = os.pipe()
-        log_read, log_write = os.pipe()
-        try:
-            child = self._start_child(files, log_write, write_fd)
-        except OSError as error:  # bubblewrap (or Python) is missing: no unconfined fallback
-            for fd in (read_fd, write_fd, log_read, log_write):
-                os.close(fd)
-            return self._finish(
-                job_id,
-                attempt,
-                jobs.FAILED,
-                error=protocol.sandbox_unavailable(
-                    f"{self.settings.bwrap} could not be started ({error.strerror or error})"
-                ),
-            )
-        os.close(write_fd)
-        os.close(log_write)
-        output = ProcessLog(log_read, files.process_log).start()
+        launch = None
+        if self.warm:
+            with self._beating(job_id, attempt):  # it may wait for a process still importing
+                launch = self.warm.take(self.settings, job_id, files, taken)
+        if launch is None:
+            read_fd, write_fd = os.pipe()
+            log_read, log_write = os.pipe()
+            try:
+                child = self._start_child(files, log_write, write_fd)
+            except OSError as error:  # bubblewrap (or Python) is missing: no unconfined fallback
+                for fd in (read_fd, write_fd, log_read, log_write):
+                    os.close(fd)
+                return self._finish(
+                    job_id,
+                    attempt,
+                    jobs.FAILED,
+                    error=protocol.sandbox_unavailable(
+                        f"{self.settings.bwrap} could not be started ({error.strerror or error})"
+                    ),
+                )
+            os.close(write_fd)
+            os.close(log_write)
+            launch = Launch(child, read_fd, log_read, taken)
+        child, read_fd = launch.child, launch.progress_fd
+        output = ProcessLog(launch.log_fd, files.process_log).start()
         watch = MemoryWatch(
             child.pid,
             self.settings.job_memory_mb << 20,
@@ -187,7 +197,7 @@ class Supervisor:
             protocol.MAX_OUTPUT_ENTRIES,
         ).start()
         try:
-            return self._watch_child(job_id, attempt, deliveries, files, child, read_fd, watch, output, time_limit_s)
+            return self._watch_child(job_id, attempt, deliveries, files, launch, read_fd, watch, output, time_limit_s)
         except Exception:  # a bug or an unforeseen input here must not leave a child running unwatched
             log.exception("job %s: the supervisor failed; its child is stopped", job_id, extra={"job_id": job_id})
             _kill_group(child)
@@ -204,6 +214,8 @@ class Supervisor:
         finally:
             watch.stop()
             output.finish()
+            if self.warm:
+                self.warm.job_ended(launch, self.settings)
 
     def _watch_child(
         self,
@@ -211,14 +223,17 @@ class Supervisor:
         attempt: int,
         deliveries: int,
         files: JobFiles,
-        child: subprocess.Popen,
+        launch: Launch,
         read_fd: int,
         watch: MemoryWatch,
         output: ProcessLog,
         time_limit_s: int,
     ) -> tuple[str, bool]:
         beat = functools.partial(self._quietly, self.store.beat, job_id, attempt)
+        child = launch.child
         end = watch_child(child, read_fd, beat, time_limit_s)
+        if launch.ready_at is None:
+            launch.ready_at = end.ready_at
         output.finish()
 
         if end.stop_reason == "superseded":
@@ -269,7 +284,7 @@ class Supervisor:
                 jobs.FAILED,
                 error=protocol.output_too_large(watch.output_limit_bytes, watch.output_bytes, watch.output_entries),
             )
-        return self._record_exit(job_id, attempt, deliveries, files, child.returncode, end.outcome, end.started)
+        return self._record_exit(job_id, attempt, deliveries, files, child.returncode, end.outcome, end.started, launch)
 
     def _start_child(self, files: JobFiles, output_fd: int, write_fd: int) -> subprocess.Popen:
         argv = [*self.child_command, str(files.root)]
@@ -294,6 +309,7 @@ class Supervisor:
         returncode: int,
         outcome: dict[str, Any] | None,
         started: bool,
+        launch: Launch,
     ) -> tuple[str, bool]:
         refused_output = sandbox.confirm_outputs(files)
         if refused_output:
@@ -308,7 +324,7 @@ class Supervisor:
                 attempt,
                 extra={"job_id": job_id, "event": "completed"},
             )
-            return self._publish(job_id, attempt, deliveries, files)
+            return self._publish(job_id, attempt, deliveries, files, launch)
         if outcome and outcome["event"] == protocol.FAILED:
             if files.report.exists():  # a failed search's report (its trials) stays readable
                 try:
@@ -323,7 +339,7 @@ class Supervisor:
             error=protocol.died(returncode, self.settings, started, sandbox.setup_error_in(files.process_log)),
         )
 
-    def _publish(self, job_id: str, attempt: int, deliveries: int, files: JobFiles) -> tuple[str, bool]:
+    def _publish(self, job_id: str, attempt: int, deliveries: int, files: JobFiles, launch: Launch) -> tuple[str, bool]:
         """Publish this attempt's output under attempt-specific names (``ObjectStore.publish``), then
         record success (fenced); the digest recorded is that of the file published."""
         try:
@@ -339,6 +355,7 @@ class Supervisor:
         except InvalidReport as refused:
             return self._finish(job_id, attempt, jobs.FAILED, error=protocol.invalid_report(refused))
         measure_sizes(report, files)
+        warm_sandbox.stamp_report(report, launch)  # its startup, measured here
         report["deliveries"] = deliveries
         with self._beating(job_id, attempt):
             try:  # the artifacts before the report, which goes last (a reader never sees a partial result)

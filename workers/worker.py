@@ -3,13 +3,13 @@
 import logging
 
 import redis
-from celery.signals import after_setup_logger, worker_ready
+from celery.signals import after_setup_logger, worker_process_init, worker_ready
 
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
 from modelpress.logs import configure_logging
 from modelpress.worker_status import publish
-from workers import sandbox
+from workers import sandbox, warm_sandbox
 from workers.celery_app import make_celery
 from workers.reaper import Reaper
 from workers.webhook_delivery import Dispatcher
@@ -31,6 +31,13 @@ def _test_sandbox(sender=None, **kwargs) -> None:
     level = logging.INFO if status.state == "confined" else logging.WARNING if status.state == "off" else logging.ERROR
     logging.getLogger("modelpress.sandbox").log(level, "job sandbox %s: %s", status.state, status.detail)
     publish(redis.Redis.from_url(settings.redis_url), sender.hostname, status)
+
+
+@worker_process_init.connect
+def _start_a_warm_sandbox(**kwargs) -> None:
+    """Each pool process has its first job's sandbox started before that job arrives (workers/warm_sandbox.py)."""
+    if warm_sandbox.enabled(settings):
+        warm_sandbox.shared().prepare(settings)
 
 
 @after_setup_logger.connect

@@ -22,7 +22,7 @@ import requests
 from modelpress.fault_injection import arm
 from modelpress.jobs import JobStore
 from modelpress.stack import Stack
-from tests.conftest import ApiClient, compression_process, make_settings, supervisor_process
+from tests.conftest import ApiClient, compression_process, job_children, make_settings, supervisor_process
 from tests.models import SlowModel, SmallConvNet, save_scripted
 from tests.webhooks import WebhookReceiver
 
@@ -153,7 +153,9 @@ def test_worker_sigkilled_mid_job(life: Stack, api: ApiClient, medium_model: Pat
 def test_redis_sigkilled_with_jobs_queued_and_running(
     life: Stack, api: ApiClient, medium_model: Path, quick_model: Path
 ) -> None:
-    running = api.submit(medium_model, MEDIUM).json()["id"]
+    # Five times MEDIUM's timed runs: with its process pre-started (no 3 s start-up) MEDIUM alone could end
+    # within the 1.5 s below, and the queued job would be running already.
+    running = api.submit(medium_model, {**MEDIUM, "evaluation": {"runs": 100, "warmup": 0}}).json()["id"]
     _wait_running(api, running)
     queued = api.submit(quick_model, QUICK).json()["id"]
     time.sleep(1.5)  # past appendfsync everysec: both records are on disk
@@ -216,9 +218,9 @@ def test_two_workers_racing_for_a_stale_job_and_the_superseded_supervisor_writes
         supervisor.resume()
     # The old supervisor (attempt 1) is refused on its next beat and stops its child; it records nothing.
     deadline = time.monotonic() + 60
-    while supervisor.children() and time.monotonic() < deadline:
+    while job_children(supervisor) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not supervisor.children()
+    assert not job_children(supervisor)  # (the next job's pre-started process may be there already)
     time.sleep(2)
     record = _record(life, job_id)
     assert record["state"] == "running" and record["attempt"] == winner.attempt and record["result"] is None

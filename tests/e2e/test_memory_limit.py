@@ -76,4 +76,4 @@ def test_job_growing_past_the_resident_limit_fails_out_of_memory_and_the_next_jo
     report = limited.session.get(limited.url(follower["links"]["report"])).json()
     assert 0 < report["resources"]["peak_resident_mb"] < JOB_MEMORY_MB
     assert report["sandbox"]["limits"]["resident_mb"] == JOB_MEMORY_MB
-    assert set(report["timings_s"]) == {"load", "measure", "transform", "save"}
+    assert set(report["timings_s"]) == {"load", "measure", "transform", "save", "startup"}
