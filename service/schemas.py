@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask_smorest.fields import Upload
 from marshmallow import Schema, fields, validate
 
@@ -76,6 +78,15 @@ class LinksSchema(Schema):
     artifacts = fields.String()
 
 
+class RecordedSpec(fields.Nested):
+    """The job's spec as recorded when it was accepted (``dump_spec``: already the JSON a client sent back
+    with its defaults), shown as is: dumping it through ``CompressionSpec`` again would read attribute
+    names where it holds JSON keys, and drop ``distill.student.from`` (attribute ``source``)."""
+
+    def _serialize(self, value: Any, attr: str | None, obj: Any, **kwargs: Any) -> Any:
+        return value
+
+
 class JobSchema(Schema):
     id = fields.String()
     state = fields.String(validate=validate.OneOf(jobs.STATES))
@@ -91,7 +102,7 @@ class JobSchema(Schema):
             "was taken over after its worker stopped)."
         }
     )
-    spec = fields.Nested(CompressionSpec)
+    spec = RecordedSpec(CompressionSpec)
     input = fields.Nested(FileInfoSchema)
     data = fields.Nested(FileInfoSchema, allow_none=True)
     student = fields.Nested(FileInfoSchema, allow_none=True)

@@ -75,6 +75,10 @@ def test_torchvision_student_trains_end_to_end(api: ApiClient, teacher_and_data)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 5)
     report = api.session.get(api.url(job["links"]["report"])).json()
     assert report["details"]["student"] == {"from": "torchvision", "arch": "mobilenet_v3_small"}
+    # The job resource shows the spec as accepted: "from" (a Python keyword, another name inside) included.
+    assert job["spec"]["distill"]["student"] == {"from": "torchvision", "arch": "mobilenet_v3_small"}
+    listed = {entry["id"]: entry for entry in api.session.get(api.url("/v1/jobs")).json()["jobs"]}
+    assert listed[job["id"]]["spec"]["distill"]["student"]["from"] == "torchvision"
 
 
 def test_labels_of_the_wrong_length_fail_the_job_clearly(api: ApiClient, teacher_and_data, tmp_path: Path) -> None:
