@@ -55,6 +55,7 @@ WARM_DIR = "warm"  # under the data directory: beside jobs/, so links and rename
 MAX_AGE_S = 600.0
 READY_WAIT_S = 30.0  # a job waits this long for a process still importing (a cold start takes as long)
 START_TIMEOUT_S = 120.0  # a process that has not said ``warm`` by then is stopped
+DISCARD_WAIT_S = 10.0  # for the starter to stop reading a discarded process's pipe (it ends on its death)
 JOB_LABEL = "job-id"  # <name>/job-id: which job a warm folder serves (for operators and the tests)
 _INPUTS = ("input_model", "input_student", "input_data", "spec")
 
@@ -237,6 +238,8 @@ class WarmSandbox:
             if not closed:
                 self._waiting = waiting
         if closed:
+            waiting.failed = True
+            waiting.ready.set()  # nothing reads its pipe: _discard may close it
             _discard(waiting)
             return
         ready = _await_warm(waiting.progress_fd, START_TIMEOUT_S)
@@ -333,6 +336,13 @@ def _discard(waiting: _Waiting) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(waiting.child.pid, signal.SIGKILL)
     waiting.child.wait()
+    # The starter thread may still be reading its pipe (_await_warm; a job gave up waiting for it):
+    # closing the descriptor under it would let it read whatever reuses the number next (a cold job's
+    # pipe). Its process is dead, so the read ends at once; only then are the descriptors closed.
+    if not waiting.ready.wait(DISCARD_WAIT_S):
+        log.warning("a discarded pre-started sandbox's pipe is still being read; its descriptors are left open")
+        shutil.rmtree(waiting.folder, ignore_errors=True)
+        return
     for fd in (waiting.progress_fd, waiting.log_fd, waiting.handover_fd):
         if fd >= 0:
             os.close(fd)

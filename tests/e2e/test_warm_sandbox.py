@@ -176,3 +176,43 @@ def test_stopping_the_worker_leaves_no_warm_process(warm_stack: Stack) -> None:
 
     _gone(waiting)
     assert warm_processes(warm_stack.settings.data_dir) == []
+
+
+def test_a_discarded_process_pipe_is_not_closed_under_the_thread_still_reading_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job that stops waiting for a process still importing discards it while the starter thread
+    reads its pipe: closing the descriptor then let that thread read a cold job's pipe that reused the
+    number (found by a red team). Here the pipe's other end stays open, so the read cannot end."""
+    import subprocess
+    import threading
+
+    from workers import warm_sandbox
+
+    monkeypatch.setattr(warm_sandbox, "DISCARD_WAIT_S", 0.5, raising=False)
+    progress_read, progress_write = os.pipe()
+    child = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    folder = tmp_path / "warm-folder"
+    folder.mkdir()
+    waiting = warm_sandbox._Waiting(child, folder, (), progress_read, os.open(os.devnull, os.O_RDONLY), -1)
+    seen: dict[str, object] = {}
+
+    def starter() -> None:  # what _start does with a published process
+        seen["warm"] = warm_sandbox._await_warm(progress_read, 30)
+        seen["open_after_read"] = os.fstat(progress_read) is not None
+        waiting.failed = not seen["warm"]
+        waiting.ready.set()
+
+    reader = threading.Thread(target=starter)
+    reader.start()
+    try:
+        warm_sandbox._discard(waiting)
+        assert child.poll() is not None  # the discard struck: the process is dead
+        assert reader.is_alive()  # and the starter is still reading (its pipe's writer lives on)
+        os.fstat(progress_read)  # positive: the descriptor under the reader is still this pipe
+        assert not folder.exists()
+    finally:
+        os.close(progress_write)  # the read ends
+        reader.join(10)
+    assert seen == {"warm": False, "open_after_read": True}
+    os.close(progress_read)
