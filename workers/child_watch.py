@@ -37,10 +37,13 @@ class ChildEnd:
     ready_at: float | None = None  # time.monotonic() of its first "ready" message (the report's startup)
 
 
-def watch_child(child: subprocess.Popen, read_fd: int, beat: Callable[..., Any], time_limit_s: int) -> ChildEnd:
+def watch_child(
+    child: subprocess.Popen, read_fd: int, beat: Callable[..., Any], time_limit_s: int, since: float | None = None
+) -> ChildEnd:
     """Watch ``child`` until it exits or is stopped. ``beat(**fields)`` writes the job's heartbeat
     (with ``process_pid``, or ``stage`` and ``progress``); it returns True once the job is cancelled
-    (``default`` while Redis is unreachable) and raises ``Superseded`` once the attempt is not the job's."""
+    (``default`` while Redis is unreachable) and raises ``Superseded`` once the attempt is not the job's.
+    The time limit counts from ``since`` (``time.monotonic()``; default now): when its process was asked for."""
     messages: queue.Queue[dict[str, Any] | Violation | None] = queue.Queue(protocol.MESSAGE_QUEUE_SIZE)
     threading.Thread(target=protocol.read_messages, args=(read_fd, messages), daemon=True).start()
     stop_reason: str | None = None
@@ -49,7 +52,7 @@ def watch_child(child: subprocess.Popen, read_fd: int, beat: Callable[..., Any],
     except Superseded:
         stop_reason = "superseded"
 
-    deadline = time.monotonic() + time_limit_s
+    deadline = (time.monotonic() if since is None else since) + time_limit_s
     outcome: dict[str, Any] | None = None
     violation: Violation | None = None
     last_progress: dict[str, Any] | None = None

@@ -15,7 +15,9 @@ remove expired ones.
   sweep (``modelpress.cleanup.remove_files_left``).
 - Orphans: the files of uploads whose API process was killed mid-request (noted in Redis as they
   began, never recorded nor rolled back) once older than ``MODELPRESS_ORPHAN_AFTER_S``, and this
-  host's workspaces of jobs that ended elsewhere (``modelpress.cleanup.remove_orphans``).
+  host's workspaces of jobs that ended elsewhere (``modelpress.cleanup.remove_orphans``), and this
+  host's pre-started sandboxes' folders whose worker process was killed (``workers.warm_sandbox.sweep``:
+  a taken one holds hard links of its job's inputs).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from modelpress.cleanup import remove_files_left, remove_job, remove_orphans
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
 from modelpress.object_stores import open_object_store
+from workers import warm_sandbox
 from workers.celery_app import QUEUE, send_job
 
 log = logging.getLogger("modelpress.reaper")
@@ -60,6 +63,8 @@ class Reaper:
         resent = self.reconcile()
         remove_files_left(self.store, self.objects)  # of jobs deleted while the object store was away
         remove_orphans(self.store, self.objects, self.settings.orphan_after_s)  # of requests and workers killed
+        for folder in warm_sandbox.sweep(self.settings.data_dir):  # of pool processes killed
+            log.info("removed the pre-started sandbox folder %s: its worker process is gone", folder.name)
         expired = self.store.finished_before(time.time() - self.settings.retention_hours * 3600)
         for job_id in expired:
             if not remove_job(self.store, self.objects, job_id):

@@ -163,7 +163,7 @@ class Supervisor:
     def _run_child(
         self, job_id: str, attempt: int, deliveries: int, files: JobFiles, time_limit_s: int, taken: float
     ) -> tuple[str, bool]:
-        launch = None
+        launch, launching = None, time.monotonic()  # the time limit counts from here, warm or cold
         if self.warm:
             with self._beating(job_id, attempt):  # it may wait for a process still importing
                 launch = self.warm.take(self.settings, job_id, files, taken)
@@ -186,6 +186,7 @@ class Supervisor:
             os.close(write_fd)
             os.close(log_write)
             launch = Launch(child, read_fd, log_read, taken)
+        launch.limit_from = launching
         child, read_fd = launch.child, launch.progress_fd
         output = ProcessLog(launch.log_fd, files.process_log).start()
         watch = MemoryWatch(
@@ -231,7 +232,7 @@ class Supervisor:
     ) -> tuple[str, bool]:
         beat = functools.partial(self._quietly, self.store.beat, job_id, attempt)
         child = launch.child
-        end = watch_child(child, read_fd, beat, time_limit_s)
+        end = watch_child(child, read_fd, beat, time_limit_s, launch.limit_from)
         if launch.ready_at is None:
             launch.ready_at = end.ready_at
         output.finish()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -57,6 +58,11 @@ READY_WAIT_S = 30.0  # a job waits this long for a process still importing (a co
 START_TIMEOUT_S = 120.0  # a process that has not said ``warm`` by then is stopped
 DISCARD_WAIT_S = 10.0  # for the starter to stop reading a discarded process's pipe (it ends on its death)
 JOB_LABEL = "job-id"  # <name>/job-id: which job a warm folder serves (for operators and the tests)
+# <name>/owner.lock: flock-ed by the worker process that made the folder for as long as the folder is
+# in use. A folder whose lock anyone can take is left over (its worker was killed) and is swept,
+# whatever its name says: a PID in a name can be reused; a lock dies with its holder.
+OWNER_LOCK = "owner.lock"
+UNLOCKED_GRACE_S = 60.0  # a folder without its lock file yet is being made: swept only when this old
 _INPUTS = ("input_model", "input_student", "input_data", "spec")
 
 
@@ -70,6 +76,10 @@ class Launch:
     taken: float  # time.monotonic() when the supervisor took the job
     warm: bool = False
     folder: Path | None = None  # the warm folder, removed when the job ends
+    owner_fd: int = -1  # the warm folder's owner lock, released when it is removed
+    # When its process was asked for (time.monotonic()): the job's time limit counts from here, so a
+    # job that waited for a process still importing spends its own time, as a cold start would.
+    limit_from: float | None = None
     ready_at: float | None = None  # when the process said ``ready`` (set by the supervisor's loop)
 
 
@@ -81,6 +91,7 @@ class _Waiting:
     progress_fd: int
     log_fd: int
     handover_fd: int
+    owner_fd: int
     started: float = field(default_factory=time.monotonic)
     ready: threading.Event = field(default_factory=threading.Event)
     failed: bool = False
@@ -148,7 +159,13 @@ class WarmSandbox:
             try:
                 _hand_over(waiting, job_id, files)
                 return Launch(
-                    waiting.child, waiting.progress_fd, waiting.log_fd, taken, warm=True, folder=waiting.folder
+                    waiting.child,
+                    waiting.progress_fd,
+                    waiting.log_fd,
+                    taken,
+                    warm=True,
+                    folder=waiting.folder,
+                    owner_fd=waiting.owner_fd,
                 )
             except OSError as error:
                 why = f"the job's files could not be handed over ({error})"
@@ -162,7 +179,7 @@ class WarmSandbox:
         """The job's process has ended: remove its warm folder; have one waiting (after a cold start,
         or a start that failed: one try per job, so a broken sandbox never spins)."""
         if launch is not None and launch.folder is not None:
-            shutil.rmtree(launch.folder, ignore_errors=True)
+            _remove(launch.folder, launch.owner_fd)
         self.prepare(settings)
 
     def close(self) -> None:
@@ -202,7 +219,7 @@ class WarmSandbox:
                 continue
             try:
                 if not swept:
-                    _sweep(settings.data_dir / WARM_DIR)
+                    sweep(settings.data_dir)
                     swept = True
                 self._start(settings)
             except Exception:  # never leave a job waiting on a starter that died
@@ -268,7 +285,9 @@ def _key(settings: Settings, command: tuple[str, ...]) -> tuple[Any, ...]:
 def _launch(settings: Settings, command: tuple[str, ...]) -> _Waiting | None:
     folder = settings.data_dir / WARM_DIR / f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}"
     files = JobFiles(folder / "job")
-    (folder / "job" / "input").mkdir(parents=True)  # (an OSError here: the starter logs it, jobs start cold)
+    folder.mkdir(parents=True)  # (an OSError here: the starter logs it, jobs start cold)
+    owner_fd = _own(folder)
+    (folder / "job" / "input").mkdir(parents=True)
     (folder / "output").mkdir()
     progress_read, progress_write = os.pipe()
     log_read, log_write = os.pipe()
@@ -292,12 +311,12 @@ def _launch(settings: Settings, command: tuple[str, ...]) -> _Waiting | None:
         log.warning("the pre-started sandbox could not be started (%s); jobs start cold", error)
         for fd in (progress_read, log_read, handover_write):
             os.close(fd)
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove(folder, owner_fd)
         return None
     finally:
         for fd in (progress_write, log_write, handover_read):
             os.close(fd)
-    return _Waiting(child, folder, key, progress_read, log_read, handover_write)
+    return _Waiting(child, folder, key, progress_read, log_read, handover_write, owner_fd)
 
 
 def _await_warm(progress_fd: int, timeout: float) -> bool:
@@ -341,18 +360,50 @@ def _discard(waiting: _Waiting) -> None:
     # pipe). Its process is dead, so the read ends at once; only then are the descriptors closed.
     if not waiting.ready.wait(DISCARD_WAIT_S):
         log.warning("a discarded pre-started sandbox's pipe is still being read; its descriptors are left open")
-        shutil.rmtree(waiting.folder, ignore_errors=True)
+        _remove(waiting.folder, waiting.owner_fd)
         return
     for fd in (waiting.progress_fd, waiting.log_fd, waiting.handover_fd):
         if fd >= 0:
             os.close(fd)
-    shutil.rmtree(waiting.folder, ignore_errors=True)
+    _remove(waiting.folder, waiting.owner_fd)
 
 
-def _sweep(parent: Path) -> None:
-    """Warm folders of this host's worker processes that are gone (killed: nothing removed them)."""
-    prefix = f"{socket.gethostname()}-"
-    for folder in parent.glob(f"{prefix}*"):
-        pid = folder.name[len(prefix) :].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(folder, ignore_errors=True)
+def _own(folder: Path) -> int:
+    """Lock ``folder`` as in use by this process (``OWNER_LOCK``); the descriptor is not inherited."""
+    fd = os.open(folder / OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: nobody else holds it
+    return fd
+
+
+def _remove(folder: Path, owner_fd: int) -> None:
+    """The folder first, then its lock: a sweep never sees it unlocked while it still holds a job's files."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if owner_fd >= 0:
+        os.close(owner_fd)
+
+
+def sweep(data_dir: Path) -> list[Path]:
+    """Remove this host's warm folders that no live worker process holds (their worker was killed:
+    nothing else removes them, and a taken one holds hard links of a job's inputs). Run by each
+    starter when it begins and by the reaper at each pass; returns the folders removed."""
+    removed = []
+    for folder in (data_dir / WARM_DIR).glob(f"{socket.gethostname()}-*"):
+        try:
+            fd = os.open(folder / OWNER_LOCK, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            with contextlib.suppress(FileNotFoundError):  # being made now, or made before the lock existed
+                if time.time() - folder.stat().st_mtime > UNLOCKED_GRACE_S:
+                    shutil.rmtree(folder, ignore_errors=True)
+                    removed.append(folder)
+            continue
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # its worker process holds it
+        finally:
+            os.close(fd)  # (releases the lock just taken, if it was)
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed

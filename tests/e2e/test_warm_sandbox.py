@@ -194,7 +194,7 @@ def test_a_discarded_process_pipe_is_not_closed_under_the_thread_still_reading_i
     child = subprocess.Popen(["sleep", "60"], start_new_session=True)
     folder = tmp_path / "warm-folder"
     folder.mkdir()
-    waiting = warm_sandbox._Waiting(child, folder, (), progress_read, os.open(os.devnull, os.O_RDONLY), -1)
+    waiting = warm_sandbox._Waiting(child, folder, (), progress_read, os.open(os.devnull, os.O_RDONLY), -1, -1)
     seen: dict[str, object] = {}
 
     def starter() -> None:  # what _start does with a published process
@@ -216,3 +216,51 @@ def test_a_discarded_process_pipe_is_not_closed_under_the_thread_still_reading_i
         reader.join(10)
     assert seen == {"warm": False, "open_after_read": True}
     os.close(progress_read)
+
+
+def test_a_sweep_removes_the_folders_no_live_worker_holds_whatever_pid_their_name_gives(tmp_path: Path) -> None:
+    """A warm folder taken by a job holds hard links of its inputs; its worker killed, nothing else
+    removes it. Liveness is its owner's lock, not the PID in its name: a PID is reused (found by a
+    red team: the name-only sweep kept a dead worker's folder while any process had that PID)."""
+    import socket
+    import subprocess
+    import sys
+
+    from workers import warm_sandbox
+
+    warm, host = tmp_path / warm_sandbox.WARM_DIR, socket.gethostname()
+
+    def folder(name: str, locked: bool = True) -> Path:
+        made = warm / name
+        (made / "job" / "input").mkdir(parents=True)
+        (made / "job" / "input" / "model.pt").write_bytes(b"a tenant's model")
+        if locked:
+            (made / warm_sandbox.OWNER_LOCK).touch()
+        return made
+
+    reused = folder(f"{host}-{os.getppid()}-dead")  # a killed worker's; its PID now a live process's
+    held = folder(f"{host}-{os.getppid()}-live")  # a live worker's: its lock is held (positive control)
+    young = folder(f"{host}-1-making", locked=False)  # being made: no lock file yet
+    old = folder(f"{host}-1-unlocked", locked=False)
+    os.utime(old, (time.time() - 2 * warm_sandbox.UNLOCKED_GRACE_S,) * 2)
+    elsewhere = folder("another-host-1-dead")  # another host's: its own workers sweep it
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX);"
+            " print('held', flush=True); sys.stdin.read()",
+            str(held / warm_sandbox.OWNER_LOCK),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        assert sorted(warm_sandbox.sweep(tmp_path)) == sorted([reused, old])
+        assert not reused.exists() and not old.exists()
+        assert held.is_dir() and young.is_dir() and elsewhere.is_dir()
+    finally:
+        holder.stdin.close()
+        holder.wait(30)
+    assert warm_sandbox.sweep(tmp_path) == [held]  # its holder gone, its folder goes too
