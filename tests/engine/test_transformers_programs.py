@@ -156,3 +156,29 @@ def test_bert_program_structured_prune_removes_heads_through_its_position_ids(tm
     result = torch.export.load(tmp_path / "out.pt2").module()
     ids = torch.randint(0, VOCAB, (3, 16))
     assert result(ids, torch.ones_like(ids)).shape == (3, 2)
+
+
+def test_gpt2_program_structured_prune_removes_heads_and_mlp_width_and_keeps_its_tied_table(
+    gpt2, tmp_path: Path
+) -> None:
+    """A program holds every static size as a number: Conv1D's ``[-1, nf]`` and ``[batch, tokens, nf]``
+    views and the q/k/v split of 3 x 64 channels; its lifted scalars (GELU's 0.5) and the empty key/value
+    cache it concatenates to were read as tensors of unknown channels. It used to be "nothing to prune"."""
+    path, model = gpt2
+    report = compress(path, _spec("prune", amount=0.3, structured=True), tmp_path / "out.pt2")
+
+    groups = report["details"]["groups"]
+    heads = [group["heads"] for group in groups if "heads" in group]
+    assert len(heads) == 2 and all(h["before"] == 4 and len(h["kept"]) == 3 for h in heads)
+    widths = {g["group"]: (g["channels_before"], g["channels_after"]) for g in groups if "mlp.c_fc" in g["group"]}
+    assert widths == {f"model.transformer.h.{layer}.mlp.c_fc": (256, 179) for layer in range(2)}
+    program = torch.export.load(tmp_path / "out.pt2")
+    state = program.state_dict
+    assert state["model.transformer.h.0.attn.c_attn.weight"].shape == (64, 3 * 48)  # [in, out]: 3 heads of q, k, v
+    assert state["model.transformer.h.0.mlp.c_proj.weight"].shape == (179, 64)
+    # One table for the embedding and the output layer, as uploaded: parameters counted once, fewer than before.
+    unique = {t.data_ptr(): t.numel() for t in program.module().parameters()}
+    assert sum(unique.values()) == report["parameters"]["after"] < report["parameters"]["before"]
+    ids = torch.randint(0, VOCAB, (3, 16))
+    with torch.no_grad():
+        assert program.module()(ids, torch.ones_like(ids)).shape == model(ids, torch.ones_like(ids)).shape

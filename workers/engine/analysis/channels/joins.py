@@ -51,6 +51,9 @@ class Joins:
         shape, dim = self.values.get(own), self._dim(own, axis)
         name = self.attribute_of.get(operand)
         other = tuple(self.shapes[name]) if name in self.shapes else self.values.get(operand)
+        if other is None and operand.node().kind() == "prim::Constant":  # folded into the graph: in a trace
+            folded = constant(operand)  # of a program, its lifted constants (a tensor, or a number typed Tensor)
+            other = tuple(folded.shape) if isinstance(folded, torch.Tensor) else () if folded is not None else None
         if other is not None and math.prod(other) == 1:
             return
         if shape is None or dim is None or other is None:
@@ -65,8 +68,9 @@ class Joins:
     def _cat(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
         items = self.items_of.get(inputs[0])
         dim = constant(inputs[1])
-        # cat skips 1-D empty tensors (an empty key/value cache, ``torch.tensor([])``, joined to the new keys)
-        items = [v for v in items or [] if self.values.get(v) != (0,) or v in self.axis_of]
+        # cat skips 1-D empty tensors (an empty key/value cache, ``torch.tensor([])``, joined to the new keys),
+        # whatever axis an op the analysis does not model gave them (``lift_fresh_copy`` in a traced program)
+        items = [v for v in items or [] if self.values.get(v) != (0,)]
         if not items or not isinstance(dim, int):
             return self._opaque(node)
         axes = [self.axis_of.get(v) for v in items]

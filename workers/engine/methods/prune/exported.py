@@ -126,8 +126,11 @@ def prune_channels(
     traced, details = prune(traced, options, data, progress, fixed_batch=fixed)
     shapes_before = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
     with torch.no_grad():
+        copies: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}  # tied tensors (GPT-2's lm_head) stay one
         for name, tensor in traced.state_dict().items():
-            set_tensor(module, name, tensor.detach().clone(), requires_grad=attribute(module, name).requires_grad)
+            before = attribute(module, name)
+            copy = copies.setdefault((before.data_ptr(), tuple(before.shape)), tensor.detach().clone())
+            set_tensor(module, name, copy, requires_grad=before.requires_grad)
     _follow_sliced_sizes(module, shapes_before)
     exported = reexport(module, program, example)
     for rows in check_batches(data, fixed):
@@ -175,8 +178,14 @@ def _sizes_as_methods(module: torch.fx.GraphModule) -> None:
     (and reshape, expand): the same values, but the tracer records the methods with the sizes they
     read, and the op calls with the numbers they got, which would fix the batch size of every
     ``view(x, [batch, ...])`` in the trace (a channel shuffle, a flatten written with ``x.size(0)``)
-    and fail each slicing's check at other batch sizes."""
-    changed = False
+    and fail each slicing's check at other batch sizes.
+
+    Sizes of channels that the program holds as numbers (every static size is a number in a program)
+    follow the tensors: a view's or reshape's last size equal to its input's last dimension becomes
+    ``x.size(-1)`` (``transformers``' Conv1D: ``[-1, nf]`` and ``[batch, tokens, nf]``), and a split
+    into equal pieces of a literal size becomes ``x.chunk(pieces, dim)`` (GPT-2's fused q/k/v).
+    Both compute the same as before; once channels are sliced they compute the sliced sizes."""
+    changed = _channel_sizes_follow_inputs(module)
     for node in module.graph.nodes:
         method = _AS_METHOD.get(node.target) if node.op == "call_function" else None
         if method is not None and not node.kwargs:
@@ -191,6 +200,39 @@ def _sizes_as_methods(module: torch.fx.GraphModule) -> None:
         module.recompile()
 
 
+def _channel_sizes_follow_inputs(module: torch.fx.GraphModule) -> bool:
+    """The rewrites ``_sizes_as_methods`` describes, read from each node's recorded value (``meta['val']``)."""
+    changed = False
+    for node in list(module.graph.nodes):
+        if node.op != "call_function" or not node.args or not isinstance(node.args[0], torch.fx.Node):
+            continue
+        before = node.args[0].meta.get("val")
+        shape = tuple(before.shape) if isinstance(before, torch.Tensor) else None
+        if not shape:
+            continue
+        if node.target in _RESHAPES and len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+            sizes = list(node.args[1])
+            if sizes and isinstance(sizes[-1], int) and sizes[-1] > 1 and sizes[-1] == shape[-1]:
+                with module.graph.inserting_before(node):
+                    last = module.graph.call_method("size", (node.args[0], -1))
+                node.update_arg(1, [*sizes[:-1], last])
+                changed = True
+        elif node.target == torch.ops.aten.split.Tensor and len(node.args) >= 2 and isinstance(node.args[1], int):
+            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+            pieces = node.meta.get("val")
+            if (
+                isinstance(dim, int)
+                and isinstance(pieces, (list, tuple))
+                and len(pieces) > 1
+                and node.args[1] * len(pieces) == shape[dim]
+            ):
+                node.op, node.target = "call_method", "chunk"
+                node.args, node.kwargs = (node.args[0], len(pieces), dim), {}
+                changed = True
+    return changed
+
+
+_RESHAPES = {torch.ops.aten.view.default, torch.ops.aten.reshape.default}
 # Ops that take or give sizes, called as the tensor methods the tracer follows (an op overload
 # called from Python gets the traced size as a plain number).
 _ARANGE = {torch.ops.aten.arange.default, torch.ops.aten.arange.start, torch.ops.aten.arange.start_step}
