@@ -303,10 +303,13 @@ def _structured_summary(details: dict[str, Any]) -> dict[str, Any]:
 
 
 def _parameters(model: Any) -> int:
+    """Parameters counted once per tensor in memory: a loaded program gives tied weights (GPT-2's
+    ``lm_head`` and ``wte``) two Parameter objects over one storage."""
     seen, total = set(), 0
     for parameter in model.parameters():
-        if id(parameter) not in seen:
-            seen.add(id(parameter))
+        key = (parameter.data_ptr(), parameter.numel())
+        if key not in seen:
+            seen.add(key)
             total += parameter.numel()
     return total
 
