@@ -2,13 +2,40 @@
 
 from __future__ import annotations
 
+import redis
 from celery import Celery
+from kombu.transport import redis as kombu_redis
 
 from modelpress.config import Settings
 from modelpress.jobs import REDIS_TIMEOUTS
 
 RUN_JOB_TASK = "modelpress.run_job"
 QUEUE = "modelpress"
+
+
+def _lost_client_is_a_connection_error() -> None:
+    """kombu 5.7's Redis channel, closed after the broker went away with messages unacknowledged, asks
+    for a new connection pool to restore them while its connection's ``client`` is already ``None``:
+    ``AttributeError`` in ``_connparams``, which Celery's consumer does not expect there, so the worker's
+    main process stopped ("Unrecoverable error") on a Redis restart, and with it every job it ran
+    (seen in the suite: both workers of a stack, at the same restart). A connection without its
+    client is a lost connection: raise the error the transport lists as one, which the consumer
+    ignores while closing and recovers from. The messages stay unacknowledged in Redis, restored
+    after the visibility timeout, and the reaper re-sends any job without a live message sooner."""
+    original = kombu_redis.Channel._connparams
+    if getattr(original, "modelpress_patched", False):
+        return
+
+    def _connparams(self, asynchronous: bool = False):
+        if self.connection.client is None:
+            raise redis.exceptions.ConnectionError("the broker connection is closed (no client)")
+        return original(self, asynchronous=asynchronous)
+
+    _connparams.modelpress_patched = True
+    kombu_redis.Channel._connparams = _connparams
+
+
+_lost_client_is_a_connection_error()
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -63,8 +63,11 @@ class Reaper:
         resent = self.reconcile()
         remove_files_left(self.store, self.objects)  # of jobs deleted while the object store was away
         remove_orphans(self.store, self.objects, self.settings.orphan_after_s)  # of requests and workers killed
-        for folder in warm_sandbox.sweep(self.settings.data_dir):  # of pool processes killed
-            log.info("removed the pre-started sandbox folder %s: its worker process is gone", folder.name)
+        try:
+            for folder in warm_sandbox.sweep(self.settings.data_dir):  # of pool processes killed
+                log.info("removed the pre-started sandbox folder %s: its worker process is gone", folder.name)
+        except OSError as error:  # (a filesystem without flock): retention below must still run
+            log.warning("reaper: pre-started sandbox folders not swept (%s)", error)
         expired = self.store.finished_before(time.time() - self.settings.retention_hours * 3600)
         for job_id in expired:
             if not remove_job(self.store, self.objects, job_id):

@@ -168,6 +168,7 @@ class Supervisor:
             with self._beating(job_id, attempt):  # it may wait for a process still importing
                 launch = self.warm.take(self.settings, job_id, files, taken)
         if launch is None:
+            launching = time.monotonic()  # no warm process after all: only the cold start counts
             read_fd, write_fd = os.pipe()
             log_read, log_write = os.pipe()
             try:

@@ -283,16 +283,18 @@ def _key(settings: Settings, command: tuple[str, ...]) -> tuple[Any, ...]:
 
 
 def _launch(settings: Settings, command: tuple[str, ...]) -> _Waiting | None:
-    folder = settings.data_dir / WARM_DIR / f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}"
+    folder, owner_fd = _made_and_owned(settings.data_dir / WARM_DIR)  # (an OSError: logged, jobs start cold)
     files = JobFiles(folder / "job")
-    folder.mkdir(parents=True)  # (an OSError here: the starter logs it, jobs start cold)
-    owner_fd = _own(folder)
-    (folder / "job" / "input").mkdir(parents=True)
-    (folder / "output").mkdir()
-    progress_read, progress_write = os.pipe()
+    try:
+        (folder / "job" / "input").mkdir(parents=True)
+        (folder / "output").mkdir()
+        key = _key(settings, command)
+        progress_read, progress_write = os.pipe()
+    except BaseException:
+        _remove(folder, owner_fd)
+        raise
     log_read, log_write = os.pipe()
     handover_read, handover_write = os.pipe()
-    key = _key(settings, command)
     try:
         with sandbox.confined(
             settings, files, [*command, "--warm", str(files.root)], output_source=folder / "output"
@@ -368,11 +370,26 @@ def _discard(waiting: _Waiting) -> None:
     _remove(waiting.folder, waiting.owner_fd)
 
 
-def _own(folder: Path) -> int:
-    """Lock ``folder`` as in use by this process (``OWNER_LOCK``); the descriptor is not inherited."""
-    fd = os.open(folder / OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: nobody else holds it
-    return fd
+def _made_and_owned(parent: Path) -> tuple[Path, int]:
+    """A new warm folder, locked as in use by this process (``OWNER_LOCK``; the descriptor is not
+    inherited). Made and locked under a name ``sweep`` does not match, then renamed into place: a sweep
+    never sees it unlocked (it would take the free lock between create and flock, and remove it)."""
+    name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}"
+    parent.mkdir(parents=True, exist_ok=True)
+    making = parent / f".making-{name}"
+    making.mkdir()
+    try:
+        fd = os.open(making / OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except BaseException:
+        shutil.rmtree(making, ignore_errors=True)
+        raise
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: nobody else holds it
+        os.rename(making, parent / name)  # the lock is the file's: it holds across the rename
+    except BaseException:
+        _remove(making, fd)
+        raise
+    return parent / name, fd
 
 
 def _remove(folder: Path, owner_fd: int) -> None:
@@ -387,6 +404,11 @@ def sweep(data_dir: Path) -> list[Path]:
     nothing else removes them, and a taken one holds hard links of a job's inputs). Run by each
     starter when it begins and by the reaper at each pass; returns the folders removed."""
     removed = []
+    for making in (data_dir / WARM_DIR).glob(f".making-{socket.gethostname()}-*"):  # its maker died at once
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - making.stat().st_mtime > UNLOCKED_GRACE_S:
+                shutil.rmtree(making, ignore_errors=True)
+                removed.append(making)
     for folder in (data_dir / WARM_DIR).glob(f"{socket.gethostname()}-*"):
         try:
             fd = os.open(folder / OWNER_LOCK, os.O_RDWR | os.O_CLOEXEC)

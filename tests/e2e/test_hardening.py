@@ -368,3 +368,29 @@ def test_redis_restart_mid_run_loses_no_job(hardened: Hardened, models: dict[str
     for job_id in ids:
         job = hardened.alpha.wait(job_id, timeout=240)
         assert job["state"] == "succeeded", job["error"]
+
+
+def test_a_channel_whose_connection_lost_its_client_raises_a_connection_error_not_attribute_error() -> None:
+    """kombu 5.7 closed a Redis channel after the broker went away by asking for a pool while its
+    connection's client was None: an AttributeError that stopped the Celery worker (both workers of
+    the hardened stack, at a Redis restart, in the suite). workers.celery_app makes it a connection
+    error, which the consumer ignores while closing; with a client the parameters come as before."""
+    from types import SimpleNamespace
+
+    import redis
+    from kombu import Connection
+    from kombu.transport import redis as kombu_redis
+
+    import workers.celery_app  # noqa: F401  (applies the fix)
+
+    lost = SimpleNamespace(connection=SimpleNamespace(client=None))
+    with pytest.raises(redis.exceptions.ConnectionError):
+        kombu_redis.Channel._connparams(lost)
+    assert redis.exceptions.ConnectionError in kombu_redis.Transport.connection_errors
+
+    # Positive control: a channel whose connection has its client gets its parameters as before (made
+    # without __init__, which connects; the rest are the class's defaults).
+    channel = object.__new__(kombu_redis.Channel)
+    channel.connection = Connection("redis://:secret@127.0.0.1:6399/3").transport
+    params = kombu_redis.Channel._connparams(channel)
+    assert params["host"] == "127.0.0.1" and params["port"] == 6399 and params["db"] == 3

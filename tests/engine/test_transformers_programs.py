@@ -182,3 +182,28 @@ def test_gpt2_program_structured_prune_removes_heads_and_mlp_width_and_keeps_its
     ids = torch.randint(0, VOCAB, (3, 16))
     with torch.no_grad():
         assert program.module()(ids, torch.ones_like(ids)).shape == model(ids, torch.ones_like(ids)).shape
+
+
+def test_only_sizes_fixed_at_export_are_made_to_follow_the_channels() -> None:
+    """``split`` into equal pieces of a dimension fixed at export becomes ``chunk``; of a dynamic
+    dimension it stays: at other sizes ``chunk`` cuts otherwise (8 -> 4 + 4 either way, but 6 ->
+    4 + 2 against 3 + 3). Found by a review: the example's size decided it."""
+    from workers.engine.methods.prune.exported import _sizes_as_methods
+
+    class Split(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            a, b = torch.split(x, 4, dim=-1)
+            return a.sum(-1) - b.sum(-1)
+
+    x = torch.randn(2, 8)
+    fixed = torch.export.export(Split(), (x,)).module()
+    dynamic = torch.export.export(Split(), (x,), dynamic_shapes=({1: torch.export.Dim("n", min=6, max=8)},)).module()
+    _sizes_as_methods(fixed)
+    _sizes_as_methods(dynamic)
+
+    assert [n.target for n in fixed.graph.nodes if n.target == "chunk"] == ["chunk"]  # positive control
+    assert not [n for n in dynamic.graph.nodes if n.target == "chunk"]
+    odd = torch.randn(2, 6)
+    with torch.no_grad():
+        assert torch.equal(dynamic(odd), Split()(odd))
+        assert torch.equal(fixed(x), Split()(x))

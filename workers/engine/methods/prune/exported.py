@@ -126,10 +126,18 @@ def prune_channels(
     traced, details = prune(traced, options, data, progress, fixed_batch=fixed)
     shapes_before = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
     with torch.no_grad():
-        copies: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}  # tied tensors (GPT-2's lm_head) stay one
+        copies: dict[tuple[Any, ...], torch.Tensor] = {}  # tied tensors (GPT-2's lm_head) stay one tensor
         for name, tensor in traced.state_dict().items():
             before = attribute(module, name)
-            copy = copies.setdefault((before.data_ptr(), tuple(before.shape)), tensor.detach().clone())
+            copy = tensor.detach().clone()
+            if before.numel():  # (every empty tensor has data_ptr 0)
+                tie = (before.data_ptr(), tuple(before.shape), before.stride(), before.dtype)
+                copy = copies.setdefault(tie, copy)
+                if copy.shape != tensor.shape or not torch.equal(copy, tensor.detach()):
+                    raise UnsupportedModel(
+                        f"{name} shares its tensor with another name, and the pruned trace changed them "
+                        "differently; upload the model as TorchScript to prune its channels"
+                    )
             set_tensor(module, name, copy, requires_grad=before.requires_grad)
     _follow_sliced_sizes(module, shapes_before)
     exported = reexport(module, program, example)
@@ -210,9 +218,12 @@ def _channel_sizes_follow_inputs(module: torch.fx.GraphModule) -> bool:
         shape = tuple(before.shape) if isinstance(before, torch.Tensor) else None
         if not shape:
             continue
+        # Only sizes fixed at export (plain ints): a symbolic one matched the example by chance, and
+        # ``chunk`` of a dynamic dimension cuts it otherwise than ``split`` (found by a review).
+        static = [size if type(size) is int else None for size in shape]
         if node.target in _RESHAPES and len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
             sizes = list(node.args[1])
-            if sizes and isinstance(sizes[-1], int) and sizes[-1] > 1 and sizes[-1] == shape[-1]:
+            if sizes and isinstance(sizes[-1], int) and sizes[-1] > 1 and sizes[-1] == static[-1]:
                 with module.graph.inserting_before(node):
                     last = module.graph.call_method("size", (node.args[0], -1))
                 node.update_arg(1, [*sizes[:-1], last])
@@ -224,7 +235,7 @@ def _channel_sizes_follow_inputs(module: torch.fx.GraphModule) -> bool:
                 isinstance(dim, int)
                 and isinstance(pieces, (list, tuple))
                 and len(pieces) > 1
-                and node.args[1] * len(pieces) == shape[dim]
+                and node.args[1] * len(pieces) == static[dim]
             ):
                 node.op, node.target = "call_method", "chunk"
                 node.args, node.kwargs = (node.args[0], len(pieces), dim), {}
