@@ -3,7 +3,7 @@
 import logging
 
 import redis
-from celery.signals import after_setup_logger, worker_process_init, worker_ready
+from celery.signals import after_setup_logger, worker_process_init, worker_process_shutdown, worker_ready
 
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
@@ -38,6 +38,15 @@ def _start_a_warm_sandbox(**kwargs) -> None:
     """Each pool process has its first job's sandbox started before that job arrives (workers/warm_sandbox.py)."""
     if warm_sandbox.enabled(settings):
         warm_sandbox.shared().prepare(settings)
+
+
+@worker_process_shutdown.connect
+def _stop_the_warm_sandbox(**kwargs) -> None:
+    """A pool process that stops (the worker stopping, or ``worker_max_tasks_per_child``) stops its waiting
+    process and removes its folder: Celery ends pool processes with ``os._exit``, so ``atexit`` never ran and
+    each stop left an (empty) warm folder behind until the next start swept it."""
+    if warm_sandbox.enabled(settings):
+        warm_sandbox.shared().close()
 
 
 @after_setup_logger.connect

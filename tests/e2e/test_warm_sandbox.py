@@ -172,10 +172,13 @@ def _until(condition, message: str, timeout: float = 120) -> None:
 def test_stopping_the_worker_leaves_no_warm_process(warm_stack: Stack) -> None:
     """Last of this module's stack: a worker stopped as an operator stops it takes its waiting processes along."""
     waiting = _waiting(warm_stack)
+    folder = Path(waiting.cmdline()[-1]).parent
+    assert folder.is_dir()
     warm_stack.stop_process("worker")
 
     _gone(waiting)
     assert warm_processes(warm_stack.settings.data_dir) == []
+    assert not folder.exists()  # removed by its pool process as it stopped, not left for the next start
 
 
 def test_a_discarded_process_pipe_is_not_closed_under_the_thread_still_reading_it(
