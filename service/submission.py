@@ -175,13 +175,14 @@ def submit(
             headers={"Retry-After": "30"},
         )
     fault_point("after-record", job_id, settings.data_dir)
+    accepted = store.get(job_id) or job  # as accepted (queued): read after the send, a worker may have it already
     try:
         enqueue(job_id, 1)
     except Exception as error:  # accepted all the same: the record is durable and the reconciler re-sends
         log.warning(
             "job %s: message not sent (%s); the reconciler will send it", job_id, error, extra={"job_id": job_id}
         )
-    return Accepted(store.get(job_id) or job)
+    return Accepted(accepted)
 
 
 def invalid(errors: dict[str, list[str]]) -> ApiProblem:
