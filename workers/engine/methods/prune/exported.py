@@ -132,12 +132,13 @@ def prune_channels(
             copy = tensor.detach().clone()
             if before.numel():  # (every empty tensor has data_ptr 0)
                 tie = (before.data_ptr(), tuple(before.shape), before.stride(), before.dtype)
-                copy = copies.setdefault(tie, copy)
-                if copy.shape != tensor.shape or not torch.equal(copy, tensor.detach()):
+                first = copies.setdefault(tie, copy)
+                if first is not copy and (first.shape != tensor.shape or not torch.equal(first, tensor.detach())):
                     raise UnsupportedModel(
                         f"{name} shares its tensor with another name, and the pruned trace changed them "
                         "differently; upload the model as TorchScript to prune its channels"
                     )
+                copy = first
             set_tensor(module, name, copy, requires_grad=before.requires_grad)
     _follow_sliced_sizes(module, shapes_before)
     exported = reexport(module, program, example)
