@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -87,9 +88,22 @@ def compression_process(job_id: str, timeout: float = 60):
                 and not cmdline[0].endswith("bwrap")
                 and (cmdline[-1].endswith(job_id) or _warm_label(cmdline) == job_id)
             ):
-                return process
+                if cmdline[1:4] != ["-I", "-S", "-c"]:
+                    return process
+                # A forked one (workers/fork_sandbox.py): this is its monitor, whose one child runs the job.
+                with contextlib.suppress(psutil.Error):
+                    children = process.children()
+                    if children:
+                        return children[0]
         time.sleep(0.1)
     raise AssertionError(f"no compression process for job {job_id} within {timeout} s")
+
+
+def job_folder(process) -> str:
+    """The folder a job's process was started on (its job's workspace, or a warm folder's ``job/``): the
+    last word of its command line, or of its monitor's when it was forked (workers/fork_sandbox.py)."""
+    cmdline = process.cmdline()
+    return (process.parent().cmdline() if "workers.fork_sandbox" in cmdline else cmdline)[-1]
 
 
 def warm_processes(data_dir: Path) -> list:
@@ -111,13 +125,19 @@ def warm_processes(data_dir: Path) -> list:
 
 
 def job_children(process) -> list:
-    """``process``'s children but the pre-started one waiting for the next job (workers/warm_sandbox.py)."""
+    """``process``'s children but the pre-started one waiting for the next job (workers/warm_sandbox.py).
+    The fork server (workers/fork_sandbox.py) is not one; the processes it forked for jobs count."""
     import psutil
 
     found = []
-    for child in process.children():
+    children = process.children()
+    while children:
+        child = children.pop()
         try:
             cmdline = child.cmdline()
+            if "workers.fork_sandbox" in cmdline:
+                children += child.children()
+                continue
         except psutil.Error:
             continue
         if not ("--warm" in cmdline and _warm_label(cmdline) is None):
@@ -126,7 +146,7 @@ def job_children(process) -> list:
 
 
 def _warm_label(cmdline: list[str]) -> str | None:
-    from workers.warm_sandbox import JOB_LABEL
+    from workers.warm_folders import JOB_LABEL
 
     if "--warm" not in cmdline:
         return None
@@ -138,8 +158,14 @@ def _warm_label(cmdline: list[str]) -> str | None:
 
 def supervisor_process(job_id: str, timeout: float = 60):
     """The Celery pool process supervising the job: the compression process's first ancestor outside
-    the sandbox (bubblewrap's own processes sit between them)."""
-    return next(p for p in compression_process(job_id, timeout).parents() if not p.cmdline()[0].endswith("bwrap"))
+    the sandbox (bubblewrap's own processes sit between them; for a forked one, its monitor and the
+    fork server, workers/fork_sandbox.py)."""
+    return next(p for p in compression_process(job_id, timeout).parents() if not _sandbox_process(p.cmdline()))
+
+
+def _sandbox_process(cmdline: list[str]) -> bool:
+    """bubblewrap, a fork's monitor (``python -I -S -c``) or the fork server."""
+    return cmdline[0].endswith("bwrap") or cmdline[1:4] == ["-I", "-S", "-c"] or "workers.fork_sandbox" in cmdline
 
 
 def write_keys(path: Path, keys: dict[str, str]) -> Path:

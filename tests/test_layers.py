@@ -32,6 +32,7 @@ ENVIRONMENT_READERS = {
     "modelpress/stack.py": "passes its own environment on to the processes it starts",
     "workers/job_protocol.py": "the supervisor-to-job protocol (progress descriptor) and OpenBLAS workarounds passed on",
     "workers/job_process.py": "the job's end of that protocol (network probe address), and the variable names it reports",
+    "workers/fork_sandbox.py": "a forked job process's progress descriptor (that protocol's variable)",
     "workers/engine/": "torch's own variables around AOTInductor (CXX, TORCH_FORCE_WEIGHTS_ONLY_LOAD)",
 }
 

@@ -16,7 +16,7 @@ remove expired ones.
 - Orphans: the files of uploads whose API process was killed mid-request (noted in Redis as they
   began, never recorded nor rolled back) once older than ``MODELPRESS_ORPHAN_AFTER_S``, and this
   host's workspaces of jobs that ended elsewhere (``modelpress.cleanup.remove_orphans``), and this
-  host's pre-started sandboxes' folders whose worker process was killed (``workers.warm_sandbox.sweep``:
+  host's pre-started sandboxes' folders whose worker process was killed (``workers.warm_folders.sweep``:
   a taken one holds hard links of its job's inputs).
 """
 
@@ -34,7 +34,7 @@ from modelpress.cleanup import remove_files_left, remove_job, remove_orphans
 from modelpress.config import Settings
 from modelpress.jobs import JobStore, connect
 from modelpress.object_stores import open_object_store
-from workers import warm_sandbox
+from workers import warm_folders
 from workers.celery_app import QUEUE, send_job
 
 log = logging.getLogger("modelpress.reaper")
@@ -64,7 +64,7 @@ class Reaper:
         remove_files_left(self.store, self.objects)  # of jobs deleted while the object store was away
         remove_orphans(self.store, self.objects, self.settings.orphan_after_s)  # of requests and workers killed
         try:
-            for folder in warm_sandbox.sweep(self.settings.data_dir):  # of pool processes killed
+            for folder in warm_folders.sweep(self.settings.data_dir):  # of pool processes killed
                 log.info("removed the pre-started sandbox folder %s: its worker process is gone", folder.name)
         except OSError as error:  # (a filesystem without flock): retention below must still run
             log.warning("reaper: pre-started sandbox folders not swept (%s)", error)

@@ -27,15 +27,11 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import functools
 import logging
 import os
-import secrets
 import select
-import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -45,24 +41,18 @@ from typing import Any
 
 from modelpress.config import Settings
 from modelpress.storage import JobFiles
-from workers import job_protocol as protocol, sandbox
+from workers import fork_sandbox, job_protocol as protocol, sandbox, warm_folders
+from workers.warm_folders import JOB_LABEL, WARM_DIR, sweep
 
 log = logging.getLogger("modelpress.worker")
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-WARM_DIR = "warm"  # under the data directory: beside jobs/, so links and renames stay on one filesystem
 # A waiting process older than this is replaced: code deployed meanwhile, or a long-lived process's
 # drift, never reaches a job more than this late. Costs one start (~2.5 CPU seconds) per idle bound.
 MAX_AGE_S = 600.0
 READY_WAIT_S = 30.0  # a job waits this long for a process still importing (a cold start takes as long)
 START_TIMEOUT_S = 120.0  # a process that has not said ``warm`` by then is stopped
 DISCARD_WAIT_S = 10.0  # for the starter to stop reading a discarded process's pipe (it ends on its death)
-JOB_LABEL = "job-id"  # <name>/job-id: which job a warm folder serves (for operators and the tests)
-# <name>/owner.lock: flock-ed by the worker process that made the folder for as long as the folder is
-# in use. A folder whose lock anyone can take is left over (its worker was killed) and is swept,
-# whatever its name says: a PID in a name can be reused; a lock dies with its holder.
-OWNER_LOCK = "owner.lock"
-UNLOCKED_GRACE_S = 60.0  # a folder without its lock file yet is being made: swept only when this old
 _INPUTS = ("input_model", "input_student", "input_data", "spec")
 
 
@@ -70,7 +60,7 @@ _INPUTS = ("input_model", "input_student", "input_data", "spec")
 class Launch:
     """A job's process as the supervisor watches it, started for the job (cold) or handed to it (warm)."""
 
-    child: subprocess.Popen
+    child: subprocess.Popen | fork_sandbox.Forked
     progress_fd: int
     log_fd: int
     taken: float  # time.monotonic() when the supervisor took the job
@@ -81,11 +71,12 @@ class Launch:
     # job that waited for a process still importing spends its own time, as a cold start would.
     limit_from: float | None = None
     ready_at: float | None = None  # when the process said ``ready`` (set by the supervisor's loop)
+    forked: bool = False  # by the fork server (workers/fork_sandbox.py), not started by bubblewrap
 
 
 @dataclass
 class _Waiting:
-    child: subprocess.Popen
+    child: subprocess.Popen | fork_sandbox.Forked
     folder: Path
     key: tuple[Any, ...]
     progress_fd: int
@@ -95,6 +86,7 @@ class _Waiting:
     started: float = field(default_factory=time.monotonic)
     ready: threading.Event = field(default_factory=threading.Event)
     failed: bool = False
+    forked: bool = False  # by the fork server (workers/fork_sandbox.py), not started by bubblewrap
 
 
 def enabled(settings: Settings) -> bool:
@@ -117,7 +109,11 @@ def stamp_report(report: dict[str, Any], launch: Launch) -> None:
     timings = report.get("timings_s") if isinstance(report.get("timings_s"), dict) else {}
     report["timings_s"] = {**timings, "startup": round(max(0.0, ready - launch.taken), 3)}
     section = report.get("sandbox") if isinstance(report.get("sandbox"), dict) else {}
-    report["sandbox"] = {**section, "start": "warm" if launch.warm else "cold"}
+    report["sandbox"] = {
+        **section,
+        "start": "warm" if launch.warm else "cold",
+        "started_by": "fork server" if launch.forked else "bubblewrap",
+    }
 
 
 class WarmSandbox:
@@ -133,6 +129,10 @@ class WarmSandbox:
         self._thread: threading.Thread | None = None
         self._launching = False  # the starter is starting one now (it is waiting within milliseconds)
         self._closed = False
+        # Processes are forked from a server that imported torch once (workers/fork_sandbox.py); started
+        # with bubblewrap instead when it cannot be had (``_forks_broken`` says why, logged once).
+        self._forks: fork_sandbox.ForkServer | None = None
+        self._forks_broken: str | None = None
 
     def prepare(self, settings: Settings) -> None:
         """Have a process waiting for the next job (started in the background)."""
@@ -166,6 +166,7 @@ class WarmSandbox:
                     warm=True,
                     folder=waiting.folder,
                     owner_fd=waiting.owner_fd,
+                    forked=waiting.forked,
                 )
             except OSError as error:
                 why = f"the job's files could not be handed over ({error})"
@@ -179,7 +180,7 @@ class WarmSandbox:
         """The job's process has ended: remove its warm folder; have one waiting (after a cold start,
         or a start that failed: one try per job, so a broken sandbox never spins)."""
         if launch is not None and launch.folder is not None:
-            _remove(launch.folder, launch.owner_fd)
+            warm_folders.remove(launch.folder, launch.owner_fd)
         self.prepare(settings)
 
     def close(self) -> None:
@@ -189,6 +190,7 @@ class WarmSandbox:
             self._lock.notify_all()
         if waiting is not None:
             _discard(waiting)
+        self._retire_forks()
 
     # ------------------------------------------------------------------ the starter thread
 
@@ -244,7 +246,11 @@ class WarmSandbox:
         return max(0.05, MAX_AGE_S - (time.monotonic() - self._waiting.started) + 0.05)
 
     def _start(self, settings: Settings) -> None:
-        waiting = _launch(settings, self.command)
+        forks = self._fork_server(settings)
+        waiting = _launch(settings, self.command, forks)
+        if waiting is None and forks is not None:
+            self._forks_failed("a fork could not be had")
+            waiting = _launch(settings, self.command, None)
         with self._lock:
             self._launching = False
             self._lock.notify_all()
@@ -261,6 +267,8 @@ class WarmSandbox:
             return
         ready = _await_warm(waiting.progress_fd, START_TIMEOUT_S)
         waiting.failed = not ready
+        if not ready and waiting.forked:
+            self._forks_failed(f"a forked sandbox was not built: {_complaint(waiting.log_fd) or 'no reason given'}")
         waiting.ready.set()
         if not ready:
             log.warning(
@@ -274,6 +282,44 @@ class WarmSandbox:
             if mine:
                 _discard(waiting)
 
+    def _fork_server(self, settings: Settings) -> fork_sandbox.ForkServer | None:
+        """The fork server for these settings (started now if need be: one import of torch), or None:
+        start with bubblewrap. Replaced when older than ``MAX_AGE_S``, as a waiting process is."""
+        if self._forks_broken is not None or self.command != protocol.JOB_PROCESS:
+            return None
+        key = _key(settings, self.command)
+        forks = self._forks
+        if forks is not None and (forks.key != key or not forks.alive() or forks.age() > MAX_AGE_S):
+            self._retire_forks()
+            forks = None
+        if forks is None:
+            try:
+                forks = self._forks = fork_sandbox.ForkServer(settings, key, str(PROJECT_ROOT))
+            except OSError as error:
+                self._forks_failed(f"the fork server could not be started ({error})")
+        return forks
+
+    def _forks_failed(self, why: str) -> None:
+        log.warning("pre-started sandboxes are started with bubblewrap from now on: %s", why)
+        self._forks_broken = why
+        self._retire_forks()
+
+    def _retire_forks(self) -> None:
+        forks, self._forks = self._forks, None
+        if forks is not None:
+            forks.close()  # it exits once the jobs forked from it have ended
+
+
+def _complaint(log_fd: int) -> str | None:
+    """What a process that failed before saying ``warm`` wrote (its last ``bwrap:`` line), without blocking."""
+    data = b""
+    while len(data) < 65536 and select.select([log_fd], [], [], 0)[0]:
+        chunk = os.read(log_fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+    return sandbox.setup_error(data.decode("utf-8", errors="replace"))
+
 
 def _key(settings: Settings, command: tuple[str, ...]) -> tuple[Any, ...]:
     """What makes a process started now differ from one started earlier: the settings, the command,
@@ -282,8 +328,12 @@ def _key(settings: Settings, command: tuple[str, ...]) -> tuple[Any, ...]:
     return settings, command, sandbox.fingerprint(settings), tuple(sorted(environment.items()))
 
 
-def _launch(settings: Settings, command: tuple[str, ...]) -> _Waiting | None:
-    folder, owner_fd = _made_and_owned(settings.data_dir / WARM_DIR)  # (an OSError: logged, jobs start cold)
+def _launch(settings: Settings, command: tuple[str, ...], forks: fork_sandbox.ForkServer | None) -> _Waiting | None:
+    """A process started for a new warm folder: forked by ``forks``, else by bubblewrap. None: it could not
+    be (logged; with ``forks``, the caller tries bubblewrap)."""
+    folder, owner_fd = warm_folders.made_and_owned(
+        settings.data_dir / WARM_DIR
+    )  # (an OSError: logged, jobs start cold)
     files = JobFiles(folder / "job")
     try:
         (folder / "job" / "input").mkdir(parents=True)
@@ -291,7 +341,7 @@ def _launch(settings: Settings, command: tuple[str, ...]) -> _Waiting | None:
         key = _key(settings, command)
         progress_read, progress_write = os.pipe()
     except BaseException:
-        _remove(folder, owner_fd)
+        warm_folders.remove(folder, owner_fd)
         raise
     log_read, log_write = os.pipe()
     handover_read, handover_write = os.pipe()
@@ -299,26 +349,32 @@ def _launch(settings: Settings, command: tuple[str, ...]) -> _Waiting | None:
         with sandbox.confined(
             settings, files, [*command, "--warm", str(files.root)], output_source=folder / "output"
         ) as (argv, sandbox_fds):
-            child = subprocess.Popen(
-                argv,
-                cwd=files.root,
-                env=protocol.child_environment(settings, progress_write, str(PROJECT_ROOT)),
-                stdin=handover_read,
-                stdout=log_write,
-                stderr=subprocess.STDOUT,
-                pass_fds=[progress_write, *sandbox_fds],
-                start_new_session=True,
-            )
+            if forks is not None:
+                child: subprocess.Popen | fork_sandbox.Forked = forks.spawn(
+                    argv, handover_read, log_write, progress_write, sandbox_fds[0]
+                )
+            else:
+                child = subprocess.Popen(
+                    argv,
+                    cwd=files.root,
+                    env=protocol.child_environment(settings, progress_write, str(PROJECT_ROOT)),
+                    stdin=handover_read,
+                    stdout=log_write,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=[progress_write, *sandbox_fds],
+                    start_new_session=True,
+                )
     except OSError as error:
-        log.warning("the pre-started sandbox could not be started (%s); jobs start cold", error)
+        how = "forked" if forks is not None else "started"
+        log.warning("the pre-started sandbox could not be %s (%s); jobs start cold", how, error)
         for fd in (progress_read, log_read, handover_write):
             os.close(fd)
-        _remove(folder, owner_fd)
+        warm_folders.remove(folder, owner_fd)
         return None
     finally:
         for fd in (progress_write, log_write, handover_read):
             os.close(fd)
-    return _Waiting(child, folder, key, progress_read, log_read, handover_write, owner_fd)
+    return _Waiting(child, folder, key, progress_read, log_read, handover_write, owner_fd, forked=forks is not None)
 
 
 def _await_warm(progress_fd: int, timeout: float) -> bool:
@@ -362,70 +418,9 @@ def _discard(waiting: _Waiting) -> None:
     # pipe). Its process is dead, so the read ends at once; only then are the descriptors closed.
     if not waiting.ready.wait(DISCARD_WAIT_S):
         log.warning("a discarded pre-started sandbox's pipe is still being read; its descriptors are left open")
-        _remove(waiting.folder, waiting.owner_fd)
+        warm_folders.remove(waiting.folder, waiting.owner_fd)
         return
     for fd in (waiting.progress_fd, waiting.log_fd, waiting.handover_fd):
         if fd >= 0:
             os.close(fd)
-    _remove(waiting.folder, waiting.owner_fd)
-
-
-def _made_and_owned(parent: Path) -> tuple[Path, int]:
-    """A new warm folder, locked as in use by this process (``OWNER_LOCK``; the descriptor is not
-    inherited). Made and locked under a name ``sweep`` does not match, then renamed into place: a sweep
-    never sees it unlocked (it would take the free lock between create and flock, and remove it)."""
-    name = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(6)}"
-    parent.mkdir(parents=True, exist_ok=True)
-    making = parent / f".making-{name}"
-    making.mkdir()
-    try:
-        fd = os.open(making / OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except BaseException:
-        shutil.rmtree(making, ignore_errors=True)
-        raise
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # a new file: nobody else holds it
-        os.rename(making, parent / name)  # the lock is the file's: it holds across the rename
-    except BaseException:
-        _remove(making, fd)
-        raise
-    return parent / name, fd
-
-
-def _remove(folder: Path, owner_fd: int) -> None:
-    """The folder first, then its lock: a sweep never sees it unlocked while it still holds a job's files."""
-    shutil.rmtree(folder, ignore_errors=True)
-    if owner_fd >= 0:
-        os.close(owner_fd)
-
-
-def sweep(data_dir: Path) -> list[Path]:
-    """Remove this host's warm folders that no live worker process holds (their worker was killed:
-    nothing else removes them, and a taken one holds hard links of a job's inputs). Run by each
-    starter when it begins and by the reaper at each pass; returns the folders removed."""
-    removed = []
-    for making in (data_dir / WARM_DIR).glob(f".making-{socket.gethostname()}-*"):  # its maker died at once
-        with contextlib.suppress(FileNotFoundError):
-            if time.time() - making.stat().st_mtime > UNLOCKED_GRACE_S:
-                shutil.rmtree(making, ignore_errors=True)
-                removed.append(making)
-    for folder in (data_dir / WARM_DIR).glob(f"{socket.gethostname()}-*"):
-        try:
-            fd = os.open(folder / OWNER_LOCK, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            with contextlib.suppress(FileNotFoundError):  # being made now, or made before the lock existed
-                if time.time() - folder.stat().st_mtime > UNLOCKED_GRACE_S:
-                    shutil.rmtree(folder, ignore_errors=True)
-                    removed.append(folder)
-            continue
-        except OSError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # its worker process holds it
-        finally:
-            os.close(fd)  # (releases the lock just taken, if it was)
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
-    return removed
+    warm_folders.remove(waiting.folder, waiting.owner_fd)

@@ -31,7 +31,7 @@ from modelpress.jobs import JobStore
 from modelpress.seaweed import SeaweedServer
 from modelpress.stack import Stack, free_port
 from service import create_app
-from tests.conftest import ApiClient, compression_process, make_settings
+from tests.conftest import ApiClient, compression_process, job_folder, make_settings
 from tests.e2e.test_distill_jobs import TinyColorNet
 from tests.models import ResidualNet, SlowModel, SmallConvNet, save_scripted
 from workers.celery_app import make_celery
@@ -203,7 +203,7 @@ def test_worker_killed_mid_job_is_taken_over_by_the_other_host(hosts: Hosts, tmp
     job_id = api.submit(save_scripted(SlowModel(steps=2000), tmp_path / "slow.pt"), SLOW).json()["id"]
     api.wait(job_id, until={"running"}, timeout=120)
     child = compression_process(job_id)  # the job's process exists: it is really mid-run
-    workspace = child.cmdline()[-1]  # its folder on its host: the job's workspace, or a pre-started one's
+    workspace = job_folder(child)  # its folder on its host: the job's workspace, or a pre-started one's
     victim = next(name for name, stack in hosts.workers.items() if workspace.startswith(str(stack.settings.data_dir)))
     survivor = next(name for name in hosts.workers if name != victim)
 

@@ -125,6 +125,11 @@ def test_the_attacking_model_reads_what_it_may_read(confined: Confined, tmp_path
     ).content
     loot = torch.jit.load(io.BytesIO(served)).loot
     assert bytes(loot.tolist()) == upload.read_bytes()[:64]  # the first 64 bytes of its own upload, read inside
+    # The attacks here meet the sandbox that jobs get by default: a process forked by the fork server, which
+    # built its namespaces and mounts itself (workers/fork_sandbox.py); tests/e2e/test_warm_sandbox.py and
+    # the stacks with MODELPRESS_WARM_SANDBOX=off meet bubblewrap's.
+    report = confined.client.session.get(confined.client.url(job["links"]["report"])).json()
+    assert (report["sandbox"]["start"], report["sandbox"]["started_by"]) == ("warm", "fork server")
 
 
 @pytest.mark.parametrize("how", ["absolute", "relative", "through /proc/<worker pid>/root"])
@@ -242,8 +247,11 @@ def test_a_job_fails_closed_when_its_syscall_filter_is_missing(tmp_path: Path) -
 @contextlib.contextmanager
 def _job_under(bwrap: Path, tmp_path: Path) -> Iterator[tuple[ApiClient, dict]]:
     """A stack whose worker runs jobs with ``bwrap`` instead of bubblewrap, and one job it failed
-    closed (``sandbox-unavailable``) with nothing left in ``output/``."""
-    stack = Stack(make_settings(tmp_path / "data", redis_url=None, bwrap=str(bwrap)), log_dir=tmp_path / "logs")
+    closed (``sandbox-unavailable``) with nothing left in ``output/``. Jobs start cold, so bubblewrap
+    builds their sandbox: a pre-started one is forked by the fork server, which builds its own
+    (workers/fork_sandbox.py) and meets the same in-job check."""
+    settings = make_settings(tmp_path / "data", redis_url=None, bwrap=str(bwrap), warm_sandbox=False)
+    stack = Stack(settings, log_dir=tmp_path / "logs")
     try:
         stack.start()
         client = ApiClient(stack.base_url)

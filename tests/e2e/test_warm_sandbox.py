@@ -66,6 +66,7 @@ def test_two_consecutive_jobs_share_no_process_pid_namespace_or_tmp(warm_stack: 
     served = client.session.get(client.url(first["links"]["model"]), headers={"Accept-Encoding": "identity"})
     assert torch.jit.load(io.BytesIO(served.content)).seen.tolist() == [MARK] * 8
     assert first_report["sandbox"]["start"] == "warm"  # positive control: the pre-started process served it
+    assert first_report["sandbox"]["started_by"] == "fork server"  # forked from one that imported torch once
     _gone(first_process)  # used once: it ended with its job
 
     second_process = _waiting(warm_stack)  # its successor, started after the first job
@@ -106,7 +107,8 @@ def test_a_killed_worker_process_takes_its_warm_process_along_and_its_folder_is_
     waiting = _waiting(warm_stack)
     folder = Path(waiting.cmdline()[-1]).parent
     assert folder.is_dir()
-    pool_process = next(p for p in waiting.parents() if not p.cmdline()[0].endswith("bwrap"))
+    # Its parents: the fork server (workers/fork_sandbox.py), then the pool process that started it.
+    pool_process = next(p for p in waiting.parents() if "workers.fork_sandbox" not in p.cmdline())
     assert "celery" in " ".join(pool_process.cmdline())
     pool_process.kill()  # SIGKILL: nothing of it runs again, only the kernel's parent-death signal acts
 
@@ -229,23 +231,23 @@ def test_a_sweep_removes_the_folders_no_live_worker_holds_whatever_pid_their_nam
     import subprocess
     import sys
 
-    from workers import warm_sandbox
+    from workers import warm_folders
 
-    warm, host = tmp_path / warm_sandbox.WARM_DIR, socket.gethostname()
+    warm, host = tmp_path / warm_folders.WARM_DIR, socket.gethostname()
 
     def folder(name: str, locked: bool = True) -> Path:
         made = warm / name
         (made / "job" / "input").mkdir(parents=True)
         (made / "job" / "input" / "model.pt").write_bytes(b"a tenant's model")
         if locked:
-            (made / warm_sandbox.OWNER_LOCK).touch()
+            (made / warm_folders.OWNER_LOCK).touch()
         return made
 
     reused = folder(f"{host}-{os.getppid()}-dead")  # a killed worker's; its PID now a live process's
     held = folder(f"{host}-{os.getppid()}-live")  # a live worker's: its lock is held (positive control)
     young = folder(f"{host}-1-making", locked=False)  # being made: no lock file yet
     old = folder(f"{host}-1-unlocked", locked=False)
-    os.utime(old, (time.time() - 2 * warm_sandbox.UNLOCKED_GRACE_S,) * 2)
+    os.utime(old, (time.time() - 2 * warm_folders.UNLOCKED_GRACE_S,) * 2)
     elsewhere = folder("another-host-1-dead")  # another host's: its own workers sweep it
     holder = subprocess.Popen(
         [
@@ -253,17 +255,17 @@ def test_a_sweep_removes_the_folders_no_live_worker_holds_whatever_pid_their_nam
             "-c",
             "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); fcntl.flock(fd, fcntl.LOCK_EX);"
             " print('held', flush=True); sys.stdin.read()",
-            str(held / warm_sandbox.OWNER_LOCK),
+            str(held / warm_folders.OWNER_LOCK),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
     try:
         assert holder.stdout.readline() == b"held\n"
-        assert sorted(warm_sandbox.sweep(tmp_path)) == sorted([reused, old])
+        assert sorted(warm_folders.sweep(tmp_path)) == sorted([reused, old])
         assert not reused.exists() and not old.exists()
         assert held.is_dir() and young.is_dir() and elsewhere.is_dir()
     finally:
         holder.stdin.close()
         holder.wait(30)
-    assert warm_sandbox.sweep(tmp_path) == [held]  # its holder gone, its folder goes too
+    assert warm_folders.sweep(tmp_path) == [held]  # its holder gone, its folder goes too
