@@ -118,6 +118,7 @@ def one_job(session: requests.Session, base: str, model: bytes, poll_s: float) -
         "submit_to_downloaded_s": round(submit_to_downloaded, 3),
         "bytes": len(downloaded),
         "start": report["sandbox"].get("start"),
+        "started_by": report["sandbox"].get("started_by"),
         "timings_s": report["timings_s"],
     }
 
@@ -157,6 +158,7 @@ def summary(rows: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         "median_startup_s": round(statistics.median(row["timings_s"]["startup"] for row in rows), 3),
         "median_measure_s": round(statistics.median(row["timings_s"]["measure"] for row in rows), 3),
         "warm_jobs": sum(row["start"] == "warm" for row in rows),
+        "forked_jobs": sum(row["start"] == "warm" and row.get("started_by") == "fork server" for row in rows),
         "jobs_per_minute": round(60 * len(rows) / wall_s, 1),
     }
 
@@ -235,7 +237,7 @@ def table(results: dict[str, Any]) -> str:
         lines.append(
             f"| warm sandbox {'on' if name == 'warm' else 'off'} | {row['median_started_to_finished_s']} | "
             f"{row['median_submit_to_downloaded_s']} | {row['median_startup_s']} | {row['warm_jobs']}/"
-            f"{row['jobs']} | {row['jobs_per_minute']} |"
+            f"{row['jobs']} ({row['forked_jobs']} forked) | {row['jobs_per_minute']} |"
         )
     for name in ("warm", "cold"):
         row = results[f"{name}_after_idle"]
