@@ -90,11 +90,10 @@ def compression_process(job_id: str, timeout: float = 60):
             ):
                 if cmdline[1:4] != ["-I", "-S", "-c"]:
                     return process
-                # A forked one (workers/fork_sandbox.py): this is its monitor, whose one child runs the job.
-                with contextlib.suppress(psutil.Error):
-                    children = process.children()
-                    if children:
-                        return children[0]
+                # A forked one (workers/fork_sandbox.py): this is its monitor, whose child is the sandbox's
+                # init, whose one child runs the job.
+                with contextlib.suppress(psutil.Error, IndexError):
+                    return process.children()[0].children()[0]
         time.sleep(0.1)
     raise AssertionError(f"no compression process for job {job_id} within {timeout} s")
 

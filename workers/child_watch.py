@@ -114,7 +114,12 @@ def kill_group(child: subprocess.Popen) -> None:
 
 
 def signal_group(child: subprocess.Popen) -> None:
-    """SIGKILL the child's process group (from any thread; the supervisor's loop reaps it)."""
+    """SIGKILL the child's process group (from any thread; the supervisor's loop reaps it). A forked one
+    (``workers.fork_sandbox.Forked``) is stopped through its pidfd: its monitor reaped, a PID may be reused."""
+    stop = getattr(child, "stop", None)
+    if stop is not None:
+        stop()
+        return
     try:
         os.killpg(child.pid, signal.SIGKILL)
     except ProcessLookupError:

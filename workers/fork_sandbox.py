@@ -33,7 +33,6 @@ import contextlib
 import fcntl
 import json
 import os
-import resource
 import select
 import signal
 import socket
@@ -65,6 +64,21 @@ except OSError:
     pass
 os._exit(code)
 """
+# What ``B``, PID 1 of the job's PID namespace, becomes once the job's process (``C``) is forked: no job
+# code ever runs as PID 1 (a job that is PID 1 could leave the process group and clear its parent-death
+# signal, and outlive every kill); it reaps, and ends with C's status, which ends the namespace with it.
+_INIT = """
+import os, sys
+job = int(sys.argv[1])
+while True:
+    try:
+        pid, status = os.wait()
+    except ChildProcessError:
+        os._exit(1)
+    if pid == job:
+        code = os.waitstatus_to_exitcode(status)
+        os._exit(128 - code if code < 0 else code)
+"""
 
 
 # ----------------------------------------------------------------------------- the worker's side
@@ -72,14 +86,23 @@ os._exit(code)
 
 class Forked:
     """A forked job process as the supervisor watches it: what it uses of ``subprocess.Popen``
-    (``pid``, ``poll``, ``wait``, ``returncode``). ``pid`` is the monitor's, the leader of the job's
-    process group; its exit status arrives on the status socket (none: it was killed, -SIGKILL)."""
+    (``pid``, ``poll``, ``wait``, ``returncode``), and ``stop``. ``pid`` is the monitor's; its exit status
+    arrives on the status socket (none: it was killed, -SIGKILL)."""
 
     def __init__(self, pid: int, status: socket.socket) -> None:
         self.pid = pid
         self.returncode: int | None = None
         self._status = status
         self._lock = threading.Lock()
+        self._pidfd = os.pidfd_open(pid)  # the monitor waits for the worker to read its status: alive now
+
+    def stop(self) -> None:
+        """SIGKILL the monitor, through its pidfd (never a reused PID): the sandbox's PID 1 dies with it
+        (its parent-death signal), and the kernel kills every process of its PID namespace with that."""
+        with self._lock:
+            if self.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
 
     def poll(self) -> int | None:
         return self._collect(0.0)
@@ -100,6 +123,7 @@ class Forked:
                         data = b""
                     self.returncode = int(data) if data.isdigit() else -signal.SIGKILL
                     self._status.close()  # the monitor exits now
+                    os.close(self._pidfd)
         return self.returncode
 
 
@@ -111,7 +135,7 @@ class ForkServer:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "workers.fork_sandbox", str(theirs.fileno())],
+                [sys.executable, "-m", "workers.fork_sandbox", str(theirs.fileno()), str(os.getpid())],
                 env=protocol.child_environment(settings, PROGRESS_FD_NUMBER, project_root),
                 pass_fds=[theirs.fileno()],
                 stdin=subprocess.DEVNULL,
@@ -163,8 +187,10 @@ class ForkServer:
 # ----------------------------------------------------------------------------- the server
 
 
-def serve(control: socket.socket) -> None:
+def serve(control: socket.socket, worker: int) -> None:
     namespaces.libc_call("prctl", namespaces.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the worker's starter thread
+    if os.getppid() != worker:  # it died before that took effect
+        return
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # forks are reaped by the kernel
     import torch  # noqa: F401  (what every job imports; threads are set in each fork, never here)
 
@@ -187,10 +213,11 @@ def serve(control: socket.socket) -> None:
                 raise namespaces.SetupError(f"{len(fds)} descriptors received, 5 expected")
             argv = json.loads(message)["argv"]
             plan = namespaces.Plan.parse(argv)
+            server = os.getpid()
             pid = os.fork()
             if pid == 0:
                 control.close()
-                _become_job(plan, fds)  # never returns
+                _become_job(plan, fds, server)  # never returns
             reply: dict[str, Any] = {"pid": pid}
         except (namespaces.SetupError, ValueError, KeyError, TypeError, OSError) as error:
             reply = {"error": str(error)[:200]}
@@ -204,12 +231,14 @@ def serve(control: socket.socket) -> None:
             os.wait()
 
 
-def _become_job(plan: namespaces.Plan, received: list[int]) -> None:
+def _become_job(plan: namespaces.Plan, received: list[int], server: int) -> None:
     """In the fork (``A``): never returns. Errors are written as bubblewrap writes its own, on stderr."""
     code = 1
     try:
         os.setsid()
         namespaces.libc_call("prctl", namespaces.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the server
+        if os.getppid() != server:
+            raise namespaces.SetupError("the fork server ended")
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         _arrange_descriptors(received)
         namespaces.enter_user_and_pid_namespaces(plan)
@@ -245,15 +274,36 @@ def _arrange_descriptors(received: list[int]) -> None:
     for index, numbers in targets.items():
         for number in numbers:
             os.dup2(moved[index], number, inheritable=False)
-    os.closerange(_SECCOMP_FD_NUMBER + 1, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    os.closerange(_SECCOMP_FD_NUMBER + 1, 2**31 - 1)  # close_range(2): every other descriptor, whatever its number
 
 
 def _run_confined(plan: namespaces.Plan) -> None:
-    """``B``: PID 1 of the job's namespaces. Builds the sandbox, then runs the job process; never returns."""
+    """``B``: PID 1 of the job's namespaces. Builds the sandbox, forks the job's process (``C``), then
+    becomes a small init (``_INIT``); never returns. B keeps its parent-death signal: no job code runs in it."""
     code = 1
     try:
         namespaces.libc_call("prctl", namespaces.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the monitor
         namespaces.confine(plan, _SECCOMP_FD_NUMBER)
+        job = os.fork()
+        if job == 0:
+            _run_job(plan)  # never returns
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2, PROGRESS_FD_NUMBER):  # the job's pipes end with the job
+            os.dup2(null, fd, inheritable=fd < 3)
+        os.close(null)
+        # The folder last, as the monitor's (what ``ps`` shows, and what the tests read).
+        os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", _INIT, str(job), plan.command[-1]])
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.write(2, f"bwrap: {error}\n".encode(errors="replace")[:500])
+    os._exit(code)
+
+
+def _run_job(plan: namespaces.Plan) -> None:
+    """``C``: the job's process, PID 2 of its namespace, as bubblewrap's command is; never returns."""
+    code = 1
+    try:
+        namespaces.libc_call("prctl", namespaces.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # B, its init
         os.environ[protocol.PROGRESS_FD] = str(PROGRESS_FD_NUMBER)
         from workers import job_process
 
@@ -267,4 +317,4 @@ def _run_confined(plan: namespaces.Plan) -> None:
 
 
 if __name__ == "__main__":
-    serve(socket.socket(fileno=int(sys.argv[1])))
+    serve(socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2]))

@@ -161,11 +161,22 @@ def confinement_facts(job_dir: Path) -> dict[str, Any]:
         "network_probe": probe_result if probe else "not tried",
         "seccomp": state_of_this_process(),
         "processes": sum(1 for entry in os.listdir("/proc") if entry.isdigit()),
+        "privileges": _privileges(),
         "data_dir_visible": bool(visible),
         # A sandbox is never reused (workers/warm_sandbox.py): its own PID namespace, an empty /tmp.
         "pid_namespace": _namespace("pid"),
         "tmp_entries": _tmp_entries(job_dir),
     }
+
+
+def _privileges() -> dict[str, str]:
+    """What /proc says of this process's capabilities (hex masks) and ``no_new_privs``."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    wanted = ("CapEff", "CapPrm", "CapBnd", "CapAmb", "NoNewPrivs")
+    return {name: value.strip() for name, _, value in (line.partition(":") for line in lines) if name in wanted}
 
 
 def _tmp_entries(job_dir: Path) -> int:

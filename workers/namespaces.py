@@ -13,8 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import os
 import platform
+import socket
+import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,8 @@ _DEV_LINKS = {
     "core": "/proc/kcore",
     "ptmx": "pts/ptmx",
 }
+_BINDS = ("--ro-bind", "--ro-bind-try", "--bind", "--dev-bind-try")
+_SIOCSIFFLAGS, _IFF_UP, _IFF_LOOPBACK, _IFF_RUNNING = 0x8914, 0x1, 0x8, 0x40  # <linux/sockios.h>, <net/if.h>
 _PROC_COVERED = ("sys", "sysrq-trigger", "irq", "bus")
 _FLAGS = {  # options that take no value, and must all be there: the fork unshares all of these
     "--unshare-user",
@@ -114,6 +120,8 @@ class Plan:
             elif option == "--chdir":
                 plan.chdir = values[0]
             elif option == "--size":
+                if argv[index : index + 1] != ["--tmpfs"]:
+                    raise SetupError("--size must be followed by --tmpfs")
                 size = int(values[0])
             elif option == "--seccomp":
                 seen.add(option)
@@ -121,6 +129,8 @@ class Plan:
                 for path in values[-1:] if option == "--symlink" else values:
                     if not path.startswith("/") or "/../" in f"{path}/":
                         raise SetupError(f"{option}: not absolute: {path}")
+                if option in _BINDS:  # resolved on the host, as bubblewrap does, before any namespace
+                    values = [os.path.realpath(values[0]), values[1]]
                 if option == "--tmpfs":
                     values, size = [str(size or 0), values[0]], None  # the path last, as in every mount
                 plan.mounts.append((option, *values))
@@ -128,6 +138,8 @@ class Plan:
         if missing:
             raise SetupError(f"the command lacks {', '.join(sorted(missing))}")
         plan.command = argv[index + 1 :]
+        if plan.command[:1] != [sys.executable]:
+            raise SetupError("a fork runs only this interpreter (the fork server's)")
         if plan.command[1:4] != ["-m", "workers.job_process", "--warm"] or len(plan.command) != 5:
             raise SetupError("a fork runs only a waiting job process")
         return plan
@@ -145,6 +157,7 @@ def confine(plan: Plan, seccomp_fd: int) -> None:
     with contextlib.suppress(OSError):  # as bubblewrap's --unshare-cgroup-try
         libc_call("unshare", CLONE_NEWCGROUP)
     libc_call("unshare", CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS)
+    _loopback_up()
     name = plan.hostname.encode()
     libc_call("sethostname", name, len(name))
     last_capability = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
@@ -155,6 +168,13 @@ def confine(plan: Plan, seccomp_fd: int) -> None:
     libc_call("unshare", CLONE_NEWUSER)
     _map_ids(plan, plan.uid, plan.gid)
     _drop_privileges(last_capability, seccomp_fd)
+
+
+def _loopback_up() -> None:
+    """``lo`` up in the new network namespace, as bubblewrap brings it up (SIOCSIFFLAGS)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as handle:
+        request = struct.pack("16sH14x", b"lo", _IFF_UP | _IFF_LOOPBACK | _IFF_RUNNING)
+        fcntl.ioctl(handle.fileno(), _SIOCSIFFLAGS, request)
 
 
 def _map_ids(plan: Plan, uid: int, gid: int) -> None:
@@ -206,10 +226,7 @@ def _apply(operation: str, values: list[str]) -> None:
             os.symlink(target, f"{destination}/{name}")
         os.mkdir(f"{destination}/shm", 0o1777)
         os.mkdir(f"{destination}/pts", 0o755)
-        with contextlib.suppress(OSError):
-            _mount(
-                "devpts", f"{destination}/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620"
-            )
+        _mount("devpts", f"{destination}/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=620")
     elif operation == "--tmpfs":
         _directory(destination)
         size = int(values[0])

@@ -251,6 +251,12 @@ def confinement_gaps(facts: dict[str, Any], settings: Settings) -> list[str]:
         gaps.append(f"the job process sees {facts['processes']} processes (no own PID namespace)")
     if facts.get("seccomp") != "filtered":
         gaps.append(f"the job process has no syscall filter ({facts.get('seccomp')})")
+    privileges = facts.get("privileges") or {}
+    held = {name: mask for name, mask in privileges.items() if name.startswith("Cap") and mask.strip("0")}
+    if held or set(privileges) != {"CapEff", "CapPrm", "CapBnd", "CapAmb", "NoNewPrivs"}:
+        gaps.append(f"the job process holds capabilities ({held or 'unknown'})")
+    if privileges.get("NoNewPrivs") != "1":
+        gaps.append("the job process can gain privileges (no_new_privs unset)")
     return gaps
 
 

@@ -272,7 +272,7 @@ class Supervisor:
                 error=problem(
                     "out-of-memory",
                     "Out of memory",
-                    f"{protocol.memory_message(self.settings)}: its processes reached {watch.peak_bytes >> 20} MB "
+                    f"{protocol.memory_message(self.settings)}: its processes reached {-(-watch.peak_bytes >> 20)} MB "
                     "resident (memory plus the files in its /tmp and /dev and its memory files) and were stopped",
                 ),
             )

@@ -26,12 +26,10 @@ files (inputs on another filesystem) is discarded and the job starts cold, as be
 from __future__ import annotations
 
 import atexit
-import contextlib
 import functools
 import logging
 import os
 import select
-import signal
 import subprocess
 import threading
 import time
@@ -42,6 +40,7 @@ from typing import Any
 from modelpress.config import Settings
 from modelpress.storage import JobFiles
 from workers import fork_sandbox, job_protocol as protocol, sandbox, warm_folders
+from workers.child_watch import signal_group
 from workers.warm_folders import JOB_LABEL, WARM_DIR, sweep
 
 log = logging.getLogger("modelpress.worker")
@@ -410,8 +409,7 @@ def _hand_over(waiting: _Waiting, job_id: str, files: JobFiles) -> None:
 
 
 def _discard(waiting: _Waiting) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(waiting.child.pid, signal.SIGKILL)
+    signal_group(waiting.child)
     waiting.child.wait()
     # The starter thread may still be reading its pipe (_await_warm; a job gave up waiting for it):
     # closing the descriptor under it would let it read whatever reuses the number next (a cold job's

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from modelpress.storage import JobFiles
@@ -54,7 +57,9 @@ def _without(command: list[str], option: str, values: int) -> list[str]:
         (lambda c: _without(c, "--disable-userns", 0), "lacks --disable-userns"),
         (lambda c: [c[0], "--setenv", "A", "B", *c[1:]], "unknown option --setenv"),
         (lambda c: [*c[: c.index("--cap-drop") + 1], "CAP_KILL", *c[c.index("--cap-drop") + 2 :]], "--cap-drop ALL"),
-        (lambda c: [*c[: c.index("--") + 1], "/bin/sh", "-c", "id"], "runs only a waiting job process"),
+        (lambda c: [*c[: c.index("--") + 1], "/bin/sh", "-c", "id"], "runs only this interpreter"),
+        (lambda c: [*c[: c.index("--") + 1], sys.executable, "-c", "print()"], "runs only a waiting job process"),
+        (lambda c: [*c[: c.index("--tmpfs")], "/tmp", *c[c.index("--tmpfs") :]], "--size must be followed by"),
         (lambda c: [*c[: c.index("--ro-bind") + 1], "/usr", "usr", *c[c.index("--ro-bind") + 1 :]], "not absolute"),
     ],
 )
@@ -101,27 +106,37 @@ def test_the_server_refuses_a_command_without_the_filter_and_a_fork_it_builds_is
             assert os.readlink(f"/proc/{job}/ns/{kind}") != os.readlink(f"/proc/{server.process.pid}/ns/{kind}")
         assert (status["CapEff"], status["CapPrm"], status["CapBnd"]) == ("0" * 16,) * 3
         assert (status["Seccomp"], status["NoNewPrivs"]) == ("2", "1")
-        assert status["NSpid"].split()[-1] == "1"  # PID 1 of its own namespace
+        assert status["NSpid"].split()[-1] == "2"  # PID 2 of its own namespace: its init, not the job, is PID 1
+        init = _status(psutil.Process(job).ppid())
+        assert init["NSpid"].split()[-1] == "1" and init["CapEff"] == "0" * 16 and init["Seccomp"] == "2"
         # Its root is a tree of its own: the data directory and the project root are not in it.
         assert not os.path.exists(f"/proc/{job}/root{tmp_path / 'data'}")
         assert os.path.isdir(f"/proc/{job}/root{files.root}")
         # The server's other descriptors did not follow it: its pipes and the filter's pipe only.
         assert sorted(int(fd) for fd in os.listdir(f"/proc/{job}/fd")) == [0, 1, 2, 3]
 
-        os.killpg(forked.pid, signal.SIGKILL)  # as the supervisor stops a job
+        forked.stop()  # as the supervisor stops a job: the monitor, through its pidfd
         assert forked.wait(30) in (-signal.SIGKILL, 128 + signal.SIGKILL)
+        # The job went with it, whatever its process group: the kernel ends a PID namespace with its init.
+        deadline = time.monotonic() + 30
+        while psutil.pid_exists(job) and psutil.Process(job).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the job outlived its stopped sandbox"
+            time.sleep(0.05)
     finally:
         for fd in (handover_write, log_read, progress_read):
             os.close(fd)
 
 
 def _only_child(pid: int) -> int:
-    import psutil
-
-    children = psutil.Process(pid).children()
-    assert len(children) == 1, children
-    assert children[0].cmdline()[1:3] == ["-m", "workers.fork_sandbox"]  # the server's copy, not a new Python
-    return children[0].pid
+    """The job's process under the monitor ``pid``: monitor -> the sandbox's init -> the job."""
+    (init,) = psutil.Process(pid).children()
+    deadline = time.monotonic() + 30
+    while init.cmdline()[1:4] != ["-I", "-S", "-c"]:  # a small init, not a copy of the server (once it has exec-ed)
+        assert time.monotonic() < deadline, init.cmdline()
+        time.sleep(0.05)
+    (job,) = init.children()
+    assert job.cmdline()[1:3] == ["-m", "workers.fork_sandbox"]  # the server's copy, not a new Python
+    return job.pid
 
 
 def _status(pid: int) -> dict[str, str]:

@@ -137,14 +137,32 @@ def test_the_program_is_well_formed_classic_bpf() -> None:
     assert first == (0x20, 0, 0, 4)  # it starts by loading seccomp_data.arch
 
 
+NO_PRIVILEGES = {"CapEff": "0" * 16, "CapPrm": "0" * 16, "CapBnd": "0" * 16, "CapAmb": "0" * 16, "NoNewPrivs": "1"}
+
+
 def test_a_job_process_without_the_filter_is_a_confinement_gap() -> None:
-    facts = {"network": "isolated", "data_dir_visible": False, "processes": 2}
+    facts = {"network": "isolated", "data_dir_visible": False, "processes": 2, "privileges": NO_PRIVILEGES}
     settings = Settings()
 
     assert sandbox.confinement_gaps({**facts, "seccomp": "filtered"}, settings) == []
     assert sandbox.confinement_gaps({**facts, "seccomp": "not filtered: Seccomp mode 0"}, settings) == [
         "the job process has no syscall filter (not filtered: Seccomp mode 0)"
     ]
+
+
+def test_a_job_process_with_a_capability_or_without_no_new_privs_is_a_confinement_gap() -> None:
+    facts = {"network": "isolated", "data_dir_visible": False, "processes": 2, "seccomp": "filtered"}
+    settings = Settings()
+
+    assert sandbox.confinement_gaps({**facts, "privileges": NO_PRIVILEGES}, settings) == []  # positive control
+    bounding = {**NO_PRIVILEGES, "CapBnd": "0000000000200000"}  # CAP_SYS_ADMIN left in the bounding set
+    assert sandbox.confinement_gaps({**facts, "privileges": bounding}, settings) == [
+        "the job process holds capabilities ({'CapBnd': '0000000000200000'})"
+    ]
+    assert sandbox.confinement_gaps({**facts, "privileges": {**NO_PRIVILEGES, "NoNewPrivs": "0"}}, settings) == [
+        "the job process can gain privileges (no_new_privs unset)"
+    ]
+    assert "holds capabilities (unknown)" in sandbox.confinement_gaps(facts, settings)[0]  # not reported: a gap
 
 
 # ----------------------------------------------------------------------------- GPU device nodes
