@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import zipfile
 from pathlib import Path
 
 import pytest
 import torch
 
-from modelpress.archive import ArchiveRejected, check_torchscript_archive
-from modelpress.formats import EXPORTED, TORCHSCRIPT, model_format
+from modelpress.archive import MAX_COMPRESSION_RATIO, ArchiveRejected, bounded_entries, check_torchscript_archive
+from modelpress.formats import EXPORTED, TORCHSCRIPT, exported_program_problem, model_format
 from modelpress.spec import parse_spec
 from tests.exported_archives import (
     save_exported,
@@ -20,7 +21,7 @@ from tests.exported_archives import (
 )
 from tests.models import LinearTransformer, SmallConvNet, save_scripted, settle_batchnorm
 from workers.engine.errors import InvalidModel, UnsupportedModel
-from workers.engine.formats.exported import load_program
+from workers.engine.formats.exported import deflate_metadata, load_program
 from workers.engine.run.pipeline import compress
 
 
@@ -59,6 +60,36 @@ def test_dynamic_int8_program_is_small_close_and_keeps_its_dynamic_batch(transfo
     assert got.shape == expected.shape == (7, 10)
     assert _cosine(got, expected) >= 0.999
     assert report["fidelity"]["cosine_similarity"] >= 0.999
+
+
+def test_a_saved_program_s_graph_is_deflated_within_the_upload_bound_and_loads_the_same(
+    transformer, tmp_path: Path
+) -> None:
+    """torch.export.save stores the graph's JSON uncompressed; a program the service saves has it deflated,
+    and is still accepted as an upload (the zip-bomb bound) and computes what it did."""
+    _, path = transformer
+    stored = tmp_path / "stored.pt2"
+    stored.write_bytes(path.read_bytes())
+    graph_bytes = zipfile.ZipFile(stored).getinfo("transformer/models/model.json").file_size
+    assert graph_bytes > 32 << 10  # the fault is there: a large graph stored as is
+
+    saved = deflate_metadata(stored)
+
+    entries = {info.filename: info for info in zipfile.ZipFile(stored).infolist()}
+    graph = entries["transformer/models/model.json"]
+    assert graph.compress_type == zipfile.ZIP_DEFLATED and saved > graph_bytes // 2
+    assert graph.file_size / graph.compress_size <= MAX_COMPRESSION_RATIO  # a re-upload passes the bomb check
+    bounded_entries(stored, 1 << 30, "stored")
+    assert exported_program_problem(stored, list(entries)) is None
+    x = torch.randn(3, 16, 256)
+    with torch.no_grad():
+        assert torch.equal(load_program(stored).module()(x), load_program(path).module()(x))
+    # An entry that would deflate past the bound is left stored (and a small rewrite is not made at all).
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w") as archive:
+        archive.writestr("a/models/model.json", b"[" + b"0," * (1 << 20) + b"0]")
+    assert deflate_metadata(bomb) == 0
+    assert zipfile.ZipFile(bomb).getinfo("a/models/model.json").compress_type == zipfile.ZIP_STORED
 
 
 def test_float16_weights_halve_the_program(transformer, tmp_path: Path) -> None:
