@@ -269,3 +269,29 @@ def test_a_sweep_removes_the_folders_no_live_worker_holds_whatever_pid_their_nam
         holder.stdin.close()
         holder.wait(30)
     assert warm_folders.sweep(tmp_path) == [held]  # its holder gone, its folder goes too
+
+
+def test_when_no_fork_can_be_had_the_warm_process_is_started_by_bubblewrap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The fork server's fallback: a fork refused (here: every spawn fails) leaves warm processes to
+    bubblewrap, for good and said once, and the process it starts is as warm as a forked one."""
+    from workers import fork_sandbox, warm_sandbox
+
+    def refused(*args, **kwargs):
+        raise OSError("the fork server refused: a test says so")
+
+    monkeypatch.setattr(fork_sandbox.ForkServer, "spawn", refused)
+    settings = make_settings(tmp_path / "data", redis_url=None)
+    pool = warm_sandbox.WarmSandbox()
+    try:
+        with caplog.at_level("WARNING", logger="modelpress.worker"):
+            pool.prepare(settings)
+            _until(lambda: pool._waiting is not None and pool._waiting.ready.is_set(), "no process became warm")
+        waiting = pool._waiting
+        assert not waiting.forked and not waiting.failed  # started by bubblewrap, and it said warm
+        assert psutil.Process(waiting.child.pid).cmdline()[0].endswith("bwrap")
+        assert "started with bubblewrap from now on: a fork could not be had" in caplog.text
+        assert pool._forks_broken is not None and pool._forks is None  # the server was retired, not retried
+    finally:
+        pool.close()
