@@ -47,7 +47,10 @@ _DEV_LINKS = {
 _BINDS = ("--ro-bind", "--ro-bind-try", "--bind", "--dev-bind-try")
 _SIOCSIFFLAGS, _IFF_UP, _IFF_LOOPBACK, _IFF_RUNNING = 0x8914, 0x1, 0x8, 0x40  # <linux/sockios.h>, <net/if.h>
 _PROC_COVERED = ("sys", "sysrq-trigger", "irq", "bus")
-_FLAGS = {  # options that take no value, and must all be there: the fork unshares all of these
+# Options that take no value, and must all be there: the fork does all of these. Written out here, not
+# taken from sandbox.job_command's list: this is what the fork implements, so an option added there is
+# refused here (and warm processes go back to bubblewrap) until it is implemented here too.
+_FLAGS = {
     "--unshare-user",
     "--unshare-pid",
     "--unshare-ipc",
