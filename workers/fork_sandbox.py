@@ -68,7 +68,13 @@ os._exit(code)
 # code ever runs as PID 1 (a job that is PID 1 could leave the process group and clear its parent-death
 # signal, and outlive every kill); it reaps, and ends with C's status, which ends the namespace with it.
 _INIT = """
-import os, sys
+import ctypes, os, signal, sys
+# Not dumpable: the job, same uid, may then not open /proc/1/mem (without Yama, only the filter's
+# ptrace rule stood between it and this process's memory); only then may the job go on (argv[2] closed).
+if ctypes.CDLL(None).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+    os._exit(1)
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+os.close(int(sys.argv[2]))
 job = int(sys.argv[1])
 while True:
     try:
@@ -89,20 +95,23 @@ class Forked:
     (``pid``, ``poll``, ``wait``, ``returncode``), and ``stop``. ``pid`` is the monitor's; its exit status
     arrives on the status socket (none: it was killed, -SIGKILL)."""
 
-    def __init__(self, pid: int, status: socket.socket) -> None:
+    def __init__(self, pid: int, status: socket.socket, init_pidfd: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
         self._status = status
         self._lock = threading.Lock()
         self._pidfd = os.pidfd_open(pid)  # the monitor waits for the worker to read its status: alive now
+        self._init_pidfd = init_pidfd
 
     def stop(self) -> None:
-        """SIGKILL the monitor, through its pidfd (never a reused PID): the sandbox's PID 1 dies with it
-        (its parent-death signal), and the kernel kills every process of its PID namespace with that."""
+        """SIGKILL the sandbox's PID 1 and the monitor, through pidfds (never a reused PID). A signal from
+        outside kills a namespace's init whatever it did to itself, and the kernel then kills every
+        process of its PID namespace: nothing a job does inside outlives this."""
         with self._lock:
             if self.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                for pidfd in (self._init_pidfd, self._pidfd):
+                    with contextlib.suppress(ProcessLookupError):
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
     def poll(self) -> int | None:
         return self._collect(0.0)
@@ -114,7 +123,11 @@ class Forked:
         return code
 
     def _collect(self, timeout: float | None) -> int | None:
-        if self.returncode is None and select.select([self._status], [], [], timeout)[0]:
+        try:
+            readable = self.returncode is None and select.select([self._status], [], [], timeout)[0]
+        except (ValueError, OSError):  # another thread collected it and closed the socket meanwhile
+            return self.returncode
+        if readable:
             with self._lock:
                 if self.returncode is None:
                     try:
@@ -124,6 +137,7 @@ class Forked:
                     self.returncode = int(data) if data.isdigit() else -signal.SIGKILL
                     self._status.close()  # the monitor exits now
                     os.close(self._pidfd)
+                    os.close(self._init_pidfd)
         return self.returncode
 
 
@@ -163,10 +177,25 @@ class ForkServer:
         try:
             request = json.dumps({"argv": argv}).encode()
             socket.send_fds(self._socket, [request], [stdin, log_fd, progress_fd, theirs.fileno(), seccomp_fd])
-            reply = json.loads(self._socket.recv(256))
+            try:
+                reply = json.loads(self._socket.recv(256))
+            except ValueError:
+                raise OSError("the fork server did not answer (it ended?)") from None
             if "pid" not in reply:
                 raise OSError(f"the fork server refused: {reply.get('error')}")
-            return Forked(int(reply["pid"]), ours)
+            theirs.close()
+            # The monitor's first line: the sandbox's PID 1 (host PID), kept from reuse until acknowledged.
+            ours.settimeout(SERVER_READY_TIMEOUT_S)
+            line = b""
+            while not line.endswith(b"\n") and len(line) < 32:
+                chunk = ours.recv(32 - len(line))
+                if not chunk:
+                    raise OSError("the fork could not build its sandbox (see the job log)")
+                line += chunk
+            init_pidfd = os.pidfd_open(int(line))
+            ours.settimeout(None)
+            ours.sendall(b"k")
+            return Forked(int(reply["pid"]), ours, init_pidfd)
         except BaseException:
             ours.close()
             raise
@@ -242,10 +271,15 @@ def _become_job(plan: namespaces.Plan, received: list[int], server: int) -> None
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         _arrange_descriptors(received)
         namespaces.enter_user_and_pid_namespaces(plan)
+        myself = os.pidfd_open(os.getpid())  # B checks through it that A outlived B's PR_SET_PDEATHSIG
         pid = os.fork()
         if pid == 0:
             os.close(_STATUS_FD_NUMBER)
-            _run_confined(plan)  # never returns
+            _run_confined(plan, myself)  # never returns
+        os.close(myself)
+        os.write(_STATUS_FD_NUMBER, b"%d\n" % pid)  # B's host PID: the worker kills the namespace through it
+        if os.read(_STATUS_FD_NUMBER, 1) != b"k":
+            raise namespaces.SetupError("the worker did not take the sandbox's PID")
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):  # the job's pipes stay with B alone: they end when it does
             os.dup2(null, fd, inheritable=False)
@@ -277,22 +311,32 @@ def _arrange_descriptors(received: list[int]) -> None:
     os.closerange(_SECCOMP_FD_NUMBER + 1, 2**31 - 1)  # close_range(2): every other descriptor, whatever its number
 
 
-def _run_confined(plan: namespaces.Plan) -> None:
+def _run_confined(plan: namespaces.Plan, parent: int) -> None:
     """``B``: PID 1 of the job's namespaces. Builds the sandbox, forks the job's process (``C``), then
     becomes a small init (``_INIT``); never returns. B keeps its parent-death signal: no job code runs in it."""
     code = 1
     try:
         namespaces.libc_call("prctl", namespaces.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # the monitor
+        if select.select([parent], [], [], 0)[0]:  # A ended before that took effect (getppid() is 0 in here)
+            raise namespaces.SetupError("the monitor ended")
+        os.close(parent)
         namespaces.confine(plan, _SECCOMP_FD_NUMBER)
+        os.setsid()  # B and the job in a group of their own: kill(0, ...) from the job never reaches A
+        go_read, go_write = os.pipe()
         job = os.fork()
         if job == 0:
+            os.close(go_write)
+            os.read(go_read, 1)  # until the init is no longer dumpable (it closes its end then)
+            os.close(go_read)
             _run_job(plan)  # never returns
+        os.close(go_read)
+        os.set_inheritable(go_write, True)
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2, PROGRESS_FD_NUMBER):  # the job's pipes end with the job
             os.dup2(null, fd, inheritable=fd < 3)
         os.close(null)
         # The folder last, as the monitor's (what ``ps`` shows, and what the tests read).
-        os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", _INIT, str(job), plan.command[-1]])
+        os.execv(sys.executable, [sys.executable, "-I", "-S", "-c", _INIT, str(job), str(go_write), plan.command[-1]])
     except BaseException as error:
         with contextlib.suppress(OSError):
             os.write(2, f"bwrap: {error}\n".encode(errors="replace")[:500])

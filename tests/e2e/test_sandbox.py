@@ -157,6 +157,19 @@ def test_a_model_cannot_read_the_api_keys_file(confined: Confined, tmp_path: Pat
     _assert_refused_as_absent(job, str(confined.stack.settings.api_keys_file))
 
 
+def test_a_model_cannot_open_the_memory_of_its_sandbox_s_init(confined: Confined, tmp_path: Path) -> None:
+    """PID 1 of a forked sandbox is a small init with the job's uid: were it dumpable, the job could write its
+    memory through /proc/1/mem (no Yama here) and make it outlive every kill (red team). Its own memory file
+    opens (torch then finds it 0 bytes long: a /proc file), which shows the open is what is refused."""
+    own = _run(confined, ReadFile("/proc/self/mem", 8), tmp_path)
+    assert own["state"] == "failed" and "</proc/self/mem> size <0>" in own["error"]["detail"], own["error"]
+
+    job = _run(confined, ReadFile("/proc/1/mem", 8), tmp_path)
+
+    assert job["state"] == "failed"
+    assert "Permission denied" in job["error"]["detail"] and "/proc/1/mem" in job["error"]["detail"], job["error"]
+
+
 def test_a_model_cannot_read_or_overwrite_another_jobs_files(confined: Confined, tmp_path: Path) -> None:
     victim_model = SmallConvNet()
     with torch.no_grad():
