@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from modelpress.jobs import Superseded
@@ -120,7 +121,31 @@ def signal_group(child: subprocess.Popen) -> None:
     if stop is not None:
         stop()
         return
+    if child.returncode is None:  # not reaped: its PID, and so its /proc entry, are still its own
+        _kill_children(child.pid)
     try:
         os.killpg(child.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def _kill_children(pid: int) -> None:
+    """SIGKILL ``pid``'s direct children through pidfds, whatever their process group. Under bubblewrap that
+    is the sandbox's PID 1, whose death from outside ends its whole PID namespace: a job that got native code
+    could write that (dumpable, unfiltered) init's memory on a kernel without Yama and move it out of the
+    group a group kill reaches (red team)."""
+    try:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return
+    for word in children:
+        try:
+            pidfd = os.pidfd_open(int(word))
+        except OSError:
+            continue  # ended meanwhile
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(pidfd)

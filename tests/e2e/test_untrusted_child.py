@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -396,3 +400,31 @@ def test_thousands_of_files_under_output_fail_the_job(harness: Harness) -> None:
     assert job["error"]["type"].endswith("/output-too-large")
     assert f"at most {protocol.MAX_OUTPUT_ENTRIES})" in job["error"]["detail"]
     assert not files.output_model.parent.exists() or not any(files.output_model.parent.iterdir())
+
+
+def test_a_child_of_the_job_process_that_left_its_process_group_is_stopped_with_it() -> None:
+    """The supervisor's kill reaches the job process's children even out of its process group: under
+    bubblewrap that child is the sandbox's PID 1, which a job with native code could move out of the group
+    (red team), and whose death from outside ends the whole sandbox."""
+    from workers.child_watch import kill_group
+
+    code = (
+        "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(120)\n    os._exit(0)\ntime.sleep(120)\n"
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    deadline = time.monotonic() + 30
+    while True:  # the fault struck: the grandchild is out of the group a group kill reaches
+        children = psutil.Process(child.pid).children()
+        if children and os.getpgid(children[0].pid) != child.pid:
+            break
+        assert time.monotonic() < deadline, "the child never left its group"
+        time.sleep(0.05)
+    escaped = children[0]
+
+    kill_group(child)
+
+    assert child.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while escaped.is_running() and escaped.status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "a child that left the process group outlived the kill"
+        time.sleep(0.05)
