@@ -9,15 +9,20 @@ bubblewrap would from the same command line (``sandbox.job_command``, interprete
 option, so the mounts have one source of truth):
 
 - ``A`` (forked from the server): its own session; new user and PID namespaces (the worker's uid
-  mapped to the sandbox's, as ``--uid``/``--gid`` say); forks ``B``, then execs a small monitor
+  mapped to the sandbox's, as ``--uid``/``--gid`` say); forks ``B``, sends B's host PID to the worker
+  (which kills the namespace through it) and waits for its acknowledgement, then execs a small monitor
   (``python -I -S``: a few MB, where the server's copy counts hundreds into the job's memory watch)
   that waits for ``B`` and reports its exit status as bubblewrap does (signal N: 128 + N) on a socket.
 - ``B``: PID 1 of the new PID namespace; new mount, network, IPC, UTS and cgroup namespaces;
   a tmpfs root holding only what the command binds (``/proc`` of its own namespace, a minimal ``/dev``,
   a private sized ``/tmp``, the read-only runtime, the job's folder); ``pivot_root`` into it, the
-  host's tree detached; every capability dropped, ``no_new_privs``, the syscall filter read from the
-  descriptor bubblewrap would have read it from. Only then does it run ``workers.job_process --warm``,
-  which says ``warm`` and waits for its job as a bubblewrap-started one does.
+  host's tree detached; a nested user namespace and no more; every capability dropped,
+  ``no_new_privs``, the syscall filter read from the descriptor bubblewrap would have read it from.
+  Then a session of its own, it forks ``C`` and execs a small init (``_INIT``: not dumpable, reaps,
+  ends with C's status); no job code ever runs as PID 1.
+- ``C``: PID 2, as bubblewrap's command is; once the init is not dumpable it runs
+  ``workers.job_process --warm``, which says ``warm`` and waits for its job as a bubblewrap-started
+  one does.
 
 Nothing of a job reaches the server: it never opens a job's file, and its memory holds only what a
 job process imports anyway. Each job still gets a fresh process, PID namespace, mount namespace and
