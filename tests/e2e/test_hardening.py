@@ -71,7 +71,9 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.manual_seed(0)
     return {
         "quick": save_scripted(SmallConvNet(), root / "quick.pt"),
-        "slow": save_scripted(SlowModel(steps=5000), root / "slow.pt"),
+        # About 0.5 s a pass, 1000 passes: never done inside JOB_TIMEOUT_S, however fast the machine or
+        # however quickly its sandbox starts (5000 steps finished in 40 s once warm sandboxes came).
+        "slow": save_scripted(SlowModel(steps=50000), root / "slow.pt"),
         "medium": save_scripted(SlowModel(steps=1500), root / "medium.pt"),
     }
 
