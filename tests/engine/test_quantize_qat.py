@@ -94,4 +94,6 @@ def test_pt2_qat_uses_pt2e_and_loads_as_an_int8_program(digits: dict, tmp_path: 
     result = torch.export.load(tmp_path / "out.pt2")
     targets = [str(node.target) for node in result.graph.nodes if node.op == "call_function"]
     assert targets.count("quantized_decomposed.dequantize_per_channel.default") == 6  # every weight int8
+    # Every BatchNorm folded into its convolution (the fold runs only for the convolution kinds present).
+    assert not [target for target in targets if "batch_norm" in target]
     assert test_accuracy(result.module(), digits["x_test"], digits["y_test"]) >= 0.9
