@@ -74,8 +74,9 @@ lint: $(STAMP)
 	$(VPY) -m ruff format --check .
 
 # lint first: a finding fails the run in seconds, before the browser, compiler and docs steps.
+# --no-loadscope-reorder: files start in collection order, longest first (tests/scheduling.py).
 test: $(STAMP) lint sandbox chromium compiler pte-runner docs
-	$(VPY) -m pytest -n $(TEST_PROCESSES) --dist loadfile $(PYTEST_ARGS)
+	$(VPY) -m pytest -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(VPY) scripts/install.py '.[test,docs,bench]'  # the baselines the benchmarks compare with

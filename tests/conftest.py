@@ -23,6 +23,8 @@ import requests
 from modelpress.config import Settings
 from modelpress.stack import Stack, free_port
 
+pytest_plugins = ["tests.scheduling"]
+
 FINAL_STATES = {"succeeded", "failed", "cancelled"}
 
 
