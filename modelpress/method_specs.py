@@ -300,6 +300,16 @@ class PruneSpec(Strict):
         },
     )
 
+    hidden = fields.Boolean(
+        load_default=False,
+        metadata={
+            "description": "Structured: also remove channels of a transformer's hidden (residual) width: its "
+            "token and position embeddings, every residual addition, the LayerNorms on it (their statistics "
+            "then cover the kept channels) and what reads it. false: that width stays whole; heads and MLP "
+            "width are pruned either way."
+        },
+    )
+
     @validates_schema
     def _options_fit(self, data: Mapping[str, Any], **kwargs: Any) -> None:
         importance, criterion = data.get("importance"), data.get("criterion")
@@ -324,6 +334,8 @@ class PruneSpec(Strict):
                 raise ValidationError(
                     "only with importance bn_scale or group_lasso (l1 / l2 rank the weights as they are)", "regularize"
                 )
+        if data.get("hidden") and not data.get("structured"):
+            raise ValidationError("only with structured: true (it removes channels of the hidden width)", "hidden")
         schedule, finetune = data.get("schedule"), data.get("finetune")
         if schedule is not None:
             if finetune is None:

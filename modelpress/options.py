@@ -87,6 +87,7 @@ class PruneOptions:
     finetune: FinetuneOptions | None
     regularize: RegularizeOptions | None  # set exactly when importance is bn_scale or group_lasso
     schedule: PruneScheduleOptions | None
+    hidden: bool = False  # structured: a transformer's residual width too (embeddings, LayerNorms)
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,8 @@ PRUNE_SHAPE = {"method": "prune", "input_shape": [1, 3, 8, 8]}
         ({"schedule": {"steps": 4}, "finetune": {"epochs": 3}}, "spec.prune.schedule.steps"),
         ({"schedule": {"steps": 1}, "finetune": {}}, "spec.prune.schedule.steps"),
         ({"schedule": {"curve": "exponential"}, "finetune": {}}, "spec.prune.schedule.curve"),
+        ({"hidden": True}, "spec.prune.hidden"),  # unstructured: no width to remove
+        ({"hidden": "sometimes", "structured": True}, "spec.prune.hidden"),
     ],
 )
 def test_prune_training_options_that_do_not_fit_are_named(

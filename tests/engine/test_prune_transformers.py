@@ -109,6 +109,31 @@ def test_gpt2_structured_prunes_heads_of_the_fused_qkv_and_the_mlp(gpt2: Path, t
     assert report["fidelity"]["outputs"][0]["shape"] == [2, 16, 1000]
 
 
+def test_gpt2_hidden_width_is_pruned_when_asked_and_its_tied_output_layer_stays_one_tensor(
+    gpt2: Path, tmp_path: Path
+) -> None:
+    default = _prune(gpt2, tmp_path / "default.pt", amount=0.3, structured=True)
+    hidden = _prune(gpt2, tmp_path / "hidden.pt", amount=0.3, structured=True, hidden=True)
+
+    # By default the residual width stays, and the report says which option would prune it.
+    assert any("prune.hidden" in entry["reason"] for entry in default["details"]["left_whole"])
+    stream = [g for g in hidden["details"]["groups"] if g.get("layer_norms_renormalised")]
+    assert len(stream) == 1 and stream[0]["layer_norms_renormalised"] == 5  # two per block and ln_f
+    assert (stream[0]["channels_before"], stream[0]["channels_after"]) == (64, 45)
+    assert {"model.transformer.wte.weight", "model.transformer.wpe.weight"} <= set(stream[0]["tensors"])
+    assert not any(entry["reason"].startswith("put back") for entry in hidden["details"]["left_whole"])
+    pruned = torch.jit.load(str(tmp_path / "hidden.pt"))
+    weights = dict(pruned.named_parameters(remove_duplicate=False))
+    assert weights["model.transformer.wte.weight"].shape == (1000, 45)
+    assert weights["model.transformer.wpe.weight"].shape == (64, 45)
+    assert weights["model.transformer.ln_f.weight"].shape == (45,)
+    # The output layer is the token embedding (tied): one tensor after pruning too, not a stale copy.
+    assert weights["model.lm_head.weight"].data_ptr() == weights["model.transformer.wte.weight"].data_ptr()
+    assert _ratio(hidden) <= 0.75 < _ratio(default)
+    ids = torch.randint(0, 1000, (3, 9))
+    assert pruned(ids, torch.ones_like(ids)).shape == (3, 9, 1000)
+
+
 def test_vit_structured_reaches_three_quarters_of_the_parameters(tmp_path: Path) -> None:
     torch.manual_seed(0)
     config = transformers.ViTConfig(
@@ -134,6 +159,23 @@ def test_vit_structured_reaches_three_quarters_of_the_parameters(tmp_path: Path)
     assert mlp == [717] * 4
     assert _ratio(report) <= 0.75
     assert report["fidelity"]["outputs"][0]["shape"] == [2, 10]
+    assert any("prune.hidden" in entry["reason"] for entry in report["details"]["left_whole"])
+
+    # The residual width too: the patch projection, the class token (expanded to the batch and
+    # concatenated along tokens), the position embeddings, every LayerNorm and what reads them.
+    hidden = _prune(
+        path,
+        tmp_path / "hidden.pt",
+        [{"shape": [2, 3, 32, 32], "dtype": "float32"}],
+        amount=0.3,
+        structured=True,
+        hidden=True,
+    )
+    assert _ratio(hidden) <= 0.6
+    weights = {name: p.shape for name, p in torch.jit.load(str(tmp_path / "hidden.pt")).named_parameters()}
+    tokens = [shape for name, shape in weights.items() if name.endswith(("cls_token", "position_embeddings"))]
+    assert len(tokens) == 2 and all(shape[-1] == 179 for shape in tokens)
+    assert hidden["fidelity"]["outputs"][0]["shape"] == [2, 10]
 
 
 @pytest.mark.parametrize("kv_heads", [4, 2])

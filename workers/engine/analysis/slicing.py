@@ -26,10 +26,38 @@ def materialize(
         else:
             changed[name] = _slice(base, dim, torch.nonzero(mask).flatten())
     current = tensors(model)
+    tied: dict[int, list[str]] = {}  # names of one tensor (``snapshot`` gave them one original object)
     for name, original in originals.items():
-        value = changed.get(name, original)
-        if current[name].shape != value.shape or not torch.equal(current[name], value):
-            set_tensor(model, name, value.clone())
+        tied.setdefault(id(original), []).append(name)
+    for names in tied.values():
+        values = [changed[name] for name in names if name in changed]
+        if values and all(v.shape == values[0].shape and torch.equal(v, values[0]) for v in values):
+            # One slicing for a tied tensor: every name gets the one new tensor (the tracer reads a tied
+            # output layer through the embedding's name, so the other name would keep a stale copy).
+            targets = dict.fromkeys(names, values[0])
+        else:
+            targets = {name: changed.get(name, originals[name]) for name in names}
+        copy = None
+        for name, value in targets.items():
+            if current[name].shape != value.shape or not torch.equal(current[name], value):
+                copy = (
+                    copy
+                    if copy is not None and copy.shape == value.shape and torch.equal(copy, value)
+                    else value.clone()
+                )
+                set_tensor(model, name, copy)
+
+
+def snapshot(model: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
+    """A detached copy of every tensor of ``model`` by name; names of one tensor (a language model's
+    output layer tied to its token embedding) share one copy, so ``materialize`` keeps them tied."""
+    copies: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] = {}
+    return {
+        name: copies.setdefault(
+            (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)), tensor.detach().clone()
+        )
+        for name, tensor in tensors(model).items()
+    }
 
 
 def _dropped(
@@ -71,4 +99,5 @@ def set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor, requires_
 
 
 def tensors(model: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
-    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    """Every parameter and buffer by name, each name of a tied tensor included."""
+    return {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}

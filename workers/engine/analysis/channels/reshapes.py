@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from workers.engine.analysis.channels.spaces import Axis
+from workers.engine.analysis.channels.spaces import Axis, Member
 from workers.engine.analysis.channels.values import constant
 
 
@@ -41,6 +41,8 @@ class Reshapes:
         if dim is None or not isinstance(along, int) or rank is None:
             return self._opaque(node, f"{node.kind()} along an unknown dimension")
         along %= rank
+        if along == dim and node.kind() == "aten::slice" and _whole(inputs):
+            return self._set(node.output(), axis)  # x[..., :] (transformers' logits_to_keep=0): every channel
         if along == dim:
             return self._opaque(node, f"{node.kind()} across the channel dimension")
         self._set(
@@ -65,6 +67,25 @@ class Reshapes:
             node.output(),
             self._relocated(axis, lambda d: d if keep else None if d in dims else d - sum(r < d for r in dims), dim),
         )
+
+    def _expand(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
+        """``expand`` broadcasts dimensions of size 1: the channels stay where they were (counted from the
+        end). An expanded parameter (a ViT's class token, ``[1, 1, C]``, to the batch) indexes a space of
+        its last dimension, joined to the patches' by the concatenation along tokens that follows."""
+        axis, before, after = self.axis_of.get(inputs[0]), self.values.get(inputs[0]), self.values.get(node.output())
+        if before is None or after is None or len(after) < len(before):
+            return self._opaque(node, "aten::expand of unknown shape")
+        if axis is None:
+            name = self.attribute_of.get(inputs[0])
+            if name not in self.shapes or len(before) < 2 or before[-1] < 2:
+                return self._opaque(node)
+            space = self._new(size=before[-1])
+            space.members.append(Member(name, len(before) - 1, 0, before[-1], producer=False))
+            return self._set(node.output(), Axis(space, dim=len(after) - 1))
+        dim = self._dim(inputs[0], axis)
+        if axis.head_width or dim is None or after[dim + len(after) - len(before)] != before[dim]:
+            return self._opaque(node)
+        self._set(node.output(), self._relocated(axis, lambda d: d + len(after) - len(before), dim))
 
     def _reshape(self, node: torch._C.Node, inputs: list[torch._C.Value]) -> None:
         axis = self.axis_of.get(inputs[0])
@@ -112,3 +133,12 @@ class Reshapes:
                 node.output(),
                 self._relocated(axis, lambda d: second if d == first else first if d == second else d, dim),
             )
+
+
+def _whole(inputs: list[torch._C.Value]) -> bool:
+    """An ``aten::slice`` (self, dim, start, end, step) from the start to the end, step 1, written as
+    constants: it keeps every channel whatever their number (an end at the size would not, once pruned)."""
+    if len(inputs) != 5 or any(value.node().kind() != "prim::Constant" for value in inputs[2:]):
+        return False
+    start, end, step = (value.toIValue() for value in inputs[2:])
+    return start in (None, 0) and (end is None or end >= 2**62) and step == 1

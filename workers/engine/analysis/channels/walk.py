@@ -85,6 +85,8 @@ class ChannelAnalysis(Layers, Attention, Reshapes, Joins, Values, Spaces):
             return self._along(node, inputs, reduces=False)
         if kind in RESHAPES:
             return self._reshape(node, inputs)
+        if kind == "aten::expand":
+            return self._expand(node, inputs)
         if kind in ("aten::transpose", "aten::permute"):
             return self._move(node, inputs)
         if kind in REDUCTIONS:

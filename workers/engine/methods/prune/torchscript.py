@@ -19,7 +19,7 @@ from modelpress.options import PruneOptions
 from workers.engine.analysis.channels import ChannelGroup, channel_groups, layer_name
 from workers.engine.analysis.channels.values import nested_nodes
 from workers.engine.analysis.proof import check_batches, mismatch, same_outputs
-from workers.engine.analysis.slicing import materialize, tensors
+from workers.engine.analysis.slicing import materialize, snapshot, tensors
 from workers.engine.errors import InvalidInput, NothingToPrune, summarize_torch_error
 from workers.engine.formats.torchscript import clone_model
 from workers.engine.inputs import Dataset
@@ -76,7 +76,14 @@ def prune(
         groups = channel_groups(
             model, {name: t.shape for name, t in tensors(model).items()}, data.exactly(fixed_batch or 2)
         )
-        targets = [group for group in groups if not _group_reasons(group, selected, exclude)]
+        hidden = hidden_widths(groups)
+        targets = [
+            group
+            for group in groups
+            if not _group_reasons(
+                group, selected, exclude, options.hidden if id(group) in hidden else None, options.exclude or ()
+            )
+        ]
         if targets:  # none: nothing to prune, which the first step reports with the reasons per group
             regularized = regularize(model, options, targets, data, teacher, progress)
     units: dict[str, int] = {}  # each group's channel units before the first step
@@ -157,15 +164,41 @@ def _counted_macs(model: torch.jit.ScriptModule, batch: tuple[torch.Tensor, ...]
 # ---------------------------------------------------------------------------- structured
 
 
-def _group_reasons(group: ChannelGroup, selected: set[str], exclude: list[str]) -> list[str]:
-    """Why a group is left whole whatever the amount (empty: it can be pruned)."""
+def _group_reasons(
+    group: ChannelGroup, selected: set[str], exclude: list[str], hidden: bool | None = None, user_exclude=()
+) -> list[str]:
+    """Why a group is left whole whatever the amount (empty: it can be pruned).
+
+    ``hidden``: the group is a transformer's hidden width (``hidden_widths``): True when
+    ``prune.hidden`` asks for it (its embeddings count as selected, excluded only by the user's
+    ``user_exclude``: the default exclusion of the final classifier names a tied output embedding,
+    whose vocabulary stays either way), False when it stays whole.
+    """
     reasons = list(group.blocked)
+    if hidden is False:
+        reasons.append("the hidden (residual) width: set prune.hidden: true to prune it with its embeddings and norms")
     for layer, kind in sorted({(layer_name(m.parameter), m.kind) for m in group.producers}):
-        if kind not in selected:
+        if kind == "Embedding" and hidden is not None:
+            if hidden and (pattern := matching_pattern(layer, list(user_exclude))) is not None:
+                reasons.append(f"{layer} is excluded by pattern {pattern!r}")
+        elif kind not in selected:
             reasons.append(f"{layer} is a {kind}, not a selected type")
         elif (pattern := matching_pattern(layer, exclude)) is not None:
             reasons.append(f"{layer} is excluded by pattern {pattern!r}")
     return reasons
+
+
+def hidden_widths(groups: list[ChannelGroup]) -> set[int]:
+    """The ``id`` of each group that is a transformer's hidden (residual) width: one an embedding makes,
+    or one a layer_norm normalises that the projections making attention heads read (a ConvNeXt's
+    normalised residual streams read by no attention are ordinary groups)."""
+    heads = {m.parameter for group in groups if group.head_width for m in group.producers}
+    return {
+        id(group)
+        for group in groups
+        if any(m.kind == "Embedding" for m in group.producers)
+        or (group.norms and any(not m.producer and m.parameter in heads for m in group.members))
+    }
 
 
 def _prune_channels(
@@ -186,14 +219,17 @@ def _prune_channels(
     amount = options.amount
     criterion = options.criterion
     original_units = {} if original_units is None else original_units
-    originals = {name: t.detach().clone() for name, t in tensors(model).items()}
+    originals = snapshot(model)
     groups = channel_groups(model, {name: t.shape for name, t in originals.items()}, data.exactly(fixed_batch or 2))
     ranking = Ranking(model, options.importance)
     candidates: list[tuple[ChannelGroup, torch.Tensor]] = []
     left_whole = []
     keys = {id(group): key for key, group in zip(group_keys(groups), groups)}
+    hidden = hidden_widths(groups)
     for group in groups:
-        reasons = _group_reasons(group, selected, exclude)
+        reasons = _group_reasons(
+            group, selected, exclude, options.hidden if id(group) in hidden else None, options.exclude or ()
+        )
         units = group.size // group.unit
         share = original_units.setdefault(keys[id(group)], units) * (1.0 - amount)
         keep_units = min(units, max(1, int(round(share))))
