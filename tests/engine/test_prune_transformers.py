@@ -205,6 +205,15 @@ def test_llama_heads_with_rotary_embeddings_prune_and_grouped_kv_heads_stay_whol
         whole = {e["group"]: e["reason"] for e in report["details"]["left_whole"]}
         assert "scaled_dot_product_attention" in whole["model.model.layers.0.self_attn.q_proj"]
     assert report["fidelity"]["outputs"][0]["shape"] == [2, 16, 1000]
+    if kv_heads == 4:  # the residual width when asked: the embedding and every RMSNorm (mean of squares)
+        hidden = _prune(model, tmp_path / "hidden.pt", amount=0.3, structured=True, hidden=True)
+        stream = {g["group"]: g for g in hidden["details"]["groups"]}["model.model.embed_tokens"]
+        assert (stream["channels_after"], stream["layer_norms_renormalised"]) == (45, 5)  # 2 per block, the last
+        assert not any(entry["reason"].startswith("put back") for entry in hidden["details"]["left_whole"])
+        weights = dict(torch.jit.load(str(tmp_path / "hidden.pt")).named_parameters())
+        assert weights["model.model.norm.weight"].shape == (45,)
+        assert weights["model.lm_head.weight"].shape == (1000, 45)
+        assert _ratio(hidden) <= 0.7
 
 
 @pytest.mark.parametrize("compile_with", ["script", "trace"])

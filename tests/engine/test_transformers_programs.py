@@ -184,6 +184,23 @@ def test_gpt2_program_structured_prune_removes_heads_and_mlp_width_and_keeps_its
         assert program.module()(ids, torch.ones_like(ids)).shape == model(ids, torch.ones_like(ids)).shape
 
 
+def test_gpt2_program_hidden_width_is_pruned_when_asked_and_stays_one_tied_table(gpt2, tmp_path: Path) -> None:
+    """torch.export writes the logits' ``hidden[:, slice(0, None), :]`` as ``aten::alias``, which left the
+    residual width whole whatever was asked."""
+    path, model = gpt2
+    report = compress(path, _spec("prune", amount=0.3, structured=True, hidden=True), tmp_path / "out.pt2")
+
+    stream = [g for g in report["details"]["groups"] if g.get("layer_norms_renormalised")]
+    assert [(g["channels_before"], g["channels_after"]) for g in stream] == [(64, 45)]
+    program = torch.export.load(tmp_path / "out.pt2")
+    assert program.state_dict["model.transformer.wte.weight"].shape == (VOCAB, 45)
+    unique = {t.data_ptr(): t.numel() for t in program.module().parameters()}
+    assert sum(unique.values()) == report["parameters"]["after"] <= 0.75 * report["parameters"]["before"]
+    ids = torch.randint(0, VOCAB, (3, 16))
+    with torch.no_grad():
+        assert program.module()(ids, torch.ones_like(ids)).shape == model(ids, torch.ones_like(ids)).shape
+
+
 def test_only_sizes_fixed_at_export_are_made_to_follow_the_channels() -> None:
     """``split`` into equal pieces of a dimension fixed at export becomes ``chunk``; of a dynamic
     dimension it stays: at other sizes ``chunk`` cuts otherwise (8 -> 4 + 4 either way, but 6 ->

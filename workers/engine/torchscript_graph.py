@@ -272,10 +272,21 @@ def _masked_layer_norm(
     return y
 
 
+def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """An RMSNorm's ``mean(x ** 2, -1, keepdim=True)`` over the kept entries only."""
+    return (x * keep).sum(-1, keepdim=True) / keep.sum()
+
+
 @functools.cache
 def _masked_layer_norm_graph() -> torch._C.Graph:
     with quiet_torchscript_warnings():  # compiled on first use, not when the engine is imported
         return torch.jit.script(_masked_layer_norm).graph
+
+
+@functools.cache
+def _masked_mean_graph() -> torch._C.Graph:
+    with quiet_torchscript_warnings():
+        return torch.jit.script(_masked_mean).graph
 
 
 def with_masked_layer_norms(
@@ -294,14 +305,17 @@ def with_masked_layer_norms(
     for index, mask in keep.items():
         node = nodes[index]
         with graph.insert_point_guard(node):
-            arguments = [
-                node.inputsAt(0),
-                graph.insertConstant(mask),
-                node.inputsAt(2),
-                node.inputsAt(3),
-                node.inputsAt(4),
-            ]
-            (masked,) = graph.insertGraph(_masked_layer_norm_graph(), arguments)
+            if node.kind() == "aten::mean":  # an RMSNorm's mean of squares (``channels.rms_mean``)
+                (masked,) = graph.insertGraph(_masked_mean_graph(), [node.inputsAt(0), graph.insertConstant(mask)])
+            else:
+                arguments = [
+                    node.inputsAt(0),
+                    graph.insertConstant(mask),
+                    node.inputsAt(2),
+                    node.inputsAt(3),
+                    node.inputsAt(4),
+                ]
+                (masked,) = graph.insertGraph(_masked_layer_norm_graph(), arguments)
         node.output().replaceAllUsesWith(masked)
         node.destroy()
     function = torch._C._create_function_from_graph("masked_layer_norms", graph)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from workers.engine.analysis.channels.spaces import ChannelGroup, Member, Norm, layer_name
-from workers.engine.analysis.channels.values import nested_nodes
+from workers.engine.analysis.channels.values import constant, nested_nodes
 from workers.engine.analysis.channels.walk import ChannelAnalysis
 from workers.engine.torchscript_graph import canonical_graph, value_shapes
 
@@ -55,8 +55,25 @@ def channel_groups(
 
 
 def layer_norm_nodes(graph: torch._C.Graph) -> list[torch._C.Node]:
-    """Every ``aten::layer_norm`` of ``graph``, nested blocks included, in one fixed order: ``Norm.index``."""
-    return [node for node in nested_nodes(graph.block()) if node.kind() == "aten::layer_norm"]
+    """Every ``aten::layer_norm`` and RMSNorm mean (``rms_mean``) of ``graph``, nested blocks included,
+    in one fixed order: ``Norm.index``."""
+    return [node for node in nested_nodes(graph.block()) if node.kind() == "aten::layer_norm" or rms_mean(node)]
 
 
-__all__ = ["ChannelGroup", "Member", "Norm", "channel_groups", "layer_name", "layer_norm_nodes"]
+def rms_mean(node: torch._C.Node) -> bool:
+    """``mean(x.pow(2), [d], keepdim=True)``: the statistic of an RMSNorm (Llama's), which removing channels
+    changes as a layer_norm's; any other mean across the channels is left to block its space."""
+    if node.kind() != "aten::mean" or node.inputsSize() < 3:
+        return False
+    source = node.inputsAt(0).node()
+    dims, keep = constant(node.inputsAt(1)), constant(node.inputsAt(2))
+    return (
+        source.kind() == "aten::pow"
+        and constant(source.inputsAt(1)) == 2
+        and isinstance(dims, list)
+        and len(dims) == 1
+        and keep is True
+    )
+
+
+__all__ = ["ChannelGroup", "Member", "Norm", "channel_groups", "layer_name", "layer_norm_nodes", "rms_mean"]

@@ -48,6 +48,7 @@ CHANNEL_PRESERVING = {
     "aten::contiguous",
     "aten::clone",
     "aten::detach",
+    "aten::alias",  # a program's x[..., :] (torch.export writes a whole slice as an alias)
     "aten::to",
     "aten::abs",
     "aten::neg",

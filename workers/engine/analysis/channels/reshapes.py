@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from workers.engine.analysis.channels.spaces import Axis, Member
+from workers.engine.analysis.channels.spaces import Axis, Member, Norm
 from workers.engine.analysis.channels.values import constant
 
 
@@ -61,6 +61,12 @@ class Reshapes:
             return self._opaque(node, f"{node.kind()} over all or unknown dimensions")
         dim = self._dim(inputs[0], axis)
         dims = [d % len(shape) for d in dims]
+        space = axis.space.root()
+        if node in self.layer_norm_index and dims == [dim] and space.parts is None and axis.scale is not None:
+            # An RMSNorm's mean of squares: a statistic per row (no channels), over the kept channels once
+            # sliced; the check after slicing builds its reference so (``Norm``, as for a layer_norm).
+            space.norms.append(Norm(self.layer_norm_index[node], axis.scale))
+            return
         if dim is None or dim in dims:
             return self._opaque(node, f"{node.kind()} across the channel dimension")
         self._set(

@@ -308,7 +308,7 @@ def _prune_channels(
     notes = []
     if renormalised := [g.name for g, _ in accepted if g.norms]:
         notes.append(
-            f"pruned groups normalised by a layer_norm: {len(renormalised)} ({', '.join(renormalised[:6])}"
+            f"pruned groups normalised by a layer_norm or an RMSNorm: {len(renormalised)} ({', '.join(renormalised[:6])}"
             f"{', ...' if len(renormalised) > 6 else ''}); those norms' mean and variance now cover the kept "
             "channels only, so outputs move further from the original than zeroing alone would (see "
             "fidelity); fine-tuning recovers it"
