@@ -16,8 +16,10 @@ export is a row that says so.
 Jobs: the issue asks for these through the HTTP API; this bench calls the engine entry a worker
 runs for a job (``workers.engine.run.pipeline.compress`` with ``parse_spec(spec)``), the same
 code without the queue and the upload. Per model and upload: dynamic int8 (default modules:
-Linear and its other spellings, and embeddings), structured prune at amount 0.3 and unstructured
-prune at amount 0.5. Every spec has ``seed`` 0, ``evaluation`` {runs: --eval-runs, warmup: 2} and
+Linear and its other spellings, and embeddings), structured prune at amount 0.3 (heads and MLP
+width), the same with ``prune.hidden`` (job ``hidden``: the residual width, embeddings and norms
+too; the peer's column belongs to the plain row, which prunes what the peer prunes) and
+unstructured prune at amount 0.5. Every spec has ``seed`` 0, ``evaluation`` {runs: --eval-runs, warmup: 2} and
 ``inputs`` declaring int64 ids in [0, 8000) and an all-ones mask (or a float image), batch 2,
 sequence 32.
 
@@ -81,6 +83,7 @@ BATCH, SEQUENCE, IMAGE, PATCH = 2, 32, 32, 8
 AMOUNT_STRUCTURED, AMOUNT_UNSTRUCTURED = 0.3, 0.5
 FORMATS = ("torchscript", "pt2")
 PEER_BOUND = {"bert", "vit"}  # the issue's "within 0.10 of Torch-Pruning and at least as fast" rows
+STRUCTURED = ("structured", "hidden")  # jobs that remove channels: heads and MLP width; hidden: the residual width too
 
 
 # ---------------------------------------------------------------------------- models
@@ -207,8 +210,9 @@ def spec_for(name: str, job: str, eval_runs: int) -> dict[str, Any]:
     base = {"seed": 0, "evaluation": {"runs": eval_runs, "warmup": 2}, "inputs": declared_inputs(name)}
     if job == "int8":
         return {**base, "method": "quantize", "quantize": {"mode": "dynamic"}}
-    if job == "structured":
-        return {**base, "method": "prune", "prune": {"amount": AMOUNT_STRUCTURED, "structured": True}}
+    if job in STRUCTURED:  # hidden: prune.hidden, the residual width (embeddings, norms) too
+        prune = {"amount": AMOUNT_STRUCTURED, "structured": True, **({"hidden": True} if job == "hidden" else {})}
+        return {**base, "method": "prune", "prune": prune}
     return {**base, "method": "prune", "prune": {"amount": AMOUNT_UNSTRUCTURED, "structured": False}}
 
 
@@ -253,7 +257,7 @@ def run_job(
     row["output_shape"] = list(got.shape)
     if job == "int8":
         row["quantized"] = _quantized_summary(details)
-    elif job == "structured":
+    elif job in STRUCTURED:
         row.update(_structured_summary(details))
         row["parameters"] = [_parameters(original), _parameters(result)]
         row["parameter_ratio"] = row["parameters"][1] / row["parameters"][0]
@@ -469,10 +473,10 @@ def time_structured(
     if peer_model is not None:
         variants["torch-pruning"] = peer_model
     for row in rows:
-        if row["job"] == "structured" and row.get("succeeded"):
+        if row["job"] in STRUCTURED and row.get("succeeded"):
             form = row["format"]
             variants[f"{form} original"] = load_result(form, uploads[form]["path"])
-            variants[f"{form} modelpress"] = row.pop("_result")
+            variants[_timed_as(row)] = row.pop("_result")
     return interleaved_medians(variants, batch, runs=runs, warmup=3)
 
 
@@ -494,7 +498,7 @@ def verdicts(row: dict[str, Any], peer: dict[str, Any] | None) -> list[tuple[str
         ("heads and MLP width removed", ok and row["heads_removed"] and row["mlp_removed"], False),
         ("shapes kept, proof passed", ok and row["shapes_kept"] and row["proof_passed"], False),
     ]
-    if row["model"] in PEER_BOUND:
+    if row["model"] in PEER_BOUND and row["job"] == "structured":  # the peer prunes heads and MLP width only
         usable = ok and peer is not None and peer.get("succeeded")
         items.append(
             (
@@ -515,6 +519,10 @@ def verdicts(row: dict[str, Any], peer: dict[str, Any] | None) -> list[tuple[str
             )
         )
     return items
+
+
+def _timed_as(row: dict[str, Any]) -> str:
+    return f"{row['format']} modelpress" + (" hidden" if row["job"] == "hidden" else "")
 
 
 def cell(value: Any, digits: int = 3) -> str:
@@ -554,7 +562,7 @@ def table(rows: list[dict[str, Any]], peers: dict[str, dict[str, Any]], exports:
         cosine = f"{cell(row['report_cosine'], 5)} / {cell(row.get('held_out_cosine'), 5)}"
         if row["job"] == "int8":
             result, ratio, heads, latency = "ok", f"{cell(row['bytes_ratio'])}x bytes", "-", "-"
-        elif row["job"] == "structured":
+        elif row["job"] in STRUCTURED:
             mlp = sorted({w.split(" ", 1)[1] for w in row["widths"]})
             result = ("proof passed" if row["proof_passed"] else f"{len(row['put_back'])} group(s) put back") + (
                 f"; widths {', '.join(mlp)}" if mlp else ""
@@ -614,7 +622,7 @@ def main() -> None:
     parser = arguments(__doc__, "transformers")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--formats", default=",".join(FORMATS), help="torchscript (traced), pt2 (torch.export)")
-    parser.add_argument("--jobs", default="int8,structured,unstructured")
+    parser.add_argument("--jobs", default="int8,structured,hidden,unstructured")
     parser.add_argument("--runs", type=int, default=30, help="interleaved timed rounds (structured rows)")
     parser.add_argument("--eval-runs", type=int, default=10, help="the job's evaluation.runs")
     parser.add_argument(
@@ -668,8 +676,8 @@ def main() -> None:
             if "torch-pruning" in latency:
                 peer["latency_ratio"] = latency["torch-pruning"] / latency["eager original"]
             for row in model_rows:
-                if row["job"] == "structured" and f"{row['format']} modelpress" in latency:
-                    row["latency_ratio"] = latency[f"{row['format']} modelpress"] / latency[f"{row['format']} original"]
+                if row["job"] in STRUCTURED and _timed_as(row) in latency:
+                    row["latency_ratio"] = latency[_timed_as(row)] / latency[f"{row['format']} original"]
                 row.pop("_result", None)
                 row.pop("out", None)
                 row["verdicts"] = verdicts(row, peer)
@@ -727,7 +735,7 @@ def _progress_line(row: dict[str, Any]) -> str:
         return f"{head} FAILED {row['error']}"
     if row["job"] == "int8":
         return f"{head} bytes {row['bytes_ratio']}, cosine {row['report_cosine']}, {row['quantized']}"
-    if row["job"] == "structured":
+    if row["job"] in STRUCTURED:
         return (
             f"{head} params {row['parameter_ratio']:.3f}, heads {row['heads']}, widths {row['widths']}, "
             f"proof {'passed' if row['proof_passed'] else 'put back ' + str(row['put_back'])}, "
