@@ -40,24 +40,49 @@ def materialize(
         copy = None
         for name, value in targets.items():
             if current[name].shape != value.shape or not torch.equal(current[name], value):
-                copy = (
-                    copy
-                    if copy is not None and copy.shape == value.shape and torch.equal(copy, value)
-                    else value.clone()
-                )
+                if copy is None or copy.shape != value.shape or not torch.equal(copy, value):
+                    copy = value.clone()
+                    if isinstance(current[name], torch.nn.Parameter):  # one Parameter object for every tied name
+                        copy = torch.nn.Parameter(copy, requires_grad=False)
                 set_tensor(model, name, copy)
 
 
 def snapshot(model: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
     """A detached copy of every tensor of ``model`` by name; names of one tensor (a language model's
     output layer tied to its token embedding) share one copy, so ``materialize`` keeps them tied."""
-    copies: dict[tuple[int, int, tuple[int, ...]], torch.Tensor] = {}
+    copies: dict[tuple, torch.Tensor] = {}
     return {
-        name: copies.setdefault(
-            (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape)), tensor.detach().clone()
-        )
-        for name, tensor in tensors(model).items()
+        name: copies.setdefault(_identity(tensor), tensor.detach().clone()) for name, tensor in tensors(model).items()
     }
+
+
+def _identity(tensor: torch.Tensor) -> tuple:
+    """Two names hold one tensor when they see the same memory the same way (a transposed view of a
+    weight shares its storage, offset and shape, but not its strides: it is another tensor)."""
+    return (
+        tensor.untyped_storage().data_ptr(),
+        tensor.storage_offset(),
+        tuple(tensor.shape),
+        tuple(tensor.stride()),
+        tensor.dtype,
+    )
+
+
+def untied(originals: dict[str, torch.Tensor], chosen: list[tuple[ChannelGroup, torch.Tensor]]) -> list[list[str]]:
+    """The names of each tied tensor (``snapshot``) that ``chosen`` slices differently: they become separate tensors."""
+    dropped = _dropped(chosen, originals)
+    tied: dict[int, list[str]] = {}
+    for name, original in originals.items():
+        tied.setdefault(id(original), []).append(name)
+    found = []
+    for names in tied.values():
+        cuts = {
+            tuple((dim, tuple(mask.tolist())) for (owner, dim), mask in sorted(dropped.items()) if owner == name)
+            for name in names
+        }
+        if len(cuts) > 1:
+            found.append(names)
+    return found
 
 
 def _dropped(
@@ -93,7 +118,7 @@ def set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor, requires_
     module = model
     for part in filter(None, path.split(".")):
         module = getattr(module, part)
-    if attribute in dict(module.named_parameters(recurse=False)):
+    if attribute in dict(module.named_parameters(recurse=False)) and not isinstance(value, torch.nn.Parameter):
         value = torch.nn.Parameter(value, requires_grad=requires_grad)
     setattr(module, attribute, value)
 

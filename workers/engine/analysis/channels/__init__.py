@@ -61,19 +61,30 @@ def layer_norm_nodes(graph: torch._C.Graph) -> list[torch._C.Node]:
 
 
 def rms_mean(node: torch._C.Node) -> bool:
-    """``mean(x.pow(2), [d], keepdim=True)``: the statistic of an RMSNorm (Llama's), which removing channels
-    changes as a layer_norm's; any other mean across the channels is left to block its space."""
+    """The statistic of an RMSNorm (Llama's): ``mean(x.pow(2), [-1], keepdim=True)`` whose ``rsqrt`` (after
+    an added epsilon) multiplies ``x`` itself. Removing channels changes it as a layer_norm's mean and
+    variance; any other mean across the channels (a mean-square feature, a mean over dimension 1) is
+    left to block its space."""
     if node.kind() != "aten::mean" or node.inputsSize() < 3:
         return False
     source = node.inputsAt(0).node()
-    dims, keep = constant(node.inputsAt(1)), constant(node.inputsAt(2))
-    return (
-        source.kind() == "aten::pow"
-        and constant(source.inputsAt(1)) == 2
-        and isinstance(dims, list)
-        and len(dims) == 1
-        and keep is True
-    )
+    if source.kind() != "aten::pow" or source.inputsAt(1).node().kind() != "prim::Constant":
+        return False
+    exponent, dims, keep = source.inputsAt(1).toIValue(), constant(node.inputsAt(1)), constant(node.inputsAt(2))
+    if not isinstance(exponent, (int, float)) or exponent != 2 or dims != [-1] or keep is not True:
+        return False
+    x, value = source.inputsAt(0), node.output()
+    for _ in range(2):  # through ``+ eps`` (one add), to the rsqrt
+        users = [use.user for use in value.uses()]
+        if len(users) != 1:
+            return False
+        if users[0].kind() == "aten::rsqrt":
+            scales = [use.user for use in users[0].output().uses()]
+            return bool(scales) and all(user.kind() == "aten::mul" and x in list(user.inputs())[:2] for user in scales)
+        if users[0].kind() not in ("aten::add", "aten::add_") or users[0].inputsAt(0) is not value:
+            return False
+        value = users[0].output()
+    return False
 
 
 __all__ = ["ChannelGroup", "Member", "Norm", "channel_groups", "layer_name", "layer_norm_nodes", "rms_mean"]

@@ -62,7 +62,12 @@ class Reshapes:
         dim = self._dim(inputs[0], axis)
         dims = [d % len(shape) for d in dims]
         space = axis.space.root()
-        if node in self.layer_norm_index and dims == [dim] and space.parts is None and axis.scale is not None:
+        if (
+            node in self.layer_norm_index
+            and dims == [dim] == [len(shape) - 1]  # the last dimension, which the proof's reference masks
+            and space.parts is None
+            and axis.scale is not None
+        ):
             # An RMSNorm's mean of squares: a statistic per row (no channels), over the kept channels once
             # sliced; the check after slicing builds its reference so (``Norm``, as for a layer_norm).
             space.norms.append(Norm(self.layer_norm_index[node], axis.scale))

@@ -19,7 +19,7 @@ from modelpress.options import PruneOptions
 from workers.engine.analysis.channels import ChannelGroup, channel_groups, layer_name
 from workers.engine.analysis.channels.values import nested_nodes
 from workers.engine.analysis.proof import check_batches, mismatch, same_outputs
-from workers.engine.analysis.slicing import materialize, snapshot, tensors
+from workers.engine.analysis.slicing import materialize, snapshot, tensors, untied
 from workers.engine.errors import InvalidInput, NothingToPrune, summarize_torch_error
 from workers.engine.formats.torchscript import clone_model
 from workers.engine.inputs import Dataset
@@ -312,6 +312,11 @@ def _prune_channels(
             f"{', ...' if len(renormalised) > 6 else ''}); those norms' mean and variance now cover the kept "
             "channels only, so outputs move further from the original than zeroing alone would (see "
             "fidelity); fine-tuning recovers it"
+        )
+    for names in untied(originals, accepted):
+        notes.append(
+            f"{' and '.join(names)} were one tensor (tied); they are sliced differently, so they are now "
+            "separate tensors (more parameters than one shared copy)"
         )
     if ranking.fell_back:
         notes.append(
