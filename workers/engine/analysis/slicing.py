@@ -26,10 +26,7 @@ def materialize(
         else:
             changed[name] = _slice(base, dim, torch.nonzero(mask).flatten())
     current = tensors(model)
-    tied: dict[int, list[str]] = {}  # names of one tensor (``snapshot`` gave them one original object)
-    for name, original in originals.items():
-        tied.setdefault(id(original), []).append(name)
-    for names in tied.values():
+    for names in _tied_names(originals):
         values = [changed[name] for name in names if name in changed]
         if values and all(v.shape == values[0].shape and torch.equal(v, values[0]) for v in values):
             # One slicing for a tied tensor: every name gets the one new tensor (the tracer reads a tied
@@ -56,6 +53,14 @@ def snapshot(model: torch.jit.ScriptModule) -> dict[str, torch.Tensor]:
     }
 
 
+def _tied_names(originals: dict[str, torch.Tensor]) -> list[list[str]]:
+    """The names of each tensor, grouped: ``snapshot`` gave the names of one tensor one original object."""
+    tied: dict[int, list[str]] = {}
+    for name, original in originals.items():
+        tied.setdefault(id(original), []).append(name)
+    return list(tied.values())
+
+
 def _identity(tensor: torch.Tensor) -> tuple:
     """Two names hold one tensor when they see the same memory the same way (a transposed view of a
     weight shares its storage, offset and shape, but not its strides: it is another tensor)."""
@@ -71,11 +76,8 @@ def _identity(tensor: torch.Tensor) -> tuple:
 def untied(originals: dict[str, torch.Tensor], chosen: list[tuple[ChannelGroup, torch.Tensor]]) -> list[list[str]]:
     """The names of each tied tensor (``snapshot``) that ``chosen`` slices differently: they become separate tensors."""
     dropped = _dropped(chosen, originals)
-    tied: dict[int, list[str]] = {}
-    for name, original in originals.items():
-        tied.setdefault(id(original), []).append(name)
     found = []
-    for names in tied.values():
+    for names in _tied_names(originals):
         cuts = {
             tuple((dim, tuple(mask.tolist())) for (owner, dim), mask in sorted(dropped.items()) if owner == name)
             for name in names

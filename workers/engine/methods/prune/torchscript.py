@@ -76,14 +76,8 @@ def prune(
         groups = channel_groups(
             model, {name: t.shape for name, t in tensors(model).items()}, data.exactly(fixed_batch or 2)
         )
-        hidden = hidden_widths(groups)
-        targets = [
-            group
-            for group in groups
-            if not _group_reasons(
-                group, selected, exclude, options.hidden if id(group) in hidden else None, options.exclude or ()
-            )
-        ]
+        reasons = _reasons_for(groups, selected, exclude, options)
+        targets = [group for group in groups if not reasons(group)]
         if targets:  # none: nothing to prune, which the first step reports with the reasons per group
             regularized = regularize(model, options, targets, data, teacher, progress)
     units: dict[str, int] = {}  # each group's channel units before the first step
@@ -188,6 +182,16 @@ def _group_reasons(
     return reasons
 
 
+def _reasons_for(
+    groups: list[ChannelGroup], selected: set[str], exclude: list[str], options: PruneOptions
+) -> Callable[[ChannelGroup], list[str]]:
+    """``_group_reasons`` of each of ``groups``, which of them are hidden widths read once."""
+    hidden = hidden_widths(groups)
+    return lambda group: _group_reasons(
+        group, selected, exclude, options.hidden if id(group) in hidden else None, options.exclude or ()
+    )
+
+
 def hidden_widths(groups: list[ChannelGroup]) -> set[int]:
     """The ``id`` of each group that is a transformer's hidden (residual) width: one an embedding makes,
     or one a layer_norm normalises that the projections making attention heads read (a ConvNeXt's
@@ -225,11 +229,9 @@ def _prune_channels(
     candidates: list[tuple[ChannelGroup, torch.Tensor]] = []
     left_whole = []
     keys = {id(group): key for key, group in zip(group_keys(groups), groups)}
-    hidden = hidden_widths(groups)
+    reasons_of = _reasons_for(groups, selected, exclude, options)
     for group in groups:
-        reasons = _group_reasons(
-            group, selected, exclude, options.hidden if id(group) in hidden else None, options.exclude or ()
-        )
+        reasons = reasons_of(group)
         units = group.size // group.unit
         share = original_units.setdefault(keys[id(group)], units) * (1.0 - amount)
         keep_units = min(units, max(1, int(round(share))))
