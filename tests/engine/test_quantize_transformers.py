@@ -229,20 +229,75 @@ def test_a_convolutional_net_gets_advice_before_a_wasted_run(tmp_path: Path) -> 
     assert "Conv2d layers hold" in advice and "quantize.mode 'static'" in advice
 
 
-def test_static_mode_says_why_gpt2_conv1d_stays_float(gpt2: Path, tmp_path: Path) -> None:
-    spec = parse_spec(
+def _static_spec(vocab: int) -> object:
+    return parse_spec(
         {
             "method": "quantize",
-            "quantize": {"mode": "static", "calibration_batches": 1},
+            "quantize": {"mode": "static", "calibration_batches": 2},
             "seed": 0,
             "evaluation": {"runs": 2, "warmup": 1},
             "inputs": [
-                {"shape": [2, 16], "dtype": "int64", "low": 0, "high": 1000},
+                {"shape": [2, 16], "dtype": "int64", "low": 0, "high": vocab},
                 {"shape": [2, 16], "dtype": "int64", "low": 1, "high": 2},
             ],
         }
     )
-    report = compress(gpt2, spec, tmp_path / "out.pt")
 
-    (why,) = [w for w in report["warnings"] if "Conv1D" in w]
-    assert why.startswith("8 linear layer(s) written as addmm/matmul") and "mode dynamic quantizes them" in why
+
+def test_static_int8_reaches_gpt2_conv1d_layers(gpt2: Path, tmp_path: Path) -> None:
+    """GPT-2's Conv1D is addmm with a [in, out] weight, which graph-mode static quantization does not
+    match: each is made aten::linear (weight stored [out, in]) first, then runs as quantized::linear."""
+    report = compress(gpt2, _static_spec(1000), tmp_path / "out.pt")
+
+    conv1d = [m for m in report["details"]["quantized_modules"] if m.get("class") == "Conv1D"]
+    assert len(conv1d) == 2 * 4 and all(m["type"] == "Linear" and m["kernel"] == "static" for m in conv1d)
+    assert not [w for w in report["warnings"] if "Conv1D" in w]
+    assert any("made aten::linear" in note for note in report["details"]["notes"])
+    graph = str(torch.jit.load(str(tmp_path / "out.pt")).graph)
+    assert graph.count("quantized::linear") >= 2 * 4 and "aten::addmm" not in graph
+    assert report["fidelity"]["cosine_similarity"] >= 0.98
+
+
+class _OwnProduct(nn.Module):
+    """A linear layer as transformers' Conv1D writes it: addmm with a [in, out] weight."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(inputs, outputs) * 0.2)
+        self.bias = nn.Parameter(torch.randn(outputs) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x, self.weight)
+
+
+class _ProductReadTwice(_OwnProduct):
+    """The same layer whose weight is read again (a norm of it): storing it transposed would change that."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x, self.weight) * self.weight.sum(0).sigmoid()
+
+
+class _TwoProducts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = _OwnProduct(32, 64), _ProductReadTwice(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(torch.relu(self.first(x)))
+
+
+def test_a_product_whose_weight_is_read_elsewhere_stays_float_and_says_why(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = _TwoProducts().eval()
+    torch.jit.trace(model, torch.randn(8, 32)).save(str(tmp_path / "m.pt"))
+    spec = parse_spec({"method": "quantize", "quantize": {"mode": "static"}, "input_shape": [8, 32], "seed": 0})
+
+    report = compress(tmp_path / "m.pt", spec, tmp_path / "out.pt")
+
+    assert [(m["module"], m["kernel"]) for m in report["details"]["quantized_modules"]] == [("first", "static")]
+    (why,) = [w for w in report["warnings"] if "written as addmm/matmul" in w]
+    assert why.startswith("1 linear layer(s)") and "second" in why and "mode dynamic quantizes them" in why
+    result = torch.jit.load(str(tmp_path / "out.pt"))
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        assert torch.nn.functional.cosine_similarity(result(x).flatten(), model(x).flatten(), dim=0) >= 0.99

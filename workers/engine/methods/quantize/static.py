@@ -28,6 +28,7 @@ import torch
 from modelpress.options import QuantizeOptions
 from workers.engine.errors import UnsupportedModel, summarize_torch_error
 from workers.engine.inputs import Dataset
+from workers.engine.methods.quantize.products import linears_from_products, own_linear_modules
 from workers.engine.torchscript_graph import matching_pattern, module_types, quiet_torchscript_warnings
 
 Progress = Callable[[str, float], None]
@@ -74,6 +75,7 @@ def quantize_static(
     with torch.no_grad(), quiet_torchscript_warnings():
         reference = [_call(model, batch) for batch in evaluation]
     _specialize_for_inference(model)
+    products = linears_from_products(model)
     layers, kept = static_layers(model, options)
     qconfig = _qconfig(observer, reduce_range, per_channel)
     ranking_qconfig = _qconfig("minmax", reduce_range, per_channel)  # ranking needs speed, not the best ranges
@@ -106,6 +108,8 @@ def quantize_static(
     unreached = _product_layers(model)
     return best.model, _details(
         unreached,
+        products,
+        module_types(model),
         best,
         layers,
         kept,
@@ -135,7 +139,9 @@ def static_layers(
     layers: dict[str, str] = {}
     kept: dict[str, tuple[str, str]] = {}
     all_layer_types = set().union(*STATIC_TYPES.values())
+    own_linear = own_linear_modules(model)  # a Conv1D made aten::linear (products.py) is a Linear
     for name, kind in module_types(model).items():
+        kind = "Linear" if kind not in all_layer_types and name in own_linear else kind
         if not name or kind not in all_layer_types:
             continue
         pattern = matching_pattern(name, list(options.exclude))
@@ -347,6 +353,8 @@ def _product_layers(model: torch.jit.ScriptModule) -> list[str]:
 
 def _details(
     unreached: list[str],
+    products: list[str],
+    classes: dict[str, str],
     best: _Try,
     layers: dict[str, str],
     kept: dict[str, tuple[str, str]],
@@ -368,7 +376,8 @@ def _details(
                 }
             )
         elif not _is_float(name, float_weights):
-            quantized.append({"module": name, "type": layers[name], "kernel": "static"})
+            spelled = {"class": classes[name]} if classes.get(name, layers[name]) != layers[name] else {}
+            quantized.append({"module": name, "type": layers[name], "kernel": "static", **spelled})
         else:
             kept_float.append(
                 {
@@ -385,6 +394,11 @@ def _details(
         "the float model and each candidate were compared on up to "
         f"{EVALUATION_ROWS} example rows; layers are kept float while the cosine is under min_cosine",
     ]
+    if products:
+        notes.append(
+            f"{len(products)} linear layer(s) written as a product with their own weight (e.g. transformers' "
+            "Conv1D, addmm with a [in, out] weight) were made aten::linear, the weight stored [out, in]"
+        )
     warnings = []
     if synthetic:
         notes.append(SYNTHETIC_WARNING)
@@ -392,8 +406,9 @@ def _details(
     if unreached:
         warnings.append(
             f"{len(unreached)} linear layer(s) written as addmm/matmul with their own weight (e.g. "
-            f"transformers' Conv1D: {', '.join(unreached[:3])}) stay float: torch's static graph-mode "
-            "quantization matches only aten::linear and convolutions; mode dynamic quantizes them"
+            f"transformers' Conv1D: {', '.join(unreached[:3])}) stay float: they could not be rewritten as "
+            "aten::linear, the only linear form torch's static graph-mode quantization matches (a weight read "
+            "elsewhere too, or a bias the layer does not own); mode dynamic quantizes them"
         )
     if not quantized:
         warnings.append("static quantization left every layer in float: the model was not made smaller")
