@@ -315,3 +315,48 @@ def test_request_refuses_static_int8_without_calibration(cnn: dict) -> None:
         TargetRequest(cnn["models"][TORCHSCRIPT], TORCHSCRIPT, cnn["example"], quantize="static")
     with pytest.raises(ValueError, match="quantize"):
         TargetRequest(cnn["models"][TORCHSCRIPT], TORCHSCRIPT, cnn["example"], quantize="int4")
+
+
+class _NormalizedInput(nn.Module):
+    """A BatchNorm with no conv before it, which prepare_pt2e's conv-BatchNorm fold leaves in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.conv = nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.norm(x))
+
+
+@pytest.mark.parametrize("model", ["folded", "left"])
+def test_the_xnnpack_quantizer_looks_for_conv_bn_patterns_only_where_a_batch_norm_is_left(
+    model: str, cnn: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each conv-bn pattern search exports pattern graphs (seconds a job); after prepare_pt2e's fold a
+    small CNN has no BatchNorm for them to match. Where one is left, they are still searched."""
+    from executorch.backends.xnnpack.quantizer import xnnpack_quantizer
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    searched = []
+    for name in ("conv_bn", "conv_bn_relu", "conv_transpose_bn", "conv_transpose_bn_relu"):
+        annotate = xnnpack_quantizer.OP_TO_ANNOTATOR[name]
+        monkeypatch.setitem(
+            xnnpack_quantizer.OP_TO_ANNOTATOR, name, lambda *a, _f=annotate, _n=name: searched.append(_n) or _f(*a)
+        )
+    if model == "folded":
+        program = cnn["models"][EXPORTED]
+    else:
+        network = settle_batchnorm(_NormalizedInput(), (8, *SHAPE[1:]), seed=0)
+        program = torch.export.export(network, cnn["example"])
+    prepared = prepare_pt2e(
+        program.module(), executorch_target.xnnpack_quantizer(get_symmetric_quantization_config(is_per_channel=True))
+    )
+
+    observers = [node for node in prepared.graph.nodes if "activation_post_process" in str(node.target)]
+    assert len(observers) >= 3  # the convolutions are annotated either way
+    if model == "folded":
+        assert searched == []
+        assert not any("batch_norm" in str(node.target) for node in prepared.graph.nodes)
+    else:
+        assert sorted(set(searched)) == ["conv_bn", "conv_bn_relu", "conv_transpose_bn", "conv_transpose_bn_relu"]
