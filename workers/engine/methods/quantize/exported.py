@@ -116,7 +116,8 @@ def quantize_program(
     trained = None
     if chosen:
         try:
-            prepared = (prepare_qat_pt2e if train is not None else prepare_pt2e)(module, quantizer)
+            with _folding_only_the_convolutions_present(module):  # QAT's prepare fuses conv-bn the same way
+                prepared = (prepare_qat_pt2e if train is not None else prepare_pt2e)(module, quantizer)
         except Exception as error:
             raise UnsupportedModel(
                 f"the x86 quantizer could not annotate the program: {summarize_torch_error(error)}"
@@ -368,21 +369,27 @@ def _split_source_partitions(module: torch.fx.GraphModule) -> None:
 def _folding_only_the_convolutions_present(module: torch.fx.GraphModule) -> Iterator[None]:
     """QAT's ``convert_pt2e`` folds BatchNorm into the convolutions before it: torchao matches 4
     convolution kinds (1d, 2d, transposed 1d and 2d) x 12 variants, exporting each pattern afresh, 96
-    exports whatever the graph holds (about 50 s on one thread, the bulk of a small QAT job). The
-    kinds the graph lacks match nothing: they are skipped, the same result in a quarter of the time."""
+    exports whatever the graph holds (about 50 s on one thread, the bulk of a small QAT job);
+    ``prepare_qat_pt2e`` fuses conv-bn for training the same way, over the same 4 kinds. The kinds the
+    graph lacks match nothing: they are skipped, the same result in a fraction of the time."""
     from torchao.quantization.pt2e import qat_utils
 
-    fold = qat_utils._fold_conv_bn_qat_helper
+    originals = {name: getattr(qat_utils, name) for name in ("_fold_conv_bn_qat_helper", "_fuse_conv_bn_qat_helper")}
     present = {getattr(getattr(node.target, "overloadpacket", None), "__name__", None) for node in module.graph.nodes}
 
-    def fold_present(model: torch.fx.GraphModule, conv_fn: Callable, *args: Any, **kwargs: Any) -> torch.fx.GraphModule:
-        return fold(model, conv_fn, *args, **kwargs) if conv_fn.__name__ in present else model
+    def only_present(helper: Callable) -> Callable:
+        def present_kinds(model: torch.fx.GraphModule, conv_fn: Callable, *args: Any, **kwargs: Any) -> Any:
+            return helper(model, conv_fn, *args, **kwargs) if conv_fn.__name__ in present else model
 
-    qat_utils._fold_conv_bn_qat_helper = fold_present
+        return present_kinds
+
+    for name, helper in originals.items():
+        setattr(qat_utils, name, only_present(helper))
     try:
         yield
     finally:
-        qat_utils._fold_conv_bn_qat_helper = fold
+        for name, helper in originals.items():
+            setattr(qat_utils, name, helper)
 
 
 def _drop_unused_state(module: torch.fx.GraphModule) -> None:
