@@ -360,3 +360,36 @@ def test_the_xnnpack_quantizer_looks_for_conv_bn_patterns_only_where_a_batch_nor
         assert not any("batch_norm" in str(node.target) for node in prepared.graph.nodes)
     else:
         assert sorted(set(searched)) == ["conv_bn", "conv_bn_relu", "conv_transpose_bn", "conv_transpose_bn_relu"]
+
+
+class _Upsampler(nn.Module):
+    def __init__(self, bilinear: bool) -> None:
+        super().__init__()
+        self.bilinear, self.conv = bilinear, nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        return nn.functional.interpolate(x, scale_factor=2, mode="bilinear") if self.bilinear else torch.relu(x)
+
+
+@pytest.mark.parametrize("bilinear", [False, True])
+def test_xnnpack_s_bilinear_pattern_search_runs_only_for_graphs_that_upsample(
+    bilinear: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The search builds pattern graphs (seconds, once a job); without upsampling it finds nothing and
+    is skipped. A model that upsamples is still searched and runs on ExecuTorch as it does in torch."""
+    from executorch.backends.xnnpack.partition.graphs import bilinear_2d
+
+    built = []
+    patterns = bilinear_2d.get_graphs_dict
+    monkeypatch.setattr(bilinear_2d, "get_graphs_dict", lambda: built.append(1) or patterns())
+    torch.manual_seed(0)
+    model, example = _Upsampler(bilinear).eval(), (torch.randn(2, 3, 8, 8),)
+    request = TargetRequest(torch.export.export(model, example), EXPORTED, example, [])
+
+    artifact = export_target("executorch", request, tmp_path / "pte")
+
+    assert bool(built) == bilinear
+    [output] = _run(artifact, [example[0].numpy()])
+    assert output.shape == ((2, 4, 16, 16) if bilinear else (2, 4, 8, 8))
+    assert _cosine(output, model(*example).detach().numpy()) >= 0.999

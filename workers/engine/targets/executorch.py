@@ -19,13 +19,14 @@ a phone or board runs. ``load`` picks it when torch is not imported and the bina
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 NAME = "executorch"
 DELEGATE = "executorch_call_delegate"
+_UPSAMPLING = ("upsample", "index")  # ops a bilinear upsampling is made of
 
 
 def export(request: TargetRequest, directory: Path) -> Artifact:
@@ -63,7 +65,8 @@ def export(request: TargetRequest, directory: Path) -> Artifact:
             from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
             from executorch.exir import to_edge_transform_and_lower
 
-            edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+            with _bilinear_search_only_where_upsampling(program):
+                edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
             left = _operators_outside_delegate(edge.exported_program().graph_module)
             path.write_bytes(edge.to_executorch().buffer)
         except Exception as error:
@@ -212,6 +215,34 @@ def _quantize(program: Any, request: TargetRequest) -> tuple[Any, int]:
         return torch.export.export(converted, tuple(request.example)), quantized
     except Exception as error:
         raise TargetFailed(NAME, f"PT2E quantization for XNNPACK failed: {summarize_torch_error(error)}") from None
+
+
+@contextlib.contextmanager
+def _bilinear_search_only_where_upsampling(program: Any) -> Iterator[None]:
+    """XNNPACK's ``ConvertToUpsampleBilinear2d`` pass builds its pattern graphs (four exports and
+    edge lowerings, 5 CPU seconds, once a process: once a job) before it looks at the graph. The
+    patterns match bilinear upsampling only (``upsample_bilinear2d``, or the ``index`` ops a
+    decomposed one is made of): a graph with neither skips the search and runs the rest of the pass."""
+    from executorch.backends.xnnpack._passes.convert_to_upsample_bilinear2d import ConvertToUpsampleBilinear2d
+    from executorch.backends.xnnpack._passes.xnnpack_pass import XNNPACKPass
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    if any(
+        word in str(node.target) for node in program.graph.nodes if node.op == "call_function" for word in _UPSAMPLING
+    ):
+        yield
+        return
+    search = ConvertToUpsampleBilinear2d.call
+
+    def without_search(self: Any, graph_module: Any) -> Any:
+        graph_module.recompile()
+        return PassResult(XNNPACKPass.call(self, graph_module).graph_module, True)
+
+    ConvertToUpsampleBilinear2d.call = without_search
+    try:
+        yield
+    finally:
+        ConvertToUpsampleBilinear2d.call = search
 
 
 def xnnpack_quantizer(config: Any) -> Any:
