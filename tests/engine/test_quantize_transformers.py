@@ -286,10 +286,14 @@ class _TwoProducts(nn.Module):
         return self.second(torch.relu(self.first(x)))
 
 
-def test_a_product_whose_weight_is_read_elsewhere_stays_float_and_says_why(tmp_path: Path) -> None:
+@pytest.mark.parametrize("compile_with", ["trace", "script"])
+def test_a_product_whose_weight_is_read_elsewhere_stays_float_and_says_why(compile_with: str, tmp_path: Path) -> None:
+    """Scripted, each ``self.weight`` is its own read: the second one must be seen too (transposing the
+    weight under it changed the outputs, or failed the job on a non-square layer)."""
     torch.manual_seed(0)
     model = _TwoProducts().eval()
-    torch.jit.trace(model, torch.randn(8, 32)).save(str(tmp_path / "m.pt"))
+    compiled = torch.jit.trace(model, torch.randn(8, 32)) if compile_with == "trace" else torch.jit.script(model)
+    compiled.save(str(tmp_path / "m.pt"))
     spec = parse_spec({"method": "quantize", "quantize": {"mode": "static"}, "input_shape": [8, 32], "seed": 0})
 
     report = compress(tmp_path / "m.pt", spec, tmp_path / "out.pt")

@@ -9,14 +9,15 @@ product replaced by ``aten::linear`` reading the same attribute, and the attribu
 (transposed once, in every instance of the module's compiled type, whose graph they share). The
 model computes what it did; the layer is then a ``Linear`` to the quantizer.
 
-A weight read anywhere else (another use in the graph, or a tensor tied to another parameter) is
-left alone: transposing it would change what the other reader sees. Those layers stay float, and the
+A weight read anywhere else (another use in the graph, another read of the attribute in any method
+of any module, or a tensor tied to another parameter) is left alone: transposing it would change what the other reader sees. Those layers stay float, and the
 job's warnings name them.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -31,11 +32,31 @@ def linears_from_products(model: torch.jit.ScriptModule) -> list[str]:
         if name and "forward" in module._c._method_names():
             instances[module._c._type().qualified_name()].append((name, module))
     shared = _tied_tensors(model)
+    reads = _attribute_reads(model)
     rewritten: list[str] = []
-    for members in instances.values():
-        if _rewrite_type([module for _, module in members], shared):
+    for kind, members in instances.items():
+        if _rewrite_type([module for _, module in members], shared, lambda name, k=kind: reads.get((k, name), 0)):
             rewritten += [name for name, _ in members]
     return sorted(rewritten)
+
+
+def _attribute_reads(model: torch.jit.ScriptModule) -> dict[tuple[str, str], int]:
+    """How many ``prim::GetAttr`` nodes read each (compiled type, attribute), over every method graph of
+    every type in the model, nested blocks included: a scripted ``self.weight`` written twice, another
+    method, or a parent reading ``self.child.weight`` each count."""
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    seen: set[str] = set()
+    for _, module in model.named_modules():
+        kind = module._c._type().qualified_name()
+        if kind in seen:
+            continue
+        seen.add(kind)
+        for method in module._c._method_names():
+            for node in module._c._get_method(method).graph.findAllNodes("prim::GetAttr"):
+                owner = node.inputsAt(0).type()
+                if isinstance(owner, torch._C.ClassType):
+                    counts[(owner.qualified_name(), node.s("name"))] += 1
+    return counts
 
 
 def own_linear_modules(model: torch.jit.ScriptModule) -> set[str]:
@@ -54,7 +75,7 @@ def own_linear_modules(model: torch.jit.ScriptModule) -> set[str]:
     return found
 
 
-def _rewrite_type(modules: list[torch.jit.ScriptModule], shared: set[int]) -> bool:
+def _rewrite_type(modules: list[torch.jit.ScriptModule], shared: set[int], reads: Callable[[str], int]) -> bool:
     graph = modules[0]._c._get_method("forward").graph
     owner = _self(graph)
 
@@ -81,7 +102,9 @@ def _rewrite_type(modules: list[torch.jit.ScriptModule], shared: set[int]) -> bo
         weight, read = found
         name = weight.node().s("name")
         tensors = [getattr(module, name) for module in modules]
-        if not _only_reader(weight, read) or any(t.data_ptr() in shared for t in tensors):
+        # Read once in the whole model (this product), by nothing else and not tied: then storing it
+        # transposed changes no other reader.
+        if reads(name) != 1 or not _only_reader(weight, read) or any(t.data_ptr() in shared for t in tensors):
             continue
         if read.transposed:  # stored [in, out]: store M = its transpose, once per instance
             for module, tensor in zip(modules, tensors):
