@@ -381,9 +381,11 @@ def _forget_nested_instances(schemas: tuple[type[Schema], ...]) -> None:
     if not _BUILT:
         return
     import gc
+    import weakref
 
+    proxies = (weakref.ProxyType, weakref.CallableProxyType)  # isinstance on a dead one raises ReferenceError
     for thing in gc.get_objects():
-        if isinstance(thing, fields.Nested) and thing.nested in schemas:
+        if type(thing) not in proxies and isinstance(thing, fields.Nested) and thing.nested in schemas:
             thing._schema = None
 
 

@@ -153,9 +153,9 @@ def test_worker_sigkilled_mid_job(life: Stack, api: ApiClient, medium_model: Pat
 def test_redis_sigkilled_with_jobs_queued_and_running(
     life: Stack, api: ApiClient, medium_model: Path, quick_model: Path
 ) -> None:
-    # Five times MEDIUM's timed runs: with its process pre-started (no 3 s start-up) MEDIUM alone could end
-    # within the 1.5 s below, and the queued job would be running already.
-    running = api.submit(medium_model, {**MEDIUM, "evaluation": {"runs": 100, "warmup": 0}}).json()["id"]
+    # 25 times MEDIUM's timed runs: with its process pre-started (no 3 s start-up) MEDIUM alone could end
+    # within the 1.5 s below, and the queued job would be running already (100 runs did, on a fast hour).
+    running = api.submit(medium_model, {**MEDIUM, "evaluation": {"runs": 500, "warmup": 0}}).json()["id"]
     _wait_running(api, running)
     queued = api.submit(quick_model, QUICK).json()["id"]
     time.sleep(1.5)  # past appendfsync everysec: both records are on disk
